@@ -1,0 +1,135 @@
+"""Loading the frozen CLIP backbone through open_clip, and encoding crops and prompts with it.
+
+One code path for every model: a built-in open_clip name (``ViT-B-16``) or the path of an
+open_clip model-config JSON (the tests use ``model_configs/raml-tiny-test.json``, a 2-layer
+32-px CLIP), with weights from a pretrained tag, a local checkpoint file, or — only when asked
+explicitly — a seeded random initialisation.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_MODEL = "ViT-B-16"
+DEFAULT_PRETRAINED = "openai"
+RANDOM_WEIGHTS_SEED = 0  # random weights are seeded so that a resumed run encodes like the first
+TINY_TEST_CONFIG = Path(__file__).with_name("model_configs") / "raml-tiny-test.json"
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The CLIP weights asked for could not be loaded (offline, wrong path, unknown tag)."""
+
+
+@dataclass
+class ClipBackbone:
+    """A frozen open_clip model plus everything the cache records about it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    weights: str            # "openai" (a tag), "sha256:<hex>" of a weights file, or "random(seed=0)"
+    random_weights: bool
+    input_size: int
+    embed_dim: int
+    mean: tuple
+    std: tuple
+    device: torch.device
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """[B, 3, S, S] normalised pixels → [B, D] float32 L2-normalised embeddings."""
+        batch = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+            features = self.model.encode_image(batch)
+        return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Prompts → [P, D] float32 L2-normalised embeddings."""
+        tokens = self.tokenizer(texts).to(self.device)
+        features = self.model.encode_text(tokens)
+        return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(device)
+
+
+def model_name(model: str) -> str:
+    """Register a config JSON with open_clip if ``model`` is a path; return the name to create."""
+    import open_clip
+
+    path = Path(model)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"--model {model}: no such model-config file")
+        open_clip.add_model_config(path)
+        return path.stem
+    if model not in open_clip.list_models():
+        raise ValueError(f"--model {model}: not an open_clip model name nor a config .json "
+                         f"(e.g. {DEFAULT_MODEL}, ViT-B-16-plus-240, ViT-L-14)")
+    return model
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETRAINED,
+                  weights: str | None = None, random_weights: bool = False, device: str = "auto") -> ClipBackbone:
+    """Create the frozen CLIP model.
+
+    Exactly one weights source is used: ``random_weights`` (seeded, for exercising the pipeline;
+    results mean nothing), else ``weights`` (a local checkpoint file), else the ``pretrained`` tag,
+    which open_clip downloads once into the user's cache.
+    """
+    import open_clip
+
+    name = model_name(model)
+    torch_device = resolve_device(device)
+    if random_weights:
+        source, weights_id = None, f"random(seed={RANDOM_WEIGHTS_SEED})"
+    elif weights:
+        if not Path(weights).is_file():
+            raise WeightsUnavailableError(f"--weights {weights}: no such file")
+        source, weights_id = str(weights), "sha256:" + file_sha256(Path(weights))
+    else:
+        source, weights_id = pretrained, pretrained
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            clip = open_clip.create_model(name, pretrained=source, device=torch_device,
+                                          force_quick_gelu=(source == "openai"))  # OpenAI's CLIP uses QuickGELU
+    except Exception as err:  # open_clip raises RuntimeError, OSError, KeyError... for one cause: no weights
+        raise WeightsUnavailableError(_weights_help(name, source, err)) from err
+    clip.eval().requires_grad_(False)
+    cfg = clip.visual.preprocess_cfg
+    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+    return ClipBackbone(model=clip, tokenizer=open_clip.get_tokenizer(name), name=name, weights=weights_id,
+                        random_weights=random_weights, input_size=int(size),
+                        embed_dim=int(clip.text_projection.shape[1] if hasattr(clip, "text_projection")
+                                      and clip.text_projection is not None else clip.visual.output_dim),
+                        mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), device=torch_device)
+
+
+def _weights_help(name: str, source: str | None, err: Exception) -> str:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"Could not load CLIP weights {source!r} for {name}: {first_line}\n"
+            "  - Offline machine? Copy an open_clip checkpoint of this model onto it and pass "
+            "--weights PATH (for ViT-B-16/openai: open_clip_pytorch_model.bin of the Hugging Face "
+            "repository timm/vit_base_patch16_clip_224.openai).\n"
+            "  - Set HF_HUB_OFFLINE=1 to fail at once instead of retrying the download.\n"
+            "  - To exercise the pipeline without weights pass --random-weights: everything it writes "
+            "is marked as such, and its scores mean nothing.")

@@ -1,0 +1,89 @@
+"""The 21-crop pyramid: decode an image once at full resolution and cut real tiles from it.
+
+Crop order (``cache.CROP_LAYOUT``): index 0 is the whole image, 1-4 the 2x2 grid, 5-20 the 4x4
+grid, each grid row-major. Tiles are cut from the original pixels, not from a resized copy: that
+is where the extra effective resolution comes from (SPEC.md, the original code's first mistake).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cache import CROP_LAYOUT, N_CROPS
+
+# Each 4x4 tile must still be a real image region: 16 px a side at the finest scale.
+MIN_IMAGE_SIDE = 16 * max(cols for _, cols in CROP_LAYOUT)
+# Modes PIL converts to RGB without losing meaning; 16-bit grey is rescaled by hand (see below).
+_CONVERTIBLE_MODES = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "La", "RGBa"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+class BadImageError(ValueError):
+    """An image that cannot become 21 crops; the message names the file and the reason."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode ``path`` fully as 8-bit RGB or raise ``BadImageError`` saying why not."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BadImageError(path, "empty file (0 bytes)")
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, not later in a worker
+            rgb = _to_rgb(path, image)
+    except BadImageError:
+        raise
+    except UnidentifiedImageError:
+        raise BadImageError(path, "not an image PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadImageError(path, f"cannot decode ({err})") from None
+    if min(rgb.size) < MIN_IMAGE_SIDE:
+        raise BadImageError(path, f"too small ({rgb.width}x{rgb.height} px); the 4x4 grid needs at least "
+                                  f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
+    return rgb
+
+
+def _to_rgb(path: Path, image: Image.Image) -> Image.Image:
+    if image.mode in _CONVERTIBLE_MODES:
+        return image.convert("RGB")
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # PIL's own I;16 → RGB conversion clips at 255; scale the full 16-bit range instead.
+        values = np.asarray(image, dtype=np.float64)
+        if values.min() < 0 or values.max() > 65535:
+            raise BadImageError(path, f"unsupported mode {image.mode} with values outside 0..65535")
+        grey = np.round(values / 257.0).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    raise BadImageError(path, f"unsupported image mode {image.mode!r} (expected RGB, grey, palette, "
+                              "RGBA, CMYK or 16-bit grey)")
+
+
+def tile_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """(left, top, right, bottom) of the 21 crops. Uneven sizes: edge k of n is floor(k·size/n),
+    so the tiles of a grid cover the image exactly, without overlap, differing by at most 1 px."""
+    boxes = []
+    for rows, cols in CROP_LAYOUT:
+        for r in range(rows):
+            for c in range(cols):
+                boxes.append((c * width // cols, r * height // rows, (c + 1) * width // cols, (r + 1) * height // rows))
+    return boxes
+
+
+def pyramid_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
+    """The 21 crops of ``image`` as a normalised float32 array [21, 3, size, size].
+
+    Each tile is resized to ``size`` x ``size`` (bicubic, as CLIP's own preprocessing) without a
+    centre crop, so no part of a tile is thrown away.
+    """
+    mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
+    std = np.asarray(std, np.float32).reshape(3, 1, 1)
+    crops = np.empty((N_CROPS, 3, size, size), np.float32)
+    for i, box in enumerate(tile_boxes(*image.size)):
+        tile = image.crop(box).resize((size, size), Image.BICUBIC)
+        crops[i] = (np.asarray(tile, np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
+    return crops

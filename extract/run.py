@@ -1,0 +1,172 @@
+"""Stage one: run CLIP once per image and write the 21 crop embeddings into the shard store.
+
+Work is split deterministically: the dataset's sorted records are dealt to ``shard_count``
+writers (``records[shard_index::shard_count]``); each writer drops the images its cache already
+holds and cuts the rest into chunks of ``shard_size`` images, one HDF5 shard each. Batches never
+straddle a chunk, so a run that is killed and re-run encodes exactly the same batches as one
+uninterrupted run and yields the same features.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cache import ShardRows, claim_cache, fingerprint, read_cache, write_shard
+from cache.store import next_shard_path, remove_partial_shards
+from extract.datasets import ImageRecord, read_dataset
+from extract.encoder import ClipBackbone
+from extract.prompts import prompt_spec, prompts_for
+from extract.pyramid import BadImageError, load_rgb, pyramid_pixels
+
+CODE_VERSION = "0.1.0"
+DEFAULT_SHARD_SIZE = 256   # images per shard: ~5.5 MB of float16 ViT-B/16 features
+
+
+@dataclass
+class ExtractSummary:
+    cache_dir: Path
+    images: int = 0            # newly encoded
+    skipped: list = field(default_factory=list)
+    already_cached: int = 0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        rate = self.images / self.seconds if self.seconds else 0.0
+        return (f"extract: {self.images} images encoded, {len(self.skipped)} skipped, "
+                f"{self.already_cached} already cached, {self.seconds:.1f} s, {rate:.2f} images/s → {self.cache_dir}")
+
+
+class _PyramidDataset(Dataset):
+    """Decodes one record into its 21 normalised crops, in a DataLoader worker."""
+
+    def __init__(self, root: Path, records: list[ImageRecord], size: int, mean, std):
+        self.root, self.records, self.size, self.mean, self.std = root, records, size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        try:
+            image = load_rgb(self.root / self.records[index].relpath)
+        except BadImageError as err:
+            return index, None, None, err.reason
+        return index, pyramid_pixels(image, self.size, self.mean, self.std), (image.height, image.width), None
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """``"i/n"``; without it, torchrun's RANK/WORLD_SIZE, else ``0/1``."""
+    if shard is None:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        index, count = (int(part) for part in shard.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {shard!r}: expected i/n, e.g. 0/2") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {shard}: need 0 <= i < n")
+    return index, count
+
+
+def limit_per_category(records: list[ImageRecord], limit: int | None) -> list[ImageRecord]:
+    """At most ``limit`` records per category, spread evenly over the sorted list so that every
+    split and defect type is represented."""
+    if not limit:
+        return records
+    chosen = []
+    for category in sorted({r.category for r in records}):
+        group = [r for r in records if r.category == category]
+        picks = np.unique(np.linspace(0, len(group) - 1, min(limit, len(group))).round().astype(int))
+        chosen += [group[i] for i in picks]
+    return chosen
+
+
+def extract_features(dataset: str, root, cache_dir, backbone_loader, *, categories=None, batch_size: int = 8,
+                     workers: int = 2, limit: int | None = None, skip_bad: bool = False, shard: str | None = None,
+                     shard_size: int = DEFAULT_SHARD_SIZE, retry_skipped: bool = False,
+                     engine: str = "torch", progress: bool = True) -> ExtractSummary:
+    """Encode every image of ``dataset`` not yet in ``cache_dir``; see the module docstring.
+
+    ``backbone_loader`` is called (once) to get a ``ClipBackbone``-like object: it is only called
+    when there is work, after the dataset has been checked.
+    """
+    cache_dir = Path(cache_dir)
+    if shard_size % batch_size:
+        shard_size = max(batch_size, shard_size - shard_size % batch_size)  # batches must tile a shard
+    start = time.perf_counter()
+    root, records = read_dataset(dataset, root, categories)
+    records = limit_per_category(records, limit)
+    shard_index, shard_count = parse_shard(shard)
+    mine = records[shard_index::shard_count]
+
+    backbone: ClipBackbone = backbone_loader()
+    meta = fingerprint(backbone=backbone.name, weights=backbone.weights, random_weights=backbone.random_weights,
+                       input_size=backbone.input_size, embed_dim=backbone.embed_dim, code_version=CODE_VERSION,
+                       dataset={"kind": dataset, "root": str(root)}, prompts=prompt_spec(),
+                       mean=backbone.mean, std=backbone.std)
+    claim_cache(cache_dir, meta)
+    remove_partial_shards(cache_dir, prefix=f"features-{shard_index:03d}of{shard_count:03d}-")
+    cached = read_cache(cache_dir, with_features=False)
+    done = cached.keys() | (set() if retry_skipped else {path for path, _ in cached.skipped})
+    pending = [r for r in mine if r.relpath not in done]
+    summary = ExtractSummary(cache_dir=cache_dir, already_cached=len(mine) - len(pending))
+    if not pending:
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    text = {c: {kind: backbone.encode_texts(prompts) for kind, prompts in prompts_for(c).items()}
+            for c in sorted({r.category for r in pending})}
+    chunks = [pending[i:i + shard_size] for i in range(0, len(pending), shard_size)]
+    batches, offset = [], 0
+    for chunk in chunks:
+        batches += [list(range(offset + i, offset + min(i + batch_size, len(chunk))))
+                    for i in range(0, len(chunk), batch_size)]
+        offset += len(chunk)
+    loader = DataLoader(_PyramidDataset(root, pending, backbone.input_size, backbone.mean, backbone.std),
+                        batch_sampler=batches, num_workers=workers, collate_fn=list,
+                        pin_memory=backbone.device.type == "cuda", persistent_workers=False)
+    bar = tqdm(total=len(pending), unit="img", desc=f"extract {shard_index}/{shard_count}", disable=not progress,
+               dynamic_ncols=True)
+    rows, chunk_index = ShardRows(), 0
+    try:
+        for batch in loader:
+            good = [item for item in batch if item[3] is None]
+            for index, _, _, reason in (item for item in batch if item[3] is not None):
+                path = root / pending[index].relpath
+                if not skip_bad:
+                    raise BadImageError(path, reason + " (pass --skip-bad to skip such files and list them in "
+                                                       "the cache's report)")
+                rows.skipped.append((pending[index].relpath, reason))
+                summary.skipped.append((str(path), reason))
+            if good:
+                pixels = np.concatenate([item[1] for item in good])
+                features = backbone.encode_images(pixels).reshape(len(good), -1, backbone.embed_dim)
+                for (index, _, size, _), feats in zip(good, features):
+                    rows.features.append(feats.astype(np.float16))
+                    rows.records.append(pending[index])
+                    rows.sizes.append(size)
+                summary.images += len(good)
+            bar.update(len(batch))
+            if len(rows) == len(chunks[chunk_index]):
+                write_shard(next_shard_path(cache_dir, shard_index, shard_count), rows, meta, text, engine)
+                rows, chunk_index = ShardRows(), chunk_index + 1
+    finally:
+        bar.close()
+    summary.seconds = time.perf_counter() - start
+    _write_report(cache_dir, shard_index, shard_count, summary)
+    return summary
+
+
+def _write_report(cache_dir: Path, shard_index: int, shard_count: int, summary: ExtractSummary) -> None:
+    """A human-readable record of the run next to the shards (the shards stay the source of truth)."""
+    report = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "shard": f"{shard_index}/{shard_count}",
+              "images": summary.images, "already_cached": summary.already_cached, "seconds": round(summary.seconds, 2),
+              "skipped": [{"path": path, "reason": reason} for path, reason in summary.skipped]}
+    path = cache_dir / f"extract-report-{shard_index:03d}of{shard_count:03d}.json"
+    path.write_text(json.dumps(report, indent=2))
+

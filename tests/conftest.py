@@ -1,0 +1,31 @@
+"""Shared fixtures: the tiny CLIP (same open_clip code path, random weights) and synthetic data."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a download in tests
+
+import pytest
+
+from extract.encoder import TINY_TEST_CONFIG, load_backbone
+from extract.run import extract_features
+from tests.synthetic import make_mvtec
+
+TINY_MODEL = str(TINY_TEST_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    """A 2-layer, 32-px CLIP with seeded random weights: exercises the code, means nothing."""
+    return load_backbone(TINY_MODEL, random_weights=True, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def mvtec_root(tmp_path_factory):
+    return make_mvtec(tmp_path_factory.mktemp("mvtec"))
+
+
+@pytest.fixture(scope="session")
+def mvtec_cache(tmp_path_factory, mvtec_root, tiny_backbone):
+    """A cache extracted from the synthetic MVTec tree (2 categories, 28 images). Read-only."""
+    cache_dir = tmp_path_factory.mktemp("cache") / "mvtec"
+    extract_features("mvtec", mvtec_root, cache_dir, lambda: tiny_backbone, workers=0, progress=False)
+    return cache_dir
