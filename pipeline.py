@@ -144,5 +144,14 @@ def bench_extract(model, pretrained, weights, random_weights, device, images, si
     click.echo(result.line())
 
 
+# --- stage two: train, sweep, bench train (issue 3) ---
+
+
+# --- evaluation: evaluate, report, baseline, predict (issue 4) ---
+
+
+# --- deployment: export (issue 5) ---
+
+
 if __name__ == "__main__":
     cli()

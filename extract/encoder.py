@@ -38,6 +38,7 @@ class ClipBackbone:
     mean: tuple
     std: tuple
     device: torch.device
+    engine: str = "torch"   # which implementation runs the image encoder; recorded in each shard
 
     @torch.inference_mode()
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:

@@ -89,11 +89,11 @@ def limit_per_category(records: list[ImageRecord], limit: int | None) -> list[Im
 def extract_features(dataset: str, root, cache_dir, backbone_loader, *, categories=None, batch_size: int = 8,
                      workers: int = 2, limit: int | None = None, skip_bad: bool = False, shard: str | None = None,
                      shard_size: int = DEFAULT_SHARD_SIZE, retry_skipped: bool = False,
-                     engine: str = "torch", progress: bool = True) -> ExtractSummary:
+                     progress: bool = True) -> ExtractSummary:
     """Encode every image of ``dataset`` not yet in ``cache_dir``; see the module docstring.
 
-    ``backbone_loader`` is called (once) to get a ``ClipBackbone``-like object: it is only called
-    when there is work, after the dataset has been checked.
+    ``backbone_loader`` is called once, after the dataset has been read and checked, to get a
+    ``ClipBackbone`` or any object with the same attributes and ``encode_images``/``encode_texts``.
     """
     cache_dir = Path(cache_dir)
     if shard_size % batch_size:
@@ -153,7 +153,7 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, categori
                 summary.images += len(good)
             bar.update(len(batch))
             if len(rows) == len(chunks[chunk_index]):
-                write_shard(next_shard_path(cache_dir, shard_index, shard_count), rows, meta, text, engine)
+                write_shard(next_shard_path(cache_dir, shard_index, shard_count), rows, meta, text, backbone.engine)
                 rows, chunk_index = ShardRows(), chunk_index + 1
     finally:
         bar.close()
