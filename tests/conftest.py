@@ -25,7 +25,7 @@ def mvtec_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mvtec_cache(tmp_path_factory, mvtec_root, tiny_backbone):
-    """A cache extracted from the synthetic MVTec tree (2 categories, 28 images). Read-only."""
+    """A cache extracted from the synthetic MVTec tree (2 categories, 20 images). Read-only."""
     cache_dir = tmp_path_factory.mktemp("cache") / "mvtec"
     extract_features("mvtec", mvtec_root, cache_dir, lambda: tiny_backbone, workers=0, progress=False)
     return cache_dir
