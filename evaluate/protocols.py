@@ -1,0 +1,133 @@
+"""Which images a model is scored on: the three evaluation protocols.
+
+- ``holdout``: exactly the images the training run held out, read from its split manifest
+  (SPEC.md: all train/good + 80 % of the official test set train; the other 20 % is scored).
+- ``transfer``: every official test image of another dataset's cache, no fine-tuning
+  (a model trained on MVTec AD scored on VisA, and the reverse).
+- ``official``: every official test image of the dataset (zero-shot methods such as WinCLIP, or a
+  model trained on another dataset).
+
+Every results file records the protocol and the hash of the exact image list
+(``train.split.image_list_hash``); ``report`` refuses to compare rows with different hashes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PROTOCOLS = ("holdout", "transfer", "official")
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """The exact images a results file was scored on, and where that list came from."""
+
+    protocol: str
+    relpaths: tuple          # sorted, relative to the dataset root
+    dataset: dict            # {"kind": ..., "root": ...} of the images
+    source: str              # the split manifest it was read from, or the cache / dataset root
+
+    @property
+    def hash(self) -> str:
+        from train.split import image_list_hash
+        return image_list_hash(list(self.relpaths))
+
+    def describe(self) -> dict:
+        """What a results file records about the protocol."""
+        return {"name": self.protocol, "image_list_hash": self.hash, "n_images": len(self.relpaths),
+                "dataset": self.dataset, "source": self.source}
+
+
+def held_out_relpaths(manifest: dict, source: str) -> list[str]:
+    """The held-out images of a training run's split manifest, checked."""
+    if not isinstance(manifest, dict) or "heldout" not in manifest or "train" not in manifest:
+        raise ValueError(f"{source}: not a split manifest with 'train' and 'heldout' image lists")
+    overlap = set(manifest["train"]) & set(manifest["heldout"])
+    if overlap:
+        raise ValueError(f"{source}: {len(overlap)} images are both in the training and the held-out "
+                         f"set (e.g. {sorted(overlap)[0]}); the split manifest is corrupt")
+    return sorted(manifest["heldout"])
+
+
+def read_split_manifest(run: str | Path) -> tuple[dict, str]:
+    """The split manifest of a training run directory (``split.json``) or of its checkpoint."""
+    import json
+
+    run = Path(run)
+    path = run / "split.json" if run.is_dir() else run
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no split manifest; is {run} a training run directory "
+                                    "(written by python pipeline.py train --out ...)?")
+        return json.loads(path.read_text()), str(path)
+    from train.checkpoint import load_checkpoint
+    return load_checkpoint(run).manifest, str(run)
+
+
+def trained_on(manifest: dict, table) -> bool:
+    """Whether ``table`` is the dataset the run was trained on: all its held-out images are there.
+
+    Relative paths identify images within a dataset; a model trained on MVTec AD shares none with
+    VisA, so "every held-out image is present" separates the two cases reliably.
+    """
+    keys = table.keys()
+    return bool(manifest.get("heldout")) and all(relpath in keys for relpath in manifest["heldout"])
+
+
+def default_protocol(manifest: dict, table) -> str:
+    """holdout on the training dataset, transfer on any other."""
+    return "holdout" if trained_on(manifest, table) else "transfer"
+
+
+def select_images(protocol: str | None, manifest: dict, manifest_source: str, table) -> tuple[np.ndarray, ImageList]:
+    """Rows of ``table`` to score under ``protocol`` for a model trained with ``manifest``."""
+    from train.split import rows_for
+
+    protocol = protocol or default_protocol(manifest, table)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    dataset = table.meta.get("dataset", {})
+    same_dataset = trained_on(manifest, table)
+    if protocol == "holdout":
+        if not same_dataset:
+            raise ValueError(f"{table.cache_dir}: the held-out images of {manifest_source} are not in this "
+                             "cache, so it is not the dataset the model was trained on; use --protocol "
+                             "transfer to score another dataset")
+        relpaths = held_out_relpaths(manifest, manifest_source)
+        return rows_for(table, relpaths), ImageList("holdout", tuple(relpaths), dataset, manifest_source)
+    if same_dataset:
+        raise ValueError(f"{table.cache_dir} is the cache the model of {manifest_source} was trained on: its "
+                         f"official test set includes the training images. Use --protocol holdout here, and "
+                         f"{protocol} only on another dataset")
+    rows = np.flatnonzero(table.split == "test")
+    if rows.size == 0:
+        raise ValueError(f"{table.cache_dir}: no image of the official test split in this cache")
+    relpaths = sorted(table.relpath[rows].tolist())
+    return rows_for(table, relpaths), ImageList(protocol, tuple(relpaths), dataset, str(table.cache_dir))
+
+
+def dataset_images(protocol: str, records: list, dataset: dict, split_from: str | Path | None) -> tuple[list, ImageList]:
+    """Records of a dataset (``extract.datasets`` records) to score a zero-shot method on.
+
+    With ``split_from`` (a training run) the images are exactly that run's held-out set, so the
+    method is compared with the trained model on the same images; else the official test split.
+    """
+    by_relpath = {record.relpath: record for record in records}
+    if split_from is not None:
+        manifest, source = read_split_manifest(split_from)
+        relpaths = held_out_relpaths(manifest, source)
+        missing = [relpath for relpath in relpaths if relpath not in by_relpath]
+        if missing:
+            raise ValueError(f"{len(missing)} held-out images of {source} are not in the dataset at "
+                             f"{dataset.get('root')} (e.g. {missing[0]}); is --root the dataset the run was "
+                             "trained on?")
+        return [by_relpath[r] for r in relpaths], ImageList("holdout", tuple(relpaths), dataset, source)
+    if protocol != "official":
+        raise ValueError(f"--protocol {protocol} needs a training run: pass --split-from RUN_DIR")
+    relpaths = sorted(r.relpath for r in records if r.split == "test")
+    if not relpaths:
+        raise ValueError(f"no image of the official test split under {dataset.get('root')}")
+    return [by_relpath[r] for r in relpaths], ImageList("official", tuple(relpaths), dataset,
+                                                        str(dataset.get("root")))

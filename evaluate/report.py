@@ -1,0 +1,173 @@
+"""``report``: one Markdown comparison per image list, and PNG plots, from results files.
+
+Rows are grouped by (protocol, dataset): the MVTec hold-out comparison and the VisA transfer
+results become two tables. Inside one table every row must have been scored on the same images
+(same image-list hash); otherwise the report is refused — a comparison on different images is
+exactly the mistake of the original release (its WinCLIP row).
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from evaluate.results import NOT_MEANINGFUL, find_results, read_results, read_scores_csv
+
+MAP_EXAMPLES = 4   # test images shown with their anomaly maps, per table
+
+
+class MixedImageListsError(ValueError):
+    """Rows scored on different images were about to share a table."""
+
+
+@dataclass
+class Row:
+    """One configuration of one results file."""
+
+    label: str          # the column name in the tables (the config, made unique)
+    config: str
+    entry: dict
+    path: Path          # its results.json
+
+    @property
+    def protocol(self) -> dict:
+        return self.entry.get("protocol") or {}
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.entry.get("random_weights"))
+
+
+def load_rows(paths) -> list[Row]:
+    """Every configuration of every results file, labelled uniquely (``config`` or ``config (dir)``)."""
+    rows = []
+    for path in find_results(paths):
+        for config, entry in read_results(path).items():
+            rows.append(Row(config, config, entry, path))
+    counts = defaultdict(int)
+    for row in rows:
+        counts[row.config] += 1
+    for row in rows:
+        if counts[row.config] > 1:
+            row.label = f"{row.config} ({row.path.parent.name})"
+    return rows
+
+
+def group_by_image_list(rows: list[Row]) -> dict[str, list[Row]]:
+    """Rows grouped by protocol and dataset; refuses a group whose rows used different images."""
+    groups = defaultdict(list)
+    for row in rows:
+        protocol = row.protocol
+        title = (f"{protocol.get('name', 'unknown protocol')} · {protocol.get('dataset', {}).get('kind', 'unknown dataset')}"
+                 if protocol else "original-release results (protocol and image list not recorded)")
+        groups[title].append(row)
+    for title, members in groups.items():
+        hashes = {row.protocol.get("image_list_hash") for row in members}
+        if len(hashes) > 1:
+            listing = "\n".join(f"  {row.path}: {row.config}: {row.protocol.get('image_list_hash')} "
+                                f"({row.protocol.get('n_images')} images, from {row.protocol.get('source')})"
+                                for row in members)
+            raise MixedImageListsError(
+                f"refusing to put rows scored on different image lists in one table ({title}):\n{listing}\n"
+                "Score every configuration on the same images (for a baseline: --split-from the training run) "
+                "or report them separately.")
+    return dict(groups)
+
+
+def _cell(entry: dict, category: str | None) -> str:
+    """``94.1 ± 1.2 [88.0, 99.0]`` (mean over seeds ± std, bootstrap 95 % CI) or ``n/a``."""
+    if category is None:
+        std = f" ± {entry['std_auroc']:.2f}" if len(entry.get("seeds", [])) > 1 else ""
+        return f"**{entry['mean_auroc']:.2f}**{std}"
+    stats = entry.get("categories", {}).get(category)
+    if stats is None:
+        return f"{entry['details'][category]:.2f}" if category in entry.get("details", {}) else "n/a"
+    std = f" ± {stats['auroc_std']:.2f}" if len(stats["auroc_per_seed"]) > 1 else ""
+    low, high = stats["auroc_ci95"]
+    return f"{stats['auroc']:.2f}{std} [{low:.1f}, {high:.1f}]"
+
+
+def comparison_markdown(title: str, rows: list[Row], plots: list[str]) -> str:
+    """The Markdown of one table: per-category AUROC side by side, then the other metrics."""
+    categories = sorted({c for row in rows for c in (*row.entry["details"], *row.entry.get("not_available", {}))})
+    protocol = rows[0].protocol
+    lines = [f"## {title}", ""]
+    if protocol:
+        lines += [f"Images: {protocol.get('n_images')} (hash `{protocol.get('image_list_hash')}`, from "
+                  f"`{protocol.get('source')}`).", ""]
+    lines += ["Image AUROC % per category: mean over seeds ± std, [bootstrap 95 % CI].", "",
+              "| category | " + " | ".join(row.label + (" †" if row.random_weights else "") for row in rows) + " |",
+              "|---|" + "---|" * len(rows)]
+    lines += [f"| {c} | " + " | ".join(_cell(row.entry, c) for row in rows) + " |" for c in categories]
+    lines += ["| **mean** | " + " | ".join(_cell(row.entry, None) for row in rows) + " |", ""]
+    lines += ["| configuration | method | seeds | AP % | F1-max % | pixel AUROC % (coarse) | backbone | weights |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        entry = row.entry
+        pixel = (entry.get("pixel_auroc_coarse") or {}).get("mean")
+        lines.append(f"| {row.label} | {entry.get('method', '?')} | {len(entry.get('seeds', [])) or '?'} | "
+                     f"{_fmt(entry.get('mean_average_precision'))} | {_fmt(entry.get('mean_f1_max'))} | {_fmt(pixel)} | "
+                     f"{entry.get('backbone', '?')} | {entry.get('weights', '?')}"
+                     f"{' (random: not meaningful)' if row.random_weights else ''} |")
+    notes = sorted({f"{row.label}: {c}: {reason}" for row in rows
+                    for c, reason in row.entry.get("not_available", {}).items()})
+    if notes:
+        lines += ["", "n/a — " + "; ".join(notes)]
+    pixel_notes = sorted({row.entry["pixel_auroc_coarse"]["note"] for row in rows if row.entry.get("pixel_auroc_coarse")})
+    if pixel_notes:
+        lines += ["", "Pixel AUROC: " + " / ".join(pixel_notes) + "."]
+    if any(row.random_weights for row in rows):
+        lines += ["", f"† {NOT_MEANINGFUL}."]
+    lines += [""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def write_report(paths, out_dir) -> Path:
+    """Write ``out_dir``/report.md and its PNG plots; returns the Markdown path."""
+    from evaluate import plots
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(paths)
+    groups = group_by_image_list(rows)
+    sections = ["# RAML evaluation report", ""]
+    if any(row.random_weights for row in rows):
+        sections += [f"> **{NOT_MEANINGFUL}.** Rows marked † and every plot titled so.", ""]
+    for title, members in groups.items():
+        slug = _slug(title)
+        scores = {row.label: _scores_of(row) for row in members}
+        written = [plots.auroc_bars(members, out_dir / f"{slug}_auroc.png", title)]
+        if any(scores.values()):
+            written.append(plots.roc_curves(members, scores, out_dir / f"{slug}_roc.png", title))
+            written.append(plots.score_histograms(members, scores, out_dir / f"{slug}_histograms.png", title))
+        maps_png, maps_note = plots.anomaly_map_examples(members, scores, out_dir / f"{slug}_maps.png", title,
+                                                         MAP_EXAMPLES)
+        written += [maps_png] if maps_png else []
+        section = comparison_markdown(title, members, [p.name for p in written if p])
+        if maps_note:
+            section += f"\nAnomaly maps: {maps_note}\n"
+        sections.append(section)
+    path = out_dir / "report.md"
+    path.write_text("\n".join(sections))
+    return path
+
+
+def _scores_of(row: Row) -> list[dict] | None:
+    """The per-image scores of ``row`` (its first seed), or None when its CSV is not there."""
+    name = row.entry.get("scores_csv")
+    if not name or not (row.path.parent / name).is_file():
+        return None
+    records = [r for r in read_scores_csv(row.path.parent / name) if r["config"] == row.config]
+    first_seed = records[0]["seed"] if records else None
+    return [r for r in records if r["seed"] == first_seed]

@@ -1,0 +1,184 @@
+"""Results files: per-image scores (CSV) and per-configuration metrics (JSON).
+
+The JSON keeps the original RAML release's schema readable —
+``{"<config>": {"mean_auroc": 94.09, "details": {"bottle": 100.0, ...}}}`` with AUROC in % — and
+puts everything else beside it: standard deviation over seeds, AP, F1-max and its threshold, the
+bootstrap 95 % CI, coarse pixel AUROC, the seeds, the protocol and the hash of the exact image
+list, and the backbone (with ``random_weights``: such results are marked not meaningful).
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from evaluate.metrics import (DEFAULT_BOOTSTRAP, average_precision, bootstrap_auroc_ci, f1_max,
+                              image_auroc)
+
+RESULTS_JSON = "results.json"
+SCORES_CSV = "scores.csv"
+MAPS_NPZ = "anomaly_maps.npz"
+SCORE_COLUMNS = ("config", "seed", "category", "relpath", "defect_type", "label")
+NOT_MEANINGFUL = ("NOT MEANINGFUL: computed with randomly initialised CLIP weights (--random-weights); "
+                  "these numbers only show that the pipeline runs")
+
+
+@dataclass
+class ScoredRun:
+    """One model (one seed of one configuration) scored on one image list."""
+
+    config: str
+    seed: int | None
+    source: str                  # checkpoint path, or the method's name for zero-shot baselines
+    category: np.ndarray
+    relpath: np.ndarray
+    defect_type: np.ndarray
+    label: np.ndarray
+    scores: dict                 # name -> [N] array; "final" is the one the metrics use
+    extra: dict = field(default_factory=dict)
+
+
+def _percent(value: float) -> float:
+    return round(100.0 * value, 2)
+
+
+def category_summary(labels: np.ndarray, final_by_run: np.ndarray, n_resamples: int, seed: int) -> dict:
+    """Metrics of one category for one configuration; ``final_by_run`` is [runs, n].
+
+    Raises ``ValueError`` (from the metric functions) when the category has one class only.
+    """
+    aurocs = np.array([image_auroc(labels, run) for run in final_by_run])
+    aps = np.array([average_precision(labels, run) for run in final_by_run])
+    f1s = [f1_max(labels, run) for run in final_by_run]
+    low, high = bootstrap_auroc_ci(labels, final_by_run, n_resamples=n_resamples, seed=seed)
+    return {
+        "auroc": _percent(aurocs.mean()), "auroc_std": _percent(aurocs.std()),
+        "auroc_per_seed": [_percent(a) for a in aurocs], "auroc_ci95": [_percent(low), _percent(high)],
+        "average_precision": _percent(aps.mean()), "average_precision_std": _percent(aps.std()),
+        "f1_max": _percent(np.mean([f for f, _ in f1s])), "f1_max_std": _percent(np.std([f for f, _ in f1s])),
+        "f1_max_threshold": [round(t, 6) for _, t in f1s],
+        "normal": int((labels == 0).sum()), "anomalous": int((labels == 1).sum()),
+    }
+
+
+def config_entry(runs: list[ScoredRun], image_list: dict, backbone: dict, *, n_resamples: int = DEFAULT_BOOTSTRAP,
+                 bootstrap_seed: int = 0, pixel: dict | None = None, extra: dict | None = None) -> dict:
+    """The results entry of one configuration scored (once per seed) on one image list."""
+    _check_same_images(runs)
+    first = runs[0]
+    final = np.stack([run.scores["final"] for run in runs])
+    per_category, not_available = {}, {}
+    for category in sorted(set(first.category.tolist())):
+        rows = first.category == category
+        try:
+            per_category[category] = category_summary(first.label[rows], final[:, rows], n_resamples, bootstrap_seed)
+        except ValueError as err:
+            not_available[category] = str(err)
+    if not per_category:
+        raise ValueError(f"{first.config}: no category has both normal and anomalous images "
+                         f"({'; '.join(f'{c}: {r}' for c, r in not_available.items())})")
+    seed_means = np.mean([[s["auroc_per_seed"][i] for s in per_category.values()] for i in range(len(runs))], axis=1)
+    entry = {
+        "mean_auroc": round(float(np.mean([s["auroc"] for s in per_category.values()])), 2),
+        "details": {category: s["auroc"] for category, s in per_category.items()},
+        "std_auroc": round(float(seed_means.std()), 2),
+        "mean_average_precision": round(float(np.mean([s["average_precision"] for s in per_category.values()])), 2),
+        "mean_f1_max": round(float(np.mean([s["f1_max"] for s in per_category.values()])), 2),
+        "categories": per_category,
+        "not_available": not_available,
+        "seeds": [run.seed for run in runs],
+        "sources": [run.source for run in runs],
+        "protocol": image_list,
+        "bootstrap": {"resamples": n_resamples, "seed": bootstrap_seed, "stratified": True, "level": 0.95},
+        **backbone,
+        "meaningful": not backbone.get("random_weights", False),
+        "units": "AUROC, AP and F1 in %; std over seeds",
+    }
+    if backbone.get("random_weights"):
+        entry["warning"] = NOT_MEANINGFUL
+    if pixel is not None:
+        entry["pixel_auroc_coarse"] = pixel
+    entry.update(extra or {})
+    return entry
+
+
+def pixel_summary(values: dict, missing: dict, note: str) -> dict:
+    """The ``pixel_auroc_coarse`` block of an entry (values in %)."""
+    return {"mean": round(float(np.mean(list(values.values()))) * 100, 2) if values else None,
+            "details": {c: _percent(v) for c, v in values.items()}, "not_available": missing, "note": note}
+
+
+def _check_same_images(runs: list[ScoredRun]) -> None:
+    reference = runs[0].relpath.tolist()
+    for run in runs[1:]:
+        if run.relpath.tolist() != reference:
+            raise ValueError(f"{run.source} was scored on other images than {runs[0].source}; the seeds of one "
+                             "configuration must share the held-out split (train them with the same split seed)")
+
+
+def write_scores_csv(path: Path, runs: list[ScoredRun]) -> None:
+    """One row per (run, image): the identifying columns and every score of the run."""
+    score_names = sorted({name for run in runs for name in run.scores}, key=lambda n: (n != "final", n))
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*SCORE_COLUMNS, *score_names])
+        for run in runs:
+            for i in range(len(run.relpath)):
+                writer.writerow([run.config, "" if run.seed is None else run.seed, run.category[i], run.relpath[i],
+                                 run.defect_type[i], int(run.label[i]),
+                                 *(f"{run.scores[n][i]:.6f}" if n in run.scores else "" for n in score_names)])
+
+
+def read_scores_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_results(out_dir: Path, entries: dict, runs: list[ScoredRun], maps: dict | None = None) -> Path:
+    """Write results.json, scores.csv and (optionally) anomaly_maps.npz into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_scores_csv(out_dir / SCORES_CSV, runs)
+    for entry in entries.values():
+        entry["scores_csv"] = SCORES_CSV
+    if maps is not None:
+        np.savez_compressed(out_dir / MAPS_NPZ, relpath=np.asarray(maps["relpath"]),
+                            maps=np.asarray(maps["maps"], np.float32), description=maps["description"])
+        for entry in entries.values():
+            entry["anomaly_maps"] = MAPS_NPZ
+    path = out_dir / RESULTS_JSON
+    path.write_text(json.dumps(entries, indent=2))
+    return path
+
+
+def find_results(paths) -> list[Path]:
+    """results.json files named directly or found (recursively) under the given directories."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(path.rglob(RESULTS_JSON))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such results file or directory")
+    if not found:
+        raise FileNotFoundError(f"no {RESULTS_JSON} under {', '.join(map(str, paths))}; write one with "
+                                "python pipeline.py evaluate ... --out DIR")
+    return found
+
+
+def read_results(path: Path) -> dict:
+    """A results file as ``{config: entry}``; entries of the original release (no protocol) are
+    accepted too, and marked as such."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict) or not all(isinstance(e, dict) and "mean_auroc" in e and "details" in e
+                                             for e in data.values()):
+        raise ValueError(f'{path}: not a results file (expected {{"<config>": {{"mean_auroc": ..., '
+                         '"details": {...}}}})')
+    return data

@@ -1,0 +1,106 @@
+"""``evaluate``: score trained checkpoints on a feature cache under a protocol and write results.
+
+Several checkpoints may be given (run directories, checkpoint files, or a sweep directory holding
+runs). Runs whose directory names differ only by a ``-seed<k>`` suffix are seeds of one
+configuration: their metrics become mean ± std, and they must share the same held-out images.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from evaluate.localisation import COARSE_NOTE, coarse_pixel_auroc, maps_from_crop_scores, tile_text_scores
+from evaluate.metrics import DEFAULT_BOOTSTRAP
+from evaluate.protocols import select_images
+from evaluate.results import ScoredRun, config_entry, pixel_summary, write_results
+
+CHECKPOINT_FILE = "checkpoint.pt"
+_SEED_SUFFIX = re.compile(r"[-_]seed\d+$")
+PIXEL_NOTE = COARSE_NOTE + ("; the map is the zero-shot text score of the cached tiles, the same for every "
+                            "configuration scored on this cache")
+
+
+def find_checkpoints(paths) -> list[Path]:
+    """Checkpoint files named directly, in run directories, or in the run directories of a sweep."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_file():
+            found.append(path)
+        elif (path / CHECKPOINT_FILE).is_file():
+            found.append(path / CHECKPOINT_FILE)
+        elif path.is_dir() and sorted(path.glob(f"*/{CHECKPOINT_FILE}")):
+            found += sorted(path.glob(f"*/{CHECKPOINT_FILE}"))
+        else:
+            raise FileNotFoundError(f"{path}: no {CHECKPOINT_FILE} here nor in its sub-directories; train one with "
+                                    "python pipeline.py train --cache-dir ... --out RUN_DIR")
+    return found
+
+
+def config_name(checkpoint_path: Path) -> str:
+    """``runs/ablation/adaptive-seed3/checkpoint.pt`` → ``adaptive``; ``runs/raml`` → ``raml``."""
+    run_dir = checkpoint_path.parent if checkpoint_path.name == CHECKPOINT_FILE else checkpoint_path.with_suffix("")
+    return _SEED_SUFFIX.sub("", run_dir.name)
+
+
+def backbone_fields(meta: dict) -> dict:
+    """What a results entry records about the features it was computed from."""
+    return {"backbone": meta.get("backbone"), "weights": meta.get("weights"),
+            "random_weights": bool(meta.get("random_weights")), "input_size": meta.get("input_size")}
+
+
+def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | None = None, visual_weight: float = 0.85,
+                         text_weight: float = 0.15, n_resamples: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0,
+                         name: str | None = None, log=print) -> tuple[Path, dict]:
+    """Score every checkpoint on ``cache_dir`` and write ``out_dir``/{results.json, scores.csv,
+    anomaly_maps.npz}. Returns the results path and the entries."""
+    from cache import read_cache
+    from train.checkpoint import check_cache, load_checkpoint
+    from train.infer import score_table
+
+    paths = find_checkpoints(checkpoints)
+    table = read_cache(cache_dir)
+    groups = defaultdict(list)
+    for path in paths:
+        groups[config_name(path)].append(path)
+    if name is not None:
+        if len(groups) > 1:
+            raise ValueError(f"--name applies to one configuration, but these checkpoints form {len(groups)}: "
+                             f"{', '.join(groups)}")
+        groups = {name: paths}
+
+    runs, image_lists, margins, scored_rows = defaultdict(list), {}, {}, set()
+    for config, config_paths in groups.items():
+        for path in config_paths:
+            checkpoint = load_checkpoint(path)
+            check_cache(checkpoint, table)
+            rows, image_list = select_images(protocol, checkpoint.manifest, str(path), table)
+            log(f"evaluate {config} ({path}): {image_list.protocol} protocol, {len(rows)} images")
+            subset = table.select(rows)
+            scores = score_table(checkpoint, subset, visual_weight=visual_weight, text_weight=text_weight)
+            runs[config].append(ScoredRun(config, checkpoint.config.get("seed"), str(path), subset.category,
+                                          subset.relpath, subset.defect_type, subset.label,
+                                          {k: np.asarray(v, float) for k, v in scores.items()}))
+            image_lists[config] = image_list.describe()
+            margins[config] = checkpoint.config.get("margin")
+            scored_rows.update(rows.tolist())
+
+    rows = np.array(sorted(scored_rows))
+    subset = table.select(rows)
+    maps = maps_from_crop_scores(tile_text_scores(subset))
+    dataset_root = table.meta.get("dataset", {}).get("root")
+    pixel = pixel_summary(*coarse_pixel_auroc(maps, subset.category, subset.label, subset.mask_relpath,
+                                              subset.height, subset.width, dataset_root), PIXEL_NOTE)
+    entries = {}
+    for config, config_runs in runs.items():
+        entries[config] = config_entry(
+            config_runs, image_lists[config], backbone_fields(table.meta), n_resamples=n_resamples,
+            bootstrap_seed=bootstrap_seed, pixel=pixel,
+            extra={"method": "RAML", "margin": margins[config], "cache_dir": str(table.cache_dir),
+                   "score_weights": {"visual": visual_weight, "text": text_weight}})
+    path = write_results(out_dir, entries, [run for config_runs in runs.values() for run in config_runs],
+                         maps={"relpath": subset.relpath, "maps": maps,
+                               "description": "4x4 zero-shot text score of the cached tiles (mean of 4x4 and 2x2)"})
+    return path, entries

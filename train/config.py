@@ -1,0 +1,154 @@
+"""Every hyper-parameter of stage two, in one place.
+
+``TrainConfig`` is the single source of the defaults: the CLI builds one option per field from
+it (``click_options``), checkpoints store it whole, and a sweep compares it to decide whether a
+finished run may be reused. Each field's comment gives where the value comes from: "SPEC §n" is
+/work/shared/SPEC.md (which restates the original RAML README), "ours" is a choice the original
+leaves open, explained in the field's help text.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+# name → (m_base, λ_σ, λ_res). SPEC §5: the adaptive formula and the two ablation baselines.
+MARGIN_PRESETS = {
+    "adaptive": (0.5, 0.3, 0.3),
+    "fixed": (0.5, 0.0, 0.0),
+    "strong": (1.0, 0.0, 0.0),
+}
+MARGIN_FIELDS = ("margin_base", "lambda_sigma", "lambda_res")
+R_MAX_MODES = ("image", "category")   # or a number of pixels, e.g. "900" (the original constant)
+
+
+def _option(default, help, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run (defaults: the original RAML release)."""
+
+    # protocol
+    seed: int = _option(0, "Training seed: weight init and batch order.")                          # ours
+    split_seed: int = _option(0, "Seed of the holdout split; kept apart from --seed so that every run of a "
+                                 "sweep is scored on the same held-out images.")                   # ours
+    holdout_fraction: float = _option(0.2, "Fraction of each category's official test set held out.")  # SPEC protocol
+    # optimisation
+    epochs: int = _option(25, "Passes over the training images.")                                   # SPEC §8
+    batch_size: int = _option(16, "Images per step (an epoch drops its last incomplete batch).")    # SPEC §8
+    lr: float = _option(5e-5, "AdamW learning rate.")                                               # SPEC §8
+    weight_decay: float = _option(0.02, "AdamW weight decay.")                                      # SPEC §8
+    # model
+    hidden_dim: int = _option(256, "Width of the per-scale projections and of the fused vector.")  # SPEC §2
+    attn_dim: int = _option(64, "Width of the attention queries and keys.")                         # ours
+    feature_dim: int = _option(128, "Width of the (L2-normalised) MACCL feature.")                  # ours
+    fusion_scale_init: float = _option(0.1, "Initial learnable text-visual fusion scale.")         # SPEC §3
+    # MACCL loss
+    alpha: float = _option(1.0, "Weight of the center loss.")                                       # SPEC §4
+    beta: float = _option(1.0, "Weight of the margin loss.")                                        # SPEC §4
+    gamma: float = _option(0.5, "Weight of the supervised contrastive loss.")                       # SPEC §4
+    temperature: float = _option(0.07, "Temperature of the supervised contrastive loss.")           # SPEC §4
+    bce_weight: float = _option(1.0, "Weight of the BCE loss on the visual logit.")                 # ours (SPEC §7: "in addition")
+    center_momentum: float = _option(0.9, "EMA momentum of the running center of normal features.")  # ours
+    sigma_momentum: float = _option(0.9, "EMA momentum of σ, the spread of normal features.")       # ours
+    # margin
+    margin: str = _option("adaptive", "Margin preset: adaptive, fixed (m=0.5) or strong (m=1.0).",
+                          choices=tuple(MARGIN_PRESETS))                                           # SPEC §5
+    margin_base: float = _option(0.5, "m_base (default: the --margin preset's).", preset=True)     # SPEC §5
+    lambda_sigma: float = _option(0.3, "λ_σ (default: the --margin preset's).", preset=True)       # SPEC §5
+    lambda_res: float = _option(0.3, "λ_res (default: the --margin preset's).", preset=True)       # SPEC §5
+    r_max: str = _option("image", "Original resolution in the resolution term: 'image' (each image's "
+                                  "max(height, width)), 'category' (its category's mean), or a number "
+                                  "of pixels (900 reproduces the original).")                      # ours; SPEC §5
+    # auto-difficulty
+    difficulty_momentum: float = _option(0.7, "EMA momentum of the per-category loss.")            # SPEC §6
+    difficulty_scale: float = _option(0.5, "w = 1 + scale·(L_cat − L_global)/L_global.")          # SPEC §6
+    difficulty_min: float = _option(0.5, "Lower clip of the category weight.")                      # SPEC §6
+    difficulty_max: float = _option(2.0, "Upper clip of the category weight.")                      # SPEC §6
+    # inference
+    visual_weight: float = _option(0.85, "Weight of s_visual in s_final.")                          # SPEC §7
+    text_weight: float = _option(0.15, "Weight of s_text in s_final.")                              # SPEC §7
+
+    def __post_init__(self):
+        problems = []
+        if self.margin not in MARGIN_PRESETS:
+            problems.append(f"margin {self.margin!r} is not one of {', '.join(MARGIN_PRESETS)}")
+        if self.epochs < 1:
+            problems.append("epochs must be ≥ 1")
+        if self.batch_size < 2:
+            problems.append("batch_size must be ≥ 2 (the contrastive loss compares images within a batch)")
+        if not 0 < self.holdout_fraction < 1:
+            problems.append("holdout_fraction must be in (0, 1)")
+        if self.temperature <= 0:
+            problems.append("temperature must be > 0")
+        if not 0 < self.difficulty_min <= 1 <= self.difficulty_max:
+            problems.append("need 0 < difficulty_min ≤ 1 ≤ difficulty_max")
+        try:
+            self.r_max_pixels()
+        except ValueError as err:
+            problems.append(str(err))
+        if problems:
+            raise ValueError("invalid training configuration: " + "; ".join(problems))
+
+    def r_max_pixels(self) -> float | None:
+        """The constant r_max, or None when it follows the data ('image' or 'category')."""
+        if self.r_max in R_MAX_MODES:
+            return None
+        try:
+            value = float(self.r_max)
+        except ValueError:
+            raise ValueError(f"r_max {self.r_max!r}: expected image, category or a number of pixels") from None
+        if value <= 0:
+            raise ValueError(f"r_max {self.r_max!r} must be positive")
+        return value
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def make_config(margin: str = "adaptive", **overrides) -> TrainConfig:
+    """A ``TrainConfig`` for a margin preset; ``overrides`` that are None keep the preset/default.
+
+    ``make_config("fixed", margin_base=0.7)`` is a fixed margin of 0.7.
+    """
+    if margin not in MARGIN_PRESETS:
+        raise ValueError(f"unknown margin {margin!r}; choose one of {', '.join(MARGIN_PRESETS)}")
+    values = dict(zip(MARGIN_FIELDS, MARGIN_PRESETS[margin]))
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"unknown training options: {', '.join(sorted(unknown))}")
+    return TrainConfig(margin=margin, **values)
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """Inverse of ``TrainConfig.to_dict`` (ignores keys of newer versions it does not know)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{key: value for key, value in values.items() if key in known})
+
+
+def click_options(exclude=()):
+    """A decorator adding ``--<field-name>`` for every ``TrainConfig`` field not in ``exclude``.
+
+    Defaults come from ``TrainConfig``; the margin parameters default to None ("the preset's").
+    """
+    import click
+
+    def decorate(func):
+        for spec in reversed(dataclasses.fields(TrainConfig)):
+            if spec.name in exclude:
+                continue
+            flag = "--" + spec.name.replace("_", "-")
+            meta = spec.metadata
+            if "choices" in meta:
+                option = click.option(flag, type=click.Choice(meta["choices"]), default=spec.default,
+                                      show_default=True, help=meta["help"])
+            elif meta.get("preset"):
+                option = click.option(flag, type=float, default=None, help=meta["help"])
+            else:
+                option = click.option(flag, type=type(spec.default), default=spec.default, show_default=True,
+                                      help=meta["help"])
+            func = option(func)
+        return func
+    return decorate

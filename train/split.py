@@ -1,0 +1,98 @@
+"""The holdout protocol (SPEC.md, "Data and protocols"): which images train and which are held out.
+
+Training and evaluation both call ``holdout_split``, and every run writes the split's manifest,
+so a table can prove (``image_list_hash``) that its rows were scored on the same images.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from cache import CacheError, FeatureTable
+
+
+def image_list_hash(relpaths) -> str:
+    """sha256 of the sorted, newline-joined relpaths: one id for a set of images."""
+    return hashlib.sha256("\n".join(sorted(str(p) for p in relpaths)).encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Split:
+    """Row indices (into the table the split was made from) of the training and held-out images."""
+
+    train: np.ndarray
+    heldout: np.ndarray
+    train_relpaths: list
+    heldout_relpaths: list
+    seed: int
+    fraction: float
+
+    def manifest(self) -> dict:
+        """What ``split.json`` holds: the protocol, its parameters and both image lists with hashes."""
+        return {"protocol": "holdout", "seed": self.seed, "fraction": self.fraction,
+                "train": sorted(self.train_relpaths), "heldout": sorted(self.heldout_relpaths),
+                "train_hash": image_list_hash(self.train_relpaths),
+                "heldout_hash": image_list_hash(self.heldout_relpaths)}
+
+
+def heldout_counts(class_sizes: list[int], fraction: float) -> list[int]:
+    """How many images of each class (normal, anomalous) of one category's test set to hold out.
+
+    The total is ``ceil(fraction · n_test)``, shared between the classes in proportion to their
+    size (largest remainder, ties to the first class); then every class with at least two images
+    holds out at least one and keeps at least one for training. A class with a single image keeps
+    it for training. MVTec toothbrush (12 normal, 30 anomalous test images) → 3 and 6.
+    """
+    total = math.ceil(fraction * sum(class_sizes) - 1e-9)
+    exact = [total * size / sum(class_sizes) if sum(class_sizes) else 0.0 for size in class_sizes]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(class_sizes)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[:total - sum(counts)]:
+        counts[i] += 1
+    return [0 if size < 2 else min(max(count, 1), size - 1) for count, size in zip(counts, class_sizes)]
+
+
+def holdout_split(table: FeatureTable, seed: int = 0, fraction: float = 0.2) -> Split:
+    """Per category: every official-train image trains; the official test images are split
+    stratified by label, ``heldout_counts`` of each class held out, chosen by a generator seeded
+    with (seed, category, label) so a category's split does not depend on the other categories.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+    unknown = sorted(set(table.split.tolist()) - {"train", "test"})
+    if unknown:
+        raise CacheError(f"{table.cache_dir}: split values {unknown} are neither 'train' nor 'test'")
+    train, heldout = [], []
+    for category in table.categories:
+        in_category = table.category == category
+        train.append(np.flatnonzero(in_category & (table.split == "train")))
+        test_by_class = [np.flatnonzero(in_category & (table.split == "test") & (table.label == label))
+                         for label in (0, 1)]
+        counts = heldout_counts([len(rows) for rows in test_by_class], fraction)
+        for label, (rows, count) in enumerate(zip(test_by_class, counts)):
+            rows = rows[np.argsort(table.relpath[rows], kind="stable")]
+            rng = np.random.default_rng([seed, zlib.crc32(category.encode("utf-8")), label])
+            chosen = np.zeros(len(rows), bool)
+            chosen[rng.permutation(len(rows))[:count]] = True
+            heldout.append(rows[chosen])
+            train.append(rows[~chosen])
+    train = np.sort(np.concatenate(train)) if train else np.zeros(0, np.int64)
+    heldout = np.sort(np.concatenate(heldout)) if heldout else np.zeros(0, np.int64)
+    return Split(train=train, heldout=heldout, train_relpaths=table.relpath[train].tolist(),
+                 heldout_relpaths=table.relpath[heldout].tolist(), seed=int(seed), fraction=float(fraction))
+
+
+def rows_for(table: FeatureTable, relpaths) -> np.ndarray:
+    """Row indices of ``relpaths`` in ``table`` (in the given order); names the missing images."""
+    index = {path: row for row, path in enumerate(table.relpath.tolist())}
+    relpaths = list(relpaths)
+    missing = [path for path in relpaths if path not in index]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CacheError(f"{table.cache_dir}: {len(missing)} of the {len(relpaths)} images of the split are not "
+                         f"in this cache: {shown}. Was it extracted from another dataset root or with --limit?")
+    return np.array([index[path] for path in relpaths], dtype=np.int64)
