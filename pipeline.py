@@ -71,6 +71,24 @@ def load_backbone_from(model, pretrained, weights, random_weights, device):
     return load_backbone(model, pretrained, weights, random_weights, device)
 
 
+engine_option = click.option(
+    "--engine", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+    help="Runtime of the CLIP image encoder: torch (eager) or onnx (ONNX Runtime, faster on CPUs; "
+         "exported once into $RAML_CACHE_DIR/onnx or ~/.cache/raml/onnx and checked against torch).")
+
+
+def load_engine_backbone(model, pretrained, weights, random_weights, device, engine):
+    """``load_backbone_from``, with the image encoder run by ``engine`` ("torch" or "onnx")."""
+    backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
+    if engine == "torch":
+        return backbone
+    from extract.onnx_engine import OnnxEngineError, onnx_backbone
+    try:
+        return onnx_backbone(backbone)
+    except OnnxEngineError as err:
+        raise UserError(str(err)) from err
+
+
 @cli.command()
 @click.option("--dataset", type=click.Choice(["mvtec", "visa", "folder", "textile"]), required=True)
 @click.option("--root", type=click.Path(file_okay=False), default=None,
@@ -86,9 +104,10 @@ def load_backbone_from(model, pretrained, weights, random_weights, device):
 @click.option("--shard", default=None, help="i/n: this process takes every n-th image from i (default: "
                                             "torchrun's RANK/WORLD_SIZE, else 0/1).")
 @click.option("--shard-size", default=256, show_default=True, help="Images per HDF5 shard.")
+@engine_option
 @_fail_cleanly
 def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights, device, categories,
-            batch_size, workers, limit, skip_bad, retry_skipped, shard, shard_size):
+            batch_size, workers, limit, skip_bad, retry_skipped, shard, shard_size, engine):
     """Stage one: encode each image's 21 crops with CLIP, once, into HDF5 shards.
 
     Re-running resumes: images already in the cache are skipped.
@@ -96,7 +115,7 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
     from extract.run import extract_features
     summary = extract_features(
         dataset, root, cache_dir,
-        lambda: load_backbone_from(model, pretrained, weights, random_weights, device),
+        lambda: load_engine_backbone(model, pretrained, weights, random_weights, device, engine),
         categories=categories.split(",") if categories else None, batch_size=batch_size, workers=workers,
         limit=limit, skip_bad=skip_bad, shard=shard, shard_size=shard_size, retry_skipped=retry_skipped,
         progress=sys.stderr.isatty() or os.environ.get("RAML_PROGRESS") == "1")
@@ -135,13 +154,14 @@ def bench():
 @click.option("--size", default=900, show_default=True, help="Side of the synthetic images (px).")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--workers", default=2, show_default=True)
+@engine_option
 @_fail_cleanly
-def bench_extract(model, pretrained, weights, random_weights, device, images, size, batch_size, workers):
+def bench_extract(model, pretrained, weights, random_weights, device, images, size, batch_size, workers, engine):
     """Images/s of the whole of stage one, and its overhead over the bare encoder forward."""
     from extract.bench import run_extract_bench
-    backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
+    backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, engine)
     result = run_extract_bench(backbone, images=images, size=size, batch_size=batch_size, workers=workers)
-    click.echo(result.line())
+    click.echo(f"[engine {engine}] {result.line()}")
 
 
 # --- stage two: train, sweep, bench train (issue 3) ---

@@ -50,7 +50,7 @@ def pool_to_grid(maps: np.ndarray, grid: int = GRID) -> np.ndarray:
                                                    grid)[:, 0].numpy()
 
 
-def _mask_pixels(root: Path, mask_relpath: str, width: int, height: int) -> np.ndarray:
+def mask_pixels(root: Path, mask_relpath: str, width: int, height: int) -> np.ndarray:
     """Boolean [H, W] defect mask, resized (nearest) to the image when the sizes differ."""
     with Image.open(root / mask_relpath) as mask:
         mask = mask.convert("L")
@@ -65,7 +65,7 @@ def tile_pixel_counts(root: Path, label: int, mask_relpath: str, width: int, hei
     areas = np.array([(right - left) * (bottom - top) for left, top, right, bottom in boxes], float)
     if not label:
         return np.zeros_like(areas), areas
-    mask = _mask_pixels(root, mask_relpath, width, height)
+    mask = mask_pixels(root, mask_relpath, width, height)
     defective = np.array([mask[top:bottom, left:right].sum() for left, top, right, bottom in boxes], float)
     return defective, areas - defective
 

@@ -146,6 +146,7 @@ def write_results(out_dir: Path, entries: dict, runs: list[ScoredRun], maps: dic
         entry["scores_csv"] = SCORES_CSV
     if maps is not None:
         np.savez_compressed(out_dir / MAPS_NPZ, relpath=np.asarray(maps["relpath"]),
+                            mask_relpath=np.asarray(maps["mask_relpath"]),
                             maps=np.asarray(maps["maps"], np.float32), description=maps["description"])
         for entry in entries.values():
             entry["anomaly_maps"] = MAPS_NPZ

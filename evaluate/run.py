@@ -101,6 +101,6 @@ def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | Non
             extra={"method": "RAML", "margin": margins[config], "cache_dir": str(table.cache_dir),
                    "score_weights": {"visual": visual_weight, "text": text_weight}})
     path = write_results(out_dir, entries, [run for config_runs in runs.values() for run in config_runs],
-                         maps={"relpath": subset.relpath, "maps": maps,
+                         maps={"relpath": subset.relpath, "mask_relpath": subset.mask_relpath, "maps": maps,
                                "description": "4x4 zero-shot text score of the cached tiles (mean of 4x4 and 2x2)"})
     return path, entries

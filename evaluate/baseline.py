@@ -1,0 +1,103 @@
+"""``baseline winclip``: score a dataset's images with zero-shot WinCLIP and write results files
+in the same format as ``evaluate``, on the same images as the model it is compared with."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from evaluate.localisation import COARSE_NOTE, coarse_pixel_auroc, pool_to_grid
+from evaluate.metrics import DEFAULT_BOOTSTRAP
+from evaluate.protocols import dataset_images
+from evaluate.results import ScoredRun, config_entry, pixel_summary, write_results
+from evaluate.run import backbone_fields
+from extract.datasets import read_dataset
+from extract.pyramid import load_rgb
+
+CONFIG = "WinCLIP zero-shot"
+PIXEL_NOTE = COARSE_NOTE + "; WinCLIP's patch-level map is average-pooled to the same 4x4 cells"
+
+
+def whole_image_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
+    """The whole image resized (bicubic, no centre crop: a defect at the border must stay in the
+    picture) to [3, size, size], normalised as the model expects."""
+    pixels = np.asarray(image.resize((size, size), Image.BICUBIC), np.float32).transpose(2, 0, 1) / 255.0
+    return (pixels - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
+
+
+class _ImageDataset(Dataset):
+    """Decodes one record in a DataLoader worker; an unreadable image stops the run (the baseline
+    must score exactly the images the compared model was scored on)."""
+
+    def __init__(self, root: Path, records, size: int, mean, std):
+        self.root, self.records, self.size, self.mean, self.std = root, records, size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        image = load_rgb(self.root / self.records[index].relpath)
+        return index, whole_image_pixels(image, self.size, self.mean, self.std), (image.height, image.width)
+
+
+def _category_batches(records, batch_size: int) -> list[list[int]]:
+    """Batches of record indices, never mixing categories (one text prototype pair per batch)."""
+    batches, start = [], 0
+    while start < len(records):
+        end = start
+        while end < len(records) and end - start < batch_size and records[end].category == records[start].category:
+            end += 1
+        batches.append(list(range(start, end)))
+        start = end
+    return batches
+
+
+def run_winclip(dataset: str, root, out_dir, backbone_loader, *, protocol: str = "official", split_from=None,
+                categories=None, batch_size: int = 8, workers: int = 2, n_resamples: int = DEFAULT_BOOTSTRAP,
+                bootstrap_seed: int = 0, progress: bool = True) -> tuple[Path, dict]:
+    """Score the chosen images with WinCLIP; write results.json, scores.csv, anomaly_maps.npz."""
+    from evaluate.winclip import IMAGE_SCORE, WINDOW_SIZES, WinClip, compositional_prompts
+
+    root, records = read_dataset(dataset, root, categories)
+    records, image_list = dataset_images(protocol, records, {"kind": dataset, "root": str(root)}, split_from)
+    records = sorted(records, key=lambda r: (r.category, r.relpath))
+    backbone = backbone_loader()
+    winclip = WinClip(backbone)
+    loader = DataLoader(_ImageDataset(root, records, backbone.input_size, backbone.mean, backbone.std),
+                        batch_sampler=_category_batches(records, batch_size), num_workers=workers,
+                        collate_fn=list)
+    n = len(records)
+    scores = {name: np.zeros(n) for name in ("final", "global", "map_max")}
+    maps, sizes = np.zeros((n, *winclip.grid), np.float32), np.zeros((n, 2), np.int64)
+    with tqdm(total=n, unit="img", desc="winclip", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in loader:
+            index = [item[0] for item in batch]
+            result = winclip.score(np.stack([item[1] for item in batch]), records[index[0]].category)
+            for name in scores:
+                scores[name][index] = result[name]
+            maps[index] = result["map"]
+            sizes[index] = [item[2] for item in batch]
+            bar.update(len(batch))
+
+    column = {name: np.array([getattr(r, name) for r in records]) for name in ("category", "relpath", "defect_type")}
+    run = ScoredRun(CONFIG, None, f"{backbone.name}/{backbone.weights}", column["category"], column["relpath"],
+                    column["defect_type"], np.array([r.label for r in records]), scores)
+    mask_relpaths = [r.mask_relpath for r in records]
+    pixel = pixel_summary(*coarse_pixel_auroc(pool_to_grid(maps), column["category"], run.label, mask_relpaths,
+                                              sizes[:, 0], sizes[:, 1], root), PIXEL_NOTE)
+    example = compositional_prompts(records[0].category)
+    entry = config_entry(
+        [run], image_list.describe(),
+        backbone_fields({"backbone": backbone.name, "weights": backbone.weights,
+                         "random_weights": backbone.random_weights, "input_size": backbone.input_size}),
+        n_resamples=n_resamples, bootstrap_seed=bootstrap_seed, pixel=pixel,
+        extra={"method": "WinCLIP (Jeong et al., CVPR 2023), zero-shot", "image_score": IMAGE_SCORE,
+               "window_sizes": list(WINDOW_SIZES), "patch_grid": list(winclip.grid),
+               "prompts_per_class": {k: len(v) for k, v in example.items()}})
+    path = write_results(out_dir, {CONFIG: entry}, [run],
+                         maps={"relpath": column["relpath"], "mask_relpath": np.array(mask_relpaths), "maps": maps,
+                               "description": f"WinCLIP {winclip.grid[0]}x{winclip.grid[1]} multi-scale patch map"})
+    return path, {CONFIG: entry}

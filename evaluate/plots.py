@@ -1,0 +1,176 @@
+"""The report's PNG plots (matplotlib, Agg backend: no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+RANDOM_TITLE = "RANDOM WEIGHTS — NOT MEANINGFUL"
+MAP_CMAP = "inferno"
+
+
+def _title(fig, title: str, rows) -> None:
+    warning = f"\n{RANDOM_TITLE}" if any(row.random_weights for row in rows) else ""
+    fig.suptitle(title + warning, color="firebrick" if warning else "black", fontsize=11)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def auroc_bars(rows, path: Path, title: str) -> Path:
+    """Per-category image AUROC, one bar per configuration, whiskers = bootstrap 95 % CI."""
+    categories = sorted({c for row in rows for c in row.entry["details"]})
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(categories) * max(1, len(rows)) + 2), 4))
+    x = np.arange(len(categories) + 1)
+    for i, row in enumerate(rows):
+        values = [row.entry["details"].get(c, np.nan) for c in categories] + [row.entry["mean_auroc"]]
+        ci = [row.entry.get("categories", {}).get(c, {}).get("auroc_ci95") for c in categories] + [None]
+        low = [v - c[0] if c else 0 for v, c in zip(values, ci)]
+        high = [c[1] - v if c else 0 for v, c in zip(values, ci)]
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, values, width, yerr=[low, high], capsize=2,
+               label=row.label, error_kw={"elinewidth": 0.8})
+    ax.set_xticks(x, categories + ["mean"], rotation=45, ha="right")
+    ax.set_ylabel("image AUROC (%)")
+    ax.set_ylim(0, 105)
+    ax.axhline(50, color="grey", lw=0.6, ls=":")
+    ax.legend(fontsize=8, loc="lower right")
+    _title(fig, f"{title}: image AUROC per category (whiskers: bootstrap 95 % CI)", rows)
+    return _save(fig, path)
+
+
+def _by_category(records: list[dict]) -> dict:
+    out = {}
+    for record in records:
+        out.setdefault(record["category"], []).append((int(record["label"]), float(record["final"])))
+    return {c: (np.array([l for l, _ in v]), np.array([s for _, s in v])) for c, v in sorted(out.items())}
+
+
+def roc_curves(rows, scores: dict, path: Path, title: str) -> Path:
+    """ROC curve per category (one panel each), one line per configuration (its first seed)."""
+    per_row = {row.label: _by_category(scores[row.label]) for row in rows if scores.get(row.label)}
+    categories = sorted({c for data in per_row.values() for c in data})
+    cols = min(4, len(categories))
+    rows_n = -(-len(categories) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 3.0 * rows_n), squeeze=False)
+    for ax, category in zip(axes.flat, categories):
+        for label, data in per_row.items():
+            if category in data and len(set(data[category][0])) == 2:
+                fpr, tpr, _ = roc_curve(*data[category])
+                ax.plot(fpr, tpr, lw=1.2, label=label)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.6, ls=":")
+        ax.set_title(category, fontsize=9)
+        ax.set_xlabel("false positive rate", fontsize=8)
+        ax.set_ylabel("true positive rate", fontsize=8)
+    for ax in list(axes.flat)[len(categories):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower right")
+    _title(fig, f"{title}: ROC curves (first seed)", rows)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def score_histograms(rows, scores: dict, path: Path, title: str) -> Path:
+    """Final-score histograms of normal vs anomalous images, one panel per configuration."""
+    shown = [row for row in rows if scores.get(row.label)]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.0), squeeze=False)
+    for ax, row in zip(axes.flat, shown):
+        labels = np.array([int(r["label"]) for r in scores[row.label]])
+        values = np.array([float(r["final"]) for r in scores[row.label]])
+        bins = np.linspace(values.min(), values.max() + 1e-9, 21)
+        ax.hist(values[labels == 0], bins=bins, alpha=0.6, label=f"normal ({(labels == 0).sum()})", color="tab:blue")
+        ax.hist(values[labels == 1], bins=bins, alpha=0.6, label=f"anomalous ({(labels == 1).sum()})", color="tab:red")
+        ax.set_title(row.label, fontsize=9)
+        ax.set_xlabel("final score (all categories pooled)", fontsize=8)
+        ax.legend(fontsize=7)
+    axes.flat[0].set_ylabel("images")
+    _title(fig, f"{title}: score distributions (first seed)", rows)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def overlay(ax, image, anomaly_map: np.ndarray, vmin: float, vmax: float, mask=None) -> None:
+    """Draw ``image`` with ``anomaly_map`` stretched over it; cells stay visible (nearest), so a
+    coarse 4x4 map is not made to look finer than it is. ``mask`` (bool array) is outlined."""
+    width, height = image.size
+    ax.imshow(image)
+    ax.imshow(anomaly_map, extent=(0, width, height, 0), cmap=MAP_CMAP, alpha=0.45, vmin=vmin, vmax=vmax,
+              interpolation="nearest")
+    if mask is not None and mask.any():
+        ax.contour(mask, levels=[0.5], colors="cyan", linewidths=0.8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _load_maps(row) -> dict | None:
+    name = row.entry.get("anomaly_maps")
+    if not name or not (row.path.parent / name).is_file():
+        return None
+    data = np.load(row.path.parent / name)
+    return {"maps": dict(zip(data["relpath"].tolist(), data["maps"])),
+            "masks": dict(zip(data["relpath"].tolist(), data["mask_relpath"].tolist())) if "mask_relpath" in data else {},
+            "range": (float(data["maps"].min()), float(data["maps"].max())),
+            "description": str(data["description"])}
+
+
+def _pick_examples(records: list[dict], maps: dict, count: int) -> list[dict]:
+    """Anomalous images from as many categories as possible, then one normal image."""
+    with_map = [r for r in sorted(records, key=lambda r: (r["category"], r["relpath"])) if r["relpath"] in maps]
+    anomalous, picked, seen = [r for r in with_map if r["label"] == "1"], [], set()
+    for record in anomalous:
+        if record["category"] not in seen and len(picked) < count - 1:
+            picked.append(record)
+            seen.add(record["category"])
+    picked += [r for r in anomalous if r not in picked][: count - 1 - len(picked)]
+    picked += [r for r in with_map if r["label"] == "0"][:1]
+    return picked
+
+
+def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int) -> tuple[Path | None, str | None]:
+    """A few test images with each configuration's anomaly map over them; (png, note)."""
+    from evaluate.localisation import mask_pixels
+    from extract.pyramid import BadImageError, load_rgb
+
+    mapped = [(row, maps) for row in rows if (maps := _load_maps(row))]
+    if not mapped:
+        return None, "no results file of this table saved anomaly maps."
+    root = rows[0].protocol.get("dataset", {}).get("root")
+    first_row, first_maps = mapped[0]
+    examples = _pick_examples(scores.get(first_row.label) or [], first_maps["maps"], count)
+    if not examples:
+        return None, "no scored image has an anomaly map."
+    if not root or not (Path(root) / examples[0]["relpath"]).is_file():
+        return None, f"skipped: the test images are not reachable under the dataset root {root!r} on this machine."
+    fig, axes = plt.subplots(len(examples), len(mapped), figsize=(3.0 * len(mapped), 3.0 * len(examples)),
+                             squeeze=False)
+    for r, record in enumerate(examples):
+        try:
+            image = load_rgb(Path(root) / record["relpath"])
+        except BadImageError as err:
+            return None, f"skipped: {err}"
+        for c, (row, maps) in enumerate(mapped):
+            ax = axes[r, c]
+            mask_relpath = maps["masks"].get(record["relpath"]) or ""
+            mask = (mask_pixels(Path(root), mask_relpath, image.width, image.height)
+                    if mask_relpath and (Path(root) / mask_relpath).is_file() else None)
+            if record["relpath"] in maps["maps"]:
+                overlay(ax, image, maps["maps"][record["relpath"]], *maps["range"], mask)
+            else:
+                ax.imshow(image)
+                ax.set_title("(no map)", fontsize=7)
+            if r == 0:
+                ax.set_title(f"{row.label}\n{maps['description'][:60]}", fontsize=7)
+            if c == 0:
+                ax.set_ylabel(f"{record['category']} · {record['defect_type']}\n{Path(record['relpath']).name}",
+                              fontsize=7)
+    _title(fig, f"{title}: anomaly maps (brighter = more anomalous; cyan: defect mask)", rows)
+    fig.tight_layout()
+    return _save(fig, path), None

@@ -1,0 +1,152 @@
+"""``predict``: score new images with a trained checkpoint, one line per file.
+
+Each image goes through the same 21-crop pyramid and frozen CLIP as ``extract`` (the backbone
+must match the checkpoint's fingerprint), then through the checkpoint's head. The decision uses
+the checkpoint's threshold (F1-max of the final score on its training images). An unreadable
+file gets its own error line; the other files are still scored.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from extract.datasets import is_image
+from extract.pyramid import BadImageError, load_rgb, pyramid_pixels
+
+PREDICTIONS_CSV = "predictions.csv"
+
+
+@dataclass
+class Prediction:
+    path: Path
+    final: float | None = None
+    visual: float | None = None
+    text: float | None = None
+    anomalous: bool | None = None
+    heatmap: Path | None = None
+    error: str | None = None
+
+
+def collect_files(inputs) -> list[Path]:
+    """Files given directly (each must be an image), and the image files of given folders (sorted, not
+    recursive; other files in a folder are ignored)."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.iterdir() if is_image(p))
+        else:
+            files.append(item)
+    if not files:
+        raise FileNotFoundError(f"no files to score in {', '.join(map(str, inputs))}")
+    return files
+
+
+def check_backbone(checkpoint, backbone) -> None:
+    """The image features must come from the backbone the head was trained on."""
+    from cache import mismatched_fields
+    mine = {"backbone": backbone.name, "weights": backbone.weights, "random_weights": backbone.random_weights,
+            "input_size": backbone.input_size, "embed_dim": backbone.embed_dim,
+            "crop_layout": checkpoint.fingerprint.get("crop_layout")}
+    bad = mismatched_fields(checkpoint.fingerprint, mine)
+    if bad:
+        details = "; ".join(f"{k}: checkpoint {checkpoint.fingerprint.get(k)!r}, given {mine.get(k)!r}" for k in bad)
+        raise ValueError(f"the backbone options do not match the checkpoint ({details}); pass the --model/"
+                         "--pretrained/--weights/--random-weights it was trained with")
+
+
+def threshold_for(checkpoint, category: str) -> float:
+    """The checkpoint's decision threshold (one number, or one per category)."""
+    threshold = checkpoint.threshold
+    if isinstance(threshold, dict):
+        if category not in threshold:
+            raise ValueError(f"the checkpoint has thresholds for {', '.join(sorted(threshold))}, not {category!r}")
+        return float(threshold[category])
+    return float(threshold)
+
+
+def _table_of(features: np.ndarray, category: str, text: dict, backbone, sizes):
+    """An in-memory ``FeatureTable`` of freshly encoded images, as ``score_table`` expects."""
+    from cache import FeatureTable
+    n = len(features)
+    strings = lambda value: np.array([value] * n)  # noqa: E731
+    return FeatureTable(features=features.astype(np.float16), label=np.zeros(n, np.int8), category=strings(category),
+                        defect_type=strings(""), relpath=np.array([f"image{i}" for i in range(n)]),
+                        split=strings("test"), mask_relpath=strings(""), height=np.array([s[0] for s in sizes]),
+                        width=np.array([s[1] for s in sizes]), text={category: text}, meta={}, engines=[],
+                        skipped=[], cache_dir=Path("."))
+
+
+def predict_files(inputs, checkpoint_path, category: str, out_dir, backbone, *, visual_weight=None,
+                  text_weight=None, progress: bool = True) -> list[Prediction]:
+    """Score every file; write predictions.csv and one heatmap PNG per scored image."""
+    from tqdm import tqdm
+
+    from evaluate.localisation import maps_from_crop_scores, tile_text_scores
+    from evaluate.plots import overlay, plt
+    from extract.prompts import prompts_for
+    from train.checkpoint import load_checkpoint
+    from train.infer import score_table
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    check_backbone(checkpoint, backbone)
+    threshold = threshold_for(checkpoint, category)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = {kind: backbone.encode_texts(prompts) for kind, prompts in prompts_for(category).items()}
+    weights = {k: v for k, v in (("visual_weight", visual_weight), ("text_weight", text_weight)) if v is not None}
+    predictions = []
+    for path in tqdm(collect_files(inputs), unit="img", desc="predict", disable=not progress):
+        prediction = Prediction(path)
+        predictions.append(prediction)
+        if not is_image(path):
+            prediction.error = f"{path}: not an image file (expected one of .png .jpg .jpeg .bmp .tif .tiff .webp)"
+            continue
+        try:
+            image = load_rgb(path)
+        except BadImageError as err:
+            prediction.error = str(err)
+            continue
+        crops = pyramid_pixels(image, backbone.input_size, backbone.mean, backbone.std)
+        features = backbone.encode_images(crops).reshape(1, -1, backbone.embed_dim)
+        table = _table_of(features, category, text, backbone, [(image.height, image.width)])
+        scores = score_table(checkpoint, table, **weights)
+        prediction.final, prediction.visual, prediction.text = (float(scores[k][0]) for k in ("final", "visual", "text"))
+        prediction.anomalous = prediction.final >= threshold
+        anomaly_map = maps_from_crop_scores(tile_text_scores(table))[0]
+        prediction.heatmap = out_dir / f"{path.stem}_heatmap.png"
+        fig, ax = plt.subplots(figsize=(4, 4))
+        overlay(ax, image, anomaly_map, 0.0, 1.0)
+        warning = "\nRANDOM WEIGHTS — NOT MEANINGFUL" if backbone.random_weights else ""
+        ax.set_title(f"{path.name}: {prediction.final:.3f} "
+                     f"({'ANOMALOUS' if prediction.anomalous else 'normal'} at {threshold:.3f}){warning}", fontsize=8)
+        fig.savefig(prediction.heatmap, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+    _write_csv(out_dir / PREDICTIONS_CSV, predictions, category, threshold, backbone.random_weights)
+    return predictions
+
+
+def _write_csv(path: Path, predictions: list[Prediction], category: str, threshold: float, random_weights: bool) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "category", "final", "visual", "text", "threshold", "decision", "heatmap", "error",
+                         "random_weights"])
+        for p in predictions:
+            fmt = lambda v: "" if v is None else f"{v:.6f}"  # noqa: E731
+            decision = "" if p.anomalous is None else ("anomalous" if p.anomalous else "normal")
+            writer.writerow([p.path, category, fmt(p.final), fmt(p.visual), fmt(p.text), f"{threshold:.6f}", decision,
+                             p.heatmap or "", p.error or "", int(random_weights)])
+
+
+def prediction_table(predictions: list[Prediction], threshold: float) -> str:
+    """The table ``predict`` prints: file, score, decision (errors on their own lines)."""
+    width = max(len(str(p.path)) for p in predictions)
+    lines = [f"{'file':<{width}}  {'score':>7}  decision (threshold {threshold:.3f})"]
+    for p in predictions:
+        if p.error:
+            lines.append(f"{str(p.path):<{width}}  {'-':>7}  ERROR: {p.error}")
+        else:
+            lines.append(f"{str(p.path):<{width}}  {p.final:7.3f}  {'ANOMALOUS' if p.anomalous else 'normal'}")
+    return "\n".join(lines)

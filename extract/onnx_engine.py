@@ -1,0 +1,311 @@
+"""The ONNX Runtime engine for the CLIP image encoder (``--engine onnx``).
+
+On a CPU, ONNX Runtime runs the ViT image tower markedly faster than PyTorch eager, with the same
+float32 results. Only the image tower runs here; prompts are encoded once per category by torch,
+so ``OnnxClipBackbone`` keeps the torch model for ``encode_texts`` and for verification.
+
+Exports are made once per (model name, weights id, input size) and kept in a user cache::
+
+    <onnx_cache_root()>/<model>-<size>px-<key>/encoder.onnx   pixels [B, 3, S, S] float32 → embedding
+                                                              [B, D] float32, L2-normalised (batch dynamic)
+                                               encoder.json   sidecar: what it was exported from, its
+                                                              byte size and sha256, the measured parity
+                                               .lock          serialises exports between processes
+
+Trust, in three steps: (1) a new export is compared with the torch encoder on random crops before
+it is put in place, and refused if the max abs difference exceeds ``PARITY_TOLERANCE``; (2) on
+load, the sidecar must describe this backbone and the file must have its recorded size and sha256
+(a truncated or modified file is rebuilt); (3) the session is then probed against torch on a couple
+of crops, which catches what a key cannot see — a model config edited under the same name, new
+open_clip code, another torch's random initialisation — and such a stale export is rebuilt too.
+Every rebuild says why on stderr.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache.store import _atomic_write_text
+from extract.encoder import ClipBackbone, file_sha256
+
+EXPORT_FORMAT = 1          # bump when the graph's contract changes: older exports are then rebuilt
+PARITY_TOLERANCE = 1e-4    # max abs difference from the torch encoder, float32
+EXPORT_CHECK_CROPS = 4     # random crops compared before a new export is accepted
+LOAD_CHECK_CROPS = 2       # random crops compared each time an existing export is opened
+INPUT_NAME, OUTPUT_NAME = "pixels", "embedding"
+ONNX_FILE, SIDECAR_FILE, LOCK_FILE = "encoder.onnx", "encoder.json", ".lock"
+# The sidecar fields that must equal the backbone's for an export to be reused.
+KEY_FIELDS = ("format", "model", "weights", "input_size", "embed_dim")
+
+try:  # POSIX: several extract processes (--shard i/n, torchrun) must not export at the same time
+    import fcntl
+except ImportError:  # Windows: no lock; each file is still replaced atomically and checked on load
+    fcntl = None
+
+
+class OnnxEngineError(RuntimeError):
+    """The ONNX engine cannot run: a package is missing, or an export does not match torch."""
+
+
+@dataclass
+class OnnxImageEncoder:
+    """A verified ONNX Runtime session of a backbone's image tower, and the export it runs."""
+
+    session: object            # onnxruntime.InferenceSession
+    path: Path                 # the .onnx file (the deploy export copies it)
+    meta: dict                 # its sidecar: model, weights, input size, normalisation, sha256, parity
+    provider: str              # the execution provider that runs it
+    max_abs_diff: float        # measured against torch when this session was opened
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """[B, 3, S, S] normalised pixels → [B, D] float32 L2-normalised embeddings."""
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
+
+
+@dataclass(kw_only=True)
+class OnnxClipBackbone(ClipBackbone):
+    """A ``ClipBackbone`` whose image tower runs in ONNX Runtime; prompts still go through torch."""
+
+    image_encoder: OnnxImageEncoder
+    engine: str = "onnx"
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        return self.image_encoder.encode(pixels)
+
+
+def onnx_backbone(backbone: ClipBackbone, *, cache_root: Path | None = None,
+                  threads: int | None = None) -> OnnxClipBackbone:
+    """``backbone`` with its image encoder replaced by the verified ONNX one (see ``onnx_image_encoder``)."""
+    encoder = onnx_image_encoder(backbone, cache_root=cache_root, threads=threads)
+    torch_fields = {f.name: getattr(backbone, f.name) for f in fields(ClipBackbone) if f.name != "engine"}
+    return OnnxClipBackbone(**torch_fields, image_encoder=encoder)
+
+
+def onnx_image_encoder(backbone: ClipBackbone, *, cache_root: Path | None = None,
+                       threads: int | None = None) -> OnnxImageEncoder:
+    """The ONNX Runtime session of ``backbone``'s image tower, checked against torch.
+
+    Reuses the cached export when it is intact and still matches torch; otherwise (first use,
+    corrupt, stale) exports it again, verifies it and replaces the cached one, saying why on stderr.
+    ``threads`` defaults to every core this process may use. Raises ``OnnxEngineError``.
+    """
+    ort = _onnxruntime()
+    directory = export_dir(backbone, cache_root)
+    directory.mkdir(parents=True, exist_ok=True)
+    providers = _providers(ort, backbone.device)
+    options = _session_options(ort, threads)
+    with _export_lock(directory):
+        encoder, problem = _open_cached(directory, backbone, ort, options, providers)
+        if encoder is None:
+            if problem:
+                _say(f"rebuilding {directory / ONNX_FILE}: {problem}")
+            encoder = _export_verified(backbone, directory, ort, options, providers)
+    _say(f"{encoder.provider}, {options.intra_op_num_threads} threads, {encoder.path}")
+    return encoder
+
+
+def onnx_cache_root() -> Path:
+    """``$RAML_CACHE_DIR/onnx``, else ``$XDG_CACHE_HOME/raml/onnx``, else ``~/.cache/raml/onnx``."""
+    if os.environ.get("RAML_CACHE_DIR"):
+        return Path(os.environ["RAML_CACHE_DIR"]).expanduser() / "onnx"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "raml" / "onnx"
+
+
+def export_dir(backbone: ClipBackbone, cache_root: Path | None = None) -> Path:
+    """Where ``backbone``'s export lives: readable model name and size, plus a hash of the whole key."""
+    key = json.dumps(_key(backbone), sort_keys=True)
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", backbone.name)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(cache_root or onnx_cache_root()) / f"{readable}-{backbone.input_size}px-{digest}"
+
+
+def export_problem(directory: Path, backbone: ClipBackbone) -> str | None:
+    """Why the export in ``directory`` cannot be reused for ``backbone``, or ``None`` when its
+    sidecar describes this backbone and the file has the size and sha256 the sidecar records."""
+    path, sidecar = directory / ONNX_FILE, directory / SIDECAR_FILE
+    if not path.exists():
+        return f"{path} is missing"
+    try:
+        meta = _read_sidecar(directory)
+    except (OSError, ValueError) as err:
+        return f"{sidecar} is unreadable ({err})"
+    expected = _key(backbone)
+    wrong = [name for name in KEY_FIELDS if meta.get(name) != expected[name]]
+    if wrong:
+        return f"{sidecar} describes another encoder (" + ", ".join(
+            f"{name}: {meta.get(name)!r}, expected {expected[name]!r}" for name in wrong) + ")"
+    size = path.stat().st_size
+    if size != meta.get("bytes"):
+        return f"{path} has {size} bytes, {sidecar} says {meta.get('bytes')} (truncated or modified)"
+    if file_sha256(path) != meta.get("sha256"):
+        return f"{path} does not have the sha256 that {sidecar} records (modified or corrupt)"
+    return None
+
+
+def max_abs_difference(session, backbone: ClipBackbone, n_crops: int, seed: int = 0) -> float:
+    """Max abs difference between ``session`` and the torch encoder (float32) on random crops."""
+    size = backbone.input_size
+    crops = np.random.default_rng(seed).standard_normal((n_crops, 3, size, size)).astype(np.float32)
+    onnx_out = session.run([OUTPUT_NAME], {INPUT_NAME: crops})[0]
+    return float(np.abs(onnx_out - _torch_fp32_embeddings(backbone, crops)).max())
+
+
+class _NormalisedImageEncoder(torch.nn.Module):
+    """The graph that is exported: the torch engine's ``encode_images`` in float32."""
+
+    def __init__(self, clip: torch.nn.Module):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.clip.encode_image(pixels), dim=-1)
+
+
+@torch.inference_mode()
+def _torch_fp32_embeddings(backbone: ClipBackbone, crops: np.ndarray) -> np.ndarray:
+    """The reference: torch in float32 (no autocast, even on CUDA), L2-normalised."""
+    batch = torch.from_numpy(crops).to(backbone.device)
+    return _NormalisedImageEncoder(backbone.model)(batch).float().cpu().numpy()
+
+
+def _open_cached(directory: Path, backbone: ClipBackbone, ort, options, providers):
+    """``(encoder, None)`` when the cached export is intact and matches torch; ``(None, why not)``
+    otherwise, and ``(None, None)`` when nothing was cached yet."""
+    if not (directory / ONNX_FILE).exists() and not (directory / SIDECAR_FILE).exists():
+        return None, None
+    problem = export_problem(directory, backbone)
+    if problem:
+        return None, problem
+    path = directory / ONNX_FILE
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    diff = max_abs_difference(session, backbone, LOAD_CHECK_CROPS)
+    if not diff <= PARITY_TOLERANCE:
+        return None, (f"its output differs from the torch encoder by {diff:.2e} (> {PARITY_TOLERANCE:g}): "
+                      "stale (the model's config, code or weights changed under the same name)")
+    return OnnxImageEncoder(session, path, _read_sidecar(directory), session.get_providers()[0], diff), None
+
+
+def _export_verified(backbone: ClipBackbone, directory: Path, ort, options, providers) -> OnnxImageEncoder:
+    """Export to a temporary file, verify it against torch, then move it and its sidecar into place."""
+    path, tmp = directory / ONNX_FILE, directory / f".{ONNX_FILE}.{os.getpid()}.tmp"
+    start = time.perf_counter()
+    try:
+        _export_graph(backbone, tmp)
+        seconds = time.perf_counter() - start
+        session = ort.InferenceSession(str(tmp), options, providers=providers)
+        diff = max_abs_difference(session, backbone, EXPORT_CHECK_CROPS)
+        if not diff <= PARITY_TOLERANCE:  # written so that NaN fails too
+            raise OnnxEngineError(
+                f"ONNX export of {backbone.name} ({backbone.weights}) does not match the torch encoder: "
+                f"max abs difference {diff:.2e} on {EXPORT_CHECK_CROPS} random crops, tolerance "
+                f"{PARITY_TOLERANCE:g}. Nothing was cached in {directory}; use --engine torch.")
+        meta = {**_key(backbone), "random_weights": backbone.random_weights, "mean": list(backbone.mean),
+                "std": list(backbone.std), "input": INPUT_NAME, "output": OUTPUT_NAME,
+                "output_is": "L2-normalised float32 image embedding", "bytes": tmp.stat().st_size,
+                "sha256": file_sha256(tmp), "max_abs_diff": diff, "checked_crops": EXPORT_CHECK_CROPS,
+                "tolerance": PARITY_TOLERANCE, "export_seconds": round(seconds, 2),
+                "exported": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions(ort)}
+        # The sidecar goes last: until it is written, a reader finds a file/sidecar mismatch and rebuilds.
+        os.replace(tmp, path)
+        _atomic_write_text(directory / SIDECAR_FILE, json.dumps(meta, indent=2))
+    finally:
+        tmp.unlink(missing_ok=True)
+    _say(f"exported {backbone.name} image encoder in {seconds:.1f} s; max |onnx - torch| = {diff:.1e} "
+         f"on {EXPORT_CHECK_CROPS} random crops (tolerance {PARITY_TOLERANCE:g})")
+    return OnnxImageEncoder(session, path, meta, session.get_providers()[0], diff)
+
+
+def _export_graph(backbone: ClipBackbone, path: Path) -> None:
+    """torch.onnx (dynamo exporter, needs onnx and onnxscript) → one self-contained file, batch dynamic."""
+    size = backbone.input_size
+    example = torch.randn(2, 3, size, size, device=backbone.device)  # 2, not 1: size-1 dims get specialised
+    try:
+        torch.onnx.export(_NormalisedImageEncoder(backbone.model).eval(), (example,), str(path),
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}},
+                          external_data=False,  # one file: hashed, copied and replaced as a unit
+                          dynamo=True, verbose=False)  # verbose=False: no progress lines on stdout
+    except ImportError as err:
+        raise OnnxEngineError(f"exporting to ONNX needs the onnx and onnxscript packages ({err}): "
+                              "pip install onnx onnxscript") from err
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise OnnxEngineError(f"--engine onnx needs onnxruntime ({err}): pip install onnxruntime "
+                              "(or onnxruntime-gpu on a CUDA machine)") from err
+    return onnxruntime
+
+
+def _providers(ort, device: torch.device) -> list:
+    """CUDA when the backbone runs on CUDA and this onnxruntime has it; the CPU otherwise."""
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            # TF32 is on by default in onnxruntime's CUDA provider; it would break float32 parity.
+            return [("CUDAExecutionProvider", {"device_id": index, "use_tf32": 0}), "CPUExecutionProvider"]
+        _say(f"--device {device}, but this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu "
+             "instead of onnxruntime): the encoder runs on the CPU")
+    return ["CPUExecutionProvider"]
+
+
+def _session_options(ort, threads: int | None):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or _usable_cores()
+    options.log_severity_level = 3  # errors only: the exported graph triggers harmless optimiser warnings
+    return options
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _export_lock(directory: Path):
+    if fcntl is None:
+        yield
+        return
+    with open(directory / LOCK_FILE, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _key(backbone: ClipBackbone) -> dict:
+    return {"format": EXPORT_FORMAT, "model": backbone.name, "weights": backbone.weights,
+            "input_size": backbone.input_size, "embed_dim": backbone.embed_dim}
+
+
+def _read_sidecar(directory: Path) -> dict:
+    meta = json.loads((directory / SIDECAR_FILE).read_text())
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    return meta
+
+
+def _versions(ort) -> dict:
+    import onnx
+    import open_clip
+    return {"torch": torch.__version__, "open_clip": open_clip.__version__, "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__}
+
+
+def _say(message: str) -> None:
+    print(f"onnx engine: {message}", file=sys.stderr, flush=True)
