@@ -185,3 +185,32 @@ def test_cli_extract_and_info(tmp_path):
     missing = runner.invoke(cli, args[:4] + [str(tmp_path / "absent")] + args[5:])
     assert missing.exit_code == 1 and "dataset root does not exist" in missing.output
     assert "Traceback" not in missing.output
+
+
+def test_kill_9_then_rerun_gives_the_same_cache(tmp_path):
+    """A real ``kill -9`` of the command line mid-run; the re-run completes the identical cache."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = make_mvtec(tmp_path / "data", categories=("bottle", "cable", "grid"), n_train=30, n_test_good=10,
+                      n_defect=10)
+    command = [sys.executable, "pipeline.py", "extract", "--dataset", "mvtec", "--root", str(root),
+               "--model", TINY_MODEL, "--random-weights", "--workers", "0", "--batch-size", "1",
+               "--shard-size", "2", "--cache-dir"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    victim = subprocess.Popen(command + [str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(list((tmp_path / "killed").glob("*.h5"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    if (tmp_path / "killed" / "extract-report-000of001.json").exists():
+        pytest.skip("the run finished before it could be killed")
+    assert len(read_cache(tmp_path / "killed")) < 150
+    subprocess.run(command + [str(tmp_path / "killed")], env=env, check=True, capture_output=True)
+    subprocess.run(command + [str(tmp_path / "straight")], env=env, check=True, capture_output=True)
+    assert_same_table(read_cache(tmp_path / "killed"), read_cache(tmp_path / "straight"))
