@@ -16,8 +16,10 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
+# Offline by default (CLIP weights from the local cache only; without them the demo says so and runs
+# with random weights, every output marked not meaningful). `make demo ONLINE=1` may download them.
 demo: $(VENV)/.installed
-	$(PY) pipeline.py extract --dataset textile --cache-dir demo_out/cache --random-weights --limit 40
+	$(PY) pipeline.py demo $(if $(ONLINE),--online,)
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -97,7 +97,7 @@ def claim_cache(cache_dir: Path, meta: dict) -> None:
                 f"{cache_dir} holds features from another backbone ({details}). Features from "
                 "different backbones cannot be mixed: choose another --cache-dir.")
         return
-    _atomic_write_text(cache_dir / CACHE_JSON, json.dumps(meta, indent=2))
+    atomic_write_text(cache_dir / CACHE_JSON, json.dumps(meta, indent=2))
 
 
 def remove_partial_shards(cache_dir: Path, prefix: str = "features-") -> list[Path]:
@@ -262,7 +262,8 @@ def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
                         cache_dir=cache_dir)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a part."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     with open(tmp, "rb") as handle:

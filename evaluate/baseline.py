@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from evaluate.localisation import COARSE_NOTE, coarse_pixel_auroc, pool_to_grid
+from evaluate.localisation import coarse_pixel_auroc, pool_to_grid
 from evaluate.metrics import DEFAULT_BOOTSTRAP
 from evaluate.protocols import dataset_images
 from evaluate.results import ScoredRun, config_entry, pixel_summary, write_results
@@ -18,7 +18,7 @@ from extract.datasets import read_dataset
 from extract.pyramid import load_rgb
 
 CONFIG = "WinCLIP zero-shot"
-PIXEL_NOTE = COARSE_NOTE + "; WinCLIP's patch-level map is average-pooled to the same 4x4 cells"
+MAP_SOURCE = "WinCLIP's multi-scale patch map, average-pooled to the same 4x4 cells"
 
 
 def whole_image_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
@@ -87,7 +87,7 @@ def run_winclip(dataset: str, root, out_dir, backbone_loader, *, protocol: str =
                     column["defect_type"], np.array([r.label for r in records]), scores)
     mask_relpaths = [r.mask_relpath for r in records]
     pixel = pixel_summary(*coarse_pixel_auroc(pool_to_grid(maps), column["category"], run.label, mask_relpaths,
-                                              sizes[:, 0], sizes[:, 1], root), PIXEL_NOTE)
+                                              sizes[:, 0], sizes[:, 1], root), MAP_SOURCE)
     example = compositional_prompts(records[0].category)
     entry = config_entry(
         [run], image_list.describe(),
@@ -99,5 +99,5 @@ def run_winclip(dataset: str, root, out_dir, backbone_loader, *, protocol: str =
                "prompts_per_class": {k: len(v) for k, v in example.items()}})
     path = write_results(out_dir, {CONFIG: entry}, [run],
                          maps={"relpath": column["relpath"], "mask_relpath": np.array(mask_relpaths), "maps": maps,
-                               "description": f"WinCLIP {winclip.grid[0]}x{winclip.grid[1]} multi-scale patch map"})
+                               "description": f"multi-scale patch map, {winclip.grid[0]}x{winclip.grid[1]}"})
     return path, {CONFIG: entry}

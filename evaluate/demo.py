@@ -61,7 +61,9 @@ def run_demo(run_command, out_dir, *, model: str, pretrained: str, limit: int = 
     tag = "random" if random_weights else "pretrained"
     cache, runs, results, report = (out_dir / f"cache-{tag}", out_dir / f"runs-{tag}", out_dir / f"results-{tag}",
                                     out_dir / f"report-{tag}")
-    steps = [["extract", "--dataset", "textile", "--cache-dir", str(cache), *weights, "--limit", str(limit)]]
+    # --workers 0: decoding a 250-px image is cheap; worker processes would only compete with CLIP for the cores
+    steps = [["extract", "--dataset", "textile", "--cache-dir", str(cache), *weights, "--limit", str(limit),
+              "--workers", "0"]]
     steps += [["train", "--cache-dir", str(cache), "--margin", margin, "--epochs", str(epochs),
                "--out", str(runs / margin)] for margin in MARGINS]
     steps += [["evaluate", *(a for margin in MARGINS for a in ("--checkpoint", str(runs / margin))),

@@ -60,7 +60,7 @@ def roc_curves(rows, scores: dict, path: Path, title: str) -> Path:
     categories = sorted({c for data in per_row.values() for c in data})
     cols = min(4, len(categories))
     rows_n = -(-len(categories) // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 3.0 * rows_n), squeeze=False)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(max(4.5, 3.2 * cols), max(3.6, 3.0 * rows_n)), squeeze=False)
     for ax, category in zip(axes.flat, categories):
         for label, data in per_row.items():
             if category in data and len(set(data[category][0])) == 2:

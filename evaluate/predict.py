@@ -44,12 +44,30 @@ def collect_files(inputs) -> list[Path]:
     return files
 
 
-def check_backbone(checkpoint, backbone) -> None:
-    """The image features must come from the backbone the head was trained on."""
-    from cache import mismatched_fields
-    mine = {"backbone": backbone.name, "weights": backbone.weights, "random_weights": backbone.random_weights,
+def check_backbone_options(fingerprint: dict, model: str, random_weights: bool) -> None:
+    """Before loading CLIP: the model name and weight source must be the checkpoint's."""
+    from extract.encoder import model_name
+    wanted = {"backbone": model_name(model), "random_weights": bool(random_weights)}
+    bad = {k: v for k, v in wanted.items() if fingerprint.get(k) != v}
+    if bad:
+        trained = f"--model {fingerprint.get('backbone')}" + (" --random-weights" if fingerprint.get("random_weights")
+                                                              else f" (weights {fingerprint.get('weights')})")
+        raise ValueError(f"the checkpoint was trained on features of {trained}; the options given differ in "
+                         f"{', '.join(bad)}. Pass the backbone options it was trained with.")
+
+
+def backbone_fingerprint(backbone) -> dict:
+    """The fingerprint fields (``cache.store.FINGERPRINT_KEYS``) of features encoded now by ``backbone``."""
+    from cache import CROP_LAYOUT
+    return {"backbone": backbone.name, "weights": backbone.weights, "random_weights": backbone.random_weights,
             "input_size": backbone.input_size, "embed_dim": backbone.embed_dim,
-            "crop_layout": checkpoint.fingerprint.get("crop_layout")}
+            "crop_layout": [list(grid) for grid in CROP_LAYOUT]}
+
+
+def check_backbone(checkpoint, backbone) -> None:
+    """The image features must come from the backbone the head was trained on (same weights too)."""
+    from cache import mismatched_fields
+    mine = backbone_fingerprint(backbone)
     bad = mismatched_fields(checkpoint.fingerprint, mine)
     if bad:
         details = "; ".join(f"{k}: checkpoint {checkpoint.fingerprint.get(k)!r}, given {mine.get(k)!r}" for k in bad)
@@ -75,7 +93,7 @@ def _table_of(features: np.ndarray, category: str, text: dict, backbone, sizes):
     return FeatureTable(features=features.astype(np.float16), label=np.zeros(n, np.int8), category=strings(category),
                         defect_type=strings(""), relpath=np.array([f"image{i}" for i in range(n)]),
                         split=strings("test"), mask_relpath=strings(""), height=np.array([s[0] for s in sizes]),
-                        width=np.array([s[1] for s in sizes]), text={category: text}, meta={}, engines=[],
+                        width=np.array([s[1] for s in sizes]), text={category: text}, meta=backbone_fingerprint(backbone), engines=[],
                         skipped=[], cache_dir=Path("."))
 
 
@@ -86,6 +104,7 @@ def predict_files(inputs, checkpoint_path, category: str, out_dir, backbone, *, 
 
     from evaluate.localisation import maps_from_crop_scores, tile_text_scores
     from evaluate.plots import overlay, plt
+    from evaluate.run import score_weights
     from extract.prompts import prompts_for
     from train.checkpoint import load_checkpoint
     from train.infer import score_table
@@ -96,7 +115,7 @@ def predict_files(inputs, checkpoint_path, category: str, out_dir, backbone, *, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = {kind: backbone.encode_texts(prompts) for kind, prompts in prompts_for(category).items()}
-    weights = {k: v for k, v in (("visual_weight", visual_weight), ("text_weight", text_weight)) if v is not None}
+    weights = score_weights(checkpoint, visual_weight, text_weight)
     predictions = []
     for path in tqdm(collect_files(inputs), unit="img", desc="predict", disable=not progress):
         prediction = Prediction(path)
@@ -116,16 +135,29 @@ def predict_files(inputs, checkpoint_path, category: str, out_dir, backbone, *, 
         prediction.final, prediction.visual, prediction.text = (float(scores[k][0]) for k in ("final", "visual", "text"))
         prediction.anomalous = prediction.final >= threshold
         anomaly_map = maps_from_crop_scores(tile_text_scores(table))[0]
-        prediction.heatmap = out_dir / f"{path.stem}_heatmap.png"
-        fig, ax = plt.subplots(figsize=(4, 4))
-        overlay(ax, image, anomaly_map, 0.0, 1.0)
+        prediction.heatmap = _unused(out_dir / f"{path.stem}_heatmap.png", {p.heatmap for p in predictions})
+        fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3.6))
+        left.imshow(image)
+        left.set_axis_off()
+        overlay(right, image, anomaly_map, float(anomaly_map.min()), float(anomaly_map.max()))
+        fig.colorbar(right.images[-1], ax=right, fraction=0.046, label="tile text score (range of this image)")
         warning = "\nRANDOM WEIGHTS — NOT MEANINGFUL" if backbone.random_weights else ""
-        ax.set_title(f"{path.name}: {prediction.final:.3f} "
-                     f"({'ANOMALOUS' if prediction.anomalous else 'normal'} at {threshold:.3f}){warning}", fontsize=8)
+        fig.suptitle(f"{path.name}: score {prediction.final:.3f} → "
+                     f"{'ANOMALOUS' if prediction.anomalous else 'normal'} (threshold {threshold:.3f}){warning}",
+                     fontsize=9, color="firebrick" if warning else "black")
         fig.savefig(prediction.heatmap, dpi=100, bbox_inches="tight")
         plt.close(fig)
     _write_csv(out_dir / PREDICTIONS_CSV, predictions, category, threshold, backbone.random_weights)
     return predictions
+
+
+def _unused(path: Path, taken: set) -> Path:
+    """``path``, or ``name_2.png``, ``name_3.png``... when two inputs share a file name."""
+    candidate, number = path, 1
+    while candidate in taken:
+        number += 1
+        candidate = path.with_name(f"{path.stem}_{number}{path.suffix}")
+    return candidate
 
 
 def _write_csv(path: Path, predictions: list[Prediction], category: str, threshold: float, random_weights: bool) -> None:

@@ -42,18 +42,17 @@ class Row:
 
 
 def load_rows(paths) -> list[Row]:
-    """Every configuration of every results file, labelled uniquely (``config`` or ``config (dir)``)."""
-    rows = []
-    for path in find_results(paths):
-        for config, entry in read_results(path).items():
-            rows.append(Row(config, config, entry, path))
+    """Every configuration of every results file."""
+    return [Row(config, config, entry, path) for path in find_results(paths) for config, entry in read_results(path).items()]
+
+
+def _label_uniquely(rows: list[Row]) -> None:
+    """Within one table, a configuration name used by two results files gets its directory added."""
     counts = defaultdict(int)
     for row in rows:
         counts[row.config] += 1
     for row in rows:
-        if counts[row.config] > 1:
-            row.label = f"{row.config} ({row.path.parent.name})"
-    return rows
+        row.label = f"{row.config} ({row.path.parent.name})" if counts[row.config] > 1 else row.config
 
 
 def group_by_image_list(rows: list[Row]) -> dict[str, list[Row]]:
@@ -74,6 +73,7 @@ def group_by_image_list(rows: list[Row]) -> dict[str, list[Row]]:
                 f"refusing to put rows scored on different image lists in one table ({title}):\n{listing}\n"
                 "Score every configuration on the same images (for a baseline: --split-from the training run) "
                 "or report them separately.")
+        _label_uniquely(members)
     return dict(groups)
 
 
@@ -116,9 +116,10 @@ def comparison_markdown(title: str, rows: list[Row], plots: list[str]) -> str:
                     for c, reason in row.entry.get("not_available", {}).items()})
     if notes:
         lines += ["", "n/a — " + "; ".join(notes)]
-    pixel_notes = sorted({row.entry["pixel_auroc_coarse"]["note"] for row in rows if row.entry.get("pixel_auroc_coarse")})
-    if pixel_notes:
-        lines += ["", "Pixel AUROC: " + " / ".join(pixel_notes) + "."]
+    pixel = [(row.label, row.entry["pixel_auroc_coarse"]) for row in rows if row.entry.get("pixel_auroc_coarse")]
+    if pixel:
+        lines += ["", "Pixel AUROC is " + pixel[0][1]["note"] + "."]
+        lines += [f"- {label}: {block['map']}" for label, block in pixel if block.get("map")]
     if any(row.random_weights for row in rows):
         lines += ["", f"† {NOT_MEANINGFUL}."]
     lines += [""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]

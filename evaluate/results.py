@@ -105,10 +105,13 @@ def config_entry(runs: list[ScoredRun], image_list: dict, backbone: dict, *, n_r
     return entry
 
 
-def pixel_summary(values: dict, missing: dict, note: str) -> dict:
-    """The ``pixel_auroc_coarse`` block of an entry (values in %)."""
+def pixel_summary(values: dict, missing: dict, anomaly_map: str) -> dict:
+    """The ``pixel_auroc_coarse`` block of an entry (values in %); ``anomaly_map`` says where the
+    map comes from."""
+    from evaluate.localisation import COARSE_NOTE
     return {"mean": round(float(np.mean(list(values.values()))) * 100, 2) if values else None,
-            "details": {c: _percent(v) for c, v in values.items()}, "not_available": missing, "note": note}
+            "details": {c: _percent(v) for c, v in values.items()}, "not_available": missing,
+            "note": COARSE_NOTE, "map": anomaly_map}
 
 
 def _check_same_images(runs: list[ScoredRun]) -> None:

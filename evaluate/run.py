@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate.localisation import COARSE_NOTE, coarse_pixel_auroc, maps_from_crop_scores, tile_text_scores
+from evaluate.localisation import coarse_pixel_auroc, maps_from_crop_scores, tile_text_scores
 from evaluate.metrics import DEFAULT_BOOTSTRAP
 from evaluate.protocols import select_images
 from evaluate.results import ScoredRun, config_entry, pixel_summary, write_results
 
 CHECKPOINT_FILE = "checkpoint.pt"
 _SEED_SUFFIX = re.compile(r"[-_]seed\d+$")
-PIXEL_NOTE = COARSE_NOTE + ("; the map is the zero-shot text score of the cached tiles, the same for every "
-                            "configuration scored on this cache")
+MAP_SOURCE = ("zero-shot text score of the cached 2x2 and 4x4 tiles (the same map for every configuration "
+              "scored on this cache: the head scores whole images)")
 
 
 def find_checkpoints(paths) -> list[Path]:
@@ -45,14 +45,26 @@ def config_name(checkpoint_path: Path) -> str:
     return _SEED_SUFFIX.sub("", run_dir.name)
 
 
+def config_value(config, key: str, default=None):
+    """A field of a checkpoint's training config (a dataclass or a plain dict)."""
+    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
+
+def score_weights(checkpoint, visual_weight: float | None, text_weight: float | None) -> dict:
+    """The s_final weights: the options where given, else the checkpoint's (SPEC §7: 0.85 / 0.15)."""
+    return {"visual_weight": config_value(checkpoint.config, "visual_weight", 0.85) if visual_weight is None
+            else visual_weight,
+            "text_weight": config_value(checkpoint.config, "text_weight", 0.15) if text_weight is None else text_weight}
+
+
 def backbone_fields(meta: dict) -> dict:
     """What a results entry records about the features it was computed from."""
     return {"backbone": meta.get("backbone"), "weights": meta.get("weights"),
             "random_weights": bool(meta.get("random_weights")), "input_size": meta.get("input_size")}
 
 
-def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | None = None, visual_weight: float = 0.85,
-                         text_weight: float = 0.15, n_resamples: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0,
+def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | None = None,
+                         visual_weight: float | None = None, text_weight: float | None = None, n_resamples: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0,
                          name: str | None = None, log=print) -> tuple[Path, dict]:
     """Score every checkpoint on ``cache_dir`` and write ``out_dir``/{results.json, scores.csv,
     anomaly_maps.npz}. Returns the results path and the entries."""
@@ -71,7 +83,7 @@ def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | Non
                              f"{', '.join(groups)}")
         groups = {name: paths}
 
-    runs, image_lists, margins, scored_rows = defaultdict(list), {}, {}, set()
+    runs, image_lists, settings, scored_rows = defaultdict(list), {}, {}, set()
     for config, config_paths in groups.items():
         for path in config_paths:
             checkpoint = load_checkpoint(path)
@@ -79,12 +91,13 @@ def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | Non
             rows, image_list = select_images(protocol, checkpoint.manifest, str(path), table)
             log(f"evaluate {config} ({path}): {image_list.protocol} protocol, {len(rows)} images")
             subset = table.select(rows)
-            scores = score_table(checkpoint, subset, visual_weight=visual_weight, text_weight=text_weight)
-            runs[config].append(ScoredRun(config, checkpoint.config.get("seed"), str(path), subset.category,
+            weights = score_weights(checkpoint, visual_weight, text_weight)
+            scores = score_table(checkpoint, subset, **weights)
+            runs[config].append(ScoredRun(config, config_value(checkpoint.config, "seed"), str(path), subset.category,
                                           subset.relpath, subset.defect_type, subset.label,
                                           {k: np.asarray(v, float) for k, v in scores.items()}))
             image_lists[config] = image_list.describe()
-            margins[config] = checkpoint.config.get("margin")
+            settings[config] = {"margin": config_value(checkpoint.config, "margin"), "score_weights": weights}
             scored_rows.update(rows.tolist())
 
     rows = np.array(sorted(scored_rows))
@@ -92,15 +105,14 @@ def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | Non
     maps = maps_from_crop_scores(tile_text_scores(subset))
     dataset_root = table.meta.get("dataset", {}).get("root")
     pixel = pixel_summary(*coarse_pixel_auroc(maps, subset.category, subset.label, subset.mask_relpath,
-                                              subset.height, subset.width, dataset_root), PIXEL_NOTE)
+                                              subset.height, subset.width, dataset_root), MAP_SOURCE)
     entries = {}
     for config, config_runs in runs.items():
         entries[config] = config_entry(
             config_runs, image_lists[config], backbone_fields(table.meta), n_resamples=n_resamples,
             bootstrap_seed=bootstrap_seed, pixel=pixel,
-            extra={"method": "RAML", "margin": margins[config], "cache_dir": str(table.cache_dir),
-                   "score_weights": {"visual": visual_weight, "text": text_weight}})
+            extra={"method": "RAML", **settings[config], "cache_dir": str(table.cache_dir)})
     path = write_results(out_dir, entries, [run for config_runs in runs.values() for run in config_runs],
                          maps={"relpath": subset.relpath, "mask_relpath": subset.mask_relpath, "maps": maps,
-                               "description": "4x4 zero-shot text score of the cached tiles (mean of 4x4 and 2x2)"})
+                               "description": "tile text score, 4x4"})
     return path, entries

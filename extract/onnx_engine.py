@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.store import _atomic_write_text
+from cache.store import atomic_write_text
 from extract.encoder import ClipBackbone, file_sha256
 
 EXPORT_FORMAT = 1          # bump when the graph's contract changes: older exports are then rebuilt
@@ -189,7 +189,10 @@ def _open_cached(directory: Path, backbone: ClipBackbone, ort, options, provider
     if problem:
         return None, problem
     path = directory / ONNX_FILE
-    session = ort.InferenceSession(str(path), options, providers=providers)
+    try:
+        session = _open_session(ort, path, options, providers)
+    except OnnxEngineError as err:
+        return None, str(err)
     diff = max_abs_difference(session, backbone, LOAD_CHECK_CROPS)
     if not diff <= PARITY_TOLERANCE:
         return None, (f"its output differs from the torch encoder by {diff:.2e} (> {PARITY_TOLERANCE:g}): "
@@ -204,7 +207,7 @@ def _export_verified(backbone: ClipBackbone, directory: Path, ort, options, prov
     try:
         _export_graph(backbone, tmp)
         seconds = time.perf_counter() - start
-        session = ort.InferenceSession(str(tmp), options, providers=providers)
+        session = _open_session(ort, tmp, options, providers)
         diff = max_abs_difference(session, backbone, EXPORT_CHECK_CROPS)
         if not diff <= PARITY_TOLERANCE:  # written so that NaN fails too
             raise OnnxEngineError(
@@ -219,7 +222,7 @@ def _export_verified(backbone: ClipBackbone, directory: Path, ort, options, prov
                 "exported": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions(ort)}
         # The sidecar goes last: until it is written, a reader finds a file/sidecar mismatch and rebuilds.
         os.replace(tmp, path)
-        _atomic_write_text(directory / SIDECAR_FILE, json.dumps(meta, indent=2))
+        atomic_write_text(directory / SIDECAR_FILE, json.dumps(meta, indent=2))
     finally:
         tmp.unlink(missing_ok=True)
     _say(f"exported {backbone.name} image encoder in {seconds:.1f} s; max |onnx - torch| = {diff:.1e} "
@@ -240,6 +243,21 @@ def _export_graph(backbone: ClipBackbone, path: Path) -> None:
     except ImportError as err:
         raise OnnxEngineError(f"exporting to ONNX needs the onnx and onnxscript packages ({err}): "
                               "pip install onnx onnxscript") from err
+    except Exception as err:  # the exporter raises many types, all meaning "this model does not export"
+        raise OnnxEngineError(f"torch.onnx could not export the image encoder of {backbone.name}: "
+                              f"{_first_line(err)}. Use --engine torch.") from err
+
+
+def _open_session(ort, path: Path, options, providers):
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+        raise OnnxEngineError(f"onnxruntime {ort.__version__} cannot load {path}: {_first_line(err)}") from err
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _onnxruntime():
@@ -266,6 +284,9 @@ def _providers(ort, device: torch.device) -> list:
 def _session_options(ort, threads: int | None):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or _usable_cores()
+    # Idle ORT threads would otherwise busy-wait, taking the cores the image-decoding workers need
+    # (extract decodes and encodes at the same time); on a shared 2-core CPU this measured faster.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: the exported graph triggers harmless optimiser warnings
     return options
 

@@ -1,6 +1,7 @@
 """The ONNX Runtime image encoder (``--engine onnx``) on the tiny CLIP: parity with torch, the
 export cache's self-repair, and caches that mix both engines."""
 import copy
+import hashlib
 import json
 import shutil
 
@@ -84,9 +85,18 @@ def _garbled_sidecar(directory):
     (directory / SIDECAR_FILE).write_text("{not json")
 
 
+def _garbage_with_a_matching_sidecar(directory):  # e.g. a hand-copied file: only onnxruntime can tell
+    garbage = b"not an onnx graph" * 100
+    (directory / ONNX_FILE).write_bytes(garbage)
+    meta = json.loads((directory / SIDECAR_FILE).read_text())
+    meta.update(bytes=len(garbage), sha256=hashlib.sha256(garbage).hexdigest())
+    (directory / SIDECAR_FILE).write_text(json.dumps(meta))
+
+
 @pytest.mark.parametrize("damage, why", [(_truncate, "truncated"), (_flip_a_byte_near_the_end, "sha256"),
                                          (_sidecar_of_other_weights, "describes another encoder"),
-                                         (_garbled_sidecar, "unreadable")])
+                                         (_garbled_sidecar, "unreadable"),
+                                         (_garbage_with_a_matching_sidecar, "cannot load")])
 def test_corrupt_cached_export_is_detected_and_rebuilt(tiny_backbone, tiny_onnx, onnx_root, tmp_path, capsys,
                                                        damage, why):
     directory = copy_of_export(tiny_backbone, onnx_root, tmp_path)
@@ -95,6 +105,7 @@ def test_corrupt_cached_export_is_detected_and_rebuilt(tiny_backbone, tiny_onnx,
     rebuilt = onnx_backbone(tiny_backbone, cache_root=tmp_path)
     err = capsys.readouterr().err
     assert f"rebuilding {directory / ONNX_FILE}" in err and why in err
+    assert "max |onnx - torch| = " in err  # the rebuilt export reports its parity
     meta = json.loads((rebuilt.image_encoder.path.parent / SIDECAR_FILE).read_text())
     assert meta["bytes"] == rebuilt.image_encoder.path.stat().st_size
     crops = random_crops(tiny_backbone, 3)

@@ -1,0 +1,136 @@
+"""evaluate: protocols, results files, and the same held-out images for the model and the baseline."""
+import csv
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cache import read_cache
+from evaluate.baseline import run_winclip
+from evaluate.protocols import select_images
+from evaluate.report import write_report
+from evaluate.run import config_name, evaluate_checkpoints, find_checkpoints
+from extract.run import extract_features
+from pipeline import cli
+from tests.synthetic import make_visa
+from train.checkpoint import load_checkpoint
+from train.config import make_config
+from train.fit import fit, write_run
+from train.split import image_list_hash
+
+FAST = dict(epochs=2, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, mvtec_cache):
+    """A small sweep directory: adaptive seeds 0 and 1, fixed seed 0 (2 epochs each)."""
+    table = read_cache(mvtec_cache)
+    out = tmp_path_factory.mktemp("runs")
+    for margin, seed in (("adaptive", 0), ("adaptive", 1), ("fixed", 0)):
+        write_run(out / f"{margin}-seed{seed}", fit(table, make_config(margin, seed=seed, **FAST)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def visa_cache(tmp_path_factory, tiny_backbone):
+    root = make_visa(tmp_path_factory.mktemp("visa"))
+    cache_dir = tmp_path_factory.mktemp("cache") / "visa"
+    extract_features("visa", root, cache_dir, lambda: tiny_backbone, workers=0, progress=False)
+    return cache_dir
+
+
+@pytest.fixture(scope="module")
+def holdout_results(tmp_path_factory, runs, mvtec_cache):
+    out = tmp_path_factory.mktemp("results") / "mvtec"
+    return evaluate_checkpoints([runs], mvtec_cache, out, n_resamples=50, log=lambda *_: None)
+
+
+def _scored_relpaths(results_dir, config, seed):
+    with open(results_dir / "scores.csv", newline="") as handle:
+        return sorted(r["relpath"] for r in csv.DictReader(handle) if r["config"] == config and r["seed"] == str(seed))
+
+
+def test_runs_of_a_sweep_group_into_configurations(runs):
+    paths = find_checkpoints([runs])
+    assert [config_name(p) for p in paths] == ["adaptive", "adaptive", "fixed"]
+
+
+def test_holdout_scores_exactly_the_held_out_images(holdout_results, runs):
+    path, entries = holdout_results
+    manifest = load_checkpoint(runs / "adaptive-seed0").manifest
+    assert set(manifest["heldout"]).isdisjoint(manifest["train"])
+    entry = entries["adaptive"]
+    assert entry["protocol"]["name"] == "holdout"
+    assert entry["protocol"]["image_list_hash"] == manifest["heldout_hash"] == image_list_hash(manifest["heldout"])
+    for seed in (0, 1):
+        assert _scored_relpaths(path.parent, "adaptive", seed) == sorted(manifest["heldout"])
+    assert entry["seeds"] == [0, 1] and entry["margin"] == "adaptive"
+
+
+def test_results_keep_the_original_schema_with_the_extra_fields(holdout_results):
+    path, _ = holdout_results
+    data = json.loads(path.read_text())
+    assert set(data) == {"adaptive", "fixed"}
+    entry = data["adaptive"]
+    assert set(entry["details"]) == {"bottle", "metal_nut"}
+    assert entry["mean_auroc"] == pytest.approx(np.mean(list(entry["details"].values())), abs=0.01)
+    stats = entry["categories"]["bottle"]
+    assert stats["auroc_ci95"][0] <= stats["auroc"] <= stats["auroc_ci95"][1]
+    assert len(stats["auroc_per_seed"]) == 2 and len(stats["f1_max_threshold"]) == 2
+    assert entry["random_weights"] is True and "NOT MEANINGFUL" in entry["warning"]
+    assert entry["backbone"] == "raml-tiny-test"
+    assert "coarse" in entry["pixel_auroc_coarse"]["note"]
+    assert set(entry["pixel_auroc_coarse"]["details"]) == {"bottle", "metal_nut"}
+    with open(path.parent / "scores.csv", newline="") as handle:
+        row = next(csv.DictReader(handle))
+    assert {"visual", "text", "final"} <= set(row)
+    assert np.load(path.parent / "anomaly_maps.npz")["maps"].shape[1:] == (4, 4)
+
+
+def test_baseline_is_scored_on_the_same_held_out_images(tmp_path, runs, mvtec_root, tiny_backbone, holdout_results):
+    path, entries = run_winclip("mvtec", mvtec_root, tmp_path / "winclip", lambda: tiny_backbone,
+                                split_from=runs / "adaptive-seed0", workers=0, n_resamples=20, progress=False)
+    winclip = entries["WinCLIP zero-shot"]
+    raml = holdout_results[1]["adaptive"]
+    assert winclip["protocol"]["name"] == "holdout"
+    assert winclip["protocol"]["image_list_hash"] == raml["protocol"]["image_list_hash"]
+    assert _scored_relpaths(path.parent, "WinCLIP zero-shot", "") == _scored_relpaths(holdout_results[0].parent,
+                                                                                      "adaptive", 0)
+    text = write_report([holdout_results[0], path], tmp_path / "report").read_text()
+    assert "| category | adaptive † | fixed † | WinCLIP zero-shot † |" in text
+
+
+def test_transfer_is_the_default_on_another_dataset(tmp_path, runs, visa_cache):
+    path, entries = evaluate_checkpoints([runs / "adaptive-seed0"], visa_cache, tmp_path / "visa", n_resamples=20,
+                                         log=lambda *_: None)
+    entry = entries["adaptive"]
+    table = read_cache(visa_cache, with_features=False)
+    assert entry["protocol"]["name"] == "transfer"
+    assert entry["protocol"]["n_images"] == int((table.split == "test").sum())
+    assert set(entry["details"]) == {"candle", "pcb1"}
+
+
+def test_protocols_refuse_the_wrong_cache(runs, mvtec_cache, visa_cache):
+    checkpoint = load_checkpoint(runs / "adaptive-seed0")
+    with pytest.raises(ValueError, match="not the dataset the model was trained on"):
+        select_images("holdout", checkpoint.manifest, "run", read_cache(visa_cache, with_features=False))
+    with pytest.raises(ValueError, match="includes the training images"):
+        select_images("official", checkpoint.manifest, "run", read_cache(mvtec_cache, with_features=False))
+
+
+def test_evaluate_command_prints_a_summary_marked_not_meaningful(tmp_path, runs, mvtec_cache):
+    result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(runs / "fixed-seed0"), "--cache-dir",
+                                      str(mvtec_cache), "--out", str(tmp_path / "out"), "--bootstrap", "20",
+                                      "--name", "fixed m=0.5"])
+    assert result.exit_code == 0, result.output
+    assert "fixed m=0.5: image AUROC" in result.output and "holdout protocol" in result.output
+    assert "NOT MEANINGFUL" in result.output
+    assert "fixed m=0.5" in json.loads((tmp_path / "out" / "results.json").read_text())
+
+
+def test_evaluate_command_names_a_missing_checkpoint(tmp_path, mvtec_cache):
+    result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(tmp_path / "nothing"), "--cache-dir",
+                                      str(mvtec_cache), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'nothing'}: no checkpoint.pt" in result.output

@@ -1,0 +1,234 @@
+"""Stage two: head, split, training, checkpoints, scoring and the train CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cache import CacheError, read_cache
+from evaluate.metrics import image_auroc
+from pipeline import cli
+from train.checkpoint import check_cache, load_checkpoint
+from train.config import TrainConfig, make_config
+from train.fit import fit, write_run
+from train.infer import score_rows, score_table, text_score
+from train.model import RAMLHead, attend
+from train.split import heldout_counts, holdout_split, image_list_hash, rows_for
+from train.synthetic import write_synthetic_cache
+
+SEPARABLE = {"bottle": (60, 20, 20, 900), "metal_nut": (60, 20, 20, 700)}
+QUICK = dict(epochs=6, lr=1e-3, hidden_dim=64, attn_dim=16, feature_dim=32)  # a larger lr: seconds, not minutes
+
+
+@pytest.fixture(scope="module")
+def separable_table(tmp_path_factory):
+    """Two categories, D=32, defects strong enough to separate: a head must learn them."""
+    return read_cache(write_synthetic_cache(tmp_path_factory.mktemp("sep") / "cache", SEPARABLE, dim=32,
+                                            separation=3.0))
+
+
+@pytest.fixture(scope="module")
+def trained(separable_table):
+    return fit(separable_table, make_config("adaptive", **QUICK))
+
+
+# --- model -----------------------------------------------------------------------------------
+
+def _arrow_weights(arrows):
+    return [(q @ k.transpose(-1, -2) * k.shape[-1] ** -0.5 + (0 if mask is None else mask)).softmax(-1)
+            for q, k, _, mask in arrows]
+
+
+def test_no_attention_arrow_is_a_softmax_over_a_single_key():
+    torch.manual_seed(0)
+    head = RAMLHead(32, hidden_dim=16, attn_dim=8)
+    f1, f2, f3 = torch.randn(2, 1, 16), torch.randn(2, 4, 16), torch.randn(2, 16, 16)
+    for weights in _arrow_weights(head.arrow_attention(f1, f2, f3)):
+        keys_per_query = (weights > 0).sum(-1)
+        assert keys_per_query.min() >= 2
+        assert weights.max() < 1.0
+
+
+@pytest.mark.parametrize("arrow, attended", [(0, "f2"), (1, "f3"), (2, "f1")])
+def test_each_arrow_depends_on_the_tokens_it_attends_to(arrow, attended):
+    """f1' ← F2, f2' ← F3, f3' ← f1: changing the attended tokens changes both the attention
+    weights (so the arrow is not a fixed copy) and the arrow's output."""
+    torch.manual_seed(0)
+    head = RAMLHead(32, hidden_dim=16, attn_dim=8)
+    tokens = {"f1": torch.randn(2, 1, 16), "f2": torch.randn(2, 4, 16), "f3": torch.randn(2, 16, 16)}
+    changed = dict(tokens, **{attended: tokens[attended] + torch.randn_like(tokens[attended])})
+    before, after = (head.arrow_attention(t["f1"], t["f2"], t["f3"])[arrow] for t in (tokens, changed))
+    assert not torch.allclose(_arrow_weights([before])[0], _arrow_weights([after])[0])
+    out_before, out_after = (head.cross_scale(t["f1"], t["f2"], t["f3"])[arrow] for t in (tokens, changed))
+    assert not torch.allclose(out_before, out_after)
+
+
+def test_quadrants_attend_to_their_own_children_only():
+    head = RAMLHead(32, hidden_dim=16, attn_dim=8)
+    allowed = torch.isfinite(head.quadrant_children)
+    assert allowed.sum(1).tolist() == [4, 4, 4, 4]
+    assert allowed[0].nonzero()[:, 0].tolist() == [0, 1, 4, 5]      # top-left quadrant: tiles (0,0) (0,1) (1,0) (1,1)
+    assert allowed[3].nonzero()[:, 0].tolist() == [10, 11, 14, 15]
+
+
+def test_head_outputs_unit_features_and_a_logit():
+    head = RAMLHead(32, hidden_dim=16, attn_dim=8, feature_dim=8)
+    features, logits = head(torch.randn(5, 21, 32), torch.randn(3, 2, 32), torch.tensor([0, 1, 2, 2, 0]))
+    assert features.shape == (5, 8) and logits.shape == (5,)
+    assert torch.allclose(features.norm(dim=1), torch.ones(5))
+    assert head.fusion_scale.item() == pytest.approx(0.1)
+
+
+def test_attend_weights_values():
+    q, k = torch.zeros(1, 1, 4), torch.randn(1, 3, 4)
+    values = torch.tensor([[[1.0], [2.0], [6.0]]])
+    assert attend(q, k, values).item() == pytest.approx(3.0)      # equal scores → the mean
+
+
+# --- split ------------------------------------------------------------------------------------
+
+def test_heldout_counts_rule():
+    assert heldout_counts([12, 30], 0.2) == [3, 6]      # MVTec toothbrush, as SPEC.md quotes it
+    assert heldout_counts([2, 2], 0.2) == [1, 1]        # at least one of each class with ≥ 2 images
+    assert heldout_counts([1, 5], 0.2) == [0, 2]        # a single image stays in training
+    assert heldout_counts([0, 0], 0.2) == [0, 0]
+
+
+def test_holdout_split_is_disjoint_stratified_and_deterministic(separable_table):
+    table = separable_table
+    split = holdout_split(table, seed=0)
+    assert not set(split.train) & set(split.heldout)
+    assert sorted([*split.train, *split.heldout]) == list(range(len(table)))
+    assert set(np.flatnonzero(table.split == "train")) <= set(split.train)
+    for category in table.categories:
+        held = split.heldout[table.category[split.heldout] == category]
+        assert [(table.label[held] == label).sum() for label in (0, 1)] == [4, 4]   # 20 % of 20 and 20
+    again, other = holdout_split(table, seed=0), holdout_split(table, seed=1)
+    assert np.array_equal(split.heldout, again.heldout) and split.manifest() == again.manifest()
+    assert not np.array_equal(split.heldout, other.heldout)
+
+
+def test_manifest_hashes_are_stable(separable_table):
+    manifest = holdout_split(separable_table, seed=0).manifest()
+    assert manifest["protocol"] == "holdout" and manifest["fraction"] == 0.2 and manifest["seed"] == 0
+    assert manifest["heldout_hash"] == image_list_hash(manifest["heldout"])
+    assert manifest["heldout_hash"] == image_list_hash(reversed(manifest["heldout"]))   # order-free
+    # sha256 of the sorted, newline-joined relpaths
+    assert image_list_hash(["b.png", "a.png"]) == "1baca9d47fd86b4a995bb3508dea720d384b601ee539a4961303e841d4b856ac"
+    assert rows_for(separable_table, manifest["heldout"]).tolist() == holdout_split(separable_table).heldout.tolist()
+
+
+def test_rows_for_names_missing_images(separable_table):
+    with pytest.raises(CacheError, match="nope/missing.png"):
+        rows_for(separable_table, [separable_table.relpath[0], "nope/missing.png"])
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def test_separable_classes_train_to_high_heldout_auroc(separable_table, trained):
+    heldout = trained.split.heldout
+    scores = score_rows(trained.model, separable_table, heldout)
+    assert image_auroc(separable_table.label[heldout], scores["visual"]) > 0.95
+    assert image_auroc(separable_table.label[heldout], scores["final"]) > 0.95
+    assert len(trained.history) == QUICK["epochs"]
+    assert {"loss", "center", "margin", "contrastive", "bce", "sigma", "mean_margin"} <= set(trained.history[0])
+
+
+def test_training_is_deterministic(separable_table, trained):
+    config = make_config("adaptive", **QUICK)
+    again = fit(separable_table, config).model.state_dict()
+    for name, tensor in trained.model.state_dict().items():
+        assert torch.equal(tensor, again[name]), name
+    other = fit(separable_table, make_config("adaptive", **{**QUICK, "seed": 1, "epochs": 1})).model.state_dict()
+    assert not torch.equal(other["project.0.weight"], again["project.0.weight"])
+
+
+def test_config_rejects_nonsense():
+    with pytest.raises(ValueError, match="batch_size"):
+        make_config("adaptive", batch_size=1)
+    with pytest.raises(ValueError, match="r_max"):
+        make_config("adaptive", r_max="huge")
+    with pytest.raises(ValueError, match="unknown margin"):
+        make_config("medium")
+
+
+# --- checkpoint and scoring ---------------------------------------------------------------------
+
+def test_checkpoint_round_trip(tmp_path, separable_table, trained):
+    write_run(tmp_path / "run", trained)
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"checkpoint.pt", "config.json", "split.json",
+                                                                "history.json"}
+    checkpoint = load_checkpoint(tmp_path / "run")
+    for name, tensor in trained.model.state_dict().items():
+        assert torch.equal(tensor, checkpoint.model.state_dict()[name])
+    assert checkpoint.config == trained.config.to_dict() == json.loads((tmp_path / "run/config.json").read_text())
+    assert checkpoint.manifest == trained.split.manifest() == json.loads((tmp_path / "run/split.json").read_text())
+    assert torch.equal(checkpoint.loss_state["center"], trained.loss.center)
+    assert float(checkpoint.loss_state["sigma"]) == float(trained.loss.sigma)
+    assert checkpoint.categories == ["bottle", "metal_nut"]
+    assert checkpoint.fingerprint["embed_dim"] == 32 and checkpoint.threshold == trained.threshold
+    assert not checkpoint.model.training
+    scores = score_table(checkpoint, separable_table)
+    direct = score_rows(trained.model, separable_table)
+    for kind in ("visual", "text", "final"):
+        assert np.array_equal(scores[kind], direct[kind])
+        assert scores[kind].min() >= 0 and scores[kind].max() <= 1
+
+
+def test_checkpoint_of_vit_b16_size_is_a_few_megabytes(tmp_path):
+    from train.checkpoint import save_checkpoint
+    from train.model import build_head
+    path = save_checkpoint(tmp_path, model=build_head(TrainConfig(), 512), config=TrainConfig().to_dict(),
+                           loss_state={}, manifest={}, fingerprint={"embed_dim": 512}, threshold=0.5, categories=[])
+    assert path.stat().st_size < 6e6
+
+
+def test_checkpoint_refuses_a_cache_of_another_backbone(tmp_path, trained):
+    write_run(tmp_path / "run", trained)
+    other = read_cache(write_synthetic_cache(tmp_path / "other", {"bottle": (4, 2, 2, 900)}, dim=32,
+                                             backbone="ViT-L-14"))
+    with pytest.raises(CacheError, match="backbone"):
+        check_cache(load_checkpoint(tmp_path / "run"), other)
+    with pytest.raises(CacheError, match="backbone"):
+        score_table(load_checkpoint(tmp_path / "run"), other)
+
+
+def test_load_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "checkpoint.pt").write_text("not a checkpoint")
+    with pytest.raises(CacheError, match="checkpoint.pt"):
+        load_checkpoint(tmp_path)
+
+
+def test_text_score_is_the_difference_of_cosines_through_clips_logit_scale():
+    normal, anomalous = np.array([[1.0, 0.0, 0.0]]), np.array([[0.0, 1.0, 0.0], [0.0, 0.6, 0.8]])
+    text = {"widget": {"normal": normal, "anomalous": anomalous}}
+    t_anomalous = np.array([0.0, 1.6, 0.8]) / np.linalg.norm([0.0, 1.6, 0.8])   # mean prompt, re-normalised
+    g = np.array([[0.6, 0.8, 0.0], [1.0, 0.0, 0.0]])
+    expected = [1 / (1 + np.exp(-100 * (row @ t_anomalous - row @ normal[0]))) for row in g]
+    assert text_score(g, text, ["widget", "widget"]) == pytest.approx(expected)
+
+
+# --- CLI on a cache made by extract (tiny random-weights CLIP) ---------------------------------------
+
+def test_train_cli_on_an_extracted_cache(tmp_path, mvtec_cache):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--cache-dir", str(mvtec_cache), "--margin", "fixed", "--out", str(out),
+                                      "--epochs", "2", "--batch-size", "8", "--hidden-dim", "32"])
+    assert result.exit_code == 0, result.output
+    assert "epoch 2/2" in result.output and "σ" in result.output
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.config["margin"] == "fixed" and checkpoint.config["margin_base"] == 0.5
+    assert checkpoint.config["lambda_sigma"] == 0.0 and checkpoint.config["epochs"] == 2
+    assert checkpoint.fingerprint["random_weights"] is True
+    again = CliRunner().invoke(cli, ["train", "--cache-dir", str(mvtec_cache), "--out", str(out)])
+    assert again.exit_code != 0 and "already holds" in again.output
+
+
+def test_train_cli_rejects_bad_options_plainly(tmp_path, mvtec_cache):
+    result = CliRunner().invoke(cli, ["train", "--cache-dir", str(mvtec_cache), "--out", str(tmp_path / "r"),
+                                      "--r-max", "big"])
+    assert result.exit_code != 0 and "Error: " in result.output and "r_max" in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,92 @@
+"""``checkpoint.pt``: everything needed to score a cache with a trained head, and nothing of CLIP.
+
+Holds the head's weights, the full training config, the MACCL loss state (center, σ, difficulty
+EMAs), the split manifest, the fingerprint of the cache it was trained on, the trained categories
+and the decision threshold. About 5 MB for ViT-B/16 features; readable with
+``torch.load(weights_only=True)`` (plain tensors, numbers, strings, lists and dicts only).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cache import CacheError, mismatched_fields
+from cache.store import FINGERPRINT_KEYS
+from train.model import RAMLHead, build_head
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class Checkpoint:
+    """A loaded ``checkpoint.pt``.
+
+    ``threshold`` is the F1-max threshold of s_final (with the config's visual/text weights) on
+    the training images: the operating point for yes/no predictions. It is fitted on training
+    images, so it is optimistic; evaluation should report threshold-free metrics besides.
+    """
+
+    model: RAMLHead          # eval mode, on the CPU
+    config: dict             # every hyper-parameter (``TrainConfig.to_dict()``)
+    loss_state: dict         # center, sigma, difficulty, difficulty_seen (tensors)
+    manifest: dict           # the split manifest (``Split.manifest()``)
+    fingerprint: dict        # the training cache's ``FINGERPRINT_KEYS``
+    threshold: float
+    categories: list         # trained categories, in the order of the loss state's difficulty
+    path: Path
+
+
+def save_checkpoint(run_dir, *, model: RAMLHead, config: dict, loss_state: dict, manifest: dict,
+                    fingerprint: dict, threshold: float, categories: list) -> Path:
+    """Write ``run_dir/checkpoint.pt`` atomically; returns its path."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()},
+        "config": dict(config),
+        "loss_state": {name: tensor.detach().cpu().clone() for name, tensor in loss_state.items()},
+        "manifest": manifest,
+        "fingerprint": {key: fingerprint.get(key) for key in FINGERPRINT_KEYS},
+        "threshold": float(threshold),
+        "categories": list(categories),
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Load a run directory's ``checkpoint.pt`` (or the file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint (train one with: python pipeline.py train ...)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a truncated or foreign file
+        raise CacheError(f"{path}: not a readable RAML checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CacheError(f"{path}: not a RAML checkpoint of format {CHECKPOINT_FORMAT}")
+    model = build_head(payload["config"], payload["fingerprint"]["embed_dim"])
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return Checkpoint(model=model, config=payload["config"], loss_state=payload["loss_state"],
+                      manifest=payload["manifest"], fingerprint=payload["fingerprint"],
+                      threshold=payload["threshold"], categories=payload["categories"], path=path)
+
+
+def check_cache(checkpoint: Checkpoint, table) -> None:
+    """Refuse to score ``table`` with a head trained on features of another backbone."""
+    bad = mismatched_fields(checkpoint.fingerprint, table.meta)
+    if bad:
+        details = "; ".join(f"{key}: checkpoint {checkpoint.fingerprint.get(key)!r}, cache {table.meta.get(key)!r}"
+                            for key in bad)
+        raise CacheError(f"{checkpoint.path} was trained on features of another backbone than {table.cache_dir} "
+                         f"({details}). Score this cache with a head trained on its own backbone.")

@@ -1,0 +1,87 @@
+"""Anomaly scores of a trained head (SPEC.md §7): ``s_final = 0.85·s_visual + 0.15·s_text``.
+
+- s_visual = sigmoid(visual logit of the head).
+- s_text = sigmoid(100 · (cos(g, t_anomalous) − cos(g, t_normal))): g is the cached global crop
+  embedding (crop 0), t_* the category's mean prompt embedding (re-normalised), 100 CLIP's logit
+  scale. This is "the difference of cosine similarities mapped to [0, 1]"; it equals CLIP's
+  two-class softmax probability of the anomalous prompt.
+
+The text tokens come from the scored table's own cache, so a head trained on MVTec scores a VisA
+cache with VisA's category prompts (the transfer protocol).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import precision_recall_curve
+
+from cache import CacheError, FeatureTable
+
+CLIP_LOGIT_SCALE = 100.0
+SCORE_BATCH = 1024   # images per forward pass when scoring (bounds the float32 copy)
+
+
+def text_tokens(table_text: dict, categories) -> np.ndarray:
+    """[C, 2, D] float32: per category, the mean normal and the mean anomalous prompt embedding,
+    each re-normalised to unit length."""
+    missing = [c for c in categories if c not in table_text]
+    if missing:
+        raise CacheError(f"the cache has no text embeddings for categories {', '.join(missing)}")
+    tokens = np.stack([[np.asarray(table_text[c][kind], np.float32).mean(axis=0) for kind in ("normal", "anomalous")]
+                       for c in categories])
+    return tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
+
+
+def text_score(global_features, table_text: dict, categories) -> np.ndarray:
+    """s_text per image: ``global_features`` [N, D] (crop 0), ``categories`` [N] category names."""
+    categories = np.asarray(categories)
+    names = sorted(set(categories.tolist()))
+    tokens = text_tokens(table_text, names)                                   # [C, 2, D]
+    index = np.searchsorted(names, categories)
+    g = np.asarray(global_features, np.float32)
+    g = g / np.linalg.norm(g, axis=-1, keepdims=True)
+    cosines = np.einsum("nd,nkd->nk", g, tokens[index])                       # [N, 2]
+    return 0.5 * (1.0 + np.tanh(0.5 * CLIP_LOGIT_SCALE * (cosines[:, 1] - cosines[:, 0])))  # sigmoid, no overflow
+
+
+def visual_score(model, crops, text_bank, category_index) -> np.ndarray:
+    """sigmoid(visual logit) per image; ``crops`` [N, 21, D] (any float dtype, numpy or torch),
+    ``text_bank`` [C, 2, D], ``category_index`` [N] indices into it."""
+    model.eval()
+    bank = torch.as_tensor(text_bank, dtype=torch.float32)
+    category_index = torch.as_tensor(category_index, dtype=torch.long)
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(crops), SCORE_BATCH):
+            batch = torch.as_tensor(crops[start:start + SCORE_BATCH]).float()
+            _, logits = model(batch, bank, category_index[start:start + SCORE_BATCH])
+            scores.append(torch.sigmoid(logits).numpy())
+    return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+
+
+def score_rows(model, table: FeatureTable, rows=None, visual_weight=0.85, text_weight=0.15) -> dict:
+    """``visual``, ``text`` and ``final`` scores of ``table``'s ``rows`` (default: all)."""
+    rows = np.arange(len(table)) if rows is None else np.asarray(rows)
+    categories = table.category[rows]
+    names = sorted(set(categories.tolist()))
+    bank = text_tokens(table.text, names)
+    visual = visual_score(model, table.features[rows], bank, np.searchsorted(names, categories))
+    text = text_score(table.features[rows, 0], table.text, categories)
+    return {"visual": visual, "text": text, "final": visual_weight * visual + text_weight * text}
+
+
+def score_table(checkpoint, table: FeatureTable, visual_weight=0.85, text_weight=0.15) -> dict:
+    """Score every image of ``table`` with a loaded checkpoint; refuses a cache of another backbone."""
+    from train.checkpoint import check_cache
+    check_cache(checkpoint, table)
+    return score_rows(checkpoint.model, table, None, visual_weight, text_weight)
+
+
+def f1_max_threshold(labels, scores) -> float:
+    """The score threshold (predict anomalous when score ≥ it) that maximises F1 on these images."""
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=float)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("an F1-max threshold needs both normal and anomalous images")
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    return float(thresholds[np.argmax(f1[:-1])])
