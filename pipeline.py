@@ -194,9 +194,12 @@ def _train_options(exclude=()):
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Run directory: checkpoint.pt, config.json, split.json, history.json.")
 @click.option("--force", is_flag=True, help="Overwrite a run directory that already holds a checkpoint.")
+@click.option("--threads", default=1, show_default=True,
+              help="Torch threads per training run (small matrices: more threads gain little and "
+                   "stall on a busy machine; use sweep --jobs to fill the cores).")
 @_train_options()
 @_fail_cleanly
-def train(cache_dir, out, force, margin, **options):
+def train(cache_dir, out, force, threads, margin, **options):
     """Stage two: train the RAML head on cached features (holdout protocol; never loads CLIP).
 
     --margin picks the preset (adaptive: m = 0.5 + 0.3·σ + 0.3·(1 − r/r_max); fixed: 0.5;
@@ -214,7 +217,7 @@ def train(cache_dir, out, force, margin, **options):
     click.echo(f"train: {len(table)} images in {len(table.categories)} categories from {cache_dir}; "
                f"margin {config.margin} (m_base {config.margin_base}, λσ {config.lambda_sigma}, "
                f"λres {config.lambda_res}, r_max {config.r_max}), seed {config.seed}")
-    trained = fit(table, config, progress=click.echo)
+    trained = fit(table, config, progress=click.echo, threads=threads)
     path = write_run(out, trained)
     click.echo(f"train: {len(trained.split.train)} training / {len(trained.split.heldout)} held-out images; "
                f"threshold {trained.threshold:.4f} (F1-max on training images) → {path}")
@@ -227,9 +230,12 @@ def train(cache_dir, out, force, margin, **options):
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Sweep directory: <margin>-seed<k>/ per run, summary.json, summary.md.")
 @click.option("--jobs", default=1, show_default=True, help="Runs trained in parallel worker processes.")
+@click.option("--threads", default=1, show_default=True,
+              help="Torch threads per training run (small matrices: more threads gain little and "
+                   "stall on a busy machine; use sweep --jobs to fill the cores).")
 @_train_options(exclude=("seed", "margin", "margin_base", "lambda_sigma", "lambda_res"))
 @_fail_cleanly
-def sweep(cache_dir, margins, seeds, out, jobs, **options):
+def sweep(cache_dir, margins, seeds, out, jobs, threads, **options):
     """Train every (margin × seed) on one cache and tabulate held-out image AUROC (mean ± std).
 
     Re-running resumes: finished runs are not retrained. All runs share --split-seed, so every
@@ -245,7 +251,7 @@ def sweep(cache_dir, margins, seeds, out, jobs, **options):
         raise UserError(f"--margins takes some of {', '.join(MARGIN_PRESETS)} (got {', '.join(unknown) or 'none'}); "
                         "--seeds at least one integer")
     table = _read_training_cache(cache_dir)
-    summary = run_sweep(table, margins, seeds, out, jobs=jobs, progress=click.echo, **options)
+    summary = run_sweep(table, margins, seeds, out, jobs=jobs, threads=threads, progress=click.echo, **options)
     click.echo((Path(out) / "summary.md").read_text().rstrip())
     click.echo(f"sweep: {len(margins) * len(seeds)} runs → {out}/summary.json, {out}/summary.md"
                + (" (random-weights features: meaningless)" if summary["random_weights"] else ""))
@@ -256,11 +262,12 @@ def sweep(cache_dir, margins, seeds, out, jobs, **options):
 @click.option("--sweep", "with_sweep", is_flag=True, help="Also time the 3 margins × --seeds sweep.")
 @click.option("--seeds", default=5, show_default=True)
 @click.option("--jobs", default=2, show_default=True, help="Parallel sweep workers.")
+@click.option("--threads", default=1, show_default=True, help="Torch threads per training run.")
 @_fail_cleanly
-def bench_train(epochs, with_sweep, seeds, jobs):
+def bench_train(epochs, with_sweep, seeds, jobs, threads):
     """Time stage two on a synthetic cache of MVTec AD's shape (5,354 images × 21 × 512)."""
     from train.bench import run_train_bench
-    for line in run_train_bench(epochs=epochs, sweep=with_sweep, seeds=seeds, jobs=jobs).lines():
+    for line in run_train_bench(epochs=epochs, sweep=with_sweep, seeds=seeds, jobs=jobs, threads=threads).lines():
         click.echo(line)
 
 
@@ -400,11 +407,15 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
     """
     from evaluate.predict import check_backbone_options, predict_files, prediction_table, threshold_for
     from train.checkpoint import load_checkpoint
-    check_backbone_options(load_checkpoint(checkpoint).fingerprint, model, random_weights)
+    trained = load_checkpoint(checkpoint)
+    check_backbone_options(trained.fingerprint, model, random_weights)
+    if category not in trained.categories:
+        click.secho(f"note: the checkpoint was trained on {', '.join(trained.categories)}, not {category!r}: "
+                    "scoring it is a transfer, and the threshold was fitted on other categories.", fg="yellow", err=True)
     backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
     predictions = predict_files(files, checkpoint, category, out, backbone, visual_weight=visual_weight,
                                 text_weight=text_weight, progress=_show_progress())
-    click.echo(prediction_table(predictions, threshold_for(load_checkpoint(checkpoint), category)))
+    click.echo(prediction_table(predictions, threshold_for(trained, category)))
     if backbone.random_weights:
         click.secho("RANDOM WEIGHTS: these scores are NOT MEANINGFUL.", fg="yellow")
     click.echo(f"→ {out}/predictions.csv and {out}/*_heatmap.png")
@@ -415,7 +426,7 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
 
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False), default="demo_out", show_default=True)
-@click.option("--limit", default=None, type=int, help="Textile images to use (default 40: fits 10 min on 2 CPU cores).")
+@click.option("--limit", default=None, type=int, help="Textile images to use (default 32: fits 10 min on 2 CPU cores).")
 @click.option("--epochs", default=None, type=int, help="Training epochs per margin (default 25, the original's).")
 @click.option("--model", default="ViT-B-16", show_default=True)
 @click.option("--pretrained", default="openai", show_default=True)

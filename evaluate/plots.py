@@ -34,15 +34,15 @@ def auroc_bars(rows, path: Path, title: str) -> Path:
     for i, row in enumerate(rows):
         values = [row.entry["details"].get(c, np.nan) for c in categories] + [row.entry["mean_auroc"]]
         ci = [row.entry.get("categories", {}).get(c, {}).get("auroc_ci95") for c in categories] + [None]
-        low = [v - c[0] if c else 0 for v, c in zip(values, ci)]
-        high = [c[1] - v if c else 0 for v, c in zip(values, ci)]
+        low = [v - c[0] if c else np.nan for v, c in zip(values, ci)]   # nan: no whisker (no CI known)
+        high = [c[1] - v if c else np.nan for v, c in zip(values, ci)]
         ax.bar(x + (i - (len(rows) - 1) / 2) * width, values, width, yerr=[low, high], capsize=2,
                label=row.label, error_kw={"elinewidth": 0.8})
     ax.set_xticks(x, categories + ["mean"], rotation=45, ha="right")
     ax.set_ylabel("image AUROC (%)")
     ax.set_ylim(0, 105)
     ax.axhline(50, color="grey", lw=0.6, ls=":")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     _title(fig, f"{title}: image AUROC per category (whiskers: bootstrap 95 % CI)", rows)
     return _save(fig, path)
 
@@ -139,24 +139,33 @@ def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int)
     from evaluate.localisation import mask_pixels
     from extract.pyramid import BadImageError, load_rgb
 
-    mapped = [(row, maps) for row in rows if (maps := _load_maps(row))]
+    mapped, by_file = [], {}
+    for row in rows:   # the configurations of one evaluate run share one map file: show it once
+        key = (row.path.parent, row.entry.get("anomaly_maps"))
+        if key in by_file:
+            by_file[key][0].append(row.label)
+        elif (maps := _load_maps(row)):
+            by_file[key] = ([row.label], row, maps)
+            mapped.append(by_file[key])
     if not mapped:
         return None, "no results file of this table saved anomaly maps."
     root = rows[0].protocol.get("dataset", {}).get("root")
-    first_row, first_maps = mapped[0]
+    _, first_row, first_maps = mapped[0]
     examples = _pick_examples(scores.get(first_row.label) or [], first_maps["maps"], count)
     if not examples:
         return None, "no scored image has an anomaly map."
     if not root or not (Path(root) / examples[0]["relpath"]).is_file():
         return None, f"skipped: the test images are not reachable under the dataset root {root!r} on this machine."
-    fig, axes = plt.subplots(len(examples), len(mapped), figsize=(3.0 * len(mapped), 3.0 * len(examples)),
+    # one row per map source, one column per image: a short, wide figure that reads like a table
+    fig, axes = plt.subplots(len(mapped), len(examples), figsize=(3.0 * len(examples), 3.1 * len(mapped) + 0.6),
                              squeeze=False)
-    for r, record in enumerate(examples):
+    for c, record in enumerate(examples):
         try:
             image = load_rgb(Path(root) / record["relpath"])
         except BadImageError as err:
+            plt.close(fig)
             return None, f"skipped: {err}"
-        for c, (row, maps) in enumerate(mapped):
+        for r, (labels, row, maps) in enumerate(mapped):
             ax = axes[r, c]
             mask_relpath = maps["masks"].get(record["relpath"]) or ""
             mask = (mask_pixels(Path(root), mask_relpath, image.width, image.height)
@@ -165,12 +174,12 @@ def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int)
                 overlay(ax, image, maps["maps"][record["relpath"]], *maps["range"], mask)
             else:
                 ax.imshow(image)
-                ax.set_title("(no map)", fontsize=7)
+                ax.set_xlabel("(no map)", fontsize=7)
             if r == 0:
-                ax.set_title(f"{row.label}\n{maps['description'][:60]}", fontsize=7)
+                ax.set_title(f"{record['category']} · {record['defect_type']}\n{Path(record['relpath']).name}",
+                             fontsize=8)
             if c == 0:
-                ax.set_ylabel(f"{record['category']} · {record['defect_type']}\n{Path(record['relpath']).name}",
-                              fontsize=7)
+                ax.set_ylabel(f"{', '.join(labels)}\n{maps['description']}", fontsize=8)
     _title(fig, f"{title}: anomaly maps (brighter = more anomalous; cyan: defect mask)", rows)
     fig.tight_layout()
     return _save(fig, path), None

@@ -85,16 +85,32 @@ def threshold_for(checkpoint, category: str) -> float:
     return float(threshold)
 
 
-def _table_of(features: np.ndarray, category: str, text: dict, backbone, sizes):
-    """An in-memory ``FeatureTable`` of freshly encoded images, as ``score_table`` expects."""
+def _table_of(features: np.ndarray, category: str, text: dict, backbone, size: tuple[int, int]):
+    """A one-image, in-memory ``FeatureTable`` of freshly encoded features, as ``score_table`` expects."""
     from cache import FeatureTable
-    n = len(features)
-    strings = lambda value: np.array([value] * n)  # noqa: E731
-    return FeatureTable(features=features.astype(np.float16), label=np.zeros(n, np.int8), category=strings(category),
-                        defect_type=strings(""), relpath=np.array([f"image{i}" for i in range(n)]),
-                        split=strings("test"), mask_relpath=strings(""), height=np.array([s[0] for s in sizes]),
-                        width=np.array([s[1] for s in sizes]), text={category: text}, meta=backbone_fingerprint(backbone), engines=[],
-                        skipped=[], cache_dir=Path("."))
+    one = lambda value: np.array([value])  # noqa: E731  (every column has one row)
+    return FeatureTable(features=features.astype(np.float16), label=np.zeros(1, np.int8), category=one(category),
+                        defect_type=one(""), relpath=one("image"), split=one("test"), mask_relpath=one(""),
+                        height=one(size[0]), width=one(size[1]), text={category: text},
+                        meta=backbone_fingerprint(backbone), engines=[], skipped=[], cache_dir=Path("."))
+
+
+def _save_heatmap(path: Path, image, anomaly_map: np.ndarray, prediction: Prediction, threshold: float,
+                  random_weights: bool) -> None:
+    """The image beside its 4x4 tile map, titled with the score and the decision."""
+    from evaluate.plots import overlay, plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3.6))
+    left.imshow(image)
+    left.set_axis_off()
+    overlay(right, image, anomaly_map, float(anomaly_map.min()), float(anomaly_map.max()))
+    fig.colorbar(right.images[-1], ax=right, fraction=0.046, label="tile text score (range of this image)")
+    warning = "\nRANDOM WEIGHTS — NOT MEANINGFUL" if random_weights else ""
+    fig.suptitle(f"{prediction.path.name}: score {prediction.final:.3f} → "
+                 f"{'ANOMALOUS' if prediction.anomalous else 'normal'} (threshold {threshold:.3f}){warning}",
+                 fontsize=9, color="firebrick" if warning else "black")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 def predict_files(inputs, checkpoint_path, category: str, out_dir, backbone, *, visual_weight=None,
@@ -103,7 +119,6 @@ def predict_files(inputs, checkpoint_path, category: str, out_dir, backbone, *, 
     from tqdm import tqdm
 
     from evaluate.localisation import maps_from_crop_scores, tile_text_scores
-    from evaluate.plots import overlay, plt
     from evaluate.run import score_weights
     from extract.prompts import prompts_for
     from train.checkpoint import load_checkpoint
@@ -130,23 +145,13 @@ def predict_files(inputs, checkpoint_path, category: str, out_dir, backbone, *, 
             continue
         crops = pyramid_pixels(image, backbone.input_size, backbone.mean, backbone.std)
         features = backbone.encode_images(crops).reshape(1, -1, backbone.embed_dim)
-        table = _table_of(features, category, text, backbone, [(image.height, image.width)])
+        table = _table_of(features, category, text, backbone, (image.height, image.width))
         scores = score_table(checkpoint, table, **weights)
         prediction.final, prediction.visual, prediction.text = (float(scores[k][0]) for k in ("final", "visual", "text"))
         prediction.anomalous = prediction.final >= threshold
-        anomaly_map = maps_from_crop_scores(tile_text_scores(table))[0]
         prediction.heatmap = _unused(out_dir / f"{path.stem}_heatmap.png", {p.heatmap for p in predictions})
-        fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3.6))
-        left.imshow(image)
-        left.set_axis_off()
-        overlay(right, image, anomaly_map, float(anomaly_map.min()), float(anomaly_map.max()))
-        fig.colorbar(right.images[-1], ax=right, fraction=0.046, label="tile text score (range of this image)")
-        warning = "\nRANDOM WEIGHTS — NOT MEANINGFUL" if backbone.random_weights else ""
-        fig.suptitle(f"{path.name}: score {prediction.final:.3f} → "
-                     f"{'ANOMALOUS' if prediction.anomalous else 'normal'} (threshold {threshold:.3f}){warning}",
-                     fontsize=9, color="firebrick" if warning else "black")
-        fig.savefig(prediction.heatmap, dpi=100, bbox_inches="tight")
-        plt.close(fig)
+        _save_heatmap(prediction.heatmap, image, maps_from_crop_scores(tile_text_scores(table))[0], prediction,
+                      threshold, backbone.random_weights)
     _write_csv(out_dir / PREDICTIONS_CSV, predictions, category, threshold, backbone.random_weights)
     return predictions
 
@@ -160,16 +165,19 @@ def _unused(path: Path, taken: set) -> Path:
     return candidate
 
 
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"
+
+
 def _write_csv(path: Path, predictions: list[Prediction], category: str, threshold: float, random_weights: bool) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["file", "category", "final", "visual", "text", "threshold", "decision", "heatmap", "error",
                          "random_weights"])
         for p in predictions:
-            fmt = lambda v: "" if v is None else f"{v:.6f}"  # noqa: E731
             decision = "" if p.anomalous is None else ("anomalous" if p.anomalous else "normal")
-            writer.writerow([p.path, category, fmt(p.final), fmt(p.visual), fmt(p.text), f"{threshold:.6f}", decision,
-                             p.heatmap or "", p.error or "", int(random_weights)])
+            writer.writerow([p.path, category, _number(p.final), _number(p.visual), _number(p.text), f"{threshold:.6f}",
+                             decision, p.heatmap or "", p.error or "", int(random_weights)])
 
 
 def prediction_table(predictions: list[Prediction], threshold: float) -> str:

@@ -12,10 +12,14 @@ Every results file records the protocol and the hash of the exact image list
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from train.checkpoint import load_checkpoint
+from train.split import image_list_hash, rows_for
 
 PROTOCOLS = ("holdout", "transfer", "official")
 
@@ -31,7 +35,6 @@ class ImageList:
 
     @property
     def hash(self) -> str:
-        from train.split import image_list_hash
         return image_list_hash(list(self.relpaths))
 
     def describe(self) -> dict:
@@ -53,8 +56,6 @@ def held_out_relpaths(manifest: dict, source: str) -> list[str]:
 
 def read_split_manifest(run: str | Path) -> tuple[dict, str]:
     """The split manifest of a training run directory (``split.json``) or of its checkpoint."""
-    import json
-
     run = Path(run)
     path = run / "split.json" if run.is_dir() else run
     if path.suffix == ".json":
@@ -62,7 +63,6 @@ def read_split_manifest(run: str | Path) -> tuple[dict, str]:
             raise FileNotFoundError(f"{path}: no split manifest; is {run} a training run directory "
                                     "(written by python pipeline.py train --out ...)?")
         return json.loads(path.read_text()), str(path)
-    from train.checkpoint import load_checkpoint
     return load_checkpoint(run).manifest, str(run)
 
 
@@ -83,8 +83,6 @@ def default_protocol(manifest: dict, table) -> str:
 
 def select_images(protocol: str | None, manifest: dict, manifest_source: str, table) -> tuple[np.ndarray, ImageList]:
     """Rows of ``table`` to score under ``protocol`` for a model trained with ``manifest``."""
-    from train.split import rows_for
-
     protocol = protocol or default_protocol(manifest, table)
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")

@@ -12,7 +12,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from evaluate.results import NOT_MEANINGFUL, find_results, read_results, read_scores_csv
 
@@ -119,7 +118,13 @@ def comparison_markdown(title: str, rows: list[Row], plots: list[str]) -> str:
     pixel = [(row.label, row.entry["pixel_auroc_coarse"]) for row in rows if row.entry.get("pixel_auroc_coarse")]
     if pixel:
         lines += ["", "Pixel AUROC is " + pixel[0][1]["note"] + "."]
-        lines += [f"- {label}: {block['map']}" for label, block in pixel if block.get("map")]
+        by_map = defaultdict(list)
+        for label, block in pixel:
+            by_map[block.get("map")].append(label)
+        lines += [f"- {', '.join(labels)}: {source}" for source, labels in by_map.items() if source]
+        missing = sorted({f"{c}: {reason}" for _, block in pixel for c, reason in block["not_available"].items()})
+        if missing:
+            lines.append("- n/a — " + "; ".join(missing))
     if any(row.random_weights for row in rows):
         lines += ["", f"† {NOT_MEANINGFUL}."]
     lines += [""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]

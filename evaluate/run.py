@@ -15,9 +15,11 @@ import numpy as np
 from evaluate.localisation import coarse_pixel_auroc, maps_from_crop_scores, tile_text_scores
 from evaluate.metrics import DEFAULT_BOOTSTRAP
 from evaluate.protocols import select_images
+from cache import read_cache
 from evaluate.results import ScoredRun, config_entry, pixel_summary, write_results
+from train.checkpoint import CHECKPOINT_FILE, check_cache, load_checkpoint
+from train.infer import score_table
 
-CHECKPOINT_FILE = "checkpoint.pt"
 _SEED_SUFFIX = re.compile(r"[-_]seed\d+$")
 MAP_SOURCE = ("zero-shot text score of the cached 2x2 and 4x4 tiles (the same map for every configuration "
               "scored on this cache: the head scores whole images)")
@@ -45,16 +47,11 @@ def config_name(checkpoint_path: Path) -> str:
     return _SEED_SUFFIX.sub("", run_dir.name)
 
 
-def config_value(config, key: str, default=None):
-    """A field of a checkpoint's training config (a dataclass or a plain dict)."""
-    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
-
-
 def score_weights(checkpoint, visual_weight: float | None, text_weight: float | None) -> dict:
     """The s_final weights: the options where given, else the checkpoint's (SPEC §7: 0.85 / 0.15)."""
-    return {"visual_weight": config_value(checkpoint.config, "visual_weight", 0.85) if visual_weight is None
-            else visual_weight,
-            "text_weight": config_value(checkpoint.config, "text_weight", 0.15) if text_weight is None else text_weight}
+    config = checkpoint.config
+    return {"visual_weight": config.get("visual_weight", 0.85) if visual_weight is None else visual_weight,
+            "text_weight": config.get("text_weight", 0.15) if text_weight is None else text_weight}
 
 
 def backbone_fields(meta: dict) -> dict:
@@ -68,10 +65,6 @@ def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | Non
                          name: str | None = None, log=print) -> tuple[Path, dict]:
     """Score every checkpoint on ``cache_dir`` and write ``out_dir``/{results.json, scores.csv,
     anomaly_maps.npz}. Returns the results path and the entries."""
-    from cache import read_cache
-    from train.checkpoint import check_cache, load_checkpoint
-    from train.infer import score_table
-
     paths = find_checkpoints(checkpoints)
     table = read_cache(cache_dir)
     groups = defaultdict(list)
@@ -93,11 +86,11 @@ def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | Non
             subset = table.select(rows)
             weights = score_weights(checkpoint, visual_weight, text_weight)
             scores = score_table(checkpoint, subset, **weights)
-            runs[config].append(ScoredRun(config, config_value(checkpoint.config, "seed"), str(path), subset.category,
+            runs[config].append(ScoredRun(config, checkpoint.config.get("seed"), str(path), subset.category,
                                           subset.relpath, subset.defect_type, subset.label,
                                           {k: np.asarray(v, float) for k, v in scores.items()}))
             image_lists[config] = image_list.describe()
-            settings[config] = {"margin": config_value(checkpoint.config, "margin"), "score_weights": weights}
+            settings[config] = {"margin": checkpoint.config.get("margin"), "score_weights": weights}
             scored_rows.update(rows.tolist())
 
     rows = np.array(sorted(scored_rows))

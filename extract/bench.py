@@ -69,6 +69,7 @@ def run_extract_bench(backbone, *, images: int, size: int, batch_size: int, work
         paths = synthetic_images(tmp / "data", images, size)
         crops = [pyramid_pixels(load_rgb(p), backbone.input_size, backbone.mean, backbone.std) for p in paths]
         backbone.encode_images(crops[0])  # warm-up: first-call allocations are not the stage's cost
+        backbone.encode_texts(["warm-up"])
 
         start = time.perf_counter()
         for prompts in prompts_for("bench").values():

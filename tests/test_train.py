@@ -232,3 +232,11 @@ def test_train_cli_rejects_bad_options_plainly(tmp_path, mvtec_cache):
                                       "--r-max", "big"])
     assert result.exit_code != 0 and "Error: " in result.output and "r_max" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_bench_train_runs_on_mvtec_shape():
+    result = CliRunner().invoke(cli, ["bench", "train", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert "5354 images" in result.output and "1 epochs × 312 steps" in result.output
+    assert "peak memory" in result.output

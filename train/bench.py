@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from cache import read_cache
 from train.config import MARGIN_PRESETS, make_config
 from train.fit import fit
@@ -56,7 +54,8 @@ class TrainBench:
         return lines
 
 
-def run_train_bench(epochs: int = 25, sweep: bool = False, seeds: int = 5, jobs: int = 2) -> TrainBench:
+def run_train_bench(epochs: int = 25, sweep: bool = False, seeds: int = 5, jobs: int = 2,
+                    threads: int = 1) -> TrainBench:
     """Build the synthetic cache in a temporary folder, time ``fit`` (and optionally the sweep)."""
     with tempfile.TemporaryDirectory(prefix="raml-bench-train-") as tmp:
         cache_dir = write_synthetic_cache(Path(tmp) / "cache", MVTEC_SHAPE)
@@ -65,17 +64,18 @@ def run_train_bench(epochs: int = 25, sweep: bool = False, seeds: int = 5, jobs:
         read_seconds = time.perf_counter() - start
         config = make_config("adaptive", epochs=epochs)
         start = time.perf_counter()
-        trained = fit(table, config)
+        trained = fit(table, config, threads=threads)
         fit_seconds = time.perf_counter() - start
         result = TrainBench(images=len(table), training_images=len(trained.split.train), epochs=epochs,
                             steps_per_epoch=len(trained.split.train) // config.batch_size,
                             read_seconds=read_seconds,
                             train_seconds=sum(record["seconds"] for record in trained.history),
-                            fit_seconds=fit_seconds, memory_mb=peak_memory_mb(), threads=torch.get_num_threads())
+                            fit_seconds=fit_seconds, memory_mb=peak_memory_mb(), threads=threads)
         if sweep:
             del trained
             start = time.perf_counter()
-            run_sweep(table, list(MARGIN_PRESETS), list(range(seeds)), Path(tmp) / "sweep", jobs=jobs, epochs=epochs)
+            run_sweep(table, list(MARGIN_PRESETS), list(range(seeds)), Path(tmp) / "sweep", jobs=jobs,
+                      threads=threads, epochs=epochs)
             result.sweep_seconds = time.perf_counter() - start
             result.sweep_runs, result.sweep_jobs = len(MARGIN_PRESETS) * seeds, jobs
             runs = [json.loads(path.read_text()) for path in (Path(tmp) / "sweep").glob(f"*/{METRICS_FILE}")]

@@ -49,7 +49,8 @@ class TrainConfig:
     beta: float = _option(1.0, "Weight of the margin loss.")                                        # SPEC §4
     gamma: float = _option(0.5, "Weight of the supervised contrastive loss.")                       # SPEC §4
     temperature: float = _option(0.07, "Temperature of the supervised contrastive loss.")           # SPEC §4
-    bce_weight: float = _option(1.0, "Weight of the BCE loss on the visual logit.")                 # ours (SPEC §7: "in addition")
+    # ours: SPEC §7 trains the classifier with BCE "in addition" to MACCL, weight unstated
+    bce_weight: float = _option(1.0, "Weight of the BCE loss on the visual logit.")
     center_momentum: float = _option(0.9, "EMA momentum of the running center of normal features.")  # ours
     sigma_momentum: float = _option(0.9, "EMA momentum of σ, the spread of normal features.")       # ours
     # margin

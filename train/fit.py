@@ -4,15 +4,22 @@ Speed (``bench train``): the training rows are converted once to one float32 ten
 are gathered from it by index (no DataLoader), the loss state and the logged loss terms stay
 tensors (one host sync per epoch), and AdamW runs fused.
 
-Determinism: weights are initialised under ``torch.manual_seed(seed)`` and batches drawn from a
-generator seeded with ``seed``; every CPU op used is deterministic, so the same cache, config and
-torch thread count give identical weights. (A different thread count may change the last bits.)
+Threads: one torch thread by default. The matrices of a batch of 16 are small; on a busy
+machine (other jobs, parallel sweep workers) two OpenMP threads waiting on each other made steps
+10–20× slower in our measurements, so ``threads=2`` pays only on an idle machine, and a sweep
+fills the cores with parallel runs instead.
+
+Determinism: weights are initialised under ``torch.manual_seed(seed)`` (in a forked RNG state)
+and batches drawn from a generator seeded with ``seed``; every CPU op used is deterministic, so
+the same cache, config and torch thread count give identical weights (another thread count may
+change the last bits).
 """
 from __future__ import annotations
 
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +34,7 @@ from train.loss import TERMS, MACCLoss, image_r_max, resolution_penalty
 from train.model import RAMLHead, build_head
 from train.split import Split, holdout_split
 
-INIT_BATCH = 1024   # images per no-grad pass when initialising the center and σ
+INIT_BATCH = 256    # images per chunk when preparing tensors and initialising the center and σ
 
 
 @dataclass
@@ -48,8 +55,11 @@ def training_data(table: FeatureTable, rows, config: TrainConfig) -> TrainingDat
     names = table.category[rows]
     categories = sorted(set(names.tolist()))
     r_max = image_r_max(table.height[rows], table.width[rows], names, config.r_max)
+    crops = np.empty((len(rows), *table.features.shape[1:]), np.float32)
+    for start in range(0, len(rows), INIT_BATCH):   # in chunks: no float16 copy of all rows at once
+        crops[start:start + INIT_BATCH] = table.features[rows[start:start + INIT_BATCH]]
     return TrainingData(
-        crops=torch.from_numpy(table.features[rows].astype(np.float32)),
+        crops=torch.from_numpy(crops),
         labels=torch.from_numpy(table.label[rows].astype(np.float32)),
         category=torch.from_numpy(np.searchsorted(categories, names).astype(np.int64)),
         resolution_penalty=torch.from_numpy(resolution_penalty(table.meta["input_size"], r_max).astype(np.float32)),
@@ -75,11 +85,30 @@ def epoch_line(record: dict, epochs: int) -> str:
             f"m {record['mean_margin']:.3f}  σ {record['sigma']:.3f}  |  {record['seconds']:.1f} s")
 
 
-def fit(table: FeatureTable, config: TrainConfig, split: Split | None = None, progress=None) -> TrainedHead:
+@contextmanager
+def torch_threads(count: int | None):
+    """Run the block with ``count`` torch threads (None: leave the setting alone)."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def fit(table: FeatureTable, config: TrainConfig, split: Split | None = None, progress=None,
+        threads: int | None = 1) -> TrainedHead:
     """Train a head on ``split.train`` (default: ``holdout_split`` with the config's split seed).
 
     ``progress``, if given, is called with one line per epoch (loss terms, mean margin, σ).
+    ``threads``: torch threads while training (see the module docstring).
     """
+    with torch_threads(threads):
+        return _fit(table, config, split, progress)
+
+
+def _fit(table, config, split, progress) -> TrainedHead:
     split = split or holdout_split(table, config.split_seed, config.holdout_fraction)
     data = training_data(table, split.train, config)
     n_images = len(data.labels)
@@ -88,8 +117,9 @@ def fit(table: FeatureTable, config: TrainConfig, split: Split | None = None, pr
         raise ValueError(f"{table.cache_dir}: {n_images} training images "
                          f"({int(data.labels.sum())} anomalous); need at least one batch of "
                          f"{config.batch_size} and both normal and anomalous images")
-    torch.manual_seed(config.seed)
-    model = build_head(config, data.crops.shape[-1])
+    with torch.random.fork_rng(devices=[]):   # seed the init without touching the caller's RNG
+        torch.manual_seed(config.seed)
+        model = build_head(config, data.crops.shape[-1])
     loss_fn = MACCLoss(config, len(data.categories), config.feature_dim)
     loss_fn.initialise(_normal_features(model, data))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
@@ -101,7 +131,7 @@ def fit(table: FeatureTable, config: TrainConfig, split: Split | None = None, pr
         order = torch.randperm(n_images, generator=generator)[:steps * config.batch_size].view(steps, -1)
         totals = torch.zeros(len(TERMS))
         for rows in order:
-            features, logits = model(data.crops[rows], data.text_bank, data.category[rows])
+            features, logits = model(data.crops.index_select(0, rows), data.text_bank, data.category[rows])
             loss, terms = loss_fn(features, logits, data.labels[rows], data.category[rows],
                                   data.resolution_penalty[rows])
             optimizer.zero_grad(set_to_none=True)

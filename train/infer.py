@@ -18,7 +18,7 @@ from sklearn.metrics import precision_recall_curve
 from cache import CacheError, FeatureTable
 
 CLIP_LOGIT_SCALE = 100.0
-SCORE_BATCH = 1024   # images per forward pass when scoring (bounds the float32 copy)
+SCORE_BATCH = 256    # images per forward pass when scoring (bounds the float32 copy)
 
 
 def text_tokens(table_text: dict, categories) -> np.ndarray:
@@ -44,16 +44,18 @@ def text_score(global_features, table_text: dict, categories) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * CLIP_LOGIT_SCALE * (cosines[:, 1] - cosines[:, 0])))  # sigmoid, no overflow
 
 
-def visual_score(model, crops, text_bank, category_index) -> np.ndarray:
-    """sigmoid(visual logit) per image; ``crops`` [N, 21, D] (any float dtype, numpy or torch),
-    ``text_bank`` [C, 2, D], ``category_index`` [N] indices into it."""
+def visual_score(model, features, text_bank, category_index, rows=None) -> np.ndarray:
+    """sigmoid(visual logit) of ``features[rows]`` (default: all rows). ``features`` [N, 21, D]
+    (any float dtype; gathered and converted to float32 one batch at a time), ``text_bank``
+    [C, 2, D], ``category_index`` [len(rows)] indices into it."""
     model.eval()
+    rows = np.arange(len(features)) if rows is None else np.asarray(rows)
     bank = torch.as_tensor(text_bank, dtype=torch.float32)
-    category_index = torch.as_tensor(category_index, dtype=torch.long)
+    category_index = torch.as_tensor(np.asarray(category_index), dtype=torch.long)
     scores = []
     with torch.no_grad():
-        for start in range(0, len(crops), SCORE_BATCH):
-            batch = torch.as_tensor(crops[start:start + SCORE_BATCH]).float()
+        for start in range(0, len(rows), SCORE_BATCH):
+            batch = torch.as_tensor(np.asarray(features[rows[start:start + SCORE_BATCH]], np.float32))
             _, logits = model(batch, bank, category_index[start:start + SCORE_BATCH])
             scores.append(torch.sigmoid(logits).numpy())
     return np.concatenate(scores) if scores else np.zeros(0, np.float32)
@@ -65,7 +67,7 @@ def score_rows(model, table: FeatureTable, rows=None, visual_weight=0.85, text_w
     categories = table.category[rows]
     names = sorted(set(categories.tolist()))
     bank = text_tokens(table.text, names)
-    visual = visual_score(model, table.features[rows], bank, np.searchsorted(names, categories))
+    visual = visual_score(model, table.features, bank, np.searchsorted(names, categories), rows)
     text = text_score(table.features[rows, 0], table.text, categories)
     return {"visual": visual, "text": text, "final": visual_weight * visual + text_weight * text}
 

@@ -10,18 +10,16 @@ reports it) and of each category's.
 from __future__ import annotations
 
 import json
-import os
 import resource
 from pathlib import Path
 
 import numpy as np
-import torch
 from joblib import Parallel, delayed
 
 from cache import FeatureTable
 from evaluate.metrics import image_auroc
 from train.config import TrainConfig, make_config
-from train.fit import fit, write_json, write_run
+from train.fit import fit, torch_threads, write_json, write_run
 from train.infer import score_rows
 
 METRICS_FILE = "metrics.json"
@@ -53,14 +51,13 @@ def heldout_metrics(model, table: FeatureTable, split, config: TrainConfig) -> d
             "heldout_hash": split.manifest()["heldout_hash"]}
 
 
-def train_and_evaluate(table: FeatureTable, config: TrainConfig, run_dir, threads: int | None = None) -> dict:
+def train_and_evaluate(table: FeatureTable, config: TrainConfig, run_dir, threads: int | None = 1) -> dict:
     """One sweep run: train, write the run directory, then its ``metrics.json``."""
-    if threads:
-        torch.set_num_threads(threads)
-    trained = fit(table, config)
+    trained = fit(table, config, threads=threads)
     write_run(run_dir, trained)
-    metrics = {"run": Path(run_dir).name, "margin": config.margin, "seed": config.seed,
-               **heldout_metrics(trained.model, table, trained.split, config),
+    with torch_threads(threads):
+        heldout = heldout_metrics(trained.model, table, trained.split, config)
+    metrics = {"run": Path(run_dir).name, "margin": config.margin, "seed": config.seed, **heldout,
                "train_seconds": sum(record["seconds"] for record in trained.history),
                "peak_memory_mb": peak_memory_mb()}  # of the process that trained it
     write_json(Path(run_dir) / METRICS_FILE, metrics)
@@ -80,14 +77,17 @@ def finished_metrics(run_dir: Path, config: TrainConfig) -> dict | None:
     return json.loads((run_dir / METRICS_FILE).read_text())
 
 
-def run_sweep(table: FeatureTable, margins, seeds, out_dir, jobs: int = 1, progress=None, **overrides) -> dict:
-    """Train the missing (margin × seed) runs in ``jobs`` worker processes; write and return the summary.
+def run_sweep(table: FeatureTable, margins, seeds, out_dir, jobs: int = 1, threads: int | None = 1, progress=None,
+              **overrides) -> dict:
+    """Train the missing (margin × seed) runs in ``jobs`` worker processes of ``threads`` torch
+    threads each; write and return the summary.
 
     ``overrides`` are ``TrainConfig`` fields applied to every run (e.g. ``epochs=5``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    configs = {(margin, seed): make_config(margin, **{**overrides, "seed": seed}) for margin in margins for seed in seeds}
+    configs = {(margin, seed): make_config(margin, **{**overrides, "seed": seed})
+               for margin in margins for seed in seeds}
     results, pending = {}, []
     for key, config in configs.items():
         metrics = finished_metrics(out_dir / run_name(*key), config)
@@ -97,12 +97,12 @@ def run_sweep(table: FeatureTable, margins, seeds, out_dir, jobs: int = 1, progr
             results[key] = metrics
     if progress and results:
         progress(f"sweep: {len(results)} of {len(configs)} runs already finished in {out_dir}; skipping them")
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     tasks = (delayed(train_and_evaluate)(table, configs[key], out_dir / run_name(*key), threads) for key in pending)
     for key, metrics in zip(pending, Parallel(n_jobs=jobs, return_as="generator")(tasks)):
         results[key] = metrics
         if progress:
-            progress(f"sweep: {run_name(*key)} done ({len(results)}/{len(configs)}) in {metrics['train_seconds']:.1f} s")
+            progress(f"sweep: {run_name(*key)} done ({len(results)}/{len(configs)}), "
+                     f"{metrics['train_seconds']:.1f} s of training")
     summary = summarise(results, margins, seeds, table)
     write_json(out_dir / "summary.json", summary)
     (out_dir / "summary.md").write_text(summary_markdown(summary))

@@ -3,7 +3,8 @@
 Each crop is its category's "normal" direction plus noise of about the same norm; an anomalous
 image adds a defect direction to one 4×4 tile (strength ``separation``), its 2×2 parent (half)
 and the global crop (a quarter), the way a small defect shows up in the crop pyramid.
-``separation`` ≥ 1 makes the classes separable; small values make them hard. The numbers such a cache yields test code, not the method.
+``separation`` ≥ 1 makes the classes separable; small values make them hard. The numbers such
+a cache yields test code, not the method.
 """
 from __future__ import annotations
 
@@ -38,12 +39,20 @@ def write_synthetic_cache(cache_dir, shape=None, dim: int = 512, separation: flo
                        embed_dim=dim, code_version="synthetic", dataset={"kind": "synthetic"},
                        prompts={}, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     claim_cache(cache_dir, meta)
-    text, records, features, sizes = {}, [], [], []
+    rows, shards = ShardRows(), 0
+    text = {}
+
+    def flush():
+        nonlocal rows, shards
+        write_shard(Path(cache_dir) / f"features-000of001-{shards:05d}.h5", rows, meta, text, engine="synthetic")
+        rows, shards = ShardRows(), shards + 1
+
     for category, (n_train, n_good, n_defect, side) in shape.items():
         normal_direction, defect_direction = _unit(rng.normal(size=(2, dim)))
         text[category] = {kind: _unit(rng.normal(size=(PROMPTS_PER_KIND, dim))).astype(np.float32)
                           for kind in ("normal", "anomalous")}
-        for split, folder, count in (("train", "good", n_train), ("test", "good", n_good), ("test", "defect", n_defect)):
+        groups = (("train", "good", n_train), ("test", "good", n_good), ("test", "defect", n_defect))
+        for split, folder, count in groups:
             for i in range(count):
                 crops = normal_direction + rng.normal(size=(N_CROPS, dim)) / np.sqrt(dim)   # noise of norm ~1
                 if folder == "defect":
@@ -52,14 +61,13 @@ def write_synthetic_cache(cache_dir, shape=None, dim: int = 512, separation: flo
                     parent = 1 + (row // 2) * 2 + col // 2
                     for crop, strength in ((tile, 1.0), (parent, 0.5), (0, 0.25)):
                         crops[crop] += separation * strength * defect_direction
-                features.append(_unit(crops).astype(np.float16))
-                records.append(SimpleNamespace(category=category, defect_type=folder, split=split, label=int(folder != "good"),
-                                               relpath=f"{category}/{split}/{folder}/{i:03d}.png",
-                                               mask_relpath=""))
-                sizes.append((side, side))
-    for shard, start in enumerate(range(0, len(records), shard_size)):
-        chunk = slice(start, start + shard_size)
-        write_shard(Path(cache_dir) / f"features-000of001-{shard:05d}.h5",
-                    ShardRows(features=features[chunk], records=records[chunk], sizes=sizes[chunk]),
-                    meta, text, engine="synthetic")
+                rows.features.append(_unit(crops).astype(np.float16))
+                rows.records.append(SimpleNamespace(category=category, defect_type=folder, split=split,
+                                                    label=int(folder != "good"), mask_relpath="",
+                                                    relpath=f"{category}/{split}/{folder}/{i:03d}.png"))
+                rows.sizes.append((side, side))
+                if len(rows) == shard_size:
+                    flush()
+    if len(rows):
+        flush()
     return Path(cache_dir)
