@@ -182,6 +182,12 @@ def _comma_list(text, kind=str):
         raise click.BadParameter(f"{text!r}: expected a comma-separated list") from None
 
 
+_threads_option = click.option(
+    "--threads", default=1, show_default=True,
+    help="Torch threads per training run. More pay only on an idle machine (on a busy one they stall "
+         "each other); sweep --jobs fills the cores instead.")
+
+
 def _train_options(exclude=()):
     """One option per ``TrainConfig`` field; train/config.py holds every default."""
     from train.config import click_options
@@ -194,9 +200,7 @@ def _train_options(exclude=()):
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Run directory: checkpoint.pt, config.json, split.json, history.json.")
 @click.option("--force", is_flag=True, help="Overwrite a run directory that already holds a checkpoint.")
-@click.option("--threads", default=1, show_default=True,
-              help="Torch threads per training run (small matrices: more threads gain little and "
-                   "stall on a busy machine; use sweep --jobs to fill the cores).")
+@_threads_option
 @_train_options()
 @_fail_cleanly
 def train(cache_dir, out, force, threads, margin, **options):
@@ -230,9 +234,7 @@ def train(cache_dir, out, force, threads, margin, **options):
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Sweep directory: <margin>-seed<k>/ per run, summary.json, summary.md.")
 @click.option("--jobs", default=1, show_default=True, help="Runs trained in parallel worker processes.")
-@click.option("--threads", default=1, show_default=True,
-              help="Torch threads per training run (small matrices: more threads gain little and "
-                   "stall on a busy machine; use sweep --jobs to fill the cores).")
+@_threads_option
 @_train_options(exclude=("seed", "margin", "margin_base", "lambda_sigma", "lambda_res"))
 @_fail_cleanly
 def sweep(cache_dir, margins, seeds, out, jobs, threads, **options):
@@ -262,14 +264,13 @@ def sweep(cache_dir, margins, seeds, out, jobs, threads, **options):
 @click.option("--sweep", "with_sweep", is_flag=True, help="Also time the 3 margins × --seeds sweep.")
 @click.option("--seeds", default=5, show_default=True)
 @click.option("--jobs", default=2, show_default=True, help="Parallel sweep workers.")
-@click.option("--threads", default=1, show_default=True, help="Torch threads per training run.")
+@_threads_option
 @_fail_cleanly
 def bench_train(epochs, with_sweep, seeds, jobs, threads):
     """Time stage two on a synthetic cache of MVTec AD's shape (5,354 images × 21 × 512)."""
     from train.bench import run_train_bench
     for line in run_train_bench(epochs=epochs, sweep=with_sweep, seeds=seeds, jobs=jobs, threads=threads).lines():
         click.echo(line)
-
 
 
 # --- evaluation: evaluate, report, baseline, predict (issue 4) ---

@@ -11,6 +11,7 @@ so the weights are looked up in the local cache only (HF_HUB_OFFLINE=1) unless `
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -27,10 +28,13 @@ DEFAULT_EPOCHS = 25
 def weights_problem(model: str, pretrained: str) -> str | None:
     """None when ``model``/``pretrained`` loads on this machine, else the reason in one line."""
     from extract.encoder import WeightsUnavailableError, load_backbone
+    logging.disable(logging.ERROR)   # open_clip logs the failed download itself; the notice below says it plainly
     try:
         load_backbone(model, pretrained, device="cpu")
     except (WeightsUnavailableError, ValueError, FileNotFoundError) as err:
         return str(err).splitlines()[0][:300]
+    finally:
+        logging.disable(logging.NOTSET)
     return None
 
 

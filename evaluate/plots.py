@@ -74,7 +74,7 @@ def roc_curves(rows, scores: dict, path: Path, title: str) -> Path:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower right")
     _title(fig, f"{title}: ROC curves (first seed)", rows)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.9))   # leave room for the two-line title
     return _save(fig, path)
 
 
@@ -93,7 +93,7 @@ def score_histograms(rows, scores: dict, path: Path, title: str) -> Path:
         ax.legend(fontsize=7)
     axes.flat[0].set_ylabel("images")
     _title(fig, f"{title}: score distributions (first seed)", rows)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.9))   # leave room for the two-line title
     return _save(fig, path)
 
 
@@ -122,13 +122,14 @@ def _load_maps(row) -> dict | None:
 
 
 def _pick_examples(records: list[dict], maps: dict, count: int) -> list[dict]:
-    """Anomalous images from as many categories as possible, then one normal image."""
+    """Anomalous images of as many (category, defect type) pairs as possible, then one normal image."""
     with_map = [r for r in sorted(records, key=lambda r: (r["category"], r["relpath"])) if r["relpath"] in maps]
     anomalous, picked, seen = [r for r in with_map if r["label"] == "1"], [], set()
     for record in anomalous:
-        if record["category"] not in seen and len(picked) < count - 1:
+        kind = (record["category"], record["defect_type"])
+        if kind not in seen and len(picked) < count - 1:
             picked.append(record)
-            seen.add(record["category"])
+            seen.add(kind)
     picked += [r for r in anomalous if r not in picked][: count - 1 - len(picked)]
     picked += [r for r in with_map if r["label"] == "0"][:1]
     return picked
@@ -181,5 +182,5 @@ def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int)
             if c == 0:
                 ax.set_ylabel(f"{', '.join(labels)}\n{maps['description']}", fontsize=8)
     _title(fig, f"{title}: anomaly maps (brighter = more anomalous; cyan: defect mask)", rows)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.9))   # leave room for the two-line title
     return _save(fig, path), None
