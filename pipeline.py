@@ -398,9 +398,10 @@ def baseline_winclip(dataset, root, out, split_from, protocol, model, pretrained
 @backbone_options
 @click.option("--visual-weight", type=float, default=None, help="Weight of s_visual (default: the checkpoint's).")
 @click.option("--text-weight", type=float, default=None, help="Weight of s_text (default: the checkpoint's).")
+@engine_option
 @_fail_cleanly
 def predict(files, checkpoint, category, out, model, pretrained, weights, random_weights, device, visual_weight,
-            text_weight):
+            text_weight, engine):
     """Score new images (files or folders) with a trained checkpoint.
 
     Prints file, score and decision at the checkpoint's threshold; writes OUT/predictions.csv and a
@@ -413,7 +414,7 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
     if category not in trained.categories:
         click.secho(f"note: the checkpoint was trained on {', '.join(trained.categories)}, not {category!r}: "
                     "scoring it is a transfer, and the threshold was fitted on other categories.", fg="yellow", err=True)
-    backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
+    backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, engine)
     predictions = predict_files(files, checkpoint, category, out, backbone, visual_weight=visual_weight,
                                 text_weight=text_weight, progress=_show_progress())
     click.echo(prediction_table(predictions, threshold_for(trained, category)))

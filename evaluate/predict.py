@@ -85,6 +85,12 @@ def threshold_for(checkpoint, category: str) -> float:
     return float(threshold)
 
 
+def category_text(backbone, category: str) -> dict:
+    """The category's prompt embeddings encoded now by ``backbone``: {"normal": [P, D], "anomalous": [P, D]}."""
+    from extract.prompts import prompts_for
+    return {kind: backbone.encode_texts(prompts) for kind, prompts in prompts_for(category).items()}
+
+
 def _table_of(features: np.ndarray, category: str, text: dict, backbone, size: tuple[int, int]):
     """A one-image, in-memory ``FeatureTable`` of freshly encoded features, as ``score_table`` expects."""
     from cache import FeatureTable
@@ -120,7 +126,6 @@ def predict_files(inputs, checkpoint_path, category: str, out_dir, backbone, *, 
 
     from evaluate.localisation import maps_from_crop_scores, tile_text_scores
     from evaluate.run import score_weights
-    from extract.prompts import prompts_for
     from train.checkpoint import load_checkpoint
     from train.infer import score_table
 
@@ -129,7 +134,7 @@ def predict_files(inputs, checkpoint_path, category: str, out_dir, backbone, *, 
     threshold = threshold_for(checkpoint, category)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = {kind: backbone.encode_texts(prompts) for kind, prompts in prompts_for(category).items()}
+    text = category_text(backbone, category)
     weights = score_weights(checkpoint, visual_weight, text_weight)
     predictions = []
     for path in tqdm(collect_files(inputs), unit="img", desc="predict", disable=not progress):

@@ -21,6 +21,15 @@ MARGIN_FIELDS = ("margin_base", "lambda_sigma", "lambda_res")
 R_MAX_MODES = ("image", "category")   # or a number of pixels, e.g. "900" (the original constant)
 
 
+def _valid_r_max(value: str) -> bool:
+    if value in R_MAX_MODES:
+        return True
+    try:
+        return float(value) > 0
+    except ValueError:
+        return False
+
+
 def _option(default, help, **kwargs):
     return field(default=default, metadata={"help": help, **kwargs})
 
@@ -85,24 +94,10 @@ class TrainConfig:
             problems.append("temperature must be > 0")
         if not 0 < self.difficulty_min <= 1 <= self.difficulty_max:
             problems.append("need 0 < difficulty_min ≤ 1 ≤ difficulty_max")
-        try:
-            self.r_max_pixels()
-        except ValueError as err:
-            problems.append(str(err))
+        if not _valid_r_max(self.r_max):
+            problems.append(f"r_max {self.r_max!r}: expected image, category or a positive number of pixels")
         if problems:
             raise ValueError("invalid training configuration: " + "; ".join(problems))
-
-    def r_max_pixels(self) -> float | None:
-        """The constant r_max, or None when it follows the data ('image' or 'category')."""
-        if self.r_max in R_MAX_MODES:
-            return None
-        try:
-            value = float(self.r_max)
-        except ValueError:
-            raise ValueError(f"r_max {self.r_max!r}: expected image, category or a number of pixels") from None
-        if value <= 0:
-            raise ValueError(f"r_max {self.r_max!r} must be positive")
-        return value
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -121,12 +116,6 @@ def make_config(margin: str = "adaptive", **overrides) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown training options: {', '.join(sorted(unknown))}")
     return TrainConfig(margin=margin, **values)
-
-
-def config_from_dict(values: dict) -> TrainConfig:
-    """Inverse of ``TrainConfig.to_dict`` (ignores keys of newer versions it does not know)."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{key: value for key, value in values.items() if key in known})
 
 
 def click_options(exclude=()):

@@ -1,0 +1,123 @@
+"""``export``: a directory that scores images with ONNX Runtime alone — no torch, no RAML package.
+
+    <out>/encoder.onnx     the CLIP image encoder: a copy of the verified export ``--engine onnx`` runs
+                           (pixels [B, 3, S, S] float32 → L2-normalised embeddings [B, D])
+          head.onnx        the trained head with the categories' text tokens baked in:
+                           crops [B, 21, D] float32 and category [B] int64 (index into deploy.json's
+                           ``categories``) → visual [B] (s_visual) and text [B] (s_text)
+          deploy.json      the rest of the contract: input size, mean/std, crop layout, categories,
+                           thresholds, score weights, and the backbone and checkpoint it came from
+          predict_onnx.py  the standalone scorer (a copy of ``evaluate/predict_onnx.py``)
+
+s_final = visual_weight·visual + text_weight·text is left to the script, with deploy.json's
+weights, so that the weights live in one place. Like the encoder, the head graph is compared with
+the torch head (``train.infer``) before anything is written, and refused beyond
+``PARITY_TOLERANCE``. deploy.json is written last: a directory without it is an incomplete export.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cache import CROP_LAYOUT, N_CROPS
+from cache.store import atomic_write_text
+from extract.encoder import file_sha256
+from extract.onnx_engine import PARITY_TOLERANCE, OnnxEngineError, onnx_image_encoder
+
+DEPLOY_FORMAT = 1
+DEPLOY_JSON, ENCODER_FILE, HEAD_FILE, SCRIPT_FILE = "deploy.json", "encoder.onnx", "head.onnx", "predict_onnx.py"
+SCRIPT_TEMPLATE = Path(__file__).with_name("predict_onnx.py")
+HEAD_INPUTS, HEAD_OUTPUTS = ("crops", "category"), ("visual", "text")
+HEAD_CHECK_IMAGES = 8      # random feature sets compared with the torch head before head.onnx is accepted
+RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: this deployment was exported from a CLIP with random weights; "
+                          "every score it gives is meaningless. It exercises the deployment, nothing more.")
+
+
+class DeployedHead(torch.nn.Module):
+    """The graph of head.onnx: 21 fresh crop embeddings and a category index → s_visual, s_text,
+    exactly as ``predict`` scores them.
+
+    s_text is restated here in torch because ``train.infer.text_score`` is numpy and cannot be
+    traced; ``export_deployment`` compares both before writing, so the two cannot drift apart.
+    """
+
+    def __init__(self, head: torch.nn.Module, text_bank: np.ndarray):
+        super().__init__()
+        self.head = head
+        self.register_buffer("text_bank", torch.as_tensor(text_bank, dtype=torch.float32))  # [C, 2, D] unit tokens
+
+    def forward(self, crops: torch.Tensor, category: torch.Tensor):
+        # The cache stores features in float16 and predict scores them the same way (the head was
+        # trained on float16-rounded features): round here too, or scores differ by ~1e-4.
+        crops = crops.half().float()
+        _, logits = self.head(crops, self.text_bank, category)
+        from train.infer import CLIP_LOGIT_SCALE
+        cosines = torch.einsum("bd,bkd->bk", F.normalize(crops[:, 0], dim=-1), self.text_bank[category])
+        return torch.sigmoid(logits), torch.sigmoid(CLIP_LOGIT_SCALE * (cosines[:, 1] - cosines[:, 0]))
+
+
+def export_deployment(checkpoint_path, out_dir, backbone, *, categories=None, onnx_cache_root=None,
+                      log=print) -> dict:
+    """Write ``out_dir``'s deployment for ``backbone`` (that of the checkpoint); returns deploy.json's content.
+
+    ``categories`` (default: the checkpoint's) are baked into head.onnx in this order. Raises
+    ``ValueError`` when the backbone is not the checkpoint's, ``OnnxEngineError`` when a graph
+    does not match torch.
+    """
+    from evaluate.predict import category_text, check_backbone, threshold_for
+    from evaluate.run import score_weights
+    from train.checkpoint import load_checkpoint
+    from train.infer import text_tokens
+
+    start = time.perf_counter()
+    checkpoint = load_checkpoint(checkpoint_path)
+    check_backbone(checkpoint, backbone)
+    categories = list(dict.fromkeys(categories or checkpoint.categories))
+    thresholds = {category: threshold_for(checkpoint, category) for category in categories}
+    untrained = [c for c in categories if c not in checkpoint.categories]
+    if untrained:
+        log(f"note: the checkpoint was trained on {', '.join(checkpoint.categories)}, not on {', '.join(untrained)}: "
+            "scoring those is a transfer, and their threshold was fitted on other categories.")
+    encoder = onnx_image_encoder(backbone, cache_root=onnx_cache_root)
+    text = {category: category_text(backbone, category) for category in categories}
+    bank = text_tokens(text, categories)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEPLOY_JSON).unlink(missing_ok=True)  # until the new one is written, the directory reads as incomplete
+    _replace_with_copy(encoder.path, out / ENCODER_FILE)
+    head_diff = _export_head(DeployedHead(checkpoint.model, bank).eval(), checkpoint, text, categories,
+                             out / HEAD_FILE)
+    _replace_with_copy(SCRIPT_TEMPLATE, out / SCRIPT_FILE)
+    deploy = {
+        "format": DEPLOY_FORMAT,
+        "random_weights": bool(backbone.random_weights),
+        **({"warning": RANDOM_WEIGHTS_WARNING} if backbone.random_weights else {}),
+        "backbone": backbone.name, "weights": backbone.weights,
+        "input_size": backbone.input_size, "embed_dim": backbone.embed_dim,
+        "mean": list(backbone.mean), "std": list(backbone.std), "resize": "bicubic",
+        "crop_layout": [list(grid) for grid in CROP_LAYOUT],
+        "crop_order": "whole image, then each grid row-major; tile edges at floor(k*side/n), cut from the "
+                      "original image; every tile resized to input_size x input_size",
+        "categories": categories,
+        "thresholds": thresholds,
+        "threshold_is": "F1-max of the final score on the checkpoint's training images (optimistic)",
+        "score_weights": {"visual": float(w) for w in ()} or _weights(score_weights(checkpoint, None, None)),
+        "encoder": {"file": ENCODER_FILE, "input": "pixels", "output": "embedding",
+                    **_file_facts(out / ENCODER_FILE), "max_abs_diff_vs_torch": encoder.meta["max_abs_diff"]},
+        "head": {"file": HEAD_FILE, "inputs": list(HEAD_INPUTS), "outputs": list(HEAD_OUTPUTS),
+                 **_file_facts(out / HEAD_FILE), "max_abs_diff_vs_torch": head_diff},
+        "trained_categories": list(checkpoint.categories),
+        "checkpoint": str(checkpoint.path.resolve()), "checkpoint_sha256": file_sha256(checkpoint.path),
+        "exported": time.strftime("%Y-%m-%dT%H:%M:%S"), "export_seconds": round(time.perf_counter() - start, 1),
+        "versions": encoder.meta.get("versions", {}),
+    }
+    atomic_write_text(out / DEPLOY_JSON, json.dumps(deploy, indent=2))
+    return deploy
