@@ -446,5 +446,39 @@ def demo(out, limit, epochs, model, pretrained, online, random_weights):
 # --- deployment: export (issue 5) ---
 
 
+@cli.command()
+@click.option("--checkpoint", required=True, type=click.Path(exists=True), help="Training run directory or checkpoint.pt.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Deployment directory (created; an earlier export in it is replaced).")
+@click.option("--categories", default=None, help="Comma-separated categories to bake in (default: the checkpoint's).")
+@backbone_options
+@_fail_cleanly
+def export(checkpoint, out, categories, model, pretrained, weights, random_weights, device):
+    """Write a deployment that needs no torch: encoder.onnx, head.onnx, deploy.json, predict_onnx.py.
+
+    The backbone options must be those the checkpoint was trained with. Then, with only
+    onnxruntime, numpy and pillow: python OUT/predict_onnx.py part.png [--category bottle].
+    """
+    from evaluate.export import export_deployment
+    from evaluate.predict import check_backbone_options
+    from extract.onnx_engine import OnnxEngineError
+    from train.checkpoint import load_checkpoint
+    check_backbone_options(load_checkpoint(checkpoint).fingerprint, model, random_weights)  # before loading CLIP
+    backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
+    try:
+        deploy = export_deployment(checkpoint, out, backbone, categories=_comma_list(categories) if categories else None,
+                                   log=lambda line: click.secho(line, fg="yellow", err=True))
+    except OnnxEngineError as err:
+        raise UserError(str(err)) from err
+    thresholds = ", ".join(f"{c} {t:.4f}" for c, t in deploy["thresholds"].items())
+    click.echo(f"export: {deploy['backbone']} ({deploy['weights']}), categories {', '.join(deploy['categories'])}; "
+               f"thresholds {thresholds}; max |onnx - torch|: encoder {deploy['encoder']['max_abs_diff_vs_torch']:.1e}, "
+               f"head {deploy['head']['max_abs_diff_vs_torch']:.1e}; {deploy['export_seconds']} s → {out}")
+    click.echo(f"  run it with: python {os.path.join(out, 'predict_onnx.py')} IMAGE... "
+               "(needs only onnxruntime, numpy, pillow)")
+    if deploy["random_weights"]:
+        click.secho(deploy["warning"], fg="yellow")
+
+
 if __name__ == "__main__":
     cli()

@@ -69,8 +69,9 @@ def run_demo(run_command, out_dir, *, model: str, pretrained: str, limit: int = 
     # --workers 0: decoding a 250-px image is cheap; worker processes would only compete with CLIP for the cores
     steps = [["extract", "--dataset", "textile", "--cache-dir", str(cache), *weights, "--limit", str(limit),
               "--workers", "0"]]
+    # --force: a second `make demo` retrains (seconds) instead of stopping at the first run's output
     steps += [["train", "--cache-dir", str(cache), "--margin", margin, "--epochs", str(epochs),
-               "--out", str(runs / margin)] for margin in MARGINS]
+               "--out", str(runs / margin), "--force"] for margin in MARGINS]
     steps += [["evaluate", *(a for margin in MARGINS for a in ("--checkpoint", str(runs / margin))),
                "--cache-dir", str(cache), "--out", str(results / "textile")],
               ["report", str(results), "--out", str(report)]]

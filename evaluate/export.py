@@ -28,8 +28,13 @@ import torch.nn.functional as F
 
 from cache import CROP_LAYOUT, N_CROPS
 from cache.store import atomic_write_text
+from evaluate.predict import category_text, check_backbone, threshold_for
+from evaluate.run import score_weights
 from extract.encoder import file_sha256
 from extract.onnx_engine import PARITY_TOLERANCE, OnnxEngineError, onnx_image_encoder
+from extract.pyramid import MIN_IMAGE_SIDE
+from train.checkpoint import load_checkpoint
+from train.infer import CLIP_LOGIT_SCALE, text_score, text_tokens, visual_score
 
 DEPLOY_FORMAT = 1
 DEPLOY_JSON, ENCODER_FILE, HEAD_FILE, SCRIPT_FILE = "deploy.json", "encoder.onnx", "head.onnx", "predict_onnx.py"
@@ -58,7 +63,6 @@ class DeployedHead(torch.nn.Module):
         # trained on float16-rounded features): round here too, or scores differ by ~1e-4.
         crops = crops.half().float()
         _, logits = self.head(crops, self.text_bank, category)
-        from train.infer import CLIP_LOGIT_SCALE
         cosines = torch.einsum("bd,bkd->bk", F.normalize(crops[:, 0], dim=-1), self.text_bank[category])
         return torch.sigmoid(logits), torch.sigmoid(CLIP_LOGIT_SCALE * (cosines[:, 1] - cosines[:, 0]))
 
@@ -71,10 +75,6 @@ def export_deployment(checkpoint_path, out_dir, backbone, *, categories=None, on
     ``ValueError`` when the backbone is not the checkpoint's, ``OnnxEngineError`` when a graph
     does not match torch.
     """
-    from evaluate.predict import category_text, check_backbone, threshold_for
-    from evaluate.run import score_weights
-    from train.checkpoint import load_checkpoint
-    from train.infer import text_tokens
 
     start = time.perf_counter()
     checkpoint = load_checkpoint(checkpoint_path)
@@ -88,6 +88,7 @@ def export_deployment(checkpoint_path, out_dir, backbone, *, categories=None, on
     encoder = onnx_image_encoder(backbone, cache_root=onnx_cache_root)
     text = {category: category_text(backbone, category) for category in categories}
     bank = text_tokens(text, categories)
+    weights = score_weights(checkpoint, None, None)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,12 +105,13 @@ def export_deployment(checkpoint_path, out_dir, backbone, *, categories=None, on
         "input_size": backbone.input_size, "embed_dim": backbone.embed_dim,
         "mean": list(backbone.mean), "std": list(backbone.std), "resize": "bicubic",
         "crop_layout": [list(grid) for grid in CROP_LAYOUT],
+        "min_image_side": MIN_IMAGE_SIDE,
         "crop_order": "whole image, then each grid row-major; tile edges at floor(k*side/n), cut from the "
                       "original image; every tile resized to input_size x input_size",
         "categories": categories,
         "thresholds": thresholds,
         "threshold_is": "F1-max of the final score on the checkpoint's training images (optimistic)",
-        "score_weights": {"visual": float(w) for w in ()} or _weights(score_weights(checkpoint, None, None)),
+        "score_weights": {"visual": float(weights["visual_weight"]), "text": float(weights["text_weight"])},
         "encoder": {"file": ENCODER_FILE, "input": "pixels", "output": "embedding",
                     **_file_facts(out / ENCODER_FILE), "max_abs_diff_vs_torch": encoder.meta["max_abs_diff"]},
         "head": {"file": HEAD_FILE, "inputs": list(HEAD_INPUTS), "outputs": list(HEAD_OUTPUTS),
@@ -121,3 +123,58 @@ def export_deployment(checkpoint_path, out_dir, backbone, *, categories=None, on
     }
     atomic_write_text(out / DEPLOY_JSON, json.dumps(deploy, indent=2))
     return deploy
+
+
+def _export_head(module: DeployedHead, checkpoint, text: dict, categories: list, path: Path) -> float:
+    """Export ``module`` to ``path`` (replacing it) once ONNX Runtime's scores match the torch head's
+    (``train.infer``) on random features; returns the max abs difference."""
+    import onnxruntime
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    batch = torch.export.Dim("batch")
+    dim = module.text_bank.shape[-1]
+    example = (torch.randn(2, N_CROPS, dim), torch.zeros(2, dtype=torch.long))  # 2: size-1 dims get specialised
+    try:
+        try:
+            torch.onnx.export(module, example, str(tmp), input_names=list(HEAD_INPUTS), output_names=list(HEAD_OUTPUTS),
+                              dynamic_shapes={"crops": {0: batch}, "category": {0: batch}}, external_data=False,
+                              dynamo=True, verbose=False)
+        except Exception as err:  # the exporter raises many types, all meaning "this head does not export"
+            raise OnnxEngineError(f"torch.onnx could not export the head of {checkpoint.path}: {err}") from err
+        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        diff = _head_difference(session, checkpoint.model, module.text_bank.numpy(), text, categories)
+        if not diff <= PARITY_TOLERANCE:  # written so that NaN fails too
+            raise OnnxEngineError(f"the ONNX head of {checkpoint.path} does not match the torch head: max abs "
+                                  f"difference {diff:.2e} on {HEAD_CHECK_IMAGES} random images, tolerance "
+                                  f"{PARITY_TOLERANCE:g}. Nothing was written to {path.parent}.")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return diff
+
+
+def _head_difference(session, head, bank: np.ndarray, text: dict, categories: list) -> float:
+    """Max abs difference of s_visual and s_text between ``session`` and ``train.infer`` on random unit
+    features, given to the graph in float32 and to ``train.infer`` rounded to float16 as predict does."""
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((HEAD_CHECK_IMAGES, N_CROPS, bank.shape[-1])).astype(np.float32)
+    features /= np.linalg.norm(features, axis=-1, keepdims=True)
+    index = np.arange(HEAD_CHECK_IMAGES) % len(categories)
+    visual, text_scores = session.run(list(HEAD_OUTPUTS), {"crops": features, "category": index.astype(np.int64)})
+    stored = features.astype(np.float16)
+    want_visual = visual_score(head, stored, bank, index)
+    want_text = text_score(stored[:, 0], text, np.asarray(categories)[index])
+    return float(max(np.abs(visual - want_visual).max(), np.abs(text_scores - want_text).max()))
+
+
+def _replace_with_copy(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _file_facts(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}

@@ -1,0 +1,105 @@
+"""Score images with a RAML deployment (``python pipeline.py export``), using only onnxruntime,
+numpy and pillow — no torch, no RAML package.
+
+    python predict_onnx.py part.png [more.png ...] [--category bottle]
+
+Prints file, score (s_final) and the decision at the exported threshold, one line per file; a
+file that cannot be scored gets an ERROR line and the exit status is 1. The deployment
+(deploy.json, encoder.onnx, head.onnx) is read from this script's directory.
+
+The one deliberate copy of RAML code: ``load_rgb`` and ``pyramid_pixels`` restate
+extract/pyramid.py, because a deployment cannot import the package. tests/test_export.py checks
+that both give identical pixels and that this script reproduces ``predict``'s scores.
+(``export`` copies this file unchanged from evaluate/predict_onnx.py in the RAML repository.)
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+def load_rgb(path, min_side):
+    """Decode as 8-bit RGB; 16-bit grey is scaled to 8 bits (PIL's own conversion clips at 255)."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in SIXTEEN_BIT_MODES:
+            values = np.asarray(image, np.float64)
+            if values.min() < 0 or values.max() > 65535:
+                raise ValueError(f"unsupported mode {image.mode} with values outside 0..65535")
+            rgb = Image.fromarray(np.round(values / 257.0).astype(np.uint8), "L").convert("RGB")
+        else:
+            rgb = image.convert("RGB")
+    if min(rgb.size) < min_side:
+        raise ValueError(f"too small ({rgb.width}x{rgb.height} px); the finest grid needs {min_side} px a side")
+    return rgb
+
+
+def pyramid_pixels(image, size, mean, std, layout):
+    """The crops [N, 3, size, size]: per grid (rows, cols), row-major tiles with edges at
+    floor(k·side/n), cut from the original image, bicubic-resized to size x size, normalised."""
+    mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
+    std = np.asarray(std, np.float32).reshape(3, 1, 1)
+    width, height = image.size
+    crops = []
+    for rows, cols in layout:
+        for r in range(rows):
+            for c in range(cols):
+                box = (c * width // cols, r * height // rows, (c + 1) * width // cols, (r + 1) * height // rows)
+                tile = image.crop(box).resize((size, size), Image.BICUBIC)
+                crops.append((np.asarray(tile, np.float32).transpose(2, 0, 1) / 255.0 - mean) / std)
+    return np.stack(crops)
+
+
+def open_graph(deploy, part):
+    path = HERE / deploy[part]["file"]
+    if path.stat().st_size != deploy[part]["bytes"]:
+        sys.exit(f"{path}: not the file {HERE / 'deploy.json'} describes (size differs); export again")
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: the optimiser's notes about the graph are harmless
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def main(argv=None):
+    deploy = json.loads((HERE / "deploy.json").read_text())
+    categories = deploy["categories"]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("images", nargs="+", help="image files to score")
+    parser.add_argument("--category", default=categories[0] if len(categories) == 1 else None,
+                        help=f"what the images show: one of {', '.join(categories)}")
+    args = parser.parse_args(argv)
+    if args.category not in categories:
+        parser.error(f"--category: one of {', '.join(categories)} (the categories exported to {HERE})")
+    if deploy["random_weights"]:
+        print(f"warning: {deploy['warning']}", file=sys.stderr)
+    encoder, head = open_graph(deploy, "encoder"), open_graph(deploy, "head")
+    category = np.array([categories.index(args.category)], np.int64)
+    threshold, weights = deploy["thresholds"][args.category], deploy["score_weights"]
+    width = max(len(name) for name in args.images)
+    print(f"{'file':<{width}}  {'score':>8}  decision (threshold {threshold:.6f})")
+    failed = 0
+    for name in args.images:
+        try:
+            crops = pyramid_pixels(load_rgb(name, deploy["min_image_side"]), deploy["input_size"], deploy["mean"], deploy["std"],
+                                   deploy["crop_layout"])
+            embeddings = encoder.run(None, {"pixels": crops})[0]
+            visual, text = head.run(None, {"crops": embeddings[None], "category": category})
+        except Exception as err:  # PIL and onnxruntime raise many types; each is one file's failure
+            failed += 1
+            print(f"{name:<{width}}  {'-':>8}  ERROR: {name}: {err}")
+            continue
+        score = float(weights["visual"] * visual[0] + weights["text"] * text[0])
+        print(f"{name:<{width}}  {score:8.6f}  {'ANOMALOUS' if score >= threshold else 'normal'}")
+    if deploy["random_weights"]:
+        print("RANDOM WEIGHTS: these scores are NOT MEANINGFUL.")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
