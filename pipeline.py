@@ -447,10 +447,12 @@ def demo(out, limit, epochs, model, pretrained, online, random_weights):
 
 
 @cli.command()
-@click.option("--checkpoint", required=True, type=click.Path(exists=True), help="Training run directory or checkpoint.pt.")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True),
+              help="Training run directory or checkpoint.pt.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Deployment directory (created; an earlier export in it is replaced).")
-@click.option("--categories", default=None, help="Comma-separated categories to bake in (default: the checkpoint's).")
+@click.option("--categories", default=None,
+              help="Comma-separated categories to bake in (default: the checkpoint's).")
 @backbone_options
 @_fail_cleanly
 def export(checkpoint, out, categories, model, pretrained, weights, random_weights, device):
@@ -466,14 +468,16 @@ def export(checkpoint, out, categories, model, pretrained, weights, random_weigh
     check_backbone_options(load_checkpoint(checkpoint).fingerprint, model, random_weights)  # before loading CLIP
     backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
     try:
-        deploy = export_deployment(checkpoint, out, backbone, categories=_comma_list(categories) if categories else None,
+        deploy = export_deployment(checkpoint, out, backbone,
+                                   categories=_comma_list(categories) if categories else None,
                                    log=lambda line: click.secho(line, fg="yellow", err=True))
     except OnnxEngineError as err:
         raise UserError(str(err)) from err
     thresholds = ", ".join(f"{c} {t:.4f}" for c, t in deploy["thresholds"].items())
+    encoder_diff, head_diff = (deploy[part]["max_abs_diff_vs_torch"] for part in ("encoder", "head"))
     click.echo(f"export: {deploy['backbone']} ({deploy['weights']}), categories {', '.join(deploy['categories'])}; "
-               f"thresholds {thresholds}; max |onnx - torch|: encoder {deploy['encoder']['max_abs_diff_vs_torch']:.1e}, "
-               f"head {deploy['head']['max_abs_diff_vs_torch']:.1e}; {deploy['export_seconds']} s → {out}")
+               f"thresholds {thresholds}; max |onnx - torch|: encoder {encoder_diff:.1e}, head {head_diff:.1e}; "
+               f"{deploy['export_seconds']} s → {out}")
     click.echo(f"  run it with: python {os.path.join(out, 'predict_onnx.py')} IMAGE... "
                "(needs only onnxruntime, numpy, pillow)")
     if deploy["random_weights"]:

@@ -67,6 +67,8 @@ def open_graph(deploy, part):
 
 
 def main(argv=None):
+    if not (HERE / "deploy.json").is_file():
+        sys.exit(f"{HERE / 'deploy.json'} is missing: an incomplete export; run python pipeline.py export again")
     deploy = json.loads((HERE / "deploy.json").read_text())
     categories = deploy["categories"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -75,7 +77,8 @@ def main(argv=None):
                         help=f"what the images show: one of {', '.join(categories)}")
     args = parser.parse_args(argv)
     if args.category not in categories:
-        parser.error(f"--category: one of {', '.join(categories)} (the categories exported to {HERE})")
+        given = "is needed:" if args.category is None else f"{args.category}: not exported to {HERE};"
+        parser.error(f"--category {given} one of {', '.join(categories)}")
     if deploy["random_weights"]:
         print(f"warning: {deploy['warning']}", file=sys.stderr)
     encoder, head = open_graph(deploy, "encoder"), open_graph(deploy, "head")
@@ -86,8 +89,8 @@ def main(argv=None):
     failed = 0
     for name in args.images:
         try:
-            crops = pyramid_pixels(load_rgb(name, deploy["min_image_side"]), deploy["input_size"], deploy["mean"], deploy["std"],
-                                   deploy["crop_layout"])
+            image = load_rgb(name, deploy["min_image_side"])
+            crops = pyramid_pixels(image, deploy["input_size"], deploy["mean"], deploy["std"], deploy["crop_layout"])
             embeddings = encoder.run(None, {"pixels": crops})[0]
             visual, text = head.run(None, {"crops": embeddings[None], "category": category})
         except Exception as err:  # PIL and onnxruntime raise many types; each is one file's failure

@@ -17,7 +17,6 @@ change the last bits).
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from cache import FeatureTable
+from cache.store import atomic_write_text
 from train.checkpoint import save_checkpoint
 from train.config import TrainConfig
 from train.infer import f1_max_threshold, score_rows, text_tokens
@@ -176,6 +176,4 @@ def write_run(run_dir, trained: TrainedHead) -> Path:
 
 
 def write_json(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False))
