@@ -2,8 +2,8 @@
 
 Stage one:  extract                       images → HDF5 feature shards (runs CLIP once per image)
 Stage two:  train, sweep                  cached features → RAML head
-            evaluate, report, baseline, predict
-Tools:      info, bench extract
+            evaluate, report, baseline, predict, export, demo
+Tools:      info, bench extract, bench train
 """
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ import click
 # open_clip retries a failing download for ~45 s; RAML_OFFLINE=1 (or HF_HUB_OFFLINE=1) fails at once.
 if os.environ.get("RAML_OFFLINE") == "1":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _show_progress() -> bool:
+    """Progress bars on a terminal (or with RAML_PROGRESS=1), not in logs and pipes."""
+    return sys.stderr.isatty() or os.environ.get("RAML_PROGRESS") == "1"
 
 
 class UserError(click.ClickException):
@@ -44,10 +49,19 @@ def cli():
     """RAML: industrial anomaly detection with a 21-crop CLIP pyramid and a small trained head."""
 
 
+def _with(options):
+    """Apply a list of click options to a command, in the order listed."""
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return decorate
+
+
 def backbone_options(func):
     """Options naming the CLIP backbone; shared by every command that runs the image encoder."""
     from extract.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED
-    options = [
+    return _with([
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
                      help="open_clip model name, or path to an open_clip model-config JSON."),
         click.option("--pretrained", default=DEFAULT_PRETRAINED, show_default=True,
@@ -57,10 +71,7 @@ def backbone_options(func):
         click.option("--random-weights", is_flag=True,
                      help="Seeded random weights: exercises the pipeline; results are meaningless."),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    ])(func)
 
 
 def load_backbone_from(model, pretrained, weights, random_weights, device):
@@ -118,7 +129,7 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
         lambda: load_engine_backbone(model, pretrained, weights, random_weights, device, engine),
         categories=categories.split(",") if categories else None, batch_size=batch_size, workers=workers,
         limit=limit, skip_bad=skip_bad, shard=shard, shard_size=shard_size, retry_skipped=retry_skipped,
-        progress=sys.stderr.isatty() or os.environ.get("RAML_PROGRESS") == "1")
+        progress=_show_progress())
     click.echo(summary.line())
     for path, reason in summary.skipped:
         click.echo(f"  skipped {path}: {reason}")
@@ -276,9 +287,6 @@ def bench_train(epochs, with_sweep, seeds, jobs, threads):
 # --- evaluation: evaluate, report, baseline, predict (issue 4) ---
 
 
-def _show_progress() -> bool:
-    return sys.stderr.isatty() or os.environ.get("RAML_PROGRESS") == "1"
-
 
 def _echo_entries(path, entries) -> None:
     """A one-line summary per configuration, then where the files are."""
@@ -301,14 +309,6 @@ bootstrap_options = [
                  help="Bootstrap resamples for the AUROC 95 % CI."),
     click.option("--bootstrap-seed", default=0, show_default=True, help="Seed of the bootstrap resampling."),
 ]
-
-
-def _with(options):
-    def decorate(func):
-        for option in reversed(options):
-            func = option(func)
-        return func
-    return decorate
 
 
 @cli.command()
@@ -398,10 +398,12 @@ def baseline_winclip(dataset, root, out, split_from, protocol, model, pretrained
 @backbone_options
 @click.option("--visual-weight", type=float, default=None, help="Weight of s_visual (default: the checkpoint's).")
 @click.option("--text-weight", type=float, default=None, help="Weight of s_text (default: the checkpoint's).")
+@click.option("--heatmaps/--no-heatmaps", default=True, show_default=True,
+              help="Write a heatmap PNG per image (~0.2 s each on a CPU).")
 @engine_option
 @_fail_cleanly
 def predict(files, checkpoint, category, out, model, pretrained, weights, random_weights, device, visual_weight,
-            text_weight, engine):
+            text_weight, heatmaps, engine):
     """Score new images (files or folders) with a trained checkpoint.
 
     Prints file, score and decision at the checkpoint's threshold; writes OUT/predictions.csv and a
@@ -416,11 +418,11 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
                     "scoring it is a transfer, and the threshold was fitted on other categories.", fg="yellow", err=True)
     backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, engine)
     predictions = predict_files(files, checkpoint, category, out, backbone, visual_weight=visual_weight,
-                                text_weight=text_weight, progress=_show_progress())
+                                text_weight=text_weight, heatmaps=heatmaps, progress=_show_progress())
     click.echo(prediction_table(predictions, threshold_for(trained, category)))
     if backbone.random_weights:
         click.secho("RANDOM WEIGHTS: these scores are NOT MEANINGFUL.", fg="yellow")
-    click.echo(f"→ {out}/predictions.csv and {out}/*_heatmap.png")
+    click.echo(f"→ {out}/predictions.csv" + (f" and {out}/*_heatmap.png" if heatmaps else ""))
     failed = [p for p in predictions if p.error]
     if failed:
         raise UserError(f"{len(failed)} of {len(predictions)} files could not be scored (see ERROR lines above)")

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from cache import CROP_LAYOUT, N_CROPS
 from cache.store import atomic_write_text
-from evaluate.predict import category_text, check_backbone, threshold_for
+from evaluate.predict import check_backbone, threshold_for
+from extract.prompts import encode_prompts
 from evaluate.run import score_weights
 from extract.encoder import file_sha256
 from extract.onnx_engine import PARITY_TOLERANCE, OnnxEngineError, onnx_image_encoder
@@ -86,7 +87,7 @@ def export_deployment(checkpoint_path, out_dir, backbone, *, categories=None, on
         log(f"note: the checkpoint was trained on {', '.join(checkpoint.categories)}, not on {', '.join(untrained)}: "
             "scoring those is a transfer, and their threshold was fitted on other categories.")
     encoder = onnx_image_encoder(backbone, cache_root=onnx_cache_root)
-    text = {category: category_text(backbone, category) for category in categories}
+    text = {category: encode_prompts(backbone, category) for category in categories}
     bank = text_tokens(text, categories)
     weights = score_weights(checkpoint, None, None)
 

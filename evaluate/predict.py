@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from extract.datasets import is_image
+from extract.prompts import encode_prompts
 from extract.pyramid import BadImageError, load_rgb, pyramid_pixels
 
 PREDICTIONS_CSV = "predictions.csv"
@@ -85,12 +86,6 @@ def threshold_for(checkpoint, category: str) -> float:
     return float(threshold)
 
 
-def category_text(backbone, category: str) -> dict:
-    """The category's prompt embeddings encoded now by ``backbone``: {"normal": [P, D], "anomalous": [P, D]}."""
-    from extract.prompts import prompts_for
-    return {kind: backbone.encode_texts(prompts) for kind, prompts in prompts_for(category).items()}
-
-
 def _table_of(features: np.ndarray, category: str, text: dict, backbone, size: tuple[int, int]):
     """A one-image, in-memory ``FeatureTable`` of freshly encoded features, as ``score_table`` expects."""
     from cache import FeatureTable
@@ -120,8 +115,8 @@ def _save_heatmap(path: Path, image, anomaly_map: np.ndarray, prediction: Predic
 
 
 def predict_files(inputs, checkpoint_path, category: str, out_dir, backbone, *, visual_weight=None,
-                  text_weight=None, progress: bool = True) -> list[Prediction]:
-    """Score every file; write predictions.csv and one heatmap PNG per scored image."""
+                  text_weight=None, heatmaps: bool = True, progress: bool = True) -> list[Prediction]:
+    """Score every file; write predictions.csv and (``heatmaps``) one heatmap PNG per scored image."""
     from tqdm import tqdm
 
     from evaluate.localisation import maps_from_crop_scores, tile_text_scores
@@ -134,7 +129,7 @@ def predict_files(inputs, checkpoint_path, category: str, out_dir, backbone, *, 
     threshold = threshold_for(checkpoint, category)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = category_text(backbone, category)
+    text = encode_prompts(backbone, category)
     weights = score_weights(checkpoint, visual_weight, text_weight)
     predictions = []
     for path in tqdm(collect_files(inputs), unit="img", desc="predict", disable=not progress):
@@ -154,6 +149,8 @@ def predict_files(inputs, checkpoint_path, category: str, out_dir, backbone, *, 
         scores = score_table(checkpoint, table, **weights)
         prediction.final, prediction.visual, prediction.text = (float(scores[k][0]) for k in ("final", "visual", "text"))
         prediction.anomalous = prediction.final >= threshold
+        if not heatmaps:
+            continue
         prediction.heatmap = _unused(out_dir / f"{path.stem}_heatmap.png", {p.heatmap for p in predictions})
         _save_heatmap(prediction.heatmap, image, maps_from_crop_scores(tile_text_scores(table))[0], prediction,
                       threshold, backbone.random_weights)

@@ -29,3 +29,8 @@ def prompt_spec() -> dict:
     """The prompt recipe as recorded in a cache's fingerprint."""
     return {"normal_states": list(NORMAL_STATES), "anomalous_states": list(ANOMALOUS_STATES),
             "templates": list(TEMPLATES)}
+
+
+def encode_prompts(backbone, category: str) -> dict:
+    """The category's prompt embeddings by ``backbone``: {"normal": [P, D], "anomalous": [P, D]}."""
+    return {kind: backbone.encode_texts(prompts) for kind, prompts in prompts_for(category).items()}

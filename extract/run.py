@@ -22,7 +22,7 @@ from cache import ShardRows, claim_cache, fingerprint, read_cache, write_shard
 from cache.store import next_shard_path, remove_partial_shards
 from extract.datasets import ImageRecord, read_dataset
 from extract.encoder import ClipBackbone
-from extract.prompts import prompt_spec, prompts_for
+from extract.prompts import encode_prompts, prompt_spec
 from extract.pyramid import BadImageError, load_rgb, pyramid_pixels
 
 CODE_VERSION = "0.1.0"
@@ -119,8 +119,7 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, categori
         summary.seconds = time.perf_counter() - start
         return summary
 
-    text = {c: {kind: backbone.encode_texts(prompts) for kind, prompts in prompts_for(c).items()}
-            for c in sorted({r.category for r in pending})}
+    text = {c: encode_prompts(backbone, c) for c in sorted({r.category for r in pending})}
     chunks = [pending[i:i + shard_size] for i in range(0, len(pending), shard_size)]
     batches, offset = [], 0
     for chunk in chunks:
