@@ -53,6 +53,9 @@ except ImportError:  # Windows: no lock; each file is still replaced atomically 
     fcntl = None
 
 
+CPU_CROPS_PER_RUN = 8  # see OnnxImageEncoder.encode
+
+
 class OnnxEngineError(RuntimeError):
     """The ONNX engine cannot run: a package is missing, or an export does not match torch."""
 
@@ -68,9 +71,17 @@ class OnnxImageEncoder:
     max_abs_diff: float        # measured against torch when this session was opened
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
-        """[B, 3, S, S] normalised pixels → [B, D] float32 L2-normalised embeddings."""
+        """[B, 3, S, S] normalised pixels → [B, D] float32 L2-normalised embeddings.
+
+        On the CPU the crops go through in runs of ``CPU_CROPS_PER_RUN``: ViT-B/16 measured 1.85 s
+        per image (21 crops) in runs of 8 against 2.54 s in one run of 168, whose activations no
+        longer fit the caches. GPUs take the whole batch.
+        """
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
+        step = CPU_CROPS_PER_RUN if self.provider == "CPUExecutionProvider" else len(pixels)
+        runs = [self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels[i:i + step]})[0]
+                for i in range(0, len(pixels), max(step, 1))]
+        return np.concatenate(runs) if runs else np.zeros((0, self.meta["embed_dim"]), np.float32)
 
 
 @dataclass(kw_only=True)
