@@ -320,8 +320,8 @@ bootstrap_options = [
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory for the results files.")
 @click.option("--protocol", type=click.Choice(["holdout", "transfer", "official"]), default=None,
               help="Default: holdout on the cache the model was trained on, transfer on any other.")
-@click.option("--visual-weight", type=float, default=None, help="Weight of s_visual (default: the checkpoint's, 0.85).")
-@click.option("--text-weight", type=float, default=None, help="Weight of s_text (default: the checkpoint's, 0.15).")
+@click.option("--visual-weight", type=float, default=None, help="Weight of s_visual (default: the checkpoint's).")
+@click.option("--text-weight", type=float, default=None, help="Weight of s_text (default: the checkpoint's).")
 @click.option("--name", default=None, help="Name of the configuration in the results (default: the run directory's).")
 @_with(bootstrap_options)
 @_fail_cleanly
@@ -417,7 +417,7 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
         click.secho(f"note: the checkpoint was trained on {', '.join(trained.categories)}, not {category!r}: "
                     "scoring it is a transfer, and the threshold was fitted on other categories.", fg="yellow", err=True)
     backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, engine)
-    predictions = predict_files(files, checkpoint, category, out, backbone, visual_weight=visual_weight,
+    predictions = predict_files(files, trained, category, out, backbone, visual_weight=visual_weight,
                                 text_weight=text_weight, heatmaps=heatmaps, progress=_show_progress())
     click.echo(prediction_table(predictions, threshold_for(trained, category)))
     if backbone.random_weights:
@@ -467,10 +467,11 @@ def export(checkpoint, out, categories, model, pretrained, weights, random_weigh
     from evaluate.predict import check_backbone_options
     from extract.onnx_engine import OnnxEngineError
     from train.checkpoint import load_checkpoint
-    check_backbone_options(load_checkpoint(checkpoint).fingerprint, model, random_weights)  # before loading CLIP
+    trained = load_checkpoint(checkpoint)
+    check_backbone_options(trained.fingerprint, model, random_weights)  # before loading CLIP
     backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
     try:
-        deploy = export_deployment(checkpoint, out, backbone,
+        deploy = export_deployment(trained, out, backbone,
                                    categories=_comma_list(categories) if categories else None,
                                    log=lambda line: click.secho(line, fg="yellow", err=True))
     except OnnxEngineError as err:

@@ -28,15 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from cache import CROP_LAYOUT, N_CROPS
-from cache.store import atomic_write_text
+from cache.store import atomic_write, atomic_write_text
 from evaluate.predict import check_backbone, threshold_for
-from extract.prompts import encode_prompts
-from evaluate.run import score_weights
 from extract.encoder import file_sha256
 from extract.onnx_engine import PARITY_TOLERANCE, OnnxEngineError, onnx_image_encoder
+from extract.prompts import encode_prompts
 from extract.pyramid import MIN_IMAGE_SIDE
-from train.checkpoint import load_checkpoint
-from train.infer import CLIP_LOGIT_SCALE, text_score, text_tokens, visual_score
+from train.infer import CLIP_LOGIT_SCALE, score_weights, text_score, text_tokens, visual_score
 
 DEPLOY_FORMAT = 1
 DEPLOY_JSON, ENCODER_FILE, HEAD_FILE, SCRIPT_FILE = "deploy.json", "encoder.onnx", "head.onnx", "predict_onnx.py"
@@ -69,16 +67,15 @@ class DeployedHead(torch.nn.Module):
         return torch.sigmoid(logits), torch.sigmoid(CLIP_LOGIT_SCALE * (cosines[:, 1] - cosines[:, 0]))
 
 
-def export_deployment(checkpoint_path, out_dir, backbone, *, categories=None, onnx_cache_root=None,
+def export_deployment(checkpoint, out_dir, backbone, *, categories=None, onnx_cache_root=None,
                       log=print) -> dict:
     """Write ``out_dir``'s deployment for ``backbone`` (that of the checkpoint); returns deploy.json's content.
 
-    ``categories`` (default: the checkpoint's) are baked into head.onnx in this order. Raises
+    ``checkpoint`` is a loaded ``train.checkpoint.Checkpoint``. ``categories`` (default: its own) are baked into head.onnx in this order. Raises
     ``ValueError`` when the backbone is not the checkpoint's, ``OnnxEngineError`` when a graph
     does not match torch.
     """
     start = time.perf_counter()
-    checkpoint = load_checkpoint(checkpoint_path)
     check_backbone(checkpoint, backbone)
     categories = list(dict.fromkeys(categories or checkpoint.categories))
     thresholds = {category: threshold_for(checkpoint, category) for category in categories}
@@ -172,12 +169,7 @@ def _head_difference(session, head, bank: np.ndarray, text: dict, categories: li
 
 
 def _replace_with_copy(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def _file_facts(path: Path) -> dict:

@@ -114,17 +114,15 @@ def _save_heatmap(path: Path, image, anomaly_map: np.ndarray, prediction: Predic
     plt.close(fig)
 
 
-def predict_files(inputs, checkpoint_path, category: str, out_dir, backbone, *, visual_weight=None,
+def predict_files(inputs, checkpoint, category: str, out_dir, backbone, *, visual_weight=None,
                   text_weight=None, heatmaps: bool = True, progress: bool = True) -> list[Prediction]:
-    """Score every file; write predictions.csv and (``heatmaps``) one heatmap PNG per scored image."""
+    """Score every file with ``checkpoint`` (a loaded ``train.checkpoint.Checkpoint``); write
+    predictions.csv and (``heatmaps``) one heatmap PNG per scored image."""
     from tqdm import tqdm
 
     from evaluate.localisation import maps_from_crop_scores, tile_text_scores
-    from evaluate.run import score_weights
-    from train.checkpoint import load_checkpoint
-    from train.infer import score_table
+    from train.infer import score_table, score_weights
 
-    checkpoint = load_checkpoint(checkpoint_path)
     check_backbone(checkpoint, backbone)
     threshold = threshold_for(checkpoint, category)
     out_dir = Path(out_dir)

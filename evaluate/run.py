@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from cache import read_cache
 from evaluate.localisation import coarse_pixel_auroc, maps_from_crop_scores, tile_text_scores
 from evaluate.metrics import DEFAULT_BOOTSTRAP
 from evaluate.protocols import select_images
-from cache import read_cache
 from evaluate.results import ScoredRun, config_entry, pixel_summary, write_results
 from train.checkpoint import CHECKPOINT_FILE, check_cache, load_checkpoint
-from train.infer import score_table
+from train.infer import score_table, score_weights
 
 _SEED_SUFFIX = re.compile(r"[-_]seed\d+$")
 MAP_SOURCE = ("zero-shot text score of the cached 2x2 and 4x4 tiles (the same map for every configuration "
@@ -45,13 +45,6 @@ def config_name(checkpoint_path: Path) -> str:
     """``runs/ablation/adaptive-seed3/checkpoint.pt`` → ``adaptive``; ``runs/raml`` → ``raml``."""
     run_dir = checkpoint_path.parent if checkpoint_path.name == CHECKPOINT_FILE else checkpoint_path.with_suffix("")
     return _SEED_SUFFIX.sub("", run_dir.name)
-
-
-def score_weights(checkpoint, visual_weight: float | None, text_weight: float | None) -> dict:
-    """The s_final weights: the options where given, else the checkpoint's (SPEC §7: 0.85 / 0.15)."""
-    config = checkpoint.config
-    return {"visual_weight": config.get("visual_weight", 0.85) if visual_weight is None else visual_weight,
-            "text_weight": config.get("text_weight", 0.15) if text_weight is None else text_weight}
 
 
 def backbone_fields(meta: dict) -> dict:

@@ -162,7 +162,7 @@ def test_export_refuses_a_backbone_other_than_the_checkpoints(run_dir, tmp_path,
     assert "trained on features of --model raml-tiny-test --random-weights" in result.output
     other_weights = dataclasses.replace(tiny_backbone, weights="sha256:" + "0" * 64)
     with pytest.raises(ValueError, match="weights: checkpoint 'random\\(seed=0\\)', given 'sha256:0000"):
-        export_deployment(run_dir, out, other_weights)
+        export_deployment(load_checkpoint(run_dir), out, other_weights)
     assert not out.exists()
 
 
@@ -172,5 +172,5 @@ def test_head_graph_that_does_not_match_torch_leaves_the_deployment_unchanged(de
     before = {path.name: path.read_bytes() for path in deploy_dir.iterdir()}
     monkeypatch.setattr("evaluate.export.PARITY_TOLERANCE", 0.0)  # float32 rounding alone now fails
     with pytest.raises(OnnxEngineError, match="does not match the torch head.*Nothing in .* was changed"):
-        export_deployment(run_dir, deploy_dir, tiny_backbone, onnx_cache_root=user_cache / "onnx")
+        export_deployment(load_checkpoint(run_dir), deploy_dir, tiny_backbone, onnx_cache_root=user_cache / "onnx")
     assert {path.name: path.read_bytes() for path in deploy_dir.iterdir()} == before

@@ -7,14 +7,13 @@ and the decision threshold. About 5 MB for ViT-B/16 features; readable with
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from cache import CacheError, mismatched_fields
-from cache.store import FINGERPRINT_KEYS
+from cache.store import FINGERPRINT_KEYS, atomic_write
 from train.model import RAMLHead, build_head
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -55,9 +54,7 @@ def save_checkpoint(run_dir, *, model: RAMLHead, config: dict, loss_state: dict,
         "threshold": float(threshold),
         "categories": list(categories),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 

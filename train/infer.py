@@ -16,6 +16,7 @@ import torch
 from sklearn.metrics import precision_recall_curve
 
 from cache import CacheError, FeatureTable
+from train.config import TrainConfig
 
 CLIP_LOGIT_SCALE = 100.0
 SCORE_BATCH = 256    # images per forward pass when scoring (bounds the float32 copy)
@@ -61,7 +62,8 @@ def visual_score(model, features, text_bank, category_index, rows=None) -> np.nd
     return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
 
-def score_rows(model, table: FeatureTable, rows=None, visual_weight=0.85, text_weight=0.15) -> dict:
+def score_rows(model, table: FeatureTable, rows=None, visual_weight=TrainConfig.visual_weight,
+               text_weight=TrainConfig.text_weight) -> dict:
     """``visual``, ``text`` and ``final`` scores of ``table``'s ``rows`` (default: all)."""
     rows = np.arange(len(table)) if rows is None else np.asarray(rows)
     categories = table.category[rows]
@@ -72,11 +74,19 @@ def score_rows(model, table: FeatureTable, rows=None, visual_weight=0.85, text_w
     return {"visual": visual, "text": text, "final": visual_weight * visual + text_weight * text}
 
 
-def score_table(checkpoint, table: FeatureTable, visual_weight=0.85, text_weight=0.15) -> dict:
-    """Score every image of ``table`` with a loaded checkpoint; refuses a cache of another backbone."""
+def score_weights(checkpoint, visual_weight: float | None = None, text_weight: float | None = None) -> dict:
+    """The s_final weights: those given, else the ones the checkpoint was trained with."""
+    config = checkpoint.config
+    return {"visual_weight": config["visual_weight"] if visual_weight is None else visual_weight,
+            "text_weight": config["text_weight"] if text_weight is None else text_weight}
+
+
+def score_table(checkpoint, table: FeatureTable, visual_weight=None, text_weight=None) -> dict:
+    """Score every image of ``table`` with a loaded checkpoint (weights: ``score_weights``);
+    refuses a cache of another backbone."""
     from train.checkpoint import check_cache
     check_cache(checkpoint, table)
-    return score_rows(checkpoint.model, table, None, visual_weight, text_weight)
+    return score_rows(checkpoint.model, table, None, **score_weights(checkpoint, visual_weight, text_weight))
 
 
 def f1_max_threshold(labels, scores) -> float:
