@@ -12,6 +12,8 @@ import sys
 
 import click
 
+from cache.errors import UserError
+
 # open_clip retries a failing download for ~45 s; RAML_OFFLINE=1 (or HF_HUB_OFFLINE=1) fails at once.
 if os.environ.get("RAML_OFFLINE") == "1":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,25 +24,17 @@ def _show_progress() -> bool:
     return sys.stderr.isatty() or os.environ.get("RAML_PROGRESS") == "1"
 
 
-class UserError(click.ClickException):
-    """Shown as ``Error: <message>`` without a traceback."""
-
-
 def _fail_cleanly(func):
-    """Turn the errors a user can fix (bad data, missing weights, wrong cache) into plain messages."""
+    """Show the errors a user can fix (``UserError``: bad data, missing weights, wrong cache or
+    option; and missing files) as one ``Error:`` line. Anything else is a bug: its traceback stays."""
     import functools
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from cache import CacheError
-        from extract.datasets import DatasetLayoutError
-        from extract.encoder import WeightsUnavailableError
-        from extract.pyramid import BadImageError
         try:
             return func(*args, **kwargs)
-        except (CacheError, DatasetLayoutError, WeightsUnavailableError, BadImageError,
-                FileNotFoundError, ValueError) as err:
-            raise UserError(str(err)) from err
+        except (UserError, FileNotFoundError) as err:
+            raise click.ClickException(str(err)) from err
     return wrapper
 
 
@@ -93,11 +87,8 @@ def load_engine_backbone(model, pretrained, weights, random_weights, device, eng
     backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
     if engine == "torch":
         return backbone
-    from extract.onnx_engine import OnnxEngineError, onnx_backbone
-    try:
-        return onnx_backbone(backbone)
-    except OnnxEngineError as err:
-        raise UserError(str(err)) from err
+    from extract.onnx_engine import onnx_backbone
+    return onnx_backbone(backbone)
 
 
 @cli.command()
@@ -465,17 +456,12 @@ def export(checkpoint, out, categories, model, pretrained, weights, random_weigh
     """
     from evaluate.export import export_deployment
     from evaluate.predict import check_backbone_options
-    from extract.onnx_engine import OnnxEngineError
     from train.checkpoint import load_checkpoint
     trained = load_checkpoint(checkpoint)
     check_backbone_options(trained.fingerprint, model, random_weights)  # before loading CLIP
     backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
-    try:
-        deploy = export_deployment(trained, out, backbone,
-                                   categories=_comma_list(categories) if categories else None,
-                                   log=lambda line: click.secho(line, fg="yellow", err=True))
-    except OnnxEngineError as err:
-        raise UserError(str(err)) from err
+    deploy = export_deployment(trained, out, backbone, categories=_comma_list(categories) if categories else None,
+                               log=lambda line: click.secho(line, fg="yellow", err=True))
     thresholds = ", ".join(f"{c} {t:.4f}" for c, t in deploy["thresholds"].items())
     encoder_diff, head_diff = (deploy[part]["max_abs_diff_vs_torch"] for part in ("encoder", "head"))
     click.echo(f"export: {deploy['backbone']} ({deploy['weights']}), categories {', '.join(deploy['categories'])}; "

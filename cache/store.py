@@ -33,6 +33,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from cache.errors import UserError
+
 FORMAT_VERSION = 1
 CROP_LAYOUT = ((1, 1), (2, 2), (4, 4))  # (rows, cols) per scale: 1 + 4 + 16 = 21 crops
 N_CROPS = sum(rows * cols for rows, cols in CROP_LAYOUT)
@@ -42,17 +44,24 @@ SHARD_SUFFIX = ".h5"
 PARTIAL_SUFFIX = ".h5.partial"
 
 # The fields of the fingerprint that must agree for two sets of features to be comparable.
-FINGERPRINT_KEYS = ("backbone", "weights", "random_weights", "input_size", "embed_dim", "crop_layout")
+FINGERPRINT_KEYS = ("backbone", "weights", "random_weights", "input_size", "embed_dim", "crop_layout",
+                    "preprocessing", "precision")
+# What a cache written before a field existed was made with: such caches stay valid.
+FINGERPRINT_DEFAULTS = {
+    "preprocessing": "pil-bicubic",   # tiles resized by PIL (bicubic) on the CPU, float32 normalisation
+    "precision": "fp32",              # the image encoder's numeric precision (int8: a quantised encoder)
+}
 _STRING_COLUMNS = ("category", "defect_type", "relpath", "split", "mask_relpath")
 _STR = h5py.string_dtype("utf-8")
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError):
     """A cache directory that cannot be read or written as asked."""
 
 
 def fingerprint(*, backbone, weights, random_weights, input_size, embed_dim, code_version,
-                dataset, prompts, mean, std) -> dict:
+                dataset, prompts, mean, std, preprocessing=FINGERPRINT_DEFAULTS["preprocessing"],
+                precision=FINGERPRINT_DEFAULTS["precision"]) -> dict:
     """Describe the features of a cache. Only ``FINGERPRINT_KEYS`` must match to add images."""
     return {
         "format_version": FORMAT_VERSION,
@@ -62,6 +71,8 @@ def fingerprint(*, backbone, weights, random_weights, input_size, embed_dim, cod
         "input_size": int(input_size),
         "embed_dim": int(embed_dim),
         "crop_layout": [list(grid) for grid in CROP_LAYOUT],
+        "preprocessing": preprocessing,
+        "precision": precision,
         "normalisation": {"mean": list(mean), "std": list(std)},
         "prompts": prompts,
         "code_version": code_version,
@@ -69,9 +80,14 @@ def fingerprint(*, backbone, weights, random_weights, input_size, embed_dim, cod
     }
 
 
+def fingerprint_field(meta: dict, key: str):
+    """``meta[key]``, or the value a cache written before ``key`` existed was made with."""
+    return meta.get(key, FINGERPRINT_DEFAULTS.get(key))
+
+
 def mismatched_fields(a: dict, b: dict) -> list[str]:
     """Names of fingerprint fields on which two caches (or a cache and a checkpoint) disagree."""
-    return [key for key in FINGERPRINT_KEYS if a.get(key) != b.get(key)]
+    return [key for key in FINGERPRINT_KEYS if fingerprint_field(a, key) != fingerprint_field(b, key)]
 
 
 def read_fingerprint(cache_dir: Path) -> dict | None:
@@ -218,7 +234,7 @@ def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
     for path in shard_paths(cache_dir):
         try:
             with h5py.File(path, "r") as h5:
-                shard_meta = {key: json.loads(h5.attrs[key]) for key in FINGERPRINT_KEYS}
+                shard_meta = {key: json.loads(h5.attrs[key]) for key in FINGERPRINT_KEYS if key in h5.attrs}
                 bad = mismatched_fields(meta, shard_meta)
                 if bad:
                     raise CacheError(f"{path}: written by another backbone than {cache_dir / CACHE_JSON} "

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cache import UserError
 from extract.datasets import is_image
 from extract.prompts import encode_prompts
 from extract.pyramid import BadImageError, load_rgb, pyramid_pixels
+
 
 PREDICTIONS_CSV = "predictions.csv"
 
@@ -53,7 +55,7 @@ def check_backbone_options(fingerprint: dict, model: str, random_weights: bool) 
     if bad:
         trained = f"--model {fingerprint.get('backbone')}" + (" --random-weights" if fingerprint.get("random_weights")
                                                               else f" (weights {fingerprint.get('weights')})")
-        raise ValueError(f"the checkpoint was trained on features of {trained}; the options given differ in "
+        raise UserError(f"the checkpoint was trained on features of {trained}; the options given differ in "
                          f"{', '.join(bad)}. Pass the backbone options it was trained with.")
 
 
@@ -72,7 +74,7 @@ def check_backbone(checkpoint, backbone) -> None:
     bad = mismatched_fields(checkpoint.fingerprint, mine)
     if bad:
         details = "; ".join(f"{k}: checkpoint {checkpoint.fingerprint.get(k)!r}, given {mine.get(k)!r}" for k in bad)
-        raise ValueError(f"the backbone options do not match the checkpoint ({details}); pass the --model/"
+        raise UserError(f"the backbone options do not match the checkpoint ({details}); pass the --model/"
                          "--pretrained/--weights/--random-weights it was trained with")
 
 
@@ -81,7 +83,7 @@ def threshold_for(checkpoint, category: str) -> float:
     threshold = checkpoint.threshold
     if isinstance(threshold, dict):
         if category not in threshold:
-            raise ValueError(f"the checkpoint has thresholds for {', '.join(sorted(threshold))}, not {category!r}")
+            raise UserError(f"the checkpoint has thresholds for {', '.join(sorted(threshold))}, not {category!r}")
         return float(threshold[category])
     return float(threshold)
 

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cache import UserError
 from train.checkpoint import load_checkpoint
 from train.split import image_list_hash, rows_for
+
 
 PROTOCOLS = ("holdout", "transfer", "official")
 
@@ -46,10 +48,10 @@ class ImageList:
 def held_out_relpaths(manifest: dict, source: str) -> list[str]:
     """The held-out images of a training run's split manifest, checked."""
     if not isinstance(manifest, dict) or "heldout" not in manifest or "train" not in manifest:
-        raise ValueError(f"{source}: not a split manifest with 'train' and 'heldout' image lists")
+        raise UserError(f"{source}: not a split manifest with 'train' and 'heldout' image lists")
     overlap = set(manifest["train"]) & set(manifest["heldout"])
     if overlap:
-        raise ValueError(f"{source}: {len(overlap)} images are both in the training and the held-out "
+        raise UserError(f"{source}: {len(overlap)} images are both in the training and the held-out "
                          f"set (e.g. {sorted(overlap)[0]}); the split manifest is corrupt")
     return sorted(manifest["heldout"])
 
@@ -85,23 +87,23 @@ def select_images(protocol: str | None, manifest: dict, manifest_source: str, ta
     """Rows of ``table`` to score under ``protocol`` for a model trained with ``manifest``."""
     protocol = protocol or default_protocol(manifest, table)
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        raise UserError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     dataset = table.meta.get("dataset", {})
     same_dataset = trained_on(manifest, table)
     if protocol == "holdout":
         if not same_dataset:
-            raise ValueError(f"{table.cache_dir}: the held-out images of {manifest_source} are not in this "
+            raise UserError(f"{table.cache_dir}: the held-out images of {manifest_source} are not in this "
                              "cache, so it is not the dataset the model was trained on; use --protocol "
                              "transfer to score another dataset")
         relpaths = held_out_relpaths(manifest, manifest_source)
         return rows_for(table, relpaths), ImageList("holdout", tuple(relpaths), dataset, manifest_source)
     if same_dataset:
-        raise ValueError(f"{table.cache_dir} is the cache the model of {manifest_source} was trained on: its "
+        raise UserError(f"{table.cache_dir} is the cache the model of {manifest_source} was trained on: its "
                          f"official test set includes the training images. Use --protocol holdout here, and "
                          f"{protocol} only on another dataset")
     rows = np.flatnonzero(table.split == "test")
     if rows.size == 0:
-        raise ValueError(f"{table.cache_dir}: no image of the official test split in this cache")
+        raise UserError(f"{table.cache_dir}: no image of the official test split in this cache")
     relpaths = sorted(table.relpath[rows].tolist())
     return rows_for(table, relpaths), ImageList(protocol, tuple(relpaths), dataset, str(table.cache_dir))
 
@@ -118,14 +120,14 @@ def dataset_images(protocol: str, records: list, dataset: dict, split_from: str 
         relpaths = held_out_relpaths(manifest, source)
         missing = [relpath for relpath in relpaths if relpath not in by_relpath]
         if missing:
-            raise ValueError(f"{len(missing)} held-out images of {source} are not in the dataset at "
+            raise UserError(f"{len(missing)} held-out images of {source} are not in the dataset at "
                              f"{dataset.get('root')} (e.g. {missing[0]}); is --root the dataset the run was "
                              "trained on?")
         return [by_relpath[r] for r in relpaths], ImageList("holdout", tuple(relpaths), dataset, source)
     if protocol != "official":
-        raise ValueError(f"--protocol {protocol} needs a training run: pass --split-from RUN_DIR")
+        raise UserError(f"--protocol {protocol} needs a training run: pass --split-from RUN_DIR")
     relpaths = sorted(r.relpath for r in records if r.split == "test")
     if not relpaths:
-        raise ValueError(f"no image of the official test split under {dataset.get('root')}")
+        raise UserError(f"no image of the official test split under {dataset.get('root')}")
     return [by_relpath[r] for r in relpaths], ImageList("official", tuple(relpaths), dataset,
                                                         str(dataset.get("root")))

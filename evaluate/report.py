@@ -12,13 +12,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-
+from cache import UserError
 from evaluate.results import NOT_MEANINGFUL, find_results, read_results, read_scores_csv
 
 MAP_EXAMPLES = 4   # test images shown with their anomaly maps, per table
 
 
-class MixedImageListsError(ValueError):
+class MixedImageListsError(UserError):
     """Rows scored on different images were about to share a table."""
 
 

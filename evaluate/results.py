@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cache import UserError
 from evaluate.metrics import (DEFAULT_BOOTSTRAP, average_precision, bootstrap_auroc_ci, f1_max,
+
                               image_auroc)
 
 RESULTS_JSON = "results.json"
@@ -78,7 +80,7 @@ def config_entry(runs: list[ScoredRun], image_list: dict, backbone: dict, *, n_r
         except ValueError as err:
             not_available[category] = str(err)
     if not per_category:
-        raise ValueError(f"{first.config}: no category has both normal and anomalous images "
+        raise UserError(f"{first.config}: no category has both normal and anomalous images "
                          f"({'; '.join(f'{c}: {r}' for c, r in not_available.items())})")
     seed_means = np.mean([[s["auroc_per_seed"][i] for s in per_category.values()] for i in range(len(runs))], axis=1)
     entry = {
@@ -118,7 +120,7 @@ def _check_same_images(runs: list[ScoredRun]) -> None:
     reference = runs[0].relpath.tolist()
     for run in runs[1:]:
         if run.relpath.tolist() != reference:
-            raise ValueError(f"{run.source} was scored on other images than {runs[0].source}; the seeds of one "
+            raise UserError(f"{run.source} was scored on other images than {runs[0].source}; the seeds of one "
                              "configuration must share the held-out split (train them with the same split seed)")
 
 
@@ -180,9 +182,9 @@ def read_results(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+        raise UserError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(data, dict) or not all(isinstance(e, dict) and "mean_auroc" in e and "details" in e
                                              for e in data.values()):
-        raise ValueError(f'{path}: not a results file (expected {{"<config>": {{"mean_auroc": ..., '
+        raise UserError(f'{path}: not a results file (expected {{"<config>": {{"mean_auroc": ..., '
                          '"details": {...}}}})')
     return data

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache import read_cache
+from cache import UserError, read_cache
 from evaluate.localisation import coarse_pixel_auroc, maps_from_crop_scores, tile_text_scores
 from evaluate.metrics import DEFAULT_BOOTSTRAP
 from evaluate.protocols import select_images
@@ -65,7 +65,7 @@ def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | Non
         groups[config_name(path)].append(path)
     if name is not None:
         if len(groups) > 1:
-            raise ValueError(f"--name applies to one configuration, but these checkpoints form {len(groups)}: "
+            raise UserError(f"--name applies to one configuration, but these checkpoints form {len(groups)}: "
                              f"{', '.join(groups)}")
         groups = {name: paths}
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cache import UserError
 from extract.prompts import category_words
+
 
 WINCLIP_MODEL = "ViT-B-16-plus-240"
 WINCLIP_PRETRAINED = "laion400m_e31"
@@ -68,7 +70,7 @@ def window_masks(grid: tuple[int, int], size: int, stride: int = 1) -> torch.Ten
     """
     rows, cols = grid
     if size > rows or size > cols:
-        raise ValueError(f"a {size}x{size} window does not fit a {rows}x{cols} patch grid")
+        raise UserError(f"a {size}x{size} window does not fit a {rows}x{cols} patch grid")
     index = torch.arange(rows * cols).reshape(rows, cols)
     windows = index.unfold(0, size, stride).unfold(1, size, stride)   # [n_r, n_c, size, size]
     return windows.reshape(-1, size * size)
@@ -95,7 +97,7 @@ def anomaly_probability(embeddings: torch.Tensor, prototypes: torch.Tensor) -> t
 def _vision_transformer(backbone):
     visual = backbone.model.visual
     if not all(hasattr(visual, name) for name in ("_embeds", "transformer", "_pool", "grid_size")):
-        raise ValueError(f"WinCLIP needs a ViT backbone with patch tokens; {backbone.name} has "
+        raise UserError(f"WinCLIP needs a ViT backbone with patch tokens; {backbone.name} has "
                          f"{type(visual).__name__}")
     return visual
 

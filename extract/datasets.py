@@ -9,6 +9,8 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from cache import UserError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 NORMAL = "good"  # defect_type of every normal image
 
@@ -36,7 +38,7 @@ FOLDER_LAYOUT = """\
 or a single category: <root>/good/, <root>/<defect_type>/, <root>/masks/"""
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(UserError):
     """The dataset root is missing or not laid out as the chosen reader expects."""
 
 

@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cache import UserError
+
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
 RANDOM_WEIGHTS_SEED = 0  # random weights are seeded so that a resumed run encodes like the first
 TINY_TEST_CONFIG = Path(__file__).with_name("model_configs") / "raml-tiny-test.json"
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError):
     """The CLIP weights asked for could not be loaded (offline, wrong path, unknown tag)."""
 
 
@@ -60,7 +62,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     return torch.device(device)
 
 
@@ -75,7 +77,7 @@ def model_name(model: str) -> str:
         open_clip.add_model_config(path)
         return path.stem
     if model not in open_clip.list_models():
-        raise ValueError(f"--model {model}: not an open_clip model name nor a config .json "
+        raise UserError(f"--model {model}: not an open_clip model name nor a config .json "
                          f"(e.g. {DEFAULT_MODEL}, ViT-B-16-plus-240, ViT-L-14)")
     return model
 

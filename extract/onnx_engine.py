@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cache import UserError
 from cache.store import atomic_write_text
 from extract.encoder import ClipBackbone, file_sha256
 
@@ -56,7 +57,7 @@ except ImportError:  # Windows: no lock; each file is still replaced atomically 
 CPU_CROPS_PER_RUN = 8  # see OnnxImageEncoder.encode
 
 
-class OnnxEngineError(RuntimeError):
+class OnnxEngineError(UserError):
     """The ONNX engine cannot run: a package is missing, or an export does not match torch."""
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cache import CROP_LAYOUT, N_CROPS
+from cache import CROP_LAYOUT, N_CROPS, UserError
 
 # Each 4x4 tile must still be a real image region: 16 px a side at the finest scale.
 MIN_IMAGE_SIDE = 16 * max(cols for _, cols in CROP_LAYOUT)
@@ -20,7 +20,7 @@ _CONVERTIBLE_MODES = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError):
     """An image that cannot become 21 crops; the message names the file and the reason."""
 
     def __init__(self, path, reason: str):

@@ -18,7 +18,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cache import ShardRows, claim_cache, fingerprint, read_cache, write_shard
+from cache import ShardRows, UserError, claim_cache, fingerprint, read_cache, write_shard
 from cache.store import next_shard_path, remove_partial_shards
 from extract.datasets import ImageRecord, read_dataset
 from extract.encoder import ClipBackbone
@@ -67,9 +67,9 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     try:
         index, count = (int(part) for part in shard.split("/"))
     except ValueError:
-        raise ValueError(f"--shard {shard!r}: expected i/n, e.g. 0/2") from None
+        raise UserError(f"--shard {shard!r}: expected i/n, e.g. 0/2") from None
     if not 0 <= index < count:
-        raise ValueError(f"--shard {shard}: need 0 <= i < n")
+        raise UserError(f"--shard {shard}: need 0 <= i < n")
     return index, count
 
 

@@ -149,7 +149,7 @@ def test_config_rejects_nonsense():
         make_config("adaptive", batch_size=1)
     with pytest.raises(ValueError, match="r_max"):
         make_config("adaptive", r_max="huge")
-    with pytest.raises(ValueError, match="unknown margin"):
+    with pytest.raises(ValueError, match="margin .medium. is not one of"):
         make_config("medium")
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from cache import CacheError, mismatched_fields
-from cache.store import FINGERPRINT_KEYS, atomic_write
+from cache.store import FINGERPRINT_KEYS, atomic_write, fingerprint_field
+from train.config import TrainConfig
 from train.model import RAMLHead, build_head
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -50,7 +51,7 @@ def save_checkpoint(run_dir, *, model: RAMLHead, config: dict, loss_state: dict,
         "config": dict(config),
         "loss_state": {name: tensor.detach().cpu().clone() for name, tensor in loss_state.items()},
         "manifest": manifest,
-        "fingerprint": {key: fingerprint.get(key) for key in FINGERPRINT_KEYS},
+        "fingerprint": {key: fingerprint_field(fingerprint, key) for key in FINGERPRINT_KEYS},
         "threshold": float(threshold),
         "categories": list(categories),
     }
@@ -71,10 +72,11 @@ def load_checkpoint(path) -> Checkpoint:
         raise CacheError(f"{path}: not a readable RAML checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CacheError(f"{path}: not a RAML checkpoint of format {CHECKPOINT_FORMAT}")
-    model = build_head(payload["config"], payload["fingerprint"]["embed_dim"])
+    config = TrainConfig.from_dict(payload["config"]).to_dict()   # fields added since: their defaults
+    model = build_head(config, payload["fingerprint"]["embed_dim"])
     model.load_state_dict(payload["state_dict"])
     model.eval()
-    return Checkpoint(model=model, config=payload["config"], loss_state=payload["loss_state"],
+    return Checkpoint(model=model, config=config, loss_state=payload["loss_state"],
                       manifest=payload["manifest"], fingerprint=payload["fingerprint"],
                       threshold=payload["threshold"], categories=payload["categories"], path=path)
 

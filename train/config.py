@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from cache import UserError
+
 # name → (m_base, λ_σ, λ_res). SPEC §5: the adaptive formula and the two ablation baselines.
 MARGIN_PRESETS = {
     "adaptive": (0.5, 0.3, 0.3),
@@ -18,7 +20,10 @@ MARGIN_PRESETS = {
     "strong": (1.0, 0.0, 0.0),
 }
 MARGIN_FIELDS = ("margin_base", "lambda_sigma", "lambda_res")
+CUSTOM_MARGIN = "custom"              # any (m_base, λ_σ, λ_res) that is not a preset's
 R_MAX_MODES = ("image", "category")   # or a number of pixels, e.g. "900" (the original constant)
+LOSS_VARIANTS = ("raml", "original")  # see train/loss.py and the README's deviations table
+SCALE_CHOICES = ("1", "1,2", "1,2,3")  # which crop scales the head sees (ablation)
 
 
 def _valid_r_max(value: str) -> bool:
@@ -53,6 +58,14 @@ class TrainConfig:
     attn_dim: int = _option(64, "Width of the attention queries and keys.")                         # ours
     feature_dim: int = _option(128, "Width of the (L2-normalised) MACCL feature.")                  # ours
     fusion_scale_init: float = _option(0.1, "Initial learnable text-visual fusion scale.")         # SPEC §3
+    # ablation switches: the defaults are the method
+    scales: str = _option("1,2,3", "Crop scales the head sees: 1 (the global crop), 1,2 (+ the 2x2 grid) or "
+                                   "1,2,3 (all 21 crops).", choices=SCALE_CHOICES)                 # SPEC §1
+    cross_attention: bool = _option(True, "on: the three cross-scale attention arrows; off: each scale "
+                                          "projected and pooled without attention.")                # SPEC §2
+    text_fusion: bool = _option(True, "on: the visual vector attends to the category's text embeddings.")  # SPEC §3
+    tile_pool: str = _option("max", "How the fusion pools the 4x4 tiles: max or mean.",
+                             choices=("max", "mean"))                                              # ours
     # MACCL loss
     alpha: float = _option(1.0, "Weight of the center loss.")                                       # SPEC §4
     beta: float = _option(1.0, "Weight of the margin loss.")                                        # SPEC §4
@@ -62,12 +75,20 @@ class TrainConfig:
     bce_weight: float = _option(1.0, "Weight of the BCE loss on the visual logit.")
     center_momentum: float = _option(0.9, "EMA momentum of the running center of normal features.")  # ours
     sigma_momentum: float = _option(0.9, "EMA momentum of σ, the spread of normal features.")       # ours
+    loss_variant: str = _option("raml", "raml (this project's MACCL) or original (the original release's "
+                                        "loss, formula for formula; use with --r-max 900).",
+                                choices=LOSS_VARIANTS)                                               # ours
+    loss: str = _option("maccl+bce", "Training loss: maccl+bce (the method) or bce (the plain supervised "
+                                     "head, an ablation).", choices=("maccl+bce", "bce"))          # SPEC §4, §7
+    grad_clip_norm: float = _option(0.0, "Clip each run's gradient to this L2 norm before the step (0: no "
+                                         "clipping).")                                              # ours
     # margin
-    margin: str = _option("adaptive", "Margin preset: adaptive, fixed (m=0.5) or strong (m=1.0).",
-                          choices=tuple(MARGIN_PRESETS))                                           # SPEC §5
-    margin_base: float = _option(0.5, "m_base (default: the --margin preset's).", preset=True)     # SPEC §5
-    lambda_sigma: float = _option(0.3, "λ_σ (default: the --margin preset's).", preset=True)       # SPEC §5
-    lambda_res: float = _option(0.3, "λ_res (default: the --margin preset's).", preset=True)       # SPEC §5
+    margin: str = _option("adaptive", "Margin preset: adaptive, fixed (m=0.5) or strong (m=1.0); 'custom' "
+                                      "when --margin-base/--lambda-sigma/--lambda-res differ from the preset.",
+                          choices=(*MARGIN_PRESETS, CUSTOM_MARGIN))                                # SPEC §5
+    margin_base: float | None = _option(None, "m_base (default: the --margin preset's).", preset=True)  # SPEC §5
+    lambda_sigma: float | None = _option(None, "λ_σ (default: the --margin preset's).", preset=True)    # SPEC §5
+    lambda_res: float | None = _option(None, "λ_res (default: the --margin preset's).", preset=True)    # SPEC §5
     r_max: str = _option("image", "Original resolution in the resolution term: 'image' (each image's "
                                   "max(height, width)), 'category' (its category's mean), or a number "
                                   "of pixels (900 reproduces the original).")                      # ours; SPEC §5
@@ -82,8 +103,14 @@ class TrainConfig:
 
     def __post_init__(self):
         problems = []
-        if self.margin not in MARGIN_PRESETS:
-            problems.append(f"margin {self.margin!r} is not one of {', '.join(MARGIN_PRESETS)}")
+        if self.margin not in (*MARGIN_PRESETS, CUSTOM_MARGIN):
+            problems.append(f"margin {self.margin!r} is not one of {', '.join(MARGIN_PRESETS)} or {CUSTOM_MARGIN}")
+        else:
+            self._resolve_margin(problems)
+        if self.loss_variant not in LOSS_VARIANTS:
+            problems.append(f"loss_variant {self.loss_variant!r} is not one of {', '.join(LOSS_VARIANTS)}")
+        if self.scales not in SCALE_CHOICES:
+            problems.append(f"scales {self.scales!r} is not one of {', '.join(SCALE_CHOICES)}")
         if self.epochs < 1:
             problems.append("epochs must be ≥ 1")
         if self.batch_size < 2:
@@ -92,12 +119,48 @@ class TrainConfig:
             problems.append("holdout_fraction must be in (0, 1)")
         if self.temperature <= 0:
             problems.append("temperature must be > 0")
+        if self.grad_clip_norm < 0:
+            problems.append("grad_clip_norm must be ≥ 0")
         if not 0 < self.difficulty_min <= 1 <= self.difficulty_max:
             problems.append("need 0 < difficulty_min ≤ 1 ≤ difficulty_max")
         if not _valid_r_max(self.r_max):
             problems.append(f"r_max {self.r_max!r}: expected image, category or a positive number of pixels")
         if problems:
-            raise ValueError("invalid training configuration: " + "; ".join(problems))
+            raise UserError("invalid training configuration: " + "; ".join(problems))
+
+    def _resolve_margin(self, problems: list) -> None:
+        """Fill the margin values the preset leaves open; call a preset with other values 'custom'.
+
+        ``TrainConfig(margin="strong")`` is m = 1.0, whoever builds it; ``margin="fixed",
+        margin_base=0.7`` records ``margin="custom"`` with those values, so that no config says
+        "fixed" while training with another margin.
+        """
+        given = {name: getattr(self, name) for name in MARGIN_FIELDS}
+        if self.margin == CUSTOM_MARGIN:
+            missing = [name for name, value in given.items() if value is None]
+            if missing:
+                problems.append(f"margin 'custom' needs {', '.join(missing)}")
+            return
+        preset = dict(zip(MARGIN_FIELDS, MARGIN_PRESETS[self.margin]))
+        resolved = {name: preset[name] if value is None else float(value) for name, value in given.items()}
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)
+        if resolved != preset:
+            object.__setattr__(self, "margin", CUSTOM_MARGIN)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """A config from ``to_dict()`` output; fields that an older RAML did not record take their
+        defaults (which are what it trained with), unknown fields are refused."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise UserError(f"unknown training options: {', '.join(unknown)}")
+        return cls(**values)
+
+    def without_seed(self) -> dict:
+        """Every setting but the seed: what seeds of one configuration share."""
+        return {key: value for key, value in self.to_dict().items() if key != "seed"}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -106,16 +169,9 @@ class TrainConfig:
 def make_config(margin: str = "adaptive", **overrides) -> TrainConfig:
     """A ``TrainConfig`` for a margin preset; ``overrides`` that are None keep the preset/default.
 
-    ``make_config("fixed", margin_base=0.7)`` is a fixed margin of 0.7.
+    ``make_config("fixed", margin_base=0.7)`` is a custom margin of 0.7 (λ_σ = λ_res = 0).
     """
-    if margin not in MARGIN_PRESETS:
-        raise ValueError(f"unknown margin {margin!r}; choose one of {', '.join(MARGIN_PRESETS)}")
-    values = dict(zip(MARGIN_FIELDS, MARGIN_PRESETS[margin]))
-    values.update({key: value for key, value in overrides.items() if value is not None})
-    unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise ValueError(f"unknown training options: {', '.join(sorted(unknown))}")
-    return TrainConfig(margin=margin, **values)
+    return TrainConfig.from_dict({"margin": margin, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def click_options(exclude=()):
@@ -136,6 +192,9 @@ def click_options(exclude=()):
                                       show_default=True, help=meta["help"])
             elif meta.get("preset"):
                 option = click.option(flag, type=float, default=None, help=meta["help"])
+            elif isinstance(spec.default, bool):
+                option = click.option(flag, type=click.BOOL, metavar="on|off", default=spec.default,
+                                      show_default="on" if spec.default else "off", help=meta["help"])
             else:
                 option = click.option(flag, type=type(spec.default), default=spec.default, show_default=True,
                                       help=meta["help"])

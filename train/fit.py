@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache import FeatureTable
+from cache import FeatureTable, UserError
 from cache.store import atomic_write_text
 from train.checkpoint import save_checkpoint
 from train.config import TrainConfig
@@ -114,7 +114,7 @@ def _fit(table, config, split, progress) -> TrainedHead:
     n_images = len(data.labels)
     steps = n_images // config.batch_size
     if steps == 0 or data.labels.min() == data.labels.max():
-        raise ValueError(f"{table.cache_dir}: {n_images} training images "
+        raise UserError(f"{table.cache_dir}: {n_images} training images "
                          f"({int(data.labels.sum())} anomalous); need at least one batch of "
                          f"{config.batch_size} and both normal and anomalous images")
     with torch.random.fork_rng(devices=[]):   # seed the init without touching the caller's RNG

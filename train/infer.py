@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from sklearn.metrics import precision_recall_curve
 
-from cache import CacheError, FeatureTable
+from cache import CacheError, FeatureTable, UserError
 from train.config import TrainConfig
 
 CLIP_LOGIT_SCALE = 100.0
@@ -93,7 +93,7 @@ def f1_max_threshold(labels, scores) -> float:
     """The score threshold (predict anomalous when score ≥ it) that maximises F1 on these images."""
     labels, scores = np.asarray(labels), np.asarray(scores, dtype=float)
     if len(np.unique(labels)) < 2:
-        raise ValueError("an F1-max threshold needs both normal and anomalous images")
+        raise UserError("an F1-max threshold needs both normal and anomalous images")
     precision, recall, thresholds = precision_recall_curve(labels, scores)
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
     return float(thresholds[np.argmax(f1[:-1])])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cache import CacheError, FeatureTable
+from cache import CacheError, FeatureTable, UserError
 
 
 def image_list_hash(relpaths) -> str:
@@ -62,7 +62,7 @@ def holdout_split(table: FeatureTable, seed: int = 0, fraction: float = 0.2) -> 
     with (seed, category, label) so a category's split does not depend on the other categories.
     """
     if not 0 < fraction < 1:
-        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+        raise UserError(f"holdout fraction must be in (0, 1), got {fraction}")
     unknown = sorted(set(table.split.tolist()) - {"train", "test"})
     if unknown:
         raise CacheError(f"{table.cache_dir}: split values {unknown} are neither 'train' nor 'test'")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from joblib import Parallel, delayed
 
-from cache import FeatureTable
+from cache import FeatureTable, UserError
 from evaluate.metrics import image_auroc
 from train.config import TrainConfig, make_config
 from train.fit import fit, torch_threads, write_json, write_run
@@ -72,7 +72,7 @@ def finished_metrics(run_dir: Path, config: TrainConfig) -> dict | None:
     changed = sorted(key for key, value in config.to_dict().items() if stored.get(key) != value)
     if changed:
         details = ", ".join(f"{key}={stored.get(key)!r} (now {getattr(config, key)!r})" for key in changed)
-        raise ValueError(f"{run_dir} was trained with other settings: {details}. "
+        raise UserError(f"{run_dir} was trained with other settings: {details}. "
                          "Use another --out, or delete that run to retrain it.")
     return json.loads((run_dir / METRICS_FILE).read_text())
 
@@ -121,7 +121,7 @@ def summarise(results: dict, margins, seeds, table: FeatureTable) -> dict:
     """Mean ± sample std over seeds, per configuration and per category."""
     hashes = {metrics["heldout_hash"] for metrics in results.values()}
     if len(hashes) > 1:
-        raise ValueError("the runs of this sweep were scored on different held-out images "
+        raise UserError("the runs of this sweep were scored on different held-out images "
                          f"({len(hashes)} different heldout hashes); they cannot share a table")
     configurations = {}
     for margin in margins:
