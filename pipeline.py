@@ -54,7 +54,7 @@ def _with(options):
 
 def backbone_options(func):
     """Options naming the CLIP backbone; shared by every command that runs the image encoder."""
-    from extract.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED
+    from extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED  # not extract.encoder: no torch import here
     return _with([
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
                      help="open_clip model name, or path to an open_clip model-config JSON."),
@@ -80,6 +80,10 @@ engine_option = click.option(
     "--engine", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
     help="Runtime of the CLIP image encoder: torch (eager) or onnx (ONNX Runtime, faster on CPUs; "
          "exported once into $RAML_CACHE_DIR/onnx or ~/.cache/raml/onnx and checked against torch).")
+
+
+# The numeric precision of the image features each engine computes (the fingerprint's "precision").
+ENGINE_PRECISION = {"torch": "fp32", "onnx": "fp32"}
 
 
 def load_engine_backbone(model, pretrained, weights, random_weights, device, engine):
@@ -114,14 +118,18 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
 
     Re-running resumes: images already in the cache are skipped.
     """
+    from extract.identity import backbone_identity
     from extract.run import extract_features
     summary = extract_features(
         dataset, root, cache_dir,
         lambda: load_engine_backbone(model, pretrained, weights, random_weights, device, engine),
+        identity=backbone_identity(model, pretrained, weights, random_weights, ENGINE_PRECISION[engine]),
         categories=categories.split(",") if categories else None, batch_size=batch_size, workers=workers,
         limit=limit, skip_bad=skip_bad, shard=shard, shard_size=shard_size, retry_skipped=retry_skipped,
         progress=_show_progress())
     click.echo(summary.line())
+    for path in summary.stale_partials:
+        click.echo(f"  removed {path.name}: a partial shard left by a killed run")
     for path, reason in summary.skipped:
         click.echo(f"  skipped {path}: {reason}")
 
@@ -130,8 +138,10 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
 @click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), required=True)
 @_fail_cleanly
 def info(cache_dir):
-    """Summarise a feature cache: backbone, images per category and label, skipped files."""
+    """Summarise a feature cache: backbone, images per category and label, skipped files, partial
+    shards (being written, or left by a killed run)."""
     from cache import read_cache
+    from cache.lock import partial_shard_status
     table = read_cache(cache_dir, with_features=False)
     meta = table.meta
     click.echo(f"{cache_dir}: {len(table)} images, backbone {meta['backbone']} ({meta['weights']}), "
@@ -143,6 +153,9 @@ def info(cache_dir):
         click.echo(f"  {category:<14} {int((labels == 0).sum()):>6} normal {int((labels == 1).sum()):>6} anomalous")
     for path, reason in table.skipped:
         click.echo(f"  skipped {path}: {reason}")
+    for path, holder in partial_shard_status(cache_dir):
+        click.echo(f"  partial {path.name}: " + (f"being written by {holder}" if holder else
+                                                 "stale, left by a killed run; the next extract removes it"))
 
 
 @cli.group()
@@ -164,6 +177,22 @@ def bench_extract(model, pretrained, weights, random_weights, device, images, si
     backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, engine)
     result = run_extract_bench(backbone, images=images, size=size, batch_size=batch_size, workers=workers)
     click.echo(result.line())
+
+
+@bench.command("cache")
+@click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Cache to read (default: a synthetic one of MVTec AD's shape, ViT-B/16-sized features).")
+@_fail_cleanly
+def bench_cache(cache_dir):
+    """What verifying checksums and validating rows adds to reading a cache."""
+    import tempfile
+    from pathlib import Path
+
+    from cache.bench import run_cache_read_bench
+    from train.synthetic import write_synthetic_cache
+    with tempfile.TemporaryDirectory(prefix="raml-bench-cache-") as work:
+        source = Path(cache_dir) if cache_dir else write_synthetic_cache(Path(work) / "mvtec-shape")
+        click.echo(run_cache_read_bench(source, Path(work)).line())
 
 
 # --- stage two: train, sweep, bench train (issue 3) ---

@@ -3,36 +3,32 @@
 One code path for every model: a built-in open_clip name (``ViT-B-16``) or the path of an
 open_clip model-config JSON (the tests use ``model_configs/raml-tiny-test.json``, a 2-layer
 32-px CLIP), with weights from a pretrained tag, a local checkpoint file, or — only when asked
-explicitly — a seeded random initialisation.
+explicitly — a seeded random initialisation. What is built, and the identity the cache records,
+both come from ``extract.identity.resolve_backbone``.
 """
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 from cache import UserError
-
-DEFAULT_MODEL = "ViT-B-16"
-DEFAULT_PRETRAINED = "openai"
-RANDOM_WEIGHTS_SEED = 0  # random weights are seeded so that a resumed run encodes like the first
-TINY_TEST_CONFIG = Path(__file__).with_name("model_configs") / "raml-tiny-test.json"
-
-
-class WeightsUnavailableError(UserError):
-    """The CLIP weights asked for could not be loaded (offline, wrong path, unknown tag)."""
+from extract.identity import (BackboneIdentity, RANDOM_WEIGHTS_SEED, WeightsUnavailableError,
+                              resolve_backbone)
+# Re-exported: callers import these from here.
+from extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, TINY_TEST_CONFIG, file_sha256, model_name  # noqa: F401
 
 
 @dataclass
 class ClipBackbone:
-    """A frozen open_clip model plus everything the cache records about it."""
+    """A frozen open_clip model plus everything the cache records about it: the fields of
+    ``BackboneIdentity`` (``identity_of(backbone)``) and the engine."""
 
     model: torch.nn.Module
     tokenizer: object
     name: str
+    model_config: str       # "sha256:<hex>" of the resolved open_clip config
     weights: str            # "openai" (a tag), "sha256:<hex>" of a weights file, or "random(seed=0)"
     random_weights: bool
     input_size: int
@@ -41,6 +37,7 @@ class ClipBackbone:
     std: tuple
     device: torch.device
     engine: str = "torch"   # which implementation runs the image encoder; recorded in each shard
+    precision: str = "fp32"  # the image encoder's numeric precision, recorded in the fingerprint
 
     @torch.inference_mode()
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
@@ -66,30 +63,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def model_name(model: str) -> str:
-    """Register a config JSON with open_clip if ``model`` is a path; return the name to create."""
-    import open_clip
-
-    path = Path(model)
-    if path.suffix == ".json":
-        if not path.is_file():
-            raise FileNotFoundError(f"--model {model}: no such model-config file")
-        open_clip.add_model_config(path)
-        return path.stem
-    if model not in open_clip.list_models():
-        raise UserError(f"--model {model}: not an open_clip model name nor a config .json "
-                         f"(e.g. {DEFAULT_MODEL}, ViT-B-16-plus-240, ViT-L-14)")
-    return model
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETRAINED,
                   weights: str | None = None, random_weights: bool = False, device: str = "auto") -> ClipBackbone:
     """Create the frozen CLIP model.
@@ -100,31 +73,34 @@ def load_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_P
     """
     import open_clip
 
-    name = model_name(model)
+    resolved = resolve_backbone(model, pretrained, weights, random_weights)
+    identity, name, source = resolved.identity, resolved.open_clip_name, resolved.source
     torch_device = resolve_device(device)
-    if random_weights:
-        source, weights_id = None, f"random(seed={RANDOM_WEIGHTS_SEED})"
-    elif weights:
-        if not Path(weights).is_file():
-            raise WeightsUnavailableError(f"--weights {weights}: no such file")
-        source, weights_id = str(weights), "sha256:" + file_sha256(Path(weights))
-    else:
-        source, weights_id = pretrained, pretrained
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
             clip = open_clip.create_model(name, pretrained=source, device=torch_device,
-                                          force_quick_gelu=(source == "openai"))  # OpenAI's CLIP uses QuickGELU
+                                          force_quick_gelu=resolved.quick_gelu)
     except Exception as err:  # open_clip raises RuntimeError, OSError, KeyError... for one cause: no weights
         raise WeightsUnavailableError(_weights_help(name, source, err)) from err
     clip.eval().requires_grad_(False)
+    _check_built(clip, identity)
+    return ClipBackbone(model=clip, tokenizer=open_clip.get_tokenizer(name), device=torch_device,
+                        **{f.name: getattr(identity, f.name) for f in fields(identity)})
+
+
+def _check_built(clip: torch.nn.Module, identity: BackboneIdentity) -> None:
+    """The model open_clip built must be the one ``resolve_backbone`` described; if not, RAML's
+    resolution no longer follows open_clip's (a bug to fix in extract/identity.py)."""
     cfg = clip.visual.preprocess_cfg
     size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
-    return ClipBackbone(model=clip, tokenizer=open_clip.get_tokenizer(name), name=name, weights=weights_id,
-                        random_weights=random_weights, input_size=int(size),
-                        embed_dim=int(clip.text_projection.shape[1] if hasattr(clip, "text_projection")
-                                      and clip.text_projection is not None else clip.visual.output_dim),
-                        mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), device=torch_device)
+    embed_dim = (clip.text_projection.shape[1] if getattr(clip, "text_projection", None) is not None
+                 else clip.visual.output_dim)
+    built = (int(size), int(embed_dim), tuple(cfg["mean"]), tuple(cfg["std"]))
+    resolved = (identity.input_size, identity.embed_dim, identity.mean, identity.std)
+    if built != resolved:
+        raise RuntimeError(f"open_clip built {identity.name} with (input size, embedding size, mean, std) "
+                           f"{built}, but extract/identity.py resolved {resolved}")
 
 
 def _weights_help(name: str, source: str | None, err: Exception) -> str:

@@ -38,6 +38,7 @@ import torch
 from cache import UserError
 from cache.store import atomic_write_text
 from extract.encoder import ClipBackbone, file_sha256
+from extract.identity import user_cache_root
 
 EXPORT_FORMAT = 1          # bump when the graph's contract changes: older exports are then rebuilt
 PARITY_TOLERANCE = 1e-4    # max abs difference from the torch encoder, float32
@@ -128,11 +129,8 @@ def onnx_image_encoder(backbone: ClipBackbone, *, cache_root: Path | None = None
 
 
 def onnx_cache_root() -> Path:
-    """``$RAML_CACHE_DIR/onnx``, else ``$XDG_CACHE_HOME/raml/onnx``, else ``~/.cache/raml/onnx``."""
-    if os.environ.get("RAML_CACHE_DIR"):
-        return Path(os.environ["RAML_CACHE_DIR"]).expanduser() / "onnx"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "raml" / "onnx"
+    """``onnx`` in RAML's user cache directory (``extract.identity.user_cache_root``)."""
+    return user_cache_root() / "onnx"
 
 
 def export_dir(backbone: ClipBackbone, cache_root: Path | None = None) -> Path:
