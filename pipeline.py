@@ -144,7 +144,8 @@ def info(cache_dir):
     from cache.lock import partial_shard_status
     table = read_cache(cache_dir, with_features=False)
     meta = table.meta
-    click.echo(f"{cache_dir}: {len(table)} images, backbone {meta['backbone']} ({meta['weights']}), "
+    config = (meta.get("model_config") or "config not recorded")[:19]   # "sha256:" and 12 hex digits
+    click.echo(f"{cache_dir}: {len(table)} images, backbone {meta['backbone']} ({config}; {meta['weights']}), "
                f"input {meta['input_size']} px, D={meta['embed_dim']}, engines {', '.join(table.engines) or '-'}")
     if meta["random_weights"]:
         click.secho("  random weights: features are meaningless", fg="yellow")

@@ -1,6 +1,7 @@
 """A cache that cannot lie (issue 10): bad inputs, one writer per shard slot, the model config by
 content, checksums and validation on read, stale partial shards, EXIF orientation; and a re-run
 with nothing to encode that never loads CLIP (issue 8)."""
+import importlib.util
 import json
 import os
 import shutil
@@ -181,6 +182,7 @@ def test_second_writer_of_a_shard_stops_at_once_naming_the_holder(mvtec_root, mv
     assert_same_table(read_cache(cache_dir), read_cache(mvtec_cache))
 
 
+@pytest.mark.slow   # two CLIP processes; test_partial_of_a_live_writer checks the same locks in-process
 def test_shards_of_one_count_are_written_side_by_side(mvtec_root, mvtec_cache, tmp_path):
     cache_dir = tmp_path / "cache"
     gates = [tmp_path / "gate0", tmp_path / "gate1"]
@@ -302,9 +304,13 @@ def flip_bytes(path: Path, offset: int, count: int) -> None:
         handle.write(bytes(b ^ 0xFF for b in data))
 
 
-def chunk_offset(path: Path, dataset: str) -> tuple[int, int]:
+def data_offset(path: Path, dataset: str) -> tuple[int, int]:
+    """Where the bytes of ``dataset`` (its first chunk, if chunked) lie in the file, and how many."""
     with h5py.File(path, "r") as h5:
-        info = h5[dataset].id.get_chunk_info(0)
+        data = h5[dataset]
+        if data.chunks is None:
+            return data.id.get_offset(), data.id.get_storage_size()
+        info = data.id.get_chunk_info(0)
     return info.byte_offset, info.size
 
 
@@ -317,25 +323,25 @@ def damaged(mvtec_cache, tmp_path):
 
 def test_flipped_feature_bytes_are_caught_and_the_shard_named(damaged, mvtec_root):
     cache_dir, shard = damaged
-    offset, size = chunk_offset(shard, "features")
+    offset, size = data_offset(shard, "features")
     flip_bytes(shard, offset + size // 2, 64)
     for read in (lambda: read_cache(cache_dir), lambda: read_cache(cache_dir, with_features=False)):
         with pytest.raises(CacheError) as info:
             read()
         message = str(info.value)
-        assert str(shard) in message and "features fails its Fletcher-32 checksum" in message
+        assert str(shard) in message and "dataset features does not match its CRC-32 checksum" in message
         assert "Delete it and re-run extract" in message
     result = CliRunner().invoke(cli, ["info", "--cache-dir", str(cache_dir)])
-    assert result.exit_code == 1 and "Fletcher-32" in result.output and "Traceback" not in result.output
-    with pytest.raises(CacheError, match="Fletcher-32"):
+    assert result.exit_code == 1 and "CRC-32" in result.output and "Traceback" not in result.output
+    with pytest.raises(CacheError, match="CRC-32"):
         run(mvtec_root, cache_dir, None, identity=backbone_identity(**TINY_IDENTITY))
 
 
 def test_flipped_label_byte_is_caught(damaged):
     cache_dir, shard = damaged
-    offset, _ = chunk_offset(shard, "label")
+    offset, _ = data_offset(shard, "label")
     flip_bytes(shard, offset, 1)   # 0 → -1
-    with pytest.raises(CacheError, match=r"label fails its Fletcher-32 checksum"):
+    with pytest.raises(CacheError, match=r"dataset label does not match its CRC-32 checksum"):
         read_cache(cache_dir)
 
 
@@ -344,7 +350,7 @@ def test_flipped_relpath_byte_is_caught(damaged):
     relpath = read_cache(cache_dir).relpath[0].encode()
     data = shard.read_bytes()
     flip_bytes(shard, data.index(relpath) + len(relpath) - 5, 1)
-    with pytest.raises(CacheError, match="relpath does not match its SHA-256 checksum"):
+    with pytest.raises(CacheError, match="dataset relpath does not match its CRC-32 checksum"):
         read_cache(cache_dir)
 
 
@@ -426,6 +432,10 @@ def test_exif_orientation_is_applied(tmp_path):
     upright = load_rgb(tmp_path / "phone.png")
     assert upright.size == (83, 97)
     np.testing.assert_array_equal(np.asarray(upright), np.asarray(raw.transpose(Image.Transpose.ROTATE_270)))
+    spec = importlib.util.spec_from_file_location("predict_onnx_template", REPO / "evaluate" / "predict_onnx.py")
+    deployed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deployed)   # the deployment's own copy of load_rgb agrees
+    np.testing.assert_array_equal(np.asarray(deployed.load_rgb(tmp_path / "phone.png", 64)), np.asarray(upright))
 
 
 # --- issue 8: nothing to do, done at once ------------------------------------------------------
