@@ -29,7 +29,7 @@ from cache import FeatureTable, UserError
 from cache.store import atomic_write_text
 from train.checkpoint import save_checkpoint
 from train.config import TrainConfig
-from train.infer import f1_max_threshold, score_rows, text_tokens
+from train.infer import calibrate_thresholds, score_rows, text_tokens
 from train.loss import TERMS, MACCLoss, image_r_max, resolution_penalty
 from train.model import RAMLHead, build_head
 from train.split import Split, holdout_split
@@ -74,7 +74,7 @@ class TrainedHead:
     config: TrainConfig
     split: Split
     categories: list
-    threshold: float
+    thresholds: dict                  # train.infer.calibrate_thresholds on the training images
     fingerprint: dict
     history: list = field(default_factory=list)
 
@@ -149,7 +149,8 @@ def _fit(table, config, split, progress) -> TrainedHead:
     model.eval()
     train_scores = score_rows(model, table, split.train, config.visual_weight, config.text_weight)["final"]
     return TrainedHead(model=model, loss=loss_fn, config=config, split=split, categories=data.categories,
-                       threshold=f1_max_threshold(table.label[split.train], train_scores),
+                       thresholds=calibrate_thresholds(table.label[split.train], train_scores,
+                                                       table.category[split.train]),
                        fingerprint=dict(table.meta), history=history)
 
 
@@ -171,7 +172,7 @@ def write_run(run_dir, trained: TrainedHead) -> Path:
     write_json(run_dir / "history.json", trained.history)
     return save_checkpoint(run_dir, model=trained.model, config=trained.config.to_dict(),
                            loss_state=trained.loss.state(), manifest=trained.split.manifest(),
-                           fingerprint=trained.fingerprint, threshold=trained.threshold,
+                           fingerprint=trained.fingerprint, thresholds=trained.thresholds,
                            categories=trained.categories)
 
 
