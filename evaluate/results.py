@@ -68,6 +68,12 @@ def _percent_std(stats: dict) -> float | None:
     return None if stats["std"] is None else _percent(stats["std"])
 
 
+def in_percent(stats: dict) -> dict:
+    """``mean_std`` output of fractions, in % (rounded to 0.01)."""
+    return {"mean": None if stats["mean"] is None else _percent(stats["mean"]), "std": _percent_std(stats),
+            "n": stats["n"]}
+
+
 def category_summary(labels: np.ndarray, final_by_run: np.ndarray, n_resamples: int,
                      seed: int) -> tuple[dict, list[float]]:
     """Metrics of one category for one configuration, and each run's AUROC (a fraction);

@@ -20,10 +20,10 @@ from cache import UserError, read_cache
 from evaluate.localisation import coarse_pixel_auroc, maps_from_crop_scores, tile_text_scores
 from evaluate.metrics import DEFAULT_BOOTSTRAP
 from evaluate.protocols import select_images
-from evaluate.results import ScoredRun, config_entry, mean_std, pixel_summary, write_results
+from evaluate.results import ScoredRun, config_entry, in_percent, mean_std, pixel_summary, write_results
 from train.checkpoint import CHECKPOINT_FILE, Checkpoint, check_cache, load_checkpoint
 from train.config import TrainConfig
-from train.infer import score_table, score_weights
+from train.infer import operating_point, score_table, score_weights
 
 _SEED_SUFFIX = re.compile(r"[-_]seed\d+$")
 MAP_SOURCE = ("zero-shot text score of the cached 2x2 and 4x4 tiles (the same map for every configuration "
@@ -92,6 +92,20 @@ def last_epoch_inside_margin(checkpoints: list[Checkpoint]) -> dict | None:
     return stats if stats["n"] else None
 
 
+def thresholds_on_scored_images(runs: list[ScoredRun], checkpoints: list[Checkpoint]) -> dict:
+    """Per category, precision and recall (in %) of each checkpoint's decision threshold
+    (``evaluate.predict.threshold_for``) on the images it was scored on, mean ± std over seeds:
+    how the thresholds calibrated on training images hold up on held-out ones."""
+    from evaluate.predict import threshold_for
+    summary = {}
+    for category in sorted(set(runs[0].category.tolist())):
+        here = runs[0].category == category
+        points = [operating_point(run.label[here], run.scores["final"][here], threshold_for(checkpoint, category))
+                  for run, checkpoint in zip(runs, checkpoints)]
+        summary[category] = {key: in_percent(mean_std([point[key] for point in points])) for key in ("precision", "recall")}
+    return summary
+
+
 def backbone_fields(meta: dict) -> dict:
     """What a results entry records about the features it was computed from."""
     return {"backbone": meta.get("backbone"), "weights": meta.get("weights"),
@@ -123,6 +137,7 @@ def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | Non
             scored_rows.update(rows.tolist())
         training = TrainConfig.from_dict(group[0].config).without_seed()
         settings[config] = {"margin": training["margin"], "score_weights": weights, "training_config": training}
+        settings[config]["checkpoint_thresholds"] = thresholds_on_scored_images(runs[config], group)
         inside = last_epoch_inside_margin(group)
         if inside is not None:
             settings[config]["anomalous_inside_margin"] = inside

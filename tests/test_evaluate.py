@@ -218,3 +218,20 @@ def test_the_fingerprints_dataset_alone_identifies_the_training_dataset(runs, mv
         select_images("official", checkpoint.manifest, "run", others, training_dataset=checkpoint.fingerprint["dataset"])
     rows, image_list = select_images("official", checkpoint.manifest, "run", others)   # without it: another dataset
     assert image_list.protocol == "official"
+
+
+def test_results_say_how_the_checkpoint_thresholds_do_on_the_held_out_images(holdout_results, runs):
+    from evaluate.predict import threshold_for
+    from train.infer import operating_point
+    path, entries = holdout_results
+    with open(path.parent / "scores.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["config"] == "adaptive" and r["category"] == "bottle"]
+    points = []
+    for seed in (0, 1):
+        mine = [r for r in rows if r["seed"] == str(seed)]
+        threshold = threshold_for(load_checkpoint(runs / f"adaptive-seed{seed}"), "bottle")
+        points.append(operating_point(np.array([int(r["label"]) for r in mine]), np.array([float(r["final"]) for r in mine]),
+                                      threshold))
+    recorded = entries["adaptive"]["checkpoint_thresholds"]["bottle"]
+    assert recorded["recall"]["n"] == 2
+    assert recorded["recall"]["mean"] == pytest.approx(100 * np.mean([p["recall"] for p in points]), abs=0.01)

@@ -92,14 +92,16 @@ CALIBRATION_SET = ("the run's own training images of the category (optimistic: t
                    "held-out images are never used, they are what evaluate scores)")
 
 
-def _operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
-    """Precision, recall and F1 of "anomalous when score ≥ threshold" on these images."""
+def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """Precision, recall and F1 of "anomalous when score ≥ threshold" on these images (None where
+    undefined: precision when nothing is flagged, recall without anomalous images)."""
     flagged = scores >= threshold
     true_positives = int((flagged & (labels == 1)).sum())
-    precision = true_positives / max(int(flagged.sum()), 1)
-    recall = true_positives / max(int((labels == 1).sum()), 1)
-    return {"threshold": float(threshold), "precision": precision, "recall": recall,
-            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+    precision = true_positives / int(flagged.sum()) if flagged.any() else None
+    recall = true_positives / int((labels == 1).sum()) if (labels == 1).any() else None
+    f1 = None if precision is None or recall is None else (
+        2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    return {"threshold": float(threshold), "precision": precision, "recall": recall, "f1": f1,
             "normal": int((labels == 0).sum()), "anomalous": int((labels == 1).sum())}
 
 
@@ -129,9 +131,9 @@ def calibrate_thresholds(labels, scores, categories) -> dict:
                                       "reason": f"only {only} calibration images: no F1-max; the pooled threshold "
                                                 "applies"}
             continue
-        per_category[category] = _operating_point(labels[here], scores[here], f1_max(labels[here], scores[here])[1])
+        per_category[category] = operating_point(labels[here], scores[here], f1_max(labels[here], scores[here])[1])
     return {"set": CALIBRATION_SET, "rule": "F1-max of s_final, anomalous when s_final >= threshold",
-            "pooled": _operating_point(labels, scores, f1_max(labels, scores)[1]), "categories": per_category}
+            "pooled": operating_point(labels, scores, f1_max(labels, scores)[1]), "categories": per_category}
 
 
 def threshold_lines(calibration: dict) -> list[str]:
