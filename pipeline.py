@@ -313,7 +313,8 @@ def _echo_entries(path, entries) -> None:
         std = "" if entry["std_auroc"] is None else f" ± {entry['std_auroc']:.2f}"
         click.echo(f"  {config}: image AUROC {entry['mean_auroc']:.2f}{std} %, AP {entry['mean_average_precision']:.2f} %, "
                    f"F1-max {entry['mean_f1_max']:.2f} % — n = {entry['n_seeds']} seed(s), {protocol['name']} protocol, "
-                   f"{protocol['n_images']} images (hash {protocol['image_list_hash'][:12]}…)")
+                   f"{protocol['n_images']} images (hash {protocol['image_list_hash'][:12]}…)"
+                   + (f", image score: {entry['image_score']}" if entry.get("image_score") else ""))
         for category, reason in entry["not_available"].items():
             click.echo(f"    {category}: n/a ({reason})")
     if any(entry.get("random_weights") for entry in entries.values()):
@@ -394,17 +395,20 @@ def baseline():
 @click.option("--categories", default=None, help="Comma-separated subset.")
 @click.option("--batch-size", default=8, show_default=True, help="Images per forward pass.")
 @click.option("--workers", default=2, show_default=True, help="Parallel image-decoding processes.")
+@click.option("--image-score", type=click.Choice(["global", "global+map"]), default="global", show_default=True,
+              help="global: the global CLIP score (the paper's zero-shot rule); global+map: its mean with the "
+                   "multi-scale map's maximum (WinCLIP+'s few-shot rule).")
 @_with(bootstrap_options)
 @_fail_cleanly
 def baseline_winclip(dataset, root, out, split_from, protocol, model, pretrained, weights, random_weights, device,
-                     categories, batch_size, workers, n_resamples, bootstrap_seed):
+                     categories, batch_size, workers, image_score, n_resamples, bootstrap_seed):
     """Zero-shot WinCLIP (Jeong et al., CVPR 2023): prompt ensemble, 2x2/3x3 windows, harmonic aggregation."""
     from evaluate.baseline import run_winclip
     path, entries = run_winclip(
         dataset, root, out, lambda: load_backbone_from(model, pretrained, weights, random_weights, device),
         protocol=protocol, split_from=split_from, categories=categories.split(",") if categories else None,
         batch_size=batch_size, workers=workers, n_resamples=n_resamples, bootstrap_seed=bootstrap_seed,
-        progress=_show_progress())
+        progress=_show_progress(), image_score=image_score)
     _echo_entries(path, entries)
 
 
