@@ -457,18 +457,24 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
 
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False), default="demo_out", show_default=True)
-@click.option("--limit", default=None, type=int, help="Textile images to use (default 32: fits 10 min on 2 CPU cores).")
-@click.option("--epochs", default=None, type=int, help="Training epochs per margin (default 25, the original's).")
-@click.option("--model", default="ViT-B-16", show_default=True)
+@click.option("--limit", default=None, type=int,
+              help="Textile images to use (default 146: the fewest with 15 normal and 15 anomalous held out).")
+@click.option("--epochs", default=None, type=int, help="Training epochs per run (default 25, the original's).")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Training seeds of each margin.")
+@click.option("--model", default="ViT-B-16", show_default=True, help="RAML's CLIP.")
 @click.option("--pretrained", default="openai", show_default=True)
+@click.option("--winclip-model", default="ViT-B-16-plus-240", show_default=True, help="WinCLIP's CLIP (the paper's).")
+@click.option("--winclip-pretrained", default="laion400m_e31", show_default=True)
 @click.option("--online", is_flag=True, help="Allow downloading the CLIP weights (default: local cache only).")
 @click.option("--random-weights", is_flag=True, help="Skip looking for weights; run with random ones (not meaningful).")
 @_fail_cleanly
-def demo(out, limit, epochs, model, pretrained, online, random_weights):
-    """README command one: extract → train (adaptive, fixed, strong) → evaluate → report on textile images."""
+def demo(out, limit, epochs, seeds, model, pretrained, winclip_model, winclip_pretrained, online, random_weights):
+    """README command one: RAML (3 margins × 3 seeds, via sweep) against zero-shot WinCLIP on the same held-out
+    textile images: extract → sweep → evaluate → baseline winclip → report."""
     from evaluate.demo import DEFAULT_EPOCHS, DEFAULT_LIMIT, run_demo
     run_demo(lambda args: cli.main(list(args), standalone_mode=False), out, model=model, pretrained=pretrained,
-             limit=limit or DEFAULT_LIMIT, epochs=epochs or DEFAULT_EPOCHS, online=online,
+             winclip_model=winclip_model, winclip_pretrained=winclip_pretrained, limit=limit or DEFAULT_LIMIT,
+             epochs=epochs or DEFAULT_EPOCHS, seeds=_comma_list(seeds, int), online=online,
              random_weights=random_weights, log=click.echo)
 
 

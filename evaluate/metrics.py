@@ -12,6 +12,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 DEFAULT_BOOTSTRAP = 1000
 CI_LEVEL = 0.95
+BOOTSTRAP_CHUNK = 250   # resamples ranked at once
 
 
 def _labels_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
@@ -60,16 +61,25 @@ def bootstrap_auroc_ci(labels, scores, n_resamples: int = DEFAULT_BOOTSTRAP, see
     is that of the seed-averaged AUROC under image sampling. Resampling is stratified (normal and
     anomalous images drawn separately, counts kept): held-out sets are tiny, and an unstratified
     resample of toothbrush's 3 normal images would often have none.
+
+    Each resample's AUROC is the Mann-Whitney statistic of average ranks (ties count one half),
+    which is exactly ``roc_auc_score``, computed for all resamples at once: a thousand resamples
+    of a few seeds cost milliseconds rather than seconds of scikit-learn's per-call overhead.
     """
+    from scipy.stats import rankdata
     labels, scores = _labels_scores(labels, scores)
     scores = scores.reshape(-1, labels.size)
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(labels == value) for value in (0, 1)]
+    # every resample lists its normal draws first, then its anomalous ones: the labels' layout is fixed
+    index = np.stack([np.concatenate([rng.choice(group, size=group.size, replace=True) for group in groups])
+                      for _ in range(n_resamples)])                                  # [resamples, n]
+    n_normal, n_anomalous = groups[0].size, groups[1].size
     statistics = np.empty(n_resamples)
-    for i in range(n_resamples):
-        index = np.concatenate([rng.choice(group, size=group.size, replace=True) for group in groups])
-        resampled_labels = labels[index]
-        statistics[i] = np.mean([roc_auc_score(resampled_labels, run[index]) for run in scores])
+    for start in range(0, n_resamples, BOOTSTRAP_CHUNK):                           # bounds the [chunk, runs, n] copy
+        ranks = rankdata(scores[:, index[start:start + BOOTSTRAP_CHUNK]], axis=-1)  # [runs, chunk, n]
+        aurocs = (ranks[..., n_normal:].sum(-1) - n_anomalous * (n_anomalous + 1) / 2) / (n_normal * n_anomalous)
+        statistics[start:start + BOOTSTRAP_CHUNK] = aurocs.mean(axis=0)
     tail = (1.0 - level) / 2 * 100
     low, high = np.percentile(statistics, [tail, 100 - tail])
     return float(low), float(high)

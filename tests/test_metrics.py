@@ -137,3 +137,19 @@ def test_results_json_is_replaced_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (tmp_path / RESULTS_JSON).read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "scores.csv"]   # no temporary left
+
+
+def test_bootstrap_ci_equals_resampling_with_scikit_learns_auroc():
+    """The vectorised Mann-Whitney AUROC gives the interval a loop over roc_auc_score gives, ties included."""
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.zeros(9), np.ones(14)].astype(int)
+    scores = np.round(rng.uniform(0, 1, (3, labels.size)) + 0.3 * labels, 1)      # rounded: many ties
+    draw = np.random.default_rng(7)
+    groups = [np.flatnonzero(labels == value) for value in (0, 1)]
+    expected = []
+    for _ in range(300):
+        index = np.concatenate([draw.choice(group, size=group.size, replace=True) for group in groups])
+        expected.append(np.mean([roc_auc_score(labels[index], run[index]) for run in scores]))
+    assert bootstrap_auroc_ci(labels, scores, n_resamples=300, seed=7) == pytest.approx(
+        tuple(np.percentile(expected, [2.5, 97.5])), abs=1e-12)
