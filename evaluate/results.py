@@ -47,6 +47,16 @@ def _percent(value: float) -> float:
     return round(100.0 * value, 2)
 
 
+def mean_std(values) -> dict:
+    """Mean ± sample standard deviation (ddof = 1) of ``values`` over seeds, and n; std is None for
+    n = 1 (one run says nothing about the spread). The one aggregation of the project."""
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": round(float(np.mean(values)), 2),
+            "std": round(float(np.std(values, ddof=1)), 2) if len(values) > 1 else None, "n": len(values)}
+
+
 def category_summary(labels: np.ndarray, final_by_run: np.ndarray, n_resamples: int, seed: int) -> dict:
     """Metrics of one category for one configuration; ``final_by_run`` is [runs, n].
 
@@ -59,6 +69,7 @@ def category_summary(labels: np.ndarray, final_by_run: np.ndarray, n_resamples: 
     return {
         "auroc": _percent(aurocs.mean()), "auroc_std": _percent(aurocs.std()),
         "auroc_per_seed": [_percent(a) for a in aurocs], "auroc_ci95": [_percent(low), _percent(high)],
+        "auroc_over_seeds": mean_std([100.0 * a for a in aurocs]),
         "average_precision": _percent(aps.mean()), "average_precision_std": _percent(aps.std()),
         "f1_max": _percent(np.mean([f for f, _ in f1s])), "f1_max_std": _percent(np.std([f for f, _ in f1s])),
         "f1_max_threshold": [round(t, 6) for _, t in f1s],
@@ -87,6 +98,7 @@ def config_entry(runs: list[ScoredRun], image_list: dict, backbone: dict, *, n_r
         "mean_auroc": round(float(np.mean([s["auroc"] for s in per_category.values()])), 2),
         "details": {category: s["auroc"] for category, s in per_category.items()},
         "std_auroc": round(float(seed_means.std()), 2),
+        "auroc_over_seeds": mean_std(seed_means),
         "mean_average_precision": round(float(np.mean([s["average_precision"] for s in per_category.values()])), 2),
         "mean_f1_max": round(float(np.mean([s["f1_max"] for s in per_category.values()])), 2),
         "categories": per_category,

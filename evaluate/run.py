@@ -55,11 +55,12 @@ def backbone_fields(meta: dict) -> dict:
 
 def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | None = None,
                          visual_weight: float | None = None, text_weight: float | None = None, n_resamples: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0,
-                         name: str | None = None, log=print) -> tuple[Path, dict]:
+                         name: str | None = None, log=print, table=None, device: str = "cpu") -> tuple[Path, dict]:
     """Score every checkpoint on ``cache_dir`` and write ``out_dir``/{results.json, scores.csv,
-    anomaly_maps.npz}. Returns the results path and the entries."""
+    anomaly_maps.npz}. Returns the results path and the entries. ``table``: the cache already read
+    (a sweep passes its own), else it is read from ``cache_dir``."""
     paths = find_checkpoints(checkpoints)
-    table = read_cache(cache_dir)
+    table = read_cache(cache_dir) if table is None else table
     groups = defaultdict(list)
     for path in paths:
         groups[config_name(path)].append(path)
@@ -78,12 +79,13 @@ def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | Non
             log(f"evaluate {config} ({path}): {image_list.protocol} protocol, {len(rows)} images")
             subset = table.select(rows)
             weights = score_weights(checkpoint, visual_weight, text_weight)
-            scores = score_table(checkpoint, subset, **weights)
+            scores = score_table(checkpoint, subset, **weights, device=device)
             runs[config].append(ScoredRun(config, checkpoint.config.get("seed"), str(path), subset.category,
                                           subset.relpath, subset.defect_type, subset.label,
                                           {k: np.asarray(v, float) for k, v in scores.items()}))
             image_lists[config] = image_list.describe()
-            settings[config] = {"margin": checkpoint.config.get("margin"), "score_weights": weights}
+            settings[config] = {"margin": checkpoint.config.get("margin"), "score_weights": weights,
+                                "config": checkpoint.config}
             scored_rows.update(rows.tolist())
 
     rows = np.array(sorted(scored_rows))
