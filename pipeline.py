@@ -210,6 +210,11 @@ def _comma_list(text, kind=str):
         raise click.BadParameter(f"{text!r}: expected a comma-separated list") from None
 
 
+_device_option = click.option(
+    "--device", default="auto", show_default=True,
+    help="Where stage two runs: auto (the GPU if there is one), cpu, cuda or cuda:N. The cached features go "
+         "to the device once.")
+
 _threads_option = click.option(
     "--threads", default=1, show_default=True,
     help="Torch threads per training run. More pay only on an idle machine (on a busy one they stall "
@@ -229,9 +234,10 @@ def _train_options(exclude=()):
               help="Run directory: checkpoint.pt, config.json, split.json, history.json.")
 @click.option("--force", is_flag=True, help="Overwrite a run directory that already holds a checkpoint.")
 @_threads_option
+@_device_option
 @_train_options()
 @_fail_cleanly
-def train(cache_dir, out, force, threads, margin, **options):
+def train(cache_dir, out, force, threads, device, margin, **options):
     """Stage two: train the RAML head on cached features (holdout protocol; never loads CLIP).
 
     --margin picks the preset (adaptive: m = 0.5 + 0.3·σ + 0.3·(1 − r/r_max); fixed: 0.5;
@@ -250,7 +256,7 @@ def train(cache_dir, out, force, threads, margin, **options):
     click.echo(f"train: {len(table)} images in {len(table.categories)} categories from {cache_dir}; "
                f"margin {config.margin} (m_base {config.margin_base}, λσ {config.lambda_sigma}, "
                f"λres {config.lambda_res}, r_max {config.r_max}), seed {config.seed}")
-    trained = fit(table, config, progress=click.echo, threads=threads)
+    trained = fit(table, config, progress=click.echo, threads=threads, device=device)
     path = write_run(out, trained)
     click.echo("\n".join(threshold_lines(trained.thresholds)))
     click.echo(f"train: {len(trained.split.train)} training / {len(trained.split.heldout)} held-out images → {path}")
@@ -260,45 +266,60 @@ def train(cache_dir, out, force, threads, margin, **options):
 @click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), required=True)
 @click.option("--margins", default="adaptive,fixed,strong", show_default=True, help="Margin presets to compare.")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Training seeds (one run each).")
+@click.option("--vary", multiple=True, metavar="FIELD=V1,V2",
+              help="Another grid axis, e.g. --vary lr=1e-4,5e-5 or --vary loss_variant=raml,original; repeat for "
+                   "more. Configurations are every margin × every combination.")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
-              help="Sweep directory: <margin>-seed<k>/ per run, summary.json, summary.md.")
-@click.option("--jobs", default=1, show_default=True, help="Runs trained in parallel worker processes.")
+              help="Sweep directory: <configuration>-seed<k>/ per run, results/, summary.json, summary.md.")
+@click.option("--jobs", default=1, show_default=True,
+              help="Passes trained in parallel worker processes (runs that share their shapes train as one pass).")
 @_threads_option
+@_device_option
 @_train_options(exclude=("seed", "margin", "margin_base", "lambda_sigma", "lambda_res"))
 @_fail_cleanly
-def sweep(cache_dir, margins, seeds, out, jobs, threads, **options):
-    """Train every (margin × seed) on one cache and tabulate held-out image AUROC (mean ± std).
+def sweep(cache_dir, margins, seeds, vary, out, jobs, threads, device, **options):
+    """Train every (configuration × seed) on one cache and tabulate held-out image AUROC (mean ± std).
 
-    Re-running resumes: finished runs are not retrained. All runs share --split-seed, so every
-    number in the table is measured on the same held-out images.
+    Runs that differ only in per-run scalars (seed, margin, loss weights, temperature, lr, weight decay,
+    ...) are trained together as one batched pass. Re-running resumes: finished runs are not retrained.
+    All runs share --split-seed, so every number in the table is measured on the same held-out images.
     """
     from pathlib import Path
 
-    from train.config import MARGIN_PRESETS
-    from train.sweep import run_sweep
+    from train.config import MARGIN_PRESETS, parse_vary
+    from train.sweep import grid_configurations, run_sweep
     margins, seeds = _comma_list(margins), _comma_list(seeds, int)
     unknown = [m for m in margins if m not in MARGIN_PRESETS]
     if unknown or not margins or not seeds:
         raise UserError(f"--margins takes some of {', '.join(MARGIN_PRESETS)} (got {', '.join(unknown) or 'none'}); "
                         "--seeds at least one integer")
+    configurations = grid_configurations(margins, parse_vary(vary), **options)
     table = _read_training_cache(cache_dir)
-    summary = run_sweep(table, margins, seeds, out, jobs=jobs, threads=threads, progress=click.echo, **options)
+    summary = run_sweep(table, configurations, seeds, out, jobs=jobs, threads=threads, device=device,
+                        progress=click.echo)
     click.echo((Path(out) / "summary.md").read_text().rstrip())
-    click.echo(f"sweep: {len(margins) * len(seeds)} runs → {out}/summary.json, {out}/summary.md"
+    click.echo(f"sweep: {len(configurations) * len(seeds)} runs → {out}/summary.json, {out}/summary.md"
                + (" (random-weights features: meaningless)" if summary["random_weights"] else ""))
 
 
 @bench.command("train")
 @click.option("--epochs", default=25, show_default=True)
-@click.option("--sweep", "with_sweep", is_flag=True, help="Also time the 3 margins × --seeds sweep.")
+@click.option("--sweep", "with_sweep", is_flag=True,
+              help="Also time the 3 margins × --seeds sweep: batched (one pass) against one run at a time.")
 @click.option("--seeds", default=5, show_default=True)
-@click.option("--jobs", default=2, show_default=True, help="Parallel sweep workers.")
+@click.option("--lrs", default=None, help="With --sweep: also vary the learning rate, e.g. 5e-5,1e-4,2e-4 (45 runs).")
+@click.option("--jobs", default=2, show_default=True, help="Worker processes of the one-run-at-a-time sweep.")
+@click.option("--separate/--no-separate", default=True, show_default=True,
+              help="With --sweep: also time the old one-run-at-a-time path (slow).")
 @_threads_option
+@_device_option
 @_fail_cleanly
-def bench_train(epochs, with_sweep, seeds, jobs, threads):
+def bench_train(epochs, with_sweep, seeds, lrs, jobs, separate, threads, device):
     """Time stage two on a synthetic cache of MVTec AD's shape (5,354 images × 21 × 512)."""
     from train.bench import run_train_bench
-    for line in run_train_bench(epochs=epochs, sweep=with_sweep, seeds=seeds, jobs=jobs, threads=threads).lines():
+    result = run_train_bench(epochs=epochs, sweep=with_sweep, seeds=seeds, lrs=_comma_list(lrs, float) if lrs else None,
+                             jobs=jobs, threads=threads, device=device, separate=separate)
+    for line in result.lines():
         click.echo(line)
 
 
@@ -312,7 +333,7 @@ def _echo_entries(path, entries) -> None:
         protocol = entry["protocol"]
         std = "" if entry["std_auroc"] is None else f" ± {entry['std_auroc']:.2f}"
         click.echo(f"  {config}: image AUROC {entry['mean_auroc']:.2f}{std} %, AP {entry['mean_average_precision']:.2f} %, "
-                   f"F1-max {entry['mean_f1_max']:.2f} % — n = {entry['n_seeds']} seed(s), {protocol['name']} protocol, "
+                   f"F1-max {entry['mean_f1_max']:.2f} % — n = {entry['auroc_over_seeds']['n']} seed(s), {protocol['name']} protocol, "
                    f"{protocol['n_images']} images (hash {protocol['image_list_hash'][:12]}…)"
                    + (f", image score: {entry['image_score']}" if entry.get("image_score") else ""))
         for category, reason in entry["not_available"].items():
@@ -343,8 +364,10 @@ bootstrap_options = [
 @click.option("--text-weight", type=float, default=None, help="Weight of s_text (default: the checkpoint's).")
 @click.option("--name", default=None, help="Name of the configuration in the results (default: the run directory's).")
 @_with(bootstrap_options)
+@_device_option
 @_fail_cleanly
-def evaluate(checkpoints, cache_dir, out, protocol, visual_weight, text_weight, name, n_resamples, bootstrap_seed):
+def evaluate(checkpoints, cache_dir, out, protocol, visual_weight, text_weight, name, n_resamples, bootstrap_seed,
+             device):
     """Score trained checkpoints on a cache: metrics per category, per-image scores, coarse maps.
 
     Writes OUT/results.json (the original release's schema plus AP, F1-max, CI, seeds, protocol and
@@ -354,7 +377,7 @@ def evaluate(checkpoints, cache_dir, out, protocol, visual_weight, text_weight, 
     from evaluate.run import evaluate_checkpoints
     path, entries = evaluate_checkpoints(checkpoints, cache_dir, out, protocol=protocol, visual_weight=visual_weight,
                                          text_weight=text_weight, n_resamples=n_resamples,
-                                         bootstrap_seed=bootstrap_seed, name=name, log=click.echo)
+                                         bootstrap_seed=bootstrap_seed, name=name, log=click.echo, device=device)
     _echo_entries(path, entries)
 
 

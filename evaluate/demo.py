@@ -92,13 +92,12 @@ def run_demo(run_command, out_dir, *, model: str = RAML_MODEL[0], pretrained: st
     tag = "random" if "--random-weights" in raml else "pretrained"   # a cache holds one backbone's features
     cache, runs, results, report = (out_dir / f"cache-{tag}", out_dir / f"runs-{tag}", out_dir / f"results-{tag}",
                                     out_dir / f"report-{tag}")
-    jobs = max(1, min(len(MARGINS) * len(seeds), os.cpu_count() or 1))
     # --workers 0: decoding a 250-px image is cheap; worker processes would only compete with CLIP for the cores
     steps = [
         ["extract", "--dataset", "textile", "--cache-dir", str(cache), *raml, "--limit", str(limit), "--workers", "0",
          "--engine", engine, "--device", device],
         ["sweep", "--cache-dir", str(cache), "--margins", ",".join(MARGINS), "--seeds", ",".join(map(str, seeds)),
-         "--epochs", str(epochs), "--out", str(runs), "--jobs", str(jobs)],
+         "--epochs", str(epochs), "--out", str(runs)],   # the 9 runs train together, as one batched pass
         ["evaluate", "--checkpoint", str(runs), "--cache-dir", str(cache), "--out", str(results / "raml")],
         ["baseline", "winclip", "--dataset", "textile", "--split-from", str(runs / f"{MARGINS[0]}-seed{seeds[0]}"),
          "--out", str(results / "winclip"), *winclip, "--device", device, "--workers", "0"],

@@ -79,14 +79,13 @@ def group_by_image_list(rows: list[Row]) -> dict[str, list[Row]]:
 def _spread(entry: dict, category: str | None) -> tuple[float | None, int]:
     """(sample std over seeds in %, n seeds) of a category's AUROC, or of the mean (``None``).
 
-    Results written before ``n_seeds`` was recorded stored a population std (ddof = 0); their std
-    is recomputed from the per-seed AUROCs with ``mean_std``, so that every table uses one rule.
+    Results written before ``auroc_over_seeds`` was recorded stored a population std (ddof = 0);
+    their std is recomputed from the per-seed AUROCs with ``mean_std``, so that every table uses one
+    rule.
     """
-    if "n_seeds" in entry:
-        if category is None:
-            return entry["std_auroc"], entry["n_seeds"]
-        stats = entry["categories"][category]
-        return stats["auroc_std"], stats["n"]
+    if "auroc_over_seeds" in entry:
+        stats = entry["auroc_over_seeds"] if category is None else entry["categories"][category]["auroc_over_seeds"]
+        return stats["std"], stats["n"]
     per_seed = {c: stats["auroc_per_seed"] for c, stats in entry.get("categories", {}).items()}
     if not per_seed:
         return None, len(entry.get("seeds", [])) or 1
@@ -125,10 +124,10 @@ def image_score_rule(entry: dict) -> str:
 def _inside_margin(entry: dict) -> str:
     """The fraction of anomalous training images inside the margin at the last epoch (mean ± std
     over seeds), or n/a for methods without a margin and for runs that did not record it."""
-    stats = entry.get("anomalous_inside_margin")
-    if not stats or stats.get("mean") is None:
+    if entry.get("anomalous_inside_margin") is None:
         return "n/a"
-    return f"{stats['mean']:.2f}" + ("" if stats.get("std") is None else f" ± {stats['std']:.2f}")
+    std = (entry.get("anomalous_inside_margin_over_seeds") or {}).get("std")
+    return f"{entry['anomalous_inside_margin']:.2f}" + ("" if std is None else f" ± {std:.2f}")
 
 
 def comparison_markdown(title: str, rows: list[Row], plots: list[str]) -> str:

@@ -89,7 +89,7 @@ def category_summary(labels: np.ndarray, final_by_run: np.ndarray, n_resamples: 
     auroc = mean_std(aurocs)
     low, high = bootstrap_auroc_ci(labels, final_by_run, n_resamples=n_resamples, seed=seed)
     return {
-        "auroc": _percent(auroc["mean"]), "auroc_std": _percent_std(auroc), "n": auroc["n"],
+        "auroc": _percent(auroc["mean"]), "auroc_std": _percent_std(auroc), "auroc_over_seeds": in_percent(auroc),
         "auroc_per_seed": [_percent(a) for a in aurocs], "auroc_ci95": [_percent(low), _percent(high)],
         "average_precision": _percent(aps["mean"]), "average_precision_std": _percent_std(aps),
         "f1_max": _percent(f1["mean"]), "f1_max_std": _percent_std(f1),
@@ -123,7 +123,7 @@ def config_entry(runs: list[ScoredRun], image_list: dict, backbone: dict, *, n_r
         "mean_auroc": _percent(over_seeds["mean"]),
         "details": {category: s["auroc"] for category, s in per_category.items()},
         "std_auroc": _percent_std(over_seeds),
-        "n_seeds": over_seeds["n"],
+        "auroc_over_seeds": in_percent(over_seeds),
         "mean_average_precision": round(float(np.mean([s["average_precision"] for s in per_category.values()])), 2),
         "mean_f1_max": round(float(np.mean([s["f1_max"] for s in per_category.values()])), 2),
         "categories": per_category,
@@ -134,7 +134,7 @@ def config_entry(runs: list[ScoredRun], image_list: dict, backbone: dict, *, n_r
         "bootstrap": {"resamples": n_resamples, "seed": bootstrap_seed, "stratified": True, "level": 0.95},
         **backbone,
         "meaningful": not backbone.get("random_weights", False),
-        "units": "AUROC, AP and F1 in %; mean ± sample std (ddof = 1) over seeds, n = n_seeds",
+        "units": "AUROC, AP and F1 in %; mean ± sample std (ddof = 1) over seeds; auroc_over_seeds gives n",
     }
     if backbone.get("random_weights"):
         entry["warning"] = NOT_MEANINGFUL

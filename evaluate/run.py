@@ -81,15 +81,18 @@ def group_configurations(paths, name: str | None = None) -> dict[str, list[Check
 
 
 def last_epoch_inside_margin(checkpoints: list[Checkpoint]) -> dict | None:
-    """``anomalous_inside_margin`` of each run's last epoch (its ``history.json``), mean ± std over
-    seeds; None when no run recorded it (runs trained before it existed)."""
+    """The results fields ``anomalous_inside_margin`` (mean over seeds of each run's last-epoch
+    value, from the ``history.json`` beside its checkpoint) and ``anomalous_inside_margin_over_seeds``
+    (``mean_std``); None when no run recorded it (runs trained before it existed)."""
     values = []
     for checkpoint in checkpoints:
         history_path = checkpoint.path.parent / "history.json"
         history = json.loads(history_path.read_text()) if history_path.is_file() else []
         values.append(history[-1].get("anomalous_inside_margin") if history else None)
     stats = mean_std(values)
-    return stats if stats["n"] else None
+    if not stats["n"]:
+        return None
+    return {"anomalous_inside_margin": stats["mean"], "anomalous_inside_margin_over_seeds": stats}
 
 
 def thresholds_on_scored_images(runs: list[ScoredRun], checkpoints: list[Checkpoint]) -> dict:
@@ -114,10 +117,11 @@ def backbone_fields(meta: dict) -> dict:
 
 def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | None = None,
                          visual_weight: float | None = None, text_weight: float | None = None, n_resamples: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0,
-                         name: str | None = None, log=print) -> tuple[Path, dict]:
+                         name: str | None = None, log=print, table=None, device: str = "cpu") -> tuple[Path, dict]:
     """Score every checkpoint on ``cache_dir`` and write ``out_dir``/{results.json, scores.csv,
-    anomaly_maps.npz}. Returns the results path and the entries."""
-    table = read_cache(cache_dir)
+    anomaly_maps.npz}. Returns the results path and the entries. ``table``: the cache already read
+    (a sweep passes its own), else it is read from ``cache_dir``."""
+    table = read_cache(cache_dir) if table is None else table
     groups = group_configurations(find_checkpoints(checkpoints), name)
     runs, image_lists, settings, scored_rows = defaultdict(list), {}, {}, set()
     for config, group in groups.items():
@@ -129,18 +133,18 @@ def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | Non
             log(f"evaluate {config} ({path}): {image_list.protocol} protocol, {len(rows)} images")
             subset = table.select(rows)
             weights = score_weights(checkpoint, visual_weight, text_weight)
-            scores = score_table(checkpoint, subset, **weights)
+            scores = score_table(checkpoint, subset, **weights, device=device)
             runs[config].append(ScoredRun(config, checkpoint.config.get("seed"), str(path), subset.category,
                                           subset.relpath, subset.defect_type, subset.label,
                                           {k: np.asarray(v, float) for k, v in scores.items()}))
             image_lists[config] = image_list.describe()
             scored_rows.update(rows.tolist())
         training = TrainConfig.from_dict(group[0].config).without_seed()
-        settings[config] = {"margin": training["margin"], "score_weights": weights, "training_config": training}
-        settings[config]["checkpoint_thresholds"] = thresholds_on_scored_images(runs[config], group)
+        settings[config] = {"margin": training["margin"], "score_weights": weights, "config": training,
+                            "checkpoint_thresholds": thresholds_on_scored_images(runs[config], group)}
         inside = last_epoch_inside_margin(group)
         if inside is not None:
-            settings[config]["anomalous_inside_margin"] = inside
+            settings[config].update(inside)
 
     rows = np.array(sorted(scored_rows))
     subset = table.select(rows)

@@ -36,7 +36,7 @@ def test_demo_compares_raml_seeds_with_winclip_and_says_the_weights_are_random(t
     raml = json.loads((tmp_path / "results-random" / "raml" / "results.json").read_text())
     winclip = json.loads((tmp_path / "results-random" / "winclip" / "results.json").read_text())
     assert set(raml) == {"adaptive", "fixed", "strong"} and set(winclip) == {"WinCLIP zero-shot"}
-    assert all(entry["seeds"] == [0, 1] and entry["n_seeds"] == 2 for entry in raml.values())
+    assert all(entry["seeds"] == [0, 1] and entry["auroc_over_seeds"]["n"] == 2 for entry in raml.values())
     entries = [*raml.values(), *winclip.values()]
     assert all(entry["random_weights"] and not entry["meaningful"] for entry in entries)
     assert len({entry["protocol"]["image_list_hash"] for entry in entries}) == 1        # the same held-out images

@@ -92,10 +92,11 @@ def test_config_entry_keeps_the_original_schema_and_averages_seeds():
     # category a: seed 0 → 75 %, seed 1 → 100 %; b: 100 % both
     assert entry["details"] == {"a": 87.5, "b": 100.0}
     assert entry["categories"]["a"]["auroc_std"] == pytest.approx(25 / np.sqrt(2), abs=0.005)   # 17.68, ddof = 1
-    assert entry["categories"]["a"]["n"] == 2 and entry["categories"]["b"]["auroc_std"] == 0.0
+    assert entry["categories"]["a"]["auroc_over_seeds"] == {"mean": 87.5, "std": 17.68, "n": 2}
+    assert entry["categories"]["b"]["auroc_std"] == 0.0
     assert entry["mean_auroc"] == pytest.approx(93.75, abs=0.01)
     assert entry["std_auroc"] == pytest.approx(12.5 / np.sqrt(2), abs=0.005)   # seed means 87.5 and 100: 8.84
-    assert entry["seeds"] == [0, 1] and entry["n_seeds"] == 2
+    assert entry["auroc_over_seeds"] == {"mean": 93.75, "std": 8.84, "n": 2} and entry["seeds"] == [0, 1]
     assert entry["meaningful"] is False and "NOT MEANINGFUL" in entry["warning"]
 
 
@@ -115,8 +116,8 @@ def test_config_entry_refuses_seeds_scored_on_other_images():
 
 def test_one_seed_has_no_standard_deviation():
     entry = config_entry([_run([0.1, 0.4, 0.35, 0.8, 0.2, 0.9], 0)], {}, {}, n_resamples=10)
-    assert entry["std_auroc"] is None and entry["n_seeds"] == 1
-    assert entry["categories"]["a"]["auroc_std"] is None and entry["categories"]["a"]["n"] == 1
+    assert entry["std_auroc"] is None and entry["auroc_over_seeds"] == {"mean": 87.5, "std": None, "n": 1}
+    assert entry["categories"]["a"]["auroc_std"] is None and entry["categories"]["a"]["auroc_over_seeds"]["n"] == 1
 
 
 def test_results_json_is_replaced_atomically(tmp_path, monkeypatch):

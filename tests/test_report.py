@@ -103,10 +103,12 @@ def test_every_table_shows_n_and_the_sample_std(tmp_path):
 
 
 def test_older_results_files_are_shown_with_the_sample_std(tmp_path):
-    """Entries written before n_seeds existed stored a population std: the report recomputes it."""
+    """Entries written before auroc_over_seeds existed stored a population std: the report recomputes it."""
     path, entry = _seeded_results(tmp_path / "raml", "RAML", [f"bottle/test/{i}.png" for i in range(12)], [0, 1])
     data = json.loads(path.read_text())
-    del data["RAML"]["n_seeds"]
+    del data["RAML"]["auroc_over_seeds"]
+    for stats in data["RAML"]["categories"].values():
+        del stats["auroc_over_seeds"]
     data["RAML"]["categories"]["bottle"]["auroc_std"] = float(np.std(entry["categories"]["bottle"]["auroc_per_seed"]))
     path.write_text(json.dumps(data))
     text = write_report([path], tmp_path / "report").read_text()
@@ -117,7 +119,8 @@ def test_older_results_files_are_shown_with_the_sample_std(tmp_path):
 def test_report_shows_the_fraction_of_anomalous_images_inside_the_margin(tmp_path):
     images = [f"bottle/test/{i}.png" for i in range(12)]
     _seeded_results(tmp_path / "a", "adaptive", images, [0, 1],
-                    extra={"anomalous_inside_margin": {"mean": 1.0, "std": 0.0, "n": 2}})
+                    extra={"anomalous_inside_margin": 1.0,
+                           "anomalous_inside_margin_over_seeds": {"mean": 1.0, "std": 0.0, "n": 2}})
     _seeded_results(tmp_path / "b", "old-run", images, [0])
     text = write_report([tmp_path], tmp_path / "report").read_text()
     assert "| 1.00 ± 0.00 | tiny |" in text                       # adaptive

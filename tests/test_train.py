@@ -244,8 +244,8 @@ def test_checkpoint_round_trip(tmp_path, separable_table, trained):
         assert torch.equal(tensor, checkpoint.model.state_dict()[name])
     assert checkpoint.config == trained.config.to_dict() == json.loads((tmp_path / "run/config.json").read_text())
     assert checkpoint.manifest == trained.split.manifest() == json.loads((tmp_path / "run/split.json").read_text())
-    assert torch.equal(checkpoint.loss_state["center"], trained.loss.center)
-    assert float(checkpoint.loss_state["sigma"]) == float(trained.loss.sigma)
+    assert torch.equal(checkpoint.loss_state["center"], trained.loss_state["center"])
+    assert float(checkpoint.loss_state["sigma"]) == float(trained.loss_state["sigma"])
     assert checkpoint.categories == ["bottle", "metal_nut"]
     assert checkpoint.fingerprint["embed_dim"] == 32 and checkpoint.thresholds == trained.thresholds
     assert set(checkpoint.thresholds["categories"]) == {"bottle", "metal_nut"}

@@ -174,6 +174,32 @@ def make_config(margin: str = "adaptive", **overrides) -> TrainConfig:
     return TrainConfig.from_dict({"margin": margin, **{k: v for k, v in overrides.items() if v is not None}})
 
 
+def parse_vary(specs) -> dict[str, list]:
+    """``["lr=1e-4,5e-5", "cross_attention=on,off"]`` → ``{"lr": [1e-4, 5e-5], "cross_attention": [True, False]}``:
+    a sweep's grid axes, each value parsed as its ``TrainConfig`` field's type."""
+    import click
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    grid = {}
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        name = name.strip().replace("-", "_")
+        if name in ("seed", "margin") or name not in fields:
+            raise UserError(f"--vary {spec!r}: expected FIELD=v1,v2 with FIELD a training option other than seed "
+                            "and margin (those have --seeds and --margins), e.g. lr=1e-4,5e-5")
+        kind = click.BOOL if isinstance(fields[name].default, bool) else (
+            float if fields[name].metadata.get("preset") else type(fields[name].default))
+        try:
+            grid[name] = [kind(value.strip()) if kind is not click.BOOL else kind.convert(value.strip(), None, None)
+                          for value in values.split(",") if value.strip()]
+        except (ValueError, click.BadParameter):
+            expected = "on or off" if kind is click.BOOL else kind.__name__
+            raise UserError(f"--vary {spec!r}: each value must be {expected}") from None
+        if not grid[name]:
+            raise UserError(f"--vary {spec!r}: no values")
+    return grid
+
+
 def click_options(exclude=()):
     """A decorator adding ``--<field-name>`` for every ``TrainConfig`` field not in ``exclude``.
 

@@ -44,31 +44,35 @@ def text_score(global_features, table_text: dict, categories) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * CLIP_LOGIT_SCALE * (cosines[:, 1] - cosines[:, 0])))  # sigmoid, no overflow
 
 
-def visual_score(model, features, text_bank, category_index, rows=None) -> np.ndarray:
+def visual_score(model, features, text_bank, category_index, rows=None, device: str = "cpu") -> np.ndarray:
     """sigmoid(visual logit) of ``features[rows]`` (default: all rows). ``features`` [N, 21, D]
     (any float dtype; gathered and converted to float32 one batch at a time), ``text_bank``
-    [C, 2, D], ``category_index`` [len(rows)] indices into it."""
-    model.eval()
+    [C, 2, D], ``category_index`` [len(rows)] indices into it. ``device``: where the head runs."""
+    from extract.encoder import resolve_device
+
+    device = resolve_device(device)
+    model.eval().to(device)
     rows = np.arange(len(features)) if rows is None else np.asarray(rows)
-    bank = torch.as_tensor(text_bank, dtype=torch.float32)
-    category_index = torch.as_tensor(np.asarray(category_index), dtype=torch.long)
+    bank = torch.as_tensor(text_bank, dtype=torch.float32, device=device)
+    category_index = torch.as_tensor(np.asarray(category_index), dtype=torch.long, device=device)
     scores = []
     with torch.no_grad():
         for start in range(0, len(rows), SCORE_BATCH):
-            batch = torch.as_tensor(np.asarray(features[rows[start:start + SCORE_BATCH]], np.float32))
+            batch = torch.as_tensor(np.asarray(features[rows[start:start + SCORE_BATCH]], np.float32), device=device)
             _, logits = model(batch, bank, category_index[start:start + SCORE_BATCH])
-            scores.append(torch.sigmoid(logits).numpy())
+            scores.append(torch.sigmoid(logits).cpu().numpy())
+    model.cpu()
     return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
 
 def score_rows(model, table: FeatureTable, rows=None, visual_weight=TrainConfig.visual_weight,
-               text_weight=TrainConfig.text_weight) -> dict:
+               text_weight=TrainConfig.text_weight, device: str = "cpu") -> dict:
     """``visual``, ``text`` and ``final`` scores of ``table``'s ``rows`` (default: all)."""
     rows = np.arange(len(table)) if rows is None else np.asarray(rows)
     categories = table.category[rows]
     names = sorted(set(categories.tolist()))
     bank = text_tokens(table.text, names)
-    visual = visual_score(model, table.features, bank, np.searchsorted(names, categories), rows)
+    visual = visual_score(model, table.features, bank, np.searchsorted(names, categories), rows, device)
     text = text_score(table.features[rows, 0], table.text, categories)
     return {"visual": visual, "text": text, "final": visual_weight * visual + text_weight * text}
 
@@ -80,12 +84,13 @@ def score_weights(checkpoint, visual_weight: float | None = None, text_weight: f
             "text_weight": config["text_weight"] if text_weight is None else text_weight}
 
 
-def score_table(checkpoint, table: FeatureTable, visual_weight=None, text_weight=None) -> dict:
+def score_table(checkpoint, table: FeatureTable, visual_weight=None, text_weight=None, device: str = "cpu") -> dict:
     """Score every image of ``table`` with a loaded checkpoint (weights: ``score_weights``);
     refuses a cache of another backbone."""
     from train.checkpoint import check_cache
     check_cache(checkpoint, table)
-    return score_rows(checkpoint.model, table, None, **score_weights(checkpoint, visual_weight, text_weight))
+    return score_rows(checkpoint.model, table, None, **score_weights(checkpoint, visual_weight, text_weight),
+                      device=device)
 
 
 CALIBRATION_SET = ("the run's own training images of the category (optimistic: the head was fitted on them; "
