@@ -5,14 +5,9 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test install clean
 
-# Without an NVIDIA GPU, torch comes from PyTorch's CPU index: ~0.2 GB instead of PyPI's default
-# CUDA build (~3.5 GB with its libraries), which alone took 5.7 min of the demo's 10 (see README).
-TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
-
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(if $(TORCH_INDEX),$(PY) -m pip install -q torch torchvision --index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
