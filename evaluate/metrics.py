@@ -1,5 +1,6 @@
-"""Image-level and coarse pixel-level metrics. scikit-learn does the arithmetic; these functions
-check the inputs and fix the conventions (1 = anomalous, higher score = more anomalous).
+"""Image-level and coarse pixel-level metrics. scikit-learn does the arithmetic (the bootstraps:
+scipy's ranks, the same AUROC vectorised over resamples); these functions check the inputs and
+fix the conventions (1 = anomalous, higher score = more anomalous).
 
 Every function that needs both classes raises ``ValueError`` with a plain message when a set has
 only one: a category whose held-out images are all normal has no AUROC, and saying 0.5 or
