@@ -126,27 +126,25 @@ def baseline_split(table: FeatureTable, split_from=None, split_seed: int | None 
 
 
 def _by_category(table: FeatureTable, train_rows, test_rows):
-    """(category, its training rows, its test rows) for every category of the test rows."""
+    """(category, its training rows, the mask of its images in ``test_rows``) per test category."""
     for category in sorted(set(table.category[test_rows].tolist())):
-        yield (category, train_rows[table.category[train_rows] == category],
-               test_rows[table.category[test_rows] == category])
+        yield category, train_rows[table.category[train_rows] == category], table.category[test_rows] == category
 
 
 def linear_scores(table: FeatureTable, train_rows, test_rows, per_category: bool = False) -> dict:
     """``linear_probe`` on the global crops: one model for all categories, or one per category."""
     global_crop = SCALE_SLICES[0].start
     groups = (_by_category(table, train_rows, test_rows) if per_category
-              else [("all categories", train_rows, test_rows)])
+              else [("all categories", train_rows, np.ones(len(test_rows), bool))])
     scores = np.empty(len(test_rows))
-    position = {row: i for i, row in enumerate(test_rows.tolist())}
     for name, train, test in groups:
         labels = table.label[train]
         if len(np.unique(labels)) < 2:
-            raise UserError(f"linear baseline: the training images of {name} are all "
-                            f"{'anomalous' if labels.size and labels[0] else 'normal'}; a classifier needs "
-                            "both classes" + (" (drop --per-category)" if per_category else ""))
-        probability = linear_probe(table.features[train, global_crop], labels, table.features[test, global_crop])
-        scores[[position[row] for row in test.tolist()]] = probability
+            found = f"are all {'anomalous' if labels[0] else 'normal'}" if labels.size else "are none"
+            raise UserError(f"linear baseline: the training images of {name} {found}; a classifier needs both "
+                            "classes" + (" (drop --per-category)" if per_category else ""))
+        scores[test] = linear_probe(table.features[train, global_crop], labels,
+                                    table.features[test_rows[test], global_crop])
     return {"scores": {"final": scores}, "maps": None,
             "extra": {"method": "logistic regression on the global crop's CLIP embedding (scikit-learn)",
                       "per_category": per_category, "C": LINEAR_C, "class_weight": LINEAR_CLASS_WEIGHT,
@@ -156,15 +154,14 @@ def linear_scores(table: FeatureTable, train_rows, test_rows, per_category: bool
 def knn_tiles_scores(table: FeatureTable, train_rows, test_rows) -> dict:
     """Per category, ``knn_crop_distances`` to the training normals; image score = the largest."""
     distances = np.empty((len(test_rows), table.features.shape[1]), np.float32)
-    position = {row: i for i, row in enumerate(test_rows.tolist())}
     bank_images, bank_crops, seconds = 0, {}, 0.0
     for category, train, test in _by_category(table, train_rows, test_rows):
         normal = train[table.label[train] == 0]
         if normal.size == 0:
             raise UserError(f"knn-tiles baseline: category {category} has no normal training image for its memory bank")
-        bank, queries = table.features[normal], table.features[test]
+        bank, queries = table.features[normal], table.features[test_rows[test]]
         start = time.perf_counter()
-        distances[[position[row] for row in test.tolist()]] = knn_crop_distances(bank, queries)
+        distances[test] = knn_crop_distances(bank, queries)
         seconds += time.perf_counter() - start
         bank_images += len(normal)
         bank_crops[category] = int(bank.shape[0] * bank.shape[1])

@@ -125,11 +125,14 @@ def test_wrong_options_are_refused(separable_table, tmp_path):
         run_feature_baseline("knn-tiles", separable_table, tmp_path, per_category=True)
     with pytest.raises(UserError, match="unknown baseline 'patchcore'"):
         run_feature_baseline("patchcore", separable_table, tmp_path)
-    normal_only = separable_table.select(separable_table.label == 0)
     train_rows, test_rows, _ = baseline_split(separable_table)
-    with pytest.raises(UserError, match="all normal; a classifier needs both classes"):
-        linear_scores(separable_table, train_rows[separable_table.label[train_rows] == 0], test_rows)
-    assert len(normal_only)
+    normal_rows = train_rows[separable_table.label[train_rows] == 0]
+    with pytest.raises(UserError, match="of all categories are all normal; a classifier needs both classes"):
+        linear_scores(separable_table, normal_rows, test_rows)
+    with pytest.raises(UserError, match="of bottle are all normal; .* \\(drop --per-category\\)"):
+        linear_scores(separable_table, normal_rows, test_rows, per_category=True)
+    with pytest.raises(UserError, match="category bottle has no normal training image"):
+        knn_tiles_scores(separable_table, train_rows[separable_table.label[train_rows] == 1], test_rows)
 
 
 def test_baselines_share_ramls_table_with_split_from(tmp_path, separable_table):
