@@ -390,9 +390,9 @@ feature_baseline_options = [
                  help="A training run: fit on its training images and score its held-out ones, so that the "
                       "baseline shares a table with it."),
     click.option("--split-seed", type=int, default=None,
-                 help="Without --split-from: seed of the holdout split (default: train's, 0)."),
+                 help="Without --split-from: seed of the holdout split (default: train's)."),
     click.option("--holdout-fraction", type=float, default=None,
-                 help="Without --split-from: fraction of each category's test set held out (default: train's, 0.2)."),
+                 help="Without --split-from: fraction of each category's test set held out (default: train's)."),
     *bootstrap_options,
 ]
 
