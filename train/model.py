@@ -89,9 +89,9 @@ class RAMLHead(nn.Module):
             self.queries = nn.ModuleList(nn.Linear(hidden_dim, attn_dim, bias=False) for _ in range(n_scales))
             self.arrow_norms = nn.ModuleList(nn.LayerNorm(hidden_dim) for _ in range(n_scales))
             self.register_buffer("quadrant_children", children_mask(), persistent=False)
-        # Fusion (reference: concat → MLP → 256, LayerNorm) of one summary per scale: f1', the
-        # mean of the quadrants f2', and the max over the 16 tiles f3' (a small defect lies in
-        # one tile; a mean would dilute it 16-fold).
+        # Fusion (reference: concat → MLP → 256, LayerNorm) of one summary per scale read: f1',
+        # the mean of the quadrants f2', and the max over the 16 tiles f3' (a small defect lies
+        # in one tile; a mean would dilute it 16-fold: ``tile_pool="mean"`` measures how much).
         self.fuse = nn.Sequential(nn.Linear(n_scales * hidden_dim, hidden_dim), nn.GELU(),
                                   nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim))
         if text_fusion:
