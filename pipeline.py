@@ -313,7 +313,8 @@ def _echo_entries(path, entries) -> None:
     if any(entry.get("random_weights") for entry in entries.values()):
         click.secho("  RANDOM WEIGHTS: these numbers are NOT MEANINGFUL (the pipeline ran; nothing was measured).",
                     fg="yellow")
-    click.echo(f"→ {path} (+ scores.csv, anomaly_maps.npz)")
+    maps = ", anomaly_maps.npz" if any("anomaly_maps" in entry for entry in entries.values()) else ""
+    click.echo(f"→ {path} (+ scores.csv{maps})")
 
 
 bootstrap_options = [
@@ -403,6 +404,57 @@ def baseline_winclip(dataset, root, out, split_from, protocol, model, pretrained
         progress=_show_progress())
     _echo_entries(path, entries)
 
+
+feature_baseline_options = [
+    click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), required=True,
+                 help="Feature cache written by extract: the baseline reads only it (no CLIP)."),
+    click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory for the results files."),
+    click.option("--split-from", type=click.Path(exists=True), default=None,
+                 help="A training run: fit on its training images and score its held-out ones, so that the "
+                      "baseline shares a table with it."),
+    click.option("--split-seed", type=int, default=None,
+                 help="Without --split-from: seed of the holdout split (default: train's)."),
+    click.option("--holdout-fraction", type=float, default=None,
+                 help="Without --split-from: fraction of each category's test set held out (default: train's)."),
+    *bootstrap_options,
+]
+
+
+def _feature_baseline(name, cache_dir, out, **options) -> dict:
+    """Run ``evaluate.feature_baselines.run_feature_baseline`` and print its summary."""
+    from evaluate.feature_baselines import run_feature_baseline
+    path, entries, result = run_feature_baseline(name, _read_training_cache(cache_dir), out, **options)
+    _echo_entries(path, entries)
+    return result
+
+
+@baseline.command("linear")
+@_with(feature_baseline_options)
+@click.option("--per-category", is_flag=True, help="One logistic regression per category (default: one for all).")
+@_fail_cleanly
+def baseline_linear(cache_dir, out, **options):
+    """Logistic regression (scikit-learn) on the global crop's cached embedding."""
+    _feature_baseline("linear", cache_dir, out, **options)
+
+
+@baseline.command("knn-tiles")
+@_with(feature_baseline_options)
+@_fail_cleanly
+def baseline_knn_tiles(cache_dir, out, **options):
+    """Nearest normal crop per category and scale (PatchCore at crop level): trains on normal images only."""
+    result = _feature_baseline("knn-tiles", cache_dir, out, **options)
+    bank, n = result["extra"]["memory_bank"], len(result["scores"]["final"])
+    click.echo(f"  memory bank: {bank['crops']} crops of {bank['normal_images']} normal images "
+               f"(largest category: {max(bank['crops_per_category'].values())} crops); scored {n} images in "
+               f"{result['seconds']:.2f} s ({1000 * result['seconds'] / n:.2f} s per 1,000 images)")
+
+
+@baseline.command("zero-shot-text")
+@_with(feature_baseline_options)
+@_fail_cleanly
+def baseline_zero_shot_text(cache_dir, out, **options):
+    """RAML's cached text score s_text alone: the zero-shot floor."""
+    _feature_baseline("zero-shot-text", cache_dir, out, **options)
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True)

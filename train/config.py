@@ -35,6 +35,24 @@ def _valid_r_max(value: str) -> bool:
         return False
 
 
+def switch_problems(n_scales: int, cross_attention: bool, tile_pool: str) -> list[str]:
+    """Why a combination of the head's ablation switches cannot be built (none: an empty list):
+    each switch must remove something the head would otherwise have."""
+    scales = ",".join(str(k) for k in range(1, n_scales + 1))
+    problems = []
+    if n_scales not in range(1, len(SCALE_CHOICES) + 1):
+        problems.append(f"the head reads 1 to {len(SCALE_CHOICES)} crop scales, not {n_scales}")
+    if tile_pool not in ("max", "mean"):
+        problems.append(f"tile_pool {tile_pool!r} is not one of max, mean")
+    if cross_attention and n_scales == 1:
+        problems.append("--scales 1 leaves a single scale: there is no cross-scale attention to switch on; "
+                        "pass --cross-attention off with --scales 1")
+    if tile_pool != "max" and n_scales < len(SCALE_CHOICES):
+        problems.append(f"--tile-pool {tile_pool} pools the 4x4 tiles, which --scales {scales} leaves out; "
+                        "keep --tile-pool max or use --scales 1,2,3")
+    return problems
+
+
 def _option(default, help, **kwargs):
     return field(default=default, metadata={"help": help, **kwargs})
 
@@ -111,6 +129,8 @@ class TrainConfig:
             problems.append(f"loss_variant {self.loss_variant!r} is not one of {', '.join(LOSS_VARIANTS)}")
         if self.scales not in SCALE_CHOICES:
             problems.append(f"scales {self.scales!r} is not one of {', '.join(SCALE_CHOICES)}")
+        else:
+            problems += switch_problems(len(self.scales.split(",")), self.cross_attention, self.tile_pool)
         if self.epochs < 1:
             problems.append("epochs must be ≥ 1")
         if self.batch_size < 2:
