@@ -80,7 +80,7 @@ class TrainConfig:
     holdout_fraction: float = _option(0.2, "Fraction of each category's official test set held out.")
     # optimisation
     # README (SPEC §8); the original's code trains 20 epochs (orig:481)
-    epochs: int = _option(25, "Passes over the training images.")
+    epochs: int = _option(25, "Passes over the training images (the original's code: 20).")
     # orig:485 (README, SPEC §8); dropping the last incomplete batch is ours (the original keeps it)
     batch_size: int = _option(16, "Images per step (an epoch drops its last incomplete batch).")
     lr: float = _option(5e-5, "AdamW learning rate.")                                    # orig:481 (README, SPEC §8)
