@@ -45,26 +45,33 @@ PENALTY = 0.75          # 1 − r/r_max of every image
 TAU = 0.5
 
 
-def _run_small_batch(state):
+ORIGINAL = dict(alpha=1.0, beta=1.0, gamma=0.5, bce_weight=1.0, center_momentum=0.8, sigma_momentum=0.9,
+                margin_base=0.5, lambda_sigma=0.3, lambda_res=0.3, difficulty_momentum=0.7)
+
+
+def _run_small_batch(state, **constants):
     features = torch.tensor(FEATURES, dtype=torch.float64, requires_grad=True)
     return original_step(features, torch.tensor(LOGITS, dtype=torch.float64), torch.tensor(LABELS, dtype=torch.float64),
                          torch.tensor(CATEGORY), torch.full((4,), PENALTY, dtype=torch.float64), state,
-                         _hp(temperature=TAU))
+                         _hp(temperature=TAU, **constants))
 
 
-def _small_batch_by_hand():
-    """Every number of the original's step on the batch above, from center (0.2, 0.1), σ = 0.5."""
+def _small_batch_by_hand(alpha, beta, gamma, bce_weight, center_momentum, sigma_momentum, margin_base, lambda_sigma,
+                         lambda_res, difficulty_momentum):
+    """Every number of the original's step on the batch above, from center (0.2, 0.1), σ = 0.5, with
+    these loss constants (``ORIGINAL``: the original's)."""
     # center terms ‖f − c‖² against the old center (0.2, 0.1): (0.8, −0.1), (−0.2, 0.9), (0.4, 0.7)
     center = [0.64 + 0.01, 0.04 + 0.81, 0.0, 0.16 + 0.49]
-    # the center moves: 0.8·(0.2, 0.1) + 0.2·mean of the normals (1.6/3, 1.8/3)
-    new_center = (0.8 * 0.2 + 0.2 * 1.6 / 3, 0.8 * 0.1 + 0.2 * 1.8 / 3)
-    # σ: std of the 6 numbers 1, 0, 0, 1, 0.6, 0.8 (mean 3.4/6, n − 1 = 5), then 0.9·0.5 + 0.1·std
+    # the center moves (the original: 0.8·(0.2, 0.1) + 0.2·the mean of the normals, (1.6/3, 1.8/3))
+    new_center = (center_momentum * 0.2 + (1 - center_momentum) * 1.6 / 3,
+                  center_momentum * 0.1 + (1 - center_momentum) * 1.8 / 3)
+    # σ: std of the 6 numbers 1, 0, 0, 1, 0.6, 0.8 (mean 3.4/6, n − 1 = 5); the original: 0.9·0.5 + 0.1·std
     values = [1.0, 0.0, 0.0, 1.0, 0.6, 0.8]
     mean = sum(values) / 6
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / 5)
-    new_sigma = 0.9 * 0.5 + 0.1 * std
+    new_sigma = sigma_momentum * 0.5 + (1 - sigma_momentum) * std
     # margin of f2 with the new σ and the new center
-    m = 0.5 + 0.3 * new_sigma + 0.3 * PENALTY
+    m = margin_base + lambda_sigma * new_sigma + lambda_res * PENALTY
     distance = math.hypot(0.8 - new_center[0], 0.6 - new_center[1])
     margin = [0.0, 0.0, max(0.0, m - distance), 0.0]
     # contrastive, τ = 0.5; cosines f0·f1 = 0, f0·f2 = 0.8, f0·f3 = 0.6, f1·f2 = 0.6, f1·f3 = 0.8, f2·f3 = 0.96
@@ -73,20 +80,29 @@ def _small_batch_by_hand():
                    -math.log((e(0) + e(0.8)) / (e(0) + e(0.8) + e(0.6) + 1e-8)),       # anchor 1: positives 0, 3
                    0.0,                                                                 # anchor 2: no positive
                    -math.log((e(0.6) + e(0.8)) / (e(0.6) + e(0.8) + e(0.96) + 1e-8))]  # anchor 3: positives 0, 1
-    image_loss = [1.0 * c + 1.0 * mg + 0.5 * con for c, mg, con in zip(center, margin, contrastive)]
+    image_loss = [alpha * c + beta * mg + gamma * con for c, mg, con in zip(center, margin, contrastive)]
     bce = sum(_bce(z, y) for z, y in zip(LOGITS, LABELS)) / 4
+    # the tracker, image by image (categories 0, 1, 0, 0) from EMAs 1.0 and 3.0
+    l0, l1, l2, l3 = image_loss
+    move = lambda running, value: difficulty_momentum * running + (1 - difficulty_momentum) * value  # noqa: E731
+    difficulty = [move(move(move(1.0, l0), l2), l3), move(3.0, l1)]
     return dict(center=center, new_center=new_center, new_sigma=new_sigma, margin=margin, m=m,
-                contrastive=contrastive, image_loss=image_loss, bce=bce)
+                contrastive=contrastive, image_loss=image_loss, bce=bce, bce_weight=bce_weight, difficulty=difficulty)
 
 
-def test_original_step_by_hand_with_two_categories_seen():
-    """Tracker before the batch: category 0 at 1.0, category 1 at 3.0 → L_global 2, w = 0.75, 1.25."""
+@pytest.mark.parametrize("constants", [ORIGINAL, dict(alpha=2.0, beta=3.0, gamma=0.25, bce_weight=0.5,
+                                                      center_momentum=0.5, sigma_momentum=0.6, margin_base=0.7,
+                                                      lambda_sigma=0.2, lambda_res=0.1, difficulty_momentum=0.4)],
+                         ids=["original", "every-scalar-from-hp"])
+def test_original_step_by_hand_with_two_categories_seen(constants):
+    """Tracker before the batch: category 0 at 1.0, category 1 at 3.0 → L_global 2, w = 0.75, 1.25.
+    The second case changes every scalar the step reads: none of them is a hidden constant."""
     state = _state((0.2, 0.1), 0.5, [1.0, 3.0], [True, True])
-    loss, stats, new = _run_small_batch(state)
-    h = _small_batch_by_hand()
-    assert h["margin"][2] > 0.1 and h["m"] != pytest.approx(0.5 + 0.3 * 0.5 + 0.3 * PENALTY)  # new σ, active hinge
+    loss, stats, new = _run_small_batch(state, **constants)
+    h = _small_batch_by_hand(**constants)
+    assert h["margin"][2] > 0.1                                    # the hinge is active
     weights = [0.75, 1.25, 0.75, 0.75]
-    expected_loss = sum(w * l for w, l in zip(weights, h["image_loss"])) / 4 + h["bce"]
+    expected_loss = sum(w * l for w, l in zip(weights, h["image_loss"])) / 4 + h["bce_weight"] * h["bce"]
     expected_stats = [expected_loss, sum(h["center"]) / 3, h["margin"][2], sum(h["contrastive"]) / 3, h["bce"],
                       1.0, 1.0]
     assert float(loss.detach()) == pytest.approx(expected_loss, abs=1e-6)
@@ -94,9 +110,7 @@ def test_original_step_by_hand_with_two_categories_seen():
     assert new["center"].tolist() == pytest.approx(list(h["new_center"]), abs=1e-6)
     assert float(new["sigma"]) == pytest.approx(h["new_sigma"], abs=1e-6)
     # the tracker takes the images one at a time in batch order: category 0 three times, 1 once
-    l0, l1, l2, l3 = h["image_loss"]
-    d0 = 0.7 * (0.7 * (0.7 * 1.0 + 0.3 * l0) + 0.3 * l2) + 0.3 * l3
-    assert new["difficulty"].tolist() == pytest.approx([d0, 0.7 * 3.0 + 0.3 * l1], abs=1e-6)
+    assert new["difficulty"].tolist() == pytest.approx(h["difficulty"], abs=1e-6)
     assert new["difficulty_seen"].tolist() == [True, True]
     # the input state is not modified
     assert state["center"].tolist() == [0.2, 0.1] and float(state["sigma"]) == 0.5
@@ -105,7 +119,7 @@ def test_original_step_by_hand_with_two_categories_seen():
 def test_original_step_by_hand_from_an_empty_tracker():
     """No category seen: every weight is 1; a category's first image loss sets its EMA."""
     loss, _, new = _run_small_batch(_state((0.2, 0.1), 0.5, [0.0, 0.0, 0.0], [False, False, False]))
-    h = _small_batch_by_hand()
+    h = _small_batch_by_hand(**ORIGINAL)
     assert float(loss.detach()) == pytest.approx(sum(h["image_loss"]) / 4 + h["bce"], abs=1e-6)
     l0, l1, l2, l3 = h["image_loss"]
     assert new["difficulty"].tolist() == pytest.approx([0.7 * (0.7 * l0 + 0.3 * l2) + 0.3 * l3, l1, 0.0], abs=1e-6)
@@ -159,10 +173,11 @@ def test_the_issues_batch_shape_against_the_original_formulas():
     assert float(new["sigma"]) == pytest.approx(new_sigma, abs=1e-6)
     assert new["difficulty"].tolist() == pytest.approx(running, abs=1e-6)
     # in float32, as training runs it, the same numbers to float32 rounding
-    loss32, stats32, _ = original_step(
+    state32 = {k: v.float() if v.is_floating_point() else v
+               for k, v in _state(c.tolist(), 0.6, difficulty, [True] * 3).items()}
+    _, stats32, _ = original_step(
         torch.tensor(f, dtype=torch.float32), torch.tensor(logits, dtype=torch.float32),
-        torch.tensor(labels, dtype=torch.float32), torch.tensor(category), torch.full((16,), penalty),
-        {k: v.float() if v.is_floating_point() else v for k, v in _state(c.tolist(), 0.6, difficulty, [True] * 3).items()},
+        torch.tensor(labels, dtype=torch.float32), torch.tensor(category), torch.full((16,), penalty), state32,
         loss_hyperparameters(make_config("adaptive", loss_variant="original")))
     assert stats32.tolist() == pytest.approx(expected, abs=1e-5)
 
@@ -170,7 +185,8 @@ def test_the_issues_batch_shape_against_the_original_formulas():
 def test_a_batch_of_one_class_has_no_contrastive_term():
     """All normal: the original's contrastive term is 0 for every image (:155), loss and gradient
     equal those with γ = 0."""
-    features = torch.nn.functional.normalize(torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    generator = torch.Generator().manual_seed(1)
+    features = torch.nn.functional.normalize(torch.randn(6, 4, dtype=torch.float64, generator=generator))
     args = (torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.long),
             torch.full((6,), 0.75, dtype=torch.float64), _state([0.1] * 4, 0.6, [0.0], [False]))
     gradients, losses = [], []
