@@ -60,19 +60,42 @@ def bootstrap_auroc_ci(labels, scores, n_resamples: int = DEFAULT_BOOTSTRAP, see
     is that of the seed-averaged AUROC under image sampling. Resampling is stratified (normal and
     anomalous images drawn separately, counts kept): held-out sets are tiny, and an unstratified
     resample of toothbrush's 3 normal images would often have none.
+
+    Computed without re-sorting each resample: the AUROC of a resample is the Mann–Whitney
+    statistic Σ_ij a_i·b_j·W_ij / (n₁·n₀), with a and b how often each anomalous and each normal image
+    was drawn and W_ij = 1, ½ or 0 as anomalous image i scores above, level with or below normal
+    image j. The same value as ``roc_auc_score`` on the resampled images (ties count ½), without
+    its per-call cost (a 1,000-resample CI of a category took seconds, now milliseconds).
     """
     labels, scores = _labels_scores(labels, scores)
     scores = scores.reshape(-1, labels.size)
-    rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero(labels == value) for value in (0, 1)]
-    statistics = np.empty(n_resamples)
-    for i in range(n_resamples):
-        index = np.concatenate([rng.choice(group, size=group.size, replace=True) for group in groups])
-        resampled_labels = labels[index]
-        statistics[i] = np.mean([roc_auc_score(resampled_labels, run[index]) for run in scores])
+    counts = _stratified_counts(labels, n_resamples, seed)
+    negative, positive = (np.flatnonzero(labels == value) for value in (0, 1))
+    statistics = _resampled_aurocs(scores[:, positive], scores[:, negative], *counts).mean(axis=1)
     tail = (1.0 - level) / 2 * 100
     low, high = np.percentile(statistics, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def _stratified_counts(labels: np.ndarray, n_resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """How often each anomalous and each normal image is drawn in each stratified resample:
+    ([R, n₁], [R, n₀]). Per resample the normal images are drawn first, then the anomalous ones."""
+    rng = np.random.default_rng(seed)
+    sizes = [int((labels == value).sum()) for value in (0, 1)]
+    counts = [np.empty((n_resamples, size)) for size in sizes]
+    for i in range(n_resamples):
+        for size, drawn in zip(sizes, counts):
+            drawn[i] = np.bincount(rng.choice(size, size=size, replace=True), minlength=size)
+    return counts[1], counts[0]
+
+
+def _resampled_aurocs(positive_scores, negative_scores, positive_counts, negative_counts) -> np.ndarray:
+    """[R, runs] AUROC of each resample (counts [R, n₁] and [R, n₀]) for each run's scores
+    ([runs, n₁] anomalous, [runs, n₀] normal)."""
+    wins = ((positive_scores[:, :, None] > negative_scores[:, None, :])
+            + 0.5 * (positive_scores[:, :, None] == negative_scores[:, None, :]))      # [runs, n₁, n₀]
+    weighted = np.einsum("rp,kpn->rkn", positive_counts, wins)                        # [R, runs, n₀]
+    return np.einsum("rkn,rn->rk", weighted, negative_counts) / (positive_counts.shape[1] * negative_counts.shape[1])
 
 
 def weighted_pixel_auroc(tile_scores, anomalous_pixels, normal_pixels) -> float:

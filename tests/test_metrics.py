@@ -99,3 +99,21 @@ def test_config_entry_refuses_seeds_scored_on_other_images():
     other.relpath = np.array([f"y{i}" for i in range(6)])
     with pytest.raises(ValueError, match="other images"):
         config_entry([_run([0.1, 0.4, 0.35, 0.8, 0.2, 0.9], 0), other], {}, {}, n_resamples=10)
+
+
+def test_bootstrap_ci_equals_roc_auc_score_on_each_resample():
+    """The counts-based bootstrap gives exactly what sklearn gives on the resampled images (ties
+    included), for one run and for the seed-averaged statistic of several runs."""
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(1)
+    labels = np.array([0] * 7 + [1] * 11)
+    rng.shuffle(labels)
+    scores = np.round(rng.random((3, labels.size)) + 0.3 * labels, 1)     # rounded: many ties
+    draws = np.random.default_rng(5)
+    groups = [np.flatnonzero(labels == value) for value in (0, 1)]
+    statistics = []
+    for _ in range(200):
+        index = np.concatenate([draws.choice(group, size=group.size, replace=True) for group in groups])
+        statistics.append(np.mean([roc_auc_score(labels[index], run[index]) for run in scores]))
+    expected = np.percentile(statistics, [2.5, 97.5])
+    assert bootstrap_auroc_ci(labels, scores, n_resamples=200, seed=5) == pytest.approx(tuple(expected), abs=1e-12)

@@ -152,8 +152,10 @@ def fit_runs(table: FeatureTable, configs: list[TrainConfig], split: Split | Non
     if len({group_key(config) for config in configs}) != 1:
         raise ValueError("fit_runs: the configs differ in settings that change shapes or the loss "
                          f"({', '.join(GROUP_FIELDS)}); train them in separate passes")
+    order = sorted(range(len(configs)), key=lambda k: (configs[k].lr, configs[k].weight_decay))  # stable
     with torch_threads(threads):
-        return _fit_runs(table, list(configs), split, progress, resolve_device(device))
+        trained = _fit_runs(table, [configs[k] for k in order], split, progress, resolve_device(device))
+    return [trained[order.index(k)] for k in range(len(configs))]
 
 
 def _fit_runs(table, configs, split, progress, device) -> list[TrainedHead]:
@@ -177,17 +179,16 @@ def _fit_runs(table, configs, split, progress, device) -> list[TrainedHead]:
     states = [initial_loss_state(c, _normal_features(model, data), len(data.categories))
               for c, model in zip(configs, models)]
     step_fn = loss_step(first)
-    optimizer = torch.optim.AdamW([{"params": list(model.parameters()), "lr": c.lr, "weight_decay": c.weight_decay}
-                                   for model, c in zip(models, configs)], lr=first.lr, fused=True)
-    clipped = [(list(model.parameters()), c.grad_clip_norm) for model, c in zip(models, configs) if c.grad_clip_norm]
     generators = [torch.Generator().manual_seed(c.seed) for c in configs]
     if runs == 1:
-        forward, step = models[0], step_fn
-        state, hp_runs = states[0], hp[0]
+        stack = None
+        forward, step, state, hp_runs = models[0], step_fn, states[0], hp[0]
+        optimizer = torch.optim.AdamW(models[0].parameters(), lr=first.lr, weight_decay=first.weight_decay,
+                                      fused=True)
     else:
-        forward = _stacked_forward(models)
-        step = vmap(step_fn)
-        state, hp_runs = _stack(states), _stack(hp)
+        stack = RunStack(models, configs)
+        forward, step, state, hp_runs = stack.forward, vmap(step_fn), _stack(states), _stack(hp)
+        optimizer = torch.optim.AdamW(stack.param_groups(), lr=first.lr, fused=True)
     histories = [[] for _ in configs]
     for model in models:
         model.train()
@@ -197,7 +198,7 @@ def _fit_runs(table, configs, split, progress, device) -> list[TrainedHead]:
                              for g in generators], dim=1).to(device)           # [steps, K, B]
         totals = torch.zeros(runs, len(STEP_STATS), device=device)
         for rows in order:
-            if runs == 1:
+            if stack is None:
                 rows = rows[0]
                 features, logits = forward(data.crops.index_select(0, rows), data.text_bank, data.category[rows])
                 loss, stats, state = step(features, logits, data.labels[rows], data.category[rows], penalty[0, rows],
@@ -211,8 +212,10 @@ def _fit_runs(table, configs, split, progress, device) -> list[TrainedHead]:
                 loss = losses.sum()   # runs share no parameter: each gets its own loss's gradient
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            for parameters, max_norm in clipped:
-                torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+            if stack is not None:
+                stack.clip_gradients()
+            elif first.grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_(models[0].parameters(), first.grad_clip_norm)
             optimizer.step()
             totals += stats
         seconds = time.perf_counter() - start
@@ -223,6 +226,8 @@ def _fit_runs(table, configs, split, progress, device) -> list[TrainedHead]:
             history.append(record)
         if progress:
             progress(epoch_line(records[0], epochs) if runs == 1 else pass_line(records, epochs))
+    if stack is not None:
+        stack.write_back()
     final_states = [state] if runs == 1 else _unstack(state, runs)
     trained = []
     for model, config, run_state, history in zip(models, configs, final_states, histories):
@@ -247,23 +252,82 @@ def _epoch_record(epoch, totals, steps, state, hp, penalty, data, seconds, runs)
             "seconds": seconds, "runs_in_pass": runs}
 
 
-def _stacked_forward(models: list[RAMLHead]):
-    """``forward(crops [K, B, 21, D], text_bank [C, 2, D], category [K, B])`` of K heads of one
-    architecture as one vmapped call. The heads' own parameters are stacked at every call, so the
-    gradient of each run reaches its own module (and its own AdamW parameter group)."""
-    base = models[0]
-    buffers = dict(base.named_buffers())
-    run_parameters = [dict(model.named_parameters()) for model in models]
+class RunStack:
+    """The parameters of K heads of one architecture as stacked leaf tensors ``[K, ...]``, and their
+    forward pass as one vmapped call (``torch.func.functional_call`` of the first head).
 
-    def one_run(parameters, crops, text_bank, category):
-        return functional_call(base, (parameters, buffers), (crops, text_bank, category))
+    Runs are stacked per optimizer group: runs with the same (lr, weight decay) share a leaf per
+    parameter, so one fused AdamW group updates them with exactly the per-element arithmetic of a
+    run trained alone; the groups' leaves are concatenated along the run axis in the forward pass.
+    Two layout choices, each measured on 15 runs: stacked leaves rather than per-run leaves stacked
+    at every step (1.46× faster forward and backward: no per-run gradient copies), and matrices kept
+    transposed, ``[K, in, out]``, handed to the head as ``.mT`` views, so that the batched products
+    read them contiguously and their gradients arrive in the leaves' own layout (1.12×: no
+    transposing copy of every weight gradient).
+    """
 
-    batched = vmap(one_run, in_dims=(0, 0, None, 0))
+    def __init__(self, models: list[RAMLHead], configs: list[TrainConfig]):
+        self.models, self.configs = models, configs
+        self.base = models[0]
+        self.buffers = dict(self.base.named_buffers())
+        self.names = [name for name, _ in self.base.named_parameters()]
+        groups = {}
+        for k, config in enumerate(configs):
+            groups.setdefault((config.lr, config.weight_decay), []).append(k)
+        self.groups = list(groups.items())
+        self.order = [k for _, members in self.groups for k in members]      # run axis of the forward pass
+        if self.order != list(range(len(models))):
+            raise ValueError("RunStack: runs of one (lr, weight decay) must be contiguous; sort them first")
+        self.transposed = {name for name, parameter in self.base.named_parameters() if parameter.dim() == 2}
+        self.leaves = [{name: torch.stack([self._layout(name, dict(models[k].named_parameters())[name].detach())
+                                           for k in members]).requires_grad_() for name in self.names}
+                       for _, members in self.groups]
+        self.clipping = any(c.grad_clip_norm for c in configs)
+        self.max_norm = torch.tensor([c.grad_clip_norm for c in configs], device=self.leaves[0][self.names[0]].device)
+        self._forward = vmap(self._one_run, in_dims=(0, 0, None, 0))
 
-    def forward(crops, text_bank, category):
-        stacked = {name: torch.stack([run[name] for run in run_parameters]) for name in run_parameters[0]}
-        return batched(stacked, crops, text_bank, category)
-    return forward
+    def _layout(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A parameter in the leaves' layout (matrices transposed), and back: ``.mT`` is its own inverse."""
+        return tensor.mT if name in self.transposed else tensor
+
+    def _one_run(self, parameters, crops, text_bank, category):
+        return functional_call(self.base, (parameters, self.buffers), (crops, text_bank, category))
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(leaves.values()), "lr": lr, "weight_decay": weight_decay}
+                for ((lr, weight_decay), _), leaves in zip(self.groups, self.leaves)]
+
+    def forward(self, crops, text_bank, category):
+        """``crops`` [K, B, 21, D], ``text_bank`` [C, 2, D] (shared), ``category`` [K, B]."""
+        parameters = {name: self._layout(name, self.leaves[0][name] if len(self.leaves) == 1 else
+                                         torch.cat([leaves[name] for leaves in self.leaves])) for name in self.names}
+        return self._forward(parameters, crops, text_bank, category)
+
+    @torch.no_grad()
+    def clip_gradients(self) -> None:
+        """Each run's gradient scaled to at most its ``grad_clip_norm`` (0: left alone), as
+        ``torch.nn.utils.clip_grad_norm_`` does for a run trained alone."""
+        if not self.clipping:
+            return
+        grads = [[leaves[name].grad for name in self.names if leaves[name].grad is not None] for leaves in self.leaves]
+        squares = torch.cat([sum(g.pow(2).reshape(len(g), -1).sum(1) for g in group) for group in grads])
+        coefficient = (self.max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+        coefficient = torch.where(self.max_norm > 0, coefficient, torch.ones_like(coefficient))
+        start = 0
+        for group, (_, members) in zip(grads, self.groups):
+            part = coefficient[start:start + len(members)]
+            for g in group:
+                g.mul_(part.view(-1, *([1] * (g.dim() - 1))))
+            start += len(members)
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Copy each run's slice of the stacked parameters into its own head."""
+        for ((_, members), leaves) in zip(self.groups, self.leaves):
+            for index, k in enumerate(members):
+                parameters = dict(self.models[k].named_parameters())
+                for name in self.names:
+                    parameters[name].copy_(self._layout(name, leaves[name][index]))
 
 
 def _stack(dicts: list[dict]) -> dict:
