@@ -184,6 +184,13 @@ def _comma_list(text, kind=str):
         raise click.BadParameter(f"{text!r}: expected a comma-separated list") from None
 
 
+bootstrap_options = [
+    click.option("--bootstrap", "n_resamples", default=1000, show_default=True,
+                 help="Bootstrap resamples for the AUROC 95 % CI."),
+    click.option("--bootstrap-seed", default=0, show_default=True, help="Seed of the bootstrap resampling."),
+]
+
+
 _device_option = click.option(
     "--device", default="auto", show_default=True,
     help="Where stage two runs: auto (the GPU if there is one), cpu, cuda or cuda:N. The cached features go "
@@ -275,6 +282,47 @@ def sweep(cache_dir, margins, seeds, vary, out, jobs, threads, device, **options
                + (" (random-weights features: meaningless)" if summary["random_weights"] else ""))
 
 
+@cli.command()
+@click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), required=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Directory: runs/ (the sweep), baselines/, ablation.md, ablation.json, ablation.png.")
+@click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Training seeds of every configuration.")
+@click.option("--ablations", default=None,
+              help="Comma-separated subset of the configurations (default: all; 'full' is always needed).")
+@click.option("--baselines", default=None, help="Comma-separated subset of linear,knn-tiles,zero-shot-text "
+                                                "(default: all; 'none' for none).")
+@click.option("--jobs", default=1, show_default=True, help="Training passes run in parallel worker processes.")
+@_threads_option
+@_device_option
+@_with(bootstrap_options)
+@_train_options(exclude=("seed", "margin", "margin_base", "lambda_sigma", "lambda_res", "scales", "cross_attention",
+                         "text_fusion", "tile_pool", "loss", "loss_variant", "visual_weight", "text_weight"))
+@_fail_cleanly
+def ablate(cache_dir, out, seeds, ablations, baselines, jobs, threads, device, n_resamples, bootstrap_seed, **options):
+    """Train the method, each ablation of it and each baseline on one cache; one table.
+
+    Configurations: full (the method), scales-1, scales-1,2, no-cross-attention, no-text-fusion,
+    tile-pool-mean, visual-score-only, bce-only, original-loss; baselines: linear, knn-tiles,
+    zero-shot-text, all scored on the same held-out images. Rows sorted by held-out AUROC, each with its
+    difference from full and a paired bootstrap CI. Re-running resumes finished runs.
+    """
+    from pathlib import Path
+
+    from evaluate.ablate import ABLATIONS, run_ablation
+    from evaluate.feature_baselines import BASELINES
+    chosen_baselines = () if baselines == "none" else tuple(_comma_list(baselines) if baselines else BASELINES)
+    unknown = [name for name in chosen_baselines if name not in BASELINES]
+    if unknown:
+        raise UserError(f"--baselines: unknown {', '.join(unknown)}; choose from {', '.join(BASELINES)} or none")
+    table = _read_training_cache(cache_dir)
+    ablation = run_ablation(table, out, _comma_list(seeds, int),
+                            ablations=tuple(_comma_list(ablations)) if ablations else tuple(ABLATIONS),
+                            baselines=chosen_baselines, jobs=jobs, threads=threads, device=device,
+                            n_resamples=n_resamples, bootstrap_seed=bootstrap_seed, progress=click.echo, **options)
+    click.echo((Path(out) / "ablation.md").read_text().rstrip())
+    click.echo(f"ablate: {len(ablation['rows'])} rows → {out}/ablation.md, ablation.json, ablation.png")
+
+
 @bench.command("train")
 @click.option("--epochs", default=25, show_default=True)
 @click.option("--sweep", "with_sweep", is_flag=True,
@@ -315,13 +363,6 @@ def _echo_entries(path, entries) -> None:
                     fg="yellow")
     maps = ", anomaly_maps.npz" if any("anomaly_maps" in entry for entry in entries.values()) else ""
     click.echo(f"→ {path} (+ scores.csv{maps})")
-
-
-bootstrap_options = [
-    click.option("--bootstrap", "n_resamples", default=1000, show_default=True,
-                 help="Bootstrap resamples for the AUROC 95 % CI."),
-    click.option("--bootstrap-seed", default=0, show_default=True, help="Seed of the bootstrap resampling."),
-]
 
 
 @cli.command()

@@ -125,31 +125,51 @@ def paired_bootstrap_auroc_difference(labels, scores_a, scores_b, groups=None, n
     against any increasing transform of its scores, gives exactly 0 on every resample), stratified
     by class as in ``bootstrap_auroc_ci``, and within each category.
     """
+    observed, resampled = _category_mean_aurocs(labels, [scores_a, scores_b], groups, n_resamples, seed)
+    low, high = _percentile_interval(resampled[0] - resampled[1], level)
+    return float(observed[0] - observed[1]), low, high
+
+
+def bootstrap_mean_auroc_ci(labels, scores, groups=None, n_resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+                            level: float = CI_LEVEL) -> tuple[float, float, float]:
+    """``(statistic, low, high)``: the mean over categories (``groups``) of the per-category AUROC —
+    what results files report as ``mean_auroc`` — with its percentile bootstrap CI; images are
+    resampled within each category and class, as in ``paired_bootstrap_auroc_difference`` (same
+    seed, same resamples). ``scores`` [n] or [runs, n]: the AUROC of a category is the mean over runs."""
+    observed, resampled = _category_mean_aurocs(labels, [scores], groups, n_resamples, seed)
+    low, high = _percentile_interval(resampled[0], level)
+    return float(observed[0]), low, high
+
+
+def _category_mean_aurocs(labels, score_sets, groups, n_resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each set of scores ([n] or [runs, n], all of the same n images): the category-mean AUROC
+    on the images themselves [S], and on each stratified resample [S, n_resamples]. Every set is
+    scored on the same resamples."""
     labels = np.asarray(labels).astype(int)
-    scores = [np.asarray(s, float) for s in (scores_a, scores_b)]
-    if any(s.shape[-1] != labels.size for s in scores):
-        raise ValueError(f"{labels.size} labels but {scores[0].shape[-1]} and {scores[1].shape[-1]} scores")
-    scores = [s.reshape(-1, labels.size) for s in scores]
+    score_sets = [np.asarray(s, float) for s in score_sets]
+    if any(s.shape[-1] != labels.size for s in score_sets):
+        raise ValueError(f"{labels.size} labels but scores of {[s.shape[-1] for s in score_sets]} images")
+    score_sets = [s.reshape(-1, labels.size) for s in score_sets]
     groups = np.zeros(labels.size, int) if groups is None else np.asarray(groups)
     names = sorted(set(groups.tolist()))
     rng = np.random.default_rng(seed)
-    observed, resampled = np.zeros(2), np.zeros((2, n_resamples))
+    observed, resampled = np.zeros(len(score_sets)), np.zeros((len(score_sets), n_resamples))
     for name in names:
         rows = np.flatnonzero(groups == name)
         try:
-            (group_labels, a), (_, b) = (_labels_scores(labels[rows], s[:, rows]) for s in scores)
+            checked = [_labels_scores(labels[rows], s[:, rows]) for s in score_sets]
         except ValueError as err:
             if len(names) == 1:
                 raise
             raise ValueError(f"category {name}: {err}") from err
+        group_labels = checked[0][0]
         n_normal = int((group_labels == 0).sum())
         original = np.argsort(group_labels, kind="stable")[None]      # the images themselves, normals first
         index = _stratified_resamples(group_labels, n_resamples, rng)
-        for k, group_scores in enumerate((a, b)):
+        for k, (_, group_scores) in enumerate(checked):
             observed[k] += _resampled_aurocs(group_scores, original, n_normal).mean(axis=0)[0]
             resampled[k] += _resampled_aurocs(group_scores, index, n_normal).mean(axis=0)
-    low, high = _percentile_interval((resampled[0] - resampled[1]) / len(names), level)
-    return float((observed[0] - observed[1]) / len(names)), low, high
+    return observed / len(names), resampled / len(names)
 
 
 def weighted_pixel_auroc(tile_scores, anomalous_pixels, normal_pixels) -> float:

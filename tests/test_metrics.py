@@ -169,5 +169,19 @@ def test_paired_difference_per_category_is_the_difference_of_category_means():
 def test_paired_difference_names_a_category_without_both_classes():
     with pytest.raises(ValueError, match="category y: AUROC needs both normal and anomalous"):
         paired_bootstrap_auroc_difference([0, 1, 0, 0], [0, 1, 0, 1], [0, 1, 0, 1], groups=list("xxyy"))
-    with pytest.raises(ValueError, match="4 labels but 4 and 3 scores"):
+    with pytest.raises(ValueError, match="4 labels but scores of \\[4, 3\\] images"):
         paired_bootstrap_auroc_difference([0, 1, 0, 1], [0, 1, 0, 1], [0, 1, 0])
+
+
+def test_category_mean_auroc_ci():
+    from evaluate.metrics import bootstrap_mean_auroc_ci
+    rng = np.random.default_rng(3)
+    labels = np.tile([0, 0, 0, 1, 1], 4)
+    groups = np.repeat(["a", "b"], 10)
+    scores = labels + rng.normal(size=(2, 20))
+    statistic, low, high = bootstrap_mean_auroc_ci(labels, scores, groups, n_resamples=300)
+    per_category = [np.mean([image_auroc(labels[groups == g], run[groups == g]) for run in scores]) for g in "ab"]
+    assert statistic == pytest.approx(np.mean(per_category)) and low <= statistic <= high
+    # one category: the same resamples, hence the same interval, as bootstrap_auroc_ci
+    assert bootstrap_mean_auroc_ci(labels, scores, n_resamples=300, seed=4)[1:] == \
+        pytest.approx(bootstrap_auroc_ci(labels, scores, n_resamples=300, seed=4), abs=1e-15)
