@@ -210,6 +210,13 @@ def _comma_list(text, kind=str):
         raise click.BadParameter(f"{text!r}: expected a comma-separated list") from None
 
 
+bootstrap_options = [
+    click.option("--bootstrap", "n_resamples", default=1000, show_default=True,
+                 help="Bootstrap resamples for the AUROC 95 % CI."),
+    click.option("--bootstrap-seed", default=0, show_default=True, help="Seed of the bootstrap resampling."),
+]
+
+
 _device_option = click.option(
     "--device", default="auto", show_default=True,
     help="Where stage two runs: auto (the GPU if there is one), cpu, cuda or cuda:N. The cached features go "
@@ -302,6 +309,47 @@ def sweep(cache_dir, margins, seeds, vary, out, jobs, threads, device, **options
                + (" (random-weights features: meaningless)" if summary["random_weights"] else ""))
 
 
+@cli.command()
+@click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), required=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Directory: runs/ (the sweep), baselines/, ablation.md, ablation.json, ablation.png.")
+@click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Training seeds of every configuration.")
+@click.option("--ablations", default=None,
+              help="Comma-separated subset of the configurations (default: all; 'full' is always needed).")
+@click.option("--baselines", default=None, help="Comma-separated subset of linear,knn-tiles,zero-shot-text "
+                                                "(default: all; 'none' for none).")
+@click.option("--jobs", default=1, show_default=True, help="Training passes run in parallel worker processes.")
+@_threads_option
+@_device_option
+@_with(bootstrap_options)
+@_train_options(exclude=("seed", "margin", "margin_base", "lambda_sigma", "lambda_res", "scales", "cross_attention",
+                         "text_fusion", "tile_pool", "loss", "loss_variant", "visual_weight", "text_weight"))
+@_fail_cleanly
+def ablate(cache_dir, out, seeds, ablations, baselines, jobs, threads, device, n_resamples, bootstrap_seed, **options):
+    """Train the method, each ablation of it and each baseline on one cache; one table.
+
+    Configurations: full (the method), scales-1, scales-1,2, no-cross-attention, no-text-fusion,
+    tile-pool-mean, visual-score-only, bce-only, original-loss; baselines: linear, knn-tiles,
+    zero-shot-text, all scored on the same held-out images. Rows sorted by held-out AUROC, each with its
+    difference from full and a paired bootstrap CI. Re-running resumes finished runs.
+    """
+    from pathlib import Path
+
+    from evaluate.ablate import ABLATIONS, run_ablation
+    from evaluate.feature_baselines import BASELINES
+    chosen_baselines = () if baselines == "none" else tuple(_comma_list(baselines) if baselines else BASELINES)
+    unknown = [name for name in chosen_baselines if name not in BASELINES]
+    if unknown:
+        raise UserError(f"--baselines: unknown {', '.join(unknown)}; choose from {', '.join(BASELINES)} or none")
+    table = _read_training_cache(cache_dir)
+    ablation = run_ablation(table, out, _comma_list(seeds, int),
+                            ablations=tuple(_comma_list(ablations)) if ablations else tuple(ABLATIONS),
+                            baselines=chosen_baselines, jobs=jobs, threads=threads, device=device,
+                            n_resamples=n_resamples, bootstrap_seed=bootstrap_seed, progress=click.echo, **options)
+    click.echo((Path(out) / "ablation.md").read_text().rstrip())
+    click.echo(f"ablate: {len(ablation['rows'])} rows → {out}/ablation.md, ablation.json, ablation.png")
+
+
 @bench.command("train")
 @click.option("--epochs", default=25, show_default=True)
 @click.option("--sweep", "with_sweep", is_flag=True,
@@ -341,14 +389,8 @@ def _echo_entries(path, entries) -> None:
     if any(entry.get("random_weights") for entry in entries.values()):
         click.secho("  RANDOM WEIGHTS: these numbers are NOT MEANINGFUL (the pipeline ran; nothing was measured).",
                     fg="yellow")
-    click.echo(f"→ {path} (+ scores.csv, anomaly_maps.npz)")
-
-
-bootstrap_options = [
-    click.option("--bootstrap", "n_resamples", default=1000, show_default=True,
-                 help="Bootstrap resamples for the AUROC 95 % CI."),
-    click.option("--bootstrap-seed", default=0, show_default=True, help="Seed of the bootstrap resampling."),
-]
+    maps = ", anomaly_maps.npz" if any("anomaly_maps" in entry for entry in entries.values()) else ""
+    click.echo(f"→ {path} (+ scores.csv{maps})")
 
 
 @cli.command()
@@ -434,6 +476,57 @@ def baseline_winclip(dataset, root, out, split_from, protocol, model, pretrained
         progress=_show_progress(), image_score=image_score)
     _echo_entries(path, entries)
 
+
+feature_baseline_options = [
+    click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), required=True,
+                 help="Feature cache written by extract: the baseline reads only it (no CLIP)."),
+    click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory for the results files."),
+    click.option("--split-from", type=click.Path(exists=True), default=None,
+                 help="A training run: fit on its training images and score its held-out ones, so that the "
+                      "baseline shares a table with it."),
+    click.option("--split-seed", type=int, default=None,
+                 help="Without --split-from: seed of the holdout split (default: train's)."),
+    click.option("--holdout-fraction", type=float, default=None,
+                 help="Without --split-from: fraction of each category's test set held out (default: train's)."),
+    *bootstrap_options,
+]
+
+
+def _feature_baseline(name, cache_dir, out, **options) -> dict:
+    """Run ``evaluate.feature_baselines.run_feature_baseline`` and print its summary."""
+    from evaluate.feature_baselines import run_feature_baseline
+    path, entries, result = run_feature_baseline(name, _read_training_cache(cache_dir), out, **options)
+    _echo_entries(path, entries)
+    return result
+
+
+@baseline.command("linear")
+@_with(feature_baseline_options)
+@click.option("--per-category", is_flag=True, help="One logistic regression per category (default: one for all).")
+@_fail_cleanly
+def baseline_linear(cache_dir, out, **options):
+    """Logistic regression (scikit-learn) on the global crop's cached embedding."""
+    _feature_baseline("linear", cache_dir, out, **options)
+
+
+@baseline.command("knn-tiles")
+@_with(feature_baseline_options)
+@_fail_cleanly
+def baseline_knn_tiles(cache_dir, out, **options):
+    """Nearest normal crop per category and scale (PatchCore at crop level): trains on normal images only."""
+    result = _feature_baseline("knn-tiles", cache_dir, out, **options)
+    bank, n = result["extra"]["memory_bank"], len(result["scores"]["final"])
+    click.echo(f"  memory bank: {bank['crops']} crops of {bank['normal_images']} normal images "
+               f"(largest category: {max(bank['crops_per_category'].values())} crops); scored {n} images in "
+               f"{result['seconds']:.2f} s ({1000 * result['seconds'] / n:.2f} s per 1,000 images)")
+
+
+@baseline.command("zero-shot-text")
+@_with(feature_baseline_options)
+@_fail_cleanly
+def baseline_zero_shot_text(cache_dir, out, **options):
+    """RAML's cached text score s_text alone: the zero-shot floor."""
+    _feature_baseline("zero-shot-text", cache_dir, out, **options)
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True)

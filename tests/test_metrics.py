@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from evaluate.metrics import (average_precision, bootstrap_auroc_ci, f1_max, image_auroc,
-                              weighted_pixel_auroc)
+                              paired_bootstrap_auroc_difference, weighted_pixel_auroc)
 from evaluate.results import RESULTS_JSON, ScoredRun, config_entry, mean_std, write_results
 
 LABELS = [0, 0, 1, 1]
@@ -140,17 +140,87 @@ def test_results_json_is_replaced_atomically(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "scores.csv"]   # no temporary left
 
 
-def test_bootstrap_ci_equals_resampling_with_scikit_learns_auroc():
-    """The vectorised Mann-Whitney AUROC gives the interval a loop over roc_auc_score gives, ties included."""
+def test_bootstrap_ci_equals_roc_auc_score_on_each_resample():
+    """The counts-based bootstrap gives exactly what sklearn gives on the resampled images (ties
+    included), for one run and for the seed-averaged statistic of several runs."""
     from sklearn.metrics import roc_auc_score
-    rng = np.random.default_rng(3)
-    labels = np.r_[np.zeros(9), np.ones(14)].astype(int)
-    scores = np.round(rng.uniform(0, 1, (3, labels.size)) + 0.3 * labels, 1)      # rounded: many ties
-    draw = np.random.default_rng(7)
+    rng = np.random.default_rng(1)
+    labels = np.array([0] * 7 + [1] * 11)
+    rng.shuffle(labels)
+    scores = np.round(rng.random((3, labels.size)) + 0.3 * labels, 1)     # rounded: many ties
+    draws = np.random.default_rng(5)
     groups = [np.flatnonzero(labels == value) for value in (0, 1)]
-    expected = []
-    for _ in range(300):
-        index = np.concatenate([draw.choice(group, size=group.size, replace=True) for group in groups])
-        expected.append(np.mean([roc_auc_score(labels[index], run[index]) for run in scores]))
-    assert bootstrap_auroc_ci(labels, scores, n_resamples=300, seed=7) == pytest.approx(
-        tuple(np.percentile(expected, [2.5, 97.5])), abs=1e-12)
+    statistics = []
+    for _ in range(200):
+        index = np.concatenate([draws.choice(group, size=group.size, replace=True) for group in groups])
+        statistics.append(np.mean([roc_auc_score(labels[index], run[index]) for run in scores]))
+    expected = np.percentile(statistics, [2.5, 97.5])
+    assert bootstrap_auroc_ci(labels, scores, n_resamples=200, seed=5) == pytest.approx(tuple(expected), abs=1e-12)
+
+
+# --- paired bootstrap of an AUROC difference ----------------------------------------------------------
+
+def test_resampled_aurocs_are_sklearns_auroc_of_each_resample():
+    from sklearn.metrics import roc_auc_score
+
+    from evaluate.metrics import _resampled_aurocs, _stratified_resamples
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(7, int), np.ones(5, int)][rng.permutation(12)]
+    scores = np.round(rng.normal(size=(2, 12)), 1)             # one decimal: plenty of ties
+    index = _stratified_resamples(labels, 50, rng)
+    assert (labels[index] == np.r_[np.zeros(7), np.ones(5)]).all()
+    expected = [[roc_auc_score(labels[row], run[row]) for row in index] for run in scores]
+    assert np.allclose(_resampled_aurocs(scores, index, 7), expected, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("runs", [1, 3])
+def test_paired_difference_of_a_configuration_with_itself_is_exactly_zero(runs):
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(20), np.ones(10)]
+    scores = (labels + rng.normal(size=(runs, 30))).squeeze()
+    for groups in (None, np.tile(["a", "b"], 15)):           # each category: 10 normal, 5 anomalous
+        assert paired_bootstrap_auroc_difference(labels, scores, scores, groups, n_resamples=200) == (0.0, 0.0, 0.0)
+    # an increasing transform ranks the images alike: 0 on every resample, because both
+    # configurations are scored on the same resampled images (an unpaired bootstrap would not be 0)
+    assert paired_bootstrap_auroc_difference(labels, scores, 2 * scores ** 3 + 1, n_resamples=200) == (0.0, 0.0, 0.0)
+
+
+def test_paired_difference_by_hand():
+    """Images n1, n2 (normal), a1, a2 (anomalous). A = (0, 1, 2, 3) ranks every pair right (AUROC
+    1); B = (0, 2, 1, 3) gets (n2, a1) wrong (AUROC ¾): difference ¼. A stratified resample
+    draws two normals and two anomalous images: A stays 1, so the difference is 1 − B's AUROC.
+    It is 0 whenever B ranks all drawn pairs right (normals n1 n1: ¼; else anomalies a2 a2: ¾·¼
+    → 7/16 of the resamples) and 1 when B ranks all wrong (n2 n2 and a1 a1: 1/16 > 2.5 %):
+    the 95 % interval is [0, 1]."""
+    labels = [0, 0, 1, 1]
+    assert paired_bootstrap_auroc_difference(labels, [0, 1, 2, 3], [0, 2, 1, 3]) == (0.25, 0.0, 1.0)
+    assert paired_bootstrap_auroc_difference(labels, [0, 2, 1, 3], [0, 1, 2, 3]) == (-0.25, -1.0, 0.0)
+
+
+def test_paired_difference_per_category_is_the_difference_of_category_means():
+    # category x: the hand case above (difference ¼); category y: A and B rank alike (0) → mean ⅛
+    labels = [0, 0, 1, 1, 0, 0, 1, 1]
+    a, b = [0, 1, 2, 3, 0, 1, 2, 3], [0, 2, 1, 3, 5, 6, 7, 8]
+    difference, low, high = paired_bootstrap_auroc_difference(labels, a, b, groups=list("xxxxyyyy"), n_resamples=300)
+    assert difference == 0.125 and (low, high) == (0.0, 0.5)
+
+
+def test_paired_difference_names_a_category_without_both_classes():
+    with pytest.raises(ValueError, match="category y: AUROC needs both normal and anomalous"):
+        paired_bootstrap_auroc_difference([0, 1, 0, 0], [0, 1, 0, 1], [0, 1, 0, 1], groups=list("xxyy"))
+    with pytest.raises(ValueError, match="4 labels but scores of \\[4, 3\\] images"):
+        paired_bootstrap_auroc_difference([0, 1, 0, 1], [0, 1, 0, 1], [0, 1, 0])
+
+
+def test_category_mean_auroc_ci():
+    from evaluate.metrics import bootstrap_mean_auroc_ci
+    rng = np.random.default_rng(3)
+    labels = np.tile([0, 0, 0, 1, 1], 4)
+    groups = np.repeat(["a", "b"], 10)
+    scores = labels + rng.normal(size=(2, 20))
+    statistic, low, high = bootstrap_mean_auroc_ci(labels, scores, groups, n_resamples=300)
+    per_category = [np.mean([image_auroc(labels[groups == g], run[groups == g]) for run in scores]) for g in "ab"]
+    assert statistic == pytest.approx(np.mean(per_category)) and low <= statistic <= high
+    # one category: the same resamples, hence the same interval, as bootstrap_auroc_ci
+    assert bootstrap_mean_auroc_ci(labels, scores, n_resamples=300, seed=4)[1:] == \
+        pytest.approx(bootstrap_auroc_ci(labels, scores, n_resamples=300, seed=4), abs=1e-15)

@@ -45,8 +45,8 @@ from extract.encoder import resolve_device
 from train.checkpoint import save_checkpoint
 from train.config import TrainConfig
 from train.infer import calibrate_thresholds, score_rows, text_tokens
-from train.loss import (STEP_STATS, TERMS, category_weights, image_r_max, initial_loss_state, loss_hyperparameters,
-                        loss_step, resolution_penalty, state_margins)
+from train.loss import (STEP_STATS, TERMS, image_r_max, initial_loss_state, loss_hyperparameters, loss_step,
+                        resolution_penalty, state_margins, weights_of)
 from train.model import RAMLHead, build_head
 from train.split import Split, holdout_split
 
@@ -220,7 +220,8 @@ def _fit_runs(table, configs, split, progress, device) -> list[TrainedHead]:
             totals += stats
         seconds = time.perf_counter() - start
         run_states = [state] if runs == 1 else _unstack(state, runs)
-        records = [_epoch_record(epoch, run_totals, steps, run_state, run_hp, penalty[k], data, seconds, runs)
+        records = [_epoch_record(epoch, run_totals, steps, run_state, run_hp, penalty[k], data, seconds, runs,
+                                 weights_of(first))
                    for k, (run_totals, run_state, run_hp) in enumerate(zip(totals.cpu(), run_states, hp))]
         for history, record in zip(histories, records):
             history.append(record)
@@ -242,14 +243,14 @@ def _fit_runs(table, configs, split, progress, device) -> list[TrainedHead]:
     return trained
 
 
-def _epoch_record(epoch, totals, steps, state, hp, penalty, data, seconds, runs) -> dict:
+def _epoch_record(epoch, totals, steps, state, hp, penalty, data, seconds, runs, weights) -> dict:
     stats = dict(zip(STEP_STATS, totals.tolist()))
     anomalous = data.labels == 1
     return {"epoch": epoch, **{name: stats[name] / steps for name in TERMS},
             "sigma": float(state["sigma"]),
             "mean_margin": float(state_margins(state, hp, penalty[anomalous]).mean()),
             "anomalous_inside_margin": stats["inside_margin"] / max(stats["anomalous"], 1.0),
-            "difficulty_weights": dict(zip(data.categories, category_weights(state, hp).tolist())),
+            "difficulty_weights": dict(zip(data.categories, weights(state, hp).tolist())),
             "seconds": seconds, "runs_in_pass": runs}
 
 

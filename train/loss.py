@@ -186,6 +186,14 @@ def bce_only_step(features, logits, labels, category, resolution_penalty, state:
     return loss, torch.cat([loss.detach()[None], stats[1:]]), new_state
 
 
+def weights_of(config):
+    """The function ``(state, hp) → [C]`` difficulty weights of ``config``'s loss variant."""
+    if config.loss_variant == "original":
+        from train.original_loss import original_category_weights
+        return original_category_weights
+    return category_weights
+
+
 def loss_step(config):
     """The step function of ``config``'s loss (``loss_variant`` × ``loss``); see ``maccl_step``."""
     if config.loss == "bce":
