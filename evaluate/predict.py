@@ -129,8 +129,9 @@ def check_backbone(checkpoint, backbone) -> None:
     bad = mismatched_fields(checkpoint.fingerprint, mine)
     if bad:
         details = "; ".join(f"{k}: checkpoint {checkpoint.fingerprint.get(k)!r}, given {mine.get(k)!r}" for k in bad)
-        raise UserError(f"the backbone options do not match the checkpoint ({details}); pass the --model/"
-                         "--pretrained/--weights/--random-weights it was trained with")
+        raise UserError(f"the backbone options do not match the checkpoint ({details}); leave --model/--pretrained/"
+                        "--weights/--random-weights out to use the checkpoint's, or pass the ones it was trained with "
+                        "(for --weights: the file with the checkpoint's sha256)")
 
 
 def threshold_for(checkpoint, category: str) -> float:
