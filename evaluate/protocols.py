@@ -46,9 +46,13 @@ class ImageList:
 
 
 def held_out_relpaths(manifest: dict, source: str) -> list[str]:
-    """The held-out images of a training run's split manifest, checked."""
+    """The held-out images of a training run's split manifest, checked (there must be some)."""
     if not isinstance(manifest, dict) or "heldout" not in manifest or "train" not in manifest:
         raise UserError(f"{source}: not a split manifest with 'train' and 'heldout' image lists")
+    if not manifest["heldout"]:
+        raise UserError(f"{source} held out no images (its split put every image into training), so there is "
+                        "nothing to score under the holdout protocol; retrain it on a cache whose categories have "
+                        "at least 2 normal and 2 anomalous test images")
     overlap = set(manifest["train"]) & set(manifest["heldout"])
     if overlap:
         raise UserError(f"{source}: {len(overlap)} images are both in the training and the held-out "
@@ -106,10 +110,6 @@ def select_images(protocol: str | None, manifest: dict, manifest_source: str, ta
                              f"of {manifest_source}, so it is not the dataset the model was trained on; use "
                              "--protocol transfer to score another dataset")
         relpaths = held_out_relpaths(manifest, manifest_source)
-        if not relpaths:
-            raise UserError(f"{manifest_source} held out no images (its split put every image into training), so "
-                             "there is nothing to score under the holdout protocol; retrain it on a cache whose "
-                             "categories have at least 2 normal and 2 anomalous test images")
         return rows_for(table, relpaths), ImageList("holdout", tuple(relpaths), dataset, manifest_source)
     if same_dataset:
         raise UserError(f"{table.cache_dir} is the dataset the model of {manifest_source} was trained on: its "

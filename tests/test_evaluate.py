@@ -235,3 +235,11 @@ def test_results_say_how_the_checkpoint_thresholds_do_on_the_held_out_images(hol
     recorded = entries["adaptive"]["checkpoint_thresholds"]["bottle"]
     assert recorded["recall"]["n"] == 2
     assert recorded["recall"]["mean"] == pytest.approx(100 * np.mean([p["recall"] for p in points]), abs=0.01)
+
+
+def test_a_baseline_split_from_a_run_that_held_out_nothing_is_refused(tmp_path, mvtec_root, tiny_backbone):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "split.json").write_text(json.dumps({"train": ["bottle/train/good/000.png"], "heldout": []}))
+    with pytest.raises(UserError, match="held out no images"):
+        run_winclip("mvtec", mvtec_root, tmp_path / "winclip", lambda: tiny_backbone, split_from=tmp_path / "run",
+                    workers=0, n_resamples=10, progress=False)
