@@ -68,6 +68,32 @@ def backbone_options(func):
     ])(func)
 
 
+def checkpoint_backbone_options(func):
+    """The backbone options of commands that score with a checkpoint (predict, export): each
+    defaults to the checkpoint's own backbone; one given explicitly must agree with it."""
+    return _with([
+        click.option("--model", default=None, help="open_clip model name or model-config JSON (default: the "
+                                                   "checkpoint's)."),
+        click.option("--pretrained", default=None, help="open_clip pretrained tag (default: the checkpoint's)."),
+        click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                     help="Local weights file (default: the one the checkpoint's cache was extracted with, at its "
+                          "recorded path; its sha256 must be the checkpoint's)."),
+        # default None, not False: "not given" (take the checkpoint's) differs from "given"
+        click.option("--random-weights", is_flag=True, default=None,
+                     help="Seeded random weights (default: when the checkpoint was trained on them)."),
+        click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto."),
+    ])(func)
+
+
+def backbone_source(model, weights, random_weights) -> dict:
+    """What ``extract`` records about where its backbone came from, so that ``predict`` and
+    ``export`` can load it again from a checkpoint (``evaluate.predict.backbone_options_for``)."""
+    from pathlib import Path
+    model_path = Path(model)
+    return {"model": str(model_path.resolve()) if model_path.suffix == ".json" else model,
+            "weights_file": str(Path(weights).resolve()) if weights and not random_weights else None}
+
+
 def load_backbone_from(model, pretrained, weights, random_weights, device):
     from extract.encoder import load_backbone
     if random_weights:
@@ -120,7 +146,7 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
         lambda: load_engine_backbone(model, pretrained, weights, random_weights, device, engine),
         categories=categories.split(",") if categories else None, batch_size=batch_size, workers=workers,
         limit=limit, skip_bad=skip_bad, shard=shard, shard_size=shard_size, retry_skipped=retry_skipped,
-        progress=_show_progress())
+        progress=_show_progress(), backbone_source=backbone_source(model, weights, random_weights))
     click.echo(summary.line())
     for path, reason in summary.skipped:
         click.echo(f"  skipped {path}: {reason}")
@@ -229,6 +255,7 @@ def train(cache_dir, out, force, threads, device, margin, **options):
     from train.checkpoint import CHECKPOINT_FILE
     from train.config import make_config
     from train.fit import fit, write_run
+    from train.infer import threshold_lines
     config = make_config(margin, **options)
     if (Path(out) / CHECKPOINT_FILE).exists() and not force:
         raise UserError(f"{out} already holds a trained run; choose another --out or pass --force")
@@ -238,8 +265,8 @@ def train(cache_dir, out, force, threads, device, margin, **options):
                f"λres {config.lambda_res}, r_max {config.r_max}), seed {config.seed}")
     trained = fit(table, config, progress=click.echo, threads=threads, device=device)
     path = write_run(out, trained)
-    click.echo(f"train: {len(trained.split.train)} training / {len(trained.split.heldout)} held-out images; "
-               f"threshold {trained.threshold:.4f} (F1-max on training images) → {path}")
+    click.echo("\n".join(threshold_lines(trained.thresholds)))
+    click.echo(f"train: {len(trained.split.train)} training / {len(trained.split.heldout)} held-out images → {path}")
 
 
 @cli.command()
@@ -352,10 +379,11 @@ def _echo_entries(path, entries) -> None:
     """A one-line summary per configuration, then where the files are."""
     for config, entry in entries.items():
         protocol = entry["protocol"]
-        std = f" ± {entry['std_auroc']:.2f}" if len(entry["seeds"]) > 1 else ""
+        std = "" if entry["std_auroc"] is None else f" ± {entry['std_auroc']:.2f}"
         click.echo(f"  {config}: image AUROC {entry['mean_auroc']:.2f}{std} %, AP {entry['mean_average_precision']:.2f} %, "
-                   f"F1-max {entry['mean_f1_max']:.2f} % — {len(entry['seeds'])} run(s), {protocol['name']} protocol, "
-                   f"{protocol['n_images']} images (hash {protocol['image_list_hash'][:12]}…)")
+                   f"F1-max {entry['mean_f1_max']:.2f} % — n = {entry['auroc_over_seeds']['n']} seed(s), {protocol['name']} protocol, "
+                   f"{protocol['n_images']} images (hash {protocol['image_list_hash'][:12]}…)"
+                   + (f", image score: {entry['image_score']}" if entry.get("image_score") else ""))
         for category, reason in entry["not_available"].items():
             click.echo(f"    {category}: n/a ({reason})")
     if any(entry.get("random_weights") for entry in entries.values()):
@@ -432,17 +460,20 @@ def baseline():
 @click.option("--categories", default=None, help="Comma-separated subset.")
 @click.option("--batch-size", default=8, show_default=True, help="Images per forward pass.")
 @click.option("--workers", default=2, show_default=True, help="Parallel image-decoding processes.")
+@click.option("--image-score", type=click.Choice(["global", "global+map"]), default="global", show_default=True,
+              help="global: the global CLIP score (the paper's zero-shot rule); global+map: its mean with the "
+                   "multi-scale map's maximum (WinCLIP+'s few-shot rule).")
 @_with(bootstrap_options)
 @_fail_cleanly
 def baseline_winclip(dataset, root, out, split_from, protocol, model, pretrained, weights, random_weights, device,
-                     categories, batch_size, workers, n_resamples, bootstrap_seed):
+                     categories, batch_size, workers, image_score, n_resamples, bootstrap_seed):
     """Zero-shot WinCLIP (Jeong et al., CVPR 2023): prompt ensemble, 2x2/3x3 windows, harmonic aggregation."""
     from evaluate.baseline import run_winclip
     path, entries = run_winclip(
         dataset, root, out, lambda: load_backbone_from(model, pretrained, weights, random_weights, device),
         protocol=protocol, split_from=split_from, categories=categories.split(",") if categories else None,
         batch_size=batch_size, workers=workers, n_resamples=n_resamples, bootstrap_seed=bootstrap_seed,
-        progress=_show_progress())
+        progress=_show_progress(), image_score=image_score)
     _echo_entries(path, entries)
 
 
@@ -502,7 +533,7 @@ def baseline_zero_shot_text(cache_dir, out, **options):
 @click.option("--checkpoint", required=True, type=click.Path(exists=True), help="Training run directory or checkpoint.pt.")
 @click.option("--category", required=True, help="What the images show, e.g. bottle (used in the text prompts).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory for predictions.csv and heatmaps.")
-@backbone_options
+@checkpoint_backbone_options
 @click.option("--visual-weight", type=float, default=None, help="Weight of s_visual (default: the checkpoint's).")
 @click.option("--text-weight", type=float, default=None, help="Weight of s_text (default: the checkpoint's).")
 @click.option("--heatmaps/--no-heatmaps", default=True, show_default=True,
@@ -513,17 +544,22 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
             text_weight, heatmaps, engine):
     """Score new images (files or folders) with a trained checkpoint.
 
-    Prints file, score and decision at the checkpoint's threshold; writes OUT/predictions.csv and a
-    heatmap overlay per image. Unreadable files get an error line; the exit status is then 1.
+    Prints file, score and decision at the category's threshold; writes OUT/predictions.csv and a
+    heatmap overlay per image. The backbone is the checkpoint's unless options say otherwise (they
+    must agree with it). Unreadable files get an error line; the exit status is then 1.
     """
-    from evaluate.predict import check_backbone_options, predict_files, prediction_table, threshold_for
+    from evaluate.predict import (backbone_options_for, predict_files, prediction_table, threshold_for,
+                                  threshold_note)
     from train.checkpoint import load_checkpoint
     trained = load_checkpoint(checkpoint)
-    check_backbone_options(trained.fingerprint, model, random_weights)
+    options = backbone_options_for(trained.fingerprint, model, pretrained, weights, random_weights)
     if category not in trained.categories:
         click.secho(f"note: the checkpoint was trained on {', '.join(trained.categories)}, not {category!r}: "
-                    "scoring it is a transfer, and the threshold was fitted on other categories.", fg="yellow", err=True)
-    backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, engine)
+                    "scoring it is a transfer.", fg="yellow", err=True)
+    note = threshold_note(trained, category)
+    if note:
+        click.secho(f"note: {note}", fg="yellow", err=True)
+    backbone = load_engine_backbone(**options, device=device, engine=engine)
     predictions = predict_files(files, trained, category, out, backbone, visual_weight=visual_weight,
                                 text_weight=text_weight, heatmaps=heatmaps, progress=_show_progress())
     click.echo(prediction_table(predictions, threshold_for(trained, category)))
@@ -537,18 +573,24 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
 
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False), default="demo_out", show_default=True)
-@click.option("--limit", default=None, type=int, help="Textile images to use (default 32: fits 10 min on 2 CPU cores).")
-@click.option("--epochs", default=None, type=int, help="Training epochs per margin (default 25, the original's).")
-@click.option("--model", default="ViT-B-16", show_default=True)
+@click.option("--limit", default=None, type=int,
+              help="Textile images to use (default 146: the fewest with 15 normal and 15 anomalous held out).")
+@click.option("--epochs", default=None, type=int, help="Training epochs per run (default 25, the original's).")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Training seeds of each margin.")
+@click.option("--model", default="ViT-B-16", show_default=True, help="RAML's CLIP.")
 @click.option("--pretrained", default="openai", show_default=True)
+@click.option("--winclip-model", default="ViT-B-16-plus-240", show_default=True, help="WinCLIP's CLIP (the paper's).")
+@click.option("--winclip-pretrained", default="laion400m_e31", show_default=True)
 @click.option("--online", is_flag=True, help="Allow downloading the CLIP weights (default: local cache only).")
 @click.option("--random-weights", is_flag=True, help="Skip looking for weights; run with random ones (not meaningful).")
 @_fail_cleanly
-def demo(out, limit, epochs, model, pretrained, online, random_weights):
-    """README command one: extract → train (adaptive, fixed, strong) → evaluate → report on textile images."""
+def demo(out, limit, epochs, seeds, model, pretrained, winclip_model, winclip_pretrained, online, random_weights):
+    """README command one: RAML (3 margins × 3 seeds, via sweep) against zero-shot WinCLIP on the same held-out
+    textile images: extract → sweep → evaluate → baseline winclip → report."""
     from evaluate.demo import DEFAULT_EPOCHS, DEFAULT_LIMIT, run_demo
     run_demo(lambda args: cli.main(list(args), standalone_mode=False), out, model=model, pretrained=pretrained,
-             limit=limit or DEFAULT_LIMIT, epochs=epochs or DEFAULT_EPOCHS, online=online,
+             winclip_model=winclip_model, winclip_pretrained=winclip_pretrained, limit=limit or DEFAULT_LIMIT,
+             epochs=epochs or DEFAULT_EPOCHS, seeds=_comma_list(seeds, int), online=online,
              random_weights=random_weights, log=click.echo)
 
 
@@ -562,20 +604,20 @@ def demo(out, limit, epochs, model, pretrained, online, random_weights):
               help="Deployment directory (created; an earlier export in it is replaced).")
 @click.option("--categories", default=None,
               help="Comma-separated categories to bake in (default: the checkpoint's).")
-@backbone_options
+@checkpoint_backbone_options
 @_fail_cleanly
 def export(checkpoint, out, categories, model, pretrained, weights, random_weights, device):
     """Write a deployment that needs no torch: encoder.onnx, head.onnx, deploy.json, predict_onnx.py.
 
-    The backbone options must be those the checkpoint was trained with. Then, with only
-    onnxruntime, numpy and pillow: python OUT/predict_onnx.py part.png [--category bottle].
+    The backbone is the checkpoint's unless options say otherwise (they must agree with it). Then,
+    with only onnxruntime, numpy and pillow: python OUT/predict_onnx.py part.png [--category bottle].
     """
     from evaluate.export import export_deployment
-    from evaluate.predict import check_backbone_options
+    from evaluate.predict import backbone_options_for
     from train.checkpoint import load_checkpoint
     trained = load_checkpoint(checkpoint)
-    check_backbone_options(trained.fingerprint, model, random_weights)  # before loading CLIP
-    backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
+    options = backbone_options_for(trained.fingerprint, model, pretrained, weights, random_weights)  # before CLIP
+    backbone = load_backbone_from(**options, device=device)
     deploy = export_deployment(trained, out, backbone, categories=_comma_list(categories) if categories else None,
                                log=lambda line: click.secho(line, fg="yellow", err=True))
     thresholds = ", ".join(f"{c} {t:.4f}" for c, t in deploy["thresholds"].items())

@@ -6,7 +6,9 @@
                            crops [B, 21, D] float32 and category [B] int64 (index into deploy.json's
                            ``categories``) → visual [B] (s_visual) and text [B] (s_text)
           deploy.json      the rest of the contract: input size, mean/std, crop layout, categories,
-                           thresholds, score weights, and the backbone and checkpoint it came from
+                           each category's threshold (with its precision and recall on the
+                           calibration images), score weights, and the backbone and checkpoint it
+                           came from
           predict_onnx.py  the standalone scorer (a copy of ``evaluate/predict_onnx.py``)
 
 s_final = visual_weight·visual + text_weight·text is left to the script, with deploy.json's
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 
 from cache import CROP_LAYOUT, N_CROPS
 from cache.store import atomic_write, atomic_write_text
-from evaluate.predict import check_backbone, threshold_for
+from evaluate.predict import check_backbone, threshold_for, threshold_note
 from extract.encoder import file_sha256
 from extract.onnx_engine import PARITY_TOLERANCE, OnnxEngineError, onnx_image_encoder
 from extract.prompts import encode_prompts
@@ -82,7 +84,10 @@ def export_deployment(checkpoint, out_dir, backbone, *, categories=None, onnx_ca
     untrained = [c for c in categories if c not in checkpoint.categories]
     if untrained:
         log(f"note: the checkpoint was trained on {', '.join(checkpoint.categories)}, not on {', '.join(untrained)}: "
-            "scoring those is a transfer, and their threshold was fitted on other categories.")
+            "scoring those is a transfer.")
+    pooled = {category: note for category in categories if (note := threshold_note(checkpoint, category))}
+    for note in pooled.values():
+        log(f"note: {note}")
     encoder = onnx_image_encoder(backbone, cache_root=onnx_cache_root)
     text = {category: encode_prompts(backbone, category) for category in categories}
     bank = text_tokens(text, categories)
@@ -113,7 +118,9 @@ def export_deployment(checkpoint, out_dir, backbone, *, categories=None, onnx_ca
                       "original image; every tile resized to input_size x input_size",
         "categories": categories,
         "thresholds": thresholds,
-        "threshold_is": "F1-max of the final score on the checkpoint's training images (optimistic)",
+        "threshold_is": f"{checkpoint.thresholds['rule']}, per category, calibrated on {checkpoint.thresholds['set']}",
+        "threshold_calibration": {category: pooled.get(category) or checkpoint.thresholds["categories"][category]
+                                  for category in categories},
         "score_weights": {"visual": float(weights["visual_weight"]), "text": float(weights["text_weight"])},
         "encoder": {"file": ENCODER_FILE, "input": "pixels", "output": "embedding",
                     **_file_facts(out / ENCODER_FILE), "max_abs_diff_vs_torch": encoder.meta["max_abs_diff"]},

@@ -1,9 +1,10 @@
 """``predict``: score new images with a trained checkpoint, one line per file.
 
 Each image goes through the same 21-crop pyramid and frozen CLIP as ``extract`` (the backbone
-must match the checkpoint's fingerprint), then through the checkpoint's head. The decision uses
-the checkpoint's threshold (F1-max of the final score on its training images). An unreadable
-file gets its own error line; the other files are still scored.
+must match the checkpoint's fingerprint; by default it is the one the checkpoint records,
+``backbone_options_for``), then through the checkpoint's head. The decision uses the category's
+threshold (``threshold_for``: F1-max of the final score on the run's training images of that
+category). An unreadable file gets its own error line; the other files are still scored.
 """
 from __future__ import annotations
 
@@ -47,16 +48,70 @@ def collect_files(inputs) -> list[Path]:
     return files
 
 
-def check_backbone_options(fingerprint: dict, model: str, random_weights: bool) -> None:
-    """Before loading CLIP: the model name and weight source must be the checkpoint's."""
+def _recorded_model(fingerprint: dict, source: dict) -> str:
+    """The ``--model`` that recreates the checkpoint's backbone: the recorded one, an open_clip
+    name, or a model config shipped in ``extract/model_configs``."""
+    import open_clip
+
+    from extract.encoder import TINY_TEST_CONFIG
+    name, recorded = fingerprint.get("backbone"), source.get("model")
+    if recorded and (Path(recorded).is_file() or recorded in open_clip.list_models()):
+        return recorded
+    if name in open_clip.list_models():
+        return name
+    shipped = TINY_TEST_CONFIG.with_name(f"{name}.json")
+    if shipped.is_file():
+        return str(shipped)
+    where = f" (recorded at {recorded}, which is not there any more)" if recorded else ""
+    raise UserError(f"the checkpoint's backbone {name!r} is a model config JSON{where}, not an open_clip model "
+                    f"name; pass --model PATH to {name}.json")
+
+
+def backbone_options_for(fingerprint: dict, model: str | None = None, pretrained: str | None = None,
+                         weights: str | None = None, random_weights: bool | None = None) -> dict:
+    """The backbone options (``model``, ``pretrained``, ``weights``, ``random_weights``) that
+    encode images for a checkpoint whose cache fingerprint is ``fingerprint``.
+
+    An option left out (None) is the checkpoint's: its model, its pretrained tag, its weights file
+    (found at the path the cache recorded, ``backbone_source``), or random weights. An option
+    given must agree with the checkpoint; this is checked before CLIP is loaded, except a weights
+    file's content, which ``check_backbone`` compares (sha256) once it is loaded. Raises
+    ``UserError`` naming what differs, or which file (name and sha256) to pass with ``--weights``
+    when the recorded one has moved.
+    """
     from extract.encoder import model_name
-    wanted = {"backbone": model_name(model), "random_weights": bool(random_weights)}
-    bad = {k: v for k, v in wanted.items() if fingerprint.get(k) != v}
-    if bad:
-        trained = f"--model {fingerprint.get('backbone')}" + (" --random-weights" if fingerprint.get("random_weights")
-                                                              else f" (weights {fingerprint.get('weights')})")
+    source = fingerprint.get("backbone_source") or {}
+    recorded_weights, recorded_random = fingerprint.get("weights"), bool(fingerprint.get("random_weights"))
+    is_file = str(recorded_weights).startswith("sha256:")
+    differ = []
+    if random_weights is not None and bool(random_weights) != recorded_random:
+        differ.append("--random-weights")
+    if model is not None and model_name(model) != fingerprint.get("backbone"):
+        differ.append("--model")
+    if pretrained is not None and (recorded_random or is_file or pretrained != recorded_weights):
+        differ.append("--pretrained")
+    if weights is not None and (recorded_random or not is_file):
+        differ.append("--weights")
+    if differ:
+        trained = f"--model {fingerprint.get('backbone')}" + (
+            " --random-weights" if recorded_random else
+            f" --weights FILE (sha256 {recorded_weights[7:]})" if is_file else f" --pretrained {recorded_weights}")
         raise UserError(f"the checkpoint was trained on features of {trained}; the options given differ in "
-                         f"{', '.join(bad)}. Pass the backbone options it was trained with.")
+                        f"{', '.join(differ)}. Leave them out to use the checkpoint's backbone, or pass the ones it "
+                        "was trained with.")
+    options = {"model": model or _recorded_model(fingerprint, source), "pretrained": None, "weights": None,
+               "random_weights": recorded_random}
+    if recorded_random:
+        return options
+    if not is_file:
+        return {**options, "pretrained": recorded_weights}
+    recorded_file = source.get("weights_file")
+    if weights is None and not (recorded_file and Path(recorded_file).is_file()):
+        name = f"{Path(recorded_file).name} " if recorded_file else ""
+        where = f"; it was at {recorded_file}, which is not there any more" if recorded_file else ""
+        raise UserError(f"the checkpoint's CLIP weights are the file {name}with sha256 {recorded_weights[7:]}{where}. "
+                        "Pass --weights PATH to that file (its sha256 is checked).")
+    return {**options, "weights": weights or recorded_file}
 
 
 def backbone_fingerprint(backbone) -> dict:
@@ -74,18 +129,31 @@ def check_backbone(checkpoint, backbone) -> None:
     bad = mismatched_fields(checkpoint.fingerprint, mine)
     if bad:
         details = "; ".join(f"{k}: checkpoint {checkpoint.fingerprint.get(k)!r}, given {mine.get(k)!r}" for k in bad)
-        raise UserError(f"the backbone options do not match the checkpoint ({details}); pass the --model/"
-                         "--pretrained/--weights/--random-weights it was trained with")
+        raise UserError(f"the backbone options do not match the checkpoint ({details}); leave --model/--pretrained/"
+                        "--weights/--random-weights out to use the checkpoint's, or pass the ones it was trained with "
+                        "(for --weights: the file with the checkpoint's sha256)")
 
 
 def threshold_for(checkpoint, category: str) -> float:
-    """The checkpoint's decision threshold (one number, or one per category)."""
-    threshold = checkpoint.threshold
-    if isinstance(threshold, dict):
-        if category not in threshold:
-            raise UserError(f"the checkpoint has thresholds for {', '.join(sorted(threshold))}, not {category!r}")
-        return float(threshold[category])
-    return float(threshold)
+    """The decision threshold for ``category``: its own calibrated threshold when the checkpoint has
+    one (``train.infer.calibrate_thresholds``), else the pooled one (``threshold_note`` says why)."""
+    own = checkpoint.thresholds["categories"].get(category, {}).get("threshold")
+    return float(checkpoint.thresholds["pooled"]["threshold"] if own is None else own)
+
+
+def threshold_note(checkpoint, category: str) -> str | None:
+    """Why ``category`` gets the pooled threshold rather than its own, or None when it has its own."""
+    calibration = checkpoint.thresholds
+    own = calibration["categories"].get(category)
+    if own is not None and own.get("threshold") is not None:
+        return None
+    if own is not None:
+        why = own["reason"]
+    elif not calibration["categories"]:
+        why = f"this checkpoint has one threshold ({calibration['set']})"
+    else:
+        why = f"the run was not trained on {category!r}"
+    return f"{category}: the pooled threshold {threshold_for(checkpoint, category):.4f} applies: {why}"
 
 
 def _table_of(features: np.ndarray, category: str, text: dict, backbone, size: tuple[int, int]):

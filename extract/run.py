@@ -89,11 +89,14 @@ def limit_per_category(records: list[ImageRecord], limit: int | None) -> list[Im
 def extract_features(dataset: str, root, cache_dir, backbone_loader, *, categories=None, batch_size: int = 8,
                      workers: int = 2, limit: int | None = None, skip_bad: bool = False, shard: str | None = None,
                      shard_size: int = DEFAULT_SHARD_SIZE, retry_skipped: bool = False,
-                     progress: bool = True) -> ExtractSummary:
+                     progress: bool = True, backbone_source: dict | None = None) -> ExtractSummary:
     """Encode every image of ``dataset`` not yet in ``cache_dir``; see the module docstring.
 
     ``backbone_loader`` is called once, after the dataset has been read and checked, to get a
     ``ClipBackbone`` or any object with the same attributes and ``encode_images``/``encode_texts``.
+    ``backbone_source`` (``{"model", "weights_file"}``: the model name or config path, and the
+    weights file, as given) is recorded in a new cache's ``cache.json`` beside the fingerprint,
+    so that a checkpoint trained on it can load its backbone again (``predict``, ``export``).
     """
     cache_dir = Path(cache_dir)
     if shard_size % batch_size:
@@ -109,6 +112,8 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, categori
                        input_size=backbone.input_size, embed_dim=backbone.embed_dim, code_version=CODE_VERSION,
                        dataset={"kind": dataset, "root": str(root)}, prompts=prompt_spec(),
                        mean=backbone.mean, std=backbone.std)
+    if backbone_source is not None:
+        meta["backbone_source"] = backbone_source
     claim_cache(cache_dir, meta)
     remove_partial_shards(cache_dir, prefix=f"features-{shard_index:03d}of{shard_count:03d}-")
     cached = read_cache(cache_dir, with_features=False)

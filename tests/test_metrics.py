@@ -4,7 +4,7 @@ import pytest
 
 from evaluate.metrics import (average_precision, bootstrap_auroc_ci, f1_max, image_auroc,
                               paired_bootstrap_auroc_difference, weighted_pixel_auroc)
-from evaluate.results import ScoredRun, config_entry
+from evaluate.results import RESULTS_JSON, ScoredRun, config_entry, mean_std, write_results
 
 LABELS = [0, 0, 1, 1]
 SCORES = [0.1, 0.4, 0.35, 0.8]
@@ -75,15 +75,28 @@ def _run(scores, seed, labels=(0, 0, 1, 1, 0, 1), categories=("a", "a", "a", "a"
                      np.array(["good"] * n), np.array(labels), {"final": np.array(scores, float)})
 
 
+def test_mean_std_is_the_sample_std_over_seeds():
+    # the issue's example: two seeds at 50.0 and 72.22 are 61.11 ± 15.71 (ddof = 1), not ± 11.11
+    stats = mean_std([50.0, 72.22])
+    assert stats["n"] == 2 and stats["mean"] == pytest.approx(61.11)
+    assert stats["std"] == pytest.approx(22.22 / np.sqrt(2)) and round(stats["std"], 2) == 15.71
+    assert mean_std([0.1, 0.2, 0.6])["std"] == pytest.approx(np.sqrt((0.04 + 0.01 + 0.09) / 2))
+    assert mean_std([0.8]) == {"mean": 0.8, "std": None, "n": 1}          # one seed: no spread
+    assert mean_std([0.8, None, 0.6]) == {"mean": pytest.approx(0.7), "std": pytest.approx(0.1414, abs=1e-4), "n": 2}
+    assert mean_std([]) == {"mean": None, "std": None, "n": 0}
+
+
 def test_config_entry_keeps_the_original_schema_and_averages_seeds():
     runs = [_run([0.1, 0.4, 0.35, 0.8, 0.2, 0.9], 0), _run([0.1, 0.2, 0.35, 0.8, 0.2, 0.9], 1)]
     entry = config_entry(runs, {"name": "holdout"}, {"random_weights": True}, n_resamples=20)
     # category a: seed 0 → 75 %, seed 1 → 100 %; b: 100 % both
     assert entry["details"] == {"a": 87.5, "b": 100.0}
-    assert entry["categories"]["a"]["auroc_std"] == 12.5
+    assert entry["categories"]["a"]["auroc_std"] == pytest.approx(25 / np.sqrt(2), abs=0.005)   # 17.68, ddof = 1
+    assert entry["categories"]["a"]["auroc_over_seeds"] == {"mean": 87.5, "std": 17.68, "n": 2}
+    assert entry["categories"]["b"]["auroc_std"] == 0.0
     assert entry["mean_auroc"] == pytest.approx(93.75, abs=0.01)
-    assert entry["std_auroc"] == pytest.approx(6.25)          # seed means 87.5 and 100
-    assert entry["seeds"] == [0, 1]
+    assert entry["std_auroc"] == pytest.approx(12.5 / np.sqrt(2), abs=0.005)   # seed means 87.5 and 100: 8.84
+    assert entry["auroc_over_seeds"] == {"mean": 93.75, "std": 8.84, "n": 2} and entry["seeds"] == [0, 1]
     assert entry["meaningful"] is False and "NOT MEANINGFUL" in entry["warning"]
 
 
@@ -99,6 +112,32 @@ def test_config_entry_refuses_seeds_scored_on_other_images():
     other.relpath = np.array([f"y{i}" for i in range(6)])
     with pytest.raises(ValueError, match="other images"):
         config_entry([_run([0.1, 0.4, 0.35, 0.8, 0.2, 0.9], 0), other], {}, {}, n_resamples=10)
+
+
+def test_one_seed_has_no_standard_deviation():
+    entry = config_entry([_run([0.1, 0.4, 0.35, 0.8, 0.2, 0.9], 0)], {}, {}, n_resamples=10)
+    assert entry["std_auroc"] is None and entry["auroc_over_seeds"] == {"mean": 87.5, "std": None, "n": 1}
+    assert entry["categories"]["a"]["auroc_std"] is None and entry["categories"]["a"]["auroc_over_seeds"]["n"] == 1
+
+
+def test_results_json_is_replaced_atomically(tmp_path, monkeypatch):
+    """A write that fails half-way (disk full) leaves the previous results.json whole."""
+    run = _run([0.1, 0.4, 0.35, 0.8, 0.2, 0.9], 0)
+    entries = {"cfg": config_entry([run], {}, {}, n_resamples=10)}
+    write_results(tmp_path, entries, [run])
+    before = (tmp_path / RESULTS_JSON).read_text()
+    real_write_text = type(tmp_path).write_text
+
+    def half_then_full_disk(self, text, *args, **kwargs):
+        real_write_text(self, text[:len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(type(tmp_path), "write_text", half_then_full_disk)
+    entries["cfg"]["mean_auroc"] = 12.34
+    with pytest.raises(OSError, match="No space"):
+        write_results(tmp_path, entries, [run])
+    monkeypatch.undo()
+    assert (tmp_path / RESULTS_JSON).read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "scores.csv"]   # no temporary left
 
 
 def test_bootstrap_ci_equals_roc_auc_score_on_each_resample():

@@ -44,7 +44,7 @@ from cache.store import atomic_write_text
 from extract.encoder import resolve_device
 from train.checkpoint import save_checkpoint
 from train.config import TrainConfig
-from train.infer import f1_max_threshold, score_rows, text_tokens
+from train.infer import calibrate_thresholds, score_rows, text_tokens
 from train.loss import (STEP_STATS, TERMS, image_r_max, initial_loss_state, loss_hyperparameters, loss_step,
                         resolution_penalty, state_margins, weights_of)
 from train.model import RAMLHead, build_head
@@ -103,7 +103,7 @@ class TrainedHead:
     config: TrainConfig
     split: Split
     categories: list
-    threshold: float
+    thresholds: dict                  # train.infer.calibrate_thresholds on the training images
     fingerprint: dict
     history: list = field(default_factory=list)
     runs_in_pass: int = 1              # how many runs were trained together with this one
@@ -236,7 +236,8 @@ def _fit_runs(table, configs, split, progress, device) -> list[TrainedHead]:
         train_scores = score_rows(model, table, split.train, config.visual_weight, config.text_weight)["final"]
         trained.append(TrainedHead(model=model, loss_state={k: v.detach().cpu() for k, v in run_state.items()},
                                    config=config, split=split, categories=data.categories,
-                                   threshold=f1_max_threshold(table.label[split.train], train_scores),
+                                   thresholds=calibrate_thresholds(table.label[split.train], train_scores,
+                                                                   table.category[split.train]),
                                    fingerprint=dict(table.meta), history=history, runs_in_pass=runs,
                                    device=str(device)))
     return trained
@@ -357,7 +358,7 @@ def write_run(run_dir, trained: TrainedHead) -> Path:
     write_json(run_dir / "history.json", trained.history)
     return save_checkpoint(run_dir, model=trained.model, config=trained.config.to_dict(),
                            loss_state=trained.loss_state, manifest=trained.split.manifest(),
-                           fingerprint=trained.fingerprint, threshold=trained.threshold,
+                           fingerprint=trained.fingerprint, thresholds=trained.thresholds,
                            categories=trained.categories)
 
 
