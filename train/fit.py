@@ -232,8 +232,8 @@ def _fit_runs(table, configs, split, progress, device) -> list[TrainedHead]:
     final_states = [state] if runs == 1 else _unstack(state, runs)
     trained = []
     for model, config, run_state, history in zip(models, configs, final_states, histories):
-        model.eval().cpu()
-        train_scores = score_rows(model, table, split.train, config.visual_weight, config.text_weight)["final"]
+        train_scores = score_rows(model, table, split.train, config.visual_weight, config.text_weight,
+                                  device=str(device))["final"]   # leaves the model on the CPU, in eval mode
         trained.append(TrainedHead(model=model, loss_state={k: v.detach().cpu() for k, v in run_state.items()},
                                    config=config, split=split, categories=data.categories,
                                    thresholds=calibrate_thresholds(table.label[split.train], train_scores,
