@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import UserError
-from evaluate.predict import feature_table
+from evaluate.predict import check_backbone, feature_table
 from extract.encoder import file_sha256
 from extract.int8_engine import (FIDELITY_RECORD, FIDELITY_SAMPLE, Fidelity, image_crops, measure_fidelity,
                                  read_records, require_fidelity, write_record)
@@ -45,6 +45,7 @@ def check_for_predict(backbone, files: list[Path], checkpoint, category: str,
     Returns the figures, or ``None`` when the check was already recorded or no image could be read
     (predict then reports each file's error).
     """
+    check_backbone(checkpoint, backbone)  # a checkpoint of another backbone fails here, not after the check
     record_path = backbone.image_encoder.path.parent / FIDELITY_RECORD
     key = f"{backbone.image_encoder.meta['sha256']}:{file_sha256(checkpoint.path)}:{category}"
     recorded = read_records(record_path).get(key)
@@ -56,7 +57,7 @@ def check_for_predict(backbone, files: list[Path], checkpoint, category: str,
         return None
     text = {category: encode_prompts(backbone, category)}
     fidelity = measure_fidelity(backbone, crops, s_final_scorer(checkpoint, [category] * len(crops), text, backbone))
-    require_fidelity(fidelity, f"{len(crops)} of the images given", "--engine onnx")
+    require_fidelity(fidelity, f"{len(crops)} of the images given", "use --engine onnx (fp32) instead")
     if len(crops) >= sample:
         write_record(record_path, key, fidelity, f"predict, {len(files)} files")
         say(f"int8 fidelity on {len(crops)} of your images: {fidelity.summary()}")
@@ -83,5 +84,5 @@ def check_for_export(backbone, dataset: str, root, checkpoint, categories: list,
         raise UserError(f"the int8 check found no readable image among {len(chosen)} of {root}")
     fidelity = measure_fidelity(backbone, crops, s_final_scorer(checkpoint, [chosen[i].category for i in kept],
                                                                 text, backbone))
-    require_fidelity(fidelity, f"{len(crops)} images of {root}", "export --precision fp32")
+    require_fidelity(fidelity, f"{len(crops)} images of {root}", "export with --precision fp32 instead")
     return fidelity

@@ -58,12 +58,12 @@ class EngineTimes:
                  f"  fp32 GEMM floor: {self.macs_per_image / 1e9:.1f} G multiply-accumulates per image / "
                  f"{gemm:.0f} GFLOP/s ({GEMM_SIZE}² matmul, {min(self.gemm_gflops):.0f}-{max(self.gemm_gflops):.0f}) "
                  f"= {self.floor_seconds:.2f} s"]
-        for engine in self.seconds:
-            times = self.seconds[engine]
-            line = (f"  {engine:<10} {self.median(engine):7.2f} s/image ({min(times):.2f}-{max(times):.2f})  "
-                    f"{self.median(engine) / self.floor_seconds:5.2f} × floor")
-            if self.reference and engine != self.reference:
-                line += f"  {self.median(engine) / self.median(self.reference):5.2f} × {self.reference}"
+        for engine, times in self.seconds.items():
+            line = f"  {engine:<10} {self.median(engine):7.2f} s/image ({min(times):.2f}-{max(times):.2f})"
+            if engine != self.reference:  # the floor is our model's; the reference runs another one
+                line += f"  {self.median(engine) / self.floor_seconds:5.2f} × floor"
+                if self.reference:
+                    line += f"  {self.median(engine) / self.median(self.reference):5.2f} × {self.reference}"
             lines.append(line)
         return lines
 

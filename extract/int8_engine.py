@@ -46,9 +46,9 @@ from cache import CacheError, N_CROPS, UserError
 from cache.store import atomic_write_text, fingerprint_field, read_fingerprint
 from extract.encoder import ClipBackbone, file_sha256
 from extract.onnx_engine import (INPUT_NAME, OUTPUT_NAME, OnnxClipBackbone, OnnxEngineError, OnnxImageEncoder,
-                                 export_dir, export_lock, file_problem, key_fields, locked_fp32_encoder,
-                                 onnxruntime_module, open_session, read_sidecar, say, session_options,
-                                 torch_fields, versions)
+                                 export_dir, export_lock, file_problem, first_line, key_fields,
+                                 locked_fp32_encoder, onnxruntime_module, open_session, read_sidecar, say,
+                                 session_options, torch_fields, versions)
 from extract.pyramid import BadImageError, load_rgb, pyramid_pixels
 
 INT8_FORMAT = 1            # bump when the quantised graph's contract changes: older ones are then rebuilt
@@ -92,8 +92,12 @@ def int8_backbone(backbone: ClipBackbone, *, cache_root: Path | None = None,
 def quantise(source: Path, target: Path) -> None:
     """Write the int8 model of the fp32 graph ``source`` to ``target`` (settings: ``QUANTISATION``)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    with _quiet_quantiser():
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True)
+    try:
+        with _quiet_quantiser():
+            quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True)
+    except Exception as err:  # the quantiser raises many types, all meaning "this graph does not quantise"
+        raise OnnxEngineError(f"onnxruntime could not quantise {source} to int8: {first_line(err)}. "
+                              "Use --engine onnx.") from err
 
 
 def _int8_key(backbone: ClipBackbone, fp32: OnnxImageEncoder) -> dict:
@@ -205,23 +209,24 @@ def measure_fidelity(backbone: OnnxClipBackbone, images: list[np.ndarray], score
     if backbone.reference_encoder is None:
         raise ValueError("measure_fidelity needs an int8 backbone (see int8_backbone)")
     fp32 = np.stack([backbone.reference_encoder.encode(crops) for crops in images])
-    int8 = np.stack([backbone.encode_images(crops) for crops in images])
+    int8 = np.stack([backbone.image_encoder.encode(crops) for crops in images])
     cosine = (fp32 * int8).sum(-1) / (np.linalg.norm(fp32, axis=-1) * np.linalg.norm(int8, axis=-1))
     spearman = None
     if score is not None and len(images) >= MIN_RANKED_IMAGES:
         from scipy.stats import spearmanr
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # constant scores: NaN (reported as undefined, and fails) is enough
-            spearman = float(spearmanr(score(fp32), score(int8)).statistic)
+            spearman = float(spearmanr(score(fp32), score(int8))[0])
     return Fidelity(images=len(images), crops=int(cosine.size), cosine_min=float(cosine.min()),
                     cosine_mean=float(cosine.mean()), spearman=spearman)
 
 
-def require_fidelity(fidelity: Fidelity, where: str, fp32_option: str) -> None:
-    """Raise ``Int8FidelityError`` (with the figures) when ``fidelity`` is below the limits."""
+def require_fidelity(fidelity: Fidelity, where: str, fp32_advice: str) -> None:
+    """Raise ``Int8FidelityError`` (with the figures) when ``fidelity`` is below the limits;
+    ``fp32_advice`` says how to run the same command in fp32."""
     if not fidelity.passed:
         raise Int8FidelityError(f"the int8 image encoder is too far from fp32 on {where}: {fidelity.summary()}. "
-                                f"Its features cannot be trusted on these images: use {fp32_option} (fp32).")
+                                f"Its features cannot be trusted on these images: {fp32_advice}.")
 
 
 def image_crops(paths: list[Path], backbone: ClipBackbone) -> tuple[list[np.ndarray], list[int]]:
@@ -292,7 +297,7 @@ def check_on_dataset(backbone: OnnxClipBackbone, cache_dir, dataset: str, root, 
         raise UserError(f"the int8 check found no readable image among {len(chosen)} of {root}: fix the images, "
                         "or use --engine onnx")
     fidelity = measure_fidelity(backbone, crops)
-    require_fidelity(fidelity, f"{len(crops)} images of {root}", "--engine onnx")
+    require_fidelity(fidelity, f"{len(crops)} images of {root}", "use --engine onnx (fp32) instead")
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     write_record(record_path, key, fidelity, str(root))
     say(f"int8 fidelity on {len(crops)} of your images: {fidelity.summary()}")

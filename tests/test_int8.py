@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from cache import CacheError, N_CROPS, read_cache
 from cache.store import CACHE_JSON
-from evaluate.export import DEPLOY_JSON, ENCODER_FILE, SCRIPT_FILE
+from evaluate.export import DEPLOY_JSON, SCRIPT_FILE
 from extract import int8_engine
 from extract.engine_bench import EngineTimes, vit_macs_per_image
 from extract.int8_engine import (FIDELITY_RECORD, INT8_FILE, INT8_SIDECAR_FILE, MIN_COSINE, Fidelity,
@@ -208,14 +208,14 @@ def test_fidelity_check_stops_on_a_broken_quantised_model(broken_int8_cache, run
     result = CliRunner().invoke(cli, extract_args(mvtec_root, cache_dir, "onnx-int8"))
     assert result.exit_code == 1, result.output
     assert "the int8 image encoder is too far from fp32 on 20 images of" in result.output
-    assert f"(limit {MIN_COSINE})" in result.output and "use --engine onnx (fp32)" in result.output
+    assert f"(limit {MIN_COSINE})" in result.output and "use --engine onnx (fp32) instead" in result.output
     assert not (cache_dir / CACHE_JSON).exists() and not list(cache_dir.glob("features-*"))
     assert not (cache_dir / FIDELITY_RECORD).exists()
 
     out = tmp_path / "deploy"
     exported = CliRunner().invoke(cli, ["export", "--checkpoint", str(run_dir), "--out", str(out), *BACKBONE,
                                         "--precision", "int8", "--dataset", "mvtec", "--root", str(mvtec_root)])
-    assert exported.exit_code == 1 and "use export --precision fp32 (fp32)" in exported.output
+    assert exported.exit_code == 1 and "export with --precision fp32 instead" in exported.output
     assert "Spearman of s_final" in exported.output and not out.exists()
 
     files = sorted((mvtec_root / "bottle" / "test").glob("*/*.png"))
@@ -285,6 +285,7 @@ def test_engine_times_lines_give_medians_and_ratios():
     assert "= 2.00 s" in lines[1] and "185 GFLOP/s" in lines[1]
     assert lines[2].split() == ["onnx-int8", "1.00", "s/image", "(0.90-1.10)", "0.50", "×", "floor", "0.25", "×",
                                 "WinCLIP"]
+    assert lines[3].split() == ["WinCLIP", "4.00", "s/image", "(3.00-5.00)"]  # another model: no floor ratio
 
 
 def test_bench_commands_compare_the_engines(tiny_int8, user_cache):
@@ -303,4 +304,5 @@ def test_winclip_is_timed_as_the_reference(tiny_backbone, tiny_int8):
     from evaluate.bench import WINCLIP, compare_predict
     times = compare_predict({"onnx-int8": tiny_int8}, images=1, size=64, rounds=1, winclip_backbone=tiny_backbone)
     assert times.reference == WINCLIP and set(times.seconds) == {"onnx-int8", WINCLIP}
-    assert all(seconds[0] > 0 for seconds in times.seconds.values())
+    # (predict's figure is a difference of two timings: on the tiny model it is noise around zero)
+    assert len(times.seconds["onnx-int8"]) == 1 and times.seconds[WINCLIP][0] > 0
