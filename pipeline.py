@@ -3,7 +3,7 @@
 Stage one:  extract                       images → HDF5 feature shards (runs CLIP once per image)
 Stage two:  train, sweep                  cached features → RAML head
             evaluate, report, baseline, predict, export, demo
-Tools:      info, bench extract, bench train
+Tools:      info, bench extract, bench predict, bench train
 """
 from __future__ import annotations
 
@@ -102,19 +102,33 @@ def load_backbone_from(model, pretrained, weights, random_weights, device):
     return load_backbone(model, pretrained, weights, random_weights, device)
 
 
-engine_option = click.option(
-    "--engine", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
-    help="Runtime of the CLIP image encoder: torch (eager) or onnx (ONNX Runtime, faster on CPUs; "
-         "exported once into $RAML_CACHE_DIR/onnx or ~/.cache/raml/onnx and checked against torch).")
+def fidelity_sample_option(when):
+    """--fidelity-sample: how many of the user's images the int8 fidelity check encodes both ways."""
+    from extract.int8_engine import FIDELITY_SAMPLE
+    return click.option("--fidelity-sample", default=FIDELITY_SAMPLE, show_default=True, type=click.IntRange(1),
+                        help=f"With {when}: images of your own that the check encodes with fp32 and int8.")
+
+
+def engine_option(func):
+    """--engine: which runtime encodes the crops."""
+    from extract.onnx_engine import ENGINES
+    return click.option(
+        "--engine", type=click.Choice(ENGINES), default="torch", show_default=True,
+        help="Runtime of the CLIP image encoder: torch (eager); onnx (ONNX Runtime fp32, faster on CPUs; exported "
+             "once into $RAML_CACHE_DIR/onnx or ~/.cache/raml/onnx and checked against torch); onnx-int8 (that "
+             "export quantised to int8, CPU only, fastest there; checked against fp32 on your own images on first "
+             "use, and refused below its limits).")(func)
+
+
+def engine_options(func):
+    """--engine, and the size of the int8 engine's fidelity check."""
+    return _with([engine_option, fidelity_sample_option("--engine onnx-int8")])(func)
 
 
 def load_engine_backbone(model, pretrained, weights, random_weights, device, engine):
-    """``load_backbone_from``, with the image encoder run by ``engine`` ("torch" or "onnx")."""
-    backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
-    if engine == "torch":
-        return backbone
-    from extract.onnx_engine import onnx_backbone
-    return onnx_backbone(backbone)
+    """``load_backbone_from``, with the image encoder run by ``engine`` (``extract.onnx_engine.ENGINES``)."""
+    from extract.onnx_engine import engine_backbone
+    return engine_backbone(load_backbone_from(model, pretrained, weights, random_weights, device), engine)
 
 
 @cli.command()
@@ -132,19 +146,29 @@ def load_engine_backbone(model, pretrained, weights, random_weights, device, eng
 @click.option("--shard", default=None, help="i/n: this process takes every n-th image from i (default: "
                                             "torchrun's RANK/WORLD_SIZE, else 0/1).")
 @click.option("--shard-size", default=256, show_default=True, help="Images per HDF5 shard.")
-@engine_option
+@engine_options
 @_fail_cleanly
 def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights, device, categories,
-            batch_size, workers, limit, skip_bad, retry_skipped, shard, shard_size, engine):
+            batch_size, workers, limit, skip_bad, retry_skipped, shard, shard_size, engine, fidelity_sample):
     """Stage one: encode each image's 21 crops with CLIP, once, into HDF5 shards.
 
-    Re-running resumes: images already in the cache are skipped.
+    Re-running resumes: images already in the cache are skipped. A cache holds features of one
+    precision: fp32 (--engine torch or onnx) or int8 (--engine onnx-int8).
     """
+    from extract.int8_engine import PRECISIONS, check_cache_precision, check_on_dataset
     from extract.run import extract_features
+    categories = categories.split(",") if categories else None
+    check_cache_precision(cache_dir, PRECISIONS[engine])  # before any model is loaded
+
+    def load_checked_backbone():
+        backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, engine)
+        if backbone.precision == "int8":
+            check_on_dataset(backbone, cache_dir, dataset, root, categories, sample=fidelity_sample)
+        return backbone
+
     summary = extract_features(
-        dataset, root, cache_dir,
-        lambda: load_engine_backbone(model, pretrained, weights, random_weights, device, engine),
-        categories=categories.split(",") if categories else None, batch_size=batch_size, workers=workers,
+        dataset, root, cache_dir, load_checked_backbone,
+        categories=categories, batch_size=batch_size, workers=workers,
         limit=limit, skip_bad=skip_bad, shard=shard, shard_size=shard_size, retry_skipped=retry_skipped,
         progress=_show_progress(), backbone_source=backbone_source(model, weights, random_weights))
     click.echo(summary.line())
@@ -176,6 +200,32 @@ def bench():
     """Measure speed on this machine (not tests: figures go to notes and the README)."""
 
 
+def _engine_list(ctx, param, text):
+    from extract.onnx_engine import ENGINES
+    engines = _comma_list(text)
+    unknown = [engine for engine in engines if engine not in ENGINES]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)}: not an engine (choose among {', '.join(ENGINES)})")
+    return engines
+
+
+compare_options = [
+    click.option("--engines", default="torch,onnx,onnx-int8", show_default=True, callback=_engine_list,
+                 help="Engines compared side by side, comma-separated (\"\" for none)."),
+    click.option("--rounds", default=3, show_default=True, type=click.IntRange(1),
+                 help="Rounds of the comparison; each times every engine once (interleaved); medians are shown."),
+]
+
+
+def _engine_backbones(backbone, engines):
+    """One backbone per engine, sharing ``backbone``'s torch model, all on torch's thread count (the
+    GEMM floor's), so that the engines are compared on the same cores."""
+    import torch
+
+    from extract.onnx_engine import engine_backbone
+    return {engine: engine_backbone(backbone, engine, threads=torch.get_num_threads()) for engine in engines}
+
+
 @bench.command("extract")
 @backbone_options
 @click.option("--images", default=8, show_default=True, help="Synthetic images of MVTec size to encode.")
@@ -183,13 +233,47 @@ def bench():
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--workers", default=2, show_default=True)
 @engine_option
+@_with(compare_options)
 @_fail_cleanly
-def bench_extract(model, pretrained, weights, random_weights, device, images, size, batch_size, workers, engine):
-    """Images/s of the whole of stage one, and its overhead over the bare encoder forward."""
+def bench_extract(model, pretrained, weights, random_weights, device, images, size, batch_size, workers, engine,
+                  engines, rounds):
+    """Images/s of the whole of stage one, and its overhead over the bare encoder forward; then the
+    encoder's seconds per image with each of --engines, against the machine's fp32 GEMM floor."""
     from extract.bench import run_extract_bench
-    backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, engine)
-    result = run_extract_bench(backbone, images=images, size=size, batch_size=batch_size, workers=workers)
+    from extract.engine_bench import compare_encoders
+    from extract.onnx_engine import engine_backbone
+    torch_backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
+    result = run_extract_bench(engine_backbone(torch_backbone, engine), images=images, size=size,
+                               batch_size=batch_size, workers=workers)
     click.echo(result.line())
+    if engines:
+        for line in compare_encoders(_engine_backbones(torch_backbone, engines), size=size, rounds=rounds).lines():
+            click.echo(line)
+
+
+@bench.command("predict")
+@backbone_options
+@click.option("--images", default=3, show_default=True,
+              help="Per round: predict on 1 and on 1 + IMAGES synthetic images; per image = the difference / IMAGES.")
+@click.option("--size", default=900, show_default=True, help="Side of the synthetic images (px).")
+@click.option("--winclip/--no-winclip", default=True, show_default=True,
+              help="Also time zero-shot WinCLIP (our baseline winclip, torch) per image on the same images.")
+@_with(compare_options)
+@_fail_cleanly
+def bench_predict(model, pretrained, weights, random_weights, device, images, size, winclip, engines, rounds):
+    """Seconds per image of a whole predict with each of --engines, against the machine's fp32 GEMM
+    floor and against WinCLIP zero-shot. The head is untrained: speed only."""
+    from evaluate.bench import compare_predict
+    from evaluate.winclip import WINCLIP_MODEL, WINCLIP_PRETRAINED
+    if not engines:
+        raise UserError("--engines: name at least one engine to time")
+    backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
+    winclip_backbone = (load_backbone_from(WINCLIP_MODEL, WINCLIP_PRETRAINED, None, random_weights, device)
+                        if winclip else None)
+    result = compare_predict(_engine_backbones(backbone, engines), images=images, size=size, rounds=rounds,
+                             winclip_backbone=winclip_backbone)
+    for line in result.lines():
+        click.echo(line)
 
 
 # --- stage two: train, sweep, bench train (issue 3) ---
@@ -538,10 +622,10 @@ def baseline_zero_shot_text(cache_dir, out, **options):
 @click.option("--text-weight", type=float, default=None, help="Weight of s_text (default: the checkpoint's).")
 @click.option("--heatmaps/--no-heatmaps", default=True, show_default=True,
               help="Write a heatmap PNG per image (~0.2 s each on a CPU).")
-@engine_option
+@engine_options
 @_fail_cleanly
 def predict(files, checkpoint, category, out, model, pretrained, weights, random_weights, device, visual_weight,
-            text_weight, heatmaps, engine):
+            text_weight, heatmaps, engine, fidelity_sample):
     """Score new images (files or folders) with a trained checkpoint.
 
     Prints file, score and decision at the category's threshold; writes OUT/predictions.csv and a
@@ -560,6 +644,10 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
     if note:
         click.secho(f"note: {note}", fg="yellow", err=True)
     backbone = load_engine_backbone(**options, device=device, engine=engine)
+    if backbone.precision == "int8":
+        from evaluate.int8_check import check_for_predict
+        from evaluate.predict import collect_files
+        check_for_predict(backbone, collect_files(files), trained, category, sample=fidelity_sample)
     predictions = predict_files(files, trained, category, out, backbone, visual_weight=visual_weight,
                                 text_weight=text_weight, heatmaps=heatmaps, progress=_show_progress())
     click.echo(prediction_table(predictions, threshold_for(trained, category)))
@@ -605,8 +693,16 @@ def demo(out, limit, epochs, seeds, model, pretrained, winclip_model, winclip_pr
 @click.option("--categories", default=None,
               help="Comma-separated categories to bake in (default: the checkpoint's).")
 @checkpoint_backbone_options
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="Encoder to deploy: fp32, or int8 (faster on CPUs; checked against fp32 on your own images "
+                   "from --dataset/--root first, and refused below its limits).")
+@click.option("--dataset", type=click.Choice(["mvtec", "visa", "folder", "textile"]), default=None,
+              help="With --precision int8: the dataset whose images (of the exported categories) the check uses.")
+@click.option("--root", type=click.Path(file_okay=False), default=None, help="Its root (not needed for textile).")
+@fidelity_sample_option("--precision int8")
 @_fail_cleanly
-def export(checkpoint, out, categories, model, pretrained, weights, random_weights, device):
+def export(checkpoint, out, categories, model, pretrained, weights, random_weights, device, precision, dataset, root,
+           fidelity_sample):
     """Write a deployment that needs no torch: encoder.onnx, head.onnx, deploy.json, predict_onnx.py.
 
     The backbone is the checkpoint's unless options say otherwise (they must agree with it). Then,
@@ -616,15 +712,20 @@ def export(checkpoint, out, categories, model, pretrained, weights, random_weigh
     from evaluate.predict import backbone_options_for
     from train.checkpoint import load_checkpoint
     trained = load_checkpoint(checkpoint)
+    if precision == "fp32" and (dataset or root):
+        raise UserError("--dataset/--root give the images of the int8 check: pass --precision int8 with them")
     options = backbone_options_for(trained.fingerprint, model, pretrained, weights, random_weights)  # before CLIP
     backbone = load_backbone_from(**options, device=device)
     deploy = export_deployment(trained, out, backbone, categories=_comma_list(categories) if categories else None,
-                               log=lambda line: click.secho(line, fg="yellow", err=True))
+                               log=lambda line: click.secho(line, fg="yellow", err=True), precision=precision,
+                               sample_dataset=(dataset, root) if dataset else None, fidelity_sample=fidelity_sample)
     thresholds = ", ".join(f"{c} {t:.4f}" for c, t in deploy["thresholds"].items())
-    encoder_diff, head_diff = (deploy[part]["max_abs_diff_vs_torch"] for part in ("encoder", "head"))
+    encoder = deploy["encoder"]
+    encoder_check = (f"max |onnx - torch| {encoder['max_abs_diff_vs_torch']:.1e}" if precision == "fp32"
+                     else encoder["fidelity"]["summary"])
     click.echo(f"export: {deploy['backbone']} ({deploy['weights']}), categories {', '.join(deploy['categories'])}; "
-               f"thresholds {thresholds}; max |onnx - torch|: encoder {encoder_diff:.1e}, head {head_diff:.1e}; "
-               f"{deploy['export_seconds']} s → {out}")
+               f"thresholds {thresholds}; {precision} encoder: {encoder_check}; head: max |onnx - torch| "
+               f"{deploy['head']['max_abs_diff_vs_torch']:.1e}; {deploy['export_seconds']} s → {out}")
     click.echo(f"  run it with: python {os.path.join(out, 'predict_onnx.py')} IMAGE... "
                "(needs only onnxruntime, numpy, pillow)")
     if deploy["random_weights"]:

@@ -119,14 +119,19 @@ def backbone_fingerprint(backbone) -> dict:
     from cache import CROP_LAYOUT
     return {"backbone": backbone.name, "weights": backbone.weights, "random_weights": backbone.random_weights,
             "input_size": backbone.input_size, "embed_dim": backbone.embed_dim,
-            "crop_layout": [list(grid) for grid in CROP_LAYOUT]}
+            "crop_layout": [list(grid) for grid in CROP_LAYOUT], "precision": backbone.precision}
 
 
 def check_backbone(checkpoint, backbone) -> None:
-    """The image features must come from the backbone the head was trained on (same weights too)."""
+    """The image features must come from the backbone the head was trained on (same weights too).
+
+    Only the precision may differ: an int8 encoder may feed a head trained on fp32 features (and
+    the reverse), because the int8 engine is checked against fp32 on the user's own images
+    (extract/int8_engine.py) before its scores are trusted.
+    """
     from cache import mismatched_fields
     mine = backbone_fingerprint(backbone)
-    bad = mismatched_fields(checkpoint.fingerprint, mine)
+    bad = [key for key in mismatched_fields(checkpoint.fingerprint, mine) if key != "precision"]
     if bad:
         details = "; ".join(f"{k}: checkpoint {checkpoint.fingerprint.get(k)!r}, given {mine.get(k)!r}" for k in bad)
         raise UserError(f"the backbone options do not match the checkpoint ({details}); leave --model/--pretrained/"
@@ -156,13 +161,16 @@ def threshold_note(checkpoint, category: str) -> str | None:
     return f"{category}: the pooled threshold {threshold_for(checkpoint, category):.4f} applies: {why}"
 
 
-def _table_of(features: np.ndarray, category: str, text: dict, backbone, size: tuple[int, int]):
-    """A one-image, in-memory ``FeatureTable`` of freshly encoded features, as ``score_table`` expects."""
+def feature_table(features: np.ndarray, categories, text: dict, backbone, sizes):
+    """An in-memory ``FeatureTable`` of freshly encoded features [N, 21, D] of N images (their
+    ``categories`` and (height, width) ``sizes``), stored in float16 like a cache, for ``score_rows``."""
     from cache import FeatureTable
-    one = lambda value: np.array([value])  # noqa: E731  (every column has one row)
-    return FeatureTable(features=features.astype(np.float16), label=np.zeros(1, np.int8), category=one(category),
-                        defect_type=one(""), relpath=one("image"), split=one("test"), mask_relpath=one(""),
-                        height=one(size[0]), width=one(size[1]), text={category: text},
+    n = len(features)
+    sizes = np.asarray(sizes, np.int32).reshape(n, 2)
+    return FeatureTable(features=features.astype(np.float16), label=np.zeros(n, np.int8),
+                        category=np.asarray(categories, dtype=str), defect_type=np.full(n, ""),
+                        relpath=np.array([f"image{i}" for i in range(n)]), split=np.full(n, "test"),
+                        mask_relpath=np.full(n, ""), height=sizes[:, 0], width=sizes[:, 1], text=text,
                         meta=backbone_fingerprint(backbone), engines=[], skipped=[], cache_dir=Path("."))
 
 
@@ -191,7 +199,7 @@ def predict_files(inputs, checkpoint, category: str, out_dir, backbone, *, visua
     from tqdm import tqdm
 
     from evaluate.localisation import maps_from_crop_scores, tile_text_scores
-    from train.infer import score_table, score_weights
+    from train.infer import score_rows, score_weights
 
     check_backbone(checkpoint, backbone)
     threshold = threshold_for(checkpoint, category)
@@ -213,8 +221,8 @@ def predict_files(inputs, checkpoint, category: str, out_dir, backbone, *, visua
             continue
         crops = pyramid_pixels(image, backbone.input_size, backbone.mean, backbone.std)
         features = backbone.encode_images(crops).reshape(1, -1, backbone.embed_dim)
-        table = _table_of(features, category, text, backbone, (image.height, image.width))
-        scores = score_table(checkpoint, table, **weights)
+        table = feature_table(features, [category], {category: text}, backbone, [(image.height, image.width)])
+        scores = score_rows(checkpoint.model, table, **weights)  # check_backbone above stands for check_cache
         prediction.final, prediction.visual, prediction.text = (float(scores[k][0]) for k in ("final", "visual", "text"))
         prediction.anomalous = prediction.final >= threshold
         if not heatmaps:

@@ -80,10 +80,14 @@ def limit_per_category(records: list[ImageRecord], limit: int | None) -> list[Im
         return records
     chosen = []
     for category in sorted({r.category for r in records}):
-        group = [r for r in records if r.category == category]
-        picks = np.unique(np.linspace(0, len(group) - 1, min(limit, len(group))).round().astype(int))
-        chosen += [group[i] for i in picks]
+        chosen += evenly_spaced([r for r in records if r.category == category], limit)
     return chosen
+
+
+def evenly_spaced(items: list, count: int) -> list:
+    """At most ``count`` of ``items``, spread evenly over the list (the first and the last included)."""
+    picks = np.unique(np.linspace(0, len(items) - 1, min(count, len(items))).round().astype(int))
+    return [items[i] for i in picks]
 
 
 def extract_features(dataset: str, root, cache_dir, backbone_loader, *, categories=None, batch_size: int = 8,
@@ -111,7 +115,7 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, categori
     meta = fingerprint(backbone=backbone.name, weights=backbone.weights, random_weights=backbone.random_weights,
                        input_size=backbone.input_size, embed_dim=backbone.embed_dim, code_version=CODE_VERSION,
                        dataset={"kind": dataset, "root": str(root)}, prompts=prompt_spec(),
-                       mean=backbone.mean, std=backbone.std)
+                       mean=backbone.mean, std=backbone.std, precision=backbone.precision)
     if backbone_source is not None:
         meta["backbone_source"] = backbone_source
     claim_cache(cache_dir, meta)
