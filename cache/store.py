@@ -143,16 +143,19 @@ def read_fingerprint(cache_dir: Path) -> dict | None:
         raise CacheError(f"{path}: not valid JSON ({err}); was it edited by hand?") from err
 
 
-def claim_cache(cache_dir: Path, meta: dict) -> None:
-    """Create the cache or check that ``meta`` may add images to it; refuse a different backbone.
+def claim_cache(cache_dir: Path, meta: dict, *, create: bool = True) -> bool:
+    """Check that features described by ``meta`` may be added to the cache; refuse a different
+    backbone. ``create``: create the cache if there is none. Returns whether the cache exists.
 
     ``cache.json`` is created exclusively (a hard link of a complete temporary file), so that of two
     writers starting at once on a new cache one creates it and the other is checked against it.
     """
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / CACHE_JSON
     if not path.exists():
+        if not create:
+            return False
+        cache_dir.mkdir(parents=True, exist_ok=True)
         _create_exclusively(path, json.dumps(meta, indent=2))
     existing = read_fingerprint(cache_dir)
     if fingerprint_field(existing, "model_config") is None and meta.get("model_config") is not None:
@@ -167,6 +170,7 @@ def claim_cache(cache_dir: Path, meta: dict) -> None:
         raise CacheError(
             f"{cache_dir} holds features from another backbone ({details}). Features from "
             "different backbones cannot be mixed: choose another --cache-dir.")
+    return True
 
 
 def slot_prefix(shard_index: int, shard_count: int) -> str:

@@ -9,6 +9,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from cache import UserError
 from evaluate.localisation import coarse_pixel_auroc, pool_to_grid
 from evaluate.metrics import DEFAULT_BOOTSTRAP
 from evaluate.protocols import dataset_images
@@ -17,7 +18,7 @@ from evaluate.run import backbone_fields
 from extract.datasets import read_dataset
 from extract.pyramid import load_rgb
 
-CONFIG = "WinCLIP zero-shot"
+CONFIG = "WinCLIP zero-shot"   # the results' configuration name; "(global+map)" is appended for that rule
 MAP_SOURCE = "WinCLIP's multi-scale patch map, average-pooled to the same 4x4 cells"
 
 
@@ -57,15 +58,23 @@ def _category_batches(records, batch_size: int) -> list[list[int]]:
 
 def run_winclip(dataset: str, root, out_dir, backbone_loader, *, protocol: str = "official", split_from=None,
                 categories=None, batch_size: int = 8, workers: int = 2, n_resamples: int = DEFAULT_BOOTSTRAP,
-                bootstrap_seed: int = 0, progress: bool = True) -> tuple[Path, dict]:
-    """Score the chosen images with WinCLIP; write results.json, scores.csv, anomaly_maps.npz."""
-    from evaluate.winclip import IMAGE_SCORE, WINDOW_SIZES, WinClip, compositional_prompts
+                bootstrap_seed: int = 0, progress: bool = True, image_score: str = "global") -> tuple[Path, dict]:
+    """Score the chosen images with WinCLIP; write results.json, scores.csv, anomaly_maps.npz.
+
+    ``image_score``: ``global`` (the paper's zero-shot rule, default) or ``global+map``
+    (``evaluate.winclip.IMAGE_SCORES``); the results record which, and name the configuration
+    "WinCLIP zero-shot" or "WinCLIP zero-shot (global+map)".
+    """
+    from evaluate.winclip import IMAGE_SCORES, WINDOW_SIZES, WinClip, compositional_prompts
 
     root, records = read_dataset(dataset, root, categories)
     records, image_list = dataset_images(protocol, records, {"kind": dataset, "root": str(root)}, split_from)
     records = sorted(records, key=lambda r: (r.category, r.relpath))
+    if image_score not in IMAGE_SCORES:
+        raise UserError(f"--image-score {image_score}: choose one of {', '.join(IMAGE_SCORES)}")
+    config = CONFIG if image_score == "global" else f"{CONFIG} ({image_score})"
     backbone = backbone_loader()
-    winclip = WinClip(backbone)
+    winclip = WinClip(backbone, image_score=image_score)
     loader = DataLoader(_ImageDataset(root, records, backbone.input_size, backbone.mean, backbone.std),
                         batch_sampler=_category_batches(records, batch_size), num_workers=workers,
                         collate_fn=list)
@@ -83,7 +92,7 @@ def run_winclip(dataset: str, root, out_dir, backbone_loader, *, protocol: str =
             bar.update(len(batch))
 
     column = {name: np.array([getattr(r, name) for r in records]) for name in ("category", "relpath", "defect_type")}
-    run = ScoredRun(CONFIG, None, f"{backbone.name}/{backbone.weights}", column["category"], column["relpath"],
+    run = ScoredRun(config, None, f"{backbone.name}/{backbone.weights}", column["category"], column["relpath"],
                     column["defect_type"], np.array([r.label for r in records]), scores)
     mask_relpaths = [r.mask_relpath for r in records]
     pixel = pixel_summary(*coarse_pixel_auroc(pool_to_grid(maps), column["category"], run.label, mask_relpaths,
@@ -94,10 +103,11 @@ def run_winclip(dataset: str, root, out_dir, backbone_loader, *, protocol: str =
         backbone_fields({"backbone": backbone.name, "weights": backbone.weights,
                          "random_weights": backbone.random_weights, "input_size": backbone.input_size}),
         n_resamples=n_resamples, bootstrap_seed=bootstrap_seed, pixel=pixel,
-        extra={"method": "WinCLIP (Jeong et al., CVPR 2023), zero-shot", "image_score": IMAGE_SCORE,
+        extra={"method": "WinCLIP (Jeong et al., CVPR 2023), zero-shot", "image_score": image_score,
+               "image_score_rule": IMAGE_SCORES[image_score],
                "window_sizes": list(WINDOW_SIZES), "patch_grid": list(winclip.grid),
                "prompts_per_class": {k: len(v) for k, v in example.items()}})
-    path = write_results(out_dir, {CONFIG: entry}, [run],
+    path = write_results(out_dir, {config: entry}, [run],
                          maps={"relpath": column["relpath"], "mask_relpath": np.array(mask_relpaths), "maps": maps,
                                "description": f"multi-scale patch map, {winclip.grid[0]}x{winclip.grid[1]}"})
-    return path, {CONFIG: entry}
+    return path, {config: entry}

@@ -1,12 +1,16 @@
 """``export``: a directory that scores images with ONNX Runtime alone — no torch, no RAML package.
 
     <out>/encoder.onnx     the CLIP image encoder: a copy of the verified export ``--engine onnx`` runs
-                           (pixels [B, 3, S, S] float32 → L2-normalised embeddings [B, D])
+                           (pixels [B, 3, S, S] float32 → L2-normalised embeddings [B, D]), or with
+                           ``precision="int8"`` of the int8 model ``--engine onnx-int8`` runs, once it
+                           has passed the fidelity check on a sample of the user's images
           head.onnx        the trained head with the categories' text tokens baked in:
                            crops [B, 21, D] float32 and category [B] int64 (index into deploy.json's
                            ``categories``) → visual [B] (s_visual) and text [B] (s_text)
           deploy.json      the rest of the contract: input size, mean/std, crop layout, categories,
-                           thresholds, score weights, and the backbone and checkpoint it came from
+                           each category's threshold (with its precision and recall on the
+                           calibration images), score weights, and the backbone and checkpoint it
+                           came from
           predict_onnx.py  the standalone scorer (a copy of ``evaluate/predict_onnx.py``)
 
 s_final = visual_weight·visual + text_weight·text is left to the script, with deploy.json's
@@ -27,10 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cache import CROP_LAYOUT, N_CROPS
+from cache import CROP_LAYOUT, N_CROPS, UserError
 from cache.store import atomic_write, atomic_write_text
-from evaluate.predict import check_backbone, threshold_for
+from evaluate.predict import check_backbone, threshold_for, threshold_note
 from extract.encoder import file_sha256
+from extract.int8_engine import FIDELITY_SAMPLE, QUANTISATION, int8_backbone
 from extract.onnx_engine import PARITY_TOLERANCE, OnnxEngineError, onnx_image_encoder
 from extract.prompts import encode_prompts
 from extract.pyramid import MIN_IMAGE_SIDE
@@ -68,12 +73,15 @@ class DeployedHead(torch.nn.Module):
 
 
 def export_deployment(checkpoint, out_dir, backbone, *, categories=None, onnx_cache_root=None,
-                      log=print) -> dict:
+                      log=print, precision: str = "fp32", sample_dataset=None,
+                      fidelity_sample: int = FIDELITY_SAMPLE) -> dict:
     """Write ``out_dir``'s deployment for ``backbone`` (that of the checkpoint); returns deploy.json's content.
 
-    ``checkpoint`` is a loaded ``train.checkpoint.Checkpoint``. ``categories`` (default: its own) are baked into head.onnx in this order. Raises
-    ``ValueError`` when the backbone is not the checkpoint's, ``OnnxEngineError`` when a graph
-    does not match torch.
+    ``checkpoint`` is a loaded ``train.checkpoint.Checkpoint``. ``categories`` (default: its own) are
+    baked into head.onnx in this order. ``precision="int8"`` deploys the int8 encoder, checked first
+    on ``fidelity_sample`` images of ``sample_dataset`` = (dataset kind, root), the user's own.
+    Raises ``ValueError`` when the backbone is not the checkpoint's, ``OnnxEngineError`` when a
+    graph does not match torch, ``Int8FidelityError`` when int8 is too far from fp32.
     """
     start = time.perf_counter()
     check_backbone(checkpoint, backbone)
@@ -82,9 +90,13 @@ def export_deployment(checkpoint, out_dir, backbone, *, categories=None, onnx_ca
     untrained = [c for c in categories if c not in checkpoint.categories]
     if untrained:
         log(f"note: the checkpoint was trained on {', '.join(checkpoint.categories)}, not on {', '.join(untrained)}: "
-            "scoring those is a transfer, and their threshold was fitted on other categories.")
-    encoder = onnx_image_encoder(backbone, cache_root=onnx_cache_root)
+            "scoring those is a transfer.")
+    pooled = {category: note for category in categories if (note := threshold_note(checkpoint, category))}
+    for note in pooled.values():
+        log(f"note: {note}")
     text = {category: encode_prompts(backbone, category) for category in categories}
+    encoder, encoder_facts = _verified_encoder(checkpoint, backbone, precision, categories, text, onnx_cache_root,
+                                               sample_dataset, fidelity_sample)
     bank = text_tokens(text, categories)
     weights = score_weights(checkpoint, None, None)
 
@@ -102,6 +114,7 @@ def export_deployment(checkpoint, out_dir, backbone, *, categories=None, onnx_ca
     _replace_with_copy(SCRIPT_TEMPLATE, out / SCRIPT_FILE)
     deploy = {
         "format": DEPLOY_FORMAT,
+        "precision": precision,
         "random_weights": bool(backbone.random_weights),
         **({"warning": RANDOM_WEIGHTS_WARNING} if backbone.random_weights else {}),
         "backbone": backbone.name, "weights": backbone.weights,
@@ -113,10 +126,12 @@ def export_deployment(checkpoint, out_dir, backbone, *, categories=None, onnx_ca
                       "original image; every tile resized to input_size x input_size",
         "categories": categories,
         "thresholds": thresholds,
-        "threshold_is": "F1-max of the final score on the checkpoint's training images (optimistic)",
+        "threshold_is": f"{checkpoint.thresholds['rule']}, per category, calibrated on {checkpoint.thresholds['set']}",
+        "threshold_calibration": {category: pooled.get(category) or checkpoint.thresholds["categories"][category]
+                                  for category in categories},
         "score_weights": {"visual": float(weights["visual_weight"]), "text": float(weights["text_weight"])},
         "encoder": {"file": ENCODER_FILE, "input": "pixels", "output": "embedding",
-                    **_file_facts(out / ENCODER_FILE), "max_abs_diff_vs_torch": encoder.meta["max_abs_diff"]},
+                    **_file_facts(out / ENCODER_FILE), **encoder_facts},
         "head": {"file": HEAD_FILE, "inputs": list(HEAD_INPUTS), "outputs": list(HEAD_OUTPUTS),
                  **_file_facts(out / HEAD_FILE), "max_abs_diff_vs_torch": head_diff},
         "trained_categories": list(checkpoint.categories),
@@ -126,6 +141,26 @@ def export_deployment(checkpoint, out_dir, backbone, *, categories=None, onnx_ca
     }
     atomic_write_text(out / DEPLOY_JSON, json.dumps(deploy, indent=2))
     return deploy
+
+
+def _verified_encoder(checkpoint, backbone, precision: str, categories: list, text: dict, onnx_cache_root,
+                      sample_dataset, fidelity_sample: int):
+    """The encoder to deploy and what deploy.json says about it: the fp32 export and its difference to
+    torch, or the int8 model, its settings and its fidelity on the user's images."""
+    if precision == "fp32":
+        encoder = onnx_image_encoder(backbone, cache_root=onnx_cache_root)
+        return encoder, {"precision": "fp32", "max_abs_diff_vs_torch": encoder.meta["max_abs_diff"]}
+    if precision != "int8":
+        raise ValueError(f"precision {precision!r}: expected fp32 or int8")
+    if sample_dataset is None:
+        raise UserError("export --precision int8 first checks the int8 encoder against fp32 on your own images: "
+                        "pass --dataset (and --root) with images of the exported categories")
+    from evaluate.int8_check import check_for_export
+    int8 = int8_backbone(backbone, cache_root=onnx_cache_root)
+    fidelity = check_for_export(int8, *sample_dataset, checkpoint, categories, text, fidelity_sample)
+    encoder = int8.image_encoder
+    return encoder, {"precision": "int8", "quantisation": QUANTISATION,
+                     "quantised_from_sha256": encoder.meta["quantised_from_sha256"], "fidelity": fidelity.to_dict()}
 
 
 def _export_verified_head(module: DeployedHead, checkpoint, text: dict, categories: list, path: Path) -> float:

@@ -184,3 +184,21 @@ def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int)
     _title(fig, f"{title}: anomaly maps (brighter = more anomalous; cyan: defect mask)", rows)
     fig.tight_layout(rect=(0, 0, 1, 0.9))   # leave room for the two-line title
     return _save(fig, path), None
+
+
+def difference_forest(ablation: dict, path: Path) -> Path:
+    """``ablate``'s rows: each one's AUROC difference from the reference configuration, with its
+    paired bootstrap 95 % CI (a forest plot: the rows whose interval excludes 0 differ)."""
+    rows = [row for row in ablation["rows"] if row["configuration"] != ablation["reference"]]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 2.0))
+    y = np.arange(len(rows))[::-1]
+    values = np.array([row["difference"]["value"] for row in rows])
+    intervals = np.array([row["difference"]["ci95"] for row in rows]).reshape(-1, 2)
+    ax.errorbar(values, y, xerr=[values - intervals[:, 0], intervals[:, 1] - values], fmt="o", capsize=3)
+    ax.axvline(0, color="grey", lw=0.8, ls=":")
+    ax.set_yticks(y, [row["configuration"] for row in rows])
+    ax.set_xlabel(f"held-out image AUROC − {ablation['reference']} (percentage points; paired bootstrap 95 % CI)")
+    warning = f"\n{RANDOM_TITLE}" if ablation["random_weights"] else ""
+    ax.set_title("What each part adds, and the baselines" + warning, color="firebrick" if warning else "black",
+                 fontsize=11)
+    return _save(fig, path)

@@ -1,9 +1,10 @@
 """``predict``: score new images with a trained checkpoint, one line per file.
 
 Each image goes through the same 21-crop pyramid and frozen CLIP as ``extract`` (the backbone
-must match the checkpoint's fingerprint), then through the checkpoint's head. The decision uses
-the checkpoint's threshold (F1-max of the final score on its training images). An unreadable
-file gets its own error line; the other files are still scored.
+must match the checkpoint's fingerprint; by default it is the one the checkpoint records,
+``backbone_options_for``), then through the checkpoint's head. The decision uses the category's
+threshold (``threshold_for``: F1-max of the final score on the run's training images of that
+category). An unreadable file gets its own error line; the other files are still scored.
 """
 from __future__ import annotations
 
@@ -47,16 +48,70 @@ def collect_files(inputs) -> list[Path]:
     return files
 
 
-def check_backbone_options(fingerprint: dict, model: str, random_weights: bool) -> None:
-    """Before loading CLIP: the model name and weight source must be the checkpoint's."""
+def _recorded_model(fingerprint: dict, source: dict) -> str:
+    """The ``--model`` that recreates the checkpoint's backbone: the recorded one, an open_clip
+    name, or a model config shipped in ``extract/model_configs``."""
+    import open_clip
+
+    from extract.encoder import TINY_TEST_CONFIG
+    name, recorded = fingerprint.get("backbone"), source.get("model")
+    if recorded and (Path(recorded).is_file() or recorded in open_clip.list_models()):
+        return recorded
+    if name in open_clip.list_models():
+        return name
+    shipped = TINY_TEST_CONFIG.with_name(f"{name}.json")
+    if shipped.is_file():
+        return str(shipped)
+    where = f" (recorded at {recorded}, which is not there any more)" if recorded else ""
+    raise UserError(f"the checkpoint's backbone {name!r} is a model config JSON{where}, not an open_clip model "
+                    f"name; pass --model PATH to {name}.json")
+
+
+def backbone_options_for(fingerprint: dict, model: str | None = None, pretrained: str | None = None,
+                         weights: str | None = None, random_weights: bool | None = None) -> dict:
+    """The backbone options (``model``, ``pretrained``, ``weights``, ``random_weights``) that
+    encode images for a checkpoint whose cache fingerprint is ``fingerprint``.
+
+    An option left out (None) is the checkpoint's: its model, its pretrained tag, its weights file
+    (found at the path the cache recorded, ``backbone_source``), or random weights. An option
+    given must agree with the checkpoint; this is checked before CLIP is loaded, except a weights
+    file's content, which ``check_backbone`` compares (sha256) once it is loaded. Raises
+    ``UserError`` naming what differs, or which file (name and sha256) to pass with ``--weights``
+    when the recorded one has moved.
+    """
     from extract.encoder import model_name
-    wanted = {"backbone": model_name(model), "random_weights": bool(random_weights)}
-    bad = {k: v for k, v in wanted.items() if fingerprint.get(k) != v}
-    if bad:
-        trained = f"--model {fingerprint.get('backbone')}" + (" --random-weights" if fingerprint.get("random_weights")
-                                                              else f" (weights {fingerprint.get('weights')})")
+    source = fingerprint.get("backbone_source") or {}
+    recorded_weights, recorded_random = fingerprint.get("weights"), bool(fingerprint.get("random_weights"))
+    is_file = str(recorded_weights).startswith("sha256:")
+    differ = []
+    if random_weights is not None and bool(random_weights) != recorded_random:
+        differ.append("--random-weights")
+    if model is not None and model_name(model) != fingerprint.get("backbone"):
+        differ.append("--model")
+    if pretrained is not None and (recorded_random or is_file or pretrained != recorded_weights):
+        differ.append("--pretrained")
+    if weights is not None and (recorded_random or not is_file):
+        differ.append("--weights")
+    if differ:
+        trained = f"--model {fingerprint.get('backbone')}" + (
+            " --random-weights" if recorded_random else
+            f" --weights FILE (sha256 {recorded_weights[7:]})" if is_file else f" --pretrained {recorded_weights}")
         raise UserError(f"the checkpoint was trained on features of {trained}; the options given differ in "
-                         f"{', '.join(bad)}. Pass the backbone options it was trained with.")
+                        f"{', '.join(differ)}. Leave them out to use the checkpoint's backbone, or pass the ones it "
+                        "was trained with.")
+    options = {"model": model or _recorded_model(fingerprint, source), "pretrained": None, "weights": None,
+               "random_weights": recorded_random}
+    if recorded_random:
+        return options
+    if not is_file:
+        return {**options, "pretrained": recorded_weights}
+    recorded_file = source.get("weights_file")
+    if weights is None and not (recorded_file and Path(recorded_file).is_file()):
+        name = f"{Path(recorded_file).name} " if recorded_file else ""
+        where = f"; it was at {recorded_file}, which is not there any more" if recorded_file else ""
+        raise UserError(f"the checkpoint's CLIP weights are the file {name}with sha256 {recorded_weights[7:]}{where}. "
+                        "Pass --weights PATH to that file (its sha256 is checked).")
+    return {**options, "weights": weights or recorded_file}
 
 
 def backbone_fingerprint(backbone) -> dict:
@@ -67,33 +122,54 @@ def backbone_fingerprint(backbone) -> dict:
 
 
 def check_backbone(checkpoint, backbone) -> None:
-    """The image features must come from the backbone the head was trained on (same weights too)."""
+    """The image features must come from the backbone the head was trained on (same weights too).
+
+    Only the precision may differ: an int8 encoder may feed a head trained on fp32 features (and
+    the reverse), because the int8 engine is checked against fp32 on the user's own images
+    (extract/int8_engine.py) before its scores are trusted.
+    """
     from cache import mismatched_fields
     mine = backbone_fingerprint(backbone)
-    bad = mismatched_fields(checkpoint.fingerprint, mine)
+    bad = [key for key in mismatched_fields(checkpoint.fingerprint, mine) if key != "precision"]
     if bad:
         details = "; ".join(f"{k}: checkpoint {checkpoint.fingerprint.get(k)!r}, given {mine.get(k)!r}" for k in bad)
-        raise UserError(f"the backbone options do not match the checkpoint ({details}); pass the --model/"
-                         "--pretrained/--weights/--random-weights it was trained with")
+        raise UserError(f"the backbone options do not match the checkpoint ({details}); leave --model/--pretrained/"
+                        "--weights/--random-weights out to use the checkpoint's, or pass the ones it was trained with "
+                        "(for --weights: the file with the checkpoint's sha256)")
 
 
 def threshold_for(checkpoint, category: str) -> float:
-    """The checkpoint's decision threshold (one number, or one per category)."""
-    threshold = checkpoint.threshold
-    if isinstance(threshold, dict):
-        if category not in threshold:
-            raise UserError(f"the checkpoint has thresholds for {', '.join(sorted(threshold))}, not {category!r}")
-        return float(threshold[category])
-    return float(threshold)
+    """The decision threshold for ``category``: its own calibrated threshold when the checkpoint has
+    one (``train.infer.calibrate_thresholds``), else the pooled one (``threshold_note`` says why)."""
+    own = checkpoint.thresholds["categories"].get(category, {}).get("threshold")
+    return float(checkpoint.thresholds["pooled"]["threshold"] if own is None else own)
 
 
-def _table_of(features: np.ndarray, category: str, text: dict, backbone, size: tuple[int, int]):
-    """A one-image, in-memory ``FeatureTable`` of freshly encoded features, as ``score_table`` expects."""
+def threshold_note(checkpoint, category: str) -> str | None:
+    """Why ``category`` gets the pooled threshold rather than its own, or None when it has its own."""
+    calibration = checkpoint.thresholds
+    own = calibration["categories"].get(category)
+    if own is not None and own.get("threshold") is not None:
+        return None
+    if own is not None:
+        why = own["reason"]
+    elif not calibration["categories"]:
+        why = f"this checkpoint has one threshold ({calibration['set']})"
+    else:
+        why = f"the run was not trained on {category!r}"
+    return f"{category}: the pooled threshold {threshold_for(checkpoint, category):.4f} applies: {why}"
+
+
+def feature_table(features: np.ndarray, categories, text: dict, backbone, sizes):
+    """An in-memory ``FeatureTable`` of freshly encoded features [N, 21, D] of N images (their
+    ``categories`` and (height, width) ``sizes``), stored in float16 like a cache, for ``score_rows``."""
     from cache import FeatureTable
-    one = lambda value: np.array([value])  # noqa: E731  (every column has one row)
-    return FeatureTable(features=features.astype(np.float16), label=np.zeros(1, np.int8), category=one(category),
-                        defect_type=one(""), relpath=one("image"), split=one("test"), mask_relpath=one(""),
-                        height=one(size[0]), width=one(size[1]), text={category: text},
+    n = len(features)
+    sizes = np.asarray(sizes, np.int32).reshape(n, 2)
+    return FeatureTable(features=features.astype(np.float16), label=np.zeros(n, np.int8),
+                        category=np.asarray(categories, dtype=str), defect_type=np.full(n, ""),
+                        relpath=np.array([f"image{i}" for i in range(n)]), split=np.full(n, "test"),
+                        mask_relpath=np.full(n, ""), height=sizes[:, 0], width=sizes[:, 1], text=text,
                         meta=backbone_fingerprint(backbone), engines=[], skipped=[], cache_dir=Path("."))
 
 
@@ -122,7 +198,7 @@ def predict_files(inputs, checkpoint, category: str, out_dir, backbone, *, visua
     from tqdm import tqdm
 
     from evaluate.localisation import maps_from_crop_scores, tile_text_scores
-    from train.infer import score_table, score_weights
+    from train.infer import score_rows, score_weights
 
     check_backbone(checkpoint, backbone)
     threshold = threshold_for(checkpoint, category)
@@ -144,8 +220,8 @@ def predict_files(inputs, checkpoint, category: str, out_dir, backbone, *, visua
             continue
         crops = pyramid_pixels(image, backbone.input_size, backbone.mean, backbone.std)
         features = backbone.encode_images(crops).reshape(1, -1, backbone.embed_dim)
-        table = _table_of(features, category, text, backbone, (image.height, image.width))
-        scores = score_table(checkpoint, table, **weights)
+        table = feature_table(features, [category], {category: text}, backbone, [(image.height, image.width)])
+        scores = score_rows(checkpoint.model, table, **weights)  # check_backbone above stands for check_cache
         prediction.final, prediction.visual, prediction.text = (float(scores[k][0]) for k in ("final", "visual", "text"))
         prediction.anomalous = prediction.final >= threshold
         if not heatmaps:

@@ -46,9 +46,13 @@ class ImageList:
 
 
 def held_out_relpaths(manifest: dict, source: str) -> list[str]:
-    """The held-out images of a training run's split manifest, checked."""
+    """The held-out images of a training run's split manifest, checked (there must be some)."""
     if not isinstance(manifest, dict) or "heldout" not in manifest or "train" not in manifest:
         raise UserError(f"{source}: not a split manifest with 'train' and 'heldout' image lists")
+    if not manifest["heldout"]:
+        raise UserError(f"{source} held out no images (its split put every image into training), so there is "
+                        "nothing to score under the holdout protocol; retrain it on a cache whose categories have "
+                        "at least 2 normal and 2 anomalous test images")
     overlap = set(manifest["train"]) & set(manifest["heldout"])
     if overlap:
         raise UserError(f"{source}: {len(overlap)} images are both in the training and the held-out "
@@ -68,37 +72,47 @@ def read_split_manifest(run: str | Path) -> tuple[dict, str]:
     return load_checkpoint(run).manifest, str(run)
 
 
-def trained_on(manifest: dict, table) -> bool:
-    """Whether ``table`` is the dataset the run was trained on: all its held-out images are there.
+def trained_on(manifest: dict, table, training_dataset: dict | None = None) -> bool:
+    """Whether ``table`` is (part of) the dataset the run was trained on.
 
-    Relative paths identify images within a dataset; a model trained on MVTec AD shares none with
-    VisA, so "every held-out image is present" separates the two cases reliably.
+    Yes when its cache fingerprint names the dataset the training cache named (``kind`` and
+    ``root``; ``training_dataset`` is what the checkpoint recorded, absent in older checkpoints),
+    or when it holds any of the run's training images. Relative paths identify images within a
+    dataset (a model trained on MVTec AD shares none with VisA), and scoring a training image
+    under another protocol would be wrong whatever the fingerprint says. The held-out list plays
+    no part: an empty one must not make the training dataset look like another.
     """
+    dataset = table.meta.get("dataset") or {}
+    if training_dataset and {k: training_dataset.get(k) for k in ("kind", "root")} == \
+            {k: dataset.get(k) for k in ("kind", "root")}:
+        return True
     keys = table.keys()
-    return bool(manifest.get("heldout")) and all(relpath in keys for relpath in manifest["heldout"])
+    return any(relpath in keys for relpath in manifest.get("train", ()))
 
 
-def default_protocol(manifest: dict, table) -> str:
+def default_protocol(manifest: dict, table, training_dataset: dict | None = None) -> str:
     """holdout on the training dataset, transfer on any other."""
-    return "holdout" if trained_on(manifest, table) else "transfer"
+    return "holdout" if trained_on(manifest, table, training_dataset) else "transfer"
 
 
-def select_images(protocol: str | None, manifest: dict, manifest_source: str, table) -> tuple[np.ndarray, ImageList]:
-    """Rows of ``table`` to score under ``protocol`` for a model trained with ``manifest``."""
-    protocol = protocol or default_protocol(manifest, table)
+def select_images(protocol: str | None, manifest: dict, manifest_source: str, table,
+                  training_dataset: dict | None = None) -> tuple[np.ndarray, ImageList]:
+    """Rows of ``table`` to score under ``protocol`` for a model trained with ``manifest`` on the
+    dataset ``training_dataset`` (the checkpoint's record of its cache's ``dataset``, if any)."""
+    protocol = protocol or default_protocol(manifest, table, training_dataset)
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     dataset = table.meta.get("dataset", {})
-    same_dataset = trained_on(manifest, table)
+    same_dataset = trained_on(manifest, table, training_dataset)
     if protocol == "holdout":
         if not same_dataset:
-            raise UserError(f"{table.cache_dir}: the held-out images of {manifest_source} are not in this "
-                             "cache, so it is not the dataset the model was trained on; use --protocol "
-                             "transfer to score another dataset")
+            raise UserError(f"{table.cache_dir}: neither its fingerprint nor its images match the training data "
+                             f"of {manifest_source}, so it is not the dataset the model was trained on; use "
+                             "--protocol transfer to score another dataset")
         relpaths = held_out_relpaths(manifest, manifest_source)
         return rows_for(table, relpaths), ImageList("holdout", tuple(relpaths), dataset, manifest_source)
     if same_dataset:
-        raise UserError(f"{table.cache_dir} is the cache the model of {manifest_source} was trained on: its "
+        raise UserError(f"{table.cache_dir} is the dataset the model of {manifest_source} was trained on: its "
                          f"official test set includes the training images. Use --protocol holdout here, and "
                          f"{protocol} only on another dataset")
     rows = np.flatnonzero(table.split == "test")

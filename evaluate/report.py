@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache import UserError
-from evaluate.results import NOT_MEANINGFUL, find_results, read_results, read_scores_csv
+from evaluate.results import NOT_MEANINGFUL, find_results, mean_std, read_results, read_scores_csv
 
 MAP_EXAMPLES = 4   # test images shown with their anomaly maps, per table
 
@@ -76,17 +76,58 @@ def group_by_image_list(rows: list[Row]) -> dict[str, list[Row]]:
     return dict(groups)
 
 
+def _spread(entry: dict, category: str | None) -> tuple[float | None, int]:
+    """(sample std over seeds in %, n seeds) of a category's AUROC, or of the mean (``None``).
+
+    Results written before ``auroc_over_seeds`` was recorded stored a population std (ddof = 0);
+    their std is recomputed from the per-seed AUROCs with ``mean_std``, so that every table uses one
+    rule.
+    """
+    if "auroc_over_seeds" in entry:
+        stats = entry["auroc_over_seeds"] if category is None else entry["categories"][category]["auroc_over_seeds"]
+        return stats["std"], stats["n"]
+    per_seed = {c: stats["auroc_per_seed"] for c, stats in entry.get("categories", {}).items()}
+    if not per_seed:
+        return None, len(entry.get("seeds", [])) or 1
+    values = per_seed[category] if category is not None else [sum(v) / len(v) for v in zip(*per_seed.values())]
+    stats = mean_std(values)
+    return stats["std"], stats["n"]
+
+
 def _cell(entry: dict, category: str | None) -> str:
-    """``94.1 ± 1.2 [88.0, 99.0]`` (mean over seeds ± std, bootstrap 95 % CI) or ``n/a``."""
+    """``94.1 ± 1.2 [88.0, 99.0]`` (mean over seeds ± sample std, bootstrap 95 % CI) or ``n/a``."""
     if category is None:
-        std = f" ± {entry['std_auroc']:.2f}" if len(entry.get("seeds", [])) > 1 else ""
-        return f"**{entry['mean_auroc']:.2f}**{std}"
+        std, _ = _spread(entry, None)
+        return f"**{entry['mean_auroc']:.2f}**" + ("" if std is None else f" ± {std:.2f}")
     stats = entry.get("categories", {}).get(category)
     if stats is None:
         return f"{entry['details'][category]:.2f}" if category in entry.get("details", {}) else "n/a"
-    std = f" ± {stats['auroc_std']:.2f}" if len(stats["auroc_per_seed"]) > 1 else ""
+    std, _ = _spread(entry, category)
     low, high = stats["auroc_ci95"]
-    return f"{stats['auroc']:.2f}{std} [{low:.1f}, {high:.1f}]"
+    return f"{stats['auroc']:.2f}{'' if std is None else f' ± {std:.2f}'} [{low:.1f}, {high:.1f}]"
+
+
+def _n_seeds(entry: dict) -> str:
+    return str(_spread(entry, None)[1]) if "mean_auroc" in entry else "?"
+
+
+def image_score_rule(entry: dict) -> str:
+    """How the entry's image score was computed: WinCLIP's rule, or RAML's s_final weights."""
+    if entry.get("image_score"):
+        return entry["image_score"]
+    weights = entry.get("score_weights")
+    if weights:
+        return f"{weights['visual_weight']:g}·s_visual + {weights['text_weight']:g}·s_text"
+    return "?"
+
+
+def _inside_margin(entry: dict) -> str:
+    """The fraction of anomalous training images inside the margin at the last epoch (mean ± std
+    over seeds), or n/a for methods without a margin and for runs that did not record it."""
+    if entry.get("anomalous_inside_margin") is None:
+        return "n/a"
+    std = (entry.get("anomalous_inside_margin_over_seeds") or {}).get("std")
+    return f"{entry['anomalous_inside_margin']:.2f}" + ("" if std is None else f" ± {std:.2f}")
 
 
 def comparison_markdown(title: str, rows: list[Row], plots: list[str]) -> str:
@@ -97,20 +138,27 @@ def comparison_markdown(title: str, rows: list[Row], plots: list[str]) -> str:
     if protocol:
         lines += [f"Images: {protocol.get('n_images')} (hash `{protocol.get('image_list_hash')}`, from "
                   f"`{protocol.get('source')}`).", ""]
-    lines += ["Image AUROC % per category: mean over seeds ± std, [bootstrap 95 % CI].", "",
+    lines += ["Image AUROC % per category: mean over n seeds ± sample std (ddof = 1), [bootstrap 95 % CI].", "",
               "| category | " + " | ".join(row.label + (" †" if row.random_weights else "") for row in rows) + " |",
               "|---|" + "---|" * len(rows)]
     lines += [f"| {c} | " + " | ".join(_cell(row.entry, c) for row in rows) + " |" for c in categories]
-    lines += ["| **mean** | " + " | ".join(_cell(row.entry, None) for row in rows) + " |", ""]
-    lines += ["| configuration | method | seeds | AP % | F1-max % | pixel AUROC % (coarse) | backbone | weights |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| **mean** | " + " | ".join(_cell(row.entry, None) for row in rows) + " |",
+              "| n (seeds) | " + " | ".join(_n_seeds(row.entry) for row in rows) + " |", ""]
+    lines += ["| configuration | method | image score | n (seeds) | AP % | F1-max % | pixel AUROC % (coarse) | "
+              "anomalous inside margin | backbone | weights |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         entry = row.entry
         pixel = (entry.get("pixel_auroc_coarse") or {}).get("mean")
-        lines.append(f"| {row.label} | {entry.get('method', '?')} | {len(entry.get('seeds', [])) or '?'} | "
+        lines.append(f"| {row.label} | {entry.get('method', '?')} | {image_score_rule(entry)} | {_n_seeds(entry)} | "
                      f"{_fmt(entry.get('mean_average_precision'))} | {_fmt(entry.get('mean_f1_max'))} | {_fmt(pixel)} | "
-                     f"{entry.get('backbone', '?')} | {entry.get('weights', '?')}"
+                     f"{_inside_margin(entry)} | {entry.get('backbone', '?')} | {entry.get('weights', '?')}"
                      f"{' (random: not meaningful)' if row.random_weights else ''} |")
+    if any(row.entry.get("anomalous_inside_margin") for row in rows):
+        lines += ["", "Anomalous inside margin: the fraction of the last training epoch's anomalous images whose "
+                      "distance to the center is below their margin (mean ± std over seeds). An image inside its "
+                      "margin gets a hinge gradient that does not depend on m, so two margin settings train alike "
+                      "while the same images are inside both (for instance all of them: 1.00)."]
     notes = sorted({f"{row.label}: {c}: {reason}" for row in rows
                     for c, reason in row.entry.get("not_available", {}).items()})
     if notes:

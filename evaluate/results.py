@@ -2,7 +2,8 @@
 
 The JSON keeps the original RAML release's schema readable —
 ``{"<config>": {"mean_auroc": 94.09, "details": {"bottle": 100.0, ...}}}`` with AUROC in % — and
-puts everything else beside it: standard deviation over seeds, AP, F1-max and its threshold, the
+puts everything else beside it: the sample standard deviation over seeds and their number n
+(``mean_std``, the project's one aggregation over seeds), AP, F1-max and its threshold, the
 bootstrap 95 % CI, coarse pixel AUROC, the seeds, the protocol and the hash of the exact image
 list, and the backbone (with ``random_weights``: such results are marked not meaningful).
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import UserError
+from cache.store import atomic_write, atomic_write_text
 from evaluate.metrics import (DEFAULT_BOOTSTRAP, average_precision, bootstrap_auroc_ci, f1_max,
 
                               image_auroc)
@@ -47,23 +49,53 @@ def _percent(value: float) -> float:
     return round(100.0 * value, 2)
 
 
-def category_summary(labels: np.ndarray, final_by_run: np.ndarray, n_resamples: int, seed: int) -> dict:
-    """Metrics of one category for one configuration; ``final_by_run`` is [runs, n].
+def mean_std(values) -> dict:
+    """Mean ± sample standard deviation (ddof = 1) over seeds: the one aggregation of the project.
 
-    Raises ``ValueError`` (from the metric functions) when the category has one class only.
+    ``values`` holds one number per seed; ``None`` (a seed without that number, e.g. a category
+    that run could not score) is left out and not counted. Returns ``{"mean", "std", "n"}``;
+    ``std`` is None for n = 1 (one seed says nothing about the spread), ``mean`` too for n = 0.
+    Two seeds at 50.0 and 72.22 give 61.11 ± 15.71 (n = 2).
     """
-    aurocs = np.array([image_auroc(labels, run) for run in final_by_run])
-    aps = np.array([average_precision(labels, run) for run in final_by_run])
+    kept = [float(value) for value in values if value is not None]
+    if not kept:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(kept)), "std": float(np.std(kept, ddof=1)) if len(kept) > 1 else None,
+            "n": len(kept)}
+
+
+def _percent_std(stats: dict) -> float | None:
+    return None if stats["std"] is None else _percent(stats["std"])
+
+
+def in_percent(stats: dict) -> dict:
+    """``mean_std`` output of fractions, in % (rounded to 0.01)."""
+    return {"mean": None if stats["mean"] is None else _percent(stats["mean"]), "std": _percent_std(stats),
+            "n": stats["n"]}
+
+
+def category_summary(labels: np.ndarray, final_by_run: np.ndarray, n_resamples: int,
+                     seed: int) -> tuple[dict, list[float]]:
+    """Metrics of one category for one configuration, and each run's AUROC (a fraction);
+    ``final_by_run`` is [runs, n].
+
+    Means and standard deviations are over runs (seeds), through ``mean_std``. Raises
+    ``ValueError`` (from the metric functions) when the category has one class only.
+    """
+    aurocs = [image_auroc(labels, run) for run in final_by_run]
+    aps = mean_std([average_precision(labels, run) for run in final_by_run])
     f1s = [f1_max(labels, run) for run in final_by_run]
+    f1 = mean_std([f for f, _ in f1s])
+    auroc = mean_std(aurocs)
     low, high = bootstrap_auroc_ci(labels, final_by_run, n_resamples=n_resamples, seed=seed)
     return {
-        "auroc": _percent(aurocs.mean()), "auroc_std": _percent(aurocs.std()),
+        "auroc": _percent(auroc["mean"]), "auroc_std": _percent_std(auroc), "auroc_over_seeds": in_percent(auroc),
         "auroc_per_seed": [_percent(a) for a in aurocs], "auroc_ci95": [_percent(low), _percent(high)],
-        "average_precision": _percent(aps.mean()), "average_precision_std": _percent(aps.std()),
-        "f1_max": _percent(np.mean([f for f, _ in f1s])), "f1_max_std": _percent(np.std([f for f, _ in f1s])),
+        "average_precision": _percent(aps["mean"]), "average_precision_std": _percent_std(aps),
+        "f1_max": _percent(f1["mean"]), "f1_max_std": _percent_std(f1),
         "f1_max_threshold": [round(t, 6) for _, t in f1s],
         "normal": int((labels == 0).sum()), "anomalous": int((labels == 1).sum()),
-    }
+    }, aurocs
 
 
 def config_entry(runs: list[ScoredRun], image_list: dict, backbone: dict, *, n_resamples: int = DEFAULT_BOOTSTRAP,
@@ -72,21 +104,26 @@ def config_entry(runs: list[ScoredRun], image_list: dict, backbone: dict, *, n_r
     _check_same_images(runs)
     first = runs[0]
     final = np.stack([run.scores["final"] for run in runs])
-    per_category, not_available = {}, {}
+    per_category, not_available, aurocs = {}, {}, []
     for category in sorted(set(first.category.tolist())):
         rows = first.category == category
         try:
-            per_category[category] = category_summary(first.label[rows], final[:, rows], n_resamples, bootstrap_seed)
+            per_category[category], category_aurocs = category_summary(first.label[rows], final[:, rows],
+                                                                       n_resamples, bootstrap_seed)
         except ValueError as err:
             not_available[category] = str(err)
+            continue
+        aurocs.append(category_aurocs)
     if not per_category:
         raise UserError(f"{first.config}: no category has both normal and anomalous images "
                          f"({'; '.join(f'{c}: {r}' for c, r in not_available.items())})")
-    seed_means = np.mean([[s["auroc_per_seed"][i] for s in per_category.values()] for i in range(len(runs))], axis=1)
+    # the original release's number: per run, the mean AUROC over categories; then over runs
+    over_seeds = mean_std(np.mean(aurocs, axis=0))
     entry = {
-        "mean_auroc": round(float(np.mean([s["auroc"] for s in per_category.values()])), 2),
+        "mean_auroc": _percent(over_seeds["mean"]),
         "details": {category: s["auroc"] for category, s in per_category.items()},
-        "std_auroc": round(float(seed_means.std()), 2),
+        "std_auroc": _percent_std(over_seeds),
+        "auroc_over_seeds": in_percent(over_seeds),
         "mean_average_precision": round(float(np.mean([s["average_precision"] for s in per_category.values()])), 2),
         "mean_f1_max": round(float(np.mean([s["f1_max"] for s in per_category.values()])), 2),
         "categories": per_category,
@@ -97,7 +134,7 @@ def config_entry(runs: list[ScoredRun], image_list: dict, backbone: dict, *, n_r
         "bootstrap": {"resamples": n_resamples, "seed": bootstrap_seed, "stratified": True, "level": 0.95},
         **backbone,
         "meaningful": not backbone.get("random_weights", False),
-        "units": "AUROC, AP and F1 in %; std over seeds",
+        "units": "AUROC, AP and F1 in %; mean ± sample std (ddof = 1) over seeds; auroc_over_seeds gives n",
     }
     if backbone.get("random_weights"):
         entry["warning"] = NOT_MEANINGFUL
@@ -125,7 +162,12 @@ def _check_same_images(runs: list[ScoredRun]) -> None:
 
 
 def write_scores_csv(path: Path, runs: list[ScoredRun]) -> None:
-    """One row per (run, image): the identifying columns and every score of the run."""
+    """One row per (run, image): the identifying columns and every score of the run (written
+    atomically, like every results file)."""
+    atomic_write(path, lambda tmp: _write_scores(tmp, runs))
+
+
+def _write_scores(path: Path, runs: list[ScoredRun]) -> None:
     score_names = sorted({name for run in runs for name in run.scores}, key=lambda n: (n != "final", n))
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -143,21 +185,29 @@ def read_scores_csv(path: Path) -> list[dict]:
 
 
 def write_results(out_dir: Path, entries: dict, runs: list[ScoredRun], maps: dict | None = None) -> Path:
-    """Write results.json, scores.csv and (optionally) anomaly_maps.npz into ``out_dir``."""
+    """Write results.json, scores.csv and (optionally) anomaly_maps.npz into ``out_dir``.
+
+    Each file is replaced atomically (``cache.store.atomic_write``), results.json last: an
+    interrupted write leaves the previous results, never a truncated file.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_scores_csv(out_dir / SCORES_CSV, runs)
     for entry in entries.values():
         entry["scores_csv"] = SCORES_CSV
     if maps is not None:
-        np.savez_compressed(out_dir / MAPS_NPZ, relpath=np.asarray(maps["relpath"]),
-                            mask_relpath=np.asarray(maps["mask_relpath"]),
-                            maps=np.asarray(maps["maps"], np.float32), description=maps["description"])
+        atomic_write(out_dir / MAPS_NPZ, lambda tmp: _write_maps(tmp, maps))
         for entry in entries.values():
             entry["anomaly_maps"] = MAPS_NPZ
     path = out_dir / RESULTS_JSON
-    path.write_text(json.dumps(entries, indent=2))
+    atomic_write_text(path, json.dumps(entries, indent=2))
     return path
+
+
+def _write_maps(path: Path, maps: dict) -> None:
+    with open(path, "wb") as handle:  # a file object: savez would append ".npz" to a temporary name
+        np.savez_compressed(handle, relpath=np.asarray(maps["relpath"]), mask_relpath=np.asarray(maps["mask_relpath"]),
+                            maps=np.asarray(maps["maps"], np.float32), description=maps["description"])
 
 
 def find_results(paths) -> list[Path]:

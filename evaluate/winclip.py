@@ -13,7 +13,10 @@ The original RAML release's "WinCLIP" was plain global zero-shot CLIP scored on 
 - **Scores**: each embedding's anomaly score is the softmax (temperature 0.07) probability of the
   anomalous prototype. Window scores become patch scores by harmonic averaging over the windows
   covering a patch; the multi-scale map is the harmonic mean of the global score, the 2×2 map and
-  the 3×3 map. The image score combines the global score with the map's maximum (their mean).
+  the 3×3 map.
+- **Image score** (``IMAGE_SCORES``): by default the paper's zero-shot rule, the global score
+  alone (as anomalib's ``WinClipModel``); ``global+map``, the mean of the global score and the
+  map's maximum, is WinCLIP+'s few-shot rule, kept as a named variant.
 
 Defaults: ViT-B-16-plus-240 with laion400m_e31 weights (the paper's backbone). No training, no
 cache: it reads the images directly, batched, with a progress bar.
@@ -32,7 +35,11 @@ WINCLIP_PRETRAINED = "laion400m_e31"
 TEMPERATURE = 0.07           # CLIP's temperature, as in the paper's Eq. (1)
 WINDOW_SIZES = (2, 3)        # small and mid windows, in patches; stride 1
 WINDOW_BATCH = 1024          # window sequences per transformer call (memory bound)
-IMAGE_SCORE = "mean of the global score and the max of the multi-scale map"
+IMAGE_SCORES = {
+    "global": "the global CLIP score alone (the paper's zero-shot rule)",
+    "global+map": "mean of the global score and the multi-scale map's maximum (WinCLIP+'s few-shot rule)",
+}
+DEFAULT_IMAGE_SCORE = "global"
 
 # The paper's compositional prompt ensemble (its appendix): state words × templates.
 NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
@@ -129,10 +136,16 @@ def window_embeddings(backbone, pixels: torch.Tensor, masks: list[torch.Tensor])
 
 
 class WinClip:
-    """Zero-shot WinCLIP on one backbone; ``score`` a batch of images of one category."""
+    """Zero-shot WinCLIP on one backbone; ``score`` a batch of images of one category.
 
-    def __init__(self, backbone, window_sizes=WINDOW_SIZES):
+    ``image_score`` names the rule of the image score "final" (a key of ``IMAGE_SCORES``).
+    """
+
+    def __init__(self, backbone, window_sizes=WINDOW_SIZES, image_score: str = DEFAULT_IMAGE_SCORE):
+        if image_score not in IMAGE_SCORES:
+            raise UserError(f"image score {image_score!r}: choose one of {', '.join(IMAGE_SCORES)}")
         self.backbone = backbone
+        self.image_score = image_score
         self.grid = tuple(_vision_transformer(backbone).grid_size)
         self.masks = [window_masks(self.grid, size) for size in window_sizes]
         self._prototypes = {}
@@ -143,7 +156,8 @@ class WinClip:
         return self._prototypes[category]
 
     def score(self, pixels: np.ndarray, category: str) -> dict:
-        """[B, 3, S, S] normalised pixels → {"final", "global", "map_max"} [B] and "map" [B, h, w]."""
+        """[B, 3, S, S] normalised pixels → {"final", "global", "map_max"} [B] and "map" [B, h, w];
+        "final" is the image score under ``self.image_score``."""
         prototypes = self.prototypes(category).to(self.backbone.device)
         with torch.autocast(self.backbone.device.type, dtype=torch.float16,
                             enabled=self.backbone.device.type == "cuda"):
@@ -155,5 +169,6 @@ class WinClip:
             scale_maps.append(harmonic_aggregation(anomaly_probability(embeddings, prototypes).cpu(), mask, self.grid))
         multiscale = len(scale_maps) / sum(1.0 / m for m in scale_maps)  # harmonic mean over scales
         map_max = multiscale.flatten(1).max(dim=1).values
-        return {"final": ((global_score + map_max) / 2).numpy(), "global": global_score.numpy(),
+        final = global_score if self.image_score == "global" else (global_score + map_max) / 2
+        return {"final": final.numpy(), "global": global_score.numpy(),
                 "map_max": map_max.numpy(), "map": multiscale.numpy()}

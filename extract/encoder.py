@@ -37,7 +37,7 @@ class ClipBackbone:
     std: tuple
     device: torch.device
     engine: str = "torch"   # which implementation runs the image encoder; recorded in each shard
-    precision: str = "fp32"  # the image encoder's numeric precision, recorded in the fingerprint
+    precision: str = "fp32"  # the image encoder's numeric precision; recorded in the cache's fingerprint
 
     @torch.inference_mode()
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:

@@ -19,6 +19,9 @@ load, the sidecar must describe this backbone and the file must have its recorde
 of crops, which catches what a key cannot see — a model config edited under the same name, new
 open_clip code, another torch's random initialisation — and such a stale export is rebuilt too.
 Every rebuild says why on stderr.
+
+The int8 engine (``--engine onnx-int8``, extract/int8_engine.py) quantises the verified fp32
+export and keeps the result in the same directory, under the same lock.
 """
 from __future__ import annotations
 
@@ -46,8 +49,6 @@ EXPORT_CHECK_CROPS = 4     # random crops compared before a new export is accept
 LOAD_CHECK_CROPS = 2       # random crops compared each time an existing export is opened
 INPUT_NAME, OUTPUT_NAME = "pixels", "embedding"
 ONNX_FILE, SIDECAR_FILE, LOCK_FILE = "encoder.onnx", "encoder.json", ".lock"
-# The sidecar fields that must equal the backbone's for an export to be reused.
-KEY_FIELDS = ("format", "model", "weights", "input_size", "embed_dim")
 
 try:  # POSIX: several extract processes (--shard i/n, torchrun) must not export at the same time
     import fcntl
@@ -70,17 +71,23 @@ class OnnxImageEncoder:
     path: Path                 # the .onnx file (the deploy export copies it)
     meta: dict                 # its sidecar: model, weights, input size, normalisation, sha256, parity
     provider: str              # the execution provider that runs it
-    max_abs_diff: float        # measured against torch when this session was opened
+    max_abs_diff: float        # measured against torch when this session was opened (fp32 exports)
+    cpu_crops_per_run: int = CPU_CROPS_PER_RUN  # crops per session run on the CPU (int8: see int8_engine)
+
+    def describe(self) -> str:
+        """Which provider runs it, with how many threads, from which file (the line each command prints)."""
+        threads = self.session.get_session_options().intra_op_num_threads
+        return f"{self.provider}, {threads} threads, {self.path}"
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """[B, 3, S, S] normalised pixels → [B, D] float32 L2-normalised embeddings.
 
-        On the CPU the crops go through in runs of ``CPU_CROPS_PER_RUN``: ViT-B/16 measured 1.85 s
+        On the CPU the crops go through in runs of ``cpu_crops_per_run``: ViT-B/16 measured 1.85 s
         per image (21 crops) in runs of 8 against 2.54 s in one run of 168, whose activations no
         longer fit the caches. GPUs take the whole batch.
         """
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        step = CPU_CROPS_PER_RUN if self.provider == "CPUExecutionProvider" else len(pixels)
+        step = self.cpu_crops_per_run if self.provider == "CPUExecutionProvider" else len(pixels)
         runs = [self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels[i:i + step]})[0]
                 for i in range(0, len(pixels), max(step, 1))]
         return np.concatenate(runs) if runs else np.zeros((0, self.meta["embed_dim"]), np.float32)
@@ -92,6 +99,8 @@ class OnnxClipBackbone(ClipBackbone):
 
     image_encoder: OnnxImageEncoder
     engine: str = "onnx"
+    # int8 only: the verified fp32 encoder it was quantised from, which the fidelity checks compare it with
+    reference_encoder: OnnxImageEncoder | None = None
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         return self.image_encoder.encode(pixels)
@@ -101,8 +110,28 @@ def onnx_backbone(backbone: ClipBackbone, *, cache_root: Path | None = None,
                   threads: int | None = None) -> OnnxClipBackbone:
     """``backbone`` with its image encoder replaced by the verified ONNX one (see ``onnx_image_encoder``)."""
     encoder = onnx_image_encoder(backbone, cache_root=cache_root, threads=threads)
-    torch_fields = {f.name: getattr(backbone, f.name) for f in fields(ClipBackbone) if f.name != "engine"}
-    return OnnxClipBackbone(**torch_fields, image_encoder=encoder)
+    return OnnxClipBackbone(**torch_fields(backbone), image_encoder=encoder)
+
+
+ENGINES = ("torch", "onnx", "onnx-int8")
+
+
+def engine_backbone(backbone: ClipBackbone, engine: str, *, cache_root: Path | None = None,
+                    threads: int | None = None) -> ClipBackbone:
+    """``backbone`` (a torch ``ClipBackbone``) with its image encoder run by ``engine``, one of ``ENGINES``."""
+    if engine == "torch":
+        return backbone
+    if engine == "onnx":
+        return onnx_backbone(backbone, cache_root=cache_root, threads=threads)
+    if engine == "onnx-int8":
+        from extract.int8_engine import int8_backbone  # it imports this module
+        return int8_backbone(backbone, cache_root=cache_root, threads=threads)
+    raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+
+
+def torch_fields(backbone: ClipBackbone) -> dict:
+    """The fields of the torch ``ClipBackbone`` that an ONNX backbone shares (not what runs it)."""
+    return {f.name: getattr(backbone, f.name) for f in fields(ClipBackbone) if f.name not in ("engine", "precision")}
 
 
 def onnx_image_encoder(backbone: ClipBackbone, *, cache_root: Path | None = None,
@@ -113,18 +142,24 @@ def onnx_image_encoder(backbone: ClipBackbone, *, cache_root: Path | None = None
     corrupt, stale) exports it again, verifies it and replaces the cached one, saying why on stderr.
     ``threads`` defaults to every core this process may use. Raises ``OnnxEngineError``.
     """
-    ort = _onnxruntime()
     directory = export_dir(backbone, cache_root)
     directory.mkdir(parents=True, exist_ok=True)
+    with export_lock(directory):
+        encoder = locked_fp32_encoder(backbone, directory, threads)
+    say(encoder.describe())
+    return encoder
+
+
+def locked_fp32_encoder(backbone: ClipBackbone, directory: Path, threads: int | None) -> OnnxImageEncoder:
+    """The verified fp32 encoder in ``directory`` (reused, or exported again); the caller holds its lock."""
+    ort = onnxruntime_module()
     providers = _providers(ort, backbone.device)
-    options = _session_options(ort, threads)
-    with _export_lock(directory):
-        encoder, problem = _open_cached(directory, backbone, ort, options, providers)
-        if encoder is None:
-            if problem:
-                _say(f"rebuilding {directory / ONNX_FILE}: {problem}")
-            encoder = _export_verified(backbone, directory, ort, options, providers)
-    _say(f"{encoder.provider}, {options.intra_op_num_threads} threads, {encoder.path}")
+    options = session_options(ort, threads)
+    encoder, problem = _open_cached(directory, backbone, ort, options, providers)
+    if encoder is None:
+        if problem:
+            say(f"rebuilding {directory / ONNX_FILE}: {problem}")
+        encoder = _export_verified(backbone, directory, ort, options, providers)
     return encoder
 
 
@@ -135,7 +170,7 @@ def onnx_cache_root() -> Path:
 
 def export_dir(backbone: ClipBackbone, cache_root: Path | None = None) -> Path:
     """Where ``backbone``'s export lives: readable model name and size, plus a hash of the whole key."""
-    key = json.dumps(_key(backbone), sort_keys=True)
+    key = json.dumps(key_fields(backbone), sort_keys=True)
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", backbone.name)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Path(cache_root or onnx_cache_root()) / f"{readable}-{backbone.input_size}px-{digest}"
@@ -144,15 +179,19 @@ def export_dir(backbone: ClipBackbone, cache_root: Path | None = None) -> Path:
 def export_problem(directory: Path, backbone: ClipBackbone) -> str | None:
     """Why the export in ``directory`` cannot be reused for ``backbone``, or ``None`` when its
     sidecar describes this backbone and the file has the size and sha256 the sidecar records."""
-    path, sidecar = directory / ONNX_FILE, directory / SIDECAR_FILE
+    return file_problem(directory / ONNX_FILE, directory / SIDECAR_FILE, key_fields(backbone))
+
+
+def file_problem(path: Path, sidecar: Path, expected: dict) -> str | None:
+    """Why ``path`` cannot be reused, or ``None`` when ``sidecar`` has every field of ``expected``
+    with the same value and ``path`` has the size and sha256 the sidecar records."""
     if not path.exists():
         return f"{path} is missing"
     try:
-        meta = _read_sidecar(directory)
+        meta = read_sidecar(sidecar)
     except (OSError, ValueError) as err:
         return f"{sidecar} is unreadable ({err})"
-    expected = _key(backbone)
-    wrong = [name for name in KEY_FIELDS if meta.get(name) != expected[name]]
+    wrong = [name for name in expected if meta.get(name) != expected[name]]
     if wrong:
         return f"{sidecar} describes another encoder (" + ", ".join(
             f"{name}: {meta.get(name)!r}, expected {expected[name]!r}" for name in wrong) + ")"
@@ -200,14 +239,15 @@ def _open_cached(directory: Path, backbone: ClipBackbone, ort, options, provider
         return None, problem
     path = directory / ONNX_FILE
     try:
-        session = _open_session(ort, path, options, providers)
+        session = open_session(ort, path, options, providers)
     except OnnxEngineError as err:
         return None, str(err)
     diff = max_abs_difference(session, backbone, LOAD_CHECK_CROPS)
     if not diff <= PARITY_TOLERANCE:
         return None, (f"its output differs from the torch encoder by {diff:.2e} (> {PARITY_TOLERANCE:g}): "
                       "stale (the model's config, code or weights changed under the same name)")
-    return OnnxImageEncoder(session, path, _read_sidecar(directory), session.get_providers()[0], diff), None
+    return OnnxImageEncoder(session, path, read_sidecar(directory / SIDECAR_FILE), session.get_providers()[0],
+                            diff), None
 
 
 def _export_verified(backbone: ClipBackbone, directory: Path, ort, options, providers) -> OnnxImageEncoder:
@@ -217,26 +257,26 @@ def _export_verified(backbone: ClipBackbone, directory: Path, ort, options, prov
     try:
         _export_graph(backbone, tmp)
         seconds = time.perf_counter() - start
-        session = _open_session(ort, tmp, options, providers)
+        session = open_session(ort, tmp, options, providers)
         diff = max_abs_difference(session, backbone, EXPORT_CHECK_CROPS)
         if not diff <= PARITY_TOLERANCE:  # written so that NaN fails too
             raise OnnxEngineError(
                 f"ONNX export of {backbone.name} ({backbone.weights}) does not match the torch encoder: "
                 f"max abs difference {diff:.2e} on {EXPORT_CHECK_CROPS} random crops, tolerance "
                 f"{PARITY_TOLERANCE:g}. Nothing was cached in {directory}; use --engine torch.")
-        meta = {**_key(backbone), "random_weights": backbone.random_weights, "mean": list(backbone.mean),
+        meta = {**key_fields(backbone), "random_weights": backbone.random_weights, "mean": list(backbone.mean),
                 "std": list(backbone.std), "input": INPUT_NAME, "output": OUTPUT_NAME,
                 "output_is": "L2-normalised float32 image embedding", "bytes": tmp.stat().st_size,
                 "sha256": file_sha256(tmp), "max_abs_diff": diff, "checked_crops": EXPORT_CHECK_CROPS,
                 "tolerance": PARITY_TOLERANCE, "export_seconds": round(seconds, 2),
-                "exported": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions(ort)}
+                "exported": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(ort)}
         # The sidecar goes last: until it is written, a reader finds a file/sidecar mismatch and rebuilds.
         os.replace(tmp, path)
         atomic_write_text(directory / SIDECAR_FILE, json.dumps(meta, indent=2))
     finally:
         tmp.unlink(missing_ok=True)
-    _say(f"exported {backbone.name} image encoder in {seconds:.1f} s; max |onnx - torch| = {diff:.1e} "
-         f"on {EXPORT_CHECK_CROPS} random crops (tolerance {PARITY_TOLERANCE:g})")
+    say(f"exported {backbone.name} image encoder in {seconds:.1f} s; max |onnx - torch| = {diff:.1e} "
+        f"on {EXPORT_CHECK_CROPS} random crops (tolerance {PARITY_TOLERANCE:g})")
     return OnnxImageEncoder(session, path, meta, session.get_providers()[0], diff)
 
 
@@ -255,22 +295,22 @@ def _export_graph(backbone: ClipBackbone, path: Path) -> None:
                               "pip install onnx onnxscript") from err
     except Exception as err:  # the exporter raises many types, all meaning "this model does not export"
         raise OnnxEngineError(f"torch.onnx could not export the image encoder of {backbone.name}: "
-                              f"{_first_line(err)}. Use --engine torch.") from err
+                              f"{first_line(err)}. Use --engine torch.") from err
 
 
-def _open_session(ort, path: Path, options, providers):
+def open_session(ort, path: Path, options, providers):
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-        raise OnnxEngineError(f"onnxruntime {ort.__version__} cannot load {path}: {_first_line(err)}") from err
+        raise OnnxEngineError(f"onnxruntime {ort.__version__} cannot load {path}: {first_line(err)}") from err
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _onnxruntime():
+def onnxruntime_module():
     try:
         import onnxruntime
     except ImportError as err:
@@ -286,12 +326,12 @@ def _providers(ort, device: torch.device) -> list:
             index = device.index if device.index is not None else torch.cuda.current_device()
             # TF32 is on by default in onnxruntime's CUDA provider; it would break float32 parity.
             return [("CUDAExecutionProvider", {"device_id": index, "use_tf32": 0}), "CPUExecutionProvider"]
-        _say(f"--device {device}, but this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu "
-             "instead of onnxruntime): the encoder runs on the CPU")
+        say(f"--device {device}, but this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu "
+            "instead of onnxruntime): the encoder runs on the CPU")
     return ["CPUExecutionProvider"]
 
 
-def _session_options(ort, threads: int | None):
+def session_options(ort, threads: int | None):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or _usable_cores()
     # Idle ORT threads would otherwise busy-wait, taking the cores the image-decoding workers need
@@ -307,7 +347,8 @@ def _usable_cores() -> int:
 
 
 @contextlib.contextmanager
-def _export_lock(directory: Path):
+def export_lock(directory: Path):
+    """Hold ``directory``'s lock: one process at a time exports or quantises into it."""
     if fcntl is None:
         yield
         return
@@ -319,24 +360,25 @@ def _export_lock(directory: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _key(backbone: ClipBackbone) -> dict:
+def key_fields(backbone: ClipBackbone) -> dict:
+    """The sidecar fields that must equal the backbone's for an export to be reused."""
     return {"format": EXPORT_FORMAT, "model": backbone.name, "weights": backbone.weights,
             "input_size": backbone.input_size, "embed_dim": backbone.embed_dim}
 
 
-def _read_sidecar(directory: Path) -> dict:
-    meta = json.loads((directory / SIDECAR_FILE).read_text())
+def read_sidecar(path: Path) -> dict:
+    meta = json.loads(path.read_text())
     if not isinstance(meta, dict):
         raise ValueError("not a JSON object")
     return meta
 
 
-def _versions(ort) -> dict:
+def versions(ort) -> dict:
     import onnx
     import open_clip
     return {"torch": torch.__version__, "open_clip": open_clip.__version__, "onnx": onnx.__version__,
             "onnxruntime": ort.__version__}
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(f"onnx engine: {message}", file=sys.stderr, flush=True)

@@ -82,16 +82,21 @@ def limit_per_category(records: list[ImageRecord], limit: int | None) -> list[Im
         return records
     chosen = []
     for category in sorted({r.category for r in records}):
-        group = [r for r in records if r.category == category]
-        picks = np.unique(np.linspace(0, len(group) - 1, min(limit, len(group))).round().astype(int))
-        chosen += [group[i] for i in picks]
+        chosen += evenly_spaced([r for r in records if r.category == category], limit)
     return chosen
+
+
+def evenly_spaced(items: list, count: int) -> list:
+    """At most ``count`` of ``items``, spread evenly over the list (the first and the last included)."""
+    picks = np.unique(np.linspace(0, len(items) - 1, min(count, len(items))).round().astype(int))
+    return [items[i] for i in picks]
 
 
 def extract_features(dataset: str, root, cache_dir, backbone_loader, *, identity: BackboneIdentity | None = None,
                      categories=None, batch_size: int = 8, workers: int = 2, limit: int | None = None,
                      skip_bad: bool = False, shard: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
-                     retry_skipped: bool = False, progress: bool = True) -> ExtractSummary:
+                     retry_skipped: bool = False, progress: bool = True,
+                     backbone_source: dict | None = None) -> ExtractSummary:
     """Encode every image of ``dataset`` not yet in ``cache_dir``; see the module docstring.
 
     ``backbone_loader`` is called at most once, and only when there is something to encode, to get
@@ -100,6 +105,9 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, identity
     run check the cache and find out whether there is anything to encode without loading the
     backbone; without it the backbone is loaded first. A loaded backbone whose identity differs
     from ``identity`` is a bug (``RuntimeError``).
+    ``backbone_source`` (``{"model", "weights_file"}``: the model name or config path, and the
+    weights file, as given) is recorded in a new cache's ``cache.json`` beside the fingerprint,
+    so that a checkpoint trained on it can load its backbone again (``predict``, ``export``).
 
     The run holds its writer slot (``cache.lock.WriterSlot``) from start to end: another process on
     the same cache and shard stops at once, having written nothing.
@@ -118,45 +126,48 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, identity
         identity = identity_of(backbone)
     meta = fingerprint(**identity.fingerprint_fields(), code_version=CODE_VERSION,
                        dataset={"kind": dataset, "root": str(root)}, prompts=prompt_spec())
+    if backbone_source is not None:
+        meta["backbone_source"] = backbone_source
     with WriterSlot(cache_dir, shard_index, shard_count) as slot:
-        claim_cache(cache_dir, meta)
+        exists = claim_cache(cache_dir, meta, create=False)   # another backbone's cache: refused before loading
         summary = ExtractSummary(cache_dir=cache_dir, stale_partials=slot.remove_stale_partials())
-        cached = read_cache(cache_dir, with_features=False)
-        done = cached.keys() | (set() if retry_skipped else {path for path, _ in cached.skipped})
+        cached = read_cache(cache_dir, with_features=False) if exists else None
+        done = set() if cached is None else \
+            cached.keys() | (set() if retry_skipped else {path for path, _ in cached.skipped})
         pending = [r for r in mine if printable(r.relpath) not in done]
         summary.already_cached = len(mine) - len(pending)
-        pending = _set_aside_unstorable_names(pending, root, next_shard_path(cache_dir, shard_index, shard_count),
-                                              meta, skip_bad, summary)
+        pending, unstorable = _storable_names(pending, root, skip_bad, summary)
+        if pending and backbone is None:
+            backbone = backbone_loader()   # may refuse, having checked itself (int8 fidelity): nothing written yet
+            if identity_of(backbone) != identity:
+                raise RuntimeError(f"backbone_loader loaded {identity_of(backbone)}, but the run was checked "
+                                   f"against {identity}: they must describe the same backbone")
+        claim_cache(cache_dir, meta)
+        if unstorable:
+            write_shard(next_shard_path(cache_dir, shard_index, shard_count), ShardRows(skipped=unstorable), meta,
+                        text={}, engine=None)
         if not pending:
             summary.seconds = time.perf_counter() - start
             if summary.skipped:
                 _write_report(cache_dir, shard_index, shard_count, summary)
             return summary
-        if backbone is None:
-            backbone = backbone_loader()
-            if identity_of(backbone) != identity:
-                raise RuntimeError(f"backbone_loader loaded {identity_of(backbone)}, but the run was checked "
-                                   f"against {identity}: they must describe the same backbone")
         return _encode_pending(root, pending, backbone, meta, cache_dir, shard_index, shard_count, summary, start,
                                batch_size=batch_size, shard_size=shard_size, workers=workers, skip_bad=skip_bad,
                                progress=progress)
 
 
-def _set_aside_unstorable_names(pending: list[ImageRecord], root: Path, shard_path: Path, meta: dict,
-                                skip_bad: bool, summary: ExtractSummary) -> list[ImageRecord]:
-    """The records of ``pending`` whose names a cache can hold (``name_problem``). Any other stops
-    the run, named; with ``skip_bad`` they are listed as skipped instead, in a shard of their own."""
-    refused = [(record, problem) for record in pending if (problem := name_problem(record))]
-    if not refused:
-        return pending
-    if not skip_bad:
-        record, problem = refused[0]
-        raise BadImageError(root / record.relpath, problem + " (pass --skip-bad to skip such files and list "
-                                                             "them in the cache's report)")
-    write_shard(shard_path, ShardRows(skipped=[(record.relpath, problem) for record, problem in refused]), meta,
-                text={}, engine=None)
-    summary.skipped += [(printable(str(root / record.relpath)), problem) for record, problem in refused]
-    return [record for record in pending if not name_problem(record)]
+def _storable_names(pending: list[ImageRecord], root: Path, skip_bad: bool,
+                    summary: ExtractSummary) -> tuple[list[ImageRecord], list[tuple[str, str]]]:
+    """The records of ``pending`` whose names a cache can hold (``name_problem``), and (relpath,
+    reason) of the others. Without ``skip_bad`` any such name stops the run, named; with it, they
+    are listed in ``summary`` as skipped, and the caller records them in a shard of their own."""
+    refused = [(record.relpath, problem) for record in pending if (problem := name_problem(record))]
+    if refused and not skip_bad:
+        relpath, problem = refused[0]
+        raise BadImageError(root / relpath, problem + " (pass --skip-bad to skip such files and list them in the "
+                                                      "cache's report)")
+    summary.skipped += [(printable(str(root / relpath)), problem) for relpath, problem in refused]
+    return [record for record in pending if not name_problem(record)], refused
 
 
 def _encode_pending(root: Path, pending: list[ImageRecord], backbone, meta: dict, cache_dir: Path, shard_index: int,

@@ -1,27 +1,48 @@
-"""The demo end to end on textile images with the tiny model: extract → train ×3 → evaluate → report."""
+"""The demo end to end on textile images with the tiny model: extract → sweep → evaluate → WinCLIP → report."""
 import json
 
 from click.testing import CliRunner
 
+from evaluate.demo import DEFAULT_LIMIT
+from extract.datasets import read_dataset
+from extract.run import limit_per_category
 from pipeline import cli
+from train.split import heldout_counts
 
 TINY = "extract/model_configs/raml-tiny-test.json"
 
 
-def test_demo_runs_the_whole_chain_and_says_the_weights_are_random(tmp_path):
-    # The tiny config has no pretrained weights anywhere: the demo must say so and fall back openly.
-    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path), "--model", TINY, "--limit", "24",
-                                      "--epochs", "2"])
+def test_the_default_limit_is_the_fewest_images_with_15_held_out_per_class():
+    _, records = read_dataset("textile", None)
+
+    def held_out(limit):
+        chosen = limit_per_category(records, limit)
+        normal = sum(record.label == 0 for record in chosen)
+        return heldout_counts([normal, len(chosen) - normal], 0.2)
+    assert held_out(DEFAULT_LIMIT) == [15, 15]
+    assert min(held_out(DEFAULT_LIMIT - 1)) == 14
+
+
+def test_demo_compares_raml_seeds_with_winclip_and_says_the_weights_are_random(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAML_CACHE_DIR", str(tmp_path / "user-cache"))   # the ONNX export goes here
+    # The tiny config has no pretrained weights anywhere: the demo must say so, for each model, and fall back openly.
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path), "--model", TINY, "--winclip-model", TINY,
+                                      "--limit", "24", "--epochs", "2", "--seeds", "0,1"])
     assert result.exit_code == 0, result.output
-    assert "are not available" in result.output and "RANDOM weights" in result.output
+    for what in ("RAML", "WinCLIP"):
+        assert f"for {what} are not available" in result.output and f"{what} now runs with RANDOM weights" in result.output
+    assert "--engine onnx" in result.output and "image encoder: onnx on cpu" in result.output
     assert "NOT MEANINGFUL" in result.output
-    results = json.loads((tmp_path / "results-random" / "textile" / "results.json").read_text())
-    assert set(results) == {"adaptive", "fixed", "strong"}
-    assert all(entry["random_weights"] and not entry["meaningful"] for entry in results.values())
-    assert {entry["protocol"]["image_list_hash"] for entry in results.values()} != set()
-    assert len({entry["protocol"]["image_list_hash"] for entry in results.values()}) == 1
+    raml = json.loads((tmp_path / "results-random" / "raml" / "results.json").read_text())
+    winclip = json.loads((tmp_path / "results-random" / "winclip" / "results.json").read_text())
+    assert set(raml) == {"adaptive", "fixed", "strong"} and set(winclip) == {"WinCLIP zero-shot"}
+    assert all(entry["seeds"] == [0, 1] and entry["auroc_over_seeds"]["n"] == 2 for entry in raml.values())
+    entries = [*raml.values(), *winclip.values()]
+    assert all(entry["random_weights"] and not entry["meaningful"] for entry in entries)
+    assert len({entry["protocol"]["image_list_hash"] for entry in entries}) == 1        # the same held-out images
     report = tmp_path / "report-random" / "report.md"
     assert f"Report: {report}" in result.output
     text = report.read_text()
-    assert "| category | adaptive † | fixed † | strong † |" in text and "NOT MEANINGFUL" in text
+    assert "| category | adaptive † | fixed † | strong † | WinCLIP zero-shot † |" in text and "NOT MEANINGFUL" in text
+    assert "| n (seeds) | 2 | 2 | 2 | 1 |" in text
     assert (tmp_path / "report-random" / "holdout_textile_maps.png").is_file()   # textile images are reachable

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cache import read_cache
+from cache import UserError, read_cache
 from evaluate.baseline import run_winclip
 from evaluate.protocols import select_images
 from evaluate.report import write_report
-from evaluate.run import config_name, evaluate_checkpoints, find_checkpoints
+from evaluate.run import config_name, evaluate_checkpoints, find_checkpoints, group_configurations
 from extract.run import extract_features
 from pipeline import cli
 from tests.synthetic import make_visa
@@ -134,3 +134,112 @@ def test_evaluate_command_names_a_missing_checkpoint(tmp_path, mvtec_cache):
                                       str(mvtec_cache), "--out", str(tmp_path / "out")])
     assert result.exit_code == 1
     assert f"{tmp_path / 'nothing'}: no checkpoint.pt" in result.output
+
+
+# --- which runs are seeds of one configuration ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mismatched_runs(tmp_path_factory, mvtec_cache):
+    """x-seed0 is a strong run, x-seed1 a fixed run with lr 1e-2: one name, two configurations."""
+    table = read_cache(mvtec_cache)
+    out = tmp_path_factory.mktemp("mismatched")
+    write_run(out / "x-seed0", fit(table, make_config("strong", seed=0, **FAST)))
+    write_run(out / "x-seed1", fit(table, make_config("fixed", seed=1, lr=1e-2, **FAST)))
+    return out
+
+
+def test_runs_of_one_name_trained_differently_are_refused(tmp_path, mismatched_runs, mvtec_cache):
+    with pytest.raises(UserError) as err:
+        evaluate_checkpoints([mismatched_runs], mvtec_cache, tmp_path / "out", n_resamples=10, log=lambda *_: None)
+    message = str(err.value)
+    assert "'x'" in message and "not seeds of one configuration" in message
+    assert "lr: 5e-05 vs 0.01; margin: 'strong' vs 'fixed'; margin_base: 1.0 vs 0.5" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_name_cannot_pool_different_configurations(runs):
+    with pytest.raises(UserError, match="margin: 'adaptive' vs 'fixed'"):
+        group_configurations(find_checkpoints([runs]), name="everything")
+
+
+def test_the_same_seed_twice_is_not_two_seeds(runs):
+    paths = find_checkpoints([runs / "adaptive-seed0", runs / "adaptive-seed0" / "checkpoint.pt"])
+    with pytest.raises(UserError, match="two runs with seed 0"):
+        group_configurations(paths)
+
+
+def test_a_configuration_records_its_training_settings(holdout_results):
+    entry = holdout_results[1]["adaptive"]
+    assert entry["config"]["margin"] == "adaptive" and entry["config"]["epochs"] == 2
+    assert "seed" not in entry["config"]
+
+
+def test_evaluate_carries_the_last_epochs_fraction_inside_the_margin(tmp_path, runs, mvtec_cache):
+    import shutil
+    for seed, fraction in ((0, 0.5), (1, 1.0)):
+        run = tmp_path / f"adaptive-seed{seed}"
+        shutil.copytree(runs / f"adaptive-seed{seed}", run)
+        history = json.loads((run / "history.json").read_text())
+        history[0]["anomalous_inside_margin"] = 0.0
+        history[-1]["anomalous_inside_margin"] = fraction
+        (run / "history.json").write_text(json.dumps(history))
+    _, entries = evaluate_checkpoints([tmp_path], mvtec_cache, tmp_path / "out", n_resamples=10, log=lambda *_: None)
+    assert entries["adaptive"]["anomalous_inside_margin"] == 0.75
+    assert entries["adaptive"]["anomalous_inside_margin_over_seeds"] == {"mean": 0.75, "std": pytest.approx(0.5 / np.sqrt(2)),
+                                                                         "n": 2}
+
+
+# --- same dataset or not: from the fingerprint and the training list ------------------------------
+
+def test_a_run_that_held_out_nothing_is_not_a_transfer_to_its_own_cache(runs, mvtec_cache):
+    """An older run whose split held out nothing: its cache is still its training dataset."""
+    table = read_cache(mvtec_cache, with_features=False)
+    manifest = {"train": sorted(table.relpath.tolist()), "heldout": []}
+    with pytest.raises(UserError, match="held out no images"):
+        select_images(None, manifest, "run", table)
+    with pytest.raises(UserError, match="includes the training images"):
+        select_images("transfer", manifest, "run", table)
+
+
+def test_a_cache_holding_the_training_images_but_not_the_held_out_ones_is_still_the_training_dataset(runs, mvtec_cache):
+    checkpoint = load_checkpoint(runs / "adaptive-seed0")
+    table = read_cache(mvtec_cache, with_features=False)
+    part = table.select(np.isin(table.relpath, checkpoint.manifest["train"]))     # e.g. extracted with --limit
+    with pytest.raises(UserError, match="not in this cache"):
+        select_images(None, checkpoint.manifest, "run", part)
+
+
+def test_the_fingerprints_dataset_alone_identifies_the_training_dataset(runs, mvtec_cache):
+    checkpoint = load_checkpoint(runs / "adaptive-seed0")
+    table = read_cache(mvtec_cache, with_features=False)
+    others = table.select(~np.isin(table.relpath, checkpoint.manifest["train"]))  # no training image here
+    assert checkpoint.fingerprint["dataset"] == table.meta["dataset"]
+    with pytest.raises(UserError, match="was trained on"):
+        select_images("official", checkpoint.manifest, "run", others, training_dataset=checkpoint.fingerprint["dataset"])
+    rows, image_list = select_images("official", checkpoint.manifest, "run", others)   # without it: another dataset
+    assert image_list.protocol == "official"
+
+
+def test_results_say_how_the_checkpoint_thresholds_do_on_the_held_out_images(holdout_results, runs):
+    from evaluate.predict import threshold_for
+    from train.infer import operating_point
+    path, entries = holdout_results
+    with open(path.parent / "scores.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["config"] == "adaptive" and r["category"] == "bottle"]
+    points = []
+    for seed in (0, 1):
+        mine = [r for r in rows if r["seed"] == str(seed)]
+        threshold = threshold_for(load_checkpoint(runs / f"adaptive-seed{seed}"), "bottle")
+        points.append(operating_point(np.array([int(r["label"]) for r in mine]), np.array([float(r["final"]) for r in mine]),
+                                      threshold))
+    recorded = entries["adaptive"]["checkpoint_thresholds"]["bottle"]
+    assert recorded["recall"]["n"] == 2
+    assert recorded["recall"]["mean"] == pytest.approx(100 * np.mean([p["recall"] for p in points]), abs=0.01)
+
+
+def test_a_baseline_split_from_a_run_that_held_out_nothing_is_refused(tmp_path, mvtec_root, tiny_backbone):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "split.json").write_text(json.dumps({"train": ["bottle/train/good/000.png"], "heldout": []}))
+    with pytest.raises(UserError, match="held out no images"):
+        run_winclip("mvtec", mvtec_root, tmp_path / "winclip", lambda: tiny_backbone, split_from=tmp_path / "run",
+                    workers=0, n_resamples=10, progress=False)

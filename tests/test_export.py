@@ -58,7 +58,8 @@ def user_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory, run_dir, user_cache):
     out = tmp_path_factory.mktemp("deploy") / "deploy"
-    result = CliRunner().invoke(cli, ["export", "--checkpoint", str(run_dir), "--out", str(out), *BACKBONE])
+    # no backbone options: the checkpoint's own (the tiny config, random weights) is loaded
+    result = CliRunner().invoke(cli, ["export", "--checkpoint", str(run_dir), "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     return out, result.output
 
@@ -106,7 +107,12 @@ def test_export_writes_a_self_contained_deployment(deployment, run_dir, tiny_bac
     deploy = json.loads((deploy_dir / DEPLOY_JSON).read_text())
     checkpoint = load_checkpoint(run_dir)
     assert deploy["categories"] == checkpoint.categories == ["bottle", "metal_nut"]
-    assert deploy["thresholds"] == {c: pytest.approx(checkpoint.threshold) for c in checkpoint.categories}
+    calibrated = checkpoint.thresholds["categories"]
+    assert deploy["thresholds"] == {c: pytest.approx(calibrated[c]["threshold"]) for c in checkpoint.categories}
+    assert calibrated["bottle"]["threshold"] != calibrated["metal_nut"]["threshold"]     # one per category
+    assert deploy["threshold_calibration"]["bottle"] == calibrated["bottle"]
+    assert {"precision", "recall"} <= set(deploy["threshold_calibration"]["metal_nut"])
+    assert "training images" in deploy["threshold_is"]
     assert deploy["score_weights"] == {"visual": 0.85, "text": 0.15}
     assert (deploy["input_size"], deploy["crop_layout"]) == (tiny_backbone.input_size, [list(g) for g in CROP_LAYOUT])
     assert (deploy["mean"], deploy["std"]) == (list(tiny_backbone.mean), list(tiny_backbone.std))
@@ -125,7 +131,7 @@ def test_standalone_script_without_torch_reproduces_predict(deployment, run_dir,
     standalone, errors = script_scores(deployment[0], parts, tmp_path)
     assert len(errors) == 1 and "corrupt.png" in errors[0]
     assert set(standalone) == set(torch_scores) == set(onnx_scores) and len(standalone) == 4
-    threshold = load_checkpoint(run_dir).threshold
+    threshold = load_checkpoint(run_dir).thresholds["categories"]["bottle"]["threshold"]
     for name, (score, decision) in torch_scores.items():
         assert abs(onnx_scores[name][0] - score) <= SCORE_TOLERANCE, name
         assert abs(standalone[name][0] - score) <= SCORE_TOLERANCE, name
@@ -157,9 +163,10 @@ def test_standalone_pyramid_equals_the_package_pyramid(tmp_path, tiny_backbone):
 def test_export_refuses_a_backbone_other_than_the_checkpoints(run_dir, tmp_path, tiny_backbone):
     out = tmp_path / "deploy"
     result = CliRunner().invoke(cli, ["export", "--checkpoint", str(run_dir), "--out", str(out), "--model",
-                                      TINY_MODEL, "--device", "cpu"])
+                                      TINY_MODEL, "--pretrained", "openai", "--device", "cpu"])
     assert result.exit_code == 1
     assert "trained on features of --model raml-tiny-test --random-weights" in result.output
+    assert "differ in --pretrained" in result.output
     other_weights = dataclasses.replace(tiny_backbone, weights="sha256:" + "0" * 64)
     with pytest.raises(ValueError, match="weights: checkpoint 'random\\(seed=0\\)', given 'sha256:0000"):
         export_deployment(load_checkpoint(run_dir), out, other_weights)

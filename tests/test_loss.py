@@ -6,25 +6,29 @@ import pytest
 import torch
 
 from train.config import make_config
-from train.loss import (MACCLoss, adaptive_margin, center_terms, contrastive_terms, difficulty_weights,
-                        image_r_max, margin_terms, resolution_penalty)
+from train.loss import (adaptive_margin, category_weights, center_terms, contrastive_terms, difficulty_weights,
+                        image_r_max, initial_loss_state, loss_hyperparameters, maccl_step, margin_terms,
+                        resolution_penalty, state_margins, updated_state)
+
+
+def _state(sigma=0.0, center=(0.0, 0.0), categories=1):
+    return {"center": torch.tensor(center), "sigma": torch.tensor(sigma), "difficulty": torch.zeros(categories),
+            "difficulty_seen": torch.zeros(categories, dtype=torch.bool)}
 
 
 def test_readme_worked_example_gives_0_905():
     penalty = resolution_penalty(224, 900)
     assert float(penalty) == pytest.approx(0.751, abs=5e-4)
     assert adaptive_margin(0.5, 0.3, 0.6, 0.3, float(penalty)) == pytest.approx(0.905, abs=5e-4)
-    loss = MACCLoss(make_config("adaptive"), n_categories=1, feature_dim=2)
-    loss.sigma.fill_(0.6)
-    assert float(loss.margins(torch.tensor(float(penalty)))) == pytest.approx(0.905, abs=5e-4)
+    hp = loss_hyperparameters(make_config("adaptive"))
+    assert float(state_margins(_state(sigma=0.6), hp, torch.tensor(float(penalty)))) == pytest.approx(0.905, abs=5e-4)
 
 
 @pytest.mark.parametrize("preset, expected", [("fixed", 0.5), ("strong", 1.0)])
 def test_fixed_and_strong_margins_ignore_sigma_and_resolution(preset, expected):
-    loss = MACCLoss(make_config(preset), n_categories=1, feature_dim=2)
+    hp = loss_hyperparameters(make_config(preset))
     for sigma in (0.0, 0.6, 1.3):
-        loss.sigma.fill_(sigma)
-        margins = loss.margins(torch.tensor([0.0, 0.3, 0.751, 0.95]))
+        margins = state_margins(_state(sigma=sigma), hp, torch.tensor([0.0, 0.3, 0.751, 0.95]))
         assert torch.allclose(margins, torch.full((4,), expected))
 
 
@@ -91,15 +95,18 @@ def test_contrastive_term_matches_the_definition_on_an_uneven_batch():
 
 
 def test_total_loss_by_hand():
-    config = make_config("fixed", margin_base=1.5, temperature=0.5)
-    loss_fn = MACCLoss(config, n_categories=1, feature_dim=2)     # center 0, σ 0, unseen → weights 1
-    loss, terms = loss_fn(FEATURES, torch.zeros(4), LABELS, torch.zeros(4, dtype=torch.long), torch.zeros(4))
+    hp = loss_hyperparameters(make_config("fixed", margin_base=1.5, temperature=0.5))
+    # center 0, σ 0, no category seen → weights 1
+    loss, stats, _ = maccl_step(FEATURES, torch.zeros(4), LABELS, torch.zeros(4, dtype=torch.long), torch.zeros(4),
+                                _state(), hp)
+    terms = stats[:5]
     center, margin = 1.0, 0.5                                     # ‖f‖² = 1; relu(1.5 − 1) = 0.5
     contrastive = math.log(2 + math.exp(-1 / 0.5))
     bce = math.log(2)                                             # logit 0
     expected = 1.0 * center + 1.0 * margin + 0.5 * contrastive + 1.0 * bce
     assert terms.tolist() == pytest.approx([expected, center, margin, contrastive, bce])
     assert float(loss) == pytest.approx(expected)
+    assert stats[5:].tolist() == [2.0, 2.0]        # both anomalous images lie inside the margin of 1.5
 
 
 def test_difficulty_weight_formula_and_clip():
@@ -115,21 +122,40 @@ def test_difficulty_weight_formula_and_clip():
 
 
 def test_difficulty_ema_momentum_0_7():
-    loss_fn = MACCLoss(make_config("adaptive"), n_categories=2, feature_dim=2)
-    features, normal = FEATURES, torch.ones(4)
-    loss_fn.update_state(features, normal, torch.tensor([0, 0, 1, 1]), torch.tensor([1.0, 3.0, 4.0, 4.0]))
-    assert loss_fn.difficulty.tolist() == pytest.approx([2.0, 4.0])      # first sight: the batch mean
-    loss_fn.update_state(features, normal, torch.tensor([0, 0, 0, 0]), torch.tensor([4.0, 4.0, 4.0, 4.0]))
-    assert loss_fn.difficulty.tolist() == pytest.approx([0.7 * 2 + 0.3 * 4, 4.0])   # category 1 absent
+    hp = loss_hyperparameters(make_config("adaptive"))
+    state, normal = _state(categories=2), torch.ones(4)
+    state = updated_state(state, hp, FEATURES, normal, torch.tensor([0, 0, 1, 1]), torch.tensor([1.0, 3.0, 4.0, 4.0]))
+    assert state["difficulty"].tolist() == pytest.approx([2.0, 4.0])      # first sight: the batch mean
+    state = updated_state(state, hp, FEATURES, normal, torch.tensor([0, 0, 0, 0]), torch.tensor([4.0, 4.0, 4.0, 4.0]))
+    assert state["difficulty"].tolist() == pytest.approx([0.7 * 2 + 0.3 * 4, 4.0])   # category 1 absent
+
+
+def test_each_category_is_weighted_by_its_difficulty():
+    """Category 0 (EMA loss 1) and 1 (EMA loss 3): L_global = 2, so w = 0.75 and 1.25; every term
+    of an image is multiplied by its category's weight."""
+    hp = loss_hyperparameters(make_config("fixed", margin_base=1.5, temperature=0.5))
+    state = _state(categories=2)
+    state["difficulty"], state["difficulty_seen"] = torch.tensor([1.0, 3.0]), torch.tensor([True, True])
+    assert category_weights(state, hp).tolist() == pytest.approx([0.75, 1.25])
+    category = torch.tensor([0, 1, 0, 1])               # one normal and one anomalous image per category
+    _, stats, _ = maccl_step(FEATURES, torch.zeros(4), LABELS, category, torch.zeros(4), state, hp)
+    weights = torch.tensor([0.75, 1.25, 0.75, 1.25])
+    contrastive = math.log(2 + math.exp(-1 / 0.5))
+    # center: (0.75·1 + 1.25·1) / 2 normals; margin: (0.75 + 1.25)·0.5 / 2; bce: Σ w·log 2 / 4
+    assert stats[1:5].tolist() == pytest.approx([1.0, 0.5, float(weights.mean()) * contrastive, math.log(2)])
+    uneven = torch.tensor([0, 0, 1, 1])                 # both normals in category 0, both anomalous in 1
+    _, stats, _ = maccl_step(FEATURES, torch.zeros(4), LABELS, uneven, torch.zeros(4), state, hp)
+    assert stats[1:3].tolist() == pytest.approx([0.75, 1.25 * 0.5])
 
 
 def test_center_and_sigma_follow_their_definitions():
-    loss_fn = MACCLoss(make_config("adaptive", center_momentum=0.9, sigma_momentum=0.9), 1, 2)
-    loss_fn.initialise(FEATURES[:2])
-    assert loss_fn.center.tolist() == pytest.approx([0.5, 0.5])
+    config = make_config("adaptive", center_momentum=0.9, sigma_momentum=0.9)
+    state = initial_loss_state(config, FEATURES[:2], n_categories=1)
+    assert state["center"].tolist() == pytest.approx([0.5, 0.5])
     # total std of (1,0), (0,1): sqrt((0.5 + 0.5) / (2 − 1)) = 1
-    assert float(loss_fn.sigma) == pytest.approx(1.0)
+    assert float(state["sigma"]) == pytest.approx(1.0)
     # a batch with one normal moves the center but not σ (σ needs two normals)
-    loss_fn.update_state(FEATURES, torch.tensor([0.0, 0.0, 1.0, 0.0]), torch.zeros(4, dtype=torch.long), torch.ones(4))
-    assert loss_fn.center.tolist() == pytest.approx([0.9 * 0.5 - 0.1, 0.9 * 0.5])
-    assert float(loss_fn.sigma) == pytest.approx(1.0)
+    state = updated_state(state, loss_hyperparameters(config), FEATURES, torch.tensor([0.0, 0.0, 1.0, 0.0]),
+                          torch.zeros(4, dtype=torch.long), torch.ones(4))
+    assert state["center"].tolist() == pytest.approx([0.9 * 0.5 - 0.1, 0.9 * 0.5])
+    assert float(state["sigma"]) == pytest.approx(1.0)

@@ -1,12 +1,17 @@
-"""predict: a folder with a corrupt file still scores the others, and says which file failed."""
+"""predict: a folder with a corrupt file still scores the others; the backbone and the threshold come from the
+checkpoint."""
 import csv
 import shutil
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from cache import read_cache
+from extract.encoder import file_sha256
 from pipeline import cli
+from tests.synthetic import make_mvtec
+from train.checkpoint import load_checkpoint
 from train.config import make_config
 from train.fit import fit, write_run
 
@@ -48,8 +53,62 @@ def test_predict_folder_with_one_corrupt_file(tmp_path, run_dir, mvtec_root):
 
 
 def test_predict_refuses_a_backbone_other_than_the_checkpoints(tmp_path, run_dir, mvtec_root):
+    image = str(mvtec_root / "bottle" / "test" / "good" / "000.png")
+    for options, differ in ((["--model", "ViT-B-16"], "--model"), (["--pretrained", "openai"], "--pretrained"),
+                            (["--weights", image], "--weights")):
+        result = CliRunner().invoke(cli, ["predict", image, "--checkpoint", str(run_dir), "--category", "bottle",
+                                          "--out", str(tmp_path), *options])
+        assert result.exit_code == 1
+        assert "trained on features of --model raml-tiny-test --random-weights" in result.output
+        assert f"the options given differ in {differ}." in result.output and "Traceback" not in result.output
+
+
+def test_predict_takes_the_backbone_from_the_checkpoint(tmp_path, run_dir, mvtec_root):
+    """No backbone option: the checkpoint's (tiny config, random weights) is loaded, and the decision
+    uses the category's own threshold."""
     result = CliRunner().invoke(cli, ["predict", str(mvtec_root / "bottle" / "test" / "good" / "000.png"),
                                       "--checkpoint", str(run_dir), "--category", "bottle", "--out", str(tmp_path),
-                                      "--model", TINY])
-    assert result.exit_code == 1
-    assert "trained on features of --model raml-tiny-test --random-weights" in result.output
+                                      "--device", "cpu", "--no-heatmaps"])
+    assert result.exit_code == 0, result.output
+    threshold = load_checkpoint(run_dir).thresholds["categories"]["bottle"]["threshold"]
+    assert f"decision (threshold {threshold:.3f})" in result.output and "NOT MEANINGFUL" in result.output
+    with open(tmp_path / "predictions.csv", newline="") as handle:
+        assert float(next(csv.DictReader(handle))["threshold"]) == pytest.approx(threshold, abs=1e-6)
+
+
+def test_a_category_the_run_was_not_trained_on_gets_the_pooled_threshold(tmp_path, run_dir, mvtec_root):
+    result = CliRunner().invoke(cli, ["predict", str(mvtec_root / "bottle" / "test" / "good" / "000.png"),
+                                      "--checkpoint", str(run_dir), "--category", "screw", "--out", str(tmp_path),
+                                      "--device", "cpu", "--no-heatmaps"])
+    assert result.exit_code == 0, result.output
+    pooled = load_checkpoint(run_dir).thresholds["pooled"]["threshold"]
+    assert f"screw: the pooled threshold {pooled:.4f} applies: the run was not trained on 'screw'" in result.output
+    assert f"decision (threshold {pooled:.3f})" in result.output
+
+
+def test_a_weights_file_is_found_at_its_recorded_path_and_named_when_it_has_moved(tmp_path, tiny_backbone):
+    """extract with --weights FILE records the file; predict finds it there, and once it has moved
+    says which file (name and sha256) to pass."""
+    weights = tmp_path / "tiny-weights.pt"
+    torch.save(tiny_backbone.model.state_dict(), weights)
+    root = make_mvtec(tmp_path / "data", categories=("bottle",), n_train=8, n_test_good=4, n_defect=2)
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    extracted = CliRunner().invoke(cli, ["extract", "--dataset", "mvtec", "--root", str(root), "--cache-dir", str(cache),
+                                         "--model", TINY, "--weights", str(weights), "--device", "cpu", "--workers", "0"])
+    assert extracted.exit_code == 0, extracted.output
+    write_run(run, fit(read_cache(cache), make_config("adaptive", epochs=1, batch_size=8)))
+    image = str(root / "bottle" / "test" / "good" / "000.png")
+    predict = ["predict", image, "--checkpoint", str(run), "--category", "bottle", "--device", "cpu", "--no-heatmaps"]
+    found = CliRunner().invoke(cli, [*predict, "--out", str(tmp_path / "p1")])
+    assert found.exit_code == 0, found.output
+    moved = weights.rename(tmp_path / "elsewhere.pt")
+    lost = CliRunner().invoke(cli, [*predict, "--out", str(tmp_path / "p2")])
+    assert lost.exit_code == 1 and "Traceback" not in lost.output
+    sha256 = file_sha256(moved)
+    assert f"the file tiny-weights.pt with sha256 {sha256}; it was at {weights}" in lost.output
+    assert "Pass --weights PATH" in lost.output
+    given = CliRunner().invoke(cli, [*predict, "--out", str(tmp_path / "p3"), "--weights", str(moved)])
+    assert given.exit_code == 0, given.output
+    with open(tmp_path / "p1" / "predictions.csv", newline="") as a, open(tmp_path / "p3" / "predictions.csv",
+                                                                           newline="") as b:
+        assert next(csv.DictReader(a))["final"] == next(csv.DictReader(b))["final"]

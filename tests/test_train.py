@@ -6,13 +6,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache import CacheError, read_cache
+from cache import CacheError, UserError, read_cache
 from evaluate.metrics import image_auroc
 from pipeline import cli
 from train.checkpoint import check_cache, load_checkpoint
 from train.config import TrainConfig, make_config
 from train.fit import fit, write_run
-from train.infer import score_rows, score_table, text_score
+from train.infer import calibrate_thresholds, score_rows, score_table, text_score
 from train.model import RAMLHead, attend
 from train.split import heldout_counts, holdout_split, image_list_hash, rows_for
 from train.synthetic import write_synthetic_cache
@@ -119,6 +119,26 @@ def test_manifest_hashes_are_stable(separable_table):
     assert rows_for(separable_table, manifest["heldout"]).tolist() == holdout_split(separable_table).heldout.tolist()
 
 
+def test_a_split_that_holds_out_nothing_is_refused(tmp_path):
+    """3 categories × (3 train, 1 good, 1 defect): every image would train and none be held out."""
+    shape = {name: (3, 1, 1, 900) for name in ("bottle", "cable", "screw")}
+    table = read_cache(write_synthetic_cache(tmp_path / "cache", shape, dim=8))
+    with pytest.raises(UserError, match="would hold out no image") as err:
+        holdout_split(table)
+    assert "bottle: 1 normal, 1 anomalous" in str(err.value)
+    assert "at least 2 normal and 2 anomalous test images" in str(err.value)
+
+
+def test_train_refuses_a_cache_too_small_to_hold_anything_out(tmp_path):
+    shape = {name: (3, 1, 1, 900) for name in ("bottle", "cable", "screw")}
+    cache = write_synthetic_cache(tmp_path / "cache", shape, dim=8)
+    result = CliRunner().invoke(cli, ["train", "--cache-dir", str(cache), "--out", str(tmp_path / "run"),
+                                      "--batch-size", "4", "--epochs", "1"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "would hold out no image" in result.output and "at least 2 normal and 2 anomalous" in result.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_rows_for_names_missing_images(separable_table):
     with pytest.raises(CacheError, match="nope/missing.png"):
         rows_for(separable_table, [separable_table.relpath[0], "nope/missing.png"])
@@ -133,6 +153,66 @@ def test_separable_classes_train_to_high_heldout_auroc(separable_table, trained)
     assert image_auroc(separable_table.label[heldout], scores["final"]) > 0.95
     assert len(trained.history) == QUICK["epochs"]
     assert {"loss", "center", "margin", "contrastive", "bce", "sigma", "mean_margin"} <= set(trained.history[0])
+
+
+@pytest.fixture(scope="module")
+def default_table(tmp_path_factory):
+    """A small separable cache of ViT-B/16's width (D = 512): 2 categories × (16 train, 20 good,
+    20 defective) → 96 training images (6 steps of 16 per epoch) and 16 held-out images."""
+    shape = {"bottle": (16, 20, 20, 900), "metal_nut": (16, 20, 20, 700)}
+    return read_cache(write_synthetic_cache(tmp_path_factory.mktemp("default") / "cache", shape, dim=512,
+                                            separation=2.0))
+
+
+def test_the_default_hyper_parameters_learn_a_separable_problem(default_table):
+    """lr 5e-5, batch 16, 25 epochs and every other default: held-out AUROC ≥ 0.9. The untrained
+    head (the same run stopped after one epoch) is far from it, so this is learning, not the data."""
+    config = TrainConfig()
+    assert (config.lr, config.batch_size, config.epochs) == (5e-5, 16, 25)
+    trained = fit(default_table, config)
+    heldout = trained.split.heldout
+    labels = default_table.label[heldout]
+    assert image_auroc(labels, score_rows(trained.model, default_table, heldout)["final"]) >= 0.9
+    barely = fit(default_table, TrainConfig(epochs=1))
+    assert image_auroc(labels, score_rows(barely.model, default_table, heldout)["final"]) < 0.8
+
+
+def test_thresholds_are_calibrated_per_category_by_hand():
+    labels = [0, 0, 1, 1, 0, 0, 0, 1, 1, 1]
+    scores = [0.1, 0.4, 0.35, 0.8, 0.5, 0.6, 0.7, 0.65, 0.9, 0.95]
+    categories = ["a"] * 4 + ["b"] * 6
+    calibration = calibrate_thresholds(labels, scores, categories)
+    # a: at 0.35 flags 0.35, 0.4, 0.8 → P 2/3, R 1, F1 0.8 (the F1-max; see test_metrics)
+    assert calibration["categories"]["a"] == {"threshold": 0.35, "precision": pytest.approx(2 / 3), "recall": 1.0,
+                                              "f1": pytest.approx(0.8), "normal": 2, "anomalous": 2}
+    # b: at 0.65 flags 0.7, 0.65, 0.9, 0.95 → P 3/4, R 1, F1 6/7; at 0.9: P 1, R 2/3, F1 0.8
+    assert calibration["categories"]["b"]["threshold"] == 0.65
+    assert calibration["categories"]["b"]["precision"] == 0.75 and calibration["categories"]["b"]["recall"] == 1.0
+    # pooled over all ten: at 0.65 flags 0.95 0.9 0.8 0.7 0.65 → P 4/5, R 4/5, F1 0.8 (0.8: F1 0.75; 0.35: 0.71)
+    assert calibration["pooled"] == {"threshold": 0.65, "precision": 0.8, "recall": 0.8, "f1": pytest.approx(0.8),
+                                     "normal": 5, "anomalous": 5}
+    assert "training images" in calibration["set"]
+
+
+def test_a_category_with_one_class_has_no_threshold_of_its_own():
+    calibration = calibrate_thresholds([0, 1, 0, 0], [0.2, 0.9, 0.3, 0.4], ["a", "a", "b", "b"])
+    assert calibration["categories"]["b"]["threshold"] is None
+    assert "only normal calibration images" in calibration["categories"]["b"]["reason"]
+    assert calibration["pooled"]["threshold"] == 0.9
+
+
+def test_a_format_1_checkpoint_with_one_threshold_still_loads(tmp_path, trained):
+    from evaluate.predict import threshold_for, threshold_note
+    path = write_run(tmp_path / "run", trained)
+    payload = torch.load(path, weights_only=True)
+    payload["format"] = 1
+    payload["threshold"] = 0.42
+    del payload["thresholds"]
+    torch.save(payload, path)
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.thresholds["pooled"]["threshold"] == 0.42 and checkpoint.thresholds["categories"] == {}
+    assert threshold_for(checkpoint, "bottle") == 0.42
+    assert "this checkpoint has one threshold" in threshold_note(checkpoint, "bottle")
 
 
 def test_training_is_deterministic(separable_table, trained):
@@ -164,10 +244,11 @@ def test_checkpoint_round_trip(tmp_path, separable_table, trained):
         assert torch.equal(tensor, checkpoint.model.state_dict()[name])
     assert checkpoint.config == trained.config.to_dict() == json.loads((tmp_path / "run/config.json").read_text())
     assert checkpoint.manifest == trained.split.manifest() == json.loads((tmp_path / "run/split.json").read_text())
-    assert torch.equal(checkpoint.loss_state["center"], trained.loss.center)
-    assert float(checkpoint.loss_state["sigma"]) == float(trained.loss.sigma)
+    assert torch.equal(checkpoint.loss_state["center"], trained.loss_state["center"])
+    assert float(checkpoint.loss_state["sigma"]) == float(trained.loss_state["sigma"])
     assert checkpoint.categories == ["bottle", "metal_nut"]
-    assert checkpoint.fingerprint["embed_dim"] == 32 and checkpoint.threshold == trained.threshold
+    assert checkpoint.fingerprint["embed_dim"] == 32 and checkpoint.thresholds == trained.thresholds
+    assert set(checkpoint.thresholds["categories"]) == {"bottle", "metal_nut"}
     assert not checkpoint.model.training
     scores = score_table(checkpoint, separable_table)
     direct = score_rows(trained.model, separable_table)
@@ -180,7 +261,8 @@ def test_checkpoint_of_vit_b16_size_is_a_few_megabytes(tmp_path):
     from train.checkpoint import save_checkpoint
     from train.model import build_head
     path = save_checkpoint(tmp_path, model=build_head(TrainConfig(), 512), config=TrainConfig().to_dict(),
-                           loss_state={}, manifest={}, fingerprint={"embed_dim": 512}, threshold=0.5, categories=[])
+                           loss_state={}, manifest={}, fingerprint={"embed_dim": 512}, categories=[],
+                           thresholds={"pooled": {"threshold": 0.5}, "categories": {}})
     assert path.stat().st_size < 6e6
 
 

@@ -71,18 +71,24 @@ def test_a_window_sees_only_its_own_patches(tiny_backbone):
 
 
 def test_scores_are_probabilities_with_a_patch_map(tiny_backbone):
-    result = WinClip(tiny_backbone).score(np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32),
-                                          "bottle")
+    pixels = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    result = WinClip(tiny_backbone).score(pixels, "bottle")
     assert result["map"].shape == (3, 4, 4)
     for name in ("final", "global", "map_max"):
         assert result[name].shape == (3,) and ((result[name] > 0) & (result[name] < 1)).all()
-    assert np.allclose(result["final"], (result["global"] + result["map_max"]) / 2)
+    assert np.array_equal(result["final"], result["global"])          # the paper's zero-shot image score
+    assert not np.allclose(result["global"], result["map_max"])
+    variant = WinClip(tiny_backbone, image_score="global+map").score(pixels, "bottle")
+    assert np.allclose(variant["final"], (result["global"] + result["map_max"]) / 2)   # WinCLIP+'s rule
+    with pytest.raises(ValueError, match="global, global\\+map"):
+        WinClip(tiny_backbone, image_score="max")
 
 
 def test_winclip_official_protocol_end_to_end(tmp_path, mvtec_root, tiny_backbone):
     path, entries = run_winclip("mvtec", mvtec_root, tmp_path / "winclip", lambda: tiny_backbone,
                                 protocol="official", workers=0, n_resamples=20, progress=False)
     entry = json.loads(path.read_text())["WinCLIP zero-shot"]
+    assert entry["image_score"] == "global" and "paper" in entry["image_score_rule"]
     assert entry["protocol"]["name"] == "official"
     assert entry["protocol"]["n_images"] == 12          # 2 categories x (2 good + 2x2 defective) test images
     assert set(entry["details"]) == {"bottle", "metal_nut"}
@@ -93,3 +99,13 @@ def test_winclip_official_protocol_end_to_end(tmp_path, mvtec_root, tiny_backbon
     rows = (tmp_path / "winclip" / "scores.csv").read_text().splitlines()
     assert rows[0].startswith("config,seed,category,relpath,defect_type,label,final")
     assert len(rows) == 13
+
+
+def test_the_global_plus_map_variant_is_named_in_the_results_and_the_report(tmp_path, mvtec_root, tiny_backbone):
+    from evaluate.report import write_report
+    path, entries = run_winclip("mvtec", mvtec_root, tmp_path / "winclip", lambda: tiny_backbone, workers=0,
+                                n_resamples=10, progress=False, image_score="global+map")
+    assert set(entries) == {"WinCLIP zero-shot (global+map)"}
+    assert entries["WinCLIP zero-shot (global+map)"]["image_score"] == "global+map"
+    text = write_report([path], tmp_path / "report").read_text()
+    assert "| WinCLIP zero-shot (global+map) | WinCLIP (Jeong et al., CVPR 2023), zero-shot | global+map | 1 |" in text

@@ -1,9 +1,14 @@
 """``checkpoint.pt``: everything needed to score a cache with a trained head, and nothing of CLIP.
 
 Holds the head's weights, the full training config, the MACCL loss state (center, σ, difficulty
-EMAs), the split manifest, the fingerprint of the cache it was trained on, the trained categories
-and the decision threshold. About 5 MB for ViT-B/16 features; readable with
-``torch.load(weights_only=True)`` (plain tensors, numbers, strings, lists and dicts only).
+EMAs), the split manifest, the fingerprint of the cache it was trained on (its ``FINGERPRINT_KEYS``
+plus the dataset and, where the cache recorded it, where the backbone came from), the trained
+categories and the decision thresholds, one per category (``train.infer.calibrate_thresholds``).
+About 5 MB for ViT-B/16 features; readable with ``torch.load(weights_only=True)`` (plain tensors,
+numbers, strings, lists and dicts only).
+
+Format 1 (before per-category thresholds) held one ``threshold`` over all training images; such
+checkpoints still load, with that number as the pooled threshold and no per-category ones.
 """
 from __future__ import annotations
 
@@ -18,31 +23,40 @@ from train.config import TrainConfig
 from train.model import RAMLHead, build_head
 
 CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+# Recorded beside the fingerprint keys: which dataset trained the head (the protocols' "same
+# dataset" test) and where its backbone came from (``predict``/``export`` defaults). Neither has
+# to match for features to be comparable, so neither is a fingerprint key.
+PROVENANCE_KEYS = ("dataset", "backbone_source")
+FORMAT_1_CALIBRATION = "training images, all categories pooled (a format-1 checkpoint has one threshold)"
 
 
 @dataclass
 class Checkpoint:
     """A loaded ``checkpoint.pt``.
 
-    ``threshold`` is the F1-max threshold of s_final (with the config's visual/text weights) on
-    the training images: the operating point for yes/no predictions. It is fitted on training
-    images, so it is optimistic; evaluation should report threshold-free metrics besides.
+    ``thresholds`` is ``train.infer.calibrate_thresholds``'s output: per category, the F1-max
+    threshold of s_final (with the config's visual/text weights) on the calibration images with
+    its precision and recall there, and a pooled threshold; ``evaluate.predict.threshold_for``
+    picks one. Calibrated on training images, they are optimistic; ``evaluate`` reports how they
+    do on the held-out images.
     """
 
     model: RAMLHead          # eval mode, on the CPU
     config: dict             # every hyper-parameter (``TrainConfig.to_dict()``)
     loss_state: dict         # center, sigma, difficulty, difficulty_seen (tensors)
     manifest: dict           # the split manifest (``Split.manifest()``)
-    fingerprint: dict        # the training cache's ``FINGERPRINT_KEYS``
-    threshold: float
+    fingerprint: dict        # the training cache's ``FINGERPRINT_KEYS`` and ``PROVENANCE_KEYS``
+    thresholds: dict         # ``calibrate_thresholds``: {"set", "rule", "pooled", "categories"}
     categories: list         # trained categories, in the order of the loss state's difficulty
     path: Path
 
 
 def save_checkpoint(run_dir, *, model: RAMLHead, config: dict, loss_state: dict, manifest: dict,
-                    fingerprint: dict, threshold: float, categories: list) -> Path:
-    """Write ``run_dir/checkpoint.pt`` atomically; returns its path."""
+                    fingerprint: dict, thresholds: dict, categories: list) -> Path:
+    """Write ``run_dir/checkpoint.pt`` atomically; returns its path. ``fingerprint`` is the training
+    cache's (extra fields beyond ``FINGERPRINT_KEYS`` and ``PROVENANCE_KEYS`` are dropped)."""
     path = Path(run_dir) / CHECKPOINT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -51,8 +65,9 @@ def save_checkpoint(run_dir, *, model: RAMLHead, config: dict, loss_state: dict,
         "config": dict(config),
         "loss_state": {name: tensor.detach().cpu().clone() for name, tensor in loss_state.items()},
         "manifest": manifest,
-        "fingerprint": {key: fingerprint_field(fingerprint, key) for key in FINGERPRINT_KEYS},
-        "threshold": float(threshold),
+        "fingerprint": {**{key: fingerprint_field(fingerprint, key) for key in FINGERPRINT_KEYS},
+                        **{key: fingerprint[key] for key in PROVENANCE_KEYS if fingerprint.get(key) is not None}},
+        "thresholds": thresholds,
         "categories": list(categories),
     }
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
@@ -70,15 +85,23 @@ def load_checkpoint(path) -> Checkpoint:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a truncated or foreign file
         raise CacheError(f"{path}: not a readable RAML checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CacheError(f"{path}: not a RAML checkpoint of format {CHECKPOINT_FORMAT}")
+    if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
+        raise CacheError(f"{path}: not a RAML checkpoint of format {' or '.join(map(str, READABLE_FORMATS))}")
     config = TrainConfig.from_dict(payload["config"]).to_dict()   # fields added since: their defaults
     model = build_head(config, payload["fingerprint"]["embed_dim"])
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return Checkpoint(model=model, config=config, loss_state=payload["loss_state"],
                       manifest=payload["manifest"], fingerprint=payload["fingerprint"],
-                      threshold=payload["threshold"], categories=payload["categories"], path=path)
+                      thresholds=_thresholds(payload), categories=payload["categories"], path=path)
+
+
+def _thresholds(payload: dict) -> dict:
+    """The calibration of a checkpoint; format 1's single threshold becomes the pooled one."""
+    if payload["format"] >= 2:
+        return payload["thresholds"]
+    return {"set": FORMAT_1_CALIBRATION, "rule": "F1-max of s_final, anomalous when s_final >= threshold",
+            "pooled": {"threshold": float(payload["threshold"])}, "categories": {}}
 
 
 def check_cache(checkpoint: Checkpoint, table) -> None:

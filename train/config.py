@@ -2,9 +2,18 @@
 
 ``TrainConfig`` is the single source of the defaults: the CLI builds one option per field from
 it (``click_options``), checkpoints store it whole, and a sweep compares it to decide whether a
-finished run may be reused. Each field's comment gives where the value comes from: "SPEC §n" is
-/work/shared/SPEC.md (which restates the original RAML README), "ours" is a choice the original
-leaves open, explained in the field's help text.
+finished run may be reused. Each field's comment gives where its default comes from:
+
+- "orig:N" — line N of the original release's training code, ``train_raml_model.py`` of
+  voveed/RAML_INDUSTRIAL_ANOMALY_DETECTION (read at commit 6ee7c979): the original's value;
+- "README, SPEC §n" — the original release's README (restated in /work/shared/SPEC.md), where
+  it gives a value; where README and code disagree the comment names both, and the README wins
+  (it is this project's spec);
+- "ours" — a choice of this project, the original's value named beside it where it has one
+  (the README's "Method notes" table of deviations says why, and how to restore it).
+
+Loss constants where the original's value differs from ours (``VARIANT_DEFAULTS``) default to
+None and are resolved by ``--loss-variant``, as the margin values are by ``--margin``.
 """
 from __future__ import annotations
 
@@ -13,7 +22,8 @@ from dataclasses import dataclass, field
 
 from cache import UserError
 
-# name → (m_base, λ_σ, λ_res). SPEC §5: the adaptive formula and the two ablation baselines.
+# name → (m_base, λ_σ, λ_res). adaptive: orig:121 and orig:481 (README, SPEC §5); fixed and strong:
+# the README's two ablation baselines (SPEC §5).
 MARGIN_PRESETS = {
     "adaptive": (0.5, 0.3, 0.3),
     "fixed": (0.5, 0.0, 0.0),
@@ -35,71 +45,123 @@ def _valid_r_max(value: str) -> bool:
         return False
 
 
+def switch_problems(n_scales: int, cross_attention: bool, tile_pool: str) -> list[str]:
+    """Why a combination of the head's ablation switches cannot be built (none: an empty list):
+    each switch must remove something the head would otherwise have."""
+    scales = ",".join(str(k) for k in range(1, n_scales + 1))
+    problems = []
+    if n_scales not in range(1, len(SCALE_CHOICES) + 1):
+        problems.append(f"the head reads 1 to {len(SCALE_CHOICES)} crop scales, not {n_scales}")
+    if tile_pool not in ("max", "mean"):
+        problems.append(f"tile_pool {tile_pool!r} is not one of max, mean")
+    if cross_attention and n_scales == 1:
+        problems.append("--scales 1 leaves a single scale: there is no cross-scale attention to switch on; "
+                        "pass --cross-attention off with --scales 1")
+    if tile_pool != "max" and n_scales < len(SCALE_CHOICES):
+        problems.append(f"--tile-pool {tile_pool} pools the 4x4 tiles, which --scales {scales} leaves out; "
+                        "keep --tile-pool max or use --scales 1,2,3")
+    return problems
+
+
+# Loss constants whose default depends on ``loss_variant``: field → {variant: value}. As with the
+# margin presets, a value given explicitly is kept and one left None takes its variant's.
+VARIANT_DEFAULTS = {
+    "center_momentum": {"raml": 0.9,        # ours: a slower center (see the README's deviations table)
+                        "original": 0.8},   # orig:140
+}
+
+
 def _option(default, help, **kwargs):
+    """A ``TrainConfig`` field. ``preset=True``: the default is None on the command line and
+    ``__post_init__`` fills it in (from the margin preset or the loss variant)."""
     return field(default=default, metadata={"help": help, **kwargs})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of one training run (defaults: the original RAML release)."""
+    """Hyper-parameters of one training run.
+
+    Defaults: the original RAML release's where a field's comment cites it (its code, ``orig:N``,
+    or its README), ours where the comment says "ours" (with the original's value beside it).
+    ``--loss-variant original`` resolves the loss constants of ``VARIANT_DEFAULTS`` to the
+    original's; the README's "Method notes" give the command line that restores every setting
+    that can be restored.
+    """
 
     # protocol
-    seed: int = _option(0, "Training seed: weight init and batch order.")                          # ours
+    # ours: the original seeds neither the weights nor the batch order
+    seed: int = _option(0, "Training seed: weight init and batch order.")
+    # ours: the original shuffles each category's test images with random.seed(42) (orig:352–354)
     split_seed: int = _option(0, "Seed of the holdout split; kept apart from --seed so that every run of a "
-                                 "sweep is scored on the same held-out images.")                   # ours
-    holdout_fraction: float = _option(0.2, "Fraction of each category's official test set held out.")  # SPEC protocol
+                                 "sweep is scored on the same held-out images.")
+    # orig:356–357 (train_ratio 0.8, orig:483); the per-class rounding is ours (README "Method notes")
+    holdout_fraction: float = _option(0.2, "Fraction of each category's official test set held out.")
     # optimisation
-    epochs: int = _option(25, "Passes over the training images.")                                   # SPEC §8
-    batch_size: int = _option(16, "Images per step (an epoch drops its last incomplete batch).")    # SPEC §8
-    lr: float = _option(5e-5, "AdamW learning rate.")                                               # SPEC §8
-    weight_decay: float = _option(0.02, "AdamW weight decay.")                                      # SPEC §8
+    # README (SPEC §8); the original's code trains 20 epochs (orig:481)
+    epochs: int = _option(25, "Passes over the training images (the original's code: 20).")
+    # orig:485 (README, SPEC §8); dropping the last incomplete batch is ours (the original keeps it)
+    batch_size: int = _option(16, "Images per step (an epoch drops its last incomplete batch).")
+    lr: float = _option(5e-5, "AdamW learning rate.")                                    # orig:481 (README, SPEC §8)
+    # README (SPEC §8); the original's code sets none: torch's AdamW default, 0.01 (orig:380)
+    weight_decay: float = _option(0.02, "AdamW weight decay (the original's code: 0.01, torch's default).")
     # model
-    hidden_dim: int = _option(256, "Width of the per-scale projections and of the fused vector.")  # SPEC §2
-    attn_dim: int = _option(64, "Width of the attention queries and keys.")                         # ours
-    feature_dim: int = _option(128, "Width of the (L2-normalised) MACCL feature.")                  # ours
-    fusion_scale_init: float = _option(0.1, "Initial learnable text-visual fusion scale.")         # SPEC §3
+    hidden_dim: int = _option(256, "Width of the per-scale projections and of the fused vector.")  # orig:225, :389
+    # ours: the original's attention has 4 heads of 256/4 = 64 dimensions each (orig:72)
+    attn_dim: int = _option(64, "Width of the attention queries and keys.")
+    # ours: the original's feature is the 256-d LayerNorm output of its feature head, not normalised (orig:241)
+    feature_dim: int = _option(128, "Width of the (L2-normalised) MACCL feature.")
+    fusion_scale_init: float = _option(0.1, "Initial learnable text-visual fusion scale.")         # orig:192
     # ablation switches: the defaults are the method
     scales: str = _option("1,2,3", "Crop scales the head sees: 1 (the global crop), 1,2 (+ the 2x2 grid) or "
-                                   "1,2,3 (all 21 crops).", choices=SCALE_CHOICES)                 # SPEC §1
+                                   "1,2,3 (all 21 crops).", choices=SCALE_CHOICES)                 # orig:100–104
     cross_attention: bool = _option(True, "on: the three cross-scale attention arrows; off: each scale "
-                                          "projected and pooled without attention.")                # SPEC §2
-    text_fusion: bool = _option(True, "on: the visual vector attends to the category's text embeddings.")  # SPEC §3
-    tile_pool: str = _option("max", "How the fusion pools the 4x4 tiles: max or mean.",
-                             choices=("max", "mean"))                                              # ours
+                                          "projected and pooled without attention.")                # orig:101–103
+    text_fusion: bool = _option(True, "on: the visual vector attends to the category's text embeddings.")  # orig:298
+    # ours: the original has no tile pooling (its 4x4 query is the mean of the tiles, orig:100)
+    tile_pool: str = _option("max", "How the fusion pools the 4x4 tiles: max or mean.", choices=("max", "mean"))
     # MACCL loss
-    alpha: float = _option(1.0, "Weight of the center loss.")                                       # SPEC §4
-    beta: float = _option(1.0, "Weight of the margin loss.")                                        # SPEC §4
-    gamma: float = _option(0.5, "Weight of the supervised contrastive loss.")                       # SPEC §4
-    temperature: float = _option(0.07, "Temperature of the supervised contrastive loss.")           # SPEC §4
-    # ours: SPEC §7 trains the classifier with BCE "in addition" to MACCL, weight unstated
-    bce_weight: float = _option(1.0, "Weight of the BCE loss on the visual logit.")
-    center_momentum: float = _option(0.9, "EMA momentum of the running center of normal features.")  # ours
-    sigma_momentum: float = _option(0.9, "EMA momentum of σ, the spread of normal features.")       # ours
+    alpha: float = _option(1.0, "Weight of the center loss.")                                       # orig:123
+    beta: float = _option(1.0, "Weight of the margin loss.")                                        # orig:123
+    gamma: float = _option(0.5, "Weight of the supervised contrastive loss.")                       # orig:123
+    temperature: float = _option(0.07, "Temperature of the supervised contrastive loss.")           # orig:122
+    bce_weight: float = _option(1.0, "Weight of the BCE loss on the visual logit.")      # orig:413 (MACCL + BCE)
+    # VARIANT_DEFAULTS: ours 0.9, the original's 0.8 (orig:140)
+    center_momentum: float | None = _option(
+        None, "EMA momentum of the running center of normal features (default: 0.9; 0.8, the original's, "
+              "with --loss-variant original).", preset=True)
+    sigma_momentum: float = _option(0.9, "EMA momentum of σ, the spread of normal features.")       # orig:145
+    # ours; "original" is the original's loss (train/original_loss.py). r_max stays its own option:
+    # it is a property of the data, not a constant of the loss, and a sweep over loss_variant then
+    # changes the loss alone (reproduce the original with --r-max 900 as well).
     loss_variant: str = _option("raml", "raml (this project's MACCL) or original (the original release's "
-                                        "loss, formula for formula; use with --r-max 900).",
-                                choices=LOSS_VARIANTS)                                               # ours
+                                        "loss, formula for formula; sets the center momentum to the "
+                                        "original's 0.8 unless given; add --r-max 900 for the original's "
+                                        "constant resolution).", choices=LOSS_VARIANTS)
+    # maccl+bce: orig:405–413; bce: the original's "Standard BCE" baseline (orig:382–383, :404)
     loss: str = _option("maccl+bce", "Training loss: maccl+bce (the method) or bce (the plain supervised "
-                                     "head, an ablation).", choices=("maccl+bce", "bce"))          # SPEC §4, §7
+                                     "head, an ablation).", choices=("maccl+bce", "bce"))
+    # ours: the original clips every step at 1.0 (orig:416)
     grad_clip_norm: float = _option(0.0, "Clip each run's gradient to this L2 norm before the step (0: no "
-                                         "clipping).")                                              # ours
-    # margin
+                                         "clipping; the original's code: 1.0).")
+    # margin: the presets' values, see MARGIN_PRESETS
     margin: str = _option("adaptive", "Margin preset: adaptive, fixed (m=0.5) or strong (m=1.0); 'custom' "
                                       "when --margin-base/--lambda-sigma/--lambda-res differ from the preset.",
-                          choices=(*MARGIN_PRESETS, CUSTOM_MARGIN))                                # SPEC §5
-    margin_base: float | None = _option(None, "m_base (default: the --margin preset's).", preset=True)  # SPEC §5
-    lambda_sigma: float | None = _option(None, "λ_σ (default: the --margin preset's).", preset=True)    # SPEC §5
-    lambda_res: float | None = _option(None, "λ_res (default: the --margin preset's).", preset=True)    # SPEC §5
+                          choices=(*MARGIN_PRESETS, CUSTOM_MARGIN))                                # orig:481
+    margin_base: float | None = _option(None, "m_base (default: the --margin preset's).", preset=True)  # orig:121
+    lambda_sigma: float | None = _option(None, "λ_σ (default: the --margin preset's).", preset=True)    # orig:121
+    lambda_res: float | None = _option(None, "λ_res (default: the --margin preset's).", preset=True)    # orig:121
+    # ours: the original uses a constant 900 px for every image (orig:122, :130)
     r_max: str = _option("image", "Original resolution in the resolution term: 'image' (each image's "
                                   "max(height, width)), 'category' (its category's mean), or a number "
-                                  "of pixels (900 reproduces the original).")                      # ours; SPEC §5
+                                  "of pixels (900 reproduces the original).")
     # auto-difficulty
-    difficulty_momentum: float = _option(0.7, "EMA momentum of the per-category loss.")            # SPEC §6
-    difficulty_scale: float = _option(0.5, "w = 1 + scale·(L_cat − L_global)/L_global.")          # SPEC §6
-    difficulty_min: float = _option(0.5, "Lower clip of the category weight.")                      # SPEC §6
-    difficulty_max: float = _option(2.0, "Upper clip of the category weight.")                      # SPEC §6
+    difficulty_momentum: float = _option(0.7, "EMA momentum of the per-category loss.")            # orig:108
+    difficulty_scale: float = _option(0.5, "w = 1 + scale·(L_cat − L_global)/L_global.")          # orig:108
+    difficulty_min: float = _option(0.5, "Lower clip of the category weight.")                      # orig:118
+    difficulty_max: float = _option(2.0, "Upper clip of the category weight.")                      # orig:118
     # inference
-    visual_weight: float = _option(0.85, "Weight of s_visual in s_final.")                          # SPEC §7
-    text_weight: float = _option(0.15, "Weight of s_text in s_final.")                              # SPEC §7
+    visual_weight: float = _option(0.85, "Weight of s_visual in s_final.")                          # orig:315
+    text_weight: float = _option(0.15, "Weight of s_text in s_final.")                              # orig:315
 
     def __post_init__(self):
         problems = []
@@ -109,8 +171,12 @@ class TrainConfig:
             self._resolve_margin(problems)
         if self.loss_variant not in LOSS_VARIANTS:
             problems.append(f"loss_variant {self.loss_variant!r} is not one of {', '.join(LOSS_VARIANTS)}")
+        else:
+            self._resolve_variant_defaults()
         if self.scales not in SCALE_CHOICES:
             problems.append(f"scales {self.scales!r} is not one of {', '.join(SCALE_CHOICES)}")
+        else:
+            problems += switch_problems(len(self.scales.split(",")), self.cross_attention, self.tile_pool)
         if self.epochs < 1:
             problems.append("epochs must be ≥ 1")
         if self.batch_size < 2:
@@ -148,6 +214,13 @@ class TrainConfig:
         if resolved != preset:
             object.__setattr__(self, "margin", CUSTOM_MARGIN)
 
+    def _resolve_variant_defaults(self) -> None:
+        """Fill the ``VARIANT_DEFAULTS`` fields left None with the loss variant's value; a value
+        given explicitly is kept (and recorded: the config says what trained)."""
+        for name, values in VARIANT_DEFAULTS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, values[self.loss_variant])
+
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         """A config from ``to_dict()`` output; fields that an older RAML did not record take their
@@ -172,6 +245,32 @@ def make_config(margin: str = "adaptive", **overrides) -> TrainConfig:
     ``make_config("fixed", margin_base=0.7)`` is a custom margin of 0.7 (λ_σ = λ_res = 0).
     """
     return TrainConfig.from_dict({"margin": margin, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def parse_vary(specs) -> dict[str, list]:
+    """``["lr=1e-4,5e-5", "cross_attention=on,off"]`` → ``{"lr": [1e-4, 5e-5], "cross_attention": [True, False]}``:
+    a sweep's grid axes, each value parsed as its ``TrainConfig`` field's type."""
+    import click
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    grid = {}
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        name = name.strip().replace("-", "_")
+        if name in ("seed", "margin") or name not in fields:
+            raise UserError(f"--vary {spec!r}: expected FIELD=v1,v2 with FIELD a training option other than seed "
+                            "and margin (those have --seeds and --margins), e.g. lr=1e-4,5e-5")
+        kind = click.BOOL if isinstance(fields[name].default, bool) else (
+            float if fields[name].metadata.get("preset") else type(fields[name].default))
+        try:
+            grid[name] = [kind(value.strip()) if kind is not click.BOOL else kind.convert(value.strip(), None, None)
+                          for value in values.split(",") if value.strip()]
+        except (ValueError, click.BadParameter):
+            expected = "on or off" if kind is click.BOOL else kind.__name__
+            raise UserError(f"--vary {spec!r}: each value must be {expected}") from None
+        if not grid[name]:
+            raise UserError(f"--vary {spec!r}: no values")
+    return grid
 
 
 def click_options(exclude=()):

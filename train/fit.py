@@ -1,18 +1,31 @@
-"""Stage two: train the RAML head on cached features (never loads CLIP).
+"""Stage two: train RAML heads on cached features (never loads CLIP).
 
-Speed (``bench train``): the training rows are converted once to one float32 tensor, batches
-are gathered from it by index (no DataLoader), the loss state and the logged loss terms stay
-tensors (one host sync per epoch), and AdamW runs fused.
+``fit`` trains one run; ``fit_runs`` trains several runs at once, as one stacked model: every
+parameter gets a leading "run" axis (``torch.func.vmap`` over ``functional_call`` of the same
+``RAMLHead``), and one forward pass, one backward pass and one optimizer step serve all K runs. Each
+run keeps what makes it its own run: its seed (initial weights and batch order), its loss scalars
+(margin values, α/β/γ, BCE weight, temperature, momenta), its r_max mode, its learning rate, weight
+decay and gradient clip (one AdamW parameter group per run), its loss state (center, σ, difficulty
+EMAs) and its history. The runs of one call must share what changes shapes or code paths
+(``group_key``); ``train/sweep.py`` groups a sweep accordingly. The K runs share one copy of the
+cached features; only their batch indices differ.
+
+A single run (K = 1) takes the plain path (no vmap): a run trained alone and the same run trained
+in an ensemble agree to float rounding (the tests check held-out scores within 1e-4).
+
+Speed (``bench train``): the training rows are converted once to one float32 tensor on the
+device, batches are gathered from it by index (no DataLoader), the loss state and the logged
+statistics stay tensors (one host sync per epoch), and AdamW runs fused.
 
 Threads: one torch thread by default. The matrices of a batch of 16 are small; on a busy
 machine (other jobs, parallel sweep workers) two OpenMP threads waiting on each other made steps
-10–20× slower in our measurements, so ``threads=2`` pays only on an idle machine, and a sweep
-fills the cores with parallel runs instead.
+10–20× slower in our measurements, so ``threads=2`` pays only on an idle machine.
 
 Determinism: weights are initialised under ``torch.manual_seed(seed)`` (in a forked RNG state)
 and batches drawn from a generator seeded with ``seed``; every CPU op used is deterministic, so
-the same cache, config and torch thread count give identical weights (another thread count may
-change the last bits).
+the same cache, config and torch thread count give identical weights on the CPU (another thread
+count may change the last bits). On CUDA, matrix products and ``index_add_`` may reorder sums from
+run to run: results agree to float rounding, not bit for bit.
 """
 from __future__ import annotations
 
@@ -24,65 +37,90 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.func import functional_call, vmap
 
 from cache import FeatureTable, UserError
 from cache.store import atomic_write_text
+from extract.encoder import resolve_device
 from train.checkpoint import save_checkpoint
 from train.config import TrainConfig
-from train.infer import f1_max_threshold, score_rows, text_tokens
-from train.loss import TERMS, MACCLoss, image_r_max, resolution_penalty
+from train.infer import calibrate_thresholds, score_rows, text_tokens
+from train.loss import (STEP_STATS, TERMS, image_r_max, initial_loss_state, loss_hyperparameters, loss_step,
+                        resolution_penalty, state_margins, weights_of)
 from train.model import RAMLHead, build_head
 from train.split import Split, holdout_split
 
 INIT_BATCH = 256    # images per chunk when preparing tensors and initialising the center and σ
+# Settings that change the head's shapes, the batches or the loss's code path: runs trained in one
+# pass must agree on them (everything else is a per-run scalar).
+GROUP_FIELDS = ("epochs", "batch_size", "split_seed", "holdout_fraction", "hidden_dim", "attn_dim", "feature_dim",
+                "scales", "cross_attention", "text_fusion", "tile_pool", "loss", "loss_variant")
+
+
+def group_key(config: TrainConfig) -> tuple:
+    """What runs must share to be trained in one pass (see ``GROUP_FIELDS``)."""
+    return tuple((name, getattr(config, name)) for name in GROUP_FIELDS)
 
 
 @dataclass
 class TrainingData:
-    """The training rows as tensors, prepared once per run."""
+    """The training rows as tensors on the training device, prepared once per pass."""
 
     crops: torch.Tensor               # [N, 21, D] float32
     labels: torch.Tensor              # [N] float32, 1 = anomalous
     category: torch.Tensor            # [N] long, index into ``categories``
-    resolution_penalty: torch.Tensor  # [N] float32, max(0, 1 − r/r_max)
     text_bank: torch.Tensor           # [C, 2, D] float32 (normal, anomalous) per category
     categories: list
 
 
-def training_data(table: FeatureTable, rows, config: TrainConfig) -> TrainingData:
+def training_data(table: FeatureTable, rows, device: torch.device) -> TrainingData:
     """Gather ``rows`` of ``table`` into the tensors that training indexes every step."""
     rows = np.asarray(rows)
     names = table.category[rows]
     categories = sorted(set(names.tolist()))
-    r_max = image_r_max(table.height[rows], table.width[rows], names, config.r_max)
     crops = np.empty((len(rows), *table.features.shape[1:]), np.float32)
     for start in range(0, len(rows), INIT_BATCH):   # in chunks: no float16 copy of all rows at once
         crops[start:start + INIT_BATCH] = table.features[rows[start:start + INIT_BATCH]]
     return TrainingData(
-        crops=torch.from_numpy(crops),
-        labels=torch.from_numpy(table.label[rows].astype(np.float32)),
-        category=torch.from_numpy(np.searchsorted(categories, names).astype(np.int64)),
-        resolution_penalty=torch.from_numpy(resolution_penalty(table.meta["input_size"], r_max).astype(np.float32)),
-        text_bank=torch.from_numpy(text_tokens(table.text, categories)),
+        crops=torch.from_numpy(crops).to(device),
+        labels=torch.from_numpy(table.label[rows].astype(np.float32)).to(device),
+        category=torch.from_numpy(np.searchsorted(categories, names).astype(np.int64)).to(device),
+        text_bank=torch.from_numpy(text_tokens(table.text, categories)).to(device),
         categories=categories)
+
+
+def run_resolution_penalty(table: FeatureTable, rows, config: TrainConfig) -> np.ndarray:
+    """[len(rows)] float32 max(0, 1 − r/r_max) of each training image under ``config.r_max``."""
+    rows = np.asarray(rows)
+    r_max = image_r_max(table.height[rows], table.width[rows], table.category[rows], config.r_max)
+    return resolution_penalty(table.meta["input_size"], r_max).astype(np.float32)
 
 
 @dataclass
 class TrainedHead:
     model: RAMLHead
-    loss: MACCLoss
+    loss_state: dict
     config: TrainConfig
     split: Split
     categories: list
-    threshold: float
+    thresholds: dict                  # train.infer.calibrate_thresholds on the training images
     fingerprint: dict
     history: list = field(default_factory=list)
+    runs_in_pass: int = 1              # how many runs were trained together with this one
+    device: str = "cpu"
 
 
 def epoch_line(record: dict, epochs: int) -> str:
     terms = "  ".join(f"{name} {record[name]:.4f}" for name in TERMS)
     return (f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  {terms}  |  "
-            f"m {record['mean_margin']:.3f}  σ {record['sigma']:.3f}  |  {record['seconds']:.1f} s")
+            f"m {record['mean_margin']:.3f}  σ {record['sigma']:.3f}  inside {record['anomalous_inside_margin']:.2f}"
+            f"  |  {record['seconds']:.1f} s")
+
+
+def pass_line(records: list[dict], epochs: int) -> str:
+    losses = [record["loss"] for record in records]
+    return (f"epoch {records[0]['epoch']:>{len(str(epochs))}}/{epochs}  {len(records)} runs  loss "
+            f"{min(losses):.4f}–{max(losses):.4f}  |  {records[0]['seconds']:.1f} s")
 
 
 @contextmanager
@@ -98,59 +136,208 @@ def torch_threads(count: int | None):
 
 
 def fit(table: FeatureTable, config: TrainConfig, split: Split | None = None, progress=None,
-        threads: int | None = 1) -> TrainedHead:
-    """Train a head on ``split.train`` (default: ``holdout_split`` with the config's split seed).
+        threads: int | None = 1, device: str = "cpu") -> TrainedHead:
+    """Train one head on ``split.train`` (default: ``holdout_split`` with the config's split seed).
 
     ``progress``, if given, is called with one line per epoch (loss terms, mean margin, σ).
-    ``threads``: torch threads while training (see the module docstring).
+    ``threads``: torch threads while training (see the module docstring); ``device``: "cpu",
+    "cuda", "cuda:N" or "auto".
     """
+    return fit_runs(table, [config], split, progress, threads, device)[0]
+
+
+def fit_runs(table: FeatureTable, configs: list[TrainConfig], split: Split | None = None, progress=None,
+             threads: int | None = 1, device: str = "cpu") -> list[TrainedHead]:
+    """Train every config at once (see the module docstring); they must share ``group_key``."""
+    if len({group_key(config) for config in configs}) != 1:
+        raise ValueError("fit_runs: the configs differ in settings that change shapes or the loss "
+                         f"({', '.join(GROUP_FIELDS)}); train them in separate passes")
+    order = sorted(range(len(configs)), key=lambda k: (configs[k].lr, configs[k].weight_decay))  # stable
     with torch_threads(threads):
-        return _fit(table, config, split, progress)
+        trained = _fit_runs(table, [configs[k] for k in order], split, progress, resolve_device(device))
+    return [trained[order.index(k)] for k in range(len(configs))]
 
 
-def _fit(table, config, split, progress) -> TrainedHead:
-    split = split or holdout_split(table, config.split_seed, config.holdout_fraction)
-    data = training_data(table, split.train, config)
-    n_images = len(data.labels)
-    steps = n_images // config.batch_size
+def _fit_runs(table, configs, split, progress, device) -> list[TrainedHead]:
+    first = configs[0]
+    split = split or holdout_split(table, first.split_seed, first.holdout_fraction)
+    data = training_data(table, split.train, device)
+    n_images, batch_size, epochs = len(data.labels), first.batch_size, first.epochs
+    steps = n_images // batch_size
     if steps == 0 or data.labels.min() == data.labels.max():
         raise UserError(f"{table.cache_dir}: {n_images} training images "
-                         f"({int(data.labels.sum())} anomalous); need at least one batch of "
-                         f"{config.batch_size} and both normal and anomalous images")
-    with torch.random.fork_rng(devices=[]):   # seed the init without touching the caller's RNG
-        torch.manual_seed(config.seed)
-        model = build_head(config, data.crops.shape[-1])
-    loss_fn = MACCLoss(config, len(data.categories), config.feature_dim)
-    loss_fn.initialise(_normal_features(model, data))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    generator = torch.Generator().manual_seed(config.seed)
-    history = []
-    model.train()
-    for epoch in range(1, config.epochs + 1):
+                        f"({int(data.labels.sum())} anomalous); need at least one batch of "
+                        f"{batch_size} and both normal and anomalous images")
+    runs = len(configs)
+    models = []
+    for config in configs:
+        with torch.random.fork_rng(devices=[]):   # seed the init without touching the caller's RNG
+            torch.manual_seed(config.seed)
+            models.append(build_head(config, data.crops.shape[-1]).to(device))
+    penalty = torch.from_numpy(np.stack([run_resolution_penalty(table, split.train, c) for c in configs])).to(device)
+    hp = [{name: value.to(device) for name, value in loss_hyperparameters(c).items()} for c in configs]
+    states = [initial_loss_state(c, _normal_features(model, data), len(data.categories))
+              for c, model in zip(configs, models)]
+    step_fn = loss_step(first)
+    generators = [torch.Generator().manual_seed(c.seed) for c in configs]
+    if runs == 1:
+        stack = None
+        forward, step, state, hp_runs = models[0], step_fn, states[0], hp[0]
+        optimizer = torch.optim.AdamW(models[0].parameters(), lr=first.lr, weight_decay=first.weight_decay,
+                                      fused=True)
+    else:
+        stack = RunStack(models, configs)
+        forward, step, state, hp_runs = stack.forward, vmap(step_fn), _stack(states), _stack(hp)
+        optimizer = torch.optim.AdamW(stack.param_groups(), lr=first.lr, fused=True)
+    histories = [[] for _ in configs]
+    for model in models:
+        model.train()
+    for epoch in range(1, epochs + 1):
         start = time.perf_counter()
-        order = torch.randperm(n_images, generator=generator)[:steps * config.batch_size].view(steps, -1)
-        totals = torch.zeros(len(TERMS))
+        order = torch.stack([torch.randperm(n_images, generator=g)[:steps * batch_size].view(steps, batch_size)
+                             for g in generators], dim=1).to(device)           # [steps, K, B]
+        totals = torch.zeros(runs, len(STEP_STATS), device=device)
         for rows in order:
-            features, logits = model(data.crops.index_select(0, rows), data.text_bank, data.category[rows])
-            loss, terms = loss_fn(features, logits, data.labels[rows], data.category[rows],
-                                  data.resolution_penalty[rows])
+            if stack is None:
+                rows = rows[0]
+                features, logits = forward(data.crops.index_select(0, rows), data.text_bank, data.category[rows])
+                loss, stats, state = step(features, logits, data.labels[rows], data.category[rows], penalty[0, rows],
+                                          state, hp_runs)
+                stats = stats[None]
+            else:
+                crops = data.crops.index_select(0, rows.reshape(-1)).view(*rows.shape, *data.crops.shape[1:])
+                features, logits = forward(crops, data.text_bank, data.category[rows])
+                losses, stats, state = step(features, logits, data.labels[rows], data.category[rows],
+                                            penalty.gather(1, rows), state, hp_runs)
+                loss = losses.sum()   # runs share no parameter: each gets its own loss's gradient
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if stack is not None:
+                stack.clip_gradients()
+            elif first.grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_(models[0].parameters(), first.grad_clip_norm)
             optimizer.step()
-            totals += terms
-        record = {"epoch": epoch, **dict(zip(TERMS, (totals / steps).tolist())),
-                  "sigma": float(loss_fn.sigma),
-                  "mean_margin": float(loss_fn.margins(data.resolution_penalty[data.labels == 1]).mean()),
-                  "difficulty_weights": dict(zip(data.categories, loss_fn.weights().tolist())),
-                  "seconds": time.perf_counter() - start}
-        history.append(record)
+            totals += stats
+        seconds = time.perf_counter() - start
+        run_states = [state] if runs == 1 else _unstack(state, runs)
+        records = [_epoch_record(epoch, run_totals, steps, run_state, run_hp, penalty[k], data, seconds, runs,
+                                 weights_of(first))
+                   for k, (run_totals, run_state, run_hp) in enumerate(zip(totals.cpu(), run_states, hp))]
+        for history, record in zip(histories, records):
+            history.append(record)
         if progress:
-            progress(epoch_line(record, config.epochs))
-    model.eval()
-    train_scores = score_rows(model, table, split.train, config.visual_weight, config.text_weight)["final"]
-    return TrainedHead(model=model, loss=loss_fn, config=config, split=split, categories=data.categories,
-                       threshold=f1_max_threshold(table.label[split.train], train_scores),
-                       fingerprint=dict(table.meta), history=history)
+            progress(epoch_line(records[0], epochs) if runs == 1 else pass_line(records, epochs))
+    if stack is not None:
+        stack.write_back()
+    final_states = [state] if runs == 1 else _unstack(state, runs)
+    trained = []
+    for model, config, run_state, history in zip(models, configs, final_states, histories):
+        train_scores = score_rows(model, table, split.train, config.visual_weight, config.text_weight,
+                                  device=str(device))["final"]   # leaves the model on the CPU, in eval mode
+        trained.append(TrainedHead(model=model, loss_state={k: v.detach().cpu() for k, v in run_state.items()},
+                                   config=config, split=split, categories=data.categories,
+                                   thresholds=calibrate_thresholds(table.label[split.train], train_scores,
+                                                                   table.category[split.train]),
+                                   fingerprint=dict(table.meta), history=history, runs_in_pass=runs,
+                                   device=str(device)))
+    return trained
+
+
+def _epoch_record(epoch, totals, steps, state, hp, penalty, data, seconds, runs, weights) -> dict:
+    stats = dict(zip(STEP_STATS, totals.tolist()))
+    anomalous = data.labels == 1
+    return {"epoch": epoch, **{name: stats[name] / steps for name in TERMS},
+            "sigma": float(state["sigma"]),
+            "mean_margin": float(state_margins(state, hp, penalty[anomalous]).mean()),
+            "anomalous_inside_margin": stats["inside_margin"] / max(stats["anomalous"], 1.0),
+            "difficulty_weights": dict(zip(data.categories, weights(state, hp).tolist())),
+            "seconds": seconds, "runs_in_pass": runs}
+
+
+class RunStack:
+    """The parameters of K heads of one architecture as stacked leaf tensors ``[K, ...]``, and their
+    forward pass as one vmapped call (``torch.func.functional_call`` of the first head).
+
+    Runs are stacked per optimizer group: runs with the same (lr, weight decay) share a leaf per
+    parameter, so one fused AdamW group updates them with exactly the per-element arithmetic of a
+    run trained alone; the groups' leaves are concatenated along the run axis in the forward pass.
+    Two layout choices, each measured on 15 runs: stacked leaves rather than per-run leaves stacked
+    at every step (1.46× faster forward and backward: no per-run gradient copies), and matrices kept
+    transposed, ``[K, in, out]``, handed to the head as ``.mT`` views, so that the batched products
+    read them contiguously and their gradients arrive in the leaves' own layout (1.12×: no
+    transposing copy of every weight gradient).
+    """
+
+    def __init__(self, models: list[RAMLHead], configs: list[TrainConfig]):
+        self.models, self.configs = models, configs
+        self.base = models[0]
+        self.buffers = dict(self.base.named_buffers())
+        self.names = [name for name, _ in self.base.named_parameters()]
+        groups = {}
+        for k, config in enumerate(configs):
+            groups.setdefault((config.lr, config.weight_decay), []).append(k)
+        self.groups = list(groups.items())
+        self.order = [k for _, members in self.groups for k in members]      # run axis of the forward pass
+        if self.order != list(range(len(models))):
+            raise ValueError("RunStack: runs of one (lr, weight decay) must be contiguous; sort them first")
+        self.transposed = {name for name, parameter in self.base.named_parameters() if parameter.dim() == 2}
+        self.leaves = [{name: torch.stack([self._layout(name, dict(models[k].named_parameters())[name].detach())
+                                           for k in members]).requires_grad_() for name in self.names}
+                       for _, members in self.groups]
+        self.clipping = any(c.grad_clip_norm for c in configs)
+        self.max_norm = torch.tensor([c.grad_clip_norm for c in configs], device=self.leaves[0][self.names[0]].device)
+        self._forward = vmap(self._one_run, in_dims=(0, 0, None, 0))
+
+    def _layout(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A parameter in the leaves' layout (matrices transposed), and back: ``.mT`` is its own inverse."""
+        return tensor.mT if name in self.transposed else tensor
+
+    def _one_run(self, parameters, crops, text_bank, category):
+        return functional_call(self.base, (parameters, self.buffers), (crops, text_bank, category))
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(leaves.values()), "lr": lr, "weight_decay": weight_decay}
+                for ((lr, weight_decay), _), leaves in zip(self.groups, self.leaves)]
+
+    def forward(self, crops, text_bank, category):
+        """``crops`` [K, B, 21, D], ``text_bank`` [C, 2, D] (shared), ``category`` [K, B]."""
+        parameters = {name: self._layout(name, self.leaves[0][name] if len(self.leaves) == 1 else
+                                         torch.cat([leaves[name] for leaves in self.leaves])) for name in self.names}
+        return self._forward(parameters, crops, text_bank, category)
+
+    @torch.no_grad()
+    def clip_gradients(self) -> None:
+        """Each run's gradient scaled to at most its ``grad_clip_norm`` (0: left alone), as
+        ``torch.nn.utils.clip_grad_norm_`` does for a run trained alone."""
+        if not self.clipping:
+            return
+        grads = [[leaves[name].grad for name in self.names if leaves[name].grad is not None] for leaves in self.leaves]
+        squares = torch.cat([sum(g.pow(2).reshape(len(g), -1).sum(1) for g in group) for group in grads])
+        coefficient = (self.max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+        coefficient = torch.where(self.max_norm > 0, coefficient, torch.ones_like(coefficient))
+        start = 0
+        for group, (_, members) in zip(grads, self.groups):
+            part = coefficient[start:start + len(members)]
+            for g in group:
+                g.mul_(part.view(-1, *([1] * (g.dim() - 1))))
+            start += len(members)
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Copy each run's slice of the stacked parameters into its own head."""
+        for ((_, members), leaves) in zip(self.groups, self.leaves):
+            for index, k in enumerate(members):
+                parameters = dict(self.models[k].named_parameters())
+                for name in self.names:
+                    parameters[name].copy_(self._layout(name, leaves[name][index]))
+
+
+def _stack(dicts: list[dict]) -> dict:
+    return {name: torch.stack([d[name] for d in dicts]) for name in dicts[0]}
+
+
+def _unstack(stacked: dict, runs: int) -> list[dict]:
+    return [{name: value[k] for name, value in stacked.items()} for k in range(runs)]
 
 
 @torch.no_grad()
@@ -170,8 +357,8 @@ def write_run(run_dir, trained: TrainedHead) -> Path:
     write_json(run_dir / "split.json", trained.split.manifest())
     write_json(run_dir / "history.json", trained.history)
     return save_checkpoint(run_dir, model=trained.model, config=trained.config.to_dict(),
-                           loss_state=trained.loss.state(), manifest=trained.split.manifest(),
-                           fingerprint=trained.fingerprint, threshold=trained.threshold,
+                           loss_state=trained.loss_state, manifest=trained.split.manifest(),
+                           fingerprint=trained.fingerprint, thresholds=trained.thresholds,
                            categories=trained.categories)
 
 

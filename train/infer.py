@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import precision_recall_curve
 
 from cache import CacheError, FeatureTable, UserError
 from train.config import TrainConfig
@@ -45,31 +44,35 @@ def text_score(global_features, table_text: dict, categories) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * CLIP_LOGIT_SCALE * (cosines[:, 1] - cosines[:, 0])))  # sigmoid, no overflow
 
 
-def visual_score(model, features, text_bank, category_index, rows=None) -> np.ndarray:
+def visual_score(model, features, text_bank, category_index, rows=None, device: str = "cpu") -> np.ndarray:
     """sigmoid(visual logit) of ``features[rows]`` (default: all rows). ``features`` [N, 21, D]
     (any float dtype; gathered and converted to float32 one batch at a time), ``text_bank``
-    [C, 2, D], ``category_index`` [len(rows)] indices into it."""
-    model.eval()
+    [C, 2, D], ``category_index`` [len(rows)] indices into it. ``device``: where the head runs."""
+    from extract.encoder import resolve_device
+
+    device = resolve_device(device)
+    model.eval().to(device)
     rows = np.arange(len(features)) if rows is None else np.asarray(rows)
-    bank = torch.as_tensor(text_bank, dtype=torch.float32)
-    category_index = torch.as_tensor(np.asarray(category_index), dtype=torch.long)
+    bank = torch.as_tensor(text_bank, dtype=torch.float32, device=device)
+    category_index = torch.as_tensor(np.asarray(category_index), dtype=torch.long, device=device)
     scores = []
     with torch.no_grad():
         for start in range(0, len(rows), SCORE_BATCH):
-            batch = torch.as_tensor(np.asarray(features[rows[start:start + SCORE_BATCH]], np.float32))
+            batch = torch.as_tensor(np.asarray(features[rows[start:start + SCORE_BATCH]], np.float32), device=device)
             _, logits = model(batch, bank, category_index[start:start + SCORE_BATCH])
-            scores.append(torch.sigmoid(logits).numpy())
+            scores.append(torch.sigmoid(logits).cpu().numpy())
+    model.cpu()
     return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
 
 def score_rows(model, table: FeatureTable, rows=None, visual_weight=TrainConfig.visual_weight,
-               text_weight=TrainConfig.text_weight) -> dict:
+               text_weight=TrainConfig.text_weight, device: str = "cpu") -> dict:
     """``visual``, ``text`` and ``final`` scores of ``table``'s ``rows`` (default: all)."""
     rows = np.arange(len(table)) if rows is None else np.asarray(rows)
     categories = table.category[rows]
     names = sorted(set(categories.tolist()))
     bank = text_tokens(table.text, names)
-    visual = visual_score(model, table.features, bank, np.searchsorted(names, categories), rows)
+    visual = visual_score(model, table.features, bank, np.searchsorted(names, categories), rows, device)
     text = text_score(table.features[rows, 0], table.text, categories)
     return {"visual": visual, "text": text, "final": visual_weight * visual + text_weight * text}
 
@@ -81,19 +84,74 @@ def score_weights(checkpoint, visual_weight: float | None = None, text_weight: f
             "text_weight": config["text_weight"] if text_weight is None else text_weight}
 
 
-def score_table(checkpoint, table: FeatureTable, visual_weight=None, text_weight=None) -> dict:
+def score_table(checkpoint, table: FeatureTable, visual_weight=None, text_weight=None, device: str = "cpu") -> dict:
     """Score every image of ``table`` with a loaded checkpoint (weights: ``score_weights``);
     refuses a cache of another backbone."""
     from train.checkpoint import check_cache
     check_cache(checkpoint, table)
-    return score_rows(checkpoint.model, table, None, **score_weights(checkpoint, visual_weight, text_weight))
+    return score_rows(checkpoint.model, table, None, **score_weights(checkpoint, visual_weight, text_weight),
+                      device=device)
 
 
-def f1_max_threshold(labels, scores) -> float:
-    """The score threshold (predict anomalous when score ≥ it) that maximises F1 on these images."""
-    labels, scores = np.asarray(labels), np.asarray(scores, dtype=float)
+CALIBRATION_SET = ("the run's own training images of the category (optimistic: the head was fitted on them; "
+                   "held-out images are never used, they are what evaluate scores)")
+
+
+def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """Precision, recall and F1 of "anomalous when score ≥ threshold" on these images (None where
+    undefined: precision when nothing is flagged, recall without anomalous images)."""
+    flagged = scores >= threshold
+    true_positives = int((flagged & (labels == 1)).sum())
+    precision = true_positives / int(flagged.sum()) if flagged.any() else None
+    recall = true_positives / int((labels == 1).sum()) if (labels == 1).any() else None
+    f1 = None if precision is None or recall is None else (
+        2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    return {"threshold": float(threshold), "precision": precision, "recall": recall, "f1": f1,
+            "normal": int((labels == 0).sum()), "anomalous": int((labels == 1).sum())}
+
+
+def calibrate_thresholds(labels, scores, categories) -> dict:
+    """Decision thresholds of s_final, one per category, fitted on the calibration images given.
+
+    Each category's threshold is its F1-max threshold (``evaluate.metrics.f1_max``: anomalous
+    when score ≥ threshold), stored with its precision, recall and F1 on those images and their
+    class counts. A category with one class only has no F1-max (``threshold`` None, with the
+    reason); the ``pooled`` threshold (F1-max over all the images) is what ``predict`` uses for it
+    and for categories the run was not trained on. ``fit`` calls this on the training images
+    (``CALIBRATION_SET`` says why those).
+
+    Returns ``{"set", "rule", "pooled": {...}, "categories": {category: {...}}}``.
+    """
+    from evaluate.metrics import f1_max
+    labels, scores, categories = np.asarray(labels).astype(int), np.asarray(scores, float), np.asarray(categories)
     if len(np.unique(labels)) < 2:
-        raise UserError("an F1-max threshold needs both normal and anomalous images")
-    precision, recall, thresholds = precision_recall_curve(labels, scores)
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    return float(thresholds[np.argmax(f1[:-1])])
+        raise UserError("calibrating a threshold needs both normal and anomalous images")
+    per_category = {}
+    for category in sorted(set(categories.tolist())):
+        here = categories == category
+        if len(np.unique(labels[here])) < 2:
+            only = "anomalous" if labels[here][0] else "normal"
+            per_category[category] = {"threshold": None, "normal": int((labels[here] == 0).sum()),
+                                      "anomalous": int((labels[here] == 1).sum()),
+                                      "reason": f"only {only} calibration images: no F1-max; the pooled threshold "
+                                                "applies"}
+            continue
+        per_category[category] = operating_point(labels[here], scores[here], f1_max(labels[here], scores[here])[1])
+    return {"set": CALIBRATION_SET, "rule": "F1-max of s_final, anomalous when s_final >= threshold",
+            "pooled": operating_point(labels, scores, f1_max(labels, scores)[1]), "categories": per_category}
+
+
+def threshold_lines(calibration: dict) -> list[str]:
+    """The calibration as lines for a terminal: each category's threshold with its precision and
+    recall on the calibration images, and the pooled threshold."""
+    lines = [f"thresholds ({calibration['rule']}; calibrated on {calibration['set']}):"]
+    for name, point in [*calibration["categories"].items(), ("(pooled)", calibration["pooled"])]:
+        counts = f"{point.get('normal', '?')} normal, {point.get('anomalous', '?')} anomalous"
+        if point.get("threshold") is None:
+            lines.append(f"  {name:<14} –       ({counts}): {point['reason']}")
+        elif "precision" in point:
+            lines.append(f"  {name:<14} {point['threshold']:.4f}  precision {point['precision']:.3f}  "
+                         f"recall {point['recall']:.3f}  ({counts})")
+        else:
+            lines.append(f"  {name:<14} {point['threshold']:.4f}")
+    return lines

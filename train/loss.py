@@ -14,7 +14,12 @@ State (saved in checkpoints; never trained by gradient):
 - ``difficulty``: per-category EMA (``difficulty_momentum``) of the loss (SPEC §6).
 
 Both ``center`` and ``sigma`` are initialised from all training normals under the initial
-weights (``MACCLoss.initialise``), so the first batch already has a meaningful center.
+weights (``initial_loss_state``), so the first batch already has a meaningful center.
+
+The loss is written as pure step functions (``maccl_step``: state in, loss and new state out), so
+that ``torch.func.vmap`` trains many runs at once (train/fit.py). ``loss_step(config)`` picks the
+step of a config: ``maccl_step`` (this project's MACCL), ``bce_only_step`` (``--loss bce``), or the
+original release's loss (``--loss-variant original``, train/original_loss.py).
 
 Each image carries a resolution penalty max(0, 1 − r/r_max) (``resolution_penalty``); its margin
 is m = m_base + λ_σ·σ + λ_res·penalty, so the adaptive margin is per image. Fixed and strong
@@ -25,7 +30,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 TERMS = ("loss", "center", "margin", "contrastive", "bce")
 
@@ -95,81 +99,128 @@ def contrastive_terms(features, labels, temperature):
     return terms, (count > 0).to(features.dtype)
 
 
-class MACCLoss(nn.Module):
-    """``α·L_center + β·L_margin + γ·L_contrastive + bce_weight·L_bce``, each term a mean over the
-    images it concerns (normal / anomalous / anchors with a positive / all), every image weighted
-    by its category's difficulty weight. ``forward`` also updates the state (after computing the
-    loss with the state from before the batch).
+LOSS_STATE = ("center", "sigma", "difficulty", "difficulty_seen")
+# Per-step statistics a loss step returns: TERMS, then two counts for "Watch the margin": the
+# batch's anomalous images whose distance to the center is below their margin, and all its
+# anomalous images. While the hinge is active its gradient does not depend on m, so two margin
+# settings train alike until this fraction differs.
+STEP_STATS = (*TERMS, "inside_margin", "anomalous")
+
+
+def loss_hyperparameters(config) -> dict:
+    """The loss's scalars of one run as 0-d float32 tensors (``vmap`` stacks them across runs).
+
+    The EMA step sizes ``1 − momentum`` are computed here in double precision, as Python computes
+    them, so a run gives the same bits whether its scalars are floats or tensors.
     """
+    values = {name: getattr(config, name) for name in (
+        "alpha", "beta", "gamma", "bce_weight", "temperature", "margin_base", "lambda_sigma", "lambda_res",
+        "center_momentum", "sigma_momentum", "difficulty_momentum", "difficulty_scale", "difficulty_min",
+        "difficulty_max")}
+    for name in ("center_momentum", "sigma_momentum", "difficulty_momentum"):
+        values[name.replace("momentum", "rate")] = 1.0 - values[name]
+    return {name: torch.tensor(float(value)) for name, value in values.items()}
 
-    def __init__(self, config, n_categories: int, feature_dim: int):
-        super().__init__()
-        self.config = config
-        self.register_buffer("center", torch.zeros(feature_dim))
-        self.register_buffer("sigma", torch.zeros(()))
-        self.register_buffer("difficulty", torch.zeros(n_categories))
-        self.register_buffer("difficulty_seen", torch.zeros(n_categories, dtype=torch.bool))
 
-    @torch.no_grad()
-    def initialise(self, normal_features: torch.Tensor) -> None:
-        """Center and σ from the normal features of the whole training set under the initial head."""
-        self.center.copy_(normal_features.mean(dim=0))
-        self.sigma.copy_(_normal_spread(normal_features, torch.ones(len(normal_features)))[1])
+def initial_loss_state(config, normal_features: torch.Tensor, n_categories: int) -> dict:
+    """The loss state a run starts from: for ``raml``, center and σ of the normal features of the
+    whole training set under the initial head (so the first batch already has a meaningful
+    center), no category loss seen yet; for ``original``, the original release's start."""
+    if config.loss_variant == "original":
+        from train.original_loss import original_initial_state
+        return original_initial_state(normal_features.shape[1], n_categories, normal_features.device)
+    _, sigma, _ = _normal_spread(normal_features, torch.ones_like(normal_features[:, 0]))
+    return {"center": normal_features.mean(dim=0), "sigma": sigma,
+            "difficulty": normal_features.new_zeros(n_categories),
+            "difficulty_seen": torch.zeros(n_categories, dtype=torch.bool, device=normal_features.device)}
 
-    def margins(self, resolution_penalty: torch.Tensor) -> torch.Tensor:
-        """Each image's margin under the current σ."""
-        c = self.config
-        return adaptive_margin(c.margin_base, c.lambda_sigma, self.sigma, c.lambda_res, resolution_penalty)
 
-    def weights(self) -> torch.Tensor:
-        c = self.config
-        return difficulty_weights(self.difficulty, self.difficulty_seen, c.difficulty_scale, c.difficulty_min,
-                                  c.difficulty_max)
+def category_weights(state: dict, hp: dict) -> torch.Tensor:
+    """[C] difficulty weight of each category under ``state``."""
+    return difficulty_weights(state["difficulty"], state["difficulty_seen"], hp["difficulty_scale"],
+                              hp["difficulty_min"], hp["difficulty_max"])
 
-    def forward(self, features, logits, labels, category, resolution_penalty):
-        """``labels`` float [B] (1 anomalous), ``category`` long [B], ``resolution_penalty`` [B].
 
-        Returns ``(loss, terms)``: the scalar to minimise and a detached [5] tensor of
-        ``TERMS`` (total, center, margin, contrastive, bce) for logging.
-        """
-        c = self.config
-        anomalous, normal = labels, 1 - labels
-        weights = self.weights()[category]
-        center = center_terms(features, normal, self.center)
-        margin = margin_terms(features, anomalous, self.center, self.margins(resolution_penalty))
-        contrastive, anchors = contrastive_terms(features, labels, c.temperature)
-        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-        per_image = torch.stack([center, margin, contrastive, bce])                   # [4, B]
-        counts = torch.stack([normal.sum(), anomalous.sum(), anchors.sum(),
-                              labels.new_tensor(float(len(labels)))]).clamp(min=1)
-        means = (per_image * weights).sum(dim=1) / counts
-        coefficients = labels.new_tensor([c.alpha, c.beta, c.gamma, c.bce_weight])
-        loss = (coefficients * means).sum()
-        self.update_state(features.detach(), normal, category, (coefficients[:, None] * per_image).sum(0).detach())
-        return loss, torch.cat([loss.detach()[None], means.detach()])
+def state_margins(state: dict, hp: dict, resolution_penalty) -> torch.Tensor:
+    """Each image's margin under the state's σ."""
+    return adaptive_margin(hp["margin_base"], hp["lambda_sigma"], state["sigma"], hp["lambda_res"], resolution_penalty)
 
-    @torch.no_grad()
-    def update_state(self, features, normal, category, image_loss):
-        """Move the center, σ and the per-category loss EMAs with one batch (no gradient)."""
-        c = self.config
-        mean, std, count = _normal_spread(features, normal)
-        self.center.copy_(torch.where(count > 0, c.center_momentum * self.center + (1 - c.center_momentum) * mean,
-                                      self.center))
-        self.sigma.copy_(torch.where(count > 1, c.sigma_momentum * self.sigma + (1 - c.sigma_momentum) * std,
-                                     self.sigma))
-        # L_cat of this batch: the mean loss of the category's images, an image's loss being
-        # α·center + β·margin + γ·contrastive + bce_weight·bce of that image.
-        sums = torch.zeros_like(self.difficulty).index_add_(0, category, image_loss)
-        present = torch.zeros_like(self.difficulty).index_add_(0, category, torch.ones_like(image_loss))
-        batch_loss = sums / present.clamp(min=1)
-        m = c.difficulty_momentum
-        updated = torch.where(self.difficulty_seen, m * self.difficulty + (1 - m) * batch_loss, batch_loss)
-        self.difficulty.copy_(torch.where(present > 0, updated, self.difficulty))
-        self.difficulty_seen |= present > 0
 
-    def state(self) -> dict:
-        """The loss state as plain tensors (for checkpoints)."""
-        return {name: buffer.detach().clone() for name, buffer in self.named_buffers()}
+def maccl_step(features, logits, labels, category, resolution_penalty, state: dict, hp: dict):
+    """One batch of ``α·L_center + β·L_margin + γ·L_contrastive + bce_weight·L_bce``.
+
+    Each term is a mean over the images it concerns (normal / anomalous / anchors with a positive /
+    all), every image weighted by its category's difficulty weight; the loss uses the state from
+    before the batch. ``labels`` float [B] (1 anomalous), ``category`` long [B],
+    ``resolution_penalty`` [B]; ``hp`` from ``loss_hyperparameters``.
+
+    Returns ``(loss, stats, new_state)``: the scalar to minimise, a detached [7] tensor of
+    ``STEP_STATS`` (total, the four term means, and the two margin counts), and the state moved by
+    this batch. A pure function (no in-place update of its inputs), so ``torch.func.vmap`` runs many
+    runs' steps as one.
+    """
+    anomalous, normal = labels, 1 - labels
+    weights = category_weights(state, hp)[category]
+    center = center_terms(features, normal, state["center"])
+    margin = margin_terms(features, anomalous, state["center"], state_margins(state, hp, resolution_penalty))
+    contrastive, anchors = contrastive_terms(features, labels, hp["temperature"])
+    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    per_image = torch.stack([center, margin, contrastive, bce])                   # [4, B]
+    n_images = torch.full_like(normal.sum(), len(labels))
+    counts = torch.stack([normal.sum(), anomalous.sum(), anchors.sum(), n_images]).clamp(min=1)
+    means = (per_image * weights).sum(dim=1) / counts
+    coefficients = torch.stack([hp["alpha"], hp["beta"], hp["gamma"], hp["bce_weight"]])
+    loss = (coefficients * means).sum()
+    new_state = updated_state(state, hp, features.detach(), normal, category,
+                              (coefficients[:, None] * per_image).sum(0).detach())
+    margin_counts = torch.stack([(margin > 0).sum().to(loss.dtype), anomalous.sum()])
+    return loss, torch.cat([loss.detach()[None], means.detach(), margin_counts]), new_state
+
+
+def bce_only_step(features, logits, labels, category, resolution_penalty, state: dict, hp: dict):
+    """``--loss bce`` (an ablation): the plain supervised head, ``bce_weight`` × the batch's mean BCE,
+    unweighted by difficulty. The MACCL terms and state are still computed, for the log only."""
+    _, stats, new_state = maccl_step(features.detach(), logits.detach(), labels, category, resolution_penalty,
+                                     state, hp)
+    loss = hp["bce_weight"] * F.binary_cross_entropy_with_logits(logits, labels)
+    return loss, torch.cat([loss.detach()[None], stats[1:]]), new_state
+
+
+def weights_of(config):
+    """The function ``(state, hp) → [C]`` difficulty weights of ``config``'s loss variant."""
+    if config.loss_variant == "original":
+        from train.original_loss import original_category_weights
+        return original_category_weights
+    return category_weights
+
+
+def loss_step(config):
+    """The step function of ``config``'s loss (``loss_variant`` × ``loss``); see ``maccl_step``."""
+    if config.loss == "bce":
+        return bce_only_step
+    if config.loss_variant == "original":
+        from train.original_loss import original_step
+        return original_step
+    return maccl_step
+
+
+@torch.no_grad()
+def updated_state(state: dict, hp: dict, features, normal, category, image_loss) -> dict:
+    """The center, σ and per-category loss EMAs moved by one batch (no gradient)."""
+    mean, std, count = _normal_spread(features, normal)
+    center = torch.where(count > 0, hp["center_momentum"] * state["center"] + hp["center_rate"] * mean,
+                         state["center"])
+    sigma = torch.where(count > 1, hp["sigma_momentum"] * state["sigma"] + hp["sigma_rate"] * std, state["sigma"])
+    # L_cat of this batch: the mean loss of the category's images, an image's loss being
+    # α·center + β·margin + γ·contrastive + bce_weight·bce of that image.
+    sums = torch.zeros_like(state["difficulty"]).index_add_(0, category, image_loss)
+    present = torch.zeros_like(state["difficulty"]).index_add_(0, category, torch.ones_like(image_loss))
+    batch_loss = sums / present.clamp(min=1)
+    seen = state["difficulty_seen"]
+    moved = torch.where(seen, hp["difficulty_momentum"] * state["difficulty"] + hp["difficulty_rate"] * batch_loss,
+                        batch_loss)
+    return {"center": center, "sigma": sigma,
+            "difficulty": torch.where(present > 0, moved, state["difficulty"]), "difficulty_seen": seen | (present > 0)}
 
 
 def _normal_spread(features, normal):

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cache import CROP_LAYOUT, SCALE_SLICES
+from cache import CROP_LAYOUT, SCALE_SLICES, UserError
+from train.config import switch_problems
 
 
 def children_mask(coarse=CROP_LAYOUT[1], fine=CROP_LAYOUT[2]) -> torch.Tensor:
@@ -25,6 +26,18 @@ def children_mask(coarse=CROP_LAYOUT[1], fine=CROP_LAYOUT[2]) -> torch.Tensor:
     return mask
 
 
+class TokenLinear(nn.Linear):
+    """``nn.Linear`` over the last axis of ``[..., in]`` tokens, computed as one 2-D matrix product.
+
+    Same result as ``nn.Linear``. The reshape matters when many runs train at once: train/fit.py
+    vmaps this head over a leading run axis, and vmap turns a Linear on a 3-D input with a per-run
+    weight into a broadcast product that copies the weight once per image (measured 4× slower).
+    """
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return super().forward(tokens.reshape(-1, tokens.shape[-1])).reshape(*tokens.shape[:-1], self.out_features)
+
+
 def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask=None) -> torch.Tensor:
     """Single-head scaled dot-product attention: softmax(q·kᵀ/√d + mask) · values."""
     scores = queries @ keys.transpose(-1, -2) * keys.shape[-1] ** -0.5
@@ -36,50 +49,87 @@ def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask
 class RAMLHead(nn.Module):
     """Scores one image from its 21 crop embeddings.
 
-    ``forward`` returns ``(features, logits)``: the L2-normalised MACCL feature [B, feature_dim]
-    (unit sphere: distances lie in [0, 2], so margins such as 0.905 are meaningful) and the
-    visual logit [B].
+    ``forward(crops, text_bank, category)`` returns ``(features, logits)``: the L2-normalised
+    MACCL feature [B, feature_dim] (unit sphere: distances lie in [0, 2], so margins such as
+    0.905 are meaningful) and the visual logit [B].
 
     Attention is single-head, with queries and keys projected to ``attn_dim``; each scale has
     one key projection, shared by the arrows that attend over it. The values are the attended
     tokens themselves, without an output projection: they already are learned projections of
     their scale, and the fusion MLP that follows mixes everything. Keeping the head this lean
     is what lets 25 epochs of MVTec train in seconds on a CPU (``bench train``).
+
+    Parameters
+    ----------
+    input_dim : int
+        Width D of the cached crop embeddings (512 for ViT-B/16).
+    hidden_dim, attn_dim, feature_dim : int
+        Width of the per-scale projections and the fused vector; of attention queries and keys;
+        of the MACCL feature.
+    fusion_scale_init : float
+        Initial value of the learnable text-visual fusion scale.
+    n_scales : {1, 2, 3}
+        Ablation: how many crop scales the head reads, coarse to fine (``--scales 1``, ``1,2``,
+        ``1,2,3``). Crops of the other scales are never read, and their projections, keys,
+        queries and norms are not built.
+    cross_attention : bool
+        Ablation: False replaces every arrow by the identity (each scale is only projected, then
+        pooled by the fusion as usual); no query, key or arrow-norm parameter is built. With one
+        scale there is nothing to attend across, so ``n_scales=1`` requires False.
+    text_fusion : bool
+        Ablation: False feeds the fused visual vector to the heads directly; the text query and
+        key, the fusion scale and the text norm are not built, and ``text_bank`` is ignored.
+    tile_pool : {"max", "mean"}
+        Ablation: how the fusion pools the 16 tiles of the 4×4 grid. Only scale 3 has them, so
+        "mean" requires ``n_scales=3``.
+
+    Every switch is static (decided here): ``forward`` has no data-dependent control flow, no
+    in-place op and no buffer update, so many heads can run at once under ``torch.func.vmap``
+    with ``stack_module_state`` and ``functional_call``. The defaults are the method, and build
+    exactly the parameters of checkpoints written before the switches existed.
     """
 
     def __init__(self, input_dim: int, hidden_dim: int = 256, attn_dim: int = 64, feature_dim: int = 128,
-                 fusion_scale_init: float = 0.1):
+                 fusion_scale_init: float = 0.1, n_scales: int = 3, cross_attention: bool = True,
+                 text_fusion: bool = True, tile_pool: str = "max"):
         super().__init__()
-        self.project = nn.ModuleList(nn.Linear(input_dim, hidden_dim) for _ in SCALE_SLICES)
-        self.keys = nn.ModuleList(nn.Linear(hidden_dim, attn_dim, bias=False) for _ in SCALE_SLICES)
-        self.queries = nn.ModuleList(nn.Linear(hidden_dim, attn_dim, bias=False) for _ in SCALE_SLICES)
-        self.arrow_norms = nn.ModuleList(nn.LayerNorm(hidden_dim) for _ in SCALE_SLICES)
-        self.register_buffer("quadrant_children", children_mask(), persistent=False)
-        # Fusion (reference: concat → MLP → 256, LayerNorm) of one summary per scale: f1', the
-        # mean of the quadrants f2', and the max over the 16 tiles f3' (a small defect lies in
-        # one tile; a mean would dilute it 16-fold).
-        self.fuse = nn.Sequential(nn.Linear(3 * hidden_dim, hidden_dim), nn.GELU(),
+        _check_switches(n_scales, cross_attention, tile_pool)
+        self.n_scales, self.cross_attention, self.text_fusion, self.tile_pool = (
+            n_scales, cross_attention, text_fusion, tile_pool)
+        self.project = nn.ModuleList(TokenLinear(input_dim, hidden_dim) for _ in range(n_scales))
+        if cross_attention:
+            self.keys = nn.ModuleList(TokenLinear(hidden_dim, attn_dim, bias=False) for _ in range(n_scales))
+            self.queries = nn.ModuleList(TokenLinear(hidden_dim, attn_dim, bias=False) for _ in range(n_scales))
+            self.arrow_norms = nn.ModuleList(nn.LayerNorm(hidden_dim) for _ in range(n_scales))
+            self.register_buffer("quadrant_children", children_mask(), persistent=False)
+        # Fusion (reference: concat → MLP → 256, LayerNorm) of one summary per scale read: f1',
+        # the mean of the quadrants f2', and the max over the 16 tiles f3' (a small defect lies
+        # in one tile; a mean would dilute it 16-fold: ``tile_pool="mean"`` measures how much).
+        self.fuse = nn.Sequential(nn.Linear(n_scales * hidden_dim, hidden_dim), nn.GELU(),
                                   nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim))
-        # Text-visual fusion (SPEC §3). The text tokens are projected by the global crop's
-        # projection: CLIP embeds images and texts in one space, and a shared projection keeps
-        # them in one space after it (and costs no extra layer).
-        self.text_query = nn.Linear(hidden_dim, attn_dim, bias=False)
-        self.text_key = nn.Linear(hidden_dim, attn_dim, bias=False)
-        self.fusion_scale = nn.Parameter(torch.tensor(float(fusion_scale_init)))
-        self.text_norm = nn.LayerNorm(hidden_dim)
+        if text_fusion:
+            # Text-visual fusion (SPEC §3). The text tokens are projected by the global crop's
+            # projection: CLIP embeds images and texts in one space, and a shared projection keeps
+            # them in one space after it (and costs no extra layer).
+            self.text_query = nn.Linear(hidden_dim, attn_dim, bias=False)
+            self.text_key = TokenLinear(hidden_dim, attn_dim, bias=False)
+            self.fusion_scale = nn.Parameter(torch.tensor(float(fusion_scale_init)))
+            self.text_norm = nn.LayerNorm(hidden_dim)
         self.feature_head = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
                                           nn.Linear(hidden_dim, feature_dim))
         self.classifier = nn.Sequential(nn.Linear(hidden_dim, hidden_dim // 4), nn.GELU(),
                                         nn.Linear(hidden_dim // 4, 1))
 
     def scales(self, crops: torch.Tensor) -> list[torch.Tensor]:
-        """[B, 21, D] → the three projected scales f1 [B, 1, h], F2 [B, 4, h], F3 [B, 16, h]."""
+        """[B, 21, D] → the projected scales read: f1 [B, 1, h], F2 [B, 4, h], F3 [B, 16, h]
+        (the first ``n_scales`` of them)."""
         return [project(crops[:, rows]) for project, rows in zip(self.project, SCALE_SLICES)]
 
-    def arrow_attention(self, f1, f2, f3):
-        """The README's three arrows, as (queries, keys, values, mask) per arrow.
+    def arrow_attention(self, *tokens):
+        """The README's arrows, as (queries, keys, values, mask) per arrow; ``tokens`` are the
+        projected scales f1, F2[, F3].
 
-        None of them is a softmax over a single key:
+        None of them is a softmax over a single key. With all three scales:
         1. f1' = CrossAttn(f1 → F2): the global token attends over the 4 quadrants.
         2. f2' = CrossAttn(f2 → F3): each quadrant attends over its own 4 children in the 4×4
            grid (``children_mask``): it refines itself with the tiles that lie inside it.
@@ -87,21 +137,34 @@ class RAMLHead(nn.Module):
            copy, not attention). Each tile attends over [f1; F3] instead, the global token and
            the 16 tiles: the softmax over 17 keys decides per tile how much global context to
            take and which peers to compare itself with (a defective tile differs from them).
+        In general every scale but the finest attends over the next finer one (arrow 1, 2), and
+        the finest over [f1; itself] (arrow 3); with scales 1,2 that is f1 → F2 and F2 → [f1; F2].
         """
-        k1, k2, k3 = (key(tokens) for key, tokens in zip(self.keys, (f1, f2, f3)))
-        q1, q2, q3 = (query(tokens) for query, tokens in zip(self.queries, (f1, f2, f3)))
-        return ((q1, k2, f2, None),
-                (q2, k3, f3, self.quadrant_children),
-                (q3, torch.cat([k1, k3], dim=1), torch.cat([f1, f3], dim=1), None))
+        keys = [key(scale) for key, scale in zip(self.keys, tokens)]
+        queries = [query(scale) for query, scale in zip(self.queries, tokens)]
+        masks = (None, self.quadrant_children)   # the global token's children are all of F2: no mask
+        finer = [(queries[i], keys[i + 1], tokens[i + 1], masks[i]) for i in range(len(tokens) - 1)]
+        return (*finer, (queries[-1], torch.cat([keys[0], keys[-1]], dim=1),
+                         torch.cat([tokens[0], tokens[-1]], dim=1), None))
 
-    def cross_scale(self, f1, f2, f3):
-        """f1' [B, 1, h], f2' [B, 4, h], f3' [B, 16, h]: each scale plus what it attended to, normalised."""
-        return tuple(norm(tokens + attend(*arrow)) for norm, tokens, arrow
-                     in zip(self.arrow_norms, (f1, f2, f3), self.arrow_attention(f1, f2, f3)))
+    def cross_scale(self, *tokens):
+        """f1' [B, 1, h], f2' [B, 4, h], f3' [B, 16, h]: each scale plus what it attended to,
+        normalised; the scales unchanged when cross-attention is off."""
+        if not self.cross_attention:
+            return tuple(tokens)
+        return tuple(norm(scale + attend(*arrow)) for norm, scale, arrow
+                     in zip(self.arrow_norms, tokens, self.arrow_attention(*tokens)))
+
+    def scale_summaries(self, crops: torch.Tensor) -> torch.Tensor:
+        """The fusion's input [B, n_scales·h]: f1', the mean of the quadrants f2', and the
+        ``tile_pool`` (max or mean) of the 16 tiles f3'."""
+        tokens = self.cross_scale(*self.scales(crops))
+        pool_tiles = torch.amax if self.tile_pool == "max" else torch.mean
+        pools = (lambda f1: f1[:, 0], lambda f2: f2.mean(dim=1), lambda f3: pool_tiles(f3, dim=1))
+        return torch.cat([pool(scale) for pool, scale in zip(pools, tokens)], dim=1)
 
     def visual_vector(self, crops: torch.Tensor) -> torch.Tensor:
-        f1, f2, f3 = self.cross_scale(*self.scales(crops))
-        return self.fuse(torch.cat([f1[:, 0], f2.mean(dim=1), f3.amax(dim=1)], dim=1))
+        return self.fuse(self.scale_summaries(crops))
 
     def fuse_text(self, visual: torch.Tensor, text_bank: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
         """Residual attention of the visual vector over its category's two text tokens (normal,
@@ -111,13 +174,25 @@ class RAMLHead(nn.Module):
         return self.text_norm(visual + self.fusion_scale * attended)
 
     def forward(self, crops: torch.Tensor, text_bank: torch.Tensor, category: torch.Tensor):
-        fused = self.fuse_text(self.visual_vector(crops), text_bank, category)
+        fused = self.visual_vector(crops)
+        if self.text_fusion:
+            fused = self.fuse_text(fused, text_bank, category)
         features = F.normalize(self.feature_head(fused), dim=-1)
         return features, self.classifier(fused)[:, 0]
 
 
+def _check_switches(n_scales: int, cross_attention: bool, tile_pool: str) -> None:
+    """Refuse switch combinations that would record an ablation the head cannot perform."""
+    problems = switch_problems(n_scales, cross_attention, tile_pool)
+    if problems:
+        raise UserError("; ".join(problems))
+
+
 def build_head(config, input_dim: int) -> RAMLHead:
-    """The head a ``TrainConfig`` (or its dict) describes, for features of width ``input_dim``."""
+    """The head a ``TrainConfig`` (or its dict) describes, for features of width ``input_dim``,
+    ablation switches included (``scales`` "1", "1,2" or "1,2,3" → ``n_scales`` 1, 2 or 3)."""
     get = config.get if isinstance(config, dict) else lambda key: getattr(config, key)
     return RAMLHead(input_dim, hidden_dim=get("hidden_dim"), attn_dim=get("attn_dim"),
-                    feature_dim=get("feature_dim"), fusion_scale_init=get("fusion_scale_init"))
+                    feature_dim=get("feature_dim"), fusion_scale_init=get("fusion_scale_init"),
+                    n_scales=len(get("scales").split(",")), cross_attention=get("cross_attention"),
+                    text_fusion=get("text_fusion"), tile_pool=get("tile_pool"))

@@ -60,19 +60,23 @@ def holdout_split(table: FeatureTable, seed: int = 0, fraction: float = 0.2) -> 
     """Per category: every official-train image trains; the official test images are split
     stratified by label, ``heldout_counts`` of each class held out, chosen by a generator seeded
     with (seed, category, label) so a category's split does not depend on the other categories.
+
+    Raises ``UserError`` when nothing would be held out (no class of any category has 2 test
+    images): a run without held-out images has nothing to be evaluated on.
     """
     if not 0 < fraction < 1:
         raise UserError(f"holdout fraction must be in (0, 1), got {fraction}")
     unknown = sorted(set(table.split.tolist()) - {"train", "test"})
     if unknown:
         raise CacheError(f"{table.cache_dir}: split values {unknown} are neither 'train' nor 'test'")
-    train, heldout = [], []
+    train, heldout, test_sizes = [], [], {}
     for category in table.categories:
         in_category = table.category == category
         train.append(np.flatnonzero(in_category & (table.split == "train")))
         test_by_class = [np.flatnonzero(in_category & (table.split == "test") & (table.label == label))
                          for label in (0, 1)]
-        counts = heldout_counts([len(rows) for rows in test_by_class], fraction)
+        test_sizes[category] = [len(rows) for rows in test_by_class]
+        counts = heldout_counts(test_sizes[category], fraction)
         for label, (rows, count) in enumerate(zip(test_by_class, counts)):
             rows = rows[np.argsort(table.relpath[rows], kind="stable")]
             rng = np.random.default_rng([seed, zlib.crc32(category.encode("utf-8")), label])
@@ -82,8 +86,22 @@ def holdout_split(table: FeatureTable, seed: int = 0, fraction: float = 0.2) -> 
             train.append(rows[~chosen])
     train = np.sort(np.concatenate(train)) if train else np.zeros(0, np.int64)
     heldout = np.sort(np.concatenate(heldout)) if heldout else np.zeros(0, np.int64)
+    if heldout.size == 0:
+        raise UserError(empty_holdout_message(table, test_sizes))
     return Split(train=train, heldout=heldout, train_relpaths=table.relpath[train].tolist(),
                  heldout_relpaths=table.relpath[heldout].tolist(), seed=int(seed), fraction=float(fraction))
+
+
+def empty_holdout_message(table: FeatureTable, test_sizes: dict) -> str:
+    """Why the holdout split of ``table`` is empty, and how many images it needs."""
+    listed = "; ".join(f"{category}: {normal} normal, {anomalous} anomalous"
+                       for category, (normal, anomalous) in list(test_sizes.items())[:5])
+    more = f" and {len(test_sizes) - 5} more categories" if len(test_sizes) > 5 else ""
+    return (f"{table.cache_dir}: the holdout split would hold out no image, so the run could not be evaluated. "
+            f"Official test images per category: {listed or 'none'}{more}. A class holds one image out only when "
+            "it has at least 2 test images (one stays for training); a category needs at least 2 normal and 2 "
+            "anomalous test images for its held-out part to have both classes (an AUROC). Add test images (or "
+            "extract without --limit).")
 
 
 def rows_for(table: FeatureTable, relpaths) -> np.ndarray:

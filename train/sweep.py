@@ -1,28 +1,39 @@
-"""Margin ablations: train every (margin × seed) on one cache and tabulate held-out image AUROC.
+"""Sweeps: train every (configuration × seed) on one cache, in as few passes as possible, and
+tabulate held-out image AUROC with ``evaluate``'s own aggregation.
 
-``OUT/<margin>-seed<k>/`` holds each run (as ``train --out``) plus ``metrics.json``, written
-last: a run directory with ``metrics.json`` is finished and a re-run skips it, so an interrupted
-sweep resumes. All runs share the split seed, hence the same held-out images (checked through
-the manifests' hashes). ``OUT/summary.json`` and ``OUT/summary.md`` give mean ± sample std over
-seeds of each configuration's held-out AUROC (mean over categories, as the original release
-reports it) and of each category's.
+A sweep is a set of named configurations (``TrainConfig`` overrides, e.g. the margin presets, or a
+grid over ``--vary lr=...``), each trained once per seed. Runs that share every setting that
+changes shapes or the loss's code path (``train.fit.group_key``) are trained together in one pass
+(``fit_runs``: one stacked model, one optimizer step for all of them); other settings split the
+sweep into passes, which ``jobs`` worker processes run in parallel.
+
+``OUT/<configuration>-seed<k>/`` holds each run (as ``train --out``) plus ``metrics.json``, written
+last: a run directory with ``metrics.json`` is finished, and a re-run reuses it only if it was
+trained with the same config, on a cache with the same fingerprint, and held out the same images
+(anything else is refused with the difference named). A pass writes its runs when it ends: a sweep
+killed mid-pass keeps every finished run and retrains the runs of the unfinished pass.
+
+When every run is there, the sweep scores them exactly as ``evaluate`` does (``OUT/results/``:
+results.json, scores.csv) and writes ``OUT/summary.json`` and ``OUT/summary.md`` from those results:
+mean ± sample std (ddof = 1) over seeds, with n, per configuration and per category, so that the
+sweep's table and ``evaluate``'s are the same numbers.
 """
 from __future__ import annotations
 
 import json
 import resource
+from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 from joblib import Parallel, delayed
 
-from cache import FeatureTable, UserError
-from evaluate.metrics import image_auroc
+from cache import FeatureTable, UserError, mismatched_fields
 from train.config import TrainConfig, make_config
-from train.fit import fit, torch_threads, write_json, write_run
-from train.infer import score_rows
+from train.fit import GROUP_FIELDS, fit_runs, group_key, write_json, write_run
+from train.split import holdout_split
 
 METRICS_FILE = "metrics.json"
+RESULTS_DIR = "results"
 
 
 def peak_memory_mb() -> float:
@@ -30,135 +41,187 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_name(margin: str, seed: int) -> str:
-    return f"{margin}-seed{seed}"
+def run_name(configuration: str, seed: int) -> str:
+    return f"{configuration}-seed{seed}"
 
 
-def heldout_metrics(model, table: FeatureTable, split, config: TrainConfig) -> dict:
-    """Held-out image AUROC of s_final per category and their mean (categories whose held-out
-    images are all of one class have no AUROC and are listed under ``skipped``)."""
-    scores = score_rows(model, table, split.heldout, config.visual_weight, config.text_weight)["final"]
-    labels, categories = table.label[split.heldout], table.category[split.heldout]
-    per_category, skipped = {}, []
-    for category in sorted(set(categories.tolist())):
-        here = categories == category
-        if len(np.unique(labels[here])) < 2:
-            skipped.append(category)
-            continue
-        per_category[category] = image_auroc(labels[here], scores[here])
-    return {"mean_auroc": float(np.mean(list(per_category.values()))) if per_category else None,
-            "categories": per_category, "skipped": skipped, "heldout_images": int(len(split.heldout)),
-            "heldout_hash": split.manifest()["heldout_hash"]}
+def grid_configurations(margins, vary: dict | None = None, **common) -> dict[str, dict]:
+    """Named configurations: every margin preset × every combination of the ``vary`` values.
+
+    ``grid_configurations(["adaptive", "fixed"], {"lr": [1e-4, 5e-5]}, epochs=5)`` gives
+    ``adaptive-lr0.0001``, ``adaptive-lr5e-05``, ``fixed-lr0.0001``, ``fixed-lr5e-05``, each a dict of
+    ``TrainConfig`` overrides (seed excluded). Without ``vary`` the names are the margins.
+    """
+    combinations = [{}]
+    for field_name, values in (vary or {}).items():
+        combinations = [{**combination, field_name: value} for combination in combinations for value in values]
+    configurations = {}
+    for margin in margins:
+        for combination in combinations:
+            name = "-".join([margin, *(f"{key}{value}" for key, value in combination.items())])
+            configurations[name] = {**common, **combination, "margin": margin}
+    return configurations
 
 
-def train_and_evaluate(table: FeatureTable, config: TrainConfig, run_dir, threads: int | None = 1) -> dict:
-    """One sweep run: train, write the run directory, then its ``metrics.json``."""
-    trained = fit(table, config, threads=threads)
-    write_run(run_dir, trained)
-    with torch_threads(threads):
-        heldout = heldout_metrics(trained.model, table, trained.split, config)
-    metrics = {"run": Path(run_dir).name, "margin": config.margin, "seed": config.seed, **heldout,
-               "train_seconds": sum(record["seconds"] for record in trained.history),
-               "peak_memory_mb": peak_memory_mb()}  # of the process that trained it
-    write_json(Path(run_dir) / METRICS_FILE, metrics)
+def build_configs(configurations: dict[str, dict], seeds) -> dict[str, tuple[str, TrainConfig]]:
+    """run name → (configuration name, its ``TrainConfig`` for that seed)."""
+    runs = {}
+    for name, overrides in configurations.items():
+        overrides = dict(overrides)
+        margin = overrides.pop("margin", "adaptive")
+        for seed in seeds:
+            runs[run_name(name, seed)] = (name, make_config(margin, **{**overrides, "seed": seed}))
+    return runs
+
+
+def finished_metrics(run_dir: Path, config: TrainConfig, table: FeatureTable, heldout_hash: str) -> dict | None:
+    """The metrics of a finished run, or None when it has not finished.
+
+    Refuses (``UserError``) a finished run trained with other settings, on a cache with another
+    fingerprint (another backbone, weights — random ones included — or input size), or on other
+    held-out images: its scores would be labelled as this sweep's.
+    """
+    if not (run_dir / METRICS_FILE).exists():
+        return None
+    metrics = json.loads((run_dir / METRICS_FILE).read_text())
+    stored = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())).to_dict()
+    problems = [f"{key}={stored.get(key)!r} (now {value!r})" for key, value in config.to_dict().items()
+                if stored.get(key) != value]
+    fingerprint = metrics.get("fingerprint", {})
+    problems += [f"cache {key}={fingerprint.get(key)!r} (this cache: {table.meta.get(key)!r})"
+                 for key in mismatched_fields(fingerprint, table.meta)]
+    if metrics.get("heldout_hash") != heldout_hash:
+        problems.append("held-out images differ (another split or another dataset)")
+    if problems:
+        raise UserError(f"{run_dir} was trained differently: {'; '.join(problems)}. Use another --out, or "
+                        "delete that run to retrain it.")
     return metrics
 
 
-def finished_metrics(run_dir: Path, config: TrainConfig) -> dict | None:
-    """The metrics of a finished run, or None; refuses a finished run of another configuration."""
-    if not (run_dir / METRICS_FILE).exists():
-        return None
-    stored = json.loads((run_dir / "config.json").read_text())
-    changed = sorted(key for key, value in config.to_dict().items() if stored.get(key) != value)
-    if changed:
-        details = ", ".join(f"{key}={stored.get(key)!r} (now {getattr(config, key)!r})" for key in changed)
-        raise UserError(f"{run_dir} was trained with other settings: {details}. "
-                         "Use another --out, or delete that run to retrain it.")
-    return json.loads((run_dir / METRICS_FILE).read_text())
+def train_pass(table: FeatureTable, runs: dict[str, TrainConfig], out_dir: Path, threads: int | None,
+               device: str) -> dict[str, dict]:
+    """Train ``runs`` (one group) in one pass, write each run directory, then its ``metrics.json``."""
+    trained = fit_runs(table, list(runs.values()), threads=threads, device=device)
+    metrics = {}
+    for (name, config), head in zip(runs.items(), trained):
+        run_dir = out_dir / name
+        write_run(run_dir, head)
+        metrics[name] = {"run": name, "seed": config.seed, "margin": config.margin,
+                         "heldout_hash": head.split.manifest()["heldout_hash"],
+                         "heldout_images": int(len(head.split.heldout)),
+                         "fingerprint": {key: head.fingerprint.get(key) for key in head.fingerprint},
+                         "pass_seconds": sum(record["seconds"] for record in head.history),
+                         "runs_in_pass": head.runs_in_pass, "device": head.device,
+                         "peak_memory_mb": peak_memory_mb()}  # of the process that trained the pass
+        write_json(run_dir / METRICS_FILE, metrics[name])
+    return metrics
 
 
-def run_sweep(table: FeatureTable, margins, seeds, out_dir, jobs: int = 1, threads: int | None = 1, progress=None,
-              **overrides) -> dict:
-    """Train the missing (margin × seed) runs in ``jobs`` worker processes of ``threads`` torch
-    threads each; write and return the summary.
+def plan_passes(runs: dict[str, TrainConfig]) -> list[dict[str, TrainConfig]]:
+    """The runs grouped by ``group_key``: one pass per group, in the order first seen."""
+    groups = defaultdict(dict)
+    for name, config in runs.items():
+        groups[group_key(config)][name] = config
+    return list(groups.values())
 
-    ``overrides`` are ``TrainConfig`` fields applied to every run (e.g. ``epochs=5``).
+
+def describe_pass(runs: dict[str, TrainConfig]) -> str:
+    first = next(iter(runs.values()))
+    shared = ", ".join(f"{name} {getattr(first, name)}" for name in GROUP_FIELDS)
+    return f"{len(runs)} runs ({', '.join(runs)}); shared: {shared}"
+
+
+def run_sweep(table: FeatureTable, configurations: dict[str, dict], seeds, out_dir, jobs: int = 1,
+              threads: int | None = 1, device: str = "cpu", progress=None, n_resamples: int = 1000) -> dict:
+    """Train the missing runs of ``configurations`` × ``seeds`` (see the module docstring), score
+    them all with ``evaluate``'s code, write and return the summary.
+
+    ``configurations``: name → ``TrainConfig`` overrides (``grid_configurations`` builds them).
+    ``jobs`` passes run in parallel worker processes of ``threads`` torch threads each.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    configs = {(margin, seed): make_config(margin, **{**overrides, "seed": seed})
-               for margin in margins for seed in seeds}
-    results, pending = {}, []
-    for key, config in configs.items():
-        metrics = finished_metrics(out_dir / run_name(*key), config)
+    say = progress or (lambda line: None)
+    runs = build_configs(configurations, seeds)
+    split_hashes = {}
+    finished, pending = {}, {}
+    for name, (_, config) in runs.items():
+        key = (config.split_seed, config.holdout_fraction)
+        if key not in split_hashes:
+            split_hashes[key] = holdout_split(table, *key).manifest()["heldout_hash"]
+        metrics = finished_metrics(out_dir / name, config, table, split_hashes[key])
         if metrics is None:
-            pending.append(key)
+            pending[name] = config
         else:
-            results[key] = metrics
-    if progress and results:
-        progress(f"sweep: {len(results)} of {len(configs)} runs already finished in {out_dir}; skipping them")
-    tasks = (delayed(train_and_evaluate)(table, configs[key], out_dir / run_name(*key), threads) for key in pending)
-    for key, metrics in zip(pending, Parallel(n_jobs=jobs, return_as="generator")(tasks)):
-        results[key] = metrics
-        if progress:
-            progress(f"sweep: {run_name(*key)} done ({len(results)}/{len(configs)}), "
-                     f"{metrics['train_seconds']:.1f} s of training")
-    summary = summarise(results, margins, seeds, table)
+            finished[name] = metrics
+    if finished:
+        say(f"sweep: {len(finished)} of {len(runs)} runs already finished in {out_dir}; skipping them")
+    passes = plan_passes(pending)
+    for number, group in enumerate(passes, start=1):
+        say(f"sweep: pass {number}/{len(passes)}: {describe_pass(group)}")
+    tasks = (delayed(train_pass)(table, group, out_dir, threads, device) for group in passes)
+    for number, metrics in enumerate(Parallel(n_jobs=jobs, return_as="generator")(tasks), start=1):
+        finished.update(metrics)
+        seconds = next(iter(metrics.values()))["pass_seconds"]
+        say(f"sweep: pass {number}/{len(passes)} done: {len(metrics)} runs in {seconds:.1f} s of training "
+            f"({len(finished)}/{len(runs)} runs finished)")
+    summary = summarise_runs(table, configurations, runs, out_dir, n_resamples, say)
+    summary["passes"] = [sorted(group) for group in passes]
     write_json(out_dir / "summary.json", summary)
     (out_dir / "summary.md").write_text(summary_markdown(summary))
     return summary
 
 
-def _mean_std(values) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-            "n": len(values)}
-
-
-def summarise(results: dict, margins, seeds, table: FeatureTable) -> dict:
-    """Mean ± sample std over seeds, per configuration and per category."""
-    hashes = {metrics["heldout_hash"] for metrics in results.values()}
-    if len(hashes) > 1:
-        raise UserError("the runs of this sweep were scored on different held-out images "
-                         f"({len(hashes)} different heldout hashes); they cannot share a table")
-    configurations = {}
-    for margin in margins:
-        runs = [results[(margin, seed)] for seed in seeds]
-        categories = sorted({c for run in runs for c in run["categories"]})
-        configurations[margin] = {
-            "seeds": list(seeds),
-            "mean_auroc": _mean_std([run["mean_auroc"] for run in runs]),
-            "categories": {c: _mean_std([run["categories"].get(c) for run in runs]) for c in categories},
+def summarise_runs(table: FeatureTable, configurations: dict, runs: dict, out_dir: Path, n_resamples: int,
+                   say) -> dict:
+    """Score every run with ``evaluate`` (holdout protocol) and condense its entries."""
+    from evaluate.run import evaluate_checkpoints
+    run_dirs = [out_dir / name for name in runs]
+    _, entries = evaluate_checkpoints(run_dirs, table.cache_dir, out_dir / RESULTS_DIR, protocol="holdout",
+                                      n_resamples=n_resamples, log=say, table=table)
+    first = next(iter(entries.values()))
+    configurations_summary = {}
+    for name in configurations:
+        entry = entries[name]
+        configurations_summary[name] = {
+            "seeds": entry["seeds"],
+            "mean_auroc": entry["auroc_over_seeds"],
+            "categories": {c: stats["auroc_over_seeds"] for c, stats in entry["categories"].items()},
+            "anomalous_inside_margin": entry.get("anomalous_inside_margin"),
+            "config": {key: value for key, value in entry.get("config", {}).items() if key != "seed"},
         }
-    return {"metric": "held-out image AUROC of s_final (fraction; mean over categories per run)",
-            "cache_dir": str(table.cache_dir), "backbone": table.meta.get("backbone"),
-            "random_weights": bool(table.meta.get("random_weights")), "protocol": "holdout",
-            "heldout_hash": hashes.pop() if hashes else None, "configurations": configurations}
+    return {"metric": "held-out image AUROC of s_final, % (mean over categories per run); mean ± sample std "
+                      "(ddof = 1) over seeds, n seeds",
+            "cache_dir": str(table.cache_dir), "backbone": first["backbone"], "weights": first["weights"],
+            "random_weights": first["random_weights"], "heldout_hash": first["protocol"]["image_list_hash"],
+            "heldout_images": first["protocol"]["n_images"], "results": str(out_dir / RESULTS_DIR),
+            "configurations": configurations_summary}
 
 
-def _cell(stats: dict) -> str:
-    if stats["mean"] is None:
+def _cell(stats: dict | None) -> str:
+    if not stats or stats["mean"] is None:
         return "–"
-    std = f" ± {100 * stats['std']:.2f}" if stats["std"] is not None else ""
-    return f"{100 * stats['mean']:.2f}{std}"
+    std = f" ± {stats['std']:.2f}" if stats["std"] is not None else ""
+    return f"{stats['mean']:.2f}{std} (n={stats['n']})"
 
 
 def summary_markdown(summary: dict) -> str:
-    """The summary as two Markdown tables (AUROC in %, mean ± sample std over seeds)."""
-    margins = list(summary["configurations"])
-    lines = [f"# Margin sweep: {summary['metric']}", "",
-             f"Cache `{summary['cache_dir']}` (backbone {summary['backbone']}), holdout protocol, "
-             f"held-out images {summary['heldout_hash'][:12] if summary['heldout_hash'] else '–'}.", ""]
+    """The summary as two Markdown tables (AUROC in %, mean ± sample std over seeds, n)."""
+    names = list(summary["configurations"])
+    lines = [f"# Sweep: {summary['metric']}", "",
+             f"Cache `{summary['cache_dir']}` (backbone {summary['backbone']}, weights {summary['weights']}), "
+             f"holdout protocol, {summary['heldout_images']} held-out images "
+             f"(hash {summary['heldout_hash'][:12]}). Per-image scores and CIs: `{summary['results']}`.", ""]
     if summary["random_weights"]:
         lines += ["**These features come from random weights: the numbers below are meaningless.**", ""]
-    lines += ["| configuration | seeds | AUROC % |", "|---|---|---|"]
-    for margin, entry in summary["configurations"].items():
-        lines.append(f"| {margin} | {len(entry['seeds'])} | {_cell(entry['mean_auroc'])} |")
+    lines += ["| configuration | seeds | AUROC % | anomalous inside margin |", "|---|---|---|---|"]
+    for name, entry in summary["configurations"].items():
+        inside = entry.get("anomalous_inside_margin")
+        lines.append(f"| {name} | {len(entry['seeds'])} | {_cell(entry['mean_auroc'])} | "
+                     f"{'–' if inside is None else f'{inside:.2f}'} |")
     categories = sorted({c for entry in summary["configurations"].values() for c in entry["categories"]})
-    lines += ["", "| category | " + " | ".join(margins) + " |", "|---|" + "---|" * len(margins)]
+    lines += ["", "| category | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for category in categories:
-        cells = [_cell(summary["configurations"][m]["categories"].get(category, {"mean": None})) for m in margins]
+        cells = [_cell(summary["configurations"][name]["categories"].get(category)) for name in names]
         lines.append(f"| {category} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

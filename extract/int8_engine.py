@@ -1,0 +1,304 @@
+"""The int8 image encoder for CPUs (``--engine onnx-int8``, ``export --precision int8``).
+
+The quantised model is made once from the verified fp32 export (extract/onnx_engine.py) and kept
+beside it, under the same lock::
+
+    <export dir>/encoder-int8.onnx   the fp32 graph's contract (pixels → L2-normalised embedding)
+                 encoder-int8.json   sidecar: the sha256 of the fp32 export it was made from, the
+                                     quantisation settings, its own byte size and sha256
+
+It is made again when the fp32 export changes (another sha256), when the settings change, or when
+it no longer has the size and sha256 its sidecar records; every rebuild says why on stderr.
+
+**Quantisation.** ONNX Runtime's dynamic quantisation with int8 weights per output channel
+(``QUANTISATION``). Static quantisation calibrated on images and per-tensor weights were measured
+too (README, "Faster CPU encoding"): no faster, and less close to fp32; static calibration would
+also make the model depend on the images it was calibrated on.
+
+**One image per run.** Dynamic quantisation scales each activation tensor by the range of the whole
+run, so a crop's features depend on the crops it shares a run with (ViT-B/16: up to 3e-3 between
+runs of 1 and of 8 crops). The engine runs the 21 crops of one image together (the caller always
+passes whole images): an image's features then depend on that image alone, and extract, predict
+and a deployment's predict_onnx.py (which runs an image's 21 crops at once) agree.
+
+**Fidelity on the user's images.** Quantisation error depends on the weights and on the images
+(real CLIP weights have activation outliers that random weights lack), so no check on random
+inputs says whether int8 is good enough. ``measure_fidelity`` encodes a sample of the user's own
+images with fp32 and int8 and reports the per-crop cosine (min, mean) and, given a scorer (from a
+checkpoint), the Spearman rank agreement of s_final; ``require_fidelity`` stops below
+``MIN_COSINE`` or ``MIN_SPEARMAN``. extract checks on first use with a feature cache
+(``check_on_dataset``); predict and export check in evaluate/int8_check.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cache import CacheError, N_CROPS, UserError
+from cache.store import atomic_write_text, fingerprint_field, read_fingerprint
+from extract.encoder import ClipBackbone, file_sha256
+from extract.onnx_engine import (INPUT_NAME, OUTPUT_NAME, OnnxClipBackbone, OnnxEngineError, OnnxImageEncoder,
+                                 export_dir, export_lock, file_problem, first_line, key_fields,
+                                 locked_fp32_encoder, onnxruntime_module, open_session, read_sidecar, say,
+                                 session_options, torch_fields, versions)
+from extract.pyramid import BadImageError, load_rgb, pyramid_pixels
+
+INT8_FORMAT = 1            # bump when the quantised graph's contract changes: older ones are then rebuilt
+INT8_FILE, INT8_SIDECAR_FILE = "encoder-int8.onnx", "encoder-int8.json"
+QUANTISATION = {"tool": "onnxruntime.quantization.quantize_dynamic", "weights": "int8, per output channel",
+                "activations": "uint8, per tensor, range taken from each run"}
+BUILD_CHECK_CROPS = 2      # random crops run once through a new model: it must load and give finite output
+# Issue 13's limits: below either, the int8 features are not trusted and the user is told to use fp32.
+MIN_COSINE = 0.995         # per-crop cosine between the int8 and the fp32 embedding, smallest of the sample
+MIN_SPEARMAN = 0.99        # Spearman rank correlation of s_final over the sample's images
+FIDELITY_SAMPLE = 32       # images of the user's own data encoded both ways (issue 13's default)
+MIN_RANKED_IMAGES = 3      # fewer images give no meaningful rank correlation
+FIDELITY_RECORD = "int8-fidelity.json"  # checks that passed, kept where they were needed (see check_on_dataset)
+PRECISIONS = {"torch": "fp32", "onnx": "fp32", "onnx-int8": "int8"}  # what each --engine writes into a cache
+
+
+class Int8FidelityError(UserError):
+    """The int8 encoder's features are too far from fp32 on the user's images."""
+
+
+def int8_backbone(backbone: ClipBackbone, *, cache_root: Path | None = None,
+                  threads: int | None = None) -> OnnxClipBackbone:
+    """``backbone`` with its image encoder replaced by the int8 one (made once, then reused).
+
+    The verified fp32 encoder is kept as ``reference_encoder`` for the fidelity checks. CPU only:
+    ONNX Runtime's integer kernels are CPU kernels, and a GPU is better served by ``--engine torch``.
+    """
+    if backbone.device.type != "cpu":
+        raise UserError(f"--engine onnx-int8 runs on the CPU, not on --device {backbone.device}: pass --device cpu, "
+                        "or use --engine torch on the GPU")
+    directory = export_dir(backbone, cache_root)
+    directory.mkdir(parents=True, exist_ok=True)
+    with export_lock(directory):
+        fp32 = locked_fp32_encoder(backbone, directory, threads)
+        int8 = _locked_int8_encoder(backbone, fp32, directory, threads)
+    say(int8.describe())
+    return OnnxClipBackbone(**torch_fields(backbone), image_encoder=int8, reference_encoder=fp32,
+                            engine="onnx-int8", precision="int8")
+
+
+def quantise(source: Path, target: Path) -> None:
+    """Write the int8 model of the fp32 graph ``source`` to ``target`` (settings: ``QUANTISATION``)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    try:
+        with _quiet_quantiser():
+            quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True)
+    except Exception as err:  # the quantiser raises many types, all meaning "this graph does not quantise"
+        raise OnnxEngineError(f"onnxruntime could not quantise {source} to int8: {first_line(err)}. "
+                              "Use --engine onnx.") from err
+
+
+def _int8_key(backbone: ClipBackbone, fp32: OnnxImageEncoder) -> dict:
+    """The sidecar fields that must be equal for a quantised model to be reused."""
+    return {**key_fields(backbone), "int8_format": INT8_FORMAT, "quantised_from_sha256": fp32.meta["sha256"],
+            "quantisation": QUANTISATION}
+
+
+def _locked_int8_encoder(backbone: ClipBackbone, fp32: OnnxImageEncoder, directory: Path,
+                         threads: int | None) -> OnnxImageEncoder:
+    """The int8 encoder in ``directory`` (reused, or quantised again from ``fp32``); the caller holds the lock."""
+    ort = onnxruntime_module()
+    options = session_options(ort, threads)
+    path, sidecar = directory / INT8_FILE, directory / INT8_SIDECAR_FILE
+    if path.exists() or sidecar.exists():
+        problem = file_problem(path, sidecar, _int8_key(backbone, fp32))
+        if problem is None:
+            try:
+                return _int8_encoder(open_session(ort, path, options, ["CPUExecutionProvider"]), path,
+                                     read_sidecar(sidecar))
+            except OnnxEngineError as err:
+                problem = str(err)
+        say(f"rebuilding {path}: {problem}")
+    return _quantise_checked(backbone, fp32, directory, ort, options)
+
+
+def _quantise_checked(backbone: ClipBackbone, fp32: OnnxImageEncoder, directory: Path, ort,
+                      options) -> OnnxImageEncoder:
+    """Quantise into a temporary file; once it loads and gives finite embeddings, move it and its sidecar
+    into place (the sidecar last, so that a half-written pair reads as a mismatch and is rebuilt)."""
+    path, tmp = directory / INT8_FILE, directory / f".{INT8_FILE}.{os.getpid()}.tmp"
+    start = time.perf_counter()
+    try:
+        quantise(fp32.path, tmp)
+        seconds = time.perf_counter() - start
+        session = open_session(ort, tmp, options, ["CPUExecutionProvider"])
+        size = backbone.input_size
+        crops = np.random.default_rng(0).standard_normal((BUILD_CHECK_CROPS, 3, size, size)).astype(np.float32)
+        out = session.run([OUTPUT_NAME], {INPUT_NAME: crops})[0]
+        if out.shape != (BUILD_CHECK_CROPS, backbone.embed_dim) or not np.isfinite(out).all():
+            raise OnnxEngineError(f"the int8 model of {fp32.path} gives {out.shape} outputs"
+                                  f"{'' if np.isfinite(out).all() else ' with NaN or inf'}: nothing was cached; "
+                                  "use --engine onnx")
+        meta = {**_int8_key(backbone, fp32), "random_weights": backbone.random_weights,
+                "mean": list(backbone.mean), "std": list(backbone.std), "input": INPUT_NAME, "output": OUTPUT_NAME,
+                "output_is": "L2-normalised float32 image embedding", "bytes": tmp.stat().st_size,
+                "sha256": file_sha256(tmp), "quantise_seconds": round(seconds, 2),
+                "quantised": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(ort)}
+        os.replace(tmp, path)
+        atomic_write_text(directory / INT8_SIDECAR_FILE, json.dumps(meta, indent=2))
+    finally:
+        tmp.unlink(missing_ok=True)
+    say(f"quantised {backbone.name} image encoder to int8 in {seconds:.1f} s ({meta['bytes'] / 1e6:.1f} MB); "
+        "it is checked against fp32 on your own images before its features are used")
+    return _int8_encoder(session, path, meta)
+
+
+def _int8_encoder(session, path: Path, meta: dict) -> OnnxImageEncoder:
+    # max_abs_diff: NaN, because an int8 model is not held to fp32 parity; its fidelity is measured instead.
+    return OnnxImageEncoder(session, path, meta, session.get_providers()[0], float("nan"), cpu_crops_per_run=N_CROPS)
+
+
+@contextlib.contextmanager
+def _quiet_quantiser():
+    """quantize_dynamic logs a WARNING on the root logger advising shape pre-processing, which was
+    measured to change nothing here (README); keep it off the user's terminal."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+# --- fidelity on the user's images ---
+
+
+@dataclass
+class Fidelity:
+    """How close the int8 encoder is to fp32 on a sample of the user's images."""
+
+    images: int
+    crops: int
+    cosine_min: float
+    cosine_mean: float
+    spearman: float | None = None   # of s_final, fp32 vs int8 features; None without a scorer or enough images
+
+    @property
+    def passed(self) -> bool:
+        cosine_ok = self.cosine_min >= MIN_COSINE  # written so that NaN fails
+        return cosine_ok and (self.spearman is None or self.spearman >= MIN_SPEARMAN)
+
+    def summary(self) -> str:
+        text = (f"per-crop cosine of int8 to fp32 min {self.cosine_min:.4f} (limit {MIN_COSINE}), mean "
+                f"{self.cosine_mean:.4f}, on {self.crops} crops of {self.images} images")
+        if self.spearman is None:
+            return text + "; Spearman of s_final not measured (needs a checkpoint and at least " \
+                          f"{MIN_RANKED_IMAGES} images)"
+        shown = "undefined (the scores are constant)" if np.isnan(self.spearman) else f"{self.spearman:.4f}"
+        return text + f"; Spearman of s_final {shown} (limit {MIN_SPEARMAN})"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "min_cosine": MIN_COSINE, "min_spearman": MIN_SPEARMAN, "passed": self.passed,
+                "summary": self.summary()}
+
+
+def measure_fidelity(backbone: OnnxClipBackbone, images: list[np.ndarray], score=None) -> Fidelity:
+    """Encode each image's crops (``images``: [21, 3, S, S] normalised pixels each) with the int8 encoder
+    and its fp32 reference. ``score`` (optional) maps features [N, 21, D] to s_final [N]."""
+    if backbone.reference_encoder is None:
+        raise ValueError("measure_fidelity needs an int8 backbone (see int8_backbone)")
+    fp32 = np.stack([backbone.reference_encoder.encode(crops) for crops in images])
+    int8 = np.stack([backbone.image_encoder.encode(crops) for crops in images])
+    cosine = (fp32 * int8).sum(-1) / (np.linalg.norm(fp32, axis=-1) * np.linalg.norm(int8, axis=-1))
+    spearman = None
+    if score is not None and len(images) >= MIN_RANKED_IMAGES:
+        from scipy.stats import spearmanr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constant scores: NaN (reported as undefined, and fails) is enough
+            spearman = float(spearmanr(score(fp32), score(int8))[0])
+    return Fidelity(images=len(images), crops=int(cosine.size), cosine_min=float(cosine.min()),
+                    cosine_mean=float(cosine.mean()), spearman=spearman)
+
+
+def require_fidelity(fidelity: Fidelity, where: str, fp32_advice: str) -> None:
+    """Raise ``Int8FidelityError`` (with the figures) when ``fidelity`` is below the limits;
+    ``fp32_advice`` says how to run the same command in fp32."""
+    if not fidelity.passed:
+        raise Int8FidelityError(f"the int8 image encoder is too far from fp32 on {where}: {fidelity.summary()}. "
+                                f"Its features cannot be trusted on these images: {fp32_advice}.")
+
+
+def image_crops(paths: list[Path], backbone: ClipBackbone) -> tuple[list[np.ndarray], list[int]]:
+    """The 21 normalised crops of each readable image of ``paths``, and the positions of those images
+    (an unreadable one is left out of a fidelity sample: the command reports it where it scores it)."""
+    crops, kept = [], []
+    for position, path in enumerate(paths):
+        try:
+            image = load_rgb(path)
+        except BadImageError:
+            continue
+        crops.append(pyramid_pixels(image, backbone.input_size, backbone.mean, backbone.std))
+        kept.append(position)
+    return crops, kept
+
+
+def read_records(path: Path) -> dict:
+    """The fidelity checks recorded in ``path`` (``{}`` when there are none)."""
+    try:
+        records = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as err:
+        raise CacheError(f"{path}: not valid JSON ({err}); delete it and the int8 check runs again") from err
+    return records if isinstance(records, dict) else {}
+
+
+def write_record(path: Path, key: str, fidelity: Fidelity, images_from: str) -> None:
+    """Add a passed check to ``path`` under ``key`` (other keys are kept)."""
+    records = read_records(path)
+    records[key] = {**fidelity.to_dict(), "images_from": images_from, "checked": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_text(path, json.dumps(records, indent=2))
+
+
+def check_cache_precision(cache_dir, precision: str) -> None:
+    """Refuse before any work when ``cache_dir`` holds features of another precision than ``precision``."""
+    meta = read_fingerprint(Path(cache_dir))
+    cached = None if meta is None else fingerprint_field(meta, "precision")
+    if cached is not None and cached != precision:
+        engines = " or ".join(f"--engine {e}" for e, p in PRECISIONS.items() if p == cached)
+        raise CacheError(f"{cache_dir} holds {cached} features; this run would add {precision} features, and one "
+                         f"cache never mixes precisions (a head would train or score on two encoders at once). "
+                         f"Use {engines} with this cache, or another --cache-dir.")
+
+
+def check_on_dataset(backbone: OnnxClipBackbone, cache_dir, dataset: str, root, categories=None,
+                     sample: int = FIDELITY_SAMPLE) -> Fidelity | None:
+    """extract's check: on first use of this int8 model with ``cache_dir``, encode ``sample`` images of
+    the dataset being extracted with fp32 and int8 and stop below the limits.
+
+    A passed check is recorded in ``cache_dir/int8-fidelity.json`` under the int8 model's sha256,
+    so resuming the extraction does not repeat it; a rebuilt int8 model is checked again. Returns
+    the figures, or ``None`` when this model was already checked on this cache.
+    """
+    from extract.datasets import read_dataset
+    from extract.run import evenly_spaced
+
+    record_path = Path(cache_dir) / FIDELITY_RECORD
+    key = backbone.image_encoder.meta["sha256"]
+    recorded = read_records(record_path).get(key)
+    if recorded is not None:
+        say(f"int8 fidelity on this cache's images: checked on {recorded['checked']} ({record_path})")
+        return None
+    root, records = read_dataset(dataset, root, categories)
+    chosen = evenly_spaced(records, sample)
+    crops, _ = image_crops([root / record.relpath for record in chosen], backbone)
+    if not crops:
+        raise UserError(f"the int8 check found no readable image among {len(chosen)} of {root}: fix the images, "
+                        "or use --engine onnx")
+    fidelity = measure_fidelity(backbone, crops)
+    require_fidelity(fidelity, f"{len(crops)} images of {root}", "use --engine onnx (fp32) instead")
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    write_record(record_path, key, fidelity, str(root))
+    say(f"int8 fidelity on {len(crops)} of your images: {fidelity.summary()}")
+    return fidelity

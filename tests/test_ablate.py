@@ -1,0 +1,84 @@
+"""``ablate``: every ablation and baseline on the same held-out images, one sorted table with paired
+differences from the full method, resumable."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cache import UserError, read_cache
+from evaluate.ablate import ABLATIONS, REFERENCE, run_ablation
+from pipeline import cli
+from train import sweep as sweep_module
+from train.config import VARIANT_DEFAULTS
+from train.synthetic import write_synthetic_cache
+
+FAST = dict(epochs=2, lr=1e-3, hidden_dim=32, attn_dim=8, feature_dim=16)
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    shape = {"bottle": (30, 10, 10, 900), "screw": (30, 10, 10, 1024)}
+    return read_cache(write_synthetic_cache(tmp_path_factory.mktemp("ablate") / "cache", shape, dim=32,
+                                            separation=3.0))
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory, table):
+    out = tmp_path_factory.mktemp("ablation")
+    return out, run_ablation(table, out, [0, 1], n_resamples=100, **FAST)
+
+
+def test_every_configuration_and_baseline_is_a_row_on_the_same_images(ablation):
+    out, result = ablation
+    names = [row["configuration"] for row in result["rows"]]
+    assert set(names) == set(ABLATIONS) | {"linear", "knn-tiles", "zero-shot-text"}
+    aurocs = [row["auroc"]["mean"] for row in result["rows"]]
+    assert aurocs == sorted(aurocs, reverse=True)                       # sorted by AUROC
+    for row in result["rows"]:
+        trained = row["configuration"] in ABLATIONS
+        assert row["auroc"]["n"] == (2 if trained else 1)
+        low, high = row["auroc_ci95"]
+        assert low <= row["auroc"]["mean"] + 1e-6 and row["auroc"]["mean"] - 1e-6 <= high or row["auroc"]["n"] > 1
+    reference = next(row for row in result["rows"] if row["configuration"] == REFERENCE)
+    assert reference["difference"] == {"value": 0.0, "ci95": [0.0, 0.0]}   # paired: exactly 0 against itself
+    hashes = {json.loads(path.read_text())[name]["protocol"]["image_list_hash"]
+              for path in out.rglob("results.json") for name in json.loads(path.read_text())}
+    assert hashes == {result["heldout_hash"]}
+    markdown = (out / "ablation.md").read_text()
+    assert "| full | RAML |" in markdown and "knn-tiles" in markdown and "NOT MEANINGFUL" in markdown
+    assert (out / "ablation.png").stat().st_size > 0
+    assert json.loads((out / "ablation.json").read_text()) == result
+
+
+def test_ablations_change_only_what_they_name(ablation):
+    out, _ = ablation
+    full = json.loads((out / "runs" / "full-seed0" / "config.json").read_text())
+    for name, changes in ABLATIONS.items():
+        config = json.loads((out / "runs" / f"{name}-seed0" / "config.json").read_text())
+        differing = {key for key in config if config[key] != full[key]}
+        implied = set(VARIANT_DEFAULTS) if changes.get("loss_variant") == "original" else set()  # the variant's own defaults
+        assert differing == {key for key, value in changes.items() if full[key] != value} | implied, name
+
+
+def test_a_rerun_trains_nothing(ablation, table, monkeypatch):
+    out, first = ablation
+    calls = []
+    monkeypatch.setattr(sweep_module, "fit_runs", lambda *args, **kwargs: calls.append(1))
+    again = run_ablation(table, out, [0, 1], n_resamples=100, **FAST)
+    assert calls == [] and again["rows"] == first["rows"]
+
+
+def test_unknown_ablation_and_missing_reference_are_refused(tmp_path, table):
+    with pytest.raises(UserError, match="unknown ablation"):
+        run_ablation(table, tmp_path, [0], ablations=("full", "no-brain"))
+    with pytest.raises(UserError, match="must include 'full'"):
+        run_ablation(table, tmp_path, [0], ablations=("bce-only",))
+
+
+def test_ablate_cli(tmp_path, table):
+    result = CliRunner().invoke(cli, ["ablate", "--cache-dir", str(table.cache_dir), "--out", str(tmp_path),
+                                      "--seeds", "0", "--ablations", "full,no-text-fusion", "--baselines", "knn-tiles",
+                                      "--bootstrap", "50", "--epochs", "1", "--hidden-dim", "16", "--attn-dim", "8",
+                                      "--feature-dim", "8", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "| no-text-fusion |" in result.output and "| knn-tiles |" in result.output

@@ -1,0 +1,308 @@
+"""The int8 engine (``--engine onnx-int8``, ``export --precision int8``) on the tiny CLIP: the quantised
+model's cache, features that depend on their image alone, the fidelity check (and its refusal of a
+broken model), one precision per cache, the int8 path end to end, and the engine benchmarks."""
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from cache import CacheError, N_CROPS, read_cache
+from cache.store import CACHE_JSON
+from evaluate.export import DEPLOY_JSON, SCRIPT_FILE
+from extract import int8_engine
+from extract.engine_bench import EngineTimes, vit_macs_per_image
+from extract.int8_engine import (FIDELITY_RECORD, INT8_FILE, INT8_SIDECAR_FILE, MIN_COSINE, Fidelity,
+                                 int8_backbone, measure_fidelity)
+from extract.onnx_engine import ONNX_FILE, SIDECAR_FILE, export_dir
+from extract.pyramid import load_rgb, pyramid_pixels
+from extract.run import extract_features
+from pipeline import cli
+from tests.conftest import TINY_MODEL
+from train.config import make_config
+from train.fit import fit, write_run
+
+BACKBONE = ["--model", TINY_MODEL, "--random-weights", "--device", "cpu"]
+REAL_QUANTISE = int8_engine.quantise
+
+
+@pytest.fixture(scope="module")
+def user_cache(tmp_path_factory):
+    """RAML_CACHE_DIR of this module: the fp32 export is made once, here, and quantised once."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("user-cache")
+        patch.setenv("RAML_CACHE_DIR", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tiny_backbone, user_cache):
+    return int8_backbone(tiny_backbone, cache_root=user_cache / "onnx")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, mvtec_cache):
+    out = tmp_path_factory.mktemp("run") / "raml"
+    write_run(out, fit(read_cache(mvtec_cache), make_config("adaptive", epochs=2, batch_size=8)))
+    return out
+
+
+def image_pixels(mvtec_root, backbone, names=("good/000", "broken/000", "scratch/001")):
+    return [pyramid_pixels(load_rgb(mvtec_root / "bottle" / "test" / f"{name}.png"), backbone.input_size,
+                           backbone.mean, backbone.std) for name in names]
+
+
+def broken_quantise(source, target):
+    """The real quantisation, then every int8 weight replaced by noise: a model that loads and runs."""
+    REAL_QUANTISE(source, target)
+    model = onnx.load(str(target))
+    rng = np.random.default_rng(0)
+    for tensor in model.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.INT8:
+            values = numpy_helper.to_array(tensor)
+            tensor.CopyFrom(numpy_helper.from_array(rng.integers(-127, 128, values.shape, dtype=np.int8), tensor.name))
+    onnx.save(model, str(target))
+
+
+@pytest.fixture
+def broken_int8_cache(tiny_backbone, tiny_int8, user_cache, tmp_path, monkeypatch):
+    """A RAML_CACHE_DIR holding a copy of the good fp32 export, in which the int8 model will be broken."""
+    good = export_dir(tiny_backbone, user_cache / "onnx")
+    directory = export_dir(tiny_backbone, tmp_path / "broken-cache" / "onnx")
+    directory.mkdir(parents=True)
+    for name in (ONNX_FILE, SIDECAR_FILE):
+        shutil.copy(good / name, directory / name)
+    monkeypatch.setenv("RAML_CACHE_DIR", str(tmp_path / "broken-cache"))
+    monkeypatch.setattr(int8_engine, "quantise", broken_quantise)
+    return directory
+
+
+def test_int8_model_is_made_once_beside_the_fp32_export_and_reused(tiny_backbone, tiny_int8, user_cache, capsys):
+    directory = export_dir(tiny_backbone, user_cache / "onnx")
+    assert tiny_int8.image_encoder.path == directory / INT8_FILE
+    assert (tiny_int8.engine, tiny_int8.precision, tiny_int8.image_encoder.cpu_crops_per_run) == ("onnx-int8", "int8",
+                                                                                                    N_CROPS)
+    meta = json.loads((directory / INT8_SIDECAR_FILE).read_text())
+    fp32_meta = json.loads((directory / SIDECAR_FILE).read_text())
+    assert meta["quantised_from_sha256"] == fp32_meta["sha256"] == tiny_int8.reference_encoder.meta["sha256"]
+    assert meta["bytes"] == (directory / INT8_FILE).stat().st_size < fp32_meta["bytes"]
+    before = (directory / INT8_FILE).stat().st_mtime_ns
+    capsys.readouterr()
+    again = int8_backbone(tiny_backbone, cache_root=user_cache / "onnx")
+    assert "quantised" not in capsys.readouterr().err and (directory / INT8_FILE).stat().st_mtime_ns == before
+    assert again.image_encoder.meta["sha256"] == meta["sha256"]
+
+
+def _other_fp32_source(directory):
+    meta = json.loads((directory / INT8_SIDECAR_FILE).read_text())
+    meta["quantised_from_sha256"] = "0" * 64
+    (directory / INT8_SIDECAR_FILE).write_text(json.dumps(meta))
+
+
+def _truncated(directory):
+    data = (directory / INT8_FILE).read_bytes()
+    (directory / INT8_FILE).write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage, why", [(_other_fp32_source, "quantised_from_sha256"), (_truncated, "truncated")])
+def test_int8_model_is_rebuilt_when_its_source_changed_or_it_is_damaged(tiny_backbone, tiny_int8, user_cache,
+                                                                         tmp_path, capsys, damage, why):
+    directory = export_dir(tiny_backbone, tmp_path / "onnx")
+    shutil.copytree(export_dir(tiny_backbone, user_cache / "onnx"), directory)
+    damage(directory)
+    capsys.readouterr()
+    rebuilt = int8_backbone(tiny_backbone, cache_root=tmp_path / "onnx")
+    err = capsys.readouterr().err
+    assert f"rebuilding {directory / INT8_FILE}" in err and why in err and "quantised raml-tiny-test" in err
+    assert rebuilt.image_encoder.meta["sha256"] == tiny_int8.image_encoder.meta["sha256"]  # deterministic
+
+
+def test_int8_features_of_an_image_depend_on_that_image_alone(tiny_int8, mvtec_root):
+    """Runs of one image's 21 crops: encoding images together, one by one, or as the deployment's
+    script does (one session run per image) gives the same bits."""
+    images = image_pixels(mvtec_root, tiny_int8)
+    together = tiny_int8.encode_images(np.concatenate(images))
+    alone = np.concatenate([tiny_int8.encode_images(crops) for crops in images])
+    session = tiny_int8.image_encoder.session
+    script_like = np.concatenate([session.run(None, {"pixels": crops})[0] for crops in images])
+    np.testing.assert_array_equal(together, alone)
+    np.testing.assert_array_equal(together, script_like)
+    # what one image per run avoids: a run of 8 crops mixes images and changes their features
+    mixed = np.concatenate([session.run(None, {"pixels": chunk})[0]
+                            for chunk in np.array_split(np.concatenate(images), 8)])
+    assert not np.array_equal(mixed, together)
+
+
+def test_fidelity_figures_and_limits(tiny_int8, mvtec_root):
+    images = image_pixels(mvtec_root, tiny_int8)
+    rankings = iter([np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 2.0, 4.0])])  # fp32, then int8
+    fidelity = measure_fidelity(tiny_int8, images + images[:1], score=lambda features: next(rankings))
+    fp32 = np.stack([tiny_int8.reference_encoder.encode(crops) for crops in images])
+    int8 = np.stack([tiny_int8.encode_images(crops) for crops in images])
+    cosine = (fp32 * int8).sum(-1)  # both are unit vectors
+    assert (fidelity.images, fidelity.crops) == (4, 4 * N_CROPS)
+    assert fidelity.cosine_min == pytest.approx(cosine.min(), abs=1e-6) and fidelity.cosine_min >= MIN_COSINE
+    assert fidelity.spearman == pytest.approx(1 - 6 * 2 / (4 * (16 - 1)))  # one swapped pair: 0.8
+    assert not fidelity.passed and "Spearman of s_final 0.8000 (limit 0.99)" in fidelity.summary()
+    assert Fidelity(32, 672, 0.9951, 0.999, 0.991).passed
+    assert not Fidelity(32, 672, 0.9949, 0.999, None).passed
+    assert not Fidelity(32, 672, float("nan"), float("nan"), None).passed
+
+
+def extract_args(mvtec_root, cache_dir, engine, *extra):
+    return ["extract", "--dataset", "mvtec", "--root", str(mvtec_root), "--cache-dir", str(cache_dir), *BACKBONE,
+            "--workers", "0", "--engine", engine, *extra]
+
+
+def test_extract_int8_records_its_precision_and_checks_once_per_cache(tiny_int8, user_cache, mvtec_root, tmp_path):
+    cache_dir = tmp_path / "int8"
+    first = CliRunner().invoke(cli, extract_args(mvtec_root, cache_dir, "onnx-int8", "--categories", "bottle"))
+    assert first.exit_code == 0, first.output
+    assert "int8 fidelity on 10 of your images: per-crop cosine of int8 to fp32 min" in first.output
+    record = json.loads((cache_dir / FIDELITY_RECORD).read_text())
+    assert list(record) == [tiny_int8.image_encoder.meta["sha256"]] and record[list(record)[0]]["passed"] is True
+    resumed = CliRunner().invoke(cli, extract_args(mvtec_root, cache_dir, "onnx-int8"))  # adds metal_nut
+    assert resumed.exit_code == 0, resumed.output
+    assert "int8 fidelity on this cache's images: checked on" in resumed.output
+    table = read_cache(cache_dir)
+    assert table.meta["precision"] == "int8" and table.engines == ["onnx-int8"] and len(table) == 20
+    bottle = table.select(table.category == "bottle")
+    crops = pyramid_pixels(load_rgb(mvtec_root / bottle.relpath[0]), tiny_int8.input_size, tiny_int8.mean,
+                           tiny_int8.std)
+    np.testing.assert_array_equal(bottle.features[0], tiny_int8.encode_images(crops).astype(np.float16))
+
+
+def test_one_cache_never_mixes_precisions(tiny_backbone, tiny_int8, mvtec_root, mvtec_cache, tmp_path):
+    fp32_cache = tmp_path / "fp32"
+    shutil.copytree(mvtec_cache, fp32_cache)
+    into_fp32 = CliRunner().invoke(cli, extract_args(mvtec_root, fp32_cache, "onnx-int8"))
+    assert into_fp32.exit_code == 1
+    assert f"{fp32_cache} holds fp32 features; this run would add int8 features" in into_fp32.output
+    assert "Use --engine torch or --engine onnx with this cache, or another --cache-dir" in into_fp32.output
+    assert "--random-weights" not in into_fp32.output  # refused before any model was loaded (it warns)
+    assert not (fp32_cache / FIDELITY_RECORD).exists()
+
+    int8_cache = tmp_path / "int8"
+    extract_features("mvtec", mvtec_root, int8_cache, lambda: tiny_int8, categories=["bottle"], workers=0,
+                     progress=False)
+    into_int8 = CliRunner().invoke(cli, extract_args(mvtec_root, int8_cache, "onnx"))
+    assert into_int8.exit_code == 1 and f"{int8_cache} holds int8 features; this run would add fp32" in into_int8.output
+    assert "Use --engine onnx-int8 with this cache" in into_int8.output
+    # the store refuses too, for code that writes without the command's early check
+    with pytest.raises(CacheError, match="precision: cache has 'fp32', this run 'int8'"):
+        extract_features("mvtec", mvtec_root, fp32_cache, lambda: tiny_int8, workers=0, progress=False)
+    with pytest.raises(CacheError, match="precision: cache has 'int8', this run 'fp32'"):
+        extract_features("mvtec", mvtec_root, int8_cache, lambda: tiny_backbone, workers=0, progress=False)
+    assert read_cache(fp32_cache).engines == ["torch"] and read_cache(int8_cache).engines == ["onnx-int8"]
+
+
+def test_fidelity_check_stops_on_a_broken_quantised_model(broken_int8_cache, run_dir, mvtec_root, tmp_path):
+    cache_dir = tmp_path / "features"
+    result = CliRunner().invoke(cli, extract_args(mvtec_root, cache_dir, "onnx-int8"))
+    assert result.exit_code == 1, result.output
+    assert "the int8 image encoder is too far from fp32 on 20 images of" in result.output
+    assert f"(limit {MIN_COSINE})" in result.output and "use --engine onnx (fp32) instead" in result.output
+    assert not (cache_dir / CACHE_JSON).exists() and not list(cache_dir.glob("features-*"))
+    assert not (cache_dir / FIDELITY_RECORD).exists()
+
+    out = tmp_path / "deploy"
+    exported = CliRunner().invoke(cli, ["export", "--checkpoint", str(run_dir), "--out", str(out), *BACKBONE,
+                                        "--precision", "int8", "--dataset", "mvtec", "--root", str(mvtec_root)])
+    assert exported.exit_code == 1 and "export with --precision fp32 instead" in exported.output
+    assert "Spearman of s_final" in exported.output and not out.exists()
+
+    files = sorted((mvtec_root / "bottle" / "test").glob("*/*.png"))
+    predicted = CliRunner().invoke(cli, ["predict", *map(str, files), "--checkpoint", str(run_dir),
+                                         "--category", "bottle", "--out", str(tmp_path / "p"), *BACKBONE,
+                                         "--engine", "onnx-int8"])
+    assert predicted.exit_code == 1 and "too far from fp32 on 6 of the images given" in predicted.output
+    assert not (tmp_path / "p").exists()
+
+
+def script_scores(deploy_dir, files):
+    """{folder/name: s_final} printed by the deployment's standalone script."""
+    child = subprocess.run([sys.executable, str(deploy_dir / SCRIPT_FILE), *map(str, files), "--category", "bottle"],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr
+    return {"/".join(line.split()[0].split("/")[-2:]): float(line.split()[1])
+            for line in child.stdout.splitlines()[1:-1]}
+
+
+def test_int8_path_end_to_end_export_quantise_predict(tiny_int8, user_cache, run_dir, mvtec_root, tmp_path):
+    out = tmp_path / "deploy"
+    exported = CliRunner().invoke(cli, ["export", "--checkpoint", str(run_dir), "--out", str(out), *BACKBONE,
+                                        "--precision", "int8", "--dataset", "mvtec", "--root", str(mvtec_root)])
+    assert exported.exit_code == 0, exported.output
+    assert "int8 encoder: per-crop cosine of int8 to fp32 min" in exported.output
+    deploy = json.loads((out / DEPLOY_JSON).read_text())
+    assert deploy["precision"] == deploy["encoder"]["precision"] == "int8"
+    assert deploy["encoder"]["sha256"] == tiny_int8.image_encoder.meta["sha256"]  # the cached int8 model
+    fidelity = deploy["encoder"]["fidelity"]
+    assert fidelity["passed"] and fidelity["images"] == 20 and fidelity["crops"] == 20 * N_CROPS
+    assert fidelity["cosine_min"] >= MIN_COSINE and fidelity["spearman"] >= 0.99
+
+    files = sorted((mvtec_root / "bottle" / "test").glob("*/*.png"))
+    predict_out = tmp_path / "predictions"
+    args = ["predict", *map(str, files), "--checkpoint", str(run_dir), "--category", "bottle", "--out",
+            str(predict_out), *BACKBONE, "--engine", "onnx-int8", "--no-heatmaps", "--fidelity-sample", "4"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    assert "int8 fidelity on 4 of your images" in first.output
+    second = CliRunner().invoke(cli, args)
+    assert "int8 fidelity for this checkpoint and 'bottle': checked on" in second.output
+    with open(predict_out / "predictions.csv", newline="") as handle:
+        predicted = {"/".join(row["file"].split("/")[-2:]): float(row["final"]) for row in csv.DictReader(handle)}
+    scripted = script_scores(out, files)
+    assert set(predicted) == set(scripted) and len(predicted) == 6
+    for name, score in predicted.items():  # predict's int8 scores are the deployment's (6 decimals printed)
+        assert abs(score - scripted[name]) <= 1e-5, name
+
+
+def test_vit_macs_per_image_by_hand(tiny_backbone):
+    # tiny: 16 patches + class token, width 64, MLP 256, 2 blocks, 8 px patches, projection 64 → 32
+    per_crop = 16 * 64 * 3 * 8 * 8 + 2 * (17 * (4 * 64 * 64 + 2 * 64 * 256) + 2 * 17 * 17 * 64) + 64 * 32
+    assert vit_macs_per_image(tiny_backbone) == 21 * per_crop == 40_819_968
+    # ViT-B/16's shape, without building it: issue 13's "370 GFLOP per image"
+    block = SimpleNamespace(mlp=SimpleNamespace(c_fc=SimpleNamespace(out_features=3072)))
+    visual = SimpleNamespace(conv1=SimpleNamespace(in_channels=3, kernel_size=(16, 16)), grid_size=(14, 14),
+                             class_embedding=np.zeros(768), proj=np.zeros((768, 512)),
+                             transformer=SimpleNamespace(width=768, resblocks=[block] * 12))
+    assert vit_macs_per_image(SimpleNamespace(model=SimpleNamespace(visual=visual), name="ViT-B-16")) == 368_832_522_240
+
+
+def test_engine_times_lines_give_medians_and_ratios():
+    times = EngineTimes(what="bench x", model="m", macs_per_image=370e9, gemm_gflops=[180.0, 200.0, 185.0],
+                        seconds={"onnx-int8": [1.0, 0.9, 1.1], "WinCLIP": [4.0, 3.0, 5.0]}, reference="WinCLIP")
+    assert times.floor_seconds == pytest.approx(2.0)  # 370 G / 185 GFLOP/s
+    lines = times.lines()
+    assert "= 2.00 s" in lines[1] and "185 GFLOP/s" in lines[1]
+    assert lines[2].split() == ["onnx-int8", "1.00", "s/image", "(0.90-1.10)", "0.50", "×", "floor", "0.25", "×",
+                                "WinCLIP"]
+    assert lines[3].split() == ["WinCLIP", "4.00", "s/image", "(3.00-5.00)"]  # another model: no floor ratio
+
+
+def test_bench_commands_compare_the_engines(tiny_int8, user_cache):
+    result = CliRunner().invoke(cli, ["bench", "extract", *BACKBONE, "--images", "1", "--size", "64", "--workers",
+                                      "0", "--rounds", "1"])
+    assert result.exit_code == 0, result.output
+    engines = [line.split()[0] for line in result.output.splitlines() if "× floor" in line]
+    assert engines == ["torch", "onnx", "onnx-int8"]
+    result = CliRunner().invoke(cli, ["bench", "predict", *BACKBONE, "--images", "1", "--size", "64", "--rounds", "1",
+                                      "--engines", "onnx,onnx-int8", "--no-winclip"])
+    assert result.exit_code == 0, result.output
+    assert [line.split()[0] for line in result.output.splitlines() if "× floor" in line] == ["onnx", "onnx-int8"]
+
+
+def test_winclip_is_timed_as_the_reference(tiny_backbone, tiny_int8):
+    from evaluate.bench import WINCLIP, compare_predict
+    times = compare_predict({"onnx-int8": tiny_int8}, images=1, size=64, rounds=1, winclip_backbone=tiny_backbone)
+    assert times.reference == WINCLIP and set(times.seconds) == {"onnx-int8", WINCLIP}
+    # (predict's figure is a difference of two timings: on the tiny model it is noise around zero)
+    assert len(times.seconds["onnx-int8"]) == 1 and times.seconds[WINCLIP][0] > 0
