@@ -104,14 +104,14 @@ def load_backbone_from(model, pretrained, weights, random_weights, device):
 
 def fidelity_sample_option(when):
     """--fidelity-sample: how many of the user's images the int8 fidelity check encodes both ways."""
-    from extract.int8_engine import FIDELITY_SAMPLE
+    from extract.engines import FIDELITY_SAMPLE
     return click.option("--fidelity-sample", default=FIDELITY_SAMPLE, show_default=True, type=click.IntRange(1),
                         help=f"With {when}: images of your own that the check encodes with fp32 and int8.")
 
 
 def engine_option(func):
     """--engine: which runtime encodes the crops."""
-    from extract.onnx_engine import ENGINES
+    from extract.engines import ENGINES
     return click.option(
         "--engine", type=click.Choice(ENGINES), default="torch", show_default=True,
         help="Runtime of the CLIP image encoder: torch (eager); onnx (ONNX Runtime fp32, faster on CPUs; exported "
@@ -126,7 +126,7 @@ def engine_options(func):
 
 
 def load_engine_backbone(model, pretrained, weights, random_weights, device, engine):
-    """``load_backbone_from``, with the image encoder run by ``engine`` (``extract.onnx_engine.ENGINES``)."""
+    """``load_backbone_from``, with the image encoder run by ``engine`` (``extract.engines.ENGINES``)."""
     from extract.onnx_engine import engine_backbone
     return engine_backbone(load_backbone_from(model, pretrained, weights, random_weights, device), engine)
 
@@ -155,8 +155,8 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
     Re-running resumes: images already in the cache are skipped. A cache holds features of one
     precision: fp32 (--engine torch or onnx) or int8 (--engine onnx-int8).
     """
+    from extract.engines import PRECISIONS, check_cache_precision
     from extract.identity import backbone_identity
-    from extract.int8_engine import PRECISIONS, check_cache_precision, check_on_dataset
     from extract.run import extract_features
     categories = categories.split(",") if categories else None
     check_cache_precision(cache_dir, PRECISIONS[engine])  # before any model is loaded
@@ -164,6 +164,7 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
     def load_checked_backbone():
         backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, engine)
         if backbone.precision == "int8":
+            from extract.int8_engine import check_on_dataset
             check_on_dataset(backbone, cache_dir, dataset, root, categories, sample=fidelity_sample)
         return backbone
 

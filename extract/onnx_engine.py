@@ -41,6 +41,7 @@ import torch
 from cache import UserError
 from cache.store import atomic_write_text
 from extract.encoder import ClipBackbone, file_sha256
+from extract.engines import ENGINES
 from extract.identity import user_cache_root
 
 EXPORT_FORMAT = 1          # bump when the graph's contract changes: older exports are then rebuilt
@@ -111,9 +112,6 @@ def onnx_backbone(backbone: ClipBackbone, *, cache_root: Path | None = None,
     """``backbone`` with its image encoder replaced by the verified ONNX one (see ``onnx_image_encoder``)."""
     encoder = onnx_image_encoder(backbone, cache_root=cache_root, threads=threads)
     return OnnxClipBackbone(**torch_fields(backbone), image_encoder=encoder)
-
-
-ENGINES = ("torch", "onnx", "onnx-int8")
 
 
 def engine_backbone(backbone: ClipBackbone, engine: str, *, cache_root: Path | None = None,
