@@ -38,6 +38,7 @@ import torch
 from cache import UserError
 from cache.store import atomic_write_text
 from extract.encoder import ClipBackbone, file_sha256
+from extract.pyramid import normalise_crops
 
 EXPORT_FORMAT = 1          # bump when the graph's contract changes: older exports are then rebuilt
 PARITY_TOLERANCE = 1e-4    # max abs difference from the torch encoder, float32
@@ -94,6 +95,14 @@ class OnnxClipBackbone(ClipBackbone):
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         return self.image_encoder.encode(pixels)
+
+    @property
+    def crops_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def encode_crops(self, crops: torch.Tensor) -> np.ndarray:
+        """uint8 crops → embeddings; ONNX Runtime takes float32 numpy, so they are normalised on the CPU."""
+        return self.encode_images(normalise_crops(crops.cpu(), self.mean, self.std).numpy())
 
 
 def onnx_backbone(backbone: ClipBackbone, *, cache_root: Path | None = None,

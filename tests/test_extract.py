@@ -71,11 +71,11 @@ class CrashAfter:
     def __getattr__(self, name):
         return getattr(self._backbone, name)
 
-    def encode_images(self, pixels):
+    def encode_crops(self, crops):
         if self._left == 0:
             raise KeyboardInterrupt
         self._left -= 1
-        return self._backbone.encode_images(pixels)
+        return self._backbone.encode_crops(crops)
 
 
 def test_resume_after_crash_gives_the_same_cache(mvtec_root, mvtec_cache, tiny_backbone, tmp_path):
