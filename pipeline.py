@@ -99,7 +99,8 @@ def load_engine_backbone(model, pretrained, weights, random_weights, device, eng
 @backbone_options
 @click.option("--categories", default=None, help="Comma-separated subset, e.g. bottle,screw.")
 @click.option("--batch-size", default=8, show_default=True, help="Images per forward pass (×21 crops).")
-@click.option("--workers", default=2, show_default=True, help="Parallel image-decoding processes.")
+@click.option("--workers", type=int, default=None,
+              help="Image-decoding processes (0: decode in the main process). Default: one per usable core.")
 @click.option("--limit", type=int, default=None, help="At most N images per category (a quick look).")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images and list them, instead of stopping.")
 @click.option("--retry-skipped", is_flag=True, help="Try again the images an earlier --skip-bad run skipped.")
@@ -114,11 +115,13 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
 
     Re-running resumes: images already in the cache are skipped.
     """
+    from extract.loader import usable_cores
     from extract.run import extract_features
     summary = extract_features(
         dataset, root, cache_dir,
         lambda: load_engine_backbone(model, pretrained, weights, random_weights, device, engine),
-        categories=categories.split(",") if categories else None, batch_size=batch_size, workers=workers,
+        categories=categories.split(",") if categories else None, batch_size=batch_size,
+        workers=usable_cores() if workers is None else workers,
         limit=limit, skip_bad=skip_bad, shard=shard, shard_size=shard_size, retry_skipped=retry_skipped,
         progress=_show_progress())
     click.echo(summary.line())
@@ -154,16 +157,20 @@ def bench():
 @backbone_options
 @click.option("--images", default=8, show_default=True, help="Synthetic images of MVTec size to encode.")
 @click.option("--size", default=900, show_default=True, help="Side of the synthetic images (px).")
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--workers", default=2, show_default=True)
+@click.option("--batch-size", default=8, show_default=True, help="Images per forward pass (x21 crops).")
+@click.option("--workers", type=int, default=None, help="Image-decoding processes. Default: one per usable core.")
 @engine_option
 @_fail_cleanly
 def bench_extract(model, pretrained, weights, random_weights, device, images, size, batch_size, workers, engine):
-    """Images/s of the whole of stage one, and its overhead over the bare encoder forward."""
+    """Where stage one's time goes: images/s of the whole stage, of the loader alone and of the bare
+    encoder, their ratios, and the loader against its ceiling."""
     from extract.bench import run_extract_bench
+    from extract.loader import usable_cores
     backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, engine)
-    result = run_extract_bench(backbone, images=images, size=size, batch_size=batch_size, workers=workers)
-    click.echo(result.line())
+    result = run_extract_bench(backbone, images=images, size=size, batch_size=batch_size,
+                               workers=usable_cores() if workers is None else workers)
+    for line in result.lines():
+        click.echo(line)
 
 
 # --- stage two: train, sweep, bench train (issue 3) ---
