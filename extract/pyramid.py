@@ -75,20 +75,20 @@ def tile_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
     return boxes
 
 
-def pyramid_crops(image: Image.Image, size: int) -> torch.Tensor:
+def pyramid_crops(image: Image.Image, size: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The 21 crops of ``image`` as uint8 [21, 3, size, size]: what the loader hands over.
 
     Each tile is resized to ``size`` x ``size`` (bicubic, as CLIP's own preprocessing) without a
     centre crop, so no part of a tile is thrown away. The tensor is channels-last in memory (PIL's
     own pixel order, so nothing is transposed here); ``normalise_crops`` makes it float and
-    contiguous, on the encoder's device. A quarter of the bytes of float32 crops, which is what
-    makes handing them from worker processes to the encoder cheap.
+    contiguous, on the encoder's device. It is a quarter of the bytes of float32 crops. ``out``:
+    such a tensor to fill instead of a new one (the loader's shared-memory slots).
     """
-    crops = torch.empty((N_CROPS, size, size, 3), dtype=torch.uint8)
-    pixels = crops.numpy()  # a view: writing it fills the tensor
+    crops = torch.empty((N_CROPS, size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2) if out is None else out
+    pixels = crops.permute(0, 2, 3, 1).numpy()  # a view [21, size, size, 3]: writing it fills ``crops``
     for i, box in enumerate(tile_boxes(*image.size)):
         pixels[i] = np.asarray(image.crop(box).resize((size, size), Image.BICUBIC))
-    return crops.permute(0, 3, 1, 2)
+    return crops
 
 
 def normalise_crops(crops: torch.Tensor, mean, std) -> torch.Tensor:

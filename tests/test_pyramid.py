@@ -64,6 +64,16 @@ def test_loader_reports_a_bad_file_in_its_batch_and_goes_on(tmp_path):
     assert [image.index for image in second.good] == [2]
 
 
+def test_loader_stops_when_a_slot_was_overwritten_before_it_was_read(tmp_path, monkeypatch):
+    """The guard of the slot ring: with too few slots the workers overwrite images not yet read."""
+    root = make_folder(tmp_path, category="odd", n_good=8, defects=(), size=(90, 90))
+    _, records = read_dataset("folder", root)
+    monkeypatch.setattr("extract.loader.slot_count", lambda batch_size, workers, prefetch: 2)
+    with CropBatches(root, records, [[0, 1, 2, 3], [4, 5, 6, 7]], 32, workers=2, device=torch.device("cpu")) as loader:
+        with pytest.raises(RuntimeError, match=r"slots of images \[0, 1[],]"):
+            list(loader)
+
+
 def test_loader_refuses_batches_that_do_not_cover_the_records_in_order(tmp_path):
     root = make_folder(tmp_path, category="odd", n_good=3, defects=(), size=(90, 90))
     _, records = read_dataset("folder", root)
