@@ -20,6 +20,7 @@ fp32 CPU features, crop by crop (``FP16_MIN_COSINE``).
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import tempfile
 import time
@@ -60,6 +61,7 @@ class ExtractBench:
     loader_seconds: float       # the loader alone, worker start-up included (as in the stage)
     encoder_seconds: float      # encode_crops alone
     decode_crop_seconds: float  # one image decoded and cropped, in one process (median)
+    loader_cpu_seconds: tuple   # CPU time of the loader-alone run: (workers, this process)
     min_cosine: float | None = None  # fp16 on CUDA vs fp32 on the CPU, worst crop; None off CUDA
 
     def rate(self, seconds: float) -> float:
@@ -80,6 +82,9 @@ class ExtractBench:
             f"  loader alone  {loader:9.2f} images/s  = {loader / self.loader_ceiling:.2f} x its ceiling of "
             f"{self.loader_ceiling:.2f} images/s ({max(1, min(self.workers, self.cores))} decoding at "
             f"{1000 * self.decode_crop_seconds:.1f} ms per image)",
+            f"  loader CPU per image: {1000 * self.loader_cpu_seconds[0] / self.images:.1f} ms in the workers, "
+            f"{1000 * self.loader_cpu_seconds[1] / self.images:.1f} ms in this process (a shared machine slows "
+            "the rates, not these)",
             f"  bare encoder  {encoder:9.2f} images/s  ({self.encoder_seconds:.1f} s)",
             f"  stage time / bare encoder time: x{self.stage_seconds / self.encoder_seconds:.3f} (overhead); "
             f"loader rate / encoder rate: x{loader / encoder:.2f} (below 1, the loader sets the pace)",
@@ -111,6 +116,12 @@ def _save_synthetic_image(path: Path, index: int, size: int, seed: int) -> None:
     noise = rng.integers(-12, 13, base.shape, dtype=np.int16)
     pixels = np.clip(127 + (100 * base).astype(np.int16) + noise, 0, 255).astype(np.uint8)
     Image.fromarray(pixels).save(path, compress_level=1)
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU seconds so far of the finished child processes (0 on Windows) and of this process."""
+    times = os.times()
+    return times.children_user + times.children_system, times.user + times.system
 
 
 def _sync(device: torch.device) -> None:
@@ -152,12 +163,13 @@ def run_extract_bench(backbone, *, images: int, size: int, batch_size: int, work
         root, records = read_dataset("folder", tmp / "data")
         batches = batch_indices([len(records)], batch_size)  # extract's batches: shards hold whole batches
 
-        start, first = time.perf_counter(), None
+        cpu, start, first = _cpu_seconds(), time.perf_counter(), None
         with CropBatches(root, records, batches, backbone.input_size, workers=workers, device=device) as loader:
             for batch in loader:
                 first = batch.crops if first is None else first
         _sync(device)
         loader_seconds = time.perf_counter() - start
+        loader_cpu = tuple(after - before for after, before in zip(_cpu_seconds(), cpu))
 
         backbone.encode_crops(first)  # warm-up: first-call allocations (and the fp16 copy) are not the stage's
         backbone.encode_texts(["warm-up"])
@@ -185,4 +197,5 @@ def run_extract_bench(backbone, *, images: int, size: int, batch_size: int, work
     return ExtractBench(model=backbone.name, engine=backbone.engine, device=str(backbone.device), images=images,
                         size=size, batch_size=batch_size, workers=workers, cores=usable_cores(),
                         stage_seconds=stage_seconds, prompt_seconds=prompt_seconds, loader_seconds=loader_seconds,
-                        encoder_seconds=encoder_seconds, decode_crop_seconds=one_image, min_cosine=min_cosine)
+                        encoder_seconds=encoder_seconds, decode_crop_seconds=one_image, loader_cpu_seconds=loader_cpu,
+                        min_cosine=min_cosine)
