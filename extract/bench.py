@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -40,6 +41,7 @@ from extract.prompts import prompts_for
 from extract.pyramid import load_rgb, pyramid_crops
 from extract.run import batch_indices, extract_features
 
+DISTINCT_SYNTHETIC_IMAGES = 32  # drawn and saved; the other synthetic images are links to these
 DECODE_TIMING_IMAGES = 5   # images decoded and cropped one by one for the loader's ceiling
 COSINE_CHECK_IMAGES = 4    # images whose crops are encoded again in fp32 on the CPU (CUDA only)
 
@@ -97,25 +99,34 @@ class ExtractBench:
 
 
 def synthetic_images(folder: Path, count: int, size: int, seed: int = 0) -> list[Path]:
-    """``count`` textured RGB PNGs of ``size`` px in a one-category folder dataset, made in parallel."""
+    """``count`` textured RGB PNGs of ``size`` px in a one-category folder dataset.
+
+    ``DISTINCT_SYNTHETIC_IMAGES`` of them are drawn and saved in parallel (saving a noisy 900-px PNG
+    takes ~0.1 s); the others are hard links to them (copies where links are not possible):
+    decoding and cropping take as long whichever image it is, and ``--images 1000`` starts at once.
+    """
     good = folder / "bench" / "good"
     good.mkdir(parents=True)
     paths = [good / f"{i:05d}.png" for i in range(count)]
-    with ProcessPoolExecutor(min(usable_cores(), max(count, 1))) as pool:
-        list(pool.map(_save_synthetic_image, paths, range(count), [size] * count, [seed] * count,
-                      chunksize=max(1, count // (4 * usable_cores()))))
+    distinct = paths[:DISTINCT_SYNTHETIC_IMAGES]
+    with ProcessPoolExecutor(min(usable_cores(), max(len(distinct), 1))) as pool:
+        list(pool.map(_save_synthetic_image, distinct, range(len(distinct)), [size] * len(distinct),
+                      [seed] * len(distinct)))
+    for i, path in enumerate(paths[len(distinct):], start=len(distinct)):
+        try:
+            os.link(distinct[i % len(distinct)], path)
+        except OSError:
+            shutil.copyfile(distinct[i % len(distinct)], path)
     return paths
 
 
 def _save_synthetic_image(path: Path, index: int, size: int, seed: int) -> None:
-    """Smooth stripes that differ per image, plus sensor-like noise (what PNG decoding sees in MVTec).
-    Saved at zlib level 1: decoding speed barely depends on the level, saving does."""
+    """Smooth stripes that differ per image, plus sensor-like noise, as PNG decoding meets in MVTec."""
     rng = np.random.default_rng([seed, index])
     axis = np.arange(size, dtype=np.float32) / size
     base = np.stack([np.outer(np.cos(axis * (5 + c)), np.sin(axis * (3 + c + index))) for c in range(3)], axis=-1)
     noise = rng.integers(-12, 13, base.shape, dtype=np.int16)
-    pixels = np.clip(127 + (100 * base).astype(np.int16) + noise, 0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(path, compress_level=1)
+    Image.fromarray(np.clip(127 + (100 * base).astype(np.int16) + noise, 0, 255).astype(np.uint8)).save(path)
 
 
 def _cpu_seconds() -> tuple[float, float]:

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from extract.bench import ExtractBench, min_crop_cosine
+from extract.bench import min_crop_cosine
 from extract.encoder import FP16_MIN_COSINE, image_tower_dtype
 from extract.pyramid import pyramid_crops, pyramid_pixels
 from tests.synthetic import part_image
@@ -43,17 +43,3 @@ def test_fp16_tower_stays_within_tolerance_and_leaves_the_fp32_model_alone(tiny_
     assert {p.dtype for p in half._image_tower.parameters()} == {torch.float16}
     assert {p.dtype for p in tiny_backbone.model.parameters()} == {torch.float32}  # prompts, ONNX export
     assert min_crop_cosine(half, crops) == cosine.min()  # the check bench extract runs on CUDA
-
-
-def test_bench_extract_ratios_and_ceiling():
-    result = ExtractBench(model="m", engine="torch", device="cpu", images=100, size=900, batch_size=8, workers=4,
-                          cores=2, stage_seconds=10.0, prompt_seconds=1.0, loader_seconds=4.0, encoder_seconds=8.0,
-                          decode_crop_seconds=0.05, loader_cpu_seconds=(5.5, 0.25), min_cosine=0.9995)
-    lines = result.lines()
-    assert "whole stage       10.00 images/s" in lines[1]
-    # ceiling: min(4 workers, 2 cores) / 0.05 s = 40 images/s; the loader ran at 100 / 4 s = 25
-    assert "loader alone      25.00 images/s  = 0.62 x its ceiling of 40.00 images/s" in lines[2]
-    assert "loader CPU per image: 55.0 ms in the workers, 2.5 ms in this process" in lines[3]
-    assert "bare encoder      12.50 images/s" in lines[4]
-    assert "x1.250 (overhead)" in lines[5] and "loader rate / encoder rate: x2.00" in lines[5]
-    assert lines[6].endswith("worst crop cosine 0.999500 (must be >= 0.999): ok")
