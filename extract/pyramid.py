@@ -6,6 +6,7 @@ is where the extra effective resolution comes from (SPEC.md, the original code's
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -100,9 +101,16 @@ def normalise_crops(crops: torch.Tensor, mean, std) -> torch.Tensor:
     agree. The constants are divided as tensors: a Python scalar divisor lets CUDA multiply by
     its reciprocal instead, which rounds differently.
     """
-    constants = torch.tensor((255.0, *mean, *std), dtype=torch.float32).to(crops.device, non_blocking=True)
+    scale, mean, std = _normalisation_constants(tuple(mean), tuple(std), crops.device)
     pixels = crops.to(torch.float32, memory_format=torch.contiguous_format)
-    return pixels.div_(constants[0]).sub_(constants[1:4].view(3, 1, 1)).div_(constants[4:7].view(3, 1, 1))
+    return pixels.div_(scale).sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=8)
+def _normalisation_constants(mean: tuple, std: tuple, device: torch.device) -> tuple:
+    """255, mean and std as float32 tensors on ``device``, made once (not copied there per batch)."""
+    constants = torch.tensor((255.0, *mean, *std), dtype=torch.float32, device=device)
+    return constants[0], constants[1:4].view(3, 1, 1), constants[4:7].view(3, 1, 1)
 
 
 def pyramid_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
