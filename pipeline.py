@@ -159,16 +159,19 @@ def bench():
 @click.option("--size", default=900, show_default=True, help="Side of the synthetic images (px).")
 @click.option("--batch-size", default=8, show_default=True, help="Images per forward pass (x21 crops).")
 @click.option("--workers", type=int, default=None, help="Image-decoding processes. Default: one per usable core.")
+@click.option("--loader-only", is_flag=True,
+              help="Only the loader and its ceiling (quick on a CPU, where ViT-B/16 takes ~2 s per image).")
 @engine_option
 @_fail_cleanly
-def bench_extract(model, pretrained, weights, random_weights, device, images, size, batch_size, workers, engine):
+def bench_extract(model, pretrained, weights, random_weights, device, images, size, batch_size, workers, loader_only,
+                  engine):
     """Where stage one's time goes: images/s of the whole stage, of the loader alone and of the bare
     encoder, their ratios, and the loader against its ceiling."""
     from extract.bench import run_extract_bench
     from extract.loader import usable_cores
     backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, engine)
     result = run_extract_bench(backbone, images=images, size=size, batch_size=batch_size,
-                               workers=usable_cores() if workers is None else workers)
+                               workers=usable_cores() if workers is None else workers, loader_only=loader_only)
     for line in result.lines():
         click.echo(line)
 

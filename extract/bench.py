@@ -15,7 +15,9 @@ On the same images, in one run:
 
 The stage is as fast as it can be when its time is that of the slower of loader and encoder;
 ``overhead`` = stage time ÷ bare-encoder time. On CUDA it also checks the fp16 image tower against
-fp32 CPU features, crop by crop (``FP16_MIN_COSINE``).
+fp32 CPU features, crop by crop (``FP16_MIN_COSINE``). ``--loader-only`` measures the loader and
+its ceiling alone. The CPU time of the loader (workers, and this process) is reported as well: on
+a shared machine the rates drop, the CPU time per image much less.
 """
 from __future__ import annotations
 
@@ -58,13 +60,13 @@ class ExtractBench:
     batch_size: int
     workers: int
     cores: int
-    stage_seconds: float        # extract_features end to end, less the prompt encoding
-    prompt_seconds: float       # the one-off prompt encoding of the bench's one category
     loader_seconds: float       # the loader alone, worker start-up included (as in the stage)
-    encoder_seconds: float      # encode_crops alone
     decode_crop_seconds: float  # one image decoded and cropped, in one process (median)
     loader_cpu_seconds: tuple   # CPU time of the loader-alone run: (workers, this process)
-    min_cosine: float | None = None  # fp16 on CUDA vs fp32 on the CPU, worst crop; None off CUDA
+    encoder_seconds: float | None = None  # encode_crops alone; None with --loader-only
+    stage_seconds: float | None = None    # extract_features end to end, less the prompt encoding
+    prompt_seconds: float | None = None   # the one-off prompt encoding of the bench's one category
+    min_cosine: float | None = None       # fp16 on CUDA vs fp32 on the CPU, worst crop; None off CUDA
 
     def rate(self, seconds: float) -> float:
         return self.images / seconds
@@ -75,22 +77,25 @@ class ExtractBench:
         return max(1, min(self.workers, self.cores)) / self.decode_crop_seconds
 
     def lines(self) -> list[str]:
-        loader, encoder = self.rate(self.loader_seconds), self.rate(self.encoder_seconds)
-        lines = [
-            f"bench extract: {self.model}, engine {self.engine}, on {self.device}; {self.images} images of "
-            f"{self.size} px, batch {self.batch_size}, {self.workers} workers, {self.cores} usable cores",
-            f"  whole stage   {self.rate(self.stage_seconds):9.2f} images/s  ({self.stage_seconds:.1f} s; the "
-            f"one-off prompt encoding, {self.prompt_seconds:.1f} s, not counted)",
+        loader = self.rate(self.loader_seconds)
+        lines = [f"bench extract: {self.model}, engine {self.engine}, on {self.device}; {self.images} images of "
+                 f"{self.size} px, batch {self.batch_size}, {self.workers} workers, {self.cores} usable cores"]
+        if self.stage_seconds is not None:
+            lines.append(f"  whole stage   {self.rate(self.stage_seconds):9.2f} images/s  ({self.stage_seconds:.1f} s; "
+                         f"the one-off prompt encoding, {self.prompt_seconds:.1f} s, not counted)")
+        lines += [
             f"  loader alone  {loader:9.2f} images/s  = {loader / self.loader_ceiling:.2f} x its ceiling of "
             f"{self.loader_ceiling:.2f} images/s ({max(1, min(self.workers, self.cores))} decoding at "
             f"{1000 * self.decode_crop_seconds:.1f} ms per image)",
             f"  loader CPU per image: {1000 * self.loader_cpu_seconds[0] / self.images:.1f} ms in the workers, "
             f"{1000 * self.loader_cpu_seconds[1] / self.images:.1f} ms in this process (a shared machine slows "
-            "the rates, not these)",
-            f"  bare encoder  {encoder:9.2f} images/s  ({self.encoder_seconds:.1f} s)",
-            f"  stage time / bare encoder time: x{self.stage_seconds / self.encoder_seconds:.3f} (overhead); "
-            f"loader rate / encoder rate: x{loader / encoder:.2f} (below 1, the loader sets the pace)",
-        ]
+            "the rates, not these)"]
+        if self.encoder_seconds is not None:
+            encoder = self.rate(self.encoder_seconds)
+            lines += [f"  bare encoder  {encoder:9.2f} images/s  ({self.encoder_seconds:.1f} s)",
+                      f"  stage time / bare encoder time: x{self.stage_seconds / self.encoder_seconds:.3f} "
+                      f"(overhead); loader rate / encoder rate: x{loader / encoder:.2f} (below 1, the loader sets "
+                      "the pace)"]
         if self.min_cosine is not None:
             verdict = "ok" if self.min_cosine >= FP16_MIN_COSINE else "TOO FAR"
             lines.append(f"  {self.device} features vs fp32 CPU features: worst crop cosine {self.min_cosine:.6f} "
@@ -165,48 +170,57 @@ def min_crop_cosine(backbone: ClipBackbone, crops: torch.Tensor) -> float:
     return float((ours * reference).sum(axis=1).min())  # both are L2-normalised
 
 
-def run_extract_bench(backbone, *, images: int, size: int, batch_size: int, workers: int) -> ExtractBench:
-    device = backbone.crops_device
+def run_extract_bench(backbone, *, images: int, size: int, batch_size: int, workers: int,
+                      loader_only: bool = False) -> ExtractBench:
+    """Measure stage one on ``images`` synthetic PNGs of ``size`` px (see the module docstring);
+    ``loader_only``: the loader and its ceiling alone (ViT-B/16 on a CPU takes ~2 s per image)."""
     with tempfile.TemporaryDirectory(prefix="raml-bench-") as tmp:
-        tmp = Path(tmp)
-        paths = synthetic_images(tmp / "data", images, size)
-        one_image = one_image_seconds(paths, backbone.input_size)
-        root, records = read_dataset("folder", tmp / "data")
-        batches = batch_indices([len(records)], batch_size)  # extract's batches: shards hold whole batches
-
-        cpu, start, first = _cpu_seconds(), time.perf_counter(), None
-        with CropBatches(root, records, batches, backbone.input_size, workers=workers, device=device) as loader:
-            for batch in loader:
-                first = batch.crops if first is None else first
-        _sync(device)
-        loader_seconds = time.perf_counter() - start
-        loader_cpu = tuple(after - before for after, before in zip(_cpu_seconds(), cpu))
-
-        backbone.encode_crops(first)  # warm-up: first-call allocations (and the fp16 copy) are not the stage's
-        backbone.encode_texts(["warm-up"])
-        start = time.perf_counter()
-        for batch in batches:
-            backbone.encode_crops(first[:len(batch) * N_CROPS])
-        _sync(backbone.device)
-        encoder_seconds = time.perf_counter() - start
-
+        data = Path(tmp) / "data"
+        paths = synthetic_images(data, images, size)
+        result = ExtractBench(model=backbone.name, engine=backbone.engine, device=str(backbone.device),
+                              images=images, size=size, batch_size=batch_size, workers=workers, cores=usable_cores(),
+                              decode_crop_seconds=one_image_seconds(paths, backbone.input_size),
+                              loader_seconds=0.0, loader_cpu_seconds=(0.0, 0.0))
+        batches = batch_indices([images], batch_size)  # extract's batches: its shards hold whole batches
+        first = _time_loader(result, backbone, data, batches)
+        if loader_only:
+            return result
+        result.encoder_seconds = _time_encoder(backbone, first, batches)
         start = time.perf_counter()
         for prompts in prompts_for("bench").values():
             backbone.encode_texts(prompts)
         _sync(backbone.device)
-        prompt_seconds = time.perf_counter() - start
-
+        result.prompt_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        extract_features("folder", tmp / "data", tmp / "cache", lambda: backbone, batch_size=batch_size,
+        extract_features("folder", data, Path(tmp) / "cache", lambda: backbone, batch_size=batch_size,
                          workers=workers, progress=False)
         _sync(backbone.device)
-        stage_seconds = time.perf_counter() - start - prompt_seconds
-
-        min_cosine = None
+        result.stage_seconds = time.perf_counter() - start - result.prompt_seconds
         if backbone.device.type == "cuda":
-            min_cosine = min_crop_cosine(backbone, first[:COSINE_CHECK_IMAGES * N_CROPS])
-    return ExtractBench(model=backbone.name, engine=backbone.engine, device=str(backbone.device), images=images,
-                        size=size, batch_size=batch_size, workers=workers, cores=usable_cores(),
-                        stage_seconds=stage_seconds, prompt_seconds=prompt_seconds, loader_seconds=loader_seconds,
-                        encoder_seconds=encoder_seconds, decode_crop_seconds=one_image, loader_cpu_seconds=loader_cpu,
-                        min_cosine=min_cosine)
+            result.min_cosine = min_crop_cosine(backbone, first[:COSINE_CHECK_IMAGES * N_CROPS])
+    return result
+
+
+def _time_loader(result: ExtractBench, backbone, data: Path, batches: list) -> torch.Tensor:
+    """Run extract's loader alone over ``data`` into ``result``; return the first batch's crops."""
+    root, records = read_dataset("folder", data)
+    device, first = backbone.crops_device, None
+    cpu, start = _cpu_seconds(), time.perf_counter()
+    with CropBatches(root, records, batches, backbone.input_size, workers=result.workers, device=device) as loader:
+        for batch in loader:
+            first = batch.crops if first is None else first
+    _sync(device)
+    result.loader_seconds = time.perf_counter() - start
+    result.loader_cpu_seconds = tuple(after - before for after, before in zip(_cpu_seconds(), cpu))
+    return first
+
+
+def _time_encoder(backbone, crops: torch.Tensor, batches: list) -> float:
+    """Seconds of ``encode_crops`` in the sizes of ``batches``, on ``crops`` (one batch, reused)."""
+    backbone.encode_crops(crops)  # warm-up: first-call allocations (and the fp16 copy) are not the stage's
+    backbone.encode_texts(["warm-up"])
+    start = time.perf_counter()
+    for batch in batches:
+        backbone.encode_crops(crops[:len(batch) * N_CROPS])
+    _sync(backbone.device)
+    return time.perf_counter() - start

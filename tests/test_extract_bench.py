@@ -6,8 +6,8 @@ from extract.bench import DISTINCT_SYNTHETIC_IMAGES, ExtractBench, run_extract_b
 
 def test_bench_extract_ratios_and_ceiling():
     result = ExtractBench(model="m", engine="torch", device="cpu", images=100, size=900, batch_size=8, workers=4,
-                          cores=2, stage_seconds=10.0, prompt_seconds=1.0, loader_seconds=4.0, encoder_seconds=8.0,
-                          decode_crop_seconds=0.05, loader_cpu_seconds=(5.5, 0.25), min_cosine=0.9995)
+                          cores=2, loader_seconds=4.0, decode_crop_seconds=0.05, loader_cpu_seconds=(5.5, 0.25),
+                          encoder_seconds=8.0, stage_seconds=10.0, prompt_seconds=1.0, min_cosine=0.9995)
     lines = result.lines()
     assert "whole stage       10.00 images/s" in lines[1]
     # ceiling: min(4 workers, 2 cores) / 0.05 s = 40 images/s; the loader ran at 100 / 4 s = 25
@@ -35,3 +35,6 @@ def test_bench_extract_runs_end_to_end_on_the_tiny_model(tiny_backbone):
     assert min(result.stage_seconds, result.loader_seconds, result.encoder_seconds, result.decode_crop_seconds) > 0
     assert result.loader_cpu_seconds[0] > 0  # the worker's CPU time was counted
     assert result.min_cosine is None and len(result.lines()) == 6  # the fp16 check runs on CUDA only
+    loader_only = run_extract_bench(tiny_backbone, images=3, size=96, batch_size=2, workers=0, loader_only=True)
+    assert loader_only.encoder_seconds is None and loader_only.stage_seconds is None
+    assert [line.split()[0] for line in loader_only.lines()[1:]] == ["loader", "loader"]
