@@ -5,6 +5,10 @@ writers (``records[shard_index::shard_count]``); each writer drops the images it
 holds and cuts the rest into chunks of ``shard_size`` images, one HDF5 shard each. Batches never
 straddle a chunk, so a run that is killed and re-run encodes exactly the same batches as one
 uninterrupted run and yields the same features.
+
+The crops come from ``extract.loader.CropBatches`` (worker processes, shared memory, batches
+staged on the encoder's device ahead of use); finished shards go to a ``ShardWriter`` thread, so
+the encoder waits neither for decoding nor for HDF5.
 """
 from __future__ import annotations
 
