@@ -139,7 +139,8 @@ def load_engine_backbone(model, pretrained, weights, random_weights, device, eng
 @backbone_options
 @click.option("--categories", default=None, help="Comma-separated subset, e.g. bottle,screw.")
 @click.option("--batch-size", default=8, show_default=True, help="Images per forward pass (×21 crops).")
-@click.option("--workers", default=2, show_default=True, help="Parallel image-decoding processes.")
+@click.option("--workers", type=int, default=None,
+              help="Image-decoding processes (0: decode in the main process). Default: one per usable core.")
 @click.option("--limit", type=int, default=None, help="At most N images per category (a quick look).")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images and list them, instead of stopping.")
 @click.option("--retry-skipped", is_flag=True, help="Try again the images an earlier --skip-bad run skipped.")
@@ -155,6 +156,7 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
     Re-running resumes: images already in the cache are skipped. A cache holds features of one
     precision: fp32 (--engine torch or onnx) or int8 (--engine onnx-int8).
     """
+    from extract.encoder import usable_cores
     from extract.engines import PRECISIONS, check_cache_precision
     from extract.identity import backbone_identity
     from extract.run import extract_features
@@ -171,7 +173,7 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
     summary = extract_features(
         dataset, root, cache_dir, load_checked_backbone,
         identity=backbone_identity(model, pretrained, weights, random_weights, PRECISIONS[engine]),
-        categories=categories, batch_size=batch_size, workers=workers,
+        categories=categories, batch_size=batch_size, workers=usable_cores() if workers is None else workers,
         limit=limit, skip_bad=skip_bad, shard=shard, shard_size=shard_size, retry_skipped=retry_skipped,
         progress=_show_progress(), backbone_source=backbone_source(model, weights, random_weights))
     click.echo(summary.line())
@@ -241,23 +243,28 @@ def _engine_backbones(backbone, engines):
 @backbone_options
 @click.option("--images", default=8, show_default=True, help="Synthetic images of MVTec size to encode.")
 @click.option("--size", default=900, show_default=True, help="Side of the synthetic images (px).")
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--workers", default=2, show_default=True)
+@click.option("--batch-size", default=8, show_default=True, help="Images per forward pass (x21 crops).")
+@click.option("--workers", type=int, default=None, help="Image-decoding processes. Default: one per usable core.")
+@click.option("--loader-only", is_flag=True,
+              help="Only the loader and its ceiling (quick on a CPU, where ViT-B/16 takes ~2 s per image).")
 @engine_option
 @_with(compare_options)
 @_fail_cleanly
-def bench_extract(model, pretrained, weights, random_weights, device, images, size, batch_size, workers, engine,
-                  engines, rounds):
-    """Images/s of the whole of stage one, and its overhead over the bare encoder forward; then the
-    encoder's seconds per image with each of --engines, against the machine's fp32 GEMM floor."""
+def bench_extract(model, pretrained, weights, random_weights, device, images, size, batch_size, workers, loader_only,
+                  engine, engines, rounds):
+    """Where stage one's time goes: images/s of the whole stage, of the loader alone and of the bare
+    encoder, their ratios, and the loader against its ceiling; then the encoder's seconds per image
+    with each of --engines, against the machine's fp32 GEMM floor."""
     from extract.bench import run_extract_bench
     from extract.engine_bench import compare_encoders
+    from extract.encoder import usable_cores
     from extract.onnx_engine import engine_backbone
     torch_backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
-    result = run_extract_bench(engine_backbone(torch_backbone, engine), images=images, size=size,
-                               batch_size=batch_size, workers=workers)
-    click.echo(result.line())
-    if engines:
+    result = run_extract_bench(engine_backbone(torch_backbone, engine), images=images, size=size, batch_size=batch_size,
+                               workers=usable_cores() if workers is None else workers, loader_only=loader_only)
+    for line in result.lines():
+        click.echo(line)
+    if engines and not loader_only:
         for line in compare_encoders(_engine_backbones(torch_backbone, engines), size=size, rounds=rounds).lines():
             click.echo(line)
 

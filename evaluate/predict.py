@@ -17,7 +17,7 @@ import numpy as np
 from cache import UserError
 from extract.datasets import is_image
 from extract.prompts import encode_prompts
-from extract.pyramid import BadImageError, load_rgb, pyramid_pixels
+from extract.pyramid import BadImageError, load_rgb, pyramid_crops
 
 
 PREDICTIONS_CSV = "predictions.csv"
@@ -218,8 +218,7 @@ def predict_files(inputs, checkpoint, category: str, out_dir, backbone, *, visua
         except BadImageError as err:
             prediction.error = str(err)
             continue
-        crops = pyramid_pixels(image, backbone.input_size, backbone.mean, backbone.std)
-        features = backbone.encode_images(crops).reshape(1, -1, backbone.embed_dim)
+        features = backbone.encode_crops(pyramid_crops(image, backbone.input_size)).reshape(1, -1, backbone.embed_dim)
         table = feature_table(features, [category], {category: text}, backbone, [(image.height, image.width)])
         scores = score_rows(checkpoint.model, table, **weights)  # check_backbone above stands for check_cache
         prediction.final, prediction.visual, prediction.text = (float(scores[k][0]) for k in ("final", "visual", "text"))

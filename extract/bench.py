@@ -1,61 +1,143 @@
-"""``bench extract``: images/s of stage one and its overhead over the bare encoder.
+"""``bench extract``: where stage one's time goes, on synthetic images of MVTec's size.
 
-overhead = (decode + crop + encode + write, i.e. ``extract_features`` end to end,
-            less its one-off prompt encoding, timed separately and reported)
-           / (the encoder's forward passes alone on the same crops, in the same batches)
+On the same images, in one run:
 
-The prompts are encoded once per category whatever the number of images (~50 text forwards), so
-counting them would make the figure depend on how many images the bench uses.
+- **whole stage**: ``extract_features`` end to end (decode, crop, hand-over, encode, write),
+  less its one-off prompt encoding, which is timed apart: it is ~50 text forwards per category
+  whatever the number of images, so counting it would make the figure depend on ``--images``;
+- **loader alone**: the loader of ``extract`` (``extract.loader.CropBatches``: worker processes,
+  hand-over, batches staged on the encoder's device) with no encoder behind it;
+- **bare encoder**: ``encode_crops`` on crops already on the device, in the stage's batch sizes.
+  Its speed does not depend on the pixels, so it encodes the first batch's crops again and again
+  (memory stays one batch whatever ``--images``);
+- the loader's **ceiling**: ``min(workers, usable cores)`` ÷ the time one process takes to decode
+  and crop one image (``load_rgb`` + ``pyramid_crops``, median of a few images).
+
+The stage is as fast as it can be when its time is that of the slower of loader and encoder;
+``overhead`` = stage time ÷ bare-encoder time. On CUDA it also checks the fp16 image tower against
+fp32 CPU features, crop by crop (``FP16_MIN_COSINE``). ``--loader-only`` measures the loader and
+its ceiling alone. The CPU time of the loader (workers, and this process) is reported as well: on
+a shared machine the rates drop, the CPU time per image much less.
 """
 from __future__ import annotations
 
+import copy
+import os
+import shutil
+import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from cache import N_CROPS
+from extract.datasets import read_dataset
+from extract.encoder import FP16_MIN_COSINE, ClipBackbone, usable_cores
+from extract.loader import CropBatches
 from extract.prompts import prompts_for
-from extract.pyramid import load_rgb, pyramid_pixels
-from extract.run import extract_features
+from extract.pyramid import load_rgb, pyramid_crops
+from extract.run import batch_indices, extract_features
+
+DISTINCT_SYNTHETIC_IMAGES = 32  # drawn and saved; the other synthetic images are links to these
+DECODE_TIMING_IMAGES = 5   # images decoded and cropped one by one for the loader's ceiling
+COSINE_CHECK_IMAGES = 4    # images whose crops are encoded again in fp32 on the CPU (CUDA only)
 
 
 @dataclass
 class ExtractBench:
-    images: int
-    device: str
+    """What ``bench extract`` measured; ``lines()`` is what it prints."""
+
     model: str
     engine: str
-    stage_seconds: float      # extract_features end to end, prompts included
-    prompt_seconds: float     # the one-off prompt encoding of the bench's one category
-    encoder_seconds: float
+    device: str
+    images: int
+    size: int
+    batch_size: int
+    workers: int
+    cores: int
+    loader_seconds: float       # the loader alone, worker start-up included (as in the stage)
+    decode_crop_seconds: float  # one image decoded and cropped, in one process (median)
+    loader_cpu_seconds: tuple   # CPU time of the loader-alone run: (workers, this process)
+    encoder_seconds: float | None = None  # encode_crops alone; None with --loader-only
+    stage_seconds: float | None = None    # extract_features end to end, less the prompt encoding
+    prompt_seconds: float | None = None   # the one-off prompt encoding of the bench's one category
+    min_cosine: float | None = None       # fp16 on CUDA vs fp32 on the CPU, worst crop; None off CUDA
 
-    def line(self) -> str:
-        images_seconds = self.stage_seconds - self.prompt_seconds
-        return (f"bench extract: {self.model}, engine {self.engine}, on {self.device}, {self.images} images: "
-                f"stage {self.images / images_seconds:.2f} images/s ({images_seconds:.1f} s + "
-                f"{self.prompt_seconds:.1f} s one-off prompt encoding), "
-                f"bare encoder {self.images / self.encoder_seconds:.2f} images/s ({self.encoder_seconds:.1f} s), "
-                f"overhead ×{images_seconds / self.encoder_seconds:.3f}")
+    def rate(self, seconds: float) -> float:
+        return self.images / seconds
+
+    @property
+    def loader_ceiling(self) -> float:
+        """Images/s if every worker decoded and cropped all the time, with a core of its own."""
+        return max(1, min(self.workers, self.cores)) / self.decode_crop_seconds
+
+    def lines(self) -> list[str]:
+        loader = self.rate(self.loader_seconds)
+        lines = [f"bench extract: {self.model}, engine {self.engine}, on {self.device}; {self.images} images of "
+                 f"{self.size} px, batch {self.batch_size}, {self.workers} workers, {self.cores} usable cores"]
+        if self.stage_seconds is not None:
+            lines.append(f"  whole stage   {self.rate(self.stage_seconds):9.2f} images/s  ({self.stage_seconds:.1f} s; "
+                         f"the one-off prompt encoding, {self.prompt_seconds:.1f} s, not counted)")
+        lines += [
+            f"  loader alone  {loader:9.2f} images/s  = {loader / self.loader_ceiling:.2f} x its ceiling of "
+            f"{self.loader_ceiling:.2f} images/s ({max(1, min(self.workers, self.cores))} decoding at "
+            f"{1000 * self.decode_crop_seconds:.1f} ms per image)",
+            f"  loader CPU per image: {1000 * self.loader_cpu_seconds[0] / self.images:.1f} ms in the workers, "
+            f"{1000 * self.loader_cpu_seconds[1] / self.images:.1f} ms in this process (a shared machine slows "
+            "the rates, not these)"]
+        if self.encoder_seconds is not None:
+            encoder = self.rate(self.encoder_seconds)
+            lines += [f"  bare encoder  {encoder:9.2f} images/s  ({self.encoder_seconds:.1f} s)",
+                      f"  stage time / bare encoder time: x{self.stage_seconds / self.encoder_seconds:.3f} "
+                      f"(overhead); loader rate / encoder rate: x{loader / encoder:.2f} (below 1, the loader sets "
+                      "the pace)"]
+        if self.min_cosine is not None:
+            verdict = "ok" if self.min_cosine >= FP16_MIN_COSINE else "TOO FAR"
+            lines.append(f"  {self.device} features vs fp32 CPU features: worst crop cosine {self.min_cosine:.6f} "
+                         f"(must be >= {FP16_MIN_COSINE}): {verdict}")
+        return lines
 
 
 def synthetic_images(folder: Path, count: int, size: int, seed: int = 0) -> list[Path]:
-    """``count`` textured RGB PNGs of ``size`` px in a one-category folder dataset."""
-    rng = np.random.default_rng(seed)
+    """``count`` textured RGB PNGs of ``size`` px in a one-category folder dataset.
+
+    ``DISTINCT_SYNTHETIC_IMAGES`` of them are drawn and saved in parallel (saving a noisy 900-px PNG
+    takes ~0.1 s); the others are hard links to them (copies where links are not possible):
+    decoding and cropping take as long whichever image it is, and ``--images 1000`` starts at once.
+    """
     good = folder / "bench" / "good"
     good.mkdir(parents=True)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    paths = []
-    for i in range(count):
-        base = np.stack([np.sin(xx * (3 + c + i)) * np.cos(yy * (5 + c)) for c in range(3)], axis=-1)
-        pixels = np.clip(127 + 100 * base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-        path = good / f"{i:04d}.png"
-        Image.fromarray(pixels).save(path)
-        paths.append(path)
+    paths = [good / f"{i:05d}.png" for i in range(count)]
+    distinct = paths[:DISTINCT_SYNTHETIC_IMAGES]
+    with ProcessPoolExecutor(min(usable_cores(), max(len(distinct), 1))) as pool:
+        list(pool.map(_save_synthetic_image, distinct, range(len(distinct)), [size] * len(distinct),
+                      [seed] * len(distinct)))
+    for i, path in enumerate(paths[len(distinct):], start=len(distinct)):
+        try:
+            os.link(distinct[i % len(distinct)], path)
+        except OSError:
+            shutil.copyfile(distinct[i % len(distinct)], path)
     return paths
+
+
+def _save_synthetic_image(path: Path, index: int, size: int, seed: int) -> None:
+    """Smooth stripes that differ per image, plus sensor-like noise, as PNG decoding meets in MVTec."""
+    rng = np.random.default_rng([seed, index])
+    axis = np.arange(size, dtype=np.float32) / size
+    base = np.stack([np.outer(np.cos(axis * (5 + c)), np.sin(axis * (3 + c + index))) for c in range(3)], axis=-1)
+    noise = rng.integers(-12, 13, base.shape, dtype=np.int16)
+    Image.fromarray(np.clip(127 + (100 * base).astype(np.int16) + noise, 0, 255).astype(np.uint8)).save(path)
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU seconds so far of the finished child processes (0 on Windows) and of this process."""
+    times = os.times()
+    return times.children_user + times.children_system, times.user + times.system
 
 
 def _sync(device: torch.device) -> None:
@@ -63,31 +145,82 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_extract_bench(backbone, *, images: int, size: int, batch_size: int, workers: int) -> ExtractBench:
-    with tempfile.TemporaryDirectory(prefix="raml-bench-") as tmp:
-        tmp = Path(tmp)
-        paths = synthetic_images(tmp / "data", images, size)
-        crops = [pyramid_pixels(load_rgb(p), backbone.input_size, backbone.mean, backbone.std) for p in paths]
-        backbone.encode_images(crops[0])  # warm-up: first-call allocations are not the stage's cost
-        backbone.encode_texts(["warm-up"])
+def one_image_seconds(paths: list[Path], size: int) -> float:
+    """Median time of ``load_rgb`` + ``pyramid_crops`` for one image, in this process."""
+    pyramid_crops(load_rgb(paths[0]), size)  # warm-up: first-call imports and allocations
+    times = []
+    for path in paths[:DECODE_TIMING_IMAGES]:
+        start = time.perf_counter()
+        pyramid_crops(load_rgb(path), size)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
+
+def fp32_cpu_reference(backbone: ClipBackbone) -> ClipBackbone:
+    """A torch copy of ``backbone`` that runs its image tower in fp32 on the CPU."""
+    same = {f.name: getattr(backbone, f.name) for f in fields(ClipBackbone)}
+    return ClipBackbone(**{**same, "model": copy.deepcopy(backbone.model).float().cpu(), "device": torch.device("cpu"),
+                           "engine": "torch", "image_dtype": torch.float32})
+
+
+def min_crop_cosine(backbone: ClipBackbone, crops: torch.Tensor) -> float:
+    """The lowest cosine, over ``crops``, between ``backbone``'s features and fp32 CPU ones."""
+    ours = backbone.encode_crops(crops)
+    reference = fp32_cpu_reference(backbone).encode_crops(crops.cpu())
+    return float((ours * reference).sum(axis=1).min())  # both are L2-normalised
+
+
+def run_extract_bench(backbone, *, images: int, size: int, batch_size: int, workers: int,
+                      loader_only: bool = False) -> ExtractBench:
+    """Measure stage one on ``images`` synthetic PNGs of ``size`` px (see the module docstring);
+    ``loader_only``: the loader and its ceiling alone (ViT-B/16 on a CPU takes ~2 s per image)."""
+    with tempfile.TemporaryDirectory(prefix="raml-bench-") as tmp:
+        data = Path(tmp) / "data"
+        paths = synthetic_images(data, images, size)
+        result = ExtractBench(model=backbone.name, engine=backbone.engine, device=str(backbone.device),
+                              images=images, size=size, batch_size=batch_size, workers=workers, cores=usable_cores(),
+                              decode_crop_seconds=one_image_seconds(paths, backbone.input_size),
+                              loader_seconds=0.0, loader_cpu_seconds=(0.0, 0.0))
+        batches = batch_indices([images], batch_size)  # extract's batches: its shards hold whole batches
+        first = _time_loader(result, backbone, data, batches)
+        if loader_only:
+            return result
+        result.encoder_seconds = _time_encoder(backbone, first, batches)
         start = time.perf_counter()
         for prompts in prompts_for("bench").values():
             backbone.encode_texts(prompts)
         _sync(backbone.device)
-        prompt_seconds = time.perf_counter() - start
-
+        result.prompt_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        for i in range(0, images, batch_size):
-            backbone.encode_images(np.concatenate(crops[i:i + batch_size]))
-        _sync(backbone.device)
-        encoder_seconds = time.perf_counter() - start
-
-        start = time.perf_counter()
-        extract_features("folder", tmp / "data", tmp / "cache", lambda: backbone, batch_size=batch_size,
+        extract_features("folder", data, Path(tmp) / "cache", lambda: backbone, batch_size=batch_size,
                          workers=workers, progress=False)
         _sync(backbone.device)
-        stage_seconds = time.perf_counter() - start
-    return ExtractBench(images=images, device=str(backbone.device), model=backbone.name, engine=backbone.engine,
-                        stage_seconds=stage_seconds, prompt_seconds=prompt_seconds,
-                        encoder_seconds=encoder_seconds)
+        result.stage_seconds = time.perf_counter() - start - result.prompt_seconds
+        if backbone.device.type == "cuda":
+            result.min_cosine = min_crop_cosine(backbone, first[:COSINE_CHECK_IMAGES * N_CROPS])
+    return result
+
+
+def _time_loader(result: ExtractBench, backbone, data: Path, batches: list) -> torch.Tensor:
+    """Run extract's loader alone over ``data`` into ``result``; return the first batch's crops."""
+    root, records = read_dataset("folder", data)
+    device, first = backbone.crops_device, None
+    cpu, start = _cpu_seconds(), time.perf_counter()
+    with CropBatches(root, records, batches, backbone.input_size, workers=result.workers, device=device) as loader:
+        for batch in loader:
+            first = batch.crops if first is None else first
+    _sync(device)
+    result.loader_seconds = time.perf_counter() - start
+    result.loader_cpu_seconds = tuple(after - before for after, before in zip(_cpu_seconds(), cpu))
+    return first
+
+
+def _time_encoder(backbone, crops: torch.Tensor, batches: list) -> float:
+    """Seconds of ``encode_crops`` in the sizes of ``batches``, on ``crops`` (one batch, reused)."""
+    backbone.encode_crops(crops)  # warm-up: first-call allocations (and the fp16 copy) are not the stage's
+    backbone.encode_texts(["warm-up"])
+    start = time.perf_counter()
+    for batch in batches:
+        backbone.encode_crops(crops[:len(batch) * N_CROPS])
+    _sync(backbone.device)
+    return time.perf_counter() - start

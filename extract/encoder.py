@@ -8,6 +8,9 @@ both come from ``extract.identity.resolve_backbone``.
 """
 from __future__ import annotations
 
+import copy
+import functools
+import os
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -18,6 +21,22 @@ from extract.identity import (BackboneIdentity, RANDOM_WEIGHTS_SEED, WeightsUnav
                               resolve_backbone)
 # Re-exported: callers import these from here.
 from extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, TINY_TEST_CONFIG, file_sha256, model_name  # noqa: F401
+from extract.pyramid import normalise_crops
+
+# On CUDA the image tower runs in fp16; its features must stay this close (cosine) to the fp32 CPU
+# features, crop by crop: close enough to share a cache. `bench extract` checks it on the GPU.
+FP16_MIN_COSINE = 0.999
+
+
+def image_tower_dtype(device: torch.device) -> torch.dtype:
+    """The precision of the image tower's weights on ``device``.
+
+    fp16 on CUDA: Tensor Cores, and no autocast, so ``nn.MultiheadAttention`` takes its fused
+    inference path (scaled-dot-product / flash attention); its features stay within cosine
+    ``FP16_MIN_COSINE`` of fp32 ones, which ``bench extract`` checks on the GPU. fp32 elsewhere:
+    CPUs have no fast fp16 matrix path, and the CPU features are the reference.
+    """
+    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 @dataclass
@@ -38,14 +57,41 @@ class ClipBackbone:
     device: torch.device
     engine: str = "torch"   # which implementation runs the image encoder; recorded in each shard
     precision: str = "fp32"  # the image encoder's numeric precision; recorded in the cache's fingerprint
+    image_dtype: torch.dtype | None = None  # the image tower's precision; None: image_tower_dtype(device)
+
+    @property
+    def crops_device(self) -> torch.device:
+        """Where ``encode_crops`` wants its uint8 crops: the loader stages them there ahead of use."""
+        return self.device
 
     @torch.inference_mode()
+    def encode_crops(self, crops: torch.Tensor) -> np.ndarray:
+        """uint8 crops [N, 3, S, S] (from ``extract.pyramid.pyramid_crops``), on the CPU or already
+        on the device → [N, D] float32 L2-normalised embeddings.
+
+        The one entry point of ``extract`` and ``predict``. The conversion to float and the
+        normalisation run on the device, after a copy that does not block when ``crops`` are in
+        pinned memory.
+        """
+        return self._encode_pixels(normalise_crops(crops.to(self.device, non_blocking=True), self.mean, self.std))
+
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        """[B, 3, S, S] normalised pixels → [B, D] float32 L2-normalised embeddings."""
-        batch = torch.from_numpy(pixels).to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
-            features = self.model.encode_image(batch)
+        """Already normalised float32 pixels [N, 3, S, S] → [N, D] float32 L2-normalised embeddings."""
+        return self._encode_pixels(torch.from_numpy(pixels).to(self.device))
+
+    @torch.inference_mode()
+    def _encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        tower = self._image_tower
+        features = tower(pixels.to(next(tower.parameters()).dtype))
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
+
+    @functools.cached_property
+    def _image_tower(self) -> torch.nn.Module:
+        """``model.visual`` in ``image_dtype``: a copy when that is not fp32, so that the fp32 model
+        stays intact for the prompts, the ONNX export and its parity checks."""
+        dtype = self.image_dtype or image_tower_dtype(self.device)
+        visual = self.model.visual
+        return visual if dtype == torch.float32 else copy.deepcopy(visual).to(dtype)
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> np.ndarray:
@@ -53,6 +99,11 @@ class ClipBackbone:
         tokens = self.tokenizer(texts).to(self.device)
         features = self.model.encode_text(tokens)
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def resolve_device(device: str = "auto") -> torch.device:

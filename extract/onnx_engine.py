@@ -40,9 +40,10 @@ import torch
 
 from cache import UserError
 from cache.store import atomic_write_text
-from extract.encoder import ClipBackbone, file_sha256
+from extract.encoder import ClipBackbone, file_sha256, usable_cores
 from extract.engines import ENGINES
 from extract.identity import user_cache_root
+from extract.pyramid import normalise_crops
 
 EXPORT_FORMAT = 1          # bump when the graph's contract changes: older exports are then rebuilt
 PARITY_TOLERANCE = 1e-4    # max abs difference from the torch encoder, float32
@@ -105,6 +106,14 @@ class OnnxClipBackbone(ClipBackbone):
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         return self.image_encoder.encode(pixels)
+
+    @property
+    def crops_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def encode_crops(self, crops: torch.Tensor) -> np.ndarray:
+        """uint8 crops → embeddings; ONNX Runtime takes float32 numpy, so they are normalised on the CPU."""
+        return self.encode_images(normalise_crops(crops.cpu(), self.mean, self.std).numpy())
 
 
 def onnx_backbone(backbone: ClipBackbone, *, cache_root: Path | None = None,
@@ -331,17 +340,12 @@ def _providers(ort, device: torch.device) -> list:
 
 def session_options(ort, threads: int | None):
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or _usable_cores()
+    options.intra_op_num_threads = threads or usable_cores()
     # Idle ORT threads would otherwise busy-wait, taking the cores the image-decoding workers need
     # (extract decodes and encodes at the same time); on a shared 2-core CPU this measured faster.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: the exported graph triggers harmless optimiser warnings
     return options
-
-
-def _usable_cores() -> int:
-    """Cores this process may run on (a container's CPU set, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextlib.contextmanager

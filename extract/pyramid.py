@@ -6,9 +6,11 @@ is where the extra effective resolution comes from (SPEC.md, the original code's
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cache import CROP_LAYOUT, N_CROPS, UserError
@@ -92,16 +94,44 @@ def tile_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
     return boxes
 
 
-def pyramid_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
-    """The 21 crops of ``image`` as a normalised float32 array [21, 3, size, size].
+def pyramid_crops(image: Image.Image, size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The 21 crops of ``image`` as uint8 [21, 3, size, size]: what the loader hands over.
 
     Each tile is resized to ``size`` x ``size`` (bicubic, as CLIP's own preprocessing) without a
-    centre crop, so no part of a tile is thrown away.
+    centre crop, so no part of a tile is thrown away. The tensor is channels-last in memory (PIL's
+    own pixel order, so nothing is transposed here); ``normalise_crops`` makes it float and
+    contiguous, on the encoder's device. It is a quarter of the bytes of float32 crops. ``out``:
+    such a tensor to fill instead of a new one (the loader's shared-memory slots).
     """
-    mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
-    std = np.asarray(std, np.float32).reshape(3, 1, 1)
-    crops = np.empty((N_CROPS, 3, size, size), np.float32)
+    crops = torch.empty((N_CROPS, size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2) if out is None else out
+    pixels = crops.permute(0, 2, 3, 1).numpy()  # a view [21, size, size, 3]: writing it fills ``crops``
     for i, box in enumerate(tile_boxes(*image.size)):
-        tile = image.crop(box).resize((size, size), Image.BICUBIC)
-        crops[i] = (np.asarray(tile, np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
+        pixels[i] = np.asarray(image.crop(box).resize((size, size), Image.BICUBIC))
     return crops
+
+
+def normalise_crops(crops: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 crops [N, 3, S, S] (any memory layout) → float32 ``(crops / 255 - mean) / std``,
+    contiguous, on the device ``crops`` are on.
+
+    Bit for bit the arithmetic of the numpy preprocessing that wrote earlier caches (float32
+    division by 255, subtraction of the mean, division by the std), so their shards and new ones
+    agree. The constants are divided as tensors: a Python scalar divisor lets CUDA multiply by
+    its reciprocal instead, which rounds differently.
+    """
+    scale, mean, std = _normalisation_constants(tuple(mean), tuple(std), crops.device)
+    pixels = crops.to(torch.float32, memory_format=torch.contiguous_format)
+    return pixels.div_(scale).sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=8)
+def _normalisation_constants(mean: tuple, std: tuple, device: torch.device) -> tuple:
+    """255, mean and std as float32 tensors on ``device``, made once (not copied there per batch)."""
+    constants = torch.tensor((255.0, *mean, *std), dtype=torch.float32, device=device)
+    return constants[0], constants[1:4].view(3, 1, 1), constants[4:7].view(3, 1, 1)
+
+
+def pyramid_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
+    """The normalised crops of one image as float32 numpy [21, 3, size, size], as ONNX graphs and
+    the deployment script (evaluate/predict_onnx.py, which restates this without torch) take them."""
+    return normalise_crops(pyramid_crops(image, size), mean, std).numpy()

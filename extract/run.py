@@ -5,26 +5,32 @@ writers (``records[shard_index::shard_count]``); each writer drops the images it
 holds and cuts the rest into chunks of ``shard_size`` images, one HDF5 shard each. Batches never
 straddle a chunk, so a run that is killed and re-run encodes exactly the same batches as one
 uninterrupted run and yields the same features.
+
+The crops come from ``extract.loader.CropBatches`` (worker processes, shared memory, batches
+staged on the encoder's device ahead of use); finished shards go to a ``ShardWriter`` thread, so
+the encoder waits neither for decoding nor for HDF5.
 """
 from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cache import ShardRows, UserError, claim_cache, fingerprint, read_cache, write_shard
+from cache import N_CROPS, ShardRows, UserError, claim_cache, fingerprint, read_cache, write_shard
 from cache.lock import WriterSlot
 from cache.store import next_shard_path, printable
 from extract.datasets import ImageRecord, name_problem, read_dataset
 from extract.identity import BackboneIdentity, identity_of
+from extract.loader import CropBatches
 from extract.prompts import encode_prompts, prompt_spec
-from extract.pyramid import BadImageError, load_rgb, pyramid_pixels
+from extract.pyramid import BadImageError
 
 CODE_VERSION = "0.1.0"
 DEFAULT_SHARD_SIZE = 256   # images per shard: ~5.5 MB of float16 ViT-B/16 features
@@ -43,23 +49,6 @@ class ExtractSummary:
         rate = self.images / self.seconds if self.seconds else 0.0
         return (f"extract: {self.images} images encoded, {len(self.skipped)} skipped, "
                 f"{self.already_cached} already cached, {self.seconds:.1f} s, {rate:.2f} images/s → {self.cache_dir}")
-
-
-class _PyramidDataset(Dataset):
-    """Decodes one record into its 21 normalised crops, in a DataLoader worker."""
-
-    def __init__(self, root: Path, records: list[ImageRecord], size: int, mean, std):
-        self.root, self.records, self.size, self.mean, self.std = root, records, size, mean, std
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int):
-        try:
-            image = load_rgb(self.root / self.records[index].relpath)
-        except BadImageError as err:
-            return index, None, None, err.reason
-        return index, pyramid_pixels(image, self.size, self.mean, self.std), (image.height, image.width), None
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -100,7 +89,7 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, identity
     """Encode every image of ``dataset`` not yet in ``cache_dir``; see the module docstring.
 
     ``backbone_loader`` is called at most once, and only when there is something to encode, to get
-    a ``ClipBackbone`` or any object with the same attributes and ``encode_images``/``encode_texts``.
+    a ``ClipBackbone`` or any object with the same attributes and ``encode_crops``/``encode_texts``.
     ``identity`` (``extract.identity.backbone_identity`` of the options the loader loads) lets the
     run check the cache and find out whether there is anything to encode without loading the
     backbone; without it the backbone is loaded first. A loaded backbone whose identity differs
@@ -175,45 +164,87 @@ def _encode_pending(root: Path, pending: list[ImageRecord], backbone, meta: dict
                     workers: int, skip_bad: bool, progress: bool) -> ExtractSummary:
     """Encode ``pending`` in batches and write them shard by shard (see the module docstring)."""
     text = {c: encode_prompts(backbone, c) for c in sorted({r.category for r in pending})}
-    chunks = [pending[i:i + shard_size] for i in range(0, len(pending), shard_size)]
-    batches, offset = [], 0
-    for chunk in chunks:
-        batches += [list(range(offset + i, offset + min(i + batch_size, len(chunk))))
-                    for i in range(0, len(chunk), batch_size)]
-        offset += len(chunk)
-    loader = DataLoader(_PyramidDataset(root, pending, backbone.input_size, backbone.mean, backbone.std),
-                        batch_sampler=batches, num_workers=workers, collate_fn=list,
-                        pin_memory=backbone.device.type == "cuda", persistent_workers=False)
-    bar = tqdm(total=len(pending), unit="img", desc=f"extract {shard_index}/{shard_count}", disable=not progress,
-               dynamic_ncols=True)
+    chunk_sizes = [min(shard_size, len(pending) - first) for first in range(0, len(pending), shard_size)]
     rows, chunk_index = ShardRows(), 0
-    try:
+    with (CropBatches(root, pending, batch_indices(chunk_sizes, batch_size), backbone.input_size, workers=workers,
+                      device=backbone.crops_device) as loader,
+          ShardWriter(lambda done: write_shard(next_shard_path(cache_dir, shard_index, shard_count), done, meta,
+                                               text, backbone.engine)) as writer,
+          tqdm(total=len(pending), unit="img", desc=f"extract {shard_index}/{shard_count}", disable=not progress,
+               dynamic_ncols=True) as bar):
         for batch in loader:
-            good = [item for item in batch if item[3] is None]
-            for index, _, _, reason in (item for item in batch if item[3] is not None):
-                path = root / pending[index].relpath
+            for image in batch.bad:
+                path = root / pending[image.index].relpath
                 if not skip_bad:
-                    raise BadImageError(path, reason + " (pass --skip-bad to skip such files and list them in "
-                                                       "the cache's report)")
-                rows.skipped.append((pending[index].relpath, reason))
-                summary.skipped.append((str(path), reason))
+                    raise BadImageError(path, image.reason + " (pass --skip-bad to skip such files and list them "
+                                                             "in the cache's report)")
+                rows.skipped.append((pending[image.index].relpath, image.reason))
+                summary.skipped.append((str(path), image.reason))
+            good = batch.good
             if good:
-                pixels = np.concatenate([item[1] for item in good])
-                features = backbone.encode_images(pixels).reshape(len(good), -1, backbone.embed_dim)
-                for (index, _, size, _), feats in zip(good, features):
+                features = backbone.encode_crops(batch.crops).reshape(len(good), N_CROPS, backbone.embed_dim)
+                for image, feats in zip(good, features):
                     rows.features.append(feats.astype(np.float16))
-                    rows.records.append(pending[index])
-                    rows.sizes.append(size)
+                    rows.records.append(pending[image.index])
+                    rows.sizes.append(image.size)
                 summary.images += len(good)
-            bar.update(len(batch))
-            if len(rows) == len(chunks[chunk_index]):
-                write_shard(next_shard_path(cache_dir, shard_index, shard_count), rows, meta, text, backbone.engine)
+            bar.update(len(batch.images))
+            if len(rows) == chunk_sizes[chunk_index]:
+                writer.submit(rows)
                 rows, chunk_index = ShardRows(), chunk_index + 1
-    finally:
-        bar.close()
     summary.seconds = time.perf_counter() - start
     _write_report(cache_dir, shard_index, shard_count, summary)
     return summary
+
+
+def batch_indices(chunk_sizes: list[int], batch_size: int) -> list[list[int]]:
+    """Positions ``0 .. sum(chunk_sizes) - 1`` cut into batches of at most ``batch_size`` that never
+    straddle a chunk (one shard's images): the batches of a resumed run are those of an
+    uninterrupted one (see the module docstring)."""
+    batches, offset = [], 0
+    for size in chunk_sizes:
+        batches += [list(range(offset + i, offset + min(i + batch_size, size))) for i in range(0, size, batch_size)]
+        offset += size
+    return batches
+
+
+class ShardWriter:
+    """Writes finished shards in a background thread, in the order submitted, so that the encoder
+    does not wait for HDF5 and fsync; at most ``WAITING_SHARDS`` finished shards wait in memory.
+
+    Leaving the context writes every shard submitted before (also when an error is propagating:
+    they are complete), then raises the first error of a write, if any.
+    """
+
+    WAITING_SHARDS = 1
+
+    def __init__(self, write):
+        self._write, self._error = write, None
+        self._queue: queue.Queue = queue.Queue(maxsize=self.WAITING_SHARDS)
+        self._thread = threading.Thread(target=self._write_all, name="raml-shard-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, rows: ShardRows) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(rows)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and exc is not self._error:
+            raise self._error
+
+    def _write_all(self) -> None:
+        while (rows := self._queue.get()) is not None:
+            if self._error is None:  # after a failed write, the rest is dropped: a re-run redoes it
+                try:
+                    self._write(rows)
+                except BaseException as err:  # re-raised in the submitting thread
+                    self._error = err
 
 
 def _write_report(cache_dir: Path, shard_index: int, shard_count: int, summary: ExtractSummary) -> None:

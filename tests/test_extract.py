@@ -71,11 +71,11 @@ class CrashAfter:
     def __getattr__(self, name):
         return getattr(self._backbone, name)
 
-    def encode_images(self, pixels):
+    def encode_crops(self, crops):
         if self._left == 0:
             raise KeyboardInterrupt
         self._left -= 1
-        return self._backbone.encode_images(pixels)
+        return self._backbone.encode_crops(crops)
 
 
 def test_resume_after_crash_gives_the_same_cache(mvtec_root, mvtec_cache, tiny_backbone, tmp_path):
@@ -214,3 +214,85 @@ def test_kill_9_then_rerun_gives_the_same_cache(tmp_path):
     subprocess.run(command + [str(tmp_path / "killed")], env=env, check=True, capture_output=True)
     subprocess.run(command + [str(tmp_path / "straight")], env=env, check=True, capture_output=True)
     assert_same_table(read_cache(tmp_path / "killed"), read_cache(tmp_path / "straight"))
+
+
+def test_worker_processes_give_the_same_cache(mvtec_root, mvtec_cache, tiny_backbone, tmp_path):
+    """Decoding in two worker processes (crops through shared memory) changes nothing in the cache."""
+    run(mvtec_root, tmp_path / "workers", tiny_backbone, workers=2)
+    assert_same_table(read_cache(tmp_path / "workers"), read_cache(mvtec_cache))
+
+
+def test_failed_shard_write_stops_the_run_and_keeps_the_shards_before(mvtec_root, mvtec_cache, tiny_backbone,
+                                                                      tmp_path, monkeypatch):
+    """Shards are written by a background thread: its error still stops the run, in the caller."""
+    from extract import run as extract_run
+    real_write, calls = extract_run.write_shard, []
+
+    def write_then_fail(path, *args):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_write(path, *args)
+
+    monkeypatch.setattr(extract_run, "write_shard", write_then_fail)
+    cache_dir = tmp_path / "full-disk"
+    with pytest.raises(OSError, match="No space left"):
+        run(mvtec_root, cache_dir, tiny_backbone, batch_size=2, shard_size=4)
+    assert calls[:2] == ["features-000of001-00000.h5", "features-000of001-00001.h5"]
+    assert len(read_cache(cache_dir)) == 4
+    monkeypatch.setattr(extract_run, "write_shard", real_write)
+    assert run(mvtec_root, cache_dir, tiny_backbone, batch_size=2, shard_size=4).images == 16
+    assert_same_table(read_cache(cache_dir), read_cache(mvtec_cache))
+
+
+def test_kill_9_with_batches_in_flight_then_rerun_gives_the_same_cache(tmp_path, tiny_backbone):
+    """SIGKILL to the whole process group while two workers decode, a batch waits on the encoder's
+    device, one is encoded and shards are written by their thread; the re-run completes the cache
+    that one uninterrupted run writes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = make_mvtec(tmp_path / "data", categories=("bottle",), n_train=24, n_test_good=8, n_defect=4,
+                      size=(211, 157))  # 40 images
+    killed = tmp_path / "killed"
+    command = [sys.executable, "pipeline.py", "extract", "--dataset", "mvtec", "--root", str(root), "--model",
+               TINY_MODEL, "--random-weights", "--workers", "2", "--batch-size", "2", "--shard-size", "4",
+               "--cache-dir", str(killed)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    victim = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.monotonic() + 60
+    while len(list(killed.glob("*.h5"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    if (killed / "extract-report-000of001.json").exists():
+        pytest.skip("the run finished before it could be killed")
+    cached = len(read_cache(killed))
+    assert 8 <= cached < 40 and cached % 4 == 0  # whole shards only
+    # The re-run and the uninterrupted run go through the same code in this process: no second torch import.
+    rerun = run(root, killed, tiny_backbone, workers=2, batch_size=2, shard_size=4)
+    assert (rerun.already_cached, rerun.images) == (cached, 40 - cached)
+    assert not list(killed.glob("*.partial"))
+    run(root, tmp_path / "straight", tiny_backbone, workers=2, batch_size=2, shard_size=4)
+    assert_same_table(read_cache(killed), read_cache(tmp_path / "straight"))
+
+
+def test_torchrun_two_processes_write_the_cache_of_one(mvtec_root, mvtec_cache, tmp_path):
+    """``torchrun --nproc_per_node 2``: each rank takes its share from RANK/WORLD_SIZE and writes its
+    own shard; read together they are the single-process cache."""
+    import os
+    import subprocess
+    import sys
+
+    cache_dir = tmp_path / "ranks"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "pipeline.py", "extract", "--dataset", "mvtec", "--root", str(mvtec_root), "--model", TINY_MODEL,
+                    "--random-weights", "--workers", "0", "--cache-dir", str(cache_dir)],
+                   env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), check=True, capture_output=True)
+    assert sorted(p.name for p in cache_dir.glob("*.h5")) == ["features-000of002-00000.h5",
+                                                              "features-001of002-00000.h5"]
+    assert_same_table(read_cache(cache_dir), read_cache(mvtec_cache))

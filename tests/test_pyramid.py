@@ -1,9 +1,84 @@
 """The 21-crop pyramid cuts real tiles from the full-resolution image, and bad images fail clearly."""
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from extract.pyramid import MIN_IMAGE_SIDE, BadImageError, load_rgb, pyramid_pixels, tile_boxes
+from extract.datasets import read_dataset
+from extract.loader import CropBatches
+from extract.pyramid import (MIN_IMAGE_SIDE, BadImageError, load_rgb, normalise_crops, pyramid_crops, pyramid_pixels,
+                             tile_boxes)
+from tests.synthetic import make_folder
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def pil_path_pixels(image, size, mean, std):
+    """The preprocessing that wrote every cache before uint8 crops, verbatim: PIL crop and bicubic
+    resize, then float32 normalisation in numpy, one crop at a time."""
+    mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
+    std = np.asarray(std, np.float32).reshape(3, 1, 1)
+    crops = np.empty((21, 3, size, size), np.float32)
+    for i, box in enumerate(tile_boxes(*image.size)):
+        tile = image.crop(box).resize((size, size), Image.BICUBIC)
+        crops[i] = (np.asarray(tile, np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
+    return crops
+
+
+def noisy_image(width, height, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("width,height", [(97, 83), (1023, 701), (65, 257), (130, 71)])
+def test_uint8_crops_normalised_in_torch_equal_the_pil_path(width, height):
+    image = noisy_image(width, height)
+    crops = pyramid_crops(image, 24)
+    assert crops.shape == (21, 3, 24, 24) and crops.dtype == torch.uint8
+    pixels = normalise_crops(crops, CLIP_MEAN, CLIP_STD)
+    assert pixels.dtype == torch.float32 and pixels.is_contiguous()
+    assert np.abs(pixels.numpy() - pil_path_pixels(image, 24, CLIP_MEAN, CLIP_STD)).max() <= 1e-6
+
+
+def test_crops_handed_over_by_worker_processes_equal_the_pil_path(tmp_path):
+    """Through the real hand-over: two worker processes, shared memory, batches of 2 and 1."""
+    root = make_folder(tmp_path, category="odd", n_good=3, defects=(), size=(101, 67))
+    _, records = read_dataset("folder", root)
+    with CropBatches(root, records, [[0, 1], [2]], 32, workers=2, device=torch.device("cpu")) as loader:
+        batches = list(loader)
+    assert [[image.index for image in batch.images] for batch in batches] == [[0, 1], [2]]
+    assert [image.size for batch in batches for image in batch.images] == [(67, 101)] * 3
+    handed_over = torch.cat([normalise_crops(batch.crops, CLIP_MEAN, CLIP_STD) for batch in batches]).numpy()
+    expected = np.concatenate([pil_path_pixels(load_rgb(root / r.relpath), 32, CLIP_MEAN, CLIP_STD) for r in records])
+    assert handed_over.shape == (63, 3, 32, 32)
+    assert np.abs(handed_over - expected).max() <= 1e-6
+
+
+def test_loader_reports_a_bad_file_in_its_batch_and_goes_on(tmp_path):
+    root = make_folder(tmp_path, category="odd", n_good=3, defects=(), size=(90, 90))
+    (root / "odd" / "good" / "img1.png").write_bytes(b"not a png")
+    _, records = read_dataset("folder", root)
+    with CropBatches(root, records, [[0, 1], [2]], 32, workers=2, device=torch.device("cpu")) as loader:
+        first, second = list(loader)
+    assert [image.index for image in first.good] == [0] and first.crops.shape == (21, 3, 32, 32)
+    assert [(image.index, image.reason) for image in first.bad] == [(1, "not an image PIL can read")]
+    assert [image.index for image in second.good] == [2]
+
+
+def test_loader_stops_when_a_slot_was_overwritten_before_it_was_read(tmp_path, monkeypatch):
+    """The guard of the slot ring: with too few slots the workers overwrite images not yet read."""
+    root = make_folder(tmp_path, category="odd", n_good=8, defects=(), size=(90, 90))
+    _, records = read_dataset("folder", root)
+    monkeypatch.setattr("extract.loader.slot_count", lambda batch_size, workers, prefetch: 2)
+    with CropBatches(root, records, [[0, 1, 2, 3], [4, 5, 6, 7]], 32, workers=2, device=torch.device("cpu")) as loader:
+        with pytest.raises(RuntimeError, match=r"slots of images \[0, 1[],]"):
+            list(loader)
+
+
+def test_loader_refuses_batches_that_do_not_cover_the_records_in_order(tmp_path):
+    root = make_folder(tmp_path, category="odd", n_good=3, defects=(), size=(90, 90))
+    _, records = read_dataset("folder", root)
+    with pytest.raises(ValueError, match="in order"):
+        CropBatches(root, records, [[0], [2, 1]], 32, workers=0, device=torch.device("cpu"))
 
 
 def colour_of(row, col):
