@@ -156,8 +156,7 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
     Re-running resumes: images already in the cache are skipped. A cache holds features of one
     precision: fp32 (--engine torch or onnx) or int8 (--engine onnx-int8).
     """
-    from extract.encoder import usable_cores
-    from extract.engines import PRECISIONS, check_cache_precision
+    from extract.engines import PRECISIONS, check_cache_precision, usable_cores
     from extract.identity import backbone_identity
     from extract.run import extract_features
     categories = categories.split(",") if categories else None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -20,6 +19,7 @@ from cache import UserError
 from extract.identity import (BackboneIdentity, RANDOM_WEIGHTS_SEED, WeightsUnavailableError,
                               resolve_backbone)
 # Re-exported: callers import these from here.
+from extract.engines import usable_cores  # noqa: F401
 from extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, TINY_TEST_CONFIG, file_sha256, model_name  # noqa: F401
 from extract.pyramid import normalise_crops
 
@@ -99,11 +99,6 @@ class ClipBackbone:
         tokens = self.tokenizer(texts).to(self.device)
         features = self.model.encode_text(tokens)
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (a container's CPU set, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def resolve_device(device: str = "auto") -> torch.device:

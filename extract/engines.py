@@ -1,5 +1,5 @@
-"""The image-encoder engines (``--engine``), what each writes into a cache, and the checks that
-need no model.
+"""The image-encoder engines (``--engine``), what each writes into a cache, the cores they may
+use, and the checks that need no model.
 
 This module imports neither torch nor onnxruntime: the command line builds its options from it
 at start-up, and a re-run of ``extract`` that finds nothing to encode must answer at once
@@ -7,6 +7,7 @@ at start-up, and a re-run of ``extract`` that finds nothing to encode must answe
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cache import CacheError
@@ -15,6 +16,11 @@ from cache.store import fingerprint_field, read_fingerprint
 PRECISIONS = {"torch": "fp32", "onnx": "fp32", "onnx-int8": "int8"}  # what each --engine writes into a cache
 ENGINES = tuple(PRECISIONS)
 FIDELITY_SAMPLE = 32       # images of the user's own data the int8 check encodes both ways (issue 13's default)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def check_cache_precision(cache_dir, precision: str) -> None:

@@ -10,7 +10,6 @@ import functools
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cache import CROP_LAYOUT, N_CROPS, UserError
@@ -103,6 +102,8 @@ def pyramid_crops(image: Image.Image, size: int, out: torch.Tensor | None = None
     contiguous, on the encoder's device. It is a quarter of the bytes of float32 crops. ``out``:
     such a tensor to fill instead of a new one (the loader's shared-memory slots).
     """
+    import torch  # here, not at the top: listing and checking a cache must not import torch
+
     crops = torch.empty((N_CROPS, size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2) if out is None else out
     pixels = crops.permute(0, 2, 3, 1).numpy()  # a view [21, size, size, 3]: writing it fills ``crops``
     for i, box in enumerate(tile_boxes(*image.size)):
@@ -119,6 +120,8 @@ def normalise_crops(crops: torch.Tensor, mean, std) -> torch.Tensor:
     agree. The constants are divided as tensors: a Python scalar divisor lets CUDA multiply by
     its reciprocal instead, which rounds differently.
     """
+    import torch
+
     scale, mean, std = _normalisation_constants(tuple(mean), tuple(std), crops.device)
     pixels = crops.to(torch.float32, memory_format=torch.contiguous_format)
     return pixels.div_(scale).sub_(mean).div_(std)
@@ -127,6 +130,8 @@ def normalise_crops(crops: torch.Tensor, mean, std) -> torch.Tensor:
 @functools.lru_cache(maxsize=8)
 def _normalisation_constants(mean: tuple, std: tuple, device: torch.device) -> tuple:
     """255, mean and std as float32 tensors on ``device``, made once (not copied there per batch)."""
+    import torch
+
     constants = torch.tensor((255.0, *mean, *std), dtype=torch.float32, device=device)
     return constants[0], constants[1:4].view(3, 1, 1), constants[4:7].view(3, 1, 1)
 

@@ -28,7 +28,6 @@ from cache.lock import WriterSlot
 from cache.store import next_shard_path, printable
 from extract.datasets import ImageRecord, name_problem, read_dataset
 from extract.identity import BackboneIdentity, identity_of
-from extract.loader import CropBatches
 from extract.prompts import encode_prompts, prompt_spec
 from extract.pyramid import BadImageError
 
@@ -163,6 +162,7 @@ def _encode_pending(root: Path, pending: list[ImageRecord], backbone, meta: dict
                     shard_count: int, summary: ExtractSummary, start: float, *, batch_size: int, shard_size: int,
                     workers: int, skip_bad: bool, progress: bool) -> ExtractSummary:
     """Encode ``pending`` in batches and write them shard by shard (see the module docstring)."""
+    from extract.loader import CropBatches  # torch: imported only when there is something to encode
     text = {c: encode_prompts(backbone, c) for c in sorted({r.category for r in pending})}
     chunk_sizes = [min(shard_size, len(pending) - first) for first in range(0, len(pending), shard_size)]
     rows, chunk_index = ShardRows(), 0
