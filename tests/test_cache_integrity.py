@@ -29,15 +29,11 @@ from extract.pyramid import BadImageError, load_rgb
 from extract.run import extract_features
 from pipeline import cli
 from tests.conftest import TINY_MODEL
+from tests.test_extract import assert_same_table, run
 from tests.synthetic import make_folder, make_mvtec, part_image
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_IDENTITY = dict(model=TINY_MODEL, random_weights=True)
-
-
-def run(root, cache_dir, backbone, dataset="mvtec", **kwargs):
-    kwargs.setdefault("workers", 0)
-    return extract_features(dataset, root, cache_dir, lambda: backbone, progress=False, **kwargs)
 
 
 def must_not_load():
@@ -47,12 +43,6 @@ def must_not_load():
 def copy_cache(source, target) -> Path:
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.lock"))
     return Path(target)
-
-
-def assert_same_table(a, b):
-    for column in ("relpath", "category", "label", "defect_type", "split", "mask_relpath", "height", "width"):
-        np.testing.assert_array_equal(getattr(a, column), getattr(b, column))
-    np.testing.assert_array_equal(a.features, b.features)
 
 
 # --- 1. decompression bombs -------------------------------------------------------------------
