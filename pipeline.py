@@ -54,7 +54,7 @@ def _with(options):
 
 def backbone_options(func):
     """Options naming the CLIP backbone; shared by every command that runs the image encoder."""
-    from extract.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED
+    from extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED  # not extract.encoder: no torch import here
     return _with([
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
                      help="open_clip model name, or path to an open_clip model-config JSON."),
@@ -104,14 +104,14 @@ def load_backbone_from(model, pretrained, weights, random_weights, device):
 
 def fidelity_sample_option(when):
     """--fidelity-sample: how many of the user's images the int8 fidelity check encodes both ways."""
-    from extract.int8_engine import FIDELITY_SAMPLE
+    from extract.engines import FIDELITY_SAMPLE
     return click.option("--fidelity-sample", default=FIDELITY_SAMPLE, show_default=True, type=click.IntRange(1),
                         help=f"With {when}: images of your own that the check encodes with fp32 and int8.")
 
 
 def engine_option(func):
     """--engine: which runtime encodes the crops."""
-    from extract.onnx_engine import ENGINES
+    from extract.engines import ENGINES
     return click.option(
         "--engine", type=click.Choice(ENGINES), default="torch", show_default=True,
         help="Runtime of the CLIP image encoder: torch (eager); onnx (ONNX Runtime fp32, faster on CPUs; exported "
@@ -126,7 +126,7 @@ def engine_options(func):
 
 
 def load_engine_backbone(model, pretrained, weights, random_weights, device, engine):
-    """``load_backbone_from``, with the image encoder run by ``engine`` (``extract.onnx_engine.ENGINES``)."""
+    """``load_backbone_from``, with the image encoder run by ``engine`` (``extract.engines.ENGINES``)."""
     from extract.onnx_engine import engine_backbone
     return engine_backbone(load_backbone_from(model, pretrained, weights, random_weights, device), engine)
 
@@ -156,8 +156,8 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
     Re-running resumes: images already in the cache are skipped. A cache holds features of one
     precision: fp32 (--engine torch or onnx) or int8 (--engine onnx-int8).
     """
-    from extract.int8_engine import PRECISIONS, check_cache_precision, check_on_dataset
-    from extract.encoder import usable_cores
+    from extract.engines import PRECISIONS, check_cache_precision, usable_cores
+    from extract.identity import backbone_identity
     from extract.run import extract_features
     categories = categories.split(",") if categories else None
     check_cache_precision(cache_dir, PRECISIONS[engine])  # before any model is loaded
@@ -165,15 +165,19 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
     def load_checked_backbone():
         backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, engine)
         if backbone.precision == "int8":
+            from extract.int8_engine import check_on_dataset
             check_on_dataset(backbone, cache_dir, dataset, root, categories, sample=fidelity_sample)
         return backbone
 
     summary = extract_features(
         dataset, root, cache_dir, load_checked_backbone,
+        identity=backbone_identity(model, pretrained, weights, random_weights, PRECISIONS[engine]),
         categories=categories, batch_size=batch_size, workers=usable_cores() if workers is None else workers,
         limit=limit, skip_bad=skip_bad, shard=shard, shard_size=shard_size, retry_skipped=retry_skipped,
         progress=_show_progress(), backbone_source=backbone_source(model, weights, random_weights))
     click.echo(summary.line())
+    for path in summary.stale_partials:
+        click.echo(f"  removed {path.name}: a partial shard left by a killed run")
     for path, reason in summary.skipped:
         click.echo(f"  skipped {path}: {reason}")
 
@@ -182,11 +186,14 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
 @click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), required=True)
 @_fail_cleanly
 def info(cache_dir):
-    """Summarise a feature cache: backbone, images per category and label, skipped files."""
+    """Summarise a feature cache: backbone, images per category and label, skipped files, partial
+    shards (being written, or left by a killed run)."""
     from cache import read_cache
+    from cache.lock import partial_shard_status
     table = read_cache(cache_dir, with_features=False)
     meta = table.meta
-    click.echo(f"{cache_dir}: {len(table)} images, backbone {meta['backbone']} ({meta['weights']}), "
+    config = (meta.get("model_config") or "config not recorded")[:19]   # "sha256:" and 12 hex digits
+    click.echo(f"{cache_dir}: {len(table)} images, backbone {meta['backbone']} ({config}; {meta['weights']}), "
                f"input {meta['input_size']} px, D={meta['embed_dim']}, engines {', '.join(table.engines) or '-'}")
     if meta["random_weights"]:
         click.secho("  random weights: features are meaningless", fg="yellow")
@@ -195,6 +202,9 @@ def info(cache_dir):
         click.echo(f"  {category:<14} {int((labels == 0).sum()):>6} normal {int((labels == 1).sum()):>6} anomalous")
     for path, reason in table.skipped:
         click.echo(f"  skipped {path}: {reason}")
+    for path, holder in partial_shard_status(cache_dir):
+        click.echo(f"  partial {path.name}: " + (f"being written by {holder}" if holder else
+                                                 "stale, left by a killed run; the next extract removes it"))
 
 
 @cli.group()
@@ -281,6 +291,22 @@ def bench_predict(model, pretrained, weights, random_weights, device, images, si
                              winclip_backbone=winclip_backbone)
     for line in result.lines():
         click.echo(line)
+
+
+@bench.command("cache")
+@click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Cache to read (default: a synthetic one of MVTec AD's shape, ViT-B/16-sized features).")
+@_fail_cleanly
+def bench_cache(cache_dir):
+    """What verifying checksums and validating rows adds to reading a cache."""
+    import tempfile
+    from pathlib import Path
+
+    from cache.bench import run_cache_read_bench
+    from train.synthetic import write_synthetic_cache
+    with tempfile.TemporaryDirectory(prefix="raml-bench-cache-") as work:
+        source = Path(cache_dir) if cache_dir else write_synthetic_cache(Path(work) / "mvtec-shape")
+        click.echo(run_cache_read_bench(source, Path(work)).line())
 
 
 # --- stage two: train, sweep, bench train (issue 3) ---

@@ -115,11 +115,10 @@ def backbone_options_for(fingerprint: dict, model: str | None = None, pretrained
 
 
 def backbone_fingerprint(backbone) -> dict:
-    """The fingerprint fields (``cache.store.FINGERPRINT_KEYS``) of features encoded now by ``backbone``."""
-    from cache import CROP_LAYOUT
-    return {"backbone": backbone.name, "weights": backbone.weights, "random_weights": backbone.random_weights,
-            "input_size": backbone.input_size, "embed_dim": backbone.embed_dim,
-            "crop_layout": [list(grid) for grid in CROP_LAYOUT], "precision": backbone.precision}
+    """The fingerprint (``cache.fingerprint``) of features encoded now by ``backbone``."""
+    from cache import fingerprint
+    from extract.identity import identity_of
+    return fingerprint(**identity_of(backbone).fingerprint_fields(), code_version=None, dataset=None, prompts=None)
 
 
 def check_backbone(checkpoint, backbone) -> None:

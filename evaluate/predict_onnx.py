@@ -19,16 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
-from PIL import Image
+from PIL import Image, ImageOps
 
 HERE = Path(__file__).resolve().parent
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
 def load_rgb(path, min_side):
-    """Decode as 8-bit RGB; 16-bit grey is scaled to 8 bits (PIL's own conversion clips at 255)."""
+    """Decode as 8-bit RGB, upright (EXIF orientation applied); 16-bit grey is scaled to 8 bits
+    (PIL's own conversion clips at 255)."""
     with Image.open(path) as image:
         image.load()
+        ImageOps.exif_transpose(image, in_place=True)
         if image.mode in SIXTEEN_BIT_MODES:
             values = np.asarray(image, np.float64)
             if values.min() < 0 or values.max() > 65535:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache import UserError
+from cache.store import printable
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 NORMAL = "good"  # defect_type of every normal image
@@ -52,6 +53,18 @@ class ImageRecord:
     relpath: str             # POSIX path relative to the dataset root; unique key in a cache
     split: str               # official split: "train" or "test" ("test" where there is none)
     mask_relpath: str = ""   # "" when there is no mask
+
+
+def name_problem(record: ImageRecord) -> str | None:
+    """Why ``record`` cannot go into a cache, or ``None``: its names are keys in the shards and in
+    the JSON and CSV files of stage two, all UTF-8, so a file or folder name that is not valid
+    UTF-8 (Python keeps its bytes as surrogate escapes) is refused, by name, rather than stored."""
+    for column in ("category", "defect_type", "relpath", "mask_relpath"):
+        value = getattr(record, column)
+        if printable(value) != value:
+            return (f"{column} {printable(value)!r} is not valid UTF-8; rename the file or folder "
+                    "(e.g. convmv -f latin1 -t utf-8 --notest)")
+    return None
 
 
 def is_image(path: Path) -> bool:

@@ -3,34 +3,29 @@
 One code path for every model: a built-in open_clip name (``ViT-B-16``) or the path of an
 open_clip model-config JSON (the tests use ``model_configs/raml-tiny-test.json``, a 2-layer
 32-px CLIP), with weights from a pretrained tag, a local checkpoint file, or — only when asked
-explicitly — a seeded random initialisation.
+explicitly — a seeded random initialisation. What is built, and the identity the cache records,
+both come from ``extract.identity.resolve_backbone``.
 """
 from __future__ import annotations
 
 import copy
 import functools
-import hashlib
-import os
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 from cache import UserError
+from extract.identity import (BackboneIdentity, RANDOM_WEIGHTS_SEED, WeightsUnavailableError,
+                              resolve_backbone)
+# Re-exported: callers import these from here.
+from extract.engines import usable_cores  # noqa: F401
+from extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, TINY_TEST_CONFIG, file_sha256, model_name  # noqa: F401
 from extract.pyramid import normalise_crops
 
-DEFAULT_MODEL = "ViT-B-16"
-DEFAULT_PRETRAINED = "openai"
-RANDOM_WEIGHTS_SEED = 0  # random weights are seeded so that a resumed run encodes like the first
-TINY_TEST_CONFIG = Path(__file__).with_name("model_configs") / "raml-tiny-test.json"
 # On CUDA the image tower runs in fp16; its features must stay this close (cosine) to the fp32 CPU
 # features, crop by crop: close enough to share a cache. `bench extract` checks it on the GPU.
 FP16_MIN_COSINE = 0.999
-
-
-class WeightsUnavailableError(UserError):
-    """The CLIP weights asked for could not be loaded (offline, wrong path, unknown tag)."""
 
 
 def image_tower_dtype(device: torch.device) -> torch.dtype:
@@ -46,11 +41,13 @@ def image_tower_dtype(device: torch.device) -> torch.dtype:
 
 @dataclass
 class ClipBackbone:
-    """A frozen open_clip model plus everything the cache records about it."""
+    """A frozen open_clip model plus everything the cache records about it: the fields of
+    ``BackboneIdentity`` (``identity_of(backbone)``) and the engine."""
 
     model: torch.nn.Module
     tokenizer: object
     name: str
+    model_config: str       # "sha256:<hex>" of the resolved open_clip config
     weights: str            # "openai" (a tag), "sha256:<hex>" of a weights file, or "random(seed=0)"
     random_weights: bool
     input_size: int
@@ -104,41 +101,12 @@ class ClipBackbone:
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (a container's CPU set, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     return torch.device(device)
-
-
-def model_name(model: str) -> str:
-    """Register a config JSON with open_clip if ``model`` is a path; return the name to create."""
-    import open_clip
-
-    path = Path(model)
-    if path.suffix == ".json":
-        if not path.is_file():
-            raise FileNotFoundError(f"--model {model}: no such model-config file")
-        open_clip.add_model_config(path)
-        return path.stem
-    if model not in open_clip.list_models():
-        raise UserError(f"--model {model}: not an open_clip model name nor a config .json "
-                         f"(e.g. {DEFAULT_MODEL}, ViT-B-16-plus-240, ViT-L-14)")
-    return model
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETRAINED,
@@ -151,31 +119,34 @@ def load_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_P
     """
     import open_clip
 
-    name = model_name(model)
+    resolved = resolve_backbone(model, pretrained, weights, random_weights)
+    identity, name, source = resolved.identity, resolved.open_clip_name, resolved.source
     torch_device = resolve_device(device)
-    if random_weights:
-        source, weights_id = None, f"random(seed={RANDOM_WEIGHTS_SEED})"
-    elif weights:
-        if not Path(weights).is_file():
-            raise WeightsUnavailableError(f"--weights {weights}: no such file")
-        source, weights_id = str(weights), "sha256:" + file_sha256(Path(weights))
-    else:
-        source, weights_id = pretrained, pretrained
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
             clip = open_clip.create_model(name, pretrained=source, device=torch_device,
-                                          force_quick_gelu=(source == "openai"))  # OpenAI's CLIP uses QuickGELU
+                                          force_quick_gelu=resolved.quick_gelu)
     except Exception as err:  # open_clip raises RuntimeError, OSError, KeyError... for one cause: no weights
         raise WeightsUnavailableError(_weights_help(name, source, err)) from err
     clip.eval().requires_grad_(False)
+    _check_built(clip, identity)
+    return ClipBackbone(model=clip, tokenizer=open_clip.get_tokenizer(name), device=torch_device,
+                        **{f.name: getattr(identity, f.name) for f in fields(identity)})
+
+
+def _check_built(clip: torch.nn.Module, identity: BackboneIdentity) -> None:
+    """The model open_clip built must be the one ``resolve_backbone`` described; if not, RAML's
+    resolution no longer follows open_clip's (a bug to fix in extract/identity.py)."""
     cfg = clip.visual.preprocess_cfg
     size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
-    return ClipBackbone(model=clip, tokenizer=open_clip.get_tokenizer(name), name=name, weights=weights_id,
-                        random_weights=random_weights, input_size=int(size),
-                        embed_dim=int(clip.text_projection.shape[1] if hasattr(clip, "text_projection")
-                                      and clip.text_projection is not None else clip.visual.output_dim),
-                        mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), device=torch_device)
+    embed_dim = (clip.text_projection.shape[1] if getattr(clip, "text_projection", None) is not None
+                 else clip.visual.output_dim)
+    built = (int(size), int(embed_dim), tuple(cfg["mean"]), tuple(cfg["std"]))
+    resolved = (identity.input_size, identity.embed_dim, identity.mean, identity.std)
+    if built != resolved:
+        raise RuntimeError(f"open_clip built {identity.name} with (input size, embedding size, mean, std) "
+                           f"{built}, but extract/identity.py resolved {resolved}")
 
 
 def _weights_help(name: str, source: str | None, err: Exception) -> str:

@@ -43,8 +43,9 @@ from pathlib import Path
 import numpy as np
 
 from cache import CacheError, N_CROPS, UserError
-from cache.store import atomic_write_text, fingerprint_field, read_fingerprint
+from cache.store import atomic_write_text
 from extract.encoder import ClipBackbone, file_sha256
+from extract.engines import FIDELITY_SAMPLE
 from extract.onnx_engine import (INPUT_NAME, OUTPUT_NAME, OnnxClipBackbone, OnnxEngineError, OnnxImageEncoder,
                                  export_dir, export_lock, file_problem, first_line, key_fields,
                                  locked_fp32_encoder, onnxruntime_module, open_session, read_sidecar, say,
@@ -59,10 +60,8 @@ BUILD_CHECK_CROPS = 2      # random crops run once through a new model: it must 
 # Issue 13's limits: below either, the int8 features are not trusted and the user is told to use fp32.
 MIN_COSINE = 0.995         # per-crop cosine between the int8 and the fp32 embedding, smallest of the sample
 MIN_SPEARMAN = 0.99        # Spearman rank correlation of s_final over the sample's images
-FIDELITY_SAMPLE = 32       # images of the user's own data encoded both ways (issue 13's default)
 MIN_RANKED_IMAGES = 3      # fewer images give no meaningful rank correlation
 FIDELITY_RECORD = "int8-fidelity.json"  # checks that passed, kept where they were needed (see check_on_dataset)
-PRECISIONS = {"torch": "fp32", "onnx": "fp32", "onnx-int8": "int8"}  # what each --engine writes into a cache
 
 
 class Int8FidelityError(UserError):
@@ -259,17 +258,6 @@ def write_record(path: Path, key: str, fidelity: Fidelity, images_from: str) -> 
     records = read_records(path)
     records[key] = {**fidelity.to_dict(), "images_from": images_from, "checked": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_text(path, json.dumps(records, indent=2))
-
-
-def check_cache_precision(cache_dir, precision: str) -> None:
-    """Refuse before any work when ``cache_dir`` holds features of another precision than ``precision``."""
-    meta = read_fingerprint(Path(cache_dir))
-    cached = None if meta is None else fingerprint_field(meta, "precision")
-    if cached is not None and cached != precision:
-        engines = " or ".join(f"--engine {e}" for e, p in PRECISIONS.items() if p == cached)
-        raise CacheError(f"{cache_dir} holds {cached} features; this run would add {precision} features, and one "
-                         f"cache never mixes precisions (a head would train or score on two encoders at once). "
-                         f"Use {engines} with this cache, or another --cache-dir.")
 
 
 def check_on_dataset(backbone: OnnxClipBackbone, cache_dir, dataset: str, root, categories=None,

@@ -41,6 +41,8 @@ import torch
 from cache import UserError
 from cache.store import atomic_write_text
 from extract.encoder import ClipBackbone, file_sha256, usable_cores
+from extract.engines import ENGINES
+from extract.identity import user_cache_root
 from extract.pyramid import normalise_crops
 
 EXPORT_FORMAT = 1          # bump when the graph's contract changes: older exports are then rebuilt
@@ -121,9 +123,6 @@ def onnx_backbone(backbone: ClipBackbone, *, cache_root: Path | None = None,
     return OnnxClipBackbone(**torch_fields(backbone), image_encoder=encoder)
 
 
-ENGINES = ("torch", "onnx", "onnx-int8")
-
-
 def engine_backbone(backbone: ClipBackbone, engine: str, *, cache_root: Path | None = None,
                     threads: int | None = None) -> ClipBackbone:
     """``backbone`` (a torch ``ClipBackbone``) with its image encoder run by ``engine``, one of ``ENGINES``."""
@@ -172,11 +171,8 @@ def locked_fp32_encoder(backbone: ClipBackbone, directory: Path, threads: int | 
 
 
 def onnx_cache_root() -> Path:
-    """``$RAML_CACHE_DIR/onnx``, else ``$XDG_CACHE_HOME/raml/onnx``, else ``~/.cache/raml/onnx``."""
-    if os.environ.get("RAML_CACHE_DIR"):
-        return Path(os.environ["RAML_CACHE_DIR"]).expanduser() / "onnx"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "raml" / "onnx"
+    """``onnx`` in RAML's user cache directory (``extract.identity.user_cache_root``)."""
+    return user_cache_root() / "onnx"
 
 
 def export_dir(backbone: ClipBackbone, cache_root: Path | None = None) -> Path:

@@ -10,13 +10,18 @@ import functools
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cache import CROP_LAYOUT, N_CROPS, UserError
+from cache.store import printable
 
 # Each 4x4 tile must still be a real image region: 16 px a side at the finest scale.
 MIN_IMAGE_SIDE = 16 * max(cols for _, cols in CROP_LAYOUT)
+# The largest image RAML decodes: 178,956,970 px (e.g. 13,377 x 13,377), 537 MB as 8-bit RGB in each
+# decoding worker. It is Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS at its default), so the
+# two checks agree; a larger header is a decompression bomb or an image to downscale first. Pillow
+# warns (DecompressionBombWarning) from half this size on; such images are still decoded.
+MAX_IMAGE_PIXELS = 178_956_970
 # Modes PIL converts to RGB without losing meaning; 16-bit grey is rescaled by hand (see below).
 _CONVERTIBLE_MODES = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "La", "RGBa"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
@@ -26,21 +31,33 @@ class BadImageError(UserError):
     """An image that cannot become 21 crops; the message names the file and the reason."""
 
     def __init__(self, path, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
+        super().__init__(f"{printable(str(path))}: {reason}")
+        self.path, self.reason = printable(str(path)), reason
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Decode ``path`` fully as 8-bit RGB or raise ``BadImageError`` saying why not."""
+    """Decode ``path`` fully as 8-bit RGB, upright, or raise ``BadImageError`` saying why not.
+
+    Upright: an EXIF Orientation tag (phone photos carry one; camera-mounted industrial images
+    normally do not) is applied, so the crops, masks and heatmaps are those of the image every
+    viewer shows. An image over ``MAX_IMAGE_PIXELS`` is refused from its header, before decoding.
+    """
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise BadImageError(path, "empty file (0 bytes)")
         with Image.open(path) as image:
+            pixels = image.width * image.height
+            if pixels > MAX_IMAGE_PIXELS:
+                raise BadImageError(path, f"{pixels:,} px ({image.width}x{image.height}), over RAML's limit of "
+                                          f"{MAX_IMAGE_PIXELS:,} px: a decompression bomb, or an image to downscale")
             image.load()  # decode now: a truncated file fails here, not later in a worker
+            ImageOps.exif_transpose(image, in_place=True)
             rgb = _to_rgb(path, image)
     except BadImageError:
         raise
+    except Image.DecompressionBombError as err:   # Pillow checks first, in Image.open; same limit by default
+        raise BadImageError(path, f"refused by Pillow's decompression-bomb check: {err}") from None
     except UnidentifiedImageError:
         raise BadImageError(path, "not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError) as err:
@@ -85,6 +102,8 @@ def pyramid_crops(image: Image.Image, size: int, out: torch.Tensor | None = None
     contiguous, on the encoder's device. It is a quarter of the bytes of float32 crops. ``out``:
     such a tensor to fill instead of a new one (the loader's shared-memory slots).
     """
+    import torch  # here, not at the top: listing and checking a cache must not import torch
+
     crops = torch.empty((N_CROPS, size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2) if out is None else out
     pixels = crops.permute(0, 2, 3, 1).numpy()  # a view [21, size, size, 3]: writing it fills ``crops``
     for i, box in enumerate(tile_boxes(*image.size)):
@@ -101,6 +120,8 @@ def normalise_crops(crops: torch.Tensor, mean, std) -> torch.Tensor:
     agree. The constants are divided as tensors: a Python scalar divisor lets CUDA multiply by
     its reciprocal instead, which rounds differently.
     """
+    import torch
+
     scale, mean, std = _normalisation_constants(tuple(mean), tuple(std), crops.device)
     pixels = crops.to(torch.float32, memory_format=torch.contiguous_format)
     return pixels.div_(scale).sub_(mean).div_(std)
@@ -109,6 +130,8 @@ def normalise_crops(crops: torch.Tensor, mean, std) -> torch.Tensor:
 @functools.lru_cache(maxsize=8)
 def _normalisation_constants(mean: tuple, std: tuple, device: torch.device) -> tuple:
     """255, mean and std as float32 tensors on ``device``, made once (not copied there per batch)."""
+    import torch
+
     constants = torch.tensor((255.0, *mean, *std), dtype=torch.float32, device=device)
     return constants[0], constants[1:4].view(3, 1, 1), constants[4:7].view(3, 1, 1)
 

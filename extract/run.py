@@ -24,10 +24,10 @@ import numpy as np
 from tqdm import tqdm
 
 from cache import N_CROPS, ShardRows, UserError, claim_cache, fingerprint, read_cache, write_shard
-from cache.store import next_shard_path, remove_partial_shards
-from extract.datasets import ImageRecord, read_dataset
-from extract.encoder import ClipBackbone
-from extract.loader import CropBatches
+from cache.lock import WriterSlot
+from cache.store import next_shard_path, printable
+from extract.datasets import ImageRecord, name_problem, read_dataset
+from extract.identity import BackboneIdentity, identity_of
 from extract.prompts import encode_prompts, prompt_spec
 from extract.pyramid import BadImageError
 
@@ -42,6 +42,7 @@ class ExtractSummary:
     skipped: list = field(default_factory=list)
     already_cached: int = 0
     seconds: float = 0.0
+    stale_partials: list = field(default_factory=list)   # partial shards of killed runs, removed
 
     def line(self) -> str:
         rate = self.images / self.seconds if self.seconds else 0.0
@@ -79,17 +80,25 @@ def evenly_spaced(items: list, count: int) -> list:
     return [items[i] for i in picks]
 
 
-def extract_features(dataset: str, root, cache_dir, backbone_loader, *, categories=None, batch_size: int = 8,
-                     workers: int = 2, limit: int | None = None, skip_bad: bool = False, shard: str | None = None,
-                     shard_size: int = DEFAULT_SHARD_SIZE, retry_skipped: bool = False,
-                     progress: bool = True, backbone_source: dict | None = None) -> ExtractSummary:
+def extract_features(dataset: str, root, cache_dir, backbone_loader, *, identity: BackboneIdentity | None = None,
+                     categories=None, batch_size: int = 8, workers: int = 2, limit: int | None = None,
+                     skip_bad: bool = False, shard: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
+                     retry_skipped: bool = False, progress: bool = True,
+                     backbone_source: dict | None = None) -> ExtractSummary:
     """Encode every image of ``dataset`` not yet in ``cache_dir``; see the module docstring.
 
-    ``backbone_loader`` is called once, after the dataset has been read and checked, to get a
-    ``ClipBackbone`` or any object with the same attributes and ``encode_crops``/``encode_texts``.
+    ``backbone_loader`` is called at most once, and only when there is something to encode, to get
+    a ``ClipBackbone`` or any object with the same attributes and ``encode_crops``/``encode_texts``.
+    ``identity`` (``extract.identity.backbone_identity`` of the options the loader loads) lets the
+    run check the cache and find out whether there is anything to encode without loading the
+    backbone; without it the backbone is loaded first. A loaded backbone whose identity differs
+    from ``identity`` is a bug (``RuntimeError``).
     ``backbone_source`` (``{"model", "weights_file"}``: the model name or config path, and the
     weights file, as given) is recorded in a new cache's ``cache.json`` beside the fingerprint,
     so that a checkpoint trained on it can load its backbone again (``predict``, ``export``).
+
+    The run holds its writer slot (``cache.lock.WriterSlot``) from start to end: another process on
+    the same cache and shard stops at once, having written nothing.
     """
     cache_dir = Path(cache_dir)
     if shard_size % batch_size:
@@ -99,24 +108,61 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, categori
     records = limit_per_category(records, limit)
     shard_index, shard_count = parse_shard(shard)
     mine = records[shard_index::shard_count]
-
-    backbone: ClipBackbone = backbone_loader()
-    meta = fingerprint(backbone=backbone.name, weights=backbone.weights, random_weights=backbone.random_weights,
-                       input_size=backbone.input_size, embed_dim=backbone.embed_dim, code_version=CODE_VERSION,
-                       dataset={"kind": dataset, "root": str(root)}, prompts=prompt_spec(),
-                       mean=backbone.mean, std=backbone.std, precision=backbone.precision)
+    backbone = None
+    if identity is None:
+        backbone = backbone_loader()
+        identity = identity_of(backbone)
+    meta = fingerprint(**identity.fingerprint_fields(), code_version=CODE_VERSION,
+                       dataset={"kind": dataset, "root": str(root)}, prompts=prompt_spec())
     if backbone_source is not None:
         meta["backbone_source"] = backbone_source
-    claim_cache(cache_dir, meta)
-    remove_partial_shards(cache_dir, prefix=f"features-{shard_index:03d}of{shard_count:03d}-")
-    cached = read_cache(cache_dir, with_features=False)
-    done = cached.keys() | (set() if retry_skipped else {path for path, _ in cached.skipped})
-    pending = [r for r in mine if r.relpath not in done]
-    summary = ExtractSummary(cache_dir=cache_dir, already_cached=len(mine) - len(pending))
-    if not pending:
-        summary.seconds = time.perf_counter() - start
-        return summary
+    with WriterSlot(cache_dir, shard_index, shard_count) as slot:
+        exists = claim_cache(cache_dir, meta, create=False)   # another backbone's cache: refused before loading
+        summary = ExtractSummary(cache_dir=cache_dir, stale_partials=slot.remove_stale_partials())
+        cached = read_cache(cache_dir, with_features=False) if exists else None
+        done = set() if cached is None else \
+            cached.keys() | (set() if retry_skipped else {path for path, _ in cached.skipped})
+        pending = [r for r in mine if printable(r.relpath) not in done]
+        summary.already_cached = len(mine) - len(pending)
+        pending, unstorable = _storable_names(pending, root, skip_bad, summary)
+        if pending and backbone is None:
+            backbone = backbone_loader()   # may refuse, having checked itself (int8 fidelity): nothing written yet
+            if identity_of(backbone) != identity:
+                raise RuntimeError(f"backbone_loader loaded {identity_of(backbone)}, but the run was checked "
+                                   f"against {identity}: they must describe the same backbone")
+        claim_cache(cache_dir, meta)
+        if unstorable:
+            write_shard(next_shard_path(cache_dir, shard_index, shard_count), ShardRows(skipped=unstorable), meta,
+                        text={}, engine=None)
+        if not pending:
+            summary.seconds = time.perf_counter() - start
+            if summary.skipped:
+                _write_report(cache_dir, shard_index, shard_count, summary)
+            return summary
+        return _encode_pending(root, pending, backbone, meta, cache_dir, shard_index, shard_count, summary, start,
+                               batch_size=batch_size, shard_size=shard_size, workers=workers, skip_bad=skip_bad,
+                               progress=progress)
 
+
+def _storable_names(pending: list[ImageRecord], root: Path, skip_bad: bool,
+                    summary: ExtractSummary) -> tuple[list[ImageRecord], list[tuple[str, str]]]:
+    """The records of ``pending`` whose names a cache can hold (``name_problem``), and (relpath,
+    reason) of the others. Without ``skip_bad`` any such name stops the run, named; with it, they
+    are listed in ``summary`` as skipped, and the caller records them in a shard of their own."""
+    refused = [(record.relpath, problem) for record in pending if (problem := name_problem(record))]
+    if refused and not skip_bad:
+        relpath, problem = refused[0]
+        raise BadImageError(root / relpath, problem + " (pass --skip-bad to skip such files and list them in the "
+                                                      "cache's report)")
+    summary.skipped += [(printable(str(root / relpath)), problem) for relpath, problem in refused]
+    return [record for record in pending if not name_problem(record)], refused
+
+
+def _encode_pending(root: Path, pending: list[ImageRecord], backbone, meta: dict, cache_dir: Path, shard_index: int,
+                    shard_count: int, summary: ExtractSummary, start: float, *, batch_size: int, shard_size: int,
+                    workers: int, skip_bad: bool, progress: bool) -> ExtractSummary:
+    """Encode ``pending`` in batches and write them shard by shard (see the module docstring)."""
+    from extract.loader import CropBatches  # torch: imported only when there is something to encode
     text = {c: encode_prompts(backbone, c) for c in sorted({r.category for r in pending})}
     chunk_sizes = [min(shard_size, len(pending) - first) for first in range(0, len(pending), shard_size)]
     rows, chunk_index = ShardRows(), 0

@@ -12,6 +12,16 @@ from tests.synthetic import make_mvtec
 TINY_MODEL = str(TINY_TEST_CONFIG)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache_dir(tmp_path_factory):
+    """RAML's user cache (identity memo, ONNX exports) in a temporary folder, not ~/.cache/raml;
+    subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("user-cache")
+        patch.setenv("RAML_CACHE_DIR", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone():
     """A 2-layer, 32-px CLIP with seeded random weights: exercises the code, means nothing."""
