@@ -33,7 +33,7 @@ DEFAULT_PRETRAINED = "openai"
 RANDOM_WEIGHTS_SEED = 0  # random weights are seeded so that a resumed run encodes like the first
 TINY_TEST_CONFIG = Path(__file__).with_name("model_configs") / "raml-tiny-test.json"
 # Bump when ``resolve_backbone`` changes what it computes: older memo entries are then not used.
-IDENTITY_MEMO_VERSION = 1
+IDENTITY_MEMO_VERSION = 2
 
 
 class WeightsUnavailableError(UserError):
@@ -96,8 +96,8 @@ def resolve_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAUL
     """Resolve the options with open_clip, as ``open_clip.create_model`` will, without building
     the model; memoise the identity for ``backbone_identity``.
 
-    Exactly one weights source is used: ``random_weights`` (seeded), else ``weights`` (a file),
-    else the ``pretrained`` tag. The config is open_clip's, with ``quick_gelu`` set when the tag's
+    Exactly one weights source is used: ``random_weights`` (seeded), else ``weights`` (a file, taken
+    to hold the ``pretrained`` tag's weights), else the ``pretrained`` tag. The config is open_clip's, with ``quick_gelu`` set when the tag's
     weights were trained with it (OpenAI's were); mean and std are the tag's, else open_clip's
     defaults.
     """
@@ -112,7 +112,11 @@ def resolve_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAUL
     if random_weights:
         weights_id, source, tag_config = f"random(seed={RANDOM_WEIGHTS_SEED})", None, {}
     elif weights:
-        weights_id, source, tag_config = "sha256:" + weights_sha256(weights), str(weights), {}
+        # A weights file is a local copy of the ``pretrained`` tag's weights (default: OpenAI's): the
+        # tag still says how to build the model for them (OpenAI's need QuickGELU) and how to
+        # normalise. A file of no known tag (``pretrained`` None or unknown) gets open_clip's config as is.
+        weights_id, source = "sha256:" + weights_sha256(weights), str(weights)
+        tag_config = (open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}) or {}
     else:
         tag_config = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
         if not tag_config:
@@ -209,7 +213,7 @@ def _identity_key(model: str, pretrained, weights, random_weights: bool) -> dict
     if random_weights:
         weights_key = ["random", RANDOM_WEIGHTS_SEED]
     elif weights:
-        weights_key = ["file", weights_sha256(weights)]
+        weights_key = ["file", weights_sha256(weights), pretrained]   # the tag the file's weights are of
     else:
         weights_key = ["tag", pretrained]
     return {"memo_version": IDENTITY_MEMO_VERSION, "open_clip": importlib.metadata.version("open_clip_torch"),

@@ -43,3 +43,17 @@ def test_fp16_tower_stays_within_tolerance_and_leaves_the_fp32_model_alone(tiny_
     assert {p.dtype for p in half._image_tower.parameters()} == {torch.float16}
     assert {p.dtype for p in tiny_backbone.model.parameters()} == {torch.float32}  # prompts, ONNX export
     assert min_crop_cosine(half, crops) == cosine.min()  # the check bench extract runs on CUDA
+
+
+def test_a_weights_file_is_built_like_its_pretrained_tag(tmp_path):
+    """--weights FILE holds the --pretrained tag's weights (default OpenAI's): OpenAI's CLIP needs
+    QuickGELU, so the file must get it too (and the identity must say so)."""
+    from extract.identity import resolve_backbone
+    weights = tmp_path / "open_clip_pytorch_model.bin"
+    weights.write_bytes(b"not read: the identity hashes the file, the model is not built")
+    openai_file = resolve_backbone("ViT-B-16", "openai", str(weights))
+    assert openai_file.quick_gelu and openai_file.source == str(weights)
+    assert openai_file.identity.weights.startswith("sha256:")
+    assert openai_file.identity.model_config == resolve_backbone("ViT-B-16", "openai").identity.model_config
+    unknown_file = resolve_backbone("ViT-B-16", None, str(weights))
+    assert not unknown_file.quick_gelu and unknown_file.identity.model_config != openai_file.identity.model_config
