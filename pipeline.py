@@ -256,7 +256,7 @@ def bench_extract(model, pretrained, weights, random_weights, device, images, si
     with each of --engines, against the machine's fp32 GEMM floor."""
     from extract.bench import run_extract_bench
     from extract.engine_bench import compare_encoders
-    from extract.encoder import usable_cores
+    from extract.engines import usable_cores
     from extract.onnx_engine import engine_backbone
     torch_backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
     result = run_extract_bench(engine_backbone(torch_backbone, engine), images=images, size=size, batch_size=batch_size,
@@ -473,7 +473,8 @@ def ablate(cache_dir, out, seeds, ablations, baselines, jobs, threads, device, n
               help="Also time the 3 margins × --seeds sweep: batched (one pass) against one run at a time.")
 @click.option("--seeds", default=5, show_default=True)
 @click.option("--lrs", default=None, help="With --sweep: also vary the learning rate, e.g. 5e-5,1e-4,2e-4 (45 runs).")
-@click.option("--jobs", default=2, show_default=True, help="Worker processes of the one-run-at-a-time sweep.")
+@click.option("--jobs", default=2, show_default=True, help="Worker processes of the one-run-at-a-time sweep; the batched pass gets as many "
+              "threads (× --threads).")
 @click.option("--separate/--no-separate", default=True, show_default=True,
               help="With --sweep: also time the old one-run-at-a-time path (slow).")
 @_threads_option

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from cache import CROP_LAYOUT, N_CROPS, UserError
 from cache.store import atomic_write, atomic_write_text
 from evaluate.predict import check_backbone, threshold_for, threshold_note
-from extract.encoder import file_sha256
+from extract.identity import file_sha256
 from extract.int8_engine import FIDELITY_SAMPLE, QUANTISATION, int8_backbone
 from extract.onnx_engine import PARITY_TOLERANCE, OnnxEngineError, onnx_image_encoder
 from extract.prompts import encode_prompts

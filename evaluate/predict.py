@@ -53,7 +53,7 @@ def _recorded_model(fingerprint: dict, source: dict) -> str:
     name, or a model config shipped in ``extract/model_configs``."""
     import open_clip
 
-    from extract.encoder import TINY_TEST_CONFIG
+    from extract.identity import TINY_TEST_CONFIG
     name, recorded = fingerprint.get("backbone"), source.get("model")
     if recorded and (Path(recorded).is_file() or recorded in open_clip.list_models()):
         return recorded
@@ -79,7 +79,7 @@ def backbone_options_for(fingerprint: dict, model: str | None = None, pretrained
     ``UserError`` naming what differs, or which file (name and sha256) to pass with ``--weights``
     when the recorded one has moved.
     """
-    from extract.encoder import model_name
+    from extract.identity import model_name
     source = fingerprint.get("backbone_source") or {}
     recorded_weights, recorded_random = fingerprint.get("weights"), bool(fingerprint.get("random_weights"))
     is_file = str(recorded_weights).startswith("sha256:")

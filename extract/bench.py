@@ -37,7 +37,8 @@ from PIL import Image
 
 from cache import N_CROPS
 from extract.datasets import read_dataset
-from extract.encoder import FP16_MIN_COSINE, ClipBackbone, usable_cores
+from extract.encoder import FP16_MIN_COSINE, ClipBackbone
+from extract.engines import usable_cores
 from extract.loader import CropBatches
 from extract.prompts import prompts_for
 from extract.pyramid import load_rgb, pyramid_crops

@@ -16,11 +16,8 @@ import numpy as np
 import torch
 
 from cache import UserError
-from extract.identity import (BackboneIdentity, RANDOM_WEIGHTS_SEED, WeightsUnavailableError,
-                              resolve_backbone)
-# Re-exported: callers import these from here.
-from extract.engines import usable_cores  # noqa: F401
-from extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, TINY_TEST_CONFIG, file_sha256, model_name  # noqa: F401
+from extract.identity import (DEFAULT_MODEL, DEFAULT_PRETRAINED, RANDOM_WEIGHTS_SEED, BackboneIdentity,
+                              WeightsUnavailableError, resolve_backbone)
 from extract.pyramid import normalise_crops
 
 # On CUDA the image tower runs in fp16; its features must stay this close (cosine) to the fp32 CPU

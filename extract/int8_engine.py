@@ -44,12 +44,12 @@ import numpy as np
 
 from cache import CacheError, N_CROPS, UserError
 from cache.store import atomic_write_text
-from extract.encoder import ClipBackbone, file_sha256
+from extract.encoder import ClipBackbone
 from extract.engines import FIDELITY_SAMPLE
 from extract.onnx_engine import (INPUT_NAME, OUTPUT_NAME, OnnxClipBackbone, OnnxEngineError, OnnxImageEncoder,
                                  export_dir, export_lock, file_problem, first_line, key_fields,
                                  locked_fp32_encoder, onnxruntime_module, open_session, read_sidecar, say,
-                                 session_options, torch_fields, versions)
+                                 publish_encoder, session_options, sidecar_fields, torch_fields)
 from extract.pyramid import BadImageError, load_rgb, pyramid_pixels
 
 INT8_FORMAT = 1            # bump when the quantised graph's contract changes: older ones are then rebuilt
@@ -140,13 +140,9 @@ def _quantise_checked(backbone: ClipBackbone, fp32: OnnxImageEncoder, directory:
             raise OnnxEngineError(f"the int8 model of {fp32.path} gives {out.shape} outputs"
                                   f"{'' if np.isfinite(out).all() else ' with NaN or inf'}: nothing was cached; "
                                   "use --engine onnx")
-        meta = {**_int8_key(backbone, fp32), "random_weights": backbone.random_weights,
-                "mean": list(backbone.mean), "std": list(backbone.std), "input": INPUT_NAME, "output": OUTPUT_NAME,
-                "output_is": "L2-normalised float32 image embedding", "bytes": tmp.stat().st_size,
-                "sha256": file_sha256(tmp), "quantise_seconds": round(seconds, 2),
-                "quantised": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(ort)}
-        os.replace(tmp, path)
-        atomic_write_text(directory / INT8_SIDECAR_FILE, json.dumps(meta, indent=2))
+        meta = {**sidecar_fields(_int8_key(backbone, fp32), backbone, tmp, ort),
+                "quantise_seconds": round(seconds, 2), "quantised": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        publish_encoder(tmp, path, directory / INT8_SIDECAR_FILE, meta)
     finally:
         tmp.unlink(missing_ok=True)
     say(f"quantised {backbone.name} image encoder to int8 in {seconds:.1f} s ({meta['bytes'] / 1e6:.1f} MB); "

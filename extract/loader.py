@@ -35,7 +35,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from cache import N_CROPS, UserError
 from extract.datasets import ImageRecord
-from extract.encoder import usable_cores
 from extract.pyramid import BadImageError, load_rgb, pyramid_crops
 
 STAGED_BATCHES = 1      # staged batches that may wait for the encoder (one more is being encoded)

@@ -40,9 +40,10 @@ import torch
 
 from cache import UserError
 from cache.store import atomic_write_text
-from extract.encoder import ClipBackbone, file_sha256, usable_cores
+from extract.encoder import ClipBackbone
+from extract.engines import usable_cores
 from extract.engines import ENGINES
-from extract.identity import user_cache_root
+from extract.identity import file_sha256, user_cache_root
 from extract.pyramid import normalise_crops
 
 EXPORT_FORMAT = 1          # bump when the graph's contract changes: older exports are then rebuilt
@@ -271,15 +272,10 @@ def _export_verified(backbone: ClipBackbone, directory: Path, ort, options, prov
                 f"ONNX export of {backbone.name} ({backbone.weights}) does not match the torch encoder: "
                 f"max abs difference {diff:.2e} on {EXPORT_CHECK_CROPS} random crops, tolerance "
                 f"{PARITY_TOLERANCE:g}. Nothing was cached in {directory}; use --engine torch.")
-        meta = {**key_fields(backbone), "random_weights": backbone.random_weights, "mean": list(backbone.mean),
-                "std": list(backbone.std), "input": INPUT_NAME, "output": OUTPUT_NAME,
-                "output_is": "L2-normalised float32 image embedding", "bytes": tmp.stat().st_size,
-                "sha256": file_sha256(tmp), "max_abs_diff": diff, "checked_crops": EXPORT_CHECK_CROPS,
-                "tolerance": PARITY_TOLERANCE, "export_seconds": round(seconds, 2),
-                "exported": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(ort)}
-        # The sidecar goes last: until it is written, a reader finds a file/sidecar mismatch and rebuilds.
-        os.replace(tmp, path)
-        atomic_write_text(directory / SIDECAR_FILE, json.dumps(meta, indent=2))
+        meta = {**sidecar_fields(key_fields(backbone), backbone, tmp, ort), "max_abs_diff": diff,
+                "checked_crops": EXPORT_CHECK_CROPS, "tolerance": PARITY_TOLERANCE,
+                "export_seconds": round(seconds, 2), "exported": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        publish_encoder(tmp, path, directory / SIDECAR_FILE, meta)
     finally:
         tmp.unlink(missing_ok=True)
     say(f"exported {backbone.name} image encoder in {seconds:.1f} s; max |onnx - torch| = {diff:.1e} "
@@ -375,11 +371,24 @@ def read_sidecar(path: Path) -> dict:
     return meta
 
 
-def versions(ort) -> dict:
+def publish_encoder(model_tmp: Path, model_path: Path, sidecar_path: Path, meta: dict) -> None:
+    """Put a checked encoder file in place. The sidecar goes last: until it is written, a reader
+    finds a file/sidecar mismatch and rebuilds."""
+    os.replace(model_tmp, model_path)
+    atomic_write_text(sidecar_path, json.dumps(meta, indent=2))
+
+
+def sidecar_fields(key: dict, backbone: ClipBackbone, model_file: Path, ort) -> dict:
+    """What the sidecar of every cached encoder file records: its key, the pixels it expects, its input
+    and output, its size and hash, and the versions that built it."""
     import onnx
     import open_clip
-    return {"torch": torch.__version__, "open_clip": open_clip.__version__, "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__}
+    return {**key, "random_weights": backbone.random_weights, "mean": list(backbone.mean),
+            "std": list(backbone.std), "input": INPUT_NAME, "output": OUTPUT_NAME,
+            "output_is": "L2-normalised float32 image embedding", "bytes": model_file.stat().st_size,
+            "sha256": file_sha256(model_file),
+            "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "onnx": onnx.__version__,
+                         "onnxruntime": ort.__version__}}
 
 
 def say(message: str) -> None:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cache import CROP_LAYOUT, N_CROPS, UserError
 from cache.store import printable
+
+if TYPE_CHECKING:  # torch is imported where crops are made, not by every reader of this module
+    import torch
 
 # Each 4x4 tile must still be a real image region: 16 px a side at the finest scale.
 MIN_IMAGE_SIDE = 16 * max(cols for _, cols in CROP_LAYOUT)

@@ -5,9 +5,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a download in test
 
 import pytest
 
-from extract.encoder import TINY_TEST_CONFIG, load_backbone
+from cache import read_cache
+from extract.encoder import load_backbone
+from extract.identity import TINY_TEST_CONFIG
 from extract.run import extract_features
 from tests.synthetic import make_mvtec
+from train.synthetic import write_synthetic_cache
 
 TINY_MODEL = str(TINY_TEST_CONFIG)
 
@@ -39,3 +42,12 @@ def mvtec_cache(tmp_path_factory, mvtec_root, tiny_backbone):
     cache_dir = tmp_path_factory.mktemp("cache") / "mvtec"
     extract_features("mvtec", mvtec_root, cache_dir, lambda: tiny_backbone, workers=0, progress=False)
     return cache_dir
+
+
+@pytest.fixture(scope="session")
+def two_category_table(tmp_path_factory):
+    """A separable synthetic feature cache for stage two: 2 categories × (20 training, 10 good and 10
+    defective test images), 32-d features. Read-only."""
+    shape = {"bottle": (20, 10, 10, 900), "screw": (20, 10, 10, 1024)}
+    return read_cache(write_synthetic_cache(tmp_path_factory.mktemp("two-categories") / "cache", shape, dim=32,
+                                            separation=3.0))

@@ -47,16 +47,7 @@ def run_dir(tmp_path_factory, mvtec_cache):
 
 
 @pytest.fixture(scope="module")
-def user_cache(tmp_path_factory):
-    """RAML_CACHE_DIR for the CLI calls: the ONNX encoder is exported there, not into ~/.cache."""
-    with pytest.MonkeyPatch.context() as patch:
-        path = tmp_path_factory.mktemp("user-cache")
-        patch.setenv("RAML_CACHE_DIR", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory, run_dir, user_cache):
+def deployment(tmp_path_factory, run_dir, user_cache_dir):
     out = tmp_path_factory.mktemp("deploy") / "deploy"
     # no backbone options: the checkpoint's own (the tiny config, random weights) is loaded
     result = CliRunner().invoke(cli, ["export", "--checkpoint", str(run_dir), "--out", str(out), "--device", "cpu"])
@@ -174,10 +165,10 @@ def test_export_refuses_a_backbone_other_than_the_checkpoints(run_dir, tmp_path,
 
 
 def test_head_graph_that_does_not_match_torch_leaves_the_deployment_unchanged(deployment, run_dir, tiny_backbone,
-                                                                              user_cache, monkeypatch):
+                                                                              user_cache_dir, monkeypatch):
     deploy_dir = deployment[0]
     before = {path.name: path.read_bytes() for path in deploy_dir.iterdir()}
     monkeypatch.setattr("evaluate.export.PARITY_TOLERANCE", 0.0)  # float32 rounding alone now fails
     with pytest.raises(OnnxEngineError, match="does not match the torch head.*Nothing in .* was changed"):
-        export_deployment(load_checkpoint(run_dir), deploy_dir, tiny_backbone, onnx_cache_root=user_cache / "onnx")
+        export_deployment(load_checkpoint(run_dir), deploy_dir, tiny_backbone, onnx_cache_root=user_cache_dir / "onnx")
     assert {path.name: path.read_bytes() for path in deploy_dir.iterdir()} == before

@@ -34,17 +34,8 @@ REAL_QUANTISE = int8_engine.quantise
 
 
 @pytest.fixture(scope="module")
-def user_cache(tmp_path_factory):
-    """RAML_CACHE_DIR of this module: the fp32 export is made once, here, and quantised once."""
-    with pytest.MonkeyPatch.context() as patch:
-        path = tmp_path_factory.mktemp("user-cache")
-        patch.setenv("RAML_CACHE_DIR", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
-def tiny_int8(tiny_backbone, user_cache):
-    return int8_backbone(tiny_backbone, cache_root=user_cache / "onnx")
+def tiny_int8(tiny_backbone, user_cache_dir):
+    return int8_backbone(tiny_backbone, cache_root=user_cache_dir / "onnx")
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +63,9 @@ def broken_quantise(source, target):
 
 
 @pytest.fixture
-def broken_int8_cache(tiny_backbone, tiny_int8, user_cache, tmp_path, monkeypatch):
+def broken_int8_cache(tiny_backbone, tiny_int8, user_cache_dir, tmp_path, monkeypatch):
     """A RAML_CACHE_DIR holding a copy of the good fp32 export, in which the int8 model will be broken."""
-    good = export_dir(tiny_backbone, user_cache / "onnx")
+    good = export_dir(tiny_backbone, user_cache_dir / "onnx")
     directory = export_dir(tiny_backbone, tmp_path / "broken-cache" / "onnx")
     directory.mkdir(parents=True)
     for name in (ONNX_FILE, SIDECAR_FILE):
@@ -84,8 +75,8 @@ def broken_int8_cache(tiny_backbone, tiny_int8, user_cache, tmp_path, monkeypatc
     return directory
 
 
-def test_int8_model_is_made_once_beside_the_fp32_export_and_reused(tiny_backbone, tiny_int8, user_cache, capsys):
-    directory = export_dir(tiny_backbone, user_cache / "onnx")
+def test_int8_model_is_made_once_beside_the_fp32_export_and_reused(tiny_backbone, tiny_int8, user_cache_dir, capsys):
+    directory = export_dir(tiny_backbone, user_cache_dir / "onnx")
     assert tiny_int8.image_encoder.path == directory / INT8_FILE
     assert (tiny_int8.engine, tiny_int8.precision, tiny_int8.image_encoder.cpu_crops_per_run) == ("onnx-int8", "int8",
                                                                                                     N_CROPS)
@@ -95,7 +86,7 @@ def test_int8_model_is_made_once_beside_the_fp32_export_and_reused(tiny_backbone
     assert meta["bytes"] == (directory / INT8_FILE).stat().st_size < fp32_meta["bytes"]
     before = (directory / INT8_FILE).stat().st_mtime_ns
     capsys.readouterr()
-    again = int8_backbone(tiny_backbone, cache_root=user_cache / "onnx")
+    again = int8_backbone(tiny_backbone, cache_root=user_cache_dir / "onnx")
     assert "quantised" not in capsys.readouterr().err and (directory / INT8_FILE).stat().st_mtime_ns == before
     assert again.image_encoder.meta["sha256"] == meta["sha256"]
 
@@ -112,10 +103,10 @@ def _truncated(directory):
 
 
 @pytest.mark.parametrize("damage, why", [(_other_fp32_source, "quantised_from_sha256"), (_truncated, "truncated")])
-def test_int8_model_is_rebuilt_when_its_source_changed_or_it_is_damaged(tiny_backbone, tiny_int8, user_cache,
+def test_int8_model_is_rebuilt_when_its_source_changed_or_it_is_damaged(tiny_backbone, tiny_int8, user_cache_dir,
                                                                          tmp_path, capsys, damage, why):
     directory = export_dir(tiny_backbone, tmp_path / "onnx")
-    shutil.copytree(export_dir(tiny_backbone, user_cache / "onnx"), directory)
+    shutil.copytree(export_dir(tiny_backbone, user_cache_dir / "onnx"), directory)
     damage(directory)
     capsys.readouterr()
     rebuilt = int8_backbone(tiny_backbone, cache_root=tmp_path / "onnx")
@@ -161,7 +152,7 @@ def extract_args(mvtec_root, cache_dir, engine, *extra):
             "--workers", "0", "--engine", engine, *extra]
 
 
-def test_extract_int8_records_its_precision_and_checks_once_per_cache(tiny_int8, user_cache, mvtec_root, tmp_path):
+def test_extract_int8_records_its_precision_and_checks_once_per_cache(tiny_int8, user_cache_dir, mvtec_root, tmp_path):
     cache_dir = tmp_path / "int8"
     first = CliRunner().invoke(cli, extract_args(mvtec_root, cache_dir, "onnx-int8", "--categories", "bottle"))
     assert first.exit_code == 0, first.output
@@ -235,7 +226,7 @@ def script_scores(deploy_dir, files):
             for line in child.stdout.splitlines()[1:-1]}
 
 
-def test_int8_path_end_to_end_export_quantise_predict(tiny_int8, user_cache, run_dir, mvtec_root, tmp_path):
+def test_int8_path_end_to_end_export_quantise_predict(tiny_int8, user_cache_dir, run_dir, mvtec_root, tmp_path):
     out = tmp_path / "deploy"
     exported = CliRunner().invoke(cli, ["export", "--checkpoint", str(run_dir), "--out", str(out), *BACKBONE,
                                         "--precision", "int8", "--dataset", "mvtec", "--root", str(mvtec_root)])
@@ -288,7 +279,7 @@ def test_engine_times_lines_give_medians_and_ratios():
     assert lines[3].split() == ["WinCLIP", "4.00", "s/image", "(3.00-5.00)"]  # another model: no floor ratio
 
 
-def test_bench_commands_compare_the_engines(tiny_int8, user_cache):
+def test_bench_commands_compare_the_engines(tiny_int8, user_cache_dir):
     result = CliRunner().invoke(cli, ["bench", "extract", *BACKBONE, "--images", "1", "--size", "64", "--workers",
                                       "0", "--rounds", "1"])
     assert result.exit_code == 0, result.output

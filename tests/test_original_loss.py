@@ -8,7 +8,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache import read_cache
 from pipeline import cli
 from train.config import TrainConfig, make_config, parse_vary
 from train.fit import fit, fit_runs
@@ -16,7 +15,6 @@ from train.infer import score_rows
 from train.loss import initial_loss_state, loss_hyperparameters, loss_step, maccl_step, resolution_penalty
 from train.original_loss import original_category_weights, original_initial_state, original_step
 from train.sweep import grid_configurations, run_sweep
-from train.synthetic import write_synthetic_cache
 
 
 def _hp(**overrides):
@@ -259,11 +257,9 @@ def test_the_variant_resolves_the_center_momentum_explicit_values_kept():
 TINY = dict(epochs=2, lr=1e-3, hidden_dim=32, attn_dim=8, feature_dim=16, loss_variant="original", r_max="900")
 
 
-@pytest.fixture(scope="module")
-def table(tmp_path_factory):
-    shape = {"bottle": (20, 10, 10, 900), "screw": (20, 10, 10, 1024)}
-    return read_cache(write_synthetic_cache(tmp_path_factory.mktemp("original") / "cache", shape, dim=32,
-                                            separation=3.0))
+@pytest.fixture
+def table(two_category_table):
+    return two_category_table
 
 
 def test_two_original_runs_trained_together_score_like_each_alone(table):

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from cache import read_cache
-from extract.encoder import file_sha256
+from extract.identity import file_sha256
 from pipeline import cli
 from tests.synthetic import make_mvtec
 from train.checkpoint import load_checkpoint

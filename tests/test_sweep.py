@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache import UserError, read_cache
+from cache import UserError
 from evaluate.run import evaluate_checkpoints
 from pipeline import cli
 from train import sweep as sweep_module
@@ -16,17 +16,14 @@ from train.config import make_config
 from train.fit import fit, fit_runs, group_key
 from train.infer import score_rows
 from train.sweep import grid_configurations, plan_passes, run_sweep, summary_markdown
-from train.synthetic import write_synthetic_cache
 
 TINY = dict(epochs=1, hidden_dim=32, attn_dim=8, feature_dim=16)
 SMALL = dict(epochs=3, lr=1e-3, hidden_dim=32, attn_dim=8, feature_dim=16)
 
 
-@pytest.fixture(scope="module")
-def table(tmp_path_factory):
-    shape = {"bottle": (20, 10, 10, 900), "screw": (20, 10, 10, 1024)}
-    return read_cache(write_synthetic_cache(tmp_path_factory.mktemp("sweep") / "cache", shape, dim=32,
-                                            separation=3.0))
+@pytest.fixture
+def table(two_category_table):
+    return two_category_table
 
 
 def _counting_passes(monkeypatch):

@@ -6,8 +6,10 @@ features are made up: the bench times the training, its accuracy means nothing.
 
 With ``--sweep`` it also times the margins × seeds (× ``--lrs``) sweep two ways on the same cache:
 the batched pass (``fit_runs``: every run in one stacked model, as ``sweep`` trains them) and the
-old path, one ``fit`` per run in ``jobs`` worker processes, and prints their ratio; then the whole
-``sweep`` command's work (batched training, writing the runs, scoring them as ``evaluate`` does).
+old path, one ``fit`` per run in ``jobs`` worker processes of ``threads`` threads, and prints their
+ratio; then the whole ``sweep`` command's work (batched training, writing the runs, scoring them as
+``evaluate`` does). The batched pass and the sweep get the same cores as the old path: one process
+of ``jobs × threads`` threads.
 Targets (2-core CPU): 25 epochs ≤ 30 s; the 3 × 5 sweep ≤ 120 s; 45 runs ≤ 6 min; memory ≤ 2 GB.
 """
 from __future__ import annotations
@@ -55,11 +57,11 @@ class TrainBench:
         if self.sweep:
             s = self.sweep
             lines += [f"  sweep of {s['runs']} runs ({s['grid']}), {self.epochs} epochs each:",
-                      f"    batched, one pass      {s['batched_seconds']:7.1f} s of training "
+                      f"    batched, one pass      {s['batched_seconds']:7.1f} s of training, {s['pass_threads']} threads "
                       f"({1000 * s['batched_seconds'] / steps:.1f} ms/step for all runs); "
                       f"peak memory {s['batched_memory_mb']:.0f} MB"]
             if s.get("separate_seconds") is not None:
-                lines.append(f"    one run at a time      {s['separate_seconds']:7.1f} s ({s['jobs']} worker processes); "
+                lines.append(f"    one run at a time      {s['separate_seconds']:7.1f} s ({s['jobs']} worker processes × {self.threads} threads); "
                              f"batched is ×{s['separate_seconds'] / s['batched_seconds']:.2f} faster")
             lines.append(f"    whole sweep command    {s['sweep_seconds']:7.1f} s (batched training + writing the runs + "
                          f"scoring them as evaluate does; target for 15 runs ≤ {TARGETS['sweep_seconds']:.0f} s)")
@@ -95,16 +97,17 @@ def _sweep_bench(table, tmp: Path, epochs, seeds, lrs, jobs, threads, device, se
     configurations = grid_configurations(list(MARGIN_PRESETS), vary, epochs=epochs)
     configs = [config for _, config in build_configs(configurations, range(seeds)).values()]
     grid = f"{len(MARGIN_PRESETS)} margins × {seeds} seeds" + (f" × {len(lrs)} learning rates" if lrs else "")
+    pass_threads = jobs * threads   # the cores that the old path's worker processes use
     start = time.perf_counter()
-    fit_runs(table, configs, threads=threads, device=device)
-    result = {"runs": len(configs), "grid": grid, "jobs": jobs, "batched_seconds": time.perf_counter() - start,
-              "batched_memory_mb": peak_memory_mb()}
+    fit_runs(table, configs, threads=pass_threads, device=device)
+    result = {"runs": len(configs), "grid": grid, "jobs": jobs, "pass_threads": pass_threads,
+              "batched_seconds": time.perf_counter() - start, "batched_memory_mb": peak_memory_mb()}
     if separate:
         start = time.perf_counter()
         Parallel(n_jobs=jobs)(delayed(_train_alone)(table, config, threads, device) for config in configs)
         result["separate_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
-    run_sweep(table, configurations, list(range(seeds)), tmp / "sweep", threads=threads, device=device)
+    run_sweep(table, configurations, list(range(seeds)), tmp / "sweep", threads=pass_threads, device=device)
     result["sweep_seconds"] = time.perf_counter() - start
     return result
 
