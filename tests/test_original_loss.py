@@ -257,7 +257,7 @@ def test_the_variant_resolves_the_center_momentum_explicit_values_kept():
 TINY = dict(epochs=2, lr=1e-3, hidden_dim=32, attn_dim=8, feature_dim=16, loss_variant="original", r_max="900")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def table(two_category_table):
     return two_category_table
 

@@ -21,7 +21,7 @@ TINY = dict(epochs=1, hidden_dim=32, attn_dim=8, feature_dim=16)
 SMALL = dict(epochs=3, lr=1e-3, hidden_dim=32, attn_dim=8, feature_dim=16)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def table(two_category_table):
     return two_category_table
 

@@ -322,3 +322,18 @@ def test_bench_train_runs_on_mvtec_shape():
     assert result.exit_code == 0, result.output
     assert "5354 images" in result.output and "1 epochs × 312 steps" in result.output
     assert "peak memory" in result.output
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch):
+    not_a_cache = tmp_path / "empty"
+    not_a_cache.mkdir()
+    user_error = CliRunner().invoke(cli, ["info", "--cache-dir", str(not_a_cache)])
+    assert user_error.exit_code == 1 and isinstance(user_error.exception, SystemExit)
+    assert user_error.output.startswith("Error: ") and "is not a RAML feature cache" in user_error.output
+    assert user_error.output.count("\n") == 1
+
+    def bug(*args, **kwargs):
+        raise ValueError("an internal mistake")   # a plain ValueError is a bug, not the user's error
+    monkeypatch.setattr("cache.read_cache", bug)
+    crashed = CliRunner().invoke(cli, ["info", "--cache-dir", str(not_a_cache)])
+    assert isinstance(crashed.exception, ValueError) and "Error: " not in crashed.output
