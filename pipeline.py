@@ -446,8 +446,9 @@ def ablate(cache_dir, out, seeds, ablations, baselines, jobs, threads, device, n
     """Train the method, each ablation of it and each baseline on one cache; one table.
 
     Configurations: full (the method), scales-1, scales-1,2, no-cross-attention, no-text-fusion,
-    tile-pool-mean, visual-score-only, bce-only, original-loss; baselines: linear, knn-tiles,
-    zero-shot-text, all scored on the same held-out images. Rows sorted by held-out AUROC, each with its
+    tile-pool-mean, visual-score-only (full's runs rescored with s_visual alone, not retrained),
+    bce-only, original-loss; baselines: linear, knn-tiles, zero-shot-text, all scored on the same
+    held-out images. Rows sorted by held-out AUROC, each with its
     difference from full and a paired bootstrap CI. Re-running resumes finished runs.
     """
     from pathlib import Path

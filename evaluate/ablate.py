@@ -8,8 +8,12 @@ rows, sorted by held-out image AUROC, give the mean ± sample std over seeds (n)
 of the category-mean AUROC, AP, F1-max, and the difference from the full method with a paired
 bootstrap CI: the same resampled images for both rows, so a row against itself differs by exactly 0.
 
+Configurations that change only how s_final is scored (``RESCORED``) are not trained again: the
+same seeds would give the full method's weights, so its checkpoints are scored with their weights.
+
 Layout of ``OUT``: ``runs/`` (the sweep: one directory per run, ``results/``, ``summary.md``),
-``baselines/<name>/`` (results files), ``ablation.json``, ``ablation.md`` and ``ablation.png``.
+``rescored/<name>/`` (the full method's runs scored another way), ``baselines/<name>/`` (results
+files), ``ablation.json``, ``ablation.md`` and ``ablation.png``.
 Re-running resumes: finished runs are reused (``sweep``'s checks), baselines are rescored (seconds).
 """
 from __future__ import annotations
@@ -24,6 +28,7 @@ from cache.store import atomic_write_text
 from evaluate.feature_baselines import BASELINES, run_feature_baseline
 from evaluate.metrics import DEFAULT_BOOTSTRAP, bootstrap_mean_auroc_ci, paired_bootstrap_auroc_difference
 from evaluate.plots import difference_forest
+from evaluate.run import evaluate_checkpoints
 from evaluate.results import NOT_MEANINGFUL, RESULTS_JSON, SCORES_CSV, read_results, read_scores_csv
 from train.sweep import RESULTS_DIR, run_name, run_sweep
 
@@ -40,6 +45,8 @@ ABLATIONS = {
     "bce-only": {"loss": "bce"},
     "original-loss": {"loss_variant": "original"},
 }
+# Score weights are not used in training: these rows rescore the full method's runs.
+RESCORED = {"visual-score-only"}
 
 
 def run_ablation(table: FeatureTable, out_dir, seeds, *, ablations=tuple(ABLATIONS), baselines=BASELINES,
@@ -56,10 +63,17 @@ def run_ablation(table: FeatureTable, out_dir, seeds, *, ablations=tuple(ABLATIO
     say = progress or (lambda line: None)
     out_dir = Path(out_dir)
     runs_dir = out_dir / "runs"
-    configurations = {name: {**common, **ABLATIONS[name]} for name in ablations}
+    configurations = {name: {**common, **ABLATIONS[name]} for name in ablations if name not in RESCORED}
     summary = run_sweep(table, configurations, seeds, runs_dir, jobs=jobs, threads=threads, device=device,
                         progress=say, n_resamples=n_resamples)
     results = [runs_dir / RESULTS_DIR / RESULTS_JSON]
+    for name in (name for name in ablations if name in RESCORED):
+        weights = ABLATIONS[name]
+        path, _ = evaluate_checkpoints([runs_dir / run_name(REFERENCE, seed) for seed in seeds], table.cache_dir,
+                                       out_dir / "rescored" / name, visual_weight=weights["visual_weight"],
+                                       text_weight=weights["text_weight"], name=name, n_resamples=n_resamples,
+                                       bootstrap_seed=bootstrap_seed, log=say, table=table, device=device)
+        results.append(path)
     for name in baselines:
         say(f"ablate: baseline {name}")
         path, _, _ = run_feature_baseline(name, table, out_dir / "baselines" / name,
@@ -150,5 +164,5 @@ def ablation_markdown(ablation: dict, plot_name: str) -> str:
                      f"[{low:.1f}, {high:.1f}] | {_fmt(row['average_precision'])} | {_fmt(row['f1_max'])} | {delta} | "
                      f"{_fmt(row['anomalous_inside_margin'])} |")
     lines += ["", f"![differences from {ablation['reference']}]({plot_name})", "",
-              "Per-category tables and plots: `python pipeline.py report OUT/runs/results OUT/baselines --out REPORT`.", ""]
+              "Per-category tables and plots: `python pipeline.py report OUT/runs/results OUT/rescored OUT/baselines --out REPORT`.", ""]
     return "\n".join(lines)

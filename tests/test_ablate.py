@@ -6,7 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from cache import UserError, read_cache
-from evaluate.ablate import ABLATIONS, REFERENCE, run_ablation
+from evaluate.ablate import ABLATIONS, REFERENCE, RESCORED, run_ablation
+from evaluate.results import SCORES_CSV, read_scores_csv
 from pipeline import cli
 from train import sweep as sweep_module
 from train.config import VARIANT_DEFAULTS
@@ -54,10 +55,24 @@ def test_ablations_change_only_what_they_name(ablation):
     out, _ = ablation
     full = json.loads((out / "runs" / "full-seed0" / "config.json").read_text())
     for name, changes in ABLATIONS.items():
+        if name in RESCORED:
+            continue
         config = json.loads((out / "runs" / f"{name}-seed0" / "config.json").read_text())
         differing = {key for key in config if config[key] != full[key]}
         implied = set(VARIANT_DEFAULTS) if changes.get("loss_variant") == "original" else set()  # the variant's own defaults
         assert differing == {key for key, value in changes.items() if full[key] != value} | implied, name
+
+
+def test_score_only_rows_rescore_the_full_runs_without_training(ablation):
+    out, _ = ablation
+    assert RESCORED and not list((out / "runs").glob("visual-score-only-seed*"))
+    full = {(r["seed"], r["relpath"]): r for r in read_scores_csv(out / "runs" / "results" / SCORES_CSV)
+            if r["config"] == REFERENCE}
+    rescored = [r for r in read_scores_csv(out / "rescored" / "visual-score-only" / SCORES_CSV)]
+    assert len(rescored) == len(full) > 0
+    for row in rescored:   # s_final = 1·s_visual + 0·s_text of the very same checkpoint
+        assert row["config"] == "visual-score-only"
+        assert float(row["final"]) == pytest.approx(float(full[row["seed"], row["relpath"]]["visual"]), abs=1e-6)
 
 
 def test_a_rerun_trains_nothing(ablation, table, monkeypatch):
