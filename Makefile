@@ -5,10 +5,11 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test install clean
 
+# --no-compile: byte-compiling all of torch at install time took ~20 s of the demo's first minute;
+# Python compiles the modules it imports on first use instead.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-compile -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -164,7 +164,7 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
 
     def load_checked_backbone():
         backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, engine)
-        if backbone.precision == "int8":
+        if backbone.engine == "onnx-int8":
             from extract.int8_engine import check_on_dataset
             check_on_dataset(backbone, cache_dir, dataset, root, categories, sample=fidelity_sample)
         return backbone
@@ -582,17 +582,20 @@ def baseline():
 @click.option("--image-score", type=click.Choice(["global", "global+map"]), default="global", show_default=True,
               help="global: the global CLIP score (the paper's zero-shot rule); global+map: its mean with the "
                    "multi-scale map's maximum (WinCLIP+'s few-shot rule).")
+@click.option("--maps", type=click.Choice(["all", "examples", "none"]), default="all", show_default=True,
+              help="Which images get the multi-scale map (its windows cost ~12 global passes): all (pixel metrics), "
+                   "examples (the few a report shows), none. The global image score does not use them.")
 @_with(bootstrap_options)
 @_fail_cleanly
 def baseline_winclip(dataset, root, out, split_from, protocol, model, pretrained, weights, random_weights, device,
-                     categories, batch_size, workers, image_score, n_resamples, bootstrap_seed):
+                     categories, batch_size, workers, image_score, maps, n_resamples, bootstrap_seed):
     """Zero-shot WinCLIP (Jeong et al., CVPR 2023): prompt ensemble, 2x2/3x3 windows, harmonic aggregation."""
     from evaluate.baseline import run_winclip
     path, entries = run_winclip(
         dataset, root, out, lambda: load_backbone_from(model, pretrained, weights, random_weights, device),
         protocol=protocol, split_from=split_from, categories=categories.split(",") if categories else None,
         batch_size=batch_size, workers=workers, n_resamples=n_resamples, bootstrap_seed=bootstrap_seed,
-        progress=_show_progress(), image_score=image_score)
+        progress=_show_progress(), image_score=image_score, maps=maps)
     _echo_entries(path, entries)
 
 
@@ -679,7 +682,7 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
     if note:
         click.secho(f"note: {note}", fg="yellow", err=True)
     backbone = load_engine_backbone(**options, device=device, engine=engine)
-    if backbone.precision == "int8":
+    if backbone.engine == "onnx-int8":
         from evaluate.int8_check import check_for_predict
         from evaluate.predict import collect_files
         check_for_predict(backbone, collect_files(files), trained, category, sample=fidelity_sample)

@@ -13,13 +13,18 @@ from cache import UserError
 from evaluate.localisation import coarse_pixel_auroc, pool_to_grid
 from evaluate.metrics import DEFAULT_BOOTSTRAP
 from evaluate.protocols import dataset_images
-from evaluate.results import ScoredRun, config_entry, pixel_summary, write_results
+from evaluate.results import MAP_EXAMPLES, ScoredRun, config_entry, pick_examples, pixel_summary, write_results
 from evaluate.run import backbone_fields
 from extract.datasets import read_dataset
 from extract.pyramid import load_rgb
 
 CONFIG = "WinCLIP zero-shot"   # the results' configuration name; "(global+map)" is appended for that rule
 MAP_SOURCE = "WinCLIP's multi-scale patch map, average-pooled to the same 4x4 cells"
+# Which images get WinCLIP's multi-scale map: its windows cost ~12 times the global pass, and the
+# paper's zero-shot image score (the default) does not use them.
+MAPS = {"all": "every image (for pixel metrics)",
+        "examples": f"only the {MAP_EXAMPLES} images a report shows with their maps",
+        "none": "no image (image scores only)"}
 
 
 def whole_image_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
@@ -58,12 +63,14 @@ def _category_batches(records, batch_size: int) -> list[list[int]]:
 
 def run_winclip(dataset: str, root, out_dir, backbone_loader, *, protocol: str = "official", split_from=None,
                 categories=None, batch_size: int = 8, workers: int = 2, n_resamples: int = DEFAULT_BOOTSTRAP,
-                bootstrap_seed: int = 0, progress: bool = True, image_score: str = "global") -> tuple[Path, dict]:
+                bootstrap_seed: int = 0, progress: bool = True, image_score: str = "global",
+                maps: str = "all") -> tuple[Path, dict]:
     """Score the chosen images with WinCLIP; write results.json, scores.csv, anomaly_maps.npz.
 
     ``image_score``: ``global`` (the paper's zero-shot rule, default) or ``global+map``
     (``evaluate.winclip.IMAGE_SCORES``); the results record which, and name the configuration
-    "WinCLIP zero-shot" or "WinCLIP zero-shot (global+map)".
+    "WinCLIP zero-shot" or "WinCLIP zero-shot (global+map)". ``maps`` (a key of ``MAPS``) says
+    which images get a map; the image scores of the ``global`` rule do not depend on it.
     """
     from evaluate.winclip import IMAGE_SCORES, WINDOW_SIZES, WinClip, compositional_prompts
 
@@ -72,6 +79,15 @@ def run_winclip(dataset: str, root, out_dir, backbone_loader, *, protocol: str =
     records = sorted(records, key=lambda r: (r.category, r.relpath))
     if image_score not in IMAGE_SCORES:
         raise UserError(f"--image-score {image_score}: choose one of {', '.join(IMAGE_SCORES)}")
+    if maps not in MAPS:
+        raise UserError(f"--maps {maps}: choose one of {', '.join(MAPS)}")
+    if image_score != "global" and maps != "all":
+        raise UserError(f"--image-score {image_score} uses every image's map: it needs --maps all")
+    columns = [{"category": r.category, "relpath": r.relpath, "defect_type": r.defect_type, "label": r.label}
+               for r in records]
+    mapped = np.full(len(records), maps == "all")
+    if maps == "examples":
+        mapped[[columns.index(example) for example in pick_examples(columns, MAP_EXAMPLES)]] = True
     config = CONFIG if image_score == "global" else f"{CONFIG} ({image_score})"
     backbone = backbone_loader()
     winclip = WinClip(backbone, image_score=image_score)
@@ -80,14 +96,15 @@ def run_winclip(dataset: str, root, out_dir, backbone_loader, *, protocol: str =
                         collate_fn=list)
     n = len(records)
     scores = {name: np.zeros(n) for name in ("final", "global", "map_max")}
-    maps, sizes = np.zeros((n, *winclip.grid), np.float32), np.zeros((n, 2), np.int64)
+    image_maps, sizes = np.zeros((n, *winclip.grid), np.float32), np.zeros((n, 2), np.int64)
     with tqdm(total=n, unit="img", desc="winclip", disable=not progress, dynamic_ncols=True) as bar:
         for batch in loader:
             index = [item[0] for item in batch]
-            result = winclip.score(np.stack([item[1] for item in batch]), records[index[0]].category)
+            result = winclip.score(np.stack([item[1] for item in batch]), records[index[0]].category,
+                                   with_map=mapped[index])
             for name in scores:
                 scores[name][index] = result[name]
-            maps[index] = result["map"]
+            image_maps[index] = result["map"]
             sizes[index] = [item[2] for item in batch]
             bar.update(len(batch))
 
@@ -95,8 +112,12 @@ def run_winclip(dataset: str, root, out_dir, backbone_loader, *, protocol: str =
     run = ScoredRun(config, None, f"{backbone.name}/{backbone.weights}", column["category"], column["relpath"],
                     column["defect_type"], np.array([r.label for r in records]), scores)
     mask_relpaths = [r.mask_relpath for r in records]
-    pixel = pixel_summary(*coarse_pixel_auroc(pool_to_grid(maps), column["category"], run.label, mask_relpaths,
-                                              sizes[:, 0], sizes[:, 1], root), MAP_SOURCE)
+    if mapped.all():
+        pixel = pixel_summary(*coarse_pixel_auroc(pool_to_grid(image_maps), column["category"], run.label,
+                                                  mask_relpaths, sizes[:, 0], sizes[:, 1], root), MAP_SOURCE)
+    else:
+        pixel = pixel_summary({}, {category: f"--maps {maps}: {MAPS[maps]}" for category in set(column["category"])},
+                              MAP_SOURCE)
     example = compositional_prompts(records[0].category)
     entry = config_entry(
         [run], image_list.describe(),
@@ -104,10 +125,12 @@ def run_winclip(dataset: str, root, out_dir, backbone_loader, *, protocol: str =
                          "random_weights": backbone.random_weights, "input_size": backbone.input_size}),
         n_resamples=n_resamples, bootstrap_seed=bootstrap_seed, pixel=pixel,
         extra={"method": "WinCLIP (Jeong et al., CVPR 2023), zero-shot", "image_score": image_score,
-               "image_score_rule": IMAGE_SCORES[image_score],
+               "image_score_rule": IMAGE_SCORES[image_score], "maps": f"{maps}: {MAPS[maps]}",
                "window_sizes": list(WINDOW_SIZES), "patch_grid": list(winclip.grid),
                "prompts_per_class": {k: len(v) for k, v in example.items()}})
     path = write_results(out_dir, {config: entry}, [run],
-                         maps={"relpath": column["relpath"], "mask_relpath": np.array(mask_relpaths), "maps": maps,
-                               "description": f"multi-scale patch map, {winclip.grid[0]}x{winclip.grid[1]}"})
+                         maps={"relpath": column["relpath"][mapped], "mask_relpath": np.array(mask_relpaths)[mapped],
+                               "maps": image_maps[mapped],
+                               "description": f"multi-scale patch map, {winclip.grid[0]}x{winclip.grid[1]}"}
+                         if mapped.any() else None)
     return path, {config: entry}

@@ -9,9 +9,16 @@ defect type) and the holdout split holds out ``ceil(0.2·N)`` of them, shared be
 classes: N = 146 is the smallest N with 15 normal and 15 anomalous held-out images (145 holds out
 14 + 15), so it is the default.
 
-Engine: the image encoder runs where it is fastest — CUDA when there is a GPU, else ONNX Runtime
-(``--engine onnx``) on the CPU. WinCLIP's window embeddings need torch internals, so it runs torch
-(on the GPU when there is one).
+Engine: the image encoder runs where it is fastest — CUDA when there is a GPU, else the int8 ONNX
+Runtime engine (``--engine onnx-int8``) on the CPU, after its fidelity check on ``FIDELITY_SAMPLE``
+of the demo's images; where the check refuses, the demo says so and extracts with ``--engine onnx``
+(fp32) instead. WinCLIP's window embeddings need torch internals, so it runs torch (on the GPU when
+there is one), in fp32. Its image score (the paper's zero-shot rule) is the global score alone, so
+its windows run only for the few images the report shows with maps (``--maps examples``): the
+textile images have no defect masks, so there is no pixel metric that all of them would serve.
+
+At its start the demo says how long it expects to take: ``REFERENCE``'s measured time, scaled by
+this machine's fp32 matrix-product rate against the reference machine's.
 
 With CLIP weights (ViT-B-16/openai for RAML, ViT-B-16-plus-240/laion400m_e31 for WinCLIP, in
 open_clip's cache, or downloaded when ``--online``) it is a real, small experiment. Without them
@@ -28,12 +35,18 @@ import os
 import time
 from pathlib import Path
 
+import click
+
 MARGINS = ("adaptive", "fixed", "strong")
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_LIMIT = 146        # the smallest --limit with ≥ 15 held-out images of each class (module docstring)
 DEFAULT_EPOCHS = 25        # the original release's
+FIDELITY_SAMPLE = 8       # demo images the int8 engine is checked on (extract's default, 32, would add ~2 min)
 RAML_MODEL = ("ViT-B-16", "openai")
 WINCLIP_MODEL = ("ViT-B-16-plus-240", "laion400m_e31")
+# The demo's own steps (not the venv), measured with the defaults and an empty user cache (the ONNX
+# export and its quantisation included), and the fp32 GEMM rate of the machine they ran on.
+REFERENCE = {"seconds": 357.0, "gemm_gflops": 177.0, "cpu": "2-core AMD EPYC (AVX-512, VNNI)"}
 
 
 def weights_problem(model: str, pretrained: str) -> str | None:
@@ -60,9 +73,41 @@ def random_weights_notice(what: str, model: str, pretrained: str, reason: str, o
 
 
 def fastest_engine() -> tuple[str, str]:
-    """(``--engine``, ``--device``) of the fastest image encoder here: torch on CUDA, else ONNX Runtime."""
+    """(``--engine``, ``--device``) of the fastest image encoder here: torch on CUDA, else ONNX Runtime's int8."""
     import torch
-    return ("torch", "cuda") if torch.cuda.is_available() else ("onnx", "cpu")
+    return ("torch", "cuda") if torch.cuda.is_available() else ("onnx-int8", "cpu")
+
+
+def expected_seconds(device: str, limit: int, epochs: int, seeds) -> tuple[float | None, str]:
+    """How long the demo should take here, and how that was worked out (``None`` on a GPU: too
+    little of the time is arithmetic there for the CPU reference to say anything)."""
+    if device != "cpu":
+        return None, "on the GPU the encoding takes seconds; most of the time is loading the models"
+    from extract.engine_bench import cpu_model, gemm_gflops
+    rate = gemm_gflops()
+    seconds = REFERENCE["seconds"] * REFERENCE["gemm_gflops"] / rate
+    sizes = "" if (limit, epochs, tuple(seeds)) == (DEFAULT_LIMIT, DEFAULT_EPOCHS, DEFAULT_SEEDS) else \
+        " with the default sizes (yours differ)"
+    return seconds, (f"{REFERENCE['seconds'] / 60:.1f} min on a {REFERENCE['cpu']} at {REFERENCE['gemm_gflops']:.0f} "
+                     f"GFLOP/s (fp32 matrix product), scaled to this CPU's {rate:.0f} GFLOP/s ({cpu_model()})"
+                     f"{sizes}")
+
+
+def _extract(run_command, args: list[str], log) -> str:
+    """Run extract (``args`` end with ``--engine E``); when the int8 engine's fidelity check refuses,
+    say so and run it with the fp32 ONNX engine instead (a refused int8 run has written nothing).
+    Returns the engine used."""
+    try:
+        run_command(args)
+        return args[-1]
+    except click.ClickException as err:
+        from extract.int8_engine import Int8FidelityError
+        if not isinstance(err.__cause__, Int8FidelityError):
+            raise
+        log(f"\ndemo: the int8 engine is not used: {err.message}\n"
+            "demo: extracting with --engine onnx (fp32) instead; this takes about twice as long.")
+        run_command([*args[:-1], "onnx"])
+        return "onnx"
 
 
 def _weights_options(what: str, model: str, pretrained: str, random_weights: bool, online: bool, log) -> list[str]:
@@ -89,25 +134,32 @@ def run_demo(run_command, out_dir, *, model: str = RAML_MODEL[0], pretrained: st
     raml = _weights_options("RAML", model, pretrained, random_weights, online, log)
     winclip = _weights_options("WinCLIP", winclip_model, winclip_pretrained, random_weights, online, log)
     engine, device = fastest_engine()
+    expected, how = expected_seconds(device, limit, epochs, seeds)
+    log(f"demo: expected to take about {expected / 60:.0f} min on this machine ({how})" if expected is not None
+        else f"demo: {how}")
     tag = "random" if "--random-weights" in raml else "pretrained"   # a cache holds one backbone's features
     cache, runs, results, report = (out_dir / f"cache-{tag}", out_dir / f"runs-{tag}", out_dir / f"results-{tag}",
                                     out_dir / f"report-{tag}")
     # --workers 0: decoding a 250-px image is cheap; worker processes would only compete with CLIP for the cores
     steps = [
         ["extract", "--dataset", "textile", "--cache-dir", str(cache), *raml, "--limit", str(limit), "--workers", "0",
-         "--engine", engine, "--device", device],
+         "--device", device, *(["--fidelity-sample", str(FIDELITY_SAMPLE)] if engine == "onnx-int8" else []),
+         "--engine", engine],
         ["sweep", "--cache-dir", str(cache), "--margins", ",".join(MARGINS), "--seeds", ",".join(map(str, seeds)),
          "--epochs", str(epochs), "--out", str(runs)],   # the 9 runs train together, as one batched pass
         ["evaluate", "--checkpoint", str(runs), "--cache-dir", str(cache), "--out", str(results / "raml")],
         ["baseline", "winclip", "--dataset", "textile", "--split-from", str(runs / f"{MARGINS[0]}-seed{seeds[0]}"),
-         "--out", str(results / "winclip"), *winclip, "--device", device, "--workers", "0"],
+         "--out", str(results / "winclip"), *winclip, "--device", device, "--workers", "0", "--maps", "examples"],
         ["report", str(results), "--out", str(report)],
     ]
     timings = []
     for number, args in enumerate(steps, start=1):
         log(f"\ndemo step {number}/{len(steps)}: python pipeline.py {' '.join(args)}")
         step_start = time.perf_counter()
-        run_command(args)
+        if args[0] == "extract":
+            engine = _extract(run_command, args, log)
+        else:
+            run_command(args)
         timings.append((" ".join(args[:2]) if args[0] == "baseline" else args[0], time.perf_counter() - step_start))
     seconds = time.perf_counter() - start
     log(f"\ndemo finished in {seconds / 60:.1f} min: {limit} textile images (--limit), {len(MARGINS)} margins × "

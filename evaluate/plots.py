@@ -121,23 +121,10 @@ def _load_maps(row) -> dict | None:
             "description": str(data["description"])}
 
 
-def _pick_examples(records: list[dict], maps: dict, count: int) -> list[dict]:
-    """Anomalous images of as many (category, defect type) pairs as possible, then one normal image."""
-    with_map = [r for r in sorted(records, key=lambda r: (r["category"], r["relpath"])) if r["relpath"] in maps]
-    anomalous, picked, seen = [r for r in with_map if r["label"] == "1"], [], set()
-    for record in anomalous:
-        kind = (record["category"], record["defect_type"])
-        if kind not in seen and len(picked) < count - 1:
-            picked.append(record)
-            seen.add(kind)
-    picked += [r for r in anomalous if r not in picked][: count - 1 - len(picked)]
-    picked += [r for r in with_map if r["label"] == "0"][:1]
-    return picked
-
-
 def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int) -> tuple[Path | None, str | None]:
     """A few test images with each configuration's anomaly map over them; (png, note)."""
     from evaluate.localisation import mask_pixels
+    from evaluate.results import pick_examples
     from extract.pyramid import BadImageError, load_rgb
 
     mapped, by_file = [], {}
@@ -152,7 +139,8 @@ def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int)
         return None, "no results file of this table saved anomaly maps."
     root = rows[0].protocol.get("dataset", {}).get("root")
     _, first_row, first_maps = mapped[0]
-    examples = _pick_examples(scores.get(first_row.label) or [], first_maps["maps"], count)
+    examples = pick_examples([r for r in scores.get(first_row.label) or [] if r["relpath"] in first_maps["maps"]],
+                             count)
     if not examples:
         return None, "no scored image has an anomaly map."
     if not root or not (Path(root) / examples[0]["relpath"]).is_file():

@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache import UserError
-from evaluate.results import NOT_MEANINGFUL, find_results, mean_std, read_results, read_scores_csv
-
-MAP_EXAMPLES = 4   # test images shown with their anomaly maps, per table
+from evaluate.results import MAP_EXAMPLES, NOT_MEANINGFUL, find_results, mean_std, read_results, read_scores_csv
 
 
 class MixedImageListsError(UserError):

@@ -25,6 +25,7 @@ from evaluate.metrics import (DEFAULT_BOOTSTRAP, average_precision, bootstrap_au
 RESULTS_JSON = "results.json"
 SCORES_CSV = "scores.csv"
 MAPS_NPZ = "anomaly_maps.npz"
+MAP_EXAMPLES = 4   # test images a report shows with their anomaly maps, per table (``pick_examples``)
 SCORE_COLUMNS = ("config", "seed", "category", "relpath", "defect_type", "label")
 NOT_MEANINGFUL = ("NOT MEANINGFUL: computed with randomly initialised CLIP weights (--random-weights); "
                   "these numbers only show that the pipeline runs")
@@ -238,3 +239,20 @@ def read_results(path: Path) -> dict:
         raise UserError(f'{path}: not a results file (expected {{"<config>": {{"mean_auroc": ..., '
                          '"details": {...}}}})')
     return data
+
+
+def pick_examples(records: list[dict], count: int) -> list[dict]:
+    """The images a report shows with their maps: anomalous images of as many (category, defect
+    type) pairs as possible, then one normal image. ``records`` hold category, relpath,
+    defect_type and label (0/1, as numbers or strings); ``baseline winclip --maps examples`` makes
+    maps for exactly these."""
+    ordered = sorted(records, key=lambda r: (r["category"], r["relpath"]))
+    anomalous, picked, seen = [r for r in ordered if str(r["label"]) == "1"], [], set()
+    for record in anomalous:
+        kind = (record["category"], record["defect_type"])
+        if kind not in seen and len(picked) < count - 1:
+            picked.append(record)
+            seen.add(kind)
+    picked += [r for r in anomalous if r not in picked][: count - 1 - len(picked)]
+    picked += [r for r in ordered if str(r["label"]) == "0"][:1]
+    return picked

@@ -69,14 +69,18 @@ class EngineTimes:
 
 
 def cpu_model() -> str:
-    """The CPU's model name, as ``lscpu`` shows it (Linux), else what Python's platform module knows."""
+    """The CPU's model name, as ``lscpu`` shows it, with its vector extensions (Linux), e.g.
+    "AMD EPYC (AVX-512, VNNI)"; else what Python's platform module knows. The extensions matter:
+    the same model name comes with and without AVX-512, and int8 kernels differ with VNNI."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        return platform.processor() or "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    extensions = [label for label, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2")) if flag in flags][:1]
+    extensions += ["VNNI"] if flags & {"avx512_vnni", "avx_vnni"} else ["no VNNI"] if extensions else []
+    return f"{name} ({', '.join(extensions)})" if extensions else name
 
 
 @torch.inference_mode()

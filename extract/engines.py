@@ -13,8 +13,17 @@ from pathlib import Path
 from cache import CacheError
 from cache.store import fingerprint_field, read_fingerprint
 
-PRECISIONS = {"torch": "fp32", "onnx": "fp32", "onnx-int8": "int8"}  # what each --engine writes into a cache
+# The int8 engine's precision names its quantisation scheme (extract/int8_engine.py): int8 with
+# 7-bit weights, whose features are the same on every x86 instruction set. Features of two schemes
+# never share a cache.
+INT8_PRECISION = "int8-w7"
+PRECISIONS = {"torch": "fp32", "onnx": "fp32", "onnx-int8": INT8_PRECISION}  # what each --engine writes into a cache
 ENGINES = tuple(PRECISIONS)
+# Precisions that earlier versions wrote and no engine writes now: such caches are read, never added to.
+RETIRED_PRECISIONS = {
+    "int8": "int8 features of RAML's first quantisation (8-bit weights, whose 16-bit pair sums saturate on CPUs "
+            "without VNNI, so that its features depended on the CPU)",
+}
 FIDELITY_SAMPLE = 32       # images of the user's own data the int8 check encodes both ways (issue 13's default)
 
 
@@ -27,6 +36,10 @@ def check_cache_precision(cache_dir, precision: str) -> None:
     """Refuse before any work when ``cache_dir`` holds features of another precision than ``precision``."""
     meta = read_fingerprint(Path(cache_dir))
     cached = None if meta is None else fingerprint_field(meta, "precision")
+    if cached in RETIRED_PRECISIONS:
+        raise CacheError(f"{cache_dir} holds {RETIRED_PRECISIONS[cached]}; no engine writes those any more, so "
+                         f"nothing can be added to it (train and evaluate still read it). Extract into another "
+                         "--cache-dir.")
     if cached is not None and cached != precision:
         engines = " or ".join(f"--engine {e}" for e, p in PRECISIONS.items() if p == cached)
         raise CacheError(f"{cache_dir} holds {cached} features; this run would add {precision} features, and one "

@@ -10,10 +10,22 @@ beside it, under the same lock::
 It is made again when the fp32 export changes (another sha256), when the settings change, or when
 it no longer has the size and sha256 its sidecar records; every rebuild says why on stderr.
 
-**Quantisation.** ONNX Runtime's dynamic quantisation with int8 weights per output channel
-(``QUANTISATION``). Static quantisation calibrated on images and per-tensor weights were measured
-too (README, "Faster CPU encoding"): no faster, and less close to fp32; static calibration would
-also make the model depend on the images it was calibrated on.
+**Quantisation that holds on every x86 CPU.** ONNX Runtime's dynamic quantisation: activations
+uint8 per tensor (range taken from each run), weights int8 per output channel in a **7-bit range**,
+|w| ≤ 64 (``reduce_range``). Why 7 bits: on x86 CPUs without VNNI (AVX2 only, or AVX-512 without
+VNNI) ONNX Runtime multiplies uint8 by int8 with ``vpmaddubsw``, which adds each pair of products
+into a *saturating 16-bit* integer. With 8-bit weights a pair can reach 2 × 255 × 127 = 64,770 and
+is clipped at 32,767: under QEMU's AVX2-only Haswell model, 8-bit weights gave a per-crop cosine to
+fp32 of 0.990 (tiny test model) and 0.983 (ViT-B/16), against 0.9999 on a VNNI CPU, whose
+``vpdpbusd`` adds in 32 bits. With |w| ≤ 64 a pair is at most 2 × 255 × 64 = 32,640: no sum can
+saturate, and the fidelity is the same on every instruction set (ViT-B/16: 0.99971 emulated
+AVX2-only, 0.99973 on AVX-512 VNNI). The features are not bit-identical across CPU types (the
+float parts of the graph round differently, and dynamic quantisation passes that on), so resumed
+caches and tests compare with tolerances. The price is half the weight levels (cosine 0.9997
+instead of 0.9999); the speed is the same. ``check_pair_sums`` verifies the bound on every quantised
+model before it is used. uint8 weights (also free of saturation) ran 1.8× slower on VNNI; static
+(QDQ) calibration was measured earlier (README, "Faster CPU encoding"): no faster, further from
+fp32, and dependent on its calibration images.
 
 **One image per run.** Dynamic quantisation scales each activation tensor by the range of the whole
 run, so a crop's features depend on the crops it shares a run with (ViT-B/16: up to 3e-3 between
@@ -45,17 +57,21 @@ import numpy as np
 from cache import CacheError, N_CROPS, UserError
 from cache.store import atomic_write_text
 from extract.encoder import ClipBackbone
-from extract.engines import FIDELITY_SAMPLE
+from extract.engines import FIDELITY_SAMPLE, INT8_PRECISION
 from extract.onnx_engine import (INPUT_NAME, OUTPUT_NAME, OnnxClipBackbone, OnnxEngineError, OnnxImageEncoder,
                                  export_dir, export_lock, file_problem, first_line, key_fields,
                                  locked_fp32_encoder, onnxruntime_module, open_session, read_sidecar, say,
                                  publish_encoder, session_options, sidecar_fields, torch_fields)
 from extract.pyramid import BadImageError, load_rgb, pyramid_pixels
 
-INT8_FORMAT = 1            # bump when the quantised graph's contract changes: older ones are then rebuilt
+INT8_FORMAT = 2            # bump when the quantised graph's contract changes: older ones are then rebuilt
 INT8_FILE, INT8_SIDECAR_FILE = "encoder-int8.onnx", "encoder-int8.json"
-QUANTISATION = {"tool": "onnxruntime.quantization.quantize_dynamic", "weights": "int8, per output channel",
+QUANTISATION = {"tool": "onnxruntime.quantization.quantize_dynamic", "precision": INT8_PRECISION,
+                "weights": "int8, per output channel, 7-bit range |w| <= 64 (reduce_range)",
                 "activations": "uint8, per tensor, range taken from each run"}
+# uint8 × int8 pair sums must fit the signed 16-bit accumulator of vpmaddubsw (x86 without VNNI).
+PAIR_SUM_LIMIT = 32767
+MAX_WEIGHT = PAIR_SUM_LIMIT // (2 * 255)   # 64
 BUILD_CHECK_CROPS = 2      # random crops run once through a new model: it must load and give finite output
 # Issue 13's limits: below either, the int8 features are not trusted and the user is told to use fp32.
 MIN_COSINE = 0.995         # per-crop cosine between the int8 and the fp32 embedding, smallest of the sample
@@ -85,7 +101,7 @@ def int8_backbone(backbone: ClipBackbone, *, cache_root: Path | None = None,
         int8 = _locked_int8_encoder(backbone, fp32, directory, threads)
     say(int8.describe())
     return OnnxClipBackbone(**torch_fields(backbone), image_encoder=int8, reference_encoder=fp32,
-                            engine="onnx-int8", precision="int8")
+                            engine="onnx-int8", precision=INT8_PRECISION)
 
 
 def quantise(source: Path, target: Path) -> None:
@@ -93,10 +109,30 @@ def quantise(source: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     try:
         with _quiet_quantiser():
-            quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True)
+            quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
     except Exception as err:  # the quantiser raises many types, all meaning "this graph does not quantise"
         raise OnnxEngineError(f"onnxruntime could not quantise {source} to int8: {first_line(err)}. "
                               "Use --engine onnx.") from err
+
+
+def largest_int8_weight(path: Path) -> int:
+    """The largest |w| over the int8 weight tensors of the ONNX model at ``path``."""
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(str(path))
+    return max((int(np.abs(numpy_helper.to_array(tensor).astype(np.int32)).max())
+                for tensor in model.graph.initializer if tensor.data_type == onnx.TensorProto.INT8),
+               default=0)
+
+
+def check_pair_sums(path: Path) -> None:
+    """Refuse a quantised model whose uint8 × int8 pair sums could saturate a 16-bit accumulator
+    (``MAX_WEIGHT``): its features would then depend on the CPU's instruction set."""
+    largest = largest_int8_weight(path)
+    if largest > MAX_WEIGHT:
+        raise OnnxEngineError(f"the int8 model {path} has a weight of {largest} (> {MAX_WEIGHT}): 2 × 255 × {largest} "
+                              f"> {PAIR_SUM_LIMIT} saturates on CPUs without VNNI, so its features would depend on "
+                              "the CPU. Nothing was cached; use --engine onnx.")
 
 
 def _int8_key(backbone: ClipBackbone, fp32: OnnxImageEncoder) -> dict:
@@ -131,6 +167,7 @@ def _quantise_checked(backbone: ClipBackbone, fp32: OnnxImageEncoder, directory:
     start = time.perf_counter()
     try:
         quantise(fp32.path, tmp)
+        check_pair_sums(tmp)
         seconds = time.perf_counter() - start
         session = open_session(ort, tmp, options, ["CPUExecutionProvider"])
         size = backbone.input_size

@@ -31,7 +31,9 @@ def test_demo_compares_raml_seeds_with_winclip_and_says_the_weights_are_random(t
     assert result.exit_code == 0, result.output
     for what in ("RAML", "WinCLIP"):
         assert f"for {what} are not available" in result.output and f"{what} now runs with RANDOM weights" in result.output
-    assert "--engine onnx" in result.output and "image encoder: onnx on cpu" in result.output
+    assert "demo: expected to take about" in result.output and "GFLOP/s (fp32 matrix product)" in result.output
+    assert "--engine onnx-int8" in result.output and "image encoder: onnx-int8 on cpu" in result.output
+    assert "int8 fidelity on 8 of your images" in result.output and "--maps examples" in result.output
     assert "NOT MEANINGFUL" in result.output
     raml = json.loads((tmp_path / "results-random" / "raml" / "results.json").read_text())
     winclip = json.loads((tmp_path / "results-random" / "winclip" / "results.json").read_text())
@@ -46,3 +48,17 @@ def test_demo_compares_raml_seeds_with_winclip_and_says_the_weights_are_random(t
     assert "| category | adaptive † | fixed † | strong † | WinCLIP zero-shot † |" in text and "NOT MEANINGFUL" in text
     assert "| n (seeds) | 2 | 2 | 2 | 1 |" in text
     assert (tmp_path / "report-random" / "holdout_textile_maps.png").is_file()   # textile images are reachable
+
+
+def test_demo_extracts_in_fp32_when_the_int8_check_refuses(tmp_path, monkeypatch):
+    from extract import int8_engine
+    monkeypatch.setenv("RAML_CACHE_DIR", str(tmp_path / "user-cache"))
+    monkeypatch.setattr(int8_engine, "MIN_COSINE", 1.5)   # no encoder can pass
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path), "--model", TINY, "--winclip-model", TINY,
+                                      "--limit", "24", "--epochs", "1", "--seeds", "0,1"])
+    assert result.exit_code == 0, result.output
+    assert "demo: the int8 engine is not used: the int8 image encoder is too far from fp32" in result.output
+    assert "demo: extracting with --engine onnx (fp32) instead" in result.output
+    assert "image encoder: onnx on cpu" in result.output
+    from cache import read_cache
+    assert read_cache(tmp_path / "cache-random").engines == ["onnx"]

@@ -3,6 +3,7 @@ model's cache, features that depend on their image alone, the fidelity check (an
 broken model), one precision per cache, the int8 path end to end, and the engine benchmarks."""
 import csv
 import json
+import platform
 import shutil
 import subprocess
 import sys
@@ -19,8 +20,11 @@ from cache.store import CACHE_JSON
 from evaluate.export import DEPLOY_JSON, SCRIPT_FILE
 from extract import int8_engine
 from extract.engine_bench import EngineTimes, vit_macs_per_image
-from extract.int8_engine import (FIDELITY_RECORD, INT8_FILE, INT8_SIDECAR_FILE, MIN_COSINE, Fidelity,
-                                 int8_backbone, measure_fidelity)
+from extract.engines import INT8_PRECISION
+from extract.int8_engine import (FIDELITY_RECORD, INT8_FILE, INT8_SIDECAR_FILE, MAX_WEIGHT, MIN_COSINE, Fidelity,
+                                 Int8FidelityError, check_pair_sums, int8_backbone, largest_int8_weight,
+                                 measure_fidelity, require_fidelity)
+from extract.onnx_engine import OnnxEngineError
 from extract.onnx_engine import ONNX_FILE, SIDECAR_FILE, export_dir
 from extract.pyramid import load_rgb, pyramid_pixels
 from extract.run import extract_features
@@ -51,14 +55,15 @@ def image_pixels(mvtec_root, backbone, names=("good/000", "broken/000", "scratch
 
 
 def broken_quantise(source, target):
-    """The real quantisation, then every int8 weight replaced by noise: a model that loads and runs."""
+    """The real quantisation, then every int8 weight replaced by noise (in the 7-bit range, so that only the
+    fidelity check can catch it): a model that loads and runs."""
     REAL_QUANTISE(source, target)
     model = onnx.load(str(target))
     rng = np.random.default_rng(0)
     for tensor in model.graph.initializer:
         if tensor.data_type == onnx.TensorProto.INT8:
             values = numpy_helper.to_array(tensor)
-            tensor.CopyFrom(numpy_helper.from_array(rng.integers(-127, 128, values.shape, dtype=np.int8), tensor.name))
+            tensor.CopyFrom(numpy_helper.from_array(rng.integers(-MAX_WEIGHT, MAX_WEIGHT + 1, values.shape, dtype=np.int8), tensor.name))
     onnx.save(model, str(target))
 
 
@@ -78,9 +83,10 @@ def broken_int8_cache(tiny_backbone, tiny_int8, user_cache_dir, tmp_path, monkey
 def test_int8_model_is_made_once_beside_the_fp32_export_and_reused(tiny_backbone, tiny_int8, user_cache_dir, capsys):
     directory = export_dir(tiny_backbone, user_cache_dir / "onnx")
     assert tiny_int8.image_encoder.path == directory / INT8_FILE
-    assert (tiny_int8.engine, tiny_int8.precision, tiny_int8.image_encoder.cpu_crops_per_run) == ("onnx-int8", "int8",
-                                                                                                    N_CROPS)
+    assert (tiny_int8.engine, tiny_int8.precision, tiny_int8.image_encoder.cpu_crops_per_run) == (
+        "onnx-int8", INT8_PRECISION, N_CROPS)
     meta = json.loads((directory / INT8_SIDECAR_FILE).read_text())
+    assert meta["quantisation"]["precision"] == INT8_PRECISION and "7-bit" in meta["quantisation"]["weights"]
     fp32_meta = json.loads((directory / SIDECAR_FILE).read_text())
     assert meta["quantised_from_sha256"] == fp32_meta["sha256"] == tiny_int8.reference_encoder.meta["sha256"]
     assert meta["bytes"] == (directory / INT8_FILE).stat().st_size < fp32_meta["bytes"]
@@ -147,6 +153,97 @@ def test_fidelity_figures_and_limits(tiny_int8, mvtec_root):
     assert not Fidelity(32, 672, float("nan"), float("nan"), None).passed
 
 
+def test_int8_weights_cannot_saturate_a_16_bit_pair_sum(tiny_int8, tmp_path):
+    """What makes the int8 features the same on every x86 CPU: without VNNI, a uint8 × int8 pair of
+    products is summed in a saturating 16-bit integer, and with |w| <= 64 no pair can reach 32,767."""
+    assert MAX_WEIGHT == 64 and 2 * 255 * MAX_WEIGHT <= 32767 < 2 * 255 * (MAX_WEIGHT + 1)
+    assert 0 < largest_int8_weight(tiny_int8.image_encoder.path) <= MAX_WEIGHT
+    # the full 8-bit range (the first scheme) is refused before it could be cached
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    full_range = tmp_path / "full-range.onnx"
+    quantize_dynamic(tiny_int8.reference_encoder.path, full_range, weight_type=QuantType.QInt8, per_channel=True)
+    assert largest_int8_weight(full_range) == 127
+    with pytest.raises(OnnxEngineError, match=r"has a weight of 127 \(> 64\): 2 × 255 × 127 > 32767 saturates"):
+        check_pair_sums(full_range)
+
+
+QEMU = shutil.which("qemu-x86_64")
+ENCODE_UNDER_QEMU = """
+import sys, numpy as np, onnxruntime as ort
+crops = np.load(sys.argv[1])
+options = ort.SessionOptions(); options.intra_op_num_threads = 1
+for model, out in zip(sys.argv[2::2], sys.argv[3::2]):
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    np.save(out, np.concatenate([session.run(None, {"pixels": image})[0] for image in crops]))
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or QEMU is None,
+                    reason="needs qemu-x86_64 (Debian package qemu-user) to emulate an AVX2-only CPU")
+def test_int8_fidelity_holds_on_an_emulated_avx2_only_cpu(tiny_int8, mvtec_root, tmp_path):
+    """The scheme's claim where it matters, whatever CPU runs the test: under QEMU's Haswell model
+    (AVX2, no AVX-512, no VNNI), whose uint8 × int8 pair sums saturate at 16 bits, the engine's int8
+    model keeps a per-crop cosine >= MIN_COSINE to fp32. The first scheme's 8-bit weights, run
+    alongside, fall below it there: the emulation does reach the saturating kernels."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    full_range = tmp_path / "full-range.onnx"
+    quantize_dynamic(tiny_int8.reference_encoder.path, full_range, weight_type=QuantType.QInt8, per_channel=True)
+    crops = np.stack(image_pixels(mvtec_root, tiny_int8))
+    np.save(tmp_path / "crops.npy", crops)
+    outputs = {"engine": tmp_path / "engine.npy", "full_range": tmp_path / "full.npy"}
+    child = subprocess.run([QEMU, "-cpu", "Haswell", sys.executable, "-c", ENCODE_UNDER_QEMU, str(tmp_path / "crops.npy"),
+                            str(tiny_int8.image_encoder.path), str(outputs["engine"]), str(full_range),
+                            str(outputs["full_range"])], capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-2000:]
+    fp32 = np.concatenate([tiny_int8.reference_encoder.encode(image) for image in crops])
+    cosine = {name: (np.load(path) * fp32).sum(-1).min() for name, path in outputs.items()}  # unit vectors
+    assert cosine["engine"] >= MIN_COSINE, cosine
+    assert cosine["full_range"] < MIN_COSINE, cosine
+
+
+class FixedEncoder:
+    """An encoder whose output is known: crop i of an image → ``vectors[i]``."""
+
+    def __init__(self, vectors):
+        self.vectors = np.asarray(vectors, np.float32)
+
+    def encode(self, crops):
+        return self.vectors[: len(crops)]
+
+
+def test_fidelity_figures_and_refusal_on_encoders_of_known_cosine():
+    """The check's arithmetic and its limits, on inputs whose result is known (independent of any
+    CPU's rounding): int8 crops turned by known angles from the fp32 ones."""
+    angles = np.array([0.0, 0.05, 0.1])   # radians; cos 0.1 = 0.995004 passes, cos 0.1001 fails
+    fp32 = np.eye(3, 8, dtype=np.float32)
+    int8 = np.cos(angles)[:, None] * fp32 + np.sin(angles)[:, None] * np.eye(3, 8, k=3, dtype=np.float32)
+    backbone = SimpleNamespace(reference_encoder=FixedEncoder(fp32), image_encoder=FixedEncoder(int8))
+    images = [np.zeros((3, 1))] * 4
+    fidelity = measure_fidelity(backbone, images)
+    assert (fidelity.images, fidelity.crops, fidelity.spearman) == (4, 12, None)
+    assert fidelity.cosine_min == pytest.approx(np.cos(0.1), abs=1e-7)
+    assert fidelity.cosine_mean == pytest.approx(np.cos(angles).mean(), abs=1e-7)
+    assert fidelity.passed
+    require_fidelity(fidelity, "x", "y")   # passes: no exception
+
+    turned = np.cos(0.1001) * fp32[2] + np.sin(0.1001) * np.eye(3, 8, k=3, dtype=np.float32)[2]
+    backbone.image_encoder = FixedEncoder([*int8[:2], turned])
+    worse = measure_fidelity(backbone, images)
+    assert worse.cosine_min == pytest.approx(np.cos(0.1001), abs=1e-7) and not worse.passed
+    with pytest.raises(Int8FidelityError, match=r"too far from fp32 on 4 of my images: per-crop cosine of int8 to fp32 "
+                                                r"min 0\.9950 \(limit 0\.995\).*use fp32 here"):
+        require_fidelity(worse, "4 of my images", "use fp32 here")
+
+    # the rank check: identical scores pass; one swapped pair of four gives Spearman 0.8 and fails
+    same = measure_fidelity(backbone, images, score=lambda features: np.arange(4.0))
+    assert same.spearman == pytest.approx(1.0) and not same.passed   # (the cosine still fails)
+    backbone.image_encoder = FixedEncoder(fp32)
+    scores = iter([np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 2.0, 4.0])])  # fp32, then int8
+    swapped = measure_fidelity(backbone, images, score=lambda features: next(scores))
+    assert swapped.cosine_min == pytest.approx(1.0) and swapped.spearman == pytest.approx(0.8)
+    assert not swapped.passed and "Spearman of s_final 0.8000 (limit 0.99)" in swapped.summary()
+
+
 def extract_args(mvtec_root, cache_dir, engine, *extra):
     return ["extract", "--dataset", "mvtec", "--root", str(mvtec_root), "--cache-dir", str(cache_dir), *BACKBONE,
             "--workers", "0", "--engine", engine, *extra]
@@ -163,7 +260,7 @@ def test_extract_int8_records_its_precision_and_checks_once_per_cache(tiny_int8,
     assert resumed.exit_code == 0, resumed.output
     assert "int8 fidelity on this cache's images: checked on" in resumed.output
     table = read_cache(cache_dir)
-    assert table.meta["precision"] == "int8" and table.engines == ["onnx-int8"] and len(table) == 20
+    assert table.meta["precision"] == INT8_PRECISION and table.engines == ["onnx-int8"] and len(table) == 20
     bottle = table.select(table.category == "bottle")
     crops = pyramid_pixels(load_rgb(mvtec_root / bottle.relpath[0]), tiny_int8.input_size, tiny_int8.mean,
                            tiny_int8.std)
@@ -175,7 +272,7 @@ def test_one_cache_never_mixes_precisions(tiny_backbone, tiny_int8, mvtec_root, 
     shutil.copytree(mvtec_cache, fp32_cache)
     into_fp32 = CliRunner().invoke(cli, extract_args(mvtec_root, fp32_cache, "onnx-int8"))
     assert into_fp32.exit_code == 1
-    assert f"{fp32_cache} holds fp32 features; this run would add int8 features" in into_fp32.output
+    assert f"{fp32_cache} holds fp32 features; this run would add {INT8_PRECISION} features" in into_fp32.output
     assert "Use --engine torch or --engine onnx with this cache, or another --cache-dir" in into_fp32.output
     assert "--random-weights" not in into_fp32.output  # refused before any model was loaded (it warns)
     assert not (fp32_cache / FIDELITY_RECORD).exists()
@@ -184,12 +281,13 @@ def test_one_cache_never_mixes_precisions(tiny_backbone, tiny_int8, mvtec_root, 
     extract_features("mvtec", mvtec_root, int8_cache, lambda: tiny_int8, categories=["bottle"], workers=0,
                      progress=False)
     into_int8 = CliRunner().invoke(cli, extract_args(mvtec_root, int8_cache, "onnx"))
-    assert into_int8.exit_code == 1 and f"{int8_cache} holds int8 features; this run would add fp32" in into_int8.output
+    assert into_int8.exit_code == 1
+    assert f"{int8_cache} holds {INT8_PRECISION} features; this run would add fp32" in into_int8.output
     assert "Use --engine onnx-int8 with this cache" in into_int8.output
     # the store refuses too, for code that writes without the command's early check
-    with pytest.raises(CacheError, match="precision: cache has 'fp32', this run 'int8'"):
+    with pytest.raises(CacheError, match=f"precision: cache has 'fp32', this run '{INT8_PRECISION}'"):
         extract_features("mvtec", mvtec_root, fp32_cache, lambda: tiny_int8, workers=0, progress=False)
-    with pytest.raises(CacheError, match="precision: cache has 'int8', this run 'fp32'"):
+    with pytest.raises(CacheError, match=f"precision: cache has '{INT8_PRECISION}', this run 'fp32'"):
         extract_features("mvtec", mvtec_root, int8_cache, lambda: tiny_backbone, workers=0, progress=False)
     assert read_cache(fp32_cache).engines == ["torch"] and read_cache(int8_cache).engines == ["onnx-int8"]
 

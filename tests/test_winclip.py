@@ -109,3 +109,33 @@ def test_the_global_plus_map_variant_is_named_in_the_results_and_the_report(tmp_
     assert entries["WinCLIP zero-shot (global+map)"]["image_score"] == "global+map"
     text = write_report([path], tmp_path / "report").read_text()
     assert "| WinCLIP zero-shot (global+map) | WinCLIP (Jeong et al., CVPR 2023), zero-shot | global+map | 1 |" in text
+
+
+def test_maps_only_for_the_reports_examples_leave_the_image_scores_unchanged(tmp_path, mvtec_root, tiny_backbone):
+    """--maps examples runs the windows for the images a report shows and nothing else; the paper's
+    image score (global) is the same bits, and global+map, which needs every map, is refused."""
+    from evaluate.results import MAP_EXAMPLES, read_scores_csv
+    full, _ = run_winclip("mvtec", mvtec_root, tmp_path / "all", lambda: tiny_backbone, workers=0, n_resamples=10,
+                          progress=False)
+    some, entries = run_winclip("mvtec", mvtec_root, tmp_path / "examples", lambda: tiny_backbone, workers=0,
+                                n_resamples=10, progress=False, maps="examples")
+    entry = entries["WinCLIP zero-shot"]
+    assert entry["maps"].startswith("examples") and entry["pixel_auroc_coarse"]["mean"] is None
+    assert set(entry["pixel_auroc_coarse"]["not_available"]) == {"bottle", "metal_nut"}
+    all_scores, some_scores = read_scores_csv(full.parent / "scores.csv"), read_scores_csv(some.parent / "scores.csv")
+    assert [r["final"] for r in all_scores] == [r["final"] for r in some_scores] and len(all_scores) == 12
+    shown = np.load(tmp_path / "examples" / "anomaly_maps.npz")
+    every = np.load(tmp_path / "all" / "anomaly_maps.npz")
+    # one anomalous image of each (category, defect type) while they last, then one normal image
+    assert sorted(shown["relpath"].tolist()) == ["bottle/test/broken/000.png", "bottle/test/good/000.png",
+                                                 "bottle/test/scratch/000.png", "metal_nut/test/broken/000.png"]
+    assert len(shown["relpath"]) == MAP_EXAMPLES
+    for relpath, image_map in zip(shown["relpath"], shown["maps"]):
+        np.testing.assert_allclose(image_map, every["maps"][every["relpath"].tolist().index(relpath)], atol=1e-6)
+    assert not (tmp_path / "none").exists()
+    run_winclip("mvtec", mvtec_root, tmp_path / "none", lambda: tiny_backbone, workers=0, n_resamples=10,
+                progress=False, maps="none")
+    assert not (tmp_path / "none" / "anomaly_maps.npz").exists()
+    with pytest.raises(ValueError, match="global\\+map uses every image's map: it needs --maps all"):
+        run_winclip("mvtec", mvtec_root, tmp_path / "x", lambda: tiny_backbone, workers=0, progress=False,
+                    image_score="global+map", maps="examples")
