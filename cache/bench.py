@@ -19,7 +19,10 @@ from unittest import mock
 
 import h5py
 
-import cache.store as store
+import cache.checks
+from cache.checks import checksum_problem, float16_squared_norms, rows_problem, text_problem
+from cache.format import CACHE_JSON, CHECKSUM_ATTRIBUTE, read_fingerprint, shard_paths
+from cache.reader import load_shard, read_cache
 
 
 @dataclass
@@ -47,9 +50,9 @@ def run_cache_read_bench(cache_dir: Path, work_dir: Path, repeats: int = 7) -> C
     ``work_dir``) with validation switched off."""
     cache_dir, copy = Path(cache_dir), Path(work_dir) / "unchecked"
     _copy_without_checksums(cache_dir, copy)
-    images = len(store.read_cache(cache_dir, with_features=False))
-    unchecked = mock.patch.multiple(store, rows_problem=lambda *args: None, text_problem=lambda *args: None)
-    reads = {"checked": lambda: store.read_cache(cache_dir), "unchecked": lambda: _with(unchecked, copy)}
+    images = len(read_cache(cache_dir, with_features=False))
+    unchecked = mock.patch.multiple(cache.checks, rows_problem=lambda *args: None, text_problem=lambda *args: None)
+    reads = {"checked": lambda: read_cache(cache_dir), "unchecked": lambda: _with(unchecked, copy)}
     folders = {"checked": cache_dir, "unchecked": copy}
     seconds = {}
     for state in ("hot", "cold"):
@@ -65,18 +68,18 @@ def run_cache_read_bench(cache_dir: Path, work_dir: Path, repeats: int = 7) -> C
                 times[kind].append(time.perf_counter() - start)
         seconds.update({(state, kind): statistics.median(values) for kind, values in times.items()})
     seconds.update(_time_checks(cache_dir, repeats))
-    return CacheReadBench(images=images, shards=len(store.shard_paths(cache_dir)), seconds=seconds)
+    return CacheReadBench(images=images, shards=len(shard_paths(cache_dir)), seconds=seconds)
 
 
 def _time_checks(cache_dir: Path, repeats: int) -> dict:
     """(check, part) → median seconds of each part of the checks, over all shards, loaded."""
-    meta = store.read_fingerprint(cache_dir)
-    shards = [store.load_shard(path, meta) for path in store.shard_paths(cache_dir)]
+    meta = read_fingerprint(cache_dir)
+    shards = [load_shard(path, meta) for path in shard_paths(cache_dir)]
     dim = meta["embed_dim"]
     work = {
-        "checksums": lambda: [store.checksum_problem(shard) for shard in shards],
-        "unit norms": lambda: [store.float16_squared_norms(shard.columns["features"]) for shard in shards],
-        "validation": lambda: [(store.rows_problem(shard.columns, dim), store.text_problem(shard.text, dim))
+        "checksums": lambda: [checksum_problem(shard) for shard in shards],
+        "unit norms": lambda: [float16_squared_norms(shard.columns["features"]) for shard in shards],
+        "validation": lambda: [(rows_problem(shard.columns, dim), text_problem(shard.text, dim))
                                for shard in shards],
     }
     times = {name: [] for name in work}
@@ -92,7 +95,7 @@ def _time_checks(cache_dir: Path, repeats: int) -> dict:
 
 def _with(patch, cache_dir: Path):
     with patch:
-        return store.read_cache(cache_dir)
+        return read_cache(cache_dir)
 
 
 def _evict(folder: Path) -> None:
@@ -107,11 +110,11 @@ def _evict(folder: Path) -> None:
 
 def _copy_without_checksums(cache_dir: Path, copy: Path) -> None:
     copy.mkdir(parents=True, exist_ok=False)
-    (copy / store.CACHE_JSON).write_text((cache_dir / store.CACHE_JSON).read_text())
-    for path in store.shard_paths(cache_dir):
+    (copy / CACHE_JSON).write_text((cache_dir / CACHE_JSON).read_text())
+    for path in shard_paths(cache_dir):
         with h5py.File(path, "r") as source, h5py.File(copy / path.name, "w") as target:
             for key, value in source.attrs.items():
-                if key != store.CHECKSUM_ATTRIBUTE:
+                if key != CHECKSUM_ATTRIBUTE:
                     target.attrs[key] = value
 
             def copy_dataset(name, item):

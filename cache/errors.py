@@ -11,3 +11,7 @@ It subclasses ``ValueError`` so that library callers catching ``ValueError`` kee
 
 class UserError(ValueError):
     """An error the user can fix; the message says what is wrong and, where it helps, what to do."""
+
+
+class CacheError(UserError):
+    """A cache directory that cannot be read or written as asked."""

@@ -22,7 +22,8 @@ import socket
 import time
 from pathlib import Path
 
-from cache.store import CacheError, partial_shards, slot_of_partial
+from cache.errors import CacheError
+from cache.format import partial_shards, slot_of_partial
 
 # Another process may hold a slot's lock for an instant to see whether it is free (a probe, below);
 # a writer retries that long before it concludes that the slot is taken.

@@ -3,7 +3,7 @@ on the same cached features, in one command and one table.
 
 Every configuration is the method's default with one thing changed (``ABLATIONS``), trained over
 the given seeds by ``sweep`` (runs that share their shapes share a batched pass), and every
-baseline (``evaluate/feature_baselines.py``) is scored on the same held-out images. The table's
+baseline (``evaluate/baselines/features.py``) is scored on the same held-out images. The table's
 rows, sorted by held-out image AUROC, give the mean ± sample std over seeds (n), the bootstrap CI
 of the category-mean AUROC, AP, F1-max, and the difference from the full method with a paired
 bootstrap CI: the same resampled images for both rows, so a row against itself differs by exactly 0.
@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from cache import FeatureTable, UserError
-from cache.store import atomic_write_text
-from evaluate.feature_baselines import BASELINES, run_feature_baseline
+from cache.files import atomic_write_text
+from evaluate.baselines.features import BASELINES, run_feature_baseline
 from evaluate.metrics import DEFAULT_BOOTSTRAP, bootstrap_mean_auroc_ci, paired_bootstrap_auroc_difference
 from evaluate.plots import difference_forest
 from evaluate.run import evaluate_checkpoints
 from evaluate.results import NOT_MEANINGFUL, RESULTS_JSON, SCORES_CSV, read_results, read_scores_csv
-from train.sweep import RESULTS_DIR, run_name, run_sweep
+from evaluate.sweep import RESULTS_DIR, run_sweep
+from train.sweep import run_name
 
 REFERENCE = "full"
 # name → the TrainConfig fields it changes; everything else is the method's default.

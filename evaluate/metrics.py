@@ -9,47 +9,24 @@ crashing later would both mislead.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from train.thresholds import labels_and_scores
 
 DEFAULT_BOOTSTRAP = 1000
 CI_LEVEL = 0.95
 
 
-def _labels_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
-    labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=float)
-    if labels.shape[-1] != scores.shape[-1]:
-        raise ValueError(f"{labels.shape[-1]} labels but {scores.shape[-1]} scores")
-    if len(np.unique(labels)) < 2:
-        raise ValueError("AUROC needs both normal and anomalous images; this set has only "
-                         f"{'anomalous' if labels.size and labels[0] else 'normal'} ones")
-    if not np.isfinite(scores).all():
-        raise ValueError("scores contain NaN or infinity")
-    return labels, scores
-
-
 def image_auroc(labels, scores) -> float:
     """Area under the ROC curve of ``scores`` for ``labels`` (1 = anomalous), in [0, 1]."""
-    labels, scores = _labels_scores(labels, scores)
+    labels, scores = labels_and_scores(labels, scores)
     return float(roc_auc_score(labels, scores))
 
 
 def average_precision(labels, scores) -> float:
     """Average precision (area under the precision-recall curve, step-wise as scikit-learn)."""
-    labels, scores = _labels_scores(labels, scores)
+    labels, scores = labels_and_scores(labels, scores)
     return float(average_precision_score(labels, scores))
-
-
-def f1_max(labels, scores) -> tuple[float, float]:
-    """The best F1 over all thresholds and that threshold: an image is called anomalous when
-    its score is >= the threshold."""
-    labels, scores = _labels_scores(labels, scores)
-    precision, recall, thresholds = precision_recall_curve(labels, scores)
-    # The last (precision, recall) pair has no threshold (recall 0); drop it.
-    precision, recall = precision[:-1], recall[:-1]
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision),
-                   where=(precision + recall) > 0)
-    best = int(np.argmax(f1))
-    return float(f1[best]), float(thresholds[best])
 
 
 def _stratified_resamples(labels: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -94,7 +71,7 @@ def bootstrap_auroc_ci(labels, scores, n_resamples: int = DEFAULT_BOOTSTRAP, see
     anomalous images drawn separately, counts kept): held-out sets are tiny, and an unstratified
     resample of toothbrush's 3 normal images would often have none.
     """
-    labels, scores = _labels_scores(labels, scores)
+    labels, scores = labels_and_scores(labels, scores)
     scores = scores.reshape(-1, labels.size)
     index = _stratified_resamples(labels, n_resamples, np.random.default_rng(seed))
     statistics = _resampled_aurocs(scores, index, int((labels == 0).sum())).mean(axis=0)
@@ -157,7 +134,7 @@ def _category_mean_aurocs(labels, score_sets, groups, n_resamples: int, seed: in
     for name in names:
         rows = np.flatnonzero(groups == name)
         try:
-            checked = [_labels_scores(labels[rows], s[:, rows]) for s in score_sets]
+            checked = [labels_and_scores(labels[rows], s[:, rows]) for s in score_sets]
         except ValueError as err:
             if len(names) == 1:
                 raise

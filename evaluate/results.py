@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from cache import UserError
-from cache.store import atomic_write, atomic_write_text
-from evaluate.metrics import (DEFAULT_BOOTSTRAP, average_precision, bootstrap_auroc_ci, f1_max,
-
-                              image_auroc)
+from cache.files import atomic_write, atomic_write_text
+from evaluate.metrics import DEFAULT_BOOTSTRAP, average_precision, bootstrap_auroc_ci, image_auroc
+from train.thresholds import f1_max
 
 RESULTS_JSON = "results.json"
 SCORES_CSV = "scores.csv"
@@ -188,7 +187,7 @@ def read_scores_csv(path: Path) -> list[dict]:
 def write_results(out_dir: Path, entries: dict, runs: list[ScoredRun], maps: dict | None = None) -> Path:
     """Write results.json, scores.csv and (optionally) anomaly_maps.npz into ``out_dir``.
 
-    Each file is replaced atomically (``cache.store.atomic_write``), results.json last: an
+    Each file is replaced atomically (``cache.files.atomic_write``), results.json last: an
     interrupted write leaves the previous results, never a truncated file.
     """
     out_dir = Path(out_dir)

@@ -23,7 +23,8 @@ from evaluate.protocols import select_images
 from evaluate.results import ScoredRun, config_entry, in_percent, mean_std, pixel_summary, write_results
 from train.checkpoint import CHECKPOINT_FILE, Checkpoint, check_cache, load_checkpoint
 from train.config import TrainConfig
-from train.infer import operating_point, score_table, score_weights
+from train.infer import score_table, score_weights
+from train.thresholds import operating_point
 
 _SEED_SUFFIX = re.compile(r"[-_]seed\d+$")
 MAP_SOURCE = ("zero-shot text score of the cached 2x2 and 4x4 tiles (the same map for every configuration "
@@ -97,9 +98,9 @@ def last_epoch_inside_margin(checkpoints: list[Checkpoint]) -> dict | None:
 
 def thresholds_on_scored_images(runs: list[ScoredRun], checkpoints: list[Checkpoint]) -> dict:
     """Per category, precision and recall (in %) of each checkpoint's decision threshold
-    (``evaluate.predict.threshold_for``) on the images it was scored on, mean ± std over seeds:
+    (``evaluate.deploy.predict.threshold_for``) on the images it was scored on, mean ± std over seeds:
     how the thresholds calibrated on training images hold up on held-out ones."""
-    from evaluate.predict import threshold_for
+    from evaluate.deploy.predict import threshold_for
     summary = {}
     for category in sorted(set(runs[0].category.tolist())):
         here = runs[0].category == category

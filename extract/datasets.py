@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache import UserError
-from cache.store import printable
+from cache.format import printable
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 NORMAL = "good"  # defect_type of every normal image

@@ -1,7 +1,7 @@
 """The image-encoder engines side by side on this machine, against its fp32 GEMM floor.
 
 ``bench extract`` times the encoder alone (one image's 21 crops); ``bench predict``
-(evaluate/bench.py) times a whole prediction. Both report seconds per image for each engine and
+(evaluate/deploy/bench.py) times a whole prediction. Both report seconds per image for each engine and
 its ratio to the machine's floor, so that figures from different machines can be compared::
 
     floor = multiply-accumulates of one image's 21 crops (``vit_macs_per_image``; ViT-B/16: 369 G,

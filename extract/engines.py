@@ -1,5 +1,6 @@
-"""The image-encoder engines (``--engine``), what each writes into a cache, the cores they may
-use, and the checks that need no model.
+"""The image-encoder engines (``--engine``): their names, what each writes into a cache, the cores
+they may use, and the checks that need no model. (``extract.cli.engine_backbone`` puts an engine
+in charge of a backbone's image tower.)
 
 This module imports neither torch nor onnxruntime: the command line builds its options from it
 at start-up, and a re-run of ``extract`` that finds nothing to encode must answer at once
@@ -11,7 +12,7 @@ import os
 from pathlib import Path
 
 from cache import CacheError
-from cache.store import fingerprint_field, read_fingerprint
+from cache.format import fingerprint_field, read_fingerprint
 
 # The int8 engine's precision names its quantisation scheme (extract/int8_engine.py): int8 with
 # 7-bit weights, whose features are the same on every x86 instruction set. Features of two schemes

@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from cache import UserError
-from cache.store import atomic_write_text
+from cache.files import atomic_write_text
 
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"

@@ -39,7 +39,7 @@ inputs says whether int8 is good enough. ``measure_fidelity`` encodes a sample o
 images with fp32 and int8 and reports the per-crop cosine (min, mean) and, given a scorer (from a
 checkpoint), the Spearman rank agreement of s_final; ``require_fidelity`` stops below
 ``MIN_COSINE`` or ``MIN_SPEARMAN``. extract checks on first use with a feature cache
-(``check_on_dataset``); predict and export check in evaluate/int8_check.py.
+(``check_on_dataset``); predict and export check in evaluate/deploy/int8_check.py.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import CacheError, N_CROPS, UserError
-from cache.store import atomic_write_text
+from cache.files import atomic_write_text
 from extract.encoder import ClipBackbone
 from extract.engines import FIDELITY_SAMPLE, INT8_PRECISION
 from extract.onnx_engine import (INPUT_NAME, OUTPUT_NAME, OnnxClipBackbone, OnnxEngineError, OnnxImageEncoder,
@@ -188,8 +188,7 @@ def _quantise_checked(backbone: ClipBackbone, fp32: OnnxImageEncoder, directory:
 
 
 def _int8_encoder(session, path: Path, meta: dict) -> OnnxImageEncoder:
-    # max_abs_diff: NaN, because an int8 model is not held to fp32 parity; its fidelity is measured instead.
-    return OnnxImageEncoder(session, path, meta, session.get_providers()[0], float("nan"), cpu_crops_per_run=N_CROPS)
+    return OnnxImageEncoder(session, path, meta, session.get_providers()[0], cpu_crops_per_run=N_CROPS)
 
 
 @contextlib.contextmanager

@@ -39,10 +39,9 @@ import numpy as np
 import torch
 
 from cache import UserError
-from cache.store import atomic_write_text
+from cache.files import atomic_write_text
 from extract.encoder import ClipBackbone
 from extract.engines import usable_cores
-from extract.engines import ENGINES
 from extract.identity import file_sha256, user_cache_root
 from extract.pyramid import normalise_crops
 
@@ -74,7 +73,6 @@ class OnnxImageEncoder:
     path: Path                 # the .onnx file (the deploy export copies it)
     meta: dict                 # its sidecar: model, weights, input size, normalisation, sha256, parity
     provider: str              # the execution provider that runs it
-    max_abs_diff: float        # measured against torch when this session was opened (fp32 exports)
     cpu_crops_per_run: int = CPU_CROPS_PER_RUN  # crops per session run on the CPU (int8: see int8_engine)
 
     def describe(self) -> str:
@@ -122,19 +120,6 @@ def onnx_backbone(backbone: ClipBackbone, *, cache_root: Path | None = None,
     """``backbone`` with its image encoder replaced by the verified ONNX one (see ``onnx_image_encoder``)."""
     encoder = onnx_image_encoder(backbone, cache_root=cache_root, threads=threads)
     return OnnxClipBackbone(**torch_fields(backbone), image_encoder=encoder)
-
-
-def engine_backbone(backbone: ClipBackbone, engine: str, *, cache_root: Path | None = None,
-                    threads: int | None = None) -> ClipBackbone:
-    """``backbone`` (a torch ``ClipBackbone``) with its image encoder run by ``engine``, one of ``ENGINES``."""
-    if engine == "torch":
-        return backbone
-    if engine == "onnx":
-        return onnx_backbone(backbone, cache_root=cache_root, threads=threads)
-    if engine == "onnx-int8":
-        from extract.int8_engine import int8_backbone  # it imports this module
-        return int8_backbone(backbone, cache_root=cache_root, threads=threads)
-    raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
 
 
 def torch_fields(backbone: ClipBackbone) -> dict:
@@ -254,8 +239,7 @@ def _open_cached(directory: Path, backbone: ClipBackbone, ort, options, provider
     if not diff <= PARITY_TOLERANCE:
         return None, (f"its output differs from the torch encoder by {diff:.2e} (> {PARITY_TOLERANCE:g}): "
                       "stale (the model's config, code or weights changed under the same name)")
-    return OnnxImageEncoder(session, path, read_sidecar(directory / SIDECAR_FILE), session.get_providers()[0],
-                            diff), None
+    return OnnxImageEncoder(session, path, read_sidecar(directory / SIDECAR_FILE), session.get_providers()[0]), None
 
 
 def _export_verified(backbone: ClipBackbone, directory: Path, ort, options, providers) -> OnnxImageEncoder:
@@ -280,7 +264,7 @@ def _export_verified(backbone: ClipBackbone, directory: Path, ort, options, prov
         tmp.unlink(missing_ok=True)
     say(f"exported {backbone.name} image encoder in {seconds:.1f} s; max |onnx - torch| = {diff:.1e} "
         f"on {EXPORT_CHECK_CROPS} random crops (tolerance {PARITY_TOLERANCE:g})")
-    return OnnxImageEncoder(session, path, meta, session.get_providers()[0], diff)
+    return OnnxImageEncoder(session, path, meta, session.get_providers()[0])
 
 
 def _export_graph(backbone: ClipBackbone, path: Path) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cache import CROP_LAYOUT, N_CROPS, UserError
-from cache.store import printable
+from cache.format import printable
 
 if TYPE_CHECKING:  # torch is imported where crops are made, not by every reader of this module
     import torch
@@ -142,5 +142,5 @@ def _normalisation_constants(mean: tuple, std: tuple, device: torch.device) -> t
 
 def pyramid_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
     """The normalised crops of one image as float32 numpy [21, 3, size, size], as ONNX graphs and
-    the deployment script (evaluate/predict_onnx.py, which restates this without torch) take them."""
+    the deployment script (evaluate/deploy/predict_onnx.py, which restates this without torch) take them."""
     return normalise_crops(pyramid_crops(image, size), mean, std).numpy()

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from cache import N_CROPS, ShardRows, UserError, claim_cache, fingerprint, read_cache, write_shard
 from cache.lock import WriterSlot
-from cache.store import next_shard_path, printable
+from cache.format import next_shard_path, printable
 from extract.datasets import ImageRecord, name_problem, read_dataset
 from extract.identity import BackboneIdentity, identity_of
 from extract.prompts import encode_prompts, prompt_spec

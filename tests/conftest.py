@@ -10,7 +10,7 @@ from extract.encoder import load_backbone
 from extract.identity import TINY_TEST_CONFIG
 from extract.run import extract_features
 from tests.synthetic import make_mvtec
-from train.synthetic import write_synthetic_cache
+from cache.synthetic import write_synthetic_cache
 
 TINY_MODEL = str(TINY_TEST_CONFIG)
 

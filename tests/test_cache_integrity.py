@@ -21,7 +21,7 @@ from PIL import Image
 
 from cache import CacheError, ShardRows, read_cache, write_shard
 from cache.lock import WriterSlot, partial_shard_status
-from cache.store import CACHE_JSON, mismatched_fields
+from cache.format import CACHE_JSON, mismatched_fields
 from extract import pyramid
 from extract.encoder import load_backbone
 from extract.identity import backbone_identity, config_sha256, identity_of, weights_sha256
@@ -422,7 +422,7 @@ def test_exif_orientation_is_applied(tmp_path):
     upright = load_rgb(tmp_path / "phone.png")
     assert upright.size == (83, 97)
     np.testing.assert_array_equal(np.asarray(upright), np.asarray(raw.transpose(Image.Transpose.ROTATE_270)))
-    spec = importlib.util.spec_from_file_location("predict_onnx_template", REPO / "evaluate" / "predict_onnx.py")
+    spec = importlib.util.spec_from_file_location("predict_onnx_template", REPO / "evaluate" / "deploy" / "predict_onnx.py")
     deployed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(deployed)   # the deployment's own copy of load_rgb agrees
     np.testing.assert_array_equal(np.asarray(deployed.load_rgb(tmp_path / "phone.png", 64)), np.asarray(upright))

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from cache import UserError, read_cache
-from evaluate.baseline import run_winclip
+from evaluate.baselines.winclip_run import run_winclip
 from evaluate.protocols import select_images
 from evaluate.report import write_report
 from evaluate.run import config_name, evaluate_checkpoints, find_checkpoints, group_configurations
@@ -221,8 +221,8 @@ def test_the_fingerprints_dataset_alone_identifies_the_training_dataset(runs, mv
 
 
 def test_results_say_how_the_checkpoint_thresholds_do_on_the_held_out_images(holdout_results, runs):
-    from evaluate.predict import threshold_for
-    from train.infer import operating_point
+    from evaluate.deploy.predict import threshold_for
+    from train.thresholds import operating_point
     path, entries = holdout_results
     with open(path.parent / "scores.csv", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["config"] == "adaptive" and r["category"] == "bottle"]

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cache import CROP_LAYOUT, read_cache
-from evaluate.export import DEPLOY_JSON, ENCODER_FILE, HEAD_FILE, SCRIPT_FILE, SCRIPT_TEMPLATE, export_deployment
+from evaluate.deploy.export import DEPLOY_JSON, ENCODER_FILE, HEAD_FILE, SCRIPT_FILE, SCRIPT_TEMPLATE, export_deployment
 from extract.onnx_engine import OnnxEngineError
 from extract.pyramid import MIN_IMAGE_SIDE, BadImageError, load_rgb, pyramid_pixels
 from pipeline import cli
@@ -168,7 +168,7 @@ def test_head_graph_that_does_not_match_torch_leaves_the_deployment_unchanged(de
                                                                               user_cache_dir, monkeypatch):
     deploy_dir = deployment[0]
     before = {path.name: path.read_bytes() for path in deploy_dir.iterdir()}
-    monkeypatch.setattr("evaluate.export.PARITY_TOLERANCE", 0.0)  # float32 rounding alone now fails
+    monkeypatch.setattr("evaluate.deploy.export.PARITY_TOLERANCE", 0.0)  # float32 rounding alone now fails
     with pytest.raises(OnnxEngineError, match="does not match the torch head.*Nothing in .* was changed"):
         export_deployment(load_checkpoint(run_dir), deploy_dir, tiny_backbone, onnx_cache_root=user_cache_dir / "onnx")
     assert {path.name: path.read_bytes() for path in deploy_dir.iterdir()} == before

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from cache import CacheError, N_CROPS, read_cache
-from cache.store import CACHE_JSON
-from evaluate.export import DEPLOY_JSON, SCRIPT_FILE
+from cache.format import CACHE_JSON
+from evaluate.deploy.export import DEPLOY_JSON, SCRIPT_FILE
 from extract import int8_engine
 from extract.engine_bench import EngineTimes, vit_macs_per_image
 from extract.engines import INT8_PRECISION
@@ -390,7 +390,7 @@ def test_bench_commands_compare_the_engines(tiny_int8, user_cache_dir):
 
 
 def test_winclip_is_timed_as_the_reference(tiny_backbone, tiny_int8):
-    from evaluate.bench import WINCLIP, compare_predict
+    from evaluate.deploy.bench import WINCLIP, compare_predict
     times = compare_predict({"onnx-int8": tiny_int8}, images=1, size=64, rounds=1, winclip_backbone=tiny_backbone)
     assert times.reference == WINCLIP and set(times.seconds) == {"onnx-int8", WINCLIP}
     # (predict's figure is a difference of two timings: on the tiny model it is noise around zero)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from train.config import make_config
-from train.loss import (adaptive_margin, category_weights, center_terms, contrastive_terms, difficulty_weights,
-                        image_r_max, initial_loss_state, loss_hyperparameters, maccl_step, margin_terms,
-                        resolution_penalty, state_margins, updated_state)
+from train.loss import (category_weights, contrastive_terms, image_r_max, initial_loss_state, loss_hyperparameters,
+                        maccl_step, resolution_penalty, state_margins, updated_state)
+from train.loss_terms import adaptive_margin, center_terms, difficulty_weights, margin_terms
 
 
 def _state(sigma=0.0, center=(0.0, 0.0), categories=1):

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from evaluate.metrics import (average_precision, bootstrap_auroc_ci, f1_max, image_auroc,
-                              paired_bootstrap_auroc_difference, weighted_pixel_auroc)
+from evaluate.metrics import (average_precision, bootstrap_auroc_ci, image_auroc, paired_bootstrap_auroc_difference,
+                              weighted_pixel_auroc)
+from train.thresholds import f1_max
 from evaluate.results import RESULTS_JSON, ScoredRun, config_entry, mean_std, write_results
 
 LABELS = [0, 0, 1, 1]

@@ -14,7 +14,8 @@ from train.fit import fit, fit_runs
 from train.infer import score_rows
 from train.loss import initial_loss_state, loss_hyperparameters, loss_step, maccl_step, resolution_penalty
 from train.original_loss import original_category_weights, original_initial_state, original_step
-from train.sweep import grid_configurations, run_sweep
+from evaluate.sweep import run_sweep
+from train.sweep import grid_configurations
 
 
 def _hp(**overrides):

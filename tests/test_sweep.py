@@ -15,7 +15,8 @@ from train.checkpoint import load_checkpoint
 from train.config import make_config
 from train.fit import fit, fit_runs, group_key
 from train.infer import score_rows
-from train.sweep import grid_configurations, plan_passes, run_sweep, summary_markdown
+from evaluate.sweep import run_sweep, summary_markdown
+from train.sweep import grid_configurations, plan_passes
 
 TINY = dict(epochs=1, hidden_dim=32, attn_dim=8, feature_dim=16)
 SMALL = dict(epochs=3, lr=1e-3, hidden_dim=32, attn_dim=8, feature_dim=16)

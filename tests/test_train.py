@@ -12,10 +12,11 @@ from pipeline import cli
 from train.checkpoint import check_cache, load_checkpoint
 from train.config import TrainConfig, make_config
 from train.fit import fit, write_run
-from train.infer import calibrate_thresholds, score_rows, score_table, text_score
+from train.infer import score_rows, score_table, text_score
+from train.thresholds import calibrate_thresholds
 from train.model import RAMLHead, attend
 from train.split import heldout_counts, holdout_split, image_list_hash, rows_for
-from train.synthetic import write_synthetic_cache
+from cache.synthetic import write_synthetic_cache
 
 SEPARABLE = {"bottle": (60, 20, 20, 900), "metal_nut": (60, 20, 20, 700)}
 QUICK = dict(epochs=6, lr=1e-3, hidden_dim=64, attn_dim=16, feature_dim=32)  # a larger lr: seconds, not minutes
@@ -202,7 +203,7 @@ def test_a_category_with_one_class_has_no_threshold_of_its_own():
 
 
 def test_a_format_1_checkpoint_with_one_threshold_still_loads(tmp_path, trained):
-    from evaluate.predict import threshold_for, threshold_note
+    from evaluate.deploy.predict import threshold_for, threshold_note
     path = write_run(tmp_path / "run", trained)
     payload = torch.load(path, weights_only=True)
     payload["format"] = 1

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from evaluate.baseline import run_winclip
-from evaluate.winclip import (ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, WinClip, compositional_prompts,
+from evaluate.baselines.winclip_run import run_winclip
+from evaluate.baselines.winclip import (ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, WinClip, compositional_prompts,
                               harmonic_aggregation, window_embeddings, window_masks)
 
 

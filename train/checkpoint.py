@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from cache import CacheError, mismatched_fields
-from cache.store import FINGERPRINT_KEYS, atomic_write, fingerprint_field
+from cache.files import atomic_write
+from cache.format import FINGERPRINT_KEYS, fingerprint_field
 from train.config import TrainConfig
 from train.model import RAMLHead, build_head
 
@@ -38,7 +39,7 @@ class Checkpoint:
 
     ``thresholds`` is ``train.infer.calibrate_thresholds``'s output: per category, the F1-max
     threshold of s_final (with the config's visual/text weights) on the calibration images with
-    its precision and recall there, and a pooled threshold; ``evaluate.predict.threshold_for``
+    its precision and recall there, and a pooled threshold; ``evaluate.deploy.predict.threshold_for``
     picks one. Calibrated on training images, they are optimistic; ``evaluate`` reports how they
     do on the held-out images.
     """

@@ -40,11 +40,12 @@ import torch
 from torch.func import functional_call, vmap
 
 from cache import FeatureTable, UserError
-from cache.store import atomic_write_text
+from cache.files import atomic_write_text
 from extract.encoder import resolve_device
 from train.checkpoint import save_checkpoint
 from train.config import TrainConfig
-from train.infer import calibrate_thresholds, score_rows, text_tokens
+from train.infer import score_rows, text_tokens
+from train.thresholds import calibrate_thresholds
 from train.loss import (STEP_STATS, TERMS, image_r_max, initial_loss_state, loss_hyperparameters, loss_step,
                         resolution_penalty, state_margins, weights_of)
 from train.model import RAMLHead, build_head

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cache import CacheError, FeatureTable, UserError
+from cache import CacheError, FeatureTable
 from train.config import TrainConfig
 
 CLIP_LOGIT_SCALE = 100.0
@@ -93,65 +93,3 @@ def score_table(checkpoint, table: FeatureTable, visual_weight=None, text_weight
                       device=device)
 
 
-CALIBRATION_SET = ("the run's own training images of the category (optimistic: the head was fitted on them; "
-                   "held-out images are never used, they are what evaluate scores)")
-
-
-def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
-    """Precision, recall and F1 of "anomalous when score ≥ threshold" on these images (None where
-    undefined: precision when nothing is flagged, recall without anomalous images)."""
-    flagged = scores >= threshold
-    true_positives = int((flagged & (labels == 1)).sum())
-    precision = true_positives / int(flagged.sum()) if flagged.any() else None
-    recall = true_positives / int((labels == 1).sum()) if (labels == 1).any() else None
-    f1 = None if precision is None or recall is None else (
-        2 * precision * recall / (precision + recall) if precision + recall else 0.0)
-    return {"threshold": float(threshold), "precision": precision, "recall": recall, "f1": f1,
-            "normal": int((labels == 0).sum()), "anomalous": int((labels == 1).sum())}
-
-
-def calibrate_thresholds(labels, scores, categories) -> dict:
-    """Decision thresholds of s_final, one per category, fitted on the calibration images given.
-
-    Each category's threshold is its F1-max threshold (``evaluate.metrics.f1_max``: anomalous
-    when score ≥ threshold), stored with its precision, recall and F1 on those images and their
-    class counts. A category with one class only has no F1-max (``threshold`` None, with the
-    reason); the ``pooled`` threshold (F1-max over all the images) is what ``predict`` uses for it
-    and for categories the run was not trained on. ``fit`` calls this on the training images
-    (``CALIBRATION_SET`` says why those).
-
-    Returns ``{"set", "rule", "pooled": {...}, "categories": {category: {...}}}``.
-    """
-    from evaluate.metrics import f1_max
-    labels, scores, categories = np.asarray(labels).astype(int), np.asarray(scores, float), np.asarray(categories)
-    if len(np.unique(labels)) < 2:
-        raise UserError("calibrating a threshold needs both normal and anomalous images")
-    per_category = {}
-    for category in sorted(set(categories.tolist())):
-        here = categories == category
-        if len(np.unique(labels[here])) < 2:
-            only = "anomalous" if labels[here][0] else "normal"
-            per_category[category] = {"threshold": None, "normal": int((labels[here] == 0).sum()),
-                                      "anomalous": int((labels[here] == 1).sum()),
-                                      "reason": f"only {only} calibration images: no F1-max; the pooled threshold "
-                                                "applies"}
-            continue
-        per_category[category] = operating_point(labels[here], scores[here], f1_max(labels[here], scores[here])[1])
-    return {"set": CALIBRATION_SET, "rule": "F1-max of s_final, anomalous when s_final >= threshold",
-            "pooled": operating_point(labels, scores, f1_max(labels, scores)[1]), "categories": per_category}
-
-
-def threshold_lines(calibration: dict) -> list[str]:
-    """The calibration as lines for a terminal: each category's threshold with its precision and
-    recall on the calibration images, and the pooled threshold."""
-    lines = [f"thresholds ({calibration['rule']}; calibrated on {calibration['set']}):"]
-    for name, point in [*calibration["categories"].items(), ("(pooled)", calibration["pooled"])]:
-        counts = f"{point.get('normal', '?')} normal, {point.get('anomalous', '?')} anomalous"
-        if point.get("threshold") is None:
-            lines.append(f"  {name:<14} –       ({counts}): {point['reason']}")
-        elif "precision" in point:
-            lines.append(f"  {name:<14} {point['threshold']:.4f}  precision {point['precision']:.3f}  "
-                         f"recall {point['recall']:.3f}  ({counts})")
-        else:
-            lines.append(f"  {name:<14} {point['threshold']:.4f}")
-    return lines

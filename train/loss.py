@@ -31,12 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from train.loss_terms import adaptive_margin, center_terms, difficulty_weights, margin_terms
+from train.original_loss import original_category_weights, original_initial_state, original_step
+
 TERMS = ("loss", "center", "margin", "contrastive", "bce")
-
-
-def adaptive_margin(margin_base, lambda_sigma, sigma, lambda_res, resolution_penalty):
-    """m = m_base + λ_σ·σ + λ_res·penalty (works on floats and tensors)."""
-    return margin_base + lambda_sigma * sigma + lambda_res * resolution_penalty
 
 
 def resolution_penalty(input_size: int, r_max) -> np.ndarray:
@@ -61,29 +59,6 @@ def image_r_max(height, width, category, mode) -> np.ndarray:
     return np.full(len(size), float(mode))
 
 
-def difficulty_weights(category_loss: torch.Tensor, seen: torch.Tensor, scale=0.5, low=0.5, high=2.0):
-    """w_cat = 1 + scale·(L_cat − L_global)/L_global, clipped to [low, high] (SPEC §6).
-
-    ``category_loss`` [C] holds the per-category loss EMAs; L_global is their mean over the
-    categories ``seen`` so far. Unseen categories get weight 1.
-    """
-    seen = seen.to(category_loss.dtype)
-    global_loss = (category_loss * seen).sum() / seen.sum().clamp(min=1)
-    relative = (category_loss - global_loss) / global_loss.clamp(min=1e-12)
-    weights = (1 + scale * relative).clamp(low, high)
-    return torch.where(seen > 0, weights, torch.ones_like(weights))
-
-
-def center_terms(features, normal, center):
-    """Per image ‖f − c‖² for normal images, 0 for anomalous ones."""
-    return (features - center).pow(2).sum(dim=1) * normal
-
-
-def margin_terms(features, anomalous, center, margins):
-    """Per image relu(m − ‖f − c‖) for anomalous images, 0 for normal ones."""
-    return F.relu(margins - (features - center).norm(dim=1)) * anomalous
-
-
 def contrastive_terms(features, labels, temperature):
     """Supervised contrastive loss (Khosla et al. 2020) per anchor; 0 for an anchor without positives.
 
@@ -99,7 +74,6 @@ def contrastive_terms(features, labels, temperature):
     return terms, (count > 0).to(features.dtype)
 
 
-LOSS_STATE = ("center", "sigma", "difficulty", "difficulty_seen")
 # Per-step statistics a loss step returns: TERMS, then two counts for "Watch the margin": the
 # batch's anomalous images whose distance to the center is below their margin, and all its
 # anomalous images. While the hinge is active its gradient does not depend on m, so two margin
@@ -127,7 +101,6 @@ def initial_loss_state(config, normal_features: torch.Tensor, n_categories: int)
     whole training set under the initial head (so the first batch already has a meaningful
     center), no category loss seen yet; for ``original``, the original release's start."""
     if config.loss_variant == "original":
-        from train.original_loss import original_initial_state
         return original_initial_state(normal_features.shape[1], n_categories, normal_features.device)
     _, sigma, _ = _normal_spread(normal_features, torch.ones_like(normal_features[:, 0]))
     return {"center": normal_features.mean(dim=0), "sigma": sigma,
@@ -189,7 +162,6 @@ def bce_only_step(features, logits, labels, category, resolution_penalty, state:
 def weights_of(config):
     """The function ``(state, hp) → [C]`` difficulty weights of ``config``'s loss variant."""
     if config.loss_variant == "original":
-        from train.original_loss import original_category_weights
         return original_category_weights
     return category_weights
 
@@ -199,7 +171,6 @@ def loss_step(config):
     if config.loss == "bce":
         return bce_only_step
     if config.loss_variant == "original":
-        from train.original_loss import original_step
         return original_step
     return maccl_step
 

@@ -1,5 +1,5 @@
-"""Sweeps: train every (configuration × seed) on one cache, in as few passes as possible, and
-tabulate held-out image AUROC with ``evaluate``'s own aggregation.
+"""Sweeps, the training half: train every (configuration × seed) on one cache, in as few passes as
+possible. Scoring the runs and the summary table are evaluate/sweep.py's.
 
 A sweep is a set of named configurations (``TrainConfig`` overrides, e.g. the margin presets, or a
 grid over ``--vary lr=...``), each trained once per seed. Runs that share every setting that
@@ -12,11 +12,6 @@ last: a run directory with ``metrics.json`` is finished, and a re-run reuses it 
 trained with the same config, on a cache with the same fingerprint, and held out the same images
 (anything else is refused with the difference named). A pass writes its runs when it ends: a sweep
 killed mid-pass keeps every finished run and retrains the runs of the unfinished pass.
-
-When every run is there, the sweep scores them exactly as ``evaluate`` does (``OUT/results/``:
-results.json, scores.csv) and writes ``OUT/summary.json`` and ``OUT/summary.md`` from those results:
-mean ± sample std (ddof = 1) over seeds, with n, per configuration and per category, so that the
-sweep's table and ``evaluate``'s are the same numbers.
 """
 from __future__ import annotations
 
@@ -33,7 +28,6 @@ from train.fit import GROUP_FIELDS, fit_runs, group_key, write_json, write_run
 from train.split import holdout_split
 
 METRICS_FILE = "metrics.json"
-RESULTS_DIR = "results"
 
 
 def peak_memory_mb() -> float:
@@ -131,10 +125,11 @@ def describe_pass(runs: dict[str, TrainConfig]) -> str:
     return f"{len(runs)} runs ({', '.join(runs)}); shared: {shared}"
 
 
-def run_sweep(table: FeatureTable, configurations: dict[str, dict], seeds, out_dir, jobs: int = 1,
-              threads: int | None = 1, device: str = "cpu", progress=None, n_resamples: int = 1000) -> dict:
-    """Train the missing runs of ``configurations`` × ``seeds`` (see the module docstring), score
-    them all with ``evaluate``'s code, write and return the summary.
+def train_missing(table: FeatureTable, configurations: dict[str, dict], seeds, out_dir, jobs: int = 1,
+                  threads: int | None = 1, device: str = "cpu", progress=None) -> tuple[dict, list]:
+    """Train the runs of ``configurations`` × ``seeds`` that are not finished in ``out_dir`` (see the
+    module docstring). Returns ``(runs, passes)``: run name → (configuration, ``TrainConfig``), and
+    the names of the runs of each pass trained now.
 
     ``configurations``: name → ``TrainConfig`` overrides (``grid_configurations`` builds them).
     ``jobs`` passes run in parallel worker processes of ``threads`` torch threads each.
@@ -165,63 +160,4 @@ def run_sweep(table: FeatureTable, configurations: dict[str, dict], seeds, out_d
         seconds = next(iter(metrics.values()))["pass_seconds"]
         say(f"sweep: pass {number}/{len(passes)} done: {len(metrics)} runs in {seconds:.1f} s of training "
             f"({len(finished)}/{len(runs)} runs finished)")
-    summary = summarise_runs(table, configurations, runs, out_dir, n_resamples, say)
-    summary["passes"] = [sorted(group) for group in passes]
-    write_json(out_dir / "summary.json", summary)
-    (out_dir / "summary.md").write_text(summary_markdown(summary))
-    return summary
-
-
-def summarise_runs(table: FeatureTable, configurations: dict, runs: dict, out_dir: Path, n_resamples: int,
-                   say) -> dict:
-    """Score every run with ``evaluate`` (holdout protocol) and condense its entries."""
-    from evaluate.run import evaluate_checkpoints
-    run_dirs = [out_dir / name for name in runs]
-    _, entries = evaluate_checkpoints(run_dirs, table.cache_dir, out_dir / RESULTS_DIR, protocol="holdout",
-                                      n_resamples=n_resamples, log=say, table=table)
-    first = next(iter(entries.values()))
-    configurations_summary = {}
-    for name in configurations:
-        entry = entries[name]
-        configurations_summary[name] = {
-            "seeds": entry["seeds"],
-            "mean_auroc": entry["auroc_over_seeds"],
-            "categories": {c: stats["auroc_over_seeds"] for c, stats in entry["categories"].items()},
-            "anomalous_inside_margin": entry.get("anomalous_inside_margin"),
-            "config": {key: value for key, value in entry.get("config", {}).items() if key != "seed"},
-        }
-    return {"metric": "held-out image AUROC of s_final, % (mean over categories per run); mean ± sample std "
-                      "(ddof = 1) over seeds, n seeds",
-            "cache_dir": str(table.cache_dir), "backbone": first["backbone"], "weights": first["weights"],
-            "random_weights": first["random_weights"], "heldout_hash": first["protocol"]["image_list_hash"],
-            "heldout_images": first["protocol"]["n_images"], "results": str(out_dir / RESULTS_DIR),
-            "configurations": configurations_summary}
-
-
-def _cell(stats: dict | None) -> str:
-    if not stats or stats["mean"] is None:
-        return "–"
-    std = f" ± {stats['std']:.2f}" if stats["std"] is not None else ""
-    return f"{stats['mean']:.2f}{std} (n={stats['n']})"
-
-
-def summary_markdown(summary: dict) -> str:
-    """The summary as two Markdown tables (AUROC in %, mean ± sample std over seeds, n)."""
-    names = list(summary["configurations"])
-    lines = [f"# Sweep: {summary['metric']}", "",
-             f"Cache `{summary['cache_dir']}` (backbone {summary['backbone']}, weights {summary['weights']}), "
-             f"holdout protocol, {summary['heldout_images']} held-out images "
-             f"(hash {summary['heldout_hash'][:12]}). Per-image scores and CIs: `{summary['results']}`.", ""]
-    if summary["random_weights"]:
-        lines += ["**These features come from random weights: the numbers below are meaningless.**", ""]
-    lines += ["| configuration | seeds | AUROC % | anomalous inside margin |", "|---|---|---|---|"]
-    for name, entry in summary["configurations"].items():
-        inside = entry.get("anomalous_inside_margin")
-        lines.append(f"| {name} | {len(entry['seeds'])} | {_cell(entry['mean_auroc'])} | "
-                     f"{'–' if inside is None else f'{inside:.2f}'} |")
-    categories = sorted({c for entry in summary["configurations"].values() for c in entry["categories"]})
-    lines += ["", "| category | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for category in categories:
-        cells = [_cell(summary["configurations"][name]["categories"].get(category)) for name in names]
-        lines.append(f"| {category} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return runs, [sorted(group) for group in passes]

@@ -11,7 +11,7 @@
                            each category's threshold (with its precision and recall on the
                            calibration images), score weights, and the backbone and checkpoint it
                            came from
-          predict_onnx.py  the standalone scorer (a copy of ``evaluate/predict_onnx.py``)
+          predict_onnx.py  the standalone scorer (a copy of ``evaluate/deploy/predict_onnx.py``)
 
 s_final = visual_weight·visual + text_weight·text is left to the script, with deploy.json's
 weights, so that the weights live in one place. Like the encoder, the head graph is compared with
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from cache import CROP_LAYOUT, N_CROPS, UserError
-from cache.store import atomic_write, atomic_write_text
-from evaluate.predict import check_backbone, threshold_for, threshold_note
+from cache.files import atomic_write, atomic_write_text
+from evaluate.deploy.predict import check_backbone, threshold_for, threshold_note
 from extract.identity import file_sha256
 from extract.int8_engine import FIDELITY_SAMPLE, QUANTISATION, int8_backbone
 from extract.onnx_engine import PARITY_TOLERANCE, OnnxEngineError, onnx_image_encoder
@@ -155,7 +155,7 @@ def _verified_encoder(checkpoint, backbone, precision: str, categories: list, te
     if sample_dataset is None:
         raise UserError("export --precision int8 first checks the int8 encoder against fp32 on your own images: "
                         "pass --dataset (and --root) with images of the exported categories")
-    from evaluate.int8_check import check_for_export
+    from evaluate.deploy.int8_check import check_for_export
     int8 = int8_backbone(backbone, cache_root=onnx_cache_root)
     fidelity = check_for_export(int8, *sample_dataset, checkpoint, categories, text, fidelity_sample)
     encoder = int8.image_encoder

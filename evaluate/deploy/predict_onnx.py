@@ -10,7 +10,7 @@ file that cannot be scored gets an ERROR line and the exit status is 1. The depl
 The one deliberate copy of RAML code: ``load_rgb`` and ``pyramid_pixels`` restate
 extract/pyramid.py, because a deployment cannot import the package. tests/test_export.py checks
 that both give identical pixels and that this script reproduces ``predict``'s scores.
-(``export`` copies this file unchanged from evaluate/predict_onnx.py in the RAML repository.)
+(``export`` copies this file unchanged from evaluate/deploy/predict_onnx.py in the RAML repository.)
 """
 import argparse
 import json

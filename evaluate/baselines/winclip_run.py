@@ -68,11 +68,11 @@ def run_winclip(dataset: str, root, out_dir, backbone_loader, *, protocol: str =
     """Score the chosen images with WinCLIP; write results.json, scores.csv, anomaly_maps.npz.
 
     ``image_score``: ``global`` (the paper's zero-shot rule, default) or ``global+map``
-    (``evaluate.winclip.IMAGE_SCORES``); the results record which, and name the configuration
+    (``evaluate.baselines.winclip.IMAGE_SCORES``); the results record which, and name the configuration
     "WinCLIP zero-shot" or "WinCLIP zero-shot (global+map)". ``maps`` (a key of ``MAPS``) says
     which images get a map; the image scores of the ``global`` rule do not depend on it.
     """
-    from evaluate.winclip import IMAGE_SCORES, WINDOW_SIZES, WinClip, compositional_prompts
+    from evaluate.baselines.winclip import IMAGE_SCORES, WINDOW_SIZES, WinClip, compositional_prompts
 
     root, records = read_dataset(dataset, root, categories)
     records, image_list = dataset_images(protocol, records, {"kind": dataset, "root": str(root)}, split_from)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import UserError
-from evaluate.predict import check_backbone, feature_table
+from evaluate.deploy.predict import check_backbone, feature_table
 from extract.identity import file_sha256
 from extract.int8_engine import (FIDELITY_RECORD, FIDELITY_SAMPLE, Fidelity, image_crops, measure_fidelity,
                                  read_records, require_fidelity, write_record)

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from evaluate.predict import backbone_fingerprint, predict_files
+from evaluate.deploy.predict import backbone_fingerprint, predict_files
 from extract.bench import synthetic_images
 from extract.engine_bench import EngineTimes, model_label, time_rounds, vit_macs_per_image
 
@@ -65,8 +65,8 @@ def compare_predict(backbones: dict, *, images: int, size: int, rounds: int, win
 
 def _winclip_per_image(backbone, paths: list[Path]):
     """A function timing WinCLIP's per-image work on ``paths``, as ``baseline winclip`` does it."""
-    from evaluate.baseline import whole_image_pixels
-    from evaluate.winclip import WinClip
+    from evaluate.baselines.winclip_run import whole_image_pixels
+    from evaluate.baselines.winclip import WinClip
     from extract.pyramid import load_rgb
 
     winclip = WinClip(backbone)

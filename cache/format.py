@@ -1,0 +1,184 @@
+"""What a cache is: the directory's files, a shard's datasets, the fingerprint, the shard names.
+
+A cache is a directory::
+
+    cache.json                  fingerprint of the backbone that wrote it (see ``fingerprint``)
+    features-000of001-00000.h5  finalised shards (any number, from any number of processes)
+    features-*.h5.partial       a shard being written; never read
+    extract-000of001.lock       the lock of one writer slot, (cache, shard i/n): see ``cache.lock``
+
+Each shard holds, for its images (one row each):
+
+    features     [N, 21, D] float16  L2-normalised CLIP image embeddings of the 21 crops
+                                     (crop order: ``CROP_LAYOUT`` — global, 2x2, 4x4, row-major)
+    label        [N] int8            0 normal, 1 anomalous
+    category, defect_type, relpath, split   [N] utf-8 strings (relpath relative to the dataset root)
+    mask_relpath [N] utf-8           "" when there is no mask
+    height, width [N] int32          original image size in pixels
+    text/<category>/normal, text/<category>/anomalous   [P, D] float32, L2-normalised prompt embeddings
+    skipped/relpath, skipped/reason  files that ``--skip-bad`` left out
+
+and, as attributes, the cache fingerprint, ``engine`` (which image encoder wrote it) and
+``xxh3_64``, the checksum of every dataset (``cache.checks``). ``cache.writer`` writes shards,
+``cache.reader`` reads a cache back as one table.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from cache.errors import CacheError
+from cache.files import create_exclusively
+
+FORMAT_VERSION = 1
+CROP_LAYOUT = ((1, 1), (2, 2), (4, 4))  # (rows, cols) per scale: 1 + 4 + 16 = 21 crops
+N_CROPS = sum(rows * cols for rows, cols in CROP_LAYOUT)
+SCALE_SLICES = (slice(0, 1), slice(1, 5), slice(5, 21))  # rows of ``features`` for each scale
+CHECKSUM_ATTRIBUTE = "xxh3_64"   # shard attribute: {dataset name: XXH3-64 of its bytes}
+CACHE_JSON = "cache.json"
+SHARD_SUFFIX = ".h5"
+PARTIAL_SUFFIX = ".h5.partial"
+KNOWN_SPLITS = ("train", "test")
+
+# The fields of the fingerprint that must agree for two sets of features to be comparable.
+FINGERPRINT_KEYS = ("backbone", "model_config", "weights", "random_weights", "input_size", "embed_dim",
+                    "normalisation", "crop_layout", "preprocessing", "precision")
+# What a cache written before a field existed was made with: such caches stay valid.
+FINGERPRINT_DEFAULTS = {
+    "preprocessing": "pil-bicubic",   # tiles resized by PIL (bicubic) on the CPU, float32 normalisation
+    "precision": "fp32",              # the image encoder's numeric precision (int8: a quantised encoder)
+}
+# Fields with no default are "not recorded" (``None``) where they are missing: ``model_config``
+# (the SHA-256 of the resolved open_clip config; caches before it recorded the config's name only)
+# and, in checkpoints written before them, ``model_config`` and ``normalisation``. See
+# ``mismatched_fields`` for what an unrecorded field matches.
+STRING_COLUMNS = ("category", "defect_type", "relpath", "split", "mask_relpath")
+NUMERIC_COLUMNS = ("label", "height", "width")
+_SLOT_OF_NAME = re.compile(r"^features-(\d+)of(\d+)-\d+" + re.escape(PARTIAL_SUFFIX) + "$")
+
+
+def fingerprint(*, backbone, weights, random_weights, input_size, embed_dim, code_version,
+                dataset, prompts, mean, std, model_config=None, preprocessing=FINGERPRINT_DEFAULTS["preprocessing"],
+                precision=FINGERPRINT_DEFAULTS["precision"]) -> dict:
+    """Describe the features of a cache. Only ``FINGERPRINT_KEYS`` must match to add images.
+
+    ``model_config`` identifies the architecture by content ("sha256:..." of the resolved open_clip
+    config, see ``extract.identity``); ``None`` where there is none (synthetic caches).
+    """
+    return {
+        "format_version": FORMAT_VERSION,
+        "backbone": backbone,
+        "model_config": model_config,
+        "weights": weights,
+        "random_weights": bool(random_weights),
+        "input_size": int(input_size),
+        "embed_dim": int(embed_dim),
+        "crop_layout": [list(grid) for grid in CROP_LAYOUT],
+        "preprocessing": preprocessing,
+        "precision": precision,
+        "normalisation": {"mean": list(mean), "std": list(std)},
+        "prompts": prompts,
+        "code_version": code_version,
+        "dataset": dataset,
+    }
+
+
+def fingerprint_field(meta: dict, key: str):
+    """``meta[key]``, or the value a cache written before ``key`` existed was made with
+    (``None``: not recorded)."""
+    return meta.get(key, FINGERPRINT_DEFAULTS.get(key))
+
+
+def mismatched_fields(a: dict, b: dict, *, unrecorded_matches: bool = True) -> list[str]:
+    """Names of fingerprint fields on which two caches (or a cache and a checkpoint) disagree.
+
+    With ``unrecorded_matches`` (the default, for reading), a field that one side did not record
+    matches anything, so that caches and checkpoints written before the field existed are still
+    read and scored as before; every recorded field must still agree. Adding features to a cache
+    (``claim_cache``) and reading its shards pass ``False``: there, an unrecorded field is a
+    difference.
+    """
+    bad = []
+    for key in FINGERPRINT_KEYS:
+        mine, theirs = fingerprint_field(a, key), fingerprint_field(b, key)
+        if mine != theirs and not (unrecorded_matches and (mine is None or theirs is None)):
+            bad.append(key)
+    return bad
+
+
+def read_fingerprint(cache_dir: Path) -> dict | None:
+    path = Path(cache_dir) / CACHE_JSON
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CacheError(f"{path}: not valid JSON ({err}); was it edited by hand?") from err
+
+
+def claim_cache(cache_dir: Path, meta: dict, *, create: bool = True) -> bool:
+    """Check that features described by ``meta`` may be added to the cache; refuse a different
+    backbone. ``create``: create the cache if there is none. Returns whether the cache exists.
+
+    ``cache.json`` is created exclusively (a hard link of a complete temporary file), so that of two
+    writers starting at once on a new cache one creates it and the other is checked against it.
+    """
+    cache_dir = Path(cache_dir)
+    path = cache_dir / CACHE_JSON
+    if not path.exists():
+        if not create:
+            return False
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        create_exclusively(path, json.dumps(meta, indent=2))
+    existing = read_fingerprint(cache_dir)
+    if fingerprint_field(existing, "model_config") is None and meta.get("model_config") is not None:
+        raise CacheError(
+            f"{cache_dir} was written before RAML recorded the content of the model config ({path} has "
+            "no model_config, only the config's name), so this run cannot prove that its features come from "
+            "the same architecture. train and evaluate still read this cache; to add images to it, extract "
+            "them into a new --cache-dir.")
+    bad = mismatched_fields(existing, meta, unrecorded_matches=False)
+    if bad:
+        details = "; ".join(f"{k}: cache has {existing.get(k)!r}, this run {meta.get(k)!r}" for k in bad)
+        raise CacheError(
+            f"{cache_dir} holds features from another backbone ({details}). Features from "
+            "different backbones cannot be mixed: choose another --cache-dir.")
+    return True
+
+
+def slot_prefix(shard_index: int, shard_count: int) -> str:
+    """The name prefix of the shards of writer slot ``shard_index``/``shard_count``."""
+    return f"features-{shard_index:03d}of{shard_count:03d}-"
+
+
+def shard_paths(cache_dir: Path) -> list[Path]:
+    return sorted(Path(cache_dir).glob(f"features-*{SHARD_SUFFIX}"))
+
+
+def partial_shards(cache_dir: Path) -> list[Path]:
+    """``*.h5.partial`` files: shards being written, or left behind by a killed writer."""
+    return sorted(Path(cache_dir).glob(f"features-*{PARTIAL_SUFFIX}"))
+
+
+def slot_of_partial(path: Path) -> tuple[int, int] | None:
+    """(shard index, shard count) of the writer slot a partial shard belongs to."""
+    match = _SLOT_OF_NAME.match(Path(path).name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def next_shard_path(cache_dir: Path, shard_index: int, shard_count: int) -> Path:
+    """``features-{i}of{n}-{seq}.h5``: the prefix keeps the writer slots apart; within a slot the
+    slot's lock (``cache.lock.WriterSlot``) keeps a second writer out."""
+    prefix = slot_prefix(shard_index, shard_count)
+    taken = [int(p.name[len(prefix):-len(SHARD_SUFFIX)]) for p in Path(cache_dir).glob(f"{prefix}*{SHARD_SUFFIX}")]
+    return Path(cache_dir) / f"{prefix}{max(taken, default=-1) + 1:05d}{SHARD_SUFFIX}"
+
+
+def printable(text: str) -> str:
+    """``text`` with the undecodable bytes of a file name (Python's surrogate escapes) written as
+    ``\\xNN``: what RAML shows and stores for a name that is not valid UTF-8."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:   # a surrogate that no file name decodes to: show it as \\udNNN
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -1,0 +1,172 @@
+"""Reading a cache back: every finalised shard as one ``FeatureTable``, checked.
+
+``read_cache`` verifies every shard's checksums and validates what it loads (``cache.checks``);
+a shard that fails is named with the reason and the fix (delete it and re-run extract). Shards
+written before checksums existed are validated only.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from cache.checks import checksum_problem, shard_problem
+from cache.errors import CacheError
+from cache.format import (CACHE_JSON, CHECKSUM_ATTRIBUTE, FINGERPRINT_KEYS, N_CROPS, NUMERIC_COLUMNS, STRING_COLUMNS,
+                          mismatched_fields, read_fingerprint, shard_paths)
+
+_FIX = "Delete it and re-run extract to recompute its images."   # for a shard that cannot be used
+
+
+@dataclass
+class FeatureTable:
+    """All finalised shards of a cache as one table, rows sorted by (category, relpath).
+
+    ``features`` is [N, 21, D] float16; the other columns are length-N numpy arrays.
+    ``text[category]`` holds ``{"normal": [P, D], "anomalous": [P, D]}`` float32 arrays.
+    """
+
+    features: np.ndarray
+    label: np.ndarray
+    category: np.ndarray
+    defect_type: np.ndarray
+    relpath: np.ndarray
+    split: np.ndarray
+    mask_relpath: np.ndarray
+    height: np.ndarray
+    width: np.ndarray
+    text: dict
+    meta: dict
+    engines: list
+    skipped: list  # (relpath, reason), sorted, for files that still have no features
+    cache_dir: Path
+
+    def __len__(self) -> int:
+        return len(self.relpath)
+
+    @property
+    def categories(self) -> list[str]:
+        return sorted(set(self.category.tolist()))
+
+    def keys(self) -> set[str]:
+        return set(self.relpath.tolist())
+
+    def select(self, mask: np.ndarray) -> "FeatureTable":
+        """Rows where ``mask`` (bool array or index array) holds; text and meta are shared."""
+        columns = {name: getattr(self, name)[mask] for name in ("features", "label", "height", "width",
+                                                                  *STRING_COLUMNS)}
+        return FeatureTable(**columns, text=self.text, meta=self.meta, engines=self.engines,
+                            skipped=self.skipped, cache_dir=self.cache_dir)
+
+
+def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
+    """Read every finalised shard of ``cache_dir`` as one ``FeatureTable``.
+
+    Each shard's checksums are verified and its rows validated (``rows_problem``,
+    ``text_problem``); a shard that fails raises ``CacheError`` naming it. ``with_features=False``
+    returns the index columns only (``features`` is empty), holding one shard's features at a
+    time: resuming extraction and ``info`` check every shard without the memory of the whole table.
+    """
+    cache_dir = Path(cache_dir)
+    meta = read_fingerprint(cache_dir)
+    if meta is None:
+        raise CacheError(f"{cache_dir} is not a RAML feature cache (no {CACHE_JSON}). "
+                         "Create one with: python pipeline.py extract --dataset ... --cache-dir "
+                         f"{cache_dir}")
+    parts = {name: [] for name in (("features",) if with_features else ()) + NUMERIC_COLUMNS + STRING_COLUMNS}
+    text, engines, skipped = {}, set(), {}
+    checks = []
+    # Each shard is checked in a second thread while the next one is read: the checks (XXH3,
+    # float16 norms) run in xxhash and numpy, which release the GIL, so they overlap the reading.
+    with ThreadPoolExecutor(max_workers=1) as checker:
+        for path in shard_paths(cache_dir):
+            shard = load_shard(path, meta)
+            checks.append((path, checker.submit(shard_problem, shard, meta["embed_dim"])))
+            for name in parts:
+                parts[name].append(shard.columns[name])
+            if len(shard.columns["relpath"]):
+                engines.add(shard.engine)
+            text.update(shard.text)
+            skipped.update(shard.skipped)
+    for path, check in checks:
+        problem = check.result()
+        if problem:
+            raise CacheError(f"{path}: {problem}. {_FIX}")
+    dim = meta["embed_dim"]
+    columns = {}
+    for name, chunks in parts.items():
+        if name == "features":
+            columns[name] = (np.concatenate(chunks) if chunks else np.zeros((0, N_CROPS, dim), np.float16))
+        elif name in STRING_COLUMNS:
+            columns[name] = np.concatenate(chunks) if chunks else np.array([], dtype=str)
+        else:
+            columns[name] = np.concatenate(chunks) if chunks else np.array([], dtype=np.int32)
+    if not with_features:
+        columns["features"] = np.zeros((len(columns["relpath"]), 0, 0), np.float16)
+    order = np.lexsort((columns["relpath"], columns["category"]))
+    columns = {name: values[order] for name, values in columns.items()}
+    unique, first = np.unique(columns["relpath"], return_index=True)
+    if len(unique) < len(columns["relpath"]):
+        warnings.warn(f"{cache_dir}: {len(columns['relpath']) - len(unique)} images appear in more than "
+                      "one shard (two extract runs on the same share?); keeping one copy of each.")
+        keep = np.sort(first)
+        columns = {name: values[keep] for name, values in columns.items()}
+    have = set(columns["relpath"].tolist())
+    still_skipped = sorted((p, r) for p, r in skipped.items() if p not in have)
+    return FeatureTable(**columns, text=text, meta=meta, engines=sorted(engines), skipped=still_skipped,
+                        cache_dir=cache_dir)
+
+
+@dataclass
+class LoadedShard:
+    """A shard's datasets as read by ``load_shard``, not yet checked (``shard_problem``)."""
+
+    columns: dict    # features, label, height, width and the string columns (decoded)
+    text: dict       # category → {"normal": [P, D], "anomalous": [P, D]}
+    skipped: dict    # relpath → reason
+    engine: str | None
+    encoded: dict    # every string dataset by name, as the UTF-8 bytes stored
+    checksums: dict | None   # recorded XXH3-64 by dataset name; None in shards written before them
+
+    def numeric(self) -> dict:
+        """Every numeric dataset by name, as stored."""
+        return {**{name: self.columns[name] for name in ("features", *NUMERIC_COLUMNS)},
+                **{f"text/{category}/{kind}": vectors for category, kinds in self.text.items()
+                   for kind, vectors in kinds.items()}}
+
+
+def load_shard(path: Path, meta: dict) -> LoadedShard:
+    """Read a shard's datasets; a ``CacheError`` if it is unreadable or of another backbone."""
+    try:
+        with h5py.File(path, "r") as h5:
+            shard_meta = {key: json.loads(h5.attrs[key]) for key in FINGERPRINT_KEYS if key in h5.attrs}
+            columns = {name: h5[name][...] for name in ("features", *NUMERIC_COLUMNS)}
+            text = {category: {kind: h5[f"text/{category}/{kind}"][...] for kind in ("normal", "anomalous")}
+                    for category in h5.get("text", {})}
+            encoded = {name: [value if isinstance(value, bytes) else value.encode("utf-8")
+                              for value in h5[name][...].tolist()]
+                       for name in (*STRING_COLUMNS, "skipped/relpath", "skipped/reason")}
+            engine = json.loads(h5.attrs["engine"])
+            checksums = json.loads(h5.attrs[CHECKSUM_ATTRIBUTE]) if CHECKSUM_ATTRIBUTE in h5.attrs else None
+    except (OSError, KeyError, json.JSONDecodeError) as err:   # HDF5 errors, a missing dataset, bad JSON
+        raise CacheError(f"{path}: unreadable shard ({type(err).__name__}: {err}). {_FIX}") from None
+    bad = mismatched_fields(meta, shard_meta, unrecorded_matches=False)
+    if bad:
+        raise CacheError(f"{path}: written by another backbone than {path.parent / CACHE_JSON} "
+                         f"(fields {', '.join(bad)}); move it to its own cache.")
+    shard = LoadedShard(columns=columns, text=text, skipped={}, engine=engine, encoded=encoded, checksums=checksums)
+    strings = {}
+    for name, values in encoded.items():
+        try:
+            strings[name] = np.array([value.decode("utf-8") for value in values], dtype=str)
+        except UnicodeDecodeError as err:
+            problem = checksum_problem(shard) or f"dataset {name} holds bytes that are not UTF-8 ({err})"
+            raise CacheError(f"{path}: {problem}. {_FIX}") from None
+    columns.update({name: strings[name] for name in STRING_COLUMNS})
+    shard.skipped = dict(zip(strings["skipped/relpath"].tolist(), strings["skipped/reason"].tolist()))
+    return shard

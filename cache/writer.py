@@ -1,0 +1,103 @@
+"""Writing a shard: ``write_shard``, atomically, with the checksum of every dataset.
+
+What the writer guarantees:
+
+- A shard is written to ``*.partial``, flushed, fsync'ed and renamed: a reader only ever sees
+  complete shards, so killing a writer at any point loses at most the shard in progress.
+- ``write_shard`` refuses (``AssertionError``: a bug in its caller) any row that cannot have been
+  encoded from an image: features of the wrong shape, not finite or not of unit norm, an empty
+  relpath, category or split, a label other than 0 and 1.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from cache.checks import dataset_checksum, rows_problem, strings_checksum, text_problem
+from cache.files import fsync_dir
+from cache.format import (CHECKSUM_ATTRIBUTE, N_CROPS, NUMERIC_COLUMNS, PARTIAL_SUFFIX, SHARD_SUFFIX, STRING_COLUMNS,
+                          printable)
+
+_STR = h5py.string_dtype("utf-8")
+
+
+@dataclass
+class ShardRows:
+    """What one shard holds; also the in-memory batch that extraction accumulates."""
+
+    features: list = field(default_factory=list)        # each [21, D] float16
+    records: list = field(default_factory=list)         # objects with the STRING_COLUMNS and .label
+    sizes: list = field(default_factory=list)           # (height, width)
+    skipped: list = field(default_factory=list)         # (relpath, reason)
+
+    def __len__(self) -> int:
+        return len(self.records) + len(self.skipped)
+
+
+def write_shard(path: Path, rows: ShardRows, meta: dict, text: dict, engine: str | None) -> None:
+    """Write ``rows`` to ``path`` atomically (``.partial`` → flush → fsync → rename), with checksums.
+
+    Raises ``AssertionError``, writing nothing, if a row could not have been encoded from an image
+    (see the module docstring): that is a bug in the caller, never something to store.
+    ``engine`` is ``None`` for a shard that lists skipped files only.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name[: -len(SHARD_SUFFIX)] + PARTIAL_SUFFIX)
+    n, dim = len(rows.records), meta["embed_dim"]
+    if len(rows.features) != n or len(rows.sizes) != n:
+        raise AssertionError(f"write_shard({path.name}): {len(rows.features)} feature rows and {len(rows.sizes)} "
+                             f"sizes for {n} records")
+    sizes = np.array(rows.sizes, dtype=np.int32).reshape(-1, 2)
+    columns = {
+        "features": np.stack(rows.features).astype(np.float16) if n else np.zeros((0, N_CROPS, dim), np.float16),
+        "label": np.array([r.label for r in rows.records], dtype=np.int64),
+        "height": sizes[:, 0], "width": sizes[:, 1],
+        **{column: np.array([getattr(r, column) or "" for r in rows.records], dtype=str)
+           for column in STRING_COLUMNS},
+    }
+    categories = sorted(set(columns["category"].tolist()))
+    unstorable = [printable(str(value)) for column in STRING_COLUMNS for value in columns[column]
+                  if printable(str(value)) != value]
+    problem = (rows_problem(columns, dim)
+               or (f"{unstorable[0]} is not valid UTF-8 (the caller must skip such names)" if unstorable else None)
+               or next((f"no prompt embeddings for category {c!r}" for c in categories if c not in text), None)
+               or text_problem({c: text[c] for c in categories}, dim))
+    if problem:
+        raise AssertionError(f"write_shard({path.name}): {problem}. Every row must be encoded from an image; "
+                             "this is a bug in the caller, and nothing was written.")
+    columns["label"] = columns["label"].astype(np.int8)
+    checksums = {}
+    with h5py.File(partial, "w") as h5:
+        for key, value in meta.items():
+            h5.attrs[key] = json.dumps(value)
+        h5.attrs["engine"] = json.dumps(engine)
+
+        def numeric(name, data, **options):
+            h5.create_dataset(name, data=data, **options)
+            checksums[name] = dataset_checksum(data)
+
+        def strings(name, values):
+            encoded = [value.encode("utf-8") for value in values]
+            h5.create_dataset(name, data=np.array(encoded, dtype=object), dtype=_STR)
+            checksums[name] = strings_checksum(encoded)
+
+        numeric("features", columns["features"], chunks=(min(n, 64), N_CROPS, dim) if n else None)
+        for name in NUMERIC_COLUMNS:
+            numeric(name, columns[name])
+        for name in STRING_COLUMNS:
+            strings(name, columns[name].tolist())
+        for category in categories:
+            for kind in ("normal", "anomalous"):
+                numeric(f"text/{category}/{kind}", np.asarray(text[category][kind], np.float32))
+        strings("skipped/relpath", [printable(relpath) for relpath, _ in rows.skipped])
+        strings("skipped/reason", [printable(reason) for _, reason in rows.skipped])
+        h5.attrs[CHECKSUM_ATTRIBUTE] = json.dumps(checksums)
+        h5.flush()
+        os.fsync(h5.id.get_vfd_handle())
+    os.replace(partial, path)
+    fsync_dir(path.parent)

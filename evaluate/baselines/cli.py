@@ -1,0 +1,103 @@
+"""``baseline``: the baselines' commands, scored exactly like RAML (same images, same results files)."""
+from __future__ import annotations
+
+import click
+
+from cache.cli import device_option, fail_cleanly, show_progress, with_options
+from evaluate.cli import bootstrap_options, echo_entries
+from extract.cli import load_backbone_from
+from train.cli import read_training_cache
+
+
+@click.group()
+def baseline():
+    """Baselines scored exactly like RAML (same images, same results format)."""
+
+
+@baseline.command("winclip")
+@click.option("--dataset", type=click.Choice(["mvtec", "visa", "folder", "textile"]), required=True)
+@click.option("--root", type=click.Path(file_okay=False), default=None, help="Dataset root (not for textile).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory for the results files.")
+@click.option("--split-from", type=click.Path(exists=True), default=None,
+              help="A training run: score exactly its held-out images (the holdout protocol), so that the "
+                   "baseline and the model are compared on the same images.")
+@click.option("--protocol", type=click.Choice(["official"]), default="official", show_default=True,
+              help="Without --split-from: the full official test split.")
+@click.option("--model", default="ViT-B-16-plus-240", show_default=True, help="open_clip ViT (name or config JSON).")
+@click.option("--pretrained", default="laion400m_e31", show_default=True, help="open_clip pretrained tag.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local checkpoint file (offline).")
+@click.option("--random-weights", is_flag=True, help="Seeded random weights: exercises the code; meaningless.")
+@device_option("cpu, cuda, cuda:1, ... or auto.")
+@click.option("--categories", default=None, help="Comma-separated subset.")
+@click.option("--batch-size", default=8, show_default=True, help="Images per forward pass.")
+@click.option("--workers", default=2, show_default=True, help="Parallel image-decoding processes.")
+@click.option("--image-score", type=click.Choice(["global", "global+map"]), default="global", show_default=True,
+              help="global: the global CLIP score (the paper's zero-shot rule); global+map: its mean with the "
+                   "multi-scale map's maximum (WinCLIP+'s few-shot rule).")
+@click.option("--maps", type=click.Choice(["all", "examples", "none"]), default="all", show_default=True,
+              help="Which images get the multi-scale map (its windows cost ~12 global passes): all (pixel metrics), "
+                   "examples (the few a report shows), none. The global image score does not use them.")
+@with_options(bootstrap_options)
+@fail_cleanly
+def baseline_winclip(dataset, root, out, split_from, protocol, model, pretrained, weights, random_weights, device,
+                     categories, batch_size, workers, image_score, maps, n_resamples, bootstrap_seed):
+    """Zero-shot WinCLIP (Jeong et al., CVPR 2023): prompt ensemble, 2x2/3x3 windows, harmonic aggregation."""
+    from evaluate.baselines.winclip_run import run_winclip
+    path, entries = run_winclip(
+        dataset, root, out, lambda: load_backbone_from(model, pretrained, weights, random_weights, device),
+        protocol=protocol, split_from=split_from, categories=categories.split(",") if categories else None,
+        batch_size=batch_size, workers=workers, n_resamples=n_resamples, bootstrap_seed=bootstrap_seed,
+        progress=show_progress(), image_score=image_score, maps=maps)
+    echo_entries(path, entries)
+
+
+feature_baseline_options = [
+    click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), required=True,
+                 help="Feature cache written by extract: the baseline reads only it (no CLIP)."),
+    click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory for the results files."),
+    click.option("--split-from", type=click.Path(exists=True), default=None,
+                 help="A training run: fit on its training images and score its held-out ones, so that the "
+                      "baseline shares a table with it."),
+    click.option("--split-seed", type=int, default=None,
+                 help="Without --split-from: seed of the holdout split (default: train's)."),
+    click.option("--holdout-fraction", type=float, default=None,
+                 help="Without --split-from: fraction of each category's test set held out (default: train's)."),
+    *bootstrap_options,
+]
+
+
+def feature_baseline(name, cache_dir, out, **options) -> dict:
+    """Run ``evaluate.baselines.features.run_feature_baseline`` and print its summary."""
+    from evaluate.baselines.features import run_feature_baseline
+    path, entries, result = run_feature_baseline(name, read_training_cache(cache_dir), out, **options)
+    echo_entries(path, entries)
+    return result
+
+
+@baseline.command("linear")
+@with_options(feature_baseline_options)
+@click.option("--per-category", is_flag=True, help="One logistic regression per category (default: one for all).")
+@fail_cleanly
+def baseline_linear(cache_dir, out, **options):
+    """Logistic regression (scikit-learn) on the global crop's cached embedding."""
+    feature_baseline("linear", cache_dir, out, **options)
+
+
+@baseline.command("knn-tiles")
+@with_options(feature_baseline_options)
+@fail_cleanly
+def baseline_knn_tiles(cache_dir, out, **options):
+    """Nearest normal crop per category and scale (PatchCore at crop level): trains on normal images only."""
+    result = feature_baseline("knn-tiles", cache_dir, out, **options)
+    bank, n = result["extra"]["memory_bank"], len(result["scores"]["final"])
+    click.echo(f"  memory bank: {bank['crops']} crops of {bank['normal_images']} normal images "
+               f"(largest category: {max(bank['crops_per_category'].values())} crops); scored {n} images in "
+               f"{result['seconds']:.2f} s ({1000 * result['seconds'] / n:.2f} s per 1,000 images)")
+
+
+@baseline.command("zero-shot-text")
+@with_options(feature_baseline_options)
+@fail_cleanly
+def baseline_zero_shot_text(cache_dir, out, **options):
+    """RAML's cached text score s_text alone: the zero-shot floor."""
+    feature_baseline("zero-shot-text", cache_dir, out, **options)

@@ -1,0 +1,188 @@
+"""The evaluation commands: ``evaluate``, ``report``, the studies that train and then evaluate
+(``sweep``, ``ablate``), and ``demo``. Baselines are evaluate/baselines/cli.py's, the commands
+that score new images evaluate/deploy/cli.py's.
+"""
+from __future__ import annotations
+
+import click
+
+from cache import UserError
+from cache.cli import comma_list, fail_cleanly, with_options
+from train.cli import read_training_cache, stage_two_device_option, threads_option, train_options
+
+
+bootstrap_options = [
+    click.option("--bootstrap", "n_resamples", default=1000, show_default=True,
+                 help="Bootstrap resamples for the AUROC 95 % CI."),
+    click.option("--bootstrap-seed", default=0, show_default=True, help="Seed of the bootstrap resampling."),
+]
+
+
+def echo_entries(path, entries) -> None:
+    """A one-line summary per configuration, then where the files are."""
+    for config, entry in entries.items():
+        protocol = entry["protocol"]
+        std = "" if entry["std_auroc"] is None else f" ± {entry['std_auroc']:.2f}"
+        click.echo(f"  {config}: image AUROC {entry['mean_auroc']:.2f}{std} %, AP {entry['mean_average_precision']:.2f} %, "
+                   f"F1-max {entry['mean_f1_max']:.2f} % — n = {entry['auroc_over_seeds']['n']} seed(s), {protocol['name']} protocol, "
+                   f"{protocol['n_images']} images (hash {protocol['image_list_hash'][:12]}…)"
+                   + (f", image score: {entry['image_score']}" if entry.get("image_score") else ""))
+        for category, reason in entry["not_available"].items():
+            click.echo(f"    {category}: n/a ({reason})")
+    if any(entry.get("random_weights") for entry in entries.values()):
+        click.secho("  RANDOM WEIGHTS: these numbers are NOT MEANINGFUL (the pipeline ran; nothing was measured).",
+                    fg="yellow")
+    maps = ", anomaly_maps.npz" if any("anomaly_maps" in entry for entry in entries.values()) else ""
+    click.echo(f"→ {path} (+ scores.csv{maps})")
+
+
+@click.command()
+@click.option("--checkpoint", "checkpoints", multiple=True, required=True,
+              help="A run directory (or its checkpoint.pt), or a sweep directory of runs; repeat for several. "
+                   "Runs named <config>-seed<k> are seeds of one configuration (mean ± std).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), required=True,
+              help="Feature cache to score: the training cache (holdout) or another dataset's (transfer).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory for the results files.")
+@click.option("--protocol", type=click.Choice(["holdout", "transfer", "official"]), default=None,
+              help="Default: holdout on the cache the model was trained on, transfer on any other.")
+@click.option("--visual-weight", type=float, default=None, help="Weight of s_visual (default: the checkpoint's).")
+@click.option("--text-weight", type=float, default=None, help="Weight of s_text (default: the checkpoint's).")
+@click.option("--name", default=None, help="Name of the configuration in the results (default: the run directory's).")
+@with_options(bootstrap_options)
+@stage_two_device_option
+@fail_cleanly
+def evaluate(checkpoints, cache_dir, out, protocol, visual_weight, text_weight, name, n_resamples, bootstrap_seed,
+             device):
+    """Score trained checkpoints on a cache: metrics per category, per-image scores, coarse maps.
+
+    Writes OUT/results.json (the original release's schema plus AP, F1-max, CI, seeds, protocol and
+    image-list hash), OUT/scores.csv (visual, text and final score of every image and run) and
+    OUT/anomaly_maps.npz.
+    """
+    from evaluate.run import evaluate_checkpoints
+    path, entries = evaluate_checkpoints(checkpoints, cache_dir, out, protocol=protocol, visual_weight=visual_weight,
+                                         text_weight=text_weight, n_resamples=n_resamples,
+                                         bootstrap_seed=bootstrap_seed, name=name, log=click.echo, device=device)
+    echo_entries(path, entries)
+
+
+@click.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory for report.md and the plots.")
+@fail_cleanly
+def report(results, out):
+    """Compare results files side by side: Markdown tables and PNG plots.
+
+    RESULTS are results.json files or directories searched for them. Rows are grouped by protocol
+    and dataset; rows scored on different image lists are never put in one table (refused).
+    """
+    from evaluate.report import write_report
+    path = write_report(results, out)
+    click.echo(f"report → {path}")
+
+
+@click.command()
+@click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), required=True)
+@click.option("--margins", default="adaptive,fixed,strong", show_default=True, help="Margin presets to compare.")
+@click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Training seeds (one run each).")
+@click.option("--vary", multiple=True, metavar="FIELD=V1,V2",
+              help="Another grid axis, e.g. --vary lr=1e-4,5e-5 or --vary loss_variant=raml,original; repeat for "
+                   "more. Configurations are every margin × every combination.")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Sweep directory: <configuration>-seed<k>/ per run, results/, summary.json, summary.md.")
+@click.option("--jobs", default=1, show_default=True,
+              help="Passes trained in parallel worker processes (runs that share their shapes train as one pass).")
+@threads_option
+@stage_two_device_option
+@train_options(exclude=("seed", "margin", "margin_base", "lambda_sigma", "lambda_res"))
+@fail_cleanly
+def sweep(cache_dir, margins, seeds, vary, out, jobs, threads, device, **options):
+    """Train every (configuration × seed) on one cache and tabulate held-out image AUROC (mean ± std).
+
+    Runs that differ only in per-run scalars (seed, margin, loss weights, temperature, lr, weight decay,
+    ...) are trained together as one batched pass. Re-running resumes: finished runs are not retrained.
+    All runs share --split-seed, so every number in the table is measured on the same held-out images.
+    """
+    from pathlib import Path
+
+    from train.config import MARGIN_PRESETS, parse_vary
+    from evaluate.sweep import run_sweep
+    from train.sweep import grid_configurations
+    margins, seeds = comma_list(margins), comma_list(seeds, int)
+    unknown = [m for m in margins if m not in MARGIN_PRESETS]
+    if unknown or not margins or not seeds:
+        raise UserError(f"--margins takes some of {', '.join(MARGIN_PRESETS)} (got {', '.join(unknown) or 'none'}); "
+                        "--seeds at least one integer")
+    configurations = grid_configurations(margins, parse_vary(vary), **options)
+    table = read_training_cache(cache_dir)
+    summary = run_sweep(table, configurations, seeds, out, jobs=jobs, threads=threads, device=device,
+                        progress=click.echo)
+    click.echo((Path(out) / "summary.md").read_text().rstrip())
+    click.echo(f"sweep: {len(configurations) * len(seeds)} runs → {out}/summary.json, {out}/summary.md"
+               + (" (random-weights features: meaningless)" if summary["random_weights"] else ""))
+
+
+@click.command()
+@click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), required=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Directory: runs/ (the sweep), baselines/, ablation.md, ablation.json, ablation.png.")
+@click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Training seeds of every configuration.")
+@click.option("--ablations", default=None,
+              help="Comma-separated subset of the configurations (default: all; 'full' is always needed).")
+@click.option("--baselines", default=None, help="Comma-separated subset of linear,knn-tiles,zero-shot-text "
+                                                "(default: all; 'none' for none).")
+@click.option("--jobs", default=1, show_default=True, help="Training passes run in parallel worker processes.")
+@threads_option
+@stage_two_device_option
+@with_options(bootstrap_options)
+@train_options(exclude=("seed", "margin", "margin_base", "lambda_sigma", "lambda_res", "scales", "cross_attention",
+                         "text_fusion", "tile_pool", "loss", "loss_variant", "visual_weight", "text_weight"))
+@fail_cleanly
+def ablate(cache_dir, out, seeds, ablations, baselines, jobs, threads, device, n_resamples, bootstrap_seed, **options):
+    """Train the method, each ablation of it and each baseline on one cache; one table.
+
+    Configurations: full (the method), scales-1, scales-1,2, no-cross-attention, no-text-fusion,
+    tile-pool-mean, visual-score-only (full's runs rescored with s_visual alone, not retrained),
+    bce-only, original-loss; baselines: linear, knn-tiles, zero-shot-text, all scored on the same
+    held-out images. Rows sorted by held-out AUROC, each with its
+    difference from full and a paired bootstrap CI. Re-running resumes finished runs.
+    """
+    from pathlib import Path
+
+    from evaluate.ablate import ABLATIONS, run_ablation
+    from evaluate.baselines.features import BASELINES
+    chosen_baselines = () if baselines == "none" else tuple(comma_list(baselines) if baselines else BASELINES)
+    unknown = [name for name in chosen_baselines if name not in BASELINES]
+    if unknown:
+        raise UserError(f"--baselines: unknown {', '.join(unknown)}; choose from {', '.join(BASELINES)} or none")
+    table = read_training_cache(cache_dir)
+    ablation = run_ablation(table, out, comma_list(seeds, int),
+                            ablations=tuple(comma_list(ablations)) if ablations else tuple(ABLATIONS),
+                            baselines=chosen_baselines, jobs=jobs, threads=threads, device=device,
+                            n_resamples=n_resamples, bootstrap_seed=bootstrap_seed, progress=click.echo, **options)
+    click.echo((Path(out) / "ablation.md").read_text().rstrip())
+    click.echo(f"ablate: {len(ablation['rows'])} rows → {out}/ablation.md, ablation.json, ablation.png")
+
+
+@click.command()
+@click.option("--out", type=click.Path(file_okay=False), default="demo_out", show_default=True)
+@click.option("--limit", default=None, type=int,
+              help="Textile images to use (default 146: the fewest with 15 normal and 15 anomalous held out).")
+@click.option("--epochs", default=None, type=int, help="Training epochs per run (default 25, the original's).")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Training seeds of each margin.")
+@click.option("--model", default="ViT-B-16", show_default=True, help="RAML's CLIP.")
+@click.option("--pretrained", default="openai", show_default=True)
+@click.option("--winclip-model", default="ViT-B-16-plus-240", show_default=True, help="WinCLIP's CLIP (the paper's).")
+@click.option("--winclip-pretrained", default="laion400m_e31", show_default=True)
+@click.option("--online", is_flag=True, help="Allow downloading the CLIP weights (default: local cache only).")
+@click.option("--random-weights", is_flag=True, help="Skip looking for weights; run with random ones (not meaningful).")
+@fail_cleanly
+def demo(out, limit, epochs, seeds, model, pretrained, winclip_model, winclip_pretrained, online, random_weights):
+    """README command one: RAML (3 margins × 3 seeds, via sweep) against zero-shot WinCLIP on the same held-out
+    textile images: extract → sweep → evaluate → baseline winclip → report."""
+    from evaluate.demo import DEFAULT_EPOCHS, DEFAULT_LIMIT, run_demo
+    root = click.get_current_context().find_root().command   # the whole command line: the demo runs its commands
+    run_demo(lambda args: root.main(list(args), standalone_mode=False), out, model=model, pretrained=pretrained,
+             winclip_model=winclip_model, winclip_pretrained=winclip_pretrained, limit=limit or DEFAULT_LIMIT,
+             epochs=epochs or DEFAULT_EPOCHS, seeds=comma_list(seeds, int), online=online,
+             random_weights=random_weights, log=click.echo)

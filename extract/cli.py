@@ -1,0 +1,206 @@
+"""Stage one's commands: ``extract`` and ``bench extract``, and the options that name a CLIP
+backbone and its engine (shared with the commands that score new images, evaluate/deploy/cli.py).
+"""
+from __future__ import annotations
+
+import click
+
+from cache.cli import comma_list, device_option, fail_cleanly, show_progress, with_options
+
+
+def backbone_options(func):
+    """Options naming the CLIP backbone; shared by every command that runs the image encoder."""
+    from extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED  # not extract.encoder: no torch import here
+    return with_options([
+        click.option("--model", default=DEFAULT_MODEL, show_default=True,
+                     help="open_clip model name, or path to an open_clip model-config JSON."),
+        click.option("--pretrained", default=DEFAULT_PRETRAINED, show_default=True,
+                     help="open_clip pretrained tag (downloaded once into the user's cache)."),
+        click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                     help="Local checkpoint file, for offline machines (overrides --pretrained)."),
+        click.option("--random-weights", is_flag=True,
+                     help="Seeded random weights: exercises the pipeline; results are meaningless."),
+        device_option("cpu, cuda, cuda:1, ... or auto."),
+    ])(func)
+
+
+def checkpoint_backbone_options(func):
+    """The backbone options of commands that score with a checkpoint (predict, export): each
+    defaults to the checkpoint's own backbone; one given explicitly must agree with it."""
+    return with_options([
+        click.option("--model", default=None, help="open_clip model name or model-config JSON (default: the "
+                                                   "checkpoint's)."),
+        click.option("--pretrained", default=None, help="open_clip pretrained tag (default: the checkpoint's)."),
+        click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                     help="Local weights file (default: the one the checkpoint's cache was extracted with, at its "
+                          "recorded path; its sha256 must be the checkpoint's)."),
+        # default None, not False: "not given" (take the checkpoint's) differs from "given"
+        click.option("--random-weights", is_flag=True, default=None,
+                     help="Seeded random weights (default: when the checkpoint was trained on them)."),
+        device_option("cpu, cuda, cuda:1, ... or auto."),
+    ])(func)
+
+
+def backbone_source(model, weights, random_weights) -> dict:
+    """What ``extract`` records about where its backbone came from, so that ``predict`` and
+    ``export`` can load it again from a checkpoint (``evaluate.deploy.predict.backbone_options_for``)."""
+    from pathlib import Path
+    model_path = Path(model)
+    return {"model": str(model_path.resolve()) if model_path.suffix == ".json" else model,
+            "weights_file": str(Path(weights).resolve()) if weights and not random_weights else None}
+
+
+def load_backbone_from(model, pretrained, weights, random_weights, device):
+    from extract.encoder import load_backbone
+    if random_weights:
+        click.secho("warning: --random-weights: CLIP is randomly initialised; every number this produces "
+                    "is meaningless.", fg="yellow", err=True)
+    return load_backbone(model, pretrained, weights, random_weights, device)
+
+
+def fidelity_sample_option(when):
+    """--fidelity-sample: how many of the user's images the int8 fidelity check encodes both ways."""
+    from extract.engines import FIDELITY_SAMPLE
+    return click.option("--fidelity-sample", default=FIDELITY_SAMPLE, show_default=True, type=click.IntRange(1),
+                        help=f"With {when}: images of your own that the check encodes with fp32 and int8.")
+
+
+def engine_option(func):
+    """--engine: which runtime encodes the crops."""
+    from extract.engines import ENGINES
+    return click.option(
+        "--engine", type=click.Choice(ENGINES), default="torch", show_default=True,
+        help="Runtime of the CLIP image encoder: torch (eager); onnx (ONNX Runtime fp32, faster on CPUs; exported "
+             "once into $RAML_CACHE_DIR/onnx or ~/.cache/raml/onnx and checked against torch); onnx-int8 (that "
+             "export quantised to int8, CPU only, fastest there; checked against fp32 on your own images on first "
+             "use, and refused below its limits).")(func)
+
+
+def engine_options(func):
+    """--engine, and the size of the int8 engine's fidelity check."""
+    return with_options([engine_option, fidelity_sample_option("--engine onnx-int8")])(func)
+
+
+def engine_backbone(backbone, engine: str, *, cache_root=None, threads: int | None = None):
+    """``backbone`` (a torch ``ClipBackbone``) with its image encoder run by ``engine``, one of
+    ``extract.engines.ENGINES``. The engines' modules are imported only when one is asked for."""
+    if engine == "torch":
+        return backbone
+    if engine == "onnx":
+        from extract.onnx_engine import onnx_backbone
+        return onnx_backbone(backbone, cache_root=cache_root, threads=threads)
+    if engine == "onnx-int8":
+        from extract.int8_engine import int8_backbone
+        return int8_backbone(backbone, cache_root=cache_root, threads=threads)
+    from extract.engines import ENGINES
+    raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+
+
+def load_engine_backbone(model, pretrained, weights, random_weights, device, engine):
+    """``load_backbone_from``, with the image encoder run by ``engine`` (``extract.engines.ENGINES``)."""
+    return engine_backbone(load_backbone_from(model, pretrained, weights, random_weights, device), engine)
+
+
+@click.command()
+@click.option("--dataset", type=click.Choice(["mvtec", "visa", "folder", "textile"]), required=True)
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="Dataset root (not needed for textile, which ships with conformal-clip-data).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), required=True, help="Where the shards go.")
+@backbone_options
+@click.option("--categories", default=None, help="Comma-separated subset, e.g. bottle,screw.")
+@click.option("--batch-size", default=8, show_default=True, help="Images per forward pass (×21 crops).")
+@click.option("--workers", type=int, default=None,
+              help="Image-decoding processes (0: decode in the main process). Default: one per usable core.")
+@click.option("--limit", type=int, default=None, help="At most N images per category (a quick look).")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images and list them, instead of stopping.")
+@click.option("--retry-skipped", is_flag=True, help="Try again the images an earlier --skip-bad run skipped.")
+@click.option("--shard", default=None, help="i/n: this process takes every n-th image from i (default: "
+                                            "torchrun's RANK/WORLD_SIZE, else 0/1).")
+@click.option("--shard-size", default=256, show_default=True, help="Images per HDF5 shard.")
+@engine_options
+@fail_cleanly
+def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights, device, categories,
+            batch_size, workers, limit, skip_bad, retry_skipped, shard, shard_size, engine, fidelity_sample):
+    """Stage one: encode each image's 21 crops with CLIP, once, into HDF5 shards.
+
+    Re-running resumes: images already in the cache are skipped. A cache holds features of one
+    precision: fp32 (--engine torch or onnx) or int8 (--engine onnx-int8).
+    """
+    from extract.engines import PRECISIONS, check_cache_precision, usable_cores
+    from extract.identity import backbone_identity
+    from extract.run import extract_features
+    categories = categories.split(",") if categories else None
+    check_cache_precision(cache_dir, PRECISIONS[engine])  # before any model is loaded
+
+    def load_checked_backbone():
+        backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, engine)
+        if backbone.engine == "onnx-int8":
+            from extract.int8_engine import check_on_dataset
+            check_on_dataset(backbone, cache_dir, dataset, root, categories, sample=fidelity_sample)
+        return backbone
+
+    summary = extract_features(
+        dataset, root, cache_dir, load_checked_backbone,
+        identity=backbone_identity(model, pretrained, weights, random_weights, PRECISIONS[engine]),
+        categories=categories, batch_size=batch_size, workers=usable_cores() if workers is None else workers,
+        limit=limit, skip_bad=skip_bad, shard=shard, shard_size=shard_size, retry_skipped=retry_skipped,
+        progress=show_progress(), backbone_source=backbone_source(model, weights, random_weights))
+    click.echo(summary.line())
+    for path in summary.stale_partials:
+        click.echo(f"  removed {path.name}: a partial shard left by a killed run")
+    for path, reason in summary.skipped:
+        click.echo(f"  skipped {path}: {reason}")
+
+
+def engine_list(ctx, param, text):
+    from extract.engines import ENGINES
+    engines = comma_list(text)
+    unknown = [engine for engine in engines if engine not in ENGINES]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)}: not an engine (choose among {', '.join(ENGINES)})")
+    return engines
+
+
+compare_options = [
+    click.option("--engines", default="torch,onnx,onnx-int8", show_default=True, callback=engine_list,
+                 help="Engines compared side by side, comma-separated (\"\" for none)."),
+    click.option("--rounds", default=3, show_default=True, type=click.IntRange(1),
+                 help="Rounds of the comparison; each times every engine once (interleaved); medians are shown."),
+]
+
+
+def engine_backbones(backbone, engines):
+    """One backbone per engine, sharing ``backbone``'s torch model, all on torch's thread count (the
+    GEMM floor's), so that the engines are compared on the same cores."""
+    import torch
+
+    return {engine: engine_backbone(backbone, engine, threads=torch.get_num_threads()) for engine in engines}
+
+
+@click.command("extract")
+@backbone_options
+@click.option("--images", default=8, show_default=True, help="Synthetic images of MVTec size to encode.")
+@click.option("--size", default=900, show_default=True, help="Side of the synthetic images (px).")
+@click.option("--batch-size", default=8, show_default=True, help="Images per forward pass (x21 crops).")
+@click.option("--workers", type=int, default=None, help="Image-decoding processes. Default: one per usable core.")
+@click.option("--loader-only", is_flag=True,
+              help="Only the loader and its ceiling (quick on a CPU, where ViT-B/16 takes ~2 s per image).")
+@engine_option
+@with_options(compare_options)
+@fail_cleanly
+def bench_extract(model, pretrained, weights, random_weights, device, images, size, batch_size, workers, loader_only,
+                  engine, engines, rounds):
+    """Where stage one's time goes: images/s of the whole stage, of the loader alone and of the bare
+    encoder, their ratios, and the loader against its ceiling; then the encoder's seconds per image
+    with each of --engines, against the machine's fp32 GEMM floor."""
+    from extract.bench import run_extract_bench
+    from extract.engine_bench import compare_encoders
+    from extract.engines import usable_cores
+    torch_backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
+    result = run_extract_bench(engine_backbone(torch_backbone, engine), images=images, size=size, batch_size=batch_size,
+                               workers=usable_cores() if workers is None else workers, loader_only=loader_only)
+    for line in result.lines():
+        click.echo(line)
+    if engines and not loader_only:
+        for line in compare_encoders(engine_backbones(torch_backbone, engines), size=size, rounds=rounds).lines():
+            click.echo(line)
