@@ -11,6 +11,7 @@ import sys
 import click
 
 from cache.errors import UserError
+from cache.files import write_fault
 
 
 def show_progress() -> bool:
@@ -19,14 +20,21 @@ def show_progress() -> bool:
 
 
 def fail_cleanly(func):
-    """Show the errors a user can fix (``UserError``: bad data, missing weights, wrong cache or
-    option; and missing files) as one ``Error:`` line. Anything else is a bug: its traceback stays."""
+    """Show the errors a user can fix as one ``Error:`` line: ``UserError`` (bad data, missing
+    weights, wrong cache or option), missing files, and a file that cannot be written (a full or
+    read-only disk, no permission: ``cache.files.WRITE_FAULTS``) wherever it happens. Anything else
+    is a bug: its traceback stays."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except (UserError, FileNotFoundError) as err:
             raise click.ClickException(str(err)) from err
+        except OSError as err:
+            fault = write_fault(err)
+            if fault is None:
+                raise
+            raise click.ClickException(str(fault)) from err
     return wrapper
 
 
@@ -58,6 +66,7 @@ def info(cache_dir):
     """Summarise a feature cache: backbone, images per category and label, skipped files, partial
     shards (being written, or left by a killed run)."""
     from cache import read_cache
+    from cache.format import human_bytes, shards_bytes
     from cache.lock import partial_shard_status
     table = read_cache(cache_dir, with_features=False)
     meta = table.meta
@@ -66,6 +75,9 @@ def info(cache_dir):
                f"input {meta['input_size']} px, D={meta['embed_dim']}, engines {', '.join(table.engines) or '-'}")
     if meta["random_weights"]:
         click.secho("  random weights: features are meaningless", fg="yellow")
+    on_disk = shards_bytes(cache_dir)
+    click.echo(f"  size on disk: {human_bytes(on_disk)} in shards"
+               + (f", {human_bytes(on_disk / len(table))} per image" if len(table) else ""))
     for category in table.categories:
         labels = table.label[table.category == category]
         click.echo(f"  {category:<14} {int((labels == 0).sum()):>6} normal {int((labels == 1).sum()):>6} anomalous")

@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 
 from cache.errors import CacheError
-from cache.files import create_exclusively
+from cache.files import create_exclusively, make_dirs
 
 FORMAT_VERSION = 1
 CROP_LAYOUT = ((1, 1), (2, 2), (4, 4))  # (rows, cols) per scale: 1 + 4 + 16 = 21 crops
@@ -129,7 +129,7 @@ def claim_cache(cache_dir: Path, meta: dict, *, create: bool = True) -> bool:
     if not path.exists():
         if not create:
             return False
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(cache_dir)
         create_exclusively(path, json.dumps(meta, indent=2))
     existing = read_fingerprint(cache_dir)
     if fingerprint_field(existing, "model_config") is None and meta.get("model_config") is not None:
@@ -154,6 +154,20 @@ def slot_prefix(shard_index: int, shard_count: int) -> str:
 
 def shard_paths(cache_dir: Path) -> list[Path]:
     return sorted(Path(cache_dir).glob(f"features-*{SHARD_SUFFIX}"))
+
+
+def shards_bytes(cache_dir: Path) -> int:
+    """Bytes that the finalised shards of ``cache_dir`` take on disk."""
+    return sum(path.stat().st_size for path in shard_paths(cache_dir))
+
+
+def human_bytes(nbytes: float) -> str:
+    """``1234567`` → ``"1.2 MB"`` (decimal units, as file systems and ``df -H`` count)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(nbytes) < 1000:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} TB"
 
 
 def partial_shards(cache_dir: Path) -> list[Path]:

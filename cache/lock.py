@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cache.errors import CacheError
 from cache.format import partial_shards, slot_of_partial
+from cache.files import make_dirs
 
 # Another process may hold a slot's lock for an instant to see whether it is free (a probe, below);
 # a writer retries that long before it concludes that the slot is taken.
@@ -47,7 +48,7 @@ class WriterSlot:
         self._fd = None
 
     def __enter__(self) -> "WriterSlot":
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.cache_dir)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if not _lock(fd, wait_s=PROBE_GRACE_S):
             holder = describe_holder(self.path)

@@ -2,8 +2,10 @@
 
 What the writer guarantees:
 
-- A shard is written to ``*.partial``, flushed, fsync'ed and renamed: a reader only ever sees
-  complete shards, so killing a writer at any point loses at most the shard in progress.
+- A shard is built in memory, then written to ``*.partial``, flushed, fsync'ed and renamed
+  (``cache.files.atomic_write``): a reader only ever sees complete shards, so killing a writer at
+  any point loses at most the shard in progress, and a full or read-only disk is a ``WriteError``
+  naming the shard (nothing is left of it).
 - ``write_shard`` refuses (``AssertionError``: a bug in its caller) any row that cannot have been
   encoded from an image: features of the wrong shape, not finite or not of unit norm, an empty
   relpath, category or split, a label other than 0 and 1.
@@ -11,7 +13,6 @@ What the writer guarantees:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +20,23 @@ import h5py
 import numpy as np
 
 from cache.checks import dataset_checksum, rows_problem, strings_checksum, text_problem
-from cache.files import fsync_dir
+from cache.files import atomic_write_bytes
 from cache.format import (CHECKSUM_ATTRIBUTE, N_CROPS, NUMERIC_COLUMNS, PARTIAL_SUFFIX, SHARD_SUFFIX, STRING_COLUMNS,
                           printable)
 
 _STR = h5py.string_dtype("utf-8")
+# What a shard takes beyond its float16 features, for extract's space check (ViT-B/16 shards of
+# the demo: ~1 KB per row for labels, sizes and path strings, ~60 KB per shard for HDF5's own
+# metadata and the prompt embeddings; both rounded up).
+ROW_EXTRA_BYTES = 1024
+SHARD_EXTRA_BYTES = 128 * 1024
+
+
+def estimated_bytes(images: int, embed_dim: int, shard_size: int) -> int:
+    """About how many bytes ``images`` new rows of ``embed_dim``-d features take in shards of
+    ``shard_size`` rows (an over- rather than an underestimate)."""
+    shards = -(-images // shard_size)
+    return images * (N_CROPS * embed_dim * 2 + ROW_EXTRA_BYTES) + shards * SHARD_EXTRA_BYTES
 
 
 @dataclass
@@ -72,7 +85,9 @@ def write_shard(path: Path, rows: ShardRows, meta: dict, text: dict, engine: str
                              "this is a bug in the caller, and nothing was written.")
     columns["label"] = columns["label"].astype(np.int8)
     checksums = {}
-    with h5py.File(partial, "w") as h5:
+    # Built in memory, written by Python: a full or read-only disk is then an OSError of our own
+    # write (a WriteError), never an HDF5 write failure, which crashed the process (cache.files).
+    with h5py.File(path.name, "w", driver="core", backing_store=False) as h5:
         for key, value in meta.items():
             h5.attrs[key] = json.dumps(value)
         h5.attrs["engine"] = json.dumps(engine)
@@ -98,6 +113,5 @@ def write_shard(path: Path, rows: ShardRows, meta: dict, text: dict, engine: str
         strings("skipped/reason", [printable(reason) for _, reason in rows.skipped])
         h5.attrs[CHECKSUM_ATTRIBUTE] = json.dumps(checksums)
         h5.flush()
-        os.fsync(h5.id.get_vfd_handle())
-    os.replace(partial, path)
-    fsync_dir(path.parent)
+        image = h5.id.get_file_image()
+    atomic_write_bytes(path, image, tmp=partial)

@@ -1,6 +1,7 @@
 """The report's PNG plots (matplotlib, Agg backend: no display needed)."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -9,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
+
+from cache.files import atomic_write_bytes  # noqa: E402
 
 RANDOM_TITLE = "RANDOM WEIGHTS — NOT MEANINGFUL"
 MAP_CMAP = "inferno"
@@ -19,9 +22,15 @@ def _title(fig, title: str, rows) -> None:
     fig.suptitle(title + warning, color="firebrick" if warning else "black", fontsize=11)
 
 
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Write ``fig`` as a PNG atomically (rendered in memory, then ``cache.files.atomic_write_bytes``),
+    and close it."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -44,7 +53,7 @@ def auroc_bars(rows, path: Path, title: str) -> Path:
     ax.axhline(50, color="grey", lw=0.6, ls=":")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     _title(fig, f"{title}: image AUROC per category (whiskers: bootstrap 95 % CI)", rows)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _by_category(records: list[dict]) -> dict:
@@ -75,7 +84,7 @@ def roc_curves(rows, scores: dict, path: Path, title: str) -> Path:
     axes.flat[0].legend(fontsize=7, loc="lower right")
     _title(fig, f"{title}: ROC curves (first seed)", rows)
     fig.tight_layout(rect=(0, 0, 1, 0.9))   # leave room for the two-line title
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def score_histograms(rows, scores: dict, path: Path, title: str) -> Path:
@@ -94,7 +103,7 @@ def score_histograms(rows, scores: dict, path: Path, title: str) -> Path:
     axes.flat[0].set_ylabel("images")
     _title(fig, f"{title}: score distributions (first seed)", rows)
     fig.tight_layout(rect=(0, 0, 1, 0.9))   # leave room for the two-line title
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def overlay(ax, image, anomaly_map: np.ndarray, vmin: float, vmax: float, mask=None) -> None:
@@ -171,7 +180,7 @@ def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int)
                 ax.set_ylabel(f"{', '.join(labels)}\n{maps['description']}", fontsize=8)
     _title(fig, f"{title}: anomaly maps (brighter = more anomalous; cyan: defect mask)", rows)
     fig.tight_layout(rect=(0, 0, 1, 0.9))   # leave room for the two-line title
-    return _save(fig, path), None
+    return save_figure(fig, path), None
 
 
 def difference_forest(ablation: dict, path: Path) -> Path:
@@ -189,4 +198,4 @@ def difference_forest(ablation: dict, path: Path) -> Path:
     warning = f"\n{RANDOM_TITLE}" if ablation["random_weights"] else ""
     ax.set_title("What each part adds, and the baselines" + warning, color="firebrick" if warning else "black",
                  fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)

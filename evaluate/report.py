@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache import UserError
+from cache.files import atomic_write_text, make_dirs
 from evaluate.results import MAP_EXAMPLES, NOT_MEANINGFUL, find_results, mean_std, read_results, read_scores_csv
 
 
@@ -190,7 +191,7 @@ def write_report(paths, out_dir) -> Path:
     from evaluate import plots
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     rows = load_rows(paths)
     groups = group_by_image_list(rows)
     sections = ["# RAML evaluation report", ""]
@@ -211,7 +212,7 @@ def write_report(paths, out_dir) -> Path:
             section += f"\nAnomaly maps: {maps_note}\n"
         sections.append(section)
     path = out_dir / "report.md"
-    path.write_text("\n".join(sections))
+    atomic_write_text(path, "\n".join(sections))
     return path
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import UserError
-from cache.files import atomic_write, atomic_write_text
+from cache.files import atomic_write, atomic_write_text, make_dirs
 from evaluate.metrics import DEFAULT_BOOTSTRAP, average_precision, bootstrap_auroc_ci, image_auroc
 from train.thresholds import f1_max
 
@@ -191,7 +191,7 @@ def write_results(out_dir: Path, entries: dict, runs: list[ScoredRun], maps: dic
     interrupted write leaves the previous results, never a truncated file.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     write_scores_csv(out_dir / SCORES_CSV, runs)
     for entry in entries.values():
         entry["scores_csv"] = SCORES_CSV

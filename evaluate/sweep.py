@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cache import FeatureTable
+from cache.files import atomic_write_text
 from evaluate.run import evaluate_checkpoints
 from train.fit import write_json
 from train.sweep import train_missing
@@ -27,7 +28,7 @@ def run_sweep(table: FeatureTable, configurations: dict[str, dict], seeds, out_d
     summary = summarise_runs(table, configurations, runs, out_dir, n_resamples, say)
     summary["passes"] = passes
     write_json(out_dir / "summary.json", summary)
-    (out_dir / "summary.md").write_text(summary_markdown(summary))
+    atomic_write_text(out_dir / "summary.md", summary_markdown(summary))
     return summary
 
 

@@ -111,7 +111,8 @@ def load_engine_backbone(model, pretrained, weights, random_weights, device, eng
 @click.option("--batch-size", default=8, show_default=True, help="Images per forward pass (×21 crops).")
 @click.option("--workers", type=int, default=None,
               help="Image-decoding processes (0: decode in the main process). Default: one per usable core.")
-@click.option("--limit", type=int, default=None, help="At most N images per category (a quick look).")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="At most N images per category (a quick look), spread over every split and defect type.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images and list them, instead of stopping.")
 @click.option("--retry-skipped", is_flag=True, help="Try again the images an earlier --skip-bad run skipped.")
 @click.option("--shard", default=None, help="i/n: this process takes every n-th image from i (default: "

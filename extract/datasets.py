@@ -2,10 +2,16 @@
 
 Every reader returns records sorted by (category, relpath); that order decides how extraction
 splits work into shards and chunks, so it must not depend on the file system's listing order.
+
+Nothing in an image folder is left out without a word: given a ``not_read`` list, a reader adds
+to it every entry of an image folder that it does not read, with the reason (a suffix that is not
+an image's, e.g. an animated ``.gif``; a dangling symbolic link; a sub-folder; an entry that
+cannot be read). Hidden files (``.DS_Store``, ...) are not images and are passed over.
 """
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,8 +77,37 @@ def is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if is_image(p)) if folder.is_dir() else []
+def not_an_image(path: Path) -> str:
+    """Why the folder entry ``path`` is not read as an image (for one that ``is_image`` refuses)."""
+    try:
+        if path.is_symlink() and not path.exists():
+            return f"a dangling symbolic link (its target {os.readlink(path)} does not exist)"
+        if path.is_dir():
+            return "a folder: images are read only directly inside their folder"
+        if not path.is_file():
+            return "not a regular file"
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    return (f"suffix {path.suffix or '(none)'!r} is not one RAML reads ({' '.join(sorted(IMAGE_SUFFIXES))}); "
+            "convert the file, or move it out of the folder")
+
+
+def _images_in(folder: Path, not_read: list | None = None) -> list[Path]:
+    """The images directly inside ``folder``, sorted; what else is there goes to ``not_read``
+    as ``(path, reason)`` (see the module docstring)."""
+    if not folder.is_dir():
+        return []
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as err:
+        if not_read is not None:
+            not_read.append((folder, f"the folder cannot be listed ({err.strerror})"))
+        return []
+    images = [path for path in entries if is_image(path)]
+    if not_read is not None:
+        not_read += [(path, not_an_image(path)) for path in entries
+                     if not path.name.startswith(".") and path not in images]
+    return images
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -99,18 +134,18 @@ def _select(found: dict, wanted, root: Path, layout: str, kind: str) -> list[str
     return list(wanted)
 
 
-def read_mvtec(root: Path, categories=None, kind: str = "mvtec") -> list[ImageRecord]:
+def read_mvtec(root: Path, categories=None, kind: str = "mvtec", not_read: list | None = None) -> list[ImageRecord]:
     """MVTec AD: train/good, test/<good|defect>, ground_truth/<defect>/<name>_mask.png."""
     root = _require_root(root, MVTEC_LAYOUT, kind)
     found = {d.name: d for d in root.iterdir() if d.is_dir() and ((d / "train").is_dir() or (d / "test").is_dir())}
     records = []
     for category in _select(found, categories, root, MVTEC_LAYOUT, kind):
         base = found[category]
-        for path in _images_in(base / "train" / NORMAL):
+        for path in _images_in(base / "train" / NORMAL, not_read):
             records.append(ImageRecord(category, 0, NORMAL, _rel(path, root), "train"))
         test_dir = base / "test"
         for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir()) if test_dir.is_dir() else []:
-            for path in _images_in(defect_dir):
+            for path in _images_in(defect_dir, not_read):
                 mask = base / "ground_truth" / defect_dir.name / f"{path.stem}_mask.png"
                 label = int(defect_dir.name != NORMAL)
                 records.append(ImageRecord(category, label, defect_dir.name, _rel(path, root), "test",
@@ -120,13 +155,13 @@ def read_mvtec(root: Path, categories=None, kind: str = "mvtec") -> list[ImageRe
     return sorted(records, key=lambda r: (r.category, r.relpath))
 
 
-def read_visa(root: Path, categories=None) -> list[ImageRecord]:
+def read_visa(root: Path, categories=None, not_read: list | None = None) -> list[ImageRecord]:
     """VisA, original release (``split_csv/1cls.csv``) or already converted to the MVTec layout."""
     root = _require_root(root, VISA_LAYOUT, "visa")
     split_csv = root / "split_csv" / "1cls.csv"
     if not split_csv.is_file():
         if any((d / "train").is_dir() for d in root.iterdir() if d.is_dir()):
-            return read_mvtec(root, categories, kind="visa")
+            return read_mvtec(root, categories, kind="visa", not_read=not_read)
         raise DatasetLayoutError(f"{root}: neither {split_csv.relative_to(root)} nor the MVTec layout found. "
                                  f"Expected layout:\n{VISA_LAYOUT}")
     with open(split_csv, newline="") as handle:
@@ -152,7 +187,7 @@ def read_visa(root: Path, categories=None) -> list[ImageRecord]:
     return sorted(records, key=lambda r: (r.category, r.relpath))
 
 
-def read_folder(root: Path, categories=None) -> list[ImageRecord]:
+def read_folder(root: Path, categories=None, not_read: list | None = None) -> list[ImageRecord]:
     """Generic folders: ``good/`` plus one folder per defect type, optional ``masks/``."""
     root = _require_root(root, FOLDER_LAYOUT, "folder")
     if (root / NORMAL).is_dir():
@@ -163,7 +198,7 @@ def read_folder(root: Path, categories=None) -> list[ImageRecord]:
     for category in _select(found, categories, root, FOLDER_LAYOUT, "folder"):
         base = found[category]
         for defect_dir in sorted(d for d in base.iterdir() if d.is_dir() and d.name != "masks"):
-            for path in _images_in(defect_dir):
+            for path in _images_in(defect_dir, not_read):
                 label = int(defect_dir.name != NORMAL)
                 mask = ""
                 for name in (path.name, f"{path.stem}.png", f"{path.stem}_mask.png"):
@@ -189,7 +224,7 @@ def textile_root() -> Path:
     return conformal_clip_data.textile_simulated_root()
 
 
-def read_textile(root: Path | None = None, categories=None) -> list[ImageRecord]:
+def read_textile(root: Path | None = None, categories=None, not_read: list | None = None) -> list[ImageRecord]:
     """The 2,000 simulated textile images of ``conformal-clip-data`` as one category.
 
     nominal → normal; local and global defects → anomalous, defect types "local" and "global".
@@ -199,7 +234,7 @@ def read_textile(root: Path | None = None, categories=None) -> list[ImageRecord]
         raise DatasetLayoutError(f"--dataset textile has one category, {TEXTILE_CATEGORY!r}")
     records = []
     for folder, defect in TEXTILE_DEFECTS.items():
-        images = _images_in(root / folder)
+        images = _images_in(root / folder, not_read)
         if not images:
             raise DatasetLayoutError(f"{root / folder}: no images; expected {', '.join(TEXTILE_DEFECTS)} "
                                      "folders of the conformal-clip-data package")
@@ -211,12 +246,13 @@ def read_textile(root: Path | None = None, categories=None) -> list[ImageRecord]
 READERS = {"mvtec": read_mvtec, "visa": read_visa, "folder": read_folder, "textile": read_textile}
 
 
-def read_dataset(kind: str, root, categories=None) -> tuple[Path, list[ImageRecord]]:
-    """Records of dataset ``kind`` and the root their ``relpath`` is relative to."""
+def read_dataset(kind: str, root, categories=None, not_read: list | None = None) -> tuple[Path, list[ImageRecord]]:
+    """Records of dataset ``kind`` and the root their ``relpath`` is relative to; ``not_read``
+    (a list) receives ``(path, reason)`` of every entry of an image folder not read."""
     if kind not in READERS:
         raise DatasetLayoutError(f"unknown dataset {kind!r}; choose one of {', '.join(READERS)}")
     if kind == "textile":
         root = Path(root) if root else textile_root()
-    records = READERS[kind](root, categories)
+    records = READERS[kind](root, categories, not_read=not_read)
     return Path(root).expanduser(), records
 

@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import CacheError, N_CROPS, UserError
-from cache.files import atomic_write_text
+from cache.files import atomic_write_text, make_dirs, write_fault
 from extract.encoder import ClipBackbone
 from extract.engines import FIDELITY_SAMPLE, INT8_PRECISION
 from extract.onnx_engine import (INPUT_NAME, OUTPUT_NAME, OnnxClipBackbone, OnnxEngineError, OnnxImageEncoder,
@@ -95,7 +95,7 @@ def int8_backbone(backbone: ClipBackbone, *, cache_root: Path | None = None,
         raise UserError(f"--engine onnx-int8 runs on the CPU, not on --device {backbone.device}: pass --device cpu, "
                         "or use --engine torch on the GPU")
     directory = export_dir(backbone, cache_root)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dirs(directory)
     with export_lock(directory):
         fp32 = locked_fp32_encoder(backbone, directory, threads)
         int8 = _locked_int8_encoder(backbone, fp32, directory, threads)
@@ -110,9 +110,9 @@ def quantise(source: Path, target: Path) -> None:
     try:
         with _quiet_quantiser():
             quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
-    except Exception as err:  # the quantiser raises many types, all meaning "this graph does not quantise"
-        raise OnnxEngineError(f"onnxruntime could not quantise {source} to int8: {first_line(err)}. "
-                              "Use --engine onnx.") from err
+    except Exception as err:  # the quantiser raises many types: a full disk, or "this graph does not quantise"
+        raise write_fault(err, target) or OnnxEngineError(f"onnxruntime could not quantise {source} to int8: "
+                                                          f"{first_line(err)}. Use --engine onnx.") from err
 
 
 def largest_int8_weight(path: Path) -> int:
@@ -318,7 +318,7 @@ def check_on_dataset(backbone: OnnxClipBackbone, cache_dir, dataset: str, root, 
                         "or use --engine onnx")
     fidelity = measure_fidelity(backbone, crops)
     require_fidelity(fidelity, f"{len(crops)} images of {root}", "use --engine onnx (fp32) instead")
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    make_dirs(Path(cache_dir))
     write_record(record_path, key, fidelity, str(root))
     say(f"int8 fidelity on {len(crops)} of your images: {fidelity.summary()}")
     return fidelity

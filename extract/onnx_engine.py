@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from cache import UserError
-from cache.files import atomic_write_text
+from cache.files import atomic_write_text, make_dirs, move_into_place, reporting_write_faults, write_fault
 from extract.encoder import ClipBackbone
 from extract.engines import usable_cores
 from extract.identity import file_sha256, user_cache_root
@@ -136,7 +136,7 @@ def onnx_image_encoder(backbone: ClipBackbone, *, cache_root: Path | None = None
     ``threads`` defaults to every core this process may use. Raises ``OnnxEngineError``.
     """
     directory = export_dir(backbone, cache_root)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dirs(directory)
     with export_lock(directory):
         encoder = locked_fp32_encoder(backbone, directory, threads)
     say(encoder.describe())
@@ -280,9 +280,9 @@ def _export_graph(backbone: ClipBackbone, path: Path) -> None:
     except ImportError as err:
         raise OnnxEngineError(f"exporting to ONNX needs the onnx and onnxscript packages ({err}): "
                               "pip install onnx onnxscript") from err
-    except Exception as err:  # the exporter raises many types, all meaning "this model does not export"
-        raise OnnxEngineError(f"torch.onnx could not export the image encoder of {backbone.name}: "
-                              f"{first_line(err)}. Use --engine torch.") from err
+    except Exception as err:  # the exporter raises many types: a full disk, or "this model does not export"
+        raise write_fault(err, path) or OnnxEngineError(f"torch.onnx could not export the image encoder of "
+                                                        f"{backbone.name}: {first_line(err)}. Use --engine torch.") from err
 
 
 def open_session(ort, path: Path, options, providers):
@@ -358,7 +358,8 @@ def read_sidecar(path: Path) -> dict:
 def publish_encoder(model_tmp: Path, model_path: Path, sidecar_path: Path, meta: dict) -> None:
     """Put a checked encoder file in place. The sidecar goes last: until it is written, a reader
     finds a file/sidecar mismatch and rebuilds."""
-    os.replace(model_tmp, model_path)
+    with reporting_write_faults(model_path):
+        move_into_place(model_tmp, model_path)
     atomic_write_text(sidecar_path, json.dumps(meta, indent=2))
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,9 +25,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cache import N_CROPS, ShardRows, UserError, claim_cache, fingerprint, read_cache, write_shard
+from cache import N_CROPS, CacheError, ShardRows, UserError, claim_cache, fingerprint, read_cache, write_shard
 from cache.lock import WriterSlot
-from cache.format import next_shard_path, printable
+from cache.format import human_bytes, next_shard_path, printable, shards_bytes
+from cache.writer import estimated_bytes
+from cache.files import atomic_write_text
 from extract.datasets import ImageRecord, name_problem, read_dataset
 from extract.identity import BackboneIdentity, identity_of
 from extract.prompts import encode_prompts, prompt_spec
@@ -33,6 +37,7 @@ from extract.pyramid import BadImageError
 
 CODE_VERSION = "0.1.0"
 DEFAULT_SHARD_SIZE = 256   # images per shard: ~5.5 MB of float16 ViT-B/16 features
+SPACE_WARNING = 0.8        # warn when a run would fill more than this share of the free space
 
 
 @dataclass
@@ -43,11 +48,15 @@ class ExtractSummary:
     already_cached: int = 0
     seconds: float = 0.0
     stale_partials: list = field(default_factory=list)   # partial shards of killed runs, removed
+    not_read: list = field(default_factory=list)         # (path, reason): entries of image folders not read
+    report: Path | None = None                           # the report written, if any
 
     def line(self) -> str:
         rate = self.images / self.seconds if self.seconds else 0.0
+        not_read = f", {len(self.not_read)} not read: see {self.report}" if self.not_read else ""
         return (f"extract: {self.images} images encoded, {len(self.skipped)} skipped, "
-                f"{self.already_cached} already cached, {self.seconds:.1f} s, {rate:.2f} images/s → {self.cache_dir}")
+                f"{self.already_cached} already cached{not_read}, {self.seconds:.1f} s, {rate:.2f} images/s "
+                f"→ {self.cache_dir}")
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -61,6 +70,30 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     if not 0 <= index < count:
         raise UserError(f"--shard {shard}: need 0 <= i < n")
     return index, count
+
+
+def check_free_space(cache_dir: Path, images: int, cached, embed_dim: int, shard_size: int) -> None:
+    """Refuse, before any encoding, a run whose ``images`` new rows would not fit on the cache's
+    file system, with both numbers; warn on stderr when they would fill most of it. What an image
+    takes is measured on the cache's own shards when it has some (``cached``: its table), else
+    estimated (``cache.writer.estimated_bytes``)."""
+    if not images:
+        return
+    if cached is not None and len(cached):
+        per_image = shards_bytes(cache_dir) / len(cached)
+        need, how = images * per_image, f"{human_bytes(per_image)} per image, as this cache's shards take"
+    else:
+        need = estimated_bytes(images, embed_dim, shard_size)
+        how = f"about {human_bytes(need / images)} per image"
+    existing = next(path for path in (Path(cache_dir).resolve(), *Path(cache_dir).resolve().parents) if path.exists())
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise CacheError(f"{cache_dir}: {images} images to encode need about {human_bytes(need)} ({how}), but its file "
+                         f"system has {human_bytes(free)} free. Free some space or choose another --cache-dir; nothing "
+                         "was encoded.")
+    if need > SPACE_WARNING * free:
+        print(f"extract: warning: {images} images to encode need about {human_bytes(need)} ({how}) of the "
+              f"{human_bytes(free)} free on the file system of {cache_dir}", file=sys.stderr, flush=True)
 
 
 def limit_per_category(records: list[ImageRecord], limit: int | None) -> list[ImageRecord]:
@@ -104,7 +137,8 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, identity
     if shard_size % batch_size:
         shard_size = max(batch_size, shard_size - shard_size % batch_size)  # batches must tile a shard
     start = time.perf_counter()
-    root, records = read_dataset(dataset, root, categories)
+    not_read = []
+    root, records = read_dataset(dataset, root, categories, not_read=not_read)
     records = limit_per_category(records, limit)
     shard_index, shard_count = parse_shard(shard)
     mine = records[shard_index::shard_count]
@@ -118,13 +152,15 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, identity
         meta["backbone_source"] = backbone_source
     with WriterSlot(cache_dir, shard_index, shard_count) as slot:
         exists = claim_cache(cache_dir, meta, create=False)   # another backbone's cache: refused before loading
-        summary = ExtractSummary(cache_dir=cache_dir, stale_partials=slot.remove_stale_partials())
+        summary = ExtractSummary(cache_dir=cache_dir, stale_partials=slot.remove_stale_partials(),
+                                 not_read=[(printable(str(path)), reason) for path, reason in not_read])
         cached = read_cache(cache_dir, with_features=False) if exists else None
         done = set() if cached is None else \
             cached.keys() | (set() if retry_skipped else {path for path, _ in cached.skipped})
         pending = [r for r in mine if printable(r.relpath) not in done]
         summary.already_cached = len(mine) - len(pending)
         pending, unstorable = _storable_names(pending, root, skip_bad, summary)
+        check_free_space(cache_dir, len(pending), cached, identity.embed_dim, shard_size)
         if pending and backbone is None:
             backbone = backbone_loader()   # may refuse, having checked itself (int8 fidelity): nothing written yet
             if identity_of(backbone) != identity:
@@ -136,7 +172,7 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, identity
                         text={}, engine=None)
         if not pending:
             summary.seconds = time.perf_counter() - start
-            if summary.skipped:
+            if summary.skipped or summary.not_read:
                 _write_report(cache_dir, shard_index, shard_count, summary)
             return summary
         return _encode_pending(root, pending, backbone, meta, cache_dir, shard_index, shard_count, summary, start,
@@ -251,7 +287,9 @@ def _write_report(cache_dir: Path, shard_index: int, shard_count: int, summary: 
     """A human-readable record of the run next to the shards (the shards stay the source of truth)."""
     report = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "shard": f"{shard_index}/{shard_count}",
               "images": summary.images, "already_cached": summary.already_cached, "seconds": round(summary.seconds, 2),
-              "skipped": [{"path": path, "reason": reason} for path, reason in summary.skipped]}
+              "skipped": [{"path": path, "reason": reason} for path, reason in summary.skipped],
+              "not_read": [{"path": path, "reason": reason} for path, reason in summary.not_read]}
     path = cache_dir / f"extract-report-{shard_index:03d}of{shard_count:03d}.json"
-    path.write_text(json.dumps(report, indent=2))
+    atomic_write_text(path, json.dumps(report, indent=2))
+    summary.report = path
 

@@ -2,10 +2,11 @@
 import numpy as np
 import pytest
 
+from cache.files import WriteError
 from evaluate.metrics import (average_precision, bootstrap_auroc_ci, image_auroc, paired_bootstrap_auroc_difference,
                               weighted_pixel_auroc)
-from train.thresholds import f1_max
 from evaluate.results import RESULTS_JSON, ScoredRun, config_entry, mean_std, write_results
+from train.thresholds import f1_max
 
 LABELS = [0, 0, 1, 1]
 SCORES = [0.1, 0.4, 0.35, 0.8]
@@ -134,7 +135,7 @@ def test_results_json_is_replaced_atomically(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(type(tmp_path), "write_text", half_then_full_disk)
     entries["cfg"]["mean_auroc"] = 12.34
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(WriteError, match="results.json: cannot write: no space left on the device"):
         write_results(tmp_path, entries, [run])
     monkeypatch.undo()
     assert (tmp_path / RESULTS_JSON).read_text() == before

@@ -12,13 +12,14 @@ checkpoints still load, with that number as the pooled threshold and no per-cate
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from cache import CacheError, mismatched_fields
-from cache.files import atomic_write
+from cache.files import atomic_write_bytes, make_dirs
 from cache.format import FINGERPRINT_KEYS, fingerprint_field
 from train.config import TrainConfig
 from train.model import RAMLHead, build_head
@@ -59,7 +60,7 @@ def save_checkpoint(run_dir, *, model: RAMLHead, config: dict, loss_state: dict,
     """Write ``run_dir/checkpoint.pt`` atomically; returns its path. ``fingerprint`` is the training
     cache's (extra fields beyond ``FINGERPRINT_KEYS`` and ``PROVENANCE_KEYS`` are dropped)."""
     path = Path(run_dir) / CHECKPOINT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "state_dict": {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()},
@@ -71,7 +72,9 @@ def save_checkpoint(run_dir, *, model: RAMLHead, config: dict, loss_state: dict,
         "thresholds": thresholds,
         "categories": list(categories),
     }
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    buffer = io.BytesIO()   # serialised in memory: a failed write is then an OSError of ours (cache.files)
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

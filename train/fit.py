@@ -40,7 +40,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from cache import FeatureTable, UserError
-from cache.files import atomic_write_text
+from cache.files import atomic_write_text, make_dirs
 from extract.encoder import resolve_device
 from train.checkpoint import save_checkpoint
 from train.config import TrainConfig
@@ -353,7 +353,7 @@ def _normal_features(model: RAMLHead, data: TrainingData) -> torch.Tensor:
 def write_run(run_dir, trained: TrainedHead) -> Path:
     """``run_dir/{checkpoint.pt, config.json, split.json, history.json}``; the checkpoint last."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(run_dir)
     write_json(run_dir / "config.json", trained.config.to_dict())
     write_json(run_dir / "split.json", trained.split.manifest())
     write_json(run_dir / "history.json", trained.history)

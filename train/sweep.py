@@ -23,6 +23,7 @@ from pathlib import Path
 from joblib import Parallel, delayed
 
 from cache import FeatureTable, UserError, mismatched_fields
+from cache.files import make_dirs
 from train.config import TrainConfig, make_config
 from train.fit import GROUP_FIELDS, fit_runs, group_key, write_json, write_run
 from train.split import holdout_split
@@ -135,7 +136,7 @@ def train_missing(table: FeatureTable, configurations: dict[str, dict], seeds, o
     ``jobs`` passes run in parallel worker processes of ``threads`` torch threads each.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     say = progress or (lambda line: None)
     runs = build_configs(configurations, seeds)
     split_hashes = {}

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from cache import CROP_LAYOUT, N_CROPS, UserError
-from cache.files import atomic_write, atomic_write_text
+from cache.files import (atomic_write, atomic_write_text, make_dirs, move_into_place, reporting_write_faults,
+                         write_fault)
 from evaluate.deploy.predict import check_backbone, threshold_for, threshold_note
 from extract.identity import file_sha256
 from extract.int8_engine import FIDELITY_SAMPLE, QUANTISATION, int8_backbone
@@ -101,14 +102,15 @@ def export_deployment(checkpoint, out_dir, backbone, *, categories=None, onnx_ca
     weights = score_weights(checkpoint, None, None)
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     head_tmp = out / f".{HEAD_FILE}.{os.getpid()}.tmp"
     try:
         head_diff = _export_verified_head(DeployedHead(checkpoint.model, bank).eval(), checkpoint, text, categories,
                                           head_tmp)
         (out / DEPLOY_JSON).unlink(missing_ok=True)  # until the new one is written, the directory reads as incomplete
         _replace_with_copy(encoder.path, out / ENCODER_FILE)
-        os.replace(head_tmp, out / HEAD_FILE)
+        with reporting_write_faults(out / HEAD_FILE):
+            move_into_place(head_tmp, out / HEAD_FILE)
     finally:
         head_tmp.unlink(missing_ok=True)
     _replace_with_copy(SCRIPT_TEMPLATE, out / SCRIPT_FILE)
@@ -178,8 +180,9 @@ def _export_verified_head(module: DeployedHead, checkpoint, text: dict, categori
             torch.onnx.export(module, example, str(path), input_names=list(HEAD_INPUTS),
                               output_names=list(HEAD_OUTPUTS), external_data=False, dynamo=True, verbose=False,
                               dynamic_shapes={"crops": {0: batch}, "category": {0: batch}})
-    except Exception as err:  # the exporter raises many types, all meaning "this head does not export"
-        raise OnnxEngineError(f"torch.onnx could not export the head of {checkpoint.path}: {err}") from err
+    except Exception as err:  # the exporter raises many types: a full disk, or "this head does not export"
+        raise write_fault(err, path) or OnnxEngineError(f"torch.onnx could not export the head of {checkpoint.path}: "
+                                                        f"{err}") from err
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     diff = _head_difference(session, checkpoint.model, module.text_bank.numpy(), text, categories)
     if not diff <= PARITY_TOLERANCE:  # written so that NaN fails too

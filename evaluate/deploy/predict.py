@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import UserError
+from cache.files import atomic_write, make_dirs
 from extract.datasets import is_image
 from extract.prompts import encode_prompts
 from extract.pyramid import BadImageError, load_rgb, pyramid_crops
@@ -176,7 +177,7 @@ def feature_table(features: np.ndarray, categories, text: dict, backbone, sizes)
 def _save_heatmap(path: Path, image, anomaly_map: np.ndarray, prediction: Prediction, threshold: float,
                   random_weights: bool) -> None:
     """The image beside its 4x4 tile map, titled with the score and the decision."""
-    from evaluate.plots import overlay, plt
+    from evaluate.plots import overlay, plt, save_figure
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3.6))
     left.imshow(image)
@@ -187,8 +188,7 @@ def _save_heatmap(path: Path, image, anomaly_map: np.ndarray, prediction: Predic
     fig.suptitle(f"{prediction.path.name}: score {prediction.final:.3f} → "
                  f"{'ANOMALOUS' if prediction.anomalous else 'normal'} (threshold {threshold:.3f}){warning}",
                  fontsize=9, color="firebrick" if warning else "black")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def predict_files(inputs, checkpoint, category: str, out_dir, backbone, *, visual_weight=None,
@@ -203,7 +203,7 @@ def predict_files(inputs, checkpoint, category: str, out_dir, backbone, *, visua
     check_backbone(checkpoint, backbone)
     threshold = threshold_for(checkpoint, category)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     text = encode_prompts(backbone, category)
     weights = score_weights(checkpoint, visual_weight, text_weight)
     predictions = []
@@ -246,14 +246,16 @@ def _number(value: float | None) -> str:
 
 
 def _write_csv(path: Path, predictions: list[Prediction], category: str, threshold: float, random_weights: bool) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file", "category", "final", "visual", "text", "threshold", "decision", "heatmap", "error",
-                         "random_weights"])
-        for p in predictions:
-            decision = "" if p.anomalous is None else ("anomalous" if p.anomalous else "normal")
-            writer.writerow([p.path, category, _number(p.final), _number(p.visual), _number(p.text), f"{threshold:.6f}",
-                             decision, p.heatmap or "", p.error or "", int(random_weights)])
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["file", "category", "final", "visual", "text", "threshold", "decision", "heatmap",
+                             "error", "random_weights"])
+            for p in predictions:
+                decision = "" if p.anomalous is None else ("anomalous" if p.anomalous else "normal")
+                writer.writerow([p.path, category, _number(p.final), _number(p.visual), _number(p.text),
+                                 f"{threshold:.6f}", decision, p.heatmap or "", p.error or "", int(random_weights)])
+    atomic_write(path, write)
 
 
 def prediction_table(predictions: list[Prediction], threshold: float) -> str:
