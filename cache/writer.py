@@ -25,18 +25,22 @@ from cache.format import (CHECKSUM_ATTRIBUTE, N_CROPS, NUMERIC_COLUMNS, PARTIAL_
                           printable)
 
 _STR = h5py.string_dtype("utf-8")
-# What a shard takes beyond its float16 features, for extract's space check (ViT-B/16 shards of
-# the demo: ~1 KB per row for labels, sizes and path strings, ~60 KB per shard for HDF5's own
-# metadata and the prompt embeddings; both rounded up).
+FEATURE_CHUNK_ROWS = 64   # rows of ``features`` per HDF5 chunk; a shard's last chunk is allocated whole
+# What a shard takes beyond its features, for extract's space check (the demo's ViT-B/16 shard:
+# ~1 KB per row for labels, sizes and path strings, and HDF5's own metadata and the prompt
+# embeddings per shard; both rounded up).
 ROW_EXTRA_BYTES = 1024
 SHARD_EXTRA_BYTES = 128 * 1024
 
 
 def estimated_bytes(images: int, embed_dim: int, shard_size: int) -> int:
     """About how many bytes ``images`` new rows of ``embed_dim``-d features take in shards of
-    ``shard_size`` rows (an over- rather than an underestimate)."""
-    shards = -(-images // shard_size)
-    return images * (N_CROPS * embed_dim * 2 + ROW_EXTRA_BYTES) + shards * SHARD_EXTRA_BYTES
+    ``shard_size`` rows (an over- rather than an underestimate): the features of whole chunks,
+    plus ``ROW_EXTRA_BYTES`` per row and ``SHARD_EXTRA_BYTES`` per shard."""
+    sizes = [shard_size] * (images // shard_size) + ([images % shard_size] if images % shard_size else [])
+    allocated = sum(rows if rows <= FEATURE_CHUNK_ROWS else -(-rows // FEATURE_CHUNK_ROWS) * FEATURE_CHUNK_ROWS
+                    for rows in sizes)
+    return allocated * N_CROPS * embed_dim * 2 + images * ROW_EXTRA_BYTES + len(sizes) * SHARD_EXTRA_BYTES
 
 
 @dataclass
@@ -101,7 +105,7 @@ def write_shard(path: Path, rows: ShardRows, meta: dict, text: dict, engine: str
             h5.create_dataset(name, data=np.array(encoded, dtype=object), dtype=_STR)
             checksums[name] = strings_checksum(encoded)
 
-        numeric("features", columns["features"], chunks=(min(n, 64), N_CROPS, dim) if n else None)
+        numeric("features", columns["features"], chunks=(min(n, FEATURE_CHUNK_ROWS), N_CROPS, dim) if n else None)
         for name in NUMERIC_COLUMNS:
             numeric(name, columns[name])
         for name in STRING_COLUMNS:
