@@ -14,6 +14,8 @@ import xxhash
 
 from cache.format import KNOWN_SPLITS, N_CROPS, printable
 
+ATTRIBUTES = "@attributes"   # the checksum entry of a shard's attributes (format 2 on); no dataset has this name
+
 # Features are stored as float16, which keeps an L2 norm within ~1e-3 of 1; ten times that is a fault.
 UNIT_NORM_TOLERANCE = 1e-2
 
@@ -21,6 +23,14 @@ UNIT_NORM_TOLERANCE = 1e-2
 def dataset_checksum(array: np.ndarray) -> int:
     """XXH3-64 of a numeric dataset: of its bytes, little-endian, in C order."""
     return xxhash.xxh3_64_intdigest(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")))
+
+
+def attributes_checksum(attributes: dict) -> int:
+    """XXH3-64 of a shard's attributes (name → the JSON text stored), every one but the checksums':
+    the fingerprint, the engine, the dataset record, the code version. Sorted by name, each
+    ``name=value`` ended by a NUL byte."""
+    return xxhash.xxh3_64_intdigest(b"".join(f"{name}={attributes[name]}".encode("utf-8") + b"\0"
+                                             for name in sorted(attributes)))
 
 
 def strings_checksum(encoded: list[bytes]) -> int:
@@ -121,6 +131,12 @@ def checksum_problem(shard) -> str | None:
     shards written before checksums)."""
     if shard.checksums is None:
         return None
+    if ATTRIBUTES in shard.checksums:
+        if attributes_checksum(shard.attributes) != shard.checksums[ATTRIBUTES]:
+            return (f"its attributes ({', '.join(sorted(shard.attributes))}) do not match their checksum "
+                    "(corrupted)")
+    elif shard.format_version >= 2:
+        return "its attributes have no checksum although the shard is of format 2 or later"
     numeric = shard.numeric()
     unchecked = sorted((set(numeric) | set(shard.encoded)) - set(shard.checksums))
     if unchecked:

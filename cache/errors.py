@@ -2,11 +2,13 @@
 
 ``UserError`` is what RAML raises for anything the user can fix: a missing or malformed file, a
 wrong option, a cache of another backbone, an image that cannot be decoded. The command line shows
-its message as one ``Error:`` line. Every other exception is a bug in RAML or a library and keeps
-its traceback, so that it can be reported rather than mistaken for bad input.
+its message as one ``Error:`` line. Every other exception is a bug in RAML or a library: the
+command line says so in a short message, naming what was being processed (``working_on``), and
+writes its traceback to a log file, so that it can be reported rather than mistaken for bad input.
 
 It subclasses ``ValueError`` so that library callers catching ``ValueError`` keep working.
 """
+import contextlib
 
 
 class UserError(ValueError):
@@ -15,3 +17,16 @@ class UserError(ValueError):
 
 class CacheError(UserError):
     """A cache directory that cannot be read or written as asked."""
+
+
+@contextlib.contextmanager
+def working_on(what: str):
+    """Say what the code inside is processing (an image, a shard, a checkpoint): an unexpected
+    exception raised inside carries it (``err.raml_working_on``, the innermost wins), and the
+    command line's error message names it (``cache.cli.fail_cleanly``)."""
+    try:
+        yield
+    except Exception as err:
+        if getattr(err, "raml_working_on", None) is None:
+            err.raml_working_on = what
+        raise

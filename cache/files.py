@@ -64,6 +64,15 @@ def reporting_write_faults(path):
         raise fault from err
 
 
+def user_cache_root() -> Path:
+    """RAML's user cache (the backbone identity memo, ONNX exports, logs of unexpected errors):
+    ``$RAML_CACHE_DIR``, else ``$XDG_CACHE_HOME/raml``, else ``~/.cache/raml``."""
+    if os.environ.get("RAML_CACHE_DIR"):
+        return Path(os.environ["RAML_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "raml"
+
+
 def atomic_write(path: Path, write, *, tmp: Path | None = None) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path`` (default ``.<name>.<pid>.tmp``), then
     move it into place (``move_into_place``): readers see the old file or the new one, never a

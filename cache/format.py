@@ -31,7 +31,7 @@ from pathlib import Path
 from cache.errors import CacheError
 from cache.files import create_exclusively, make_dirs
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: the shard's attributes are under the checksum too (cache.checks)
 CROP_LAYOUT = ((1, 1), (2, 2), (4, 4))  # (rows, cols) per scale: 1 + 4 + 16 = 21 crops
 N_CROPS = sum(rows * cols for rows, cols in CROP_LAYOUT)
 SCALE_SLICES = (slice(0, 1), slice(1, 5), slice(5, 21))  # rows of ``features`` for each scale

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from cache.checks import checksum_problem, shard_problem
-from cache.errors import CacheError
+from cache.errors import CacheError, working_on
 from cache.format import (CACHE_JSON, CHECKSUM_ATTRIBUTE, FINGERPRINT_KEYS, N_CROPS, NUMERIC_COLUMNS, STRING_COLUMNS,
                           mismatched_fields, read_fingerprint, shard_paths)
 
@@ -85,7 +85,8 @@ def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
     # float16 norms) run in xxhash and numpy, which release the GIL, so they overlap the reading.
     with ThreadPoolExecutor(max_workers=1) as checker:
         for path in shard_paths(cache_dir):
-            shard = load_shard(path, meta)
+            with working_on(f"shard {path}"):
+                shard = load_shard(path, meta)
             checks.append((path, checker.submit(shard_problem, shard, meta["embed_dim"])))
             for name in parts:
                 parts[name].append(shard.columns[name])
@@ -132,6 +133,8 @@ class LoadedShard:
     engine: str | None
     encoded: dict    # every string dataset by name, as the UTF-8 bytes stored
     checksums: dict | None   # recorded XXH3-64 by dataset name; None in shards written before them
+    attributes: dict = field(default_factory=dict)   # every attribute but the checksums, as stored (JSON text)
+    format_version: int = 1
 
     def numeric(self) -> dict:
         """Every numeric dataset by name, as stored."""
@@ -153,13 +156,16 @@ def load_shard(path: Path, meta: dict) -> LoadedShard:
                        for name in (*STRING_COLUMNS, "skipped/relpath", "skipped/reason")}
             engine = json.loads(h5.attrs["engine"])
             checksums = json.loads(h5.attrs[CHECKSUM_ATTRIBUTE]) if CHECKSUM_ATTRIBUTE in h5.attrs else None
+            attributes = {key: str(value) for key, value in h5.attrs.items() if key != CHECKSUM_ATTRIBUTE}
+            format_version = json.loads(h5.attrs["format_version"]) if "format_version" in h5.attrs else 1
     except (OSError, KeyError, json.JSONDecodeError) as err:   # HDF5 errors, a missing dataset, bad JSON
         raise CacheError(f"{path}: unreadable shard ({type(err).__name__}: {err}). {_FIX}") from None
     bad = mismatched_fields(meta, shard_meta, unrecorded_matches=False)
     if bad:
         raise CacheError(f"{path}: written by another backbone than {path.parent / CACHE_JSON} "
                          f"(fields {', '.join(bad)}); move it to its own cache.")
-    shard = LoadedShard(columns=columns, text=text, skipped={}, engine=engine, encoded=encoded, checksums=checksums)
+    shard = LoadedShard(columns=columns, text=text, skipped={}, engine=engine, encoded=encoded, checksums=checksums,
+                        attributes=attributes, format_version=format_version if isinstance(format_version, int) else 2)
     strings = {}
     for name, values in encoded.items():
         try:

@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.checks import dataset_checksum, rows_problem, strings_checksum, text_problem
+from cache.checks import ATTRIBUTES, attributes_checksum, dataset_checksum, rows_problem, strings_checksum, text_problem
 from cache.files import atomic_write_bytes
 from cache.format import (CHECKSUM_ATTRIBUTE, N_CROPS, NUMERIC_COLUMNS, PARTIAL_SUFFIX, SHARD_SUFFIX, STRING_COLUMNS,
                           printable)
@@ -115,6 +115,7 @@ def write_shard(path: Path, rows: ShardRows, meta: dict, text: dict, engine: str
                 numeric(f"text/{category}/{kind}", np.asarray(text[category][kind], np.float32))
         strings("skipped/relpath", [printable(relpath) for relpath, _ in rows.skipped])
         strings("skipped/reason", [printable(reason) for _, reason in rows.skipped])
+        checksums[ATTRIBUTES] = attributes_checksum({key: str(value) for key, value in h5.attrs.items()})
         h5.attrs[CHECKSUM_ATTRIBUTE] = json.dumps(checksums)
         h5.flush()
         image = h5.id.get_file_image()

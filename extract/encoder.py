@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -125,6 +126,10 @@ def load_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_P
             clip = open_clip.create_model(name, pretrained=source, device=torch_device,
                                           force_quick_gelu=resolved.quick_gelu)
     except Exception as err:  # open_clip raises RuntimeError, OSError, KeyError... for one cause: no weights
+        if weights and not random_weights:
+            raise WeightsUnavailableError(f"--weights {weights}: {_weights_file_problem(Path(weights), name, err)}. "
+                                          f"Pass the open_clip checkpoint of {name} (a .bin, .pt or .pth state dict, or "
+                                          ".safetensors), or --random-weights to exercise the pipeline.") from err
         raise WeightsUnavailableError(_weights_help(name, source, err)) from err
     clip.eval().requires_grad_(False)
     _check_built(clip, identity)
@@ -144,6 +149,24 @@ def _check_built(clip: torch.nn.Module, identity: BackboneIdentity) -> None:
     if built != resolved:
         raise RuntimeError(f"open_clip built {identity.name} with (input size, embedding size, mean, std) "
                            f"{built}, but extract/identity.py resolved {resolved}")
+
+
+def _weights_file_problem(path: Path, name: str, err: Exception) -> str:
+    """Why open_clip could not load the weights file ``path`` for model ``name``, in words."""
+    detail = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if "state_dict" in str(err) or "size mismatch" in str(err):
+        return (f"its tensors do not fit {name} (missing, unexpected or differently shaped entries: the weights of "
+                f"another model?) ({detail})")
+    if head.startswith(b"PK"):   # torch.save's zip format
+        return f"a PyTorch checkpoint that cannot be read whole: truncated or corrupt ({detail})"
+    if path.suffix == ".safetensors":
+        return f"a .safetensors file that cannot be read: truncated or corrupt ({detail})"
+    if head[:1] == b"\x80":      # a pickle (torch.save's legacy format)
+        return f"a pickle that does not unpickle into a state dict: truncated, corrupt or not a checkpoint ({detail})"
+    return (f"not a checkpoint: neither a PyTorch (zip or pickle) nor a safetensors file (e.g. a text file; "
+            f"torch said {detail})")
 
 
 def _weights_help(name: str, source: str | None, err: Exception) -> str:

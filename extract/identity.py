@@ -21,12 +21,11 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from cache import UserError
-from cache.files import atomic_write_text
+from cache.files import atomic_write_text, user_cache_root
 
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
@@ -143,14 +142,61 @@ def resolve_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAUL
     return ResolvedBackbone(identity=identity, open_clip_name=name, source=source, quick_gelu=quick_gelu)
 
 
+# The sizes a model config may give, checked before open_clip builds anything: a typo (or a
+# corrupt file) must not make it allocate a model of 10^12 parameters. Wide enough for every
+# open_clip ViT (ViT-bigG-14: width 1664, 48 layers; context 77; vocabulary 49,408).
+CONFIG_LIMITS = {"embed_dim": (1, 16384),
+                 "vision_cfg": {"image_size": (8, 4096), "layers": (1, 128), "width": (8, 16384),
+                                "patch_size": (1, 1024), "head_width": (1, 4096)},
+                 "text_cfg": {"context_length": (1, 1024), "vocab_size": (1, 1_000_000), "width": (8, 16384),
+                              "heads": (1, 256), "layers": (1, 128)}}
+
+
+def check_model_config(path: Path) -> dict:
+    """The model config JSON at ``path``, or a ``UserError`` naming the file and what is wrong: not
+    UTF-8 JSON, not an object, no ``embed_dim``/``vision_cfg``/``text_cfg``, or a size of
+    ``CONFIG_LIMITS`` that is not a whole number in range."""
+    def fail(problem: str):
+        raise UserError(f"--model {path}: {problem}. An open_clip model config is a JSON object with embed_dim, "
+                        'vision_cfg and text_cfg (e.g. {"embed_dim": 512, "vision_cfg": {"image_size": 224, ...}, '
+                        '"text_cfg": {...}})')
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        fail(f"not UTF-8 text ({err.reason} at byte {err.start})")
+    except json.JSONDecodeError as err:
+        fail(f"not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})")
+    if not isinstance(config, dict):
+        fail(f"a JSON {type(config).__name__}, not an object")
+
+    def check(values: dict, limits: dict, where: str):
+        for key, limit in limits.items():
+            if isinstance(limit, dict):
+                if not isinstance(values.get(key), dict):
+                    fail(f"{where}{key} is missing or not an object")
+                check(values[key], limit, f"{where}{key}.")
+            elif (key in values and values[key] is not None) or where == "":   # null: open_clip's default
+                value = values.get(key)
+                low, high = limit
+                # lists: a ResNet's layers per stage, an image size as [height, width]
+                numbers = value if isinstance(value, list) and key in ("layers", "image_size") else [value]
+                if not numbers or any(isinstance(n, bool) or not isinstance(n, int) or not low <= n <= high
+                                      for n in numbers):
+                    fail(f"{where}{key} is {value!r}; expected a whole number from {low} to {high}")
+    check(config, CONFIG_LIMITS, "")
+    return config
+
+
 def model_name(model: str) -> str:
-    """Register a config JSON with open_clip if ``model`` is a path; return the name to create."""
+    """Register a config JSON with open_clip if ``model`` is a path (checked first:
+    ``check_model_config``); return the name to create."""
     import open_clip
 
     path = Path(model)
     if path.suffix == ".json":
         if not path.is_file():
             raise FileNotFoundError(f"--model {model}: no such model-config file")
+        check_model_config(path)
         open_clip.add_model_config(path)
         return path.stem
     if model not in open_clip.list_models():
@@ -185,14 +231,6 @@ def weights_sha256(path) -> str:
         found = file_sha256(path)
         _memo_write("file-sha256", key, found)
     return found
-
-
-def user_cache_root() -> Path:
-    """``$RAML_CACHE_DIR``, else ``$XDG_CACHE_HOME/raml``, else ``~/.cache/raml``."""
-    if os.environ.get("RAML_CACHE_DIR"):
-        return Path(os.environ["RAML_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "raml"
 
 
 def _identity_key(model: str, pretrained, weights, random_weights: bool) -> dict | None:

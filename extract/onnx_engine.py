@@ -39,10 +39,11 @@ import numpy as np
 import torch
 
 from cache import UserError
-from cache.files import atomic_write_text, make_dirs, move_into_place, reporting_write_faults, write_fault
+from cache.files import (atomic_write_text, make_dirs, move_into_place, reporting_write_faults, user_cache_root,
+                         write_fault)
 from extract.encoder import ClipBackbone
 from extract.engines import usable_cores
-from extract.identity import file_sha256, user_cache_root
+from extract.identity import file_sha256
 from extract.pyramid import normalise_crops
 
 EXPORT_FORMAT = 1          # bump when the graph's contract changes: older exports are then rebuilt
@@ -157,7 +158,7 @@ def locked_fp32_encoder(backbone: ClipBackbone, directory: Path, threads: int | 
 
 
 def onnx_cache_root() -> Path:
-    """``onnx`` in RAML's user cache directory (``extract.identity.user_cache_root``)."""
+    """``onnx`` in RAML's user cache directory (``cache.files.user_cache_root``)."""
     return user_cache_root() / "onnx"
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cache import N_CROPS, CacheError, ShardRows, UserError, claim_cache, fingerprint, read_cache, write_shard
+from cache.errors import working_on
 from cache.lock import WriterSlot
 from cache.format import human_bytes, next_shard_path, printable, shards_bytes
 from cache.writer import estimated_bytes
@@ -218,7 +219,8 @@ def _encode_pending(root: Path, pending: list[ImageRecord], backbone, meta: dict
                 summary.skipped.append((str(path), image.reason))
             good = batch.good
             if good:
-                features = backbone.encode_crops(batch.crops).reshape(len(good), N_CROPS, backbone.embed_dim)
+                with working_on(f"a batch of {len(good)} images from {root / pending[good[0].index].relpath}"):
+                    features = backbone.encode_crops(batch.crops).reshape(len(good), N_CROPS, backbone.embed_dim)
                 for image, feats in zip(good, features):
                     rows.features.append(feats.astype(np.float16))
                     rows.records.append(pending[image.index])

@@ -273,8 +273,12 @@ def test_cache_from_before_model_config_is_read_but_not_extended(mvtec_root, mvt
     del meta["model_config"]
     (cache_dir / CACHE_JSON).write_text(json.dumps(meta))
     for shard in cache_dir.glob("*.h5"):
-        with h5py.File(shard, "r+") as h5:
+        with h5py.File(shard, "r+") as h5:   # as RAML wrote shards then: format 1, attributes unchecked
             del h5.attrs["model_config"]
+            h5.attrs["format_version"] = json.dumps(1)
+            checksums = json.loads(h5.attrs["xxh3_64"])
+            del checksums["@attributes"]
+            h5.attrs["xxh3_64"] = json.dumps(checksums)
     assert len(read_cache(cache_dir)) == 20
     with pytest.raises(CacheError, match="written before RAML recorded the content of the model config"):
         run(mvtec_root, cache_dir, None, identity=backbone_identity(**TINY_IDENTITY))

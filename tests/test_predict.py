@@ -71,7 +71,8 @@ def test_predict_takes_the_backbone_from_the_checkpoint(tmp_path, run_dir, mvtec
                                       "--device", "cpu", "--no-heatmaps"])
     assert result.exit_code == 0, result.output
     threshold = load_checkpoint(run_dir).thresholds["categories"]["bottle"]["threshold"]
-    assert f"decision (threshold {threshold:.3f})" in result.output and "NOT MEANINGFUL" in result.output
+    assert f"decision (threshold {threshold:.3f}: bottle's own, F1-max on its training images)" in result.output
+    assert "NOT MEANINGFUL" in result.output
     with open(tmp_path / "predictions.csv", newline="") as handle:
         assert float(next(csv.DictReader(handle))["threshold"]) == pytest.approx(threshold, abs=1e-6)
 
@@ -83,7 +84,13 @@ def test_a_category_the_run_was_not_trained_on_gets_the_pooled_threshold(tmp_pat
     assert result.exit_code == 0, result.output
     pooled = load_checkpoint(run_dir).thresholds["pooled"]["threshold"]
     assert f"screw: the pooled threshold {pooled:.4f} applies: the run was not trained on 'screw'" in result.output
-    assert f"decision (threshold {pooled:.3f})" in result.output
+    assert f"decision (threshold {pooled:.3f}: pooled, as the run was not trained on 'screw')" in result.output
+    strict = CliRunner().invoke(cli, ["predict", str(mvtec_root / "bottle" / "test" / "good" / "000.png"),
+                                      "--checkpoint", str(run_dir), "--category", "screw", "--out", str(tmp_path / "s"),
+                                      "--device", "cpu", "--no-heatmaps", "--strict"])
+    assert strict.exit_code == 1 and not (tmp_path / "s").exists()
+    assert (f"Error: --strict: {run_dir} has no decision threshold of its own for 'screw' (the run was not trained "
+            f"on 'screw'); without --strict the pooled threshold {pooled:.4f} applies") in strict.output
 
 
 def test_a_weights_file_is_found_at_its_recorded_path_and_named_when_it_has_moved(tmp_path, tiny_backbone):

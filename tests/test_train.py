@@ -325,7 +325,7 @@ def test_bench_train_runs_on_mvtec_shape():
     assert "peak memory" in result.output
 
 
-def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch):
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback_in_a_log(tmp_path, monkeypatch):
     not_a_cache = tmp_path / "empty"
     not_a_cache.mkdir()
     user_error = CliRunner().invoke(cli, ["info", "--cache-dir", str(not_a_cache)])
@@ -336,5 +336,11 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkey
     def bug(*args, **kwargs):
         raise ValueError("an internal mistake")   # a plain ValueError is a bug, not the user's error
     monkeypatch.setattr("cache.read_cache", bug)
+    monkeypatch.setenv("RAML_CACHE_DIR", str(tmp_path / "user-cache"))
     crashed = CliRunner().invoke(cli, ["info", "--cache-dir", str(not_a_cache)])
-    assert isinstance(crashed.exception, ValueError) and "Error: " not in crashed.output
+    assert crashed.exit_code == 1 and "Error: unexpected ValueError in `cli info`: an internal mistake." in crashed.output
+    (log,) = (tmp_path / "user-cache" / "logs").glob("error-*.log")
+    assert "raise ValueError(\"an internal mistake\")" in log.read_text()   # the traceback, kept
+    monkeypatch.setenv("RAML_DEBUG", "1")
+    debugged = CliRunner().invoke(cli, ["info", "--cache-dir", str(not_a_cache)])
+    assert isinstance(debugged.exception, ValueError) and "Error: " not in debugged.output

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import UserError
+from cache.errors import working_on
 from cache.files import atomic_write, make_dirs
 from extract.datasets import is_image
 from extract.prompts import encode_prompts
@@ -146,19 +147,30 @@ def threshold_for(checkpoint, category: str) -> float:
     return float(checkpoint.thresholds["pooled"]["threshold"] if own is None else own)
 
 
-def threshold_note(checkpoint, category: str) -> str | None:
-    """Why ``category`` gets the pooled threshold rather than its own, or None when it has its own."""
+def pooled_reason(checkpoint, category: str) -> str | None:
+    """Why ``category`` has no decision threshold of its own in ``checkpoint``, or None when it has."""
     calibration = checkpoint.thresholds
     own = calibration["categories"].get(category)
     if own is not None and own.get("threshold") is not None:
         return None
     if own is not None:
-        why = own["reason"]
-    elif not calibration["categories"]:
-        why = f"this checkpoint has one threshold ({calibration['set']})"
-    else:
-        why = f"the run was not trained on {category!r}"
-    return f"{category}: the pooled threshold {threshold_for(checkpoint, category):.4f} applies: {why}"
+        return own["reason"]
+    if not calibration["categories"]:
+        return f"this checkpoint has one threshold ({calibration['set']})"
+    return f"the run was not trained on {category!r}"
+
+
+def threshold_note(checkpoint, category: str) -> str | None:
+    """Why ``category`` gets the pooled threshold rather than its own, or None when it has its own."""
+    reason = pooled_reason(checkpoint, category)
+    return None if reason is None else \
+        f"{category}: the pooled threshold {threshold_for(checkpoint, category):.4f} applies: {reason}"
+
+
+def threshold_source(checkpoint, category: str) -> str:
+    """Where ``threshold_for(checkpoint, category)`` comes from, in a few words (``predict`` prints it)."""
+    reason = pooled_reason(checkpoint, category)
+    return f"{category}'s own, F1-max on its training images" if reason is None else f"pooled, as {reason}"
 
 
 def feature_table(features: np.ndarray, categories, text: dict, backbone, sizes):
@@ -218,7 +230,9 @@ def predict_files(inputs, checkpoint, category: str, out_dir, backbone, *, visua
         except BadImageError as err:
             prediction.error = str(err)
             continue
-        features = backbone.encode_crops(pyramid_crops(image, backbone.input_size)).reshape(1, -1, backbone.embed_dim)
+        with working_on(f"image {path}"):
+            features = backbone.encode_crops(pyramid_crops(image, backbone.input_size)).reshape(1, -1,
+                                                                                                backbone.embed_dim)
         table = feature_table(features, [category], {category: text}, backbone, [(image.height, image.width)])
         scores = score_rows(checkpoint.model, table, **weights)  # check_backbone above stands for check_cache
         prediction.final, prediction.visual, prediction.text = (float(scores[k][0]) for k in ("final", "visual", "text"))
@@ -258,10 +272,11 @@ def _write_csv(path: Path, predictions: list[Prediction], category: str, thresho
     atomic_write(path, write)
 
 
-def prediction_table(predictions: list[Prediction], threshold: float) -> str:
-    """The table ``predict`` prints: file, score, decision (errors on their own lines)."""
+def prediction_table(predictions: list[Prediction], threshold: float, source: str) -> str:
+    """The table ``predict`` prints: file, score, decision at ``threshold`` (``source`` says where it
+    comes from), errors on their own lines."""
     width = max(len(str(p.path)) for p in predictions)
-    lines = [f"{'file':<{width}}  {'score':>7}  decision (threshold {threshold:.3f})"]
+    lines = [f"{'file':<{width}}  {'score':>7}  decision (threshold {threshold:.3f}: {source})"]
     for p in predictions:
         if p.error:
             lines.append(f"{str(p.path):<{width}}  {'-':>7}  ERROR: {p.error}")
