@@ -29,7 +29,7 @@ def attributes_checksum(attributes: dict) -> int:
     """XXH3-64 of a shard's attributes (name → the JSON text stored), every one but the checksums':
     the fingerprint, the engine, the dataset record, the code version. Sorted by name, each
     ``name=value`` ended by a NUL byte."""
-    return xxhash.xxh3_64_intdigest(b"".join(f"{name}={attributes[name]}".encode("utf-8") + b"\0"
+    return xxhash.xxh3_64_intdigest(b"".join(f"{name}={attributes[name]}".encode("utf-8", "surrogateescape") + b"\0"
                                              for name in sorted(attributes)))
 
 

@@ -5,6 +5,7 @@ evaluate/cli.py, ...); pipeline.py assembles them into one command line.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import tempfile
@@ -88,6 +89,18 @@ def comma_list(text, kind=str):
         return [kind(item.strip()) for item in text.split(",") if item.strip()]
     except ValueError:
         raise click.BadParameter(f"{text!r}: expected a comma-separated list") from None
+
+
+class FiniteFloat(click.FloatRange):
+    """click's ``FloatRange`` that also refuses NaN and ±inf: a number option takes finite numbers."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def device_option(help_text: str):

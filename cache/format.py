@@ -108,13 +108,48 @@ def mismatched_fields(a: dict, b: dict, *, unrecorded_matches: bool = True) -> l
 
 
 def read_fingerprint(cache_dir: Path) -> dict | None:
+    """``cache.json`` of ``cache_dir`` (None when there is none), checked (``fingerprint_problem``)."""
     path = Path(cache_dir) / CACHE_JSON
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CacheError(f"{path}: not valid JSON ({err}); was it edited by hand?") from err
+    problem = fingerprint_problem(meta)
+    if problem:
+        raise CacheError(f"{path}: {problem}; was it edited by hand? Extract into a new --cache-dir, or restore it.")
+    return meta
+
+
+# What each field of a fingerprint must be (None allowed where ``FINGERPRINT_DEFAULTS`` or older
+# caches leave it out: see ``fingerprint_field``).
+_FIELD_TYPES = {"backbone": str, "model_config": (str, type(None)), "weights": str, "random_weights": bool,
+                "input_size": int, "embed_dim": int, "preprocessing": str, "precision": str}
+
+
+def fingerprint_problem(meta) -> str | None:
+    """Why ``meta`` is not a cache fingerprint RAML wrote, or None: an object with every field of
+    the right kind, positive sizes, the crop layout, a mean and std of three numbers each."""
+    if not isinstance(meta, dict):
+        return f"a JSON {type(meta).__name__}, not an object"
+    for key, kind in _FIELD_TYPES.items():
+        value = meta.get(key, FINGERPRINT_DEFAULTS.get(key))
+        if key not in meta and key not in FINGERPRINT_DEFAULTS and key != "model_config":
+            return f"no {key}"
+        if isinstance(value, bool) and kind is int or not isinstance(value, kind):
+            return f"{key} is {value!r}, of the wrong kind"
+    if meta["input_size"] <= 0 or meta["embed_dim"] <= 0:
+        return "input_size and embed_dim must be positive"
+    if meta.get("crop_layout") != [list(grid) for grid in CROP_LAYOUT]:
+        return f"crop_layout is {meta.get('crop_layout')!r}, not RAML's {[list(g) for g in CROP_LAYOUT]}"
+    normalisation = meta.get("normalisation")
+    if not (isinstance(normalisation, dict) and all(
+            isinstance(normalisation.get(k), list) and len(normalisation[k]) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in normalisation[k])
+            for k in ("mean", "std"))):
+        return "normalisation is not {\"mean\": [3 numbers], \"std\": [3 numbers]}"
+    return None
 
 
 def claim_cache(cache_dir: Path, meta: dict, *, create: bool = True) -> bool:

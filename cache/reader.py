@@ -158,7 +158,7 @@ def load_shard(path: Path, meta: dict) -> LoadedShard:
             checksums = json.loads(h5.attrs[CHECKSUM_ATTRIBUTE]) if CHECKSUM_ATTRIBUTE in h5.attrs else None
             attributes = {key: str(value) for key, value in h5.attrs.items() if key != CHECKSUM_ATTRIBUTE}
             format_version = json.loads(h5.attrs["format_version"]) if "format_version" in h5.attrs else 1
-    except (OSError, KeyError, json.JSONDecodeError) as err:   # HDF5 errors, a missing dataset, bad JSON
+    except Exception as err:   # h5py raises many types for a damaged file (OSError, RuntimeError, KeyError, ...)
         raise CacheError(f"{path}: unreadable shard ({type(err).__name__}: {err}). {_FIX}") from None
     bad = mismatched_fields(meta, shard_meta, unrecorded_matches=False)
     if bad:

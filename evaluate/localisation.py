@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cache import CROP_LAYOUT, SCALE_SLICES
+from cache import CROP_LAYOUT, SCALE_SLICES, UserError
 from evaluate.metrics import weighted_pixel_auroc
 from extract.pyramid import tile_boxes
 
@@ -51,12 +51,19 @@ def pool_to_grid(maps: np.ndarray, grid: int = GRID) -> np.ndarray:
 
 
 def mask_pixels(root: Path, mask_relpath: str, width: int, height: int) -> np.ndarray:
-    """Boolean [H, W] defect mask, resized (nearest) to the image when the sizes differ."""
-    with Image.open(root / mask_relpath) as mask:
-        mask = mask.convert("L")
-        if mask.size != (width, height):
-            mask = mask.resize((width, height), Image.NEAREST)
-        return np.asarray(mask) > 0
+    """Boolean [H, W] defect mask, resized (nearest) to the image when the sizes differ; a
+    ``UserError`` naming the mask when it cannot be decoded."""
+    try:
+        with Image.open(root / mask_relpath) as mask:
+            mask = mask.convert("L")
+            if mask.size != (width, height):
+                mask = mask.resize((width, height), Image.NEAREST)
+            return np.asarray(mask) > 0
+    except FileNotFoundError:
+        raise
+    except Exception as err:   # PIL raises many types for damaged bytes
+        raise UserError(f"{root / mask_relpath}: a defect mask that cannot be decoded ({type(err).__name__}: "
+                        f"{err})") from None
 
 
 def tile_pixel_counts(root: Path, label: int, mask_relpath: str, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:

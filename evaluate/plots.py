@@ -43,8 +43,9 @@ def auroc_bars(rows, path: Path, title: str) -> Path:
     for i, row in enumerate(rows):
         values = [row.entry["details"].get(c, np.nan) for c in categories] + [row.entry["mean_auroc"]]
         ci = [row.entry.get("categories", {}).get(c, {}).get("auroc_ci95") for c in categories] + [None]
-        low = [v - c[0] if c else np.nan for v, c in zip(values, ci)]   # nan: no whisker (no CI known)
-        high = [c[1] - v if c else np.nan for v, c in zip(values, ci)]
+        # nan: no whisker (no CI known); 0 where a hand-edited file's CI leaves out its own value
+        low = [max(v - c[0], 0) if c else np.nan for v, c in zip(values, ci)]
+        high = [max(c[1] - v, 0) if c else np.nan for v, c in zip(values, ci)]
         ax.bar(x + (i - (len(rows) - 1) / 2) * width, values, width, yerr=[low, high], capsize=2,
                label=row.label, error_kw={"elinewidth": 0.8})
     ax.set_xticks(x, categories + ["mean"], rotation=45, ha="right")

@@ -20,7 +20,7 @@ import numpy as np
 
 from cache import UserError
 from train.checkpoint import load_checkpoint
-from train.split import image_list_hash, rows_for
+from train.split import image_list_hash, manifest_problem, rows_for
 
 
 PROTOCOLS = ("holdout", "transfer", "official")
@@ -68,7 +68,14 @@ def read_split_manifest(run: str | Path) -> tuple[dict, str]:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no split manifest; is {run} a training run directory "
                                     "(written by python pipeline.py train --out ...)?")
-        return json.loads(path.read_text()), str(path)
+        try:
+            manifest = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"{path}: not valid JSON ({err})") from err
+        problem = manifest_problem(manifest)
+        if problem:
+            raise UserError(f"{path}: {problem}")
+        return manifest, str(path)
     return load_checkpoint(run).manifest, str(run)
 
 

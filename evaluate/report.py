@@ -82,8 +82,9 @@ def _spread(entry: dict, category: str | None) -> tuple[float | None, int]:
     their std is recomputed from the per-seed AUROCs with ``mean_std``, so that every table uses one
     rule.
     """
-    if "auroc_over_seeds" in entry:
-        stats = entry["auroc_over_seeds"] if category is None else entry["categories"][category]["auroc_over_seeds"]
+    stats = entry.get("auroc_over_seeds") if category is None else \
+        entry.get("categories", {}).get(category, {}).get("auroc_over_seeds")
+    if stats is not None:
         return stats["std"], stats["n"]
     per_seed = {c: stats["auroc_per_seed"] for c, stats in entry.get("categories", {}).items()}
     if not per_seed:
@@ -97,13 +98,15 @@ def _cell(entry: dict, category: str | None) -> str:
     """``94.1 ± 1.2 [88.0, 99.0]`` (mean over seeds ± sample std, bootstrap 95 % CI) or ``n/a``."""
     if category is None:
         std, _ = _spread(entry, None)
-        return f"**{entry['mean_auroc']:.2f}**" + ("" if std is None else f" ± {std:.2f}")
+        return "n/a" if entry["mean_auroc"] is None else \
+            f"**{entry['mean_auroc']:.2f}**" + ("" if std is None else f" ± {std:.2f}")
     stats = entry.get("categories", {}).get(category)
-    if stats is None:
-        return f"{entry['details'][category]:.2f}" if category in entry.get("details", {}) else "n/a"
+    if stats is None or stats.get("auroc") is None:
+        value = entry.get("details", {}).get(category)
+        return "n/a" if value is None else f"{value:.2f}"
     std, _ = _spread(entry, category)
-    low, high = stats["auroc_ci95"]
-    return f"{stats['auroc']:.2f}{'' if std is None else f' ± {std:.2f}'} [{low:.1f}, {high:.1f}]"
+    interval = "" if stats.get("auroc_ci95") is None else " [{:.1f}, {:.1f}]".format(*stats["auroc_ci95"])
+    return f"{stats['auroc']:.2f}{'' if std is None else f' ± {std:.2f}'}{interval}"
 
 
 def _n_seeds(entry: dict) -> str:
@@ -164,12 +167,12 @@ def comparison_markdown(title: str, rows: list[Row], plots: list[str]) -> str:
         lines += ["", "n/a — " + "; ".join(notes)]
     pixel = [(row.label, row.entry["pixel_auroc_coarse"]) for row in rows if row.entry.get("pixel_auroc_coarse")]
     if pixel:
-        lines += ["", "Pixel AUROC is " + pixel[0][1]["note"] + "."]
+        lines += ["", "Pixel AUROC is " + pixel[0][1].get("note", "from each configuration's anomaly maps") + "."]
         by_map = defaultdict(list)
         for label, block in pixel:
             by_map[block.get("map")].append(label)
         lines += [f"- {', '.join(labels)}: {source}" for source, labels in by_map.items() if source]
-        missing = sorted({f"{c}: {reason}" for _, block in pixel for c, reason in block["not_available"].items()})
+        missing = sorted({f"{c}: {reason}" for _, block in pixel for c, reason in block.get("not_available", {}).items()})
         if missing:
             lines.append("- n/a — " + "; ".join(missing))
     if any(row.random_weights for row in rows):

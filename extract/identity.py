@@ -20,7 +20,11 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import atexit
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -152,6 +156,9 @@ CONFIG_LIMITS = {"embed_dim": (1, 16384),
                               "heads": (1, 256), "layers": (1, 128)}}
 
 
+REQUIRED = {("", "embed_dim"), ("vision_cfg.", "image_size")}   # what RAML itself reads from a config
+
+
 def check_model_config(path: Path) -> dict:
     """The model config JSON at ``path``, or a ``UserError`` naming the file and what is wrong: not
     UTF-8 JSON, not an object, no ``embed_dim``/``vision_cfg``/``text_cfg``, or a size of
@@ -175,16 +182,60 @@ def check_model_config(path: Path) -> dict:
                 if not isinstance(values.get(key), dict):
                     fail(f"{where}{key} is missing or not an object")
                 check(values[key], limit, f"{where}{key}.")
-            elif (key in values and values[key] is not None) or where == "":   # null: open_clip's default
+            elif (key in values and values[key] is not None) or (where, key) in REQUIRED:   # null: the default
                 value = values.get(key)
                 low, high = limit
                 # lists: a ResNet's layers per stage, an image size as [height, width]
-                numbers = value if isinstance(value, list) and key in ("layers", "image_size") else [value]
+                numbers = value if isinstance(value, list) and where == "vision_cfg." and key in (
+                    "layers", "image_size") else [value]
                 if not numbers or any(isinstance(n, bool) or not isinstance(n, int) or not low <= n <= high
                                       for n in numbers):
                     fail(f"{where}{key} is {value!r}; expected a whole number from {low} to {high}")
     check(config, CONFIG_LIMITS, "")
+    need, have = 4 * config_parameters(config), physical_memory()
+    if have and need > have:
+        fail(f"its model would have about {need / 4e9:.1f} G parameters ({need / 1e9:.0f} GB in float32), more than "
+             f"this machine's memory ({have / 1e9:.0f} GB)")
     return config
+
+
+def _register_checked_copy(path: Path, config: dict) -> None:
+    """Register ``config`` with open_clip under ``path``'s stem, from a copy in a directory of this
+    process's own: open_clip re-reads every file it was ever given each time another is added, so
+    a user's file that changes or breaks later (an edited config, a test's scratch file) must not
+    be one of them."""
+    global _CONFIG_COPIES
+    import open_clip
+    if _CONFIG_COPIES is None:
+        _CONFIG_COPIES = Path(tempfile.mkdtemp(prefix="raml-model-configs-"))
+        atexit.register(shutil.rmtree, _CONFIG_COPIES, ignore_errors=True)
+    copy = _CONFIG_COPIES / path.name
+    copy.write_text(json.dumps(config), encoding="utf-8")
+    open_clip.add_model_config(copy)
+
+
+_CONFIG_COPIES: Path | None = None   # see _register_checked_copy
+
+
+def config_parameters(config: dict) -> int:
+    """About how many parameters a ViT CLIP of ``config`` has (12·width² per transformer block,
+    plus patch and token embeddings): enough to refuse a size no machine here could build."""
+    vision, text = config["vision_cfg"], config["text_cfg"]
+    width = vision.get("width") or 768                # open_clip's defaults where a value is left out
+    layers = sum(vision["layers"]) if isinstance(vision.get("layers"), list) else vision.get("layers") or 12
+    patch = vision.get("patch_size") or 16
+    side = max(vision["image_size"]) if isinstance(vision["image_size"], list) else vision["image_size"]
+    text_width = text.get("width") or 512
+    return (layers * 12 * width ** 2 + 3 * patch ** 2 * width + (side // patch) ** 2 * width
+            + (text.get("layers") or 12) * 12 * text_width ** 2 + (text.get("vocab_size") or 49408) * text_width)
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory of this machine, where the OS says (None elsewhere)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def model_name(model: str) -> str:
@@ -196,8 +247,7 @@ def model_name(model: str) -> str:
     if path.suffix == ".json":
         if not path.is_file():
             raise FileNotFoundError(f"--model {model}: no such model-config file")
-        check_model_config(path)
-        open_clip.add_model_config(path)
+        _register_checked_copy(path, check_model_config(path))
         return path.stem
     if model not in open_clip.list_models():
         raise UserError(f"--model {model}: not an open_clip model name nor a config .json "

@@ -64,8 +64,8 @@ def load_rgb(path: Path) -> Image.Image:
         raise BadImageError(path, f"refused by Pillow's decompression-bomb check: {err}") from None
     except UnidentifiedImageError:
         raise BadImageError(path, "not an image PIL can read") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise BadImageError(path, f"cannot decode ({err})") from None
+    except Exception as err:   # PIL's decoders raise many types for damaged bytes (OSError, SyntaxError, struct.error...)
+        raise BadImageError(path, f"cannot decode ({type(err).__name__}: {err})") from None
     if min(rgb.size) < MIN_IMAGE_SIDE:
         raise BadImageError(path, f"too small ({rgb.width}x{rgb.height} px); the 4x4 grid needs at least "
                                   f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")

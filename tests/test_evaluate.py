@@ -239,7 +239,11 @@ def test_results_say_how_the_checkpoint_thresholds_do_on_the_held_out_images(hol
 
 def test_a_baseline_split_from_a_run_that_held_out_nothing_is_refused(tmp_path, mvtec_root, tiny_backbone):
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "split.json").write_text(json.dumps({"train": ["bottle/train/good/000.png"], "heldout": []}))
+    from train.split import image_list_hash
+    train = ["bottle/train/good/000.png"]
+    (tmp_path / "run" / "split.json").write_text(json.dumps({"train": train, "heldout": [],
+                                                             "train_hash": image_list_hash(train),
+                                                             "heldout_hash": image_list_hash([])}))
     with pytest.raises(UserError, match="held out no images"):
         run_winclip("mvtec", mvtec_root, tmp_path / "winclip", lambda: tiny_backbone, split_from=tmp_path / "run",
                     workers=0, n_resamples=10, progress=False)

@@ -13,6 +13,7 @@ checkpoints still load, with that number as the pooled threshold and no per-cate
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from cache.files import atomic_write_bytes, make_dirs
 from cache.format import FINGERPRINT_KEYS, fingerprint_field
 from train.config import TrainConfig
 from train.model import RAMLHead, build_head
+from train.split import manifest_problem
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2
@@ -91,13 +93,33 @@ def load_checkpoint(path) -> Checkpoint:
         raise CacheError(f"{path}: not a readable RAML checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
         raise CacheError(f"{path}: not a RAML checkpoint of format {' or '.join(map(str, READABLE_FORMATS))}")
-    config = TrainConfig.from_dict(payload["config"]).to_dict()   # fields added since: their defaults
-    model = build_head(config, payload["fingerprint"]["embed_dim"])
-    model.load_state_dict(payload["state_dict"])
-    model.eval()
-    return Checkpoint(model=model, config=config, loss_state=payload["loss_state"],
-                      manifest=payload["manifest"], fingerprint=payload["fingerprint"],
-                      thresholds=_thresholds(payload), categories=payload["categories"], path=path)
+    try:   # a checkpoint edited or damaged in a way torch.load does not notice
+        config = TrainConfig.from_dict(payload["config"]).to_dict()   # fields added since: their defaults
+        model = build_head(config, payload["fingerprint"]["embed_dim"])
+        model.load_state_dict(payload["state_dict"])
+        model.eval()
+        checkpoint = Checkpoint(model=model, config=config, loss_state=dict(payload["loss_state"]),
+                                manifest=payload["manifest"], fingerprint=payload["fingerprint"],
+                                thresholds=_thresholds(payload), categories=list(payload["categories"]), path=path)
+        problem = manifest_problem(checkpoint.manifest) or thresholds_problem(checkpoint.thresholds)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise CacheError(f"{path}: not a usable RAML checkpoint ({type(err).__name__}: {err})") from None
+    if problem:
+        raise CacheError(f"{path}: not a usable RAML checkpoint: {problem}")
+    return checkpoint
+
+
+def thresholds_problem(thresholds) -> str | None:
+    """Why ``thresholds`` is not a calibration ``train.thresholds.calibrate_thresholds`` wrote, or None."""
+    def finite(point) -> bool:
+        value = point.get("threshold") if isinstance(point, dict) else "x"
+        return value is None or (isinstance(value, (int, float)) and math.isfinite(value))
+    if not (isinstance(thresholds, dict) and isinstance(thresholds.get("pooled"), dict)
+            and isinstance(thresholds["pooled"].get("threshold"), (int, float))
+            and isinstance(thresholds.get("categories"), dict) and finite(thresholds["pooled"])
+            and all(finite(point) for point in thresholds["categories"].values())):
+        return "its decision thresholds are not numbers per category and pooled"
+    return None
 
 
 def _thresholds(payload: dict) -> dict:

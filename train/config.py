@@ -18,6 +18,7 @@ None and are resolved by ``--loss-variant``, as the margin values are by ``--mar
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from cache import UserError
@@ -40,7 +41,7 @@ def _valid_r_max(value: str) -> bool:
     if value in R_MAX_MODES:
         return True
     try:
-        return float(value) > 0
+        return math.isfinite(float(value)) and float(value) > 0
     except ValueError:
         return False
 
@@ -71,10 +72,61 @@ VARIANT_DEFAULTS = {
 }
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The values a number may take (None: no limit on that side), each end included unless open."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        low = None if self.low is None else f"{'>' if self.low_open else '≥'} {self.low:g}"
+        high = None if self.high is None else f"{'<' if self.high_open else '≤'} {self.high:g}"
+        return " and ".join(part for part in (low, high) if part) or "finite"
+
+
+POSITIVE, NON_NEGATIVE = Bounds(0, low_open=True), Bounds(0)
+SEED = Bounds(0, 2**32 - 1)                 # numpy's and torch's generators take these
+MOMENTUM = Bounds(0, 1)                     # an EMA's momentum: 1 keeps the first value
+SIZE = Bounds(1, 65536)                     # widths of the head's layers
+
+
 def _option(default, help, **kwargs):
-    """A ``TrainConfig`` field. ``preset=True``: the default is None on the command line and
+    """A ``TrainConfig`` field. ``bounds``: the values a number may take (``Bounds``; any finite
+    number without). ``preset=True``: the default is None on the command line and
     ``__post_init__`` fills it in (from the margin preset or the loss variant)."""
     return field(default=default, metadata={"help": help, **kwargs})
+
+
+def field_kind(spec: dataclasses.Field) -> str:
+    """"int", "float", "str" or "bool": what a ``TrainConfig`` field holds (None aside)."""
+    return str(spec.type).split("|")[0].strip()
+
+
+def field_problem(spec: dataclasses.Field, value) -> str | None:
+    """Why ``value`` cannot be ``spec``'s (its kind, then its bounds), or None. Numbers must be
+    finite; a whole number is accepted for a float, True/False only for a switch."""
+    kind = field_kind(spec)
+    if value is None and "None" in str(spec.type):
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    expected = {"bool": ("on or off", isinstance(value, bool)),
+                "int": ("a whole number", number and isinstance(value, int)),
+                "float": ("a finite number", number and math.isfinite(value)),
+                "str": ("text", isinstance(value, str))}[kind]
+    if not expected[1]:
+        return f"{spec.name} {value!r} is not {expected[0]}"
+    bounds = spec.metadata.get("bounds")
+    if bounds is not None and value not in bounds:
+        return f"{spec.name} {value!r} must be {bounds}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -90,26 +142,26 @@ class TrainConfig:
 
     # protocol
     # ours: the original seeds neither the weights nor the batch order
-    seed: int = _option(0, "Training seed: weight init and batch order.")
+    seed: int = _option(0, "Training seed: weight init and batch order.", bounds=SEED)
     # ours: the original shuffles each category's test images with random.seed(42) (orig:352–354)
     split_seed: int = _option(0, "Seed of the holdout split; kept apart from --seed so that every run of a "
-                                 "sweep is scored on the same held-out images.")
+                                 "sweep is scored on the same held-out images.", bounds=SEED)
     # orig:356–357 (train_ratio 0.8, orig:483); the per-class rounding is ours (README "Method notes")
-    holdout_fraction: float = _option(0.2, "Fraction of each category's official test set held out.")
+    holdout_fraction: float = _option(0.2, "Fraction of each category's official test set held out.", bounds=Bounds(0, 1, low_open=True, high_open=True))
     # optimisation
     # README (SPEC §8); the original's code trains 20 epochs (orig:481)
-    epochs: int = _option(25, "Passes over the training images (the original's code: 20).")
+    epochs: int = _option(25, "Passes over the training images (the original's code: 20).", bounds=Bounds(1, 100_000))
     # orig:485 (README, SPEC §8); dropping the last incomplete batch is ours (the original keeps it)
-    batch_size: int = _option(16, "Images per step (an epoch drops its last incomplete batch).")
-    lr: float = _option(5e-5, "AdamW learning rate.")                                    # orig:481 (README, SPEC §8)
+    batch_size: int = _option(16, "Images per step (an epoch drops its last incomplete batch).", bounds=Bounds(2, 65536))
+    lr: float = _option(5e-5, "AdamW learning rate.", bounds=POSITIVE)                                    # orig:481 (README, SPEC §8)
     # README (SPEC §8); the original's code sets none: torch's AdamW default, 0.01 (orig:380)
-    weight_decay: float = _option(0.02, "AdamW weight decay (the original's code: 0.01, torch's default).")
+    weight_decay: float = _option(0.02, "AdamW weight decay (the original's code: 0.01, torch's default).", bounds=NON_NEGATIVE)
     # model
-    hidden_dim: int = _option(256, "Width of the per-scale projections and of the fused vector.")  # orig:225, :389
+    hidden_dim: int = _option(256, "Width of the per-scale projections and of the fused vector.", bounds=SIZE)  # orig:225, :389
     # ours: the original's attention has 4 heads of 256/4 = 64 dimensions each (orig:72)
-    attn_dim: int = _option(64, "Width of the attention queries and keys.")
+    attn_dim: int = _option(64, "Width of the attention queries and keys.", bounds=SIZE)
     # ours: the original's feature is the 256-d LayerNorm output of its feature head, not normalised (orig:241)
-    feature_dim: int = _option(128, "Width of the (L2-normalised) MACCL feature.")
+    feature_dim: int = _option(128, "Width of the (L2-normalised) MACCL feature.", bounds=SIZE)
     fusion_scale_init: float = _option(0.1, "Initial learnable text-visual fusion scale.")         # orig:192
     # ablation switches: the defaults are the method
     scales: str = _option("1,2,3", "Crop scales the head sees: 1 (the global crop), 1,2 (+ the 2x2 grid) or "
@@ -120,16 +172,16 @@ class TrainConfig:
     # ours: the original has no tile pooling (its 4x4 query is the mean of the tiles, orig:100)
     tile_pool: str = _option("max", "How the fusion pools the 4x4 tiles: max or mean.", choices=("max", "mean"))
     # MACCL loss
-    alpha: float = _option(1.0, "Weight of the center loss.")                                       # orig:123
-    beta: float = _option(1.0, "Weight of the margin loss.")                                        # orig:123
-    gamma: float = _option(0.5, "Weight of the supervised contrastive loss.")                       # orig:123
-    temperature: float = _option(0.07, "Temperature of the supervised contrastive loss.")           # orig:122
-    bce_weight: float = _option(1.0, "Weight of the BCE loss on the visual logit.")      # orig:413 (MACCL + BCE)
+    alpha: float = _option(1.0, "Weight of the center loss.", bounds=NON_NEGATIVE)                                       # orig:123
+    beta: float = _option(1.0, "Weight of the margin loss.", bounds=NON_NEGATIVE)                                        # orig:123
+    gamma: float = _option(0.5, "Weight of the supervised contrastive loss.", bounds=NON_NEGATIVE)                       # orig:123
+    temperature: float = _option(0.07, "Temperature of the supervised contrastive loss.", bounds=POSITIVE)           # orig:122
+    bce_weight: float = _option(1.0, "Weight of the BCE loss on the visual logit.", bounds=NON_NEGATIVE)      # orig:413 (MACCL + BCE)
     # VARIANT_DEFAULTS: ours 0.9, the original's 0.8 (orig:140)
     center_momentum: float | None = _option(
         None, "EMA momentum of the running center of normal features (default: 0.9; 0.8, the original's, "
-              "with --loss-variant original).", preset=True)
-    sigma_momentum: float = _option(0.9, "EMA momentum of σ, the spread of normal features.")       # orig:145
+              "with --loss-variant original).", preset=True, bounds=MOMENTUM)
+    sigma_momentum: float = _option(0.9, "EMA momentum of σ, the spread of normal features.", bounds=MOMENTUM)       # orig:145
     # ours; "original" is the original's loss (train/original_loss.py). r_max stays its own option:
     # it is a property of the data, not a constant of the loss, and a sweep over loss_variant then
     # changes the loss alone (reproduce the original with --r-max 900 as well).
@@ -142,29 +194,32 @@ class TrainConfig:
                                      "head, an ablation).", choices=("maccl+bce", "bce"))
     # ours: the original clips every step at 1.0 (orig:416)
     grad_clip_norm: float = _option(0.0, "Clip each run's gradient to this L2 norm before the step (0: no "
-                                         "clipping; the original's code: 1.0).")
+                                         "clipping; the original's code: 1.0).", bounds=NON_NEGATIVE)
     # margin: the presets' values, see MARGIN_PRESETS
     margin: str = _option("adaptive", "Margin preset: adaptive, fixed (m=0.5) or strong (m=1.0); 'custom' "
                                       "when --margin-base/--lambda-sigma/--lambda-res differ from the preset.",
                           choices=(*MARGIN_PRESETS, CUSTOM_MARGIN))                                # orig:481
-    margin_base: float | None = _option(None, "m_base (default: the --margin preset's).", preset=True)  # orig:121
-    lambda_sigma: float | None = _option(None, "λ_σ (default: the --margin preset's).", preset=True)    # orig:121
-    lambda_res: float | None = _option(None, "λ_res (default: the --margin preset's).", preset=True)    # orig:121
+    margin_base: float | None = _option(None, "m_base (default: the --margin preset's).", preset=True, bounds=NON_NEGATIVE)  # orig:121
+    lambda_sigma: float | None = _option(None, "λ_σ (default: the --margin preset's).", preset=True, bounds=NON_NEGATIVE)    # orig:121
+    lambda_res: float | None = _option(None, "λ_res (default: the --margin preset's).", preset=True, bounds=NON_NEGATIVE)    # orig:121
     # ours: the original uses a constant 900 px for every image (orig:122, :130)
     r_max: str = _option("image", "Original resolution in the resolution term: 'image' (each image's "
                                   "max(height, width)), 'category' (its category's mean), or a number "
                                   "of pixels (900 reproduces the original).")
     # auto-difficulty
-    difficulty_momentum: float = _option(0.7, "EMA momentum of the per-category loss.")            # orig:108
-    difficulty_scale: float = _option(0.5, "w = 1 + scale·(L_cat − L_global)/L_global.")          # orig:108
-    difficulty_min: float = _option(0.5, "Lower clip of the category weight.")                      # orig:118
-    difficulty_max: float = _option(2.0, "Upper clip of the category weight.")                      # orig:118
+    difficulty_momentum: float = _option(0.7, "EMA momentum of the per-category loss.", bounds=MOMENTUM)            # orig:108
+    difficulty_scale: float = _option(0.5, "w = 1 + scale·(L_cat − L_global)/L_global.", bounds=NON_NEGATIVE)          # orig:108
+    difficulty_min: float = _option(0.5, "Lower clip of the category weight.", bounds=Bounds(0, 1, low_open=True))                      # orig:118
+    difficulty_max: float = _option(2.0, "Upper clip of the category weight.", bounds=Bounds(1))                      # orig:118
     # inference
-    visual_weight: float = _option(0.85, "Weight of s_visual in s_final.")                          # orig:315
-    text_weight: float = _option(0.15, "Weight of s_text in s_final.")                              # orig:315
+    visual_weight: float = _option(0.85, "Weight of s_visual in s_final.", bounds=NON_NEGATIVE)                          # orig:315
+    text_weight: float = _option(0.15, "Weight of s_text in s_final.", bounds=NON_NEGATIVE)                              # orig:315
 
     def __post_init__(self):
-        problems = []
+        problems = [problem for spec in dataclasses.fields(self) if "choices" not in spec.metadata
+                    and (problem := field_problem(spec, getattr(self, spec.name)))]
+        if problems:   # the checks below compare values: they need the right kinds first
+            raise UserError("invalid training configuration: " + "; ".join(problems))
         if self.margin not in (*MARGIN_PRESETS, CUSTOM_MARGIN):
             problems.append(f"margin {self.margin!r} is not one of {', '.join(MARGIN_PRESETS)} or {CUSTOM_MARGIN}")
         else:
@@ -177,18 +232,8 @@ class TrainConfig:
             problems.append(f"scales {self.scales!r} is not one of {', '.join(SCALE_CHOICES)}")
         else:
             problems += switch_problems(len(self.scales.split(",")), self.cross_attention, self.tile_pool)
-        if self.epochs < 1:
-            problems.append("epochs must be ≥ 1")
-        if self.batch_size < 2:
-            problems.append("batch_size must be ≥ 2 (the contrastive loss compares images within a batch)")
-        if not 0 < self.holdout_fraction < 1:
-            problems.append("holdout_fraction must be in (0, 1)")
-        if self.temperature <= 0:
-            problems.append("temperature must be > 0")
-        if self.grad_clip_norm < 0:
-            problems.append("grad_clip_norm must be ≥ 0")
-        if not 0 < self.difficulty_min <= 1 <= self.difficulty_max:
-            problems.append("need 0 < difficulty_min ≤ 1 ≤ difficulty_max")
+        if self.visual_weight + self.text_weight <= 0:
+            problems.append("visual_weight and text_weight cannot both be 0 (s_final would be 0 for every image)")
         if not _valid_r_max(self.r_max):
             problems.append(f"r_max {self.r_max!r}: expected image, category or a positive number of pixels")
         if problems:
@@ -273,6 +318,19 @@ def parse_vary(specs) -> dict[str, list]:
     return grid
 
 
+def number_type(kind: str, bounds: Bounds | None):
+    """The click type of a field of kind ``kind`` within ``bounds``: click's ranges, finite numbers
+    only (so that a bad value is a usage error naming the option, before any work)."""
+    from cache.cli import FiniteFloat
+    import click
+    if kind == "str":
+        return click.STRING
+    bounds = bounds or Bounds()
+    if kind == "int":
+        return click.IntRange(bounds.low, bounds.high, min_open=bounds.low_open, max_open=bounds.high_open)
+    return FiniteFloat(bounds.low, bounds.high, min_open=bounds.low_open, max_open=bounds.high_open)
+
+
 def click_options(exclude=()):
     """A decorator adding ``--<field-name>`` for every ``TrainConfig`` field not in ``exclude``.
 
@@ -289,14 +347,12 @@ def click_options(exclude=()):
             if "choices" in meta:
                 option = click.option(flag, type=click.Choice(meta["choices"]), default=spec.default,
                                       show_default=True, help=meta["help"])
-            elif meta.get("preset"):
-                option = click.option(flag, type=float, default=None, help=meta["help"])
-            elif isinstance(spec.default, bool):
+            elif field_kind(spec) == "bool":
                 option = click.option(flag, type=click.BOOL, metavar="on|off", default=spec.default,
                                       show_default="on" if spec.default else "off", help=meta["help"])
             else:
-                option = click.option(flag, type=type(spec.default), default=spec.default, show_default=True,
-                                      help=meta["help"])
+                option = click.option(flag, type=number_type(field_kind(spec), meta.get("bounds")),
+                                      default=spec.default, show_default=spec.default is not None, help=meta["help"])
             func = option(func)
         return func
     return decorate

@@ -39,6 +39,20 @@ class Split:
                 "heldout_hash": image_list_hash(self.heldout_relpaths)}
 
 
+def manifest_problem(manifest) -> str | None:
+    """Why ``manifest`` is not a split manifest RAML wrote (``Split.manifest``), or None: both
+    image lists of text, each with the hash recorded beside it."""
+    if not isinstance(manifest, dict):
+        return f"the split manifest is a {type(manifest).__name__}, not an object"
+    for part in ("train", "heldout"):
+        images = manifest.get(part)
+        if not isinstance(images, list) or not all(isinstance(relpath, str) and relpath for relpath in images):
+            return f"its {part!r} image list is missing or holds something other than image paths"
+        if manifest.get(f"{part}_hash") != image_list_hash(images):
+            return f"its {part!r} image list does not match its {part}_hash (edited or corrupted)"
+    return None
+
+
 def heldout_counts(class_sizes: list[int], fraction: float) -> list[int]:
     """How many images of each class (normal, anomalous) of one category's test set to hold out.
 

@@ -78,11 +78,16 @@ def finished_metrics(run_dir: Path, config: TrainConfig, table: FeatureTable, he
     """
     if not (run_dir / METRICS_FILE).exists():
         return None
-    metrics = json.loads((run_dir / METRICS_FILE).read_text())
-    stored = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())).to_dict()
+    metrics, stored = (_read_json_object(run_dir / name) for name in (METRICS_FILE, "config.json"))
+    try:
+        stored = TrainConfig.from_dict(stored).to_dict()
+    except UserError as err:
+        raise UserError(f"{run_dir / 'config.json'}: {err}") from None
     problems = [f"{key}={stored.get(key)!r} (now {value!r})" for key, value in config.to_dict().items()
                 if stored.get(key) != value]
-    fingerprint = metrics.get("fingerprint", {})
+    fingerprint = metrics.get("fingerprint")
+    if not isinstance(fingerprint, dict):
+        raise UserError(f"{run_dir / METRICS_FILE}: no cache fingerprint; delete the run directory to train it again")
     problems += [f"cache {key}={fingerprint.get(key)!r} (this cache: {table.meta.get(key)!r})"
                  for key in mismatched_fields(fingerprint, table.meta)]
     if metrics.get("heldout_hash") != heldout_hash:
@@ -91,6 +96,18 @@ def finished_metrics(run_dir: Path, config: TrainConfig, table: FeatureTable, he
         raise UserError(f"{run_dir} was trained differently: {'; '.join(problems)}. Use another --out, or "
                         "delete that run to retrain it.")
     return metrics
+
+
+def _read_json_object(path: Path) -> dict:
+    """The JSON object in ``path``, or a ``UserError`` naming the file (a run's metrics and config)."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: unreadable ({err}); delete the run directory to train it again") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: a JSON {type(value).__name__}, not an object; delete the run directory to train "
+                        "it again")
+    return value
 
 
 def train_pass(table: FeatureTable, runs: dict[str, TrainConfig], out_dir: Path, threads: int | None,
