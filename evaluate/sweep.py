@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cache import FeatureTable
+from evaluate.file_names import SUMMARY_JSON
 from evaluate.run import evaluate_checkpoints
 from train.fit import write_json
 from train.sweep import train_missing
@@ -26,7 +27,7 @@ def run_sweep(table: FeatureTable, configurations: dict[str, dict], seeds, out_d
                                  progress=say)
     summary = summarise_runs(table, configurations, runs, out_dir, n_resamples, say)
     summary["passes"] = passes
-    write_json(out_dir / "summary.json", summary)
+    write_json(out_dir / SUMMARY_JSON, summary)
     (out_dir / "summary.md").write_text(summary_markdown(summary))
     return summary
 
