@@ -2,8 +2,10 @@
 
 Holds: the cache's format and fingerprint (``format``), writing shards (``writer``), reading and
 checking them (``reader``, ``checks``), one writer per shard slot (``lock``), atomic file writes
-for the whole project (``files``), the errors a user reads (``errors``), and the command-line
-pieces every stage shares (``cli``). Imports nothing from extract/, train/ or evaluate/.
+for the whole project (``files``), the errors a user reads (``errors``), the command-line
+pieces every stage shares (``cli``), where the workspace keeps datasets, caches, runs and results
+(``workspace``) and the defaults file ``raml.toml`` (``config_file``). Imports nothing from
+extract/, train/ or evaluate/.
 """
 from cache.errors import CacheError, UserError
 from cache.format import CROP_LAYOUT, N_CROPS, SCALE_SLICES, claim_cache, fingerprint, mismatched_fields

@@ -103,6 +103,13 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
+def echo_chosen(what: str, path, why: str = ""):
+    """Say which path a command chose where none was given (one line: ``cache: features/mvtec/...``);
+    returns ``path``."""
+    click.echo(f"{what}: {path}" + (f"  ({why})" if why else ""))
+    return path
+
+
 def device_option(help_text: str):
     """--device, on every command that runs torch: ``help_text`` says what runs there."""
     return click.option("--device", default="auto", show_default=True, help=help_text)

@@ -1,14 +1,20 @@
 """The evaluation commands: ``evaluate``, ``report``, the studies that train and then evaluate
-(``sweep``, ``ablate``), and ``demo``. Baselines are evaluate/baselines/cli.py's, the commands
-that score new images evaluate/deploy/cli.py's.
+(``sweep``, ``ablate``), ``demo``, and ``status`` (the workspace at a glance). Baselines are
+evaluate/baselines/cli.py's, the commands that score new images evaluate/deploy/cli.py's.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
 from cache import UserError
-from cache.cli import comma_list, fail_cleanly, with_options
-from train.cli import read_training_cache, stage_two_device_option, threads_option, train_options
+from cache.cli import comma_list, echo_chosen, fail_cleanly, with_options
+from cache.workspace import REPORT_DIR, RESULTS, SWEEP_PREFIX, dataset_of, results_dir
+from evaluate.workspace import newest_run_dir, run_label, scoring_cache, sweep_dir
+from extract.cli import dataset_option
+from train.cli import (read_training_cache, stage_two_device_option, threads_option, train_options,
+                       training_cache_options)
 
 
 bootstrap_options = [
@@ -37,12 +43,18 @@ def echo_entries(path, entries) -> None:
 
 
 @click.command()
-@click.option("--checkpoint", "checkpoints", multiple=True, required=True,
+@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(),
               help="A run directory (or its checkpoint.pt), or a sweep directory of runs; repeat for several. "
-                   "Runs named <config>-seed<k> are seeds of one configuration (mean ± std).")
-@click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), required=True,
-              help="Feature cache to score: the training cache (holdout) or another dataset's (transfer).")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory for the results files.")
+                   "Runs named <config>-seed<k> are seeds of one configuration (mean ± std). Default: the newest "
+                   "finished run or sweep under ./runs/.")
+@dataset_option("Dataset to score, through its cache under ./features/<dataset>/ of the runs' backbone. Default: the "
+                "dataset the runs were trained on (holdout); another is scored under the transfer protocol.",
+                default=None)
+@click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Feature cache to score: the training cache (holdout) or another dataset's (transfer). "
+                   "Default: see --dataset.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Directory for the results files. Default: ./results/<dataset>/<run>/.")
 @click.option("--protocol", type=click.Choice(["holdout", "transfer", "official"]), default=None,
               help="Default: holdout on the cache the model was trained on, transfer on any other.")
 @click.option("--visual-weight", type=float, default=None, help="Weight of s_visual (default: the checkpoint's).")
@@ -51,15 +63,19 @@ def echo_entries(path, entries) -> None:
 @with_options(bootstrap_options)
 @stage_two_device_option
 @fail_cleanly
-def evaluate(checkpoints, cache_dir, out, protocol, visual_weight, text_weight, name, n_resamples, bootstrap_seed,
-             device):
+def evaluate(checkpoints, dataset, cache_dir, out, protocol, visual_weight, text_weight, name, n_resamples,
+             bootstrap_seed, device):
     """Score trained checkpoints on a cache: metrics per category, per-image scores, coarse maps.
 
     Writes OUT/results.json (the original release's schema plus AP, F1-max, CI, seeds, protocol and
     image-list hash), OUT/scores.csv (visual, text and final score of every image and run) and
-    OUT/anomaly_maps.npz.
+    OUT/anomaly_maps.npz. Without options: the newest run, on the cache it was trained on (holdout);
+    --dataset visa scores it on VisA's cache (transfer).
     """
     from evaluate.run import evaluate_checkpoints
+    checkpoints = checkpoints or (newest_run_dir(sweeps=True),)
+    cache_dir = cache_dir or scoring_cache(checkpoints, dataset)
+    out = out or echo_chosen("results", results_dir(dataset_of(cache_dir), run_label(checkpoints)))
     path, entries = evaluate_checkpoints(checkpoints, cache_dir, out, protocol=protocol, visual_weight=visual_weight,
                                          text_weight=text_weight, n_resamples=n_resamples,
                                          bootstrap_seed=bootstrap_seed, name=name, log=click.echo, device=device)
@@ -67,29 +83,35 @@ def evaluate(checkpoints, cache_dir, out, protocol, visual_weight, text_weight, 
 
 
 @click.command()
-@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory for report.md and the plots.")
+@click.argument("results", nargs=-1, type=click.Path(exists=True))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Directory for report.md and the plots. Default: ./results/report/.")
 @fail_cleanly
 def report(results, out):
     """Compare results files side by side: Markdown tables and PNG plots.
 
-    RESULTS are results.json files or directories searched for them. Rows are grouped by protocol
-    and dataset; rows scored on different image lists are never put in one table (refused).
+    RESULTS are results.json files or directories searched for them (default: ./results/). Rows are
+    grouped by protocol and dataset; rows scored on different image lists are never put in one
+    table (refused).
     """
     from evaluate.report import write_report
+    results = results or (echo_chosen("results", RESULTS),)
+    out = out or echo_chosen("report", REPORT_DIR)
     path = write_report(results, out)
     click.echo(f"report → {path}")
 
 
 @click.command()
-@click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), required=True)
+@training_cache_options
 @click.option("--margins", default="adaptive,fixed,strong", show_default=True, help="Margin presets to compare.")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Training seeds (one run each).")
 @click.option("--vary", multiple=True, metavar="FIELD=V1,V2",
               help="Another grid axis, e.g. --vary lr=1e-4,5e-5 or --vary loss_variant=raml,original; repeat for "
                    "more. Configurations are every margin × every combination.")
-@click.option("--out", type=click.Path(file_okay=False), required=True,
-              help="Sweep directory: <configuration>-seed<k>/ per run, results/, summary.json, summary.md.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Sweep directory: <configuration>-seed<k>/ per run, results/, summary.json, summary.md. Default: "
+                   "a new ./runs/<dataset>/NNN-sweep-<margins>/, or the newest such sweep if it did not finish "
+                   "(it resumes).")
 @click.option("--jobs", default=1, show_default=True,
               help="Passes trained in parallel worker processes (runs that share their shapes train as one pass).")
 @threads_option
@@ -103,8 +125,6 @@ def sweep(cache_dir, margins, seeds, vary, out, jobs, threads, device, **options
     ...) are trained together as one batched pass. Re-running resumes: finished runs are not retrained.
     All runs share --split-seed, so every number in the table is measured on the same held-out images.
     """
-    from pathlib import Path
-
     from train.config import MARGIN_PRESETS, parse_vary
     from evaluate.sweep import run_sweep
     from train.sweep import grid_configurations
@@ -113,19 +133,27 @@ def sweep(cache_dir, margins, seeds, vary, out, jobs, threads, device, **options
     if unknown or not margins or not seeds:
         raise UserError(f"--margins takes some of {', '.join(MARGIN_PRESETS)} (got {', '.join(unknown) or 'none'}); "
                         "--seeds at least one integer")
-    configurations = grid_configurations(margins, parse_vary(vary), **options)
+    axes = parse_vary(vary)
+    configurations = grid_configurations(margins, axes, **options)
     table = read_training_cache(cache_dir)
+    in_workspace = out is None
+    if in_workspace:
+        out = sweep_dir(dataset_of(cache_dir), SWEEP_PREFIX + "-".join([*margins, *axes]))
     summary = run_sweep(table, configurations, seeds, out, jobs=jobs, threads=threads, device=device,
                         progress=click.echo)
     click.echo((Path(out) / "summary.md").read_text().rstrip())
     click.echo(f"sweep: {len(configurations) * len(seeds)} runs → {out}/summary.json, {out}/summary.md"
                + (" (random-weights features: meaningless)" if summary["random_weights"] else ""))
+    if in_workspace:
+        from cache.workspace import point_latest
+        click.echo(f"run: {out}  ({point_latest(out)} → {Path(out).name})")
 
 
 @click.command()
-@click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), required=True)
-@click.option("--out", type=click.Path(file_okay=False), required=True,
-              help="Directory: runs/ (the sweep), baselines/, ablation.md, ablation.json, ablation.png.")
+@training_cache_options
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Directory: runs/ (the sweep), baselines/, ablation.md, ablation.json, ablation.png. Default: "
+                   "./results/<dataset>/ablate/ (re-running resumes it).")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Training seeds of every configuration.")
 @click.option("--ablations", default=None,
               help="Comma-separated subset of the configurations (default: all; 'full' is always needed).")
@@ -147,8 +175,6 @@ def ablate(cache_dir, out, seeds, ablations, baselines, jobs, threads, device, n
     held-out images. Rows sorted by held-out AUROC, each with its
     difference from full and a paired bootstrap CI. Re-running resumes finished runs.
     """
-    from pathlib import Path
-
     from evaluate.ablate import ABLATIONS, run_ablation
     from evaluate.baselines.features import BASELINES
     chosen_baselines = () if baselines == "none" else tuple(comma_list(baselines) if baselines else BASELINES)
@@ -156,6 +182,7 @@ def ablate(cache_dir, out, seeds, ablations, baselines, jobs, threads, device, n
     if unknown:
         raise UserError(f"--baselines: unknown {', '.join(unknown)}; choose from {', '.join(BASELINES)} or none")
     table = read_training_cache(cache_dir)
+    out = out or echo_chosen("results", results_dir(dataset_of(cache_dir), "ablate"))
     ablation = run_ablation(table, out, comma_list(seeds, int),
                             ablations=tuple(comma_list(ablations)) if ablations else tuple(ABLATIONS),
                             baselines=chosen_baselines, jobs=jobs, threads=threads, device=device,
@@ -186,3 +213,12 @@ def demo(out, limit, epochs, seeds, model, pretrained, winclip_model, winclip_pr
              winclip_model=winclip_model, winclip_pretrained=winclip_pretrained, limit=limit or DEFAULT_LIMIT,
              epochs=epochs or DEFAULT_EPOCHS, seeds=comma_list(seeds, int), online=online,
              random_weights=random_weights, log=click.echo)
+
+
+@click.command()
+@fail_cleanly
+def status():
+    """The workspace on one screen: datasets found, caches (images, backbone, size), runs
+    (configuration, seed, when), results, and what to run next."""
+    from evaluate.workspace import status_lines
+    click.echo("\n".join(status_lines()))

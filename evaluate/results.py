@@ -19,12 +19,10 @@ import numpy as np
 
 from cache import UserError
 from cache.files import atomic_write, atomic_write_text, make_dirs
+from evaluate.file_names import MAPS_NPZ, RESULTS_JSON, SCORES_CSV
 from evaluate.metrics import DEFAULT_BOOTSTRAP, average_precision, bootstrap_auroc_ci, image_auroc
 from train.thresholds import f1_max
 
-RESULTS_JSON = "results.json"
-SCORES_CSV = "scores.csv"
-MAPS_NPZ = "anomaly_maps.npz"
 MAP_EXAMPLES = 4   # test images a report shows with their anomaly maps, per table (``pick_examples``)
 SCORE_COLUMNS = ("config", "seed", "category", "relpath", "defect_type", "label")
 NOT_MEANINGFUL = ("NOT MEANINGFUL: computed with randomly initialised CLIP weights (--random-weights); "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cache import FeatureTable
 from cache.files import atomic_write_text
+from evaluate.file_names import SUMMARY_JSON
 from evaluate.run import evaluate_checkpoints
 from train.fit import write_json
 from train.sweep import train_missing
@@ -27,7 +28,7 @@ def run_sweep(table: FeatureTable, configurations: dict[str, dict], seeds, out_d
                                  progress=say)
     summary = summarise_runs(table, configurations, runs, out_dir, n_resamples, say)
     summary["passes"] = passes
-    write_json(out_dir / "summary.json", summary)
+    write_json(out_dir / SUMMARY_JSON, summary)
     atomic_write_text(out_dir / "summary.md", summary_markdown(summary))
     return summary
 

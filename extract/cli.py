@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from cache.cli import comma_list, device_option, fail_cleanly, show_progress, with_options
+from cache.cli import comma_list, device_option, echo_chosen, fail_cleanly, show_progress, with_options
 
 
 def backbone_options(func):
@@ -101,11 +101,34 @@ def load_engine_backbone(model, pretrained, weights, random_weights, device, eng
     return engine_backbone(load_backbone_from(model, pretrained, weights, random_weights, device), engine)
 
 
+def dataset_option(help_text: str = "Which dataset (its reader, and its place in the workspace).", default="mvtec"):
+    """--dataset: names the reader and the dataset's directories in the workspace."""
+    from extract.datasets import READERS
+    return click.option("--dataset", type=click.Choice(list(READERS)), default=default,
+                        show_default=default is not None, help=help_text)
+
+
+def root_option(func):
+    """--root: the dataset's directory; default the workspace's (extract.datasets.dataset_root)."""
+    return click.option("--root", type=click.Path(file_okay=False), default=None,
+                        help="Dataset root. Default: ./datasets/<dataset>, or $RAML_DATA/<dataset> (textile ships "
+                             "with conformal-clip-data and needs none).")(func)
+
+
+def chosen_dataset_root(dataset, root):
+    """``root``, or the workspace's place for ``dataset``, printed when it was chosen here."""
+    from extract.datasets import dataset_root
+    chosen = dataset_root(dataset, root)
+    if root is None and chosen is not None:
+        echo_chosen("dataset", chosen)
+    return chosen
+
+
 @click.command()
-@click.option("--dataset", type=click.Choice(["mvtec", "visa", "folder", "textile"]), required=True)
-@click.option("--root", type=click.Path(file_okay=False), default=None,
-              help="Dataset root (not needed for textile, which ships with conformal-clip-data).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), required=True, help="Where the shards go.")
+@dataset_option()
+@root_option
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the shards go. Default: ./features/<dataset>/<backbone tag>, one cache per backbone.")
 @backbone_options
 @click.option("--categories", default=None, help="Comma-separated subset, e.g. bottle,screw.")
 @click.option("--batch-size", default=8, show_default=True, help="Images per forward pass (×21 crops).")
@@ -125,12 +148,18 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
     """Stage one: encode each image's 21 crops with CLIP, once, into HDF5 shards.
 
     Re-running resumes: images already in the cache are skipped. A cache holds features of one
-    precision: fp32 (--engine torch or onnx) or int8 (--engine onnx-int8).
+    precision: fp32 (--engine torch or onnx) or int8 (--engine onnx-int8). Without --root and
+    --cache-dir: ./datasets/<dataset> into ./features/<dataset>/<backbone tag>.
     """
+    from cache.workspace import cache_dir_for
     from extract.engines import PRECISIONS, check_cache_precision, usable_cores
     from extract.identity import backbone_identity
     from extract.run import extract_features
     categories = categories.split(",") if categories else None
+    root = chosen_dataset_root(dataset, root)
+    identity = backbone_identity(model, pretrained, weights, random_weights, PRECISIONS[engine])
+    if cache_dir is None:
+        cache_dir = echo_chosen("cache", cache_dir_for(dataset, identity.fingerprint_fields()))
     check_cache_precision(cache_dir, PRECISIONS[engine])  # before any model is loaded
 
     def load_checked_backbone():
@@ -142,7 +171,7 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
 
     summary = extract_features(
         dataset, root, cache_dir, load_checked_backbone,
-        identity=backbone_identity(model, pretrained, weights, random_weights, PRECISIONS[engine]),
+        identity=identity,
         categories=categories, batch_size=batch_size, workers=usable_cores() if workers is None else workers,
         limit=limit, skip_bad=skip_bad, shard=shard, shard_size=shard_size, retry_skipped=retry_skipped,
         progress=show_progress(), backbone_source=backbone_source(model, weights, random_weights))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cache import UserError
 from cache.format import printable
+from cache.workspace import default_dataset_root, where_datasets_are_looked_for
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 NORMAL = "good"  # defect_type of every normal image
@@ -43,6 +44,16 @@ FOLDER_LAYOUT = """\
   <root>/<category>/<defect_type>/*.png         (one folder per defect type)
   <root>/<category>/masks/<defect_type>/<name>.png or <name>_mask.png   (optional)
 or a single category: <root>/good/, <root>/<defect_type>/, <root>/masks/"""
+
+
+# Where each dataset is published, under which licence: what a user without it needs to know.
+DATASET_SOURCES = {
+    "mvtec": "MVTec AD is published at https://www.mvtec.com/company/research/datasets/mvtec-ad "
+             "(licence CC BY-NC-SA 4.0: non-commercial use)",
+    "visa": "VisA is published at https://github.com/amazon-science/spot-diff (licence CC BY 4.0)",
+    "folder": "folder is your own images",
+}
+LAYOUTS = {"mvtec": MVTEC_LAYOUT, "visa": VISA_LAYOUT, "folder": FOLDER_LAYOUT}
 
 
 class DatasetLayoutError(UserError):
@@ -244,6 +255,21 @@ def read_textile(root: Path | None = None, categories=None, not_read: list | Non
 
 
 READERS = {"mvtec": read_mvtec, "visa": read_visa, "folder": read_folder, "textile": read_textile}
+
+
+def dataset_root(kind: str, root=None) -> Path | None:
+    """``root`` when given; for ``textile`` None (the package finds its images); else the workspace's
+    place for ``kind`` (``cache.workspace.default_dataset_root``), which must exist: if it does not,
+    the error says where it looked, the layout expected and where the dataset is published."""
+    if root is not None or kind == "textile":
+        return root
+    path = default_dataset_root(kind)
+    if not path.is_dir():
+        raise DatasetLayoutError(
+            f"no {kind} dataset at {path}: without --root, datasets are looked for at "
+            f"{where_datasets_are_looked_for()}. Put it there, or pass --root. Expected layout:\n"
+            f"{LAYOUTS[kind].replace('<root>', str(path))}\n{DATASET_SOURCES[kind]}.")
+    return path
 
 
 def read_dataset(kind: str, root, categories=None, not_read: list | None = None) -> tuple[Path, list[ImageRecord]]:

@@ -25,6 +25,16 @@ def user_cache_dir(tmp_path_factory):
         yield path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_user_workspace_settings():
+    """No raml.toml (RAML_CONFIG=/dev/null reads none) and no RAML_DATA from the person running the
+    tests: the workspace tests set their own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAML_CONFIG", os.devnull)
+        patch.delenv("RAML_DATA", raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone():
     """A 2-layer, 32-px CLIP with seeded random weights: exercises the code, means nothing."""

@@ -16,15 +16,18 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from cache import CacheError, mismatched_fields
 from cache.files import atomic_write_bytes, make_dirs
 from cache.format import FINGERPRINT_KEYS, fingerprint_field
 from train.config import TrainConfig
-from train.model import RAMLHead, build_head
 from train.split import manifest_problem
+
+if TYPE_CHECKING:
+    from train.model import RAMLHead
+# torch is imported where a checkpoint is written or read, so that the workspace's commands
+# (status, and finding the newest run by its CHECKPOINT_FILE) do not pay seconds for it.
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2
@@ -61,6 +64,8 @@ def save_checkpoint(run_dir, *, model: RAMLHead, config: dict, loss_state: dict,
                     fingerprint: dict, thresholds: dict, categories: list) -> Path:
     """Write ``run_dir/checkpoint.pt`` atomically; returns its path. ``fingerprint`` is the training
     cache's (extra fields beyond ``FINGERPRINT_KEYS`` and ``PROVENANCE_KEYS`` are dropped)."""
+    import torch
+
     path = Path(run_dir) / CHECKPOINT_FILE
     make_dirs(path.parent)
     payload = {
@@ -82,6 +87,9 @@ def save_checkpoint(run_dir, *, model: RAMLHead, config: dict, loss_state: dict,
 
 def load_checkpoint(path) -> Checkpoint:
     """Load a run directory's ``checkpoint.pt`` (or the file itself)."""
+    import torch
+
+    from train.model import build_head
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_FILE

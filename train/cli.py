@@ -1,12 +1,15 @@
-"""Stage two's command ``train`` (and ``bench train``), and the options of a training run
-(``train_options``: one per ``TrainConfig`` field) that ``sweep`` and ``ablate`` share.
+"""Stage two's command ``train`` (and ``bench train``), the options of a training run
+(``train_options``: one per ``TrainConfig`` field) that ``sweep`` and ``ablate`` share, and the
+options that pick a stage-two command's cache in the workspace (``training_cache_options``).
 """
 from __future__ import annotations
+
+import functools
 
 import click
 
 from cache import UserError
-from cache.cli import comma_list, device_option, fail_cleanly
+from cache.cli import comma_list, device_option, echo_chosen, fail_cleanly, with_options
 
 stage_two_device_option = device_option(
     "Where stage two runs: auto (the GPU if there is one), cpu, cuda or cuda:N. The cached features go to the "
@@ -27,6 +30,63 @@ def read_training_cache(cache_dir):
     return table
 
 
+def training_cache_options(func):
+    """--dataset, --cache-dir, and the backbone options that pick the dataset's cache in the workspace
+    when --cache-dir is not given (``choose_training_cache``). The command receives ``cache_dir`` only."""
+    from extract.cli import dataset_option
+    from extract.engines import ENGINES
+
+    @functools.wraps(func)
+    def with_cache_dir(*, dataset, cache_dir, model, pretrained, weights, random_weights, engine, **options):
+        if cache_dir is None:
+            cache_dir = choose_training_cache(dataset, model, pretrained, weights, random_weights, engine)
+        return func(cache_dir=cache_dir, **options)
+
+    which = "With --dataset: read the cache extracted with this"
+    return with_options([
+        dataset_option("Dataset whose cache in ./features/<dataset>/ to read when --cache-dir is not given."),
+        click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), default=None,
+                     help="Feature cache written by extract. Default: the dataset's cache under ./features/<dataset>/: "
+                          "its only one, or the one of the backbone that --model, --pretrained, --weights, "
+                          "--random-weights and --engine name (on the command line or in raml.toml)."),
+        click.option("--model", default=None, help=f"{which} model (name or config JSON)."),
+        click.option("--pretrained", default=None, help=f"{which} pretrained tag."),
+        click.option("--weights", type=click.Path(dir_okay=False), default=None, help=f"{which} weights file."),
+        click.option("--random-weights", is_flag=True, default=None, help=f"{which} backbone's random weights."),
+        click.option("--engine", type=click.Choice(ENGINES), default=None,
+                     help=f"{which} engine's precision (onnx-int8: int8 features; torch and onnx: fp32)."),
+    ])(fail_cleanly(with_cache_dir))
+
+
+def choose_training_cache(dataset, model, pretrained, weights, random_weights, engine):
+    """The workspace's cache of ``dataset``: the one of the backbone the options name when any is
+    given, else the dataset's only cache. None, or several without a backbone named, is an error
+    that lists what there is and how to choose."""
+    from cache.workspace import FEATURES, cache_dir_for, caches_of, describe_cache
+    from extract.engines import PRECISIONS
+    from extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, backbone_identity
+    caches = caches_of(dataset)
+    listed = "".join(f"\n  {path}   {describe_cache(path)}" for path in caches)
+    if model is not None or pretrained is not None or weights is not None or random_weights or engine is not None:
+        identity = backbone_identity(model or DEFAULT_MODEL, DEFAULT_PRETRAINED if pretrained is None else pretrained,
+                                     weights, bool(random_weights), PRECISIONS[engine or "torch"])
+        path = cache_dir_for(dataset, identity.fingerprint_fields())
+        if path in caches:
+            return echo_chosen("cache", path)
+        raise UserError(f"no {dataset} cache of the backbone named ({identity.name}, weights {identity.weights}, "
+                        f"{identity.precision}) at {path}; extract it with python pipeline.py extract --dataset "
+                        f"{dataset} and the same backbone options, or pass --cache-dir."
+                        + (f" The caches of {dataset}:{listed}" if caches else ""))
+    if len(caches) == 1:
+        return echo_chosen("cache", caches[0])
+    if not caches:
+        raise UserError(f"no cache of {dataset} under {FEATURES / dataset}/: run python pipeline.py extract "
+                        f"--dataset {dataset} first, or pass --cache-dir")
+    raise UserError(f"{len(caches)} caches of {dataset} fit:{listed}\nPick one with --cache-dir PATH, or name its "
+                    "backbone with --model, --pretrained, --weights, --random-weights or --engine (on the command "
+                    "line or in raml.toml).")
+
+
 def train_options(exclude=()):
     """One option per ``TrainConfig`` field; train/config.py holds every default."""
     from train.config import click_options
@@ -34,10 +94,10 @@ def train_options(exclude=()):
 
 
 @click.command()
-@click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), required=True,
-              help="Feature cache written by extract.")
-@click.option("--out", type=click.Path(file_okay=False), required=True,
-              help="Run directory: checkpoint.pt, config.json, split.json, history.json.")
+@training_cache_options
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run directory: checkpoint.pt, config.json, split.json, history.json. Default: a new "
+                   "./runs/<dataset>/NNN-<margin>-seed<k>/ (never an earlier run's), linked as runs/<dataset>/latest.")
 @click.option("--force", is_flag=True, help="Overwrite a run directory that already holds a checkpoint.")
 @threads_option
 @stage_two_device_option
@@ -51,21 +111,26 @@ def train(cache_dir, out, force, threads, device, margin, **options):
     """
     from pathlib import Path
 
+    from cache.workspace import claim_run_dir, dataset_of, point_latest
     from train.checkpoint import CHECKPOINT_FILE
     from train.config import make_config
     from train.fit import fit, write_run
     from train.thresholds import threshold_lines
     config = make_config(margin, **options)
-    if (Path(out) / CHECKPOINT_FILE).exists() and not force:
+    if out is not None and (Path(out) / CHECKPOINT_FILE).exists() and not force:
         raise UserError(f"{out} already holds a trained run; choose another --out or pass --force")
     table = read_training_cache(cache_dir)
     click.echo(f"train: {len(table)} images in {len(table.categories)} categories from {cache_dir}; "
                f"margin {config.margin} (m_base {config.margin_base}, λσ {config.lambda_sigma}, "
                f"λres {config.lambda_res}, r_max {config.r_max}), seed {config.seed}")
     trained = fit(table, config, progress=click.echo, threads=threads, device=device)
-    path = write_run(out, trained)
+    # The run's directory is claimed once training succeeded: a failed run leaves nothing behind.
+    run_dir = out or claim_run_dir(dataset_of(cache_dir), f"{config.margin}-seed{config.seed}")
+    path = write_run(run_dir, trained)
     click.echo("\n".join(threshold_lines(trained.thresholds)))
     click.echo(f"train: {len(trained.split.train)} training / {len(trained.split.heldout)} held-out images → {path}")
+    if out is None:
+        click.echo(f"run: {run_dir}  ({point_latest(run_dir)} → {run_dir.name})")
 
 
 @click.command("train")

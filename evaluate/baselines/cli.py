@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import click
 
-from cache.cli import device_option, fail_cleanly, show_progress, with_options
+from cache.cli import device_option, echo_chosen, fail_cleanly, show_progress, with_options
+from cache.workspace import dataset_of, results_dir
 from evaluate.cli import bootstrap_options, echo_entries
-from extract.cli import load_backbone_from
-from train.cli import read_training_cache
+from extract.cli import chosen_dataset_root, dataset_option, load_backbone_from, root_option
+from train.cli import read_training_cache, training_cache_options
 
 
 @click.group()
@@ -15,9 +16,10 @@ def baseline():
 
 
 @baseline.command("winclip")
-@click.option("--dataset", type=click.Choice(["mvtec", "visa", "folder", "textile"]), required=True)
-@click.option("--root", type=click.Path(file_okay=False), default=None, help="Dataset root (not for textile).")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory for the results files.")
+@dataset_option()
+@root_option
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Directory for the results files. Default: ./results/<dataset>/winclip/.")
 @click.option("--split-from", type=click.Path(exists=True), default=None,
               help="A training run: score exactly its held-out images (the holdout protocol), so that the "
                    "baseline and the model are compared on the same images.")
@@ -43,6 +45,9 @@ def baseline_winclip(dataset, root, out, split_from, protocol, model, pretrained
                      categories, batch_size, workers, image_score, maps, n_resamples, bootstrap_seed):
     """Zero-shot WinCLIP (Jeong et al., CVPR 2023): prompt ensemble, 2x2/3x3 windows, harmonic aggregation."""
     from evaluate.baselines.winclip_run import run_winclip
+    root = chosen_dataset_root(dataset, root)
+    out = out or echo_chosen("results", results_dir(dataset, "winclip" if image_score == "global" else
+                                                    f"winclip-{image_score}"))
     path, entries = run_winclip(
         dataset, root, out, lambda: load_backbone_from(model, pretrained, weights, random_weights, device),
         protocol=protocol, split_from=split_from, categories=categories.split(",") if categories else None,
@@ -52,9 +57,9 @@ def baseline_winclip(dataset, root, out, split_from, protocol, model, pretrained
 
 
 feature_baseline_options = [
-    click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), required=True,
-                 help="Feature cache written by extract: the baseline reads only it (no CLIP)."),
-    click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory for the results files."),
+    training_cache_options,
+    click.option("--out", type=click.Path(file_okay=False), default=None,
+                 help="Directory for the results files. Default: ./results/<dataset>/<baseline>/."),
     click.option("--split-from", type=click.Path(exists=True), default=None,
                  help="A training run: fit on its training images and score its held-out ones, so that the "
                       "baseline shares a table with it."),
@@ -69,7 +74,10 @@ feature_baseline_options = [
 def feature_baseline(name, cache_dir, out, **options) -> dict:
     """Run ``evaluate.baselines.features.run_feature_baseline`` and print its summary."""
     from evaluate.baselines.features import run_feature_baseline
-    path, entries, result = run_feature_baseline(name, read_training_cache(cache_dir), out, **options)
+    table = read_training_cache(cache_dir)
+    out = out or echo_chosen("results", results_dir(dataset_of(cache_dir),
+                                                    name + ("-per-category" if options.get("per_category") else "")))
+    path, entries, result = run_feature_baseline(name, table, out, **options)
     echo_entries(path, entries)
     return result
 

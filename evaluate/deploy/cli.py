@@ -7,16 +7,21 @@ import os
 import click
 
 from cache import UserError
-from cache.cli import comma_list, fail_cleanly, show_progress, with_options
-from extract.cli import (checkpoint_backbone_options, compare_options, backbone_options, engine_backbones, engine_options,
-                         fidelity_sample_option, load_backbone_from, load_engine_backbone)
+from cache.cli import comma_list, echo_chosen, fail_cleanly, show_progress, with_options
+from cache.workspace import results_dir
+from evaluate.workspace import newest_run_dir, run_label
+from extract.cli import (checkpoint_backbone_options, chosen_dataset_root, compare_options, backbone_options,
+                         engine_backbones, engine_options, fidelity_sample_option, load_backbone_from,
+                         load_engine_backbone)
 
 
 @click.command()
 @click.argument("files", nargs=-1, required=True)
-@click.option("--checkpoint", required=True, type=click.Path(exists=True), help="Training run directory or checkpoint.pt.")
+@click.option("--checkpoint", type=click.Path(exists=True),
+              help="Training run directory or checkpoint.pt. Default: the newest finished training run under ./runs/.")
 @click.option("--category", required=True, help="What the images show, e.g. bottle (used in the text prompts).")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory for predictions.csv and heatmaps.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Directory for predictions.csv and heatmaps. Default: ./results/predictions/<run>/.")
 @checkpoint_backbone_options
 @click.option("--visual-weight", type=float, default=None, help="Weight of s_visual (default: the checkpoint's).")
 @click.option("--text-weight", type=float, default=None, help="Weight of s_text (default: the checkpoint's).")
@@ -38,6 +43,8 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
     from evaluate.deploy.predict import (backbone_options_for, pooled_reason, predict_files, prediction_table,
                                          threshold_for, threshold_note, threshold_source)
     from train.checkpoint import load_checkpoint
+    checkpoint = checkpoint or newest_run_dir(sweeps=False)
+    out = out or echo_chosen("results", results_dir("predictions", run_label([checkpoint])))
     trained = load_checkpoint(checkpoint)
     options = backbone_options_for(trained.fingerprint, model, pretrained, weights, random_weights)
     if category not in trained.categories:
@@ -67,10 +74,11 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
 
 
 @click.command()
-@click.option("--checkpoint", required=True, type=click.Path(exists=True),
-              help="Training run directory or checkpoint.pt.")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Deployment directory (created; an earlier export in it is replaced).")
+@click.option("--checkpoint", type=click.Path(exists=True),
+              help="Training run directory or checkpoint.pt. Default: the newest finished training run under ./runs/.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Deployment directory (created; an earlier export in it is replaced). Default: "
+                   "./results/export/<run>/.")
 @click.option("--categories", default=None,
               help="Comma-separated categories to bake in (default: the checkpoint's).")
 @checkpoint_backbone_options
@@ -79,7 +87,8 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
                    "from --dataset/--root first, and refused below its limits).")
 @click.option("--dataset", type=click.Choice(["mvtec", "visa", "folder", "textile"]), default=None,
               help="With --precision int8: the dataset whose images (of the exported categories) the check uses.")
-@click.option("--root", type=click.Path(file_okay=False), default=None, help="Its root (not needed for textile).")
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="Its root. Default: ./datasets/<dataset> or $RAML_DATA/<dataset> (textile needs none).")
 @fidelity_sample_option("--precision int8")
 @fail_cleanly
 def export(checkpoint, out, categories, model, pretrained, weights, random_weights, device, precision, dataset, root,
@@ -92,9 +101,14 @@ def export(checkpoint, out, categories, model, pretrained, weights, random_weigh
     from evaluate.deploy.export import export_deployment
     from evaluate.deploy.predict import backbone_options_for
     from train.checkpoint import load_checkpoint
-    trained = load_checkpoint(checkpoint)
     if precision == "fp32" and (dataset or root):
-        raise UserError("--dataset/--root give the images of the int8 check: pass --precision int8 with them")
+        if given_on_command_line("dataset") or given_on_command_line("root"):
+            raise UserError("--dataset/--root give the images of the int8 check: pass --precision int8 with them")
+        dataset = root = None   # raml.toml's, meant for the other commands
+    checkpoint = checkpoint or newest_run_dir(sweeps=False)
+    out = out or echo_chosen("deployment", results_dir("export", run_label([checkpoint])))
+    root = chosen_dataset_root(dataset, root) if dataset else root
+    trained = load_checkpoint(checkpoint)
     options = backbone_options_for(trained.fingerprint, model, pretrained, weights, random_weights)  # before CLIP
     backbone = load_backbone_from(**options, device=device)
     deploy = export_deployment(trained, out, backbone, categories=comma_list(categories) if categories else None,
@@ -111,6 +125,10 @@ def export(checkpoint, out, categories, model, pretrained, weights, random_weigh
                "(needs only onnxruntime, numpy, pillow)")
     if deploy["random_weights"]:
         click.secho(deploy["warning"], fg="yellow")
+
+
+def given_on_command_line(name: str) -> bool:
+    return click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
 
 
 @click.command("predict")
