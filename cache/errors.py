@@ -15,6 +15,16 @@ class UserError(ValueError):
     """An error the user can fix; the message says what is wrong and, where it helps, what to do."""
 
 
+class OptionError(UserError):
+    """A command-line option whose value is wrong in a way only the command can tell (a model name
+    open_clip does not know, a category the dataset lacks): shown as click's usage error for
+    ``option`` (exit status 2), like a value click itself refused."""
+
+    def __init__(self, option: str, reason: str):
+        super().__init__(f"{option}: {reason}")
+        self.option, self.reason = option, reason
+
+
 class CacheError(UserError):
     """A cache directory that cannot be read or written as asked."""
 

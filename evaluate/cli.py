@@ -7,20 +7,52 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from cache import UserError
-from cache.cli import comma_list, echo_chosen, fail_cleanly, with_options
+from cache.errors import OptionError
+from cache.cli import (JOBS, SCORE_WEIGHT, SEED, echo_chosen, fail_cleanly, non_empty, seed_list, text_list,
+                       with_options)
+from extract.cli import dataset_option, model_option, refusing_contradictory_weights
 from cache.workspace import REPORT_DIR, RESULTS, SWEEP_PREFIX, dataset_of, results_dir
 from evaluate.workspace import newest_run_dir, run_label, scoring_cache, sweep_dir
-from extract.cli import dataset_option
 from train.cli import (read_training_cache, stage_two_device_option, threads_option, train_options,
                        training_cache_options)
 
 
+def margin_list(ctx, param, text):
+    from train.config import MARGIN_PRESETS
+    return text_list(choices=MARGIN_PRESETS, accepted=f"comma-separated margin presets among "
+                                                      f"{', '.join(MARGIN_PRESETS)}")(ctx, param, text)
+
+
+def vary_axes(ctx, param, specs):
+    """--vary FIELD=V1,V2 (repeated), checked before any work: the grid's axes (``train.config.parse_vary``)."""
+    from train.config import TrainConfig, parse_vary
+    try:
+        axes = parse_vary(specs)
+        for field_name, values in axes.items():
+            for value in values:
+                TrainConfig(**{field_name: value})
+    except UserError as err:
+        raise click.BadParameter(str(err).removeprefix("invalid training configuration: ")) from None
+    return axes
+
+
+def _names(text, module: str, table: str):
+    """A comma-separated subset of ``evaluate.<module>.<table>`` (``none``: the empty subset)."""
+    import importlib
+    names = tuple(getattr(importlib.import_module(f"evaluate.{module}" if module != "baselines" else
+                                                  "evaluate.baselines.features"), table))
+    if text is not None and text.strip() == "none" and module == "baselines":
+        return []
+    return text_list(choices=names, accepted=f"comma-separated names among {', '.join(names)}")(None, None, text)
+
+
 bootstrap_options = [
-    click.option("--bootstrap", "n_resamples", default=1000, show_default=True,
+    click.option("--bootstrap", "n_resamples", type=click.IntRange(1, 1_000_000), default=1000, show_default=True,
                  help="Bootstrap resamples for the AUROC 95 % CI."),
-    click.option("--bootstrap-seed", default=0, show_default=True, help="Seed of the bootstrap resampling."),
+    click.option("--bootstrap-seed", type=SEED, default=0, show_default=True, help="Seed of the bootstrap resampling."),
 ]
 
 
@@ -43,7 +75,7 @@ def echo_entries(path, entries) -> None:
 
 
 @click.command()
-@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(),
+@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(exists=True),
               help="A run directory (or its checkpoint.pt), or a sweep directory of runs; repeat for several. "
                    "Runs named <config>-seed<k> are seeds of one configuration (mean ± std). Default: the newest "
                    "finished run or sweep under ./runs/.")
@@ -57,9 +89,10 @@ def echo_entries(path, entries) -> None:
               help="Directory for the results files. Default: ./results/<dataset>/<run>/.")
 @click.option("--protocol", type=click.Choice(["holdout", "transfer", "official"]), default=None,
               help="Default: holdout on the cache the model was trained on, transfer on any other.")
-@click.option("--visual-weight", type=float, default=None, help="Weight of s_visual (default: the checkpoint's).")
-@click.option("--text-weight", type=float, default=None, help="Weight of s_text (default: the checkpoint's).")
-@click.option("--name", default=None, help="Name of the configuration in the results (default: the run directory's).")
+@click.option("--visual-weight", type=SCORE_WEIGHT, default=None, help="Weight of s_visual (default: the checkpoint's).")
+@click.option("--text-weight", type=SCORE_WEIGHT, default=None, help="Weight of s_text (default: the checkpoint's).")
+@click.option("--name", default=None, callback=non_empty,
+              help="Name of the configuration in the results (default: the run directory's).")
 @with_options(bootstrap_options)
 @stage_two_device_option
 @fail_cleanly
@@ -103,16 +136,18 @@ def report(results, out):
 
 @click.command()
 @training_cache_options
-@click.option("--margins", default="adaptive,fixed,strong", show_default=True, help="Margin presets to compare.")
-@click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Training seeds (one run each).")
-@click.option("--vary", multiple=True, metavar="FIELD=V1,V2",
+@click.option("--margins", default="adaptive,fixed,strong", show_default=True, callback=margin_list,
+              help="Margin presets to compare.")
+@click.option("--seeds", default="0,1,2,3,4", show_default=True, callback=seed_list,
+              help="Training seeds (one run each).")
+@click.option("--vary", multiple=True, metavar="FIELD=V1,V2", callback=vary_axes,
               help="Another grid axis, e.g. --vary lr=1e-4,5e-5 or --vary loss_variant=raml,original; repeat for "
                    "more. Configurations are every margin × every combination.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Sweep directory: <configuration>-seed<k>/ per run, results/, summary.json, summary.md. Default: "
                    "a new ./runs/<dataset>/NNN-sweep-<margins>/, or the newest such sweep if it did not finish "
                    "(it resumes).")
-@click.option("--jobs", default=1, show_default=True,
+@click.option("--jobs", type=JOBS, default=1, show_default=True,
               help="Passes trained in parallel worker processes (runs that share their shapes train as one pass).")
 @threads_option
 @stage_two_device_option
@@ -125,16 +160,9 @@ def sweep(cache_dir, margins, seeds, vary, out, jobs, threads, device, **options
     ...) are trained together as one batched pass. Re-running resumes: finished runs are not retrained.
     All runs share --split-seed, so every number in the table is measured on the same held-out images.
     """
-    from train.config import MARGIN_PRESETS, parse_vary
     from evaluate.sweep import run_sweep
     from train.sweep import grid_configurations
-    margins, seeds = comma_list(margins), comma_list(seeds, int)
-    unknown = [m for m in margins if m not in MARGIN_PRESETS]
-    if unknown or not margins or not seeds:
-        raise UserError(f"--margins takes some of {', '.join(MARGIN_PRESETS)} (got {', '.join(unknown) or 'none'}); "
-                        "--seeds at least one integer")
-    axes = parse_vary(vary)
-    configurations = grid_configurations(margins, axes, **options)
+    configurations = grid_configurations(margins, axes := vary, **options)
     table = read_training_cache(cache_dir)
     in_workspace = out is None
     if in_workspace:
@@ -154,12 +182,13 @@ def sweep(cache_dir, margins, seeds, vary, out, jobs, threads, device, **options
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Directory: runs/ (the sweep), baselines/, ablation.md, ablation.json, ablation.png. Default: "
                    "./results/<dataset>/ablate/ (re-running resumes it).")
-@click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Training seeds of every configuration.")
-@click.option("--ablations", default=None,
+@click.option("--seeds", default="0,1,2,3,4", show_default=True, callback=seed_list,
+              help="Training seeds of every configuration.")
+@click.option("--ablations", default=None, callback=lambda ctx, param, text: _names(text, "ablate", "ABLATIONS"),
               help="Comma-separated subset of the configurations (default: all; 'full' is always needed).")
-@click.option("--baselines", default=None, help="Comma-separated subset of linear,knn-tiles,zero-shot-text "
-                                                "(default: all; 'none' for none).")
-@click.option("--jobs", default=1, show_default=True, help="Training passes run in parallel worker processes.")
+@click.option("--baselines", default=None, callback=lambda ctx, param, text: _names(text, "baselines", "BASELINES"),
+              help="Comma-separated subset of linear,knn-tiles,zero-shot-text (default: all; 'none' for none).")
+@click.option("--jobs", type=JOBS, default=1, show_default=True, help="Training passes run in parallel worker processes.")
 @threads_option
 @stage_two_device_option
 @with_options(bootstrap_options)
@@ -177,14 +206,10 @@ def ablate(cache_dir, out, seeds, ablations, baselines, jobs, threads, device, n
     """
     from evaluate.ablate import ABLATIONS, run_ablation
     from evaluate.baselines.features import BASELINES
-    chosen_baselines = () if baselines == "none" else tuple(comma_list(baselines) if baselines else BASELINES)
-    unknown = [name for name in chosen_baselines if name not in BASELINES]
-    if unknown:
-        raise UserError(f"--baselines: unknown {', '.join(unknown)}; choose from {', '.join(BASELINES)} or none")
+    chosen_baselines = tuple(BASELINES if baselines is None else baselines)
     table = read_training_cache(cache_dir)
     out = out or echo_chosen("results", results_dir(dataset_of(cache_dir), "ablate"))
-    ablation = run_ablation(table, out, comma_list(seeds, int),
-                            ablations=tuple(comma_list(ablations)) if ablations else tuple(ABLATIONS),
+    ablation = run_ablation(table, out, seeds, ablations=tuple(ablations or ABLATIONS),
                             baselines=chosen_baselines, jobs=jobs, threads=threads, device=device,
                             n_resamples=n_resamples, bootstrap_seed=bootstrap_seed, progress=click.echo, **options)
     click.echo((Path(out) / "ablation.md").read_text().rstrip())
@@ -193,25 +218,38 @@ def ablate(cache_dir, out, seeds, ablations, baselines, jobs, threads, device, n
 
 @click.command()
 @click.option("--out", type=click.Path(file_okay=False), default="demo_out", show_default=True)
-@click.option("--limit", default=None, type=int,
+@click.option("--limit", default=None, type=click.IntRange(10, 2000),
               help="Textile images to use (default 146: the fewest with 15 normal and 15 anomalous held out).")
-@click.option("--epochs", default=None, type=int, help="Training epochs per run (default 25, the original's).")
-@click.option("--seeds", default="0,1,2", show_default=True, help="Training seeds of each margin.")
-@click.option("--model", default="ViT-B-16", show_default=True, help="RAML's CLIP.")
+@click.option("--epochs", default=None, type=click.IntRange(1, 100_000),
+              help="Training epochs per run (default 25, the original's).")
+@click.option("--seeds", default="0,1,2", show_default=True, callback=seed_list, help="Training seeds of each margin.")
+@model_option(default="ViT-B-16", show_default=True, help="RAML's CLIP.")
 @click.option("--pretrained", default="openai", show_default=True)
-@click.option("--winclip-model", default="ViT-B-16-plus-240", show_default=True, help="WinCLIP's CLIP (the paper's).")
+@model_option("--winclip-model", default="ViT-B-16-plus-240", show_default=True, help="WinCLIP's CLIP (the paper's).")
 @click.option("--winclip-pretrained", default="laion400m_e31", show_default=True)
 @click.option("--online", is_flag=True, help="Allow downloading the CLIP weights (default: local cache only).")
 @click.option("--random-weights", is_flag=True, help="Skip looking for weights; run with random ones (not meaningful).")
+@refusing_contradictory_weights
 @fail_cleanly
 def demo(out, limit, epochs, seeds, model, pretrained, winclip_model, winclip_pretrained, online, random_weights):
     """README command one: RAML (3 margins × 3 seeds, via sweep) against zero-shot WinCLIP on the same held-out
     textile images: extract → sweep → evaluate → baseline winclip → report."""
     from evaluate.demo import DEFAULT_EPOCHS, DEFAULT_LIMIT, run_demo
-    root = click.get_current_context().find_root().command   # the whole command line: the demo runs its commands
+    from extract.identity import backbone_identity
+    context = click.get_current_context()
+    for flags, (name, tag) in ((("--model", "--pretrained"), (model, pretrained)),
+                               (("--winclip-model", "--winclip-pretrained"), (winclip_model, winclip_pretrained))):
+        if context.get_parameter_source(flags[1].lstrip("-").replace("-", "_")) is ParameterSource.DEFAULT:
+            continue   # the default tag is ViT-B/16's: another --model without it falls back openly
+        try:   # a tag open_clip does not know is the user's mistake, not missing weights
+            backbone_identity(name, tag, random_weights=random_weights)
+        except OptionError as err:
+            raise OptionError(dict(zip(("--model", "--pretrained"), flags)).get(err.option, err.option),
+                              err.reason) from None
+    root = context.find_root().command   # the whole command line: the demo runs its commands
     run_demo(lambda args: root.main(list(args), standalone_mode=False), out, model=model, pretrained=pretrained,
              winclip_model=winclip_model, winclip_pretrained=winclip_pretrained, limit=limit or DEFAULT_LIMIT,
-             epochs=epochs or DEFAULT_EPOCHS, seeds=comma_list(seeds, int), online=online,
+             epochs=epochs or DEFAULT_EPOCHS, seeds=seeds, online=online,
              random_weights=random_weights, log=click.echo)
 
 

@@ -3,19 +3,54 @@ backbone and its engine (shared with the commands that score new images, evaluat
 """
 from __future__ import annotations
 
+import functools
+
 import click
 
-from cache.cli import comma_list, device_option, echo_chosen, fail_cleanly, show_progress, with_options
+from cache.cli import device_option, echo_chosen, fail_cleanly, show_progress, text_list, with_options
+
+BATCH_SIZE = click.IntRange(1, 4096)        # images per forward pass (× 21 crops)
+WORKERS = click.IntRange(0, 1024)           # decoding processes; 0 decodes in the main process
+IMAGE_SIDE = click.IntRange(64, 13_376)     # px: the pyramid's minimum, and Pillow's pixel limit's side
+
+
+def model_option(flag: str = "--model", **kwargs):
+    """--model (or ``flag``): an open_clip model name or model-config JSON, checked before any work
+    (``extract.identity.model_problem``: without importing open_clip)."""
+    def check(ctx, param, value):
+        from extract.identity import model_problem
+        problem = None if value is None else model_problem(value)
+        if problem:
+            raise click.BadParameter(problem)
+        return value
+    return click.option(flag, callback=check, **kwargs)
+
+
+def refusing_contradictory_weights(func):
+    """Refuse, before any work, weights options given together on the command line that name
+    different weights: --pretrained or --weights with --random-weights."""
+    @functools.wraps(func)
+    def checked(*args, **kwargs):
+        context = click.get_current_context()
+        given = {name for name in ("pretrained", "winclip_pretrained", "weights", "random_weights")
+                 if context.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE}
+        if "random_weights" in given and given - {"random_weights"}:
+            flag = "--" + sorted(given - {"random_weights"})[0].replace("_", "-")
+            raise click.BadParameter("names weights to load, and --random-weights asks for random ones: give one",
+                                     param_hint=f"'{flag}'")
+        return func(*args, **kwargs)
+    return checked
 
 
 def backbone_options(func):
     """Options naming the CLIP backbone; shared by every command that runs the image encoder."""
     from extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED  # not extract.encoder: no torch import here
+    func = refusing_contradictory_weights(func)
     return with_options([
-        click.option("--model", default=DEFAULT_MODEL, show_default=True,
+        model_option(default=DEFAULT_MODEL, show_default=True,
                      help="open_clip model name, or path to an open_clip model-config JSON."),
         click.option("--pretrained", default=DEFAULT_PRETRAINED, show_default=True,
-                     help="open_clip pretrained tag (downloaded once into the user's cache)."),
+                     help="open_clip pretrained tag (downloaded once into the user's cache; '' for none)."),
         click.option("--weights", type=click.Path(dir_okay=False), default=None,
                      help="Local checkpoint file, for offline machines (overrides --pretrained)."),
         click.option("--random-weights", is_flag=True,
@@ -27,9 +62,9 @@ def backbone_options(func):
 def checkpoint_backbone_options(func):
     """The backbone options of commands that score with a checkpoint (predict, export): each
     defaults to the checkpoint's own backbone; one given explicitly must agree with it."""
+    func = refusing_contradictory_weights(func)
     return with_options([
-        click.option("--model", default=None, help="open_clip model name or model-config JSON (default: the "
-                                                   "checkpoint's)."),
+        model_option(default=None, help="open_clip model name or model-config JSON (default: the checkpoint's)."),
         click.option("--pretrained", default=None, help="open_clip pretrained tag (default: the checkpoint's)."),
         click.option("--weights", type=click.Path(dir_okay=False), default=None,
                      help="Local weights file (default: the one the checkpoint's cache was extracted with, at its "
@@ -61,7 +96,7 @@ def load_backbone_from(model, pretrained, weights, random_weights, device):
 def fidelity_sample_option(when):
     """--fidelity-sample: how many of the user's images the int8 fidelity check encodes both ways."""
     from extract.engines import FIDELITY_SAMPLE
-    return click.option("--fidelity-sample", default=FIDELITY_SAMPLE, show_default=True, type=click.IntRange(1),
+    return click.option("--fidelity-sample", default=FIDELITY_SAMPLE, show_default=True, type=click.IntRange(1, 10_000),
                         help=f"With {when}: images of your own that the check encodes with fp32 and int8.")
 
 
@@ -130,17 +165,19 @@ def chosen_dataset_root(dataset, root):
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where the shards go. Default: ./features/<dataset>/<backbone tag>, one cache per backbone.")
 @backbone_options
-@click.option("--categories", default=None, help="Comma-separated subset, e.g. bottle,screw.")
-@click.option("--batch-size", default=8, show_default=True, help="Images per forward pass (×21 crops).")
-@click.option("--workers", type=int, default=None,
+@click.option("--categories", default=None, callback=text_list(accepted="comma-separated category names"),
+              help="Comma-separated subset, e.g. bottle,screw.")
+@click.option("--batch-size", type=BATCH_SIZE, default=8, show_default=True, help="Images per forward pass (×21 crops).")
+@click.option("--workers", type=WORKERS, default=None,
               help="Image-decoding processes (0: decode in the main process). Default: one per usable core.")
-@click.option("--limit", type=click.IntRange(min=1), default=None,
+@click.option("--limit", type=click.IntRange(1, 10_000_000), default=None,
               help="At most N images per category (a quick look), spread over every split and defect type.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images and list them, instead of stopping.")
 @click.option("--retry-skipped", is_flag=True, help="Try again the images an earlier --skip-bad run skipped.")
-@click.option("--shard", default=None, help="i/n: this process takes every n-th image from i (default: "
-                                            "torchrun's RANK/WORLD_SIZE, else 0/1).")
-@click.option("--shard-size", default=256, show_default=True, help="Images per HDF5 shard.")
+@click.option("--shard", default=None, callback=lambda ctx, param, value: check_shard(value),
+              help="i/n: this process takes every n-th image from i (default: torchrun's RANK/WORLD_SIZE, else 0/1).")
+@click.option("--shard-size", type=click.IntRange(1, 1_000_000), default=256, show_default=True,
+              help="Images per HDF5 shard.")
 @engine_options
 @fail_cleanly
 def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights, device, categories,
@@ -155,7 +192,6 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
     from extract.engines import PRECISIONS, check_cache_precision, usable_cores
     from extract.identity import backbone_identity
     from extract.run import extract_features
-    categories = categories.split(",") if categories else None
     root = chosen_dataset_root(dataset, root)
     identity = backbone_identity(model, pretrained, weights, random_weights, PRECISIONS[engine])
     if cache_dir is None:
@@ -182,19 +218,27 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
         click.echo(f"  skipped {path}: {reason}")
 
 
+def check_shard(value):
+    """--shard i/n, checked before any work (``extract.run.parse_shard``)."""
+    from extract.run import parse_shard
+    if value is not None:
+        try:
+            parse_shard(value)
+        except ValueError as err:
+            raise click.BadParameter(str(err).split(": ", 1)[-1]) from None
+    return value
+
+
 def engine_list(ctx, param, text):
     from extract.engines import ENGINES
-    engines = comma_list(text)
-    unknown = [engine for engine in engines if engine not in ENGINES]
-    if unknown:
-        raise click.BadParameter(f"{', '.join(unknown)}: not an engine (choose among {', '.join(ENGINES)})")
-    return engines
+    return text_list(choices=ENGINES, accepted=f"engines among {', '.join(ENGINES)}", allow_empty=True)(
+        ctx, param, text)
 
 
 compare_options = [
     click.option("--engines", default="torch,onnx,onnx-int8", show_default=True, callback=engine_list,
                  help="Engines compared side by side, comma-separated (\"\" for none)."),
-    click.option("--rounds", default=3, show_default=True, type=click.IntRange(1),
+    click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 100),
                  help="Rounds of the comparison; each times every engine once (interleaved); medians are shown."),
 ]
 
@@ -209,10 +253,11 @@ def engine_backbones(backbone, engines):
 
 @click.command("extract")
 @backbone_options
-@click.option("--images", default=8, show_default=True, help="Synthetic images of MVTec size to encode.")
-@click.option("--size", default=900, show_default=True, help="Side of the synthetic images (px).")
-@click.option("--batch-size", default=8, show_default=True, help="Images per forward pass (x21 crops).")
-@click.option("--workers", type=int, default=None, help="Image-decoding processes. Default: one per usable core.")
+@click.option("--images", type=click.IntRange(1, 100_000), default=8, show_default=True,
+              help="Synthetic images of MVTec size to encode.")
+@click.option("--size", type=IMAGE_SIDE, default=900, show_default=True, help="Side of the synthetic images (px).")
+@click.option("--batch-size", type=BATCH_SIZE, default=8, show_default=True, help="Images per forward pass (x21 crops).")
+@click.option("--workers", type=WORKERS, default=None, help="Image-decoding processes. Default: one per usable core.")
 @click.option("--loader-only", is_flag=True,
               help="Only the loader and its ceiling (quick on a CPU, where ViT-B/16 takes ~2 s per image).")
 @engine_option

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache import UserError
+from cache.errors import OptionError
 from cache.format import printable
 from cache.workspace import default_dataset_root, where_datasets_are_looked_for
 
@@ -141,7 +142,8 @@ def _select(found: dict, wanted, root: Path, layout: str, kind: str) -> list[str
         return sorted(found)
     unknown = [c for c in wanted if c not in found]
     if unknown:
-        raise DatasetLayoutError(f"{root}: no category {', '.join(unknown)} (found: {', '.join(sorted(found))})")
+        raise OptionError("--categories", f"{root} has no category {', '.join(unknown)} (it has: "
+                                          f"{', '.join(sorted(found))})")
     return list(wanted)
 
 

@@ -17,10 +17,10 @@ module imports neither torch nor open_clip at import time, for the same reason.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.metadata
 import importlib.util
-import atexit
 import json
 import os
 import shutil
@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from cache import UserError
+from cache.errors import OptionError
 from cache.files import atomic_write_text, user_cache_root
 
 DEFAULT_MODEL = "ViT-B-16"
@@ -124,8 +125,8 @@ def resolve_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAUL
         tag_config = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
         if not tag_config:
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
-            raise WeightsUnavailableError(f"--pretrained {pretrained}: not a pretrained tag of {name} (its tags: "
-                                          f"{tags}). A weights file goes to --weights FILE.")
+            raise OptionError("--pretrained", f"{pretrained!r} is not a pretrained tag of {name} (its tags: {tags}). "
+                                              "A weights file goes to --weights FILE.")
         weights_id, source = pretrained, pretrained
     quick_gelu = bool(tag_config.get("quick_gelu", False))
     if quick_gelu:
@@ -164,9 +165,9 @@ def check_model_config(path: Path) -> dict:
     UTF-8 JSON, not an object, no ``embed_dim``/``vision_cfg``/``text_cfg``, or a size of
     ``CONFIG_LIMITS`` that is not a whole number in range."""
     def fail(problem: str):
-        raise UserError(f"--model {path}: {problem}. An open_clip model config is a JSON object with embed_dim, "
-                        'vision_cfg and text_cfg (e.g. {"embed_dim": 512, "vision_cfg": {"image_size": 224, ...}, '
-                        '"text_cfg": {...}})')
+        raise OptionError("--model", f"{path}: {problem}. An open_clip model config is a JSON object with embed_dim, "
+                                     'vision_cfg and text_cfg (e.g. {"embed_dim": 512, "vision_cfg": {"image_size": 224, '
+                                     '...}, "text_cfg": {...}})')
     try:
         config = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -250,9 +251,33 @@ def model_name(model: str) -> str:
         _register_checked_copy(path, check_model_config(path))
         return path.stem
     if model not in open_clip.list_models():
-        raise UserError(f"--model {model}: not an open_clip model name nor a config .json "
-                        f"(e.g. {DEFAULT_MODEL}, ViT-B-16-plus-240, ViT-L-14)")
+        raise OptionError("--model", f"{model!r} is not an open_clip model name nor a config .json (e.g. "
+                                     f"{DEFAULT_MODEL}, ViT-B-16-plus-240, ViT-L-14)")
     return model
+
+
+def model_problem(model: str) -> str | None:
+    """Why ``--model`` cannot name a model, found without importing open_clip (the command line
+    checks it before any work): a missing or invalid config JSON, or a name of no config open_clip
+    ships. None when it can (or when open_clip's configs cannot be looked at without importing it)."""
+    if not model.strip():
+        return "empty: give an open_clip model name (e.g. ViT-B-16) or a model-config .json"
+    path = Path(model)
+    if path.suffix == ".json":
+        if not path.is_file():
+            return f"{model}: no such model-config file"
+        try:
+            check_model_config(path)
+        except OptionError as err:
+            return err.reason
+        return None
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    if not (Path(spec.submodule_search_locations[0]) / "model_configs" / f"{model}.json").is_file():
+        return (f"{model!r} is not an open_clip model name nor a config .json (e.g. {DEFAULT_MODEL}, "
+                "ViT-B-16-plus-240, ViT-L-14)")
+    return None
 
 
 def config_sha256(config: dict) -> str:

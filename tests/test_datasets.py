@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 
+from cache.errors import OptionError
 from extract.datasets import DatasetLayoutError, ImageRecord, read_dataset
 from tests.synthetic import make_folder, make_mvtec, make_visa
 
@@ -89,5 +90,5 @@ def test_wrong_layout_and_unknown_category(tmp_path):
         read_dataset("mvtec", tmp_path)
     shutil.rmtree(tmp_path / "bottle")
     make_mvtec(tmp_path, categories=("bottle",))
-    with pytest.raises(DatasetLayoutError, match=r"no category zipper \(found: bottle\)"):
+    with pytest.raises(OptionError, match=r"--categories: .* has no category zipper \(it has: bottle\)"):
         read_dataset("mvtec", tmp_path, ["zipper"])

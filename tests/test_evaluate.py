@@ -132,8 +132,13 @@ def test_evaluate_command_prints_a_summary_marked_not_meaningful(tmp_path, runs,
 def test_evaluate_command_names_a_missing_checkpoint(tmp_path, mvtec_cache):
     result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(tmp_path / "nothing"), "--cache-dir",
                                       str(mvtec_cache), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Invalid value for '--checkpoint'" in result.output
+    assert "does not exist" in result.output
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(tmp_path / "empty"), "--cache-dir",
+                                      str(mvtec_cache), "--out", str(tmp_path / "out")])
     assert result.exit_code == 1
-    assert f"{tmp_path / 'nothing'}: no checkpoint.pt" in result.output
+    assert f"{tmp_path / 'empty'}: no checkpoint.pt" in result.output
 
 
 # --- which runs are seeds of one configuration ---------------------------------------------------

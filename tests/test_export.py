@@ -155,7 +155,7 @@ def test_export_refuses_a_backbone_other_than_the_checkpoints(run_dir, tmp_path,
     out = tmp_path / "deploy"
     result = CliRunner().invoke(cli, ["export", "--checkpoint", str(run_dir), "--out", str(out), "--model",
                                       TINY_MODEL, "--pretrained", "openai", "--device", "cpu"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2   # a usage error: the options contradict the checkpoint
     assert "trained on features of --model raml-tiny-test --random-weights" in result.output
     assert "differ in --pretrained" in result.output
     other_weights = dataclasses.replace(tiny_backbone, weights="sha256:" + "0" * 64)

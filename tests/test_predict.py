@@ -58,7 +58,7 @@ def test_predict_refuses_a_backbone_other_than_the_checkpoints(tmp_path, run_dir
                             (["--weights", image], "--weights")):
         result = CliRunner().invoke(cli, ["predict", image, "--checkpoint", str(run_dir), "--category", "bottle",
                                           "--out", str(tmp_path), *options])
-        assert result.exit_code == 1
+        assert result.exit_code == 2   # a usage error: the options contradict the checkpoint
         assert "trained on features of --model raml-tiny-test --random-weights" in result.output
         assert f"the options given differ in {differ}." in result.output and "Traceback" not in result.output
 

@@ -155,9 +155,9 @@ def test_an_unknown_key_in_raml_toml(empty_dir):
      "engine = 'onnx-fp16' at [extract]: Invalid value for '--engine': 'onnx-fp16' is not one of 'torch', 'onnx', "
      "'onnx-int8'."),
     ('epochs = "ten"\n', "epochs = 'ten' at the top level, for python pipeline.py bench train: 'ten' is not an "
-                         "integer. Accepted: an integer."),
+                         "integer. Accepted: an integer >= 1 and <= 100000."),
     ("[bench.predict]\nrounds = 0\n", "rounds = 0 at [bench.predict]: Invalid value for '--rounds': 0 is not in the "
-                                      "range x>=1. Accepted: an integer >= 1."),
+                                      "range 1<=x<=100. Accepted: an integer >= 1 and <= 100."),
     ("[train]\nlr = true\n", "lr = True at [train]: True is not a number. Accepted: a number > 0."),
     ('[evaluate]\ncheckpoint = "runs/x"\n', "checkpoint = 'runs/x' at [evaluate]: this option takes a list"),
 ])

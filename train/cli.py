@@ -9,14 +9,15 @@ import functools
 import click
 
 from cache import UserError
-from cache.cli import comma_list, device_option, echo_chosen, fail_cleanly, with_options
+from cache.errors import OptionError
+from cache.cli import JOBS, THREADS, device_option, echo_chosen, fail_cleanly, text_list, with_options
 
 stage_two_device_option = device_option(
     "Where stage two runs: auto (the GPU if there is one), cpu, cuda or cuda:N. The cached features go to the "
     "device once.")
 
 threads_option = click.option(
-    "--threads", default=1, show_default=True,
+    "--threads", type=THREADS, default=1, show_default=True,
     help="Torch threads per training run. More pay only on an idle machine (on a busy one they stall "
          "each other); sweep --jobs fills the cores instead.")
 
@@ -33,13 +34,21 @@ def read_training_cache(cache_dir):
 def training_cache_options(func):
     """--dataset, --cache-dir, and the backbone options that pick the dataset's cache in the workspace
     when --cache-dir is not given (``choose_training_cache``). The command receives ``cache_dir`` only."""
-    from extract.cli import dataset_option
+    from extract.cli import dataset_option, model_option
     from extract.engines import ENGINES
 
     @functools.wraps(func)
     def with_cache_dir(*, dataset, cache_dir, model, pretrained, weights, random_weights, engine, **options):
         if cache_dir is None:
             cache_dir = choose_training_cache(dataset, model, pretrained, weights, random_weights, engine)
+        else:   # the backbone options pick a cache: with one named, they would be silently ignored
+            context = click.get_current_context()
+            given = [name for name in ("model", "pretrained", "weights", "random_weights", "engine")
+                     if context.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+            if given:
+                flag = "--" + given[0].replace("_", "-")
+                raise OptionError(flag, "picks the dataset's cache when --cache-dir is not given; with --cache-dir "
+                                        f"{cache_dir} it would be ignored: leave one of them out")
         return func(cache_dir=cache_dir, **options)
 
     which = "With --dataset: read the cache extracted with this"
@@ -49,7 +58,7 @@ def training_cache_options(func):
                      help="Feature cache written by extract. Default: the dataset's cache under ./features/<dataset>/: "
                           "its only one, or the one of the backbone that --model, --pretrained, --weights, "
                           "--random-weights and --engine name (on the command line or in raml.toml)."),
-        click.option("--model", default=None, help=f"{which} model (name or config JSON)."),
+        model_option(default=None, help=f"{which} model (name or config JSON)."),
         click.option("--pretrained", default=None, help=f"{which} pretrained tag."),
         click.option("--weights", type=click.Path(dir_okay=False), default=None, help=f"{which} weights file."),
         click.option("--random-weights", is_flag=True, default=None, help=f"{which} backbone's random weights."),
@@ -134,12 +143,14 @@ def train(cache_dir, out, force, threads, device, margin, **options):
 
 
 @click.command("train")
-@click.option("--epochs", default=25, show_default=True)
+@click.option("--epochs", type=click.IntRange(1, 100_000), default=25, show_default=True)
 @click.option("--sweep", "with_sweep", is_flag=True,
               help="Also time the 3 margins × --seeds sweep: batched (one pass) against one run at a time.")
-@click.option("--seeds", default=5, show_default=True)
-@click.option("--lrs", default=None, help="With --sweep: also vary the learning rate, e.g. 5e-5,1e-4,2e-4 (45 runs).")
-@click.option("--jobs", default=2, show_default=True, help="Worker processes of the one-run-at-a-time sweep; the batched pass gets as many "
+@click.option("--seeds", type=click.IntRange(1, 1000), default=5, show_default=True, help="Seeds of each margin.")
+@click.option("--lrs", default=None, callback=text_list(float, check=lambda lr: 0 < lr < float("inf"),
+                                                         accepted="comma-separated learning rates > 0"),
+              help="With --sweep: also vary the learning rate, e.g. 5e-5,1e-4,2e-4 (45 runs).")
+@click.option("--jobs", type=JOBS, default=2, show_default=True, help="Worker processes of the one-run-at-a-time sweep; the batched pass gets as many "
               "threads (× --threads).")
 @click.option("--separate/--no-separate", default=True, show_default=True,
               help="With --sweep: also time the old one-run-at-a-time path (slow).")
@@ -149,7 +160,7 @@ def train(cache_dir, out, force, threads, device, margin, **options):
 def bench_train(epochs, with_sweep, seeds, lrs, jobs, separate, threads, device):
     """Time stage two on a synthetic cache of MVTec AD's shape (5,354 images × 21 × 512)."""
     from train.bench import run_train_bench
-    result = run_train_bench(epochs=epochs, sweep=with_sweep, seeds=seeds, lrs=comma_list(lrs, float) if lrs else None,
+    result = run_train_bench(epochs=epochs, sweep=with_sweep, seeds=seeds, lrs=lrs,
                              jobs=jobs, threads=threads, device=device, separate=separate)
     for line in result.lines():
         click.echo(line)

@@ -205,7 +205,8 @@ class TrainConfig:
     # ours: the original uses a constant 900 px for every image (orig:122, :130)
     r_max: str = _option("image", "Original resolution in the resolution term: 'image' (each image's "
                                   "max(height, width)), 'category' (its category's mean), or a number "
-                                  "of pixels (900 reproduces the original).")
+                                  "of pixels (900 reproduces the original).",
+                       check=_valid_r_max, accepted="image, category or a positive number of pixels")
     # auto-difficulty
     difficulty_momentum: float = _option(0.7, "EMA momentum of the per-category loss.", bounds=MOMENTUM)            # orig:108
     difficulty_scale: float = _option(0.5, "w = 1 + scale·(L_cat − L_global)/L_global.", bounds=NON_NEGATIVE)          # orig:108
@@ -297,6 +298,8 @@ def parse_vary(specs) -> dict[str, list]:
     a sweep's grid axes, each value parsed as its ``TrainConfig`` field's type."""
     import click
 
+    from cache.cli import ON_OFF
+
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     grid = {}
     for spec in specs:
@@ -305,26 +308,27 @@ def parse_vary(specs) -> dict[str, list]:
         if name in ("seed", "margin") or name not in fields:
             raise UserError(f"--vary {spec!r}: expected FIELD=v1,v2 with FIELD a training option other than seed "
                             "and margin (those have --seeds and --margins), e.g. lr=1e-4,5e-5")
-        kind = click.BOOL if isinstance(fields[name].default, bool) else (
+        kind = ON_OFF if isinstance(fields[name].default, bool) else (
             float if fields[name].metadata.get("preset") else type(fields[name].default))
         try:
-            grid[name] = [kind(value.strip()) if kind is not click.BOOL else kind.convert(value.strip(), None, None)
+            grid[name] = [kind(value.strip()) if kind is not ON_OFF else kind.convert(value.strip(), None, None)
                           for value in values.split(",") if value.strip()]
         except (ValueError, click.BadParameter):
-            expected = "on or off" if kind is click.BOOL else kind.__name__
+            expected = "on or off" if kind is ON_OFF else kind.__name__
             raise UserError(f"--vary {spec!r}: each value must be {expected}") from None
         if not grid[name]:
             raise UserError(f"--vary {spec!r}: no values")
     return grid
 
 
-def number_type(kind: str, bounds: Bounds | None):
-    """The click type of a field of kind ``kind`` within ``bounds``: click's ranges, finite numbers
-    only (so that a bad value is a usage error naming the option, before any work)."""
-    from cache.cli import FiniteFloat
+def number_type(kind: str, bounds: Bounds | None, check=None, accepted: str = ""):
+    """The click type of a field of kind ``kind`` within ``bounds`` (a text field: passing ``check``):
+    click's ranges, finite numbers only, so that a bad value is a usage error naming the option,
+    before any work."""
+    from cache.cli import CheckedText, FiniteFloat
     import click
     if kind == "str":
-        return click.STRING
+        return CheckedText(check, accepted) if check else click.STRING
     bounds = bounds or Bounds()
     if kind == "int":
         return click.IntRange(bounds.low, bounds.high, min_open=bounds.low_open, max_open=bounds.high_open)
@@ -338,6 +342,8 @@ def click_options(exclude=()):
     """
     import click
 
+    from cache.cli import ON_OFF
+
     def decorate(func):
         for spec in reversed(dataclasses.fields(TrainConfig)):
             if spec.name in exclude:
@@ -348,10 +354,11 @@ def click_options(exclude=()):
                 option = click.option(flag, type=click.Choice(meta["choices"]), default=spec.default,
                                       show_default=True, help=meta["help"])
             elif field_kind(spec) == "bool":
-                option = click.option(flag, type=click.BOOL, metavar="on|off", default=spec.default,
+                option = click.option(flag, type=ON_OFF, metavar="on|off", default=spec.default,
                                       show_default="on" if spec.default else "off", help=meta["help"])
             else:
-                option = click.option(flag, type=number_type(field_kind(spec), meta.get("bounds")),
+                option = click.option(flag, type=number_type(field_kind(spec), meta.get("bounds"), meta.get("check"),
+                                                             meta.get("accepted", "")),
                                       default=spec.default, show_default=spec.default is not None, help=meta["help"])
             func = option(func)
         return func

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import click
 
-from cache.cli import device_option, echo_chosen, fail_cleanly, show_progress, with_options
+from cache.cli import SEED, FiniteFloat, device_option, echo_chosen, fail_cleanly, show_progress, text_list, with_options
 from cache.workspace import dataset_of, results_dir
 from evaluate.cli import bootstrap_options, echo_entries
-from extract.cli import chosen_dataset_root, dataset_option, load_backbone_from, root_option
+from extract.cli import (BATCH_SIZE, WORKERS, chosen_dataset_root, dataset_option, load_backbone_from, model_option,
+                         refusing_contradictory_weights,
+                         root_option)
 from train.cli import read_training_cache, training_cache_options
 
 
@@ -25,14 +27,15 @@ def baseline():
                    "baseline and the model are compared on the same images.")
 @click.option("--protocol", type=click.Choice(["official"]), default="official", show_default=True,
               help="Without --split-from: the full official test split.")
-@click.option("--model", default="ViT-B-16-plus-240", show_default=True, help="open_clip ViT (name or config JSON).")
+@model_option(default="ViT-B-16-plus-240", show_default=True, help="open_clip ViT (name or config JSON).")
 @click.option("--pretrained", default="laion400m_e31", show_default=True, help="open_clip pretrained tag.")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local checkpoint file (offline).")
 @click.option("--random-weights", is_flag=True, help="Seeded random weights: exercises the code; meaningless.")
 @device_option("cpu, cuda, cuda:1, ... or auto.")
-@click.option("--categories", default=None, help="Comma-separated subset.")
-@click.option("--batch-size", default=8, show_default=True, help="Images per forward pass.")
-@click.option("--workers", default=2, show_default=True, help="Parallel image-decoding processes.")
+@click.option("--categories", default=None, callback=text_list(accepted="comma-separated category names"),
+              help="Comma-separated subset.")
+@click.option("--batch-size", type=BATCH_SIZE, default=8, show_default=True, help="Images per forward pass.")
+@click.option("--workers", type=WORKERS, default=2, show_default=True, help="Parallel image-decoding processes.")
 @click.option("--image-score", type=click.Choice(["global", "global+map"]), default="global", show_default=True,
               help="global: the global CLIP score (the paper's zero-shot rule); global+map: its mean with the "
                    "multi-scale map's maximum (WinCLIP+'s few-shot rule).")
@@ -40,6 +43,7 @@ def baseline():
               help="Which images get the multi-scale map (its windows cost ~12 global passes): all (pixel metrics), "
                    "examples (the few a report shows), none. The global image score does not use them.")
 @with_options(bootstrap_options)
+@refusing_contradictory_weights
 @fail_cleanly
 def baseline_winclip(dataset, root, out, split_from, protocol, model, pretrained, weights, random_weights, device,
                      categories, batch_size, workers, image_score, maps, n_resamples, bootstrap_seed):
@@ -50,7 +54,7 @@ def baseline_winclip(dataset, root, out, split_from, protocol, model, pretrained
                                                     f"winclip-{image_score}"))
     path, entries = run_winclip(
         dataset, root, out, lambda: load_backbone_from(model, pretrained, weights, random_weights, device),
-        protocol=protocol, split_from=split_from, categories=categories.split(",") if categories else None,
+        protocol=protocol, split_from=split_from, categories=categories,
         batch_size=batch_size, workers=workers, n_resamples=n_resamples, bootstrap_seed=bootstrap_seed,
         progress=show_progress(), image_score=image_score, maps=maps)
     echo_entries(path, entries)
@@ -63,9 +67,9 @@ feature_baseline_options = [
     click.option("--split-from", type=click.Path(exists=True), default=None,
                  help="A training run: fit on its training images and score its held-out ones, so that the "
                       "baseline shares a table with it."),
-    click.option("--split-seed", type=int, default=None,
+    click.option("--split-seed", type=SEED, default=None,
                  help="Without --split-from: seed of the holdout split (default: train's)."),
-    click.option("--holdout-fraction", type=float, default=None,
+    click.option("--holdout-fraction", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=None,
                  help="Without --split-from: fraction of each category's test set held out (default: train's)."),
     *bootstrap_options,
 ]

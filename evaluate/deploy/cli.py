@@ -7,10 +7,10 @@ import os
 import click
 
 from cache import UserError
-from cache.cli import comma_list, echo_chosen, fail_cleanly, show_progress, with_options
+from cache.cli import SCORE_WEIGHT, echo_chosen, fail_cleanly, non_empty, show_progress, text_list, with_options
 from cache.workspace import results_dir
 from evaluate.workspace import newest_run_dir, run_label
-from extract.cli import (checkpoint_backbone_options, chosen_dataset_root, compare_options, backbone_options,
+from extract.cli import (IMAGE_SIDE, checkpoint_backbone_options, chosen_dataset_root, compare_options, backbone_options,
                          engine_backbones, engine_options, fidelity_sample_option, load_backbone_from,
                          load_engine_backbone)
 
@@ -19,12 +19,13 @@ from extract.cli import (checkpoint_backbone_options, chosen_dataset_root, compa
 @click.argument("files", nargs=-1, required=True)
 @click.option("--checkpoint", type=click.Path(exists=True),
               help="Training run directory or checkpoint.pt. Default: the newest finished training run under ./runs/.")
-@click.option("--category", required=True, help="What the images show, e.g. bottle (used in the text prompts).")
+@click.option("--category", required=True, callback=non_empty,
+              help="What the images show, e.g. bottle (used in the text prompts).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Directory for predictions.csv and heatmaps. Default: ./results/predictions/<run>/.")
 @checkpoint_backbone_options
-@click.option("--visual-weight", type=float, default=None, help="Weight of s_visual (default: the checkpoint's).")
-@click.option("--text-weight", type=float, default=None, help="Weight of s_text (default: the checkpoint's).")
+@click.option("--visual-weight", type=SCORE_WEIGHT, default=None, help="Weight of s_visual (default: the checkpoint's).")
+@click.option("--text-weight", type=SCORE_WEIGHT, default=None, help="Weight of s_text (default: the checkpoint's).")
 @click.option("--heatmaps/--no-heatmaps", default=True, show_default=True,
               help="Write a heatmap PNG per image (~0.2 s each on a CPU).")
 @click.option("--strict", is_flag=True,
@@ -79,7 +80,7 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Deployment directory (created; an earlier export in it is replaced). Default: "
                    "./results/export/<run>/.")
-@click.option("--categories", default=None,
+@click.option("--categories", default=None, callback=text_list(accepted="comma-separated category names"),
               help="Comma-separated categories to bake in (default: the checkpoint's).")
 @checkpoint_backbone_options
 @click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
@@ -111,7 +112,7 @@ def export(checkpoint, out, categories, model, pretrained, weights, random_weigh
     trained = load_checkpoint(checkpoint)
     options = backbone_options_for(trained.fingerprint, model, pretrained, weights, random_weights)  # before CLIP
     backbone = load_backbone_from(**options, device=device)
-    deploy = export_deployment(trained, out, backbone, categories=comma_list(categories) if categories else None,
+    deploy = export_deployment(trained, out, backbone, categories=categories,
                                log=lambda line: click.secho(line, fg="yellow", err=True), precision=precision,
                                sample_dataset=(dataset, root) if dataset else None, fidelity_sample=fidelity_sample)
     thresholds = ", ".join(f"{c} {t:.4f}" for c, t in deploy["thresholds"].items())
@@ -133,9 +134,9 @@ def given_on_command_line(name: str) -> bool:
 
 @click.command("predict")
 @backbone_options
-@click.option("--images", default=3, show_default=True,
+@click.option("--images", type=click.IntRange(1, 1000), default=3, show_default=True,
               help="Per round: predict on 1 and on 1 + IMAGES synthetic images; per image = the difference / IMAGES.")
-@click.option("--size", default=900, show_default=True, help="Side of the synthetic images (px).")
+@click.option("--size", type=IMAGE_SIDE, default=900, show_default=True, help="Side of the synthetic images (px).")
 @click.option("--winclip/--no-winclip", default=True, show_default=True,
               help="Also time zero-shot WinCLIP (our baseline winclip, torch) per image on the same images.")
 @with_options(compare_options)

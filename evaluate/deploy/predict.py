@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import UserError
+from cache.errors import OptionError
 from cache.errors import working_on
 from cache.files import atomic_write, make_dirs
 from extract.datasets import is_image
@@ -98,9 +99,9 @@ def backbone_options_for(fingerprint: dict, model: str | None = None, pretrained
         trained = f"--model {fingerprint.get('backbone')}" + (
             " --random-weights" if recorded_random else
             f" --weights FILE (sha256 {recorded_weights[7:]})" if is_file else f" --pretrained {recorded_weights}")
-        raise UserError(f"the checkpoint was trained on features of {trained}; the options given differ in "
-                        f"{', '.join(differ)}. Leave them out to use the checkpoint's backbone, or pass the ones it "
-                        "was trained with.")
+        raise OptionError(differ[0], f"the checkpoint was trained on features of {trained}; the options given "
+                                     f"differ in {', '.join(differ)}. Leave them out to use the checkpoint's backbone, "
+                                     "or pass the ones it was trained with.")
     options = {"model": model or _recorded_model(fingerprint, source), "pretrained": None, "weights": None,
                "random_weights": recorded_random}
     if recorded_random:
