@@ -1,0 +1,131 @@
+"""The commands that put a trained model to work on new images: ``predict``, ``export`` (a
+deployment that needs no torch) and ``bench predict``."""
+from __future__ import annotations
+
+import os
+
+import click
+
+from cache import UserError
+from cache.cli import comma_list, fail_cleanly, show_progress, with_options
+from extract.cli import (checkpoint_backbone_options, compare_options, backbone_options, engine_backbones, engine_options,
+                         fidelity_sample_option, load_backbone_from, load_engine_backbone)
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True)
+@click.option("--checkpoint", required=True, type=click.Path(exists=True), help="Training run directory or checkpoint.pt.")
+@click.option("--category", required=True, help="What the images show, e.g. bottle (used in the text prompts).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory for predictions.csv and heatmaps.")
+@checkpoint_backbone_options
+@click.option("--visual-weight", type=float, default=None, help="Weight of s_visual (default: the checkpoint's).")
+@click.option("--text-weight", type=float, default=None, help="Weight of s_text (default: the checkpoint's).")
+@click.option("--heatmaps/--no-heatmaps", default=True, show_default=True,
+              help="Write a heatmap PNG per image (~0.2 s each on a CPU).")
+@engine_options
+@fail_cleanly
+def predict(files, checkpoint, category, out, model, pretrained, weights, random_weights, device, visual_weight,
+            text_weight, heatmaps, engine, fidelity_sample):
+    """Score new images (files or folders) with a trained checkpoint.
+
+    Prints file, score and decision at the category's threshold; writes OUT/predictions.csv and a
+    heatmap overlay per image. The backbone is the checkpoint's unless options say otherwise (they
+    must agree with it). Unreadable files get an error line; the exit status is then 1.
+    """
+    from evaluate.deploy.predict import (backbone_options_for, predict_files, prediction_table, threshold_for,
+                                  threshold_note)
+    from train.checkpoint import load_checkpoint
+    trained = load_checkpoint(checkpoint)
+    options = backbone_options_for(trained.fingerprint, model, pretrained, weights, random_weights)
+    if category not in trained.categories:
+        click.secho(f"note: the checkpoint was trained on {', '.join(trained.categories)}, not {category!r}: "
+                    "scoring it is a transfer.", fg="yellow", err=True)
+    note = threshold_note(trained, category)
+    if note:
+        click.secho(f"note: {note}", fg="yellow", err=True)
+    backbone = load_engine_backbone(**options, device=device, engine=engine)
+    if backbone.engine == "onnx-int8":
+        from evaluate.deploy.int8_check import check_for_predict
+        from evaluate.deploy.predict import collect_files
+        check_for_predict(backbone, collect_files(files), trained, category, sample=fidelity_sample)
+    predictions = predict_files(files, trained, category, out, backbone, visual_weight=visual_weight,
+                                text_weight=text_weight, heatmaps=heatmaps, progress=show_progress())
+    click.echo(prediction_table(predictions, threshold_for(trained, category)))
+    if backbone.random_weights:
+        click.secho("RANDOM WEIGHTS: these scores are NOT MEANINGFUL.", fg="yellow")
+    click.echo(f"→ {out}/predictions.csv" + (f" and {out}/*_heatmap.png" if heatmaps else ""))
+    failed = [p for p in predictions if p.error]
+    if failed:
+        raise UserError(f"{len(failed)} of {len(predictions)} files could not be scored (see ERROR lines above)")
+
+
+@click.command()
+@click.option("--checkpoint", required=True, type=click.Path(exists=True),
+              help="Training run directory or checkpoint.pt.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Deployment directory (created; an earlier export in it is replaced).")
+@click.option("--categories", default=None,
+              help="Comma-separated categories to bake in (default: the checkpoint's).")
+@checkpoint_backbone_options
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="Encoder to deploy: fp32, or int8 (faster on CPUs; checked against fp32 on your own images "
+                   "from --dataset/--root first, and refused below its limits).")
+@click.option("--dataset", type=click.Choice(["mvtec", "visa", "folder", "textile"]), default=None,
+              help="With --precision int8: the dataset whose images (of the exported categories) the check uses.")
+@click.option("--root", type=click.Path(file_okay=False), default=None, help="Its root (not needed for textile).")
+@fidelity_sample_option("--precision int8")
+@fail_cleanly
+def export(checkpoint, out, categories, model, pretrained, weights, random_weights, device, precision, dataset, root,
+           fidelity_sample):
+    """Write a deployment that needs no torch: encoder.onnx, head.onnx, deploy.json, predict_onnx.py.
+
+    The backbone is the checkpoint's unless options say otherwise (they must agree with it). Then,
+    with only onnxruntime, numpy and pillow: python OUT/predict_onnx.py part.png [--category bottle].
+    """
+    from evaluate.deploy.export import export_deployment
+    from evaluate.deploy.predict import backbone_options_for
+    from train.checkpoint import load_checkpoint
+    trained = load_checkpoint(checkpoint)
+    if precision == "fp32" and (dataset or root):
+        raise UserError("--dataset/--root give the images of the int8 check: pass --precision int8 with them")
+    options = backbone_options_for(trained.fingerprint, model, pretrained, weights, random_weights)  # before CLIP
+    backbone = load_backbone_from(**options, device=device)
+    deploy = export_deployment(trained, out, backbone, categories=comma_list(categories) if categories else None,
+                               log=lambda line: click.secho(line, fg="yellow", err=True), precision=precision,
+                               sample_dataset=(dataset, root) if dataset else None, fidelity_sample=fidelity_sample)
+    thresholds = ", ".join(f"{c} {t:.4f}" for c, t in deploy["thresholds"].items())
+    encoder = deploy["encoder"]
+    encoder_check = (f"max |onnx - torch| {encoder['max_abs_diff_vs_torch']:.1e}" if precision == "fp32"
+                     else encoder["fidelity"]["summary"])
+    click.echo(f"export: {deploy['backbone']} ({deploy['weights']}), categories {', '.join(deploy['categories'])}; "
+               f"thresholds {thresholds}; {precision} encoder: {encoder_check}; head: max |onnx - torch| "
+               f"{deploy['head']['max_abs_diff_vs_torch']:.1e}; {deploy['export_seconds']} s → {out}")
+    click.echo(f"  run it with: python {os.path.join(out, 'predict_onnx.py')} IMAGE... "
+               "(needs only onnxruntime, numpy, pillow)")
+    if deploy["random_weights"]:
+        click.secho(deploy["warning"], fg="yellow")
+
+
+@click.command("predict")
+@backbone_options
+@click.option("--images", default=3, show_default=True,
+              help="Per round: predict on 1 and on 1 + IMAGES synthetic images; per image = the difference / IMAGES.")
+@click.option("--size", default=900, show_default=True, help="Side of the synthetic images (px).")
+@click.option("--winclip/--no-winclip", default=True, show_default=True,
+              help="Also time zero-shot WinCLIP (our baseline winclip, torch) per image on the same images.")
+@with_options(compare_options)
+@fail_cleanly
+def bench_predict(model, pretrained, weights, random_weights, device, images, size, winclip, engines, rounds):
+    """Seconds per image of a whole predict with each of --engines, against the machine's fp32 GEMM
+    floor and against WinCLIP zero-shot. The head is untrained: speed only."""
+    from evaluate.deploy.bench import compare_predict
+    from evaluate.baselines.winclip import WINCLIP_MODEL, WINCLIP_PRETRAINED
+    if not engines:
+        raise UserError("--engines: name at least one engine to time")
+    backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
+    winclip_backbone = (load_backbone_from(WINCLIP_MODEL, WINCLIP_PRETRAINED, None, random_weights, device)
+                        if winclip else None)
+    result = compare_predict(engine_backbones(backbone, engines), images=images, size=size, rounds=rounds,
+                             winclip_backbone=winclip_backbone)
+    for line in result.lines():
+        click.echo(line)
