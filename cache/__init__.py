@@ -1,7 +1,8 @@
 """The feature cache: the HDF5 shard store, the one contract between stage one and stage two.
 
-Holds: the cache's format and fingerprint (``format``), writing shards (``writer``), reading and
-checking them (``reader``, ``checks``), one writer per shard slot (``lock``), atomic file writes
+Holds: the cache's format and fingerprint (``format``), the patch tokens it may hold and where
+each lies in the image (``tokens``), writing shards (``writer``), reading and checking them
+(``reader``, ``checks``), one writer per shard slot (``lock``), atomic file writes
 for the whole project (``files``), the errors a user reads (``errors``), and the command-line
 pieces every stage shares (``cli``). Imports nothing from extract/, train/ or evaluate/.
 """

@@ -66,6 +66,12 @@ def info(cache_dir):
                f"input {meta['input_size']} px, D={meta['embed_dim']}, engines {', '.join(table.engines) or '-'}")
     if meta["random_weights"]:
         click.secho("  random weights: features are meaningless", fg="yellow")
+    setting = table.token_setting
+    if setting:
+        per_image = setting["tokens"] * setting["embed_dim"] * 2
+        click.echo(f"  patch tokens: {int(table.has_tokens.sum())} of {len(table)} images ({setting['tokens']} tokens of "
+                   f"{setting['embed_dim']} values, {setting['per_tile']}x{setting['per_tile']} per 4x4 tile, float16: "
+                   f"{per_image / 1e6:.2f} MB per image)")
     for category in table.categories:
         labels = table.label[table.category == category]
         click.echo(f"  {category:<14} {int((labels == 0).sum()):>6} normal {int((labels == 1).sum()):>6} anomalous")

@@ -6,6 +6,14 @@ holds and cuts the rest into chunks of ``shard_size`` images, one HDF5 shard eac
 straddle a chunk, so a run that is killed and re-run encodes exactly the same batches as one
 uninterrupted run and yields the same features.
 
+**Patch tokens** (``patch_tokens=True``, or a cache that records them: ``cache.tokens``). New
+shards hold them from the start, from the same forward pass as the features, with each image's
+mask targets (read by the loader's workers). A shard of this writer slot that has none yet is one
+more chunk: its images are encoded again, and the shard is written anew (to ``*.partial``, then
+renamed over the old one) with its stored features, prompts and skipped files unchanged and the
+tokens added. Only such shards are re-encoded; a kill at any point leaves each shard old or new,
+never half, and a re-run encodes what is still missing in the same batches.
+
 The crops come from ``extract.loader.CropBatches`` (worker processes, shared memory, batches
 staged on the encoder's device ahead of use); finished shards go to a ``ShardWriter`` thread, so
 the encoder waits neither for decoding nor for HDF5.
@@ -24,8 +32,10 @@ import numpy as np
 from tqdm import tqdm
 
 from cache import N_CROPS, ShardRows, UserError, claim_cache, fingerprint, read_cache, write_shard
+from cache.format import claim_token_setting, next_shard_path, printable, slot_prefix
 from cache.lock import WriterSlot
-from cache.format import next_shard_path, printable
+from cache.reader import LoadedShard, load_shard
+from cache.tokens import TOKEN_CROPS, token_setting
 from extract.datasets import ImageRecord, name_problem, read_dataset
 from extract.identity import BackboneIdentity, identity_of
 from extract.prompts import encode_prompts, prompt_spec
@@ -43,11 +53,25 @@ class ExtractSummary:
     already_cached: int = 0
     seconds: float = 0.0
     stale_partials: list = field(default_factory=list)   # partial shards of killed runs, removed
+    tokens_added: int = 0      # cached images whose shards got their patch tokens in this run
+    untokened_elsewhere: list = field(default_factory=list)  # shards of other writer slots still without tokens
 
     def line(self) -> str:
-        rate = self.images / self.seconds if self.seconds else 0.0
+        rate = (self.images + self.tokens_added) / self.seconds if self.seconds else 0.0
+        tokens = f", patch tokens added to {self.tokens_added} cached images" if self.tokens_added else ""
         return (f"extract: {self.images} images encoded, {len(self.skipped)} skipped, "
-                f"{self.already_cached} already cached, {self.seconds:.1f} s, {rate:.2f} images/s → {self.cache_dir}")
+                f"{self.already_cached} already cached{tokens}, {self.seconds:.1f} s, {rate:.2f} images/s → "
+                f"{self.cache_dir}")
+
+
+@dataclass
+class Chunk:
+    """The images of one shard, in its row order: a new shard of the writer slot, or (``replaces``)
+    an existing shard that is written anew with its patch tokens."""
+
+    records: list                        # ImageRecord
+    replaces: LoadedShard | None = None  # the stored shard: its features, prompts and skipped files are kept
+    path: Path | None = None             # where ``replaces`` lies
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -84,8 +108,12 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, identity
                      categories=None, batch_size: int = 8, workers: int = 2, limit: int | None = None,
                      skip_bad: bool = False, shard: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
                      retry_skipped: bool = False, progress: bool = True,
-                     backbone_source: dict | None = None) -> ExtractSummary:
+                     backbone_source: dict | None = None, patch_tokens: bool = False) -> ExtractSummary:
     """Encode every image of ``dataset`` not yet in ``cache_dir``; see the module docstring.
+
+    ``patch_tokens``: store the images' patch tokens too (``cache.tokens``), and add them to the
+    shards of this writer slot that have none; a cache that records tokens gets them whether or not
+    this is given.
 
     ``backbone_loader`` is called at most once, and only when there is something to encode, to get
     a ``ClipBackbone`` or any object with the same attributes and ``encode_crops``/``encode_texts``.
@@ -125,23 +153,31 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, identity
         pending = [r for r in mine if printable(r.relpath) not in done]
         summary.already_cached = len(mine) - len(pending)
         pending, unstorable = _storable_names(pending, root, skip_bad, summary)
-        if pending and backbone is None:
+        with_tokens = patch_tokens or bool(cached is not None and cached.token_setting)
+        untokened = _shards_without_tokens(cached, shard_index, shard_count, summary) if with_tokens else []
+        if (pending or untokened) and backbone is None:
             backbone = backbone_loader()   # may refuse, having checked itself (int8 fidelity): nothing written yet
             if identity_of(backbone) != identity:
                 raise RuntimeError(f"backbone_loader loaded {identity_of(backbone)}, but the run was checked "
                                    f"against {identity}: they must describe the same backbone")
         claim_cache(cache_dir, meta)
+        setting = None
+        if with_tokens and (pending or untokened):
+            setting = token_setting(backbone.patch_grid, backbone.embed_dim)
+            claim_token_setting(cache_dir, setting)   # refuses tokens of another setting before any is written
         if unstorable:
             write_shard(next_shard_path(cache_dir, shard_index, shard_count), ShardRows(skipped=unstorable), meta,
                         text={}, engine=None)
-        if not pending:
+        if not pending and not untokened:
             summary.seconds = time.perf_counter() - start
             if summary.skipped:
                 _write_report(cache_dir, shard_index, shard_count, summary)
             return summary
-        return _encode_pending(root, pending, backbone, meta, cache_dir, shard_index, shard_count, summary, start,
-                               batch_size=batch_size, shard_size=shard_size, workers=workers, skip_bad=skip_bad,
-                               progress=progress)
+        chunks = [Chunk([_record(shard, row) for row in range(len(shard.columns["relpath"]))], shard, path)
+                  for path in untokened for shard in [load_shard(path, meta)]]
+        chunks += [Chunk(pending[first:first + shard_size]) for first in range(0, len(pending), shard_size)]
+        return _encode_chunks(root, chunks, backbone, meta, setting, cache_dir, shard_index, shard_count, summary,
+                              start, batch_size=batch_size, workers=workers, skip_bad=skip_bad, progress=progress)
 
 
 def _storable_names(pending: list[ImageRecord], root: Path, skip_bad: bool,
@@ -158,39 +194,85 @@ def _storable_names(pending: list[ImageRecord], root: Path, skip_bad: bool,
     return [record for record in pending if not name_problem(record)], refused
 
 
-def _encode_pending(root: Path, pending: list[ImageRecord], backbone, meta: dict, cache_dir: Path, shard_index: int,
-                    shard_count: int, summary: ExtractSummary, start: float, *, batch_size: int, shard_size: int,
-                    workers: int, skip_bad: bool, progress: bool) -> ExtractSummary:
-    """Encode ``pending`` in batches and write them shard by shard (see the module docstring)."""
+def _shards_without_tokens(cached, shard_index: int, shard_count: int, summary: ExtractSummary) -> list[Path]:
+    """The shards of this writer slot that hold images without patch tokens (their names carry the slot);
+    those of other slots are listed in ``summary``: runs of their own slots add their tokens."""
+    if cached is None:
+        return []
+    lacking = [cached.shards[number] for number in np.unique(cached.shard_file[~cached.has_tokens])]
+    prefix = slot_prefix(shard_index, shard_count)
+    summary.untokened_elsewhere = [path.name for path in lacking if not path.name.startswith(prefix)]
+    return [path for path in lacking if path.name.startswith(prefix)]
+
+
+def _record(shard: LoadedShard, row: int) -> ImageRecord:
+    """Row ``row`` of a stored shard as the record it was encoded from."""
+    columns = shard.columns
+    return ImageRecord(str(columns["category"][row]), int(columns["label"][row]), str(columns["defect_type"][row]),
+                       str(columns["relpath"][row]), str(columns["split"][row]), str(columns["mask_relpath"][row]))
+
+
+def _encode_chunks(root: Path, chunks: list[Chunk], backbone, meta: dict, setting: dict | None, cache_dir: Path,
+                   shard_index: int, shard_count: int, summary: ExtractSummary, start: float, *, batch_size: int,
+                   workers: int, skip_bad: bool, progress: bool) -> ExtractSummary:
+    """Encode the chunks' images in batches and write them shard by shard (see the module docstring);
+    with a token ``setting``, the patch tokens and mask targets of every image too."""
     from extract.loader import CropBatches  # torch: imported only when there is something to encode
-    text = {c: encode_prompts(backbone, c) for c in sorted({r.category for r in pending})}
-    chunk_sizes = [min(shard_size, len(pending) - first) for first in range(0, len(pending), shard_size)]
+    records = [record for chunk in chunks for record in chunk.records]
+    text = {c: encode_prompts(backbone, c) for c in sorted({r.category for chunk in chunks if chunk.replaces is None
+                                                            for r in chunk.records})}
+
+    def write(chunk: Chunk, rows: ShardRows) -> None:
+        if chunk.replaces is None:
+            write_shard(next_shard_path(cache_dir, shard_index, shard_count), rows, meta, text, backbone.engine,
+                        setting)
+            return
+        stored = chunk.replaces.columns
+        rows.features, rows.sizes = list(stored["features"]), list(zip(stored["height"], stored["width"]))
+        rows.skipped = list(chunk.replaces.skipped.items())
+        write_shard(chunk.path, rows, meta, chunk.replaces.text, chunk.replaces.engine, setting)
+
     rows, chunk_index = ShardRows(), 0
-    with (CropBatches(root, pending, batch_indices(chunk_sizes, batch_size), backbone.input_size, workers=workers,
-                      device=backbone.crops_device) as loader,
-          ShardWriter(lambda done: write_shard(next_shard_path(cache_dir, shard_index, shard_count), done, meta,
-                                               text, backbone.engine)) as writer,
-          tqdm(total=len(pending), unit="img", desc=f"extract {shard_index}/{shard_count}", disable=not progress,
+    per_tile, dim = (setting["per_tile"] if setting else None), backbone.embed_dim
+    with (CropBatches(root, records, batch_indices([len(chunk.records) for chunk in chunks], batch_size),
+                      backbone.input_size, workers=workers, device=backbone.crops_device, per_tile=per_tile) as loader,
+          ShardWriter(write) as writer,
+          tqdm(total=len(records), unit="img", desc=f"extract {shard_index}/{shard_count}", disable=not progress,
                dynamic_ncols=True) as bar):
         for batch in loader:
+            chunk = chunks[chunk_index]
             for image in batch.bad:
-                path = root / pending[image.index].relpath
+                path = root / records[image.index].relpath
+                if chunk.replaces is not None:
+                    raise BadImageError(path, f"{image.reason}; it is cached in {chunk.path.name}, which cannot get "
+                                              "its patch tokens without it (its features stay): fix the file and re-run")
                 if not skip_bad:
                     raise BadImageError(path, image.reason + " (pass --skip-bad to skip such files and list them "
                                                              "in the cache's report)")
-                rows.skipped.append((pending[image.index].relpath, image.reason))
+                rows.skipped.append((records[image.index].relpath, image.reason))
                 summary.skipped.append((str(path), image.reason))
             good = batch.good
             if good:
-                features = backbone.encode_crops(batch.crops).reshape(len(good), N_CROPS, backbone.embed_dim)
-                for image, feats in zip(good, features):
-                    rows.features.append(feats.astype(np.float16))
-                    rows.records.append(pending[image.index])
+                if setting is None:
+                    features = backbone.encode_crops(batch.crops)
+                else:
+                    features, tokens = backbone.encode_crops_and_tokens(batch.crops)
+                    tokens = tokens.reshape(len(good), N_CROPS, -1, dim)[:, TOKEN_CROPS].reshape(len(good), -1, dim)
+                for k, image in enumerate(good):
+                    rows.features.append(features[k * N_CROPS:(k + 1) * N_CROPS].astype(np.float16))
+                    rows.records.append(records[image.index])
                     rows.sizes.append(image.size)
-                summary.images += len(good)
+                    if setting is not None:
+                        rows.tokens.append(tokens[k].astype(np.float16))
+                        rows.token_defect.append(image.targets[0])
+                        rows.eval_masks.append(image.targets[1])
+                if chunk.replaces is None:
+                    summary.images += len(good)
+                else:
+                    summary.tokens_added += len(good)
             bar.update(len(batch.images))
-            if len(rows) == chunk_sizes[chunk_index]:
-                writer.submit(rows)
+            if len(rows) == len(chunk.records):
+                writer.submit(chunk, rows)
                 rows, chunk_index = ShardRows(), chunk_index + 1
     summary.seconds = time.perf_counter() - start
     _write_report(cache_dir, shard_index, shard_count, summary)
@@ -224,10 +306,11 @@ class ShardWriter:
         self._thread = threading.Thread(target=self._write_all, name="raml-shard-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, rows: ShardRows) -> None:
+    def submit(self, *job) -> None:
+        """Queue ``write(*job)``."""
         if self._error is not None:
             raise self._error
-        self._queue.put(rows)
+        self._queue.put(job)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -239,10 +322,10 @@ class ShardWriter:
             raise self._error
 
     def _write_all(self) -> None:
-        while (rows := self._queue.get()) is not None:
+        while (job := self._queue.get()) is not None:
             if self._error is None:  # after a failed write, the rest is dropped: a re-run redoes it
                 try:
-                    self._write(rows)
+                    self._write(*job)
                 except BaseException as err:  # re-raised in the submitting thread
                     self._error = err
 
@@ -250,7 +333,8 @@ class ShardWriter:
 def _write_report(cache_dir: Path, shard_index: int, shard_count: int, summary: ExtractSummary) -> None:
     """A human-readable record of the run next to the shards (the shards stay the source of truth)."""
     report = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "shard": f"{shard_index}/{shard_count}",
-              "images": summary.images, "already_cached": summary.already_cached, "seconds": round(summary.seconds, 2),
+              "images": summary.images, "already_cached": summary.already_cached,
+              "patch_tokens_added": summary.tokens_added, "seconds": round(summary.seconds, 2),
               "skipped": [{"path": path, "reason": reason} for path, reason in summary.skipped]}
     path = cache_dir / f"extract-report-{shard_index:03d}of{shard_count:03d}.json"
     path.write_text(json.dumps(report, indent=2))

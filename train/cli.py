@@ -63,6 +63,7 @@ def train(cache_dir, out, force, threads, device, margin, **options):
                f"margin {config.margin} (m_base {config.margin_base}, λσ {config.lambda_sigma}, "
                f"λres {config.lambda_res}, r_max {config.r_max}), seed {config.seed}")
     trained = fit(table, config, progress=click.echo, threads=threads, device=device)
+    click.echo(f"pixel head: {trained.pixel_head}")
     path = write_run(out, trained)
     click.echo("\n".join(threshold_lines(trained.thresholds)))
     click.echo(f"train: {len(trained.split.train)} training / {len(trained.split.heldout)} held-out images → {path}")

@@ -34,6 +34,7 @@ CUSTOM_MARGIN = "custom"              # any (m_base, λ_σ, λ_res) that is not 
 R_MAX_MODES = ("image", "category")   # or a number of pixels, e.g. "900" (the original constant)
 LOSS_VARIANTS = ("raml", "original")  # see train/loss.py and the README's deviations table
 SCALE_CHOICES = ("1", "1,2", "1,2,3")  # which crop scales the head sees (ablation)
+PIXEL_HEAD_CHOICES = ("auto", "on", "off")
 
 
 def _valid_r_max(value: str) -> bool:
@@ -119,6 +120,15 @@ class TrainConfig:
     text_fusion: bool = _option(True, "on: the visual vector attends to the category's text embeddings.")  # orig:298
     # ours: the original has no tile pooling (its 4x4 query is the mean of the tiles, orig:100)
     tile_pool: str = _option("max", "How the fusion pools the 4x4 tiles: max or mean.", choices=("max", "mean"))
+    # pixel head: ours (issue 19); trained on the cache's patch tokens and the per-token defect fractions
+    pixel_head: str = _option("auto", "A pixel head scoring every patch token (the anomaly map), trained with the "
+                                      "image head: auto (when the training images have patch tokens and some "
+                                      "anomalous one a mask), on (required), off.", choices=PIXEL_HEAD_CHOICES)
+    pixel_hidden_dim: int = _option(128, "Width of the pixel head's hidden layer.")
+    # ours: 64 of ViT-B/16's 784 tokens per image keep a step's cost near the image head's (README)
+    pixel_tokens: int = _option(64, "Patch tokens per training image in the pixel loss: its defective tokens "
+                                    "first (up to half), the rest drawn once per image (seeded by its name).")
+    pixel_weight: float = _option(1.0, "Weight of the pixel loss in the total loss.")
     # MACCL loss
     alpha: float = _option(1.0, "Weight of the center loss.")                                       # orig:123
     beta: float = _option(1.0, "Weight of the margin loss.")                                        # orig:123
@@ -185,6 +195,8 @@ class TrainConfig:
             problems.append("holdout_fraction must be in (0, 1)")
         if self.temperature <= 0:
             problems.append("temperature must be > 0")
+        if self.pixel_tokens < 2 or self.pixel_hidden_dim < 1 or self.pixel_weight < 0:
+            problems.append("need pixel_tokens ≥ 2, pixel_hidden_dim ≥ 1 and pixel_weight ≥ 0")
         if self.grad_clip_norm < 0:
             problems.append("grad_clip_norm must be ≥ 0")
         if not 0 < self.difficulty_min <= 1 <= self.difficulty_max:

@@ -16,21 +16,24 @@ from extract.cli import (checkpoint_backbone_options, compare_options, backbone_
 @click.argument("files", nargs=-1, required=True)
 @click.option("--checkpoint", required=True, type=click.Path(exists=True), help="Training run directory or checkpoint.pt.")
 @click.option("--category", required=True, help="What the images show, e.g. bottle (used in the text prompts).")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory for predictions.csv and heatmaps.")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Directory for predictions.csv and the anomaly maps.")
 @checkpoint_backbone_options
 @click.option("--visual-weight", type=float, default=None, help="Weight of s_visual (default: the checkpoint's).")
 @click.option("--text-weight", type=float, default=None, help="Weight of s_text (default: the checkpoint's).")
 @click.option("--heatmaps/--no-heatmaps", default=True, show_default=True,
-              help="Write a heatmap PNG per image (~0.2 s each on a CPU).")
+              help="Write each image's anomaly map at its resolution (NAME_map.npy, float32) and its overlay "
+                   "(NAME_overlay.png).")
 @engine_options
 @fail_cleanly
 def predict(files, checkpoint, category, out, model, pretrained, weights, random_weights, device, visual_weight,
             text_weight, heatmaps, engine, fidelity_sample):
     """Score new images (files or folders) with a trained checkpoint.
 
-    Prints file, score and decision at the category's threshold; writes OUT/predictions.csv and a
-    heatmap overlay per image. The backbone is the checkpoint's unless options say otherwise (they
-    must agree with it). Unreadable files get an error line; the exit status is then 1.
+    Prints file, score and decision at the category's threshold; writes OUT/predictions.csv and each
+    image's anomaly map (the run's pixel head, or zero-shot text without one) with its overlay. The
+    backbone is the checkpoint's unless options say otherwise (they must agree with it). Unreadable
+    files get an error line; the exit status is then 1.
     """
     from evaluate.deploy.predict import (backbone_options_for, predict_files, prediction_table, threshold_for,
                                   threshold_note)
@@ -53,7 +56,9 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
     click.echo(prediction_table(predictions, threshold_for(trained, category)))
     if backbone.random_weights:
         click.secho("RANDOM WEIGHTS: these scores are NOT MEANINGFUL.", fg="yellow")
-    click.echo(f"→ {out}/predictions.csv" + (f" and {out}/*_heatmap.png" if heatmaps else ""))
+    from evaluate.deploy.predict import map_kind
+    click.echo(f"→ {out}/predictions.csv" + (f", {out}/*_map.npy and *_overlay.png ({map_kind(trained)})"
+                                             if heatmaps else ""))
     failed = [p for p in predictions if p.error]
     if failed:
         raise UserError(f"{len(failed)} of {len(predictions)} files could not be scored (see ERROR lines above)")
