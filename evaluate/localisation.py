@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cache.reader import token_chunks
-from cache.tokens import EVAL_MASK_SIDE, TILES, eval_maps, unpack_eval_masks
+from cache.tokens import EVAL_MASK_BYTES, EVAL_MASK_SIDE, TILES, eval_maps, unpack_eval_masks
 from evaluate.baselines.winclip import TEMPERATURE as ZERO_SHOT_TEMPERATURE
 from evaluate.metrics import AUPRO_FPR_LIMIT, DEFAULT_BOOTSTRAP, bootstrap_pixel_ci, pixel_counts, pixel_metrics
 from evaluate.results import in_percent, mean_std
@@ -52,13 +52,12 @@ def score_tokens(table, rows, scorers: list) -> tuple[list[np.ndarray], np.ndarr
     scores [n, T] and the rows' packed scoring masks [n, EVAL_MASK_BYTES]."""
     rows = np.asarray(rows)
     scores = [np.empty(table.token_defect[rows].shape, np.float32) for _ in scorers]
-    masks = None
+    masks = np.empty((len(rows), EVAL_MASK_BYTES), np.uint8)
     for positions, tokens, chunk_masks in token_chunks(table, rows):
-        masks = np.empty((len(rows), chunk_masks.shape[1]), np.uint8) if masks is None else masks
         masks[positions] = chunk_masks
         for out, scorer in zip(scores, scorers):
             out[positions] = scorer(tokens, rows[positions])
-    return scores, (masks if masks is not None else np.zeros((0, 0), np.uint8))
+    return scores, masks
 
 
 @dataclass

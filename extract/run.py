@@ -173,8 +173,7 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, identity
             if summary.skipped:
                 _write_report(cache_dir, shard_index, shard_count, summary)
             return summary
-        chunks = [Chunk([_record(shard, row) for row in range(len(shard.columns["relpath"]))], shard, path)
-                  for path in untokened for shard in [load_shard(path, meta)]]
+        chunks = [_rewrite(path, meta) for path in untokened]
         chunks += [Chunk(pending[first:first + shard_size]) for first in range(0, len(pending), shard_size)]
         return _encode_chunks(root, chunks, backbone, meta, setting, cache_dir, shard_index, shard_count, summary,
                               start, batch_size=batch_size, workers=workers, skip_bad=skip_bad, progress=progress)
@@ -205,11 +204,15 @@ def _shards_without_tokens(cached, shard_index: int, shard_count: int, summary: 
     return [path for path in lacking if path.name.startswith(prefix)]
 
 
-def _record(shard: LoadedShard, row: int) -> ImageRecord:
-    """Row ``row`` of a stored shard as the record it was encoded from."""
+def _rewrite(path: Path, meta: dict) -> Chunk:
+    """The chunk that writes the stored shard at ``path`` anew with patch tokens: its rows as the
+    records they were encoded from, in its order."""
+    shard = load_shard(path, meta)
     columns = shard.columns
-    return ImageRecord(str(columns["category"][row]), int(columns["label"][row]), str(columns["defect_type"][row]),
-                       str(columns["relpath"][row]), str(columns["split"][row]), str(columns["mask_relpath"][row]))
+    records = [ImageRecord(str(columns["category"][row]), int(columns["label"][row]), str(columns["defect_type"][row]),
+                           str(columns["relpath"][row]), str(columns["split"][row]), str(columns["mask_relpath"][row]))
+               for row in range(len(columns["relpath"]))]
+    return Chunk(records, shard, path)
 
 
 def _encode_chunks(root: Path, chunks: list[Chunk], backbone, meta: dict, setting: dict | None, cache_dir: Path,

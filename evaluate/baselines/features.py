@@ -192,6 +192,9 @@ def knn_patch_scores(table: FeatureTable, train_rows, test_rows) -> dict:
     distances = np.empty(table.token_defect[test_rows].shape, np.float32)
     masks = np.empty((len(test_rows), EVAL_MASK_BYTES), np.uint8)
     banks, seconds = {}, 0.0
+
+    def nearest_distances(index):
+        return lambda tokens, _: index.kneighbors(_unit(tokens.reshape(-1, tokens.shape[-1])))[0].reshape(len(tokens), -1)
     for category, train, test in _by_category(table, train_rows, test_rows):
         normal = train[table.label[train] == 0]
         if normal.size == 0:
@@ -203,10 +206,7 @@ def knn_patch_scores(table: FeatureTable, train_rows, test_rows) -> dict:
         if size < len(bank):
             bank = bank[greedy_coreset(bank, size)]
         index = NearestNeighbors(n_neighbors=1, algorithm="brute").fit(_unit(bank))
-        for positions, tokens, chunk_masks in token_chunks(table, test_rows[test]):
-            nearest, _ = index.kneighbors(_unit(tokens.reshape(-1, tokens.shape[-1])))
-            distances[np.flatnonzero(test)[positions]] = nearest[:, 0].reshape(len(positions), -1)
-            masks[np.flatnonzero(test)[positions]] = chunk_masks
+        (distances[test],), masks[test] = score_tokens(table, test_rows[test], [nearest_distances(index)])
         seconds += time.perf_counter() - start
         banks[category] = {"normal_images": int(len(normal)), "tokens": int(len(normal) * distances.shape[1]),
                            "bank": int(size)}
