@@ -29,7 +29,7 @@ from evaluate.metrics import AUPRO_FPR_LIMIT, DEFAULT_BOOTSTRAP, bootstrap_pixel
 from evaluate.results import in_percent, mean_std
 
 PIXEL_METRICS = ("pixel_auroc", "aupro", "pixel_f1_max")
-RESOLUTION_NOTE = (f"pixel metrics at {EVAL_MASK_SIDE} x {EVAL_MASK_SIDE} points per image (the map and the defect "
+RESOLUTION_NOTE = (f"computed at {EVAL_MASK_SIDE} x {EVAL_MASK_SIDE} points per image (the map and the defect "
                    f"mask sampled at the same points); AUPRO up to FPR {AUPRO_FPR_LIMIT}, 8-connected defect regions")
 PIXEL_HEAD_MAP = "RAML's trained pixel head: sigmoid of each patch token's logit"
 ZERO_SHOT_MAP = (f"zero-shot text over RAML's patch tokens: each token's softmax probability of the anomalous "

@@ -180,7 +180,7 @@ def greedy_coreset(points: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
     nearest = np.full(len(points), np.inf, np.float32)
     for _ in range(size - 1):
         latest = projected[chosen[-1]]
-        np.minimum(nearest, squared - 2 * projected @ latest + latest @ latest, out=nearest)
+        np.minimum(nearest, squared - 2 * (projected @ latest) + latest @ latest, out=nearest)
         chosen.append(int(np.argmax(nearest)))
     return np.array(chosen)
 
@@ -214,6 +214,7 @@ def knn_patch_scores(table: FeatureTable, train_rows, test_rows) -> dict:
             "map": KNN_MAP,
             "seconds": seconds,
             "extra": {"method": "kNN memory bank of normal patch tokens, per category (PatchCore)",
+                      "image_score": "the map's maximum: the largest token distance",
                       "distance": "Euclidean between L2-normalised tokens",
                       "coreset": f"greedy k-center, {CORESET_FRACTION:.0%} of banks over {CORESET_FROM:,} tokens, "
                                  f"chosen in a {CORESET_PROJECTION}-d random projection",
@@ -247,7 +248,8 @@ def zero_shot_text_scores(table: FeatureTable, test_rows) -> dict:
     subset = table.select(test_rows)
     result = {"scores": {"final": np.asarray(text_score(subset.features[:, 0], subset.text, subset.category), float)},
               "map": ZERO_SHOT_MAP,
-              "extra": {"method": "zero-shot CLIP: s_text of the global crop (RAML's text score alone)"}}
+              "extra": {"method": "zero-shot CLIP: s_text of the global crop (RAML's text score alone)",
+                        "image_score": "s_text"}}
     if subset.has_tokens.all() and len(subset):
         names = sorted(set(subset.category.tolist()))
         bank = text_tokens(table.text, names)
