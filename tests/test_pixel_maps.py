@@ -102,6 +102,20 @@ def test_tokens_are_the_encoders_own_and_leave_the_features_unchanged(mvtec_root
     np.testing.assert_allclose(tokens[0].astype(np.float32), expected[5:21].reshape(64, 32), atol=1e-3)  # float16
 
 
+def test_every_engine_gives_the_tokens_of_its_forward_pass(tiny_backbone, user_cache_dir, mvtec_root):
+    """ONNX Runtime's graph has the tokens as a second output: fp32 equal to torch's, int8 close to them."""
+    from extract.int8_engine import int8_backbone
+    from extract.onnx_engine import onnx_backbone
+    crops = pyramid_crops(load_rgb(mvtec_root / "bottle" / "test" / "broken" / "000.png"), 32)
+    embeddings, tokens = tiny_backbone.encode_crops_and_tokens(crops)
+    assert np.array_equal(embeddings, tiny_backbone.encode_crops(crops)) and tokens.shape == (21, 2, 2, 32)
+    fp32 = onnx_backbone(tiny_backbone, cache_root=user_cache_dir / "onnx").encode_crops_and_tokens(crops)
+    int8 = int8_backbone(tiny_backbone, cache_root=user_cache_dir / "onnx").encode_crops_and_tokens(crops)
+    for ours, reference in zip(fp32, (embeddings, tokens)):
+        np.testing.assert_allclose(ours, reference, atol=1e-5)
+    assert (int8[1] * tokens).sum(-1).min() > 0.99          # cosine of unit tokens
+
+
 def test_mask_targets_are_stored_with_the_tokens(mvtec_root, mvtec_token_cache):
     table = read_cache(mvtec_token_cache)
     row = int(np.flatnonzero(table.label == 1)[0])
