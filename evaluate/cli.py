@@ -35,8 +35,9 @@ def echo_entries(path, entries) -> None:
             click.echo(f"    {category}: n/a ({reason})")
         pixel = entry.get("pixel")
         if pixel and pixel["mean"]["aupro"]["mean"] is not None:
-            click.echo(f"    pixel: AUROC {_with_std(pixel['mean']['pixel_auroc'])} %, AUPRO {_with_std(pixel['mean']['aupro'])} %, "
-                       f"F1-max {_with_std(pixel['mean']['pixel_f1_max'])} % — {pixel['map']}")
+            mean = pixel["mean"]
+            click.echo(f"    pixel: AUROC {_with_std(mean['pixel_auroc'])} %, AUPRO {_with_std(mean['aupro'])} %, "
+                       f"F1-max {_with_std(mean['pixel_f1_max'])} % — {pixel['map']}")
         elif pixel:
             click.echo(f"    pixel: n/a ({'; '.join(sorted(set(pixel['not_available'].values())))})")
     if any(entry.get("random_weights") for entry in entries.values()):
@@ -158,8 +159,9 @@ def ablate(cache_dir, out, seeds, ablations, baselines, jobs, threads, device, n
     tile-pool-mean, visual-score-only (full's runs rescored with s_visual alone, not retrained),
     map-fused (full's runs rescored with their anomaly map's maximum in the image score), bce-only,
     original-loss; baselines: linear, knn-tiles, knn-patches, zero-shot-text, all scored on the same
-    held-out images (map-fused and knn-patches need a cache with patch tokens). Rows sorted by held-out AUROC, each with its
-    difference from full and a paired bootstrap CI. Re-running resumes finished runs.
+    held-out images (map-fused and knn-patches need a cache with patch tokens). Rows sorted by
+    held-out AUROC, each with its difference from full and a paired bootstrap CI. Re-running resumes
+    finished runs.
     """
     from pathlib import Path
 

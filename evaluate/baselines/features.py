@@ -194,7 +194,10 @@ def knn_patch_scores(table: FeatureTable, train_rows, test_rows) -> dict:
     banks, seconds = {}, 0.0
 
     def nearest_distances(index):
-        return lambda tokens, _: index.kneighbors(_unit(tokens.reshape(-1, tokens.shape[-1])))[0].reshape(len(tokens), -1)
+        """A ``score_tokens`` scorer: each token's distance to the nearest of ``index``'s bank."""
+        def score(tokens, _):
+            return index.kneighbors(_unit(tokens.reshape(-1, tokens.shape[-1])))[0].reshape(len(tokens), -1)
+        return score
     for category, train, test in _by_category(table, train_rows, test_rows):
         normal = train[table.label[train] == 0]
         if normal.size == 0:
