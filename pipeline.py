@@ -4,7 +4,7 @@ Stage one:  extract                       images → HDF5 feature shards (runs C
 Stage two:  train                         cached features → RAML head
 Evaluate:   evaluate, report, sweep, ablate, baseline, demo
 Deploy:     predict, export
-Tools:      status, info, bench extract, bench train, bench predict, bench cache
+Tools:      status, info, bench extract, bench train, bench predict, bench cache, bench maps
 
 This file only assembles the command line: each command is defined beside the code it runs
 (extract/cli.py, train/cli.py, evaluate/cli.py, evaluate/baselines/cli.py, evaluate/deploy/cli.py,
@@ -20,7 +20,7 @@ import click
 from cache.cli import bench_cache, fail_cleanly, info
 from cache.config_file import load_default_map
 from evaluate.baselines.cli import baseline
-from evaluate.cli import ablate, demo, evaluate, report, status, sweep
+from evaluate.cli import ablate, bench_maps, demo, evaluate, report, status, sweep
 from evaluate.deploy.cli import bench_predict, export, predict
 from extract.cli import bench_extract, extract
 from train.cli import bench_train, train
@@ -52,7 +52,7 @@ def bench():
 
 for command in (extract, info, train, sweep, ablate, evaluate, report, baseline, predict, export, demo, status):
     cli.add_command(command)
-for command in (bench_extract, bench_train, bench_predict, bench_cache):
+for command in (bench_extract, bench_train, bench_predict, bench_cache, bench_maps):
     bench.add_command(command)
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import xxhash
 
-from cache.format import KNOWN_SPLITS, N_CROPS, printable
+from cache.format import EVAL_MASK, KNOWN_SPLITS, N_CROPS, TOKEN_DEFECT, TOKEN_ROW_CHECKSUM, TOKENS, printable
+from cache.tokens import EVAL_MASK_BYTES
 
 ATTRIBUTES = "@attributes"   # the checksum entry of a shard's attributes (format 2 on); no dataset has this name
 
@@ -37,6 +38,48 @@ def strings_checksum(encoded: list[bytes]) -> int:
     """XXH3-64 of a string dataset: of its length, then of its UTF-8 values, each ended by a NUL
     byte (HDF5 strings cannot hold one)."""
     return xxhash.xxh3_64_intdigest(len(encoded).to_bytes(8, "little") + b"\0".join(encoded) + b"\0")
+
+
+def token_row_checksum(tokens: np.ndarray, eval_mask: np.ndarray) -> int:
+    """XXH3-64 of one image's patch tokens (float16) and scoring mask (uint8), read together as one row."""
+    state = xxhash.xxh3_64()
+    state.update(np.ascontiguousarray(tokens, dtype=np.dtype("<f2")))
+    state.update(np.ascontiguousarray(eval_mask, dtype=np.uint8))
+    return state.intdigest()
+
+
+def tokens_problem(columns: dict, setting: dict, embed_dim: int) -> str | None:
+    """Why the token datasets of ``columns`` (``patch_tokens``, ``eval_mask``, ``token_defect``; all of
+    them, or ``token_defect`` alone as the reader loads it) cannot be what stage one wrote, or ``None``."""
+    n, count = len(columns["relpath"]), setting["tokens"]
+    defect = columns[TOKEN_DEFECT]
+    if defect.shape != (n, count):
+        return f"{TOKEN_DEFECT} is {list(defect.shape)}, expected [{n}, {count}]"
+    values = defect[~np.isnan(defect)]
+    if values.size and not (values.min() >= 0 and values.max() <= 1):   # inf fails too
+        return f"{TOKEN_DEFECT} holds values outside [0, 1]"
+    unknown = np.isnan(defect).any(axis=1)
+    if (unknown & (columns["label"] == 0)).any():
+        return f"{TOKEN_DEFECT} is unknown (NaN) for a normal image"
+    if TOKENS in columns:
+        problem = token_rows_problem(columns[TOKENS], columns[EVAL_MASK], setting, embed_dim)
+        if problem:
+            return problem
+    return None
+
+
+def token_rows_problem(tokens: np.ndarray, masks: np.ndarray, setting: dict, embed_dim: int) -> str | None:
+    """Why rows of ``patch_tokens`` and ``eval_mask`` are not tokens and masks of ``setting``, or ``None``."""
+    if tokens.dtype != np.float16 or tokens.shape[1:] != (setting["tokens"], embed_dim):
+        return f"{TOKENS} are {tokens.dtype} {list(tokens.shape)}, expected float16 [N, {setting['tokens']}, {embed_dim}]"
+    if masks.shape[1:] != (EVAL_MASK_BYTES,):
+        return f"{EVAL_MASK} is {list(masks.shape)}, expected [N, {EVAL_MASK_BYTES}]"
+    norms = np.sqrt(float16_squared_norms(tokens))
+    bad = np.argwhere(~(np.abs(norms - 1) <= UNIT_NORM_TOLERANCE))
+    if len(bad):
+        return (f"token {bad[0][1]} of row {bad[0][0]} has L2 norm {norms[tuple(bad[0])]:.4g} (expected 1 ± "
+                f"{UNIT_NORM_TOLERANCE}; {len(bad)} such tokens, non-finite values included)")
+    return None
 
 
 def rows_problem(columns: dict, embed_dim: int) -> str | None:
@@ -122,8 +165,10 @@ def shard_problem(shard, embed_dim: int) -> str | None:
     """Why a loaded shard (``cache.reader.LoadedShard``) cannot be used (its checksums, then its rows), or
     ``None``."""
     missing_text = sorted(set(shard.columns["category"].tolist()) - set(shard.text))
-    return (checksum_problem(shard) or rows_problem(shard.columns, embed_dim) or text_problem(shard.text, embed_dim)
-            or (f"no prompt embeddings for categories {missing_text}" if missing_text else None))
+    rows = {name: values for name, values in shard.columns.items() if name not in (TOKEN_DEFECT, TOKEN_ROW_CHECKSUM)}
+    return (checksum_problem(shard) or rows_problem(rows, embed_dim) or text_problem(shard.text, embed_dim)
+            or (f"no prompt embeddings for categories {missing_text}" if missing_text else None)
+            or (tokens_problem(shard.columns, shard.token_setting, embed_dim) if shard.token_setting else None))
 
 
 def checksum_problem(shard) -> str | None:

@@ -199,6 +199,7 @@ def info(cache_dir):
     from cache import read_cache
     from cache.format import human_bytes, shards_bytes
     from cache.lock import partial_shard_status
+    from cache.tokens import token_bytes_per_image
     table = read_cache(cache_dir, with_features=False)
     meta = table.meta
     config = (meta.get("model_config") or "config not recorded")[:19]   # "sha256:" and 12 hex digits
@@ -209,6 +210,12 @@ def info(cache_dir):
     on_disk = shards_bytes(cache_dir)
     click.echo(f"  size on disk: {human_bytes(on_disk)} in shards"
                + (f", {human_bytes(on_disk / len(table))} per image" if len(table) else ""))
+    setting = table.token_setting
+    if setting:
+        per_image = token_bytes_per_image(setting)
+        click.echo(f"  patch tokens: {int(table.has_tokens.sum())} of {len(table)} images ({setting['tokens']} tokens of "
+                   f"{setting['embed_dim']} values, {setting['per_tile']}x{setting['per_tile']} per 4x4 tile, float16: "
+                   f"{human_bytes(per_image)} per image with the mask targets)")
     for category in table.categories:
         labels = table.label[table.category == category]
         click.echo(f"  {category:<14} {int((labels == 0).sum()):>6} normal {int((labels == 1).sum()):>6} anomalous")

@@ -21,6 +21,18 @@ Each shard holds, for its images (one row each):
 and, as attributes, the cache fingerprint, ``engine`` (which image encoder wrote it) and
 ``xxh3_64``, the checksum of every dataset (``cache.checks``). ``cache.writer`` writes shards,
 ``cache.reader`` reads a cache back as one table.
+
+A shard extracted with ``--patch-tokens`` also holds, for every row (``cache.tokens`` says which
+tokens, where they lie and how the targets are made; its setting is the attribute ``patch_tokens``
+and the ``patch_tokens`` field of ``cache.json``):
+
+    patch_tokens   [N, T, D] float16  the 4x4 tiles' pooled patch tokens (ViT-B/16: T = 784), one chunk per row
+    eval_mask      [N, 8192] uint8    the defect mask at 256 x 256 scoring points, packed bits, one chunk per row
+    token_defect   [N, T] float16     each token's defect fraction (NaN: an anomalous image without a mask)
+    token_row_xxh3 [N] uint64         XXH3-64 of each row's patch_tokens and eval_mask bytes
+
+The two large datasets are read row by row when needed (``cache.reader.read_token_rows``), each row
+checked against its checksum; the two small ones are read and checked with the table.
 """
 from __future__ import annotations
 
@@ -28,8 +40,10 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+
 from cache.errors import CacheError
-from cache.files import create_exclusively, make_dirs
+from cache.files import atomic_write_text, create_exclusively, make_dirs
 
 FORMAT_VERSION = 2          # 2: the shard's attributes are under the checksum too (cache.checks)
 CROP_LAYOUT = ((1, 1), (2, 2), (4, 4))  # (rows, cols) per scale: 1 + 4 + 16 = 21 crops
@@ -53,9 +67,17 @@ FINGERPRINT_DEFAULTS = {
 # (the SHA-256 of the resolved open_clip config; caches before it recorded the config's name only)
 # and, in checkpoints written before them, ``model_config`` and ``normalisation``. See
 # ``mismatched_fields`` for what an unrecorded field matches.
+TOKENS, EVAL_MASK, TOKEN_DEFECT, TOKEN_ROW_CHECKSUM = "patch_tokens", "eval_mask", "token_defect", "token_row_xxh3"
+TOKEN_SETTING_ATTRIBUTE = "patch_tokens"   # shard attribute and cache.json field: ``cache.tokens.token_setting``
 STRING_COLUMNS = ("category", "defect_type", "relpath", "split", "mask_relpath")
 NUMERIC_COLUMNS = ("label", "height", "width")
 _SLOT_OF_NAME = re.compile(r"^features-(\d+)of(\d+)-\d+" + re.escape(PARTIAL_SUFFIX) + "$")
+
+
+def grid_edges(size: int, parts: int):
+    """Edges (px) of ``parts`` tiles along a side of ``size`` px: edge k at ⌊k·size/parts⌋, so that the
+    tiles of a grid cover the side exactly, without overlap, differing by at most 1 px."""
+    return np.arange(parts + 1) * size // parts
 
 
 def fingerprint(*, backbone, weights, random_weights, input_size, embed_dim, code_version,
@@ -143,12 +165,32 @@ def fingerprint_problem(meta) -> str | None:
         return "input_size and embed_dim must be positive"
     if meta.get("crop_layout") != [list(grid) for grid in CROP_LAYOUT]:
         return f"crop_layout is {meta.get('crop_layout')!r}, not RAML's {[list(g) for g in CROP_LAYOUT]}"
+    if TOKEN_SETTING_ATTRIBUTE in meta:
+        problem = token_setting_problem(meta[TOKEN_SETTING_ATTRIBUTE])
+        if problem:
+            return problem
     normalisation = meta.get("normalisation")
     if not (isinstance(normalisation, dict) and all(
             isinstance(normalisation.get(k), list) and len(normalisation[k]) == 3
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in normalisation[k])
             for k in ("mean", "std"))):
         return "normalisation is not {\"mean\": [3 numbers], \"std\": [3 numbers]}"
+    return None
+
+
+def token_setting_problem(setting) -> str | None:
+    """Why ``setting`` is not a patch-token setting RAML wrote (``cache.tokens.token_setting``), or
+    None (None too for no setting)."""
+    if setting is None:
+        return None
+    sizes = ("tokens", "per_tile", "embed_dim")
+    if not (isinstance(setting, dict) and all(isinstance(setting.get(key), int) and not isinstance(setting[key], bool)
+                                              and 0 < setting[key] <= 1_000_000 for key in sizes)):
+        return f"{TOKEN_SETTING_ATTRIBUTE} is not a token setting with whole, positive {', '.join(sizes)}"
+    tiles = CROP_LAYOUT[-1][0]
+    if setting["tokens"] != tiles * tiles * setting["per_tile"] ** 2:
+        return (f"{TOKEN_SETTING_ATTRIBUTE}: {setting['tokens']} tokens is not {tiles}x{tiles} tiles of "
+                f"{setting['per_tile']}x{setting['per_tile']}")
     return None
 
 
@@ -180,6 +222,24 @@ def claim_cache(cache_dir: Path, meta: dict, *, create: bool = True) -> bool:
             f"{cache_dir} holds features from another backbone ({details}). Features from "
             "different backbones cannot be mixed: choose another --cache-dir.")
     return True
+
+
+def claim_token_setting(cache_dir: Path, setting: dict) -> None:
+    """Record in ``cache.json`` that the cache holds patch tokens of ``setting``; refuse another setting.
+
+    The cache keeps that setting from then on: later runs of ``extract`` add tokens to every image.
+    Writers of several slots may record it at once; each writes the same file.
+    """
+    path = Path(cache_dir) / CACHE_JSON
+    meta = read_fingerprint(cache_dir)
+    recorded = meta.get(TOKEN_SETTING_ATTRIBUTE)
+    if recorded is None:
+        atomic_write_text(path, json.dumps({**meta, TOKEN_SETTING_ATTRIBUTE: setting}, indent=2))
+    elif recorded != setting:
+        differ = sorted(key for key in {*recorded, *setting} if recorded.get(key) != setting.get(key))
+        raise CacheError(f"{cache_dir} holds patch tokens of another setting ({', '.join(differ)} differ: cache "
+                         f"{[recorded.get(k) for k in differ]}, this run {[setting.get(k) for k in differ]}); tokens of "
+                         "two settings cannot share a cache. Extract into another --cache-dir.")
 
 
 def slot_prefix(shard_index: int, shard_count: int) -> str:

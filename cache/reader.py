@@ -15,12 +15,18 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.checks import checksum_problem, shard_problem
+from cache.checks import checksum_problem, shard_problem, token_row_checksum, token_rows_problem
 from cache.errors import CacheError, working_on
-from cache.format import (CACHE_JSON, CHECKSUM_ATTRIBUTE, FINGERPRINT_KEYS, N_CROPS, NUMERIC_COLUMNS, STRING_COLUMNS,
+from cache.format import (CACHE_JSON, CHECKSUM_ATTRIBUTE, EVAL_MASK, FINGERPRINT_KEYS, N_CROPS, NUMERIC_COLUMNS,
+                          STRING_COLUMNS, TOKEN_DEFECT, TOKEN_ROW_CHECKSUM, TOKEN_SETTING_ATTRIBUTE, TOKENS,
                           mismatched_fields, read_fingerprint, shard_paths)
+from cache.tokens import EVAL_MASK_BYTES, add_tokens_command
 
 _FIX = "Delete it and re-run extract to recompute its images."   # for a shard that cannot be used
+# Per-row columns of a FeatureTable (what ``select`` keeps of each row).
+ROW_COLUMNS = ("features", "label", "height", "width", *STRING_COLUMNS, "has_tokens", "token_defect", "shard_file",
+               "shard_row")
+TOKEN_READ_ROWS = 64   # rows of tokens read at a time by ``token_chunks`` (~51 MB for ViT-B/16)
 
 
 @dataclass
@@ -45,6 +51,19 @@ class FeatureTable:
     engines: list
     skipped: list  # (relpath, reason), sorted, for files that still have no features
     cache_dir: Path
+    # Patch tokens (cache.tokens): which rows have them, each token's defect fraction (NaN: unknown,
+    # or no tokens; [N, 0] when the cache records no token setting), and where each row is stored,
+    # for ``read_token_rows``: ``shards[shard_file[i]]``, row ``shard_row[i]``.
+    has_tokens: np.ndarray
+    token_defect: np.ndarray
+    shard_file: np.ndarray
+    shard_row: np.ndarray
+    shards: list
+
+    @property
+    def token_setting(self) -> dict | None:
+        """The cache's ``cache.tokens.token_setting``, or None when it holds no patch tokens."""
+        return self.meta.get(TOKEN_SETTING_ATTRIBUTE)
 
     def __len__(self) -> int:
         return len(self.relpath)
@@ -58,10 +77,9 @@ class FeatureTable:
 
     def select(self, mask: np.ndarray) -> "FeatureTable":
         """Rows where ``mask`` (bool array or index array) holds; text and meta are shared."""
-        columns = {name: getattr(self, name)[mask] for name in ("features", "label", "height", "width",
-                                                                  *STRING_COLUMNS)}
+        columns = {name: getattr(self, name)[mask] for name in ROW_COLUMNS}
         return FeatureTable(**columns, text=self.text, meta=self.meta, engines=self.engines,
-                            skipped=self.skipped, cache_dir=self.cache_dir)
+                            skipped=self.skipped, cache_dir=self.cache_dir, shards=self.shards)
 
 
 def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
@@ -78,19 +96,31 @@ def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
         raise CacheError(f"{cache_dir} is not a RAML feature cache (no {CACHE_JSON}). "
                          "Create one with: python pipeline.py extract --dataset ... --cache-dir "
                          f"{cache_dir}")
-    parts = {name: [] for name in (("features",) if with_features else ()) + NUMERIC_COLUMNS + STRING_COLUMNS}
+    parts = {name: [] for name in (("features",) if with_features else ()) + NUMERIC_COLUMNS + STRING_COLUMNS
+             + ("has_tokens", "token_defect", "shard_file", "shard_row")}
     text, engines, skipped = {}, set(), {}
     checks = []
+    setting = meta.get(TOKEN_SETTING_ATTRIBUTE)
+    token_count = setting["tokens"] if setting else 0
+    shards = shard_paths(cache_dir)
     # Each shard is checked in a second thread while the next one is read: the checks (XXH3,
     # float16 norms) run in xxhash and numpy, which release the GIL, so they overlap the reading.
     with ThreadPoolExecutor(max_workers=1) as checker:
-        for path in shard_paths(cache_dir):
+        for number, path in enumerate(shards):
             with working_on(f"shard {path}"):
                 shard = load_shard(path, meta)
             checks.append((path, checker.submit(shard_problem, shard, meta["embed_dim"])))
+            rows = len(shard.columns["relpath"])
+            if shard.token_setting is not None and shard.token_setting != setting:
+                raise CacheError(f"{path}: holds patch tokens of another setting than {cache_dir / CACHE_JSON} "
+                                 f"records ({shard.token_setting} vs {setting}); move it to its own cache.")
+            shard.columns.update(
+                has_tokens=np.full(rows, shard.token_setting is not None),
+                token_defect=shard.columns.get(TOKEN_DEFECT, np.full((rows, token_count), np.nan, np.float16)),
+                shard_file=np.full(rows, number, np.int32), shard_row=np.arange(rows, dtype=np.int32))
             for name in parts:
                 parts[name].append(shard.columns[name])
-            if len(shard.columns["relpath"]):
+            if rows:
                 engines.add(shard.engine)
             text.update(shard.text)
             skipped.update(shard.skipped)
@@ -103,6 +133,8 @@ def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
     for name, chunks in parts.items():
         if name == "features":
             columns[name] = (np.concatenate(chunks) if chunks else np.zeros((0, N_CROPS, dim), np.float16))
+        elif name == "token_defect":
+            columns[name] = np.concatenate(chunks) if chunks else np.zeros((0, token_count), np.float16)
         elif name in STRING_COLUMNS:
             columns[name] = np.concatenate(chunks) if chunks else np.array([], dtype=str)
         else:
@@ -120,7 +152,56 @@ def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
     have = set(columns["relpath"].tolist())
     still_skipped = sorted((p, r) for p, r in skipped.items() if p not in have)
     return FeatureTable(**columns, text=text, meta=meta, engines=sorted(engines), skipped=still_skipped,
-                        cache_dir=cache_dir)
+                        cache_dir=cache_dir, shards=shards)
+
+
+def read_token_rows(table: FeatureTable, rows) -> tuple[np.ndarray, np.ndarray]:
+    """The patch tokens [n, T, D] float16 and packed scoring masks [n, EVAL_MASK_BYTES] uint8 of
+    ``table``'s ``rows``, in that order: one read per image, each row checked against its checksum
+    and validated (unit-norm tokens). A ``CacheError`` when a row has no tokens says which ``extract``
+    command adds them."""
+    rows = np.asarray(rows, np.int64)
+    require_tokens(table, rows)
+    setting = table.token_setting
+    tokens = np.empty((len(rows), setting["tokens"], table.meta["embed_dim"]), np.float16)
+    masks = np.empty((len(rows), EVAL_MASK_BYTES), np.uint8)
+    for number in np.unique(table.shard_file[rows]):
+        path = table.shards[number]
+        here = np.flatnonzero(table.shard_file[rows] == number)
+        try:
+            with h5py.File(path, "r") as h5:
+                for position in here:
+                    row = int(table.shard_row[rows[position]])
+                    tokens[position], masks[position] = h5[TOKENS][row], h5[EVAL_MASK][row]
+                    if token_row_checksum(tokens[position], masks[position]) != h5[TOKEN_ROW_CHECKSUM][row]:
+                        raise CacheError(f"{path}: the patch tokens of row {row} ({table.relpath[rows[position]]}) "
+                                         f"do not match their checksum (corrupted). {_FIX}")
+        except (OSError, KeyError) as err:   # HDF5 errors, a missing dataset
+            raise CacheError(f"{path}: unreadable patch tokens ({type(err).__name__}: {err}). {_FIX}") from None
+        problem = token_rows_problem(tokens[here], masks[here], setting, table.meta["embed_dim"])
+        if problem:
+            raise CacheError(f"{path}: {problem}. {_FIX}")
+    return tokens, masks
+
+
+def token_chunks(table: FeatureTable, rows, size: int = TOKEN_READ_ROWS):
+    """``read_token_rows`` of ``rows`` in consecutive chunks of ``size``: yields (positions in ``rows``,
+    tokens, masks), so that the tokens of many images need not be in memory at once."""
+    rows = np.asarray(rows, np.int64)
+    require_tokens(table, rows)
+    for start in range(0, len(rows), size):
+        yield (np.arange(start, min(start + size, len(rows))), *read_token_rows(table, rows[start:start + size]))
+
+
+def require_tokens(table: FeatureTable, rows=None) -> None:
+    """A ``CacheError`` naming the ``extract`` command that adds them, when any of ``rows`` (default:
+    all) has no patch tokens."""
+    rows = np.arange(len(table)) if rows is None else np.asarray(rows, np.int64)
+    missing = int((~table.has_tokens[rows]).sum()) if len(rows) else 0
+    if missing:
+        raise CacheError(f"{table.cache_dir}: {missing} of the {len(rows)} images needed have no patch tokens (maps "
+                         f"are drawn from them). Add them, re-encoding only those images: "
+                         f"{add_tokens_command(table.meta, table.cache_dir)}")
 
 
 @dataclass
@@ -135,10 +216,12 @@ class LoadedShard:
     checksums: dict | None   # recorded XXH3-64 by dataset name; None in shards written before them
     attributes: dict = field(default_factory=dict)   # every attribute but the checksums, as stored (JSON text)
     format_version: int = 1
+    token_setting: dict | None = None   # the shard's patch-token setting; None without tokens
 
     def numeric(self) -> dict:
-        """Every numeric dataset by name, as stored."""
-        return {**{name: self.columns[name] for name in ("features", *NUMERIC_COLUMNS)},
+        """Every numeric dataset by name, as stored (of the token datasets, the two read with the table)."""
+        tokens = (TOKEN_DEFECT, TOKEN_ROW_CHECKSUM) if self.token_setting else ()
+        return {**{name: self.columns[name] for name in ("features", *NUMERIC_COLUMNS, *tokens)},
                 **{f"text/{category}/{kind}": vectors for category, kinds in self.text.items()
                    for kind, vectors in kinds.items()}}
 
@@ -158,6 +241,10 @@ def load_shard(path: Path, meta: dict) -> LoadedShard:
             checksums = json.loads(h5.attrs[CHECKSUM_ATTRIBUTE]) if CHECKSUM_ATTRIBUTE in h5.attrs else None
             attributes = {key: str(value) for key, value in h5.attrs.items() if key != CHECKSUM_ATTRIBUTE}
             format_version = json.loads(h5.attrs["format_version"]) if "format_version" in h5.attrs else 1
+            token_setting = (json.loads(h5.attrs[TOKEN_SETTING_ATTRIBUTE]) if TOKEN_SETTING_ATTRIBUTE in h5.attrs
+                             else None)
+            if token_setting is not None:
+                columns.update({name: h5[name][...] for name in (TOKEN_DEFECT, TOKEN_ROW_CHECKSUM)})
     except Exception as err:   # h5py raises many types for a damaged file (OSError, RuntimeError, KeyError, ...)
         raise CacheError(f"{path}: unreadable shard ({type(err).__name__}: {err}). {_FIX}") from None
     bad = mismatched_fields(meta, shard_meta, unrecorded_matches=False)
@@ -165,7 +252,8 @@ def load_shard(path: Path, meta: dict) -> LoadedShard:
         raise CacheError(f"{path}: written by another backbone than {path.parent / CACHE_JSON} "
                          f"(fields {', '.join(bad)}); move it to its own cache.")
     shard = LoadedShard(columns=columns, text=text, skipped={}, engine=engine, encoded=encoded, checksums=checksums,
-                        attributes=attributes, format_version=format_version if isinstance(format_version, int) else 2)
+                        attributes=attributes, format_version=format_version if isinstance(format_version, int) else 2,
+                        token_setting=token_setting)
     strings = {}
     for name, values in encoded.items():
         try:

@@ -19,10 +19,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.checks import ATTRIBUTES, attributes_checksum, dataset_checksum, rows_problem, strings_checksum, text_problem
+from cache.checks import (ATTRIBUTES, attributes_checksum, dataset_checksum, rows_problem, strings_checksum,
+                          text_problem, token_row_checksum, tokens_problem)
 from cache.files import atomic_write_bytes
-from cache.format import (CHECKSUM_ATTRIBUTE, N_CROPS, NUMERIC_COLUMNS, PARTIAL_SUFFIX, SHARD_SUFFIX, STRING_COLUMNS,
-                          printable)
+from cache.format import (CHECKSUM_ATTRIBUTE, EVAL_MASK, N_CROPS, NUMERIC_COLUMNS, PARTIAL_SUFFIX, SHARD_SUFFIX,
+                          STRING_COLUMNS, TOKEN_DEFECT, TOKEN_ROW_CHECKSUM, TOKEN_SETTING_ATTRIBUTE, TOKENS, printable)
+from cache.tokens import EVAL_MASK_BYTES
 
 _STR = h5py.string_dtype("utf-8")
 FEATURE_CHUNK_ROWS = 64   # rows of ``features`` per HDF5 chunk; a shard's last chunk is allocated whole
@@ -51,17 +53,24 @@ class ShardRows:
     records: list = field(default_factory=list)         # objects with the STRING_COLUMNS and .label
     sizes: list = field(default_factory=list)           # (height, width)
     skipped: list = field(default_factory=list)         # (relpath, reason)
+    # With patch tokens (cache.tokens), one entry per record in each, or none at all:
+    tokens: list = field(default_factory=list)          # [T, D] float16, L2-normalised
+    token_defect: list = field(default_factory=list)    # [T] float: defect fraction per token, NaN if unknown
+    eval_masks: list = field(default_factory=list)      # [EVAL_MASK_BYTES] uint8: the mask's scoring points
 
     def __len__(self) -> int:
         return len(self.records) + len(self.skipped)
 
 
-def write_shard(path: Path, rows: ShardRows, meta: dict, text: dict, engine: str | None) -> None:
+def write_shard(path: Path, rows: ShardRows, meta: dict, text: dict, engine: str | None,
+                token_setting: dict | None = None) -> None:
     """Write ``rows`` to ``path`` atomically (``.partial`` → flush → fsync → rename), with checksums.
+    An existing shard at ``path`` is replaced (adding tokens to it).
 
     Raises ``AssertionError``, writing nothing, if a row could not have been encoded from an image
     (see the module docstring): that is a bug in the caller, never something to store.
-    ``engine`` is ``None`` for a shard that lists skipped files only.
+    ``engine`` is ``None`` for a shard that lists skipped files only. ``token_setting``
+    (``cache.tokens.token_setting``) must be given with rows that hold patch tokens.
     """
     path = Path(path)
     partial = path.with_name(path.name[: -len(SHARD_SUFFIX)] + PARTIAL_SUFFIX)
@@ -84,6 +93,9 @@ def write_shard(path: Path, rows: ShardRows, meta: dict, text: dict, engine: str
                or (f"{unstorable[0]} is not valid UTF-8 (the caller must skip such names)" if unstorable else None)
                or next((f"no prompt embeddings for category {c!r}" for c in categories if c not in text), None)
                or text_problem({c: text[c] for c in categories}, dim))
+    if rows.tokens or token_setting is not None:
+        columns.update(_token_columns(rows, n, token_setting))
+        problem = problem or tokens_problem(columns, token_setting, meta["embed_dim"])
     if problem:
         raise AssertionError(f"write_shard({path.name}): {problem}. Every row must be encoded from an image; "
                              "this is a bug in the caller, and nothing was written.")
@@ -113,6 +125,15 @@ def write_shard(path: Path, rows: ShardRows, meta: dict, text: dict, engine: str
         for category in categories:
             for kind in ("normal", "anomalous"):
                 numeric(f"text/{category}/{kind}", np.asarray(text[category][kind], np.float32))
+        if token_setting is not None:
+            # one image's tokens and scoring mask are one chunk each, read together and checked by
+            # their row checksum; the small per-token targets are read with the table
+            h5.attrs[TOKEN_SETTING_ATTRIBUTE] = json.dumps(token_setting)
+            for name, dtype in ((TOKENS, np.float16), (EVAL_MASK, np.uint8)):
+                h5.create_dataset(name, data=columns[name], dtype=dtype,
+                                  chunks=(1, *columns[name].shape[1:]) if n else None)
+            numeric(TOKEN_ROW_CHECKSUM, columns[TOKEN_ROW_CHECKSUM])
+            numeric(TOKEN_DEFECT, columns[TOKEN_DEFECT])
         strings("skipped/relpath", [printable(relpath) for relpath, _ in rows.skipped])
         strings("skipped/reason", [printable(reason) for _, reason in rows.skipped])
         checksums[ATTRIBUTES] = attributes_checksum({key: str(value) for key, value in h5.attrs.items()})
@@ -120,3 +141,18 @@ def write_shard(path: Path, rows: ShardRows, meta: dict, text: dict, engine: str
         h5.flush()
         image = h5.id.get_file_image()
     atomic_write_bytes(path, image, tmp=partial)
+
+
+def _token_columns(rows: ShardRows, n: int, setting: dict | None) -> dict:
+    """The token datasets of ``rows`` as arrays, with each row's checksum (see ``token_row_checksum``)."""
+    if setting is None or not (len(rows.tokens) == len(rows.token_defect) == len(rows.eval_masks) == n):
+        raise AssertionError(f"patch tokens for {len(rows.tokens)} of {n} rows ({len(rows.token_defect)} defect "
+                             f"fractions, {len(rows.eval_masks)} masks; setting {setting}): a shard holds the tokens "
+                             "of every row or of none")
+    tokens = (np.stack(rows.tokens).astype(np.float16) if n
+              else np.zeros((0, setting["tokens"], setting["embed_dim"]), np.float16))
+    masks = np.stack(rows.eval_masks).astype(np.uint8) if n else np.zeros((0, EVAL_MASK_BYTES), np.uint8)
+    return {TOKENS: tokens, EVAL_MASK: masks,
+            TOKEN_DEFECT: np.stack(rows.token_defect).astype(np.float16) if n else np.zeros((0, setting["tokens"]),
+                                                                                             np.float16),
+            TOKEN_ROW_CHECKSUM: np.array([token_row_checksum(t, m) for t, m in zip(tokens, masks)], np.uint64)}

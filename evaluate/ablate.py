@@ -8,8 +8,13 @@ rows, sorted by held-out image AUROC, give the mean ± sample std over seeds (n)
 of the category-mean AUROC, AP, F1-max, and the difference from the full method with a paired
 bootstrap CI: the same resampled images for both rows, so a row against itself differs by exactly 0.
 
-Configurations that change only how s_final is scored (``RESCORED``) are not trained again: the
-same seeds would give the full method's weights, so its checkpoints are scored with their weights.
+Configurations that change only how the image is scored (``RESCORED``) are not trained again: the
+same seeds would give the full method's weights, so its checkpoints are scored another way:
+``visual-score-only`` without s_text, ``map-fused`` with the pixel head's anomaly map in the image
+score (``train.infer.fused_score``), which shows whether localisation helps detection. Rows that
+cannot be made on this cache are left out with a note: ``map-fused`` when the full method's runs
+have no pixel head (a cache without patch tokens, or without masks), ``knn-patches`` without
+patch tokens.
 
 Layout of ``OUT``: ``runs/`` (the sweep: one directory per run, ``results/``, ``summary.md``),
 ``rescored/<name>/`` (the full method's runs scored another way), ``baselines/<name>/`` (results
@@ -25,12 +30,14 @@ import numpy as np
 
 from cache import FeatureTable, UserError
 from cache.files import atomic_write_text
-from evaluate.baselines.features import BASELINES, run_feature_baseline
+from cache.tokens import add_tokens_command
+from evaluate.baselines.features import BASELINES, TOKEN_BASELINES, run_feature_baseline
 from evaluate.metrics import DEFAULT_BOOTSTRAP, bootstrap_mean_auroc_ci, paired_bootstrap_auroc_difference
 from evaluate.plots import difference_forest
 from evaluate.run import evaluate_checkpoints
 from evaluate.results import NOT_MEANINGFUL, RESULTS_JSON, SCORES_CSV, read_results, read_scores_csv
 from evaluate.sweep import RESULTS_DIR, run_sweep
+from train.checkpoint import load_checkpoint
 from train.sweep import run_name
 
 REFERENCE = "full"
@@ -43,11 +50,14 @@ ABLATIONS = {
     "no-text-fusion": {"text_fusion": False},
     "tile-pool-mean": {"tile_pool": "mean"},
     "visual-score-only": {"visual_weight": 1.0, "text_weight": 0.0},   # s_final without the zero-shot s_text
+    "map-fused": {"map_weight": 0.5},   # 0.5·s_final + 0.5·the anomaly map's maximum
     "bce-only": {"loss": "bce"},
     "original-loss": {"loss_variant": "original"},
 }
-# Score weights are not used in training: these rows rescore the full method's runs.
-RESCORED = {"visual-score-only"}
+# Score weights are not used in training: these rows rescore the full method's runs (``evaluate_checkpoints``'s
+# keyword arguments).
+RESCORED = {"visual-score-only", "map-fused"}
+NEEDS_PIXEL_HEAD = {"map-fused"}
 
 
 def run_ablation(table: FeatureTable, out_dir, seeds, *, ablations=tuple(ABLATIONS), baselines=BASELINES,
@@ -62,6 +72,10 @@ def run_ablation(table: FeatureTable, out_dir, seeds, *, ablations=tuple(ABLATIO
     if REFERENCE not in ablations:
         raise UserError(f"the ablations must include {REFERENCE!r}: every row is compared with it")
     say = progress or (lambda line: None)
+    if not table.has_tokens.all() and set(baselines) & set(TOKEN_BASELINES):
+        say(f"ablate: left out {', '.join(set(baselines) & set(TOKEN_BASELINES))}: the cache has no patch tokens for "
+            f"every image (add them: {add_tokens_command(table.meta, table.cache_dir)})")
+        baselines = tuple(name for name in baselines if name not in TOKEN_BASELINES)
     out_dir = Path(out_dir)
     runs_dir = out_dir / "runs"
     configurations = {name: {**common, **ABLATIONS[name]} for name in ablations if name not in RESCORED}
@@ -69,11 +83,14 @@ def run_ablation(table: FeatureTable, out_dir, seeds, *, ablations=tuple(ABLATIO
                         progress=say, n_resamples=n_resamples)
     results = [runs_dir / RESULTS_DIR / RESULTS_JSON]
     for name in (name for name in ablations if name in RESCORED):
-        weights = ABLATIONS[name]
+        if name in NEEDS_PIXEL_HEAD and load_checkpoint(runs_dir / run_name(REFERENCE, seeds[0])).model.pixel is None:
+            say(f"ablate: left out {name}: the runs of {REFERENCE} have no pixel head (it needs patch tokens and the "
+                "masks of anomalous training images)")
+            continue
         path, _ = evaluate_checkpoints([runs_dir / run_name(REFERENCE, seed) for seed in seeds], table.cache_dir,
-                                       out_dir / "rescored" / name, visual_weight=weights["visual_weight"],
-                                       text_weight=weights["text_weight"], name=name, n_resamples=n_resamples,
-                                       bootstrap_seed=bootstrap_seed, log=say, table=table, device=device)
+                                       out_dir / "rescored" / name, **ABLATIONS[name], name=name,
+                                       n_resamples=n_resamples, bootstrap_seed=bootstrap_seed, log=say, table=table,
+                                       device=device)
         results.append(path)
     for name in baselines:
         say(f"ablate: baseline {name}")
@@ -135,6 +152,7 @@ def ablation_rows(results_paths, n_resamples: int, bootstrap_seed: int) -> list[
                      "average_precision": entry.get("mean_average_precision"), "f1_max": entry.get("mean_f1_max"),
                      "difference": {"value": round(100 * difference[0], 2),
                                     "ci95": [round(100 * difference[1], 2), round(100 * difference[2], 2)]},
+                     "aupro": (entry.get("pixel") or {}).get("mean", {}).get("aupro", {}).get("mean"),
                      "anomalous_inside_margin": entry.get("anomalous_inside_margin")})
     return sorted(rows, key=lambda row: -row["auroc"]["mean"])
 
@@ -152,8 +170,8 @@ def ablation_markdown(ablation: dict, plot_name: str) -> str:
              "Rows sorted by AUROC.", ""]
     if ablation["random_weights"]:
         lines += [f"> **{NOT_MEANINGFUL}.**", ""]
-    lines += ["| configuration | method | AUROC % | 95 % CI | AP % | F1-max % | Δ vs full [95 % CI] | inside margin |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| configuration | method | AUROC % | 95 % CI | AP % | F1-max % | Δ vs full [95 % CI] | AUPRO % | "
+              "inside margin |", "|---|---|---|---|---|---|---|---|---|"]
     for row in ablation["rows"]:
         auroc = row["auroc"]
         std = f" ± {auroc['std']:.2f}" if auroc["std"] is not None else ""
@@ -163,7 +181,7 @@ def ablation_markdown(ablation: dict, plot_name: str) -> str:
             f"{diff['value']:+.2f} [{diff['ci95'][0]:+.2f}, {diff['ci95'][1]:+.2f}]"
         lines.append(f"| {row['configuration']} | {row['method']} | {auroc['mean']:.2f}{std} (n={auroc['n']}) | "
                      f"[{low:.1f}, {high:.1f}] | {_fmt(row['average_precision'])} | {_fmt(row['f1_max'])} | {delta} | "
-                     f"{_fmt(row['anomalous_inside_margin'])} |")
+                     f"{_fmt(row.get('aupro'))} | {_fmt(row['anomalous_inside_margin'])} |")
     lines += ["", f"![differences from {ablation['reference']}]({plot_name})", "",
               "Per-category tables and plots: `python pipeline.py report OUT/runs/results OUT/rescored OUT/baselines --out REPORT`.", ""]
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from click.core import ParameterSource
 
 from cache import UserError
 from cache.errors import OptionError
-from cache.cli import (JOBS, SCORE_WEIGHT, SEED, echo_chosen, fail_cleanly, non_empty, seed_list, text_list,
+from cache.cli import (JOBS, SCORE_WEIGHT, SEED, FiniteFloat, echo_chosen, fail_cleanly, non_empty, seed_list, text_list,
                        with_options)
 from extract.cli import dataset_option, model_option, refusing_contradictory_weights
 from cache.workspace import REPORT_DIR, RESULTS, SWEEP_PREFIX, dataset_of, results_dir
@@ -56,6 +56,10 @@ bootstrap_options = [
 ]
 
 
+def _with_std(stats: dict) -> str:
+    return f"{stats['mean']:.2f}" + ("" if stats["std"] is None else f" ± {stats['std']:.2f}")
+
+
 def echo_entries(path, entries) -> None:
     """A one-line summary per configuration, then where the files are."""
     for config, entry in entries.items():
@@ -67,6 +71,13 @@ def echo_entries(path, entries) -> None:
                    + (f", image score: {entry['image_score']}" if entry.get("image_score") else ""))
         for category, reason in entry["not_available"].items():
             click.echo(f"    {category}: n/a ({reason})")
+        pixel = entry.get("pixel")
+        if pixel and pixel["mean"]["aupro"]["mean"] is not None:
+            mean = pixel["mean"]
+            click.echo(f"    pixel: AUROC {_with_std(mean['pixel_auroc'])} %, AUPRO {_with_std(mean['aupro'])} %, "
+                       f"F1-max {_with_std(mean['pixel_f1_max'])} % — {pixel['map']}")
+        elif pixel:
+            click.echo(f"    pixel: n/a ({'; '.join(sorted(set(pixel['not_available'].values())))})")
     if any(entry.get("random_weights") for entry in entries.values()):
         click.secho("  RANDOM WEIGHTS: these numbers are NOT MEANINGFUL (the pipeline ran; nothing was measured).",
                     fg="yellow")
@@ -91,26 +102,29 @@ def echo_entries(path, entries) -> None:
               help="Default: holdout on the cache the model was trained on, transfer on any other.")
 @click.option("--visual-weight", type=SCORE_WEIGHT, default=None, help="Weight of s_visual (default: the checkpoint's).")
 @click.option("--text-weight", type=SCORE_WEIGHT, default=None, help="Weight of s_text (default: the checkpoint's).")
+@click.option("--map-weight", type=FiniteFloat(0, 1), default=0.0, show_default=True,
+              help="Image score = (1 - w)·s_final + w·(the anomaly map's maximum); needs runs with a pixel head.")
 @click.option("--name", default=None, callback=non_empty,
               help="Name of the configuration in the results (default: the run directory's).")
 @with_options(bootstrap_options)
 @stage_two_device_option
 @fail_cleanly
-def evaluate(checkpoints, dataset, cache_dir, out, protocol, visual_weight, text_weight, name, n_resamples,
+def evaluate(checkpoints, dataset, cache_dir, out, protocol, visual_weight, text_weight, map_weight, name, n_resamples,
              bootstrap_seed, device):
-    """Score trained checkpoints on a cache: metrics per category, per-image scores, coarse maps.
+    """Score trained checkpoints on a cache: image metrics per category, per-image scores, and for runs with a
+    pixel head their anomaly maps' pixel metrics (pixel AUROC, AUPRO, pixel F1-max).
 
     Writes OUT/results.json (the original release's schema plus AP, F1-max, CI, seeds, protocol and
-    image-list hash), OUT/scores.csv (visual, text and final score of every image and run) and
-    OUT/anomaly_maps.npz. Without options: the newest run, on the cache it was trained on (holdout);
-    --dataset visa scores it on VisA's cache (transfer).
+    image-list hash, pixel metrics), OUT/scores.csv (visual, text and final score of every image and
+    run) and OUT/anomaly_maps.npz. Without options: the newest run, on the cache it was trained on
+    (holdout); --dataset visa scores it on VisA's cache (transfer).
     """
     from evaluate.run import evaluate_checkpoints
     checkpoints = checkpoints or (newest_run_dir(sweeps=True),)
     cache_dir = cache_dir or scoring_cache(checkpoints, dataset)
     out = out or echo_chosen("results", results_dir(dataset_of(cache_dir), run_label(checkpoints)))
     path, entries = evaluate_checkpoints(checkpoints, cache_dir, out, protocol=protocol, visual_weight=visual_weight,
-                                         text_weight=text_weight, n_resamples=n_resamples,
+                                         text_weight=text_weight, map_weight=map_weight, n_resamples=n_resamples,
                                          bootstrap_seed=bootstrap_seed, name=name, log=click.echo, device=device)
     echo_entries(path, entries)
 
@@ -187,7 +201,8 @@ def sweep(cache_dir, margins, seeds, vary, out, jobs, threads, device, **options
 @click.option("--ablations", default=None, callback=lambda ctx, param, text: _names(text, "ablate", "ABLATIONS"),
               help="Comma-separated subset of the configurations (default: all; 'full' is always needed).")
 @click.option("--baselines", default=None, callback=lambda ctx, param, text: _names(text, "baselines", "BASELINES"),
-              help="Comma-separated subset of linear,knn-tiles,zero-shot-text (default: all; 'none' for none).")
+              help="Comma-separated subset of linear,knn-tiles,knn-patches,zero-shot-text (default: all; 'none' for "
+                   "none).")
 @click.option("--jobs", type=JOBS, default=1, show_default=True, help="Training passes run in parallel worker processes.")
 @threads_option
 @stage_two_device_option
@@ -200,9 +215,11 @@ def ablate(cache_dir, out, seeds, ablations, baselines, jobs, threads, device, n
 
     Configurations: full (the method), scales-1, scales-1,2, no-cross-attention, no-text-fusion,
     tile-pool-mean, visual-score-only (full's runs rescored with s_visual alone, not retrained),
-    bce-only, original-loss; baselines: linear, knn-tiles, zero-shot-text, all scored on the same
-    held-out images. Rows sorted by held-out AUROC, each with its
-    difference from full and a paired bootstrap CI. Re-running resumes finished runs.
+    map-fused (full's runs rescored with their anomaly map's maximum in the image score), bce-only,
+    original-loss; baselines: linear, knn-tiles, knn-patches, zero-shot-text, all scored on the same
+    held-out images (map-fused and knn-patches need a cache with patch tokens). Rows sorted by
+    held-out AUROC, each with its difference from full and a paired bootstrap CI. Re-running resumes
+    finished runs.
     """
     from evaluate.ablate import ABLATIONS, run_ablation
     from evaluate.baselines.features import BASELINES
@@ -214,6 +231,22 @@ def ablate(cache_dir, out, seeds, ablations, baselines, jobs, threads, device, n
                             n_resamples=n_resamples, bootstrap_seed=bootstrap_seed, progress=click.echo, **options)
     click.echo((Path(out) / "ablation.md").read_text().rstrip())
     click.echo(f"ablate: {len(ablation['rows'])} rows → {out}/ablation.md, ablation.json, ablation.png")
+
+
+@click.command("maps")
+@click.option("--images", default=20, type=click.IntRange(1, 10_000), show_default=True,
+              help="Test images whose maps are timed.")
+@click.option("--normals", default=200, type=click.IntRange(1, 100_000), show_default=True,
+              help="Training normals of the category's kNN memory bank.")
+@click.option("--size", default=900, type=click.IntRange(32, 8192), show_default=True,
+              help="Side of the images (px): the maps are drawn at it.")
+@fail_cleanly
+def bench_maps(images, normals, size):
+    """What an anomaly map costs per image (reading the tokens, each map kind, drawing the map) and what patch
+    tokens add to the cache, on a synthetic cache of ViT-B/16's shape."""
+    from evaluate.bench import run_maps_bench
+    for line in run_maps_bench(images=images, normals=normals, size=size).lines():
+        click.echo(line)
 
 
 @click.command()

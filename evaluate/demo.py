@@ -1,13 +1,19 @@
 """The demo (README command one): RAML against WinCLIP on the same held-out textile images, with seeds.
 
-    extract (textile, --limit N)  →  sweep (adaptive, fixed, strong × 3 seeds)  →  evaluate
-    →  baseline winclip --split-from (the same held-out images)  →  report (one table with both)
+    extract (textile, --limit N, --patch-tokens)  →  sweep (adaptive, fixed, strong × 3 seeds)  →  evaluate
+    →  baseline knn-patches, zero-shot-text (anomaly maps from the cached patch tokens)
+    →  baseline winclip --split-from (the same held-out images)  →  report (one table with all)
 
 The textile images of ``conformal-clip-data`` form one category (1,000 normal, 500 local and 500
 global defects). ``--limit N`` spreads N images over the sorted list (N/2 normal, N/4 of each
 defect type) and the holdout split holds out ``ceil(0.2·N)`` of them, shared between the two
 classes: N = 146 is the smallest N with 15 normal and 15 anomalous held-out images (145 holds out
 14 + 15), so it is the default.
+
+Maps: the textile images have no defect masks, so no pixel head is trained and no pixel metric
+can be computed; the report's overlay grid shows the maps of the two untrained kinds drawn from
+RAML's cached patch tokens (kNN over the training normals' tokens, zero-shot text) beside
+WinCLIP's, on the same held-out images.
 
 Engine: the image encoder runs where it is fastest — CUDA when there is a GPU, else the int8 ONNX
 Runtime engine (``--engine onnx-int8``) on the CPU, after its fidelity check on ``FIDELITY_SAMPLE``
@@ -38,6 +44,7 @@ from pathlib import Path
 import click
 
 MARGINS = ("adaptive", "fixed", "strong")
+MAP_BASELINES = ("knn-patches", "zero-shot-text")   # the untrained map kinds: the textile images have no masks
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_LIMIT = 146        # the smallest --limit with ≥ 15 held-out images of each class (module docstring)
 DEFAULT_EPOCHS = 25        # the original release's
@@ -140,15 +147,18 @@ def run_demo(run_command, out_dir, *, model: str = RAML_MODEL[0], pretrained: st
     tag = "random" if "--random-weights" in raml else "pretrained"   # a cache holds one backbone's features
     cache, runs, results, report = (out_dir / f"cache-{tag}", out_dir / f"runs-{tag}", out_dir / f"results-{tag}",
                                     out_dir / f"report-{tag}")
+    first_run = runs / f"{MARGINS[0]}-seed{seeds[0]}"
     # --workers 0: decoding a 250-px image is cheap; worker processes would only compete with CLIP for the cores
     steps = [
         ["extract", "--dataset", "textile", "--cache-dir", str(cache), *raml, "--limit", str(limit), "--workers", "0",
          "--device", device, *(["--fidelity-sample", str(FIDELITY_SAMPLE)] if engine == "onnx-int8" else []),
-         "--engine", engine],
+         "--patch-tokens", "--engine", engine],
         ["sweep", "--cache-dir", str(cache), "--margins", ",".join(MARGINS), "--seeds", ",".join(map(str, seeds)),
          "--epochs", str(epochs), "--out", str(runs)],   # the 9 runs train together, as one batched pass
         ["evaluate", "--checkpoint", str(runs), "--cache-dir", str(cache), "--out", str(results / "raml")],
-        ["baseline", "winclip", "--dataset", "textile", "--split-from", str(runs / f"{MARGINS[0]}-seed{seeds[0]}"),
+        *(["baseline", name, "--cache-dir", str(cache), "--split-from", str(first_run), "--out", str(results / name)]
+          for name in MAP_BASELINES),
+        ["baseline", "winclip", "--dataset", "textile", "--split-from", str(first_run),
          "--out", str(results / "winclip"), *winclip, "--device", device, "--workers", "0", "--maps", "examples"],
         ["report", str(results), "--out", str(report)],
     ]

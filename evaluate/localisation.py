@@ -1,105 +1,122 @@
-"""Coarse localisation from the cached tiles: a 4x4 anomaly map per image, and its pixel AUROC.
+"""Where the defect is: anomaly maps from the cached patch tokens, and their pixel metrics.
 
-The RAML head scores whole images; where in the image the anomaly is comes from the tiles the
-cache already holds. Each 2x2 and 4x4 tile embedding gets the same zero-shot text score as the
-global image (``train.infer.text_score``: anomalous vs normal prompt similarity), and the map at a
-4x4 cell is the mean of its own tile's score and that of the 2x2 tile containing it, so a defect
-seen at either scale shows. This is coarse by construction — 16 cells per image — and the
-metric says so in its name (``pixel_auroc_coarse``).
+Every map kind gives one score per patch token (``cache.tokens``: the 4x4 tiles' pooled tokens of
+an image), each a row of the same table:
+
+- the trained **pixel head** (train/model.py ``PixelHead``), learned with the image head on the
+  training images' per-token defect fractions (``evaluate``, for runs that have one);
+- **kNN** over the training normals' tokens, a PatchCore-style memory bank (baseline
+  ``knn-patches``, evaluate/baselines/features.py), no training;
+- **zero-shot text** (``zero_shot_token_scores``): each token's softmax probability of the
+  category's anomalous prompts against its normal ones, at WinCLIP's temperature 0.07 (baseline
+  ``zero-shot-text``), no training.
+
+A map over the image is the token grid interpolated where each token lies (``cache.tokens.map_at``);
+there is one scale of tiles, so no two scales overlap. Pixel metrics (``pixel_block``) are computed
+at ``EVAL_MASK_SIDE`` x ``EVAL_MASK_SIDE`` points per image: the map and the defect mask sampled at
+the same points (stage one stored the mask there; anomalib-style tools likewise resize to 256 x 256).
 """
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
-from cache import CROP_LAYOUT, SCALE_SLICES, UserError
-from evaluate.metrics import weighted_pixel_auroc
-from extract.pyramid import tile_boxes
+from cache.reader import token_chunks
+from cache.tokens import EVAL_MASK_BYTES, EVAL_MASK_SIDE, TILES, eval_maps, unpack_eval_masks
+from evaluate.baselines.winclip import TEMPERATURE as ZERO_SHOT_TEMPERATURE
+from evaluate.metrics import AUPRO_FPR_LIMIT, DEFAULT_BOOTSTRAP, bootstrap_pixel_ci, pixel_counts, pixel_metrics
+from evaluate.results import PIXEL_METRICS, in_percent, mean_std
 
-GRID = CROP_LAYOUT[-1][0]                         # 4: the finest tile grid, the map's resolution
-COARSE_NOTE = (f"coarse: the anomaly map has {GRID}x{GRID} cells per image (one per 4x4 tile); pixel "
-               "AUROC is exact for that piecewise-constant map, not comparable to full-resolution maps")
-
-
-def tile_text_scores(table) -> np.ndarray:
-    """[N, 21] zero-shot text score of every crop of every image of ``table``."""
-    from train.infer import text_score
-
-    n, crops, dim = table.features.shape
-    flat = table.features.reshape(n * crops, dim)
-    return np.asarray(text_score(flat, table.text, np.repeat(table.category, crops)), float).reshape(n, crops)
+RESOLUTION_NOTE = (f"computed at {EVAL_MASK_SIDE} x {EVAL_MASK_SIDE} points per image (the map and the defect "
+                   f"mask sampled at the same points); AUPRO up to FPR {AUPRO_FPR_LIMIT}, 8-connected defect regions")
+PIXEL_HEAD_MAP = "RAML's trained pixel head: sigmoid of each patch token's logit"
+ZERO_SHOT_MAP = (f"zero-shot text over RAML's patch tokens: each token's softmax probability of the anomalous "
+                 f"prompts (temperature {ZERO_SHOT_TEMPERATURE})")
 
 
-def maps_from_crop_scores(crop_scores: np.ndarray) -> np.ndarray:
-    """[N, 21] crop scores → [N, 4, 4] maps: mean of each 4x4 tile and its enclosing 2x2 tile."""
-    n = crop_scores.shape[0]
-    coarse_side = CROP_LAYOUT[1][0]
-    fine = crop_scores[:, SCALE_SLICES[2]].reshape(n, GRID, GRID)
-    coarse = crop_scores[:, SCALE_SLICES[1]].reshape(n, coarse_side, coarse_side)
-    factor = GRID // coarse_side
-    return (fine + np.repeat(np.repeat(coarse, factor, axis=1), factor, axis=2)) / 2
+def zero_shot_token_scores(tokens: np.ndarray, text_bank: np.ndarray, category_index) -> np.ndarray:
+    """[n, T] zero-shot score of each token ([n, T, D]): sigmoid((cos(t, anomalous) − cos(t, normal)) / τ),
+    the two-prompt softmax of WinCLIP's Eq. 1; ``text_bank`` [C, 2, D] (``train.infer.text_tokens``),
+    ``category_index`` [n] into it."""
+    tokens = np.asarray(tokens, np.float32)
+    tokens = tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
+    cosines = np.einsum("ntd,nkd->ntk", tokens, np.asarray(text_bank, np.float32)[np.asarray(category_index)])
+    return 0.5 * (1.0 + np.tanh(0.5 * (cosines[..., 1] - cosines[..., 0]) / ZERO_SHOT_TEMPERATURE))  # sigmoid
 
 
-def pool_to_grid(maps: np.ndarray, grid: int = GRID) -> np.ndarray:
-    """Average-pool [N, H, W] maps covering the whole image to [N, grid, grid] (for WinCLIP's
-    patch-resolution maps, so that both methods are compared at the same coarse resolution)."""
-    import torch
-    return torch.nn.functional.adaptive_avg_pool2d(torch.as_tensor(maps, dtype=torch.float32)[:, None],
-                                                   grid)[:, 0].numpy()
+def score_tokens(table, rows, scorers: list) -> tuple[list[np.ndarray], np.ndarray]:
+    """Read the patch tokens of ``table``'s ``rows`` a chunk at a time and score them with each of
+    ``scorers`` (``scorer(tokens [c, T, D] float16, rows [c]) → [c, T]``); returns each scorer's
+    scores [n, T] and the rows' packed scoring masks [n, EVAL_MASK_BYTES]."""
+    rows = np.asarray(rows)
+    scores = [np.empty(table.token_defect[rows].shape, np.float32) for _ in scorers]
+    masks = np.empty((len(rows), EVAL_MASK_BYTES), np.uint8)
+    for positions, tokens, chunk_masks in token_chunks(table, rows):
+        masks[positions] = chunk_masks
+        for out, scorer in zip(scores, scorers):
+            out[positions] = scorer(tokens, rows[positions])
+    return scores, masks
 
 
-def mask_pixels(root: Path, mask_relpath: str, width: int, height: int) -> np.ndarray:
-    """Boolean [H, W] defect mask, resized (nearest) to the image when the sizes differ; a
-    ``UserError`` naming the mask when it cannot be decoded."""
-    try:
-        with Image.open(root / mask_relpath) as mask:
-            mask = mask.convert("L")
-            if mask.size != (width, height):
-                mask = mask.resize((width, height), Image.NEAREST)
-            return np.asarray(mask) > 0
-    except FileNotFoundError:
-        raise
-    except Exception as err:   # PIL raises many types for damaged bytes
-        raise UserError(f"{root / mask_relpath}: a defect mask that cannot be decoded ({type(err).__name__}: "
-                        f"{err})") from None
+@dataclass
+class MapImages:
+    """The scored images, with what their pixel metrics need."""
+
+    category: np.ndarray
+    label: np.ndarray
+    mask_known: np.ndarray   # bool: normal, or anomalous with a defect mask
+    height: np.ndarray
+    width: np.ndarray
+    masks: np.ndarray        # [n, EVAL_MASK_BYTES] packed scoring masks (``cache.tokens.eval_mask``)
 
 
-def tile_pixel_counts(root: Path, label: int, mask_relpath: str, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    """Defective and defect-free pixel counts of each 4x4 tile of one image."""
-    boxes = tile_boxes(width, height)[SCALE_SLICES[2]]
-    areas = np.array([(right - left) * (bottom - top) for left, top, right, bottom in boxes], float)
-    if not label:
-        return np.zeros_like(areas), areas
-    mask = mask_pixels(root, mask_relpath, width, height)
-    defective = np.array([mask[top:bottom, left:right].sum() for left, top, right, bottom in boxes], float)
-    return defective, areas - defective
+def map_images(subset, masks: np.ndarray) -> MapImages:
+    """``MapImages`` of a ``FeatureTable`` (the scored rows, with patch tokens) and their packed masks from
+    ``score_tokens``; an image's mask is known where stage one stored its defect fractions (not NaN)."""
+    known = ~np.isnan(subset.token_defect).any(axis=1)
+    return MapImages(subset.category, subset.label, known, subset.height, subset.width, masks)
 
 
-def coarse_pixel_auroc(maps: np.ndarray, categories, labels, mask_relpaths, heights, widths,
-                       root: str | Path | None) -> tuple[dict, dict]:
-    """Per-category pixel AUROC of [N, 4, 4] maps against the masks, and the reasons for n/a.
-
-    Anomalous images without a mask cannot be localised and are left out; a category with no
-    mask at all, or masks that are not reachable on this machine, is n/a with the reason.
-    """
-    values, missing = {}, {}
-    root = Path(root) if root else None
-    categories, labels = np.asarray(categories), np.asarray(labels)
-    for category in sorted(set(categories.tolist())):
-        rows = np.flatnonzero(categories == category)
-        masked = [i for i in rows if labels[i] and mask_relpaths[i]]
-        if not masked:
+def pixel_block(grids_by_run: list[np.ndarray], images: MapImages, description: str, *, tiles: int = TILES,
+                n_resamples: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0) -> dict:
+    """The ``pixel`` block of a results entry: per category, pixel AUROC, AUPRO and pixel F1-max (%) of
+    the maps of each run (``grids_by_run``: [n, G, G] token grids of the images, one per seed; ``tiles``
+    tiles a side, 1 for a grid over the whole image), mean ± sample std over seeds with n and a bootstrap
+    CI of the seed mean; the mean over categories; and n/a with the reason for categories without masks.
+    Anomalous images without a mask are left out."""
+    per_category, missing, means = {}, {}, {name: [] for name in PIXEL_METRICS}
+    for category in sorted(set(images.category.tolist())):
+        rows = np.flatnonzero((images.category == category) & images.mask_known)
+        if not (images.label[rows] == 1).any():
             missing[category] = "no defect masks"
             continue
-        if root is None or not (root / mask_relpaths[masked[0]]).is_file():
-            missing[category] = f"masks not reachable under {root}"
-            continue
-        keep = [i for i in rows if not labels[i] or mask_relpaths[i]]
-        counts = [tile_pixel_counts(root, labels[i], mask_relpaths[i], int(widths[i]), int(heights[i])) for i in keep]
+        masks = unpack_eval_masks(images.masks[rows])
         try:
-            values[category] = weighted_pixel_auroc(maps[keep], [c[0] for c in counts], [c[1] for c in counts])
+            counts = [pixel_counts(eval_maps(grids[rows], images.height[rows], images.width[rows], tiles), masks)
+                      for grids in grids_by_run]
         except ValueError as err:
             missing[category] = str(err)
-    return values, missing
+            continue
+        values = [pixel_metrics(run) for run in counts]
+        intervals = bootstrap_pixel_ci(counts, n_resamples, bootstrap_seed)
+        per_category[category] = {"images": int(len(rows)), "anomalous": int((images.label[rows] == 1).sum()),
+                                  **{name: {**in_percent(mean_std([v[name] for v in values])),
+                                            "per_seed": [round(100 * float(v[name]), 2) for v in values],
+                                            "ci95": [round(100 * bound, 2) for bound in intervals[name]]}
+                                     for name in PIXEL_METRICS}}
+        for name in PIXEL_METRICS:
+            means[name].append([float(v[name]) for v in values])
+    mean = {name: in_percent(mean_std(np.mean(runs, axis=0))) if runs else in_percent(mean_std([]))
+            for name, runs in means.items()}
+    return {"map": description, "resolution": RESOLUTION_NOTE, "mean": mean, "categories": per_category,
+            "not_available": missing,
+            "units": "%; mean ± sample std (ddof = 1) over seeds; ci95: bootstrap over images of the seed mean"}
+
+
+def not_scored_block(description: str, reason: str, categories) -> dict:
+    """The ``pixel`` block of an entry whose maps were not drawn: every category n/a with ``reason``."""
+    return {"map": description, "resolution": RESOLUTION_NOTE,
+            "mean": {name: in_percent(mean_std([])) for name in PIXEL_METRICS}, "categories": {},
+            "not_available": {category: reason for category in sorted(set(categories))}}
+

@@ -1,6 +1,8 @@
-"""Image-level and coarse pixel-level metrics. scikit-learn does the arithmetic (the bootstraps:
+"""Image-level and pixel-level metrics. scikit-learn does the image arithmetic (the bootstraps:
 scipy's ranks, the same AUROC vectorised over resamples); these functions check the inputs and
-fix the conventions (1 = anomalous, higher score = more anomalous).
+fix the conventions (1 = anomalous, higher score = more anomalous). Pixel metrics (pixel AUROC,
+AUPRO, pixel F1-max) are computed from per-image counts of pixels per score bin
+(``PixelCounts``), so that their bootstrap over images is a matrix product.
 
 Every function that needs both classes raises ``ValueError`` with a plain message when a set has
 only one: a category whose held-out images are all normal has no AUROC, and saying 0.5 or
@@ -8,7 +10,10 @@ crashing later would both mislead.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from train.thresholds import labels_and_scores
@@ -149,20 +154,108 @@ def _category_mean_aurocs(labels, score_sets, groups, n_resamples: int, seed: in
     return observed / len(names), resampled / len(names)
 
 
-def weighted_pixel_auroc(tile_scores, anomalous_pixels, normal_pixels) -> float:
-    """Pixel AUROC of a piecewise-constant anomaly map, computed exactly from its tiles.
+PIXEL_THRESHOLDS = 4096   # thresholds per pixel curve, at most: the scores' quantiles (every distinct score when fewer)
+AUPRO_FPR_LIMIT = 0.3     # MVTec AD's AUPRO: the PRO curve integrated up to this false-positive rate, divided by it
+REGION_CONNECTIVITY = np.ones((3, 3), bool)   # defect regions are 8-connected, as in MVTec AD's evaluation code
 
-    Every pixel of a tile has the tile's score, so the pixel-level ROC equals a ROC over tiles
-    in which each tile counts once as anomalous with weight = its defective pixels and once as
-    normal with weight = its other pixels. This avoids materialising full-resolution maps.
+
+@dataclass
+class PixelCounts:
+    """One map's pixels per image, counted per score bin: all that pixel AUROC, AUPRO and F1-max need.
+
+    Bin b holds the scores from threshold ``thresholds[b]`` up to the next one, so "pixels ≥ a
+    threshold" are the bins from b up: the curves are exact at every threshold, and exact overall
+    when every distinct score is a threshold (at most ``PIXEL_THRESHOLDS`` distinct scores). Every
+    metric is a function of sums over images, so a bootstrap resample of images is a weighted sum.
     """
-    tile_scores = np.asarray(tile_scores, float).ravel()
-    positive = np.asarray(anomalous_pixels, float).ravel()
-    negative = np.asarray(normal_pixels, float).ravel()
-    if positive.sum() == 0 or negative.sum() == 0:
-        raise ValueError("pixel AUROC needs both defective and defect-free pixels")
-    labels = np.concatenate([np.ones_like(tile_scores), np.zeros_like(tile_scores)])
-    weights = np.concatenate([positive, negative])
-    keep = weights > 0
-    return float(roc_auc_score(labels[keep], np.concatenate([tile_scores, tile_scores])[keep],
-                               sample_weight=weights[keep]))
+
+    thresholds: np.ndarray  # [bins] ascending
+    normal: np.ndarray      # [n, bins] defect-free pixels of each image in each bin
+    defective: np.ndarray   # [n, bins] defective pixels
+    overlap: np.ndarray     # [n, bins] Σ over the image's defect regions of (its pixels in the bin) / (its size)
+    regions: np.ndarray     # [n] connected defect regions of each image
+
+    @property
+    def anomalous(self) -> np.ndarray:
+        """[n] whether each image has defective pixels (the classes of a stratified resample)."""
+        return self.regions > 0
+
+
+def pixel_counts(maps: np.ndarray, masks: np.ndarray) -> PixelCounts:
+    """``PixelCounts`` of anomaly ``maps`` [n, H, W] (higher = more anomalous) against defect
+    ``masks`` [n, H, W] bool. ``ValueError`` without defective or without defect-free pixels."""
+    maps, masks = np.asarray(maps, np.float64), np.asarray(masks, bool)
+    if maps.shape != masks.shape or maps.ndim != 3:
+        raise ValueError(f"maps {maps.shape} and masks {masks.shape} must both be [n, H, W]")
+    if not masks.any() or masks.all():
+        raise ValueError("pixel metrics need both defective and defect-free pixels (a defect mask)")
+    if not np.isfinite(maps).all():
+        raise ValueError("anomaly maps contain NaN or infinity")
+    distinct = np.unique(maps)
+    thresholds = distinct if len(distinct) <= PIXEL_THRESHOLDS else \
+        np.unique(np.quantile(maps, np.linspace(0, 1, PIXEL_THRESHOLDS), method="inverted_cdf"))
+    bins, n = len(thresholds), len(maps)
+    index = np.searchsorted(thresholds, maps, side="right").reshape(n, -1) - 1 + (np.arange(n) * bins)[:, None]
+    flat_masks = masks.reshape(n, -1)
+    weights = np.zeros(flat_masks.shape)
+    regions = np.zeros(n, np.int64)
+    for i, mask in enumerate(masks):
+        labels, regions[i] = ndimage.label(mask, structure=REGION_CONNECTIVITY)
+        sizes = np.bincount(labels.ravel())
+        weights[i] = np.where(labels.ravel() > 0, 1.0 / sizes[labels.ravel()], 0.0)
+
+    def count(selected, values=None):
+        return np.bincount(index[selected], values[selected] if values is not None else None,
+                           minlength=n * bins).reshape(n, bins)
+    return PixelCounts(thresholds=thresholds, normal=count(~flat_masks), defective=count(flat_masks),
+                       overlap=count(flat_masks, weights), regions=regions)
+
+
+def pixel_metrics(counts: PixelCounts, image_weights: np.ndarray | None = None,
+                  fpr_limit: float = AUPRO_FPR_LIMIT) -> dict:
+    """Pixel AUROC, AUPRO (up to ``fpr_limit``) and pixel F1-max of the images of ``counts``, each
+    image counted ``image_weights`` times (default once; [R, n] gives R sets of images, e.g.
+    bootstrap resamples, and arrays [R] of each metric).
+
+    AUPRO as MVTec AD defines it: at each threshold, the false-positive rate over all defect-free
+    pixels and the PRO, the mean over all connected defect regions of the share of the region at or
+    above the threshold; the PRO curve integrated over FPR from 0 to ``fpr_limit`` (trapezoids, the
+    last point interpolated at the limit) and divided by ``fpr_limit``. F1-max: the best F1 of
+    "pixel ≥ threshold" over the thresholds. Pixel AUROC: the area under the pixel ROC (ties ½).
+    """
+    weights = np.ones(len(counts.regions)) if image_weights is None else np.asarray(image_weights, float)
+
+    def above(per_image):   # Σ over images, then over the bins at or above each threshold, highest first
+        return np.cumsum((weights @ per_image)[..., ::-1], axis=-1)
+    false_positives, true_positives, overlap = above(counts.normal), above(counts.defective), above(counts.overlap)
+    zero = np.zeros((*false_positives.shape[:-1], 1))
+    fpr = np.concatenate([zero, false_positives / false_positives[..., -1:]], axis=-1)
+    tpr = np.concatenate([zero, true_positives / true_positives[..., -1:]], axis=-1)
+    pro = np.concatenate([zero, overlap / (weights @ counts.regions)[..., None]], axis=-1)
+    f1 = 2 * true_positives / (true_positives + false_positives + true_positives[..., -1:])
+    return {"pixel_auroc": np.sum(np.diff(fpr) * (tpr[..., 1:] + tpr[..., :-1]) / 2, axis=-1),
+            "aupro": _area_up_to(fpr, pro, fpr_limit) / fpr_limit, "pixel_f1_max": f1.max(axis=-1)}
+
+
+def _area_up_to(x: np.ndarray, y: np.ndarray, limit: float) -> np.ndarray:
+    """Trapezoidal area under y(x) (x ascending along the last axis) from x[0] to ``limit``, y
+    interpolated linearly at the limit."""
+    left, right = x[..., :-1], x[..., 1:]
+    end = np.minimum(right, limit)
+    width = np.clip(end - left, 0, None)
+    slope = np.divide(y[..., 1:] - y[..., :-1], right - left, out=np.zeros_like(width), where=right > left)
+    return np.sum(width * (2 * y[..., :-1] + slope * width) / 2, axis=-1)
+
+
+def bootstrap_pixel_ci(counts_by_run: list[PixelCounts], n_resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+                       level: float = CI_LEVEL) -> dict:
+    """Percentile bootstrap CIs of each pixel metric (``pixel_metrics``) averaged over runs (seeds)
+    scored on the same images: ``{metric: (low, high)}``. Images are resampled, stratified by whether
+    they have a defect (as ``bootstrap_auroc_ci``), one set of images per resample for every run."""
+    anomalous = counts_by_run[0].anomalous.astype(int)
+    index = _stratified_resamples(anomalous, n_resamples, np.random.default_rng(seed))
+    weights = np.zeros((n_resamples, len(anomalous)))
+    np.add.at(weights, (np.arange(n_resamples)[:, None], index), 1.0)
+    resampled = [pixel_metrics(counts, weights) for counts in counts_by_run]
+    return {name: _percentile_interval(np.mean([values[name] for values in resampled], axis=0), level)
+            for name in resampled[0]}

@@ -108,54 +108,45 @@ def score_histograms(rows, scores: dict, path: Path, title: str) -> Path:
 
 
 def overlay(ax, image, anomaly_map: np.ndarray, vmin: float, vmax: float, mask=None) -> None:
-    """Draw ``image`` with ``anomaly_map`` stretched over it; cells stay visible (nearest), so a
-    coarse 4x4 map is not made to look finer than it is. ``mask`` (bool array) is outlined."""
-    width, height = image.size
+    """Draw ``image`` with ``anomaly_map`` (at the image's resolution) over it; ``mask`` (bool array)
+    is outlined."""
     ax.imshow(image)
-    ax.imshow(anomaly_map, extent=(0, width, height, 0), cmap=MAP_CMAP, alpha=0.45, vmin=vmin, vmax=vmax,
-              interpolation="nearest")
+    ax.imshow(anomaly_map, cmap=MAP_CMAP, alpha=0.45, vmin=vmin, vmax=vmax, interpolation="nearest")
     if mask is not None and mask.any():
         ax.contour(mask, levels=[0.5], colors="cyan", linewidths=0.8)
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def _load_maps(row) -> dict | None:
-    name = row.entry.get("anomaly_maps")
-    if not name or not (row.path.parent / name).is_file():
-        return None
-    data = np.load(row.path.parent / name)
-    return {"maps": dict(zip(data["relpath"].tolist(), data["maps"])),
-            "masks": dict(zip(data["relpath"].tolist(), data["mask_relpath"].tolist())) if "mask_relpath" in data else {},
-            "range": (float(data["maps"].min()), float(data["maps"].max())),
-            "description": str(data["description"])}
+def overlay_image(image, anomaly_map: np.ndarray, vmin: float = 0.0, vmax: float = 1.0, alpha: float = 0.45):
+    """``image`` (PIL RGB) with ``anomaly_map`` ([H, W], the image's size) blended over it in the report's
+    colour map, as a PIL image of the same size: what ``predict`` writes beside each map."""
+    from PIL import Image
+    scaled = np.clip((np.asarray(anomaly_map, np.float32) - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    colours = matplotlib.colormaps[MAP_CMAP](scaled)[..., :3]
+    blended = (1 - alpha) * np.asarray(image, np.float32) / 255 + alpha * colours
+    return Image.fromarray(np.round(255 * blended).astype(np.uint8))
 
 
 def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int) -> tuple[Path | None, str | None]:
-    """A few test images with each configuration's anomaly map over them; (png, note)."""
-    from evaluate.localisation import mask_pixels
-    from evaluate.results import pick_examples
-    from extract.pyramid import BadImageError, load_rgb
+    """A few test images with each configuration's anomaly map over them (one figure row per
+    configuration with maps, at the image's resolution); (png, note)."""
+    from cache.tokens import map_at
+    from evaluate.results import pick_examples, read_maps
+    from extract.pyramid import BadImageError, load_mask, load_rgb
 
-    mapped, by_file = [], {}
-    for row in rows:   # the configurations of one evaluate run share one map file: show it once
-        key = (row.path.parent, row.entry.get("anomaly_maps"))
-        if key in by_file:
-            by_file[key][0].append(row.label)
-        elif (maps := _load_maps(row)):
-            by_file[key] = ([row.label], row, maps)
-            mapped.append(by_file[key])
+    mapped = [(row, maps) for row in rows if (maps := read_maps(row.path, row.entry))]
     if not mapped:
         return None, "no results file of this table saved anomaly maps."
     root = rows[0].protocol.get("dataset", {}).get("root")
-    _, first_row, first_maps = mapped[0]
-    examples = pick_examples([r for r in scores.get(first_row.label) or [] if r["relpath"] in first_maps["maps"]],
+    first_row, first_maps = mapped[0]
+    examples = pick_examples([r for r in scores.get(first_row.label) or [] if r["relpath"] in first_maps["grids"]],
                              count)
     if not examples:
         return None, "no scored image has an anomaly map."
     if not root or not (Path(root) / examples[0]["relpath"]).is_file():
         return None, f"skipped: the test images are not reachable under the dataset root {root!r} on this machine."
-    # one row per map source, one column per image: a short, wide figure that reads like a table
+    # one row per configuration, one column per image: a short, wide figure that reads like a table
     fig, axes = plt.subplots(len(mapped), len(examples), figsize=(3.0 * len(examples), 3.1 * len(mapped) + 0.6),
                              squeeze=False)
     for c, record in enumerate(examples):
@@ -164,13 +155,15 @@ def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int)
         except BadImageError as err:
             plt.close(fig)
             return None, f"skipped: {err}"
-        for r, (labels, row, maps) in enumerate(mapped):
+        for r, (row, maps) in enumerate(mapped):
             ax = axes[r, c]
             mask_relpath = maps["masks"].get(record["relpath"]) or ""
-            mask = (mask_pixels(Path(root), mask_relpath, image.width, image.height)
+            mask = (load_mask(Path(root) / mask_relpath, image.width, image.height)
                     if mask_relpath and (Path(root) / mask_relpath).is_file() else None)
-            if record["relpath"] in maps["maps"]:
-                overlay(ax, image, maps["maps"][record["relpath"]], *maps["range"], mask)
+            if record["relpath"] in maps["grids"]:
+                values = np.stack(list(maps["grids"].values()))
+                full = map_at(maps["grids"][record["relpath"]], image.height, image.width, tiles=maps["tiles"])
+                overlay(ax, image, full, float(values.min()), float(values.max()), mask)
             else:
                 ax.imshow(image)
                 ax.set_xlabel("(no map)", fontsize=7)
@@ -178,10 +171,15 @@ def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int)
                 ax.set_title(f"{record['category']} · {record['defect_type']}\n{Path(record['relpath']).name}",
                              fontsize=8)
             if c == 0:
-                ax.set_ylabel(f"{', '.join(labels)}\n{maps['description']}", fontsize=8)
-    _title(fig, f"{title}: anomaly maps (brighter = more anomalous; cyan: defect mask)", rows)
+                ax.set_ylabel(f"{row.label}\n{_short(maps['description'])}", fontsize=8)
+    _title(fig, f"{title}: anomaly maps (brighter = more anomalous; colour range per row; cyan: defect mask)", rows)
     fig.tight_layout(rect=(0, 0, 1, 0.9))   # leave room for the two-line title
     return save_figure(fig, path), None
+
+
+def _short(description: str) -> str:
+    """A map's description cut to the figure's row label: what comes before its colon."""
+    return description.split(":")[0]
 
 
 def difference_forest(ablation: dict, path: Path) -> Path:

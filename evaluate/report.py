@@ -14,7 +14,8 @@ from pathlib import Path
 
 from cache import UserError
 from cache.files import atomic_write_text, make_dirs
-from evaluate.results import MAP_EXAMPLES, NOT_MEANINGFUL, find_results, mean_std, read_results, read_scores_csv
+from evaluate.results import (MAP_EXAMPLES, NOT_MEANINGFUL, PIXEL_METRICS, find_results, mean_std, read_results,
+                              read_scores_csv)
 
 
 class MixedImageListsError(UserError):
@@ -146,14 +147,15 @@ def comparison_markdown(title: str, rows: list[Row], plots: list[str]) -> str:
     lines += [f"| {c} | " + " | ".join(_cell(row.entry, c) for row in rows) + " |" for c in categories]
     lines += ["| **mean** | " + " | ".join(_cell(row.entry, None) for row in rows) + " |",
               "| n (seeds) | " + " | ".join(_n_seeds(row.entry) for row in rows) + " |", ""]
-    lines += ["| configuration | method | image score | n (seeds) | AP % | F1-max % | pixel AUROC % (coarse) | "
-              "anomalous inside margin | backbone | weights |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| configuration | method | image score | n (seeds) | AP % | F1-max % | pixel AUROC % | AUPRO % | "
+              "pixel F1-max % | anomalous inside margin | backbone | weights |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         entry = row.entry
-        pixel = (entry.get("pixel_auroc_coarse") or {}).get("mean")
+        pixel = (entry.get("pixel") or {}).get("mean", {})
         lines.append(f"| {row.label} | {entry.get('method', '?')} | {image_score_rule(entry)} | {_n_seeds(entry)} | "
-                     f"{_fmt(entry.get('mean_average_precision'))} | {_fmt(entry.get('mean_f1_max'))} | {_fmt(pixel)} | "
+                     f"{_fmt(entry.get('mean_average_precision'))} | {_fmt(entry.get('mean_f1_max'))} | "
+                     + " | ".join(_mean_std(pixel.get(name)) for name in PIXEL_METRICS) + " | "
                      f"{_inside_margin(entry)} | {entry.get('backbone', '?')} | {entry.get('weights', '?')}"
                      f"{' (random: not meaningful)' if row.random_weights else ''} |")
     if any(row.entry.get("anomalous_inside_margin") for row in rows):
@@ -165,16 +167,7 @@ def comparison_markdown(title: str, rows: list[Row], plots: list[str]) -> str:
                     for c, reason in row.entry.get("not_available", {}).items()})
     if notes:
         lines += ["", "n/a — " + "; ".join(notes)]
-    pixel = [(row.label, row.entry["pixel_auroc_coarse"]) for row in rows if row.entry.get("pixel_auroc_coarse")]
-    if pixel:
-        lines += ["", "Pixel AUROC is " + pixel[0][1].get("note", "from each configuration's anomaly maps") + "."]
-        by_map = defaultdict(list)
-        for label, block in pixel:
-            by_map[block.get("map")].append(label)
-        lines += [f"- {', '.join(labels)}: {source}" for source, labels in by_map.items() if source]
-        missing = sorted({f"{c}: {reason}" for _, block in pixel for c, reason in block.get("not_available", {}).items()})
-        if missing:
-            lines.append("- n/a — " + "; ".join(missing))
+    lines += pixel_markdown(rows)
     if any(row.random_weights for row in rows):
         lines += ["", f"† {NOT_MEANINGFUL}."]
     lines += [""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
@@ -183,6 +176,40 @@ def comparison_markdown(title: str, rows: list[Row], plots: list[str]) -> str:
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+def _mean_std(stats: dict | None) -> str:
+    if not stats or stats.get("mean") is None:
+        return "n/a"
+    return f"{stats['mean']:.2f}" + ("" if stats.get("std") is None else f" ± {stats['std']:.2f}")
+
+
+def pixel_markdown(rows: list[Row]) -> list[str]:
+    """Where each row's map comes from, and the AUPRO per category with its CI (the lines under a table)."""
+    mapped = [(row.label, row.entry["pixel"]) for row in rows if row.entry.get("pixel")]
+    if not mapped:
+        return []
+    lines = ["", f"Pixel metrics: {mapped[0][1]['resolution']}. Mean over categories ± sample std over seeds. Maps:"]
+    by_map = defaultdict(list)
+    for label, block in mapped:
+        by_map[block["map"]].append(label)
+    lines += [f"- {', '.join(labels)}: {source}" for source, labels in by_map.items()]
+    missing = sorted({f"{label}: {c}: {reason}" for label, block in mapped for c, reason in block["not_available"].items()})
+    if missing:
+        lines.append("- n/a — " + "; ".join(missing))
+    scored = [(label, block) for label, block in mapped if block["categories"]]
+    categories = sorted({c for _, block in scored for c in block["categories"]})
+    if scored:
+        lines += ["", "AUPRO % (FPR ≤ 0.3) per category: mean over seeds ± sample std [bootstrap 95 % CI].", "",
+                  "| category | " + " | ".join(label for label, _ in scored) + " |", "|---|" + "---|" * len(scored)]
+        for category in categories:
+            cells = []
+            for _, block in scored:
+                stats = block["categories"].get(category, {}).get("aupro")
+                interval = "" if not (stats or {}).get("ci95") else f" [{stats['ci95'][0]:.1f}, {stats['ci95'][1]:.1f}]"
+                cells.append(_mean_std(stats) + interval)
+            lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _slug(text: str) -> str:

@@ -4,8 +4,14 @@ The JSON keeps the original RAML release's schema readable —
 ``{"<config>": {"mean_auroc": 94.09, "details": {"bottle": 100.0, ...}}}`` with AUROC in % — and
 puts everything else beside it: the sample standard deviation over seeds and their number n
 (``mean_std``, the project's one aggregation over seeds), AP, F1-max and its threshold, the
-bootstrap 95 % CI, coarse pixel AUROC, the seeds, the protocol and the hash of the exact image
-list, and the backbone (with ``random_weights``: such results are marked not meaningful).
+bootstrap 95 % CI, the pixel metrics of the configuration's anomaly maps (``pixel``:
+evaluate/localisation.py), the seeds, the protocol and the hash of the exact image list, and the
+backbone (with ``random_weights``: such results are marked not meaningful).
+
+``anomaly_maps.npz`` keeps, per configuration with maps, its first seed's map of each scored image
+as the grid it is drawn from (``<config>:grid`` [n, G, G] float16, ``<config>:relpath``,
+``<config>:mask_relpath``); the entry's ``anomaly_maps`` says where the grid's cells lie (``tiles``
+a side: 4 for the cached patch tokens, 1 for a grid over the whole image) and what the map is.
 """
 from __future__ import annotations
 
@@ -138,18 +144,20 @@ def config_entry(runs: list[ScoredRun], image_list: dict, backbone: dict, *, n_r
     if backbone.get("random_weights"):
         entry["warning"] = NOT_MEANINGFUL
     if pixel is not None:
-        entry["pixel_auroc_coarse"] = pixel
+        entry["pixel"] = pixel
     entry.update(extra or {})
     return entry
 
 
-def pixel_summary(values: dict, missing: dict, anomaly_map: str) -> dict:
-    """The ``pixel_auroc_coarse`` block of an entry (values in %); ``anomaly_map`` says where the
-    map comes from."""
-    from evaluate.localisation import COARSE_NOTE
-    return {"mean": round(float(np.mean(list(values.values()))) * 100, 2) if values else None,
-            "details": {c: _percent(v) for c, v in values.items()}, "not_available": missing,
-            "note": COARSE_NOTE, "map": anomaly_map}
+@dataclass
+class MapSet:
+    """One configuration's maps, for ``anomaly_maps.npz``: its first seed's grid of each image."""
+
+    relpath: np.ndarray
+    mask_relpath: np.ndarray
+    grids: np.ndarray          # [n, G, G]
+    tiles: int                 # tiles a side the grid's cells lie in (``cache.tokens.map_at``)
+    description: str
 
 
 def _check_same_images(runs: list[ScoredRun]) -> None:
@@ -184,7 +192,8 @@ def read_scores_csv(path: Path) -> list[dict]:
 
 
 def write_results(out_dir: Path, entries: dict, runs: list[ScoredRun], maps: dict | None = None) -> Path:
-    """Write results.json, scores.csv and (optionally) anomaly_maps.npz into ``out_dir``.
+    """Write results.json, scores.csv and (with ``maps``: configuration → ``MapSet``) anomaly_maps.npz
+    into ``out_dir``.
 
     Each file is replaced atomically (``cache.files.atomic_write``), results.json last: an
     interrupted write leaves the previous results, never a truncated file.
@@ -194,19 +203,44 @@ def write_results(out_dir: Path, entries: dict, runs: list[ScoredRun], maps: dic
     write_scores_csv(out_dir / SCORES_CSV, runs)
     for entry in entries.values():
         entry["scores_csv"] = SCORES_CSV
-    if maps is not None:
+    if maps:
         atomic_write(out_dir / MAPS_NPZ, lambda tmp: _write_maps(tmp, maps))
-        for entry in entries.values():
-            entry["anomaly_maps"] = MAPS_NPZ
+        for config, mapped in maps.items():
+            entries[config]["anomaly_maps"] = {"file": MAPS_NPZ, "key": config, "tiles": mapped.tiles,
+                                               "description": mapped.description}
     path = out_dir / RESULTS_JSON
     atomic_write_text(path, json.dumps(entries, indent=2))
     return path
 
 
 def _write_maps(path: Path, maps: dict) -> None:
+    arrays = {}
+    for config, mapped in maps.items():
+        arrays.update({f"{config}:relpath": np.asarray(mapped.relpath), f"{config}:mask_relpath":
+                       np.asarray(mapped.mask_relpath), f"{config}:grid": np.asarray(mapped.grids, np.float16)})
     with open(path, "wb") as handle:  # a file object: savez would append ".npz" to a temporary name
-        np.savez_compressed(handle, relpath=np.asarray(maps["relpath"]), mask_relpath=np.asarray(maps["mask_relpath"]),
-                            maps=np.asarray(maps["maps"], np.float32), description=maps["description"])
+        np.savez_compressed(handle, **arrays)
+
+
+def read_maps(results_path: Path, entry: dict) -> dict | None:
+    """An entry's maps from its ``anomaly_maps.npz``: {relpath: grid}, {relpath: mask_relpath}, tiles,
+    description; None when it saved none (or saved them in the format of RAML before issue 19)."""
+    where = entry.get("anomaly_maps")
+    path = Path(results_path).parent / where["file"] if isinstance(where, dict) else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            relpaths = data[f"{where['key']}:relpath"].tolist()
+            grids = data[f"{where['key']}:grid"].astype(np.float32)
+            masks = data[f"{where['key']}:mask_relpath"].tolist()
+    except Exception as err:   # numpy and zipfile raise many types for a damaged file
+        raise UserError(f"{path}: not the anomaly maps of {where['key']!r} that {results_path} names "
+                        f"({type(err).__name__}: {err})") from None
+    if not (len(relpaths) == len(grids) == len(masks)) or grids.ndim != 3 or not np.isfinite(grids).all():
+        raise UserError(f"{path}: the maps of {where['key']!r} are not one finite grid per image (edited by hand?)")
+    return {"grids": dict(zip(relpaths, grids)), "masks": dict(zip(relpaths, masks)), "tiles": where["tiles"],
+            "description": where["description"]}
 
 
 def find_results(paths) -> list[Path]:
@@ -226,10 +260,13 @@ def find_results(paths) -> list[Path]:
 
 
 NUMBER = (int, float)
+PIXEL_METRICS = ("pixel_auroc", "aupro", "pixel_f1_max")   # an entry's pixel metrics (evaluate.localisation)
+_PIXEL_STATS = {"mean!": "percent?", "std!": "number?", "per_seed": ["number?"], "ci95": "pair?"}
 # What report reads from a results entry, and what each must be (None is allowed where noted):
 # "percent" a number from 0 to 100 ("percent?": or None), "number?"/"int?" a number/whole number or None
 # (a baseline has no seed), "pair?" two numbers or None (a confidence interval), dict and list shapes describe
-# their values ("*": every key; a name ending in "!" must be there). Other fields pass unchecked.
+# their values ("*": every key; a name ending in "!" must be there), a tuple of shapes that are not
+# all types is any one of them. Other fields pass unchecked.
 _ENTRY_SHAPE = {
     "mean_auroc": "percent", "std_auroc": "number?", "mean_average_precision": "percent?", "mean_f1_max": "percent?",
     "details": {"*": "percent"}, "auroc_over_seeds": {"mean": "number?", "std!": "number?", "n!": int},
@@ -237,11 +274,13 @@ _ENTRY_SHAPE = {
                          "auroc_over_seeds": {"mean": "number?", "std!": "number?", "n!": int}}},
     "not_available": {"*": str}, "seeds": ["int?"], "random_weights": bool, "image_score": str, "weights": str,
     "protocol": {"name": str, "image_list_hash": str, "n_images": int, "dataset": {"kind": str, "root": str}},
-    "pixel_auroc_coarse": {"mean": "number?", "details": {"*": "number?"}, "not_available": {"*": str}, "note": str,
-                           "map": str},
+    "pixel": {"map!": str, "resolution!": str, "mean!": {f"{name}!": _PIXEL_STATS for name in PIXEL_METRICS},
+              "categories!": {"*": {"images": int, "anomalous": int, **{name: _PIXEL_STATS for name in PIXEL_METRICS}}},
+              "not_available!": {"*": str}},
     "method": str,
     "anomalous_inside_margin": "number?", "anomalous_inside_margin_over_seeds": {"mean": "number?", "std": "number?"},
-    "score_weights": {"visual_weight!": NUMBER, "text_weight!": NUMBER}, "scores_csv": str, "anomaly_maps": str,
+    "score_weights": {"visual_weight!": NUMBER, "text_weight!": NUMBER}, "scores_csv": str,
+    "anomaly_maps": (str, {"file!": str, "key!": str, "tiles!": int, "description!": str}),   # str: before issue 19
 }
 
 
@@ -274,6 +313,9 @@ def shape_problem(value, shape, where: str) -> str | None:
             return f"{where} is a {type(value).__name__}, not a list"
         return next((problem for i, item in enumerate(value) if (problem := shape_problem(item, shape[0], f"{where}[{i}]"))),
                     None)
+    if isinstance(shape, tuple) and not all(isinstance(kind, type) for kind in shape):   # any one of these shapes
+        problems = [shape_problem(value, one, where) for one in shape]
+        return None if None in problems else problems[-1]
     kinds = shape if isinstance(shape, tuple) else (shape,)
     ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     return None if ok else f"{where} is {value!r}, of the wrong kind"

@@ -6,6 +6,10 @@ runs). A configuration is a set of runs with one name — the run directory's na
 equal once the seed is taken out; runs of one name whose configs differ are refused, naming the
 fields. The seeds of a configuration must share the held-out images; their metrics become mean ±
 sample std (``evaluate.results.mean_std``).
+
+Runs with a pixel head (trained on a cache with patch tokens) are scored at the pixel level too,
+on the same images: their maps (evaluate/localisation.py) give the entry's ``pixel`` block, and
+``map_weight`` > 0 makes the image score use them (``train.infer.fused_score``).
 """
 from __future__ import annotations
 
@@ -17,18 +21,19 @@ from pathlib import Path
 import numpy as np
 
 from cache import UserError, read_cache
-from evaluate.localisation import coarse_pixel_auroc, maps_from_crop_scores, tile_text_scores
+from cache import CacheError
+from cache.reader import require_tokens
+from cache.tokens import TILES, add_tokens_command, token_grid
+from evaluate.localisation import PIXEL_HEAD_MAP, map_images, not_scored_block, pixel_block, score_tokens
 from evaluate.metrics import DEFAULT_BOOTSTRAP
 from evaluate.protocols import select_images
-from evaluate.results import ScoredRun, config_entry, in_percent, mean_std, pixel_summary, write_results
-from train.checkpoint import CHECKPOINT_FILE, Checkpoint, check_cache, load_checkpoint
+from evaluate.results import MapSet, ScoredRun, config_entry, in_percent, mean_std, write_results
+from train.checkpoint import CHECKPOINT_FILE, Checkpoint, check_cache, check_tokens, load_checkpoint
 from train.config import TrainConfig
-from train.infer import score_table, score_weights
+from train.infer import fused_score, pixel_scores, score_table, score_weights
 from train.thresholds import operating_point
 
 _SEED_SUFFIX = re.compile(r"[-_]seed\d+$")
-MAP_SOURCE = ("zero-shot text score of the cached 2x2 and 4x4 tiles (the same map for every configuration "
-              "scored on this cache: the head scores whole images)")
 
 
 def find_checkpoints(paths) -> list[Path]:
@@ -117,14 +122,16 @@ def backbone_fields(meta: dict) -> dict:
 
 
 def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | None = None,
-                         visual_weight: float | None = None, text_weight: float | None = None, n_resamples: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0,
-                         name: str | None = None, log=print, table=None, device: str = "cpu") -> tuple[Path, dict]:
+                         visual_weight: float | None = None, text_weight: float | None = None, map_weight: float = 0.0,
+                         n_resamples: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0, name: str | None = None,
+                         log=print, table=None, device: str = "cpu") -> tuple[Path, dict]:
     """Score every checkpoint on ``cache_dir`` and write ``out_dir``/{results.json, scores.csv,
     anomaly_maps.npz}. Returns the results path and the entries. ``table``: the cache already read
-    (a sweep passes its own), else it is read from ``cache_dir``."""
+    (a sweep passes its own), else it is read from ``cache_dir``. ``map_weight``: the image score is
+    ``fused_score`` of s_final and the pixel head's map (0: s_final)."""
     table = read_cache(cache_dir) if table is None else table
     groups = group_configurations(find_checkpoints(checkpoints), name)
-    runs, image_lists, settings, scored_rows = defaultdict(list), {}, {}, set()
+    runs, image_lists, settings, config_rows = defaultdict(list), {}, {}, {}
     for config, group in groups.items():
         for checkpoint in group:
             path = checkpoint.path
@@ -139,27 +146,64 @@ def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | Non
                                           subset.relpath, subset.defect_type, subset.label,
                                           {k: np.asarray(v, float) for k, v in scores.items()}))
             image_lists[config] = image_list.describe()
-            scored_rows.update(rows.tolist())
+            config_rows[config] = rows
         training = TrainConfig.from_dict(group[0].config).without_seed()
-        settings[config] = {"margin": training["margin"], "score_weights": weights, "config": training,
+        settings[config] = {"margin": training["margin"], "score_weights": {**weights, "map_weight": map_weight},
+                            "config": training,
                             "checkpoint_thresholds": thresholds_on_scored_images(runs[config], group)}
         inside = last_epoch_inside_margin(group)
         if inside is not None:
             settings[config].update(inside)
 
-    rows = np.array(sorted(scored_rows))
-    subset = table.select(rows)
-    maps = maps_from_crop_scores(tile_text_scores(subset))
-    dataset_root = table.meta.get("dataset", {}).get("root")
-    pixel = pixel_summary(*coarse_pixel_auroc(maps, subset.category, subset.label, subset.mask_relpath,
-                                              subset.height, subset.width, dataset_root), MAP_SOURCE)
+    pixel, maps = _pixel_head_maps(table, groups, runs, config_rows, map_weight, n_resamples, bootstrap_seed, log)
     entries = {}
     for config, config_runs in runs.items():
         entries[config] = config_entry(
             config_runs, image_lists[config], backbone_fields(table.meta), n_resamples=n_resamples,
-            bootstrap_seed=bootstrap_seed, pixel=pixel,
+            bootstrap_seed=bootstrap_seed, pixel=pixel.get(config),
             extra={"method": "RAML", **settings[config], "cache_dir": str(table.cache_dir)})
-    path = write_results(out_dir, entries, [run for config_runs in runs.values() for run in config_runs],
-                         maps={"relpath": subset.relpath, "mask_relpath": subset.mask_relpath, "maps": maps,
-                               "description": "tile text score, 4x4"})
+    path = write_results(out_dir, entries, [run for config_runs in runs.values() for run in config_runs], maps=maps)
     return path, entries
+
+
+def _pixel_head_maps(table, groups: dict, runs: dict, config_rows: dict, map_weight: float, n_resamples: int,
+                     bootstrap_seed: int, log) -> tuple[dict, dict]:
+    """The maps of the configurations whose runs have a pixel head: their ``pixel`` blocks and ``MapSet``s
+    (by configuration). With ``map_weight`` > 0, each run's image score becomes ``fused_score`` of its
+    s_final and its map's maximum (the largest token score), kept as ``map_max`` in scores.csv."""
+    mapped = [config for config, group in groups.items() if all(c.model.pixel is not None for c in group)]
+    if map_weight and set(mapped) != set(groups):
+        unmapped = sorted(set(groups) - set(mapped))
+        raise CacheError(f"--map-weight {map_weight:g} scores images with their anomaly map, but the runs of "
+                         f"{', '.join(unmapped)} have no pixel head (train them on a cache with patch tokens and masks)")
+    if not mapped:
+        return {}, {}
+    rows = np.unique(np.concatenate([config_rows[config] for config in mapped]))
+    if not table.has_tokens[rows].all():
+        if map_weight:
+            require_tokens(table, rows)   # says how to add them
+        reason = f"the cache has no patch tokens for these images (add them: {add_tokens_command(table.meta, table.cache_dir)})"
+        return {config: not_scored_block(PIXEL_HEAD_MAP, reason, table.category[config_rows[config]])
+                for config in mapped}, {}
+    for config in mapped:
+        for checkpoint in groups[config]:
+            check_tokens(checkpoint, table.token_setting, table.cache_dir)
+    log(f"evaluate: anomaly maps of {', '.join(mapped)} ({len(rows)} images' patch tokens)")
+    scorers = [lambda tokens, _, model=checkpoint.model: pixel_scores(model, tokens)
+               for config in mapped for checkpoint in groups[config]]
+    scores, masks = score_tokens(table, rows, scorers)
+    per_run = iter(scores)
+    per_tile, pixel, maps = table.token_setting["per_tile"], {}, {}
+    for config in mapped:
+        position = np.searchsorted(rows, config_rows[config])
+        config_scores = [next(per_run)[position] for _ in groups[config]]
+        grids = [token_grid(run_scores, per_tile) for run_scores in config_scores]
+        subset = table.select(config_rows[config])
+        pixel[config] = pixel_block(grids, map_images(subset, masks[position]), PIXEL_HEAD_MAP,
+                                    n_resamples=n_resamples, bootstrap_seed=bootstrap_seed)
+        maps[config] = MapSet(subset.relpath, subset.mask_relpath, grids[0], TILES, PIXEL_HEAD_MAP)
+        if map_weight:
+            for run, run_scores in zip(runs[config], config_scores):
+                run.scores["map_max"] = run_scores.max(axis=1).astype(float)
+                run.scores["final"] = fused_score(run.scores["final"], run.scores["map_max"], map_weight)
+    return pixel, maps

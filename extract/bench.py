@@ -14,7 +14,13 @@ On the same images, in one run:
   and crop one image (``load_rgb`` + ``pyramid_crops``, median of a few images).
 
 The stage is as fast as it can be when its time is that of the slower of loader and encoder;
-``overhead`` = stage time ÷ bare-encoder time. On CUDA it also checks the fp16 image tower against
+``overhead`` = stage time ÷ bare-encoder time. With ``patch_tokens`` (``--patch-tokens``), half of
+the images are anomalous with a mask, and the whole stage is also timed with patch tokens and mask
+targets, interleaved with the stage without them, ``rounds`` times each on fresh caches, with the
+prompts encoded once for all of them (``PromptsOnce``: the two stages then differ by the tokens
+alone): the median of the ratios is the tokens' overhead, in wall time and in CPU time (this
+process and its decoding workers; other jobs on a shared machine move it far less than the wall
+time), and the caches' sizes give the bytes per image. On CUDA it also checks the fp16 image tower against
 fp32 CPU features, crop by crop (``FP16_MIN_COSINE``). ``--loader-only`` measures the loader and
 its ceiling alone. The CPU time of the loader (workers, and this process) is reported as well: on
 a shared machine the rates drop, the CPU time per image much less.
@@ -68,6 +74,8 @@ class ExtractBench:
     stage_seconds: float | None = None    # extract_features end to end, less the prompt encoding
     prompt_seconds: float | None = None   # the one-off prompt encoding of the bench's one category
     min_cosine: float | None = None       # fp16 on CUDA vs fp32 on the CPU, worst crop; None off CUDA
+    token_rounds: list | None = None      # --patch-tokens: per round, (wall, CPU) seconds without and with tokens
+    cache_bytes: tuple | None = None      # --patch-tokens: the shards' bytes (without, with tokens)
 
     def rate(self, seconds: float) -> float:
         return self.images / seconds
@@ -97,6 +105,16 @@ class ExtractBench:
                       f"  stage time / bare encoder time: x{self.stage_seconds / self.encoder_seconds:.3f} "
                       f"(overhead); loader rate / encoder rate: x{loader / encoder:.2f} (below 1, the loader sets "
                       "the pace)"]
+        if self.token_rounds:
+            without, with_tokens = (self.cache_bytes[0] / self.images, self.cache_bytes[1] / self.images)
+            for k, what in enumerate(("wall time", "CPU time")):
+                ratios = [with_tokens_[k] / without_[k] for without_, with_tokens_ in self.token_rounds]
+                lines.append(f"  with patch tokens: whole stage x{statistics.median(ratios):.3f} of the stage without "
+                             f"them in {what} (median of {len(ratios)} interleaved rounds: "
+                             + ", ".join(f"x{r:.3f}" for r in ratios) + ")")
+            lines += [
+                      f"  cache per image: {without / 1e6:.3f} MB without tokens, {with_tokens / 1e6:.3f} MB with "
+                      f"(tokens and mask targets: {(with_tokens - without) / 1e6:.3f} MB)"]
         if self.min_cosine is not None:
             verdict = "ok" if self.min_cosine >= FP16_MIN_COSINE else "TOO FAR"
             lines.append(f"  {self.device} features vs fp32 CPU features: worst crop cosine {self.min_cosine:.6f} "
@@ -104,26 +122,42 @@ class ExtractBench:
         return lines
 
 
-def synthetic_images(folder: Path, count: int, size: int, seed: int = 0) -> list[Path]:
+def synthetic_images(folder: Path, count: int, size: int, seed: int = 0, masks: bool = False) -> list[Path]:
     """``count`` textured RGB PNGs of ``size`` px in a one-category folder dataset.
 
     ``DISTINCT_SYNTHETIC_IMAGES`` of them are drawn and saved in parallel (saving a noisy 900-px PNG
     takes ~0.1 s); the others are hard links to them (copies where links are not possible):
     decoding and cropping take as long whichever image it is, and ``--images 1000`` starts at once.
+    With ``masks``, every second image is in ``defect/`` with a defect mask (a square) in
+    ``masks/defect/``, as the folder layout keeps them.
     """
-    good = folder / "bench" / "good"
-    good.mkdir(parents=True)
-    paths = [good / f"{i:05d}.png" for i in range(count)]
+    base = folder / "bench"
+    folders = [base / "good", base / "defect"] if masks else [base / "good"]
+    for sub in folders + ([base / "masks" / "defect"] if masks else []):
+        sub.mkdir(parents=True)
+    paths = [folders[i % len(folders)] / f"{i:05d}.png" for i in range(count)]
     distinct = paths[:DISTINCT_SYNTHETIC_IMAGES]
     with ProcessPoolExecutor(min(usable_cores(), max(len(distinct), 1))) as pool:
         list(pool.map(_save_synthetic_image, distinct, range(len(distinct)), [size] * len(distinct),
                       [seed] * len(distinct)))
     for i, path in enumerate(paths[len(distinct):], start=len(distinct)):
-        try:
-            os.link(distinct[i % len(distinct)], path)
-        except OSError:
-            shutil.copyfile(distinct[i % len(distinct)], path)
+        _link(distinct[i % len(distinct)], path)
+    if masks:
+        square = np.zeros((size, size), np.uint8)
+        square[size // 3:size // 2, size // 3:size // 2] = 255
+        defective = [path for path in paths if path.parent.name == "defect"]
+        for i, path in enumerate(defective):
+            mask = base / "masks" / "defect" / path.name
+            Image.fromarray(square).save(mask) if i == 0 else _link(base / "masks" / "defect" / defective[0].name, mask)
     return paths
+
+
+def _link(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source`` (a copy where links are not possible)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _save_synthetic_image(path: Path, index: int, size: int, seed: int) -> None:
@@ -172,12 +206,13 @@ def min_crop_cosine(backbone: ClipBackbone, crops: torch.Tensor) -> float:
 
 
 def run_extract_bench(backbone, *, images: int, size: int, batch_size: int, workers: int,
-                      loader_only: bool = False) -> ExtractBench:
+                      loader_only: bool = False, patch_tokens: bool = False, rounds: int = 3) -> ExtractBench:
     """Measure stage one on ``images`` synthetic PNGs of ``size`` px (see the module docstring);
-    ``loader_only``: the loader and its ceiling alone (ViT-B/16 on a CPU takes ~2 s per image)."""
+    ``loader_only``: the loader and its ceiling alone (ViT-B/16 on a CPU takes ~2 s per image);
+    ``patch_tokens``: also the stage with patch tokens against the stage without, ``rounds`` times."""
     with tempfile.TemporaryDirectory(prefix="raml-bench-") as tmp:
         data = Path(tmp) / "data"
-        paths = synthetic_images(data, images, size)
+        paths = synthetic_images(data, images, size, masks=patch_tokens)
         result = ExtractBench(model=backbone.name, engine=backbone.engine, device=str(backbone.device),
                               images=images, size=size, batch_size=batch_size, workers=workers, cores=usable_cores(),
                               decode_crop_seconds=one_image_seconds(paths, backbone.input_size),
@@ -192,14 +227,41 @@ def run_extract_bench(backbone, *, images: int, size: int, batch_size: int, work
             backbone.encode_texts(prompts)
         _sync(backbone.device)
         result.prompt_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        extract_features("folder", data, Path(tmp) / "cache", lambda: backbone, batch_size=batch_size,
-                         workers=workers, progress=False)
-        _sync(backbone.device)
-        result.stage_seconds = time.perf_counter() - start - result.prompt_seconds
+
+        def stage(cache: Path, tokens: bool = False, encoder=backbone, prompts: float = result.prompt_seconds):
+            """(wall, CPU) seconds of the whole stage into ``cache``, less ``prompts`` of wall time."""
+            cpu, start = sum(_cpu_seconds()), time.perf_counter()
+            extract_features("folder", data, cache, lambda: encoder, batch_size=batch_size, workers=workers,
+                             progress=False, patch_tokens=tokens)
+            _sync(backbone.device)
+            return time.perf_counter() - start - prompts, sum(_cpu_seconds()) - cpu
+        result.stage_seconds = stage(Path(tmp) / "cache")[0]
+        if patch_tokens:
+            once = PromptsOnce(backbone)
+            stage(Path(tmp) / "warm-up", True, once, 0.0)   # the prompts, and the tokens' first-call allocations
+            result.token_rounds = [(stage(Path(tmp) / f"plain-{r}", False, once, 0.0),
+                                    stage(Path(tmp) / f"tokens-{r}", True, once, 0.0)) for r in range(rounds)]
+            result.cache_bytes = tuple(sum(p.stat().st_size for p in (Path(tmp) / f"{kind}-0").glob("*.h5"))
+                                       for kind in ("plain", "tokens"))
         if backbone.device.type == "cuda":
             result.min_cosine = min_crop_cosine(backbone, first[:COSINE_CHECK_IMAGES * N_CROPS])
     return result
+
+
+class PromptsOnce:
+    """A backbone whose prompt embeddings are computed once and reused: stages timed against each
+    other then differ by what they do with the images alone."""
+
+    def __init__(self, backbone):
+        self._backbone, self._texts = backbone, {}
+
+    def __getattr__(self, name):
+        return getattr(self._backbone, name)
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        if tuple(texts) not in self._texts:
+            self._texts[tuple(texts)] = self._backbone.encode_texts(texts)
+        return self._texts[tuple(texts)]
 
 
 def _time_loader(result: ExtractBench, backbone, data: Path, batches: list) -> torch.Tensor:

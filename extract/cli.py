@@ -178,10 +178,15 @@ def chosen_dataset_root(dataset, root):
               help="i/n: this process takes every n-th image from i (default: torchrun's RANK/WORLD_SIZE, else 0/1).")
 @click.option("--shard-size", type=click.IntRange(1, 1_000_000), default=256, show_default=True,
               help="Images per HDF5 shard.")
+@click.option("--patch-tokens", is_flag=True,
+              help="Also store each image's patch tokens (the 4x4 tiles' 14x14 patches pooled to 7x7, ViT-B/16: 0.8 MB "
+                   "per image) and its mask targets, for anomaly maps; added to cached images that lack them (only "
+                   "those are encoded again). A cache that has them keeps getting them.")
 @engine_options
 @fail_cleanly
 def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights, device, categories,
-            batch_size, workers, limit, skip_bad, retry_skipped, shard, shard_size, engine, fidelity_sample):
+            batch_size, workers, limit, skip_bad, retry_skipped, shard, shard_size, patch_tokens, engine,
+            fidelity_sample):
     """Stage one: encode each image's 21 crops with CLIP, once, into HDF5 shards.
 
     Re-running resumes: images already in the cache are skipped. A cache holds features of one
@@ -210,8 +215,13 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
         identity=identity,
         categories=categories, batch_size=batch_size, workers=usable_cores() if workers is None else workers,
         limit=limit, skip_bad=skip_bad, shard=shard, shard_size=shard_size, retry_skipped=retry_skipped,
-        progress=show_progress(), backbone_source=backbone_source(model, weights, random_weights))
+        progress=show_progress(), backbone_source=backbone_source(model, weights, random_weights),
+        patch_tokens=patch_tokens)
     click.echo(summary.line())
+    if summary.untokened_elsewhere:
+        click.echo(f"  {len(summary.untokened_elsewhere)} shards of other --shard slots still have no patch tokens "
+                   f"({', '.join(summary.untokened_elsewhere[:3])}{', ...' if len(summary.untokened_elsewhere) > 3 else ''}"
+                   "): run this command with the --shard i/n in their names (features-<i>of<n>-...) to add them")
     for path in summary.stale_partials:
         click.echo(f"  removed {path.name}: a partial shard left by a killed run")
     for path, reason in summary.skipped:
@@ -260,20 +270,25 @@ def engine_backbones(backbone, engines):
 @click.option("--workers", type=WORKERS, default=None, help="Image-decoding processes. Default: one per usable core.")
 @click.option("--loader-only", is_flag=True,
               help="Only the loader and its ceiling (quick on a CPU, where ViT-B/16 takes ~2 s per image).")
+@click.option("--patch-tokens", is_flag=True,
+              help="Also time the whole stage with patch tokens and mask targets against the stage without, --rounds "
+                   "times interleaved (half of the images then have masks), and the cache's bytes per image.")
 @engine_option
 @with_options(compare_options)
 @fail_cleanly
 def bench_extract(model, pretrained, weights, random_weights, device, images, size, batch_size, workers, loader_only,
-                  engine, engines, rounds):
+                  patch_tokens, engine, engines, rounds):
     """Where stage one's time goes: images/s of the whole stage, of the loader alone and of the bare
-    encoder, their ratios, and the loader against its ceiling; then the encoder's seconds per image
-    with each of --engines, against the machine's fp32 GEMM floor."""
+    encoder, their ratios, and the loader against its ceiling; with --patch-tokens the tokens'
+    overhead; then the encoder's seconds per image with each of --engines, against the machine's
+    fp32 GEMM floor."""
     from extract.bench import run_extract_bench
     from extract.engine_bench import compare_encoders
     from extract.engines import usable_cores
     torch_backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
     result = run_extract_bench(engine_backbone(torch_backbone, engine), images=images, size=size, batch_size=batch_size,
-                               workers=usable_cores() if workers is None else workers, loader_only=loader_only)
+                               workers=usable_cores() if workers is None else workers, loader_only=loader_only,
+                               patch_tokens=patch_tokens, rounds=rounds)
     for line in result.lines():
         click.echo(line)
     if engines and not loader_only:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from cache import UserError
+from cache.tokens import tokens_per_tile
 from extract.identity import (DEFAULT_MODEL, DEFAULT_PRETRAINED, RANDOM_WEIGHTS_SEED, BackboneIdentity,
                               WeightsUnavailableError, resolve_backbone)
 from extract.pyramid import normalise_crops
@@ -78,10 +80,28 @@ class ClipBackbone:
         return self._encode_pixels(torch.from_numpy(pixels).to(self.device))
 
     @torch.inference_mode()
-    def _encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+    def encode_crops_and_tokens(self, crops: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """``encode_crops``, and from the same forward pass each crop's patch tokens in the same joint
+        space, pooled as the cache stores them (``pool_tokens``): [N, D] and [N, p, p, D] float32."""
+        pixels = normalise_crops(crops.to(self.device, non_blocking=True), self.mean, self.std)
+        return self._encode_pixels(pixels, with_tokens=True)
+
+    @property
+    def patch_grid(self) -> int:
+        """Patches along a side of a crop (14 for ViT-B/16 at 224 px): what ``cache.tokens`` pools."""
+        check_patch_tokens(self.model.visual, self.name)
+        return int(self.model.visual.grid_size[0])
+
+    @torch.inference_mode()
+    def _encode_pixels(self, pixels: torch.Tensor, with_tokens: bool = False):
         tower = self._image_tower
-        features = tower(pixels.to(next(tower.parameters()).dtype))
-        return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
+        pixels = pixels.to(next(tower.parameters()).dtype)
+        if not with_tokens:
+            return torch.nn.functional.normalize(tower(pixels).float(), dim=-1).cpu().numpy()
+        check_patch_tokens(tower, self.name)
+        embeddings, tokens = embeddings_and_tokens(tower, pixels)
+        return (torch.nn.functional.normalize(embeddings.float(), dim=-1).cpu().numpy(),
+                tokens.float().cpu().numpy())
 
     @functools.cached_property
     def _image_tower(self) -> torch.nn.Module:
@@ -97,6 +117,36 @@ class ClipBackbone:
         tokens = self.tokenizer(texts).to(self.device)
         features = self.model.encode_text(tokens)
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
+
+
+def check_patch_tokens(visual: torch.nn.Module, name: str) -> None:
+    """Refuse an image tower whose patch tokens ``embeddings_and_tokens`` cannot take: open_clip's
+    ``VisionTransformer`` with its usual pooling (class token, ``ln_post`` over every token)."""
+    usual = (all(hasattr(visual, attribute) for attribute in ("_embeds", "transformer", "_pool", "grid_size"))
+             and getattr(visual, "attn_pool", None) is None and not getattr(visual, "final_ln_after_pool", False))
+    if not usual:
+        raise UserError(f"patch tokens need an open_clip ViT with class-token pooling; {name} has "
+                        f"{type(visual).__name__} without them: extract without --patch-tokens")
+
+
+def embeddings_and_tokens(visual: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of open_clip's ViT image tower: its embedding [N, D] (``visual(pixels)``, the same
+    operations) and its patch tokens taken where the class token is taken, after ``ln_post``, through
+    the same ``proj`` into the joint image-text space, then pooled (``pool_tokens``): [N, p, p, D]."""
+    pooled, tokens = visual._pool(visual.transformer(visual._embeds(pixels)))
+    if visual.proj is not None:
+        pooled, tokens = pooled @ visual.proj, tokens @ visual.proj
+    return pooled, pool_tokens(tokens)
+
+
+def pool_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Patch tokens [N, g², D] → [N, p, p, D] (``cache.tokens``: ``p = g // TOKEN_POOL``): each
+    L2-normalised, average-pooled over TOKEN_POOL x TOKEN_POOL patches, L2-normalised again."""
+    n, count, dim = tokens.shape
+    grid = math.isqrt(count)
+    unit = torch.nn.functional.normalize(tokens.float(), dim=-1).reshape(n, grid, grid, dim).permute(0, 3, 1, 2)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(unit, tokens_per_tile(grid))
+    return torch.nn.functional.normalize(pooled.permute(0, 2, 3, 1), dim=-1)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cache import N_CROPS, UserError
 from extract.datasets import ImageRecord
-from extract.pyramid import BadImageError, load_rgb, pyramid_crops
+from extract.pyramid import BadImageError, load_rgb, pyramid_crops, token_targets
 
 STAGED_BATCHES = 1      # staged batches that may wait for the encoder (one more is being encoded)
 _POLL_SECONDS = 0.1     # how often a blocked staging thread checks whether it should stop
@@ -61,6 +61,7 @@ class CroppedImage:
     slot: int | None = None     # where its crops are, in the loader's shared slots
     size: tuple | None = None   # (height, width) of the original image
     reason: str | None = None   # set (and slot None) when the file cannot be decoded
+    targets: tuple | None = None  # with patch tokens: ``extract.pyramid.token_targets`` (from its mask)
 
 
 @dataclass
@@ -80,11 +81,13 @@ class CropBatch:
 
 
 class _CropDataset(Dataset):
-    """Decodes one record into its 21 uint8 crops, written into a shared slot, in a DataLoader worker."""
+    """Decodes one record into its 21 uint8 crops, written into a shared slot, in a DataLoader worker;
+    with ``per_tile`` (patch tokens), also reads its mask into the tokens' targets."""
 
     def __init__(self, root: Path, records: list[ImageRecord], size: int, slots: torch.Tensor,
-                 writers: torch.Tensor):
+                 writers: torch.Tensor, per_tile: int | None):
         self.root, self.records, self.size, self.slots, self.writers = root, records, size, slots, writers
+        self.per_tile = per_tile
 
     def __len__(self) -> int:
         return len(self.records)
@@ -92,12 +95,15 @@ class _CropDataset(Dataset):
     def __getitem__(self, index: int) -> CroppedImage:
         slot = index % len(self.slots)
         self.writers[slot] = index  # before the pixels: a reader that sees its own index read them whole
+        record = self.records[index]
         try:
-            image = load_rgb(self.root / self.records[index].relpath)
+            image = load_rgb(self.root / record.relpath)
+            targets = None if self.per_tile is None else \
+                token_targets(self.root, record, image.height, image.width, self.per_tile)
         except BadImageError as err:
             return CroppedImage(index, reason=err.reason)
         pyramid_crops(image, self.size, out=self.slots[slot].permute(0, 3, 1, 2))
-        return CroppedImage(index, slot, (image.height, image.width))
+        return CroppedImage(index, slot, (image.height, image.width), targets=targets)
 
 
 class CropBatches:
@@ -105,12 +111,14 @@ class CropBatches:
 
     ``batches`` must list ``0 .. len(records) - 1`` in order, cut into consecutive runs. The
     records are decoded by ``workers`` processes (0: in the staging thread) and each batch is
-    staged on ``device`` ahead of use. Use as a context manager: leaving it stops the workers.
-    Raises ``UserError`` when the shared memory cannot hold the slots.
+    staged on ``device`` ahead of use; with ``per_tile`` (patch tokens of that many cells a tile
+    side), each image's mask targets come with it (``CroppedImage.targets``). Use as a context
+    manager: leaving it stops the workers. Raises ``UserError`` when the shared memory cannot hold
+    the slots.
     """
 
     def __init__(self, root: Path, records: list[ImageRecord], batches: list[list[int]], size: int, *,
-                 workers: int, device: torch.device):
+                 workers: int, device: torch.device, per_tile: int | None = None):
         if [i for batch in batches for i in batch] != list(range(len(records))):
             raise ValueError("batches must cover the records once, in order")
         self.device = torch.device(device)
@@ -121,7 +129,7 @@ class CropBatches:
         self._writers = torch.full((n_slots,), -1, dtype=torch.int64)
         if workers:
             self._writers.share_memory_()
-        loader = DataLoader(_CropDataset(Path(root), records, size, self._slots, self._writers), batch_size=None,
+        loader = DataLoader(_CropDataset(Path(root), records, size, self._slots, self._writers, per_tile), batch_size=None,
                             shuffle=False, num_workers=workers, prefetch_factor=prefetch if workers else None)
         images = iter(loader)  # starts the workers now, from this thread, before any other thread starts
         self._queue: queue.Queue = queue.Queue(maxsize=STAGED_BATCHES)

@@ -7,7 +7,9 @@ so ``OnnxClipBackbone`` keeps the torch model for ``encode_texts`` and for verif
 Exports are made once per (model name, weights id, input size) and kept in a user cache::
 
     <onnx_cache_root()>/<model>-<size>px-<key>/encoder.onnx   pixels [B, 3, S, S] float32 → embedding
-                                                              [B, D] float32, L2-normalised (batch dynamic)
+                                                              [B, D] float32, L2-normalised, and (ViTs)
+                                                              patch_tokens [B, p, p, D] float32, pooled as
+                                                              the cache stores them (batch dynamic)
                                                encoder.json   sidecar: what it was exported from, its
                                                               byte size and sha256, the measured parity
                                                .lock          serialises exports between processes
@@ -41,16 +43,16 @@ import torch
 from cache import UserError
 from cache.files import (atomic_write_text, make_dirs, move_into_place, reporting_write_faults, user_cache_root,
                          write_fault)
-from extract.encoder import ClipBackbone
+from extract.encoder import ClipBackbone, check_patch_tokens, embeddings_and_tokens
 from extract.engines import usable_cores
 from extract.identity import file_sha256
 from extract.pyramid import normalise_crops
 
-EXPORT_FORMAT = 1          # bump when the graph's contract changes: older exports are then rebuilt
+EXPORT_FORMAT = 2          # bump when the graph's contract changes: older exports are then rebuilt (2: patch tokens)
 PARITY_TOLERANCE = 1e-4    # max abs difference from the torch encoder, float32
 EXPORT_CHECK_CROPS = 4     # random crops compared before a new export is accepted
 LOAD_CHECK_CROPS = 2       # random crops compared each time an existing export is opened
-INPUT_NAME, OUTPUT_NAME = "pixels", "embedding"
+INPUT_NAME, OUTPUT_NAME, TOKENS_NAME = "pixels", "embedding", "patch_tokens"
 ONNX_FILE, SIDECAR_FILE, LOCK_FILE = "encoder.onnx", "encoder.json", ".lock"
 
 try:  # POSIX: several extract processes (--shard i/n, torchrun) must not export at the same time
@@ -81,18 +83,21 @@ class OnnxImageEncoder:
         threads = self.session.get_session_options().intra_op_num_threads
         return f"{self.provider}, {threads} threads, {self.path}"
 
-    def encode(self, pixels: np.ndarray) -> np.ndarray:
-        """[B, 3, S, S] normalised pixels → [B, D] float32 L2-normalised embeddings.
+    def encode(self, pixels: np.ndarray, with_tokens: bool = False):
+        """[B, 3, S, S] normalised pixels → [B, D] float32 L2-normalised embeddings; ``with_tokens``:
+        and the patch tokens of the same run, [B, p, p, D] (``extract.encoder.embeddings_and_tokens``).
 
         On the CPU the crops go through in runs of ``cpu_crops_per_run``: ViT-B/16 measured 1.85 s
         per image (21 crops) in runs of 8 against 2.54 s in one run of 168, whose activations no
         longer fit the caches. GPUs take the whole batch.
         """
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        outputs = [OUTPUT_NAME, TOKENS_NAME] if with_tokens else [OUTPUT_NAME]
         step = self.cpu_crops_per_run if self.provider == "CPUExecutionProvider" else len(pixels)
-        runs = [self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels[i:i + step]})[0]
-                for i in range(0, len(pixels), max(step, 1))]
-        return np.concatenate(runs) if runs else np.zeros((0, self.meta["embed_dim"]), np.float32)
+        runs = [self.session.run(outputs, {INPUT_NAME: pixels[i:i + step]}) for i in range(0, len(pixels), max(step, 1))]
+        joined = [np.concatenate([run[k] for run in runs]) for k in range(len(outputs))] if runs else \
+            [np.zeros((0, self.meta["embed_dim"]), np.float32)]
+        return tuple(joined) if with_tokens else joined[0]
 
 
 @dataclass(kw_only=True)
@@ -114,6 +119,11 @@ class OnnxClipBackbone(ClipBackbone):
     def encode_crops(self, crops: torch.Tensor) -> np.ndarray:
         """uint8 crops → embeddings; ONNX Runtime takes float32 numpy, so they are normalised on the CPU."""
         return self.encode_images(normalise_crops(crops.cpu(), self.mean, self.std).numpy())
+
+    def encode_crops_and_tokens(self, crops: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """``encode_crops`` and, from the same run of the graph, the pooled patch tokens."""
+        check_patch_tokens(self.model.visual, self.name)
+        return self.image_encoder.encode(normalise_crops(crops.cpu(), self.mean, self.std).numpy(), with_tokens=True)
 
 
 def onnx_backbone(backbone: ClipBackbone, *, cache_root: Path | None = None,
@@ -198,29 +208,47 @@ def file_problem(path: Path, sidecar: Path, expected: dict) -> str | None:
 
 
 def max_abs_difference(session, backbone: ClipBackbone, n_crops: int, seed: int = 0) -> float:
-    """Max abs difference between ``session`` and the torch encoder (float32) on random crops."""
+    """Max abs difference between ``session`` and the torch encoder (float32) on random crops, over
+    every output (the embeddings and, for ViTs, the patch tokens)."""
     size = backbone.input_size
     crops = np.random.default_rng(seed).standard_normal((n_crops, 3, size, size)).astype(np.float32)
-    onnx_out = session.run([OUTPUT_NAME], {INPUT_NAME: crops})[0]
-    return float(np.abs(onnx_out - _torch_fp32_embeddings(backbone, crops)).max())
+    onnx_out = session.run(None, {INPUT_NAME: crops})
+    torch_out = _torch_fp32_outputs(backbone, crops)
+    if len(onnx_out) != len(torch_out):
+        return float("inf")   # an export of another contract (another EXPORT_FORMAT)
+    return float(max(np.abs(ours - reference).max() for ours, reference in zip(onnx_out, torch_out)))
+
+
+def has_patch_tokens(visual: torch.nn.Module) -> bool:
+    try:
+        check_patch_tokens(visual, "")
+        return True
+    except UserError:
+        return False
 
 
 class _NormalisedImageEncoder(torch.nn.Module):
-    """The graph that is exported: the torch engine's ``encode_images`` in float32."""
+    """The graph that is exported: the torch engine's ``encode_images`` in float32, and for ViTs the
+    patch tokens of the same pass (``encode_crops_and_tokens``)."""
 
     def __init__(self, clip: torch.nn.Module):
         super().__init__()
         self.clip = clip
+        self.outputs = [OUTPUT_NAME, TOKENS_NAME] if has_patch_tokens(clip.visual) else [OUTPUT_NAME]
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(self.clip.encode_image(pixels), dim=-1)
+    def forward(self, pixels: torch.Tensor):
+        if len(self.outputs) == 1:
+            return torch.nn.functional.normalize(self.clip.encode_image(pixels), dim=-1)
+        embedding, tokens = embeddings_and_tokens(self.clip.visual, pixels)
+        return torch.nn.functional.normalize(embedding, dim=-1), tokens
 
 
 @torch.inference_mode()
-def _torch_fp32_embeddings(backbone: ClipBackbone, crops: np.ndarray) -> np.ndarray:
-    """The reference: torch in float32 (no autocast, even on CUDA), L2-normalised."""
+def _torch_fp32_outputs(backbone: ClipBackbone, crops: np.ndarray) -> list[np.ndarray]:
+    """The reference: torch in float32 (no autocast, even on CUDA), each output of the graph."""
     batch = torch.from_numpy(crops).to(backbone.device)
-    return _NormalisedImageEncoder(backbone.model)(batch).float().cpu().numpy()
+    outputs = _NormalisedImageEncoder(backbone.model)(batch)
+    return [output.float().cpu().numpy() for output in (outputs if isinstance(outputs, tuple) else (outputs,))]
 
 
 def _open_cached(directory: Path, backbone: ClipBackbone, ort, options, providers):
@@ -272,9 +300,9 @@ def _export_graph(backbone: ClipBackbone, path: Path) -> None:
     """torch.onnx (dynamo exporter, needs onnx and onnxscript) → one self-contained file, batch dynamic."""
     size = backbone.input_size
     example = torch.randn(2, 3, size, size, device=backbone.device)  # 2, not 1: size-1 dims get specialised
+    graph = _NormalisedImageEncoder(backbone.model).eval()
     try:
-        torch.onnx.export(_NormalisedImageEncoder(backbone.model).eval(), (example,), str(path),
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        torch.onnx.export(graph, (example,), str(path), input_names=[INPUT_NAME], output_names=graph.outputs,
                           dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}},
                           external_data=False,  # one file: hashed, copied and replaced as a unit
                           dynamo=True, verbose=False)  # verbose=False: no progress lines on stdout
@@ -371,7 +399,9 @@ def sidecar_fields(key: dict, backbone: ClipBackbone, model_file: Path, ort) -> 
     import open_clip
     return {**key, "random_weights": backbone.random_weights, "mean": list(backbone.mean),
             "std": list(backbone.std), "input": INPUT_NAME, "output": OUTPUT_NAME,
-            "output_is": "L2-normalised float32 image embedding", "bytes": model_file.stat().st_size,
+            "output_is": "L2-normalised float32 image embedding", "patch_tokens": TOKENS_NAME,
+            "patch_tokens_are": "the crop's patch tokens in the same space, pooled as cache/tokens.py says (ViTs)",
+            "bytes": model_file.stat().st_size,
             "sha256": file_sha256(model_file),
             "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "onnx": onnx.__version__,
                          "onnxruntime": ort.__version__}}

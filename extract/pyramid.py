@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cache import CROP_LAYOUT, N_CROPS, UserError
-from cache.format import printable
+from cache.format import grid_edges, printable
+from cache.tokens import EVAL_MASK_BYTES, TILES, defect_fractions, eval_mask
 
 if TYPE_CHECKING:  # torch is imported where crops are made, not by every reader of this module
     import torch
@@ -72,6 +73,40 @@ def load_rgb(path: Path) -> Image.Image:
     return rgb
 
 
+def load_mask(path: Path, width: int, height: int) -> np.ndarray:
+    """The defect mask at ``path`` as bool [height, width] (non-zero = defect), upright like
+    ``load_rgb``, resized (nearest) to the image's size where it differs; ``BadImageError`` if unreadable."""
+    try:
+        with Image.open(path) as mask:
+            if mask.width * mask.height > MAX_IMAGE_PIXELS:
+                raise BadImageError(path, f"defect mask of {mask.width}x{mask.height} px, over RAML's limit of "
+                                          f"{MAX_IMAGE_PIXELS:,} px")
+            mask = ImageOps.exif_transpose(mask).convert("L")
+            if mask.size != (width, height):
+                mask = mask.resize((width, height), Image.NEAREST)
+            return np.asarray(mask) > 0
+    except BadImageError:
+        raise
+    except Exception as err:   # missing, truncated or not an image: PIL raises many types for damaged bytes
+        raise BadImageError(path, f"defect mask {Path(path).name} cannot be read ({type(err).__name__}: "
+                                  f"{err})") from None
+
+
+def token_targets(root: Path, record, height: int, width: int, per_tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """What the cache stores beside an image's patch tokens (``cache.tokens``): each token's defect
+    fraction [T] float32 and the mask at the scoring points (packed bits). A normal image has no
+    defect; an anomalous image without a mask has unknown fractions (NaN) and an empty scoring mask
+    (it is left out of the pixel metrics)."""
+    if record.label and record.mask_relpath:
+        try:
+            mask = load_mask(Path(root) / record.mask_relpath, width, height)
+        except BadImageError as err:   # the image's problem: it cannot be stored without its targets
+            raise BadImageError(Path(root) / record.relpath, f"its {err.reason}") from None
+        return defect_fractions(mask, per_tile), eval_mask(mask)
+    count = TILES * TILES * per_tile * per_tile
+    return np.full(count, np.nan if record.label else 0.0, np.float32), np.zeros(EVAL_MASK_BYTES, np.uint8)
+
+
 def _to_rgb(path: Path, image: Image.Image) -> Image.Image:
     if image.mode in _CONVERTIBLE_MODES:
         return image.convert("RGB")
@@ -91,9 +126,8 @@ def tile_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
     so the tiles of a grid cover the image exactly, without overlap, differing by at most 1 px."""
     boxes = []
     for rows, cols in CROP_LAYOUT:
-        for r in range(rows):
-            for c in range(cols):
-                boxes.append((c * width // cols, r * height // rows, (c + 1) * width // cols, (r + 1) * height // rows))
+        x, y = grid_edges(width, cols).tolist(), grid_edges(height, rows).tolist()
+        boxes += [(x[c], y[r], x[c + 1], y[r + 1]) for r in range(rows) for c in range(cols)]
     return boxes
 
 

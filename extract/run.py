@@ -6,6 +6,14 @@ holds and cuts the rest into chunks of ``shard_size`` images, one HDF5 shard eac
 straddle a chunk, so a run that is killed and re-run encodes exactly the same batches as one
 uninterrupted run and yields the same features.
 
+**Patch tokens** (``patch_tokens=True``, or a cache that records them: ``cache.tokens``). New
+shards hold them from the start, from the same forward pass as the features, with each image's
+mask targets (read by the loader's workers). A shard of this writer slot that has none yet is one
+more chunk: its images are encoded again, and the shard is written anew (to ``*.partial``, then
+renamed over the old one) with its stored features, prompts and skipped files unchanged and the
+tokens added. Only such shards are re-encoded; a kill at any point leaves each shard old or new,
+never half, and a re-run encodes what is still missing in the same batches.
+
 The crops come from ``extract.loader.CropBatches`` (worker processes, shared memory, batches
 staged on the encoder's device ahead of use); finished shards go to a ``ShardWriter`` thread, so
 the encoder waits neither for decoding nor for HDF5.
@@ -27,10 +35,13 @@ from tqdm import tqdm
 
 from cache import N_CROPS, CacheError, ShardRows, UserError, claim_cache, fingerprint, read_cache, write_shard
 from cache.errors import working_on
-from cache.lock import WriterSlot
-from cache.format import human_bytes, next_shard_path, printable, shards_bytes
-from cache.writer import estimated_bytes
 from cache.files import atomic_write_text
+from cache.format import (claim_token_setting, human_bytes, next_shard_path, printable, shards_bytes,
+                          slot_prefix)
+from cache.lock import WriterSlot
+from cache.reader import LoadedShard, load_shard
+from cache.tokens import TOKEN_CROPS, token_bytes_per_image, token_setting
+from cache.writer import estimated_bytes
 from extract.datasets import ImageRecord, name_problem, read_dataset
 from extract.identity import BackboneIdentity, identity_of
 from extract.prompts import encode_prompts, prompt_spec
@@ -51,13 +62,26 @@ class ExtractSummary:
     stale_partials: list = field(default_factory=list)   # partial shards of killed runs, removed
     not_read: list = field(default_factory=list)         # (path, reason): entries of image folders not read
     report: Path | None = None                           # the report written, if any
+    tokens_added: int = 0      # cached images whose shards got their patch tokens in this run
+    untokened_elsewhere: list = field(default_factory=list)  # shards of other writer slots still without tokens
 
     def line(self) -> str:
-        rate = self.images / self.seconds if self.seconds else 0.0
+        rate = (self.images + self.tokens_added) / self.seconds if self.seconds else 0.0
+        tokens = f", patch tokens added to {self.tokens_added} cached images" if self.tokens_added else ""
         not_read = f", {len(self.not_read)} not read: see {self.report}" if self.not_read else ""
         return (f"extract: {self.images} images encoded, {len(self.skipped)} skipped, "
-                f"{self.already_cached} already cached{not_read}, {self.seconds:.1f} s, {rate:.2f} images/s "
+                f"{self.already_cached} already cached{tokens}{not_read}, {self.seconds:.1f} s, {rate:.2f} images/s "
                 f"→ {self.cache_dir}")
+
+
+@dataclass
+class Chunk:
+    """The images of one shard, in its row order: a new shard of the writer slot, or (``replaces``)
+    an existing shard that is written anew with its patch tokens."""
+
+    records: list                        # ImageRecord
+    replaces: LoadedShard | None = None  # the stored shard: its features, prompts and skipped files are kept
+    path: Path | None = None             # where ``replaces`` lies
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -73,28 +97,33 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     return index, count
 
 
-def check_free_space(cache_dir: Path, images: int, cached, embed_dim: int, shard_size: int) -> None:
+def check_free_space(cache_dir: Path, images: int, cached, embed_dim: int, shard_size: int, *,
+                     token_images: int = 0, token_bytes: int = 0) -> None:
     """Refuse, before any encoding, a run whose ``images`` new rows would not fit on the cache's
-    file system, with both numbers; warn on stderr when they would fill most of it. What an image
-    takes is measured on the cache's own shards when it has some (``cached``: its table), else
-    estimated (``cache.writer.estimated_bytes``)."""
-    if not images:
+    file system, with both numbers; warn on stderr when they would fill most of it. What an image's
+    features take is measured on the cache's own shards when it has some without patch tokens
+    (``cached``: its table), else estimated (``cache.writer.estimated_bytes``). With patch tokens,
+    ``token_images`` images (new ones and cached ones getting theirs) need ``token_bytes`` more each."""
+    if not images and not token_images:
         return
-    if cached is not None and len(cached):
+    if cached is not None and len(cached) and not cached.has_tokens.any():
         per_image = shards_bytes(cache_dir) / len(cached)
         need, how = images * per_image, f"{human_bytes(per_image)} per image, as this cache's shards take"
     else:
         need = estimated_bytes(images, embed_dim, shard_size)
-        how = f"about {human_bytes(need / images)} per image"
+        how = f"about {human_bytes(need / max(images, 1))} per image"
+    if token_images:
+        need += token_images * token_bytes
+        how += f", and {human_bytes(token_bytes)} of patch tokens for each of {token_images} images"
     existing = next(path for path in (Path(cache_dir).resolve(), *Path(cache_dir).resolve().parents) if path.exists())
     free = shutil.disk_usage(existing).free
     if need > free:
-        raise CacheError(f"{cache_dir}: {images} images to encode need about {human_bytes(need)} ({how}), but its file "
-                         f"system has {human_bytes(free)} free. Free some space or choose another --cache-dir; nothing "
-                         "was encoded.")
+        raise CacheError(f"{cache_dir}: {images + token_images} images to encode need about {human_bytes(need)} "
+                         f"({how}), but its file system has {human_bytes(free)} free. Free some space or choose "
+                         "another --cache-dir; nothing was encoded.")
     if need > SPACE_WARNING * free:
-        print(f"extract: warning: {images} images to encode need about {human_bytes(need)} ({how}) of the "
-              f"{human_bytes(free)} free on the file system of {cache_dir}", file=sys.stderr, flush=True)
+        print(f"extract: warning: {images + token_images} images to encode need about {human_bytes(need)} ({how}) of "
+              f"the {human_bytes(free)} free on the file system of {cache_dir}", file=sys.stderr, flush=True)
 
 
 def limit_per_category(records: list[ImageRecord], limit: int | None) -> list[ImageRecord]:
@@ -118,8 +147,12 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, identity
                      categories=None, batch_size: int = 8, workers: int = 2, limit: int | None = None,
                      skip_bad: bool = False, shard: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
                      retry_skipped: bool = False, progress: bool = True,
-                     backbone_source: dict | None = None) -> ExtractSummary:
+                     backbone_source: dict | None = None, patch_tokens: bool = False) -> ExtractSummary:
     """Encode every image of ``dataset`` not yet in ``cache_dir``; see the module docstring.
+
+    ``patch_tokens``: store the images' patch tokens too (``cache.tokens``), and add them to the
+    shards of this writer slot that have none; a cache that records tokens gets them whether or not
+    this is given.
 
     ``backbone_loader`` is called at most once, and only when there is something to encode, to get
     a ``ClipBackbone`` or any object with the same attributes and ``encode_crops``/``encode_texts``.
@@ -161,24 +194,38 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, identity
         pending = [r for r in mine if printable(r.relpath) not in done]
         summary.already_cached = len(mine) - len(pending)
         pending, unstorable = _storable_names(pending, root, skip_bad, summary)
-        check_free_space(cache_dir, len(pending), cached, identity.embed_dim, shard_size)
-        if pending and backbone is None:
+        with_tokens = patch_tokens or bool(cached is not None and cached.token_setting)
+        untokened = _shards_without_tokens(cached, shard_index, shard_count, summary) if with_tokens else []
+        if not with_tokens:   # with tokens, checked once the backbone says how large they are
+            check_free_space(cache_dir, len(pending), cached, identity.embed_dim, shard_size)
+        if (pending or untokened) and backbone is None:
             backbone = backbone_loader()   # may refuse, having checked itself (int8 fidelity): nothing written yet
             if identity_of(backbone) != identity:
                 raise RuntimeError(f"backbone_loader loaded {identity_of(backbone)}, but the run was checked "
                                    f"against {identity}: they must describe the same backbone")
+        setting = None
+        if with_tokens and (pending or untokened):
+            setting = token_setting(backbone.patch_grid, backbone.embed_dim)
+            rewritten = [number for number, path in enumerate(cached.shards) if path in untokened] if untokened else []
+            check_free_space(cache_dir, len(pending), cached, identity.embed_dim, shard_size,
+                             token_images=len(pending) + int(np.isin(cached.shard_file, rewritten).sum()
+                                                             if rewritten else 0),
+                             token_bytes=token_bytes_per_image(setting))
         claim_cache(cache_dir, meta)
+        if setting is not None:
+            claim_token_setting(cache_dir, setting)   # refuses tokens of another setting before any is written
         if unstorable:
             write_shard(next_shard_path(cache_dir, shard_index, shard_count), ShardRows(skipped=unstorable), meta,
                         text={}, engine=None)
-        if not pending:
+        if not pending and not untokened:
             summary.seconds = time.perf_counter() - start
             if summary.skipped or summary.not_read:
                 _write_report(cache_dir, shard_index, shard_count, summary)
             return summary
-        return _encode_pending(root, pending, backbone, meta, cache_dir, shard_index, shard_count, summary, start,
-                               batch_size=batch_size, shard_size=shard_size, workers=workers, skip_bad=skip_bad,
-                               progress=progress)
+        chunks = [_rewrite(path, meta) for path in untokened]
+        chunks += [Chunk(pending[first:first + shard_size]) for first in range(0, len(pending), shard_size)]
+        return _encode_chunks(root, chunks, backbone, meta, setting, cache_dir, shard_index, shard_count, summary,
+                              start, batch_size=batch_size, workers=workers, skip_bad=skip_bad, progress=progress)
 
 
 def _storable_names(pending: list[ImageRecord], root: Path, skip_bad: bool,
@@ -195,40 +242,91 @@ def _storable_names(pending: list[ImageRecord], root: Path, skip_bad: bool,
     return [record for record in pending if not name_problem(record)], refused
 
 
-def _encode_pending(root: Path, pending: list[ImageRecord], backbone, meta: dict, cache_dir: Path, shard_index: int,
-                    shard_count: int, summary: ExtractSummary, start: float, *, batch_size: int, shard_size: int,
-                    workers: int, skip_bad: bool, progress: bool) -> ExtractSummary:
-    """Encode ``pending`` in batches and write them shard by shard (see the module docstring)."""
+def _shards_without_tokens(cached, shard_index: int, shard_count: int, summary: ExtractSummary) -> list[Path]:
+    """The shards of this writer slot that hold images without patch tokens (their names carry the slot);
+    those of other slots are listed in ``summary``: runs of their own slots add their tokens."""
+    if cached is None:
+        return []
+    lacking = [cached.shards[number] for number in np.unique(cached.shard_file[~cached.has_tokens])]
+    prefix = slot_prefix(shard_index, shard_count)
+    summary.untokened_elsewhere = [path.name for path in lacking if not path.name.startswith(prefix)]
+    return [path for path in lacking if path.name.startswith(prefix)]
+
+
+def _rewrite(path: Path, meta: dict) -> Chunk:
+    """The chunk that writes the stored shard at ``path`` anew with patch tokens: its rows as the
+    records they were encoded from, in its order."""
+    shard = load_shard(path, meta)
+    columns = shard.columns
+    records = [ImageRecord(str(columns["category"][row]), int(columns["label"][row]), str(columns["defect_type"][row]),
+                           str(columns["relpath"][row]), str(columns["split"][row]), str(columns["mask_relpath"][row]))
+               for row in range(len(columns["relpath"]))]
+    return Chunk(records, shard, path)
+
+
+def _encode_chunks(root: Path, chunks: list[Chunk], backbone, meta: dict, setting: dict | None, cache_dir: Path,
+                   shard_index: int, shard_count: int, summary: ExtractSummary, start: float, *, batch_size: int,
+                   workers: int, skip_bad: bool, progress: bool) -> ExtractSummary:
+    """Encode the chunks' images in batches and write them shard by shard (see the module docstring);
+    with a token ``setting``, the patch tokens and mask targets of every image too."""
     from extract.loader import CropBatches  # torch: imported only when there is something to encode
-    text = {c: encode_prompts(backbone, c) for c in sorted({r.category for r in pending})}
-    chunk_sizes = [min(shard_size, len(pending) - first) for first in range(0, len(pending), shard_size)]
+    records = [record for chunk in chunks for record in chunk.records]
+    text = {c: encode_prompts(backbone, c) for c in sorted({r.category for chunk in chunks if chunk.replaces is None
+                                                            for r in chunk.records})}
+
+    def write(chunk: Chunk, rows: ShardRows) -> None:
+        if chunk.replaces is None:
+            write_shard(next_shard_path(cache_dir, shard_index, shard_count), rows, meta, text, backbone.engine,
+                        setting)
+            return
+        stored = chunk.replaces.columns
+        rows.features, rows.sizes = list(stored["features"]), list(zip(stored["height"], stored["width"]))
+        rows.skipped = list(chunk.replaces.skipped.items())
+        write_shard(chunk.path, rows, meta, chunk.replaces.text, chunk.replaces.engine, setting)
+
     rows, chunk_index = ShardRows(), 0
-    with (CropBatches(root, pending, batch_indices(chunk_sizes, batch_size), backbone.input_size, workers=workers,
-                      device=backbone.crops_device) as loader,
-          ShardWriter(lambda done: write_shard(next_shard_path(cache_dir, shard_index, shard_count), done, meta,
-                                               text, backbone.engine)) as writer,
-          tqdm(total=len(pending), unit="img", desc=f"extract {shard_index}/{shard_count}", disable=not progress,
+    per_tile, dim = (setting["per_tile"] if setting else None), backbone.embed_dim
+    with (CropBatches(root, records, batch_indices([len(chunk.records) for chunk in chunks], batch_size),
+                      backbone.input_size, workers=workers, device=backbone.crops_device, per_tile=per_tile) as loader,
+          ShardWriter(write) as writer,
+          tqdm(total=len(records), unit="img", desc=f"extract {shard_index}/{shard_count}", disable=not progress,
                dynamic_ncols=True) as bar):
         for batch in loader:
+            chunk = chunks[chunk_index]
             for image in batch.bad:
-                path = root / pending[image.index].relpath
+                path = root / records[image.index].relpath
+                if chunk.replaces is not None:
+                    raise BadImageError(path, f"{image.reason}; it is cached in {chunk.path.name}, which cannot get "
+                                              "its patch tokens without it (its features stay): fix the file and re-run")
                 if not skip_bad:
                     raise BadImageError(path, image.reason + " (pass --skip-bad to skip such files and list them "
                                                              "in the cache's report)")
-                rows.skipped.append((pending[image.index].relpath, image.reason))
+                rows.skipped.append((records[image.index].relpath, image.reason))
                 summary.skipped.append((str(path), image.reason))
             good = batch.good
             if good:
-                with working_on(f"a batch of {len(good)} images from {root / pending[good[0].index].relpath}"):
-                    features = backbone.encode_crops(batch.crops).reshape(len(good), N_CROPS, backbone.embed_dim)
-                for image, feats in zip(good, features):
-                    rows.features.append(feats.astype(np.float16))
-                    rows.records.append(pending[image.index])
+                with working_on(f"a batch of {len(good)} images from {root / records[good[0].index].relpath}"):
+                    if setting is None:
+                        features = backbone.encode_crops(batch.crops)
+                    else:
+                        features, tokens = backbone.encode_crops_and_tokens(batch.crops)
+                        tokens = tokens.reshape(len(good), N_CROPS, -1, dim)[:, TOKEN_CROPS].reshape(len(good), -1,
+                                                                                                     dim)
+                for k, image in enumerate(good):
+                    rows.features.append(features[k * N_CROPS:(k + 1) * N_CROPS].astype(np.float16))
+                    rows.records.append(records[image.index])
                     rows.sizes.append(image.size)
-                summary.images += len(good)
+                    if setting is not None:
+                        rows.tokens.append(tokens[k].astype(np.float16))
+                        rows.token_defect.append(image.targets[0])
+                        rows.eval_masks.append(image.targets[1])
+                if chunk.replaces is None:
+                    summary.images += len(good)
+                else:
+                    summary.tokens_added += len(good)
             bar.update(len(batch.images))
-            if len(rows) == chunk_sizes[chunk_index]:
-                writer.submit(rows)
+            if len(rows) == len(chunk.records):
+                writer.submit(chunk, rows)
                 rows, chunk_index = ShardRows(), chunk_index + 1
     summary.seconds = time.perf_counter() - start
     _write_report(cache_dir, shard_index, shard_count, summary)
@@ -262,10 +360,11 @@ class ShardWriter:
         self._thread = threading.Thread(target=self._write_all, name="raml-shard-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, rows: ShardRows) -> None:
+    def submit(self, *job) -> None:
+        """Queue ``write(*job)``."""
         if self._error is not None:
             raise self._error
-        self._queue.put(rows)
+        self._queue.put(job)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -277,10 +376,10 @@ class ShardWriter:
             raise self._error
 
     def _write_all(self) -> None:
-        while (rows := self._queue.get()) is not None:
+        while (job := self._queue.get()) is not None:
             if self._error is None:  # after a failed write, the rest is dropped: a re-run redoes it
                 try:
-                    self._write(rows)
+                    self._write(*job)
                 except BaseException as err:  # re-raised in the submitting thread
                     self._error = err
 
@@ -288,7 +387,8 @@ class ShardWriter:
 def _write_report(cache_dir: Path, shard_index: int, shard_count: int, summary: ExtractSummary) -> None:
     """A human-readable record of the run next to the shards (the shards stay the source of truth)."""
     report = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "shard": f"{shard_index}/{shard_count}",
-              "images": summary.images, "already_cached": summary.already_cached, "seconds": round(summary.seconds, 2),
+              "images": summary.images, "already_cached": summary.already_cached,
+              "patch_tokens_added": summary.tokens_added, "seconds": round(summary.seconds, 2),
               "skipped": [{"path": path, "reason": reason} for path, reason in summary.skipped],
               "not_read": [{"path": path, "reason": reason} for path, reason in summary.not_read]}
     path = cache_dir / f"extract-report-{shard_index:03d}of{shard_count:03d}.json"

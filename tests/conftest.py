@@ -55,6 +55,15 @@ def mvtec_cache(tmp_path_factory, mvtec_root, tiny_backbone):
 
 
 @pytest.fixture(scope="session")
+def mvtec_token_cache(tmp_path_factory, mvtec_root, tiny_backbone):
+    """The synthetic MVTec tree's cache with patch tokens and mask targets (``--patch-tokens``). Read-only."""
+    cache_dir = tmp_path_factory.mktemp("cache") / "mvtec-tokens"
+    extract_features("mvtec", mvtec_root, cache_dir, lambda: tiny_backbone, workers=0, progress=False,
+                     patch_tokens=True)
+    return cache_dir
+
+
+@pytest.fixture(scope="session")
 def two_category_table(tmp_path_factory):
     """A separable synthetic feature cache for stage two: 2 categories × (20 training, 10 good and 10
     defective test images), 32-d features. Read-only."""

@@ -20,7 +20,7 @@ FAST = dict(epochs=2, lr=1e-3, hidden_dim=32, attn_dim=8, feature_dim=16)
 def table(tmp_path_factory):
     shape = {"bottle": (30, 10, 10, 900), "screw": (30, 10, 10, 1024)}
     return read_cache(write_synthetic_cache(tmp_path_factory.mktemp("ablate") / "cache", shape, dim=32,
-                                            separation=3.0))
+                                            separation=3.0, tokens_per_tile=2))
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,9 @@ def ablation(tmp_path_factory, table):
 def test_every_configuration_and_baseline_is_a_row_on_the_same_images(ablation):
     out, result = ablation
     names = [row["configuration"] for row in result["rows"]]
-    assert set(names) == set(ABLATIONS) | {"linear", "knn-tiles", "zero-shot-text"}
+    assert set(names) == set(ABLATIONS) | {"linear", "knn-tiles", "knn-patches", "zero-shot-text"}
+    mapped = {row["configuration"] for row in result["rows"] if row["aupro"] is not None}
+    assert {"full", "map-fused", "knn-patches", "zero-shot-text"} <= mapped and "knn-tiles" not in mapped
     aurocs = [row["auroc"]["mean"] for row in result["rows"]]
     assert aurocs == sorted(aurocs, reverse=True)                       # sorted by AUROC
     for row in result["rows"]:
@@ -47,6 +49,7 @@ def test_every_configuration_and_baseline_is_a_row_on_the_same_images(ablation):
     assert hashes == {result["heldout_hash"]}
     markdown = (out / "ablation.md").read_text()
     assert "| full | RAML |" in markdown and "knn-tiles" in markdown and "NOT MEANINGFUL" in markdown
+    assert "| AUPRO % |" in markdown
     assert (out / "ablation.png").stat().st_size > 0
     assert json.loads((out / "ablation.json").read_text()) == result
 
@@ -97,3 +100,14 @@ def test_ablate_cli(tmp_path, table):
                                       "--feature-dim", "8", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "| no-text-fusion |" in result.output and "| knn-tiles |" in result.output
+
+
+def test_rows_that_need_patch_tokens_are_left_out_with_a_note_on_a_cache_without_them(tmp_path):
+    shape = {"bottle": (20, 6, 6, 900)}
+    plain = read_cache(write_synthetic_cache(tmp_path / "cache", shape, dim=16, separation=3.0))
+    notes = []
+    result = run_ablation(plain, tmp_path / "out", [0], ablations=("full", "map-fused"), baselines=("knn-patches",),
+                          n_resamples=20, progress=notes.append, epochs=1, hidden_dim=16, attn_dim=8, feature_dim=8)
+    assert [row["configuration"] for row in result["rows"]] == ["full"]
+    assert any("left out knn-patches" in note and "--patch-tokens" in note for note in notes)
+    assert any("left out map-fused" in note and "no pixel head" in note for note in notes)

@@ -38,6 +38,10 @@ def test_demo_compares_raml_seeds_with_winclip_and_says_the_weights_are_random(t
     raml = json.loads((tmp_path / "results-random" / "raml" / "results.json").read_text())
     winclip = json.loads((tmp_path / "results-random" / "winclip" / "results.json").read_text())
     assert set(raml) == {"adaptive", "fixed", "strong"} and set(winclip) == {"WinCLIP zero-shot"}
+    for name in ("knn-patches", "zero-shot-text"):   # maps from the cached patch tokens; no masks: no pixel metric
+        entry = json.loads((tmp_path / "results-random" / name / "results.json").read_text())[name]
+        assert entry["anomaly_maps"]["key"] == name and entry["pixel"]["not_available"] == {"textile": "no defect masks"}
+    assert all("pixel" not in entry for entry in raml.values())   # no masks: no pixel head
     assert all(entry["seeds"] == [0, 1] and entry["auroc_over_seeds"]["n"] == 2 for entry in raml.values())
     entries = [*raml.values(), *winclip.values()]
     assert all(entry["random_weights"] and not entry["meaningful"] for entry in entries)
@@ -45,8 +49,9 @@ def test_demo_compares_raml_seeds_with_winclip_and_says_the_weights_are_random(t
     report = tmp_path / "report-random" / "report.md"
     assert f"Report: {report}" in result.output
     text = report.read_text()
-    assert "| category | adaptive † | fixed † | strong † | WinCLIP zero-shot † |" in text and "NOT MEANINGFUL" in text
-    assert "| n (seeds) | 2 | 2 | 2 | 1 |" in text
+    assert ("| category | knn-patches † | adaptive † | fixed † | strong † | WinCLIP zero-shot † | zero-shot-text † |"
+            in text and "NOT MEANINGFUL" in text)
+    assert "| n (seeds) | 1 | 2 | 2 | 2 | 1 | 1 |" in text
     assert (tmp_path / "report-random" / "holdout_textile_maps.png").is_file()   # textile images are reachable
 
 

@@ -80,12 +80,11 @@ def test_results_keep_the_original_schema_with_the_extra_fields(holdout_results)
     assert len(stats["auroc_per_seed"]) == 2 and len(stats["f1_max_threshold"]) == 2
     assert entry["random_weights"] is True and "NOT MEANINGFUL" in entry["warning"]
     assert entry["backbone"] == "raml-tiny-test"
-    assert "coarse" in entry["pixel_auroc_coarse"]["note"]
-    assert set(entry["pixel_auroc_coarse"]["details"]) == {"bottle", "metal_nut"}
+    assert "pixel" not in entry and "anomaly_maps" not in entry   # no patch tokens, no pixel head: no maps
+    assert not (path.parent / "anomaly_maps.npz").exists()
     with open(path.parent / "scores.csv", newline="") as handle:
         row = next(csv.DictReader(handle))
     assert {"visual", "text", "final"} <= set(row)
-    assert np.load(path.parent / "anomaly_maps.npz")["maps"].shape[1:] == (4, 4)
 
 
 def test_baseline_is_scored_on_the_same_held_out_images(tmp_path, runs, mvtec_root, tiny_backbone, holdout_results):

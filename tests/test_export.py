@@ -1,4 +1,5 @@
-"""export: a deployment directory whose standalone script, run without torch, reproduces predict's scores."""
+"""export: a deployment directory whose standalone script, run without torch, reproduces predict's scores and
+anomaly maps."""
 import csv
 import dataclasses
 import importlib.util
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cache import CROP_LAYOUT, read_cache
+from cache.tokens import map_at, token_grid
 from evaluate.deploy.export import DEPLOY_JSON, ENCODER_FILE, HEAD_FILE, SCRIPT_FILE, SCRIPT_TEMPLATE, export_deployment
 from extract.onnx_engine import OnnxEngineError
 from extract.pyramid import MIN_IMAGE_SIDE, BadImageError, load_rgb, pyramid_pixels
@@ -24,6 +26,7 @@ from train.fit import fit, write_run
 
 BACKBONE = ["--model", TINY_MODEL, "--random-weights", "--device", "cpu"]
 SCORE_TOLERANCE = 1e-4
+MAP_TOLERANCE = 1e-5      # issue 19: export's map within 1e-5 of predict's
 # Runs the script in a child in which importing torch, open_clip or a RAML package fails.
 WITHOUT_TORCH = """
 import runpy, sys
@@ -40,9 +43,12 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, mvtec_cache):
+def run_dir(tmp_path_factory, mvtec_token_cache):
+    """A run with a pixel head (trained on a cache with patch tokens)."""
     out = tmp_path_factory.mktemp("run") / "raml"
-    write_run(out, fit(read_cache(mvtec_cache), make_config("adaptive", epochs=2, batch_size=8)))
+    trained = fit(read_cache(mvtec_token_cache), make_config("adaptive", epochs=2, batch_size=8))
+    assert trained.pixel_head.startswith("on")
+    write_run(out, trained)
     return out
 
 
@@ -71,6 +77,7 @@ def parts(tmp_path_factory, mvtec_root):
 def predict_scores(files, run_dir, out, engine):
     result = CliRunner().invoke(cli, ["predict", *map(str, files), "--checkpoint", str(run_dir), "--category",
                                       "bottle", "--out", str(out), "--engine", engine, *BACKBONE])
+    assert "trained pixel head" in result.output
     assert result.exit_code == 1 and "1 of 5 files could not be scored" in result.output, result.output
     with open(out / "predictions.csv", newline="") as handle:
         return {row["file"]: (float(row["final"]), row["decision"].upper()) for row in csv.DictReader(handle)
@@ -80,7 +87,8 @@ def predict_scores(files, run_dir, out, engine):
 def script_scores(deploy_dir, files, cwd):
     """Run deploy/predict_onnx.py in a child that cannot import torch; {file: (score, DECISION)}."""
     child = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(deploy_dir / SCRIPT_FILE), *map(str, files),
-                            "--category", "bottle"], cwd=cwd, capture_output=True, text=True, timeout=300)
+                            "--category", "bottle", "--maps", str(cwd / "maps")], cwd=cwd, capture_output=True,
+                           text=True, timeout=300)
     assert child.returncode == 1, child.stderr  # the corrupt file
     assert "NOT MEANINGFUL" in child.stdout and "RANDOM WEIGHTS" in child.stderr
     scores, errors = {}, []
@@ -113,6 +121,8 @@ def test_export_writes_a_self_contained_deployment(deployment, run_dir, tiny_bac
     for part, name in (("encoder", ENCODER_FILE), ("head", HEAD_FILE)):
         assert deploy[part]["file"] == name and deploy[part]["bytes"] == (deploy_dir / name).stat().st_size
         assert deploy[part]["max_abs_diff_vs_torch"] <= SCORE_TOLERANCE
+    assert deploy["map"]["kind"].startswith("RAML's trained pixel head")
+    assert (deploy["map"]["token_crops"], deploy["map"]["tiles"], deploy["map"]["per_tile"]) == ([5, 21], 4, 2)
     assert (deploy_dir / SCRIPT_FILE).read_bytes() == SCRIPT_TEMPLATE.read_bytes()
 
 
@@ -128,6 +138,13 @@ def test_standalone_script_without_torch_reproduces_predict(deployment, run_dir,
         assert abs(standalone[name][0] - score) <= SCORE_TOLERANCE, name
         if abs(score - threshold) > SCORE_TOLERANCE:
             assert standalone[name][1].upper() == decision, name
+    for path in parts:
+        if path.name != "corrupt.png":
+            theirs = np.load(tmp_path / "maps" / f"{path.stem}_map.npy")
+            for engine in ("torch", "onnx"):
+                ours = np.load(tmp_path / engine / f"{path.stem}_map.npy")
+                assert ours.shape == theirs.shape == load_rgb(path).size[::-1], path.name
+                assert np.abs(ours - theirs).max() <= MAP_TOLERANCE, (path.name, engine)
 
 
 def test_standalone_pyramid_equals_the_package_pyramid(tmp_path, tiny_backbone):
@@ -144,6 +161,10 @@ def test_standalone_pyramid_equals_the_package_pyramid(tmp_path, tiny_backbone):
         theirs = template.pyramid_pixels(template.load_rgb(tmp_path / name, MIN_IMAGE_SIDE), size, mean, std,
                                          CROP_LAYOUT)
         assert theirs.dtype == np.float32 and np.array_equal(ours, theirs), name
+    scores = np.random.default_rng(0).random(4 * 4 * 3 * 3)
+    for height, width in ((83, 97), (64, 64), (1023, 700)):   # the restated map: cache.tokens.map_at's values
+        ours = map_at(token_grid(scores, 3), height, width)
+        assert np.array_equal(template.anomaly_map(scores, height, width, 4, 3), ours), (height, width)
     part_image(5, (MIN_IMAGE_SIDE - 1, 100)).save(tmp_path / "narrow.png")
     with pytest.raises(BadImageError, match="too small"):
         load_rgb(tmp_path / "narrow.png")

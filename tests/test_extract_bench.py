@@ -38,3 +38,15 @@ def test_bench_extract_runs_end_to_end_on_the_tiny_model(tiny_backbone):
     loader_only = run_extract_bench(tiny_backbone, images=3, size=96, batch_size=2, workers=0, loader_only=True)
     assert loader_only.encoder_seconds is None and loader_only.stage_seconds is None
     assert [line.split()[0] for line in loader_only.lines()[1:]] == ["loader", "loader"]
+
+
+def test_bench_extract_times_the_patch_tokens_against_the_stage_without(tiny_backbone):
+    result = run_extract_bench(tiny_backbone, images=4, size=96, batch_size=2, workers=0, patch_tokens=True, rounds=2)
+    assert len(result.token_rounds) == 2 and all(min(*without, *with_tokens) > 0
+                                                 for without, with_tokens in result.token_rounds)
+    without, with_tokens = result.cache_bytes
+    # 64 tokens x 32 values x float16 per image, its defect fractions, its scoring mask (8,192 bytes), a checksum
+    assert with_tokens - without >= 4 * (64 * 32 * 2 + 64 * 2 + 8192)
+    lines = result.lines()
+    assert "with patch tokens: whole stage x" in lines[-3] and "in wall time (median of 2 interleaved" in lines[-3]
+    assert "in CPU time" in lines[-2] and lines[-1].startswith("  cache per image:")

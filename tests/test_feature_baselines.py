@@ -77,7 +77,6 @@ def test_knn_tiles_separates_a_separable_cache_from_normals_only(separable_table
     bank = result["extra"]["memory_bank"]
     assert bank["normal_images"] == len(normals) == 2 * (60 + 16)          # train/good + 80 % of test/good
     assert bank["crops"] == 21 * len(normals) and bank["crops_per_category"] == {"bottle": 21 * 76, "metal_nut": 21 * 76}
-    assert result["maps"]["maps"].shape == (len(test_rows), 4, 4)
 
 
 def test_knn_distance_is_to_the_nearest_normal_crop_of_the_same_scale():
@@ -157,15 +156,26 @@ def test_baselines_share_ramls_table_with_split_from(tmp_path, separable_table):
             in comparison_markdown(title, rows, []))
 
 
-@pytest.mark.parametrize("name, options", [("linear", ["--per-category"]), ("knn-tiles", []), ("zero-shot-text", [])])
-def test_baseline_commands_on_an_extracted_cache(tmp_path, mvtec_cache, name, options):
+@pytest.mark.parametrize("name, options, tokens", [("linear", ["--per-category"], False), ("knn-tiles", [], False),
+                                                   ("zero-shot-text", [], False), ("zero-shot-text", [], True),
+                                                   ("knn-patches", [], True)])
+def test_baseline_commands_on_an_extracted_cache(tmp_path, mvtec_cache, mvtec_token_cache, name, options, tokens):
     out = tmp_path / name
-    result = CliRunner().invoke(cli, ["baseline", name, "--cache-dir", str(mvtec_cache), "--out", str(out),
+    cache = mvtec_token_cache if tokens else mvtec_cache
+    result = CliRunner().invoke(cli, ["baseline", name, "--cache-dir", str(cache), "--out", str(out),
                                       "--bootstrap", "20", *options])
     assert result.exit_code == 0, result.output
     assert "holdout protocol" in result.output and "NOT MEANINGFUL" in result.output
     assert (out / "results.json").is_file() and (out / "scores.csv").is_file()
-    assert (out / "anomaly_maps.npz").is_file() == (name != "linear")
-    assert ("anomaly_maps.npz" in result.output) == (name != "linear")
+    assert (out / "anomaly_maps.npz").is_file() == tokens     # maps are drawn from patch tokens
+    assert ("anomaly_maps.npz" in result.output) == tokens
+    entry = json.loads((out / "results.json").read_text())[name + ("-per-category" if options else "")]
+    if name == "zero-shot-text" and not tokens:
+        assert "--patch-tokens" in entry["pixel"]["not_available"]["bottle"]   # says how to add them
+    if tokens:
+        assert set(entry["pixel"]["categories"]) == {"bottle", "metal_nut"} and "pixel: AUROC" in result.output
+    if name == "knn-patches":
+        # 2 categories x (4 train/good + 1 of the 2 test/good) normal training images x 64 tokens
+        assert "memory banks: 640 tokens kept of 640" in result.output
     if name == "knn-tiles":
         assert "memory bank: 210 crops of 10 normal images" in result.output and "per 1,000 images" in result.output

@@ -14,13 +14,12 @@ from hypothesis import strategies as st
 
 from cache import UserError, read_cache
 from cache.format import CACHE_JSON, shard_paths
-from evaluate.localisation import mask_pixels
 from evaluate.protocols import read_split_manifest
 from evaluate.report import write_report
 from evaluate.results import read_results
 from extract.encoder import load_backbone
 from extract.identity import TINY_TEST_CONFIG, backbone_identity
-from extract.pyramid import load_rgb
+from extract.pyramid import load_mask, load_rgb
 from tests.synthetic import mask_image, part_image
 from train.checkpoint import load_checkpoint
 from train.config import make_config
@@ -165,7 +164,7 @@ def test_image_and_mask(tmp_path, data):
     image.write_bytes(data.draw(damaged(image_bytes.getvalue())))
     mask.write_bytes(data.draw(damaged(mask_bytes.getvalue())))
     refused_in_words(lambda: load_rgb(image), str(image))
-    refused_in_words(lambda: mask_pixels(tmp_path, mask.name, 80, 72), str(mask))
+    refused_in_words(lambda: load_mask(mask, 80, 72), str(mask))
 
 
 @given(data=st.data())

@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 
 from cache.files import WriteError
-from evaluate.metrics import (average_precision, bootstrap_auroc_ci, image_auroc, paired_bootstrap_auroc_difference,
-                              weighted_pixel_auroc)
+from evaluate.metrics import average_precision, bootstrap_auroc_ci, image_auroc, paired_bootstrap_auroc_difference
 from evaluate.results import RESULTS_JSON, ScoredRun, config_entry, mean_std, write_results
 from train.thresholds import f1_max
 
@@ -60,15 +59,6 @@ def test_bootstrap_ci_brackets_the_auroc_and_is_seeded():
 
 def test_bootstrap_ci_of_a_perfect_separation_is_a_point():
     assert bootstrap_auroc_ci([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], n_resamples=50) == (1.0, 1.0)
-
-
-def test_weighted_pixel_auroc_equals_the_auroc_of_the_expanded_pixels():
-    tile_scores = np.array([0.9, 0.2, 0.6])
-    defective = np.array([3, 0, 1])
-    clean = np.array([1, 4, 3])
-    pixels_scores = np.repeat(np.r_[tile_scores, tile_scores], np.r_[defective, clean])
-    pixel_labels = np.repeat([1, 1, 1, 0, 0, 0], np.r_[defective, clean])
-    assert weighted_pixel_auroc(tile_scores, defective, clean) == pytest.approx(image_auroc(pixel_labels, pixels_scores))
 
 
 def _run(scores, seed, labels=(0, 0, 1, 1, 0, 1), categories=("a", "a", "a", "a", "b", "b")):

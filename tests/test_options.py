@@ -134,6 +134,7 @@ def base_args(tmp_path_factory, mvtec_root, mvtec_cache):
                                   "--workers", "0"],
         ("baseline", "linear"): feature_baseline,
         ("baseline", "knn-tiles"): feature_baseline,
+        ("baseline", "knn-patches"): feature_baseline,
         ("baseline", "zero-shot-text"): feature_baseline,
         ("predict",): [image, "--checkpoint", str(run), "--category", "bottle", "--out", out, "--no-heatmaps"],
         ("export",): ["--checkpoint", str(run), "--out", out, *backbone],
@@ -143,6 +144,7 @@ def base_args(tmp_path_factory, mvtec_root, mvtec_cache):
         ("bench", "predict"): [*backbone, "--images", "1", "--size", "64", "--rounds", "1", "--no-winclip"],
         ("bench", "train"): ["--epochs", "1", "--seeds", "1"],
         ("bench", "cache"): ["--cache-dir", cache],
+        ("bench", "maps"): ["--images", "1", "--normals", "1", "--size", "64"],
     }
 
 

@@ -3,9 +3,11 @@ checkpoint."""
 import csv
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from cache import read_cache
 from extract.identity import file_sha256
@@ -48,8 +50,14 @@ def test_predict_folder_with_one_corrupt_file(tmp_path, run_dir, mvtec_root):
     assert set(rows) == {"good.png", "broken.png", "corrupt.png"}
     assert rows["corrupt.png"]["final"] == "" and "cannot decode" in rows["corrupt.png"]["error"]
     assert 0.0 <= float(rows["good.png"]["final"]) <= 1.0 and rows["good.png"]["decision"] in ("normal", "anomalous")
-    assert (out / "good_heatmap.png").stat().st_size > 1000 and (out / "broken_heatmap.png").is_file()
-    assert not (out / "corrupt_heatmap.png").exists()
+    assert rows["good.png"]["map"].endswith("good_map.npy") and 0.0 <= float(rows["good.png"]["map_max"]) <= 1.0
+    anomaly_map = np.load(out / "good_map.npy")   # at the image's resolution: 97 x 83 px
+    assert anomaly_map.shape == (83, 97) and anomaly_map.dtype == np.float32
+    assert 0.0 <= anomaly_map.min() and anomaly_map.max() <= float(rows["good.png"]["map_max"]) + 1e-6
+    with Image.open(out / "broken_overlay.png") as overlay:
+        assert overlay.size == (97, 83) and overlay.mode == "RGB"
+    assert not (out / "corrupt_map.npy").exists() and not (out / "corrupt_overlay.png").exists()
+    assert "zero-shot text" in result.output   # the run was trained without patch tokens: no pixel head
 
 
 def test_predict_refuses_a_backbone_other_than_the_checkpoints(tmp_path, run_dir, mvtec_root):

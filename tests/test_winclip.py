@@ -93,9 +93,11 @@ def test_winclip_official_protocol_end_to_end(tmp_path, mvtec_root, tiny_backbon
     assert entry["protocol"]["n_images"] == 12          # 2 categories x (2 good + 2x2 defective) test images
     assert set(entry["details"]) == {"bottle", "metal_nut"}
     assert entry["random_weights"] is True and entry["meaningful"] is False
-    assert set(entry["pixel_auroc_coarse"]["details"]) == {"bottle", "metal_nut"}
+    assert set(entry["pixel"]["categories"]) == {"bottle", "metal_nut"} and not entry["pixel"]["not_available"]
+    assert entry["pixel"]["categories"]["bottle"]["anomalous"] == 4 and entry["pixel"]["mean"]["aupro"]["n"] == 1
     maps = np.load(tmp_path / "winclip" / "anomaly_maps.npz")
-    assert maps["maps"].shape == (12, 4, 4)
+    assert maps["WinCLIP zero-shot:grid"].shape == (12, 4, 4)   # the tiny model's patch grid over the whole image
+    assert entry["anomaly_maps"]["tiles"] == 1
     rows = (tmp_path / "winclip" / "scores.csv").read_text().splitlines()
     assert rows[0].startswith("config,seed,category,relpath,defect_type,label,final")
     assert len(rows) == 13
@@ -120,18 +122,20 @@ def test_maps_only_for_the_reports_examples_leave_the_image_scores_unchanged(tmp
     some, entries = run_winclip("mvtec", mvtec_root, tmp_path / "examples", lambda: tiny_backbone, workers=0,
                                 n_resamples=10, progress=False, maps="examples")
     entry = entries["WinCLIP zero-shot"]
-    assert entry["maps"].startswith("examples") and entry["pixel_auroc_coarse"]["mean"] is None
-    assert set(entry["pixel_auroc_coarse"]["not_available"]) == {"bottle", "metal_nut"}
+    assert entry["maps"].startswith("examples") and entry["pixel"]["mean"]["aupro"]["mean"] is None
+    assert set(entry["pixel"]["not_available"]) == {"bottle", "metal_nut"}
     all_scores, some_scores = read_scores_csv(full.parent / "scores.csv"), read_scores_csv(some.parent / "scores.csv")
     assert [r["final"] for r in all_scores] == [r["final"] for r in some_scores] and len(all_scores) == 12
+    key = "WinCLIP zero-shot"
     shown = np.load(tmp_path / "examples" / "anomaly_maps.npz")
     every = np.load(tmp_path / "all" / "anomaly_maps.npz")
     # one anomalous image of each (category, defect type) while they last, then one normal image
-    assert sorted(shown["relpath"].tolist()) == ["bottle/test/broken/000.png", "bottle/test/good/000.png",
-                                                 "bottle/test/scratch/000.png", "metal_nut/test/broken/000.png"]
-    assert len(shown["relpath"]) == MAP_EXAMPLES
-    for relpath, image_map in zip(shown["relpath"], shown["maps"]):
-        np.testing.assert_allclose(image_map, every["maps"][every["relpath"].tolist().index(relpath)], atol=1e-6)
+    assert sorted(shown[f"{key}:relpath"].tolist()) == ["bottle/test/broken/000.png", "bottle/test/good/000.png",
+                                                        "bottle/test/scratch/000.png", "metal_nut/test/broken/000.png"]
+    assert len(shown[f"{key}:relpath"]) == MAP_EXAMPLES
+    for relpath, image_map in zip(shown[f"{key}:relpath"], shown[f"{key}:grid"]):
+        np.testing.assert_allclose(image_map, every[f"{key}:grid"][every[f"{key}:relpath"].tolist().index(relpath)],
+                                   atol=1e-3)   # float16 grids
     assert not (tmp_path / "none").exists()
     run_winclip("mvtec", mvtec_root, tmp_path / "none", lambda: tiny_backbone, workers=0, n_resamples=10,
                 progress=False, maps="none")

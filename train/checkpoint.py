@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from cache import CacheError, mismatched_fields
 from cache.files import atomic_write_bytes, make_dirs
-from cache.format import FINGERPRINT_KEYS, fingerprint_field
+from cache.format import FINGERPRINT_KEYS, TOKEN_SETTING_ATTRIBUTE, fingerprint_field, token_setting_problem
 from train.config import TrainConfig
 from train.split import manifest_problem
 
@@ -33,9 +33,10 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2
 READABLE_FORMATS = (1, 2)
 # Recorded beside the fingerprint keys: which dataset trained the head (the protocols' "same
-# dataset" test) and where its backbone came from (``predict``/``export`` defaults). Neither has
-# to match for features to be comparable, so neither is a fingerprint key.
-PROVENANCE_KEYS = ("dataset", "backbone_source")
+# dataset" test), where its backbone came from (``predict``/``export`` defaults) and which patch
+# tokens its pixel head reads (``check_tokens``). None has to match for features to be comparable,
+# so none is a fingerprint key.
+PROVENANCE_KEYS = ("dataset", "backbone_source", TOKEN_SETTING_ATTRIBUTE)
 FORMAT_1_CALIBRATION = "training images, all categories pooled (a format-1 checkpoint has one threshold)"
 
 
@@ -103,13 +104,15 @@ def load_checkpoint(path) -> Checkpoint:
         raise CacheError(f"{path}: not a RAML checkpoint of format {' or '.join(map(str, READABLE_FORMATS))}")
     try:   # a checkpoint edited or damaged in a way torch.load does not notice
         config = TrainConfig.from_dict(payload["config"]).to_dict()   # fields added since: their defaults
-        model = build_head(config, payload["fingerprint"]["embed_dim"])
+        pixel_head = any(name.startswith("pixel.") for name in payload["state_dict"])
+        model = build_head(config, payload["fingerprint"]["embed_dim"], pixel_head=pixel_head)
         model.load_state_dict(payload["state_dict"])
         model.eval()
         checkpoint = Checkpoint(model=model, config=config, loss_state=dict(payload["loss_state"]),
                                 manifest=payload["manifest"], fingerprint=payload["fingerprint"],
                                 thresholds=_thresholds(payload), categories=list(payload["categories"]), path=path)
-        problem = manifest_problem(checkpoint.manifest) or thresholds_problem(checkpoint.thresholds)
+        problem = (manifest_problem(checkpoint.manifest) or thresholds_problem(checkpoint.thresholds)
+                   or token_setting_problem(checkpoint.fingerprint.get(TOKEN_SETTING_ATTRIBUTE)))
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise CacheError(f"{path}: not a usable RAML checkpoint ({type(err).__name__}: {err})") from None
     if problem:
@@ -146,3 +149,12 @@ def check_cache(checkpoint: Checkpoint, table) -> None:
                             for key in bad)
         raise CacheError(f"{checkpoint.path} was trained on features of another backbone than {table.cache_dir} "
                          f"({details}). Score this cache with a head trained on its own backbone.")
+
+
+def check_tokens(checkpoint: Checkpoint, setting: dict | None, where) -> None:
+    """Refuse to score patch tokens of ``setting`` (``cache.tokens.token_setting``, those of ``where``: a
+    cache or a backbone) with a pixel head trained on tokens of another setting."""
+    trained = checkpoint.fingerprint.get(TOKEN_SETTING_ATTRIBUTE)
+    if trained is not None and setting is not None and trained != setting:
+        raise CacheError(f"{checkpoint.path}'s pixel head was trained on patch tokens of another setting than those "
+                         f"of {where} ({trained} vs {setting}); it cannot score them.")

@@ -133,6 +133,7 @@ def train(cache_dir, out, force, threads, device, margin, **options):
                f"margin {config.margin} (m_base {config.margin_base}, λσ {config.lambda_sigma}, "
                f"λres {config.lambda_res}, r_max {config.r_max}), seed {config.seed}")
     trained = fit(table, config, progress=click.echo, threads=threads, device=device)
+    click.echo(f"pixel head: {trained.pixel_head}")
     # The run's directory is claimed once training succeeded: a failed run leaves nothing behind.
     run_dir = out or claim_run_dir(dataset_of(cache_dir), f"{config.margin}-seed{config.seed}")
     path = write_run(run_dir, trained)

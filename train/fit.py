@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,13 +42,16 @@ from torch.func import functional_call, vmap
 
 from cache import FeatureTable, UserError
 from cache.files import atomic_write_text, make_dirs
+from cache.reader import token_chunks
+from cache.tokens import add_tokens_command
 from extract.encoder import resolve_device
 from train.checkpoint import save_checkpoint
 from train.config import TrainConfig
 from train.infer import score_rows, text_tokens
 from train.thresholds import calibrate_thresholds
-from train.loss import (STEP_STATS, TERMS, image_r_max, initial_loss_state, loss_hyperparameters, loss_step,
-                        resolution_penalty, state_margins, weights_of)
+from train.loss import (PIXEL_TERMS, STEP_STATS, TERMS, image_r_max, initial_loss_state, initial_pixel_state,
+                        loss_hyperparameters, loss_step, resolution_penalty, state_margins, weights_of,
+                        with_pixel_loss)
 from train.model import RAMLHead, build_head
 from train.split import Split, holdout_split
 
@@ -55,7 +59,8 @@ INIT_BATCH = 256    # images per chunk when preparing tensors and initialising t
 # Settings that change the head's shapes, the batches or the loss's code path: runs trained in one
 # pass must agree on them (everything else is a per-run scalar).
 GROUP_FIELDS = ("epochs", "batch_size", "split_seed", "holdout_fraction", "hidden_dim", "attn_dim", "feature_dim",
-                "scales", "cross_attention", "text_fusion", "tile_pool", "loss", "loss_variant")
+                "scales", "cross_attention", "text_fusion", "tile_pool", "loss", "loss_variant", "pixel_head",
+                "pixel_hidden_dim", "pixel_tokens")
 
 
 def group_key(config: TrainConfig) -> tuple:
@@ -90,6 +95,68 @@ def training_data(table: FeatureTable, rows, device: torch.device) -> TrainingDa
         categories=categories)
 
 
+@dataclass
+class PixelData:
+    """What the pixel loss reads, for ``pixel_tokens`` tokens of each training image (``chosen_tokens``)."""
+
+    tokens: torch.Tensor    # [N, P, D] float16 on the training device (float32 per batch)
+    targets: torch.Tensor   # [N, P] float32: each token's defect fraction (0 where unknown)
+    weights: torch.Tensor   # [N, P] float32: 1, or 0 for the tokens of an image whose mask is unknown
+
+
+def pixel_plan(config: TrainConfig, table: FeatureTable, rows) -> tuple[bool, str]:
+    """Whether ``config`` trains a pixel head on ``table``'s ``rows``, and why, in words. ``--pixel-head
+    on`` without what it needs is a ``UserError`` saying how to get it."""
+    if config.pixel_head == "off":
+        return False, "off (--pixel-head off)"
+    rows = np.asarray(rows)
+    untokened = int((~table.has_tokens[rows]).sum())
+    masked = int(((table.label[rows] == 1) & ~np.isnan(table.token_defect[rows]).any(axis=1)).sum()) \
+        if not untokened else 0
+    if untokened:
+        why = (f"{untokened} of the {len(rows)} training images have no patch tokens; to add them: "
+               f"{add_tokens_command(table.meta, table.cache_dir)}")
+    elif not masked:
+        why = "no anomalous training image has a defect mask"
+    else:
+        return True, f"on: trained on {len(rows)} images' patch tokens, {masked} anomalous ones with masks"
+    if config.pixel_head == "on":
+        raise UserError(f"--pixel-head on: {why}")
+    return False, f"off: {why}"
+
+
+def chosen_tokens(defect: np.ndarray, count: int, name: str) -> np.ndarray:
+    """Which of an image's tokens the pixel loss uses (sorted positions): all when there are at most
+    ``count``; else its defective ones first, most defective first (up to half of ``count``), then
+    others drawn by a generator seeded with the image's ``name``: the same tokens in every run."""
+    if count >= len(defect):
+        return np.arange(len(defect))
+    fraction = np.nan_to_num(defect.astype(np.float32))
+    defective = np.flatnonzero(fraction > 0)
+    first = defective[np.argsort(-fraction[defective], kind="stable")][:count // 2]
+    others = np.setdiff1d(np.arange(len(defect)), first)
+    drawn = np.random.default_rng(zlib.crc32(name.encode("utf-8"))).permutation(others)[:count - len(first)]
+    return np.sort(np.concatenate([first, drawn]))
+
+
+def pixel_training_data(table: FeatureTable, rows, count: int, device: torch.device) -> PixelData:
+    """Read the training images' tokens (one chunk of images at a time) and keep ``chosen_tokens`` of each."""
+    rows = np.asarray(rows)
+    per_image = min(count, table.token_defect.shape[1])
+    tokens = np.empty((len(rows), per_image, table.meta["embed_dim"]), np.float16)
+    targets = np.empty((len(rows), per_image), np.float32)
+    for positions, chunk, _ in token_chunks(table, rows):
+        for position, image_tokens in zip(positions, chunk):
+            defect = table.token_defect[rows[position]]
+            chosen = chosen_tokens(defect, per_image, table.relpath[rows[position]])
+            tokens[position], targets[position] = image_tokens[chosen], defect[chosen]
+    unknown = np.isnan(targets)
+    weights = np.where(unknown.any(axis=1, keepdims=True), 0.0, 1.0) * np.ones_like(targets)
+    return PixelData(tokens=torch.from_numpy(tokens).to(device),
+                     targets=torch.from_numpy(np.where(unknown, 0.0, targets).astype(np.float32)).to(device),
+                     weights=torch.from_numpy(weights.astype(np.float32)).to(device))
+
+
 def run_resolution_penalty(table: FeatureTable, rows, config: TrainConfig) -> np.ndarray:
     """[len(rows)] float32 max(0, 1 − r/r_max) of each training image under ``config.r_max``."""
     rows = np.asarray(rows)
@@ -109,10 +176,11 @@ class TrainedHead:
     history: list = field(default_factory=list)
     runs_in_pass: int = 1              # how many runs were trained together with this one
     device: str = "cpu"
+    pixel_head: str = "off"            # ``pixel_plan``'s words: whether a pixel head was trained, and why
 
 
 def epoch_line(record: dict, epochs: int) -> str:
-    terms = "  ".join(f"{name} {record[name]:.4f}" for name in TERMS)
+    terms = "  ".join(f"{name} {record[name]:.4f}" for name in TERMS + PIXEL_TERMS[:1] if name in record)
     return (f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  {terms}  |  "
             f"m {record['mean_margin']:.3f}  σ {record['sigma']:.3f}  inside {record['anomalous_inside_margin']:.2f}"
             f"  |  {record['seconds']:.1f} s")
@@ -170,16 +238,20 @@ def _fit_runs(table, configs, split, progress, device) -> list[TrainedHead]:
                         f"({int(data.labels.sum())} anomalous); need at least one batch of "
                         f"{batch_size} and both normal and anomalous images")
     runs = len(configs)
+    with_pixels, pixel_words = pixel_plan(first, table, split.train)
+    pixels = pixel_training_data(table, split.train, first.pixel_tokens, device) if with_pixels else None
     models = []
     for config in configs:
         with torch.random.fork_rng(devices=[]):   # seed the init without touching the caller's RNG
             torch.manual_seed(config.seed)
-            models.append(build_head(config, data.crops.shape[-1]).to(device))
+            models.append(build_head(config, data.crops.shape[-1], pixel_head=with_pixels).to(device))
     penalty = torch.from_numpy(np.stack([run_resolution_penalty(table, split.train, c) for c in configs])).to(device)
     hp = [{name: value.to(device) for name, value in loss_hyperparameters(c).items()} for c in configs]
     states = [initial_loss_state(c, _normal_features(model, data), len(data.categories))
+              | (initial_pixel_state(*_normal_token_features(model, pixels)) if with_pixels else {})
               for c, model in zip(configs, models)]
-    step_fn = loss_step(first)
+    step_fn = with_pixel_loss(loss_step(first)) if with_pixels else loss_step(first)
+    stat_names = STEP_STATS + (PIXEL_TERMS if with_pixels else ())
     generators = [torch.Generator().manual_seed(c.seed) for c in configs]
     if runs == 1:
         stack = None
@@ -197,19 +269,21 @@ def _fit_runs(table, configs, split, progress, device) -> list[TrainedHead]:
         start = time.perf_counter()
         order = torch.stack([torch.randperm(n_images, generator=g)[:steps * batch_size].view(steps, batch_size)
                              for g in generators], dim=1).to(device)           # [steps, K, B]
-        totals = torch.zeros(runs, len(STEP_STATS), device=device)
+        totals = torch.zeros(runs, len(stat_names), device=device)
         for rows in order:
             if stack is None:
                 rows = rows[0]
-                features, logits = forward(data.crops.index_select(0, rows), data.text_bank, data.category[rows])
-                loss, stats, state = step(features, logits, data.labels[rows], data.category[rows], penalty[0, rows],
-                                          state, hp_runs)
+                outputs = forward(data.crops.index_select(0, rows), data.text_bank, data.category[rows],
+                                  *_pixel_batch(pixels, rows))
+                loss, stats, state = step(*outputs[:2], data.labels[rows], data.category[rows], penalty[0, rows],
+                                          *_pixel_step_inputs(outputs, pixels, rows), state, hp_runs)
                 stats = stats[None]
             else:
                 crops = data.crops.index_select(0, rows.reshape(-1)).view(*rows.shape, *data.crops.shape[1:])
-                features, logits = forward(crops, data.text_bank, data.category[rows])
-                losses, stats, state = step(features, logits, data.labels[rows], data.category[rows],
-                                            penalty.gather(1, rows), state, hp_runs)
+                outputs = forward(crops, data.text_bank, data.category[rows], *_pixel_batch(pixels, rows))
+                losses, stats, state = step(*outputs[:2], data.labels[rows], data.category[rows],
+                                            penalty.gather(1, rows), *_pixel_step_inputs(outputs, pixels, rows),
+                                            state, hp_runs)
                 loss = losses.sum()   # runs share no parameter: each gets its own loss's gradient
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -221,8 +295,8 @@ def _fit_runs(table, configs, split, progress, device) -> list[TrainedHead]:
             totals += stats
         seconds = time.perf_counter() - start
         run_states = [state] if runs == 1 else _unstack(state, runs)
-        records = [_epoch_record(epoch, run_totals, steps, run_state, run_hp, penalty[k], data, seconds, runs,
-                                 weights_of(first))
+        records = [_epoch_record(epoch, dict(zip(stat_names, run_totals.tolist())), steps, run_state, run_hp,
+                                 penalty[k], data, seconds, runs, weights_of(first))
                    for k, (run_totals, run_state, run_hp) in enumerate(zip(totals.cpu(), run_states, hp))]
         for history, record in zip(histories, records):
             history.append(record)
@@ -240,14 +314,28 @@ def _fit_runs(table, configs, split, progress, device) -> list[TrainedHead]:
                                    thresholds=calibrate_thresholds(table.label[split.train], train_scores,
                                                                    table.category[split.train]),
                                    fingerprint=dict(table.meta), history=history, runs_in_pass=runs,
-                                   device=str(device)))
+                                   device=str(device), pixel_head=pixel_words))
     return trained
 
 
-def _epoch_record(epoch, totals, steps, state, hp, penalty, data, seconds, runs, weights) -> dict:
-    stats = dict(zip(STEP_STATS, totals.tolist()))
+def _pixel_batch(pixels: PixelData | None, rows: torch.Tensor) -> tuple:
+    """The forward pass's extra input: the batch's tokens (float32), [B, P, D] or [K, B, P, D]; none
+    without a pixel head."""
+    if pixels is None:
+        return ()
+    return (pixels.tokens.index_select(0, rows.reshape(-1)).view(*rows.shape, *pixels.tokens.shape[1:]).float(),)
+
+
+def _pixel_step_inputs(outputs: tuple, pixels: PixelData | None, rows: torch.Tensor) -> tuple:
+    """The pixel loss's inputs after the image loss's: pixel features and logits, targets, weights."""
+    if pixels is None:
+        return ()
+    return (*outputs[2:], pixels.targets[rows], pixels.weights[rows])
+
+
+def _epoch_record(epoch, stats, steps, state, hp, penalty, data, seconds, runs, weights) -> dict:
     anomalous = data.labels == 1
-    return {"epoch": epoch, **{name: stats[name] / steps for name in TERMS},
+    return {"epoch": epoch, **{name: stats[name] / steps for name in TERMS + PIXEL_TERMS if name in stats},
             "sigma": float(state["sigma"]),
             "mean_margin": float(state_margins(state, hp, penalty[anomalous]).mean()),
             "anomalous_inside_margin": stats["inside_margin"] / max(stats["anomalous"], 1.0),
@@ -288,23 +376,26 @@ class RunStack:
         self.clipping = any(c.grad_clip_norm for c in configs)
         self.max_norm = torch.tensor([c.grad_clip_norm for c in configs], device=self.leaves[0][self.names[0]].device)
         self._forward = vmap(self._one_run, in_dims=(0, 0, None, 0))
+        self._forward_tokens = vmap(self._one_run, in_dims=(0, 0, None, 0, 0))
 
     def _layout(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """A parameter in the leaves' layout (matrices transposed), and back: ``.mT`` is its own inverse."""
         return tensor.mT if name in self.transposed else tensor
 
-    def _one_run(self, parameters, crops, text_bank, category):
-        return functional_call(self.base, (parameters, self.buffers), (crops, text_bank, category))
+    def _one_run(self, parameters, crops, text_bank, category, *tokens):
+        return functional_call(self.base, (parameters, self.buffers), (crops, text_bank, category, *tokens))
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(leaves.values()), "lr": lr, "weight_decay": weight_decay}
                 for ((lr, weight_decay), _), leaves in zip(self.groups, self.leaves)]
 
-    def forward(self, crops, text_bank, category):
-        """``crops`` [K, B, 21, D], ``text_bank`` [C, 2, D] (shared), ``category`` [K, B]."""
+    def forward(self, crops, text_bank, category, *tokens):
+        """``crops`` [K, B, 21, D], ``text_bank`` [C, 2, D] (shared), ``category`` [K, B]; for a pixel head,
+        ``tokens`` [K, B, P, D]."""
         parameters = {name: self._layout(name, self.leaves[0][name] if len(self.leaves) == 1 else
                                          torch.cat([leaves[name] for leaves in self.leaves])) for name in self.names}
-        return self._forward(parameters, crops, text_bank, category)
+        forward = self._forward_tokens if tokens else self._forward
+        return forward(parameters, crops, text_bank, category, *tokens)
 
     @torch.no_grad()
     def clip_gradients(self) -> None:
@@ -339,6 +430,14 @@ def _stack(dicts: list[dict]) -> dict:
 
 def _unstack(stacked: dict, runs: int) -> list[dict]:
     return [{name: value[k] for name, value in stacked.items()} for k in range(runs)]
+
+
+@torch.no_grad()
+def _normal_token_features(model: RAMLHead, pixels: PixelData) -> tuple[torch.Tensor, torch.Tensor]:
+    """The initial pixel head's features of every training token [N·P, f], and each one's normal weight."""
+    chunks = [model.pixel(tokens.float())[0] for tokens in pixels.tokens.split(INIT_BATCH)]
+    normal = pixels.weights * (1 - pixels.targets)
+    return torch.cat(chunks).reshape(-1, chunks[0].shape[-1]), normal.reshape(-1)
 
 
 @torch.no_grad()

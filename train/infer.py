@@ -77,6 +77,26 @@ def score_rows(model, table: FeatureTable, rows=None, visual_weight=TrainConfig.
     return {"visual": visual, "text": text, "final": visual_weight * visual + text_weight * text}
 
 
+def pixel_scores(model, tokens, device: str = "cpu") -> np.ndarray:
+    """sigmoid of the pixel head's logit of every token: ``tokens`` [n, T, D] (any float dtype) → [n, T]
+    float32, the anomaly map's values (``cache.tokens`` says where each token lies)."""
+    from extract.encoder import resolve_device
+
+    device = resolve_device(device)
+    model.eval().to(device)
+    with torch.no_grad():
+        logits = [model.pixel(torch.as_tensor(np.asarray(tokens[start:start + SCORE_BATCH], np.float32),
+                                              device=device))[1] for start in range(0, len(tokens), SCORE_BATCH)]
+    model.cpu()
+    return torch.sigmoid(torch.cat(logits)).cpu().numpy() if logits else np.zeros((0, tokens.shape[1]), np.float32)
+
+
+def fused_score(final, map_max, map_weight: float) -> np.ndarray:
+    """The image score that uses the anomaly map: (1 − map_weight)·s_final + map_weight·(the map's
+    maximum, its largest token score; both in [0, 1])."""
+    return (1.0 - map_weight) * np.asarray(final, float) + map_weight * np.asarray(map_max, float)
+
+
 def score_weights(checkpoint, visual_weight: float | None = None, text_weight: float | None = None) -> dict:
     """The s_final weights: those given, else the ones the checkpoint was trained with."""
     config = checkpoint.config

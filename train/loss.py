@@ -24,6 +24,17 @@ original release's loss (``--loss-variant original``, train/original_loss.py).
 Each image carries a resolution penalty max(0, 1 − r/r_max) (``resolution_penalty``); its margin
 is m = m_base + λ_σ·σ + λ_res·penalty, so the adaptive margin is per image. Fixed and strong
 presets set both λ to 0.
+
+**The pixel loss** (``pixel_step``, added to any of those steps by ``with_pixel_loss`` when the
+head has a pixel head) is the same margin loss per patch token, with soft labels: a token whose
+cell is a fraction y defective counts (1 − y) as normal and y as defective. Center term over the
+normal weight, margin term over the defective weight, with the token's margin m = m_base +
+λ_σ·σ_pix + λ_res·penalty (its image's), around a center and spread of the normal tokens kept as
+the image's are (``pixel_center``, ``pixel_sigma``); and instead of the contrastive term, a
+class-balanced BCE on the token's logit (the mean over the defective weight and the mean over the
+normal weight, averaged). Why: defective tokens are a few per cent of all tokens (MVTec AD), so a
+plain mean BCE learns "normal everywhere", and a contrastive term over the ~1,000 tokens of a
+batch would cost a 1,000² similarity matrix per run and step for what the margin already does.
 """
 from __future__ import annotations
 
@@ -81,6 +92,10 @@ def contrastive_terms(features, labels, temperature):
 STEP_STATS = (*TERMS, "inside_margin", "anomalous")
 
 
+PIXEL_TERMS = ("pixel", "pixel_center", "pixel_margin", "pixel_bce")   # per-step statistics of ``pixel_step``
+PIXEL_STATE = ("pixel_center", "pixel_sigma")
+
+
 def loss_hyperparameters(config) -> dict:
     """The loss's scalars of one run as 0-d float32 tensors (``vmap`` stacks them across runs).
 
@@ -90,7 +105,7 @@ def loss_hyperparameters(config) -> dict:
     values = {name: getattr(config, name) for name in (
         "alpha", "beta", "gamma", "bce_weight", "temperature", "margin_base", "lambda_sigma", "lambda_res",
         "center_momentum", "sigma_momentum", "difficulty_momentum", "difficulty_scale", "difficulty_min",
-        "difficulty_max")}
+        "difficulty_max", "pixel_weight")}
     for name in ("center_momentum", "sigma_momentum", "difficulty_momentum"):
         values[name.replace("momentum", "rate")] = 1.0 - values[name]
     return {name: torch.tensor(float(value)) for name, value in values.items()}
@@ -175,13 +190,62 @@ def loss_step(config):
     return maccl_step
 
 
+def initial_pixel_state(normal_token_features: torch.Tensor, normal_weights: torch.Tensor) -> dict:
+    """The pixel loss's state at the start: center and σ of the training tokens' normal weight under
+    the initial head (as ``initial_loss_state`` for images)."""
+    center, sigma, _ = _normal_spread(normal_token_features, normal_weights)
+    return {"pixel_center": center, "pixel_sigma": sigma}
+
+
+def pixel_step(features, logits, targets, weights, resolution_penalty, state: dict, hp: dict):
+    """One batch of the pixel loss (see the module docstring) over P tokens of each of B images.
+
+    ``features`` [B, P, f] (unit length) and ``logits`` [B, P] from the pixel head, ``targets``
+    [B, P] each token's defect fraction, ``weights`` [B, P] (0 for the tokens of an image whose mask
+    is unknown), ``resolution_penalty`` [B]. Returns ``(loss, stats, new_state)`` as ``maccl_step``:
+    stats are ``PIXEL_TERMS``. A pure function, for ``vmap``.
+    """
+    flat = features.reshape(-1, features.shape[-1])
+    normal, defective = (weights * (1 - targets)).reshape(-1), (weights * targets).reshape(-1)
+    margins = adaptive_margin(hp["margin_base"], hp["lambda_sigma"], state["pixel_sigma"], hp["lambda_res"],
+                              resolution_penalty[:, None].expand_as(targets).reshape(-1))
+    z = logits.reshape(-1)
+    sums = torch.stack([center_terms(flat, normal, state["pixel_center"]).sum(),
+                        margin_terms(flat, defective, state["pixel_center"], margins).sum(),
+                        (F.softplus(-z) * defective).sum(), (F.softplus(z) * normal).sum()])   # −log σ(z), −log(1 − σ(z))
+    means = sums / torch.stack([normal.sum(), defective.sum(), defective.sum(), normal.sum()]).clamp(min=1e-6)
+    bce = 0.5 * (means[2] + means[3])
+    loss = hp["alpha"] * means[0] + hp["beta"] * means[1] + hp["bce_weight"] * bce
+    center, sigma = _moved_spread(state["pixel_center"], state["pixel_sigma"], flat.detach(), normal, hp)
+    return loss, torch.stack([loss, means[0], means[1], bce]).detach(), {"pixel_center": center, "pixel_sigma": sigma}
+
+
+def with_pixel_loss(image_step):
+    """``image_step`` (``loss_step``) plus ``pixel_weight`` × ``pixel_step``: the image head and the pixel
+    head train on the same batches, in one backward pass. The state holds both steps' keys; the
+    statistics are the image step's, then ``PIXEL_TERMS``."""
+    def step(features, logits, labels, category, resolution_penalty, pixel_features, pixel_logits, targets, weights,
+             state, hp):
+        image_state = {name: value for name, value in state.items() if name not in PIXEL_STATE}
+        loss, stats, new_state = image_step(features, logits, labels, category, resolution_penalty, image_state, hp)
+        pixel_loss, pixel_stats, pixel_state = pixel_step(pixel_features, pixel_logits, targets, weights,
+                                                          resolution_penalty, {k: state[k] for k in PIXEL_STATE}, hp)
+        return loss + hp["pixel_weight"] * pixel_loss, torch.cat([stats, pixel_stats]), {**new_state, **pixel_state}
+    return step
+
+
+@torch.no_grad()
+def _moved_spread(center, sigma, features, normal, hp) -> tuple:
+    """A running center and σ of normal features moved by one batch's (EMA; unchanged without normals)."""
+    mean, std, count = _normal_spread(features, normal)
+    return (torch.where(count > 0, hp["center_momentum"] * center + hp["center_rate"] * mean, center),
+            torch.where(count > 1, hp["sigma_momentum"] * sigma + hp["sigma_rate"] * std, sigma))
+
+
 @torch.no_grad()
 def updated_state(state: dict, hp: dict, features, normal, category, image_loss) -> dict:
     """The center, σ and per-category loss EMAs moved by one batch (no gradient)."""
-    mean, std, count = _normal_spread(features, normal)
-    center = torch.where(count > 0, hp["center_momentum"] * state["center"] + hp["center_rate"] * mean,
-                         state["center"])
-    sigma = torch.where(count > 1, hp["sigma_momentum"] * state["sigma"] + hp["sigma_rate"] * std, state["sigma"])
+    center, sigma = _moved_spread(state["center"], state["sigma"], features, normal, hp)
     # L_cat of this batch: the mean loss of the category's images, an image's loss being
     # α·center + β·margin + γ·contrastive + bce_weight·bce of that image.
     sums = torch.zeros_like(state["difficulty"]).index_add_(0, category, image_loss)

@@ -46,6 +46,27 @@ def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask
     return scores.softmax(dim=-1) @ values
 
 
+class PixelHead(nn.Module):
+    """Scores each patch token of an image (``cache.tokens``): its anomaly map.
+
+    One hidden layer per token, read by two heads as in the image head: an L2-normalised feature,
+    on which the per-token margin loss acts (train/loss.py, ``pixel_step``), and a logit,
+    ``sigmoid`` of which is the token's score. Tokens are scored independently: the map needs no
+    image-level context that the tokens, taken from the encoder's last layer, do not carry.
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int, feature_dim: int):
+        super().__init__()
+        self.project = TokenLinear(input_dim, hidden_dim)
+        self.feature = TokenLinear(hidden_dim, feature_dim)
+        self.classifier = TokenLinear(hidden_dim, 1)
+
+    def forward(self, tokens: torch.Tensor):
+        """[B, T, D] tokens → features [B, T, feature_dim] (unit length) and logits [B, T]."""
+        hidden = F.gelu(self.project(tokens))
+        return F.normalize(self.feature(hidden), dim=-1), self.classifier(hidden)[..., 0]
+
+
 class RAMLHead(nn.Module):
     """Scores one image from its 21 crop embeddings.
 
@@ -82,6 +103,9 @@ class RAMLHead(nn.Module):
     tile_pool : {"max", "mean"}
         Ablation: how the fusion pools the 16 tiles of the 4×4 grid. Only scale 3 has them, so
         "mean" requires ``n_scales=3``.
+    pixel_hidden_dim : int or None
+        With a width, a ``PixelHead`` (``pixel``) scores the patch tokens given to ``forward``;
+        None builds none (caches without tokens, ``--pixel-head off``).
 
     Every switch is static (decided here): ``forward`` has no data-dependent control flow, no
     in-place op and no buffer update, so many heads can run at once under ``torch.func.vmap``
@@ -91,7 +115,7 @@ class RAMLHead(nn.Module):
 
     def __init__(self, input_dim: int, hidden_dim: int = 256, attn_dim: int = 64, feature_dim: int = 128,
                  fusion_scale_init: float = 0.1, n_scales: int = 3, cross_attention: bool = True,
-                 text_fusion: bool = True, tile_pool: str = "max"):
+                 text_fusion: bool = True, tile_pool: str = "max", pixel_hidden_dim: int | None = None):
         super().__init__()
         _check_switches(n_scales, cross_attention, tile_pool)
         self.n_scales, self.cross_attention, self.text_fusion, self.tile_pool = (
@@ -119,6 +143,7 @@ class RAMLHead(nn.Module):
                                           nn.Linear(hidden_dim, feature_dim))
         self.classifier = nn.Sequential(nn.Linear(hidden_dim, hidden_dim // 4), nn.GELU(),
                                         nn.Linear(hidden_dim // 4, 1))
+        self.pixel = None if pixel_hidden_dim is None else PixelHead(input_dim, pixel_hidden_dim, feature_dim)
 
     def scales(self, crops: torch.Tensor) -> list[torch.Tensor]:
         """[B, 21, D] → the projected scales read: f1 [B, 1, h], F2 [B, 4, h], F3 [B, 16, h]
@@ -173,12 +198,16 @@ class RAMLHead(nn.Module):
         attended = attend(self.text_query(visual)[:, None], self.text_key(text), text)[:, 0]
         return self.text_norm(visual + self.fusion_scale * attended)
 
-    def forward(self, crops: torch.Tensor, text_bank: torch.Tensor, category: torch.Tensor):
+    def forward(self, crops: torch.Tensor, text_bank: torch.Tensor, category: torch.Tensor, tokens=None):
+        """``(features, logits)``; with ``tokens`` [B, T, D] also the pixel head's ``(features, logits)``
+        of every token (a head without one refuses them)."""
         fused = self.visual_vector(crops)
         if self.text_fusion:
             fused = self.fuse_text(fused, text_bank, category)
         features = F.normalize(self.feature_head(fused), dim=-1)
-        return features, self.classifier(fused)[:, 0]
+        if tokens is None:
+            return features, self.classifier(fused)[:, 0]
+        return (features, self.classifier(fused)[:, 0], *self.pixel(tokens))
 
 
 def _check_switches(n_scales: int, cross_attention: bool, tile_pool: str) -> None:
@@ -188,11 +217,13 @@ def _check_switches(n_scales: int, cross_attention: bool, tile_pool: str) -> Non
         raise UserError("; ".join(problems))
 
 
-def build_head(config, input_dim: int) -> RAMLHead:
+def build_head(config, input_dim: int, pixel_head: bool = False) -> RAMLHead:
     """The head a ``TrainConfig`` (or its dict) describes, for features of width ``input_dim``,
-    ablation switches included (``scales`` "1", "1,2" or "1,2,3" → ``n_scales`` 1, 2 or 3)."""
+    ablation switches included (``scales`` "1", "1,2" or "1,2,3" → ``n_scales`` 1, 2 or 3), with a
+    pixel head when ``pixel_head`` (whether there is one depends on the data: ``train.fit``)."""
     get = config.get if isinstance(config, dict) else lambda key: getattr(config, key)
     return RAMLHead(input_dim, hidden_dim=get("hidden_dim"), attn_dim=get("attn_dim"),
                     feature_dim=get("feature_dim"), fusion_scale_init=get("fusion_scale_init"),
                     n_scales=len(get("scales").split(",")), cross_attention=get("cross_attention"),
-                    text_fusion=get("text_fusion"), tile_pool=get("tile_pool"))
+                    text_fusion=get("text_fusion"), tile_pool=get("tile_pool"),
+                    pixel_hidden_dim=get("pixel_hidden_dim") if pixel_head else None)

@@ -107,9 +107,23 @@ def baseline_knn_tiles(cache_dir, out, **options):
                f"{result['seconds']:.2f} s ({1000 * result['seconds'] / n:.2f} s per 1,000 images)")
 
 
+@baseline.command("knn-patches")
+@with_options(feature_baseline_options)
+@fail_cleanly
+def baseline_knn_patches(cache_dir, out, **options):
+    """PatchCore over the cached patch tokens: nearest training-normal token per category (a coreset when the bank
+    is large); anomaly maps and pixel metrics. Needs a cache extracted with --patch-tokens."""
+    result = feature_baseline("knn-patches", cache_dir, out, **options)
+    banks, n = result["extra"]["memory_bank"], len(result["scores"]["final"])
+    click.echo(f"  memory banks: {sum(b['bank'] for b in banks.values())} tokens kept of "
+               f"{sum(b['tokens'] for b in banks.values())} ({result['extra']['coreset']}); scored {n} images in "
+               f"{result['seconds']:.2f} s ({1000 * result['seconds'] / n:.1f} ms per image, bank building included)")
+
+
 @baseline.command("zero-shot-text")
 @with_options(feature_baseline_options)
 @fail_cleanly
 def baseline_zero_shot_text(cache_dir, out, **options):
-    """RAML's cached text score s_text alone: the zero-shot floor."""
+    """RAML's cached text score s_text alone: the zero-shot floor; with patch tokens, each token's text score is its
+    anomaly map."""
     feature_baseline("zero-shot-text", cache_dir, out, **options)

@@ -10,16 +10,17 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cache import UserError
-from evaluate.localisation import coarse_pixel_auroc, pool_to_grid
+from cache.tokens import EVAL_MASK_BYTES, eval_mask
+from evaluate.localisation import MapImages, not_scored_block, pixel_block
 from evaluate.metrics import DEFAULT_BOOTSTRAP
 from evaluate.protocols import dataset_images
-from evaluate.results import MAP_EXAMPLES, ScoredRun, config_entry, pick_examples, pixel_summary, write_results
+from evaluate.results import MAP_EXAMPLES, MapSet, ScoredRun, config_entry, pick_examples, write_results
 from evaluate.run import backbone_fields
 from extract.datasets import read_dataset
-from extract.pyramid import load_rgb
+from extract.pyramid import load_mask, load_rgb
 
 CONFIG = "WinCLIP zero-shot"   # the results' configuration name; "(global+map)" is appended for that rule
-MAP_SOURCE = "WinCLIP's multi-scale patch map, average-pooled to the same 4x4 cells"
+MAP_SOURCE = "WinCLIP's multi-scale patch map (its patch grid over the whole image)"
 # Which images get WinCLIP's multi-scale map: its windows cost ~12 times the global pass, and the
 # paper's zero-shot image score (the default) does not use them.
 MAPS = {"all": "every image (for pixel metrics)",
@@ -111,13 +112,14 @@ def run_winclip(dataset: str, root, out_dir, backbone_loader, *, protocol: str =
     column = {name: np.array([getattr(r, name) for r in records]) for name in ("category", "relpath", "defect_type")}
     run = ScoredRun(config, None, f"{backbone.name}/{backbone.weights}", column["category"], column["relpath"],
                     column["defect_type"], np.array([r.label for r in records]), scores)
-    mask_relpaths = [r.mask_relpath for r in records]
+    mask_relpaths = np.array([r.mask_relpath for r in records])
     if mapped.all():
-        pixel = pixel_summary(*coarse_pixel_auroc(pool_to_grid(image_maps), column["category"], run.label,
-                                                  mask_relpaths, sizes[:, 0], sizes[:, 1], root), MAP_SOURCE)
+        images = MapImages(column["category"], run.label, (run.label == 0) | (mask_relpaths != ""), sizes[:, 0],
+                           sizes[:, 1], scoring_masks(root, records, sizes))
+        pixel = pixel_block([image_maps], images, MAP_SOURCE, tiles=1, n_resamples=n_resamples,
+                            bootstrap_seed=bootstrap_seed)
     else:
-        pixel = pixel_summary({}, {category: f"--maps {maps}: {MAPS[maps]}" for category in set(column["category"])},
-                              MAP_SOURCE)
+        pixel = not_scored_block(MAP_SOURCE, f"--maps {maps}: {MAPS[maps]}", column["category"])
     example = compositional_prompts(records[0].category)
     entry = config_entry(
         [run], image_list.describe(),
@@ -128,9 +130,18 @@ def run_winclip(dataset: str, root, out_dir, backbone_loader, *, protocol: str =
                "image_score_rule": IMAGE_SCORES[image_score], "maps": f"{maps}: {MAPS[maps]}",
                "window_sizes": list(WINDOW_SIZES), "patch_grid": list(winclip.grid),
                "prompts_per_class": {k: len(v) for k, v in example.items()}})
+    description = f"WinCLIP: multi-scale patch map, {winclip.grid[0]}x{winclip.grid[1]} over the whole image"
     path = write_results(out_dir, {config: entry}, [run],
-                         maps={"relpath": column["relpath"][mapped], "mask_relpath": np.array(mask_relpaths)[mapped],
-                               "maps": image_maps[mapped],
-                               "description": f"multi-scale patch map, {winclip.grid[0]}x{winclip.grid[1]}"}
-                         if mapped.any() else None)
+                         maps={config: MapSet(column["relpath"][mapped], mask_relpaths[mapped], image_maps[mapped], 1,
+                                              description)} if mapped.any() else None)
     return path, {config: entry}
+
+
+def scoring_masks(root: Path, records, sizes: np.ndarray) -> np.ndarray:
+    """[n, EVAL_MASK_BYTES] each image's defect mask at the scoring points, as stage one stores it
+    beside the patch tokens (``cache.tokens.eval_mask``): empty for normal images and missing masks."""
+    masks = np.zeros((len(records), EVAL_MASK_BYTES), np.uint8)
+    for i, (record, (height, width)) in enumerate(zip(records, sizes)):
+        if record.label and record.mask_relpath:
+            masks[i] = eval_mask(load_mask(Path(root) / record.mask_relpath, int(width), int(height)))
+    return masks

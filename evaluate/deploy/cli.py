@@ -22,12 +22,13 @@ from extract.cli import (IMAGE_SIDE, checkpoint_backbone_options, chosen_dataset
 @click.option("--category", required=True, callback=non_empty,
               help="What the images show, e.g. bottle (used in the text prompts).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Directory for predictions.csv and heatmaps. Default: ./results/predictions/<run>/.")
+              help="Directory for predictions.csv and the anomaly maps. Default: ./results/predictions/<run>/.")
 @checkpoint_backbone_options
 @click.option("--visual-weight", type=SCORE_WEIGHT, default=None, help="Weight of s_visual (default: the checkpoint's).")
 @click.option("--text-weight", type=SCORE_WEIGHT, default=None, help="Weight of s_text (default: the checkpoint's).")
 @click.option("--heatmaps/--no-heatmaps", default=True, show_default=True,
-              help="Write a heatmap PNG per image (~0.2 s each on a CPU).")
+              help="Write each image's anomaly map at its resolution (NAME_map.npy, float32) and its overlay "
+                   "(NAME_overlay.png).")
 @click.option("--strict", is_flag=True,
               help="Refuse a category that has no decision threshold of its own in the checkpoint (instead of "
                    "deciding at the pooled threshold, as said in the output).")
@@ -37,12 +38,13 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
             text_weight, heatmaps, strict, engine, fidelity_sample):
     """Score new images (files or folders) with a trained checkpoint.
 
-    Prints file, score and decision at the category's threshold; writes OUT/predictions.csv and a
-    heatmap overlay per image. The backbone is the checkpoint's unless options say otherwise (they
-    must agree with it). Unreadable files get an error line; the exit status is then 1.
+    Prints file, score and decision at the category's threshold; writes OUT/predictions.csv and each
+    image's anomaly map (the run's pixel head, or zero-shot text without one) with its overlay. The
+    backbone is the checkpoint's unless options say otherwise (they must agree with it). Unreadable
+    files get an error line; the exit status is then 1.
     """
-    from evaluate.deploy.predict import (backbone_options_for, pooled_reason, predict_files, prediction_table,
-                                         threshold_for, threshold_note, threshold_source)
+    from evaluate.deploy.predict import (backbone_options_for, map_kind, pooled_reason, predict_files,
+                                         prediction_table, threshold_for, threshold_note, threshold_source)
     from train.checkpoint import load_checkpoint
     checkpoint = checkpoint or newest_run_dir(sweeps=False)
     out = out or echo_chosen("results", results_dir("predictions", run_label([checkpoint])))
@@ -68,7 +70,8 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
     click.echo(prediction_table(predictions, threshold_for(trained, category), threshold_source(trained, category)))
     if backbone.random_weights:
         click.secho("RANDOM WEIGHTS: these scores are NOT MEANINGFUL.", fg="yellow")
-    click.echo(f"→ {out}/predictions.csv" + (f" and {out}/*_heatmap.png" if heatmaps else ""))
+    click.echo(f"→ {out}/predictions.csv" + (f", {out}/*_map.npy and *_overlay.png ({map_kind(trained)})"
+                                             if heatmaps else ""))
     failed = [p for p in predictions if p.error]
     if failed:
         raise UserError(f"{len(failed)} of {len(predictions)} files could not be scored (see ERROR lines above)")

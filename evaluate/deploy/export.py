@@ -1,12 +1,15 @@
 """``export``: a directory that scores images with ONNX Runtime alone — no torch, no RAML package.
 
     <out>/encoder.onnx     the CLIP image encoder: a copy of the verified export ``--engine onnx`` runs
-                           (pixels [B, 3, S, S] float32 → L2-normalised embeddings [B, D]), or with
-                           ``precision="int8"`` of the int8 model ``--engine onnx-int8`` runs, once it
-                           has passed the fidelity check on a sample of the user's images
+                           (pixels [B, 3, S, S] float32 → L2-normalised embeddings [B, D] and pooled
+                           patch tokens [B, p, p, D]), or with ``precision="int8"`` of the int8 model
+                           ``--engine onnx-int8`` runs, once it has passed the fidelity check on a
+                           sample of the user's images
           head.onnx        the trained head with the categories' text tokens baked in:
-                           crops [B, 21, D] float32 and category [B] int64 (index into deploy.json's
-                           ``categories``) → visual [B] (s_visual) and text [B] (s_text)
+                           crops [B, 21, D] float32, category [B] int64 (index into deploy.json's
+                           ``categories``) and tokens [B, T, D] (the 4x4 tiles' patch tokens) →
+                           visual [B] (s_visual), text [B] (s_text) and pixel [B, T] (each token's
+                           map value: the pixel head's, or zero-shot text without one)
           deploy.json      the rest of the contract: input size, mean/std, crop layout, categories,
                            each category's threshold (with its precision and recall on the
                            calibration images), score weights, and the backbone and checkpoint it
@@ -34,29 +37,33 @@ import torch.nn.functional as F
 from cache import CROP_LAYOUT, N_CROPS, UserError
 from cache.files import (atomic_write, atomic_write_text, make_dirs, move_into_place, reporting_write_faults,
                          write_fault)
-from evaluate.deploy.predict import check_backbone, threshold_for, threshold_note
+from cache.tokens import TILES, TOKEN_CROPS, token_setting
+from evaluate.deploy.predict import check_backbone, map_kind, threshold_for, threshold_note, token_map_scores
+from evaluate.localisation import ZERO_SHOT_TEMPERATURE
 from extract.identity import file_sha256
 from extract.int8_engine import FIDELITY_SAMPLE, QUANTISATION, int8_backbone
 from extract.onnx_engine import PARITY_TOLERANCE, OnnxEngineError, onnx_image_encoder
 from extract.prompts import encode_prompts
 from extract.pyramid import MIN_IMAGE_SIDE
+from train.checkpoint import check_tokens
 from train.infer import CLIP_LOGIT_SCALE, score_weights, text_score, text_tokens, visual_score
 
-DEPLOY_FORMAT = 1
+DEPLOY_FORMAT = 2          # 2: patch tokens in, anomaly map out
 DEPLOY_JSON, ENCODER_FILE, HEAD_FILE, SCRIPT_FILE = "deploy.json", "encoder.onnx", "head.onnx", "predict_onnx.py"
 SCRIPT_TEMPLATE = Path(__file__).with_name("predict_onnx.py")
-HEAD_INPUTS, HEAD_OUTPUTS = ("crops", "category"), ("visual", "text")
+HEAD_INPUTS, HEAD_OUTPUTS = ("crops", "category", "tokens"), ("visual", "text", "pixel")
 HEAD_CHECK_IMAGES = 8      # random feature sets compared with the torch head before head.onnx is accepted
 RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: this deployment was exported from a CLIP with random weights; "
                           "every score it gives is meaningless. It exercises the deployment, nothing more.")
 
 
 class DeployedHead(torch.nn.Module):
-    """The graph of head.onnx: 21 fresh crop embeddings and a category index → s_visual, s_text,
-    exactly as ``predict`` scores them.
+    """The graph of head.onnx: 21 fresh crop embeddings, a category index and the 4x4 tiles' patch
+    tokens → s_visual, s_text and each token's map value, exactly as ``predict`` scores them.
 
-    s_text is restated here in torch because ``train.infer.text_score`` is numpy and cannot be
-    traced; ``export_deployment`` compares both before writing, so the two cannot drift apart.
+    s_text and the zero-shot map are restated here in torch because ``train.infer.text_score`` and
+    ``evaluate.localisation.zero_shot_token_scores`` are numpy and cannot be traced;
+    ``export_deployment`` compares all three outputs before writing, so they cannot drift apart.
     """
 
     def __init__(self, head: torch.nn.Module, text_bank: np.ndarray):
@@ -64,13 +71,18 @@ class DeployedHead(torch.nn.Module):
         self.head = head
         self.register_buffer("text_bank", torch.as_tensor(text_bank, dtype=torch.float32))  # [C, 2, D] unit tokens
 
-    def forward(self, crops: torch.Tensor, category: torch.Tensor):
+    def forward(self, crops: torch.Tensor, category: torch.Tensor, tokens: torch.Tensor):
         # The cache stores features in float16 and predict scores them the same way (the head was
         # trained on float16-rounded features): round here too, or s_text differs by up to ~5e-4.
-        crops = crops.half().float()
+        crops, tokens = crops.half().float(), tokens.half().float()
         _, logits = self.head(crops, self.text_bank, category)
         cosines = torch.einsum("bd,bkd->bk", F.normalize(crops[:, 0], dim=-1), self.text_bank[category])
-        return torch.sigmoid(logits), torch.sigmoid(CLIP_LOGIT_SCALE * (cosines[:, 1] - cosines[:, 0]))
+        if self.head.pixel is not None:
+            pixel = torch.sigmoid(self.head.pixel(tokens)[1])
+        else:
+            token_cosines = torch.einsum("btd,bkd->btk", F.normalize(tokens, dim=-1), self.text_bank[category])
+            pixel = torch.sigmoid((token_cosines[..., 1] - token_cosines[..., 0]) / ZERO_SHOT_TEMPERATURE)
+        return torch.sigmoid(logits), torch.sigmoid(CLIP_LOGIT_SCALE * (cosines[:, 1] - cosines[:, 0])), pixel
 
 
 def export_deployment(checkpoint, out_dir, backbone, *, categories=None, onnx_cache_root=None,
@@ -87,6 +99,8 @@ def export_deployment(checkpoint, out_dir, backbone, *, categories=None, onnx_ca
     start = time.perf_counter()
     check_backbone(checkpoint, backbone)
     categories = list(dict.fromkeys(categories or checkpoint.categories))
+    setting = token_setting(backbone.patch_grid, backbone.embed_dim)
+    check_tokens(checkpoint, setting, backbone.name)
     thresholds = {category: threshold_for(checkpoint, category) for category in categories}
     untrained = [c for c in categories if c not in checkpoint.categories]
     if untrained:
@@ -106,6 +120,7 @@ def export_deployment(checkpoint, out_dir, backbone, *, categories=None, onnx_ca
     head_tmp = out / f".{HEAD_FILE}.{os.getpid()}.tmp"
     try:
         head_diff = _export_verified_head(DeployedHead(checkpoint.model, bank).eval(), checkpoint, text, categories,
+                                          setting["tokens"],
                                           head_tmp)
         (out / DEPLOY_JSON).unlink(missing_ok=True)  # until the new one is written, the directory reads as incomplete
         _replace_with_copy(encoder.path, out / ENCODER_FILE)
@@ -136,6 +151,12 @@ def export_deployment(checkpoint, out_dir, backbone, *, categories=None, onnx_ca
                     **_file_facts(out / ENCODER_FILE), **encoder_facts},
         "head": {"file": HEAD_FILE, "inputs": list(HEAD_INPUTS), "outputs": list(HEAD_OUTPUTS),
                  **_file_facts(out / HEAD_FILE), "max_abs_diff_vs_torch": head_diff},
+        "map": {"kind": map_kind(checkpoint), "token_crops": [TOKEN_CROPS.start, TOKEN_CROPS.stop], "tiles": TILES,
+                "per_tile": setting["per_tile"],
+                "geometry": "the tiles' tokens (tile-major, row-major within a tile) form a grid of tiles x per_tile "
+                            "cells a side; each tile of w px holds per_tile cells of w/per_tile px; the map at a pixel "
+                            "centre interpolates linearly between the two nearest cell centres along each axis "
+                            "(the outermost cell beyond the outermost centres)"},
         "trained_categories": list(checkpoint.categories),
         "checkpoint": str(checkpoint.path.resolve()), "checkpoint_sha256": file_sha256(checkpoint.path),
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S"), "export_seconds": round(time.perf_counter() - start, 1),
@@ -165,26 +186,28 @@ def _verified_encoder(checkpoint, backbone, precision: str, categories: list, te
                      "quantised_from_sha256": encoder.meta["quantised_from_sha256"], "fidelity": fidelity.to_dict()}
 
 
-def _export_verified_head(module: DeployedHead, checkpoint, text: dict, categories: list, path: Path) -> float:
+def _export_verified_head(module: DeployedHead, checkpoint, text: dict, categories: list, token_count: int,
+                          path: Path) -> float:
     """Export ``module`` to ``path``, then check that ONNX Runtime's scores match the torch head's
     (``train.infer``) on random features; returns the max abs difference."""
     import onnxruntime
 
     batch = torch.export.Dim("batch")
     dim = module.text_bank.shape[-1]
-    example = (torch.randn(2, N_CROPS, dim), torch.zeros(2, dtype=torch.long))  # 2: size-1 dims get specialised
+    example = (torch.randn(2, N_CROPS, dim), torch.zeros(2, dtype=torch.long),   # 2: size-1 dims get specialised
+               torch.randn(2, token_count, dim))
     try:
         with warnings.catch_warnings():
-            # Both inputs share the batch axis; torch then warns that it keeps one of its two names.
+            # The inputs share the batch axis; torch then warns that it keeps one of its names.
             warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")
             torch.onnx.export(module, example, str(path), input_names=list(HEAD_INPUTS),
                               output_names=list(HEAD_OUTPUTS), external_data=False, dynamo=True, verbose=False,
-                              dynamic_shapes={"crops": {0: batch}, "category": {0: batch}})
+                              dynamic_shapes={"crops": {0: batch}, "category": {0: batch}, "tokens": {0: batch}})
     except Exception as err:  # the exporter raises many types: a full disk, or "this head does not export"
         raise write_fault(err, path) or OnnxEngineError(f"torch.onnx could not export the head of {checkpoint.path}: "
                                                         f"{err}") from err
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    diff = _head_difference(session, checkpoint.model, module.text_bank.numpy(), text, categories)
+    diff = _head_difference(session, checkpoint, module.text_bank.numpy(), text, categories, token_count)
     if not diff <= PARITY_TOLERANCE:  # written so that NaN fails too
         raise OnnxEngineError(f"the ONNX head of {checkpoint.path} does not match the torch head: max abs "
                               f"difference {diff:.2e} on {HEAD_CHECK_IMAGES} random images, tolerance "
@@ -192,18 +215,25 @@ def _export_verified_head(module: DeployedHead, checkpoint, text: dict, categori
     return diff
 
 
-def _head_difference(session, head, bank: np.ndarray, text: dict, categories: list) -> float:
-    """Max abs difference of s_visual and s_text between ``session`` and ``train.infer`` on random unit
-    features, given to the graph in float32 and to ``train.infer`` rounded to float16 as predict does."""
+def _head_difference(session, checkpoint, bank: np.ndarray, text: dict, categories: list, token_count: int) -> float:
+    """Max abs difference of s_visual, s_text and the map values between ``session`` and ``predict``'s
+    own scoring (``train.infer``, ``token_map_scores``) on random unit features and tokens, given to
+    the graph in float32 and rounded to float16 by ``predict``."""
     rng = np.random.default_rng(0)
     features = rng.standard_normal((HEAD_CHECK_IMAGES, N_CROPS, bank.shape[-1])).astype(np.float32)
+    tokens = rng.standard_normal((HEAD_CHECK_IMAGES, token_count, bank.shape[-1])).astype(np.float32)
     features /= np.linalg.norm(features, axis=-1, keepdims=True)
+    tokens /= np.linalg.norm(tokens, axis=-1, keepdims=True)
     index = np.arange(HEAD_CHECK_IMAGES) % len(categories)
-    visual, text_scores = session.run(list(HEAD_OUTPUTS), {"crops": features, "category": index.astype(np.int64)})
+    visual, text_scores, pixel = session.run(list(HEAD_OUTPUTS), {"crops": features, "category": index.astype(np.int64),
+                                                                  "tokens": tokens})
     stored = features.astype(np.float16)
-    want_visual = visual_score(head, stored, bank, index)
+    want_visual = visual_score(checkpoint.model, stored, bank, index)
     want_text = text_score(stored[:, 0], text, np.asarray(categories)[index])
-    return float(max(np.abs(visual - want_visual).max(), np.abs(text_scores - want_text).max()))
+    want_pixel = np.concatenate([token_map_scores(checkpoint, tokens[i:i + 1], text[categories[k]], categories[k])
+                                 for i, k in enumerate(index)])
+    return float(max(np.abs(visual - want_visual).max(), np.abs(text_scores - want_text).max(),
+                     np.abs(pixel - want_pixel).max()))
 
 
 def _replace_with_copy(source: Path, target: Path) -> None:

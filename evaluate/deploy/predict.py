@@ -5,6 +5,11 @@ must match the checkpoint's fingerprint; by default it is the one the checkpoint
 ``backbone_options_for``), then through the checkpoint's head. The decision uses the category's
 threshold (``threshold_for``: F1-max of the final score on the run's training images of that
 category). An unreadable file gets its own error line; the other files are still scored.
+
+The same forward pass gives the crops' patch tokens (``cache.tokens``), which make the image's
+anomaly map (``token_map_scores``: the checkpoint's pixel head, or zero-shot text when it has none),
+written at the image's resolution as ``<name>_map.npy`` (float32, in [0, 1]) and blended over the
+image as ``<name>_overlay.png``.
 """
 from __future__ import annotations
 
@@ -15,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import UserError
-from cache.errors import OptionError
-from cache.errors import working_on
+from cache.errors import OptionError, working_on
 from cache.files import atomic_write, make_dirs
 from extract.datasets import is_image
 from extract.prompts import encode_prompts
@@ -32,8 +36,10 @@ class Prediction:
     final: float | None = None
     visual: float | None = None
     text: float | None = None
+    map_max: float | None = None      # the anomaly map's maximum (its largest token score)
     anomalous: bool | None = None
-    heatmap: Path | None = None
+    map: Path | None = None           # <name>_map.npy
+    overlay: Path | None = None       # <name>_overlay.png
     error: str | None = None
 
 
@@ -184,36 +190,43 @@ def feature_table(features: np.ndarray, categories, text: dict, backbone, sizes)
                         category=np.asarray(categories, dtype=str), defect_type=np.full(n, ""),
                         relpath=np.array([f"image{i}" for i in range(n)]), split=np.full(n, "test"),
                         mask_relpath=np.full(n, ""), height=sizes[:, 0], width=sizes[:, 1], text=text,
-                        meta=backbone_fingerprint(backbone), engines=[], skipped=[], cache_dir=Path("."))
+                        meta=backbone_fingerprint(backbone), engines=[], skipped=[], cache_dir=Path("."),
+                        has_tokens=np.zeros(n, bool), token_defect=np.zeros((n, 0), np.float16),
+                        shard_file=np.full(n, -1), shard_row=np.full(n, -1), shards=[])
 
 
-def _save_heatmap(path: Path, image, anomaly_map: np.ndarray, prediction: Prediction, threshold: float,
-                  random_weights: bool) -> None:
-    """The image beside its 4x4 tile map, titled with the score and the decision."""
-    from evaluate.plots import overlay, plt, save_figure
+def map_kind(checkpoint) -> str:
+    """What ``token_map_scores`` scores the tokens with, in words."""
+    from evaluate.localisation import PIXEL_HEAD_MAP, ZERO_SHOT_MAP
+    return PIXEL_HEAD_MAP if checkpoint.model.pixel is not None else ZERO_SHOT_MAP + " (the run has no pixel head)"
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3.6))
-    left.imshow(image)
-    left.set_axis_off()
-    overlay(right, image, anomaly_map, float(anomaly_map.min()), float(anomaly_map.max()))
-    fig.colorbar(right.images[-1], ax=right, fraction=0.046, label="tile text score (range of this image)")
-    warning = "\nRANDOM WEIGHTS — NOT MEANINGFUL" if random_weights else ""
-    fig.suptitle(f"{prediction.path.name}: score {prediction.final:.3f} → "
-                 f"{'ANOMALOUS' if prediction.anomalous else 'normal'} (threshold {threshold:.3f}){warning}",
-                 fontsize=9, color="firebrick" if warning else "black")
-    save_figure(fig, path, dpi=100)
+
+def token_map_scores(checkpoint, tokens: np.ndarray, text: dict, category: str) -> np.ndarray:
+    """[n, T] scores of the images' patch tokens ([n, T, D]), the values of their maps: the checkpoint's
+    pixel head, or zero-shot text with ``text`` (the category's prompt embeddings) when it has none. The
+    tokens are rounded to float16 first, as the cache stores them (the head was trained on those)."""
+    from evaluate.localisation import zero_shot_token_scores
+    from train.infer import pixel_scores, text_tokens
+    stored = np.asarray(tokens).astype(np.float16)
+    if checkpoint.model.pixel is not None:
+        return pixel_scores(checkpoint.model, stored)
+    return zero_shot_token_scores(stored, text_tokens({category: text}, [category]), np.zeros(len(stored), int))
 
 
 def predict_files(inputs, checkpoint, category: str, out_dir, backbone, *, visual_weight=None,
                   text_weight=None, heatmaps: bool = True, progress: bool = True) -> list[Prediction]:
     """Score every file with ``checkpoint`` (a loaded ``train.checkpoint.Checkpoint``); write
-    predictions.csv and (``heatmaps``) one heatmap PNG per scored image."""
+    predictions.csv and (``heatmaps``) each scored image's anomaly map and overlay."""
     from tqdm import tqdm
 
-    from evaluate.localisation import maps_from_crop_scores, tile_text_scores
+    from cache import N_CROPS
+    from cache.tokens import TOKEN_CROPS, map_at, token_grid, token_setting
+    from evaluate.plots import overlay_image
+    from train.checkpoint import check_tokens
     from train.infer import score_rows, score_weights
 
     check_backbone(checkpoint, backbone)
+    check_tokens(checkpoint, token_setting(backbone.patch_grid, backbone.embed_dim), f"{backbone.name}")
     threshold = threshold_for(checkpoint, category)
     out_dir = Path(out_dir)
     make_dirs(out_dir)
@@ -232,19 +245,30 @@ def predict_files(inputs, checkpoint, category: str, out_dir, backbone, *, visua
             prediction.error = str(err)
             continue
         with working_on(f"image {path}"):
-            features = backbone.encode_crops(pyramid_crops(image, backbone.input_size)).reshape(1, -1,
-                                                                                                backbone.embed_dim)
-        table = feature_table(features, [category], {category: text}, backbone, [(image.height, image.width)])
+            features, tokens = backbone.encode_crops_and_tokens(pyramid_crops(image, backbone.input_size))
+        table = feature_table(features.reshape(1, -1, backbone.embed_dim), [category], {category: text}, backbone,
+                              [(image.height, image.width)])
         scores = score_rows(checkpoint.model, table, **weights)  # check_backbone above stands for check_cache
         prediction.final, prediction.visual, prediction.text = (float(scores[k][0]) for k in ("final", "visual", "text"))
         prediction.anomalous = prediction.final >= threshold
+        tile_tokens = tokens.reshape(N_CROPS, -1, backbone.embed_dim)[TOKEN_CROPS].reshape(1, -1, backbone.embed_dim)
+        token_scores = token_map_scores(checkpoint, tile_tokens, text, category)[0]
+        prediction.map_max = float(token_scores.max())
         if not heatmaps:
             continue
-        prediction.heatmap = _unused(out_dir / f"{path.stem}_heatmap.png", {p.heatmap for p in predictions})
-        _save_heatmap(prediction.heatmap, image, maps_from_crop_scores(tile_text_scores(table))[0], prediction,
-                      threshold, backbone.random_weights)
+        anomaly_map = map_at(token_grid(token_scores, tokens.shape[1]), image.height, image.width)
+        prediction.map = _unused(out_dir / f"{path.stem}_map.npy", {p.map for p in predictions})
+        prediction.overlay = prediction.map.with_name(prediction.map.name[:-len("_map.npy")] + "_overlay.png")
+        atomic_write(prediction.map, lambda tmp: _save_array(tmp, anomaly_map.astype(np.float32)))
+        overlay = overlay_image(image, anomaly_map)
+        atomic_write(prediction.overlay, lambda tmp: overlay.save(tmp, format="PNG"))
     _write_csv(out_dir / PREDICTIONS_CSV, predictions, category, threshold, backbone.random_weights)
     return predictions
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:   # a handle: np.save would add ".npy" to the temporary file's name
+        np.save(handle, array)
 
 
 def _unused(path: Path, taken: set) -> Path:
@@ -264,12 +288,13 @@ def _write_csv(path: Path, predictions: list[Prediction], category: str, thresho
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["file", "category", "final", "visual", "text", "threshold", "decision", "heatmap",
-                             "error", "random_weights"])
+            writer.writerow(["file", "category", "final", "visual", "text", "map_max", "threshold", "decision", "map",
+                             "overlay", "error", "random_weights"])
             for p in predictions:
                 decision = "" if p.anomalous is None else ("anomalous" if p.anomalous else "normal")
                 writer.writerow([p.path, category, _number(p.final), _number(p.visual), _number(p.text),
-                                 f"{threshold:.6f}", decision, p.heatmap or "", p.error or "", int(random_weights)])
+                                 _number(p.map_max), f"{threshold:.6f}", decision, p.map or "", p.overlay or "",
+                                 p.error or "", int(random_weights)])
     atomic_write(path, write)
 
 

@@ -1,15 +1,17 @@
 """Score images with a RAML deployment (``python pipeline.py export``), using only onnxruntime,
 numpy and pillow — no torch, no RAML package.
 
-    python predict_onnx.py part.png [more.png ...] [--category bottle]
+    python predict_onnx.py part.png [more.png ...] [--category bottle] [--maps DIR]
 
 Prints file, score (s_final) and the decision at the exported threshold, one line per file; a
-file that cannot be scored gets an ERROR line and the exit status is 1. The deployment
+file that cannot be scored gets an ERROR line and the exit status is 1. With ``--maps DIR``, each
+image's anomaly map at its resolution goes to ``DIR/<name>_map.npy`` (float32). The deployment
 (deploy.json, encoder.onnx, head.onnx) is read from this script's directory.
 
 The one deliberate copy of RAML code: ``load_rgb`` and ``pyramid_pixels`` restate
-extract/pyramid.py, because a deployment cannot import the package. tests/test_export.py checks
-that both give identical pixels and that this script reproduces ``predict``'s scores.
+extract/pyramid.py, ``anomaly_map`` restates cache/tokens.py's ``map_at``, because a deployment
+cannot import the package. tests/test_export.py checks that they give identical pixels and maps
+and that this script reproduces ``predict``'s scores and maps.
 (``export`` copies this file unchanged from evaluate/deploy/predict_onnx.py in the RAML repository.)
 """
 import argparse
@@ -59,6 +61,27 @@ def pyramid_pixels(image, size, mean, std, layout):
     return np.stack(crops)
 
 
+def anomaly_map(scores, height, width, tiles, per_tile):
+    """The map [height, width] of one image's token scores [tiles² · per_tile²] (tile-major, row-major within a
+    tile), at its pixel centres: along each axis, linear between the two nearest cell centres of a tile row
+    (tile edges at floor(k·side/tiles), per_tile cells a tile), the outermost cell beyond the outermost centres."""
+    grid = np.moveaxis(scores.reshape(tiles, tiles, per_tile, per_tile), 2, 1).reshape(tiles * per_tile, -1)
+
+    def weights(size):
+        edges = (np.arange(tiles + 1) * size // tiles).astype(np.float64)
+        centres = np.arange(size) + 0.5
+        tile = np.clip(np.searchsorted(edges, centres, side="right") - 1, 0, tiles - 1)
+        cells = tiles * per_tile
+        cell = np.clip(tile * per_tile + (centres - edges[tile]) * per_tile / (edges[tile + 1] - edges[tile]) - 0.5,
+                       0, cells - 1)
+        low = np.minimum(np.floor(cell).astype(int), cells - 2)
+        matrix = np.zeros((size, cells))
+        matrix[np.arange(size), low] = 1 - (cell - low)
+        matrix[np.arange(size), low + 1] = cell - low
+        return matrix
+    return (weights(height) @ grid.astype(np.float64) @ weights(width).T).astype(np.float32)
+
+
 def open_graph(deploy, part):
     path = HERE / deploy[part]["file"]
     if path.stat().st_size != deploy[part]["bytes"]:
@@ -77,6 +100,7 @@ def main(argv=None):
     parser.add_argument("images", nargs="+", help="image files to score")
     parser.add_argument("--category", default=categories[0] if len(categories) == 1 else None,
                         help=f"what the images show: one of {', '.join(categories)}")
+    parser.add_argument("--maps", default=None, help="directory for each image's anomaly map (NAME_map.npy)")
     args = parser.parse_args(argv)
     if args.category not in categories:
         given = "is needed:" if args.category is None else f"{args.category}: not exported to {HERE};"
@@ -88,13 +112,20 @@ def main(argv=None):
     threshold, weights = deploy["thresholds"][args.category], deploy["score_weights"]
     width = max(len(name) for name in args.images)
     print(f"{'file':<{width}}  {'score':>8}  decision (threshold {threshold:.6f})")
-    failed = 0
+    failed, geometry = 0, deploy["map"]
+    if args.maps:
+        Path(args.maps).mkdir(parents=True, exist_ok=True)
     for name in args.images:
         try:
             image = load_rgb(name, deploy["min_image_side"])
             crops = pyramid_pixels(image, deploy["input_size"], deploy["mean"], deploy["std"], deploy["crop_layout"])
-            embeddings = encoder.run(None, {"pixels": crops})[0]
-            visual, text = head.run(None, {"crops": embeddings[None], "category": category})
+            embeddings, tokens = encoder.run(None, {"pixels": crops})
+            first, last = geometry["token_crops"]
+            tile_tokens = tokens[first:last].reshape(1, -1, tokens.shape[-1])
+            visual, text, pixel = head.run(None, {"crops": embeddings[None], "category": category, "tokens": tile_tokens})
+            if args.maps:
+                np.save(Path(args.maps) / f"{Path(name).stem}_map.npy",
+                        anomaly_map(pixel[0], image.height, image.width, geometry["tiles"], geometry["per_tile"]))
         except Exception as err:  # PIL and onnxruntime raise many types; each is one file's failure
             failed += 1
             print(f"{name:<{width}}  {'-':>8}  ERROR: {name}: {err}")
