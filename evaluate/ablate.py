@@ -36,7 +36,7 @@ from evaluate.metrics import DEFAULT_BOOTSTRAP, bootstrap_mean_auroc_ci, paired_
 from evaluate.plots import difference_forest
 from evaluate.run import evaluate_checkpoints
 from evaluate.results import NOT_MEANINGFUL, RESULTS_JSON, SCORES_CSV, read_results, read_scores_csv
-from evaluate.sweep import RESULTS_DIR, run_sweep
+from evaluate.sweep import RESULTS_DIR, diverged_cell, run_sweep
 from train.checkpoint import load_checkpoint
 from train.sweep import run_name
 
@@ -82,12 +82,19 @@ def run_ablation(table: FeatureTable, out_dir, seeds, *, ablations=tuple(ABLATIO
     summary = run_sweep(table, configurations, seeds, runs_dir, jobs=jobs, threads=threads, device=device,
                         progress=say, n_resamples=n_resamples)
     results = [runs_dir / RESULTS_DIR / RESULTS_JSON]
+    diverged = {name: entry["diverged"] for name, entry in summary["configurations"].items() if entry["diverged"]}
+    lost = {record["seed"] for record in diverged.get(REFERENCE, [])}
+    reference_seeds = [seed for seed in seeds if seed not in lost]   # the rescored rows reuse these runs
+    if not reference_seeds:
+        raise UserError(f"every run of {REFERENCE!r} diverged ({diverged_cell(diverged[REFERENCE])}): there is "
+                        f"nothing to compare the other rows with. {diverged[REFERENCE][0]['hint'].capitalize()}.")
     for name in (name for name in ablations if name in RESCORED):
-        if name in NEEDS_PIXEL_HEAD and load_checkpoint(runs_dir / run_name(REFERENCE, seeds[0])).model.pixel is None:
+        if name in NEEDS_PIXEL_HEAD and load_checkpoint(runs_dir / run_name(REFERENCE, reference_seeds[0])
+                                                        ).model.pixel is None:
             say(f"ablate: left out {name}: the runs of {REFERENCE} have no pixel head (it needs patch tokens and the "
                 "masks of anomalous training images)")
             continue
-        path, _ = evaluate_checkpoints([runs_dir / run_name(REFERENCE, seed) for seed in seeds], table.cache_dir,
+        path, _ = evaluate_checkpoints([runs_dir / run_name(REFERENCE, seed) for seed in reference_seeds], table.cache_dir,
                                        out_dir / "rescored" / name, **ABLATIONS[name], name=name,
                                        n_resamples=n_resamples, bootstrap_seed=bootstrap_seed, log=say, table=table,
                                        device=device)
@@ -95,7 +102,7 @@ def run_ablation(table: FeatureTable, out_dir, seeds, *, ablations=tuple(ABLATIO
     for name in baselines:
         say(f"ablate: baseline {name}")
         path, _, _ = run_feature_baseline(name, table, out_dir / "baselines" / name,
-                                          split_from=runs_dir / run_name(REFERENCE, seeds[0]),
+                                          split_from=runs_dir / run_name(REFERENCE, reference_seeds[0]),
                                           n_resamples=n_resamples, bootstrap_seed=bootstrap_seed)
         results.append(path)
     table_rows = ablation_rows(results, n_resamples, bootstrap_seed)
@@ -104,7 +111,7 @@ def run_ablation(table: FeatureTable, out_dir, seeds, *, ablations=tuple(ABLATIO
                 "weights": summary["weights"], "random_weights": summary["random_weights"],
                 "bootstrap": {"resamples": n_resamples, "seed": bootstrap_seed, "level": 0.95,
                               "statistic": "mean over categories of the per-category image AUROC, %"},
-                "rows": table_rows}
+                "rows": table_rows, "diverged": diverged}
     atomic_write_text(out_dir / "ablation.json", json.dumps(ablation, indent=2))
     plot = difference_forest(ablation, out_dir / "ablation.png")
     atomic_write_text(out_dir / "ablation.md", ablation_markdown(ablation, plot.name))
@@ -182,6 +189,11 @@ def ablation_markdown(ablation: dict, plot_name: str) -> str:
         lines.append(f"| {row['configuration']} | {row['method']} | {auroc['mean']:.2f}{std} (n={auroc['n']}) | "
                      f"[{low:.1f}, {high:.1f}] | {_fmt(row['average_precision'])} | {_fmt(row['f1_max'])} | {delta} | "
                      f"{_fmt(row.get('aupro'))} | {_fmt(row['anomalous_inside_margin'])} |")
+    diverged = ablation.get("diverged") or {}
+    if diverged:
+        lines += ["", "Diverged runs (loss or gradient not finite; no checkpoint, left out of their row; a row "
+                      "whose every run diverged is missing): "
+                  + "; ".join(f"{name}: {diverged_cell(records)}" for name, records in diverged.items())]
     lines += ["", f"![differences from {ablation['reference']}]({plot_name})", "",
               "Per-category tables and plots: `python pipeline.py report OUT/runs/results OUT/rescored OUT/baselines --out REPORT`.", ""]
     return "\n".join(lines)

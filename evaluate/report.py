@@ -167,6 +167,11 @@ def comparison_markdown(title: str, rows: list[Row], plots: list[str]) -> str:
                     for c, reason in row.entry.get("not_available", {}).items()})
     if notes:
         lines += ["", "n/a — " + "; ".join(notes)]
+    diverged = [f"{row.label}: seed {r['seed']} (epoch {r['epoch']}, step {r['step']}: {r['term']})"
+                for row in rows for r in row.entry.get("diverged", [])]
+    if diverged:
+        lines += ["", "Diverged (their loss or gradient stopped being finite; no checkpoint, not in the means) — "
+                  + "; ".join(diverged)]
     lines += pixel_markdown(rows)
     if any(row.random_weights for row in rows):
         lines += ["", f"† {NOT_MEANINGFUL}."]

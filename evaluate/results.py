@@ -278,6 +278,7 @@ _ENTRY_SHAPE = {
               "categories!": {"*": {"images": int, "anomalous": int, **{name: _PIXEL_STATS for name in PIXEL_METRICS}}},
               "not_available!": {"*": str}},
     "method": str,
+    "diverged": [{"run!": str, "seed!": int, "epoch!": int, "step!": int, "term!": str}],
     "anomalous_inside_margin": "number?", "anomalous_inside_margin_over_seeds": {"mean": "number?", "std": "number?"},
     "score_weights": {"visual_weight!": NUMBER, "text_weight!": NUMBER}, "scores_csv": str,
     "anomaly_maps": (str, {"file!": str, "key!": str, "tiles!": int, "description!": str}),   # str: before issue 19

@@ -124,11 +124,12 @@ def backbone_fields(meta: dict) -> dict:
 def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | None = None,
                          visual_weight: float | None = None, text_weight: float | None = None, map_weight: float = 0.0,
                          n_resamples: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0, name: str | None = None,
-                         log=print, table=None, device: str = "cpu") -> tuple[Path, dict]:
+                         log=print, table=None, device: str = "cpu", diverged: dict | None = None) -> tuple[Path, dict]:
     """Score every checkpoint on ``cache_dir`` and write ``out_dir``/{results.json, scores.csv,
     anomaly_maps.npz}. Returns the results path and the entries. ``table``: the cache already read
     (a sweep passes its own), else it is read from ``cache_dir``. ``map_weight``: the image score is
-    ``fused_score`` of s_final and the pixel head's map (0: s_final)."""
+    ``fused_score`` of s_final and the pixel head's map (0: s_final). ``diverged``: configuration →
+    its runs that diverged (a sweep's; they have no checkpoint), recorded in its entry."""
     table = read_cache(cache_dir) if table is None else table
     groups = group_configurations(find_checkpoints(checkpoints), name)
     runs, image_lists, settings, config_rows = defaultdict(list), {}, {}, {}
@@ -161,7 +162,8 @@ def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | Non
         entries[config] = config_entry(
             config_runs, image_lists[config], backbone_fields(table.meta), n_resamples=n_resamples,
             bootstrap_seed=bootstrap_seed, pixel=pixel.get(config),
-            extra={"method": "RAML", **settings[config], "cache_dir": str(table.cache_dir)})
+            extra={"method": "RAML", **settings[config], "cache_dir": str(table.cache_dir),
+                   **({"diverged": diverged[config]} if (diverged or {}).get(config) else {})})
     path = write_results(out_dir, entries, [run for config_runs in runs.values() for run in config_runs], maps=maps)
     return path, entries
 

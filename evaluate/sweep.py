@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cache import FeatureTable
+from cache import FeatureTable, UserError
 from cache.files import atomic_write_text
 from evaluate.file_names import SUMMARY_JSON
 from evaluate.run import evaluate_checkpoints
@@ -24,31 +24,38 @@ def run_sweep(table: FeatureTable, configurations: dict[str, dict], seeds, out_d
     them all with ``evaluate``'s code, write and return the summary."""
     out_dir = Path(out_dir)
     say = progress or (lambda line: None)
-    runs, passes = train_missing(table, configurations, seeds, out_dir, jobs=jobs, threads=threads, device=device,
-                                 progress=say)
-    summary = summarise_runs(table, configurations, runs, out_dir, n_resamples, say)
+    runs, passes, diverged = train_missing(table, configurations, seeds, out_dir, jobs=jobs, threads=threads,
+                                           device=device, progress=say)
+    summary = summarise_runs(table, configurations, runs, diverged, out_dir, n_resamples, say)
     summary["passes"] = passes
     write_json(out_dir / SUMMARY_JSON, summary)
     atomic_write_text(out_dir / "summary.md", summary_markdown(summary))
     return summary
 
 
-def summarise_runs(table: FeatureTable, configurations: dict, runs: dict, out_dir: Path, n_resamples: int,
-                   say) -> dict:
-    """Score every run with ``evaluate`` (holdout protocol) and condense its entries."""
-    run_dirs = [out_dir / name for name in runs]
+def summarise_runs(table: FeatureTable, configurations: dict, runs: dict, diverged: dict, out_dir: Path,
+                   n_resamples: int, say) -> dict:
+    """Score every run that did not diverge with ``evaluate`` (holdout protocol) and condense its
+    entries; a configuration lists its diverged runs (``train.fit.divergence_record``)."""
+    by_configuration = {name: [{"run": run, **diverged[run]} for run, (config, _) in runs.items()
+                               if config == name and run in diverged] for name in configurations}
+    run_dirs = [out_dir / name for name in runs if name not in diverged]
+    if not run_dirs:
+        raise UserError(f"every run of the sweep in {out_dir} diverged: nothing to score. "
+                        + next(iter(diverged.values()))["hint"].capitalize() + ".")
     _, entries = evaluate_checkpoints(run_dirs, table.cache_dir, out_dir / RESULTS_DIR, protocol="holdout",
-                                      n_resamples=n_resamples, log=say, table=table)
+                                      n_resamples=n_resamples, log=say, table=table, diverged=by_configuration)
     first = next(iter(entries.values()))
     configurations_summary = {}
     for name in configurations:
-        entry = entries[name]
+        entry = entries.get(name, {"seeds": [], "auroc_over_seeds": None, "categories": {}})
         configurations_summary[name] = {
             "seeds": entry["seeds"],
             "mean_auroc": entry["auroc_over_seeds"],
             "categories": {c: stats["auroc_over_seeds"] for c, stats in entry["categories"].items()},
             "anomalous_inside_margin": entry.get("anomalous_inside_margin"),
             "config": {key: value for key, value in entry.get("config", {}).items() if key != "seed"},
+            "diverged": by_configuration[name],
         }
     return {"metric": "held-out image AUROC of s_final, % (mean over categories per run); mean ± sample std "
                       "(ddof = 1) over seeds, n seeds",
@@ -65,6 +72,12 @@ def _cell(stats: dict | None) -> str:
     return f"{stats['mean']:.2f}{std} (n={stats['n']})"
 
 
+def diverged_cell(records: list | None) -> str:
+    """``seed 1 (epoch 2, step 5: center)``, one per diverged run; "–" for none."""
+    return "; ".join(f"seed {r['seed']} (epoch {r['epoch']}, step {r['step']}: {r['term']})" for r in records or ()) \
+        or "–"
+
+
 def summary_markdown(summary: dict) -> str:
     """The summary as two Markdown tables (AUROC in %, mean ± sample std over seeds, n)."""
     names = list(summary["configurations"])
@@ -74,11 +87,11 @@ def summary_markdown(summary: dict) -> str:
              f"(hash {summary['heldout_hash'][:12]}). Per-image scores and CIs: `{summary['results']}`.", ""]
     if summary["random_weights"]:
         lines += ["**These features come from random weights: the numbers below are meaningless.**", ""]
-    lines += ["| configuration | seeds | AUROC % | anomalous inside margin |", "|---|---|---|---|"]
+    lines += ["| configuration | seeds | AUROC % | anomalous inside margin | diverged |", "|---|---|---|---|---|"]
     for name, entry in summary["configurations"].items():
         inside = entry.get("anomalous_inside_margin")
         lines.append(f"| {name} | {len(entry['seeds'])} | {_cell(entry['mean_auroc'])} | "
-                     f"{'–' if inside is None else f'{inside:.2f}'} |")
+                     f"{'–' if inside is None else f'{inside:.2f}'} | {diverged_cell(entry.get('diverged'))} |")
     categories = sorted({c for entry in summary["configurations"].values() for c in entry["categories"]})
     lines += ["", "| category | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for category in categories:

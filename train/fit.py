@@ -30,6 +30,7 @@ run to run: results agree to float rounding, not bit for bit.
 from __future__ import annotations
 
 import json
+import math
 import time
 import zlib
 from contextlib import contextmanager
@@ -177,6 +178,7 @@ class TrainedHead:
     runs_in_pass: int = 1              # how many runs were trained together with this one
     device: str = "cpu"
     pixel_head: str = "off"            # ``pixel_plan``'s words: whether a pixel head was trained, and why
+    diverged: dict | None = None       # ``divergence_record`` of a run whose loss or gradient stopped being finite
 
 
 def epoch_line(record: dict, epochs: int) -> str:
@@ -186,10 +188,43 @@ def epoch_line(record: dict, epochs: int) -> str:
             f"  |  {record['seconds']:.1f} s")
 
 
-def pass_line(records: list[dict], epochs: int) -> str:
-    losses = [record["loss"] for record in records]
-    return (f"epoch {records[0]['epoch']:>{len(str(epochs))}}/{epochs}  {len(records)} runs  loss "
-            f"{min(losses):.4f}–{max(losses):.4f}  |  {records[0]['seconds']:.1f} s")
+def pass_line(records: list[dict], epochs: int, diverged: int = 0) -> str:
+    losses = [record["loss"] for record in records if math.isfinite(record["loss"])]
+    spread = f"loss {min(losses):.4f}–{max(losses):.4f}" if losses else "no finite loss"
+    return (f"epoch {records[0]['epoch']:>{len(str(epochs))}}/{epochs}  {len(records)} runs  {spread}"
+            + (f"  ({diverged} diverged)" if diverged else "") + f"  |  {records[0]['seconds']:.1f} s")
+
+
+class TrainingDiverged(UserError):
+    """A run's loss or gradient stopped being finite (``record``: ``divergence_record``); nothing of
+    it was written."""
+
+    def __init__(self, record: dict):
+        super().__init__(divergence_message(record))
+        self.record = record
+
+
+def divergence_record(config: TrainConfig, step: int, steps: int, stats: dict) -> dict:
+    """Where run ``config`` diverged: global ``step`` (1-based; ``steps`` per epoch), the first loss term
+    that was not finite at that step (``stats``: the step's terms; "gradient" when every term was
+    finite but a gradient was not), and what to try."""
+    terms = {name: value for name, value in stats.items() if name in TERMS + PIXEL_TERMS}
+    term = next((name for name, value in terms.items() if name != "loss" and not math.isfinite(value)),
+                "loss" if not math.isfinite(terms.get("loss", 0.0)) else "gradient")
+    hint = f"lower --lr (now {config.lr:g}; try {config.lr / 10:g})"
+    if not config.grad_clip_norm:
+        hint += " or clip each step's gradient with --grad-clip-norm 1.0"
+    return {"seed": config.seed, "epoch": (step - 1) // steps + 1, "step": (step - 1) % steps + 1,
+            "steps_per_epoch": steps, "term": term, "hint": hint,
+            "terms": {name: value if math.isfinite(value) else repr(value) for name, value in terms.items()}}
+
+
+def divergence_message(record: dict) -> str:
+    value = record["terms"].get(record["term"], "not finite")
+    what = "a gradient stopped being finite" if record["term"] == "gradient" else \
+        f"the {record['term']} term became {value}"
+    return (f"training diverged (seed {record['seed']}) at epoch {record['epoch']}, step {record['step']} of "
+            f"{record['steps_per_epoch']}: {what}. No checkpoint was written. Try: {record['hint']}.")
 
 
 @contextmanager
@@ -210,24 +245,38 @@ def fit(table: FeatureTable, config: TrainConfig, split: Split | None = None, pr
 
     ``progress``, if given, is called with one line per epoch (loss terms, mean margin, σ).
     ``threads``: torch threads while training (see the module docstring); ``device``: "cpu",
-    "cuda", "cuda:N" or "auto".
+    "cuda", "cuda:N" or "auto". Raises ``TrainingDiverged`` at the first step whose loss or gradient
+    is not finite (on a GPU, at the end of that epoch: the step is still the first one).
     """
-    return fit_runs(table, [config], split, progress, threads, device)[0]
+    return fit_runs(table, [config], split, progress, threads, device, stop_on_divergence=True)[0]
 
 
 def fit_runs(table: FeatureTable, configs: list[TrainConfig], split: Split | None = None, progress=None,
-             threads: int | None = 1, device: str = "cpu") -> list[TrainedHead]:
-    """Train every config at once (see the module docstring); they must share ``group_key``."""
+             threads: int | None = 1, device: str = "cpu", stop_on_divergence: bool = False) -> list[TrainedHead]:
+    """Train every config at once (see the module docstring); they must share ``group_key``.
+
+    A run whose loss or gradient stops being finite is diverged: with ``stop_on_divergence`` the
+    pass stops (``TrainingDiverged``); otherwise it is returned with ``diverged`` set (no thresholds,
+    nothing to write) and the other runs go on (runs share no parameter), the pass stopping early
+    once every run has diverged."""
     if len({group_key(config) for config in configs}) != 1:
         raise ValueError("fit_runs: the configs differ in settings that change shapes or the loss "
                          f"({', '.join(GROUP_FIELDS)}); train them in separate passes")
     order = sorted(range(len(configs)), key=lambda k: (configs[k].lr, configs[k].weight_decay))  # stable
     with torch_threads(threads):
-        trained = _fit_runs(table, [configs[k] for k in order], split, progress, resolve_device(device))
+        trained = _fit_runs(table, [configs[k] for k in order], split, progress, resolve_device(device),
+                            stop_on_divergence)
     return [trained[order.index(k)] for k in range(len(configs))]
 
 
-def _fit_runs(table, configs, split, progress, device) -> list[TrainedHead]:
+def _finite_gradients(model: RAMLHead) -> torch.Tensor:
+    """[1] bool: whether every gradient of ``model`` is finite (one sum per parameter: NaN and ±inf
+    reach it)."""
+    sums = torch.stack([p.grad.sum() for p in model.parameters() if p.grad is not None])
+    return torch.isfinite(sums.sum())[None]
+
+
+def _fit_runs(table, configs, split, progress, device, stop_on_divergence) -> list[TrainedHead]:
     first = configs[0]
     split = split or holdout_split(table, first.split_seed, first.holdout_fraction)
     data = training_data(table, split.train, device)
@@ -265,19 +314,24 @@ def _fit_runs(table, configs, split, progress, device) -> list[TrainedHead]:
     histories = [[] for _ in configs]
     for model in models:
         model.train()
+    # Divergence: each step marks the runs whose loss or gradient is not finite (on the device, no
+    # sync); on the CPU it is looked at every step, on a GPU once per epoch (the host syncs then anyway).
+    failed_at = torch.zeros(runs, dtype=torch.long, device=device)   # global step of the first failure; 0: none
+    failed_stats = torch.zeros(runs, len(stat_names), device=device)
+    every_step = device.type == "cpu"
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         order = torch.stack([torch.randperm(n_images, generator=g)[:steps * batch_size].view(steps, batch_size)
                              for g in generators], dim=1).to(device)           # [steps, K, B]
         totals = torch.zeros(runs, len(stat_names), device=device)
-        for rows in order:
+        for step_index, rows in enumerate(order, start=(epoch - 1) * steps + 1):
             if stack is None:
                 rows = rows[0]
                 outputs = forward(data.crops.index_select(0, rows), data.text_bank, data.category[rows],
                                   *_pixel_batch(pixels, rows))
                 loss, stats, state = step(*outputs[:2], data.labels[rows], data.category[rows], penalty[0, rows],
                                           *_pixel_step_inputs(outputs, pixels, rows), state, hp_runs)
-                stats = stats[None]
+                stats, losses = stats[None], loss.detach()[None]
             else:
                 crops = data.crops.index_select(0, rows.reshape(-1)).view(*rows.shape, *data.crops.shape[1:])
                 outputs = forward(crops, data.text_bank, data.category[rows], *_pixel_batch(pixels, rows))
@@ -287,12 +341,26 @@ def _fit_runs(table, configs, split, progress, device) -> list[TrainedHead]:
                 loss = losses.sum()   # runs share no parameter: each gets its own loss's gradient
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            finite = torch.isfinite(losses.detach()) & (
+                stack.finite_gradients() if stack is not None else _finite_gradients(models[0]))
+            newly = ~finite & (failed_at == 0)
+            failed_at = torch.where(newly, step_index, failed_at)
+            failed_stats = torch.where(newly[:, None], stats.detach(), failed_stats)
+            if every_step and _stop(failed_at, stop_on_divergence):
+                break
             if stack is not None:
                 stack.clip_gradients()
             elif first.grad_clip_norm:
                 torch.nn.utils.clip_grad_norm_(models[0].parameters(), first.grad_clip_norm)
             optimizer.step()
             totals += stats
+        failed = failed_at.cpu()
+        if stop_on_divergence and failed.any():
+            k = int(failed.nonzero()[0])
+            raise TrainingDiverged(divergence_record(configs[k], int(failed[k]), steps,
+                                                     dict(zip(stat_names, failed_stats[k].tolist()))))
+        if _stop(failed_at, stop_on_divergence):
+            break
         seconds = time.perf_counter() - start
         run_states = [state] if runs == 1 else _unstack(state, runs)
         records = [_epoch_record(epoch, dict(zip(stat_names, run_totals.tolist())), steps, run_state, run_hp,
@@ -301,21 +369,34 @@ def _fit_runs(table, configs, split, progress, device) -> list[TrainedHead]:
         for history, record in zip(histories, records):
             history.append(record)
         if progress:
-            progress(epoch_line(records[0], epochs) if runs == 1 else pass_line(records, epochs))
+            progress(epoch_line(records[0], epochs) if runs == 1 else
+                     pass_line(records, epochs, int((failed > 0).sum())))
     if stack is not None:
         stack.write_back()
     final_states = [state] if runs == 1 else _unstack(state, runs)
+    failed, failed_stats = failed_at.cpu().tolist(), failed_stats.cpu().tolist()
     trained = []
-    for model, config, run_state, history in zip(models, configs, final_states, histories):
-        train_scores = score_rows(model, table, split.train, config.visual_weight, config.text_weight,
-                                  device=str(device))["final"]   # leaves the model on the CPU, in eval mode
-        trained.append(TrainedHead(model=model, loss_state={k: v.detach().cpu() for k, v in run_state.items()},
-                                   config=config, split=split, categories=data.categories,
-                                   thresholds=calibrate_thresholds(table.label[split.train], train_scores,
-                                                                   table.category[split.train]),
-                                   fingerprint=dict(table.meta), history=history, runs_in_pass=runs,
-                                   device=str(device), pixel_head=pixel_words))
+    for k, (model, config, run_state, history) in enumerate(zip(models, configs, final_states, histories)):
+        head = TrainedHead(model=model, loss_state={name: v.detach().cpu() for name, v in run_state.items()},
+                           config=config, split=split, categories=data.categories, thresholds={},
+                           fingerprint=dict(table.meta), history=history, runs_in_pass=runs, device=str(device),
+                           pixel_head=pixel_words)
+        if failed[k]:
+            head.diverged = divergence_record(config, failed[k], steps, dict(zip(stat_names, failed_stats[k])))
+            if progress:
+                progress(f"{divergence_message(head.diverged)[:-len(' No checkpoint was written.')]}")
+        else:
+            train_scores = score_rows(model, table, split.train, config.visual_weight, config.text_weight,
+                                      device=str(device))["final"]   # leaves the model on the CPU, in eval mode
+            head.thresholds = calibrate_thresholds(table.label[split.train], train_scores, table.category[split.train])
+        trained.append(head)
     return trained
+
+
+def _stop(failed_at: torch.Tensor, stop_on_divergence: bool) -> bool:
+    """Whether training stops here: a run diverged and the pass stops on one, or every run diverged."""
+    failed = failed_at > 0
+    return bool(failed.any()) if stop_on_divergence else bool(failed.all())
 
 
 def _pixel_batch(pixels: PixelData | None, rows: torch.Tensor) -> tuple:
@@ -415,6 +496,14 @@ class RunStack:
             start += len(members)
 
     @torch.no_grad()
+    def finite_gradients(self) -> torch.Tensor:
+        """[K] bool: whether every gradient of each run is finite (one sum per run and parameter)."""
+        return torch.cat([torch.isfinite(torch.stack([leaves[name].grad.reshape(len(members), -1).sum(1)
+                                                      for name in self.names if leaves[name].grad is not None]
+                                                     ).sum(0))
+                          for (_, members), leaves in zip(self.groups, self.leaves)])
+
+    @torch.no_grad()
     def write_back(self) -> None:
         """Copy each run's slice of the stacked parameters into its own head."""
         for ((_, members), leaves) in zip(self.groups, self.leaves):
@@ -451,6 +540,8 @@ def _normal_features(model: RAMLHead, data: TrainingData) -> torch.Tensor:
 
 def write_run(run_dir, trained: TrainedHead) -> Path:
     """``run_dir/{checkpoint.pt, config.json, split.json, history.json}``; the checkpoint last."""
+    if trained.diverged is not None:
+        raise ValueError("write_run: a diverged run has no checkpoint to write")
     run_dir = Path(run_dir)
     make_dirs(run_dir)
     write_json(run_dir / "config.json", trained.config.to_dict())

@@ -117,14 +117,21 @@ def train_pass(table: FeatureTable, runs: dict[str, TrainConfig], out_dir: Path,
     metrics = {}
     for (name, config), head in zip(runs.items(), trained):
         run_dir = out_dir / name
-        write_run(run_dir, head)
+        if head.diverged is None:
+            write_run(run_dir, head)
+        else:   # no checkpoint: what it was, where it diverged (metrics.json), so that a re-run does not retrain it
+            make_dirs(run_dir)
+            write_json(run_dir / "config.json", config.to_dict())
+            write_json(run_dir / "split.json", head.split.manifest())
+            write_json(run_dir / "history.json", head.history)
         metrics[name] = {"run": name, "seed": config.seed, "margin": config.margin,
                          "heldout_hash": head.split.manifest()["heldout_hash"],
                          "heldout_images": int(len(head.split.heldout)),
                          "fingerprint": {key: head.fingerprint.get(key) for key in head.fingerprint},
                          "pass_seconds": sum(record["seconds"] for record in head.history),
                          "runs_in_pass": head.runs_in_pass, "device": head.device,
-                         "peak_memory_mb": peak_memory_mb()}  # of the process that trained the pass
+                         "peak_memory_mb": peak_memory_mb(),  # of the process that trained the pass
+                         **({"diverged": head.diverged} if head.diverged else {})}
         write_json(run_dir / METRICS_FILE, metrics[name])
     return metrics
 
@@ -144,10 +151,11 @@ def describe_pass(runs: dict[str, TrainConfig]) -> str:
 
 
 def train_missing(table: FeatureTable, configurations: dict[str, dict], seeds, out_dir, jobs: int = 1,
-                  threads: int | None = 1, device: str = "cpu", progress=None) -> tuple[dict, list]:
+                  threads: int | None = 1, device: str = "cpu", progress=None) -> tuple[dict, list, dict]:
     """Train the runs of ``configurations`` × ``seeds`` that are not finished in ``out_dir`` (see the
-    module docstring). Returns ``(runs, passes)``: run name → (configuration, ``TrainConfig``), and
-    the names of the runs of each pass trained now.
+    module docstring). Returns ``(runs, passes, diverged)``: run name → (configuration,
+    ``TrainConfig``), the names of the runs of each pass trained now, and run name →
+    ``train.fit.divergence_record`` of the runs (now or before) that diverged: they have no checkpoint.
 
     ``configurations``: name → ``TrainConfig`` overrides (``grid_configurations`` builds them).
     ``jobs`` passes run in parallel worker processes of ``threads`` torch threads each.
@@ -178,4 +186,8 @@ def train_missing(table: FeatureTable, configurations: dict[str, dict], seeds, o
         seconds = next(iter(metrics.values()))["pass_seconds"]
         say(f"sweep: pass {number}/{len(passes)} done: {len(metrics)} runs in {seconds:.1f} s of training "
             f"({len(finished)}/{len(runs)} runs finished)")
-    return runs, [sorted(group) for group in passes]
+    diverged = {name: metrics["diverged"] for name, metrics in finished.items() if metrics.get("diverged")}
+    for name, record in diverged.items():
+        say(f"sweep: {name} diverged at epoch {record['epoch']}, step {record['step']} ({record['term']}): "
+            "not scored")
+    return runs, [sorted(group) for group in passes], diverged
