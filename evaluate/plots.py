@@ -173,7 +173,7 @@ def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int)
             if c == 0:
                 ax.set_ylabel(f"{row.label}\n{_short(maps['description'])}", fontsize=8)
     _title(fig, f"{title}: anomaly maps (brighter = more anomalous; colour range per row; cyan: defect mask)", rows)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))   # leave room for the two-line title
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight()))   # 0.7 in for the two-line title
     return save_figure(fig, path), None
 
 

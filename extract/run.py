@@ -115,14 +115,15 @@ def check_free_space(cache_dir: Path, images: int, cached, embed_dim: int, shard
     if token_images:
         need += token_images * token_bytes
         how += f", and {human_bytes(token_bytes)} of patch tokens for each of {token_images} images"
+    encoded = max(images, token_images)   # the images that get tokens include the new ones
     existing = next(path for path in (Path(cache_dir).resolve(), *Path(cache_dir).resolve().parents) if path.exists())
     free = shutil.disk_usage(existing).free
     if need > free:
-        raise CacheError(f"{cache_dir}: {images + token_images} images to encode need about {human_bytes(need)} "
+        raise CacheError(f"{cache_dir}: {encoded} images to encode need about {human_bytes(need)} "
                          f"({how}), but its file system has {human_bytes(free)} free. Free some space or choose "
                          "another --cache-dir; nothing was encoded.")
     if need > SPACE_WARNING * free:
-        print(f"extract: warning: {images + token_images} images to encode need about {human_bytes(need)} ({how}) of "
+        print(f"extract: warning: {encoded} images to encode need about {human_bytes(need)} ({how}) of "
               f"the {human_bytes(free)} free on the file system of {cache_dir}", file=sys.stderr, flush=True)
 
 

@@ -300,3 +300,18 @@ def test_write_fault_words_for_every_errno():
     wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device", "/tmp/t")
     assert "/out/model.onnx: cannot write: no space left" in str(cache.files.write_fault(wrapped, "/out/model.onnx"))
     assert cache.files.write_fault(ValueError("x")) is None
+
+
+def test_space_check_counts_the_patch_tokens(mvtec_root, tmp_path, monkeypatch):
+    """Room for the features alone: a run with --patch-tokens is refused, naming what the tokens take."""
+    from cache.writer import estimated_bytes
+    from extract import run as extract_run
+    features = estimated_bytes(20, 32, 256)
+    monkeypatch.setattr(extract_run.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2 * features, 2 * features))
+    refused = CliRunner().invoke(cli, extract_args(mvtec_root, tmp_path / "c", "--patch-tokens"))
+    assert refused.exit_code == 1
+    line = one_error_line(refused.output, "20 images to encode need about", "of patch tokens for each of 20 images",
+                          "nothing was encoded")
+    assert not shard_paths(tmp_path / "c")
+    assert CliRunner().invoke(cli, extract_args(mvtec_root, tmp_path / "d")).exit_code == 0, line   # features fit
