@@ -9,6 +9,8 @@ writes its traceback to a log file, so that it can be reported rather than mista
 It subclasses ``ValueError`` so that library callers catching ``ValueError`` keep working.
 """
 import contextlib
+import json
+from pathlib import Path
 
 
 class UserError(ValueError):
@@ -40,3 +42,16 @@ def working_on(what: str):
         if getattr(err, "raml_working_on", None) is None:
             err.raml_working_on = what
         raise
+
+
+def read_json_checked(path, problem=None, *, error=UserError, advice: str = ""):
+    """The JSON value in ``path``; ``error`` naming the file when it is not UTF-8 JSON or when
+    ``problem(value)`` says why it is not what the caller reads (``advice``: appended to either)."""
+    try:
+        value = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err}){advice}") from None
+    reason = problem(value) if problem else None
+    if reason:
+        raise error(f"{path}: {reason}{advice}")
+    return value

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.errors import CacheError
+from cache.errors import CacheError, read_json_checked
 from cache.files import atomic_write_text, create_exclusively, make_dirs
 
 FORMAT_VERSION = 2          # 2: the shard's attributes are under the checksum too (cache.checks)
@@ -134,14 +134,8 @@ def read_fingerprint(cache_dir: Path) -> dict | None:
     path = Path(cache_dir) / CACHE_JSON
     if not path.exists():
         return None
-    try:
-        meta = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CacheError(f"{path}: not valid JSON ({err}); was it edited by hand?") from err
-    problem = fingerprint_problem(meta)
-    if problem:
-        raise CacheError(f"{path}: {problem}; was it edited by hand? Extract into a new --cache-dir, or restore it.")
-    return meta
+    return read_json_checked(path, fingerprint_problem, error=CacheError,
+                             advice="; was it edited by hand? Extract into a new --cache-dir, or restore it.")
 
 
 # What each field of a fingerprint must be (None allowed where ``FINGERPRINT_DEFAULTS`` or older

@@ -12,13 +12,13 @@ Every results file records the protocol and the hash of the exact image list
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cache import UserError
+from cache.errors import read_json_checked
 from train.checkpoint import load_checkpoint
 from train.split import image_list_hash, manifest_problem, rows_for
 
@@ -68,14 +68,7 @@ def read_split_manifest(run: str | Path) -> tuple[dict, str]:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no split manifest; is {run} a training run directory "
                                     "(written by python pipeline.py train --out ...)?")
-        try:
-            manifest = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UserError(f"{path}: not valid JSON ({err})") from err
-        problem = manifest_problem(manifest)
-        if problem:
-            raise UserError(f"{path}: {problem}")
-        return manifest, str(path)
+        return read_json_checked(path, manifest_problem), str(path)
     return load_checkpoint(run).manifest, str(run)
 
 

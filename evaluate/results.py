@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import UserError
+from cache.errors import read_json_checked
 from cache.files import atomic_write, atomic_write_text, make_dirs
 from evaluate.file_names import MAPS_NPZ, RESULTS_JSON, SCORES_CSV
 from evaluate.metrics import DEFAULT_BOOTSTRAP, average_precision, bootstrap_auroc_ci, image_auroc
@@ -325,10 +326,7 @@ def shape_problem(value, shape, where: str) -> str | None:
 def read_results(path: Path) -> dict:
     """A results file as ``{config: entry}``, checked (``_ENTRY_SHAPE``); entries of the original
     release (no protocol) are accepted too, and marked as such."""
-    try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from err
+    data = read_json_checked(path)
     if not isinstance(data, dict) or not all(isinstance(e, dict) and "mean_auroc" in e and "details" in e
                                              for e in data.values()):
         raise UserError(f'{path}: not a results file (expected {{"<config>": {{"mean_auroc": ..., '

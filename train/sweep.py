@@ -15,7 +15,6 @@ killed mid-pass keeps every finished run and retrains the runs of the unfinished
 """
 from __future__ import annotations
 
-import json
 import resource
 from collections import defaultdict
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 from joblib import Parallel, delayed
 
 from cache import FeatureTable, UserError, mismatched_fields
+from cache.errors import read_json_checked
 from cache.files import make_dirs
 from train.config import TrainConfig, make_config
 from train.fit import GROUP_FIELDS, fit_runs, group_key, write_json, write_run
@@ -100,14 +100,12 @@ def finished_metrics(run_dir: Path, config: TrainConfig, table: FeatureTable, he
 
 def _read_json_object(path: Path) -> dict:
     """The JSON object in ``path``, or a ``UserError`` naming the file (a run's metrics and config)."""
+    def not_an_object(value) -> str | None:
+        return None if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
     try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return read_json_checked(path, not_an_object, advice="; delete the run directory to train it again")
+    except OSError as err:
         raise UserError(f"{path}: unreadable ({err}); delete the run directory to train it again") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: a JSON {type(value).__name__}, not an object; delete the run directory to train "
-                        "it again")
-    return value
 
 
 def train_pass(table: FeatureTable, runs: dict[str, TrainConfig], out_dir: Path, threads: int | None,
