@@ -11,7 +11,8 @@ from evaluate.sweep import run_sweep
 from pipeline import cli
 from train import fit as fit_module
 from train.config import make_config
-from train.fit import TrainingDiverged, fit, fit_runs
+from train.divergence import TrainingDiverged
+from train.fit import fit, fit_runs
 from train.infer import score_rows
 from train.split import holdout_split
 

@@ -9,6 +9,8 @@ loss_terms   the pieces both losses share: adaptive margin, center and margin te
 loss         MACCL: center, margin, supervised contrastive (+ BCE), as pure step functions; the pixel loss
 original_loss  the original release's loss (--loss-variant original)
 fit          fit, fit_runs, write_run: the training loop (one run, or many stacked) and the run directory
+run_stack    RunStack: K runs of one architecture as one stacked, vmapped model
+divergence   TrainingDiverged: the first step whose loss or gradient is not finite, and what to try
 checkpoint   save_checkpoint, load_checkpoint, check_cache
 infer        score_table, text_score: s_final = 0.85·s_visual + 0.15·s_text; pixel_scores, fused_score
 thresholds   F1-max decision thresholds per category, calibrated on the training images

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from cache import FeatureTable, UserError
 from cache.files import atomic_write_text, make_dirs
@@ -47,6 +47,7 @@ from cache.reader import token_chunks
 from cache.tokens import add_tokens_command
 from extract.encoder import resolve_device
 from train.checkpoint import save_checkpoint
+from train.divergence import TrainingDiverged, divergence_message, divergence_record, finite_gradients, should_stop
 from train.config import TrainConfig
 from train.infer import score_rows, text_tokens
 from train.thresholds import calibrate_thresholds
@@ -54,6 +55,7 @@ from train.loss import (PIXEL_TERMS, STEP_STATS, TERMS, image_r_max, initial_los
                         loss_hyperparameters, loss_step, resolution_penalty, state_margins, weights_of,
                         with_pixel_loss)
 from train.model import RAMLHead, build_head
+from train.run_stack import RunStack, stack_dicts, unstack_dict
 from train.split import Split, holdout_split
 
 INIT_BATCH = 256    # images per chunk when preparing tensors and initialising the center and σ
@@ -195,38 +197,6 @@ def pass_line(records: list[dict], epochs: int, diverged: int = 0) -> str:
             + (f"  ({diverged} diverged)" if diverged else "") + f"  |  {records[0]['seconds']:.1f} s")
 
 
-class TrainingDiverged(UserError):
-    """A run's loss or gradient stopped being finite (``record``: ``divergence_record``); nothing of
-    it was written."""
-
-    def __init__(self, record: dict):
-        super().__init__(divergence_message(record))
-        self.record = record
-
-
-def divergence_record(config: TrainConfig, step: int, steps: int, stats: dict) -> dict:
-    """Where run ``config`` diverged: global ``step`` (1-based; ``steps`` per epoch), the first loss term
-    that was not finite at that step (``stats``: the step's terms; "gradient" when every term was
-    finite but a gradient was not), and what to try."""
-    terms = {name: value for name, value in stats.items() if name in TERMS + PIXEL_TERMS}
-    term = next((name for name, value in terms.items() if name != "loss" and not math.isfinite(value)),
-                "loss" if not math.isfinite(terms.get("loss", 0.0)) else "gradient")
-    hint = f"lower --lr (now {config.lr:g}; try {config.lr / 10:g})"
-    if not config.grad_clip_norm:
-        hint += " or clip each step's gradient with --grad-clip-norm 1.0"
-    return {"seed": config.seed, "epoch": (step - 1) // steps + 1, "step": (step - 1) % steps + 1,
-            "steps_per_epoch": steps, "term": term, "hint": hint,
-            "terms": {name: value if math.isfinite(value) else repr(value) for name, value in terms.items()}}
-
-
-def divergence_message(record: dict) -> str:
-    value = record["terms"].get(record["term"], "not finite")
-    what = "a gradient stopped being finite" if record["term"] == "gradient" else \
-        f"the {record['term']} term became {value}"
-    return (f"training diverged (seed {record['seed']}) at epoch {record['epoch']}, step {record['step']} of "
-            f"{record['steps_per_epoch']}: {what}. No checkpoint was written. Try: {record['hint']}.")
-
-
 @contextmanager
 def torch_threads(count: int | None):
     """Run the block with ``count`` torch threads (None: leave the setting alone)."""
@@ -269,13 +239,6 @@ def fit_runs(table: FeatureTable, configs: list[TrainConfig], split: Split | Non
     return [trained[order.index(k)] for k in range(len(configs))]
 
 
-def _finite_gradients(model: RAMLHead) -> torch.Tensor:
-    """[1] bool: whether every gradient of ``model`` is finite (one sum per parameter: NaN and ±inf
-    reach it)."""
-    sums = torch.stack([p.grad.sum() for p in model.parameters() if p.grad is not None])
-    return torch.isfinite(sums.sum())[None]
-
-
 def _fit_runs(table, configs, split, progress, device, stop_on_divergence) -> list[TrainedHead]:
     first = configs[0]
     split = split or holdout_split(table, first.split_seed, first.holdout_fraction)
@@ -309,7 +272,7 @@ def _fit_runs(table, configs, split, progress, device, stop_on_divergence) -> li
                                       fused=True)
     else:
         stack = RunStack(models, configs)
-        forward, step, state, hp_runs = stack.forward, vmap(step_fn), _stack(states), _stack(hp)
+        forward, step, state, hp_runs = stack.forward, vmap(step_fn), stack_dicts(states), stack_dicts(hp)
         optimizer = torch.optim.AdamW(stack.param_groups(), lr=first.lr, fused=True)
     histories = [[] for _ in configs]
     for model in models:
@@ -342,11 +305,11 @@ def _fit_runs(table, configs, split, progress, device, stop_on_divergence) -> li
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             finite = torch.isfinite(losses.detach()) & (
-                stack.finite_gradients() if stack is not None else _finite_gradients(models[0]))
+                stack.finite_gradients() if stack is not None else finite_gradients(models[0]))
             newly = ~finite & (failed_at == 0)
             failed_at = torch.where(newly, step_index, failed_at)
             failed_stats = torch.where(newly[:, None], stats.detach(), failed_stats)
-            if every_step and _stop(failed_at, stop_on_divergence):
+            if every_step and should_stop(failed_at, stop_on_divergence):
                 break
             if stack is not None:
                 stack.clip_gradients()
@@ -359,10 +322,10 @@ def _fit_runs(table, configs, split, progress, device, stop_on_divergence) -> li
             k = int(failed.nonzero()[0])
             raise TrainingDiverged(divergence_record(configs[k], int(failed[k]), steps,
                                                      dict(zip(stat_names, failed_stats[k].tolist()))))
-        if _stop(failed_at, stop_on_divergence):
+        if should_stop(failed_at, stop_on_divergence):
             break
         seconds = time.perf_counter() - start
-        run_states = [state] if runs == 1 else _unstack(state, runs)
+        run_states = [state] if runs == 1 else unstack_dict(state, runs)
         records = [_epoch_record(epoch, dict(zip(stat_names, run_totals.tolist())), steps, run_state, run_hp,
                                  penalty[k], data, seconds, runs, weights_of(first))
                    for k, (run_totals, run_state, run_hp) in enumerate(zip(totals.cpu(), run_states, hp))]
@@ -373,7 +336,7 @@ def _fit_runs(table, configs, split, progress, device, stop_on_divergence) -> li
                      pass_line(records, epochs, int((failed > 0).sum())))
     if stack is not None:
         stack.write_back()
-    final_states = [state] if runs == 1 else _unstack(state, runs)
+    final_states = [state] if runs == 1 else unstack_dict(state, runs)
     failed, failed_stats = failed_at.cpu().tolist(), failed_stats.cpu().tolist()
     trained = []
     for k, (model, config, run_state, history) in enumerate(zip(models, configs, final_states, histories)):
@@ -391,12 +354,6 @@ def _fit_runs(table, configs, split, progress, device, stop_on_divergence) -> li
             head.thresholds = calibrate_thresholds(table.label[split.train], train_scores, table.category[split.train])
         trained.append(head)
     return trained
-
-
-def _stop(failed_at: torch.Tensor, stop_on_divergence: bool) -> bool:
-    """Whether training stops here: a run diverged and the pass stops on one, or every run diverged."""
-    failed = failed_at > 0
-    return bool(failed.any()) if stop_on_divergence else bool(failed.all())
 
 
 def _pixel_batch(pixels: PixelData | None, rows: torch.Tensor) -> tuple:
@@ -422,103 +379,6 @@ def _epoch_record(epoch, stats, steps, state, hp, penalty, data, seconds, runs, 
             "anomalous_inside_margin": stats["inside_margin"] / max(stats["anomalous"], 1.0),
             "difficulty_weights": dict(zip(data.categories, weights(state, hp).tolist())),
             "seconds": seconds, "runs_in_pass": runs}
-
-
-class RunStack:
-    """The parameters of K heads of one architecture as stacked leaf tensors ``[K, ...]``, and their
-    forward pass as one vmapped call (``torch.func.functional_call`` of the first head).
-
-    Runs are stacked per optimizer group: runs with the same (lr, weight decay) share a leaf per
-    parameter, so one fused AdamW group updates them with exactly the per-element arithmetic of a
-    run trained alone; the groups' leaves are concatenated along the run axis in the forward pass.
-    Two layout choices, each measured on 15 runs: stacked leaves rather than per-run leaves stacked
-    at every step (1.46× faster forward and backward: no per-run gradient copies), and matrices kept
-    transposed, ``[K, in, out]``, handed to the head as ``.mT`` views, so that the batched products
-    read them contiguously and their gradients arrive in the leaves' own layout (1.12×: no
-    transposing copy of every weight gradient).
-    """
-
-    def __init__(self, models: list[RAMLHead], configs: list[TrainConfig]):
-        self.models, self.configs = models, configs
-        self.base = models[0]
-        self.buffers = dict(self.base.named_buffers())
-        self.names = [name for name, _ in self.base.named_parameters()]
-        groups = {}
-        for k, config in enumerate(configs):
-            groups.setdefault((config.lr, config.weight_decay), []).append(k)
-        self.groups = list(groups.items())
-        self.order = [k for _, members in self.groups for k in members]      # run axis of the forward pass
-        if self.order != list(range(len(models))):
-            raise ValueError("RunStack: runs of one (lr, weight decay) must be contiguous; sort them first")
-        self.transposed = {name for name, parameter in self.base.named_parameters() if parameter.dim() == 2}
-        self.leaves = [{name: torch.stack([self._layout(name, dict(models[k].named_parameters())[name].detach())
-                                           for k in members]).requires_grad_() for name in self.names}
-                       for _, members in self.groups]
-        self.clipping = any(c.grad_clip_norm for c in configs)
-        self.max_norm = torch.tensor([c.grad_clip_norm for c in configs], device=self.leaves[0][self.names[0]].device)
-        self._forward = vmap(self._one_run, in_dims=(0, 0, None, 0))
-        self._forward_tokens = vmap(self._one_run, in_dims=(0, 0, None, 0, 0))
-
-    def _layout(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """A parameter in the leaves' layout (matrices transposed), and back: ``.mT`` is its own inverse."""
-        return tensor.mT if name in self.transposed else tensor
-
-    def _one_run(self, parameters, crops, text_bank, category, *tokens):
-        return functional_call(self.base, (parameters, self.buffers), (crops, text_bank, category, *tokens))
-
-    def param_groups(self) -> list[dict]:
-        return [{"params": list(leaves.values()), "lr": lr, "weight_decay": weight_decay}
-                for ((lr, weight_decay), _), leaves in zip(self.groups, self.leaves)]
-
-    def forward(self, crops, text_bank, category, *tokens):
-        """``crops`` [K, B, 21, D], ``text_bank`` [C, 2, D] (shared), ``category`` [K, B]; for a pixel head,
-        ``tokens`` [K, B, P, D]."""
-        parameters = {name: self._layout(name, self.leaves[0][name] if len(self.leaves) == 1 else
-                                         torch.cat([leaves[name] for leaves in self.leaves])) for name in self.names}
-        forward = self._forward_tokens if tokens else self._forward
-        return forward(parameters, crops, text_bank, category, *tokens)
-
-    @torch.no_grad()
-    def clip_gradients(self) -> None:
-        """Each run's gradient scaled to at most its ``grad_clip_norm`` (0: left alone), as
-        ``torch.nn.utils.clip_grad_norm_`` does for a run trained alone."""
-        if not self.clipping:
-            return
-        grads = [[leaves[name].grad for name in self.names if leaves[name].grad is not None] for leaves in self.leaves]
-        squares = torch.cat([sum(g.pow(2).reshape(len(g), -1).sum(1) for g in group) for group in grads])
-        coefficient = (self.max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
-        coefficient = torch.where(self.max_norm > 0, coefficient, torch.ones_like(coefficient))
-        start = 0
-        for group, (_, members) in zip(grads, self.groups):
-            part = coefficient[start:start + len(members)]
-            for g in group:
-                g.mul_(part.view(-1, *([1] * (g.dim() - 1))))
-            start += len(members)
-
-    @torch.no_grad()
-    def finite_gradients(self) -> torch.Tensor:
-        """[K] bool: whether every gradient of each run is finite (one sum per run and parameter)."""
-        return torch.cat([torch.isfinite(torch.stack([leaves[name].grad.reshape(len(members), -1).sum(1)
-                                                      for name in self.names if leaves[name].grad is not None]
-                                                     ).sum(0))
-                          for (_, members), leaves in zip(self.groups, self.leaves)])
-
-    @torch.no_grad()
-    def write_back(self) -> None:
-        """Copy each run's slice of the stacked parameters into its own head."""
-        for ((_, members), leaves) in zip(self.groups, self.leaves):
-            for index, k in enumerate(members):
-                parameters = dict(self.models[k].named_parameters())
-                for name in self.names:
-                    parameters[name].copy_(self._layout(name, leaves[name][index]))
-
-
-def _stack(dicts: list[dict]) -> dict:
-    return {name: torch.stack([d[name] for d in dicts]) for name in dicts[0]}
-
-
-def _unstack(stacked: dict, runs: int) -> list[dict]:
-    return [{name: value[k] for name, value in stacked.items()} for k in range(runs)]
 
 
 @torch.no_grad()
