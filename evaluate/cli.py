@@ -10,12 +10,12 @@ import click
 from click.core import ParameterSource
 
 from cache import UserError
-from cache.errors import OptionError
 from cache.cli import (JOBS, SCORE_WEIGHT, SEED, FiniteFloat, echo_chosen, fail_cleanly, non_empty, seed_list, text_list,
                        with_options)
-from extract.cli import dataset_option, model_option, refusing_contradictory_weights
+from cache.errors import OptionError
 from cache.workspace import REPORT_DIR, RESULTS, SWEEP_PREFIX, dataset_of, results_dir
 from evaluate.workspace import newest_run_dir, run_label, scoring_cache, sweep_dir
+from extract.cli import dataset_option, model_option, refusing_contradictory_weights
 from train.cli import (read_training_cache, stage_two_device_option, threads_option, train_options,
                        training_cache_options)
 

@@ -6,12 +6,12 @@ import pytest
 from click.testing import CliRunner
 
 from cache import UserError, read_cache
+from cache.synthetic import write_synthetic_cache
 from evaluate.ablate import ABLATIONS, REFERENCE, RESCORED, run_ablation
 from evaluate.results import SCORES_CSV, read_scores_csv
 from pipeline import cli
 from train import sweep as sweep_module
 from train.config import VARIANT_DEFAULTS
-from cache.synthetic import write_synthetic_cache
 
 FAST = dict(epochs=2, lr=1e-3, hidden_dim=32, attn_dim=8, feature_dim=16)
 

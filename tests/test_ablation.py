@@ -4,11 +4,11 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from cache import UserError, read_cache
+from cache.synthetic import write_synthetic_cache
 from train.checkpoint import load_checkpoint
 from train.config import TrainConfig, make_config
 from train.fit import fit, write_run
 from train.model import RAMLHead, build_head
-from cache.synthetic import write_synthetic_cache
 
 DIMS = dict(hidden_dim=16, attn_dim=8, feature_dim=8)
 CROSS_SCALE = ("keys.", "queries.", "arrow_norms.")

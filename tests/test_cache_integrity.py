@@ -20,8 +20,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cache import CacheError, ShardRows, read_cache, write_shard
-from cache.lock import WriterSlot, partial_shard_status
 from cache.format import CACHE_JSON, mismatched_fields
+from cache.lock import WriterSlot, partial_shard_status
 from extract import pyramid
 from extract.encoder import load_backbone
 from extract.identity import backbone_identity, config_sha256, identity_of, weights_sha256
@@ -29,8 +29,8 @@ from extract.pyramid import BadImageError, load_rgb
 from extract.run import extract_features
 from pipeline import cli
 from tests.conftest import TINY_MODEL
-from tests.test_extract import assert_same_table, run
 from tests.synthetic import make_folder, make_mvtec, part_image
+from tests.test_extract import assert_same_table, run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_IDENTITY = dict(model=TINY_MODEL, random_weights=True)
@@ -115,10 +115,10 @@ def test_name_that_is_not_utf8_is_skipped_and_listed_under_skip_bad(folder_with_
 
 GATED_EXTRACT = """
 import sys, time
-from pathlib import Path
 from extract.encoder import load_backbone
 from extract.identity import backbone_identity
 from extract.run import extract_features
+from pathlib import Path
 
 root, cache_dir, shard, gate = sys.argv[1:5]
 

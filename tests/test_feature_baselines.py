@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from cache import UserError, read_cache
+from cache.synthetic import write_synthetic_cache
 from evaluate.baselines.features import (baseline_split, knn_crop_distances, knn_tiles_scores, linear_scores,
                                         run_feature_baseline, zero_shot_text_scores)
 from evaluate.metrics import image_auroc
@@ -17,7 +18,6 @@ from train.config import make_config
 from train.fit import fit, write_run
 from train.infer import text_score
 from train.split import holdout_split
-from cache.synthetic import write_synthetic_cache
 
 SEPARABLE = {"bottle": (60, 20, 20, 900), "metal_nut": (60, 20, 20, 700)}
 # D = 128, not 32: at D = 32 a crop's noise (norm ~1 at any D) blurs nearest-neighbour distances so much

@@ -8,13 +8,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from evaluate.sweep import run_sweep
 from pipeline import cli
 from train.config import TrainConfig, make_config, parse_vary
 from train.fit import fit, fit_runs
 from train.infer import score_rows
 from train.loss import initial_loss_state, loss_hyperparameters, loss_step, maccl_step, resolution_penalty
 from train.original_loss import original_category_weights, original_initial_state, original_step
-from evaluate.sweep import run_sweep
 from train.sweep import grid_configurations
 
 

@@ -9,13 +9,13 @@ from click.testing import CliRunner
 
 from cache import UserError
 from evaluate.run import evaluate_checkpoints
+from evaluate.sweep import run_sweep, summary_markdown
 from pipeline import cli
 from train import sweep as sweep_module
 from train.checkpoint import load_checkpoint
 from train.config import make_config
 from train.fit import fit, fit_runs, group_key
 from train.infer import score_rows
-from evaluate.sweep import run_sweep, summary_markdown
 from train.sweep import grid_configurations, plan_passes
 
 TINY = dict(epochs=1, hidden_dim=32, attn_dim=8, feature_dim=16)

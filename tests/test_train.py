@@ -7,16 +7,16 @@ import torch
 from click.testing import CliRunner
 
 from cache import CacheError, UserError, read_cache
+from cache.synthetic import write_synthetic_cache
 from evaluate.metrics import image_auroc
 from pipeline import cli
 from train.checkpoint import check_cache, load_checkpoint
 from train.config import TrainConfig, make_config
 from train.fit import fit, write_run
 from train.infer import score_rows, score_table, text_score
-from train.thresholds import calibrate_thresholds
 from train.model import RAMLHead, attend
 from train.split import heldout_counts, holdout_split, image_list_hash, rows_for
-from cache.synthetic import write_synthetic_cache
+from train.thresholds import calibrate_thresholds
 
 SEPARABLE = {"bottle": (60, 20, 20, 900), "metal_nut": (60, 20, 20, 700)}
 QUICK = dict(epochs=6, lr=1e-3, hidden_dim=64, attn_dim=16, feature_dim=32)  # a larger lr: seconds, not minutes

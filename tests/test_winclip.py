@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from evaluate.baselines.winclip_run import run_winclip
 from evaluate.baselines.winclip import (ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, WinClip, compositional_prompts,
                               harmonic_aggregation, window_embeddings, window_masks)
+from evaluate.baselines.winclip_run import run_winclip
 
 
 def test_window_masks_2x2_on_a_3x3_grid():

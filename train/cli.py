@@ -9,8 +9,8 @@ import functools
 import click
 
 from cache import UserError
-from cache.errors import OptionError
 from cache.cli import JOBS, THREADS, device_option, echo_chosen, fail_cleanly, text_list, with_options
+from cache.errors import OptionError
 
 stage_two_device_option = device_option(
     "Where stage two runs: auto (the GPU if there is one), cpu, cuda or cuda:N. The cached features go to the "

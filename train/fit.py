@@ -47,16 +47,16 @@ from cache.reader import token_chunks
 from cache.tokens import add_tokens_command
 from extract.encoder import resolve_device
 from train.checkpoint import save_checkpoint
-from train.divergence import TrainingDiverged, divergence_message, divergence_record, finite_gradients, should_stop
 from train.config import TrainConfig
+from train.divergence import TrainingDiverged, divergence_message, divergence_record, finite_gradients, should_stop
 from train.infer import score_rows, text_tokens
-from train.thresholds import calibrate_thresholds
 from train.loss import (PIXEL_TERMS, STEP_STATS, TERMS, image_r_max, initial_loss_state, initial_pixel_state,
                         loss_hyperparameters, loss_step, resolution_penalty, state_margins, weights_of,
                         with_pixel_loss)
 from train.model import RAMLHead, build_head
 from train.run_stack import RunStack, stack_dicts, unstack_dict
 from train.split import Split, holdout_split
+from train.thresholds import calibrate_thresholds
 
 INIT_BATCH = 256    # images per chunk when preparing tensors and initialising the center and σ
 # Settings that change the head's shapes, the batches or the loss's code path: runs trained in one
