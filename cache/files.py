@@ -23,7 +23,7 @@ from pathlib import Path
 
 from cache.errors import UserError
 
-_RETRY = "then run the same command again: it resumes where it stopped"
+_RETRY = "then run the same command again (extract and sweep keep what they finished)"
 # errno → (the cause in words, what to do)
 WRITE_FAULTS = {
     errno.ENOSPC: ("no space left on the device", f"free some space or write elsewhere, {_RETRY}"),

@@ -78,7 +78,7 @@ def test_extract_on_a_disk_that_fills_up_stops_with_one_line_and_resumes_to_the_
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1
     one_error_line(result.output, "features-000of001-00002.h5: cannot write: no space left on the device",
-                   "Free some space or write elsewhere, then run the same command again: it resumes")
+                   "Free some space or write elsewhere, then run the same command again (extract and sweep keep what they")
     assert [path.name for path in disk.failed] == ["features-000of001-00002.h5"]
     assert len(read_cache(tmp_path / "cache")) == 16          # the two shards written before are intact
     assert not partial_shards(tmp_path / "cache") and not list((tmp_path / "cache").glob(".*.tmp"))
@@ -126,8 +126,12 @@ def test_train_on_a_full_disk_leaves_no_checkpoint_and_the_earlier_run_intact(mv
     failed = CliRunner().invoke(cli, [*args, str(tmp_path / "second")])
     assert failed.exit_code == 1
     one_error_line(failed.output, f"{tmp_path / 'second' / 'checkpoint.pt'}: cannot write: no space left")
-    # the checkpoint is written last, as the mark of a finished run: none, and no temporary file
-    assert sorted(p.name for p in (tmp_path / "second").iterdir()) == ["config.json", "history.json", "split.json"]
+    # the run directory this command created is removed again: nothing half-written is left
+    assert not (tmp_path / "second").exists()
+    (tmp_path / "third").mkdir()    # a directory the user made stays, without a checkpoint or temporary file
+    failed = CliRunner().invoke(cli, [*args, str(tmp_path / "third")])
+    assert failed.exit_code == 1
+    assert sorted(p.name for p in (tmp_path / "third").iterdir()) == ["config.json", "history.json", "split.json"]
     assert (tmp_path / "first" / "checkpoint.pt").read_bytes() == before
 
 

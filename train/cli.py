@@ -118,6 +118,7 @@ def train(cache_dir, out, force, threads, device, margin, **options):
     --margin picks the preset (adaptive: m = 0.5 + 0.3·σ + 0.3·(1 − r/r_max); fixed: 0.5;
     strong: 1.0); --margin-base/--lambda-sigma/--lambda-res override its values.
     """
+    import shutil
     from pathlib import Path
 
     from cache.workspace import claim_run_dir, dataset_of, point_latest
@@ -134,9 +135,16 @@ def train(cache_dir, out, force, threads, device, margin, **options):
                f"λres {config.lambda_res}, r_max {config.r_max}), seed {config.seed}")
     trained = fit(table, config, progress=click.echo, threads=threads, device=device)
     click.echo(f"pixel head: {trained.pixel_head}")
-    # The run's directory is claimed once training succeeded: a failed run leaves nothing behind.
+    # The run's directory is claimed once training succeeded, and removed again if it cannot be
+    # written in full (a full disk): a failed run leaves nothing behind.
+    created = out is None or not Path(out).exists()
     run_dir = out or claim_run_dir(dataset_of(cache_dir), f"{config.margin}-seed{config.seed}")
-    path = write_run(run_dir, trained)
+    try:
+        path = write_run(run_dir, trained)
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     click.echo("\n".join(threshold_lines(trained.thresholds)))
     click.echo(f"train: {len(trained.split.train)} training / {len(trained.split.heldout)} held-out images → {path}")
     if out is None:
