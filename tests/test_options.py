@@ -168,3 +168,14 @@ def test_every_bad_option_value_is_a_usage_error_naming_the_option(path, command
             assert any(flag in result.output for flag in option.opts), shown
             tried += 1
     assert tried or not [p for p in command.params if isinstance(p, click.Option) and not p.is_flag]
+
+
+@pytest.mark.parametrize("path, option, value", [
+    (("extract",), "--shard-size", "0"), (("extract",), "--workers", "-1"), (("extract",), "--device", "tpu"),
+    (("train",), "--weight-decay", "-1"), (("train",), "--lr", "nan"), (("train",), "--epochs", "inf")])
+def test_the_cases_the_issue_found_are_usage_errors(path, option, value, base_args, tmp_path, monkeypatch):
+    """Each of these ended in a traceback before (issue 22): now exit 2 and one line naming the option."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, [*path, *base_args[path], option, value])
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
+    assert "Traceback" not in result.output and result.output.count("Error:") == 1
