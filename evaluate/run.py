@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache import UserError, read_cache
-from cache import CacheError
+from cache import CacheError, UserError, read_cache
 from cache.reader import require_tokens
 from cache.tokens import TILES, add_tokens_command, token_grid
 from evaluate.localisation import PIXEL_HEAD_MAP, map_images, not_scored_block, pixel_block, score_tokens
@@ -30,6 +29,7 @@ from evaluate.protocols import select_images
 from evaluate.results import MapSet, ScoredRun, config_entry, in_percent, mean_std, write_results
 from train.checkpoint import CHECKPOINT_FILE, Checkpoint, check_cache, check_tokens, load_checkpoint
 from train.config import TrainConfig
+from train.sweep import METRICS_FILE
 from train.infer import fused_score, pixel_scores, score_table, score_weights
 from train.thresholds import operating_point
 
@@ -50,6 +50,23 @@ def find_checkpoints(paths) -> list[Path]:
             raise FileNotFoundError(f"{path}: no {CHECKPOINT_FILE} here nor in its sub-directories; train one with "
                                     "python pipeline.py train --cache-dir ... --out RUN_DIR")
     return found
+
+
+def diverged_runs(paths) -> dict[str, list]:
+    """The runs of the sweep directories among ``paths`` that diverged (``metrics.json`` with a
+    ``diverged`` record and no checkpoint), by configuration, as a sweep records them."""
+    found = defaultdict(list)
+    for path in map(Path, paths):
+        for metrics_path in sorted(path.glob(f"*/{METRICS_FILE}")) if path.is_dir() else ():
+            if (metrics_path.parent / CHECKPOINT_FILE).exists():
+                continue
+            try:
+                record = json.loads(metrics_path.read_text()).get("diverged")
+            except (OSError, ValueError, AttributeError):
+                continue   # not a sweep's run file: nothing to report here
+            if isinstance(record, dict):
+                found[config_name(metrics_path.parent / CHECKPOINT_FILE)].append({"run": metrics_path.parent.name, **record})
+    return dict(found)
 
 
 def config_name(checkpoint_path: Path) -> str:
@@ -129,9 +146,14 @@ def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | Non
     anomaly_maps.npz}. Returns the results path and the entries. ``table``: the cache already read
     (a sweep passes its own), else it is read from ``cache_dir``. ``map_weight``: the image score is
     ``fused_score`` of s_final and the pixel head's map (0: s_final). ``diverged``: configuration →
-    its runs that diverged (a sweep's; they have no checkpoint), recorded in its entry."""
+    its runs that diverged (they have no checkpoint), recorded in its entry; default: those of the
+    sweep directories among ``checkpoints`` (``diverged_runs``)."""
     table = read_cache(cache_dir) if table is None else table
     groups = group_configurations(find_checkpoints(checkpoints), name)
+    diverged = diverged_runs(checkpoints) if diverged is None else diverged
+    for record in (record for records in diverged.values() for record in records):
+        log(f"evaluate: {record['run']} diverged (epoch {record['epoch']}, step {record['step']}: {record['term']}): "
+            "no checkpoint, not scored")
     runs, image_lists, settings, config_rows = defaultdict(list), {}, {}, {}
     for config, group in groups.items():
         for checkpoint in group:

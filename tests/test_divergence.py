@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from evaluate.report import write_report
+from evaluate.run import diverged_runs
 from evaluate.sweep import run_sweep
 from pipeline import cli
 from train import fit as fit_module
@@ -126,3 +127,15 @@ def test_a_configuration_with_one_diverged_seed_keeps_the_other_in_results_and_r
     assert results["mixed"]["seeds"] == [0] and [r["seed"] for r in results["mixed"]["diverged"]] == [1]
     report = write_report([tmp_path / "sweep" / "results"], tmp_path / "report").read_text()
     assert "Diverged (their loss or gradient stopped being finite" in report and "mixed: seed 1 (epoch " in report
+
+
+def test_evaluate_on_a_sweep_directory_names_its_diverged_runs(table, tmp_path):
+    run_sweep(table, {"steady": {**SMALL, "lr": 1e-3}, "wild": {**SMALL, "lr": 1e3}}, [0], tmp_path / "sweep",
+              n_resamples=20)
+    result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(tmp_path / "sweep"), "--cache-dir",
+                                      str(table.cache_dir), "--out", str(tmp_path / "results"), "--bootstrap", "20"])
+    assert result.exit_code == 0, result.output
+    entries = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert list(entries) == ["steady"]   # the wild configuration has no checkpoint to score
+    assert "evaluate: wild-seed0 diverged (epoch " in result.output and "no checkpoint, not scored" in result.output
+    assert diverged_runs([tmp_path / "sweep"])["wild"][0]["run"] == "wild-seed0"

@@ -185,7 +185,4 @@ def train_missing(table: FeatureTable, configurations: dict[str, dict], seeds, o
         say(f"sweep: pass {number}/{len(passes)} done: {len(metrics)} runs in {seconds:.1f} s of training "
             f"({len(finished)}/{len(runs)} runs finished)")
     diverged = {name: metrics["diverged"] for name, metrics in finished.items() if metrics.get("diverged")}
-    for name, record in diverged.items():
-        say(f"sweep: {name} diverged at epoch {record['epoch']}, step {record['step']} ({record['term']}): "
-            "not scored")
     return runs, [sorted(group) for group in passes], diverged
