@@ -176,7 +176,9 @@ def read_token_rows(table: FeatureTable, rows) -> tuple[np.ndarray, np.ndarray]:
                     if token_row_checksum(tokens[position], masks[position]) != h5[TOKEN_ROW_CHECKSUM][row]:
                         raise CacheError(f"{path}: the patch tokens of row {row} ({table.relpath[rows[position]]}) "
                                          f"do not match their checksum (corrupted). {_FIX}")
-        except (OSError, KeyError) as err:   # HDF5 errors, a missing dataset
+        except CacheError:
+            raise
+        except Exception as err:   # h5py raises many types for a damaged file (OSError, KeyError, ValueError, ...)
             raise CacheError(f"{path}: unreadable patch tokens ({type(err).__name__}: {err}). {_FIX}") from None
         problem = token_rows_problem(tokens[here], masks[here], setting, table.meta["embed_dim"])
         if problem:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from cache import UserError, read_cache
 from cache.format import CACHE_JSON, shard_paths
+from cache.reader import read_token_rows
 from evaluate.protocols import read_split_manifest
 from evaluate.report import write_report
 from evaluate.results import read_results
@@ -152,6 +153,21 @@ def test_shard(tmp_path, mvtec_cache, data):
     shard = shard_paths(cache_dir)[0]
     shard.write_bytes(data.draw(damaged(shard_paths(mvtec_cache)[0].read_bytes())))
     refused_in_words(lambda: read_cache(cache_dir), str(shard))
+
+
+@given(data=st.data())
+@settings(FUZZ, max_examples=25)
+def test_shard_with_patch_tokens(tmp_path, mvtec_token_cache, data):
+    cache_dir = tmp_path / "cache"
+    if not cache_dir.exists():
+        shutil.copytree(mvtec_token_cache, cache_dir)
+    shard = shard_paths(cache_dir)[0]
+    shard.write_bytes(data.draw(damaged(shard_paths(mvtec_token_cache)[0].read_bytes())))
+
+    def read_every_token():
+        table = read_cache(cache_dir)
+        read_token_rows(table, range(len(table)))
+    refused_in_words(read_every_token, str(shard))
 
 
 @given(data=st.data())
