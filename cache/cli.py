@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from cache.errors import OptionError, UserError
-from cache.files import atomic_write_text, user_cache_root, write_fault
+from cache.files import atomic_write_text, make_dirs, user_cache_root, write_fault
 
 
 def show_progress() -> bool:
@@ -66,7 +66,7 @@ def unexpected_error_message(err: Exception) -> str:
     log = None
     for directory in (user_cache_root() / "logs", Path(tempfile.gettempdir())):
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            make_dirs(directory)
             atomic_write_text(directory / name, f"{command}\n{' '.join(sys.argv)}\n\n{text}")
             log = directory / name
             break
@@ -98,6 +98,12 @@ class FiniteFloat(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return number
+
+
+def given_on_command_line(name: str) -> bool:
+    """Whether the current command's parameter ``name`` was typed on the command line (not a default,
+    nor raml.toml's)."""
+    return click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
 
 
 def echo_chosen(what: str, path, why: str = ""):
@@ -232,9 +238,6 @@ def info(cache_dir):
 @fail_cleanly
 def bench_cache(cache_dir):
     """What verifying checksums and validating rows adds to reading a cache."""
-    import tempfile
-    from pathlib import Path
-
     from cache.bench import run_cache_read_bench
     from cache.synthetic import write_synthetic_cache
     with tempfile.TemporaryDirectory(prefix="raml-bench-cache-") as work:

@@ -114,12 +114,14 @@ def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
             if shard.token_setting is not None and shard.token_setting != setting:
                 raise CacheError(f"{path}: holds patch tokens of another setting than {cache_dir / CACHE_JSON} "
                                  f"records ({shard.token_setting} vs {setting}); move it to its own cache.")
-            shard.columns.update(
-                has_tokens=np.full(rows, shard.token_setting is not None),
-                token_defect=shard.columns.get(TOKEN_DEFECT, np.full((rows, token_count), np.nan, np.float16)),
-                shard_file=np.full(rows, number, np.int32), shard_row=np.arange(rows, dtype=np.int32))
+            # the table's own columns go straight to ``parts``: the checker thread reads ``shard.columns``
+            bookkeeping = {"has_tokens": np.full(rows, shard.token_setting is not None),
+                           "token_defect": shard.columns.get(TOKEN_DEFECT,
+                                                             np.full((rows, token_count), np.nan, np.float16)),
+                           "shard_file": np.full(rows, number, np.int32),
+                           "shard_row": np.arange(rows, dtype=np.int32)}
             for name in parts:
-                parts[name].append(shard.columns[name])
+                parts[name].append(bookkeeping[name] if name in bookkeeping else shard.columns[name])
             if rows:
                 engines.add(shard.engine)
             text.update(shard.text)
@@ -170,10 +172,11 @@ def read_token_rows(table: FeatureTable, rows) -> tuple[np.ndarray, np.ndarray]:
         here = np.flatnonzero(table.shard_file[rows] == number)
         try:
             with h5py.File(path, "r") as h5:
+                stored_tokens, stored_masks, checksums = h5[TOKENS], h5[EVAL_MASK], h5[TOKEN_ROW_CHECKSUM][...]
                 for position in here:
                     row = int(table.shard_row[rows[position]])
-                    tokens[position], masks[position] = h5[TOKENS][row], h5[EVAL_MASK][row]
-                    if token_row_checksum(tokens[position], masks[position]) != h5[TOKEN_ROW_CHECKSUM][row]:
+                    tokens[position], masks[position] = stored_tokens[row], stored_masks[row]
+                    if token_row_checksum(tokens[position], masks[position]) != checksums[row]:
                         raise CacheError(f"{path}: the patch tokens of row {row} ({table.relpath[rows[position]]}) "
                                          f"do not match their checksum (corrupted). {_FIX}")
         except CacheError:

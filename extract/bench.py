@@ -42,6 +42,7 @@ import torch
 from PIL import Image
 
 from cache import N_CROPS
+from cache.format import shards_bytes
 from extract.datasets import read_dataset
 from extract.encoder import FP16_MIN_COSINE, ClipBackbone
 from extract.engines import usable_cores
@@ -241,8 +242,7 @@ def run_extract_bench(backbone, *, images: int, size: int, batch_size: int, work
             stage(Path(tmp) / "warm-up", True, once, 0.0)   # the prompts, and the tokens' first-call allocations
             result.token_rounds = [(stage(Path(tmp) / f"plain-{r}", False, once, 0.0),
                                     stage(Path(tmp) / f"tokens-{r}", True, once, 0.0)) for r in range(rounds)]
-            result.cache_bytes = tuple(sum(p.stat().st_size for p in (Path(tmp) / f"{kind}-0").glob("*.h5"))
-                                       for kind in ("plain", "tokens"))
+            result.cache_bytes = tuple(shards_bytes(Path(tmp) / f"{kind}-0") for kind in ("plain", "tokens"))
         if backbone.device.type == "cuda":
             result.min_cosine = min_crop_cosine(backbone, first[:COSINE_CHECK_IMAGES * N_CROPS])
     return result

@@ -7,7 +7,8 @@ import functools
 
 import click
 
-from cache.cli import device_option, echo_chosen, fail_cleanly, show_progress, text_list, with_options
+from cache.cli import (device_option, echo_chosen, fail_cleanly, given_on_command_line, show_progress, text_list,
+                       with_options)
 
 BATCH_SIZE = click.IntRange(1, 4096)        # images per forward pass (× 21 crops)
 WORKERS = click.IntRange(0, 1024)           # decoding processes; 0 decodes in the main process
@@ -31,9 +32,8 @@ def refusing_contradictory_weights(func):
     different weights: --pretrained or --weights with --random-weights."""
     @functools.wraps(func)
     def checked(*args, **kwargs):
-        context = click.get_current_context()
         given = {name for name in ("pretrained", "winclip_pretrained", "weights", "random_weights")
-                 if context.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE}
+                 if given_on_command_line(name)}
         if "random_weights" in given and given - {"random_weights"}:
             flag = "--" + sorted(given - {"random_weights"})[0].replace("_", "-")
             raise click.BadParameter("names weights to load, and --random-weights asks for random ones: give one",

@@ -117,8 +117,9 @@ def _images_in(folder: Path, not_read: list | None = None) -> list[Path]:
         return []
     images = [path for path in entries if is_image(path)]
     if not_read is not None:
+        kept = set(images)
         not_read += [(path, not_an_image(path)) for path in entries
-                     if not path.name.startswith(".") and path not in images]
+                     if not path.name.startswith(".") and path not in kept]
     return images
 
 

@@ -18,6 +18,7 @@ module imports neither torch nor open_clip at import time, for the same reason.
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -256,6 +257,7 @@ def model_name(model: str) -> str:
     return model
 
 
+@functools.lru_cache(maxsize=None)   # raml.toml checks a top-level --model once per command that has it
 def model_problem(model: str) -> str | None:
     """Why ``--model`` cannot name a model, found without importing open_clip (the command line
     checks it before any work): a missing or invalid config JSON, or a name of no config open_clip

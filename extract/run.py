@@ -204,13 +204,13 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, identity
             if identity_of(backbone) != identity:
                 raise RuntimeError(f"backbone_loader loaded {identity_of(backbone)}, but the run was checked "
                                    f"against {identity}: they must describe the same backbone")
+        chunks = [_rewrite(path, meta) for path in untokened]
+        chunks += [Chunk(pending[first:first + shard_size]) for first in range(0, len(pending), shard_size)]
         setting = None
-        if with_tokens and (pending or untokened):
+        if with_tokens and chunks:
             setting = token_setting(backbone.patch_grid, backbone.embed_dim)
-            rewritten = [number for number, path in enumerate(cached.shards) if path in untokened] if untokened else []
             check_free_space(cache_dir, len(pending), cached, identity.embed_dim, shard_size,
-                             token_images=len(pending) + int(np.isin(cached.shard_file, rewritten).sum()
-                                                             if rewritten else 0),
+                             token_images=sum(len(chunk.records) for chunk in chunks),
                              token_bytes=token_bytes_per_image(setting))
         claim_cache(cache_dir, meta)
         if setting is not None:
@@ -218,13 +218,11 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, identity
         if unstorable:
             write_shard(next_shard_path(cache_dir, shard_index, shard_count), ShardRows(skipped=unstorable), meta,
                         text={}, engine=None)
-        if not pending and not untokened:
+        if not chunks:
             summary.seconds = time.perf_counter() - start
             if summary.skipped or summary.not_read:
                 _write_report(cache_dir, shard_index, shard_count, summary)
             return summary
-        chunks = [_rewrite(path, meta) for path in untokened]
-        chunks += [Chunk(pending[first:first + shard_size]) for first in range(0, len(pending), shard_size)]
         return _encode_chunks(root, chunks, backbone, meta, setting, cache_dir, shard_index, shard_count, summary,
                               start, batch_size=batch_size, workers=workers, skip_bad=skip_bad, progress=progress)
 

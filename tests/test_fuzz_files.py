@@ -6,6 +6,7 @@ file — never a traceback. Derandomised with a bounded number of examples, so t
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +85,13 @@ def refused_in_words(read, named: str) -> None:
         assert named in str(err), str(err)
 
 
+def copy_once(cache, to: Path) -> Path:
+    """``to``: a copy of ``cache``, made by the first example (the others overwrite the file they damage)."""
+    if not to.exists():
+        shutil.copytree(cache, to)
+    return to
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, mvtec_cache):
     out = tmp_path_factory.mktemp("fuzz-run") / "run"
@@ -134,9 +142,7 @@ def test_checkpoint(tmp_path, trained_run, data):
 @given(data=st.data())
 @FUZZ
 def test_cache_json(tmp_path, mvtec_cache, data):
-    cache_dir = tmp_path / "cache"
-    if not cache_dir.exists():
-        shutil.copytree(mvtec_cache, cache_dir)
+    cache_dir = copy_once(mvtec_cache, tmp_path / "cache")
     original = (mvtec_cache / CACHE_JSON).read_bytes()
     mutated = data.draw(st.one_of(damaged(original), json_mutated(json.loads(original)).map(
         lambda doc: json.dumps(doc).encode())))
@@ -147,9 +153,7 @@ def test_cache_json(tmp_path, mvtec_cache, data):
 @given(data=st.data())
 @FUZZ
 def test_shard(tmp_path, mvtec_cache, data):
-    cache_dir = tmp_path / "cache"
-    if not cache_dir.exists():
-        shutil.copytree(mvtec_cache, cache_dir)
+    cache_dir = copy_once(mvtec_cache, tmp_path / "cache")
     shard = shard_paths(cache_dir)[0]
     shard.write_bytes(data.draw(damaged(shard_paths(mvtec_cache)[0].read_bytes())))
     refused_in_words(lambda: read_cache(cache_dir), str(shard))
@@ -158,9 +162,7 @@ def test_shard(tmp_path, mvtec_cache, data):
 @given(data=st.data())
 @settings(FUZZ, max_examples=25)
 def test_shard_with_patch_tokens(tmp_path, mvtec_token_cache, data):
-    cache_dir = tmp_path / "cache"
-    if not cache_dir.exists():
-        shutil.copytree(mvtec_token_cache, cache_dir)
+    cache_dir = copy_once(mvtec_token_cache, tmp_path / "cache")
     shard = shard_paths(cache_dir)[0]
     shard.write_bytes(data.draw(damaged(shard_paths(mvtec_token_cache)[0].read_bytes())))
 

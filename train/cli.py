@@ -9,7 +9,8 @@ import functools
 import click
 
 from cache import UserError
-from cache.cli import JOBS, THREADS, device_option, echo_chosen, fail_cleanly, text_list, with_options
+from cache.cli import (JOBS, THREADS, device_option, echo_chosen, fail_cleanly, given_on_command_line, text_list,
+                       with_options)
 from cache.errors import OptionError
 
 stage_two_device_option = device_option(
@@ -42,9 +43,8 @@ def training_cache_options(func):
         if cache_dir is None:
             cache_dir = choose_training_cache(dataset, model, pretrained, weights, random_weights, engine)
         else:   # the backbone options pick a cache: with one named, they would be silently ignored
-            context = click.get_current_context()
             given = [name for name in ("model", "pretrained", "weights", "random_weights", "engine")
-                     if context.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+                     if given_on_command_line(name)]
             if given:
                 flag = "--" + given[0].replace("_", "-")
                 raise OptionError(flag, "picks the dataset's cache when --cache-dir is not given; with --cache-dir "

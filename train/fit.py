@@ -347,7 +347,7 @@ def _fit_runs(table, configs, split, progress, device, stop_on_divergence) -> li
         if failed[k]:
             head.diverged = divergence_record(config, failed[k], steps, dict(zip(stat_names, failed_stats[k])))
             if progress:
-                progress(f"{divergence_message(head.diverged)[:-len(' No checkpoint was written.')]}")
+                progress(divergence_message(head.diverged))
         else:
             train_scores = score_rows(model, table, split.train, config.visual_weight, config.text_weight,
                                       device=str(device))["final"]   # leaves the model on the CPU, in eval mode

@@ -7,7 +7,8 @@ import os
 import click
 
 from cache import UserError
-from cache.cli import SCORE_WEIGHT, echo_chosen, fail_cleanly, non_empty, show_progress, text_list, with_options
+from cache.cli import (SCORE_WEIGHT, echo_chosen, fail_cleanly, given_on_command_line, non_empty, show_progress,
+                       text_list, with_options)
 from cache.workspace import results_dir
 from evaluate.workspace import newest_run_dir, run_label
 from extract.cli import (IMAGE_SIDE, checkpoint_backbone_options, chosen_dataset_root, compare_options, backbone_options,
@@ -129,10 +130,6 @@ def export(checkpoint, out, categories, model, pretrained, weights, random_weigh
                "(needs only onnxruntime, numpy, pillow)")
     if deploy["random_weights"]:
         click.secho(deploy["warning"], fg="yellow")
-
-
-def given_on_command_line(name: str) -> bool:
-    return click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
 
 
 @click.command("predict")
