@@ -34,9 +34,9 @@ from cache.tokens import add_tokens_command
 from evaluate.baselines.features import BASELINES, TOKEN_BASELINES, run_feature_baseline
 from evaluate.metrics import DEFAULT_BOOTSTRAP, bootstrap_mean_auroc_ci, paired_bootstrap_auroc_difference
 from evaluate.plots import difference_forest
-from evaluate.results import NOT_MEANINGFUL, RESULTS_JSON, SCORES_CSV, read_results, read_scores_csv
+from evaluate.results import NOT_MEANINGFUL, RESULTS_JSON, SCORES_CSV, diverged_cell, read_results, read_scores_csv
 from evaluate.run import evaluate_checkpoints
-from evaluate.sweep import RESULTS_DIR, diverged_cell, run_sweep
+from evaluate.sweep import RESULTS_DIR, run_sweep
 from train.checkpoint import load_checkpoint
 from train.sweep import run_name
 

@@ -50,7 +50,7 @@ def score_tokens(table, rows, scorers: list) -> tuple[list[np.ndarray], np.ndarr
     ``scorers`` (``scorer(tokens [c, T, D] float16, rows [c]) → [c, T]``); returns each scorer's
     scores [n, T] and the rows' packed scoring masks [n, EVAL_MASK_BYTES]."""
     rows = np.asarray(rows)
-    scores = [np.empty(table.token_defect[rows].shape, np.float32) for _ in scorers]
+    scores = [np.empty((len(rows), table.token_defect.shape[1]), np.float32) for _ in scorers]
     masks = np.empty((len(rows), EVAL_MASK_BYTES), np.uint8)
     for positions, tokens, chunk_masks in token_chunks(table, rows):
         masks[positions] = chunk_masks

@@ -146,6 +146,9 @@ def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int)
         return None, "no scored image has an anomaly map."
     if not root or not (Path(root) / examples[0]["relpath"]).is_file():
         return None, f"skipped: the test images are not reachable under the dataset root {root!r} on this machine."
+    # one colour range per row (configuration): its maps over every scored image
+    row_ranges = [(float(values.min()), float(values.max()))
+                  for values in (np.stack(list(maps["grids"].values())) for _, maps in mapped)]
     # one row per configuration, one column per image: a short, wide figure that reads like a table
     fig, axes = plt.subplots(len(mapped), len(examples), figsize=(3.0 * len(examples), 3.1 * len(mapped) + 0.6),
                              squeeze=False)
@@ -161,9 +164,8 @@ def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int)
             mask = (load_mask(Path(root) / mask_relpath, image.width, image.height)
                     if mask_relpath and (Path(root) / mask_relpath).is_file() else None)
             if record["relpath"] in maps["grids"]:
-                values = np.stack(list(maps["grids"].values()))
                 full = map_at(maps["grids"][record["relpath"]], image.height, image.width, tiles=maps["tiles"])
-                overlay(ax, image, full, float(values.min()), float(values.max()), mask)
+                overlay(ax, image, full, *row_ranges[r], mask)
             else:
                 ax.imshow(image)
                 ax.set_xlabel("(no map)", fontsize=7)

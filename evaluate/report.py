@@ -14,8 +14,8 @@ from pathlib import Path
 
 from cache import UserError
 from cache.files import atomic_write_text, make_dirs
-from evaluate.results import (MAP_EXAMPLES, NOT_MEANINGFUL, PIXEL_METRICS, find_results, mean_std, read_results,
-                              read_scores_csv)
+from evaluate.results import (MAP_EXAMPLES, NOT_MEANINGFUL, PIXEL_METRICS, diverged_cell, find_results, mean_std,
+                              read_results, read_scores_csv)
 
 
 class MixedImageListsError(UserError):
@@ -167,8 +167,7 @@ def comparison_markdown(title: str, rows: list[Row], plots: list[str]) -> str:
                     for c, reason in row.entry.get("not_available", {}).items()})
     if notes:
         lines += ["", "n/a — " + "; ".join(notes)]
-    diverged = [f"{row.label}: seed {r['seed']} (epoch {r['epoch']}, step {r['step']}: {r['term']})"
-                for row in rows for r in row.entry.get("diverged", [])]
+    diverged = [f"{row.label}: {diverged_cell([record])}" for row in rows for record in row.entry.get("diverged", [])]
     if diverged:
         lines += ["", "Diverged (their loss or gradient stopped being finite; no checkpoint, not in the means) — "
                   + "; ".join(diverged)]

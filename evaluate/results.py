@@ -286,6 +286,12 @@ _ENTRY_SHAPE = {
 }
 
 
+def diverged_cell(records: list | None) -> str:
+    """``seed 1 (epoch 2, step 5: center)``, one per diverged run; "–" for none."""
+    return "; ".join(f"seed {r['seed']} (epoch {r['epoch']}, step {r['step']}: {r['term']})" for r in records or ()) \
+        or "–"
+
+
 def shape_problem(value, shape, where: str) -> str | None:
     """Why ``value`` does not have ``shape`` (see ``_ENTRY_SHAPE``), or None."""
     if shape in ("percent", "percent?"):   # a number from 0 to 100 (or None)

@@ -11,6 +11,7 @@ from pathlib import Path
 from cache import FeatureTable, UserError
 from cache.files import atomic_write_text
 from evaluate.file_names import SUMMARY_JSON
+from evaluate.results import diverged_cell
 from evaluate.run import evaluate_checkpoints
 from train.fit import write_json
 from train.sweep import train_missing
@@ -70,12 +71,6 @@ def _cell(stats: dict | None) -> str:
         return "–"
     std = f" ± {stats['std']:.2f}" if stats["std"] is not None else ""
     return f"{stats['mean']:.2f}{std} (n={stats['n']})"
-
-
-def diverged_cell(records: list | None) -> str:
-    """``seed 1 (epoch 2, step 5: center)``, one per diverged run; "–" for none."""
-    return "; ".join(f"seed {r['seed']} (epoch {r['epoch']}, step {r['step']}: {r['term']})" for r in records or ()) \
-        or "–"
 
 
 def summary_markdown(summary: dict) -> str:

@@ -402,15 +402,21 @@ def write_run(run_dir, trained: TrainedHead) -> Path:
     """``run_dir/{checkpoint.pt, config.json, split.json, history.json}``; the checkpoint last."""
     if trained.diverged is not None:
         raise ValueError("write_run: a diverged run has no checkpoint to write")
+    run_dir = write_run_files(run_dir, trained)
+    return save_checkpoint(run_dir, model=trained.model, config=trained.config.to_dict(),
+                           loss_state=trained.loss_state, manifest=trained.split.manifest(),
+                           fingerprint=trained.fingerprint, thresholds=trained.thresholds,
+                           categories=trained.categories)
+
+
+def write_run_files(run_dir, trained: TrainedHead) -> Path:
+    """``run_dir/{config.json, split.json, history.json}``: what a run was, also one that diverged."""
     run_dir = Path(run_dir)
     make_dirs(run_dir)
     write_json(run_dir / "config.json", trained.config.to_dict())
     write_json(run_dir / "split.json", trained.split.manifest())
     write_json(run_dir / "history.json", trained.history)
-    return save_checkpoint(run_dir, model=trained.model, config=trained.config.to_dict(),
-                           loss_state=trained.loss_state, manifest=trained.split.manifest(),
-                           fingerprint=trained.fingerprint, thresholds=trained.thresholds,
-                           categories=trained.categories)
+    return run_dir
 
 
 def write_json(path: Path, value) -> None:

@@ -25,7 +25,7 @@ from cache import FeatureTable, UserError, mismatched_fields
 from cache.errors import read_json_checked
 from cache.files import make_dirs
 from train.config import TrainConfig, make_config
-from train.fit import GROUP_FIELDS, fit_runs, group_key, write_json, write_run
+from train.fit import GROUP_FIELDS, fit_runs, group_key, write_json, write_run, write_run_files
 from train.split import holdout_split
 
 METRICS_FILE = "metrics.json"
@@ -118,10 +118,7 @@ def train_pass(table: FeatureTable, runs: dict[str, TrainConfig], out_dir: Path,
         if head.diverged is None:
             write_run(run_dir, head)
         else:   # no checkpoint: what it was, where it diverged (metrics.json), so that a re-run does not retrain it
-            make_dirs(run_dir)
-            write_json(run_dir / "config.json", config.to_dict())
-            write_json(run_dir / "split.json", head.split.manifest())
-            write_json(run_dir / "history.json", head.history)
+            write_run_files(run_dir, head)
         metrics[name] = {"run": name, "seed": config.seed, "margin": config.margin,
                          "heldout_hash": head.split.manifest()["heldout_hash"],
                          "heldout_images": int(len(head.split.heldout)),
