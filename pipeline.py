@@ -1,4 +1,5 @@
-"""RAML command line: ``python pipeline.py COMMAND --help`` for each command.
+"""RAML command line: ``raml COMMAND --help`` (or ``python pipeline.py COMMAND --help`` in a
+checkout) for each command.
 
 Stage one:  extract                       images → HDF5 feature shards (runs CLIP once per image)
 Stage two:  train                         cached features → RAML head
@@ -8,22 +9,61 @@ Tools:      status, info, bench extract, bench train, bench predict, bench cache
 
 This file only assembles the command line: each command is defined beside the code it runs
 (extract/cli.py, train/cli.py, evaluate/cli.py, evaluate/baselines/cli.py, evaluate/deploy/cli.py,
-cache/cli.py), and the root group reads raml.toml into click's default_map (cache/config_file.py).
-Without paths, commands use the workspace under the working directory (cache/workspace.py).
+cache/cli.py), and the root group reads raml.toml into click's default_map (cli/config_file.py).
+Without paths, commands use the workspace under the working directory (cli/workspace.py).
 """
+
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
-import click
 
-from cache.cli import bench_cache, fail_cleanly, info
-from cache.config_file import load_default_map
-from evaluate.baselines.cli import baseline
-from evaluate.cli import ablate, bench_maps, demo, evaluate, report, status, sweep
-from evaluate.deploy.cli import bench_predict, export, predict
-from extract.cli import bench_extract, extract
-from train.cli import bench_train, train
+def _checkout_as_package() -> None:
+    """Run as ``python pipeline.py``: import this checkout as the package ``raml`` (installed or
+    not, so that a checkout never runs another copy's code), and take the checkout's root off
+    ``sys.path`` so that its folders do not shadow other packages (``evaluate`` is also Hugging
+    Face's)."""
+    import importlib.machinery
+    import importlib.util
+
+    root = Path(__file__).resolve().parent
+    spec = importlib.machinery.ModuleSpec("raml", None, is_package=True)
+    spec.submodule_search_locations = [str(root)]
+    sys.modules["raml"] = importlib.util.module_from_spec(spec)
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
+
+
+if __name__ == "__main__":
+    _checkout_as_package()
+
+import click  # noqa: E402  (after the checkout is the package raml)
+
+from raml.cache.cli import bench_cache, info
+from raml.cli.failures import fail_cleanly
+from raml.cli.config_file import load_default_map
+from raml.evaluate.baselines.cli import baseline
+from raml.evaluate.cli import ablate, bench_maps, demo, evaluate, report, status, sweep
+from raml.evaluate.deploy.cli import bench_predict, export, predict
+from raml.extract.cli import bench_extract, extract
+from raml.train.cli import bench_train, train
+
+def version() -> str:
+    """RAML's version: setup.cfg's, as installed (or read from the checkout's setup.cfg when run
+    from a checkout that was never installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("raml")
+    except PackageNotFoundError:
+        import configparser
+
+        setup = configparser.ConfigParser()
+        setup.read(Path(__file__).resolve().parent / "setup.cfg")
+        return setup.get("metadata", "version", fallback="unknown")
+
 
 # open_clip retries a failing download for ~45 s; RAML_OFFLINE=1 (or HF_HUB_OFFLINE=1) fails at once.
 if os.environ.get("RAML_OFFLINE") == "1":
@@ -31,6 +71,7 @@ if os.environ.get("RAML_OFFLINE") == "1":
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(version(), "--version", "-V", prog_name="raml", message="%(prog)s %(version)s")
 @click.pass_context
 @fail_cleanly
 def cli(ctx):
@@ -56,5 +97,10 @@ for command in (bench_extract, bench_train, bench_predict, bench_cache, bench_ma
     bench.add_command(command)
 
 
-if __name__ == "__main__":
+def main():
+    """The ``raml`` console command."""
     cli()
+
+
+if __name__ == "__main__":
+    main()

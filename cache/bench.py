@@ -19,10 +19,10 @@ from unittest import mock
 
 import h5py
 
-import cache.checks
-from cache.checks import checksum_problem, float16_squared_norms, rows_problem, text_problem
-from cache.format import CACHE_JSON, CHECKSUM_ATTRIBUTE, read_fingerprint, shard_paths
-from cache.reader import load_shard, read_cache
+import raml.cache.checks
+from raml.cache.checks import checksum_problem, float16_squared_norms, rows_problem, text_problem
+from raml.cache.format import CACHE_JSON, CHECKSUM_ATTRIBUTE, read_fingerprint, shard_paths
+from raml.cache.reader import load_shard, read_cache
 
 
 @dataclass
@@ -51,7 +51,7 @@ def run_cache_read_bench(cache_dir: Path, work_dir: Path, repeats: int = 7) -> C
     cache_dir, copy = Path(cache_dir), Path(work_dir) / "unchecked"
     _copy_without_checksums(cache_dir, copy)
     images = len(read_cache(cache_dir, with_features=False))
-    unchecked = mock.patch.multiple(cache.checks, rows_problem=lambda *args: None, text_problem=lambda *args: None)
+    unchecked = mock.patch.multiple(raml.cache.checks, rows_problem=lambda *args: None, text_problem=lambda *args: None)
     reads = {"checked": lambda: read_cache(cache_dir), "unchecked": lambda: _with(unchecked, copy)}
     folders = {"checked": cache_dir, "unchecked": copy}
     seconds = {}

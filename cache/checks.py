@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import xxhash
 
-from cache.format import EVAL_MASK, KNOWN_SPLITS, N_CROPS, TOKEN_DEFECT, TOKEN_ROW_CHECKSUM, TOKENS, printable
-from cache.tokens import EVAL_MASK_BYTES
+from raml.cache.format import EVAL_MASK, KNOWN_SPLITS, N_CROPS, TOKEN_DEFECT, TOKEN_ROW_CHECKSUM, TOKENS
+from raml.errors import printable
+from raml.cache.tokens import EVAL_MASK_BYTES
 
 ATTRIBUTES = "@attributes"   # the checksum entry of a shard's attributes (format 2 on); no dataset has this name
 

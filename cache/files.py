@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 from pathlib import Path
 
-from cache.errors import UserError
+from raml.errors import UserError
 
 _RETRY = "then run the same command again (extract and sweep keep what they finished)"
 # errno → (the cause in words, what to do)
@@ -143,3 +144,16 @@ def fsync_dir(directory: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def read_json_checked(path, problem=None, *, error=UserError, advice: str = ""):
+    """The JSON value in ``path``; ``error`` naming the file when it is not UTF-8 JSON or when
+    ``problem(value)`` says why it is not what the caller reads (``advice``: appended to either)."""
+    try:
+        value = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err}){advice}") from None
+    reason = problem(value) if problem else None
+    if reason:
+        raise error(f"{path}: {reason}{advice}")
+    return value

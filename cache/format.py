@@ -42,8 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.errors import CacheError, read_json_checked
-from cache.files import atomic_write_text, create_exclusively, make_dirs
+from raml.cache.files import read_json_checked
+from raml.errors import CacheError
+from raml.cache.files import atomic_write_text, create_exclusively, make_dirs
 
 FORMAT_VERSION = 2          # 2: the shard's attributes are under the checksum too (cache.checks)
 CROP_LAYOUT = ((1, 1), (2, 2), (4, 4))  # (rows, cols) per scale: 1 + 4 + 16 = 21 crops
@@ -250,15 +251,6 @@ def shards_bytes(cache_dir: Path) -> int:
     return sum(path.stat().st_size for path in shard_paths(cache_dir))
 
 
-def human_bytes(nbytes: float) -> str:
-    """``1234567`` → ``"1.2 MB"`` (decimal units, as file systems and ``df -H`` count)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(nbytes) < 1000:
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
-    return f"{nbytes:.1f} TB"
-
-
 def partial_shards(cache_dir: Path) -> list[Path]:
     """``*.h5.partial`` files: shards being written, or left behind by a killed writer."""
     return sorted(Path(cache_dir).glob(f"features-*{PARTIAL_SUFFIX}"))
@@ -276,12 +268,3 @@ def next_shard_path(cache_dir: Path, shard_index: int, shard_count: int) -> Path
     prefix = slot_prefix(shard_index, shard_count)
     taken = [int(p.name[len(prefix):-len(SHARD_SUFFIX)]) for p in Path(cache_dir).glob(f"{prefix}*{SHARD_SUFFIX}")]
     return Path(cache_dir) / f"{prefix}{max(taken, default=-1) + 1:05d}{SHARD_SUFFIX}"
-
-
-def printable(text: str) -> str:
-    """``text`` with the undecodable bytes of a file name (Python's surrogate escapes) written as
-    ``\\xNN``: what RAML shows and stores for a name that is not valid UTF-8."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:   # a surrogate that no file name decodes to: show it as \\udNNN
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -22,9 +22,9 @@ import socket
 import time
 from pathlib import Path
 
-from cache.errors import CacheError
-from cache.files import make_dirs
-from cache.format import partial_shards, slot_of_partial
+from raml.errors import CacheError
+from raml.cache.files import make_dirs
+from raml.cache.format import partial_shards, slot_of_partial
 
 # Another process may hold a slot's lock for an instant to see whether it is free (a probe, below);
 # a writer retries that long before it concludes that the slot is taken.

@@ -15,12 +15,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.checks import checksum_problem, shard_problem, token_row_checksum, token_rows_problem
-from cache.errors import CacheError, working_on
-from cache.format import (CACHE_JSON, CHECKSUM_ATTRIBUTE, EVAL_MASK, FINGERPRINT_KEYS, N_CROPS, NUMERIC_COLUMNS,
-                          STRING_COLUMNS, TOKEN_DEFECT, TOKEN_ROW_CHECKSUM, TOKEN_SETTING_ATTRIBUTE, TOKENS,
-                          mismatched_fields, read_fingerprint, shard_paths)
-from cache.tokens import EVAL_MASK_BYTES, add_tokens_command
+from raml.cache.checks import checksum_problem, shard_problem, token_row_checksum, token_rows_problem
+from raml.errors import CacheError, working_on
+from raml.cache.format import CACHE_JSON, CHECKSUM_ATTRIBUTE, EVAL_MASK, FINGERPRINT_KEYS, N_CROPS, NUMERIC_COLUMNS, STRING_COLUMNS, TOKEN_DEFECT, TOKEN_ROW_CHECKSUM, TOKEN_SETTING_ATTRIBUTE, TOKENS, mismatched_fields, read_fingerprint, shard_paths
+from raml.cache.tokens import EVAL_MASK_BYTES, add_tokens_command
 
 _FIX = "Delete it and re-run extract to recompute its images."   # for a shard that cannot be used
 # Per-row columns of a FeatureTable (what ``select`` keeps of each row).

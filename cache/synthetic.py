@@ -19,9 +19,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from cache import N_CROPS, ShardRows, claim_cache, fingerprint, write_shard
-from cache.format import claim_token_setting
-from cache.tokens import TILES, TOKEN_POOL, axis_cells, defect_fractions, eval_mask, token_setting
+from raml.cache import N_CROPS, ShardRows, claim_cache, fingerprint, write_shard
+from raml.cache.format import claim_token_setting
+from raml.cache.tokens import TILES, TOKEN_POOL, axis_cells, defect_fractions, eval_mask, token_setting
 
 # MVTec AD's shape: category → (train/good, test/good, test/defective) images, original side (px).
 MVTEC_SHAPE = {

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cache.format import CROP_LAYOUT, SCALE_SLICES, grid_edges
+from raml.cache.format import CROP_LAYOUT, SCALE_SLICES, grid_edges
 
 TOKEN_CROPS = SCALE_SLICES[2]        # crops 5–20: the 4x4 tiles, which partition the image
 TILES = CROP_LAYOUT[2][0]            # 4 tiles a side

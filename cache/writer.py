@@ -19,12 +19,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.checks import (ATTRIBUTES, attributes_checksum, dataset_checksum, rows_problem, strings_checksum,
-                          text_problem, token_row_checksum, tokens_problem)
-from cache.files import atomic_write_bytes
-from cache.format import (CHECKSUM_ATTRIBUTE, EVAL_MASK, N_CROPS, NUMERIC_COLUMNS, PARTIAL_SUFFIX, SHARD_SUFFIX,
-                          STRING_COLUMNS, TOKEN_DEFECT, TOKEN_ROW_CHECKSUM, TOKEN_SETTING_ATTRIBUTE, TOKENS, printable)
-from cache.tokens import EVAL_MASK_BYTES
+from raml.cache.checks import ATTRIBUTES, attributes_checksum, dataset_checksum, rows_problem, strings_checksum, text_problem, token_row_checksum, tokens_problem
+from raml.cache.files import atomic_write_bytes
+from raml.cache.format import CHECKSUM_ATTRIBUTE, EVAL_MASK, N_CROPS, NUMERIC_COLUMNS, PARTIAL_SUFFIX, SHARD_SUFFIX, STRING_COLUMNS, TOKEN_DEFECT, TOKEN_ROW_CHECKSUM, TOKEN_SETTING_ATTRIBUTE, TOKENS
+from raml.errors import printable
+from raml.cache.tokens import EVAL_MASK_BYTES
 
 _STR = h5py.string_dtype("utf-8")
 FEATURE_CHUNK_ROWS = 64   # rows of ``features`` per HDF5 chunk; a shard's last chunk is allocated whole

@@ -28,17 +28,18 @@ from pathlib import Path
 
 import numpy as np
 
-from cache import FeatureTable, UserError
-from cache.files import atomic_write_text
-from cache.tokens import add_tokens_command
-from evaluate.baselines.features import BASELINES, TOKEN_BASELINES, run_feature_baseline
-from evaluate.metrics import DEFAULT_BOOTSTRAP, bootstrap_mean_auroc_ci, paired_bootstrap_auroc_difference
-from evaluate.plots import difference_forest
-from evaluate.results import NOT_MEANINGFUL, RESULTS_JSON, SCORES_CSV, diverged_cell, read_results, read_scores_csv
-from evaluate.run import evaluate_checkpoints
-from evaluate.sweep import RESULTS_DIR, run_sweep
-from train.checkpoint import load_checkpoint
-from train.sweep import run_name
+from raml.cache import FeatureTable
+from raml.errors import UserError
+from raml.cache.files import atomic_write_text
+from raml.cache.tokens import add_tokens_command
+from raml.evaluate.baselines.features import BASELINES, TOKEN_BASELINES, run_feature_baseline
+from raml.evaluate.metrics import DEFAULT_BOOTSTRAP, bootstrap_mean_auroc_ci, paired_bootstrap_auroc_difference
+from raml.evaluate.plots import difference_forest
+from raml.evaluate.results import NOT_MEANINGFUL, RESULTS_JSON, SCORES_CSV, diverged_cell, read_results, read_scores_csv
+from raml.evaluate.run import evaluate_checkpoints
+from raml.evaluate.sweep import RESULTS_DIR, run_sweep
+from raml.train.checkpoint import load_checkpoint
+from raml.train.sweep import run_name
 
 REFERENCE = "full"
 # name → the TrainConfig fields it changes; everything else is the method's default.

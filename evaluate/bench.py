@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
-from cache import read_cache
-from cache.reader import read_token_rows, token_chunks
-from cache.synthetic import write_synthetic_cache
-from cache.tokens import eval_maps, map_at, token_grid
-from evaluate.baselines.features import CORESET_FRACTION, greedy_coreset
-from evaluate.localisation import zero_shot_token_scores
-from train.config import TrainConfig
-from train.infer import pixel_scores, text_tokens
-from train.model import build_head
+from raml.cache import read_cache
+from raml.cache.reader import read_token_rows, token_chunks
+from raml.cache.synthetic import write_synthetic_cache
+from raml.cache.tokens import eval_maps, map_at, token_grid
+from raml.evaluate.baselines.features import CORESET_FRACTION, greedy_coreset
+from raml.evaluate.localisation import zero_shot_token_scores
+from raml.train.config import TrainConfig
+from raml.train.infer import pixel_scores, text_tokens
+from raml.train.model import build_head
 
 PER_TILE = 7     # ViT-B/16: 14 x 14 patches a tile, pooled 2 x 2
 EMBED_DIM = 512

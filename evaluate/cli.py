@@ -9,26 +9,25 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from cache import UserError
-from cache.cli import (JOBS, SCORE_WEIGHT, SEED, FiniteFloat, echo_chosen, fail_cleanly, non_empty, seed_list, text_list,
-                       with_options)
-from cache.errors import OptionError
-from cache.workspace import REPORT_DIR, RESULTS, SWEEP_PREFIX, dataset_of, results_dir
-from evaluate.workspace import newest_run_dir, run_label, scoring_cache, sweep_dir
-from extract.cli import dataset_option, model_option, refusing_contradictory_weights
-from train.cli import (read_training_cache, stage_two_device_option, threads_option, train_options,
-                       training_cache_options)
+from raml.errors import UserError
+from raml.cli.failures import fail_cleanly
+from raml.cli.options import JOBS, SCORE_WEIGHT, SEED, FiniteFloat, echo_chosen, non_empty, seed_list, text_list, with_options
+from raml.errors import OptionError
+from raml.cli.workspace import REPORT_DIR, RESULTS, SWEEP_PREFIX, dataset_of, results_dir
+from raml.evaluate.workspace import newest_run_dir, run_label, scoring_cache, sweep_dir
+from raml.extract.cli import dataset_option, model_option, refusing_contradictory_weights
+from raml.train.cli import read_training_cache, stage_two_device_option, threads_option, train_options, training_cache_options
 
 
 def margin_list(ctx, param, text):
-    from train.config import MARGIN_PRESETS
+    from raml.train.config import MARGIN_PRESETS
     return text_list(choices=MARGIN_PRESETS, accepted=f"comma-separated margin presets among "
                                                       f"{', '.join(MARGIN_PRESETS)}")(ctx, param, text)
 
 
 def vary_axes(ctx, param, specs):
     """--vary FIELD=V1,V2 (repeated), checked before any work: the grid's axes (``train.config.parse_vary``)."""
-    from train.config import TrainConfig, parse_vary
+    from raml.train.config import TrainConfig, parse_vary
     try:
         axes = parse_vary(specs)
         for field_name, values in axes.items():
@@ -43,7 +42,7 @@ def _names(text, module: str, table: str):
     """A comma-separated subset of ``evaluate.<module>.<table>`` (``none``: the empty subset)."""
     import importlib
     names = tuple(getattr(importlib.import_module(f"evaluate.{module}" if module != "baselines" else
-                                                  "evaluate.baselines.features"), table))
+                                                  "raml.evaluate.baselines.features"), table))
     if text is not None and text.strip() == "none" and module == "baselines":
         return []
     return text_list(choices=names, accepted=f"comma-separated names among {', '.join(names)}")(None, None, text)
@@ -119,7 +118,7 @@ def evaluate(checkpoints, dataset, cache_dir, out, protocol, visual_weight, text
     run) and OUT/anomaly_maps.npz. Without options: the newest run, on the cache it was trained on
     (holdout); --dataset visa scores it on VisA's cache (transfer).
     """
-    from evaluate.run import evaluate_checkpoints
+    from raml.evaluate.run import evaluate_checkpoints
     checkpoints = checkpoints or (newest_run_dir(sweeps=True),)
     cache_dir = cache_dir or scoring_cache(checkpoints, dataset)
     out = out or echo_chosen("results", results_dir(dataset_of(cache_dir), run_label(checkpoints)))
@@ -141,7 +140,7 @@ def report(results, out):
     grouped by protocol and dataset; rows scored on different image lists are never put in one
     table (refused).
     """
-    from evaluate.report import write_report
+    from raml.evaluate.report import write_report
     results = results or (echo_chosen("results", RESULTS),)
     out = out or echo_chosen("report", REPORT_DIR)
     path = write_report(results, out)
@@ -174,8 +173,8 @@ def sweep(cache_dir, margins, seeds, vary, out, jobs, threads, device, **options
     ...) are trained together as one batched pass. Re-running resumes: finished runs are not retrained.
     All runs share --split-seed, so every number in the table is measured on the same held-out images.
     """
-    from evaluate.sweep import run_sweep
-    from train.sweep import grid_configurations
+    from raml.evaluate.sweep import run_sweep
+    from raml.train.sweep import grid_configurations
     configurations = grid_configurations(margins, axes := vary, **options)
     table = read_training_cache(cache_dir)
     in_workspace = out is None
@@ -187,7 +186,7 @@ def sweep(cache_dir, margins, seeds, vary, out, jobs, threads, device, **options
     click.echo(f"sweep: {len(configurations) * len(seeds)} runs → {out}/summary.json, {out}/summary.md"
                + (" (random-weights features: meaningless)" if summary["random_weights"] else ""))
     if in_workspace:
-        from cache.workspace import point_latest
+        from raml.cli.workspace import point_latest
         click.echo(f"run: {out}  ({point_latest(out)} → {Path(out).name})")
 
 
@@ -221,8 +220,8 @@ def ablate(cache_dir, out, seeds, ablations, baselines, jobs, threads, device, n
     held-out AUROC, each with its difference from full and a paired bootstrap CI. Re-running resumes
     finished runs.
     """
-    from evaluate.ablate import ABLATIONS, run_ablation
-    from evaluate.baselines.features import BASELINES
+    from raml.evaluate.ablate import ABLATIONS, run_ablation
+    from raml.evaluate.baselines.features import BASELINES
     chosen_baselines = tuple(BASELINES if baselines is None else baselines)
     table = read_training_cache(cache_dir)
     out = out or echo_chosen("results", results_dir(dataset_of(cache_dir), "ablate"))
@@ -244,7 +243,7 @@ def ablate(cache_dir, out, seeds, ablations, baselines, jobs, threads, device, n
 def bench_maps(images, normals, size):
     """What an anomaly map costs per image (reading the tokens, each map kind, drawing the map) and what patch
     tokens add to the cache, on a synthetic cache of ViT-B/16's shape."""
-    from evaluate.bench import run_maps_bench
+    from raml.evaluate.bench import run_maps_bench
     for line in run_maps_bench(images=images, normals=normals, size=size).lines():
         click.echo(line)
 
@@ -267,8 +266,8 @@ def bench_maps(images, normals, size):
 def demo(out, limit, epochs, seeds, model, pretrained, winclip_model, winclip_pretrained, online, random_weights):
     """README command one: RAML (3 margins × 3 seeds, via sweep) against zero-shot WinCLIP on the same held-out
     textile images: extract → sweep → evaluate → baseline winclip → report."""
-    from evaluate.demo import DEFAULT_EPOCHS, DEFAULT_LIMIT, run_demo
-    from extract.identity import backbone_identity
+    from raml.evaluate.demo import DEFAULT_EPOCHS, DEFAULT_LIMIT, run_demo
+    from raml.extract.identity import backbone_identity
     context = click.get_current_context()
     for flags, (name, tag) in ((("--model", "--pretrained"), (model, pretrained)),
                                (("--winclip-model", "--winclip-pretrained"), (winclip_model, winclip_pretrained))):
@@ -291,5 +290,5 @@ def demo(out, limit, epochs, seeds, model, pretrained, winclip_model, winclip_pr
 def status():
     """The workspace on one screen: datasets found, caches (images, backbone, size), runs
     (configuration, seed, when), results, and what to run next."""
-    from evaluate.workspace import status_lines
+    from raml.evaluate.workspace import status_lines
     click.echo("\n".join(status_lines()))

@@ -58,7 +58,7 @@ REFERENCE = {"seconds": 384.0, "gemm_gflops": 136.0, "cpu": "2-core AMD EPYC (AV
 
 def weights_problem(model: str, pretrained: str) -> str | None:
     """None when ``model``/``pretrained`` loads on this machine, else the reason in one line."""
-    from extract.encoder import WeightsUnavailableError, load_backbone
+    from raml.extract.encoder import WeightsUnavailableError, load_backbone
     logging.disable(logging.ERROR)   # open_clip logs the failed download itself; the notice below says it plainly
     try:
         load_backbone(model, pretrained, device="cpu")
@@ -90,7 +90,7 @@ def expected_seconds(device: str, limit: int, epochs: int, seeds) -> tuple[float
     little of the time is arithmetic there for the CPU reference to say anything)."""
     if device != "cpu":
         return None, "on the GPU the encoding takes seconds; most of the time is loading the models"
-    from extract.engine_bench import cpu_model, gemm_gflops
+    from raml.extract.engine_bench import cpu_model, gemm_gflops
     rate = gemm_gflops()
     seconds = REFERENCE["seconds"] * REFERENCE["gemm_gflops"] / rate
     sizes = "" if (limit, epochs, tuple(seeds)) == (DEFAULT_LIMIT, DEFAULT_EPOCHS, DEFAULT_SEEDS) else \
@@ -108,7 +108,7 @@ def _extract(run_command, args: list[str], log) -> str:
         run_command(args)
         return args[-1]
     except click.ClickException as err:
-        from extract.int8_engine import Int8FidelityError
+        from raml.extract.int8_engine import Int8FidelityError
         if not isinstance(err.__cause__, Int8FidelityError):
             raise
         log(f"\ndemo: the int8 engine is not used: {err.message}\n"

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cache.reader import token_chunks
-from cache.tokens import EVAL_MASK_BYTES, EVAL_MASK_SIDE, TILES, eval_maps, unpack_eval_masks
-from evaluate.baselines.winclip import TEMPERATURE as ZERO_SHOT_TEMPERATURE
-from evaluate.metrics import AUPRO_FPR_LIMIT, DEFAULT_BOOTSTRAP, bootstrap_pixel_ci, pixel_counts, pixel_metrics
-from evaluate.results import PIXEL_METRICS, in_percent, mean_std
+from raml.cache.reader import token_chunks
+from raml.cache.tokens import EVAL_MASK_BYTES, EVAL_MASK_SIDE, TILES, eval_maps, unpack_eval_masks
+from raml.evaluate.baselines.winclip import TEMPERATURE as ZERO_SHOT_TEMPERATURE
+from raml.evaluate.metrics import AUPRO_FPR_LIMIT, DEFAULT_BOOTSTRAP, bootstrap_pixel_ci, pixel_counts, pixel_metrics
+from raml.evaluate.results import PIXEL_METRICS, in_percent, mean_std
 
 RESOLUTION_NOTE = (f"computed at {EVAL_MASK_SIDE} x {EVAL_MASK_SIDE} points per image (the map and the defect "
                    f"mask sampled at the same points); AUPRO up to FPR {AUPRO_FPR_LIMIT}, 8-connected defect regions")

@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from train.thresholds import labels_and_scores
+from raml.train.thresholds import labels_and_scores
 
 DEFAULT_BOOTSTRAP = 1000
 CI_LEVEL = 0.95

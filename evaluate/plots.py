@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from cache.files import atomic_write_bytes  # noqa: E402
+from raml.cache.files import atomic_write_bytes  # noqa: E402
 
 RANDOM_TITLE = "RANDOM WEIGHTS — NOT MEANINGFUL"
 MAP_CMAP = "inferno"
@@ -61,7 +61,7 @@ def _by_category(records: list[dict]) -> dict:
     out = {}
     for record in records:
         out.setdefault(record["category"], []).append((int(record["label"]), float(record["final"])))
-    return {c: (np.array([l for l, _ in v]), np.array([s for _, s in v])) for c, v in sorted(out.items())}
+    return {c: (np.array([label for label, _ in v]), np.array([s for _, s in v])) for c, v in sorted(out.items())}
 
 
 def roc_curves(rows, scores: dict, path: Path, title: str) -> Path:
@@ -131,9 +131,9 @@ def overlay_image(image, anomaly_map: np.ndarray, vmin: float = 0.0, vmax: float
 def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int) -> tuple[Path | None, str | None]:
     """A few test images with each configuration's anomaly map over them (one figure row per
     configuration with maps, at the image's resolution); (png, note)."""
-    from cache.tokens import map_at
-    from evaluate.results import pick_examples, read_maps
-    from extract.pyramid import BadImageError, load_mask, load_rgb
+    from raml.cache.tokens import map_at
+    from raml.evaluate.results import pick_examples, read_maps
+    from raml.extract.pyramid import BadImageError, load_mask, load_rgb
 
     mapped = [(row, maps) for row in rows if (maps := read_maps(row.path, row.entry))]
     if not mapped:

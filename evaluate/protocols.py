@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cache import UserError
-from cache.errors import read_json_checked
-from train.checkpoint import load_checkpoint
-from train.split import image_list_hash, manifest_problem, rows_for
+from raml.errors import UserError
+from raml.cache.files import read_json_checked
+from raml.train.checkpoint import load_checkpoint
+from raml.train.split import image_list_hash, manifest_problem, rows_for
 
 
 PROTOCOLS = ("holdout", "transfer", "official")

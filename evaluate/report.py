@@ -12,10 +12,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache import UserError
-from cache.files import atomic_write_text, make_dirs
-from evaluate.results import (MAP_EXAMPLES, NOT_MEANINGFUL, PIXEL_METRICS, diverged_cell, find_results, mean_std,
-                              read_results, read_scores_csv)
+from raml.errors import UserError
+from raml.cache.files import atomic_write_text, make_dirs
+from raml.evaluate.results import MAP_EXAMPLES, NOT_MEANINGFUL, PIXEL_METRICS, diverged_cell, find_results, mean_std, read_results, read_scores_csv
 
 
 class MixedImageListsError(UserError):
@@ -222,7 +221,7 @@ def _slug(text: str) -> str:
 
 def write_report(paths, out_dir) -> Path:
     """Write ``out_dir``/report.md and its PNG plots; returns the Markdown path."""
-    from evaluate import plots
+    from raml.evaluate import plots
 
     out_dir = Path(out_dir)
     make_dirs(out_dir)

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cache import UserError
-from cache.errors import read_json_checked
-from cache.files import atomic_write, atomic_write_text, make_dirs
-from evaluate.file_names import MAPS_NPZ, RESULTS_JSON, SCORES_CSV
-from evaluate.metrics import DEFAULT_BOOTSTRAP, average_precision, bootstrap_auroc_ci, image_auroc
-from train.thresholds import f1_max
+from raml.errors import UserError
+from raml.cache.files import read_json_checked
+from raml.cache.files import atomic_write, atomic_write_text, make_dirs
+from raml.evaluate.file_names import MAPS_NPZ, RESULTS_JSON, SCORES_CSV
+from raml.evaluate.metrics import DEFAULT_BOOTSTRAP, average_precision, bootstrap_auroc_ci, image_auroc
+from raml.train.thresholds import f1_max
 
 MAP_EXAMPLES = 4   # test images a report shows with their anomaly maps, per table (``pick_examples``)
 SCORE_COLUMNS = ("config", "seed", "category", "relpath", "defect_type", "label")

@@ -20,18 +20,19 @@ from pathlib import Path
 
 import numpy as np
 
-from cache import CacheError, UserError, read_cache
-from cache.reader import require_tokens
-from cache.tokens import TILES, add_tokens_command, token_grid
-from evaluate.localisation import PIXEL_HEAD_MAP, map_images, not_scored_block, pixel_block, score_tokens
-from evaluate.metrics import DEFAULT_BOOTSTRAP
-from evaluate.protocols import select_images
-from evaluate.results import MapSet, ScoredRun, config_entry, in_percent, mean_std, write_results
-from train.checkpoint import CHECKPOINT_FILE, Checkpoint, check_cache, check_tokens, load_checkpoint
-from train.config import TrainConfig
-from train.sweep import METRICS_FILE
-from train.infer import fused_score, pixel_scores, score_table, score_weights
-from train.thresholds import operating_point
+from raml.cache import read_cache
+from raml.errors import CacheError, UserError
+from raml.cache.reader import require_tokens
+from raml.cache.tokens import TILES, add_tokens_command, token_grid
+from raml.evaluate.localisation import PIXEL_HEAD_MAP, map_images, not_scored_block, pixel_block, score_tokens
+from raml.evaluate.metrics import DEFAULT_BOOTSTRAP
+from raml.evaluate.protocols import select_images
+from raml.evaluate.results import MapSet, ScoredRun, config_entry, in_percent, mean_std, write_results
+from raml.train.checkpoint import CHECKPOINT_FILE, Checkpoint, check_cache, check_tokens, load_checkpoint
+from raml.train.config import TrainConfig
+from raml.train.sweep import METRICS_FILE
+from raml.train.infer import fused_score, pixel_scores, score_table, score_weights
+from raml.train.thresholds import operating_point
 
 _SEED_SUFFIX = re.compile(r"[-_]seed\d+$")
 
@@ -122,7 +123,7 @@ def thresholds_on_scored_images(runs: list[ScoredRun], checkpoints: list[Checkpo
     """Per category, precision and recall (in %) of each checkpoint's decision threshold
     (``evaluate.deploy.predict.threshold_for``) on the images it was scored on, mean ± std over seeds:
     how the thresholds calibrated on training images hold up on held-out ones."""
-    from evaluate.deploy.predict import threshold_for
+    from raml.evaluate.deploy.predict import threshold_for
     summary = {}
     for category in sorted(set(runs[0].category.tolist())):
         here = runs[0].category == category

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cache import FeatureTable, UserError
-from cache.files import atomic_write_text
-from evaluate.file_names import SUMMARY_JSON
-from evaluate.results import diverged_cell
-from evaluate.run import evaluate_checkpoints
-from train.fit import write_json
-from train.sweep import train_missing
+from raml.cache import FeatureTable
+from raml.errors import UserError
+from raml.cache.files import atomic_write_text
+from raml.evaluate.file_names import SUMMARY_JSON
+from raml.evaluate.results import diverged_cell
+from raml.evaluate.run import evaluate_checkpoints
+from raml.train.fit import write_json
+from raml.train.sweep import train_missing
 
 RESULTS_DIR = "results"
 

@@ -13,15 +13,15 @@ import json
 import time
 from pathlib import Path
 
-from cache import UserError, mismatched_fields, read_cache
-from cache.cli import echo_chosen
-from cache.config_file import config_path
-from cache.format import read_fingerprint
-from cache.workspace import (FEATURES, LATEST, REPORT_DIR, RESULTS, RUNS, caches_of, claim_run_dir, datasets_home,
-                             default_dataset_root, describe_cache, newest_run, run_entries, unfinished_run)
-from evaluate.file_names import RESULTS_JSON, SUMMARY_JSON
-from extract.datasets import LAYOUTS, READERS
-from train.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from raml.cache import mismatched_fields, read_cache
+from raml.errors import UserError
+from raml.cli.options import echo_chosen
+from raml.cli.config_file import config_path
+from raml.cache.format import read_fingerprint
+from raml.cli.workspace import FEATURES, LATEST, REPORT_DIR, RESULTS, RUNS, caches_of, claim_run_dir, datasets_home, default_dataset_root, describe_cache, newest_run, run_entries, unfinished_run
+from raml.evaluate.file_names import RESULTS_JSON, SUMMARY_JSON
+from raml.extract.datasets import LAYOUTS, READERS
+from raml.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
 SHOWN = 8   # rows per section of status; older ones are counted, not listed
 
@@ -53,7 +53,7 @@ def scoring_cache(checkpoints, dataset: str | None) -> Path:
     """The workspace's cache of ``dataset`` (default: the one the first run was trained on) whose
     backbone is the runs' (same fingerprint fields), printed; none or several is an error that lists
     the dataset's caches and says how to choose."""
-    from evaluate.run import find_checkpoints
+    from raml.evaluate.run import find_checkpoints
     checkpoint = load_checkpoint(find_checkpoints(checkpoints)[0])
     fingerprint = checkpoint.fingerprint
     dataset = dataset or (fingerprint.get("dataset") or {}).get("kind")

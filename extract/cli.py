@@ -4,11 +4,12 @@ backbone and its engine (shared with the commands that score new images, evaluat
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import click
 
-from cache.cli import (device_option, echo_chosen, fail_cleanly, given_on_command_line, show_progress, text_list,
-                       with_options)
+from raml.cli.failures import fail_cleanly
+from raml.cli.options import device_option, echo_chosen, given_on_command_line, show_progress, text_list, with_options
 
 BATCH_SIZE = click.IntRange(1, 4096)        # images per forward pass (× 21 crops)
 WORKERS = click.IntRange(0, 1024)           # decoding processes; 0 decodes in the main process
@@ -19,7 +20,7 @@ def model_option(flag: str = "--model", **kwargs):
     """--model (or ``flag``): an open_clip model name or model-config JSON, checked before any work
     (``extract.identity.model_problem``: without importing open_clip)."""
     def check(ctx, param, value):
-        from extract.identity import model_problem
+        from raml.extract.identity import model_problem
         problem = None if value is None else model_problem(value)
         if problem:
             raise click.BadParameter(problem)
@@ -44,7 +45,7 @@ def refusing_contradictory_weights(func):
 
 def backbone_options(func):
     """Options naming the CLIP backbone; shared by every command that runs the image encoder."""
-    from extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED  # not extract.encoder: no torch import here
+    from raml.extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED  # not extract.encoder: no torch import here
     func = refusing_contradictory_weights(func)
     return with_options([
         model_option(default=DEFAULT_MODEL, show_default=True,
@@ -79,14 +80,13 @@ def checkpoint_backbone_options(func):
 def backbone_source(model, weights, random_weights) -> dict:
     """What ``extract`` records about where its backbone came from, so that ``predict`` and
     ``export`` can load it again from a checkpoint (``evaluate.deploy.predict.backbone_options_for``)."""
-    from pathlib import Path
     model_path = Path(model)
     return {"model": str(model_path.resolve()) if model_path.suffix == ".json" else model,
             "weights_file": str(Path(weights).resolve()) if weights and not random_weights else None}
 
 
 def load_backbone_from(model, pretrained, weights, random_weights, device):
-    from extract.encoder import load_backbone
+    from raml.extract.encoder import load_backbone
     if random_weights:
         click.secho("warning: --random-weights: CLIP is randomly initialised; every number this produces "
                     "is meaningless.", fg="yellow", err=True)
@@ -95,14 +95,14 @@ def load_backbone_from(model, pretrained, weights, random_weights, device):
 
 def fidelity_sample_option(when):
     """--fidelity-sample: how many of the user's images the int8 fidelity check encodes both ways."""
-    from extract.engines import FIDELITY_SAMPLE
+    from raml.extract.engines import FIDELITY_SAMPLE
     return click.option("--fidelity-sample", default=FIDELITY_SAMPLE, show_default=True, type=click.IntRange(1, 10_000),
                         help=f"With {when}: images of your own that the check encodes with fp32 and int8.")
 
 
 def engine_option(func):
     """--engine: which runtime encodes the crops."""
-    from extract.engines import ENGINES
+    from raml.extract.engines import ENGINES
     return click.option(
         "--engine", type=click.Choice(ENGINES), default="torch", show_default=True,
         help="Runtime of the CLIP image encoder: torch (eager); onnx (ONNX Runtime fp32, faster on CPUs; exported "
@@ -122,12 +122,12 @@ def engine_backbone(backbone, engine: str, *, cache_root=None, threads: int | No
     if engine == "torch":
         return backbone
     if engine == "onnx":
-        from extract.onnx_engine import onnx_backbone
+        from raml.extract.onnx_engine import onnx_backbone
         return onnx_backbone(backbone, cache_root=cache_root, threads=threads)
     if engine == "onnx-int8":
-        from extract.int8_engine import int8_backbone
+        from raml.extract.int8_engine import int8_backbone
         return int8_backbone(backbone, cache_root=cache_root, threads=threads)
-    from extract.engines import ENGINES
+    from raml.extract.engines import ENGINES
     raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
 
 
@@ -138,7 +138,7 @@ def load_engine_backbone(model, pretrained, weights, random_weights, device, eng
 
 def dataset_option(help_text: str = "Which dataset (its reader, and its place in the workspace).", default="mvtec"):
     """--dataset: names the reader and the dataset's directories in the workspace."""
-    from extract.datasets import READERS
+    from raml.extract.datasets import READERS
     return click.option("--dataset", type=click.Choice(list(READERS)), default=default,
                         show_default=default is not None, help=help_text)
 
@@ -150,9 +150,26 @@ def root_option(func):
                              "with conformal-clip-data and needs none).")(func)
 
 
+def dataset_root(kind: str, root=None) -> Path | None:
+    """``root`` when given; for ``textile`` None (the package finds its images); else the workspace's
+    place for ``kind`` (``cli.workspace.default_dataset_root``), which must exist: if it does not,
+    the error says where it looked, the layout expected and where the dataset is published."""
+    from raml.cli.workspace import default_dataset_root, where_datasets_are_looked_for
+    from raml.extract.datasets import DATASET_SOURCES, LAYOUTS, DatasetLayoutError
+
+    if root is not None or kind == "textile":
+        return root
+    path = default_dataset_root(kind)
+    if not path.is_dir():
+        raise DatasetLayoutError(
+            f"no {kind} dataset at {path}: without --root, datasets are looked for at "
+            f"{where_datasets_are_looked_for()}. Put it there, or pass --root. Expected layout:\n"
+            f"{LAYOUTS[kind].replace('<root>', str(path))}\n{DATASET_SOURCES[kind]}.")
+    return path
+
+
 def chosen_dataset_root(dataset, root):
     """``root``, or the workspace's place for ``dataset``, printed when it was chosen here."""
-    from extract.datasets import dataset_root
     chosen = dataset_root(dataset, root)
     if root is None and chosen is not None:
         echo_chosen("dataset", chosen)
@@ -193,10 +210,10 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
     precision: fp32 (--engine torch or onnx) or int8 (--engine onnx-int8). Without --root and
     --cache-dir: ./datasets/<dataset> into ./features/<dataset>/<backbone tag>.
     """
-    from cache.workspace import cache_dir_for
-    from extract.engines import PRECISIONS, check_cache_precision, usable_cores
-    from extract.identity import backbone_identity
-    from extract.run import extract_features
+    from raml.cli.workspace import cache_dir_for
+    from raml.extract.engines import PRECISIONS, check_cache_precision, usable_cores
+    from raml.extract.identity import backbone_identity
+    from raml.extract.run import extract_features
     root = chosen_dataset_root(dataset, root)
     identity = backbone_identity(model, pretrained, weights, random_weights, PRECISIONS[engine])
     if cache_dir is None:
@@ -206,7 +223,7 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
     def load_checked_backbone():
         backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, engine)
         if backbone.engine == "onnx-int8":
-            from extract.int8_engine import check_on_dataset
+            from raml.extract.int8_engine import check_on_dataset
             check_on_dataset(backbone, cache_dir, dataset, root, categories, sample=fidelity_sample)
         return backbone
 
@@ -230,7 +247,7 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
 
 def check_shard(value):
     """--shard i/n, checked before any work (``extract.run.parse_shard``)."""
-    from extract.run import parse_shard
+    from raml.extract.run import parse_shard
     if value is not None:
         try:
             parse_shard(value)
@@ -240,7 +257,7 @@ def check_shard(value):
 
 
 def engine_list(ctx, param, text):
-    from extract.engines import ENGINES
+    from raml.extract.engines import ENGINES
     return text_list(choices=ENGINES, accepted=f"engines among {', '.join(ENGINES)}", allow_empty=True)(
         ctx, param, text)
 
@@ -282,9 +299,9 @@ def bench_extract(model, pretrained, weights, random_weights, device, images, si
     encoder, their ratios, and the loader against its ceiling; with --patch-tokens the tokens'
     overhead; then the encoder's seconds per image with each of --engines, against the machine's
     fp32 GEMM floor."""
-    from extract.bench import run_extract_bench
-    from extract.engine_bench import compare_encoders
-    from extract.engines import usable_cores
+    from raml.extract.bench import run_extract_bench
+    from raml.extract.engine_bench import compare_encoders
+    from raml.extract.engines import usable_cores
     torch_backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
     result = run_extract_bench(engine_backbone(torch_backbone, engine), images=images, size=size, batch_size=batch_size,
                                workers=usable_cores() if workers is None else workers, loader_only=loader_only,

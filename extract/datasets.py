@@ -15,10 +15,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache import UserError
-from cache.errors import OptionError
-from cache.format import printable
-from cache.workspace import default_dataset_root, where_datasets_are_looked_for
+from raml.errors import UserError
+from raml.errors import OptionError
+from raml.errors import printable
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 NORMAL = "good"  # defect_type of every normal image
@@ -258,21 +257,6 @@ def read_textile(root: Path | None = None, categories=None, not_read: list | Non
 
 
 READERS = {"mvtec": read_mvtec, "visa": read_visa, "folder": read_folder, "textile": read_textile}
-
-
-def dataset_root(kind: str, root=None) -> Path | None:
-    """``root`` when given; for ``textile`` None (the package finds its images); else the workspace's
-    place for ``kind`` (``cache.workspace.default_dataset_root``), which must exist: if it does not,
-    the error says where it looked, the layout expected and where the dataset is published."""
-    if root is not None or kind == "textile":
-        return root
-    path = default_dataset_root(kind)
-    if not path.is_dir():
-        raise DatasetLayoutError(
-            f"no {kind} dataset at {path}: without --root, datasets are looked for at "
-            f"{where_datasets_are_looked_for()}. Put it there, or pass --root. Expected layout:\n"
-            f"{LAYOUTS[kind].replace('<root>', str(path))}\n{DATASET_SOURCES[kind]}.")
-    return path
 
 
 def read_dataset(kind: str, root, categories=None, not_read: list | None = None) -> tuple[Path, list[ImageRecord]]:

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache import UserError
-from cache.tokens import tokens_per_tile
-from extract.identity import (DEFAULT_MODEL, DEFAULT_PRETRAINED, RANDOM_WEIGHTS_SEED, BackboneIdentity,
-                              WeightsUnavailableError, resolve_backbone)
-from extract.pyramid import normalise_crops
+from raml.errors import UserError
+from raml.cache.tokens import tokens_per_tile
+from raml.extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, RANDOM_WEIGHTS_SEED, BackboneIdentity, WeightsUnavailableError, resolve_backbone
+from raml.extract.pyramid import normalise_crops
 
 # On CUDA the image tower runs in fp16; its features must stay this close (cosine) to the fp32 CPU
 # features, crop by crop: close enough to share a cache. `bench extract` checks it on the GPU.

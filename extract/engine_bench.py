@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from cache import N_CROPS, UserError
+from raml.cache import N_CROPS
+from raml.errors import UserError
 
 GEMM_SIZE = 2048           # large enough to run at the machine's fp32 peak, small enough to take ~0.1 s
 GEMM_REPEATS = 3           # products per GEMM measurement
@@ -128,8 +129,8 @@ def compare_encoders(backbones: dict, *, size: int, rounds: int) -> EngineTimes:
     """Seconds per image of each backbone's ``encode_images`` on one synthetic image's 21 crops."""
     import tempfile
 
-    from extract.bench import synthetic_images
-    from extract.pyramid import load_rgb, pyramid_pixels
+    from raml.extract.bench import synthetic_images
+    from raml.extract.pyramid import load_rgb, pyramid_pixels
 
     first = next(iter(backbones.values()))
     with tempfile.TemporaryDirectory(prefix="raml-bench-") as tmp:

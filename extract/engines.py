@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cache import CacheError
-from cache.format import fingerprint_field, read_fingerprint
+from raml.errors import CacheError
+from raml.cache.format import fingerprint_field, read_fingerprint
 
 # The int8 engine's precision names its quantisation scheme (extract/int8_engine.py): int8 with
 # 7-bit weights, whose features are the same on every x86 instruction set. Features of two schemes

@@ -29,9 +29,9 @@ import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from cache import UserError
-from cache.errors import OptionError
-from cache.files import atomic_write_text, user_cache_root
+from raml.errors import UserError
+from raml.errors import OptionError
+from raml.cache.files import atomic_write_text, user_cache_root
 
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"

@@ -54,15 +54,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cache import CacheError, N_CROPS, UserError
-from cache.files import atomic_write_text, make_dirs, write_fault
-from extract.encoder import ClipBackbone
-from extract.engines import FIDELITY_SAMPLE, INT8_PRECISION
-from extract.onnx_engine import (INPUT_NAME, OUTPUT_NAME, OnnxClipBackbone, OnnxEngineError, OnnxImageEncoder,
-                                 export_dir, export_lock, file_problem, first_line, key_fields,
-                                 locked_fp32_encoder, onnxruntime_module, open_session, read_sidecar, say,
-                                 publish_encoder, session_options, sidecar_fields, torch_fields)
-from extract.pyramid import BadImageError, load_rgb, pyramid_pixels
+from raml.cache import N_CROPS
+from raml.errors import CacheError, UserError
+from raml.cache.files import atomic_write_text, make_dirs, write_fault
+from raml.extract.encoder import ClipBackbone
+from raml.extract.engines import FIDELITY_SAMPLE, INT8_PRECISION
+from raml.extract.onnx_engine import INPUT_NAME, OUTPUT_NAME, OnnxClipBackbone, OnnxEngineError, OnnxImageEncoder, export_dir, export_lock, file_problem, first_line, key_fields, locked_fp32_encoder, onnxruntime_module, open_session, read_sidecar, say, publish_encoder, session_options, sidecar_fields, torch_fields
+from raml.extract.pyramid import BadImageError, load_rgb, pyramid_pixels
 
 INT8_FORMAT = 2            # bump when the quantised graph's contract changes: older ones are then rebuilt
 INT8_FILE, INT8_SIDECAR_FILE = "encoder-int8.onnx", "encoder-int8.json"
@@ -301,8 +299,8 @@ def check_on_dataset(backbone: OnnxClipBackbone, cache_dir, dataset: str, root, 
     so resuming the extraction does not repeat it; a rebuilt int8 model is checked again. Returns
     the figures, or ``None`` when this model was already checked on this cache.
     """
-    from extract.datasets import read_dataset
-    from extract.run import evenly_spaced
+    from raml.extract.datasets import read_dataset
+    from raml.extract.run import evenly_spaced
 
     record_path = Path(cache_dir) / FIDELITY_RECORD
     key = backbone.image_encoder.meta["sha256"]

@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cache import N_CROPS, UserError
-from extract.datasets import ImageRecord
-from extract.pyramid import BadImageError, load_rgb, pyramid_crops, token_targets
+from raml.cache import N_CROPS
+from raml.errors import UserError
+from raml.extract.datasets import ImageRecord
+from raml.extract.pyramid import BadImageError, load_rgb, pyramid_crops, token_targets
 
 STAGED_BATCHES = 1      # staged batches that may wait for the encoder (one more is being encoded)
 _POLL_SECONDS = 0.1     # how often a blocked staging thread checks whether it should stop

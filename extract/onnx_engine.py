@@ -40,13 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache import UserError
-from cache.files import (atomic_write_text, make_dirs, move_into_place, reporting_write_faults, user_cache_root,
-                         write_fault)
-from extract.encoder import ClipBackbone, check_patch_tokens, embeddings_and_tokens
-from extract.engines import usable_cores
-from extract.identity import file_sha256
-from extract.pyramid import normalise_crops
+from raml.errors import UserError
+from raml.cache.files import atomic_write_text, make_dirs, move_into_place, reporting_write_faults, user_cache_root, write_fault
+from raml.extract.encoder import ClipBackbone, check_patch_tokens, embeddings_and_tokens
+from raml.extract.engines import usable_cores
+from raml.extract.identity import file_sha256
+from raml.extract.pyramid import normalise_crops
 
 EXPORT_FORMAT = 2          # bump when the graph's contract changes: older exports are then rebuilt (2: patch tokens)
 PARITY_TOLERANCE = 1e-4    # max abs difference from the torch encoder, float32

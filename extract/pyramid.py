@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cache import CROP_LAYOUT, N_CROPS, UserError
-from cache.format import grid_edges, printable
-from cache.tokens import EVAL_MASK_BYTES, TILES, defect_fractions, eval_mask
+from raml.cache import CROP_LAYOUT, N_CROPS
+from raml.errors import UserError
+from raml.cache.format import grid_edges
+from raml.errors import printable
+from raml.cache.tokens import EVAL_MASK_BYTES, TILES, defect_fractions, eval_mask
 
 if TYPE_CHECKING:  # torch is imported where crops are made, not by every reader of this module
     import torch

@@ -33,19 +33,20 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cache import N_CROPS, CacheError, ShardRows, UserError, claim_cache, fingerprint, read_cache, write_shard
-from cache.errors import working_on
-from cache.files import atomic_write_text
-from cache.format import (claim_token_setting, human_bytes, next_shard_path, printable, shards_bytes,
-                          slot_prefix)
-from cache.lock import WriterSlot
-from cache.reader import LoadedShard, load_shard
-from cache.tokens import TOKEN_CROPS, token_bytes_per_image, token_setting
-from cache.writer import estimated_bytes
-from extract.datasets import ImageRecord, name_problem, read_dataset
-from extract.identity import BackboneIdentity, identity_of
-from extract.prompts import encode_prompts, prompt_spec
-from extract.pyramid import BadImageError
+from raml.cache import N_CROPS, ShardRows, claim_cache, fingerprint, read_cache, write_shard
+from raml.errors import CacheError, UserError
+from raml.errors import working_on
+from raml.cache.files import atomic_write_text
+from raml.cache.format import claim_token_setting, next_shard_path, shards_bytes, slot_prefix
+from raml.errors import human_bytes, printable
+from raml.cache.lock import WriterSlot
+from raml.cache.reader import LoadedShard, load_shard
+from raml.cache.tokens import TOKEN_CROPS, token_bytes_per_image, token_setting
+from raml.cache.writer import estimated_bytes
+from raml.extract.datasets import ImageRecord, name_problem, read_dataset
+from raml.extract.identity import BackboneIdentity, identity_of
+from raml.extract.prompts import encode_prompts, prompt_spec
+from raml.extract.pyramid import BadImageError
 
 CODE_VERSION = "0.1.0"
 DEFAULT_SHARD_SIZE = 256   # images per shard: ~5.5 MB of float16 ViT-B/16 features
@@ -268,7 +269,7 @@ def _encode_chunks(root: Path, chunks: list[Chunk], backbone, meta: dict, settin
                    workers: int, skip_bad: bool, progress: bool) -> ExtractSummary:
     """Encode the chunks' images in batches and write them shard by shard (see the module docstring);
     with a token ``setting``, the patch tokens and mask targets of every image too."""
-    from extract.loader import CropBatches  # torch: imported only when there is something to encode
+    from raml.extract.loader import CropBatches  # torch: imported only when there is something to encode
     records = [record for chunk in chunks for record in chunk.records]
     text = {c: encode_prompts(backbone, c) for c in sorted({r.category for chunk in chunks if chunk.replaces is None
                                                             for r in chunk.records})}

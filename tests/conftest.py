@@ -5,11 +5,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a download in test
 
 import pytest
 
-from cache import read_cache
-from cache.synthetic import write_synthetic_cache
-from extract.encoder import load_backbone
-from extract.identity import TINY_TEST_CONFIG
-from extract.run import extract_features
+from raml.cache import read_cache
+from raml.cache.synthetic import write_synthetic_cache
+from raml.extract.encoder import load_backbone
+from raml.extract.identity import TINY_TEST_CONFIG
+from raml.extract.run import extract_features
 from tests.synthetic import make_mvtec
 
 TINY_MODEL = str(TINY_TEST_CONFIG)

@@ -5,13 +5,14 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cache import UserError, read_cache
-from cache.synthetic import write_synthetic_cache
-from evaluate.ablate import ABLATIONS, REFERENCE, RESCORED, run_ablation
-from evaluate.results import SCORES_CSV, read_scores_csv
-from pipeline import cli
-from train import sweep as sweep_module
-from train.config import VARIANT_DEFAULTS
+from raml.cache import read_cache
+from raml.errors import UserError
+from raml.cache.synthetic import write_synthetic_cache
+from raml.evaluate.ablate import ABLATIONS, REFERENCE, RESCORED, run_ablation
+from raml.evaluate.results import SCORES_CSV, read_scores_csv
+from raml.pipeline import cli
+from raml.train import sweep as sweep_module
+from raml.train.config import VARIANT_DEFAULTS
 
 FAST = dict(epochs=2, lr=1e-3, hidden_dim=32, attn_dim=8, feature_dim=16)
 

@@ -3,12 +3,13 @@ import pytest
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from cache import UserError, read_cache
-from cache.synthetic import write_synthetic_cache
-from train.checkpoint import load_checkpoint
-from train.config import TrainConfig, make_config
-from train.fit import fit, write_run
-from train.model import RAMLHead, build_head
+from raml.cache import read_cache
+from raml.errors import UserError
+from raml.cache.synthetic import write_synthetic_cache
+from raml.train.checkpoint import load_checkpoint
+from raml.train.config import TrainConfig, make_config
+from raml.train.fit import fit, write_run
+from raml.train.model import RAMLHead, build_head
 
 DIMS = dict(hidden_dim=16, attn_dim=8, feature_dim=8)
 CROSS_SCALE = ("keys.", "queries.", "arrow_norms.")
@@ -177,7 +178,7 @@ def test_tile_pool_on_a_hand_made_input(tile_pool, expected):
     (dict(tile_pool="median"), "median"),
 ])
 def test_switches_that_cannot_act_are_refused(switches, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(ValueError, match=message):
         RAMLHead(32, **DIMS, **switches)
 
 

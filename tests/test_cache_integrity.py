@@ -19,15 +19,16 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cache import CacheError, ShardRows, read_cache, write_shard
-from cache.format import CACHE_JSON, mismatched_fields
-from cache.lock import WriterSlot, partial_shard_status
-from extract import pyramid
-from extract.encoder import load_backbone
-from extract.identity import backbone_identity, config_sha256, identity_of, weights_sha256
-from extract.pyramid import BadImageError, load_rgb
-from extract.run import extract_features
-from pipeline import cli
+from raml.cache import ShardRows, read_cache, write_shard
+from raml.errors import CacheError
+from raml.cache.format import CACHE_JSON, mismatched_fields
+from raml.cache.lock import WriterSlot, partial_shard_status
+from raml.extract import pyramid
+from raml.extract.encoder import load_backbone
+from raml.extract.identity import backbone_identity, config_sha256, identity_of, weights_sha256
+from raml.extract.pyramid import BadImageError, load_rgb
+from raml.extract.run import extract_features
+from raml.pipeline import cli
 from tests.conftest import TINY_MODEL
 from tests.synthetic import make_folder, make_mvtec, part_image
 from tests.test_extract import assert_same_table, run
@@ -115,9 +116,9 @@ def test_name_that_is_not_utf8_is_skipped_and_listed_under_skip_bad(folder_with_
 
 GATED_EXTRACT = """
 import sys, time
-from extract.encoder import load_backbone
-from extract.identity import backbone_identity
-from extract.run import extract_features
+from raml.extract.encoder import load_backbone
+from raml.extract.identity import backbone_identity
+from raml.extract.run import extract_features
 from pathlib import Path
 
 root, cache_dir, shard, gate = sys.argv[1:5]
@@ -462,4 +463,4 @@ def test_nothing_to_encode_imports_neither_open_clip_nor_torch(mvtec_root, mvtec
     assert result.returncode == 0, result.stderr[-2000:]
     assert "0 images encoded, 0 skipped, 20 already cached" in result.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
-    assert "extract.run" in imported and not {"torch", "open_clip"} & imported
+    assert "raml.extract.run" in imported and not {"torch", "open_clip"} & imported

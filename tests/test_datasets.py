@@ -3,8 +3,8 @@ import shutil
 
 import pytest
 
-from cache.errors import OptionError
-from extract.datasets import DatasetLayoutError, ImageRecord, read_dataset
+from raml.errors import OptionError
+from raml.extract.datasets import DatasetLayoutError, ImageRecord, read_dataset
 from tests.synthetic import make_folder, make_mvtec, make_visa
 
 

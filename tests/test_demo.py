@@ -3,11 +3,11 @@ import json
 
 from click.testing import CliRunner
 
-from evaluate.demo import DEFAULT_LIMIT
-from extract.datasets import read_dataset
-from extract.run import limit_per_category
-from pipeline import cli
-from train.split import heldout_counts
+from raml.evaluate.demo import DEFAULT_LIMIT
+from raml.extract.datasets import read_dataset
+from raml.extract.run import limit_per_category
+from raml.pipeline import cli
+from raml.train.split import heldout_counts
 
 TINY = "extract/model_configs/raml-tiny-test.json"
 
@@ -56,7 +56,7 @@ def test_demo_compares_raml_seeds_with_winclip_and_says_the_weights_are_random(t
 
 
 def test_demo_extracts_in_fp32_when_the_int8_check_refuses(tmp_path, monkeypatch):
-    from extract import int8_engine
+    from raml.extract import int8_engine
     monkeypatch.setenv("RAML_CACHE_DIR", str(tmp_path / "user-cache"))
     monkeypatch.setattr(int8_engine, "MIN_COSINE", 1.5)   # no encoder can pass
     result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path), "--model", TINY, "--winclip-model", TINY,
@@ -65,5 +65,5 @@ def test_demo_extracts_in_fp32_when_the_int8_check_refuses(tmp_path, monkeypatch
     assert "demo: the int8 engine is not used: the int8 image encoder is too far from fp32" in result.output
     assert "demo: extracting with --engine onnx (fp32) instead" in result.output
     assert "image encoder: onnx on cpu" in result.output
-    from cache import read_cache
+    from raml.cache import read_cache
     assert read_cache(tmp_path / "cache-random").engines == ["onnx"]

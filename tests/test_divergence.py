@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from evaluate.report import write_report
-from evaluate.run import diverged_runs
-from evaluate.sweep import run_sweep
-from pipeline import cli
-from train import fit as fit_module
-from train.config import make_config
-from train.divergence import TrainingDiverged
-from train.fit import fit, fit_runs
-from train.infer import score_rows
-from train.split import holdout_split
+from raml.evaluate.report import write_report
+from raml.evaluate.run import diverged_runs
+from raml.evaluate.sweep import run_sweep
+from raml.pipeline import cli
+from raml.train import fit as fit_module
+from raml.train.config import make_config
+from raml.train.divergence import TrainingDiverged
+from raml.train.fit import fit, fit_runs
+from raml.train.infer import score_rows
+from raml.train.split import holdout_split
 
 SMALL = dict(epochs=3, hidden_dim=32, attn_dim=8, feature_dim=16)
 
@@ -73,7 +73,7 @@ def test_a_gradient_that_is_not_finite_is_divergence_too(table, monkeypatch):
 
 
 def test_train_lr_1e3_stops_with_the_step_and_writes_nothing(tmp_path):
-    from cache.synthetic import write_synthetic_cache
+    from raml.cache.synthetic import write_synthetic_cache
     cache = write_synthetic_cache(tmp_path / "cache", {"bottle": (40, 10, 10, 900), "screw": (40, 10, 10, 1024)},
                                   dim=32)
     result = CliRunner().invoke(cli, ["train", "--cache-dir", str(cache), "--out", str(tmp_path / "run"),
@@ -120,8 +120,8 @@ def test_a_configuration_with_one_diverged_seed_keeps_the_other_in_results_and_r
         configs = [config if config.seed == 0 else make_config("adaptive", seed=1, **{**SMALL, "lr": 1e3})
                    for config in configs]
         return real(table, configs, *args, **kwargs)
-    monkeypatch.setattr("train.sweep.fit_runs", one_seed_wild)
-    monkeypatch.setattr("train.sweep.finished_metrics", lambda *args: None)
+    monkeypatch.setattr("raml.train.sweep.fit_runs", one_seed_wild)
+    monkeypatch.setattr("raml.train.sweep.finished_metrics", lambda *args: None)
     run_sweep(table, {"mixed": {**SMALL, "lr": 1e-3}}, [0, 1], tmp_path / "sweep", n_resamples=20)
     results = json.loads((tmp_path / "sweep" / "results" / "results.json").read_text())
     assert results["mixed"]["seeds"] == [0] and [r["seed"] for r in results["mixed"]["diverged"]] == [1]

@@ -5,9 +5,9 @@ import dataclasses
 import numpy as np
 import torch
 
-from extract.bench import min_crop_cosine
-from extract.encoder import FP16_MIN_COSINE, image_tower_dtype
-from extract.pyramid import pyramid_crops, pyramid_pixels
+from raml.extract.bench import min_crop_cosine
+from raml.extract.encoder import FP16_MIN_COSINE, image_tower_dtype
+from raml.extract.pyramid import pyramid_crops, pyramid_pixels
 from tests.synthetic import part_image
 
 
@@ -48,7 +48,7 @@ def test_fp16_tower_stays_within_tolerance_and_leaves_the_fp32_model_alone(tiny_
 def test_a_weights_file_is_built_like_its_pretrained_tag(tmp_path):
     """--weights FILE holds the --pretrained tag's weights (default OpenAI's): OpenAI's CLIP needs
     QuickGELU, so the file must get it too (and the identity must say so)."""
-    from extract.identity import resolve_backbone
+    from raml.extract.identity import resolve_backbone
     weights = tmp_path / "open_clip_pytorch_model.bin"
     weights.write_bytes(b"not read: the identity hashes the file, the model is not built")
     openai_file = resolve_backbone("ViT-B-16", "openai", str(weights))

@@ -7,10 +7,11 @@ import h5py
 import pytest
 from click.testing import CliRunner
 
-from cache import CacheError, read_cache
-from cache.checks import ATTRIBUTES
-from cache.format import CHECKSUM_ATTRIBUTE, shard_paths
-from pipeline import cli
+from raml.cache import read_cache
+from raml.errors import CacheError
+from raml.cache.checks import ATTRIBUTES
+from raml.cache.format import CHECKSUM_ATTRIBUTE, shard_paths
+from raml.pipeline import cli
 from tests.conftest import TINY_MODEL
 
 
@@ -18,12 +19,12 @@ def test_an_unexpected_error_is_one_line_naming_what_was_processed_and_its_log(m
                                                                              monkeypatch):
     """A bug (here: an exception no check foresaw, raised while reading a shard) is a short message
     with the command, the shard, and the log file that holds the whole traceback."""
-    import cache.reader
+    import raml.cache.reader
     monkeypatch.setenv("RAML_CACHE_DIR", str(tmp_path / "user-cache"))
 
     def broken(path, meta):
         raise ZeroDivisionError("division by zero in a helper")
-    monkeypatch.setattr(cache.reader, "load_shard", broken)
+    monkeypatch.setattr(raml.cache.reader, "load_shard", broken)
     result = CliRunner().invoke(cli, ["info", "--cache-dir", str(mvtec_cache)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     shard = shard_paths(mvtec_cache)[0]

@@ -6,18 +6,19 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cache import UserError, read_cache
-from evaluate.baselines.winclip_run import run_winclip
-from evaluate.protocols import select_images
-from evaluate.report import write_report
-from evaluate.run import config_name, evaluate_checkpoints, find_checkpoints, group_configurations
-from extract.run import extract_features
-from pipeline import cli
+from raml.cache import read_cache
+from raml.errors import UserError
+from raml.evaluate.baselines.winclip_run import run_winclip
+from raml.evaluate.protocols import select_images
+from raml.evaluate.report import write_report
+from raml.evaluate.run import config_name, evaluate_checkpoints, find_checkpoints, group_configurations
+from raml.extract.run import extract_features
+from raml.pipeline import cli
 from tests.synthetic import make_visa
-from train.checkpoint import load_checkpoint
-from train.config import make_config
-from train.fit import fit, write_run
-from train.split import image_list_hash
+from raml.train.checkpoint import load_checkpoint
+from raml.train.config import make_config
+from raml.train.fit import fit, write_run
+from raml.train.split import image_list_hash
 
 FAST = dict(epochs=2, batch_size=8)
 
@@ -225,8 +226,8 @@ def test_the_fingerprints_dataset_alone_identifies_the_training_dataset(runs, mv
 
 
 def test_results_say_how_the_checkpoint_thresholds_do_on_the_held_out_images(holdout_results, runs):
-    from evaluate.deploy.predict import threshold_for
-    from train.thresholds import operating_point
+    from raml.evaluate.deploy.predict import threshold_for
+    from raml.train.thresholds import operating_point
     path, entries = holdout_results
     with open(path.parent / "scores.csv", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["config"] == "adaptive" and r["category"] == "bottle"]
@@ -243,7 +244,7 @@ def test_results_say_how_the_checkpoint_thresholds_do_on_the_held_out_images(hol
 
 def test_a_baseline_split_from_a_run_that_held_out_nothing_is_refused(tmp_path, mvtec_root, tiny_backbone):
     (tmp_path / "run").mkdir()
-    from train.split import image_list_hash
+    from raml.train.split import image_list_hash
     train = ["bottle/train/good/000.png"]
     (tmp_path / "run" / "split.json").write_text(json.dumps({"train": train, "heldout": [],
                                                              "train_hash": image_list_hash(train),

@@ -12,17 +12,17 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cache import CROP_LAYOUT, read_cache
-from cache.tokens import map_at, token_grid
-from evaluate.deploy.export import DEPLOY_JSON, ENCODER_FILE, HEAD_FILE, SCRIPT_FILE, SCRIPT_TEMPLATE, export_deployment
-from extract.onnx_engine import OnnxEngineError
-from extract.pyramid import MIN_IMAGE_SIDE, BadImageError, load_rgb, pyramid_pixels
-from pipeline import cli
+from raml.cache import CROP_LAYOUT, read_cache
+from raml.cache.tokens import map_at, token_grid
+from raml.evaluate.deploy.export import DEPLOY_JSON, ENCODER_FILE, HEAD_FILE, SCRIPT_FILE, SCRIPT_TEMPLATE, export_deployment
+from raml.extract.onnx_engine import OnnxEngineError
+from raml.extract.pyramid import MIN_IMAGE_SIDE, BadImageError, load_rgb, pyramid_pixels
+from raml.pipeline import cli
 from tests.conftest import TINY_MODEL
 from tests.synthetic import part_image
-from train.checkpoint import load_checkpoint
-from train.config import make_config
-from train.fit import fit, write_run
+from raml.train.checkpoint import load_checkpoint
+from raml.train.config import make_config
+from raml.train.fit import fit, write_run
 
 BACKBONE = ["--model", TINY_MODEL, "--random-weights", "--device", "cpu"]
 SCORE_TOLERANCE = 1e-4
@@ -30,7 +30,7 @@ MAP_TOLERANCE = 1e-5      # issue 19: export's map within 1e-5 of predict's
 # Runs the script in a child in which importing torch, open_clip or a RAML package fails.
 WITHOUT_TORCH = """
 import runpy, sys
-BLOCKED = {"torch", "open_clip", "cache", "extract", "train", "evaluate", "pipeline"}
+BLOCKED = {"torch", "open_clip", "raml", "cache", "extract", "train", "evaluate", "pipeline"}
 assert not BLOCKED & set(sys.modules), "imported before the script ran"
 class Blocker:
     def find_spec(self, name, path=None, target=None):
@@ -189,7 +189,7 @@ def test_head_graph_that_does_not_match_torch_leaves_the_deployment_unchanged(de
                                                                               user_cache_dir, monkeypatch):
     deploy_dir = deployment[0]
     before = {path.name: path.read_bytes() for path in deploy_dir.iterdir()}
-    monkeypatch.setattr("evaluate.deploy.export.PARITY_TOLERANCE", 0.0)  # float32 rounding alone now fails
+    monkeypatch.setattr("raml.evaluate.deploy.export.PARITY_TOLERANCE", 0.0)  # float32 rounding alone now fails
     with pytest.raises(OnnxEngineError, match="does not match the torch head.*Nothing in .* was changed"):
         export_deployment(load_checkpoint(run_dir), deploy_dir, tiny_backbone, onnx_cache_root=user_cache_dir / "onnx")
     assert {path.name: path.read_bytes() for path in deploy_dir.iterdir()} == before

@@ -7,13 +7,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cache import CacheError, read_cache
-from extract.datasets import read_dataset
-from extract.encoder import WeightsUnavailableError, load_backbone
-from extract.prompts import prompts_for
-from extract.pyramid import BadImageError, load_rgb, pyramid_pixels
-from extract.run import extract_features
-from pipeline import cli
+from raml.cache import read_cache
+from raml.errors import CacheError
+from raml.extract.datasets import read_dataset
+from raml.extract.encoder import WeightsUnavailableError, load_backbone
+from raml.extract.prompts import prompts_for
+from raml.extract.pyramid import BadImageError, load_rgb, pyramid_pixels
+from raml.extract.run import extract_features
+from raml.pipeline import cli
 from tests.conftest import TINY_MODEL
 from tests.synthetic import make_folder, make_mvtec
 
@@ -225,7 +226,7 @@ def test_worker_processes_give_the_same_cache(mvtec_root, mvtec_cache, tiny_back
 def test_failed_shard_write_stops_the_run_and_keeps_the_shards_before(mvtec_root, mvtec_cache, tiny_backbone,
                                                                       tmp_path, monkeypatch):
     """Shards are written by a background thread: its error still stops the run, in the caller."""
-    from extract import run as extract_run
+    from raml.extract import run as extract_run
     real_write, calls = extract_run.write_shard, []
 
     def write_then_fail(path, *args):

@@ -1,7 +1,7 @@
 """``bench extract``: its arithmetic, and synthetic images that are quick to make."""
 from PIL import Image
 
-from extract.bench import DISTINCT_SYNTHETIC_IMAGES, ExtractBench, run_extract_bench, synthetic_images
+from raml.extract.bench import DISTINCT_SYNTHETIC_IMAGES, ExtractBench, run_extract_bench, synthetic_images
 
 
 def test_bench_extract_ratios_and_ceiling():

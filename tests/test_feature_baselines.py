@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cache import UserError, read_cache
-from cache.synthetic import write_synthetic_cache
-from evaluate.baselines.features import (baseline_split, knn_crop_distances, knn_tiles_scores, linear_scores,
-                                        run_feature_baseline, zero_shot_text_scores)
-from evaluate.metrics import image_auroc
-from evaluate.report import comparison_markdown, group_by_image_list, load_rows
-from evaluate.run import evaluate_checkpoints
-from pipeline import cli
-from train.config import make_config
-from train.fit import fit, write_run
-from train.infer import text_score
-from train.split import holdout_split
+from raml.cache import read_cache
+from raml.errors import UserError
+from raml.cache.synthetic import write_synthetic_cache
+from raml.evaluate.baselines.features import baseline_split, knn_crop_distances, knn_tiles_scores, linear_scores, run_feature_baseline, zero_shot_text_scores
+from raml.evaluate.metrics import image_auroc
+from raml.evaluate.report import comparison_markdown, group_by_image_list, load_rows
+from raml.evaluate.run import evaluate_checkpoints
+from raml.pipeline import cli
+from raml.train.config import make_config
+from raml.train.fit import fit, write_run
+from raml.train.infer import text_score
+from raml.train.split import holdout_split
 
 SEPARABLE = {"bottle": (60, 20, 20, 900), "metal_nut": (60, 20, 20, 700)}
 # D = 128, not 32: at D = 32 a crop's noise (norm ~1 at any D) blurs nearest-neighbour distances so much

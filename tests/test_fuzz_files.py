@@ -13,21 +13,22 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cache import UserError, read_cache
-from cache.format import CACHE_JSON, shard_paths
-from cache.reader import read_token_rows
-from evaluate.protocols import read_split_manifest
-from evaluate.report import write_report
-from evaluate.results import read_results
-from extract.encoder import load_backbone
-from extract.identity import TINY_TEST_CONFIG, backbone_identity
-from extract.pyramid import load_mask, load_rgb
+from raml.cache import read_cache
+from raml.errors import UserError
+from raml.cache.format import CACHE_JSON, shard_paths
+from raml.cache.reader import read_token_rows
+from raml.evaluate.protocols import read_split_manifest
+from raml.evaluate.report import write_report
+from raml.evaluate.results import read_results
+from raml.extract.encoder import load_backbone
+from raml.extract.identity import TINY_TEST_CONFIG, backbone_identity
+from raml.extract.pyramid import load_mask, load_rgb
 from tests.synthetic import mask_image, part_image
-from train.checkpoint import load_checkpoint
-from train.config import make_config
-from train.fit import fit, write_run
-from train.split import holdout_split
-from train.sweep import finished_metrics
+from raml.train.checkpoint import load_checkpoint
+from raml.train.config import make_config
+from raml.train.fit import fit, write_run
+from raml.train.split import holdout_split
+from raml.train.sweep import finished_metrics
 
 FUZZ = settings(max_examples=60, derandomize=True, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
@@ -198,7 +199,7 @@ def test_split_manifest(tmp_path, trained_run, data):
 
 @pytest.fixture(scope="module")
 def results_file(tmp_path_factory, trained_run, mvtec_cache):
-    from evaluate.run import evaluate_checkpoints
+    from raml.evaluate.run import evaluate_checkpoints
     path, _ = evaluate_checkpoints([trained_run], mvtec_cache, tmp_path_factory.mktemp("fuzz-results"),
                                    n_resamples=10, log=lambda line: None)
     return path

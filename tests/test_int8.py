@@ -15,23 +15,22 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from cache import CacheError, N_CROPS, read_cache
-from cache.format import CACHE_JSON
-from evaluate.deploy.export import DEPLOY_JSON, SCRIPT_FILE
-from extract import int8_engine
-from extract.engine_bench import EngineTimes, vit_macs_per_image
-from extract.engines import INT8_PRECISION
-from extract.int8_engine import (FIDELITY_RECORD, INT8_FILE, INT8_SIDECAR_FILE, MAX_WEIGHT, MIN_COSINE, Fidelity,
-                                 Int8FidelityError, check_pair_sums, int8_backbone, largest_int8_weight,
-                                 measure_fidelity, require_fidelity)
-from extract.onnx_engine import OnnxEngineError
-from extract.onnx_engine import ONNX_FILE, SIDECAR_FILE, export_dir
-from extract.pyramid import load_rgb, pyramid_pixels
-from extract.run import extract_features
-from pipeline import cli
+from raml.cache import N_CROPS, read_cache
+from raml.errors import CacheError
+from raml.cache.format import CACHE_JSON
+from raml.evaluate.deploy.export import DEPLOY_JSON, SCRIPT_FILE
+from raml.extract import int8_engine
+from raml.extract.engine_bench import EngineTimes, vit_macs_per_image
+from raml.extract.engines import INT8_PRECISION
+from raml.extract.int8_engine import FIDELITY_RECORD, INT8_FILE, INT8_SIDECAR_FILE, MAX_WEIGHT, MIN_COSINE, Fidelity, Int8FidelityError, check_pair_sums, int8_backbone, largest_int8_weight, measure_fidelity, require_fidelity
+from raml.extract.onnx_engine import OnnxEngineError
+from raml.extract.onnx_engine import ONNX_FILE, SIDECAR_FILE, export_dir
+from raml.extract.pyramid import load_rgb, pyramid_pixels
+from raml.extract.run import extract_features
+from raml.pipeline import cli
 from tests.conftest import TINY_MODEL
-from train.config import make_config
-from train.fit import fit, write_run
+from raml.train.config import make_config
+from raml.train.fit import fit, write_run
 
 BACKBONE = ["--model", TINY_MODEL, "--random-weights", "--device", "cpu"]
 REAL_QUANTISE = int8_engine.quantise
@@ -390,7 +389,7 @@ def test_bench_commands_compare_the_engines(tiny_int8, user_cache_dir):
 
 
 def test_winclip_is_timed_as_the_reference(tiny_backbone, tiny_int8):
-    from evaluate.deploy.bench import WINCLIP, compare_predict
+    from raml.evaluate.deploy.bench import WINCLIP, compare_predict
     times = compare_predict({"onnx-int8": tiny_int8}, images=1, size=64, rounds=1, winclip_backbone=tiny_backbone)
     assert times.reference == WINCLIP and set(times.seconds) == {"onnx-int8", WINCLIP}
     # (predict's figure is a difference of two timings: on the tiny model it is noise around zero)

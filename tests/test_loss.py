@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from train.config import make_config
-from train.loss import (category_weights, contrastive_terms, image_r_max, initial_loss_state, loss_hyperparameters,
-                        maccl_step, resolution_penalty, state_margins, updated_state)
-from train.loss_terms import adaptive_margin, center_terms, difficulty_weights, margin_terms
+from raml.train.config import make_config
+from raml.train.loss import category_weights, contrastive_terms, image_r_max, initial_loss_state, loss_hyperparameters, maccl_step, resolution_penalty, state_margins, updated_state
+from raml.train.loss_terms import adaptive_margin, center_terms, difficulty_weights, margin_terms
 
 
 def _state(sigma=0.0, center=(0.0, 0.0), categories=1):

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from cache.files import WriteError
-from evaluate.metrics import average_precision, bootstrap_auroc_ci, image_auroc, paired_bootstrap_auroc_difference
-from evaluate.results import RESULTS_JSON, ScoredRun, config_entry, mean_std, write_results
-from train.thresholds import f1_max
+from raml.cache.files import WriteError
+from raml.evaluate.metrics import average_precision, bootstrap_auroc_ci, image_auroc, paired_bootstrap_auroc_difference
+from raml.evaluate.results import RESULTS_JSON, ScoredRun, config_entry, mean_std, write_results
+from raml.train.thresholds import f1_max
 
 LABELS = [0, 0, 1, 1]
 SCORES = [0.1, 0.4, 0.35, 0.8]
@@ -155,7 +155,7 @@ def test_bootstrap_ci_equals_roc_auc_score_on_each_resample():
 def test_resampled_aurocs_are_sklearns_auroc_of_each_resample():
     from sklearn.metrics import roc_auc_score
 
-    from evaluate.metrics import _resampled_aurocs, _stratified_resamples
+    from raml.evaluate.metrics import _resampled_aurocs, _stratified_resamples
     rng = np.random.default_rng(0)
     labels = np.r_[np.zeros(7, int), np.ones(5, int)][rng.permutation(12)]
     scores = np.round(rng.normal(size=(2, 12)), 1)             # one decimal: plenty of ties
@@ -205,7 +205,7 @@ def test_paired_difference_names_a_category_without_both_classes():
 
 
 def test_category_mean_auroc_ci():
-    from evaluate.metrics import bootstrap_mean_auroc_ci
+    from raml.evaluate.metrics import bootstrap_mean_auroc_ci
     rng = np.random.default_rng(3)
     labels = np.tile([0, 0, 0, 1, 1], 4)
     groups = np.repeat(["a", "b"], 10)

@@ -10,10 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache import read_cache
-from extract.onnx_engine import (ONNX_FILE, PARITY_TOLERANCE, SIDECAR_FILE, OnnxEngineError, export_dir,
-                                 onnx_backbone)
-from extract.run import extract_features
+from raml.cache import read_cache
+from raml.extract.onnx_engine import ONNX_FILE, PARITY_TOLERANCE, SIDECAR_FILE, OnnxEngineError, export_dir, onnx_backbone
+from raml.extract.run import extract_features
 from tests.conftest import TINY_MODEL
 
 
@@ -129,7 +128,7 @@ def test_stale_export_of_changed_weights_under_the_same_id_is_rebuilt(tiny_backb
 
 
 def test_export_that_does_not_match_torch_is_refused_and_not_cached(tiny_backbone, tmp_path, monkeypatch):
-    monkeypatch.setattr("extract.onnx_engine.PARITY_TOLERANCE", 0.0)  # float32 rounding alone now fails
+    monkeypatch.setattr("raml.extract.onnx_engine.PARITY_TOLERANCE", 0.0)  # float32 rounding alone now fails
     with pytest.raises(OnnxEngineError, match="does not match the torch encoder: max abs difference"):
         onnx_backbone(tiny_backbone, cache_root=tmp_path)
     assert sorted(p.name for p in export_dir(tiny_backbone, tmp_path).iterdir()) == [".lock"]
@@ -151,7 +150,7 @@ def test_cache_written_by_one_engine_takes_images_from_the_other(tiny_backbone, 
 
 
 def test_cli_extract_with_onnx_engine(mvtec_root, tmp_path, monkeypatch):
-    from pipeline import cli
+    from raml.pipeline import cli
     monkeypatch.setenv("RAML_CACHE_DIR", str(tmp_path / "user-cache"))
     result = CliRunner().invoke(cli, ["extract", "--dataset", "mvtec", "--root", str(mvtec_root), "--cache-dir",
                                       str(tmp_path / "features"), "--model", TINY_MODEL, "--random-weights",

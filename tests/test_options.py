@@ -10,8 +10,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from cache.cli import CheckedText, Device, FiniteFloat
-from pipeline import cli
+from raml.cli.options import CheckedText, Device, FiniteFloat
+from raml.pipeline import cli
 from tests.conftest import TINY_MODEL
 
 # Text options: the values each must refuse. An option in ANY_TEXT takes any text (a name).
@@ -109,10 +109,10 @@ def bad_values(path: tuple, option: click.Option, tmp_path) -> list[str]:
 @pytest.fixture(scope="module")
 def base_args(tmp_path_factory, mvtec_root, mvtec_cache):
     """A valid invocation of every command (required options given), to which a bad option is added."""
-    from cache import read_cache
-    from evaluate.run import evaluate_checkpoints
-    from train.config import make_config
-    from train.fit import fit, write_run
+    from raml.cache import read_cache
+    from raml.evaluate.run import evaluate_checkpoints
+    from raml.train.config import make_config
+    from raml.train.fit import fit, write_run
     work = tmp_path_factory.mktemp("options")
     run = work / "run"
     write_run(run, fit(read_cache(mvtec_cache), make_config("adaptive", epochs=1, batch_size=8)))

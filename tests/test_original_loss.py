@@ -8,14 +8,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from evaluate.sweep import run_sweep
-from pipeline import cli
-from train.config import TrainConfig, make_config, parse_vary
-from train.fit import fit, fit_runs
-from train.infer import score_rows
-from train.loss import initial_loss_state, loss_hyperparameters, loss_step, maccl_step, resolution_penalty
-from train.original_loss import original_category_weights, original_initial_state, original_step
-from train.sweep import grid_configurations
+from raml.evaluate.sweep import run_sweep
+from raml.pipeline import cli
+from raml.train.config import TrainConfig, make_config, parse_vary
+from raml.train.fit import fit, fit_runs
+from raml.train.infer import score_rows
+from raml.train.loss import initial_loss_state, loss_hyperparameters, loss_step, maccl_step, resolution_penalty
+from raml.train.original_loss import original_category_weights, original_initial_state, original_step
+from raml.train.sweep import grid_configurations
 
 
 def _hp(**overrides):
@@ -101,7 +101,7 @@ def test_original_step_by_hand_with_two_categories_seen(constants):
     h = _small_batch_by_hand(**constants)
     assert h["margin"][2] > 0.1                                    # the hinge is active
     weights = [0.75, 1.25, 0.75, 0.75]
-    expected_loss = sum(w * l for w, l in zip(weights, h["image_loss"])) / 4 + h["bce_weight"] * h["bce"]
+    expected_loss = sum(w * loss for w, loss in zip(weights, h["image_loss"])) / 4 + h["bce_weight"] * h["bce"]
     expected_stats = [expected_loss, sum(h["center"]) / 3, h["margin"][2], sum(h["contrastive"]) / 3, h["bce"],
                       1.0, 1.0]
     assert float(loss.detach()) == pytest.approx(expected_loss, abs=1e-6)
@@ -296,7 +296,7 @@ def test_train_cli_with_the_original_loss(tmp_path, table):
 
 
 def test_a_sweep_over_both_variants_reports_both_rows(tmp_path, table):
-    from evaluate.report import write_report
+    from raml.evaluate.report import write_report
     common = {k: v for k, v in TINY.items() if k != "loss_variant"}
     summary = run_sweep(table, grid_configurations(["adaptive"], {"loss_variant": ["raml", "original"]}, **common),
                         [0], tmp_path / "sweep", n_resamples=10)

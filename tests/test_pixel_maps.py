@@ -19,23 +19,23 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from cache import CacheError, read_cache
-from cache.format import TOKENS
-from cache.reader import read_token_rows, require_tokens
-from cache.synthetic import write_synthetic_cache
-from cache.tokens import (axis_cells, defect_fractions, eval_mask, map_at, token_grid, token_setting,
-                          unpack_eval_masks)
-from evaluate.baselines.features import greedy_coreset, run_feature_baseline
-from evaluate.metrics import pixel_counts, pixel_metrics
-from evaluate.report import write_report
-from evaluate.run import evaluate_checkpoints
-from extract.pyramid import load_mask, load_rgb, normalise_crops, pyramid_crops
-from extract.run import extract_features
+from raml.cache import read_cache
+from raml.errors import CacheError
+from raml.cache.format import TOKENS
+from raml.cache.reader import read_token_rows, require_tokens
+from raml.cache.synthetic import write_synthetic_cache
+from raml.cache.tokens import axis_cells, defect_fractions, eval_mask, map_at, token_grid, token_setting, unpack_eval_masks
+from raml.evaluate.baselines.features import greedy_coreset, run_feature_baseline
+from raml.evaluate.metrics import pixel_counts, pixel_metrics
+from raml.evaluate.report import write_report
+from raml.evaluate.run import evaluate_checkpoints
+from raml.extract.pyramid import load_mask, load_rgb, normalise_crops, pyramid_crops
+from raml.extract.run import extract_features
 from tests.conftest import TINY_MODEL
 from tests.synthetic import make_mvtec
 from tests.test_extract import assert_same_table
-from train.config import make_config
-from train.fit import fit, write_run
+from raml.train.config import make_config
+from raml.train.fit import fit, write_run
 
 PLANTED = {"bottle": (30, 10, 10, 900), "screw": (30, 10, 10, 1023)}   # uneven tiles on purpose (1023 px)
 QUICK = dict(epochs=10, lr=3e-3, hidden_dim=32, attn_dim=8, feature_dim=16, pixel_hidden_dim=32)
@@ -104,8 +104,8 @@ def test_tokens_are_the_encoders_own_and_leave_the_features_unchanged(mvtec_root
 
 def test_every_engine_gives_the_tokens_of_its_forward_pass(tiny_backbone, user_cache_dir, mvtec_root):
     """ONNX Runtime's graph has the tokens as a second output: fp32 equal to torch's, int8 close to them."""
-    from extract.int8_engine import int8_backbone
-    from extract.onnx_engine import onnx_backbone
+    from raml.extract.int8_engine import int8_backbone
+    from raml.extract.onnx_engine import onnx_backbone
     crops = pyramid_crops(load_rgb(mvtec_root / "bottle" / "test" / "broken" / "000.png"), 32)
     embeddings, tokens = tiny_backbone.encode_crops_and_tokens(crops)
     assert np.array_equal(embeddings, tiny_backbone.encode_crops(crops)) and tokens.shape == (21, 2, 2, 32)
@@ -375,7 +375,7 @@ def test_report_shows_pixel_metrics_and_overlays(planted, planted_runs, tmp_path
 
 
 def test_bench_maps_times_every_step_on_vit_b16s_shape():
-    from evaluate.bench import run_maps_bench
+    from raml.evaluate.bench import run_maps_bench
     result = run_maps_bench(images=2, normals=3, size=128)
     assert set(result.seconds) == {"reading its tokens", "pixel head", "kNN", "zero-shot text", "map at 128x128 px",
                                    "map at the 256x256 scoring points"}

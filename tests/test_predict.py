@@ -9,13 +9,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from cache import read_cache
-from extract.identity import file_sha256
-from pipeline import cli
+from raml.cache import read_cache
+from raml.extract.identity import file_sha256
+from raml.pipeline import cli
 from tests.synthetic import make_mvtec
-from train.checkpoint import load_checkpoint
-from train.config import make_config
-from train.fit import fit, write_run
+from raml.train.checkpoint import load_checkpoint
+from raml.train.config import make_config
+from raml.train.fit import fit, write_run
 
 TINY = "extract/model_configs/raml-tiny-test.json"
 

@@ -4,10 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from extract.datasets import read_dataset
-from extract.loader import CropBatches
-from extract.pyramid import (MIN_IMAGE_SIDE, BadImageError, load_rgb, normalise_crops, pyramid_crops, pyramid_pixels,
-                             tile_boxes)
+from raml.extract.datasets import read_dataset
+from raml.extract.loader import CropBatches
+from raml.extract.pyramid import MIN_IMAGE_SIDE, BadImageError, load_rgb, normalise_crops, pyramid_crops, pyramid_pixels, tile_boxes
 from tests.synthetic import make_folder
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -68,7 +67,7 @@ def test_loader_stops_when_a_slot_was_overwritten_before_it_was_read(tmp_path, m
     """The guard of the slot ring: with too few slots the workers overwrite images not yet read."""
     root = make_folder(tmp_path, category="odd", n_good=8, defects=(), size=(90, 90))
     _, records = read_dataset("folder", root)
-    monkeypatch.setattr("extract.loader.slot_count", lambda batch_size, workers, prefetch: 2)
+    monkeypatch.setattr("raml.extract.loader.slot_count", lambda batch_size, workers, prefetch: 2)
     with CropBatches(root, records, [[0, 1, 2, 3], [4, 5, 6, 7]], 32, workers=2, device=torch.device("cpu")) as loader:
         with pytest.raises(RuntimeError, match=r"slots of images \[0, 1[],]"):
             list(loader)

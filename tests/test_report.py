@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from evaluate.report import MixedImageListsError, group_by_image_list, load_rows, write_report
-from evaluate.results import ScoredRun, config_entry, write_results
-from train.split import image_list_hash
+from raml.evaluate.report import MixedImageListsError, group_by_image_list, load_rows, write_report
+from raml.evaluate.results import ScoredRun, config_entry, write_results
+from raml.train.split import image_list_hash
 
 
 def _results(out_dir, config, relpaths, protocol="holdout", random_weights=True, seed=0):

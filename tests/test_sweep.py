@@ -7,16 +7,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache import UserError
-from evaluate.run import evaluate_checkpoints
-from evaluate.sweep import run_sweep, summary_markdown
-from pipeline import cli
-from train import sweep as sweep_module
-from train.checkpoint import load_checkpoint
-from train.config import make_config
-from train.fit import fit, fit_runs, group_key
-from train.infer import score_rows
-from train.sweep import grid_configurations, plan_passes
+from raml.errors import UserError
+from raml.evaluate.run import evaluate_checkpoints
+from raml.evaluate.sweep import run_sweep, summary_markdown
+from raml.pipeline import cli
+from raml.train import sweep as sweep_module
+from raml.train.checkpoint import load_checkpoint
+from raml.train.config import make_config
+from raml.train.fit import fit, fit_runs, group_key
+from raml.train.infer import score_rows
+from raml.train.sweep import grid_configurations, plan_passes
 
 TINY = dict(epochs=1, hidden_dim=32, attn_dim=8, feature_dim=16)
 SMALL = dict(epochs=3, lr=1e-3, hidden_dim=32, attn_dim=8, feature_dim=16)
@@ -79,7 +79,7 @@ def test_each_run_keeps_its_own_loss_state_and_history(ensemble_and_alone):
 
 
 def test_a_run_of_a_pass_writes_a_normal_checkpoint(tmp_path, table, ensemble_and_alone):
-    from train.fit import write_run
+    from raml.train.fit import write_run
     batched = ensemble_and_alone[0][1]
     write_run(tmp_path / "run", batched)
     checkpoint = load_checkpoint(tmp_path / "run")

@@ -6,17 +6,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache import CacheError, UserError, read_cache
-from cache.synthetic import write_synthetic_cache
-from evaluate.metrics import image_auroc
-from pipeline import cli
-from train.checkpoint import check_cache, load_checkpoint
-from train.config import TrainConfig, make_config
-from train.fit import fit, write_run
-from train.infer import score_rows, score_table, text_score
-from train.model import RAMLHead, attend
-from train.split import heldout_counts, holdout_split, image_list_hash, rows_for
-from train.thresholds import calibrate_thresholds
+from raml.cache import read_cache
+from raml.errors import CacheError, UserError
+from raml.cache.synthetic import write_synthetic_cache
+from raml.evaluate.metrics import image_auroc
+from raml.pipeline import cli
+from raml.train.checkpoint import check_cache, load_checkpoint
+from raml.train.config import TrainConfig, make_config
+from raml.train.fit import fit, write_run
+from raml.train.infer import score_rows, score_table, text_score
+from raml.train.model import RAMLHead, attend
+from raml.train.split import heldout_counts, holdout_split, image_list_hash, rows_for
+from raml.train.thresholds import calibrate_thresholds
 
 SEPARABLE = {"bottle": (60, 20, 20, 900), "metal_nut": (60, 20, 20, 700)}
 QUICK = dict(epochs=6, lr=1e-3, hidden_dim=64, attn_dim=16, feature_dim=32)  # a larger lr: seconds, not minutes
@@ -203,7 +204,7 @@ def test_a_category_with_one_class_has_no_threshold_of_its_own():
 
 
 def test_a_format_1_checkpoint_with_one_threshold_still_loads(tmp_path, trained):
-    from evaluate.deploy.predict import threshold_for, threshold_note
+    from raml.evaluate.deploy.predict import threshold_for, threshold_note
     path = write_run(tmp_path / "run", trained)
     payload = torch.load(path, weights_only=True)
     payload["format"] = 1
@@ -259,8 +260,8 @@ def test_checkpoint_round_trip(tmp_path, separable_table, trained):
 
 
 def test_checkpoint_of_vit_b16_size_is_a_few_megabytes(tmp_path):
-    from train.checkpoint import save_checkpoint
-    from train.model import build_head
+    from raml.train.checkpoint import save_checkpoint
+    from raml.train.model import build_head
     path = save_checkpoint(tmp_path, model=build_head(TrainConfig(), 512), config=TrainConfig().to_dict(),
                            loss_state={}, manifest={}, fingerprint={"embed_dim": 512}, categories=[],
                            thresholds={"pooled": {"threshold": 0.5}, "categories": {}})
@@ -336,7 +337,7 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback_in_a_log(tmp_pat
 
     def bug(*args, **kwargs):
         raise ValueError("an internal mistake")   # a plain ValueError is a bug, not the user's error
-    monkeypatch.setattr("cache.read_cache", bug)
+    monkeypatch.setattr("raml.cache.read_cache", bug)
     monkeypatch.setenv("RAML_CACHE_DIR", str(tmp_path / "user-cache"))
     crashed = CliRunner().invoke(cli, ["info", "--cache-dir", str(not_a_cache)])
     assert crashed.exit_code == 1 and "Error: unexpected ValueError in `cli info`: an internal mistake." in crashed.output

@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from evaluate.baselines.winclip import (ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, WinClip, compositional_prompts,
-                              harmonic_aggregation, window_embeddings, window_masks)
-from evaluate.baselines.winclip_run import run_winclip
+from raml.evaluate.baselines.winclip import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, WinClip, compositional_prompts, harmonic_aggregation, window_embeddings, window_masks
+from raml.evaluate.baselines.winclip_run import run_winclip
 
 
 def test_window_masks_2x2_on_a_3x3_grid():
@@ -104,7 +103,7 @@ def test_winclip_official_protocol_end_to_end(tmp_path, mvtec_root, tiny_backbon
 
 
 def test_the_global_plus_map_variant_is_named_in_the_results_and_the_report(tmp_path, mvtec_root, tiny_backbone):
-    from evaluate.report import write_report
+    from raml.evaluate.report import write_report
     path, entries = run_winclip("mvtec", mvtec_root, tmp_path / "winclip", lambda: tiny_backbone, workers=0,
                                 n_resamples=10, progress=False, image_score="global+map")
     assert set(entries) == {"WinCLIP zero-shot (global+map)"}
@@ -116,7 +115,7 @@ def test_the_global_plus_map_variant_is_named_in_the_results_and_the_report(tmp_
 def test_maps_only_for_the_reports_examples_leave_the_image_scores_unchanged(tmp_path, mvtec_root, tiny_backbone):
     """--maps examples runs the windows for the images a report shows and nothing else; the paper's
     image score (global) is the same bits, and global+map, which needs every map, is refused."""
-    from evaluate.results import MAP_EXAMPLES, read_scores_csv
+    from raml.evaluate.results import MAP_EXAMPLES, read_scores_csv
     full, _ = run_winclip("mvtec", mvtec_root, tmp_path / "all", lambda: tiny_backbone, workers=0, n_resamples=10,
                           progress=False)
     some, entries = run_winclip("mvtec", mvtec_root, tmp_path / "examples", lambda: tiny_backbone, workers=0,

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cache import workspace
-from cache.config_file import load_default_map
-from cache.synthetic import write_synthetic_cache
-from extract.datasets import dataset_root
-from extract.identity import TINY_TEST_CONFIG
-from pipeline import cli
+from raml.cli import workspace
+from raml.cli.config_file import load_default_map
+from raml.cache.synthetic import write_synthetic_cache
+from raml.extract.cli import dataset_root
+from raml.extract.identity import TINY_TEST_CONFIG
+from raml.pipeline import cli
 from tests.synthetic import make_mvtec, make_visa
 
 SMALL = {"bottle": (12, 4, 4, 900), "screw": (12, 4, 4, 1024)}   # a synthetic cache that trains in a second

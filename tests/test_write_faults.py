@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import cache.files
-from cache import read_cache
-from cache.format import partial_shards, shard_paths
-from pipeline import cli
+import raml.cache.files
+from raml.cache import read_cache
+from raml.cache.format import partial_shards, shard_paths
+from raml.pipeline import cli
 from tests.conftest import TINY_MODEL
 from tests.synthetic import make_folder, make_mvtec
 from tests.test_extract import assert_same_table
@@ -41,10 +41,9 @@ class FailingDisk:
 
     def __init__(self, monkeypatch, allowed: int = 0, error: int = errno.ENOSPC, only: str = ""):
         self.allowed, self.error, self.only, self.failed = allowed, error, only, []
-        self.real = cache.files.atomic_write
+        self.real = raml.cache.files.atomic_write
         for module in list(sys.modules.values()):
-            if getattr(module, "atomic_write", None) is self.real and module.__name__.split(".")[0] in (
-                    "cache", "extract", "train", "evaluate"):
+            if getattr(module, "atomic_write", None) is self.real and module.__name__.startswith("raml."):
                 monkeypatch.setattr(module, "atomic_write", self)
 
     def __call__(self, path, write, *, tmp=None):
@@ -229,11 +228,10 @@ def test_directories_the_user_may_not_write_are_one_line_each(mvtec_root, mvtec_
 
 def test_a_read_only_cache_directory_is_one_line(mvtec_root, mvtec_cache, tmp_path, monkeypatch):
     """A read-only file system (EROFS) on the lock file, which extract opens first."""
-    import cache.lock
-
+    import raml.cache.lock
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "c" / "extract-000of001.lock"))
-    monkeypatch.setattr(cache.lock.os, "open", read_only)
+    monkeypatch.setattr(raml.cache.lock.os, "open", read_only)
     result = CliRunner().invoke(cli, extract_args(mvtec_root, tmp_path / "c"))
     assert result.exit_code == 1
     one_error_line(result.output, "extract-000of001.lock: cannot write: the file system is read-only",
@@ -241,7 +239,7 @@ def test_a_read_only_cache_directory_is_one_line(mvtec_root, mvtec_cache, tmp_pa
 
 
 def test_space_check_refuses_a_job_that_does_not_fit_and_warns_when_it_nearly_does(mvtec_root, tmp_path, monkeypatch):
-    from extract import run as extract_run
+    from raml.extract import run as extract_run
     free = {"bytes": 30_000}
     monkeypatch.setattr(extract_run.shutil, "disk_usage",
                         lambda path: shutil._ntuple_diskusage(10**9, 10**9 - free["bytes"], free["bytes"]))
@@ -296,20 +294,20 @@ def test_info_shows_the_size_per_image(mvtec_cache):
 
 
 def test_write_fault_words_for_every_errno():
-    for code, (words, advice) in cache.files.WRITE_FAULTS.items():
-        fault = cache.files.write_fault(OSError(code, os.strerror(code), "/x/y"))
+    for code, (words, advice) in raml.cache.files.WRITE_FAULTS.items():
+        fault = raml.cache.files.write_fault(OSError(code, os.strerror(code), "/x/y"))
         assert str(fault) == f"/x/y: cannot write: {words}. {advice[0].upper()}{advice[1:]}."
-    assert cache.files.write_fault(OSError(errno.ENOENT, "No such file", "/x")) is None
+    assert raml.cache.files.write_fault(OSError(errno.ENOENT, "No such file", "/x")) is None
     wrapped = RuntimeError("exporter failed")
     wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device", "/tmp/t")
-    assert "/out/model.onnx: cannot write: no space left" in str(cache.files.write_fault(wrapped, "/out/model.onnx"))
-    assert cache.files.write_fault(ValueError("x")) is None
+    assert "/out/model.onnx: cannot write: no space left" in str(raml.cache.files.write_fault(wrapped, "/out/model.onnx"))
+    assert raml.cache.files.write_fault(ValueError("x")) is None
 
 
 def test_space_check_counts_the_patch_tokens(mvtec_root, tmp_path, monkeypatch):
     """Room for the features alone: a run with --patch-tokens is refused, naming what the tokens take."""
-    from cache.writer import estimated_bytes
-    from extract import run as extract_run
+    from raml.cache.writer import estimated_bytes
+    from raml.extract import run as extract_run
     features = estimated_bytes(20, 32, 256)
     monkeypatch.setattr(extract_run.shutil, "disk_usage",
                         lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2 * features, 2 * features))

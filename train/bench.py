@@ -21,12 +21,12 @@ from pathlib import Path
 
 from joblib import Parallel, delayed
 
-from cache import read_cache
-from cache.synthetic import MVTEC_SHAPE, write_synthetic_cache
-from extract.encoder import resolve_device
-from train.config import MARGIN_PRESETS, make_config
-from train.fit import fit, fit_runs
-from train.sweep import build_configs, grid_configurations, peak_memory_mb, train_missing
+from raml.cache import read_cache
+from raml.cache.synthetic import MVTEC_SHAPE, write_synthetic_cache
+from raml.extract.encoder import resolve_device
+from raml.train.config import MARGIN_PRESETS, make_config
+from raml.train.fit import fit, fit_runs
+from raml.train.sweep import build_configs, grid_configurations, peak_memory_mb, train_missing
 
 TARGETS = {"train_seconds": 30.0, "sweep_seconds": 120.0, "memory_mb": 2048.0}
 

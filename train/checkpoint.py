@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cache import CacheError, mismatched_fields
-from cache.files import atomic_write_bytes, make_dirs
-from cache.format import FINGERPRINT_KEYS, TOKEN_SETTING_ATTRIBUTE, fingerprint_field, token_setting_problem
-from train.config import TrainConfig
-from train.split import manifest_problem
+from raml.cache import mismatched_fields
+from raml.errors import CacheError
+from raml.cache.files import atomic_write_bytes, make_dirs
+from raml.cache.format import FINGERPRINT_KEYS, TOKEN_SETTING_ATTRIBUTE, fingerprint_field, token_setting_problem
+from raml.train.config import TrainConfig
+from raml.train.split import manifest_problem
 
 if TYPE_CHECKING:
-    from train.model import RAMLHead
+    from raml.train.model import RAMLHead
 # torch is imported where a checkpoint is written or read, so that the workspace's commands
 # (status, and finding the newest run by its CHECKPOINT_FILE) do not pay seconds for it.
 
@@ -90,7 +91,7 @@ def load_checkpoint(path) -> Checkpoint:
     """Load a run directory's ``checkpoint.pt`` (or the file itself)."""
     import torch
 
-    from train.model import build_head
+    from raml.train.model import build_head
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_FILE

@@ -8,10 +8,11 @@ import functools
 
 import click
 
-from cache import UserError
-from cache.cli import (JOBS, THREADS, device_option, echo_chosen, fail_cleanly, given_on_command_line, text_list,
-                       with_options)
-from cache.errors import OptionError
+from raml.errors import UserError
+from raml.cli.failures import fail_cleanly
+from raml.cli.options import JOBS, THREADS, device_option, echo_chosen, given_on_command_line, text_list, with_options
+from raml.errors import OptionError
+from raml.train.config import Bounds, TrainConfig, field_kind
 
 stage_two_device_option = device_option(
     "Where stage two runs: auto (the GPU if there is one), cpu, cuda or cuda:N. The cached features go to the "
@@ -24,7 +25,7 @@ threads_option = click.option(
 
 
 def read_training_cache(cache_dir):
-    from cache import read_cache
+    from raml.cache import read_cache
     table = read_cache(cache_dir)
     if table.meta.get("random_weights"):
         click.secho(f"warning: {cache_dir} holds features from random weights: every score is meaningless.",
@@ -35,8 +36,8 @@ def read_training_cache(cache_dir):
 def training_cache_options(func):
     """--dataset, --cache-dir, and the backbone options that pick the dataset's cache in the workspace
     when --cache-dir is not given (``choose_training_cache``). The command receives ``cache_dir`` only."""
-    from extract.cli import dataset_option, model_option
-    from extract.engines import ENGINES
+    from raml.extract.cli import dataset_option, model_option
+    from raml.extract.engines import ENGINES
 
     @functools.wraps(func)
     def with_cache_dir(*, dataset, cache_dir, model, pretrained, weights, random_weights, engine, **options):
@@ -71,9 +72,9 @@ def choose_training_cache(dataset, model, pretrained, weights, random_weights, e
     """The workspace's cache of ``dataset``: the one of the backbone the options name when any is
     given, else the dataset's only cache. None, or several without a backbone named, is an error
     that lists what there is and how to choose."""
-    from cache.workspace import FEATURES, cache_dir_for, caches_of, describe_cache
-    from extract.engines import PRECISIONS
-    from extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, backbone_identity
+    from raml.cli.workspace import FEATURES, cache_dir_for, caches_of, describe_cache
+    from raml.extract.engines import PRECISIONS
+    from raml.extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, backbone_identity
     caches = caches_of(dataset)
     listed = "".join(f"\n  {path}   {describe_cache(path)}" for path in caches)
     if model is not None or pretrained is not None or weights is not None or random_weights or engine is not None:
@@ -96,10 +97,46 @@ def choose_training_cache(dataset, model, pretrained, weights, random_weights, e
                     "line or in raml.toml).")
 
 
+def number_type(kind: str, bounds: Bounds | None, check=None, accepted: str = ""):
+    """The click type of a field of kind ``kind`` within ``bounds`` (a text field: passing ``check``):
+    click's ranges, finite numbers only, so that a bad value is a usage error naming the option,
+    before any work."""
+    from raml.cli.options import CheckedText, FiniteFloat
+    if kind == "str":
+        return CheckedText(check, accepted) if check else click.STRING
+    bounds = bounds or Bounds()
+    if kind == "int":
+        return click.IntRange(bounds.low, bounds.high, min_open=bounds.low_open, max_open=bounds.high_open)
+    return FiniteFloat(bounds.low, bounds.high, min_open=bounds.low_open, max_open=bounds.high_open)
+
+
 def train_options(exclude=()):
-    """One option per ``TrainConfig`` field; train/config.py holds every default."""
-    from train.config import click_options
-    return click_options(exclude)
+    """A decorator adding ``--<field-name>`` for every ``TrainConfig`` field not in ``exclude``:
+    train/config.py holds every default; the margin parameters default to None ("the preset's").
+    """
+    import dataclasses
+
+    from raml.cli.options import ON_OFF
+
+    def decorate(func):
+        for spec in reversed(dataclasses.fields(TrainConfig)):
+            if spec.name in exclude:
+                continue
+            flag = "--" + spec.name.replace("_", "-")
+            meta = spec.metadata
+            if "choices" in meta:
+                option = click.option(flag, type=click.Choice(meta["choices"]), default=spec.default,
+                                      show_default=True, help=meta["help"])
+            elif field_kind(spec) == "bool":
+                option = click.option(flag, type=ON_OFF, metavar="on|off", default=spec.default,
+                                      show_default="on" if spec.default else "off", help=meta["help"])
+            else:
+                option = click.option(flag, type=number_type(field_kind(spec), meta.get("bounds"), meta.get("check"),
+                                                             meta.get("accepted", "")),
+                                      default=spec.default, show_default=spec.default is not None, help=meta["help"])
+            func = option(func)
+        return func
+    return decorate
 
 
 @click.command()
@@ -121,11 +158,11 @@ def train(cache_dir, out, force, threads, device, margin, **options):
     import shutil
     from pathlib import Path
 
-    from cache.workspace import claim_run_dir, dataset_of, point_latest
-    from train.checkpoint import CHECKPOINT_FILE
-    from train.config import make_config
-    from train.fit import fit, write_run
-    from train.thresholds import threshold_lines
+    from raml.cli.workspace import claim_run_dir, dataset_of, point_latest
+    from raml.train.checkpoint import CHECKPOINT_FILE
+    from raml.train.config import make_config
+    from raml.train.fit import fit, write_run
+    from raml.train.thresholds import threshold_lines
     config = make_config(margin, **options)
     if out is not None and (Path(out) / CHECKPOINT_FILE).exists() and not force:
         raise UserError(f"{out} already holds a trained run; choose another --out or pass --force")
@@ -168,7 +205,7 @@ def train(cache_dir, out, force, threads, device, margin, **options):
 @fail_cleanly
 def bench_train(epochs, with_sweep, seeds, lrs, jobs, separate, threads, device):
     """Time stage two on a synthetic cache of MVTec AD's shape (5,354 images × 21 × 512)."""
-    from train.bench import run_train_bench
+    from raml.train.bench import run_train_bench
     result = run_train_bench(epochs=epochs, sweep=with_sweep, seeds=seeds, lrs=lrs,
                              jobs=jobs, threads=threads, device=device, separate=separate)
     for line in result.lines():

@@ -1,7 +1,7 @@
 """Every hyper-parameter of stage two, in one place.
 
 ``TrainConfig`` is the single source of the defaults: the CLI builds one option per field from
-it (``click_options``), checkpoints store it whole, and a sweep compares it to decide whether a
+it (``train.cli.train_options``), checkpoints store it whole, and a sweep compares it to decide whether a
 finished run may be reused. Each field's comment gives where its default comes from:
 
 - "orig:N" — line N of the original release's training code, ``train_raml_model.py`` of
@@ -21,7 +21,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from cache import UserError
+from raml.errors import UserError
 
 # name → (m_base, λ_σ, λ_res). adaptive: orig:121 and orig:481 (README, SPEC §5); fixed and strong:
 # the README's two ablation baselines (SPEC §5).
@@ -296,13 +296,22 @@ def make_config(margin: str = "adaptive", **overrides) -> TrainConfig:
     return TrainConfig.from_dict({"margin": margin, **{k: v for k, v in overrides.items() if v is not None}})
 
 
+# The words a switch takes, as click's boolean options take them.
+SWITCH_WORDS = {**dict.fromkeys(("on", "true", "t", "yes", "y", "1"), True),
+                **dict.fromkeys(("off", "false", "f", "no", "n", "0"), False)}
+
+
+def switch(text: str) -> bool:
+    """``"on"`` → True, ``"off"`` → False (and the other words of ``SWITCH_WORDS``); else ValueError."""
+    try:
+        return SWITCH_WORDS[text.strip().lower()]
+    except KeyError:
+        raise ValueError(f"{text!r} is not a switch: on or off") from None
+
+
 def parse_vary(specs) -> dict[str, list]:
     """``["lr=1e-4,5e-5", "cross_attention=on,off"]`` → ``{"lr": [1e-4, 5e-5], "cross_attention": [True, False]}``:
     a sweep's grid axes, each value parsed as its ``TrainConfig`` field's type."""
-    import click
-
-    from cache.cli import ON_OFF
-
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     grid = {}
     for spec in specs:
@@ -311,58 +320,13 @@ def parse_vary(specs) -> dict[str, list]:
         if name in ("seed", "margin") or name not in fields:
             raise UserError(f"--vary {spec!r}: expected FIELD=v1,v2 with FIELD a training option other than seed "
                             "and margin (those have --seeds and --margins), e.g. lr=1e-4,5e-5")
-        kind = ON_OFF if isinstance(fields[name].default, bool) else (
+        kind = switch if isinstance(fields[name].default, bool) else (
             float if fields[name].metadata.get("preset") else type(fields[name].default))
         try:
-            grid[name] = [kind(value.strip()) if kind is not ON_OFF else kind.convert(value.strip(), None, None)
-                          for value in values.split(",") if value.strip()]
-        except (ValueError, click.BadParameter):
-            expected = "on or off" if kind is ON_OFF else kind.__name__
+            grid[name] = [kind(value.strip()) for value in values.split(",") if value.strip()]
+        except ValueError:
+            expected = "on or off" if kind is switch else kind.__name__
             raise UserError(f"--vary {spec!r}: each value must be {expected}") from None
         if not grid[name]:
             raise UserError(f"--vary {spec!r}: no values")
     return grid
-
-
-def number_type(kind: str, bounds: Bounds | None, check=None, accepted: str = ""):
-    """The click type of a field of kind ``kind`` within ``bounds`` (a text field: passing ``check``):
-    click's ranges, finite numbers only, so that a bad value is a usage error naming the option,
-    before any work."""
-    from cache.cli import CheckedText, FiniteFloat
-    import click
-    if kind == "str":
-        return CheckedText(check, accepted) if check else click.STRING
-    bounds = bounds or Bounds()
-    if kind == "int":
-        return click.IntRange(bounds.low, bounds.high, min_open=bounds.low_open, max_open=bounds.high_open)
-    return FiniteFloat(bounds.low, bounds.high, min_open=bounds.low_open, max_open=bounds.high_open)
-
-
-def click_options(exclude=()):
-    """A decorator adding ``--<field-name>`` for every ``TrainConfig`` field not in ``exclude``.
-
-    Defaults come from ``TrainConfig``; the margin parameters default to None ("the preset's").
-    """
-    import click
-
-    from cache.cli import ON_OFF
-
-    def decorate(func):
-        for spec in reversed(dataclasses.fields(TrainConfig)):
-            if spec.name in exclude:
-                continue
-            flag = "--" + spec.name.replace("_", "-")
-            meta = spec.metadata
-            if "choices" in meta:
-                option = click.option(flag, type=click.Choice(meta["choices"]), default=spec.default,
-                                      show_default=True, help=meta["help"])
-            elif field_kind(spec) == "bool":
-                option = click.option(flag, type=ON_OFF, metavar="on|off", default=spec.default,
-                                      show_default="on" if spec.default else "off", help=meta["help"])
-            else:
-                option = click.option(flag, type=number_type(field_kind(spec), meta.get("bounds"), meta.get("check"),
-                                                             meta.get("accepted", "")),
-                                      default=spec.default, show_default=spec.default is not None, help=meta["help"])
-            func = option(func)
-        return func
-    return decorate

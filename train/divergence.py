@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from cache import UserError
-from train.config import TrainConfig
-from train.loss import PIXEL_TERMS, TERMS
-from train.model import RAMLHead
+from raml.errors import UserError
+from raml.train.config import TrainConfig
+from raml.train.loss import PIXEL_TERMS, TERMS
+from raml.train.model import RAMLHead
 
 
 class TrainingDiverged(UserError):

@@ -41,22 +41,21 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from cache import FeatureTable, UserError
-from cache.files import atomic_write_text, make_dirs
-from cache.reader import token_chunks
-from cache.tokens import add_tokens_command
-from extract.encoder import resolve_device
-from train.checkpoint import save_checkpoint
-from train.config import TrainConfig
-from train.divergence import TrainingDiverged, divergence_message, divergence_record, finite_gradients, should_stop
-from train.infer import score_rows, text_tokens
-from train.loss import (PIXEL_TERMS, STEP_STATS, TERMS, image_r_max, initial_loss_state, initial_pixel_state,
-                        loss_hyperparameters, loss_step, resolution_penalty, state_margins, weights_of,
-                        with_pixel_loss)
-from train.model import RAMLHead, build_head
-from train.run_stack import RunStack, stack_dicts, unstack_dict
-from train.split import Split, holdout_split
-from train.thresholds import calibrate_thresholds
+from raml.cache import FeatureTable
+from raml.errors import UserError
+from raml.cache.files import atomic_write_text, make_dirs
+from raml.cache.reader import token_chunks
+from raml.cache.tokens import add_tokens_command
+from raml.extract.encoder import resolve_device
+from raml.train.checkpoint import save_checkpoint
+from raml.train.config import TrainConfig
+from raml.train.divergence import TrainingDiverged, divergence_message, divergence_record, finite_gradients, should_stop
+from raml.train.infer import score_rows, text_tokens
+from raml.train.loss import PIXEL_TERMS, STEP_STATS, TERMS, image_r_max, initial_loss_state, initial_pixel_state, loss_hyperparameters, loss_step, resolution_penalty, state_margins, weights_of, with_pixel_loss
+from raml.train.model import RAMLHead, build_head
+from raml.train.run_stack import RunStack, stack_dicts, unstack_dict
+from raml.train.split import Split, holdout_split
+from raml.train.thresholds import calibrate_thresholds
 
 INIT_BATCH = 256    # images per chunk when preparing tensors and initialising the center and σ
 # Settings that change the head's shapes, the batches or the loss's code path: runs trained in one

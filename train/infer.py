@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cache import CacheError, FeatureTable
-from train.config import TrainConfig
+from raml.cache import FeatureTable
+from raml.errors import CacheError
+from raml.train.config import TrainConfig
 
 CLIP_LOGIT_SCALE = 100.0
 SCORE_BATCH = 256    # images per forward pass when scoring (bounds the float32 copy)
@@ -48,7 +49,7 @@ def visual_score(model, features, text_bank, category_index, rows=None, device: 
     """sigmoid(visual logit) of ``features[rows]`` (default: all rows). ``features`` [N, 21, D]
     (any float dtype; gathered and converted to float32 one batch at a time), ``text_bank``
     [C, 2, D], ``category_index`` [len(rows)] indices into it. ``device``: where the head runs."""
-    from extract.encoder import resolve_device
+    from raml.extract.encoder import resolve_device
 
     device = resolve_device(device)
     model.eval().to(device)
@@ -80,7 +81,7 @@ def score_rows(model, table: FeatureTable, rows=None, visual_weight=TrainConfig.
 def pixel_scores(model, tokens, device: str = "cpu") -> np.ndarray:
     """sigmoid of the pixel head's logit of every token: ``tokens`` [n, T, D] (any float dtype) → [n, T]
     float32, the anomaly map's values (``cache.tokens`` says where each token lies)."""
-    from extract.encoder import resolve_device
+    from raml.extract.encoder import resolve_device
 
     device = resolve_device(device)
     model.eval().to(device)
@@ -107,7 +108,7 @@ def score_weights(checkpoint, visual_weight: float | None = None, text_weight: f
 def score_table(checkpoint, table: FeatureTable, visual_weight=None, text_weight=None, device: str = "cpu") -> dict:
     """Score every image of ``table`` with a loaded checkpoint (weights: ``score_weights``);
     refuses a cache of another backbone."""
-    from train.checkpoint import check_cache
+    from raml.train.checkpoint import check_cache
     check_cache(checkpoint, table)
     return score_rows(checkpoint.model, table, None, **score_weights(checkpoint, visual_weight, text_weight),
                       device=device)

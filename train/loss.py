@@ -42,8 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train.loss_terms import adaptive_margin, center_terms, difficulty_weights, margin_terms
-from train.original_loss import original_category_weights, original_initial_state, original_step
+from raml.train.loss_terms import adaptive_margin, center_terms, difficulty_weights, margin_terms
+from raml.train.original_loss import original_category_weights, original_initial_state, original_step
 
 TERMS = ("loss", "center", "margin", "contrastive", "bce")
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cache import CROP_LAYOUT, SCALE_SLICES, UserError
-from train.config import switch_problems
+from raml.cache import CROP_LAYOUT, SCALE_SLICES
+from raml.train.config import switch_problems
 
 
 def children_mask(coarse=CROP_LAYOUT[1], fine=CROP_LAYOUT[2]) -> torch.Tensor:
@@ -214,7 +214,7 @@ def _check_switches(n_scales: int, cross_attention: bool, tile_pool: str) -> Non
     """Refuse switch combinations that would record an ablation the head cannot perform."""
     problems = switch_problems(n_scales, cross_attention, tile_pool)
     if problems:
-        raise UserError("; ".join(problems))
+        raise ValueError("; ".join(problems))
 
 
 def build_head(config, input_dim: int, pixel_head: bool = False) -> RAMLHead:

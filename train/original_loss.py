@@ -38,7 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from train.loss_terms import adaptive_margin, center_terms, difficulty_weights, margin_terms
+from raml.train.loss_terms import adaptive_margin, center_terms, difficulty_weights, margin_terms
 
 # Constants of the original that are not hyper-parameters there either.
 TINY_GLOBAL_LOSS = 1e-6           # :118, below it every category weighs 1

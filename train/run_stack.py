@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, vmap
 
-from train.config import TrainConfig
-from train.model import RAMLHead
+from raml.train.config import TrainConfig
+from raml.train.model import RAMLHead
 
 
 class RunStack:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cache import CacheError, FeatureTable, UserError
+from raml.cache import FeatureTable
+from raml.errors import CacheError, UserError
 
 
 def image_list_hash(relpaths) -> str:

@@ -21,12 +21,13 @@ from pathlib import Path
 
 from joblib import Parallel, delayed
 
-from cache import FeatureTable, UserError, mismatched_fields
-from cache.errors import read_json_checked
-from cache.files import make_dirs
-from train.config import TrainConfig, make_config
-from train.fit import GROUP_FIELDS, fit_runs, group_key, write_json, write_run, write_run_files
-from train.split import holdout_split
+from raml.cache import FeatureTable, mismatched_fields
+from raml.errors import UserError
+from raml.cache.files import read_json_checked
+from raml.cache.files import make_dirs
+from raml.train.config import TrainConfig, make_config
+from raml.train.fit import GROUP_FIELDS, fit_runs, group_key, write_json, write_run, write_run_files
+from raml.train.split import holdout_split
 
 METRICS_FILE = "metrics.json"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import precision_recall_curve
 
-from cache import UserError
+from raml.errors import UserError
 
 CALIBRATION_SET = ("the run's own training images of the category (optimistic: the head was fitted on them; "
                    "held-out images are never used, they are what evaluate scores)")

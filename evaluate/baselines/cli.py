@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import click
 
-from cache.cli import SEED, FiniteFloat, device_option, echo_chosen, fail_cleanly, show_progress, text_list, with_options
-from cache.workspace import dataset_of, results_dir
-from evaluate.cli import bootstrap_options, echo_entries
-from extract.cli import (BATCH_SIZE, WORKERS, chosen_dataset_root, dataset_option, load_backbone_from, model_option,
-                         refusing_contradictory_weights,
-                         root_option)
-from train.cli import read_training_cache, training_cache_options
+from raml.cli.failures import fail_cleanly
+from raml.cli.options import SEED, FiniteFloat, device_option, echo_chosen, show_progress, text_list, with_options
+from raml.cli.workspace import dataset_of, results_dir
+from raml.evaluate.cli import bootstrap_options, echo_entries
+from raml.extract.cli import BATCH_SIZE, WORKERS, chosen_dataset_root, dataset_option, load_backbone_from, model_option, refusing_contradictory_weights, root_option
+from raml.train.cli import read_training_cache, training_cache_options
 
 
 @click.group()
@@ -48,7 +47,7 @@ def baseline():
 def baseline_winclip(dataset, root, out, split_from, protocol, model, pretrained, weights, random_weights, device,
                      categories, batch_size, workers, image_score, maps, n_resamples, bootstrap_seed):
     """Zero-shot WinCLIP (Jeong et al., CVPR 2023): prompt ensemble, 2x2/3x3 windows, harmonic aggregation."""
-    from evaluate.baselines.winclip_run import run_winclip
+    from raml.evaluate.baselines.winclip_run import run_winclip
     root = chosen_dataset_root(dataset, root)
     out = out or echo_chosen("results", results_dir(dataset, "winclip" if image_score == "global" else
                                                     f"winclip-{image_score}"))
@@ -77,7 +76,7 @@ feature_baseline_options = [
 
 def feature_baseline(name, cache_dir, out, **options) -> dict:
     """Run ``evaluate.baselines.features.run_feature_baseline`` and print its summary."""
-    from evaluate.baselines.features import run_feature_baseline
+    from raml.evaluate.baselines.features import run_feature_baseline
     table = read_training_cache(cache_dir)
     out = out or echo_chosen("results", results_dir(dataset_of(cache_dir),
                                                     name + ("-per-category" if options.get("per_category") else "")))

@@ -33,18 +33,18 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from cache import SCALE_SLICES, FeatureTable, UserError
-from cache.reader import require_tokens, token_chunks
-from cache.tokens import EVAL_MASK_BYTES, TILES, add_tokens_command, token_grid
-from evaluate.localisation import (ZERO_SHOT_MAP, map_images, not_scored_block, pixel_block, score_tokens,
-                                   zero_shot_token_scores)
-from evaluate.metrics import DEFAULT_BOOTSTRAP
-from evaluate.protocols import ImageList, held_out_relpaths, read_split_manifest
-from evaluate.results import MapSet, ScoredRun, config_entry, write_results
-from evaluate.run import backbone_fields
-from train.config import TrainConfig
-from train.infer import text_score, text_tokens
-from train.split import holdout_split, rows_for
+from raml.cache import SCALE_SLICES, FeatureTable
+from raml.errors import UserError
+from raml.cache.reader import require_tokens, token_chunks
+from raml.cache.tokens import EVAL_MASK_BYTES, TILES, add_tokens_command, token_grid
+from raml.evaluate.localisation import ZERO_SHOT_MAP, map_images, not_scored_block, pixel_block, score_tokens, zero_shot_token_scores
+from raml.evaluate.metrics import DEFAULT_BOOTSTRAP
+from raml.evaluate.protocols import ImageList, held_out_relpaths, read_split_manifest
+from raml.evaluate.results import MapSet, ScoredRun, config_entry, write_results
+from raml.evaluate.run import backbone_fields
+from raml.train.config import TrainConfig
+from raml.train.infer import text_score, text_tokens
+from raml.train.split import holdout_split, rows_for
 
 BASELINES = ("linear", "knn-tiles", "knn-patches", "zero-shot-text")
 TOKEN_BASELINES = ("knn-patches",)   # need a cache with patch tokens

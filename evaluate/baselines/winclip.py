@@ -26,8 +26,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cache import UserError
-from extract.prompts import category_words
+from raml.errors import UserError
+from raml.extract.prompts import category_words
 
 
 WINCLIP_MODEL = "ViT-B-16-plus-240"

@@ -9,15 +9,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cache import UserError
-from cache.tokens import EVAL_MASK_BYTES, eval_mask
-from evaluate.localisation import MapImages, not_scored_block, pixel_block
-from evaluate.metrics import DEFAULT_BOOTSTRAP
-from evaluate.protocols import dataset_images
-from evaluate.results import MAP_EXAMPLES, MapSet, ScoredRun, config_entry, pick_examples, write_results
-from evaluate.run import backbone_fields
-from extract.datasets import read_dataset
-from extract.pyramid import load_mask, load_rgb
+from raml.errors import UserError
+from raml.cache.tokens import EVAL_MASK_BYTES, eval_mask
+from raml.evaluate.localisation import MapImages, not_scored_block, pixel_block
+from raml.evaluate.metrics import DEFAULT_BOOTSTRAP
+from raml.evaluate.protocols import dataset_images
+from raml.evaluate.results import MAP_EXAMPLES, MapSet, ScoredRun, config_entry, pick_examples, write_results
+from raml.evaluate.run import backbone_fields
+from raml.extract.datasets import read_dataset
+from raml.extract.pyramid import load_mask, load_rgb
 
 CONFIG = "WinCLIP zero-shot"   # the results' configuration name; "(global+map)" is appended for that rule
 MAP_SOURCE = "WinCLIP's multi-scale patch map (its patch grid over the whole image)"
@@ -73,7 +73,7 @@ def run_winclip(dataset: str, root, out_dir, backbone_loader, *, protocol: str =
     "WinCLIP zero-shot" or "WinCLIP zero-shot (global+map)". ``maps`` (a key of ``MAPS``) says
     which images get a map; the image scores of the ``global`` rule do not depend on it.
     """
-    from evaluate.baselines.winclip import IMAGE_SCORES, WINDOW_SIZES, WinClip, compositional_prompts
+    from raml.evaluate.baselines.winclip import IMAGE_SCORES, WINDOW_SIZES, WinClip, compositional_prompts
 
     root, records = read_dataset(dataset, root, categories)
     records, image_list = dataset_images(protocol, records, {"kind": dataset, "root": str(root)}, split_from)

@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from evaluate.deploy.predict import backbone_fingerprint, predict_files
-from extract.bench import synthetic_images
-from extract.engine_bench import EngineTimes, model_label, time_rounds, vit_macs_per_image
+from raml.evaluate.deploy.predict import backbone_fingerprint, predict_files
+from raml.extract.bench import synthetic_images
+from raml.extract.engine_bench import EngineTimes, model_label, time_rounds, vit_macs_per_image
 
 CATEGORY = "bench"         # the synthetic images' category (extract.bench.synthetic_images)
 WINCLIP = "WinCLIP"        # the reference's name in the table
@@ -24,9 +24,9 @@ WINCLIP = "WinCLIP"        # the reference's name in the table
 
 def untrained_checkpoint(backbone, category: str = CATEGORY):
     """A ``Checkpoint`` with a freshly initialised head for ``backbone``'s features: times like a trained one."""
-    from train.checkpoint import Checkpoint
-    from train.config import TrainConfig
-    from train.model import build_head
+    from raml.train.checkpoint import Checkpoint
+    from raml.train.config import TrainConfig
+    from raml.train.model import build_head
     config = TrainConfig().to_dict()
     return Checkpoint(model=build_head(config, backbone.embed_dim).eval(), config=config, loss_state={}, manifest={},
                       fingerprint=backbone_fingerprint(backbone), categories=[category],
@@ -65,9 +65,9 @@ def compare_predict(backbones: dict, *, images: int, size: int, rounds: int, win
 
 def _winclip_per_image(backbone, paths: list[Path]):
     """A function timing WinCLIP's per-image work on ``paths``, as ``baseline winclip`` does it."""
-    from evaluate.baselines.winclip_run import whole_image_pixels
-    from evaluate.baselines.winclip import WinClip
-    from extract.pyramid import load_rgb
+    from raml.evaluate.baselines.winclip_run import whole_image_pixels
+    from raml.evaluate.baselines.winclip import WinClip
+    from raml.extract.pyramid import load_rgb
 
     winclip = WinClip(backbone)
     winclip.prototypes(CATEGORY)  # once per category in baseline winclip, as prompts are in predict

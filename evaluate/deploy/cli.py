@@ -6,14 +6,12 @@ import os
 
 import click
 
-from cache import UserError
-from cache.cli import (SCORE_WEIGHT, echo_chosen, fail_cleanly, given_on_command_line, non_empty, show_progress,
-                       text_list, with_options)
-from cache.workspace import results_dir
-from evaluate.workspace import newest_run_dir, run_label
-from extract.cli import (IMAGE_SIDE, checkpoint_backbone_options, chosen_dataset_root, compare_options, backbone_options,
-                         engine_backbones, engine_options, fidelity_sample_option, load_backbone_from,
-                         load_engine_backbone)
+from raml.errors import UserError
+from raml.cli.failures import fail_cleanly
+from raml.cli.options import SCORE_WEIGHT, echo_chosen, given_on_command_line, non_empty, show_progress, text_list, with_options
+from raml.cli.workspace import results_dir
+from raml.evaluate.workspace import newest_run_dir, run_label
+from raml.extract.cli import IMAGE_SIDE, checkpoint_backbone_options, chosen_dataset_root, compare_options, backbone_options, engine_backbones, engine_options, fidelity_sample_option, load_backbone_from, load_engine_backbone
 
 
 @click.command()
@@ -44,9 +42,8 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
     backbone is the checkpoint's unless options say otherwise (they must agree with it). Unreadable
     files get an error line; the exit status is then 1.
     """
-    from evaluate.deploy.predict import (backbone_options_for, map_kind, pooled_reason, predict_files,
-                                         prediction_table, threshold_for, threshold_note, threshold_source)
-    from train.checkpoint import load_checkpoint
+    from raml.evaluate.deploy.predict import backbone_options_for, map_kind, pooled_reason, predict_files, prediction_table, threshold_for, threshold_note, threshold_source
+    from raml.train.checkpoint import load_checkpoint
     checkpoint = checkpoint or newest_run_dir(sweeps=False)
     out = out or echo_chosen("results", results_dir("predictions", run_label([checkpoint])))
     trained = load_checkpoint(checkpoint)
@@ -63,8 +60,8 @@ def predict(files, checkpoint, category, out, model, pretrained, weights, random
         click.secho(f"note: {note}", fg="yellow", err=True)
     backbone = load_engine_backbone(**options, device=device, engine=engine)
     if backbone.engine == "onnx-int8":
-        from evaluate.deploy.int8_check import check_for_predict
-        from evaluate.deploy.predict import collect_files
+        from raml.evaluate.deploy.int8_check import check_for_predict
+        from raml.evaluate.deploy.predict import collect_files
         check_for_predict(backbone, collect_files(files), trained, category, sample=fidelity_sample)
     predictions = predict_files(files, trained, category, out, backbone, visual_weight=visual_weight,
                                 text_weight=text_weight, heatmaps=heatmaps, progress=show_progress())
@@ -103,9 +100,9 @@ def export(checkpoint, out, categories, model, pretrained, weights, random_weigh
     The backbone is the checkpoint's unless options say otherwise (they must agree with it). Then,
     with only onnxruntime, numpy and pillow: python OUT/predict_onnx.py part.png [--category bottle].
     """
-    from evaluate.deploy.export import export_deployment
-    from evaluate.deploy.predict import backbone_options_for
-    from train.checkpoint import load_checkpoint
+    from raml.evaluate.deploy.export import export_deployment
+    from raml.evaluate.deploy.predict import backbone_options_for
+    from raml.train.checkpoint import load_checkpoint
     if precision == "fp32" and (dataset or root):
         if given_on_command_line("dataset") or given_on_command_line("root"):
             raise UserError("--dataset/--root give the images of the int8 check: pass --precision int8 with them")
@@ -144,8 +141,8 @@ def export(checkpoint, out, categories, model, pretrained, weights, random_weigh
 def bench_predict(model, pretrained, weights, random_weights, device, images, size, winclip, engines, rounds):
     """Seconds per image of a whole predict with each of --engines, against the machine's fp32 GEMM
     floor and against WinCLIP zero-shot. The head is untrained: speed only."""
-    from evaluate.deploy.bench import compare_predict
-    from evaluate.baselines.winclip import WINCLIP_MODEL, WINCLIP_PRETRAINED
+    from raml.evaluate.deploy.bench import compare_predict
+    from raml.evaluate.baselines.winclip import WINCLIP_MODEL, WINCLIP_PRETRAINED
     if not engines:
         raise UserError("--engines: name at least one engine to time")
     backbone = load_backbone_from(model, pretrained, weights, random_weights, device)

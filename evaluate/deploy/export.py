@@ -34,19 +34,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cache import CROP_LAYOUT, N_CROPS, UserError
-from cache.files import (atomic_write, atomic_write_text, make_dirs, move_into_place, reporting_write_faults,
-                         write_fault)
-from cache.tokens import TILES, TOKEN_CROPS, token_setting
-from evaluate.deploy.predict import check_backbone, map_kind, threshold_for, threshold_note, token_map_scores
-from evaluate.localisation import ZERO_SHOT_TEMPERATURE
-from extract.identity import file_sha256
-from extract.int8_engine import FIDELITY_SAMPLE, QUANTISATION, int8_backbone
-from extract.onnx_engine import PARITY_TOLERANCE, OnnxEngineError, onnx_image_encoder
-from extract.prompts import encode_prompts
-from extract.pyramid import MIN_IMAGE_SIDE
-from train.checkpoint import check_tokens
-from train.infer import CLIP_LOGIT_SCALE, score_weights, text_score, text_tokens, visual_score
+from raml.cache import CROP_LAYOUT, N_CROPS
+from raml.errors import UserError
+from raml.cache.files import atomic_write, atomic_write_text, make_dirs, move_into_place, reporting_write_faults, write_fault
+from raml.cache.tokens import TILES, TOKEN_CROPS, token_setting
+from raml.evaluate.deploy.predict import check_backbone, map_kind, threshold_for, threshold_note, token_map_scores
+from raml.evaluate.localisation import ZERO_SHOT_TEMPERATURE
+from raml.extract.identity import file_sha256
+from raml.extract.int8_engine import FIDELITY_SAMPLE, QUANTISATION, int8_backbone
+from raml.extract.onnx_engine import PARITY_TOLERANCE, OnnxEngineError, onnx_image_encoder
+from raml.extract.prompts import encode_prompts
+from raml.extract.pyramid import MIN_IMAGE_SIDE
+from raml.train.checkpoint import check_tokens
+from raml.train.infer import CLIP_LOGIT_SCALE, score_weights, text_score, text_tokens, visual_score
 
 DEPLOY_FORMAT = 2          # 2: patch tokens in, anomaly map out
 DEPLOY_JSON, ENCODER_FILE, HEAD_FILE, SCRIPT_FILE = "deploy.json", "encoder.onnx", "head.onnx", "predict_onnx.py"
@@ -178,7 +178,7 @@ def _verified_encoder(checkpoint, backbone, precision: str, categories: list, te
     if sample_dataset is None:
         raise UserError("export --precision int8 first checks the int8 encoder against fp32 on your own images: "
                         "pass --dataset (and --root) with images of the exported categories")
-    from evaluate.deploy.int8_check import check_for_export
+    from raml.evaluate.deploy.int8_check import check_for_export
     int8 = int8_backbone(backbone, cache_root=onnx_cache_root)
     fidelity = check_for_export(int8, *sample_dataset, checkpoint, categories, text, fidelity_sample)
     encoder = int8.image_encoder

@@ -11,15 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cache import UserError
-from evaluate.deploy.predict import check_backbone, feature_table
-from extract.identity import file_sha256
-from extract.int8_engine import (FIDELITY_RECORD, FIDELITY_SAMPLE, Fidelity, image_crops, measure_fidelity,
-                                 read_records, require_fidelity, write_record)
-from extract.onnx_engine import say
-from extract.prompts import encode_prompts
-from extract.run import evenly_spaced
-from train.infer import score_rows, score_weights
+from raml.errors import UserError
+from raml.evaluate.deploy.predict import check_backbone, feature_table
+from raml.extract.identity import file_sha256
+from raml.extract.int8_engine import FIDELITY_RECORD, FIDELITY_SAMPLE, Fidelity, image_crops, measure_fidelity, read_records, require_fidelity, write_record
+from raml.extract.onnx_engine import say
+from raml.extract.prompts import encode_prompts
+from raml.extract.run import evenly_spaced
+from raml.train.infer import score_rows, score_weights
 
 
 def s_final_scorer(checkpoint, categories: list, text: dict, backbone):
@@ -72,7 +71,7 @@ def check_for_export(backbone, dataset: str, root, checkpoint, categories: list,
     """export's check: ``sample`` images of ``dataset`` (those of ``categories``, spread over them),
     encoded both ways and scored with the checkpoint's head for each image's category; raises
     ``Int8FidelityError`` below the limits, before anything is written."""
-    from extract.datasets import read_dataset
+    from raml.extract.datasets import read_dataset
     root, records = read_dataset(dataset, root)
     records = [record for record in records if record.category in categories]
     if not records:

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cache import UserError
-from cache.errors import OptionError, working_on
-from cache.files import atomic_write, make_dirs
-from extract.datasets import is_image
-from extract.prompts import encode_prompts
-from extract.pyramid import BadImageError, load_rgb, pyramid_crops
+from raml.errors import UserError
+from raml.errors import OptionError, working_on
+from raml.cache.files import atomic_write, make_dirs
+from raml.extract.datasets import is_image
+from raml.extract.prompts import encode_prompts
+from raml.extract.pyramid import BadImageError, load_rgb, pyramid_crops
 
 
 PREDICTIONS_CSV = "predictions.csv"
@@ -62,7 +62,7 @@ def _recorded_model(fingerprint: dict, source: dict) -> str:
     name, or a model config shipped in ``extract/model_configs``."""
     import open_clip
 
-    from extract.identity import TINY_TEST_CONFIG
+    from raml.extract.identity import TINY_TEST_CONFIG
     name, recorded = fingerprint.get("backbone"), source.get("model")
     if recorded and (Path(recorded).is_file() or recorded in open_clip.list_models()):
         return recorded
@@ -88,7 +88,7 @@ def backbone_options_for(fingerprint: dict, model: str | None = None, pretrained
     ``UserError`` naming what differs, or which file (name and sha256) to pass with ``--weights``
     when the recorded one has moved.
     """
-    from extract.identity import model_name
+    from raml.extract.identity import model_name
     source = fingerprint.get("backbone_source") or {}
     recorded_weights, recorded_random = fingerprint.get("weights"), bool(fingerprint.get("random_weights"))
     is_file = str(recorded_weights).startswith("sha256:")
@@ -125,8 +125,8 @@ def backbone_options_for(fingerprint: dict, model: str | None = None, pretrained
 
 def backbone_fingerprint(backbone) -> dict:
     """The fingerprint (``cache.fingerprint``) of features encoded now by ``backbone``."""
-    from cache import fingerprint
-    from extract.identity import identity_of
+    from raml.cache import fingerprint
+    from raml.extract.identity import identity_of
     return fingerprint(**identity_of(backbone).fingerprint_fields(), code_version=None, dataset=None, prompts=None)
 
 
@@ -137,7 +137,7 @@ def check_backbone(checkpoint, backbone) -> None:
     the reverse), because the int8 engine is checked against fp32 on the user's own images
     (extract/int8_engine.py) before its scores are trusted.
     """
-    from cache import mismatched_fields
+    from raml.cache import mismatched_fields
     mine = backbone_fingerprint(backbone)
     bad = [key for key in mismatched_fields(checkpoint.fingerprint, mine) if key != "precision"]
     if bad:
@@ -183,7 +183,7 @@ def threshold_source(checkpoint, category: str) -> str:
 def feature_table(features: np.ndarray, categories, text: dict, backbone, sizes):
     """An in-memory ``FeatureTable`` of freshly encoded features [N, 21, D] of N images (their
     ``categories`` and (height, width) ``sizes``), stored in float16 like a cache, for ``score_rows``."""
-    from cache import FeatureTable
+    from raml.cache import FeatureTable
     n = len(features)
     sizes = np.asarray(sizes, np.int32).reshape(n, 2)
     return FeatureTable(features=features.astype(np.float16), label=np.zeros(n, np.int8),
@@ -197,7 +197,7 @@ def feature_table(features: np.ndarray, categories, text: dict, backbone, sizes)
 
 def map_kind(checkpoint) -> str:
     """What ``token_map_scores`` scores the tokens with, in words."""
-    from evaluate.localisation import PIXEL_HEAD_MAP, ZERO_SHOT_MAP
+    from raml.evaluate.localisation import PIXEL_HEAD_MAP, ZERO_SHOT_MAP
     return PIXEL_HEAD_MAP if checkpoint.model.pixel is not None else ZERO_SHOT_MAP + " (the run has no pixel head)"
 
 
@@ -205,8 +205,8 @@ def token_map_scores(checkpoint, tokens: np.ndarray, text: dict, category: str) 
     """[n, T] scores of the images' patch tokens ([n, T, D]), the values of their maps: the checkpoint's
     pixel head, or zero-shot text with ``text`` (the category's prompt embeddings) when it has none. The
     tokens are rounded to float16 first, as the cache stores them (the head was trained on those)."""
-    from evaluate.localisation import zero_shot_token_scores
-    from train.infer import pixel_scores, text_tokens
+    from raml.evaluate.localisation import zero_shot_token_scores
+    from raml.train.infer import pixel_scores, text_tokens
     stored = np.asarray(tokens).astype(np.float16)
     if checkpoint.model.pixel is not None:
         return pixel_scores(checkpoint.model, stored)
@@ -219,11 +219,11 @@ def predict_files(inputs, checkpoint, category: str, out_dir, backbone, *, visua
     predictions.csv and (``heatmaps``) each scored image's anomaly map and overlay."""
     from tqdm import tqdm
 
-    from cache import N_CROPS
-    from cache.tokens import TOKEN_CROPS, map_at, token_grid, token_setting
-    from evaluate.plots import overlay_image
-    from train.checkpoint import check_tokens
-    from train.infer import score_rows, score_weights
+    from raml.cache import N_CROPS
+    from raml.cache.tokens import TOKEN_CROPS, map_at, token_grid, token_setting
+    from raml.evaluate.plots import overlay_image
+    from raml.train.checkpoint import check_tokens
+    from raml.train.infer import score_rows, score_weights
 
     check_backbone(checkpoint, backbone)
     check_tokens(checkpoint, token_setting(backbone.patch_grid, backbone.embed_dim), f"{backbone.name}")
@@ -259,9 +259,9 @@ def predict_files(inputs, checkpoint, category: str, out_dir, backbone, *, visua
         anomaly_map = map_at(token_grid(token_scores, tokens.shape[1]), image.height, image.width)
         prediction.map = _unused(out_dir / f"{path.stem}_map.npy", {p.map for p in predictions})
         prediction.overlay = prediction.map.with_name(prediction.map.name[:-len("_map.npy")] + "_overlay.png")
-        atomic_write(prediction.map, lambda tmp: _save_array(tmp, anomaly_map.astype(np.float32)))
+        atomic_write(prediction.map, lambda tmp, grid=anomaly_map: _save_array(tmp, grid.astype(np.float32)))
         overlay = overlay_image(image, anomaly_map)
-        atomic_write(prediction.overlay, lambda tmp: overlay.save(tmp, format="PNG"))
+        atomic_write(prediction.overlay, lambda tmp, picture=overlay: picture.save(tmp, format="PNG"))
     _write_csv(out_dir / PREDICTIONS_CSV, predictions, category, threshold, backbone.random_weights)
     return predictions
 

@@ -1,4 +1,4 @@
-"""The one error type a user is meant to read.
+"""The errors a user is meant to read, and how their messages name files and sizes.
 
 ``UserError`` is what RAML raises for anything the user can fix: a missing or malformed file, a
 wrong option, a cache of another backbone, an image that cannot be decoded. The command line shows
@@ -9,8 +9,6 @@ writes its traceback to a log file, so that it can be reported rather than mista
 It subclasses ``ValueError`` so that library callers catching ``ValueError`` keep working.
 """
 import contextlib
-import json
-from pathlib import Path
 
 
 class UserError(ValueError):
@@ -44,14 +42,19 @@ def working_on(what: str):
         raise
 
 
-def read_json_checked(path, problem=None, *, error=UserError, advice: str = ""):
-    """The JSON value in ``path``; ``error`` naming the file when it is not UTF-8 JSON or when
-    ``problem(value)`` says why it is not what the caller reads (``advice``: appended to either)."""
+def human_bytes(nbytes: float) -> str:
+    """``1234567`` → ``"1.2 MB"`` (decimal units, as file systems and ``df -H`` count)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(nbytes) < 1000:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} TB"
+
+
+def printable(text: str) -> str:
+    """``text`` with the undecodable bytes of a file name (Python's surrogate escapes) written as
+    ``\\xNN``: what RAML shows and stores for a name that is not valid UTF-8."""
     try:
-        value = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise error(f"{path}: not valid JSON ({err}){advice}") from None
-    reason = problem(value) if problem else None
-    if reason:
-        raise error(f"{path}: {reason}{advice}")
-    return value
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:   # a surrogate that no file name decodes to: show it as \\udNNN
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache.format import CACHE_JSON, fingerprint_field, read_fingerprint
+from raml.cache.format import CACHE_JSON, fingerprint_field, read_fingerprint
 
 DATA_ENV = "RAML_DATA"
 DATASETS, FEATURES, RUNS, RESULTS = Path("datasets"), Path("features"), Path("runs"), Path("results")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import click
 
-from cache.errors import UserError
+from raml.errors import UserError
 
 CONFIG_ENV = "RAML_CONFIG"
 CONFIG_FILE = "raml.toml"
