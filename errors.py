@@ -8,6 +8,7 @@ writes its traceback to a log file, so that it can be reported rather than mista
 
 It subclasses ``ValueError`` so that library callers catching ``ValueError`` keep working.
 """
+
 import contextlib
 
 
@@ -56,5 +57,5 @@ def printable(text: str) -> str:
     ``\\xNN``: what RAML shows and stores for a name that is not valid UTF-8."""
     try:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:   # a surrogate that no file name decodes to: show it as \\udNNN
+    except UnicodeEncodeError:  # a surrogate that no file name decodes to: show it as \\udNNN
         return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -41,13 +41,14 @@ if __name__ == "__main__":
 import click  # noqa: E402  (after the checkout is the package raml)
 
 from raml.cache.cli import bench_cache, info
-from raml.cli.failures import fail_cleanly
 from raml.cli.config_file import load_default_map
+from raml.cli.failures import fail_cleanly
 from raml.evaluate.baselines.cli import baseline
 from raml.evaluate.cli import ablate, bench_maps, demo, evaluate, report, status, sweep
 from raml.evaluate.deploy.cli import bench_predict, export, predict
 from raml.extract.cli import bench_extract, extract
 from raml.train.cli import bench_train, train
+
 
 def version() -> str:
     """RAML's version: setup.cfg's, as installed (or read from the checkout's setup.cfg when run

@@ -6,10 +6,22 @@ each lies in the image (``tokens``), writing shards (``writer``), reading and ch
 project (``files``), and the cache's own commands (``cli``: ``info``, ``bench cache``). Imports
 nothing from extract/, train/, evaluate/ or cli/: only ``raml.errors`` lies below it.
 """
-from raml.errors import CacheError
+
 from raml.cache.format import CROP_LAYOUT, N_CROPS, SCALE_SLICES, claim_cache, fingerprint, mismatched_fields
 from raml.cache.reader import FeatureTable, read_cache
 from raml.cache.writer import ShardRows, write_shard
+from raml.errors import CacheError
 
-__all__ = ["CROP_LAYOUT", "N_CROPS", "SCALE_SLICES", "CacheError", "FeatureTable", "ShardRows",
-           "claim_cache", "fingerprint", "mismatched_fields", "read_cache", "write_shard"]
+__all__ = [
+    "CROP_LAYOUT",
+    "N_CROPS",
+    "SCALE_SLICES",
+    "CacheError",
+    "FeatureTable",
+    "ShardRows",
+    "claim_cache",
+    "fingerprint",
+    "mismatched_fields",
+    "read_cache",
+    "write_shard",
+]

@@ -8,6 +8,7 @@ cache larger than memory). Reads alternate between the two copies; medians are r
 checks are also timed alone, on the loaded shards: the checksums, the unit-norm test of the
 features, and the rest of the validation.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,17 +30,22 @@ from raml.cache.reader import load_shard, read_cache
 class CacheReadBench:
     images: int
     shards: int
-    seconds: dict   # (hot|cold, checked|unchecked) and (check, part) → median seconds
+    seconds: dict  # (hot|cold, checked|unchecked) and (check, part) → median seconds
 
     def line(self) -> str:
         parts = []
         for state in ("hot", "cold"):
             checked, unchecked = self.seconds[state, "checked"], self.seconds[state, "unchecked"]
-            parts.append(f"{state}: {checked:.3f} s checked, {unchecked:.3f} s unchecked, checks "
-                         f"+{100 * (checked - unchecked) / unchecked:.1f} %")
+            parts.append(
+                f"{state}: {checked:.3f} s checked, {unchecked:.3f} s unchecked, checks "
+                f"+{100 * (checked - unchecked) / unchecked:.1f} %"
+            )
         checks = ", ".join(f"{part} {1000 * self.seconds['check', part]:.0f} ms" for part in CHECK_PARTS)
-        return (f"read_cache of {self.images} images in {self.shards} shards (medians): " + "; ".join(parts)
-                + f". The checks alone: {checks}")
+        return (
+            f"read_cache of {self.images} images in {self.shards} shards (medians): "
+            + "; ".join(parts)
+            + f". The checks alone: {checks}"
+        )
 
 
 CHECK_PARTS = ("checksums", "unit norms", "other validation")
@@ -58,7 +64,7 @@ def run_cache_read_bench(cache_dir: Path, work_dir: Path, repeats: int = 7) -> C
     for state in ("hot", "cold"):
         times = {kind: [] for kind in reads}
         for kind in reads:
-            reads[kind]()   # first read: files into the page cache
+            reads[kind]()  # first read: files into the page cache
         for _ in range(repeats):
             for kind, read in reads.items():
                 if state == "cold":
@@ -79,8 +85,7 @@ def _time_checks(cache_dir: Path, repeats: int) -> dict:
     work = {
         "checksums": lambda: [checksum_problem(shard) for shard in shards],
         "unit norms": lambda: [float16_squared_norms(shard.columns["features"]) for shard in shards],
-        "validation": lambda: [(rows_problem(shard.columns, dim), text_problem(shard.text, dim))
-                               for shard in shards],
+        "validation": lambda: [(rows_problem(shard.columns, dim), text_problem(shard.text, dim)) for shard in shards],
     }
     times = {name: [] for name in work}
     for _ in range(repeats):
@@ -89,8 +94,11 @@ def _time_checks(cache_dir: Path, repeats: int) -> dict:
             run()
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(values) for name, values in times.items()}
-    return {("check", "checksums"): median["checksums"], ("check", "unit norms"): median["unit norms"],
-            ("check", "other validation"): median["validation"] - median["unit norms"]}
+    return {
+        ("check", "checksums"): median["checksums"],
+        ("check", "unit norms"): median["unit norms"],
+        ("check", "other validation"): median["validation"] - median["unit norms"],
+    }
 
 
 def _with(patch, cache_dir: Path):
@@ -120,6 +128,7 @@ def _copy_without_checksums(cache_dir: Path, copy: Path) -> None:
             def copy_dataset(name, item):
                 if isinstance(item, h5py.Dataset):
                     target.create_dataset(name, data=item[...], dtype=item.dtype, chunks=item.chunks)
+
             source.visititems(copy_dataset)
     for path in copy.iterdir():
         with open(path, "rb") as handle:

@@ -7,16 +7,17 @@ hashes the 115 MB of an MVTec-sized cache's features in 5 ms, against 30–43 ms
 ~60 ms for the others, and it detects more than Fletcher-32, which cannot tell a 0x0000 word from
 0xFFFF. It detects corruption; it is not a signature against deliberate tampering.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import xxhash
 
 from raml.cache.format import EVAL_MASK, KNOWN_SPLITS, N_CROPS, TOKEN_DEFECT, TOKEN_ROW_CHECKSUM, TOKENS
-from raml.errors import printable
 from raml.cache.tokens import EVAL_MASK_BYTES
+from raml.errors import printable
 
-ATTRIBUTES = "@attributes"   # the checksum entry of a shard's attributes (format 2 on); no dataset has this name
+ATTRIBUTES = "@attributes"  # the checksum entry of a shard's attributes (format 2 on); no dataset has this name
 
 # Features are stored as float16, which keeps an L2 norm within ~1e-3 of 1; ten times that is a fault.
 UNIT_NORM_TOLERANCE = 1e-2
@@ -31,8 +32,9 @@ def attributes_checksum(attributes: dict) -> int:
     """XXH3-64 of a shard's attributes (name → the JSON text stored), every one but the checksums':
     the fingerprint, the engine, the dataset record, the code version. Sorted by name, each
     ``name=value`` ended by a NUL byte."""
-    return xxhash.xxh3_64_intdigest(b"".join(f"{name}={attributes[name]}".encode("utf-8", "surrogateescape") + b"\0"
-                                             for name in sorted(attributes)))
+    return xxhash.xxh3_64_intdigest(
+        b"".join(f"{name}={attributes[name]}".encode("utf-8", "surrogateescape") + b"\0" for name in sorted(attributes))
+    )
 
 
 def strings_checksum(encoded: list[bytes]) -> int:
@@ -57,7 +59,7 @@ def tokens_problem(columns: dict, setting: dict, embed_dim: int) -> str | None:
     if defect.shape != (n, count):
         return f"{TOKEN_DEFECT} is {list(defect.shape)}, expected [{n}, {count}]"
     values = defect[~np.isnan(defect)]
-    if values.size and not (values.min() >= 0 and values.max() <= 1):   # inf fails too
+    if values.size and not (values.min() >= 0 and values.max() <= 1):  # inf fails too
         return f"{TOKEN_DEFECT} holds values outside [0, 1]"
     unknown = np.isnan(defect).any(axis=1)
     if (unknown & (columns["label"] == 0)).any():
@@ -72,14 +74,18 @@ def tokens_problem(columns: dict, setting: dict, embed_dim: int) -> str | None:
 def token_rows_problem(tokens: np.ndarray, masks: np.ndarray, setting: dict, embed_dim: int) -> str | None:
     """Why rows of ``patch_tokens`` and ``eval_mask`` are not tokens and masks of ``setting``, or ``None``."""
     if tokens.dtype != np.float16 or tokens.shape[1:] != (setting["tokens"], embed_dim):
-        return f"{TOKENS} are {tokens.dtype} {list(tokens.shape)}, expected float16 [N, {setting['tokens']}, {embed_dim}]"
+        return (
+            f"{TOKENS} are {tokens.dtype} {list(tokens.shape)}, expected float16 [N, {setting['tokens']}, {embed_dim}]"
+        )
     if masks.shape[1:] != (EVAL_MASK_BYTES,):
         return f"{EVAL_MASK} is {list(masks.shape)}, expected [N, {EVAL_MASK_BYTES}]"
     norms = np.sqrt(float16_squared_norms(tokens))
     bad = np.argwhere(~(np.abs(norms - 1) <= UNIT_NORM_TOLERANCE))
     if len(bad):
-        return (f"token {bad[0][1]} of row {bad[0][0]} has L2 norm {norms[tuple(bad[0])]:.4g} (expected 1 ± "
-                f"{UNIT_NORM_TOLERANCE}; {len(bad)} such tokens, non-finite values included)")
+        return (
+            f"token {bad[0][1]} of row {bad[0][0]} has L2 norm {norms[tuple(bad[0])]:.4g} (expected 1 ± "
+            f"{UNIT_NORM_TOLERANCE}; {len(bad)} such tokens, non-finite values included)"
+        )
     return None
 
 
@@ -94,11 +100,13 @@ def rows_problem(columns: dict, embed_dim: int) -> str | None:
     if features.dtype != np.float16 or features.shape[1:] != (N_CROPS, embed_dim):
         return f"features are {features.dtype} {list(features.shape)}, expected float16 [N, {N_CROPS}, {embed_dim}]"
     norms = np.sqrt(float16_squared_norms(features))
-    bad = np.argwhere(~(np.abs(norms - 1) <= UNIT_NORM_TOLERANCE))   # NaN fails too
+    bad = np.argwhere(~(np.abs(norms - 1) <= UNIT_NORM_TOLERANCE))  # NaN fails too
     if len(bad):
         row, crop = bad[0]
-        return (f"crop {crop} of {printable(str(columns['relpath'][row]))} has L2 norm {norms[row, crop]:.4g} "
-                f"(expected 1 ± {UNIT_NORM_TOLERANCE}; {len(bad)} such crops, non-finite values included)")
+        return (
+            f"crop {crop} of {printable(str(columns['relpath'][row]))} has L2 norm {norms[row, crop]:.4g} "
+            f"(expected 1 ± {UNIT_NORM_TOLERANCE}; {len(bad)} such crops, non-finite values included)"
+        )
     labels = columns["label"]
     if not np.isin(labels, (0, 1)).all():
         return f"labels {sorted(set(labels[~np.isin(labels, (0, 1))].tolist()))} are not 0 or 1"
@@ -128,7 +136,7 @@ def text_problem(text: dict, embed_dim: int) -> str | None:
     return None
 
 
-_FLOAT16_EXPONENT_REBIAS = np.uint32((127 - 15) << 23)   # float16 exponent bias 15 → float32 bias 127
+_FLOAT16_EXPONENT_REBIAS = np.uint32((127 - 15) << 23)  # float16 exponent bias 15 → float32 bias 127
 
 
 def float16_squared_norms(features: np.ndarray, block: int = 1024) -> np.ndarray:
@@ -141,7 +149,7 @@ def float16_squared_norms(features: np.ndarray, block: int = 1024) -> np.ndarray
     A subnormal (|x| < 6.1e-5) comes out below 6.2e-5, which moves a 512-d squared norm by less
     than 2e-6; inf and NaN come out at 65536 or more, so they fail any unit-norm test.
     """
-    if features.shape[-1] % 2:   # no pairs to split: numpy's exact, slow cast
+    if features.shape[-1] % 2:  # no pairs to split: numpy's exact, slow cast
         values = features.astype(np.float32)
         return np.einsum("...k,...k->...", values, values)
     words = np.ascontiguousarray(features).reshape(-1, features.shape[-1]).view(np.uint32)
@@ -149,16 +157,18 @@ def float16_squared_norms(features: np.ndarray, block: int = 1024) -> np.ndarray
     low = np.empty((min(block, len(words)), words.shape[1]), np.uint32)
     high = np.empty_like(low)
     for start in range(0, len(words), block):
-        pairs = words[start:start + block]
-        even, odd = low[:len(pairs)], high[:len(pairs)]
-        np.bitwise_and(pairs, 0x7FFF, out=even)        # the first value of each pair, without its sign
+        pairs = words[start : start + block]
+        even, odd = low[: len(pairs)], high[: len(pairs)]
+        np.bitwise_and(pairs, 0x7FFF, out=even)  # the first value of each pair, without its sign
         np.left_shift(even, 13, out=even)
-        np.right_shift(pairs, 3, out=odd)              # the second value, moved to the same place
-        np.bitwise_and(odd, 0x0FFFE000, out=odd)       # ... without its sign and the first value's bits
+        np.right_shift(pairs, 3, out=odd)  # the second value, moved to the same place
+        np.bitwise_and(odd, 0x0FFFE000, out=odd)  # ... without its sign and the first value's bits
         for values in (even, odd):
             np.add(values, _FLOAT16_EXPONENT_REBIAS, out=values)
         even_f, odd_f = even.view(np.float32), odd.view(np.float32)
-        squared[start:start + len(pairs)] = np.einsum("ij,ij->i", even_f, even_f) + np.einsum("ij,ij->i", odd_f, odd_f)
+        squared[start : start + len(pairs)] = np.einsum("ij,ij->i", even_f, even_f) + np.einsum(
+            "ij,ij->i", odd_f, odd_f
+        )
     return squared.reshape(features.shape[:-1])
 
 
@@ -167,9 +177,13 @@ def shard_problem(shard, embed_dim: int) -> str | None:
     ``None``."""
     missing_text = sorted(set(shard.columns["category"].tolist()) - set(shard.text))
     rows = {name: values for name, values in shard.columns.items() if name not in (TOKEN_DEFECT, TOKEN_ROW_CHECKSUM)}
-    return (checksum_problem(shard) or rows_problem(rows, embed_dim) or text_problem(shard.text, embed_dim)
-            or (f"no prompt embeddings for categories {missing_text}" if missing_text else None)
-            or (tokens_problem(shard.columns, shard.token_setting, embed_dim) if shard.token_setting else None))
+    return (
+        checksum_problem(shard)
+        or rows_problem(rows, embed_dim)
+        or text_problem(shard.text, embed_dim)
+        or (f"no prompt embeddings for categories {missing_text}" if missing_text else None)
+        or (tokens_problem(shard.columns, shard.token_setting, embed_dim) if shard.token_setting else None)
+    )
 
 
 def checksum_problem(shard) -> str | None:
@@ -179,8 +193,7 @@ def checksum_problem(shard) -> str | None:
         return None
     if ATTRIBUTES in shard.checksums:
         if attributes_checksum(shard.attributes) != shard.checksums[ATTRIBUTES]:
-            return (f"its attributes ({', '.join(sorted(shard.attributes))}) do not match their checksum "
-                    "(corrupted)")
+            return f"its attributes ({', '.join(sorted(shard.attributes))}) do not match their checksum (corrupted)"
     elif shard.format_version >= 2:
         return "its attributes have no checksum although the shard is of format 2 or later"
     numeric = shard.numeric()

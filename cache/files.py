@@ -14,6 +14,7 @@ quota, a file-size limit, a read-only file system, no permission) becomes a ``Wr
 line naming the path, the cause in words and what to do. ``cache.cli.fail_cleanly`` turns the
 same faults into that line wherever else they happen (a lock file, a directory to create).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,10 @@ _RETRY = "then run the same command again (extract and sweep keep what they fini
 WRITE_FAULTS = {
     errno.ENOSPC: ("no space left on the device", f"free some space or write elsewhere, {_RETRY}"),
     errno.EDQUOT: ("the disk quota is exhausted", f"free some of your files or write elsewhere, {_RETRY}"),
-    errno.EFBIG: ("the file is larger than the file system or the file-size limit (ulimit -f) allows",
-                  f"raise the limit or write to another file system, {_RETRY}"),
+    errno.EFBIG: (
+        "the file is larger than the file system or the file-size limit (ulimit -f) allows",
+        f"raise the limit or write to another file system, {_RETRY}",
+    ),
     errno.EROFS: ("the file system is read-only", "write to a directory on a writable disk"),
     errno.EACCES: ("permission denied", "write to a directory you may write to, or change its permissions"),
     errno.EPERM: ("operation not permitted", "write to a directory you may write to, or change its permissions"),

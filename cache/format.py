@@ -34,6 +34,7 @@ and the ``patch_tokens`` field of ``cache.json``):
 The two large datasets are read row by row when needed (``cache.reader.read_token_rows``), each row
 checked against its checksum; the two small ones are read and checked with the table.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,34 +43,43 @@ from pathlib import Path
 
 import numpy as np
 
-from raml.cache.files import read_json_checked
+from raml.cache.files import atomic_write_text, create_exclusively, make_dirs, read_json_checked
 from raml.errors import CacheError
-from raml.cache.files import atomic_write_text, create_exclusively, make_dirs
 
-FORMAT_VERSION = 2          # 2: the shard's attributes are under the checksum too (cache.checks)
+FORMAT_VERSION = 2  # 2: the shard's attributes are under the checksum too (cache.checks)
 CROP_LAYOUT = ((1, 1), (2, 2), (4, 4))  # (rows, cols) per scale: 1 + 4 + 16 = 21 crops
 N_CROPS = sum(rows * cols for rows, cols in CROP_LAYOUT)
 SCALE_SLICES = (slice(0, 1), slice(1, 5), slice(5, 21))  # rows of ``features`` for each scale
-CHECKSUM_ATTRIBUTE = "xxh3_64"   # shard attribute: {dataset name: XXH3-64 of its bytes}
+CHECKSUM_ATTRIBUTE = "xxh3_64"  # shard attribute: {dataset name: XXH3-64 of its bytes}
 CACHE_JSON = "cache.json"
 SHARD_SUFFIX = ".h5"
 PARTIAL_SUFFIX = ".h5.partial"
 KNOWN_SPLITS = ("train", "test")
 
 # The fields of the fingerprint that must agree for two sets of features to be comparable.
-FINGERPRINT_KEYS = ("backbone", "model_config", "weights", "random_weights", "input_size", "embed_dim",
-                    "normalisation", "crop_layout", "preprocessing", "precision")
+FINGERPRINT_KEYS = (
+    "backbone",
+    "model_config",
+    "weights",
+    "random_weights",
+    "input_size",
+    "embed_dim",
+    "normalisation",
+    "crop_layout",
+    "preprocessing",
+    "precision",
+)
 # What a cache written before a field existed was made with: such caches stay valid.
 FINGERPRINT_DEFAULTS = {
-    "preprocessing": "pil-bicubic",   # tiles resized by PIL (bicubic) on the CPU, float32 normalisation
-    "precision": "fp32",              # the image encoder's numeric precision (int8: a quantised encoder)
+    "preprocessing": "pil-bicubic",  # tiles resized by PIL (bicubic) on the CPU, float32 normalisation
+    "precision": "fp32",  # the image encoder's numeric precision (int8: a quantised encoder)
 }
 # Fields with no default are "not recorded" (``None``) where they are missing: ``model_config``
 # (the SHA-256 of the resolved open_clip config; caches before it recorded the config's name only)
 # and, in checkpoints written before them, ``model_config`` and ``normalisation``. See
 # ``mismatched_fields`` for what an unrecorded field matches.
 TOKENS, EVAL_MASK, TOKEN_DEFECT, TOKEN_ROW_CHECKSUM = "patch_tokens", "eval_mask", "token_defect", "token_row_xxh3"
-TOKEN_SETTING_ATTRIBUTE = "patch_tokens"   # shard attribute and cache.json field: ``cache.tokens.token_setting``
+TOKEN_SETTING_ATTRIBUTE = "patch_tokens"  # shard attribute and cache.json field: ``cache.tokens.token_setting``
 STRING_COLUMNS = ("category", "defect_type", "relpath", "split", "mask_relpath")
 NUMERIC_COLUMNS = ("label", "height", "width")
 _SLOT_OF_NAME = re.compile(r"^features-(\d+)of(\d+)-\d+" + re.escape(PARTIAL_SUFFIX) + "$")
@@ -81,9 +91,22 @@ def grid_edges(size: int, parts: int):
     return np.arange(parts + 1) * size // parts
 
 
-def fingerprint(*, backbone, weights, random_weights, input_size, embed_dim, code_version,
-                dataset, prompts, mean, std, model_config=None, preprocessing=FINGERPRINT_DEFAULTS["preprocessing"],
-                precision=FINGERPRINT_DEFAULTS["precision"]) -> dict:
+def fingerprint(
+    *,
+    backbone,
+    weights,
+    random_weights,
+    input_size,
+    embed_dim,
+    code_version,
+    dataset,
+    prompts,
+    mean,
+    std,
+    model_config=None,
+    preprocessing=FINGERPRINT_DEFAULTS["preprocessing"],
+    precision=FINGERPRINT_DEFAULTS["precision"],
+) -> dict:
     """Describe the features of a cache. Only ``FINGERPRINT_KEYS`` must match to add images.
 
     ``model_config`` identifies the architecture by content ("sha256:..." of the resolved open_clip
@@ -135,14 +158,26 @@ def read_fingerprint(cache_dir: Path) -> dict | None:
     path = Path(cache_dir) / CACHE_JSON
     if not path.exists():
         return None
-    return read_json_checked(path, fingerprint_problem, error=CacheError,
-                             advice="; was it edited by hand? Extract into a new --cache-dir, or restore it.")
+    return read_json_checked(
+        path,
+        fingerprint_problem,
+        error=CacheError,
+        advice="; was it edited by hand? Extract into a new --cache-dir, or restore it.",
+    )
 
 
 # What each field of a fingerprint must be (None allowed where ``FINGERPRINT_DEFAULTS`` or older
 # caches leave it out: see ``fingerprint_field``).
-_FIELD_TYPES = {"backbone": str, "model_config": (str, type(None)), "weights": str, "random_weights": bool,
-                "input_size": int, "embed_dim": int, "preprocessing": str, "precision": str}
+_FIELD_TYPES = {
+    "backbone": str,
+    "model_config": (str, type(None)),
+    "weights": str,
+    "random_weights": bool,
+    "input_size": int,
+    "embed_dim": int,
+    "preprocessing": str,
+    "precision": str,
+}
 
 
 def fingerprint_problem(meta) -> str | None:
@@ -165,11 +200,16 @@ def fingerprint_problem(meta) -> str | None:
         if problem:
             return problem
     normalisation = meta.get("normalisation")
-    if not (isinstance(normalisation, dict) and all(
-            isinstance(normalisation.get(k), list) and len(normalisation[k]) == 3
+    if not (
+        isinstance(normalisation, dict)
+        and all(
+            isinstance(normalisation.get(k), list)
+            and len(normalisation[k]) == 3
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in normalisation[k])
-            for k in ("mean", "std"))):
-        return "normalisation is not {\"mean\": [3 numbers], \"std\": [3 numbers]}"
+            for k in ("mean", "std")
+        )
+    ):
+        return 'normalisation is not {"mean": [3 numbers], "std": [3 numbers]}'
     return None
 
 
@@ -179,13 +219,20 @@ def token_setting_problem(setting) -> str | None:
     if setting is None:
         return None
     sizes = ("tokens", "per_tile", "embed_dim")
-    if not (isinstance(setting, dict) and all(isinstance(setting.get(key), int) and not isinstance(setting[key], bool)
-                                              and 0 < setting[key] <= 1_000_000 for key in sizes)):
+    if not (
+        isinstance(setting, dict)
+        and all(
+            isinstance(setting.get(key), int) and not isinstance(setting[key], bool) and 0 < setting[key] <= 1_000_000
+            for key in sizes
+        )
+    ):
         return f"{TOKEN_SETTING_ATTRIBUTE} is not a token setting with whole, positive {', '.join(sizes)}"
     tiles = CROP_LAYOUT[-1][0]
     if setting["tokens"] != tiles * tiles * setting["per_tile"] ** 2:
-        return (f"{TOKEN_SETTING_ATTRIBUTE}: {setting['tokens']} tokens is not {tiles}x{tiles} tiles of "
-                f"{setting['per_tile']}x{setting['per_tile']}")
+        return (
+            f"{TOKEN_SETTING_ATTRIBUTE}: {setting['tokens']} tokens is not {tiles}x{tiles} tiles of "
+            f"{setting['per_tile']}x{setting['per_tile']}"
+        )
     return None
 
 
@@ -209,13 +256,15 @@ def claim_cache(cache_dir: Path, meta: dict, *, create: bool = True) -> bool:
             f"{cache_dir} was written before RAML recorded the content of the model config ({path} has "
             "no model_config, only the config's name), so this run cannot prove that its features come from "
             "the same architecture. train and evaluate still read this cache; to add images to it, extract "
-            "them into a new --cache-dir.")
+            "them into a new --cache-dir."
+        )
     bad = mismatched_fields(existing, meta, unrecorded_matches=False)
     if bad:
         details = "; ".join(f"{k}: cache has {existing.get(k)!r}, this run {meta.get(k)!r}" for k in bad)
         raise CacheError(
             f"{cache_dir} holds features from another backbone ({details}). Features from "
-            "different backbones cannot be mixed: choose another --cache-dir.")
+            "different backbones cannot be mixed: choose another --cache-dir."
+        )
     return True
 
 
@@ -232,9 +281,11 @@ def claim_token_setting(cache_dir: Path, setting: dict) -> None:
         atomic_write_text(path, json.dumps({**meta, TOKEN_SETTING_ATTRIBUTE: setting}, indent=2))
     elif recorded != setting:
         differ = sorted(key for key in {*recorded, *setting} if recorded.get(key) != setting.get(key))
-        raise CacheError(f"{cache_dir} holds patch tokens of another setting ({', '.join(differ)} differ: cache "
-                         f"{[recorded.get(k) for k in differ]}, this run {[setting.get(k) for k in differ]}); tokens of "
-                         "two settings cannot share a cache. Extract into another --cache-dir.")
+        raise CacheError(
+            f"{cache_dir} holds patch tokens of another setting ({', '.join(differ)} differ: cache "
+            f"{[recorded.get(k) for k in differ]}, this run {[setting.get(k) for k in differ]}); tokens of "
+            "two settings cannot share a cache. Extract into another --cache-dir."
+        )
 
 
 def slot_prefix(shard_index: int, shard_count: int) -> str:
@@ -266,5 +317,5 @@ def next_shard_path(cache_dir: Path, shard_index: int, shard_count: int) -> Path
     """``features-{i}of{n}-{seq}.h5``: the prefix keeps the writer slots apart; within a slot the
     slot's lock (``cache.lock.WriterSlot``) keeps a second writer out."""
     prefix = slot_prefix(shard_index, shard_count)
-    taken = [int(p.name[len(prefix):-len(SHARD_SUFFIX)]) for p in Path(cache_dir).glob(f"{prefix}*{SHARD_SUFFIX}")]
+    taken = [int(p.name[len(prefix) : -len(SHARD_SUFFIX)]) for p in Path(cache_dir).glob(f"{prefix}*{SHARD_SUFFIX}")]
     return Path(cache_dir) / f"{prefix}{max(taken, default=-1) + 1:05d}{SHARD_SUFFIX}"

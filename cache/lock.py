@@ -13,6 +13,7 @@ its last holder, for the messages. A partial shard whose slot lock is free was l
 writer: ``WriterSlot`` removes those of its cache, and ``partial_shard_status`` tells them apart
 for ``info``.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -22,9 +23,9 @@ import socket
 import time
 from pathlib import Path
 
-from raml.errors import CacheError
 from raml.cache.files import make_dirs
 from raml.cache.format import partial_shards, slot_of_partial
+from raml.errors import CacheError
 
 # Another process may hold a slot's lock for an instant to see whether it is free (a probe, below);
 # a writer retries that long before it concludes that the slot is taken.
@@ -47,7 +48,7 @@ class WriterSlot:
         self.path = lock_path(cache_dir, shard_index, shard_count)
         self._fd = None
 
-    def __enter__(self) -> "WriterSlot":
+    def __enter__(self) -> WriterSlot:
         make_dirs(self.cache_dir)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if not _lock(fd, wait_s=PROBE_GRACE_S):
@@ -55,7 +56,8 @@ class WriterSlot:
             os.close(fd)
             raise CacheError(
                 f"{self.cache_dir}: shard {self.shard_index}/{self.shard_count} is being written by {holder} "
-                f"(lock {self.path.name}). One writer per shard: wait for it to finish, or stop it and re-run.")
+                f"(lock {self.path.name}). One writer per shard: wait for it to finish, or stop it and re-run."
+            )
         self._fd = fd
         try:
             other = self._other_shard_count_at_work()
@@ -63,10 +65,15 @@ class WriterSlot:
                 raise CacheError(
                     f"{self.cache_dir}: {other[1]} is extracting with --shard {other[0]}; writers with "
                     f"different shard counts would encode the same images twice. Wait for it, or use "
-                    f"--shard i/{other[0].split('/')[1]} as it does.")
+                    f"--shard i/{other[0].split('/')[1]} as it does."
+                )
             os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                     "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
+            os.write(
+                fd,
+                json.dumps(
+                    {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                ).encode(),
+            )
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -74,7 +81,7 @@ class WriterSlot:
 
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)   # a later contender must not name this finished process
+            os.ftruncate(self._fd, 0)  # a later contender must not name this finished process
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -92,7 +99,7 @@ class WriterSlot:
     def _other_shard_count_at_work(self) -> tuple[str, str] | None:
         """("j/m", holder) of a held slot lock of this cache with another shard count, if any."""
         for path in sorted(self.cache_dir.glob("extract-*of*.lock")):
-            index, count = (int(part) for part in path.stem[len("extract-"):].split("of"))
+            index, count = (int(part) for part in path.stem[len("extract-") :].split("of"))
             if count != self.shard_count and is_held(path):
                 return f"{index}/{count}", describe_holder(path)
         return None
@@ -124,7 +131,7 @@ def is_held(path: Path) -> bool:
 
 
 def describe_holder(path: Path) -> str:
-    """"process 1234 on host, since ..." from a lock file (empty if the holder has not written it yet)."""
+    """ "process 1234 on host, since ..." from a lock file (empty if the holder has not written it yet)."""
     try:
         holder = json.loads(Path(path).read_text() or "{}")
     except (OSError, ValueError):

@@ -4,6 +4,7 @@
 a shard that fails is named with the reason and the fix (delete it and re-run extract). Shards
 written before checksums existed are validated only.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,15 +17,39 @@ import h5py
 import numpy as np
 
 from raml.cache.checks import checksum_problem, shard_problem, token_row_checksum, token_rows_problem
-from raml.errors import CacheError, working_on
-from raml.cache.format import CACHE_JSON, CHECKSUM_ATTRIBUTE, EVAL_MASK, FINGERPRINT_KEYS, N_CROPS, NUMERIC_COLUMNS, STRING_COLUMNS, TOKEN_DEFECT, TOKEN_ROW_CHECKSUM, TOKEN_SETTING_ATTRIBUTE, TOKENS, mismatched_fields, read_fingerprint, shard_paths
+from raml.cache.format import (
+    CACHE_JSON,
+    CHECKSUM_ATTRIBUTE,
+    EVAL_MASK,
+    FINGERPRINT_KEYS,
+    N_CROPS,
+    NUMERIC_COLUMNS,
+    STRING_COLUMNS,
+    TOKEN_DEFECT,
+    TOKEN_ROW_CHECKSUM,
+    TOKEN_SETTING_ATTRIBUTE,
+    TOKENS,
+    mismatched_fields,
+    read_fingerprint,
+    shard_paths,
+)
 from raml.cache.tokens import EVAL_MASK_BYTES, add_tokens_command
+from raml.errors import CacheError, working_on
 
-_FIX = "Delete it and re-run extract to recompute its images."   # for a shard that cannot be used
+_FIX = "Delete it and re-run extract to recompute its images."  # for a shard that cannot be used
 # Per-row columns of a FeatureTable (what ``select`` keeps of each row).
-ROW_COLUMNS = ("features", "label", "height", "width", *STRING_COLUMNS, "has_tokens", "token_defect", "shard_file",
-               "shard_row")
-TOKEN_READ_ROWS = 64   # rows of tokens read at a time by ``token_chunks`` (~51 MB for ViT-B/16)
+ROW_COLUMNS = (
+    "features",
+    "label",
+    "height",
+    "width",
+    *STRING_COLUMNS,
+    "has_tokens",
+    "token_defect",
+    "shard_file",
+    "shard_row",
+)
+TOKEN_READ_ROWS = 64  # rows of tokens read at a time by ``token_chunks`` (~51 MB for ViT-B/16)
 
 
 @dataclass
@@ -73,11 +98,18 @@ class FeatureTable:
     def keys(self) -> set[str]:
         return set(self.relpath.tolist())
 
-    def select(self, mask: np.ndarray) -> "FeatureTable":
+    def select(self, mask: np.ndarray) -> FeatureTable:
         """Rows where ``mask`` (bool array or index array) holds; text and meta are shared."""
         columns = {name: getattr(self, name)[mask] for name in ROW_COLUMNS}
-        return FeatureTable(**columns, text=self.text, meta=self.meta, engines=self.engines,
-                            skipped=self.skipped, cache_dir=self.cache_dir, shards=self.shards)
+        return FeatureTable(
+            **columns,
+            text=self.text,
+            meta=self.meta,
+            engines=self.engines,
+            skipped=self.skipped,
+            cache_dir=self.cache_dir,
+            shards=self.shards,
+        )
 
 
 def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
@@ -91,11 +123,18 @@ def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
     cache_dir = Path(cache_dir)
     meta = read_fingerprint(cache_dir)
     if meta is None:
-        raise CacheError(f"{cache_dir} is not a RAML feature cache (no {CACHE_JSON}). "
-                         "Create one with: python pipeline.py extract --dataset ... --cache-dir "
-                         f"{cache_dir}")
-    parts = {name: [] for name in (("features",) if with_features else ()) + NUMERIC_COLUMNS + STRING_COLUMNS
-             + ("has_tokens", "token_defect", "shard_file", "shard_row")}
+        raise CacheError(
+            f"{cache_dir} is not a RAML feature cache (no {CACHE_JSON}). "
+            "Create one with: python pipeline.py extract --dataset ... --cache-dir "
+            f"{cache_dir}"
+        )
+    parts = {
+        name: []
+        for name in (("features",) if with_features else ())
+        + NUMERIC_COLUMNS
+        + STRING_COLUMNS
+        + ("has_tokens", "token_defect", "shard_file", "shard_row")
+    }
     text, engines, skipped = {}, set(), {}
     checks = []
     setting = meta.get(TOKEN_SETTING_ATTRIBUTE)
@@ -110,14 +149,17 @@ def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
             checks.append((path, checker.submit(shard_problem, shard, meta["embed_dim"])))
             rows = len(shard.columns["relpath"])
             if shard.token_setting is not None and shard.token_setting != setting:
-                raise CacheError(f"{path}: holds patch tokens of another setting than {cache_dir / CACHE_JSON} "
-                                 f"records ({shard.token_setting} vs {setting}); move it to its own cache.")
+                raise CacheError(
+                    f"{path}: holds patch tokens of another setting than {cache_dir / CACHE_JSON} "
+                    f"records ({shard.token_setting} vs {setting}); move it to its own cache."
+                )
             # the table's own columns go straight to ``parts``: the checker thread reads ``shard.columns``
-            bookkeeping = {"has_tokens": np.full(rows, shard.token_setting is not None),
-                           "token_defect": shard.columns.get(TOKEN_DEFECT,
-                                                             np.full((rows, token_count), np.nan, np.float16)),
-                           "shard_file": np.full(rows, number, np.int32),
-                           "shard_row": np.arange(rows, dtype=np.int32)}
+            bookkeeping = {
+                "has_tokens": np.full(rows, shard.token_setting is not None),
+                "token_defect": shard.columns.get(TOKEN_DEFECT, np.full((rows, token_count), np.nan, np.float16)),
+                "shard_file": np.full(rows, number, np.int32),
+                "shard_row": np.arange(rows, dtype=np.int32),
+            }
             for name in parts:
                 parts[name].append(bookkeeping[name] if name in bookkeeping else shard.columns[name])
             if rows:
@@ -132,7 +174,7 @@ def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
     columns = {}
     for name, chunks in parts.items():
         if name == "features":
-            columns[name] = (np.concatenate(chunks) if chunks else np.zeros((0, N_CROPS, dim), np.float16))
+            columns[name] = np.concatenate(chunks) if chunks else np.zeros((0, N_CROPS, dim), np.float16)
         elif name == "token_defect":
             columns[name] = np.concatenate(chunks) if chunks else np.zeros((0, token_count), np.float16)
         elif name in STRING_COLUMNS:
@@ -145,14 +187,24 @@ def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
     columns = {name: values[order] for name, values in columns.items()}
     unique, first = np.unique(columns["relpath"], return_index=True)
     if len(unique) < len(columns["relpath"]):
-        warnings.warn(f"{cache_dir}: {len(columns['relpath']) - len(unique)} images appear in more than "
-                      "one shard (two extract runs on the same share?); keeping one copy of each.")
+        warnings.warn(
+            f"{cache_dir}: {len(columns['relpath']) - len(unique)} images appear in more than "
+            "one shard (two extract runs on the same share?); keeping one copy of each.",
+            stacklevel=2,
+        )
         keep = np.sort(first)
         columns = {name: values[keep] for name, values in columns.items()}
     have = set(columns["relpath"].tolist())
     still_skipped = sorted((p, r) for p, r in skipped.items() if p not in have)
-    return FeatureTable(**columns, text=text, meta=meta, engines=sorted(engines), skipped=still_skipped,
-                        cache_dir=cache_dir, shards=shards)
+    return FeatureTable(
+        **columns,
+        text=text,
+        meta=meta,
+        engines=sorted(engines),
+        skipped=still_skipped,
+        cache_dir=cache_dir,
+        shards=shards,
+    )
 
 
 def read_token_rows(table: FeatureTable, rows) -> tuple[np.ndarray, np.ndarray]:
@@ -175,11 +227,13 @@ def read_token_rows(table: FeatureTable, rows) -> tuple[np.ndarray, np.ndarray]:
                     row = int(table.shard_row[rows[position]])
                     tokens[position], masks[position] = stored_tokens[row], stored_masks[row]
                     if token_row_checksum(tokens[position], masks[position]) != checksums[row]:
-                        raise CacheError(f"{path}: the patch tokens of row {row} ({table.relpath[rows[position]]}) "
-                                         f"do not match their checksum (corrupted). {_FIX}")
+                        raise CacheError(
+                            f"{path}: the patch tokens of row {row} ({table.relpath[rows[position]]}) "
+                            f"do not match their checksum (corrupted). {_FIX}"
+                        )
         except CacheError:
             raise
-        except Exception as err:   # h5py raises many types for a damaged file (OSError, KeyError, ValueError, ...)
+        except Exception as err:  # h5py raises many types for a damaged file (OSError, KeyError, ValueError, ...)
             raise CacheError(f"{path}: unreadable patch tokens ({type(err).__name__}: {err}). {_FIX}") from None
         problem = token_rows_problem(tokens[here], masks[here], setting, table.meta["embed_dim"])
         if problem:
@@ -193,7 +247,7 @@ def token_chunks(table: FeatureTable, rows, size: int = TOKEN_READ_ROWS):
     rows = np.asarray(rows, np.int64)
     require_tokens(table, rows)
     for start in range(0, len(rows), size):
-        yield (np.arange(start, min(start + size, len(rows))), *read_token_rows(table, rows[start:start + size]))
+        yield (np.arange(start, min(start + size, len(rows))), *read_token_rows(table, rows[start : start + size]))
 
 
 def require_tokens(table: FeatureTable, rows=None) -> None:
@@ -202,31 +256,38 @@ def require_tokens(table: FeatureTable, rows=None) -> None:
     rows = np.arange(len(table)) if rows is None else np.asarray(rows, np.int64)
     missing = int((~table.has_tokens[rows]).sum()) if len(rows) else 0
     if missing:
-        raise CacheError(f"{table.cache_dir}: {missing} of the {len(rows)} images needed have no patch tokens (maps "
-                         f"are drawn from them). Add them, re-encoding only those images: "
-                         f"{add_tokens_command(table.meta, table.cache_dir)}")
+        raise CacheError(
+            f"{table.cache_dir}: {missing} of the {len(rows)} images needed have no patch tokens (maps "
+            f"are drawn from them). Add them, re-encoding only those images: "
+            f"{add_tokens_command(table.meta, table.cache_dir)}"
+        )
 
 
 @dataclass
 class LoadedShard:
     """A shard's datasets as read by ``load_shard``, not yet checked (``shard_problem``)."""
 
-    columns: dict    # features, label, height, width and the string columns (decoded)
-    text: dict       # category → {"normal": [P, D], "anomalous": [P, D]}
-    skipped: dict    # relpath → reason
+    columns: dict  # features, label, height, width and the string columns (decoded)
+    text: dict  # category → {"normal": [P, D], "anomalous": [P, D]}
+    skipped: dict  # relpath → reason
     engine: str | None
-    encoded: dict    # every string dataset by name, as the UTF-8 bytes stored
-    checksums: dict | None   # recorded XXH3-64 by dataset name; None in shards written before them
-    attributes: dict = field(default_factory=dict)   # every attribute but the checksums, as stored (JSON text)
+    encoded: dict  # every string dataset by name, as the UTF-8 bytes stored
+    checksums: dict | None  # recorded XXH3-64 by dataset name; None in shards written before them
+    attributes: dict = field(default_factory=dict)  # every attribute but the checksums, as stored (JSON text)
     format_version: int = 1
-    token_setting: dict | None = None   # the shard's patch-token setting; None without tokens
+    token_setting: dict | None = None  # the shard's patch-token setting; None without tokens
 
     def numeric(self) -> dict:
         """Every numeric dataset by name, as stored (of the token datasets, the two read with the table)."""
         tokens = (TOKEN_DEFECT, TOKEN_ROW_CHECKSUM) if self.token_setting else ()
-        return {**{name: self.columns[name] for name in ("features", *NUMERIC_COLUMNS, *tokens)},
-                **{f"text/{category}/{kind}": vectors for category, kinds in self.text.items()
-                   for kind, vectors in kinds.items()}}
+        return {
+            **{name: self.columns[name] for name in ("features", *NUMERIC_COLUMNS, *tokens)},
+            **{
+                f"text/{category}/{kind}": vectors
+                for category, kinds in self.text.items()
+                for kind, vectors in kinds.items()
+            },
+        }
 
 
 def load_shard(path: Path, meta: dict) -> LoadedShard:
@@ -235,28 +296,42 @@ def load_shard(path: Path, meta: dict) -> LoadedShard:
         with h5py.File(path, "r") as h5:
             shard_meta = {key: json.loads(h5.attrs[key]) for key in FINGERPRINT_KEYS if key in h5.attrs}
             columns = {name: h5[name][...] for name in ("features", *NUMERIC_COLUMNS)}
-            text = {category: {kind: h5[f"text/{category}/{kind}"][...] for kind in ("normal", "anomalous")}
-                    for category in h5.get("text", {})}
-            encoded = {name: [value if isinstance(value, bytes) else value.encode("utf-8")
-                              for value in h5[name][...].tolist()]
-                       for name in (*STRING_COLUMNS, "skipped/relpath", "skipped/reason")}
+            text = {
+                category: {kind: h5[f"text/{category}/{kind}"][...] for kind in ("normal", "anomalous")}
+                for category in h5.get("text", {})
+            }
+            encoded = {
+                name: [value if isinstance(value, bytes) else value.encode("utf-8") for value in h5[name][...].tolist()]
+                for name in (*STRING_COLUMNS, "skipped/relpath", "skipped/reason")
+            }
             engine = json.loads(h5.attrs["engine"])
             checksums = json.loads(h5.attrs[CHECKSUM_ATTRIBUTE]) if CHECKSUM_ATTRIBUTE in h5.attrs else None
             attributes = {key: str(value) for key, value in h5.attrs.items() if key != CHECKSUM_ATTRIBUTE}
             format_version = json.loads(h5.attrs["format_version"]) if "format_version" in h5.attrs else 1
-            token_setting = (json.loads(h5.attrs[TOKEN_SETTING_ATTRIBUTE]) if TOKEN_SETTING_ATTRIBUTE in h5.attrs
-                             else None)
+            token_setting = (
+                json.loads(h5.attrs[TOKEN_SETTING_ATTRIBUTE]) if TOKEN_SETTING_ATTRIBUTE in h5.attrs else None
+            )
             if token_setting is not None:
                 columns.update({name: h5[name][...] for name in (TOKEN_DEFECT, TOKEN_ROW_CHECKSUM)})
-    except Exception as err:   # h5py raises many types for a damaged file (OSError, RuntimeError, KeyError, ...)
+    except Exception as err:  # h5py raises many types for a damaged file (OSError, RuntimeError, KeyError, ...)
         raise CacheError(f"{path}: unreadable shard ({type(err).__name__}: {err}). {_FIX}") from None
     bad = mismatched_fields(meta, shard_meta, unrecorded_matches=False)
     if bad:
-        raise CacheError(f"{path}: written by another backbone than {path.parent / CACHE_JSON} "
-                         f"(fields {', '.join(bad)}); move it to its own cache.")
-    shard = LoadedShard(columns=columns, text=text, skipped={}, engine=engine, encoded=encoded, checksums=checksums,
-                        attributes=attributes, format_version=format_version if isinstance(format_version, int) else 2,
-                        token_setting=token_setting)
+        raise CacheError(
+            f"{path}: written by another backbone than {path.parent / CACHE_JSON} "
+            f"(fields {', '.join(bad)}); move it to its own cache."
+        )
+    shard = LoadedShard(
+        columns=columns,
+        text=text,
+        skipped={},
+        engine=engine,
+        encoded=encoded,
+        checksums=checksums,
+        attributes=attributes,
+        format_version=format_version if isinstance(format_version, int) else 2,
+        token_setting=token_setting,
+    )
     strings = {}
     for name, values in encoded.items():
         try:

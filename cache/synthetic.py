@@ -12,6 +12,7 @@ defect, a 2x2 block of token cells inside the defective tile that gets a defect 
 mask is exactly those cells' pixels, from which the defect fractions and the scoring mask are
 computed as stage one computes them.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,29 +26,56 @@ from raml.cache.tokens import TILES, TOKEN_POOL, axis_cells, defect_fractions, e
 
 # MVTec AD's shape: category → (train/good, test/good, test/defective) images, original side (px).
 MVTEC_SHAPE = {
-    "bottle": (209, 20, 63, 900), "cable": (224, 58, 92, 1024), "capsule": (219, 23, 109, 1000),
-    "carpet": (280, 28, 89, 1024), "grid": (264, 21, 57, 1024), "hazelnut": (391, 40, 70, 1024),
-    "leather": (245, 32, 92, 1024), "metal_nut": (220, 22, 93, 700), "pill": (267, 26, 141, 800),
-    "screw": (320, 41, 119, 1024), "tile": (230, 33, 84, 840), "toothbrush": (60, 12, 30, 1024),
-    "transistor": (213, 60, 40, 1024), "wood": (247, 19, 60, 1024), "zipper": (240, 32, 119, 1024),
-}   # 3,629 train + 1,725 test = 5,354 images
-PROMPTS_PER_KIND = 25   # as many as extract/prompts.py's ensemble
+    "bottle": (209, 20, 63, 900),
+    "cable": (224, 58, 92, 1024),
+    "capsule": (219, 23, 109, 1000),
+    "carpet": (280, 28, 89, 1024),
+    "grid": (264, 21, 57, 1024),
+    "hazelnut": (391, 40, 70, 1024),
+    "leather": (245, 32, 92, 1024),
+    "metal_nut": (220, 22, 93, 700),
+    "pill": (267, 26, 141, 800),
+    "screw": (320, 41, 119, 1024),
+    "tile": (230, 33, 84, 840),
+    "toothbrush": (60, 12, 30, 1024),
+    "transistor": (213, 60, 40, 1024),
+    "wood": (247, 19, 60, 1024),
+    "zipper": (240, 32, 119, 1024),
+}  # 3,629 train + 1,725 test = 5,354 images
+PROMPTS_PER_KIND = 25  # as many as extract/prompts.py's ensemble
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def write_synthetic_cache(cache_dir, shape=None, dim: int = 512, separation: float = 1.0, seed: int = 0,
-                          input_size: int = 224, backbone: str = "synthetic", shard_size: int = 256,
-                          tokens_per_tile: int | None = None) -> Path:
+def write_synthetic_cache(
+    cache_dir,
+    shape=None,
+    dim: int = 512,
+    separation: float = 1.0,
+    seed: int = 0,
+    input_size: int = 224,
+    backbone: str = "synthetic",
+    shard_size: int = 256,
+    tokens_per_tile: int | None = None,
+) -> Path:
     """Write a cache of ``shape`` (default ``MVTEC_SHAPE``) with ``dim``-wide features, and with
     ``tokens_per_tile`` patch tokens of that many cells a tile side (see the module docstring)."""
     shape = MVTEC_SHAPE if shape is None else shape
     rng = np.random.default_rng(seed)
-    meta = fingerprint(backbone=backbone, weights="synthetic", random_weights=True, input_size=input_size,
-                       embed_dim=dim, code_version="synthetic", dataset={"kind": "synthetic"},
-                       prompts={}, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    meta = fingerprint(
+        backbone=backbone,
+        weights="synthetic",
+        random_weights=True,
+        input_size=input_size,
+        embed_dim=dim,
+        code_version="synthetic",
+        dataset={"kind": "synthetic"},
+        prompts={},
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+    )
     setting = None if tokens_per_tile is None else token_setting(TOKEN_POOL * tokens_per_tile, dim)
     claim_cache(cache_dir, meta)
     if setting is not None:
@@ -57,19 +85,26 @@ def write_synthetic_cache(cache_dir, shape=None, dim: int = 512, separation: flo
 
     def flush():
         nonlocal rows, shards
-        write_shard(Path(cache_dir) / f"features-000of001-{shards:05d}.h5", rows, meta, text, engine="synthetic",
-                    token_setting=setting)
+        write_shard(
+            Path(cache_dir) / f"features-000of001-{shards:05d}.h5",
+            rows,
+            meta,
+            text,
+            engine="synthetic",
+            token_setting=setting,
+        )
         rows, shards = ShardRows(), shards + 1
 
     for category, (n_train, n_good, n_defect, side) in shape.items():
         normal_direction, defect_direction = _unit(rng.normal(size=(2, dim)))
-        token_directions = _unit(rng.normal(size=(2, dim)))   # a token's normal and defect directions
-        text[category] = {kind: _unit(rng.normal(size=(PROMPTS_PER_KIND, dim))).astype(np.float32)
-                          for kind in ("normal", "anomalous")}
+        token_directions = _unit(rng.normal(size=(2, dim)))  # a token's normal and defect directions
+        text[category] = {
+            kind: _unit(rng.normal(size=(PROMPTS_PER_KIND, dim))).astype(np.float32) for kind in ("normal", "anomalous")
+        }
         groups = (("train", "good", n_train), ("test", "good", n_good), ("test", "defect", n_defect))
         for split, folder, count in groups:
             for i in range(count):
-                crops = normal_direction + rng.normal(size=(N_CROPS, dim)) / np.sqrt(dim)   # noise of norm ~1
+                crops = normal_direction + rng.normal(size=(N_CROPS, dim)) / np.sqrt(dim)  # noise of norm ~1
                 tile = None
                 if folder == "defect":
                     tile = 5 + rng.integers(16)
@@ -79,11 +114,25 @@ def write_synthetic_cache(cache_dir, shape=None, dim: int = 512, separation: flo
                         crops[crop] += separation * strength * defect_direction
                 rows.features.append(_unit(crops).astype(np.float16))
                 if setting is not None:
-                    _add_tokens(rows, rng, token_directions, separation, tokens_per_tile, side,
-                                None if tile is None else tile - 5)
-                rows.records.append(SimpleNamespace(category=category, defect_type=folder, split=split,
-                                                    label=int(folder != "good"), mask_relpath="",
-                                                    relpath=f"{category}/{split}/{folder}/{i:03d}.png"))
+                    _add_tokens(
+                        rows,
+                        rng,
+                        token_directions,
+                        separation,
+                        tokens_per_tile,
+                        side,
+                        None if tile is None else tile - 5,
+                    )
+                rows.records.append(
+                    SimpleNamespace(
+                        category=category,
+                        defect_type=folder,
+                        split=split,
+                        label=int(folder != "good"),
+                        mask_relpath="",
+                        relpath=f"{category}/{split}/{folder}/{i:03d}.png",
+                    )
+                )
                 rows.sizes.append((side, side))
                 if len(rows) == shard_size:
                     flush()
@@ -92,8 +141,15 @@ def write_synthetic_cache(cache_dir, shape=None, dim: int = 512, separation: flo
     return Path(cache_dir)
 
 
-def _add_tokens(rows: ShardRows, rng, directions: np.ndarray, separation: float, per_tile: int, side: int,
-                defective_tile: int | None) -> None:
+def _add_tokens(
+    rows: ShardRows,
+    rng,
+    directions: np.ndarray,
+    separation: float,
+    per_tile: int,
+    side: int,
+    defective_tile: int | None,
+) -> None:
     """One image's tokens and mask targets (see the module docstring); ``defective_tile`` (0–15) holds
     the planted defect, or None for a normal image."""
     normal, defect = directions

@@ -26,18 +26,19 @@ of the token grid between the cells' centres, placed where each cell lies in its
 uniform grid), constant beyond the outermost centres. There is one scale, so nothing overlaps.
 A grid over the whole image (WinCLIP's 15x15 patches) is the same with one tile.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 from raml.cache.format import CROP_LAYOUT, SCALE_SLICES, grid_edges
 
-TOKEN_CROPS = SCALE_SLICES[2]        # crops 5–20: the 4x4 tiles, which partition the image
-TILES = CROP_LAYOUT[2][0]            # 4 tiles a side
-TOKEN_POOL = 2                       # each tile's patch grid average-pooled 2x2 (ViT-B/16: 14x14 → 7x7)
+TOKEN_CROPS = SCALE_SLICES[2]  # crops 5–20: the 4x4 tiles, which partition the image
+TILES = CROP_LAYOUT[2][0]  # 4 tiles a side
+TOKEN_POOL = 2  # each tile's patch grid average-pooled 2x2 (ViT-B/16: 14x14 → 7x7)
 TOKEN_SETTING_VERSION = 1
-EVAL_MASK_SIDE = 256                 # masks and maps are scored at 256 x 256 points per image
-EVAL_MASK_BYTES = EVAL_MASK_SIDE * EVAL_MASK_SIDE // 8   # stored as packed bits
+EVAL_MASK_SIDE = 256  # masks and maps are scored at 256 x 256 points per image
+EVAL_MASK_BYTES = EVAL_MASK_SIDE * EVAL_MASK_SIDE // 8  # stored as packed bits
 
 
 def tokens_per_tile(patch_grid: int) -> int:
@@ -48,13 +49,19 @@ def tokens_per_tile(patch_grid: int) -> int:
 def token_setting(patch_grid: int, embed_dim: int) -> dict:
     """What the cache records about its tokens; a run with another setting is refused."""
     per_tile = tokens_per_tile(patch_grid)
-    return {"version": TOKEN_SETTING_VERSION, "crops": f"the {TILES}x{TILES} tiles (crops 5-20)",
-            "space": "joint image-text space: each patch token through ln_post and proj, L2-normalised",
-            "pool": f"{TOKEN_POOL}x{TOKEN_POOL} average within the tile ({patch_grid}x{patch_grid} patches -> "
-                    f"{per_tile}x{per_tile}), L2-normalised again",
-            "per_tile": per_tile, "tokens": TILES * TILES * per_tile * per_tile, "embed_dim": int(embed_dim),
-            "dtype": "float16", "defect": "fraction of the token cell's pixels inside the defect mask",
-            "eval_mask_side": EVAL_MASK_SIDE}
+    return {
+        "version": TOKEN_SETTING_VERSION,
+        "crops": f"the {TILES}x{TILES} tiles (crops 5-20)",
+        "space": "joint image-text space: each patch token through ln_post and proj, L2-normalised",
+        "pool": f"{TOKEN_POOL}x{TOKEN_POOL} average within the tile ({patch_grid}x{patch_grid} patches -> "
+        f"{per_tile}x{per_tile}), L2-normalised again",
+        "per_tile": per_tile,
+        "tokens": TILES * TILES * per_tile * per_tile,
+        "embed_dim": int(embed_dim),
+        "dtype": "float16",
+        "defect": "fraction of the token cell's pixels inside the defect mask",
+        "eval_mask_side": EVAL_MASK_SIDE,
+    }
 
 
 def token_bytes_per_image(setting: dict) -> int:
@@ -89,7 +96,7 @@ def defect_fractions(mask: np.ndarray, per_tile: int) -> np.ndarray:
     """[tiles²·p²] float32: the share of each token cell's pixels inside ``mask`` ([H, W] bool)."""
     height, width = mask.shape
     rows, cols = axis_cells(height, per_tile), axis_cells(width, per_tile)
-    row_starts = np.flatnonzero(np.diff(rows, prepend=-1))   # cells are runs of pixels along each axis
+    row_starts = np.flatnonzero(np.diff(rows, prepend=-1))  # cells are runs of pixels along each axis
     col_starts = np.flatnonzero(np.diff(cols, prepend=-1))
     defective = np.add.reduceat(np.add.reduceat(mask.astype(np.float64), row_starts, axis=0), col_starts, axis=1)
     area = np.outer(np.diff(np.append(row_starts, height)), np.diff(np.append(col_starts, width)))
@@ -124,7 +131,7 @@ def axis_weights(size: int, positions: np.ndarray, per_tile: int, tiles: int = T
     positions = np.asarray(positions, np.float64)
     tile = np.clip(np.searchsorted(edges, positions, side="right") - 1, 0, tiles - 1)
     width = edges[tile + 1] - edges[tile]
-    cells = tiles * per_tile   # at least 2 (a 4x4 grid of tiles, or WinCLIP's patch grid)
+    cells = tiles * per_tile  # at least 2 (a 4x4 grid of tiles, or WinCLIP's patch grid)
     cell = np.clip(tile * per_tile + (positions - edges[tile]) * per_tile / width - 0.5, 0, cells - 1)
     low = np.minimum(np.floor(cell).astype(int), cells - 2)
     weights = np.zeros((len(positions), cells))
@@ -140,15 +147,25 @@ def map_at(grid: np.ndarray, height: int, width: int, *, rows=None, cols=None, t
     per_tile = grid.shape[-1] // tiles
     rows = np.arange(height) + 0.5 if rows is None else rows
     cols = np.arange(width) + 0.5 if cols is None else cols
-    return (axis_weights(height, rows, per_tile, tiles) @ np.asarray(grid, np.float64)
-            @ axis_weights(width, cols, per_tile, tiles).T).astype(np.float32)
+    return (
+        axis_weights(height, rows, per_tile, tiles)
+        @ np.asarray(grid, np.float64)
+        @ axis_weights(width, cols, per_tile, tiles).T
+    ).astype(np.float32)
 
 
 def eval_maps(grids: np.ndarray, heights, widths, tiles: int = TILES) -> np.ndarray:
     """Each grid's map at the ``EVAL_MASK_SIDE``² scoring points of its image: [N, S, S] float32."""
-    return np.stack([map_at(grid, int(h), int(w), rows=eval_points(int(h)), cols=eval_points(int(w)), tiles=tiles)
-                     for grid, h, w in zip(grids, heights, widths)]) if len(grids) else \
-        np.zeros((0, EVAL_MASK_SIDE, EVAL_MASK_SIDE), np.float32)
+    return (
+        np.stack(
+            [
+                map_at(grid, int(h), int(w), rows=eval_points(int(h)), cols=eval_points(int(w)), tiles=tiles)
+                for grid, h, w in zip(grids, heights, widths)
+            ]
+        )
+        if len(grids)
+        else np.zeros((0, EVAL_MASK_SIDE, EVAL_MASK_SIDE), np.float32)
+    )
 
 
 def add_tokens_command(meta: dict, cache_dir) -> str:

@@ -21,6 +21,7 @@ The file is ``$RAML_CONFIG`` when that is set (``RAML_CONFIG=/dev/null`` reads n
   naming the file, the key and what it accepts. A top-level key that only some commands have is
   fine.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -33,8 +34,7 @@ from raml.errors import UserError
 
 CONFIG_ENV = "RAML_CONFIG"
 CONFIG_FILE = "raml.toml"
-_ACCEPTED = {click.INT: "an integer", click.FLOAT: "a number", click.BOOL: "true or false",
-             click.STRING: "a string"}
+_ACCEPTED = {click.INT: "an integer", click.FLOAT: "a number", click.BOOL: "true or false", click.STRING: "a string"}
 
 
 def config_path() -> Path | None:
@@ -50,13 +50,15 @@ def config_path() -> Path | None:
 
 def read_toml(path: Path) -> dict:
     try:
-        import tomllib                      # Python >= 3.11
-    except ImportError:                     # Python 3.10: the same parser, as a package
+        import tomllib  # Python >= 3.11
+    except ImportError:  # Python 3.10: the same parser, as a package
         try:
             import tomli as tomllib
         except ImportError:
-            raise UserError(f"{path}: reading a TOML file needs Python >= 3.11 or the package tomli "
-                            f"(pip install tomli); or remove the file (unset {CONFIG_ENV})") from None
+            raise UserError(
+                f"{path}: reading a TOML file needs Python >= 3.11 or the package tomli "
+                f"(pip install tomli); or remove the file (unset {CONFIG_ENV})"
+            ) from None
     try:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
@@ -83,25 +85,31 @@ def _group_defaults(group: click.Group, table: dict, inherited: dict, where: lis
     for name in tables:
         if name not in group.commands:
             close = difflib.get_close_matches(name, group.commands, n=1)
-            raise UserError(f"{path}: {_place(where + [name])} is not a command"
-                            + (f" (did you mean {_place(where + close)}?)" if close else "")
-                            + "; tables are named after commands: "
-                            + ", ".join(_place(where + [command]) for command in sorted(group.commands)) + ".")
+            raise UserError(
+                f"{path}: {_place(where + [name])} is not a command"
+                + (f" (did you mean {_place(where + close)}?)" if close else "")
+                + "; tables are named after commands: "
+                + ", ".join(_place(where + [command]) for command in sorted(group.commands))
+                + "."
+            )
     known = _options_beneath(group)
     for key in scalars:
         if key not in known:
             if where:
                 hint = f"{_place(where)} takes the long options of its commands: {', '.join(sorted(known))}"
             else:
-                hint = ("top-level keys are the long options of any command (python pipeline.py COMMAND --help "
-                        "lists them); tables are named after commands: "
-                        + ", ".join(f"[{name}]" for name in sorted(group.commands)))
+                hint = (
+                    "top-level keys are the long options of any command (python pipeline.py COMMAND --help "
+                    "lists them); tables are named after commands: "
+                    + ", ".join(f"[{name}]" for name in sorted(group.commands))
+                )
             _unknown_key(key, known, where, path, hint)
     here = {**inherited, **{key: (value, where) for key, value in scalars.items()}}
     result = {}
     for name, command in group.commands.items():
         sub = (_group_defaults if isinstance(command, click.Group) else _command_defaults)(
-            command, tables.get(name, {}), here, where + [name], path)
+            command, tables.get(name, {}), here, where + [name], path
+        )
         if sub:
             result[name] = sub
     return result
@@ -114,12 +122,20 @@ def _command_defaults(command: click.Command, table: dict, inherited: dict, wher
     options = _long_options(command)
     for key in scalars:
         if key not in options:
-            _unknown_key(key, options, where, path, f"{_place(where)} takes the long options of python pipeline.py "
-                                                    f"{' '.join(where)}: {', '.join(sorted(options))}")
+            _unknown_key(
+                key,
+                options,
+                where,
+                path,
+                f"{_place(where)} takes the long options of python pipeline.py "
+                f"{' '.join(where)}: {', '.join(sorted(options))}",
+            )
     chosen = {key: found for key, found in inherited.items() if key in options}
     chosen.update({key: (value, where) for key, value in scalars.items()})
-    return {options[key].name: _checked(command, options[key], key, value, source, where, path)
-            for key, (value, source) in chosen.items()}
+    return {
+        options[key].name: _checked(command, options[key], key, value, source, where, path)
+        for key, (value, source) in chosen.items()
+    }
 
 
 def _split(table: dict, where: list, path: Path) -> tuple[dict, dict]:
@@ -138,8 +154,13 @@ def _split(table: dict, where: list, path: Path) -> tuple[dict, dict]:
 
 def _long_options(command: click.Command) -> dict:
     """{long option name with ``_``: its click parameter} of one command."""
-    return {opt[2:].replace("-", "_"): param for param in command.params if isinstance(param, click.Option)
-            for opt in param.opts if opt.startswith("--")}
+    return {
+        opt[2:].replace("-", "_"): param
+        for param in command.params
+        if isinstance(param, click.Option)
+        for opt in param.opts
+        if opt.startswith("--")
+    }
 
 
 def _options_beneath(group: click.Group) -> set:
@@ -175,8 +196,9 @@ def _checked(command: click.Command, param: click.Option, key: str, value, sourc
             problem = err.format_message()
     if problem:
         accepted = _accepted(param)
-        raise UserError(f"{path}: {key} = {value!r} at {given_at}: {problem}"
-                        + (f" Accepted: {accepted}." if accepted else ""))
+        raise UserError(
+            f"{path}: {key} = {value!r} at {given_at}: {problem}" + (f" Accepted: {accepted}." if accepted else "")
+        )
     return value
 
 
@@ -184,15 +206,16 @@ def _toml_type_problem(param: click.Option, value) -> str | None:
     """What the file should not say although click's conversion would let it through (it converts
     2.5 to the integer 2, true to 1, and a string to a list of its letters), or a path that is no string."""
     if param.multiple:
-        return None if isinstance(value, list) else "this option takes a list (a TOML array, e.g. [\"a\", \"b\"])."
+        return None if isinstance(value, list) else 'this option takes a list (a TOML array, e.g. ["a", "b"]).'
     if isinstance(value, list):
         return "this option takes one value, not a list."
     if isinstance(param.type, click.Path) and not isinstance(value, str):
         return f"{value!r} is not a path (a string)."
     if isinstance(param.type, click.types.IntParamType) and (isinstance(value, bool) or not isinstance(value, int)):
         return f"{value!r} is not an integer."
-    if isinstance(param.type, click.types.FloatParamType) and (isinstance(value, bool)
-                                                               or not isinstance(value, (int, float))):
+    if isinstance(param.type, click.types.FloatParamType) and (
+        isinstance(value, bool) or not isinstance(value, (int, float))
+    ):
         return f"{value!r} is not a number."
     return None
 
@@ -207,10 +230,12 @@ def _relative_to(base: Path, param: click.Option, value):
 def _accepted(param: click.Option) -> str | None:
     kind = param.type
     if isinstance(kind, click.Choice):
-        return None   # click's message lists the choices
+        return None  # click's message lists the choices
     if isinstance(kind, (click.IntRange, click.FloatRange)):
-        bounds = [f"{'>' if kind.min_open else '>='} {kind.min}" if kind.min is not None else "",
-                  f"{'<' if kind.max_open else '<='} {kind.max}" if kind.max is not None else ""]
+        bounds = [
+            f"{'>' if kind.min_open else '>='} {kind.min}" if kind.min is not None else "",
+            f"{'<' if kind.max_open else '<='} {kind.max}" if kind.max is not None else "",
+        ]
         number = "an integer" if isinstance(kind, click.IntRange) else "a number"
         return f"{number} {' and '.join(bound for bound in bounds if bound)}".strip()
     if isinstance(kind, click.Path):

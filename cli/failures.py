@@ -28,6 +28,7 @@ def fail_cleanly(func):
       what was being processed (``cache.errors.working_on``) and the log file its traceback was written
       to; ``RAML_DEBUG=1`` lets the traceback through instead. click's own exceptions pass unchanged.
     """
+
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
@@ -45,6 +46,7 @@ def fail_cleanly(func):
             if os.environ.get("RAML_DEBUG") == "1":
                 raise
             raise click.ClickException(unexpected_error_message(err)) from err
+
     return wrapper
 
 
@@ -67,5 +69,7 @@ def unexpected_error_message(err: Exception) -> str:
     where = f" while processing {err.raml_working_on}" if getattr(err, "raml_working_on", None) else ""
     first = (str(err).strip().splitlines() or [""])[0][:300]
     saved = f"its traceback is in {log}" if log else "no log file could be written"
-    return (f"unexpected {type(err).__name__} in `{command}`{where}: {first}. This is a bug in RAML or a library, not "
-            f"your input: {saved} (RAML_DEBUG=1 prints it here); please include it when you report the bug.")
+    return (
+        f"unexpected {type(err).__name__} in `{command}`{where}: {first}. This is a bug in RAML or a library, not "
+        f"your input: {saved} (RAML_DEBUG=1 prints it here); please include it when you report the bug."
+    )

@@ -18,10 +18,12 @@ def show_progress() -> bool:
 
 def with_options(options):
     """Apply a list of click options to a command, in the order listed."""
+
     def decorate(func):
         for option in reversed(options):
             func = option(func)
         return func
+
     return decorate
 
 
@@ -97,6 +99,7 @@ def text_list(kind=str, *, choices=None, check=None, accepted: str = "", allow_e
     """A click callback parsing a comma-separated list: each item converted by ``kind``, one of
     ``choices`` (when given) and passing ``check`` (when given); ``accepted`` says what is accepted.
     An empty list is refused unless ``allow_empty`` (None, the option left out, passes)."""
+
     def callback(ctx, param, text):
         if text is None:
             return None
@@ -115,15 +118,17 @@ def text_list(kind=str, *, choices=None, check=None, accepted: str = "", allow_e
                 raise click.BadParameter(f"{item!r} in {text!r}: expected {accepted or 'a comma-separated list'}")
             values.append(value)
         return values
+
     return callback
 
 
-SEED = click.IntRange(0, 2**32 - 1)     # what numpy's and torch's generators take
-JOBS = click.IntRange(1, 256)           # worker processes
+SEED = click.IntRange(0, 2**32 - 1)  # what numpy's and torch's generators take
+JOBS = click.IntRange(1, 256)  # worker processes
 THREADS = click.IntRange(1, 1024)
-SCORE_WEIGHT = FiniteFloat(0)           # a weight of s_visual or s_text in s_final
-seed_list = text_list(int, check=lambda seed: 0 <= seed < 2**32,
-                      accepted="comma-separated seeds (whole numbers from 0 to 4294967295)")
+SCORE_WEIGHT = FiniteFloat(0)  # a weight of s_visual or s_text in s_final
+seed_list = text_list(
+    int, check=lambda seed: 0 <= seed < 2**32, accepted="comma-separated seeds (whole numbers from 0 to 4294967295)"
+)
 
 
 def non_empty(ctx, param, text):

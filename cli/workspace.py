@@ -19,6 +19,7 @@ first, and "the newest run" is the highest number, whatever its dataset. Numbers
 under an ``flock`` on ``runs/.lock``, so two commands finishing at once get different numbers. This module knows the layout only: what a finished run holds is the caller's to say
 (``finished`` arguments), since run files are defined by the stages above this one.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -35,7 +36,7 @@ DATA_ENV = "RAML_DATA"
 DATASETS, FEATURES, RUNS, RESULTS = Path("datasets"), Path("features"), Path("runs"), Path("results")
 REPORT_DIR = RESULTS / "report"
 LATEST = "latest"
-SWEEP_PREFIX = "sweep-"           # a run directory named NNN-sweep-... holds a sweep's runs
+SWEEP_PREFIX = "sweep-"  # a run directory named NNN-sweep-... holds a sweep's runs
 _RUN_NAME = re.compile(r"^(\d+)-(.+)$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
@@ -105,7 +106,7 @@ class RunEntry:
     path: Path
     dataset: str
     number: int
-    name: str            # the part after the number: ``fixed-seed0``, ``sweep-adaptive-fixed-strong``
+    name: str  # the part after the number: ``fixed-seed0``, ``sweep-adaptive-fixed-strong``
 
     @property
     def is_sweep(self) -> bool:
@@ -125,9 +126,11 @@ def run_entries() -> list[RunEntry]:
 def newest_run(finished, *, sweeps: bool = True, dataset: str | None = None) -> RunEntry | None:
     """The highest-numbered run for which ``finished(path)`` holds (a train run once its checkpoint
     is written, a sweep once its summary is); with ``sweeps=False`` training runs only."""
-    candidates = [entry for entry in run_entries()
-                  if (sweeps or not entry.is_sweep) and (dataset is None or entry.dataset == dataset)
-                  and finished(entry.path)]
+    candidates = [
+        entry
+        for entry in run_entries()
+        if (sweeps or not entry.is_sweep) and (dataset is None or entry.dataset == dataset) and finished(entry.path)
+    ]
     return candidates[-1] if candidates else None
 
 
@@ -136,7 +139,7 @@ def claim_run_dir(dataset: str, name: str) -> Path:
     safe_name = _UNSAFE.sub("_", name)
     (RUNS / dataset).mkdir(parents=True, exist_ok=True)
     with open(RUNS / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)     # released when the file closes
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         number = max((entry.number for entry in run_entries()), default=0) + 1
         path = RUNS / dataset / f"{number:03d}-{safe_name}"
         path.mkdir()

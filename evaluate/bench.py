@@ -8,6 +8,7 @@ head, kNN against the category's memory bank (its coreset, built once and timed 
 text — and drawing the map at the image's resolution and at the scoring points. Then the cache's
 bytes per image with and without tokens.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -29,7 +30,7 @@ from raml.train.config import TrainConfig
 from raml.train.infer import pixel_scores, text_tokens
 from raml.train.model import build_head
 
-PER_TILE = 7     # ViT-B/16: 14 x 14 patches a tile, pooled 2 x 2
+PER_TILE = 7  # ViT-B/16: 14 x 14 patches a tile, pooled 2 x 2
 EMBED_DIM = 512
 
 
@@ -40,20 +41,22 @@ class MapsBench:
     images: int
     normals: int
     size: int
-    bank: int                 # tokens in the kNN memory bank (its coreset)
-    coreset_seconds: float    # building that coreset, once per category
-    seconds: dict             # step → median seconds per image
-    bytes_per_image: tuple    # the cache without and with tokens
+    bank: int  # tokens in the kNN memory bank (its coreset)
+    coreset_seconds: float  # building that coreset, once per category
+    seconds: dict  # step → median seconds per image
+    bytes_per_image: tuple  # the cache without and with tokens
 
     def lines(self) -> list[str]:
         steps = "; ".join(f"{name} {1000 * seconds:.1f} ms" for name, seconds in self.seconds.items())
         without, with_tokens = self.bytes_per_image
-        return [f"bench maps: ViT-B/16's shape (784 tokens x {EMBED_DIM}), {self.images} test images of {self.size} px, "
-                f"a category of {self.normals} training normals",
-                f"  per image (median): {steps}",
-                f"  kNN memory bank: a {CORESET_FRACTION:.0%} coreset, {self.bank} of {self.normals * 784} tokens, built "
-                f"in {self.coreset_seconds:.1f} s once per category",
-                f"  cache per image: {without / 1e6:.3f} MB without patch tokens, {with_tokens / 1e6:.3f} MB with them"]
+        return [
+            f"bench maps: ViT-B/16's shape (784 tokens x {EMBED_DIM}), {self.images} test images of {self.size} px, "
+            f"a category of {self.normals} training normals",
+            f"  per image (median): {steps}",
+            f"  kNN memory bank: a {CORESET_FRACTION:.0%} coreset, {self.bank} of {self.normals * 784} tokens, built "
+            f"in {self.coreset_seconds:.1f} s once per category",
+            f"  cache per image: {without / 1e6:.3f} MB without patch tokens, {with_tokens / 1e6:.3f} MB with them",
+        ]
 
 
 def _median_seconds(work, items) -> float:
@@ -71,11 +74,16 @@ def run_maps_bench(images: int = 20, normals: int = 200, size: int = 900) -> Map
     with tempfile.TemporaryDirectory(prefix="raml-bench-maps-") as tmp:
         plain = write_synthetic_cache(Path(tmp) / "plain", shape, dim=EMBED_DIM)
         table = read_cache(write_synthetic_cache(Path(tmp) / "tokens", shape, dim=EMBED_DIM, tokens_per_tile=PER_TILE))
-        sizes = tuple(sum(p.stat().st_size for p in Path(cache).glob("*.h5")) / len(table)
-                      for cache in (plain, table.cache_dir))
+        sizes = tuple(
+            sum(p.stat().st_size for p in Path(cache).glob("*.h5")) / len(table) for cache in (plain, table.cache_dir)
+        )
         test = np.flatnonzero(table.split == "test")
-        bank = np.concatenate([tokens.reshape(-1, EMBED_DIM) for _, tokens, _ in
-                               token_chunks(table, np.flatnonzero(table.split == "train"))])
+        bank = np.concatenate(
+            [
+                tokens.reshape(-1, EMBED_DIM)
+                for _, tokens, _ in token_chunks(table, np.flatnonzero(table.split == "train"))
+            ]
+        )
         start = time.perf_counter()
         bank = bank[greedy_coreset(bank, int(CORESET_FRACTION * len(bank)))]
         coreset_seconds = time.perf_counter() - start
@@ -92,7 +100,15 @@ def run_maps_bench(images: int = 20, normals: int = 200, size: int = 900) -> Map
             "zero-shot text": _median_seconds(lambda row: zero_shot_token_scores(tokens[row], text_bank, [0]), test),
             f"map at {size}x{size} px": _median_seconds(lambda row: map_at(grids[row], size, size), test),
             "map at the 256x256 scoring points": _median_seconds(
-                lambda row: eval_maps(grids[row][None], [size], [size]), test),
+                lambda row: eval_maps(grids[row][None], [size], [size]), test
+            ),
         }
-    return MapsBench(images=len(test), normals=normals, size=size, bank=len(bank), coreset_seconds=coreset_seconds,
-                     seconds=seconds, bytes_per_image=sizes)
+    return MapsBench(
+        images=len(test),
+        normals=normals,
+        size=size,
+        bank=len(bank),
+        coreset_seconds=coreset_seconds,
+        seconds=seconds,
+        bytes_per_image=sizes,
+    )

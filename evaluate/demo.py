@@ -34,6 +34,7 @@ every file it writes is then marked as not meaningful. It never falls back silen
 Offline by default: open_clip would otherwise spend ~45 s retrying a download that cannot work,
 so the weights are looked up in the local cache only (HF_HUB_OFFLINE=1) unless ``--online``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,11 +45,11 @@ from pathlib import Path
 import click
 
 MARGINS = ("adaptive", "fixed", "strong")
-MAP_BASELINES = ("knn-patches", "zero-shot-text")   # the untrained map kinds: the textile images have no masks
+MAP_BASELINES = ("knn-patches", "zero-shot-text")  # the untrained map kinds: the textile images have no masks
 DEFAULT_SEEDS = (0, 1, 2)
-DEFAULT_LIMIT = 146        # the smallest --limit with ≥ 15 held-out images of each class (module docstring)
-DEFAULT_EPOCHS = 25        # the original release's
-FIDELITY_SAMPLE = 8       # demo images the int8 engine is checked on (extract's default, 32, would add ~2 min)
+DEFAULT_LIMIT = 146  # the smallest --limit with ≥ 15 held-out images of each class (module docstring)
+DEFAULT_EPOCHS = 25  # the original release's
+FIDELITY_SAMPLE = 8  # demo images the int8 engine is checked on (extract's default, 32, would add ~2 min)
 RAML_MODEL = ("ViT-B-16", "openai")
 WINCLIP_MODEL = ("ViT-B-16-plus-240", "laion400m_e31")
 # The demo's own steps (not the venv), measured with the defaults and an empty user cache (the ONNX
@@ -59,7 +60,8 @@ REFERENCE = {"seconds": 384.0, "gemm_gflops": 136.0, "cpu": "2-core AMD EPYC (AV
 def weights_problem(model: str, pretrained: str) -> str | None:
     """None when ``model``/``pretrained`` loads on this machine, else the reason in one line."""
     from raml.extract.encoder import WeightsUnavailableError, load_backbone
-    logging.disable(logging.ERROR)   # open_clip logs the failed download itself; the notice below says it plainly
+
+    logging.disable(logging.ERROR)  # open_clip logs the failed download itself; the notice below says it plainly
     try:
         load_backbone(model, pretrained, device="cpu")
     except (WeightsUnavailableError, ValueError, FileNotFoundError) as err:
@@ -70,18 +72,24 @@ def weights_problem(model: str, pretrained: str) -> str | None:
 
 
 def random_weights_notice(what: str, model: str, pretrained: str, reason: str, online: bool) -> str:
-    how = ("the download failed" if online else
-           "this demo runs offline and found them in no local cache (run `make demo ONLINE=1`, or "
-           "`python pipeline.py demo --online`, to download them once)")
-    return (f"\n*** CLIP weights {model}/{pretrained} for {what} are not available: {how}.\n"
-            f"    ({reason})\n"
-            f"*** {what} now runs with RANDOM weights (--random-weights). It shows that every step works; the\n"
-            "    AUROC, AP and F1 it gets are NOT MEANINGFUL, and every file and table says so.\n")
+    how = (
+        "the download failed"
+        if online
+        else "this demo runs offline and found them in no local cache (run `make demo ONLINE=1`, or "
+        "`python pipeline.py demo --online`, to download them once)"
+    )
+    return (
+        f"\n*** CLIP weights {model}/{pretrained} for {what} are not available: {how}.\n"
+        f"    ({reason})\n"
+        f"*** {what} now runs with RANDOM weights (--random-weights). It shows that every step works; the\n"
+        "    AUROC, AP and F1 it gets are NOT MEANINGFUL, and every file and table says so.\n"
+    )
 
 
 def fastest_engine() -> tuple[str, str]:
     """(``--engine``, ``--device``) of the fastest image encoder here: torch on CUDA, else ONNX Runtime's int8."""
     import torch
+
     return ("torch", "cuda") if torch.cuda.is_available() else ("onnx-int8", "cpu")
 
 
@@ -91,13 +99,19 @@ def expected_seconds(device: str, limit: int, epochs: int, seeds) -> tuple[float
     if device != "cpu":
         return None, "on the GPU the encoding takes seconds; most of the time is loading the models"
     from raml.extract.engine_bench import cpu_model, gemm_gflops
+
     rate = gemm_gflops()
     seconds = REFERENCE["seconds"] * REFERENCE["gemm_gflops"] / rate
-    sizes = "" if (limit, epochs, tuple(seeds)) == (DEFAULT_LIMIT, DEFAULT_EPOCHS, DEFAULT_SEEDS) else \
-        " with the default sizes (yours differ)"
-    return seconds, (f"{REFERENCE['seconds'] / 60:.1f} min on a {REFERENCE['cpu']} at {REFERENCE['gemm_gflops']:.0f} "
-                     f"GFLOP/s (fp32 matrix product), scaled to this CPU's {rate:.0f} GFLOP/s ({cpu_model()})"
-                     f"{sizes}")
+    sizes = (
+        ""
+        if (limit, epochs, tuple(seeds)) == (DEFAULT_LIMIT, DEFAULT_EPOCHS, DEFAULT_SEEDS)
+        else " with the default sizes (yours differ)"
+    )
+    return seconds, (
+        f"{REFERENCE['seconds'] / 60:.1f} min on a {REFERENCE['cpu']} at {REFERENCE['gemm_gflops']:.0f} "
+        f"GFLOP/s (fp32 matrix product), scaled to this CPU's {rate:.0f} GFLOP/s ({cpu_model()})"
+        f"{sizes}"
+    )
 
 
 def _extract(run_command, args: list[str], log) -> str:
@@ -109,10 +123,13 @@ def _extract(run_command, args: list[str], log) -> str:
         return args[-1]
     except click.ClickException as err:
         from raml.extract.int8_engine import Int8FidelityError
+
         if not isinstance(err.__cause__, Int8FidelityError):
             raise
-        log(f"\ndemo: the int8 engine is not used: {err.message}\n"
-            "demo: extracting with --engine onnx (fp32) instead; this takes about twice as long.")
+        log(
+            f"\ndemo: the int8 engine is not used: {err.message}\n"
+            "demo: extracting with --engine onnx (fp32) instead; this takes about twice as long."
+        )
         run_command([*args[:-1], "onnx"])
         return "onnx"
 
@@ -120,8 +137,10 @@ def _extract(run_command, args: list[str], log) -> str:
 def _weights_options(what: str, model: str, pretrained: str, random_weights: bool, online: bool, log) -> list[str]:
     """The backbone options of one model; random weights (said loudly) when its weights are missing."""
     if not random_weights:
-        log(f"demo: looking for CLIP weights {model}/{pretrained} for {what} "
-            f"({'online' if online else 'local cache only'}) ...")
+        log(
+            f"demo: looking for CLIP weights {model}/{pretrained} for {what} "
+            f"({'online' if online else 'local cache only'}) ..."
+        )
         reason = weights_problem(model, pretrained)
         if reason:
             log(random_weights_notice(what, model, pretrained, reason, online))
@@ -129,10 +148,21 @@ def _weights_options(what: str, model: str, pretrained: str, random_weights: boo
     return ["--model", model] + (["--random-weights"] if random_weights else ["--pretrained", pretrained])
 
 
-def run_demo(run_command, out_dir, *, model: str = RAML_MODEL[0], pretrained: str = RAML_MODEL[1],
-             winclip_model: str = WINCLIP_MODEL[0], winclip_pretrained: str = WINCLIP_MODEL[1],
-             limit: int = DEFAULT_LIMIT, epochs: int = DEFAULT_EPOCHS, seeds=DEFAULT_SEEDS, online: bool = False,
-             random_weights: bool = False, log=print) -> Path:
+def run_demo(
+    run_command,
+    out_dir,
+    *,
+    model: str = RAML_MODEL[0],
+    pretrained: str = RAML_MODEL[1],
+    winclip_model: str = WINCLIP_MODEL[0],
+    winclip_pretrained: str = WINCLIP_MODEL[1],
+    limit: int = DEFAULT_LIMIT,
+    epochs: int = DEFAULT_EPOCHS,
+    seeds=DEFAULT_SEEDS,
+    online: bool = False,
+    random_weights: bool = False,
+    log=print,
+) -> Path:
     """Run the demo's commands through ``run_command(args)``; returns the report's path."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -142,24 +172,74 @@ def run_demo(run_command, out_dir, *, model: str = RAML_MODEL[0], pretrained: st
     winclip = _weights_options("WinCLIP", winclip_model, winclip_pretrained, random_weights, online, log)
     engine, device = fastest_engine()
     expected, how = expected_seconds(device, limit, epochs, seeds)
-    log(f"demo: expected to take about {expected / 60:.0f} min on this machine ({how})" if expected is not None
-        else f"demo: {how}")
-    tag = "random" if "--random-weights" in raml else "pretrained"   # a cache holds one backbone's features
-    cache, runs, results, report = (out_dir / f"cache-{tag}", out_dir / f"runs-{tag}", out_dir / f"results-{tag}",
-                                    out_dir / f"report-{tag}")
+    log(
+        f"demo: expected to take about {expected / 60:.0f} min on this machine ({how})"
+        if expected is not None
+        else f"demo: {how}"
+    )
+    tag = "random" if "--random-weights" in raml else "pretrained"  # a cache holds one backbone's features
+    cache, runs, results, report = (
+        out_dir / f"cache-{tag}",
+        out_dir / f"runs-{tag}",
+        out_dir / f"results-{tag}",
+        out_dir / f"report-{tag}",
+    )
     first_run = runs / f"{MARGINS[0]}-seed{seeds[0]}"
     # --workers 0: decoding a 250-px image is cheap; worker processes would only compete with CLIP for the cores
     steps = [
-        ["extract", "--dataset", "textile", "--cache-dir", str(cache), *raml, "--limit", str(limit), "--workers", "0",
-         "--device", device, *(["--fidelity-sample", str(FIDELITY_SAMPLE)] if engine == "onnx-int8" else []),
-         "--patch-tokens", "--engine", engine],
-        ["sweep", "--cache-dir", str(cache), "--margins", ",".join(MARGINS), "--seeds", ",".join(map(str, seeds)),
-         "--epochs", str(epochs), "--out", str(runs)],   # the 9 runs train together, as one batched pass
+        [
+            "extract",
+            "--dataset",
+            "textile",
+            "--cache-dir",
+            str(cache),
+            *raml,
+            "--limit",
+            str(limit),
+            "--workers",
+            "0",
+            "--device",
+            device,
+            *(["--fidelity-sample", str(FIDELITY_SAMPLE)] if engine == "onnx-int8" else []),
+            "--patch-tokens",
+            "--engine",
+            engine,
+        ],
+        [
+            "sweep",
+            "--cache-dir",
+            str(cache),
+            "--margins",
+            ",".join(MARGINS),
+            "--seeds",
+            ",".join(map(str, seeds)),
+            "--epochs",
+            str(epochs),
+            "--out",
+            str(runs),
+        ],  # the 9 runs train together, as one batched pass
         ["evaluate", "--checkpoint", str(runs), "--cache-dir", str(cache), "--out", str(results / "raml")],
-        *(["baseline", name, "--cache-dir", str(cache), "--split-from", str(first_run), "--out", str(results / name)]
-          for name in MAP_BASELINES),
-        ["baseline", "winclip", "--dataset", "textile", "--split-from", str(first_run),
-         "--out", str(results / "winclip"), *winclip, "--device", device, "--workers", "0", "--maps", "examples"],
+        *(
+            ["baseline", name, "--cache-dir", str(cache), "--split-from", str(first_run), "--out", str(results / name)]
+            for name in MAP_BASELINES
+        ),
+        [
+            "baseline",
+            "winclip",
+            "--dataset",
+            "textile",
+            "--split-from",
+            str(first_run),
+            "--out",
+            str(results / "winclip"),
+            *winclip,
+            "--device",
+            device,
+            "--workers",
+            "0",
+            "--maps",
+            "examples",
+        ],
         ["report", str(results), "--out", str(report)],
     ]
     timings = []
@@ -172,13 +252,19 @@ def run_demo(run_command, out_dir, *, model: str = RAML_MODEL[0], pretrained: st
             run_command(args)
         timings.append((" ".join(args[:2]) if args[0] == "baseline" else args[0], time.perf_counter() - step_start))
     seconds = time.perf_counter() - start
-    log(f"\ndemo finished in {seconds / 60:.1f} min: {limit} textile images (--limit), {len(MARGINS)} margins × "
-        f"{len(seeds)} seeds of {epochs} epochs, image encoder: {engine} on {device}.")
-    log("  " + ", ".join(f"{name} {step:.0f} s" for name, step in timings)
-        + f", weights look-up and start {seconds - sum(step for _, step in timings):.0f} s")
+    log(
+        f"\ndemo finished in {seconds / 60:.1f} min: {limit} textile images (--limit), {len(MARGINS)} margins × "
+        f"{len(seeds)} seeds of {epochs} epochs, image encoder: {engine} on {device}."
+    )
+    log(
+        "  "
+        + ", ".join(f"{name} {step:.0f} s" for name, step in timings)
+        + f", weights look-up and start {seconds - sum(step for _, step in timings):.0f} s"
+    )
     log(f"Report: {report / 'report.md'} (plots beside it).")
     if "--random-weights" in raml or "--random-weights" in winclip:
-        which = " and ".join(what for what, options in (("RAML", raml), ("WinCLIP", winclip))
-                             if "--random-weights" in options)
+        which = " and ".join(
+            what for what, options in (("RAML", raml), ("WinCLIP", winclip)) if "--random-weights" in options
+        )
         log(f"Reminder: RANDOM weights for {which} — those numbers in this report are NOT MEANINGFUL.")
     return report / "report.md"

@@ -4,4 +4,4 @@ the workspace's choice of the newest run read them, and must start in a fraction
 RESULTS_JSON = "results.json"
 SCORES_CSV = "scores.csv"
 MAPS_NPZ = "anomaly_maps.npz"
-SUMMARY_JSON = "summary.json"   # a sweep's summary (evaluate/sweep.py), written once every run is scored
+SUMMARY_JSON = "summary.json"  # a sweep's summary (evaluate/sweep.py), written once every run is scored

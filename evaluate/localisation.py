@@ -16,6 +16,7 @@ there is one scale of tiles, so no two scales overlap. Pixel metrics (``pixel_bl
 at ``EVAL_MASK_SIDE`` x ``EVAL_MASK_SIDE`` points per image: the map and the defect mask sampled at
 the same points (stage one stored the mask there; anomalib-style tools likewise resize to 256 x 256).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,11 +29,15 @@ from raml.evaluate.baselines.winclip import TEMPERATURE as ZERO_SHOT_TEMPERATURE
 from raml.evaluate.metrics import AUPRO_FPR_LIMIT, DEFAULT_BOOTSTRAP, bootstrap_pixel_ci, pixel_counts, pixel_metrics
 from raml.evaluate.results import PIXEL_METRICS, in_percent, mean_std
 
-RESOLUTION_NOTE = (f"computed at {EVAL_MASK_SIDE} x {EVAL_MASK_SIDE} points per image (the map and the defect "
-                   f"mask sampled at the same points); AUPRO up to FPR {AUPRO_FPR_LIMIT}, 8-connected defect regions")
+RESOLUTION_NOTE = (
+    f"computed at {EVAL_MASK_SIDE} x {EVAL_MASK_SIDE} points per image (the map and the defect "
+    f"mask sampled at the same points); AUPRO up to FPR {AUPRO_FPR_LIMIT}, 8-connected defect regions"
+)
 PIXEL_HEAD_MAP = "RAML's trained pixel head: sigmoid of each patch token's logit"
-ZERO_SHOT_MAP = (f"zero-shot text over RAML's patch tokens: each token's softmax probability of the anomalous "
-                 f"prompts (temperature {ZERO_SHOT_TEMPERATURE})")
+ZERO_SHOT_MAP = (
+    f"zero-shot text over RAML's patch tokens: each token's softmax probability of the anomalous "
+    f"prompts (temperature {ZERO_SHOT_TEMPERATURE})"
+)
 
 
 def zero_shot_token_scores(tokens: np.ndarray, text_bank: np.ndarray, category_index) -> np.ndarray:
@@ -65,10 +70,10 @@ class MapImages:
 
     category: np.ndarray
     label: np.ndarray
-    mask_known: np.ndarray   # bool: normal, or anomalous with a defect mask
+    mask_known: np.ndarray  # bool: normal, or anomalous with a defect mask
     height: np.ndarray
     width: np.ndarray
-    masks: np.ndarray        # [n, EVAL_MASK_BYTES] packed scoring masks (``cache.tokens.eval_mask``)
+    masks: np.ndarray  # [n, EVAL_MASK_BYTES] packed scoring masks (``cache.tokens.eval_mask``)
 
 
 def map_images(subset, masks: np.ndarray) -> MapImages:
@@ -78,8 +83,15 @@ def map_images(subset, masks: np.ndarray) -> MapImages:
     return MapImages(subset.category, subset.label, known, subset.height, subset.width, masks)
 
 
-def pixel_block(grids_by_run: list[np.ndarray], images: MapImages, description: str, *, tiles: int = TILES,
-                n_resamples: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0) -> dict:
+def pixel_block(
+    grids_by_run: list[np.ndarray],
+    images: MapImages,
+    description: str,
+    *,
+    tiles: int = TILES,
+    n_resamples: int = DEFAULT_BOOTSTRAP,
+    bootstrap_seed: int = 0,
+) -> dict:
     """The ``pixel`` block of a results entry: per category, pixel AUROC, AUPRO and pixel F1-max (%) of
     the maps of each run (``grids_by_run``: [n, G, G] token grids of the images, one per seed; ``tiles``
     tiles a side, 1 for a grid over the whole image), mean ± sample std over seeds with n and a bootstrap
@@ -93,30 +105,49 @@ def pixel_block(grids_by_run: list[np.ndarray], images: MapImages, description: 
             continue
         masks = unpack_eval_masks(images.masks[rows])
         try:
-            counts = [pixel_counts(eval_maps(grids[rows], images.height[rows], images.width[rows], tiles), masks)
-                      for grids in grids_by_run]
+            counts = [
+                pixel_counts(eval_maps(grids[rows], images.height[rows], images.width[rows], tiles), masks)
+                for grids in grids_by_run
+            ]
         except ValueError as err:
             missing[category] = str(err)
             continue
         values = [pixel_metrics(run) for run in counts]
         intervals = bootstrap_pixel_ci(counts, n_resamples, bootstrap_seed)
-        per_category[category] = {"images": int(len(rows)), "anomalous": int((images.label[rows] == 1).sum()),
-                                  **{name: {**in_percent(mean_std([v[name] for v in values])),
-                                            "per_seed": [round(100 * float(v[name]), 2) for v in values],
-                                            "ci95": [round(100 * bound, 2) for bound in intervals[name]]}
-                                     for name in PIXEL_METRICS}}
+        per_category[category] = {
+            "images": int(len(rows)),
+            "anomalous": int((images.label[rows] == 1).sum()),
+            **{
+                name: {
+                    **in_percent(mean_std([v[name] for v in values])),
+                    "per_seed": [round(100 * float(v[name]), 2) for v in values],
+                    "ci95": [round(100 * bound, 2) for bound in intervals[name]],
+                }
+                for name in PIXEL_METRICS
+            },
+        }
         for name in PIXEL_METRICS:
             means[name].append([float(v[name]) for v in values])
-    mean = {name: in_percent(mean_std(np.mean(runs, axis=0))) if runs else in_percent(mean_std([]))
-            for name, runs in means.items()}
-    return {"map": description, "resolution": RESOLUTION_NOTE, "mean": mean, "categories": per_category,
-            "not_available": missing,
-            "units": "%; mean ± sample std (ddof = 1) over seeds; ci95: bootstrap over images of the seed mean"}
+    mean = {
+        name: in_percent(mean_std(np.mean(runs, axis=0))) if runs else in_percent(mean_std([]))
+        for name, runs in means.items()
+    }
+    return {
+        "map": description,
+        "resolution": RESOLUTION_NOTE,
+        "mean": mean,
+        "categories": per_category,
+        "not_available": missing,
+        "units": "%; mean ± sample std (ddof = 1) over seeds; ci95: bootstrap over images of the seed mean",
+    }
 
 
 def not_scored_block(description: str, reason: str, categories) -> dict:
     """The ``pixel`` block of an entry whose maps were not drawn: every category n/a with ``reason``."""
-    return {"map": description, "resolution": RESOLUTION_NOTE,
-            "mean": {name: in_percent(mean_std([])) for name in PIXEL_METRICS}, "categories": {},
-            "not_available": {category: reason for category in sorted(set(categories))}}
-
+    return {
+        "map": description,
+        "resolution": RESOLUTION_NOTE,
+        "mean": {name: in_percent(mean_std([])) for name in PIXEL_METRICS},
+        "categories": {},
+        "not_available": {category: reason for category in sorted(set(categories))},
+    }

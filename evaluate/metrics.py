@@ -8,6 +8,7 @@ Every function that needs both classes raises ``ValueError`` with a plain messag
 only one: a category whose held-out images are all normal has no AUROC, and saying 0.5 or
 crashing later would both mislead.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,8 +40,12 @@ def _stratified_resamples(labels: np.ndarray, n_resamples: int, rng: np.random.G
     with replacement, keeping both counts. So the resampled labels of every row are the same:
     ``n_normal`` zeros, then ones."""
     groups = [np.flatnonzero(labels == value) for value in (0, 1)]
-    return np.stack([np.concatenate([rng.choice(group, size=group.size, replace=True) for group in groups])
-                     for _ in range(n_resamples)])
+    return np.stack(
+        [
+            np.concatenate([rng.choice(group, size=group.size, replace=True) for group in groups])
+            for _ in range(n_resamples)
+        ]
+    )
 
 
 def _resampled_aurocs(scores: np.ndarray, index: np.ndarray, n_normal: int) -> np.ndarray:
@@ -55,7 +60,7 @@ def _resampled_aurocs(scores: np.ndarray, index: np.ndarray, n_normal: int) -> n
     from scipy.stats import rankdata
 
     n_anomalous = index.shape[1] - n_normal
-    ranks = rankdata(scores[:, index], axis=-1)                               # [runs, R, n]
+    ranks = rankdata(scores[:, index], axis=-1)  # [runs, R, n]
     rank_sum = ranks[..., n_normal:].sum(axis=-1)
     return (rank_sum - n_anomalous * (n_anomalous + 1) / 2) / (n_normal * n_anomalous)
 
@@ -66,8 +71,9 @@ def _percentile_interval(statistics: np.ndarray, level: float) -> tuple[float, f
     return float(low), float(high)
 
 
-def bootstrap_auroc_ci(labels, scores, n_resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0,
-                       level: float = CI_LEVEL) -> tuple[float, float]:
+def bootstrap_auroc_ci(
+    labels, scores, n_resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0, level: float = CI_LEVEL
+) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the AUROC, resampling images.
 
     ``scores`` is [n] or [runs, n] (several seeds scored on the same images): then each resample
@@ -83,8 +89,15 @@ def bootstrap_auroc_ci(labels, scores, n_resamples: int = DEFAULT_BOOTSTRAP, see
     return _percentile_interval(statistics, level)
 
 
-def paired_bootstrap_auroc_difference(labels, scores_a, scores_b, groups=None, n_resamples: int = DEFAULT_BOOTSTRAP,
-                                      seed: int = 0, level: float = CI_LEVEL) -> tuple[float, float, float]:
+def paired_bootstrap_auroc_difference(
+    labels,
+    scores_a,
+    scores_b,
+    groups=None,
+    n_resamples: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    level: float = CI_LEVEL,
+) -> tuple[float, float, float]:
     """AUROC of configuration A minus that of B, scored on the same images, with a paired
     percentile bootstrap confidence interval: ``(difference, low, high)``.
 
@@ -112,8 +125,9 @@ def paired_bootstrap_auroc_difference(labels, scores_a, scores_b, groups=None, n
     return float(observed[0] - observed[1]), low, high
 
 
-def bootstrap_mean_auroc_ci(labels, scores, groups=None, n_resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0,
-                            level: float = CI_LEVEL) -> tuple[float, float, float]:
+def bootstrap_mean_auroc_ci(
+    labels, scores, groups=None, n_resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0, level: float = CI_LEVEL
+) -> tuple[float, float, float]:
     """``(statistic, low, high)``: the mean over categories (``groups``) of the per-category AUROC —
     what results files report as ``mean_auroc`` — with its percentile bootstrap CI; images are
     resampled within each category and class, as in ``paired_bootstrap_auroc_difference`` (same
@@ -146,7 +160,7 @@ def _category_mean_aurocs(labels, score_sets, groups, n_resamples: int, seed: in
             raise ValueError(f"category {name}: {err}") from err
         group_labels = checked[0][0]
         n_normal = int((group_labels == 0).sum())
-        original = np.argsort(group_labels, kind="stable")[None]      # the images themselves, normals first
+        original = np.argsort(group_labels, kind="stable")[None]  # the images themselves, normals first
         index = _stratified_resamples(group_labels, n_resamples, rng)
         for k, (_, group_scores) in enumerate(checked):
             observed[k] += _resampled_aurocs(group_scores, original, n_normal).mean(axis=0)[0]
@@ -154,9 +168,9 @@ def _category_mean_aurocs(labels, score_sets, groups, n_resamples: int, seed: in
     return observed / len(names), resampled / len(names)
 
 
-PIXEL_THRESHOLDS = 4096   # thresholds per pixel curve, at most: the scores' quantiles (every distinct score when fewer)
-AUPRO_FPR_LIMIT = 0.3     # MVTec AD's AUPRO: the PRO curve integrated up to this false-positive rate, divided by it
-REGION_CONNECTIVITY = np.ones((3, 3), bool)   # defect regions are 8-connected, as in MVTec AD's evaluation code
+PIXEL_THRESHOLDS = 4096  # thresholds per pixel curve, at most: the scores' quantiles (every distinct score when fewer)
+AUPRO_FPR_LIMIT = 0.3  # MVTec AD's AUPRO: the PRO curve integrated up to this false-positive rate, divided by it
+REGION_CONNECTIVITY = np.ones((3, 3), bool)  # defect regions are 8-connected, as in MVTec AD's evaluation code
 
 
 @dataclass
@@ -170,10 +184,10 @@ class PixelCounts:
     """
 
     thresholds: np.ndarray  # [bins] ascending
-    normal: np.ndarray      # [n, bins] defect-free pixels of each image in each bin
-    defective: np.ndarray   # [n, bins] defective pixels
-    overlap: np.ndarray     # [n, bins] Σ over the image's defect regions of (its pixels in the bin) / (its size)
-    regions: np.ndarray     # [n] connected defect regions of each image
+    normal: np.ndarray  # [n, bins] defect-free pixels of each image in each bin
+    defective: np.ndarray  # [n, bins] defective pixels
+    overlap: np.ndarray  # [n, bins] Σ over the image's defect regions of (its pixels in the bin) / (its size)
+    regions: np.ndarray  # [n] connected defect regions of each image
 
     @property
     def anomalous(self) -> np.ndarray:
@@ -192,8 +206,11 @@ def pixel_counts(maps: np.ndarray, masks: np.ndarray) -> PixelCounts:
     if not np.isfinite(maps).all():
         raise ValueError("anomaly maps contain NaN or infinity")
     distinct = np.unique(maps)
-    thresholds = distinct if len(distinct) <= PIXEL_THRESHOLDS else \
-        np.unique(np.quantile(maps, np.linspace(0, 1, PIXEL_THRESHOLDS), method="inverted_cdf"))
+    thresholds = (
+        distinct
+        if len(distinct) <= PIXEL_THRESHOLDS
+        else np.unique(np.quantile(maps, np.linspace(0, 1, PIXEL_THRESHOLDS), method="inverted_cdf"))
+    )
     bins, n = len(thresholds), len(maps)
     index = np.searchsorted(thresholds, maps, side="right").reshape(n, -1) - 1 + (np.arange(n) * bins)[:, None]
     flat_masks = masks.reshape(n, -1)
@@ -205,14 +222,22 @@ def pixel_counts(maps: np.ndarray, masks: np.ndarray) -> PixelCounts:
         weights[i] = np.where(labels.ravel() > 0, 1.0 / sizes[labels.ravel()], 0.0)
 
     def count(selected, values=None):
-        return np.bincount(index[selected], values[selected] if values is not None else None,
-                           minlength=n * bins).reshape(n, bins)
-    return PixelCounts(thresholds=thresholds, normal=count(~flat_masks), defective=count(flat_masks),
-                       overlap=count(flat_masks, weights), regions=regions)
+        return np.bincount(
+            index[selected], values[selected] if values is not None else None, minlength=n * bins
+        ).reshape(n, bins)
+
+    return PixelCounts(
+        thresholds=thresholds,
+        normal=count(~flat_masks),
+        defective=count(flat_masks),
+        overlap=count(flat_masks, weights),
+        regions=regions,
+    )
 
 
-def pixel_metrics(counts: PixelCounts, image_weights: np.ndarray | None = None,
-                  fpr_limit: float = AUPRO_FPR_LIMIT) -> dict:
+def pixel_metrics(
+    counts: PixelCounts, image_weights: np.ndarray | None = None, fpr_limit: float = AUPRO_FPR_LIMIT
+) -> dict:
     """Pixel AUROC, AUPRO (up to ``fpr_limit``) and pixel F1-max of the images of ``counts``, each
     image counted ``image_weights`` times (default once; [R, n] gives R sets of images, e.g.
     bootstrap resamples, and arrays [R] of each metric).
@@ -225,16 +250,20 @@ def pixel_metrics(counts: PixelCounts, image_weights: np.ndarray | None = None,
     """
     weights = np.ones(len(counts.regions)) if image_weights is None else np.asarray(image_weights, float)
 
-    def above(per_image):   # Σ over images, then over the bins at or above each threshold, highest first
+    def above(per_image):  # Σ over images, then over the bins at or above each threshold, highest first
         return np.cumsum((weights @ per_image)[..., ::-1], axis=-1)
+
     false_positives, true_positives, overlap = above(counts.normal), above(counts.defective), above(counts.overlap)
     zero = np.zeros((*false_positives.shape[:-1], 1))
     fpr = np.concatenate([zero, false_positives / false_positives[..., -1:]], axis=-1)
     tpr = np.concatenate([zero, true_positives / true_positives[..., -1:]], axis=-1)
     pro = np.concatenate([zero, overlap / (weights @ counts.regions)[..., None]], axis=-1)
     f1 = 2 * true_positives / (true_positives + false_positives + true_positives[..., -1:])
-    return {"pixel_auroc": np.sum(np.diff(fpr) * (tpr[..., 1:] + tpr[..., :-1]) / 2, axis=-1),
-            "aupro": _area_up_to(fpr, pro, fpr_limit) / fpr_limit, "pixel_f1_max": f1.max(axis=-1)}
+    return {
+        "pixel_auroc": np.sum(np.diff(fpr) * (tpr[..., 1:] + tpr[..., :-1]) / 2, axis=-1),
+        "aupro": _area_up_to(fpr, pro, fpr_limit) / fpr_limit,
+        "pixel_f1_max": f1.max(axis=-1),
+    }
 
 
 def _area_up_to(x: np.ndarray, y: np.ndarray, limit: float) -> np.ndarray:
@@ -247,8 +276,9 @@ def _area_up_to(x: np.ndarray, y: np.ndarray, limit: float) -> np.ndarray:
     return np.sum(width * (2 * y[..., :-1] + slope * width) / 2, axis=-1)
 
 
-def bootstrap_pixel_ci(counts_by_run: list[PixelCounts], n_resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0,
-                       level: float = CI_LEVEL) -> dict:
+def bootstrap_pixel_ci(
+    counts_by_run: list[PixelCounts], n_resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0, level: float = CI_LEVEL
+) -> dict:
     """Percentile bootstrap CIs of each pixel metric (``pixel_metrics``) averaged over runs (seeds)
     scored on the same images: ``{metric: (low, high)}``. Images are resampled, stratified by whether
     they have a defect (as ``bootstrap_auroc_ci``), one set of images per resample for every run."""
@@ -257,5 +287,7 @@ def bootstrap_pixel_ci(counts_by_run: list[PixelCounts], n_resamples: int = DEFA
     weights = np.zeros((n_resamples, len(anomalous)))
     np.add.at(weights, (np.arange(n_resamples)[:, None], index), 1.0)
     resampled = [pixel_metrics(counts, weights) for counts in counts_by_run]
-    return {name: _percentile_interval(np.mean([values[name] for values in resampled], axis=0), level)
-            for name in resampled[0]}
+    return {
+        name: _percentile_interval(np.mean([values[name] for values in resampled], axis=0), level)
+        for name in resampled[0]
+    }

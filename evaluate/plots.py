@@ -1,4 +1,5 @@
 """The report's PNG plots (matplotlib, Agg backend: no display needed)."""
+
 from __future__ import annotations
 
 import io
@@ -46,8 +47,15 @@ def auroc_bars(rows, path: Path, title: str) -> Path:
         # nan: no whisker (no CI known); 0 where a hand-edited file's CI leaves out its own value
         low = [max(v - c[0], 0) if c else np.nan for v, c in zip(values, ci)]
         high = [max(c[1] - v, 0) if c else np.nan for v, c in zip(values, ci)]
-        ax.bar(x + (i - (len(rows) - 1) / 2) * width, values, width, yerr=[low, high], capsize=2,
-               label=row.label, error_kw={"elinewidth": 0.8})
+        ax.bar(
+            x + (i - (len(rows) - 1) / 2) * width,
+            values,
+            width,
+            yerr=[low, high],
+            capsize=2,
+            label=row.label,
+            error_kw={"elinewidth": 0.8},
+        )
     ax.set_xticks(x, categories + ["mean"], rotation=45, ha="right")
     ax.set_ylabel("image AUROC (%)")
     ax.set_ylim(0, 105)
@@ -80,11 +88,11 @@ def roc_curves(rows, scores: dict, path: Path, title: str) -> Path:
         ax.set_title(category, fontsize=9)
         ax.set_xlabel("false positive rate", fontsize=8)
         ax.set_ylabel("true positive rate", fontsize=8)
-    for ax in list(axes.flat)[len(categories):]:
+    for ax in list(axes.flat)[len(categories) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower right")
     _title(fig, f"{title}: ROC curves (first seed)", rows)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))   # leave room for the two-line title
+    fig.tight_layout(rect=(0, 0, 1, 0.9))  # leave room for the two-line title
     return save_figure(fig, path)
 
 
@@ -103,7 +111,7 @@ def score_histograms(rows, scores: dict, path: Path, title: str) -> Path:
         ax.legend(fontsize=7)
     axes.flat[0].set_ylabel("images")
     _title(fig, f"{title}: score distributions (first seed)", rows)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))   # leave room for the two-line title
+    fig.tight_layout(rect=(0, 0, 1, 0.9))  # leave room for the two-line title
     return save_figure(fig, path)
 
 
@@ -122,6 +130,7 @@ def overlay_image(image, anomaly_map: np.ndarray, vmin: float = 0.0, vmax: float
     """``image`` (PIL RGB) with ``anomaly_map`` ([H, W], the image's size) blended over it in the report's
     colour map, as a PIL image of the same size: what ``predict`` writes beside each map."""
     from PIL import Image
+
     scaled = np.clip((np.asarray(anomaly_map, np.float32) - vmin) / max(vmax - vmin, 1e-12), 0, 1)
     colours = matplotlib.colormaps[MAP_CMAP](scaled)[..., :3]
     blended = (1 - alpha) * np.asarray(image, np.float32) / 255 + alpha * colours
@@ -140,18 +149,22 @@ def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int)
         return None, "no results file of this table saved anomaly maps."
     root = rows[0].protocol.get("dataset", {}).get("root")
     first_row, first_maps = mapped[0]
-    examples = pick_examples([r for r in scores.get(first_row.label) or [] if r["relpath"] in first_maps["grids"]],
-                             count)
+    examples = pick_examples(
+        [r for r in scores.get(first_row.label) or [] if r["relpath"] in first_maps["grids"]], count
+    )
     if not examples:
         return None, "no scored image has an anomaly map."
     if not root or not (Path(root) / examples[0]["relpath"]).is_file():
         return None, f"skipped: the test images are not reachable under the dataset root {root!r} on this machine."
     # one colour range per row (configuration): its maps over every scored image
-    row_ranges = [(float(values.min()), float(values.max()))
-                  for values in (np.stack(list(maps["grids"].values())) for _, maps in mapped)]
+    row_ranges = [
+        (float(values.min()), float(values.max()))
+        for values in (np.stack(list(maps["grids"].values())) for _, maps in mapped)
+    ]
     # one row per configuration, one column per image: a short, wide figure that reads like a table
-    fig, axes = plt.subplots(len(mapped), len(examples), figsize=(3.0 * len(examples), 3.1 * len(mapped) + 0.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(mapped), len(examples), figsize=(3.0 * len(examples), 3.1 * len(mapped) + 0.6), squeeze=False
+    )
     for c, record in enumerate(examples):
         try:
             image = load_rgb(Path(root) / record["relpath"])
@@ -161,8 +174,11 @@ def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int)
         for r, (row, maps) in enumerate(mapped):
             ax = axes[r, c]
             mask_relpath = maps["masks"].get(record["relpath"]) or ""
-            mask = (load_mask(Path(root) / mask_relpath, image.width, image.height)
-                    if mask_relpath and (Path(root) / mask_relpath).is_file() else None)
+            mask = (
+                load_mask(Path(root) / mask_relpath, image.width, image.height)
+                if mask_relpath and (Path(root) / mask_relpath).is_file()
+                else None
+            )
             if record["relpath"] in maps["grids"]:
                 full = map_at(maps["grids"][record["relpath"]], image.height, image.width, tiles=maps["tiles"])
                 overlay(ax, image, full, *row_ranges[r], mask)
@@ -170,12 +186,13 @@ def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int)
                 ax.imshow(image)
                 ax.set_xlabel("(no map)", fontsize=7)
             if r == 0:
-                ax.set_title(f"{record['category']} · {record['defect_type']}\n{Path(record['relpath']).name}",
-                             fontsize=8)
+                ax.set_title(
+                    f"{record['category']} · {record['defect_type']}\n{Path(record['relpath']).name}", fontsize=8
+                )
             if c == 0:
                 ax.set_ylabel(f"{row.label}\n{_short(maps['description'])}", fontsize=8)
     _title(fig, f"{title}: anomaly maps (brighter = more anomalous; colour range per row; cyan: defect mask)", rows)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight()))   # 0.7 in for the two-line title
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight()))  # 0.7 in for the two-line title
     return save_figure(fig, path), None
 
 
@@ -197,6 +214,7 @@ def difference_forest(ablation: dict, path: Path) -> Path:
     ax.set_yticks(y, [row["configuration"] for row in rows])
     ax.set_xlabel(f"held-out image AUROC − {ablation['reference']} (percentage points; paired bootstrap 95 % CI)")
     warning = f"\n{RANDOM_TITLE}" if ablation["random_weights"] else ""
-    ax.set_title("What each part adds, and the baselines" + warning, color="firebrick" if warning else "black",
-                 fontsize=11)
+    ax.set_title(
+        "What each part adds, and the baselines" + warning, color="firebrick" if warning else "black", fontsize=11
+    )
     return save_figure(fig, path)

@@ -5,6 +5,7 @@ results become two tables. Inside one table every row must have been scored on t
 (same image-list hash); otherwise the report is refused — a comparison on different images is
 exactly the mistake of the original release (its WinCLIP row).
 """
+
 from __future__ import annotations
 
 import re
@@ -12,9 +13,18 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from raml.errors import UserError
 from raml.cache.files import atomic_write_text, make_dirs
-from raml.evaluate.results import MAP_EXAMPLES, NOT_MEANINGFUL, PIXEL_METRICS, diverged_cell, find_results, mean_std, read_results, read_scores_csv
+from raml.errors import UserError
+from raml.evaluate.results import (
+    MAP_EXAMPLES,
+    NOT_MEANINGFUL,
+    PIXEL_METRICS,
+    diverged_cell,
+    find_results,
+    mean_std,
+    read_results,
+    read_scores_csv,
+)
 
 
 class MixedImageListsError(UserError):
@@ -25,10 +35,10 @@ class MixedImageListsError(UserError):
 class Row:
     """One configuration of one results file."""
 
-    label: str          # the column name in the tables (the config, made unique)
+    label: str  # the column name in the tables (the config, made unique)
     config: str
     entry: dict
-    path: Path          # its results.json
+    path: Path  # its results.json
 
     @property
     def protocol(self) -> dict:
@@ -41,7 +51,9 @@ class Row:
 
 def load_rows(paths) -> list[Row]:
     """Every configuration of every results file."""
-    return [Row(config, config, entry, path) for path in find_results(paths) for config, entry in read_results(path).items()]
+    return [
+        Row(config, config, entry, path) for path in find_results(paths) for config, entry in read_results(path).items()
+    ]
 
 
 def _label_uniquely(rows: list[Row]) -> None:
@@ -58,19 +70,25 @@ def group_by_image_list(rows: list[Row]) -> dict[str, list[Row]]:
     groups = defaultdict(list)
     for row in rows:
         protocol = row.protocol
-        title = (f"{protocol.get('name', 'unknown protocol')} · {protocol.get('dataset', {}).get('kind', 'unknown dataset')}"
-                 if protocol else "original-release results (protocol and image list not recorded)")
+        title = (
+            f"{protocol.get('name', 'unknown protocol')} · {protocol.get('dataset', {}).get('kind', 'unknown dataset')}"
+            if protocol
+            else "original-release results (protocol and image list not recorded)"
+        )
         groups[title].append(row)
     for title, members in groups.items():
         hashes = {row.protocol.get("image_list_hash") for row in members}
         if len(hashes) > 1:
-            listing = "\n".join(f"  {row.path}: {row.config}: {row.protocol.get('image_list_hash')} "
-                                f"({row.protocol.get('n_images')} images, from {row.protocol.get('source')})"
-                                for row in members)
+            listing = "\n".join(
+                f"  {row.path}: {row.config}: {row.protocol.get('image_list_hash')} "
+                f"({row.protocol.get('n_images')} images, from {row.protocol.get('source')})"
+                for row in members
+            )
             raise MixedImageListsError(
                 f"refusing to put rows scored on different image lists in one table ({title}):\n{listing}\n"
                 "Score every configuration on the same images (for a baseline: --split-from the training run) "
-                "or report them separately.")
+                "or report them separately."
+            )
         _label_uniquely(members)
     return dict(groups)
 
@@ -82,8 +100,11 @@ def _spread(entry: dict, category: str | None) -> tuple[float | None, int]:
     their std is recomputed from the per-seed AUROCs with ``mean_std``, so that every table uses one
     rule.
     """
-    stats = entry.get("auroc_over_seeds") if category is None else \
-        entry.get("categories", {}).get(category, {}).get("auroc_over_seeds")
+    stats = (
+        entry.get("auroc_over_seeds")
+        if category is None
+        else entry.get("categories", {}).get(category, {}).get("auroc_over_seeds")
+    )
     if stats is not None:
         return stats["std"], stats["n"]
     per_seed = {c: stats["auroc_per_seed"] for c, stats in entry.get("categories", {}).items()}
@@ -98,8 +119,11 @@ def _cell(entry: dict, category: str | None) -> str:
     """``94.1 ± 1.2 [88.0, 99.0]`` (mean over seeds ± sample std, bootstrap 95 % CI) or ``n/a``."""
     if category is None:
         std, _ = _spread(entry, None)
-        return "n/a" if entry["mean_auroc"] is None else \
-            f"**{entry['mean_auroc']:.2f}**" + ("" if std is None else f" ± {std:.2f}")
+        return (
+            "n/a"
+            if entry["mean_auroc"] is None
+            else f"**{entry['mean_auroc']:.2f}**" + ("" if std is None else f" ± {std:.2f}")
+        )
     stats = entry.get("categories", {}).get(category)
     if stats is None or stats.get("auroc") is None:
         value = entry.get("details", {}).get(category)
@@ -138,38 +162,59 @@ def comparison_markdown(title: str, rows: list[Row], plots: list[str]) -> str:
     protocol = rows[0].protocol
     lines = [f"## {title}", ""]
     if protocol:
-        lines += [f"Images: {protocol.get('n_images')} (hash `{protocol.get('image_list_hash')}`, from "
-                  f"`{protocol.get('source')}`).", ""]
-    lines += ["Image AUROC % per category: mean over n seeds ± sample std (ddof = 1), [bootstrap 95 % CI].", "",
-              "| category | " + " | ".join(row.label + (" †" if row.random_weights else "") for row in rows) + " |",
-              "|---|" + "---|" * len(rows)]
+        lines += [
+            f"Images: {protocol.get('n_images')} (hash `{protocol.get('image_list_hash')}`, from "
+            f"`{protocol.get('source')}`).",
+            "",
+        ]
+    lines += [
+        "Image AUROC % per category: mean over n seeds ± sample std (ddof = 1), [bootstrap 95 % CI].",
+        "",
+        "| category | " + " | ".join(row.label + (" †" if row.random_weights else "") for row in rows) + " |",
+        "|---|" + "---|" * len(rows),
+    ]
     lines += [f"| {c} | " + " | ".join(_cell(row.entry, c) for row in rows) + " |" for c in categories]
-    lines += ["| **mean** | " + " | ".join(_cell(row.entry, None) for row in rows) + " |",
-              "| n (seeds) | " + " | ".join(_n_seeds(row.entry) for row in rows) + " |", ""]
-    lines += ["| configuration | method | image score | n (seeds) | AP % | F1-max % | pixel AUROC % | AUPRO % | "
-              "pixel F1-max % | anomalous inside margin | backbone | weights |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| **mean** | " + " | ".join(_cell(row.entry, None) for row in rows) + " |",
+        "| n (seeds) | " + " | ".join(_n_seeds(row.entry) for row in rows) + " |",
+        "",
+    ]
+    lines += [
+        "| configuration | method | image score | n (seeds) | AP % | F1-max % | pixel AUROC % | AUPRO % | "
+        "pixel F1-max % | anomalous inside margin | backbone | weights |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         entry = row.entry
         pixel = (entry.get("pixel") or {}).get("mean", {})
-        lines.append(f"| {row.label} | {entry.get('method', '?')} | {image_score_rule(entry)} | {_n_seeds(entry)} | "
-                     f"{_fmt(entry.get('mean_average_precision'))} | {_fmt(entry.get('mean_f1_max'))} | "
-                     + " | ".join(_mean_std(pixel.get(name)) for name in PIXEL_METRICS) + " | "
-                     f"{_inside_margin(entry)} | {entry.get('backbone', '?')} | {entry.get('weights', '?')}"
-                     f"{' (random: not meaningful)' if row.random_weights else ''} |")
+        lines.append(
+            f"| {row.label} | {entry.get('method', '?')} | {image_score_rule(entry)} | {_n_seeds(entry)} | "
+            f"{_fmt(entry.get('mean_average_precision'))} | {_fmt(entry.get('mean_f1_max'))} | "
+            + " | ".join(_mean_std(pixel.get(name)) for name in PIXEL_METRICS)
+            + " | "
+            f"{_inside_margin(entry)} | {entry.get('backbone', '?')} | {entry.get('weights', '?')}"
+            f"{' (random: not meaningful)' if row.random_weights else ''} |"
+        )
     if any(row.entry.get("anomalous_inside_margin") for row in rows):
-        lines += ["", "Anomalous inside margin: the fraction of the last training epoch's anomalous images whose "
-                      "distance to the center is below their margin (mean ± std over seeds). An image inside its "
-                      "margin gets a hinge gradient that does not depend on m, so two margin settings train alike "
-                      "while the same images are inside both (for instance all of them: 1.00)."]
-    notes = sorted({f"{row.label}: {c}: {reason}" for row in rows
-                    for c, reason in row.entry.get("not_available", {}).items()})
+        lines += [
+            "",
+            "Anomalous inside margin: the fraction of the last training epoch's anomalous images whose "
+            "distance to the center is below their margin (mean ± std over seeds). An image inside its "
+            "margin gets a hinge gradient that does not depend on m, so two margin settings train alike "
+            "while the same images are inside both (for instance all of them: 1.00).",
+        ]
+    notes = sorted(
+        {f"{row.label}: {c}: {reason}" for row in rows for c, reason in row.entry.get("not_available", {}).items()}
+    )
     if notes:
         lines += ["", "n/a — " + "; ".join(notes)]
     diverged = [f"{row.label}: {diverged_cell([record])}" for row in rows for record in row.entry.get("diverged", [])]
     if diverged:
-        lines += ["", "Diverged (their loss or gradient stopped being finite; no checkpoint, not in the means) — "
-                  + "; ".join(diverged)]
+        lines += [
+            "",
+            "Diverged (their loss or gradient stopped being finite; no checkpoint, not in the means) — "
+            + "; ".join(diverged),
+        ]
     lines += pixel_markdown(rows)
     if any(row.random_weights for row in rows):
         lines += ["", f"† {NOT_MEANINGFUL}."]
@@ -197,14 +242,21 @@ def pixel_markdown(rows: list[Row]) -> list[str]:
     for label, block in mapped:
         by_map[block["map"]].append(label)
     lines += [f"- {', '.join(labels)}: {source}" for source, labels in by_map.items()]
-    missing = sorted({f"{label}: {c}: {reason}" for label, block in mapped for c, reason in block["not_available"].items()})
+    missing = sorted(
+        {f"{label}: {c}: {reason}" for label, block in mapped for c, reason in block["not_available"].items()}
+    )
     if missing:
         lines.append("- n/a — " + "; ".join(missing))
     scored = [(label, block) for label, block in mapped if block["categories"]]
     categories = sorted({c for _, block in scored for c in block["categories"]})
     if scored:
-        lines += ["", "AUPRO % (FPR ≤ 0.3) per category: mean over seeds ± sample std [bootstrap 95 % CI].", "",
-                  "| category | " + " | ".join(label for label, _ in scored) + " |", "|---|" + "---|" * len(scored)]
+        lines += [
+            "",
+            "AUPRO % (FPR ≤ 0.3) per category: mean over seeds ± sample std [bootstrap 95 % CI].",
+            "",
+            "| category | " + " | ".join(label for label, _ in scored) + " |",
+            "|---|" + "---|" * len(scored),
+        ]
         for category in categories:
             cells = []
             for _, block in scored:
@@ -237,8 +289,9 @@ def write_report(paths, out_dir) -> Path:
         if any(scores.values()):
             written.append(plots.roc_curves(members, scores, out_dir / f"{slug}_roc.png", title))
             written.append(plots.score_histograms(members, scores, out_dir / f"{slug}_histograms.png", title))
-        maps_png, maps_note = plots.anomaly_map_examples(members, scores, out_dir / f"{slug}_maps.png", title,
-                                                         MAP_EXAMPLES)
+        maps_png, maps_note = plots.anomaly_map_examples(
+            members, scores, out_dir / f"{slug}_maps.png", title, MAP_EXAMPLES
+        )
         written += [maps_png] if maps_png else []
         section = comparison_markdown(title, members, [p.name for p in written if p])
         if maps_note:

@@ -13,6 +13,7 @@ as the grid it is drawn from (``<config>:grid`` [n, G, G] float16, ``<config>:re
 ``<config>:mask_relpath``); the entry's ``anomaly_maps`` says where the grid's cells lie (``tiles``
 a side: 4 for the cached patch tokens, 1 for a grid over the whole image) and what the map is.
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,17 +24,18 @@ from pathlib import Path
 
 import numpy as np
 
+from raml.cache.files import atomic_write, atomic_write_text, make_dirs, read_json_checked
 from raml.errors import UserError
-from raml.cache.files import read_json_checked
-from raml.cache.files import atomic_write, atomic_write_text, make_dirs
 from raml.evaluate.file_names import MAPS_NPZ, RESULTS_JSON, SCORES_CSV
 from raml.evaluate.metrics import DEFAULT_BOOTSTRAP, average_precision, bootstrap_auroc_ci, image_auroc
 from raml.train.thresholds import f1_max
 
-MAP_EXAMPLES = 4   # test images a report shows with their anomaly maps, per table (``pick_examples``)
+MAP_EXAMPLES = 4  # test images a report shows with their anomaly maps, per table (``pick_examples``)
 SCORE_COLUMNS = ("config", "seed", "category", "relpath", "defect_type", "label")
-NOT_MEANINGFUL = ("NOT MEANINGFUL: computed with randomly initialised CLIP weights (--random-weights); "
-                  "these numbers only show that the pipeline runs")
+NOT_MEANINGFUL = (
+    "NOT MEANINGFUL: computed with randomly initialised CLIP weights (--random-weights); "
+    "these numbers only show that the pipeline runs"
+)
 
 
 @dataclass
@@ -42,12 +44,12 @@ class ScoredRun:
 
     config: str
     seed: int | None
-    source: str                  # checkpoint path, or the method's name for zero-shot baselines
+    source: str  # checkpoint path, or the method's name for zero-shot baselines
     category: np.ndarray
     relpath: np.ndarray
     defect_type: np.ndarray
     label: np.ndarray
-    scores: dict                 # name -> [N] array; "final" is the one the metrics use
+    scores: dict  # name -> [N] array; "final" is the one the metrics use
     extra: dict = field(default_factory=dict)
 
 
@@ -66,8 +68,7 @@ def mean_std(values) -> dict:
     kept = [float(value) for value in values if value is not None]
     if not kept:
         return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(np.mean(kept)), "std": float(np.std(kept, ddof=1)) if len(kept) > 1 else None,
-            "n": len(kept)}
+    return {"mean": float(np.mean(kept)), "std": float(np.std(kept, ddof=1)) if len(kept) > 1 else None, "n": len(kept)}
 
 
 def _percent_std(stats: dict) -> float | None:
@@ -76,12 +77,16 @@ def _percent_std(stats: dict) -> float | None:
 
 def in_percent(stats: dict) -> dict:
     """``mean_std`` output of fractions, in % (rounded to 0.01)."""
-    return {"mean": None if stats["mean"] is None else _percent(stats["mean"]), "std": _percent_std(stats),
-            "n": stats["n"]}
+    return {
+        "mean": None if stats["mean"] is None else _percent(stats["mean"]),
+        "std": _percent_std(stats),
+        "n": stats["n"],
+    }
 
 
-def category_summary(labels: np.ndarray, final_by_run: np.ndarray, n_resamples: int,
-                     seed: int) -> tuple[dict, list[float]]:
+def category_summary(
+    labels: np.ndarray, final_by_run: np.ndarray, n_resamples: int, seed: int
+) -> tuple[dict, list[float]]:
     """Metrics of one category for one configuration, and each run's AUROC (a fraction);
     ``final_by_run`` is [runs, n].
 
@@ -95,17 +100,31 @@ def category_summary(labels: np.ndarray, final_by_run: np.ndarray, n_resamples: 
     auroc = mean_std(aurocs)
     low, high = bootstrap_auroc_ci(labels, final_by_run, n_resamples=n_resamples, seed=seed)
     return {
-        "auroc": _percent(auroc["mean"]), "auroc_std": _percent_std(auroc), "auroc_over_seeds": in_percent(auroc),
-        "auroc_per_seed": [_percent(a) for a in aurocs], "auroc_ci95": [_percent(low), _percent(high)],
-        "average_precision": _percent(aps["mean"]), "average_precision_std": _percent_std(aps),
-        "f1_max": _percent(f1["mean"]), "f1_max_std": _percent_std(f1),
+        "auroc": _percent(auroc["mean"]),
+        "auroc_std": _percent_std(auroc),
+        "auroc_over_seeds": in_percent(auroc),
+        "auroc_per_seed": [_percent(a) for a in aurocs],
+        "auroc_ci95": [_percent(low), _percent(high)],
+        "average_precision": _percent(aps["mean"]),
+        "average_precision_std": _percent_std(aps),
+        "f1_max": _percent(f1["mean"]),
+        "f1_max_std": _percent_std(f1),
         "f1_max_threshold": [round(t, 6) for _, t in f1s],
-        "normal": int((labels == 0).sum()), "anomalous": int((labels == 1).sum()),
+        "normal": int((labels == 0).sum()),
+        "anomalous": int((labels == 1).sum()),
     }, aurocs
 
 
-def config_entry(runs: list[ScoredRun], image_list: dict, backbone: dict, *, n_resamples: int = DEFAULT_BOOTSTRAP,
-                 bootstrap_seed: int = 0, pixel: dict | None = None, extra: dict | None = None) -> dict:
+def config_entry(
+    runs: list[ScoredRun],
+    image_list: dict,
+    backbone: dict,
+    *,
+    n_resamples: int = DEFAULT_BOOTSTRAP,
+    bootstrap_seed: int = 0,
+    pixel: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
     """The results entry of one configuration scored (once per seed) on one image list."""
     _check_same_images(runs)
     first = runs[0]
@@ -114,15 +133,18 @@ def config_entry(runs: list[ScoredRun], image_list: dict, backbone: dict, *, n_r
     for category in sorted(set(first.category.tolist())):
         rows = first.category == category
         try:
-            per_category[category], category_aurocs = category_summary(first.label[rows], final[:, rows],
-                                                                       n_resamples, bootstrap_seed)
+            per_category[category], category_aurocs = category_summary(
+                first.label[rows], final[:, rows], n_resamples, bootstrap_seed
+            )
         except ValueError as err:
             not_available[category] = str(err)
             continue
         aurocs.append(category_aurocs)
     if not per_category:
-        raise UserError(f"{first.config}: no category has both normal and anomalous images "
-                         f"({'; '.join(f'{c}: {r}' for c, r in not_available.items())})")
+        raise UserError(
+            f"{first.config}: no category has both normal and anomalous images "
+            f"({'; '.join(f'{c}: {r}' for c, r in not_available.items())})"
+        )
     # the original release's number: per run, the mean AUROC over categories; then over runs
     over_seeds = mean_std(np.mean(aurocs, axis=0))
     entry = {
@@ -156,8 +178,8 @@ class MapSet:
 
     relpath: np.ndarray
     mask_relpath: np.ndarray
-    grids: np.ndarray          # [n, G, G]
-    tiles: int                 # tiles a side the grid's cells lie in (``cache.tokens.map_at``)
+    grids: np.ndarray  # [n, G, G]
+    tiles: int  # tiles a side the grid's cells lie in (``cache.tokens.map_at``)
     description: str
 
 
@@ -165,8 +187,10 @@ def _check_same_images(runs: list[ScoredRun]) -> None:
     reference = runs[0].relpath.tolist()
     for run in runs[1:]:
         if run.relpath.tolist() != reference:
-            raise UserError(f"{run.source} was scored on other images than {runs[0].source}; the seeds of one "
-                             "configuration must share the held-out split (train them with the same split seed)")
+            raise UserError(
+                f"{run.source} was scored on other images than {runs[0].source}; the seeds of one "
+                "configuration must share the held-out split (train them with the same split seed)"
+            )
 
 
 def write_scores_csv(path: Path, runs: list[ScoredRun]) -> None:
@@ -182,9 +206,17 @@ def _write_scores(path: Path, runs: list[ScoredRun]) -> None:
         writer.writerow([*SCORE_COLUMNS, *score_names])
         for run in runs:
             for i in range(len(run.relpath)):
-                writer.writerow([run.config, "" if run.seed is None else run.seed, run.category[i], run.relpath[i],
-                                 run.defect_type[i], int(run.label[i]),
-                                 *(f"{run.scores[n][i]:.6f}" if n in run.scores else "" for n in score_names)])
+                writer.writerow(
+                    [
+                        run.config,
+                        "" if run.seed is None else run.seed,
+                        run.category[i],
+                        run.relpath[i],
+                        run.defect_type[i],
+                        int(run.label[i]),
+                        *(f"{run.scores[n][i]:.6f}" if n in run.scores else "" for n in score_names),
+                    ]
+                )
 
 
 def read_scores_csv(path: Path) -> list[dict]:
@@ -207,8 +239,12 @@ def write_results(out_dir: Path, entries: dict, runs: list[ScoredRun], maps: dic
     if maps:
         atomic_write(out_dir / MAPS_NPZ, lambda tmp: _write_maps(tmp, maps))
         for config, mapped in maps.items():
-            entries[config]["anomaly_maps"] = {"file": MAPS_NPZ, "key": config, "tiles": mapped.tiles,
-                                               "description": mapped.description}
+            entries[config]["anomaly_maps"] = {
+                "file": MAPS_NPZ,
+                "key": config,
+                "tiles": mapped.tiles,
+                "description": mapped.description,
+            }
     path = out_dir / RESULTS_JSON
     atomic_write_text(path, json.dumps(entries, indent=2))
     return path
@@ -217,8 +253,13 @@ def write_results(out_dir: Path, entries: dict, runs: list[ScoredRun], maps: dic
 def _write_maps(path: Path, maps: dict) -> None:
     arrays = {}
     for config, mapped in maps.items():
-        arrays.update({f"{config}:relpath": np.asarray(mapped.relpath), f"{config}:mask_relpath":
-                       np.asarray(mapped.mask_relpath), f"{config}:grid": np.asarray(mapped.grids, np.float16)})
+        arrays.update(
+            {
+                f"{config}:relpath": np.asarray(mapped.relpath),
+                f"{config}:mask_relpath": np.asarray(mapped.mask_relpath),
+                f"{config}:grid": np.asarray(mapped.grids, np.float16),
+            }
+        )
     with open(path, "wb") as handle:  # a file object: savez would append ".npz" to a temporary name
         np.savez_compressed(handle, **arrays)
 
@@ -235,13 +276,18 @@ def read_maps(results_path: Path, entry: dict) -> dict | None:
             relpaths = data[f"{where['key']}:relpath"].tolist()
             grids = data[f"{where['key']}:grid"].astype(np.float32)
             masks = data[f"{where['key']}:mask_relpath"].tolist()
-    except Exception as err:   # numpy and zipfile raise many types for a damaged file
-        raise UserError(f"{path}: not the anomaly maps of {where['key']!r} that {results_path} names "
-                        f"({type(err).__name__}: {err})") from None
+    except Exception as err:  # numpy and zipfile raise many types for a damaged file
+        raise UserError(
+            f"{path}: not the anomaly maps of {where['key']!r} that {results_path} names ({type(err).__name__}: {err})"
+        ) from None
     if not (len(relpaths) == len(grids) == len(masks)) or grids.ndim != 3 or not np.isfinite(grids).all():
         raise UserError(f"{path}: the maps of {where['key']!r} are not one finite grid per image (edited by hand?)")
-    return {"grids": dict(zip(relpaths, grids)), "masks": dict(zip(relpaths, masks)), "tiles": where["tiles"],
-            "description": where["description"]}
+    return {
+        "grids": dict(zip(relpaths, grids)),
+        "masks": dict(zip(relpaths, masks)),
+        "tiles": where["tiles"],
+        "description": where["description"],
+    }
 
 
 def find_results(paths) -> list[Path]:
@@ -255,13 +301,15 @@ def find_results(paths) -> list[Path]:
         else:
             raise FileNotFoundError(f"{path}: no such results file or directory")
     if not found:
-        raise FileNotFoundError(f"no {RESULTS_JSON} under {', '.join(map(str, paths))}; write one with "
-                                "python pipeline.py evaluate ... --out DIR")
+        raise FileNotFoundError(
+            f"no {RESULTS_JSON} under {', '.join(map(str, paths))}; write one with "
+            "python pipeline.py evaluate ... --out DIR"
+        )
     return found
 
 
 NUMBER = (int, float)
-PIXEL_METRICS = ("pixel_auroc", "aupro", "pixel_f1_max")   # an entry's pixel metrics (evaluate.localisation)
+PIXEL_METRICS = ("pixel_auroc", "aupro", "pixel_f1_max")  # an entry's pixel metrics (evaluate.localisation)
 _PIXEL_STATS = {"mean!": "percent?", "std!": "number?", "per_seed": ["number?"], "ci95": "pair?"}
 # What report reads from a results entry, and what each must be (None is allowed where noted):
 # "percent" a number from 0 to 100 ("percent?": or None), "number?"/"int?" a number/whole number or None
@@ -269,42 +317,70 @@ _PIXEL_STATS = {"mean!": "percent?", "std!": "number?", "per_seed": ["number?"],
 # their values ("*": every key; a name ending in "!" must be there), a tuple of shapes that are not
 # all types is any one of them. Other fields pass unchecked.
 _ENTRY_SHAPE = {
-    "mean_auroc": "percent", "std_auroc": "number?", "mean_average_precision": "percent?", "mean_f1_max": "percent?",
-    "details": {"*": "percent"}, "auroc_over_seeds": {"mean": "number?", "std!": "number?", "n!": int},
-    "categories": {"*": {"auroc": "percent", "auroc_ci95": "pair?", "auroc_per_seed": ["number?"],
-                         "auroc_over_seeds": {"mean": "number?", "std!": "number?", "n!": int}}},
-    "not_available": {"*": str}, "seeds": ["int?"], "random_weights": bool, "image_score": str, "weights": str,
+    "mean_auroc": "percent",
+    "std_auroc": "number?",
+    "mean_average_precision": "percent?",
+    "mean_f1_max": "percent?",
+    "details": {"*": "percent"},
+    "auroc_over_seeds": {"mean": "number?", "std!": "number?", "n!": int},
+    "categories": {
+        "*": {
+            "auroc": "percent",
+            "auroc_ci95": "pair?",
+            "auroc_per_seed": ["number?"],
+            "auroc_over_seeds": {"mean": "number?", "std!": "number?", "n!": int},
+        }
+    },
+    "not_available": {"*": str},
+    "seeds": ["int?"],
+    "random_weights": bool,
+    "image_score": str,
+    "weights": str,
     "protocol": {"name": str, "image_list_hash": str, "n_images": int, "dataset": {"kind": str, "root": str}},
-    "pixel": {"map!": str, "resolution!": str, "mean!": {f"{name}!": _PIXEL_STATS for name in PIXEL_METRICS},
-              "categories!": {"*": {"images": int, "anomalous": int, **{name: _PIXEL_STATS for name in PIXEL_METRICS}}},
-              "not_available!": {"*": str}},
+    "pixel": {
+        "map!": str,
+        "resolution!": str,
+        "mean!": {f"{name}!": _PIXEL_STATS for name in PIXEL_METRICS},
+        "categories!": {"*": {"images": int, "anomalous": int, **{name: _PIXEL_STATS for name in PIXEL_METRICS}}},
+        "not_available!": {"*": str},
+    },
     "method": str,
     "diverged": [{"run!": str, "seed!": int, "epoch!": int, "step!": int, "term!": str}],
-    "anomalous_inside_margin": "number?", "anomalous_inside_margin_over_seeds": {"mean": "number?", "std": "number?"},
-    "score_weights": {"visual_weight!": NUMBER, "text_weight!": NUMBER}, "scores_csv": str,
-    "anomaly_maps": (str, {"file!": str, "key!": str, "tiles!": int, "description!": str}),   # str: before issue 19
+    "anomalous_inside_margin": "number?",
+    "anomalous_inside_margin_over_seeds": {"mean": "number?", "std": "number?"},
+    "score_weights": {"visual_weight!": NUMBER, "text_weight!": NUMBER},
+    "scores_csv": str,
+    "anomaly_maps": (str, {"file!": str, "key!": str, "tiles!": int, "description!": str}),  # str: before issue 19
 }
 
 
 def diverged_cell(records: list | None) -> str:
     """``seed 1 (epoch 2, step 5: center)``, one per diverged run; "–" for none."""
-    return "; ".join(f"seed {r['seed']} (epoch {r['epoch']}, step {r['step']}: {r['term']})" for r in records or ()) \
-        or "–"
+    return (
+        "; ".join(f"seed {r['seed']} (epoch {r['epoch']}, step {r['step']}: {r['term']})" for r in records or ()) or "–"
+    )
 
 
 def shape_problem(value, shape, where: str) -> str | None:
     """Why ``value`` does not have ``shape`` (see ``_ENTRY_SHAPE``), or None."""
-    if shape in ("percent", "percent?"):   # a number from 0 to 100 (or None)
+    if shape in ("percent", "percent?"):  # a number from 0 to 100 (or None)
         ok = (value is None and shape == "percent?") or (
-            isinstance(value, NUMBER) and not isinstance(value, bool) and 0 <= value <= 100)
+            isinstance(value, NUMBER) and not isinstance(value, bool) and 0 <= value <= 100
+        )
         return None if ok else f"{where} is {value!r}, not a percentage"
-    if shape == "pair?":   # [low, high], or None
-        ok = value is None or (isinstance(value, list) and len(value) == 2
-                               and all(shape_problem(v, "number?", where) is None and v is not None for v in value))
+    if shape == "pair?":  # [low, high], or None
+        ok = value is None or (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(shape_problem(v, "number?", where) is None and v is not None for v in value)
+        )
         return None if ok else f"{where} is {value!r}, not a pair of numbers"
-    if shape in ("number?", "int?"):   # a finite number (a whole one), or None
-        ok = value is None or (isinstance(value, NUMBER if shape == "number?" else int) and not isinstance(value, bool)
-                               and math.isfinite(value))
+    if shape in ("number?", "int?"):  # a finite number (a whole one), or None
+        ok = value is None or (
+            isinstance(value, NUMBER if shape == "number?" else int)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+        )
         return None if ok else f"{where} is {value!r}, not a {'number' if shape == 'number?' else 'whole number'}"
     if isinstance(shape, dict):
         if not isinstance(value, dict):
@@ -312,16 +388,31 @@ def shape_problem(value, shape, where: str) -> str | None:
         missing = [key.rstrip("!") for key in shape if key.endswith("!") and key.rstrip("!") not in value]
         if missing:
             return f"{where} has no {missing[0]}"
-        items = value.items() if "*" in shape else ((k.rstrip("!"), value[k.rstrip("!")]) for k in shape
-                                                     if k.rstrip("!") in value)
-        return next((problem for key, item in items if (problem := shape_problem(
-            item, shape.get("*", shape.get(key, shape.get(f"{key}!"))), f"{where}.{key}"))), None)
+        items = (
+            value.items()
+            if "*" in shape
+            else ((k.rstrip("!"), value[k.rstrip("!")]) for k in shape if k.rstrip("!") in value)
+        )
+        return next(
+            (
+                problem
+                for key, item in items
+                if (
+                    problem := shape_problem(
+                        item, shape.get("*", shape.get(key, shape.get(f"{key}!"))), f"{where}.{key}"
+                    )
+                )
+            ),
+            None,
+        )
     if isinstance(shape, list):
         if not isinstance(value, list):
             return f"{where} is a {type(value).__name__}, not a list"
-        return next((problem for i, item in enumerate(value) if (problem := shape_problem(item, shape[0], f"{where}[{i}]"))),
-                    None)
-    if isinstance(shape, tuple) and not all(isinstance(kind, type) for kind in shape):   # any one of these shapes
+        return next(
+            (problem for i, item in enumerate(value) if (problem := shape_problem(item, shape[0], f"{where}[{i}]"))),
+            None,
+        )
+    if isinstance(shape, tuple) and not all(isinstance(kind, type) for kind in shape):  # any one of these shapes
         problems = [shape_problem(value, one, where) for one in shape]
         return None if None in problems else problems[-1]
     kinds = shape if isinstance(shape, tuple) else (shape,)
@@ -333,12 +424,15 @@ def read_results(path: Path) -> dict:
     """A results file as ``{config: entry}``, checked (``_ENTRY_SHAPE``); entries of the original
     release (no protocol) are accepted too, and marked as such."""
     data = read_json_checked(path)
-    if not isinstance(data, dict) or not all(isinstance(e, dict) and "mean_auroc" in e and "details" in e
-                                             for e in data.values()):
-        raise UserError(f'{path}: not a results file (expected {{"<config>": {{"mean_auroc": ..., '
-                         '"details": {...}}}})')
-    problem = next((problem for config, entry in data.items()
-                    if (problem := shape_problem(entry, _ENTRY_SHAPE, config))), None)
+    if not isinstance(data, dict) or not all(
+        isinstance(e, dict) and "mean_auroc" in e and "details" in e for e in data.values()
+    ):
+        raise UserError(
+            f'{path}: not a results file (expected {{"<config>": {{"mean_auroc": ..., "details": {{...}}}}}}}})'
+        )
+    problem = next(
+        (problem for config, entry in data.items() if (problem := shape_problem(entry, _ENTRY_SHAPE, config))), None
+    )
     if problem:
         raise UserError(f"{path}: not a results file RAML wrote: {problem} (edited by hand?)")
     return data

@@ -11,6 +11,7 @@ Runs with a pixel head (trained on a cache with patch tokens) are scored at the 
 on the same images: their maps (evaluate/localisation.py) give the entry's ``pixel`` block, and
 ``map_weight`` > 0 makes the image score use them (``train.infer.fused_score``).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,17 +22,17 @@ from pathlib import Path
 import numpy as np
 
 from raml.cache import read_cache
-from raml.errors import CacheError, UserError
 from raml.cache.reader import require_tokens
 from raml.cache.tokens import TILES, add_tokens_command, token_grid
+from raml.errors import CacheError, UserError
 from raml.evaluate.localisation import PIXEL_HEAD_MAP, map_images, not_scored_block, pixel_block, score_tokens
 from raml.evaluate.metrics import DEFAULT_BOOTSTRAP
 from raml.evaluate.protocols import select_images
 from raml.evaluate.results import MapSet, ScoredRun, config_entry, in_percent, mean_std, write_results
 from raml.train.checkpoint import CHECKPOINT_FILE, Checkpoint, check_cache, check_tokens, load_checkpoint
 from raml.train.config import TrainConfig
-from raml.train.sweep import METRICS_FILE
 from raml.train.infer import fused_score, pixel_scores, score_table, score_weights
+from raml.train.sweep import METRICS_FILE
 from raml.train.thresholds import operating_point
 
 _SEED_SUFFIX = re.compile(r"[-_]seed\d+$")
@@ -48,8 +49,10 @@ def find_checkpoints(paths) -> list[Path]:
         elif path.is_dir() and sorted(path.glob(f"*/{CHECKPOINT_FILE}")):
             found += sorted(path.glob(f"*/{CHECKPOINT_FILE}"))
         else:
-            raise FileNotFoundError(f"{path}: no {CHECKPOINT_FILE} here nor in its sub-directories; train one with "
-                                    "python pipeline.py train --cache-dir ... --out RUN_DIR")
+            raise FileNotFoundError(
+                f"{path}: no {CHECKPOINT_FILE} here nor in its sub-directories; train one with "
+                "python pipeline.py train --cache-dir ... --out RUN_DIR"
+            )
     return found
 
 
@@ -64,9 +67,11 @@ def diverged_runs(paths) -> dict[str, list]:
             try:
                 record = json.loads(metrics_path.read_text()).get("diverged")
             except (OSError, ValueError, AttributeError):
-                continue   # not a sweep's run file: nothing to report here
+                continue  # not a sweep's run file: nothing to report here
             if isinstance(record, dict):
-                found[config_name(metrics_path.parent / CHECKPOINT_FILE)].append({"run": metrics_path.parent.name, **record})
+                found[config_name(metrics_path.parent / CHECKPOINT_FILE)].append(
+                    {"run": metrics_path.parent.name, **record}
+                )
     return dict(found)
 
 
@@ -92,15 +97,19 @@ def group_configurations(paths, name: str | None = None) -> dict[str, list[Check
             differ = sorted(key for key in reference if settings.get(key) != reference[key])
             if differ:
                 details = "; ".join(f"{key}: {reference[key]!r} vs {settings.get(key)!r}" for key in differ)
-                raise UserError(f"{checkpoints[0].path} and {checkpoint.path} both name configuration {config!r} but "
-                                f"were trained with different settings ({details}): they are not seeds of one "
-                                "configuration. Evaluate them separately, or give their run directories other names.")
+                raise UserError(
+                    f"{checkpoints[0].path} and {checkpoint.path} both name configuration {config!r} but "
+                    f"were trained with different settings ({details}): they are not seeds of one "
+                    "configuration. Evaluate them separately, or give their run directories other names."
+                )
         seeds = [checkpoint.config["seed"] for checkpoint in checkpoints]
         repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
         if repeated:
             same = [str(c.path) for c in checkpoints if c.config["seed"] == repeated[0]]
-            raise UserError(f"configuration {config!r} has two runs with seed {repeated[0]} ({', '.join(same)}): "
-                            "the same run twice would count as two seeds. Evaluate one of them.")
+            raise UserError(
+                f"configuration {config!r} has two runs with seed {repeated[0]} ({', '.join(same)}): "
+                "the same run twice would count as two seeds. Evaluate one of them."
+            )
     return dict(groups)
 
 
@@ -124,25 +133,47 @@ def thresholds_on_scored_images(runs: list[ScoredRun], checkpoints: list[Checkpo
     (``evaluate.deploy.predict.threshold_for``) on the images it was scored on, mean ± std over seeds:
     how the thresholds calibrated on training images hold up on held-out ones."""
     from raml.evaluate.deploy.predict import threshold_for
+
     summary = {}
     for category in sorted(set(runs[0].category.tolist())):
         here = runs[0].category == category
-        points = [operating_point(run.label[here], run.scores["final"][here], threshold_for(checkpoint, category))
-                  for run, checkpoint in zip(runs, checkpoints)]
-        summary[category] = {key: in_percent(mean_std([point[key] for point in points])) for key in ("precision", "recall")}
+        points = [
+            operating_point(run.label[here], run.scores["final"][here], threshold_for(checkpoint, category))
+            for run, checkpoint in zip(runs, checkpoints)
+        ]
+        summary[category] = {
+            key: in_percent(mean_std([point[key] for point in points])) for key in ("precision", "recall")
+        }
     return summary
 
 
 def backbone_fields(meta: dict) -> dict:
     """What a results entry records about the features it was computed from."""
-    return {"backbone": meta.get("backbone"), "weights": meta.get("weights"),
-            "random_weights": bool(meta.get("random_weights")), "input_size": meta.get("input_size")}
+    return {
+        "backbone": meta.get("backbone"),
+        "weights": meta.get("weights"),
+        "random_weights": bool(meta.get("random_weights")),
+        "input_size": meta.get("input_size"),
+    }
 
 
-def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | None = None,
-                         visual_weight: float | None = None, text_weight: float | None = None, map_weight: float = 0.0,
-                         n_resamples: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0, name: str | None = None,
-                         log=print, table=None, device: str = "cpu", diverged: dict | None = None) -> tuple[Path, dict]:
+def evaluate_checkpoints(
+    checkpoints,
+    cache_dir,
+    out_dir,
+    *,
+    protocol: str | None = None,
+    visual_weight: float | None = None,
+    text_weight: float | None = None,
+    map_weight: float = 0.0,
+    n_resamples: int = DEFAULT_BOOTSTRAP,
+    bootstrap_seed: int = 0,
+    name: str | None = None,
+    log=print,
+    table=None,
+    device: str = "cpu",
+    diverged: dict | None = None,
+) -> tuple[Path, dict]:
     """Score every checkpoint on ``cache_dir`` and write ``out_dir``/{results.json, scores.csv,
     anomaly_maps.npz}. Returns the results path and the entries. ``table``: the cache already read
     (a sweep passes its own), else it is read from ``cache_dir``. ``map_weight``: the image score is
@@ -153,28 +184,43 @@ def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | Non
     groups = group_configurations(find_checkpoints(checkpoints), name)
     diverged = diverged_runs(checkpoints) if diverged is None else diverged
     for record in (record for records in diverged.values() for record in records):
-        log(f"evaluate: {record['run']} diverged (epoch {record['epoch']}, step {record['step']}: {record['term']}): "
-            "no checkpoint, not scored")
+        log(
+            f"evaluate: {record['run']} diverged (epoch {record['epoch']}, step {record['step']}: {record['term']}): "
+            "no checkpoint, not scored"
+        )
     runs, image_lists, settings, config_rows = defaultdict(list), {}, {}, {}
     for config, group in groups.items():
         for checkpoint in group:
             path = checkpoint.path
             check_cache(checkpoint, table)
-            rows, image_list = select_images(protocol, checkpoint.manifest, str(path), table,
-                                             training_dataset=checkpoint.fingerprint.get("dataset"))
+            rows, image_list = select_images(
+                protocol, checkpoint.manifest, str(path), table, training_dataset=checkpoint.fingerprint.get("dataset")
+            )
             log(f"evaluate {config} ({path}): {image_list.protocol} protocol, {len(rows)} images")
             subset = table.select(rows)
             weights = score_weights(checkpoint, visual_weight, text_weight)
             scores = score_table(checkpoint, subset, **weights, device=device)
-            runs[config].append(ScoredRun(config, checkpoint.config.get("seed"), str(path), subset.category,
-                                          subset.relpath, subset.defect_type, subset.label,
-                                          {k: np.asarray(v, float) for k, v in scores.items()}))
+            runs[config].append(
+                ScoredRun(
+                    config,
+                    checkpoint.config.get("seed"),
+                    str(path),
+                    subset.category,
+                    subset.relpath,
+                    subset.defect_type,
+                    subset.label,
+                    {k: np.asarray(v, float) for k, v in scores.items()},
+                )
+            )
             image_lists[config] = image_list.describe()
             config_rows[config] = rows
         training = TrainConfig.from_dict(group[0].config).without_seed()
-        settings[config] = {"margin": training["margin"], "score_weights": {**weights, "map_weight": map_weight},
-                            "config": training,
-                            "checkpoint_thresholds": thresholds_on_scored_images(runs[config], group)}
+        settings[config] = {
+            "margin": training["margin"],
+            "score_weights": {**weights, "map_weight": map_weight},
+            "config": training,
+            "checkpoint_thresholds": thresholds_on_scored_images(runs[config], group),
+        }
         inside = last_epoch_inside_margin(group)
         if inside is not None:
             settings[config].update(inside)
@@ -183,39 +229,55 @@ def evaluate_checkpoints(checkpoints, cache_dir, out_dir, *, protocol: str | Non
     entries = {}
     for config, config_runs in runs.items():
         entries[config] = config_entry(
-            config_runs, image_lists[config], backbone_fields(table.meta), n_resamples=n_resamples,
-            bootstrap_seed=bootstrap_seed, pixel=pixel.get(config),
-            extra={"method": "RAML", **settings[config], "cache_dir": str(table.cache_dir),
-                   **({"diverged": diverged[config]} if (diverged or {}).get(config) else {})})
+            config_runs,
+            image_lists[config],
+            backbone_fields(table.meta),
+            n_resamples=n_resamples,
+            bootstrap_seed=bootstrap_seed,
+            pixel=pixel.get(config),
+            extra={
+                "method": "RAML",
+                **settings[config],
+                "cache_dir": str(table.cache_dir),
+                **({"diverged": diverged[config]} if (diverged or {}).get(config) else {}),
+            },
+        )
     path = write_results(out_dir, entries, [run for config_runs in runs.values() for run in config_runs], maps=maps)
     return path, entries
 
 
-def _pixel_head_maps(table, groups: dict, runs: dict, config_rows: dict, map_weight: float, n_resamples: int,
-                     bootstrap_seed: int, log) -> tuple[dict, dict]:
+def _pixel_head_maps(
+    table, groups: dict, runs: dict, config_rows: dict, map_weight: float, n_resamples: int, bootstrap_seed: int, log
+) -> tuple[dict, dict]:
     """The maps of the configurations whose runs have a pixel head: their ``pixel`` blocks and ``MapSet``s
     (by configuration). With ``map_weight`` > 0, each run's image score becomes ``fused_score`` of its
     s_final and its map's maximum (the largest token score), kept as ``map_max`` in scores.csv."""
     mapped = [config for config, group in groups.items() if all(c.model.pixel is not None for c in group)]
     if map_weight and set(mapped) != set(groups):
         unmapped = sorted(set(groups) - set(mapped))
-        raise CacheError(f"--map-weight {map_weight:g} scores images with their anomaly map, but the runs of "
-                         f"{', '.join(unmapped)} have no pixel head (train them on a cache with patch tokens and masks)")
+        raise CacheError(
+            f"--map-weight {map_weight:g} scores images with their anomaly map, but the runs of "
+            f"{', '.join(unmapped)} have no pixel head (train them on a cache with patch tokens and masks)"
+        )
     if not mapped:
         return {}, {}
     rows = np.unique(np.concatenate([config_rows[config] for config in mapped]))
     if not table.has_tokens[rows].all():
         if map_weight:
-            require_tokens(table, rows)   # says how to add them
+            require_tokens(table, rows)  # says how to add them
         reason = f"the cache has no patch tokens for these images (add them: {add_tokens_command(table.meta, table.cache_dir)})"
-        return {config: not_scored_block(PIXEL_HEAD_MAP, reason, table.category[config_rows[config]])
-                for config in mapped}, {}
+        return {
+            config: not_scored_block(PIXEL_HEAD_MAP, reason, table.category[config_rows[config]]) for config in mapped
+        }, {}
     for config in mapped:
         for checkpoint in groups[config]:
             check_tokens(checkpoint, table.token_setting, table.cache_dir)
     log(f"evaluate: anomaly maps of {', '.join(mapped)} ({len(rows)} images' patch tokens)")
-    scorers = [lambda tokens, _, model=checkpoint.model: pixel_scores(model, tokens)
-               for config in mapped for checkpoint in groups[config]]
+    scorers = [
+        lambda tokens, _, model=checkpoint.model: pixel_scores(model, tokens)
+        for config in mapped
+        for checkpoint in groups[config]
+    ]
     scores, masks = score_tokens(table, rows, scorers)
     per_run = iter(scores)
     per_tile, pixel, maps = table.token_setting["per_tile"], {}, {}
@@ -224,8 +286,13 @@ def _pixel_head_maps(table, groups: dict, runs: dict, config_rows: dict, map_wei
         config_scores = [next(per_run)[position] for _ in groups[config]]
         grids = [token_grid(run_scores, per_tile) for run_scores in config_scores]
         subset = table.select(config_rows[config])
-        pixel[config] = pixel_block(grids, map_images(subset, masks[position]), PIXEL_HEAD_MAP,
-                                    n_resamples=n_resamples, bootstrap_seed=bootstrap_seed)
+        pixel[config] = pixel_block(
+            grids,
+            map_images(subset, masks[position]),
+            PIXEL_HEAD_MAP,
+            n_resamples=n_resamples,
+            bootstrap_seed=bootstrap_seed,
+        )
         maps[config] = MapSet(subset.relpath, subset.mask_relpath, grids[0], TILES, PIXEL_HEAD_MAP)
         if map_weight:
             for run, run_scores in zip(runs[config], config_scores):

@@ -4,13 +4,14 @@ run exactly as ``evaluate`` does (``OUT/results/``: results.json, scores.csv) an
 seeds, with n, per configuration and per category, so that the sweep's table and ``evaluate``'s
 are the same numbers.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from raml.cache import FeatureTable
-from raml.errors import UserError
 from raml.cache.files import atomic_write_text
+from raml.errors import UserError
 from raml.evaluate.file_names import SUMMARY_JSON
 from raml.evaluate.results import diverged_cell
 from raml.evaluate.run import evaluate_checkpoints
@@ -20,14 +21,24 @@ from raml.train.sweep import train_missing
 RESULTS_DIR = "results"
 
 
-def run_sweep(table: FeatureTable, configurations: dict[str, dict], seeds, out_dir, jobs: int = 1,
-              threads: int | None = 1, device: str = "cpu", progress=None, n_resamples: int = 1000) -> dict:
+def run_sweep(
+    table: FeatureTable,
+    configurations: dict[str, dict],
+    seeds,
+    out_dir,
+    jobs: int = 1,
+    threads: int | None = 1,
+    device: str = "cpu",
+    progress=None,
+    n_resamples: int = 1000,
+) -> dict:
     """Train the missing runs of ``configurations`` × ``seeds`` (``train.sweep.train_missing``), score
     them all with ``evaluate``'s code, write and return the summary."""
     out_dir = Path(out_dir)
     say = progress or (lambda line: None)
-    runs, passes, diverged = train_missing(table, configurations, seeds, out_dir, jobs=jobs, threads=threads,
-                                           device=device, progress=say)
+    runs, passes, diverged = train_missing(
+        table, configurations, seeds, out_dir, jobs=jobs, threads=threads, device=device, progress=say
+    )
     summary = summarise_runs(table, configurations, runs, diverged, out_dir, n_resamples, say)
     summary["passes"] = passes
     write_json(out_dir / SUMMARY_JSON, summary)
@@ -35,18 +46,32 @@ def run_sweep(table: FeatureTable, configurations: dict[str, dict], seeds, out_d
     return summary
 
 
-def summarise_runs(table: FeatureTable, configurations: dict, runs: dict, diverged: dict, out_dir: Path,
-                   n_resamples: int, say) -> dict:
+def summarise_runs(
+    table: FeatureTable, configurations: dict, runs: dict, diverged: dict, out_dir: Path, n_resamples: int, say
+) -> dict:
     """Score every run that did not diverge with ``evaluate`` (holdout protocol) and condense its
     entries; a configuration lists its diverged runs (``train.fit.divergence_record``)."""
-    by_configuration = {name: [{"run": run, **diverged[run]} for run, (config, _) in runs.items()
-                               if config == name and run in diverged] for name in configurations}
+    by_configuration = {
+        name: [{"run": run, **diverged[run]} for run, (config, _) in runs.items() if config == name and run in diverged]
+        for name in configurations
+    }
     run_dirs = [out_dir / name for name in runs if name not in diverged]
     if not run_dirs:
-        raise UserError(f"every run of the sweep in {out_dir} diverged: nothing to score. "
-                        + next(iter(diverged.values()))["hint"].capitalize() + ".")
-    _, entries = evaluate_checkpoints(run_dirs, table.cache_dir, out_dir / RESULTS_DIR, protocol="holdout",
-                                      n_resamples=n_resamples, log=say, table=table, diverged=by_configuration)
+        raise UserError(
+            f"every run of the sweep in {out_dir} diverged: nothing to score. "
+            + next(iter(diverged.values()))["hint"].capitalize()
+            + "."
+        )
+    _, entries = evaluate_checkpoints(
+        run_dirs,
+        table.cache_dir,
+        out_dir / RESULTS_DIR,
+        protocol="holdout",
+        n_resamples=n_resamples,
+        log=say,
+        table=table,
+        diverged=by_configuration,
+    )
     first = next(iter(entries.values()))
     configurations_summary = {}
     for name in configurations:
@@ -59,12 +84,18 @@ def summarise_runs(table: FeatureTable, configurations: dict, runs: dict, diverg
             "config": {key: value for key, value in entry.get("config", {}).items() if key != "seed"},
             "diverged": by_configuration[name],
         }
-    return {"metric": "held-out image AUROC of s_final, % (mean over categories per run); mean ± sample std "
-                      "(ddof = 1) over seeds, n seeds",
-            "cache_dir": str(table.cache_dir), "backbone": first["backbone"], "weights": first["weights"],
-            "random_weights": first["random_weights"], "heldout_hash": first["protocol"]["image_list_hash"],
-            "heldout_images": first["protocol"]["n_images"], "results": str(out_dir / RESULTS_DIR),
-            "configurations": configurations_summary}
+    return {
+        "metric": "held-out image AUROC of s_final, % (mean over categories per run); mean ± sample std "
+        "(ddof = 1) over seeds, n seeds",
+        "cache_dir": str(table.cache_dir),
+        "backbone": first["backbone"],
+        "weights": first["weights"],
+        "random_weights": first["random_weights"],
+        "heldout_hash": first["protocol"]["image_list_hash"],
+        "heldout_images": first["protocol"]["n_images"],
+        "results": str(out_dir / RESULTS_DIR),
+        "configurations": configurations_summary,
+    }
 
 
 def _cell(stats: dict | None) -> str:
@@ -77,17 +108,23 @@ def _cell(stats: dict | None) -> str:
 def summary_markdown(summary: dict) -> str:
     """The summary as two Markdown tables (AUROC in %, mean ± sample std over seeds, n)."""
     names = list(summary["configurations"])
-    lines = [f"# Sweep: {summary['metric']}", "",
-             f"Cache `{summary['cache_dir']}` (backbone {summary['backbone']}, weights {summary['weights']}), "
-             f"holdout protocol, {summary['heldout_images']} held-out images "
-             f"(hash {summary['heldout_hash'][:12]}). Per-image scores and CIs: `{summary['results']}`.", ""]
+    lines = [
+        f"# Sweep: {summary['metric']}",
+        "",
+        f"Cache `{summary['cache_dir']}` (backbone {summary['backbone']}, weights {summary['weights']}), "
+        f"holdout protocol, {summary['heldout_images']} held-out images "
+        f"(hash {summary['heldout_hash'][:12]}). Per-image scores and CIs: `{summary['results']}`.",
+        "",
+    ]
     if summary["random_weights"]:
         lines += ["**These features come from random weights: the numbers below are meaningless.**", ""]
     lines += ["| configuration | seeds | AUROC % | anomalous inside margin | diverged |", "|---|---|---|---|---|"]
     for name, entry in summary["configurations"].items():
         inside = entry.get("anomalous_inside_margin")
-        lines.append(f"| {name} | {len(entry['seeds'])} | {_cell(entry['mean_auroc'])} | "
-                     f"{'–' if inside is None else f'{inside:.2f}'} | {diverged_cell(entry.get('diverged'))} |")
+        lines.append(
+            f"| {name} | {len(entry['seeds'])} | {_cell(entry['mean_auroc'])} | "
+            f"{'–' if inside is None else f'{inside:.2f}'} | {diverged_cell(entry.get('diverged'))} |"
+        )
     categories = sorted({c for entry in summary["configurations"].values() for c in entry["categories"]})
     lines += ["", "| category | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for category in categories:

@@ -7,6 +7,7 @@ no features), each run's ``config.json``, each ``results.json``; a cache or resu
 cannot be read is listed with the reason instead of stopping the command. Nothing here imports
 torch or scikit-learn (the command line imports this module to start, and status stays quick).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,16 +15,30 @@ import time
 from pathlib import Path
 
 from raml.cache import mismatched_fields, read_cache
-from raml.errors import UserError
-from raml.cli.options import echo_chosen
-from raml.cli.config_file import config_path
 from raml.cache.format import read_fingerprint
-from raml.cli.workspace import FEATURES, LATEST, REPORT_DIR, RESULTS, RUNS, caches_of, claim_run_dir, datasets_home, default_dataset_root, describe_cache, newest_run, run_entries, unfinished_run
+from raml.cli.config_file import config_path
+from raml.cli.options import echo_chosen
+from raml.cli.workspace import (
+    FEATURES,
+    LATEST,
+    REPORT_DIR,
+    RESULTS,
+    RUNS,
+    caches_of,
+    claim_run_dir,
+    datasets_home,
+    default_dataset_root,
+    describe_cache,
+    newest_run,
+    run_entries,
+    unfinished_run,
+)
+from raml.errors import UserError
 from raml.evaluate.file_names import RESULTS_JSON, SUMMARY_JSON
 from raml.extract.datasets import LAYOUTS, READERS
 from raml.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
-SHOWN = 8   # rows per section of status; older ones are counted, not listed
+SHOWN = 8  # rows per section of status; older ones are counted, not listed
 
 
 def run_finished(path: Path) -> bool:
@@ -37,8 +52,10 @@ def newest_run_dir(*, sweeps: bool) -> Path:
     ``sweeps`` a sweep counts as one run (all its seeds)."""
     entry = newest_run(run_finished, sweeps=sweeps)
     if entry is None:
-        raise UserError("no finished training run under ./runs/: train one with python pipeline.py train, or pass "
-                        "--checkpoint RUN_DIR")
+        raise UserError(
+            "no finished training run under ./runs/: train one with python pipeline.py train, or pass "
+            "--checkpoint RUN_DIR"
+        )
     return echo_chosen("run", entry.path, "the newest" + (" (a sweep: all its runs)" if entry.is_sweep else ""))
 
 
@@ -54,12 +71,14 @@ def scoring_cache(checkpoints, dataset: str | None) -> Path:
     backbone is the runs' (same fingerprint fields), printed; none or several is an error that lists
     the dataset's caches and says how to choose."""
     from raml.evaluate.run import find_checkpoints
+
     checkpoint = load_checkpoint(find_checkpoints(checkpoints)[0])
     fingerprint = checkpoint.fingerprint
     dataset = dataset or (fingerprint.get("dataset") or {}).get("kind")
     if dataset is None:
-        raise UserError(f"{checkpoint.path} does not record the dataset it was trained on: pass --dataset or "
-                        "--cache-dir")
+        raise UserError(
+            f"{checkpoint.path} does not record the dataset it was trained on: pass --dataset or --cache-dir"
+        )
     caches = caches_of(dataset)
     fits = [path for path in caches if not mismatched_fields(fingerprint, read_fingerprint(path))]
     if len(fits) == 1:
@@ -67,18 +86,26 @@ def scoring_cache(checkpoints, dataset: str | None) -> Path:
     listed = "".join(f"\n  {path}   {describe_cache(path)}" for path in (fits or caches))
     backbone = f"{fingerprint.get('backbone')}, weights {fingerprint.get('weights')}, {fingerprint.get('precision')}"
     if fits:
-        raise UserError(f"{len(fits)} caches of {dataset} fit the backbone of {checkpoint.path} ({backbone}):{listed}\n"
-                        "Pick one with --cache-dir PATH.")
-    raise UserError(f"no cache of {dataset} under {FEATURES / dataset}/ has the backbone of {checkpoint.path} "
-                    f"({backbone}); extract one with {extract_command(fingerprint, dataset)}, or pass --cache-dir."
-                    + (f" The caches of {dataset} (other backbones):{listed}" if caches else ""))
+        raise UserError(
+            f"{len(fits)} caches of {dataset} fit the backbone of {checkpoint.path} ({backbone}):{listed}\n"
+            "Pick one with --cache-dir PATH."
+        )
+    raise UserError(
+        f"no cache of {dataset} under {FEATURES / dataset}/ has the backbone of {checkpoint.path} "
+        f"({backbone}); extract one with {extract_command(fingerprint, dataset)}, or pass --cache-dir."
+        + (f" The caches of {dataset} (other backbones):{listed}" if caches else "")
+    )
 
 
 def extract_command(fingerprint: dict, dataset: str) -> str:
     """The ``extract`` command line that gives ``dataset`` a cache of the backbone ``fingerprint`` names."""
     source = fingerprint.get("backbone_source") or {}
-    words = ["python pipeline.py extract --dataset", dataset,
-             "--model", str(source.get("model") or fingerprint.get("backbone"))]
+    words = [
+        "python pipeline.py extract --dataset",
+        dataset,
+        "--model",
+        str(source.get("model") or fingerprint.get("backbone")),
+    ]
     if fingerprint.get("random_weights"):
         words.append("--random-weights")
     elif source.get("weights_file"):
@@ -137,8 +164,9 @@ def _cache_line(path: Path) -> str:
         return f"unreadable: {err}"
     meta = table.meta
     size = sum(file.stat().st_size for file in path.iterdir() if file.is_file())
-    return (f"{len(table)} images, {len(table.categories)} categories; {describe_cache(path)}; {size / 1e6:.1f} MB"
-            + ("; RANDOM WEIGHTS" if meta["random_weights"] else ""))
+    return f"{len(table)} images, {len(table.categories)} categories; {describe_cache(path)}; {size / 1e6:.1f} MB" + (
+        "; RANDOM WEIGHTS" if meta["random_weights"] else ""
+    )
 
 
 def _run_line(entry) -> str:
@@ -158,8 +186,11 @@ def _run_line(entry) -> str:
 def _results_line(path: Path) -> str:
     try:
         entries = json.loads(path.read_text())
-        parts = [f"{name}: {entry['protocol']['name']} on {(entry['protocol'].get('dataset') or {}).get('kind', '?')}, "
-                 f"AUROC {entry['mean_auroc']:.1f} %" for name, entry in entries.items()]
+        parts = [
+            f"{name}: {entry['protocol']['name']} on {(entry['protocol'].get('dataset') or {}).get('kind', '?')}, "
+            f"AUROC {entry['mean_auroc']:.1f} %"
+            for name, entry in entries.items()
+        ]
         random = any(entry.get("random_weights") for entry in entries.values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return f"unreadable ({type(err).__name__}: {err})"
@@ -169,10 +200,12 @@ def _results_line(path: Path) -> str:
 def _next_steps(datasets, caches, entries, results) -> list[str]:
     """A few commands that take the workspace one step further, in pipeline order."""
     if not datasets and not any(caches.values()):
-        return [f"put a dataset under {datasets_home()}/<dataset> (mvtec, visa or folder; README: Datasets), "
-                "or set RAML_DATA"]
+        return [
+            f"put a dataset under {datasets_home()}/<dataset> (mvtec, visa or folder; README: Datasets), "
+            "or set RAML_DATA"
+        ]
     steps = [f"python pipeline.py extract --dataset {kind}" for kind in datasets if not caches.get(kind)]
-    cached = [kind for kind, paths in caches.items() if paths and kind in READERS]   # --dataset takes these
+    cached = [kind for kind, paths in caches.items() if paths and kind in READERS]  # --dataset takes these
     finished = [entry for entry in entries if run_finished(entry.path)]
     if not finished:
         return steps + [f"python pipeline.py train --dataset {(cached or datasets)[0]}"]

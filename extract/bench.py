@@ -25,6 +25,7 @@ fp32 CPU features, crop by crop (``FP16_MIN_COSINE``). ``--loader-only`` measure
 its ceiling alone. The CPU time of the loader (workers, and this process) is reported as well: on
 a shared machine the rates drop, the CPU time per image much less.
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,8 +53,8 @@ from raml.extract.pyramid import load_rgb, pyramid_crops
 from raml.extract.run import batch_indices, extract_features
 
 DISTINCT_SYNTHETIC_IMAGES = 32  # drawn and saved; the other synthetic images are links to these
-DECODE_TIMING_IMAGES = 5   # images decoded and cropped one by one for the loader's ceiling
-COSINE_CHECK_IMAGES = 4    # images whose crops are encoded again in fp32 on the CPU (CUDA only)
+DECODE_TIMING_IMAGES = 5  # images decoded and cropped one by one for the loader's ceiling
+COSINE_CHECK_IMAGES = 4  # images whose crops are encoded again in fp32 on the CPU (CUDA only)
 
 
 @dataclass
@@ -68,15 +69,15 @@ class ExtractBench:
     batch_size: int
     workers: int
     cores: int
-    loader_seconds: float       # the loader alone, worker start-up included (as in the stage)
+    loader_seconds: float  # the loader alone, worker start-up included (as in the stage)
     decode_crop_seconds: float  # one image decoded and cropped, in one process (median)
-    loader_cpu_seconds: tuple   # CPU time of the loader-alone run: (workers, this process)
+    loader_cpu_seconds: tuple  # CPU time of the loader-alone run: (workers, this process)
     encoder_seconds: float | None = None  # encode_crops alone; None with --loader-only
-    stage_seconds: float | None = None    # extract_features end to end, less the prompt encoding
-    prompt_seconds: float | None = None   # the one-off prompt encoding of the bench's one category
-    min_cosine: float | None = None       # fp16 on CUDA vs fp32 on the CPU, worst crop; None off CUDA
-    token_rounds: list | None = None      # --patch-tokens: per round, (wall, CPU) seconds without and with tokens
-    cache_bytes: tuple | None = None      # --patch-tokens: the shards' bytes (without, with tokens)
+    stage_seconds: float | None = None  # extract_features end to end, less the prompt encoding
+    prompt_seconds: float | None = None  # the one-off prompt encoding of the bench's one category
+    min_cosine: float | None = None  # fp16 on CUDA vs fp32 on the CPU, worst crop; None off CUDA
+    token_rounds: list | None = None  # --patch-tokens: per round, (wall, CPU) seconds without and with tokens
+    cache_bytes: tuple | None = None  # --patch-tokens: the shards' bytes (without, with tokens)
 
     def rate(self, seconds: float) -> float:
         return self.images / seconds
@@ -88,38 +89,51 @@ class ExtractBench:
 
     def lines(self) -> list[str]:
         loader = self.rate(self.loader_seconds)
-        lines = [f"bench extract: {self.model}, engine {self.engine}, on {self.device}; {self.images} images of "
-                 f"{self.size} px, batch {self.batch_size}, {self.workers} workers, {self.cores} usable cores"]
+        lines = [
+            f"bench extract: {self.model}, engine {self.engine}, on {self.device}; {self.images} images of "
+            f"{self.size} px, batch {self.batch_size}, {self.workers} workers, {self.cores} usable cores"
+        ]
         if self.stage_seconds is not None:
-            lines.append(f"  whole stage   {self.rate(self.stage_seconds):9.2f} images/s  ({self.stage_seconds:.1f} s; "
-                         f"the one-off prompt encoding, {self.prompt_seconds:.1f} s, not counted)")
+            lines.append(
+                f"  whole stage   {self.rate(self.stage_seconds):9.2f} images/s  ({self.stage_seconds:.1f} s; "
+                f"the one-off prompt encoding, {self.prompt_seconds:.1f} s, not counted)"
+            )
         lines += [
             f"  loader alone  {loader:9.2f} images/s  = {loader / self.loader_ceiling:.2f} x its ceiling of "
             f"{self.loader_ceiling:.2f} images/s ({max(1, min(self.workers, self.cores))} decoding at "
             f"{1000 * self.decode_crop_seconds:.1f} ms per image)",
             f"  loader CPU per image: {1000 * self.loader_cpu_seconds[0] / self.images:.1f} ms in the workers, "
             f"{1000 * self.loader_cpu_seconds[1] / self.images:.1f} ms in this process (a shared machine slows "
-            "the rates, not these)"]
+            "the rates, not these)",
+        ]
         if self.encoder_seconds is not None:
             encoder = self.rate(self.encoder_seconds)
-            lines += [f"  bare encoder  {encoder:9.2f} images/s  ({self.encoder_seconds:.1f} s)",
-                      f"  stage time / bare encoder time: x{self.stage_seconds / self.encoder_seconds:.3f} "
-                      f"(overhead); loader rate / encoder rate: x{loader / encoder:.2f} (below 1, the loader sets "
-                      "the pace)"]
+            lines += [
+                f"  bare encoder  {encoder:9.2f} images/s  ({self.encoder_seconds:.1f} s)",
+                f"  stage time / bare encoder time: x{self.stage_seconds / self.encoder_seconds:.3f} "
+                f"(overhead); loader rate / encoder rate: x{loader / encoder:.2f} (below 1, the loader sets "
+                "the pace)",
+            ]
         if self.token_rounds:
             without, with_tokens = (self.cache_bytes[0] / self.images, self.cache_bytes[1] / self.images)
             for k, what in enumerate(("wall time", "CPU time")):
                 ratios = [with_tokens_[k] / without_[k] for without_, with_tokens_ in self.token_rounds]
-                lines.append(f"  with patch tokens: whole stage x{statistics.median(ratios):.3f} of the stage without "
-                             f"them in {what} (median of {len(ratios)} interleaved rounds: "
-                             + ", ".join(f"x{r:.3f}" for r in ratios) + ")")
+                lines.append(
+                    f"  with patch tokens: whole stage x{statistics.median(ratios):.3f} of the stage without "
+                    f"them in {what} (median of {len(ratios)} interleaved rounds: "
+                    + ", ".join(f"x{r:.3f}" for r in ratios)
+                    + ")"
+                )
             lines += [
-                      f"  cache per image: {without / 1e6:.3f} MB without tokens, {with_tokens / 1e6:.3f} MB with "
-                      f"(tokens and mask targets: {(with_tokens - without) / 1e6:.3f} MB)"]
+                f"  cache per image: {without / 1e6:.3f} MB without tokens, {with_tokens / 1e6:.3f} MB with "
+                f"(tokens and mask targets: {(with_tokens - without) / 1e6:.3f} MB)"
+            ]
         if self.min_cosine is not None:
             verdict = "ok" if self.min_cosine >= FP16_MIN_COSINE else "TOO FAR"
-            lines.append(f"  {self.device} features vs fp32 CPU features: worst crop cosine {self.min_cosine:.6f} "
-                         f"(must be >= {FP16_MIN_COSINE}): {verdict}")
+            lines.append(
+                f"  {self.device} features vs fp32 CPU features: worst crop cosine {self.min_cosine:.6f} "
+                f"(must be >= {FP16_MIN_COSINE}): {verdict}"
+            )
         return lines
 
 
@@ -139,13 +153,16 @@ def synthetic_images(folder: Path, count: int, size: int, seed: int = 0, masks: 
     paths = [folders[i % len(folders)] / f"{i:05d}.png" for i in range(count)]
     distinct = paths[:DISTINCT_SYNTHETIC_IMAGES]
     with ProcessPoolExecutor(min(usable_cores(), max(len(distinct), 1))) as pool:
-        list(pool.map(_save_synthetic_image, distinct, range(len(distinct)), [size] * len(distinct),
-                      [seed] * len(distinct)))
-    for i, path in enumerate(paths[len(distinct):], start=len(distinct)):
+        list(
+            pool.map(
+                _save_synthetic_image, distinct, range(len(distinct)), [size] * len(distinct), [seed] * len(distinct)
+            )
+        )
+    for i, path in enumerate(paths[len(distinct) :], start=len(distinct)):
         _link(distinct[i % len(distinct)], path)
     if masks:
         square = np.zeros((size, size), np.uint8)
-        square[size // 3:size // 2, size // 3:size // 2] = 255
+        square[size // 3 : size // 2, size // 3 : size // 2] = 255
         defective = [path for path in paths if path.parent.name == "defect"]
         for i, path in enumerate(defective):
             mask = base / "masks" / "defect" / path.name
@@ -195,8 +212,15 @@ def one_image_seconds(paths: list[Path], size: int) -> float:
 def fp32_cpu_reference(backbone: ClipBackbone) -> ClipBackbone:
     """A torch copy of ``backbone`` that runs its image tower in fp32 on the CPU."""
     same = {f.name: getattr(backbone, f.name) for f in fields(ClipBackbone)}
-    return ClipBackbone(**{**same, "model": copy.deepcopy(backbone.model).float().cpu(), "device": torch.device("cpu"),
-                           "engine": "torch", "image_dtype": torch.float32})
+    return ClipBackbone(
+        **{
+            **same,
+            "model": copy.deepcopy(backbone.model).float().cpu(),
+            "device": torch.device("cpu"),
+            "engine": "torch",
+            "image_dtype": torch.float32,
+        }
+    )
 
 
 def min_crop_cosine(backbone: ClipBackbone, crops: torch.Tensor) -> float:
@@ -206,18 +230,36 @@ def min_crop_cosine(backbone: ClipBackbone, crops: torch.Tensor) -> float:
     return float((ours * reference).sum(axis=1).min())  # both are L2-normalised
 
 
-def run_extract_bench(backbone, *, images: int, size: int, batch_size: int, workers: int,
-                      loader_only: bool = False, patch_tokens: bool = False, rounds: int = 3) -> ExtractBench:
+def run_extract_bench(
+    backbone,
+    *,
+    images: int,
+    size: int,
+    batch_size: int,
+    workers: int,
+    loader_only: bool = False,
+    patch_tokens: bool = False,
+    rounds: int = 3,
+) -> ExtractBench:
     """Measure stage one on ``images`` synthetic PNGs of ``size`` px (see the module docstring);
     ``loader_only``: the loader and its ceiling alone (ViT-B/16 on a CPU takes ~2 s per image);
     ``patch_tokens``: also the stage with patch tokens against the stage without, ``rounds`` times."""
     with tempfile.TemporaryDirectory(prefix="raml-bench-") as tmp:
         data = Path(tmp) / "data"
         paths = synthetic_images(data, images, size, masks=patch_tokens)
-        result = ExtractBench(model=backbone.name, engine=backbone.engine, device=str(backbone.device),
-                              images=images, size=size, batch_size=batch_size, workers=workers, cores=usable_cores(),
-                              decode_crop_seconds=one_image_seconds(paths, backbone.input_size),
-                              loader_seconds=0.0, loader_cpu_seconds=(0.0, 0.0))
+        result = ExtractBench(
+            model=backbone.name,
+            engine=backbone.engine,
+            device=str(backbone.device),
+            images=images,
+            size=size,
+            batch_size=batch_size,
+            workers=workers,
+            cores=usable_cores(),
+            decode_crop_seconds=one_image_seconds(paths, backbone.input_size),
+            loader_seconds=0.0,
+            loader_cpu_seconds=(0.0, 0.0),
+        )
         batches = batch_indices([images], batch_size)  # extract's batches: its shards hold whole batches
         first = _time_loader(result, backbone, data, batches)
         if loader_only:
@@ -232,19 +274,30 @@ def run_extract_bench(backbone, *, images: int, size: int, batch_size: int, work
         def stage(cache: Path, tokens: bool = False, encoder=backbone, prompts: float = result.prompt_seconds):
             """(wall, CPU) seconds of the whole stage into ``cache``, less ``prompts`` of wall time."""
             cpu, start = sum(_cpu_seconds()), time.perf_counter()
-            extract_features("folder", data, cache, lambda: encoder, batch_size=batch_size, workers=workers,
-                             progress=False, patch_tokens=tokens)
+            extract_features(
+                "folder",
+                data,
+                cache,
+                lambda: encoder,
+                batch_size=batch_size,
+                workers=workers,
+                progress=False,
+                patch_tokens=tokens,
+            )
             _sync(backbone.device)
             return time.perf_counter() - start - prompts, sum(_cpu_seconds()) - cpu
+
         result.stage_seconds = stage(Path(tmp) / "cache")[0]
         if patch_tokens:
             once = PromptsOnce(backbone)
-            stage(Path(tmp) / "warm-up", True, once, 0.0)   # the prompts, and the tokens' first-call allocations
-            result.token_rounds = [(stage(Path(tmp) / f"plain-{r}", False, once, 0.0),
-                                    stage(Path(tmp) / f"tokens-{r}", True, once, 0.0)) for r in range(rounds)]
+            stage(Path(tmp) / "warm-up", True, once, 0.0)  # the prompts, and the tokens' first-call allocations
+            result.token_rounds = [
+                (stage(Path(tmp) / f"plain-{r}", False, once, 0.0), stage(Path(tmp) / f"tokens-{r}", True, once, 0.0))
+                for r in range(rounds)
+            ]
             result.cache_bytes = tuple(shards_bytes(Path(tmp) / f"{kind}-0") for kind in ("plain", "tokens"))
         if backbone.device.type == "cuda":
-            result.min_cosine = min_crop_cosine(backbone, first[:COSINE_CHECK_IMAGES * N_CROPS])
+            result.min_cosine = min_crop_cosine(backbone, first[: COSINE_CHECK_IMAGES * N_CROPS])
     return result
 
 
@@ -284,6 +337,6 @@ def _time_encoder(backbone, crops: torch.Tensor, batches: list) -> float:
     backbone.encode_texts(["warm-up"])
     start = time.perf_counter()
     for batch in batches:
-        backbone.encode_crops(crops[:len(batch) * N_CROPS])
+        backbone.encode_crops(crops[: len(batch) * N_CROPS])
     _sync(backbone.device)
     return time.perf_counter() - start

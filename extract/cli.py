@@ -1,6 +1,7 @@
 """Stage one's commands: ``extract`` and ``bench extract``, and the options that name a CLIP
 backbone and its engine (shared with the commands that score new images, evaluate/deploy/cli.py).
 """
+
 from __future__ import annotations
 
 import functools
@@ -11,104 +12,157 @@ import click
 from raml.cli.failures import fail_cleanly
 from raml.cli.options import device_option, echo_chosen, given_on_command_line, show_progress, text_list, with_options
 
-BATCH_SIZE = click.IntRange(1, 4096)        # images per forward pass (× 21 crops)
-WORKERS = click.IntRange(0, 1024)           # decoding processes; 0 decodes in the main process
-IMAGE_SIDE = click.IntRange(64, 13_376)     # px: the pyramid's minimum, and Pillow's pixel limit's side
+BATCH_SIZE = click.IntRange(1, 4096)  # images per forward pass (× 21 crops)
+WORKERS = click.IntRange(0, 1024)  # decoding processes; 0 decodes in the main process
+IMAGE_SIDE = click.IntRange(64, 13_376)  # px: the pyramid's minimum, and Pillow's pixel limit's side
 
 
 def model_option(flag: str = "--model", **kwargs):
     """--model (or ``flag``): an open_clip model name or model-config JSON, checked before any work
     (``extract.identity.model_problem``: without importing open_clip)."""
+
     def check(ctx, param, value):
         from raml.extract.identity import model_problem
+
         problem = None if value is None else model_problem(value)
         if problem:
             raise click.BadParameter(problem)
         return value
+
     return click.option(flag, callback=check, **kwargs)
 
 
 def refusing_contradictory_weights(func):
     """Refuse, before any work, weights options given together on the command line that name
     different weights: --pretrained or --weights with --random-weights."""
+
     @functools.wraps(func)
     def checked(*args, **kwargs):
-        given = {name for name in ("pretrained", "winclip_pretrained", "weights", "random_weights")
-                 if given_on_command_line(name)}
+        given = {
+            name
+            for name in ("pretrained", "winclip_pretrained", "weights", "random_weights")
+            if given_on_command_line(name)
+        }
         if "random_weights" in given and given - {"random_weights"}:
             flag = "--" + sorted(given - {"random_weights"})[0].replace("_", "-")
-            raise click.BadParameter("names weights to load, and --random-weights asks for random ones: give one",
-                                     param_hint=f"'{flag}'")
+            raise click.BadParameter(
+                "names weights to load, and --random-weights asks for random ones: give one", param_hint=f"'{flag}'"
+            )
         return func(*args, **kwargs)
+
     return checked
 
 
 def backbone_options(func):
     """Options naming the CLIP backbone; shared by every command that runs the image encoder."""
     from raml.extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED  # not extract.encoder: no torch import here
+
     func = refusing_contradictory_weights(func)
-    return with_options([
-        model_option(default=DEFAULT_MODEL, show_default=True,
-                     help="open_clip model name, or path to an open_clip model-config JSON."),
-        click.option("--pretrained", default=DEFAULT_PRETRAINED, show_default=True,
-                     help="open_clip pretrained tag (downloaded once into the user's cache; '' for none)."),
-        click.option("--weights", type=click.Path(dir_okay=False), default=None,
-                     help="Local checkpoint file, for offline machines (overrides --pretrained)."),
-        click.option("--random-weights", is_flag=True,
-                     help="Seeded random weights: exercises the pipeline; results are meaningless."),
-        device_option("cpu, cuda, cuda:1, ... or auto."),
-    ])(func)
+    return with_options(
+        [
+            model_option(
+                default=DEFAULT_MODEL,
+                show_default=True,
+                help="open_clip model name, or path to an open_clip model-config JSON.",
+            ),
+            click.option(
+                "--pretrained",
+                default=DEFAULT_PRETRAINED,
+                show_default=True,
+                help="open_clip pretrained tag (downloaded once into the user's cache; '' for none).",
+            ),
+            click.option(
+                "--weights",
+                type=click.Path(dir_okay=False),
+                default=None,
+                help="Local checkpoint file, for offline machines (overrides --pretrained).",
+            ),
+            click.option(
+                "--random-weights",
+                is_flag=True,
+                help="Seeded random weights: exercises the pipeline; results are meaningless.",
+            ),
+            device_option("cpu, cuda, cuda:1, ... or auto."),
+        ]
+    )(func)
 
 
 def checkpoint_backbone_options(func):
     """The backbone options of commands that score with a checkpoint (predict, export): each
     defaults to the checkpoint's own backbone; one given explicitly must agree with it."""
     func = refusing_contradictory_weights(func)
-    return with_options([
-        model_option(default=None, help="open_clip model name or model-config JSON (default: the checkpoint's)."),
-        click.option("--pretrained", default=None, help="open_clip pretrained tag (default: the checkpoint's)."),
-        click.option("--weights", type=click.Path(dir_okay=False), default=None,
-                     help="Local weights file (default: the one the checkpoint's cache was extracted with, at its "
-                          "recorded path; its sha256 must be the checkpoint's)."),
-        # default None, not False: "not given" (take the checkpoint's) differs from "given"
-        click.option("--random-weights", is_flag=True, default=None,
-                     help="Seeded random weights (default: when the checkpoint was trained on them)."),
-        device_option("cpu, cuda, cuda:1, ... or auto."),
-    ])(func)
+    return with_options(
+        [
+            model_option(default=None, help="open_clip model name or model-config JSON (default: the checkpoint's)."),
+            click.option("--pretrained", default=None, help="open_clip pretrained tag (default: the checkpoint's)."),
+            click.option(
+                "--weights",
+                type=click.Path(dir_okay=False),
+                default=None,
+                help="Local weights file (default: the one the checkpoint's cache was extracted with, at its "
+                "recorded path; its sha256 must be the checkpoint's).",
+            ),
+            # default None, not False: "not given" (take the checkpoint's) differs from "given"
+            click.option(
+                "--random-weights",
+                is_flag=True,
+                default=None,
+                help="Seeded random weights (default: when the checkpoint was trained on them).",
+            ),
+            device_option("cpu, cuda, cuda:1, ... or auto."),
+        ]
+    )(func)
 
 
 def backbone_source(model, weights, random_weights) -> dict:
     """What ``extract`` records about where its backbone came from, so that ``predict`` and
     ``export`` can load it again from a checkpoint (``evaluate.deploy.predict.backbone_options_for``)."""
     model_path = Path(model)
-    return {"model": str(model_path.resolve()) if model_path.suffix == ".json" else model,
-            "weights_file": str(Path(weights).resolve()) if weights and not random_weights else None}
+    return {
+        "model": str(model_path.resolve()) if model_path.suffix == ".json" else model,
+        "weights_file": str(Path(weights).resolve()) if weights and not random_weights else None,
+    }
 
 
 def load_backbone_from(model, pretrained, weights, random_weights, device):
     from raml.extract.encoder import load_backbone
+
     if random_weights:
-        click.secho("warning: --random-weights: CLIP is randomly initialised; every number this produces "
-                    "is meaningless.", fg="yellow", err=True)
+        click.secho(
+            "warning: --random-weights: CLIP is randomly initialised; every number this produces is meaningless.",
+            fg="yellow",
+            err=True,
+        )
     return load_backbone(model, pretrained, weights, random_weights, device)
 
 
 def fidelity_sample_option(when):
     """--fidelity-sample: how many of the user's images the int8 fidelity check encodes both ways."""
     from raml.extract.engines import FIDELITY_SAMPLE
-    return click.option("--fidelity-sample", default=FIDELITY_SAMPLE, show_default=True, type=click.IntRange(1, 10_000),
-                        help=f"With {when}: images of your own that the check encodes with fp32 and int8.")
+
+    return click.option(
+        "--fidelity-sample",
+        default=FIDELITY_SAMPLE,
+        show_default=True,
+        type=click.IntRange(1, 10_000),
+        help=f"With {when}: images of your own that the check encodes with fp32 and int8.",
+    )
 
 
 def engine_option(func):
     """--engine: which runtime encodes the crops."""
     from raml.extract.engines import ENGINES
+
     return click.option(
-        "--engine", type=click.Choice(ENGINES), default="torch", show_default=True,
+        "--engine",
+        type=click.Choice(ENGINES),
+        default="torch",
+        show_default=True,
         help="Runtime of the CLIP image encoder: torch (eager); onnx (ONNX Runtime fp32, faster on CPUs; exported "
-             "once into $RAML_CACHE_DIR/onnx or ~/.cache/raml/onnx and checked against torch); onnx-int8 (that "
-             "export quantised to int8, CPU only, fastest there; checked against fp32 on your own images on first "
-             "use, and refused below its limits).")(func)
+        "once into $RAML_CACHE_DIR/onnx or ~/.cache/raml/onnx and checked against torch); onnx-int8 (that "
+        "export quantised to int8, CPU only, fastest there; checked against fp32 on your own images on first "
+        "use, and refused below its limits).",
+    )(func)
 
 
 def engine_options(func):
@@ -123,11 +177,14 @@ def engine_backbone(backbone, engine: str, *, cache_root=None, threads: int | No
         return backbone
     if engine == "onnx":
         from raml.extract.onnx_engine import onnx_backbone
+
         return onnx_backbone(backbone, cache_root=cache_root, threads=threads)
     if engine == "onnx-int8":
         from raml.extract.int8_engine import int8_backbone
+
         return int8_backbone(backbone, cache_root=cache_root, threads=threads)
     from raml.extract.engines import ENGINES
+
     raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
 
 
@@ -139,15 +196,21 @@ def load_engine_backbone(model, pretrained, weights, random_weights, device, eng
 def dataset_option(help_text: str = "Which dataset (its reader, and its place in the workspace).", default="mvtec"):
     """--dataset: names the reader and the dataset's directories in the workspace."""
     from raml.extract.datasets import READERS
-    return click.option("--dataset", type=click.Choice(list(READERS)), default=default,
-                        show_default=default is not None, help=help_text)
+
+    return click.option(
+        "--dataset", type=click.Choice(list(READERS)), default=default, show_default=default is not None, help=help_text
+    )
 
 
 def root_option(func):
     """--root: the dataset's directory; default the workspace's (extract.datasets.dataset_root)."""
-    return click.option("--root", type=click.Path(file_okay=False), default=None,
-                        help="Dataset root. Default: ./datasets/<dataset>, or $RAML_DATA/<dataset> (textile ships "
-                             "with conformal-clip-data and needs none).")(func)
+    return click.option(
+        "--root",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Dataset root. Default: ./datasets/<dataset>, or $RAML_DATA/<dataset> (textile ships "
+        "with conformal-clip-data and needs none).",
+    )(func)
 
 
 def dataset_root(kind: str, root=None) -> Path | None:
@@ -164,7 +227,8 @@ def dataset_root(kind: str, root=None) -> Path | None:
         raise DatasetLayoutError(
             f"no {kind} dataset at {path}: without --root, datasets are looked for at "
             f"{where_datasets_are_looked_for()}. Put it there, or pass --root. Expected layout:\n"
-            f"{LAYOUTS[kind].replace('<root>', str(path))}\n{DATASET_SOURCES[kind]}.")
+            f"{LAYOUTS[kind].replace('<root>', str(path))}\n{DATASET_SOURCES[kind]}."
+        )
     return path
 
 
@@ -179,31 +243,75 @@ def chosen_dataset_root(dataset, root):
 @click.command()
 @dataset_option()
 @root_option
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Where the shards go. Default: ./features/<dataset>/<backbone tag>, one cache per backbone.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where the shards go. Default: ./features/<dataset>/<backbone tag>, one cache per backbone.",
+)
 @backbone_options
-@click.option("--categories", default=None, callback=text_list(accepted="comma-separated category names"),
-              help="Comma-separated subset, e.g. bottle,screw.")
-@click.option("--batch-size", type=BATCH_SIZE, default=8, show_default=True, help="Images per forward pass (×21 crops).")
-@click.option("--workers", type=WORKERS, default=None,
-              help="Image-decoding processes (0: decode in the main process). Default: one per usable core.")
-@click.option("--limit", type=click.IntRange(1, 10_000_000), default=None,
-              help="At most N images per category (a quick look), spread over every split and defect type.")
+@click.option(
+    "--categories",
+    default=None,
+    callback=text_list(accepted="comma-separated category names"),
+    help="Comma-separated subset, e.g. bottle,screw.",
+)
+@click.option(
+    "--batch-size", type=BATCH_SIZE, default=8, show_default=True, help="Images per forward pass (×21 crops)."
+)
+@click.option(
+    "--workers",
+    type=WORKERS,
+    default=None,
+    help="Image-decoding processes (0: decode in the main process). Default: one per usable core.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 10_000_000),
+    default=None,
+    help="At most N images per category (a quick look), spread over every split and defect type.",
+)
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images and list them, instead of stopping.")
 @click.option("--retry-skipped", is_flag=True, help="Try again the images an earlier --skip-bad run skipped.")
-@click.option("--shard", default=None, callback=lambda ctx, param, value: check_shard(value),
-              help="i/n: this process takes every n-th image from i (default: torchrun's RANK/WORLD_SIZE, else 0/1).")
-@click.option("--shard-size", type=click.IntRange(1, 1_000_000), default=256, show_default=True,
-              help="Images per HDF5 shard.")
-@click.option("--patch-tokens", is_flag=True,
-              help="Also store each image's patch tokens (the 4x4 tiles' 14x14 patches pooled to 7x7, ViT-B/16: 0.8 MB "
-                   "per image) and its mask targets, for anomaly maps; added to cached images that lack them (only "
-                   "those are encoded again). A cache that has them keeps getting them.")
+@click.option(
+    "--shard",
+    default=None,
+    callback=lambda ctx, param, value: check_shard(value),
+    help="i/n: this process takes every n-th image from i (default: torchrun's RANK/WORLD_SIZE, else 0/1).",
+)
+@click.option(
+    "--shard-size", type=click.IntRange(1, 1_000_000), default=256, show_default=True, help="Images per HDF5 shard."
+)
+@click.option(
+    "--patch-tokens",
+    is_flag=True,
+    help="Also store each image's patch tokens (the 4x4 tiles' 14x14 patches pooled to 7x7, ViT-B/16: 0.8 MB "
+    "per image) and its mask targets, for anomaly maps; added to cached images that lack them (only "
+    "those are encoded again). A cache that has them keeps getting them.",
+)
 @engine_options
 @fail_cleanly
-def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights, device, categories,
-            batch_size, workers, limit, skip_bad, retry_skipped, shard, shard_size, patch_tokens, engine,
-            fidelity_sample):
+def extract(
+    dataset,
+    root,
+    cache_dir,
+    model,
+    pretrained,
+    weights,
+    random_weights,
+    device,
+    categories,
+    batch_size,
+    workers,
+    limit,
+    skip_bad,
+    retry_skipped,
+    shard,
+    shard_size,
+    patch_tokens,
+    engine,
+    fidelity_sample,
+):
     """Stage one: encode each image's 21 crops with CLIP, once, into HDF5 shards.
 
     Re-running resumes: images already in the cache are skipped. A cache holds features of one
@@ -214,6 +322,7 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
     from raml.extract.engines import PRECISIONS, check_cache_precision, usable_cores
     from raml.extract.identity import backbone_identity
     from raml.extract.run import extract_features
+
     root = chosen_dataset_root(dataset, root)
     identity = backbone_identity(model, pretrained, weights, random_weights, PRECISIONS[engine])
     if cache_dir is None:
@@ -224,21 +333,35 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
         backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, engine)
         if backbone.engine == "onnx-int8":
             from raml.extract.int8_engine import check_on_dataset
+
             check_on_dataset(backbone, cache_dir, dataset, root, categories, sample=fidelity_sample)
         return backbone
 
     summary = extract_features(
-        dataset, root, cache_dir, load_checked_backbone,
+        dataset,
+        root,
+        cache_dir,
+        load_checked_backbone,
         identity=identity,
-        categories=categories, batch_size=batch_size, workers=usable_cores() if workers is None else workers,
-        limit=limit, skip_bad=skip_bad, shard=shard, shard_size=shard_size, retry_skipped=retry_skipped,
-        progress=show_progress(), backbone_source=backbone_source(model, weights, random_weights),
-        patch_tokens=patch_tokens)
+        categories=categories,
+        batch_size=batch_size,
+        workers=usable_cores() if workers is None else workers,
+        limit=limit,
+        skip_bad=skip_bad,
+        shard=shard,
+        shard_size=shard_size,
+        retry_skipped=retry_skipped,
+        progress=show_progress(),
+        backbone_source=backbone_source(model, weights, random_weights),
+        patch_tokens=patch_tokens,
+    )
     click.echo(summary.line())
     if summary.untokened_elsewhere:
-        click.echo(f"  {len(summary.untokened_elsewhere)} shards of other --shard slots still have no patch tokens "
-                   f"({', '.join(summary.untokened_elsewhere[:3])}{', ...' if len(summary.untokened_elsewhere) > 3 else ''}"
-                   "): run this command with the --shard i/n in their names (features-<i>of<n>-...) to add them")
+        click.echo(
+            f"  {len(summary.untokened_elsewhere)} shards of other --shard slots still have no patch tokens "
+            f"({', '.join(summary.untokened_elsewhere[:3])}{', ...' if len(summary.untokened_elsewhere) > 3 else ''}"
+            "): run this command with the --shard i/n in their names (features-<i>of<n>-...) to add them"
+        )
     for path in summary.stale_partials:
         click.echo(f"  removed {path.name}: a partial shard left by a killed run")
     for path, reason in summary.skipped:
@@ -248,6 +371,7 @@ def extract(dataset, root, cache_dir, model, pretrained, weights, random_weights
 def check_shard(value):
     """--shard i/n, checked before any work (``extract.run.parse_shard``)."""
     from raml.extract.run import parse_shard
+
     if value is not None:
         try:
             parse_shard(value)
@@ -258,15 +382,27 @@ def check_shard(value):
 
 def engine_list(ctx, param, text):
     from raml.extract.engines import ENGINES
+
     return text_list(choices=ENGINES, accepted=f"engines among {', '.join(ENGINES)}", allow_empty=True)(
-        ctx, param, text)
+        ctx, param, text
+    )
 
 
 compare_options = [
-    click.option("--engines", default="torch,onnx,onnx-int8", show_default=True, callback=engine_list,
-                 help="Engines compared side by side, comma-separated (\"\" for none)."),
-    click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 100),
-                 help="Rounds of the comparison; each times every engine once (interleaved); medians are shown."),
+    click.option(
+        "--engines",
+        default="torch,onnx,onnx-int8",
+        show_default=True,
+        callback=engine_list,
+        help='Engines compared side by side, comma-separated ("" for none).',
+    ),
+    click.option(
+        "--rounds",
+        default=3,
+        show_default=True,
+        type=click.IntRange(1, 100),
+        help="Rounds of the comparison; each times every engine once (interleaved); medians are shown.",
+    ),
 ]
 
 
@@ -280,21 +416,48 @@ def engine_backbones(backbone, engines):
 
 @click.command("extract")
 @backbone_options
-@click.option("--images", type=click.IntRange(1, 100_000), default=8, show_default=True,
-              help="Synthetic images of MVTec size to encode.")
+@click.option(
+    "--images",
+    type=click.IntRange(1, 100_000),
+    default=8,
+    show_default=True,
+    help="Synthetic images of MVTec size to encode.",
+)
 @click.option("--size", type=IMAGE_SIDE, default=900, show_default=True, help="Side of the synthetic images (px).")
-@click.option("--batch-size", type=BATCH_SIZE, default=8, show_default=True, help="Images per forward pass (x21 crops).")
+@click.option(
+    "--batch-size", type=BATCH_SIZE, default=8, show_default=True, help="Images per forward pass (x21 crops)."
+)
 @click.option("--workers", type=WORKERS, default=None, help="Image-decoding processes. Default: one per usable core.")
-@click.option("--loader-only", is_flag=True,
-              help="Only the loader and its ceiling (quick on a CPU, where ViT-B/16 takes ~2 s per image).")
-@click.option("--patch-tokens", is_flag=True,
-              help="Also time the whole stage with patch tokens and mask targets against the stage without, --rounds "
-                   "times interleaved (half of the images then have masks), and the cache's bytes per image.")
+@click.option(
+    "--loader-only",
+    is_flag=True,
+    help="Only the loader and its ceiling (quick on a CPU, where ViT-B/16 takes ~2 s per image).",
+)
+@click.option(
+    "--patch-tokens",
+    is_flag=True,
+    help="Also time the whole stage with patch tokens and mask targets against the stage without, --rounds "
+    "times interleaved (half of the images then have masks), and the cache's bytes per image.",
+)
 @engine_option
 @with_options(compare_options)
 @fail_cleanly
-def bench_extract(model, pretrained, weights, random_weights, device, images, size, batch_size, workers, loader_only,
-                  patch_tokens, engine, engines, rounds):
+def bench_extract(
+    model,
+    pretrained,
+    weights,
+    random_weights,
+    device,
+    images,
+    size,
+    batch_size,
+    workers,
+    loader_only,
+    patch_tokens,
+    engine,
+    engines,
+    rounds,
+):
     """Where stage one's time goes: images/s of the whole stage, of the loader alone and of the bare
     encoder, their ratios, and the loader against its ceiling; with --patch-tokens the tokens'
     overhead; then the encoder's seconds per image with each of --engines, against the machine's
@@ -302,10 +465,18 @@ def bench_extract(model, pretrained, weights, random_weights, device, images, si
     from raml.extract.bench import run_extract_bench
     from raml.extract.engine_bench import compare_encoders
     from raml.extract.engines import usable_cores
+
     torch_backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
-    result = run_extract_bench(engine_backbone(torch_backbone, engine), images=images, size=size, batch_size=batch_size,
-                               workers=usable_cores() if workers is None else workers, loader_only=loader_only,
-                               patch_tokens=patch_tokens, rounds=rounds)
+    result = run_extract_bench(
+        engine_backbone(torch_backbone, engine),
+        images=images,
+        size=size,
+        batch_size=batch_size,
+        workers=usable_cores() if workers is None else workers,
+        loader_only=loader_only,
+        patch_tokens=patch_tokens,
+        rounds=rounds,
+    )
     for line in result.lines():
         click.echo(line)
     if engines and not loader_only:

@@ -8,6 +8,7 @@ to it every entry of an image folder that it does not read, with the reason (a s
 an image's, e.g. an animated ``.gif``; a dangling symbolic link; a sub-folder; an entry that
 cannot be read). Hidden files (``.DS_Store``, ...) are not images and are passed over.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,30 +16,58 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from raml.errors import UserError
-from raml.errors import OptionError
-from raml.errors import printable
+from raml.errors import OptionError, UserError, printable
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 NORMAL = "good"  # defect_type of every normal image
 
-MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
-                    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
-VISA_CATEGORIES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
-                   "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum")
+MVTEC_CATEGORIES = (
+    "bottle",
+    "cable",
+    "capsule",
+    "carpet",
+    "grid",
+    "hazelnut",
+    "leather",
+    "metal_nut",
+    "pill",
+    "screw",
+    "tile",
+    "toothbrush",
+    "transistor",
+    "wood",
+    "zipper",
+)
+VISA_CATEGORIES = (
+    "candle",
+    "capsules",
+    "cashew",
+    "chewinggum",
+    "fryum",
+    "macaroni1",
+    "macaroni2",
+    "pcb1",
+    "pcb2",
+    "pcb3",
+    "pcb4",
+    "pipe_fryum",
+)
 
 MVTEC_LAYOUT = """\
   <root>/<category>/train/good/*.png
   <root>/<category>/test/good/*.png
   <root>/<category>/test/<defect_type>/*.png
   <root>/<category>/ground_truth/<defect_type>/<name>_mask.png   (optional)"""
-VISA_LAYOUT = """\
+VISA_LAYOUT = (
+    """\
   <root>/split_csv/1cls.csv            (columns: object,split,label,image,mask)
   <root>/<category>/Data/Images/Normal/*.JPG
   <root>/<category>/Data/Images/Anomaly/*.JPG
   <root>/<category>/Data/Masks/Anomaly/*.png
 or VisA converted to the MVTec AD layout:
-""" + MVTEC_LAYOUT
+"""
+    + MVTEC_LAYOUT
+)
 FOLDER_LAYOUT = """\
   <root>/<category>/good/*.png                  (normal images)
   <root>/<category>/<defect_type>/*.png         (one folder per defect type)
@@ -49,7 +78,7 @@ or a single category: <root>/good/, <root>/<defect_type>/, <root>/masks/"""
 # Where each dataset is published, under which licence: what a user without it needs to know.
 DATASET_SOURCES = {
     "mvtec": "MVTec AD is published at https://www.mvtec.com/company/research/datasets/mvtec-ad "
-             "(licence CC BY-NC-SA 4.0: non-commercial use)",
+    "(licence CC BY-NC-SA 4.0: non-commercial use)",
     "visa": "VisA is published at https://github.com/amazon-science/spot-diff (licence CC BY 4.0)",
     "folder": "folder is your own images",
 }
@@ -65,11 +94,11 @@ class ImageRecord:
     """One image of a dataset, as stage one sees it and as the cache stores it."""
 
     category: str
-    label: int               # 0 normal, 1 anomalous
-    defect_type: str         # "good" for normal images
-    relpath: str             # POSIX path relative to the dataset root; unique key in a cache
-    split: str               # official split: "train" or "test" ("test" where there is none)
-    mask_relpath: str = ""   # "" when there is no mask
+    label: int  # 0 normal, 1 anomalous
+    defect_type: str  # "good" for normal images
+    relpath: str  # POSIX path relative to the dataset root; unique key in a cache
+    split: str  # official split: "train" or "test" ("test" where there is none)
+    mask_relpath: str = ""  # "" when there is no mask
 
 
 def name_problem(record: ImageRecord) -> str | None:
@@ -79,8 +108,10 @@ def name_problem(record: ImageRecord) -> str | None:
     for column in ("category", "defect_type", "relpath", "mask_relpath"):
         value = getattr(record, column)
         if printable(value) != value:
-            return (f"{column} {printable(value)!r} is not valid UTF-8; rename the file or folder "
-                    "(e.g. convmv -f latin1 -t utf-8 --notest)")
+            return (
+                f"{column} {printable(value)!r} is not valid UTF-8; rename the file or folder "
+                "(e.g. convmv -f latin1 -t utf-8 --notest)"
+            )
     return None
 
 
@@ -99,8 +130,10 @@ def not_an_image(path: Path) -> str:
             return "not a regular file"
     except OSError as err:
         return f"cannot be read ({err.strerror})"
-    return (f"suffix {path.suffix or '(none)'!r} is not one RAML reads ({' '.join(sorted(IMAGE_SUFFIXES))}); "
-            "convert the file, or move it out of the folder")
+    return (
+        f"suffix {path.suffix or '(none)'!r} is not one RAML reads ({' '.join(sorted(IMAGE_SUFFIXES))}); "
+        "convert the file, or move it out of the folder"
+    )
 
 
 def _images_in(folder: Path, not_read: list | None = None) -> list[Path]:
@@ -117,8 +150,9 @@ def _images_in(folder: Path, not_read: list | None = None) -> list[Path]:
     images = [path for path in entries if is_image(path)]
     if not_read is not None:
         kept = set(images)
-        not_read += [(path, not_an_image(path)) for path in entries
-                     if not path.name.startswith(".") and path not in kept]
+        not_read += [
+            (path, not_an_image(path)) for path in entries if not path.name.startswith(".") and path not in kept
+        ]
     return images
 
 
@@ -142,8 +176,9 @@ def _select(found: dict, wanted, root: Path, layout: str, kind: str) -> list[str
         return sorted(found)
     unknown = [c for c in wanted if c not in found]
     if unknown:
-        raise OptionError("--categories", f"{root} has no category {', '.join(unknown)} (it has: "
-                                          f"{', '.join(sorted(found))})")
+        raise OptionError(
+            "--categories", f"{root} has no category {', '.join(unknown)} (it has: {', '.join(sorted(found))})"
+        )
     return list(wanted)
 
 
@@ -161,8 +196,16 @@ def read_mvtec(root: Path, categories=None, kind: str = "mvtec", not_read: list 
             for path in _images_in(defect_dir, not_read):
                 mask = base / "ground_truth" / defect_dir.name / f"{path.stem}_mask.png"
                 label = int(defect_dir.name != NORMAL)
-                records.append(ImageRecord(category, label, defect_dir.name, _rel(path, root), "test",
-                                           _rel(mask, root) if label and mask.is_file() else ""))
+                records.append(
+                    ImageRecord(
+                        category,
+                        label,
+                        defect_dir.name,
+                        _rel(path, root),
+                        "test",
+                        _rel(mask, root) if label and mask.is_file() else "",
+                    )
+                )
         if not any(r.category == category for r in records):
             raise DatasetLayoutError(f"{base}: no images in train/good or test/*. Expected layout:\n{MVTEC_LAYOUT}")
     return sorted(records, key=lambda r: (r.category, r.relpath))
@@ -175,13 +218,16 @@ def read_visa(root: Path, categories=None, not_read: list | None = None) -> list
     if not split_csv.is_file():
         if any((d / "train").is_dir() for d in root.iterdir() if d.is_dir()):
             return read_mvtec(root, categories, kind="visa", not_read=not_read)
-        raise DatasetLayoutError(f"{root}: neither {split_csv.relative_to(root)} nor the MVTec layout found. "
-                                 f"Expected layout:\n{VISA_LAYOUT}")
+        raise DatasetLayoutError(
+            f"{root}: neither {split_csv.relative_to(root)} nor the MVTec layout found. Expected layout:\n{VISA_LAYOUT}"
+        )
     with open(split_csv, newline="") as handle:
         reader = csv.DictReader(handle)
         missing = {"object", "split", "label", "image"} - set(reader.fieldnames or ())
         if missing:
-            raise DatasetLayoutError(f"{split_csv}: missing columns {sorted(missing)}; expected object,split,label,image,mask")
+            raise DatasetLayoutError(
+                f"{split_csv}: missing columns {sorted(missing)}; expected object,split,label,image,mask"
+            )
         rows = list(reader)
     found = {row["object"] for row in rows}
     wanted = set(_select(dict.fromkeys(found), categories, root, VISA_LAYOUT, "visa"))
@@ -195,8 +241,16 @@ def read_visa(root: Path, categories=None, not_read: list | None = None) -> list
         if not image.is_file():
             raise DatasetLayoutError(f"{split_csv}:{line}: image {row['image']} does not exist under {root}")
         label = int(row["label"] == "anomaly")
-        records.append(ImageRecord(row["object"], label, "anomaly" if label else NORMAL,
-                                   _rel(image, root), row["split"], (row.get("mask") or "") if label else ""))
+        records.append(
+            ImageRecord(
+                row["object"],
+                label,
+                "anomaly" if label else NORMAL,
+                _rel(image, root),
+                row["split"],
+                (row.get("mask") or "") if label else "",
+            )
+        )
     return sorted(records, key=lambda r: (r.category, r.relpath))
 
 
@@ -232,8 +286,9 @@ def textile_root() -> Path:
     try:
         import conformal_clip_data
     except ImportError as err:
-        raise DatasetLayoutError("--dataset textile needs the package conformal-clip-data "
-                                 "(pip install conformal-clip-data)") from err
+        raise DatasetLayoutError(
+            "--dataset textile needs the package conformal-clip-data (pip install conformal-clip-data)"
+        ) from err
     return conformal_clip_data.textile_simulated_root()
 
 
@@ -249,10 +304,11 @@ def read_textile(root: Path | None = None, categories=None, not_read: list | Non
     for folder, defect in TEXTILE_DEFECTS.items():
         images = _images_in(root / folder, not_read)
         if not images:
-            raise DatasetLayoutError(f"{root / folder}: no images; expected {', '.join(TEXTILE_DEFECTS)} "
-                                     "folders of the conformal-clip-data package")
-        records += [ImageRecord(TEXTILE_CATEGORY, int(defect != NORMAL), defect, _rel(p, root), "test")
-                    for p in images]
+            raise DatasetLayoutError(
+                f"{root / folder}: no images; expected {', '.join(TEXTILE_DEFECTS)} "
+                "folders of the conformal-clip-data package"
+            )
+        records += [ImageRecord(TEXTILE_CATEGORY, int(defect != NORMAL), defect, _rel(p, root), "test") for p in images]
     return sorted(records, key=lambda r: (r.category, r.relpath))
 
 
@@ -268,4 +324,3 @@ def read_dataset(kind: str, root, categories=None, not_read: list | None = None)
         root = Path(root) if root else textile_root()
     records = READERS[kind](root, categories, not_read=not_read)
     return Path(root).expanduser(), records
-

@@ -6,6 +6,7 @@ open_clip model-config JSON (the tests use ``model_configs/raml-tiny-test.json``
 explicitly — a seeded random initialisation. What is built, and the identity the cache records,
 both come from ``extract.identity.resolve_backbone``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,9 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raml.errors import UserError
 from raml.cache.tokens import tokens_per_tile
-from raml.extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, RANDOM_WEIGHTS_SEED, BackboneIdentity, WeightsUnavailableError, resolve_backbone
+from raml.errors import UserError
+from raml.extract.identity import (
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    RANDOM_WEIGHTS_SEED,
+    BackboneIdentity,
+    WeightsUnavailableError,
+    resolve_backbone,
+)
 from raml.extract.pyramid import normalise_crops
 
 # On CUDA the image tower runs in fp16; its features must stay this close (cosine) to the fp32 CPU
@@ -46,15 +54,15 @@ class ClipBackbone:
     model: torch.nn.Module
     tokenizer: object
     name: str
-    model_config: str       # "sha256:<hex>" of the resolved open_clip config
-    weights: str            # "openai" (a tag), "sha256:<hex>" of a weights file, or "random(seed=0)"
+    model_config: str  # "sha256:<hex>" of the resolved open_clip config
+    weights: str  # "openai" (a tag), "sha256:<hex>" of a weights file, or "random(seed=0)"
     random_weights: bool
     input_size: int
     embed_dim: int
     mean: tuple
     std: tuple
     device: torch.device
-    engine: str = "torch"   # which implementation runs the image encoder; recorded in each shard
+    engine: str = "torch"  # which implementation runs the image encoder; recorded in each shard
     precision: str = "fp32"  # the image encoder's numeric precision; recorded in the cache's fingerprint
     image_dtype: torch.dtype | None = None  # the image tower's precision; None: image_tower_dtype(device)
 
@@ -99,8 +107,7 @@ class ClipBackbone:
             return torch.nn.functional.normalize(tower(pixels).float(), dim=-1).cpu().numpy()
         check_patch_tokens(tower, self.name)
         embeddings, tokens = embeddings_and_tokens(tower, pixels)
-        return (torch.nn.functional.normalize(embeddings.float(), dim=-1).cpu().numpy(),
-                tokens.float().cpu().numpy())
+        return (torch.nn.functional.normalize(embeddings.float(), dim=-1).cpu().numpy(), tokens.float().cpu().numpy())
 
     @functools.cached_property
     def _image_tower(self) -> torch.nn.Module:
@@ -121,11 +128,16 @@ class ClipBackbone:
 def check_patch_tokens(visual: torch.nn.Module, name: str) -> None:
     """Refuse an image tower whose patch tokens ``embeddings_and_tokens`` cannot take: open_clip's
     ``VisionTransformer`` with its usual pooling (class token, ``ln_post`` over every token)."""
-    usual = (all(hasattr(visual, attribute) for attribute in ("_embeds", "transformer", "_pool", "grid_size"))
-             and getattr(visual, "attn_pool", None) is None and not getattr(visual, "final_ln_after_pool", False))
+    usual = (
+        all(hasattr(visual, attribute) for attribute in ("_embeds", "transformer", "_pool", "grid_size"))
+        and getattr(visual, "attn_pool", None) is None
+        and not getattr(visual, "final_ln_after_pool", False)
+    )
     if not usual:
-        raise UserError(f"patch tokens need an open_clip ViT with class-token pooling; {name} has "
-                        f"{type(visual).__name__} without them: extract without --patch-tokens")
+        raise UserError(
+            f"patch tokens need an open_clip ViT with class-token pooling; {name} has "
+            f"{type(visual).__name__} without them: extract without --patch-tokens"
+        )
 
 
 def embeddings_and_tokens(visual: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,8 +168,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETRAINED,
-                  weights: str | None = None, random_weights: bool = False, device: str = "auto") -> ClipBackbone:
+def load_backbone(
+    model: str = DEFAULT_MODEL,
+    pretrained: str | None = DEFAULT_PRETRAINED,
+    weights: str | None = None,
+    random_weights: bool = False,
+    device: str = "auto",
+) -> ClipBackbone:
     """Create the frozen CLIP model.
 
     Exactly one weights source is used: ``random_weights`` (seeded, for exercising the pipeline;
@@ -172,18 +189,25 @@ def load_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_P
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
-            clip = open_clip.create_model(name, pretrained=source, device=torch_device,
-                                          force_quick_gelu=resolved.quick_gelu)
+            clip = open_clip.create_model(
+                name, pretrained=source, device=torch_device, force_quick_gelu=resolved.quick_gelu
+            )
     except Exception as err:  # open_clip raises RuntimeError, OSError, KeyError... for one cause: no weights
         if weights and not random_weights:
-            raise WeightsUnavailableError(f"--weights {weights}: {_weights_file_problem(Path(weights), name, err)}. "
-                                          f"Pass the open_clip checkpoint of {name} (a .bin, .pt or .pth state dict, or "
-                                          ".safetensors), or --random-weights to exercise the pipeline.") from err
+            raise WeightsUnavailableError(
+                f"--weights {weights}: {_weights_file_problem(Path(weights), name, err)}. "
+                f"Pass the open_clip checkpoint of {name} (a .bin, .pt or .pth state dict, or "
+                ".safetensors), or --random-weights to exercise the pipeline."
+            ) from err
         raise WeightsUnavailableError(_weights_help(name, source, err)) from err
     clip.eval().requires_grad_(False)
     _check_built(clip, identity)
-    return ClipBackbone(model=clip, tokenizer=open_clip.get_tokenizer(name), device=torch_device,
-                        **{f.name: getattr(identity, f.name) for f in fields(identity)})
+    return ClipBackbone(
+        model=clip,
+        tokenizer=open_clip.get_tokenizer(name),
+        device=torch_device,
+        **{f.name: getattr(identity, f.name) for f in fields(identity)},
+    )
 
 
 def _check_built(clip: torch.nn.Module, identity: BackboneIdentity) -> None:
@@ -191,13 +215,16 @@ def _check_built(clip: torch.nn.Module, identity: BackboneIdentity) -> None:
     resolution no longer follows open_clip's (a bug to fix in extract/identity.py)."""
     cfg = clip.visual.preprocess_cfg
     size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
-    embed_dim = (clip.text_projection.shape[1] if getattr(clip, "text_projection", None) is not None
-                 else clip.visual.output_dim)
+    embed_dim = (
+        clip.text_projection.shape[1] if getattr(clip, "text_projection", None) is not None else clip.visual.output_dim
+    )
     built = (int(size), int(embed_dim), tuple(cfg["mean"]), tuple(cfg["std"]))
     resolved = (identity.input_size, identity.embed_dim, identity.mean, identity.std)
     if built != resolved:
-        raise RuntimeError(f"open_clip built {identity.name} with (input size, embedding size, mean, std) "
-                           f"{built}, but extract/identity.py resolved {resolved}")
+        raise RuntimeError(
+            f"open_clip built {identity.name} with (input size, embedding size, mean, std) "
+            f"{built}, but extract/identity.py resolved {resolved}"
+        )
 
 
 def _weights_file_problem(path: Path, name: str, err: Exception) -> str:
@@ -206,24 +233,30 @@ def _weights_file_problem(path: Path, name: str, err: Exception) -> str:
     with open(path, "rb") as handle:
         head = handle.read(8)
     if "state_dict" in str(err) or "size mismatch" in str(err):
-        return (f"its tensors do not fit {name} (missing, unexpected or differently shaped entries: the weights of "
-                f"another model?) ({detail})")
-    if head.startswith(b"PK"):   # torch.save's zip format
+        return (
+            f"its tensors do not fit {name} (missing, unexpected or differently shaped entries: the weights of "
+            f"another model?) ({detail})"
+        )
+    if head.startswith(b"PK"):  # torch.save's zip format
         return f"a PyTorch checkpoint that cannot be read whole: truncated or corrupt ({detail})"
     if path.suffix == ".safetensors":
         return f"a .safetensors file that cannot be read: truncated or corrupt ({detail})"
-    if head[:1] == b"\x80":      # a pickle (torch.save's legacy format)
+    if head[:1] == b"\x80":  # a pickle (torch.save's legacy format)
         return f"a pickle that does not unpickle into a state dict: truncated, corrupt or not a checkpoint ({detail})"
-    return (f"not a checkpoint: neither a PyTorch (zip or pickle) nor a safetensors file (e.g. a text file; "
-            f"torch said {detail})")
+    return (
+        f"not a checkpoint: neither a PyTorch (zip or pickle) nor a safetensors file (e.g. a text file; "
+        f"torch said {detail})"
+    )
 
 
 def _weights_help(name: str, source: str | None, err: Exception) -> str:
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return (f"Could not load CLIP weights {source!r} for {name}: {first_line}\n"
-            "  - Offline machine? Copy an open_clip checkpoint of this model onto it and pass "
-            "--weights PATH (for ViT-B-16/openai: open_clip_pytorch_model.bin of the Hugging Face "
-            "repository timm/vit_base_patch16_clip_224.openai).\n"
-            "  - Set HF_HUB_OFFLINE=1 to fail at once instead of retrying the download.\n"
-            "  - To exercise the pipeline without weights pass --random-weights: everything it writes "
-            "is marked as such, and its scores mean nothing.")
+    return (
+        f"Could not load CLIP weights {source!r} for {name}: {first_line}\n"
+        "  - Offline machine? Copy an open_clip checkpoint of this model onto it and pass "
+        "--weights PATH (for ViT-B-16/openai: open_clip_pytorch_model.bin of the Hugging Face "
+        "repository timm/vit_base_patch16_clip_224.openai).\n"
+        "  - Set HF_HUB_OFFLINE=1 to fail at once instead of retrying the download.\n"
+        "  - To exercise the pipeline without weights pass --random-weights: everything it writes "
+        "is marked as such, and its scores mean nothing."
+    )

@@ -17,6 +17,7 @@ Rounds interleave the engines: each round measures the GEMM and every engine onc
 figures are medians over rounds, so that load coming and going on a shared machine hits every
 engine alike.
 """
+
 from __future__ import annotations
 
 import platform
@@ -30,20 +31,20 @@ import torch
 from raml.cache import N_CROPS
 from raml.errors import UserError
 
-GEMM_SIZE = 2048           # large enough to run at the machine's fp32 peak, small enough to take ~0.1 s
-GEMM_REPEATS = 3           # products per GEMM measurement
+GEMM_SIZE = 2048  # large enough to run at the machine's fp32 peak, small enough to take ~0.1 s
+GEMM_REPEATS = 3  # products per GEMM measurement
 
 
 @dataclass
 class EngineTimes:
     """Seconds per image of each engine, one figure per round, and the GEMM rate of each round."""
 
-    what: str                                     # what one "image" costs here, e.g. "encoder, 21 crops"
+    what: str  # what one "image" costs here, e.g. "encoder, 21 crops"
     model: str
     macs_per_image: float
     gemm_gflops: list = field(default_factory=list)
-    seconds: dict = field(default_factory=dict)   # engine → [seconds per image, one per round]
-    reference: str | None = None                  # an engine that is not ours (e.g. WinCLIP): ratios to it
+    seconds: dict = field(default_factory=dict)  # engine → [seconds per image, one per round]
+    reference: str | None = None  # an engine that is not ours (e.g. WinCLIP): ratios to it
 
     def median(self, engine: str) -> float:
         return statistics.median(self.seconds[engine])
@@ -54,11 +55,13 @@ class EngineTimes:
 
     def lines(self) -> list[str]:
         gemm = statistics.median(self.gemm_gflops)
-        lines = [f"{self.what}: {self.model}; CPU {cpu_model()}, {torch.get_num_threads()} threads; median of "
-                 f"{len(self.gemm_gflops)} rounds (engines interleaved)",
-                 f"  fp32 GEMM floor: {self.macs_per_image / 1e9:.1f} G multiply-accumulates per image / "
-                 f"{gemm:.0f} GFLOP/s ({GEMM_SIZE}² matmul, {min(self.gemm_gflops):.0f}-{max(self.gemm_gflops):.0f}) "
-                 f"= {self.floor_seconds:.2f} s"]
+        lines = [
+            f"{self.what}: {self.model}; CPU {cpu_model()}, {torch.get_num_threads()} threads; median of "
+            f"{len(self.gemm_gflops)} rounds (engines interleaved)",
+            f"  fp32 GEMM floor: {self.macs_per_image / 1e9:.1f} G multiply-accumulates per image / "
+            f"{gemm:.0f} GFLOP/s ({GEMM_SIZE}² matmul, {min(self.gemm_gflops):.0f}-{max(self.gemm_gflops):.0f}) "
+            f"= {self.floor_seconds:.2f} s",
+        ]
         for engine, times in self.seconds.items():
             line = f"  {engine:<10} {self.median(engine):7.2f} s/image ({min(times):.2f}-{max(times):.2f})"
             if engine != self.reference:  # the floor is our model's; the reference runs another one
@@ -92,7 +95,7 @@ def gemm_gflops(size: int = GEMM_SIZE, repeats: int = GEMM_REPEATS) -> float:
     start = time.perf_counter()
     for _ in range(repeats):
         torch.mm(a, a)
-    return repeats * 2 * size ** 3 / (time.perf_counter() - start) / 1e9
+    return repeats * 2 * size**3 / (time.perf_counter() - start) / 1e9
 
 
 def vit_macs_per_image(backbone) -> int:
@@ -134,8 +137,9 @@ def compare_encoders(backbones: dict, *, size: int, rounds: int) -> EngineTimes:
 
     first = next(iter(backbones.values()))
     with tempfile.TemporaryDirectory(prefix="raml-bench-") as tmp:
-        crops = pyramid_pixels(load_rgb(synthetic_images(Path(tmp), 1, size)[0]), first.input_size, first.mean,
-                               first.std)
+        crops = pyramid_pixels(
+            load_rgb(synthetic_images(Path(tmp), 1, size)[0]), first.input_size, first.mean, first.std
+        )
 
     def measure(backbone):
         start = time.perf_counter()
@@ -144,11 +148,17 @@ def compare_encoders(backbones: dict, *, size: int, rounds: int) -> EngineTimes:
 
     for backbone in backbones.values():
         backbone.encode_images(crops)  # warm-up
-    times = EngineTimes(what=f"bench extract, encoder per image ({N_CROPS} crops of a {size} px image)",
-                        model=model_label(first), macs_per_image=vit_macs_per_image(first))
-    return time_rounds(times, {engine: (lambda b=backbone: measure(b)) for engine, backbone in backbones.items()},
-                       rounds)
+    times = EngineTimes(
+        what=f"bench extract, encoder per image ({N_CROPS} crops of a {size} px image)",
+        model=model_label(first),
+        macs_per_image=vit_macs_per_image(first),
+    )
+    return time_rounds(
+        times, {engine: (lambda b=backbone: measure(b)) for engine, backbone in backbones.items()}, rounds
+    )
 
 
 def model_label(backbone) -> str:
-    return f"{backbone.name} ({backbone.weights}{', meaningless weights: speed only' if backbone.random_weights else ''})"
+    return (
+        f"{backbone.name} ({backbone.weights}{', meaningless weights: speed only' if backbone.random_weights else ''})"
+    )

@@ -15,6 +15,7 @@ weights file its path, size and modification time (the rule ``make`` and ``rsync
 that finds nothing to encode therefore neither imports open_clip nor reads the weights. This
 module imports neither torch nor open_clip at import time, for the same reason.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -29,9 +30,8 @@ import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from raml.errors import UserError
-from raml.errors import OptionError
 from raml.cache.files import atomic_write_text, user_cache_root
+from raml.errors import OptionError, UserError
 
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
@@ -49,9 +49,9 @@ class WeightsUnavailableError(UserError):
 class BackboneIdentity:
     """What the cache fingerprint records about the image encoder (``cache.FINGERPRINT_KEYS``)."""
 
-    name: str               # open_clip model name; a config JSON's file stem
-    model_config: str       # "sha256:<hex>" of the resolved open_clip model config (canonical JSON)
-    weights: str            # "openai" (a tag), "sha256:<hex>" of a weights file, or "random(seed=0)"
+    name: str  # open_clip model name; a config JSON's file stem
+    model_config: str  # "sha256:<hex>" of the resolved open_clip model config (canonical JSON)
+    weights: str  # "openai" (a tag), "sha256:<hex>" of a weights file, or "random(seed=0)"
     random_weights: bool
     input_size: int
     embed_dim: int
@@ -61,9 +61,17 @@ class BackboneIdentity:
 
     def fingerprint_fields(self) -> dict:
         """The keyword arguments of ``cache.fingerprint`` that describe the backbone."""
-        return {"backbone": self.name, "model_config": self.model_config, "weights": self.weights,
-                "random_weights": self.random_weights, "input_size": self.input_size,
-                "embed_dim": self.embed_dim, "mean": self.mean, "std": self.std, "precision": self.precision}
+        return {
+            "backbone": self.name,
+            "model_config": self.model_config,
+            "weights": self.weights,
+            "random_weights": self.random_weights,
+            "input_size": self.input_size,
+            "embed_dim": self.embed_dim,
+            "mean": self.mean,
+            "std": self.std,
+            "precision": self.precision,
+        }
 
 
 def identity_of(backbone) -> BackboneIdentity:
@@ -76,28 +84,37 @@ class ResolvedBackbone:
     """How to build a backbone with open_clip, and its identity."""
 
     identity: BackboneIdentity
-    open_clip_name: str     # what ``open_clip.create_model`` takes (a config JSON is registered under its stem)
-    source: str | None      # ``create_model``'s ``pretrained``: a tag, a weights file, or None (random)
-    quick_gelu: bool        # ``create_model``'s ``force_quick_gelu``: what the tag's weights were trained with
+    open_clip_name: str  # what ``open_clip.create_model`` takes (a config JSON is registered under its stem)
+    source: str | None  # ``create_model``'s ``pretrained``: a tag, a weights file, or None (random)
+    quick_gelu: bool  # ``create_model``'s ``force_quick_gelu``: what the tag's weights were trained with
 
 
-def backbone_identity(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETRAINED,
-                      weights: str | None = None, random_weights: bool = False,
-                      precision: str = "fp32") -> BackboneIdentity:
+def backbone_identity(
+    model: str = DEFAULT_MODEL,
+    pretrained: str | None = DEFAULT_PRETRAINED,
+    weights: str | None = None,
+    random_weights: bool = False,
+    precision: str = "fp32",
+) -> BackboneIdentity:
     """The identity of the backbone these options load, from the memo when it holds it (no
     open_clip import), else from ``resolve_backbone``. ``precision`` is the engine's
     ("fp32" for torch and ONNX float32, "int8" for a quantised encoder)."""
     key = _identity_key(model, pretrained, weights, random_weights)
     found = _memo_read("identity", key) if key is not None else None
     if found is not None:
-        return BackboneIdentity(**{**found, "mean": tuple(found["mean"]), "std": tuple(found["std"]),
-                                   "precision": precision})
+        return BackboneIdentity(
+            **{**found, "mean": tuple(found["mean"]), "std": tuple(found["std"]), "precision": precision}
+        )
     return resolve_backbone(model, pretrained, weights, random_weights, precision).identity
 
 
-def resolve_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETRAINED,
-                     weights: str | None = None, random_weights: bool = False,
-                     precision: str = "fp32") -> ResolvedBackbone:
+def resolve_backbone(
+    model: str = DEFAULT_MODEL,
+    pretrained: str | None = DEFAULT_PRETRAINED,
+    weights: str | None = None,
+    random_weights: bool = False,
+    precision: str = "fp32",
+) -> ResolvedBackbone:
     """Resolve the options with open_clip, as ``open_clip.create_model`` will, without building
     the model; memoise the identity for ``backbone_identity``.
 
@@ -112,8 +129,7 @@ def resolve_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAUL
     name = model_name(model)
     config = open_clip.get_model_config(name)
     if config is None:
-        raise UserError(f"--model {model}: not an open_clip model config (it needs embed_dim, vision_cfg "
-                        "and text_cfg)")
+        raise UserError(f"--model {model}: not an open_clip model config (it needs embed_dim, vision_cfg and text_cfg)")
     if random_weights:
         weights_id, source, tag_config = f"random(seed={RANDOM_WEIGHTS_SEED})", None, {}
     elif weights:
@@ -126,8 +142,11 @@ def resolve_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAUL
         tag_config = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
         if not tag_config:
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
-            raise OptionError("--pretrained", f"{pretrained!r} is not a pretrained tag of {name} (its tags: {tags}). "
-                                              "A weights file goes to --weights FILE.")
+            raise OptionError(
+                "--pretrained",
+                f"{pretrained!r} is not a pretrained tag of {name} (its tags: {tags}). "
+                "A weights file goes to --weights FILE.",
+            )
         weights_id, source = pretrained, pretrained
     quick_gelu = bool(tag_config.get("quick_gelu", False))
     if quick_gelu:
@@ -138,37 +157,62 @@ def resolve_backbone(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAUL
         raise UserError(f"--model {model}: input {sides[0]}x{sides[1]} px; the crop pyramid needs a square input")
     preprocess = merge_preprocess_dict(PreprocessCfg(), tag_config)
     identity = BackboneIdentity(
-        name=name, model_config=config_sha256(config), weights=weights_id, random_weights=bool(random_weights),
-        input_size=int(sides[0]), embed_dim=int(config["embed_dim"]), mean=tuple(preprocess["mean"]),
-        std=tuple(preprocess["std"]), precision=precision)
+        name=name,
+        model_config=config_sha256(config),
+        weights=weights_id,
+        random_weights=bool(random_weights),
+        input_size=int(sides[0]),
+        embed_dim=int(config["embed_dim"]),
+        mean=tuple(preprocess["mean"]),
+        std=tuple(preprocess["std"]),
+        precision=precision,
+    )
     key = _identity_key(model, pretrained, weights, random_weights)
     if key is not None:
-        _memo_write("identity", key, {f.name: getattr(identity, f.name) for f in fields(identity)
-                                      if f.name != "precision"})
+        _memo_write(
+            "identity", key, {f.name: getattr(identity, f.name) for f in fields(identity) if f.name != "precision"}
+        )
     return ResolvedBackbone(identity=identity, open_clip_name=name, source=source, quick_gelu=quick_gelu)
 
 
 # The sizes a model config may give, checked before open_clip builds anything: a typo (or a
 # corrupt file) must not make it allocate a model of 10^12 parameters. Wide enough for every
 # open_clip ViT (ViT-bigG-14: width 1664, 48 layers; context 77; vocabulary 49,408).
-CONFIG_LIMITS = {"embed_dim": (1, 16384),
-                 "vision_cfg": {"image_size": (8, 4096), "layers": (1, 128), "width": (8, 16384),
-                                "patch_size": (1, 1024), "head_width": (1, 4096)},
-                 "text_cfg": {"context_length": (1, 1024), "vocab_size": (1, 1_000_000), "width": (8, 16384),
-                              "heads": (1, 256), "layers": (1, 128)}}
+CONFIG_LIMITS = {
+    "embed_dim": (1, 16384),
+    "vision_cfg": {
+        "image_size": (8, 4096),
+        "layers": (1, 128),
+        "width": (8, 16384),
+        "patch_size": (1, 1024),
+        "head_width": (1, 4096),
+    },
+    "text_cfg": {
+        "context_length": (1, 1024),
+        "vocab_size": (1, 1_000_000),
+        "width": (8, 16384),
+        "heads": (1, 256),
+        "layers": (1, 128),
+    },
+}
 
 
-REQUIRED = {("", "embed_dim"), ("vision_cfg.", "image_size")}   # what RAML itself reads from a config
+REQUIRED = {("", "embed_dim"), ("vision_cfg.", "image_size")}  # what RAML itself reads from a config
 
 
 def check_model_config(path: Path) -> dict:
     """The model config JSON at ``path``, or a ``UserError`` naming the file and what is wrong: not
     UTF-8 JSON, not an object, no ``embed_dim``/``vision_cfg``/``text_cfg``, or a size of
     ``CONFIG_LIMITS`` that is not a whole number in range."""
+
     def fail(problem: str):
-        raise OptionError("--model", f"{path}: {problem}. An open_clip model config is a JSON object with embed_dim, "
-                                     'vision_cfg and text_cfg (e.g. {"embed_dim": 512, "vision_cfg": {"image_size": 224, '
-                                     '...}, "text_cfg": {...}})')
+        raise OptionError(
+            "--model",
+            f"{path}: {problem}. An open_clip model config is a JSON object with embed_dim, "
+            'vision_cfg and text_cfg (e.g. {"embed_dim": 512, "vision_cfg": {"image_size": 224, '
+            '...}, "text_cfg": {...}})',
+        )
+
     try:
         config = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -184,20 +228,27 @@ def check_model_config(path: Path) -> dict:
                 if not isinstance(values.get(key), dict):
                     fail(f"{where}{key} is missing or not an object")
                 check(values[key], limit, f"{where}{key}.")
-            elif (key in values and values[key] is not None) or (where, key) in REQUIRED:   # null: the default
+            elif (key in values and values[key] is not None) or (where, key) in REQUIRED:  # null: the default
                 value = values.get(key)
                 low, high = limit
                 # lists: a ResNet's layers per stage, an image size as [height, width]
-                numbers = value if isinstance(value, list) and where == "vision_cfg." and key in (
-                    "layers", "image_size") else [value]
-                if not numbers or any(isinstance(n, bool) or not isinstance(n, int) or not low <= n <= high
-                                      for n in numbers):
+                numbers = (
+                    value
+                    if isinstance(value, list) and where == "vision_cfg." and key in ("layers", "image_size")
+                    else [value]
+                )
+                if not numbers or any(
+                    isinstance(n, bool) or not isinstance(n, int) or not low <= n <= high for n in numbers
+                ):
                     fail(f"{where}{key} is {value!r}; expected a whole number from {low} to {high}")
+
     check(config, CONFIG_LIMITS, "")
     need, have = 4 * config_parameters(config), physical_memory()
     if have and need > have:
-        fail(f"its model would have about {need / 4e9:.1f} G parameters ({need / 1e9:.0f} GB in float32), more than "
-             f"this machine's memory ({have / 1e9:.0f} GB)")
+        fail(
+            f"its model would have about {need / 4e9:.1f} G parameters ({need / 1e9:.0f} GB in float32), more than "
+            f"this machine's memory ({have / 1e9:.0f} GB)"
+        )
     return config
 
 
@@ -208,6 +259,7 @@ def _register_checked_copy(path: Path, config: dict) -> None:
     be one of them."""
     global _CONFIG_COPIES
     import open_clip
+
     if _CONFIG_COPIES is None:
         _CONFIG_COPIES = Path(tempfile.mkdtemp(prefix="raml-model-configs-"))
         atexit.register(shutil.rmtree, _CONFIG_COPIES, ignore_errors=True)
@@ -216,20 +268,25 @@ def _register_checked_copy(path: Path, config: dict) -> None:
     open_clip.add_model_config(copy)
 
 
-_CONFIG_COPIES: Path | None = None   # see _register_checked_copy
+_CONFIG_COPIES: Path | None = None  # see _register_checked_copy
 
 
 def config_parameters(config: dict) -> int:
     """About how many parameters a ViT CLIP of ``config`` has (12·width² per transformer block,
     plus patch and token embeddings): enough to refuse a size no machine here could build."""
     vision, text = config["vision_cfg"], config["text_cfg"]
-    width = vision.get("width") or 768                # open_clip's defaults where a value is left out
+    width = vision.get("width") or 768  # open_clip's defaults where a value is left out
     layers = sum(vision["layers"]) if isinstance(vision.get("layers"), list) else vision.get("layers") or 12
     patch = vision.get("patch_size") or 16
     side = max(vision["image_size"]) if isinstance(vision["image_size"], list) else vision["image_size"]
     text_width = text.get("width") or 512
-    return (layers * 12 * width ** 2 + 3 * patch ** 2 * width + (side // patch) ** 2 * width
-            + (text.get("layers") or 12) * 12 * text_width ** 2 + (text.get("vocab_size") or 49408) * text_width)
+    return (
+        layers * 12 * width**2
+        + 3 * patch**2 * width
+        + (side // patch) ** 2 * width
+        + (text.get("layers") or 12) * 12 * text_width**2
+        + (text.get("vocab_size") or 49408) * text_width
+    )
 
 
 def physical_memory() -> int | None:
@@ -252,12 +309,15 @@ def model_name(model: str) -> str:
         _register_checked_copy(path, check_model_config(path))
         return path.stem
     if model not in open_clip.list_models():
-        raise OptionError("--model", f"{model!r} is not an open_clip model name nor a config .json (e.g. "
-                                     f"{DEFAULT_MODEL}, ViT-B-16-plus-240, ViT-L-14)")
+        raise OptionError(
+            "--model",
+            f"{model!r} is not an open_clip model name nor a config .json (e.g. "
+            f"{DEFAULT_MODEL}, ViT-B-16-plus-240, ViT-L-14)",
+        )
     return model
 
 
-@functools.lru_cache(maxsize=None)   # raml.toml checks a top-level --model once per command that has it
+@functools.cache  # raml.toml checks a top-level --model once per command that has it
 def model_problem(model: str) -> str | None:
     """Why ``--model`` cannot name a model, found without importing open_clip (the command line
     checks it before any work): a missing or invalid config JSON, or a name of no config open_clip
@@ -277,13 +337,15 @@ def model_problem(model: str) -> str | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     if not (Path(spec.submodule_search_locations[0]) / "model_configs" / f"{model}.json").is_file():
-        return (f"{model!r} is not an open_clip model name nor a config .json (e.g. {DEFAULT_MODEL}, "
-                "ViT-B-16-plus-240, ViT-L-14)")
+        return (
+            f"{model!r} is not an open_clip model name nor a config .json (e.g. {DEFAULT_MODEL}, "
+            "ViT-B-16-plus-240, ViT-L-14)"
+        )
     return None
 
 
 def config_sha256(config: dict) -> str:
-    """"sha256:<hex>" of a model config as canonical JSON (sorted keys, no spaces)."""
+    """ "sha256:<hex>" of a model config as canonical JSON (sorted keys, no spaces)."""
     text = json.dumps(config, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -319,7 +381,7 @@ def _identity_key(model: str, pretrained, weights, random_weights: bool) -> dict
             raise FileNotFoundError(f"--model {model}: no such model-config file")
         config_file = path
     else:
-        spec = importlib.util.find_spec("open_clip")   # finds the package without importing it
+        spec = importlib.util.find_spec("open_clip")  # finds the package without importing it
         if spec is None or not spec.submodule_search_locations:
             return None
         config_file = Path(spec.submodule_search_locations[0]) / "model_configs" / f"{model}.json"
@@ -328,11 +390,16 @@ def _identity_key(model: str, pretrained, weights, random_weights: bool) -> dict
     if random_weights:
         weights_key = ["random", RANDOM_WEIGHTS_SEED]
     elif weights:
-        weights_key = ["file", weights_sha256(weights), pretrained]   # the tag the file's weights are of
+        weights_key = ["file", weights_sha256(weights), pretrained]  # the tag the file's weights are of
     else:
         weights_key = ["tag", pretrained]
-    return {"memo_version": IDENTITY_MEMO_VERSION, "open_clip": importlib.metadata.version("open_clip_torch"),
-            "model": path.stem if path.suffix == ".json" else model, "config_sha256": file_sha256(config_file), "weights": weights_key}
+    return {
+        "memo_version": IDENTITY_MEMO_VERSION,
+        "open_clip": importlib.metadata.version("open_clip_torch"),
+        "model": path.stem if path.suffix == ".json" else model,
+        "config_sha256": file_sha256(config_file),
+        "weights": weights_key,
+    }
 
 
 def _memo_path(kind: str, key: dict) -> Path:
@@ -343,7 +410,7 @@ def _memo_path(kind: str, key: dict) -> Path:
 def _memo_read(kind: str, key: dict):
     try:
         entry = json.loads(_memo_path(kind, key).read_text())
-    except (OSError, ValueError):   # absent, unreadable or damaged: recompute
+    except (OSError, ValueError):  # absent, unreadable or damaged: recompute
         return None
     return entry["value"] if isinstance(entry, dict) and entry.get("key") == key else None
 
@@ -354,4 +421,4 @@ def _memo_write(kind: str, key: dict, value) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({"key": key, "value": value}, indent=1))
     except OSError:
-        pass   # a read-only or full cache directory only costs the next run the time to recompute
+        pass  # a read-only or full cache directory only costs the next run the time to recompute

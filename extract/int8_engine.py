@@ -41,6 +41,7 @@ checkpoint), the Spearman rank agreement of s_final; ``require_fidelity`` stops 
 ``MIN_COSINE`` or ``MIN_SPEARMAN``. extract checks on first use with a feature cache
 (``check_on_dataset``); predict and export check in evaluate/deploy/int8_check.py.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,26 +56,49 @@ from pathlib import Path
 import numpy as np
 
 from raml.cache import N_CROPS
-from raml.errors import CacheError, UserError
 from raml.cache.files import atomic_write_text, make_dirs, write_fault
+from raml.errors import CacheError, UserError
 from raml.extract.encoder import ClipBackbone
 from raml.extract.engines import FIDELITY_SAMPLE, INT8_PRECISION
-from raml.extract.onnx_engine import INPUT_NAME, OUTPUT_NAME, OnnxClipBackbone, OnnxEngineError, OnnxImageEncoder, export_dir, export_lock, file_problem, first_line, key_fields, locked_fp32_encoder, onnxruntime_module, open_session, read_sidecar, say, publish_encoder, session_options, sidecar_fields, torch_fields
+from raml.extract.onnx_engine import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    OnnxClipBackbone,
+    OnnxEngineError,
+    OnnxImageEncoder,
+    export_dir,
+    export_lock,
+    file_problem,
+    first_line,
+    key_fields,
+    locked_fp32_encoder,
+    onnxruntime_module,
+    open_session,
+    publish_encoder,
+    read_sidecar,
+    say,
+    session_options,
+    sidecar_fields,
+    torch_fields,
+)
 from raml.extract.pyramid import BadImageError, load_rgb, pyramid_pixels
 
-INT8_FORMAT = 2            # bump when the quantised graph's contract changes: older ones are then rebuilt
+INT8_FORMAT = 2  # bump when the quantised graph's contract changes: older ones are then rebuilt
 INT8_FILE, INT8_SIDECAR_FILE = "encoder-int8.onnx", "encoder-int8.json"
-QUANTISATION = {"tool": "onnxruntime.quantization.quantize_dynamic", "precision": INT8_PRECISION,
-                "weights": "int8, per output channel, 7-bit range |w| <= 64 (reduce_range)",
-                "activations": "uint8, per tensor, range taken from each run"}
+QUANTISATION = {
+    "tool": "onnxruntime.quantization.quantize_dynamic",
+    "precision": INT8_PRECISION,
+    "weights": "int8, per output channel, 7-bit range |w| <= 64 (reduce_range)",
+    "activations": "uint8, per tensor, range taken from each run",
+}
 # uint8 × int8 pair sums must fit the signed 16-bit accumulator of vpmaddubsw (x86 without VNNI).
 PAIR_SUM_LIMIT = 32767
-MAX_WEIGHT = PAIR_SUM_LIMIT // (2 * 255)   # 64
-BUILD_CHECK_CROPS = 2      # random crops run once through a new model: it must load and give finite output
+MAX_WEIGHT = PAIR_SUM_LIMIT // (2 * 255)  # 64
+BUILD_CHECK_CROPS = 2  # random crops run once through a new model: it must load and give finite output
 # Issue 13's limits: below either, the int8 features are not trusted and the user is told to use fp32.
-MIN_COSINE = 0.995         # per-crop cosine between the int8 and the fp32 embedding, smallest of the sample
-MIN_SPEARMAN = 0.99        # Spearman rank correlation of s_final over the sample's images
-MIN_RANKED_IMAGES = 3      # fewer images give no meaningful rank correlation
+MIN_COSINE = 0.995  # per-crop cosine between the int8 and the fp32 embedding, smallest of the sample
+MIN_SPEARMAN = 0.99  # Spearman rank correlation of s_final over the sample's images
+MIN_RANKED_IMAGES = 3  # fewer images give no meaningful rank correlation
 FIDELITY_RECORD = "int8-fidelity.json"  # checks that passed, kept where they were needed (see check_on_dataset)
 
 
@@ -82,45 +106,61 @@ class Int8FidelityError(UserError):
     """The int8 encoder's features are too far from fp32 on the user's images."""
 
 
-def int8_backbone(backbone: ClipBackbone, *, cache_root: Path | None = None,
-                  threads: int | None = None) -> OnnxClipBackbone:
+def int8_backbone(
+    backbone: ClipBackbone, *, cache_root: Path | None = None, threads: int | None = None
+) -> OnnxClipBackbone:
     """``backbone`` with its image encoder replaced by the int8 one (made once, then reused).
 
     The verified fp32 encoder is kept as ``reference_encoder`` for the fidelity checks. CPU only:
     ONNX Runtime's integer kernels are CPU kernels, and a GPU is better served by ``--engine torch``.
     """
     if backbone.device.type != "cpu":
-        raise UserError(f"--engine onnx-int8 runs on the CPU, not on --device {backbone.device}: pass --device cpu, "
-                        "or use --engine torch on the GPU")
+        raise UserError(
+            f"--engine onnx-int8 runs on the CPU, not on --device {backbone.device}: pass --device cpu, "
+            "or use --engine torch on the GPU"
+        )
     directory = export_dir(backbone, cache_root)
     make_dirs(directory)
     with export_lock(directory):
         fp32 = locked_fp32_encoder(backbone, directory, threads)
         int8 = _locked_int8_encoder(backbone, fp32, directory, threads)
     say(int8.describe())
-    return OnnxClipBackbone(**torch_fields(backbone), image_encoder=int8, reference_encoder=fp32,
-                            engine="onnx-int8", precision=INT8_PRECISION)
+    return OnnxClipBackbone(
+        **torch_fields(backbone),
+        image_encoder=int8,
+        reference_encoder=fp32,
+        engine="onnx-int8",
+        precision=INT8_PRECISION,
+    )
 
 
 def quantise(source: Path, target: Path) -> None:
     """Write the int8 model of the fp32 graph ``source`` to ``target`` (settings: ``QUANTISATION``)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
     try:
         with _quiet_quantiser():
             quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
     except Exception as err:  # the quantiser raises many types: a full disk, or "this graph does not quantise"
-        raise write_fault(err, target) or OnnxEngineError(f"onnxruntime could not quantise {source} to int8: "
-                                                          f"{first_line(err)}. Use --engine onnx.") from err
+        raise write_fault(err, target) or OnnxEngineError(
+            f"onnxruntime could not quantise {source} to int8: {first_line(err)}. Use --engine onnx."
+        ) from err
 
 
 def largest_int8_weight(path: Path) -> int:
     """The largest |w| over the int8 weight tensors of the ONNX model at ``path``."""
     import onnx
     from onnx import numpy_helper
+
     model = onnx.load(str(path))
-    return max((int(np.abs(numpy_helper.to_array(tensor).astype(np.int32)).max())
-                for tensor in model.graph.initializer if tensor.data_type == onnx.TensorProto.INT8),
-               default=0)
+    return max(
+        (
+            int(np.abs(numpy_helper.to_array(tensor).astype(np.int32)).max())
+            for tensor in model.graph.initializer
+            if tensor.data_type == onnx.TensorProto.INT8
+        ),
+        default=0,
+    )
 
 
 def check_pair_sums(path: Path) -> None:
@@ -128,19 +168,26 @@ def check_pair_sums(path: Path) -> None:
     (``MAX_WEIGHT``): its features would then depend on the CPU's instruction set."""
     largest = largest_int8_weight(path)
     if largest > MAX_WEIGHT:
-        raise OnnxEngineError(f"the int8 model {path} has a weight of {largest} (> {MAX_WEIGHT}): 2 × 255 × {largest} "
-                              f"> {PAIR_SUM_LIMIT} saturates on CPUs without VNNI, so its features would depend on "
-                              "the CPU. Nothing was cached; use --engine onnx.")
+        raise OnnxEngineError(
+            f"the int8 model {path} has a weight of {largest} (> {MAX_WEIGHT}): 2 × 255 × {largest} "
+            f"> {PAIR_SUM_LIMIT} saturates on CPUs without VNNI, so its features would depend on "
+            "the CPU. Nothing was cached; use --engine onnx."
+        )
 
 
 def _int8_key(backbone: ClipBackbone, fp32: OnnxImageEncoder) -> dict:
     """The sidecar fields that must be equal for a quantised model to be reused."""
-    return {**key_fields(backbone), "int8_format": INT8_FORMAT, "quantised_from_sha256": fp32.meta["sha256"],
-            "quantisation": QUANTISATION}
+    return {
+        **key_fields(backbone),
+        "int8_format": INT8_FORMAT,
+        "quantised_from_sha256": fp32.meta["sha256"],
+        "quantisation": QUANTISATION,
+    }
 
 
-def _locked_int8_encoder(backbone: ClipBackbone, fp32: OnnxImageEncoder, directory: Path,
-                         threads: int | None) -> OnnxImageEncoder:
+def _locked_int8_encoder(
+    backbone: ClipBackbone, fp32: OnnxImageEncoder, directory: Path, threads: int | None
+) -> OnnxImageEncoder:
     """The int8 encoder in ``directory`` (reused, or quantised again from ``fp32``); the caller holds the lock."""
     ort = onnxruntime_module()
     options = session_options(ort, threads)
@@ -149,16 +196,18 @@ def _locked_int8_encoder(backbone: ClipBackbone, fp32: OnnxImageEncoder, directo
         problem = file_problem(path, sidecar, _int8_key(backbone, fp32))
         if problem is None:
             try:
-                return _int8_encoder(open_session(ort, path, options, ["CPUExecutionProvider"]), path,
-                                     read_sidecar(sidecar))
+                return _int8_encoder(
+                    open_session(ort, path, options, ["CPUExecutionProvider"]), path, read_sidecar(sidecar)
+                )
             except OnnxEngineError as err:
                 problem = str(err)
         say(f"rebuilding {path}: {problem}")
     return _quantise_checked(backbone, fp32, directory, ort, options)
 
 
-def _quantise_checked(backbone: ClipBackbone, fp32: OnnxImageEncoder, directory: Path, ort,
-                      options) -> OnnxImageEncoder:
+def _quantise_checked(
+    backbone: ClipBackbone, fp32: OnnxImageEncoder, directory: Path, ort, options
+) -> OnnxImageEncoder:
     """Quantise into a temporary file; once it loads and gives finite embeddings, move it and its sidecar
     into place (the sidecar last, so that a half-written pair reads as a mismatch and is rebuilt)."""
     path, tmp = directory / INT8_FILE, directory / f".{INT8_FILE}.{os.getpid()}.tmp"
@@ -172,16 +221,23 @@ def _quantise_checked(backbone: ClipBackbone, fp32: OnnxImageEncoder, directory:
         crops = np.random.default_rng(0).standard_normal((BUILD_CHECK_CROPS, 3, size, size)).astype(np.float32)
         out = session.run([OUTPUT_NAME], {INPUT_NAME: crops})[0]
         if out.shape != (BUILD_CHECK_CROPS, backbone.embed_dim) or not np.isfinite(out).all():
-            raise OnnxEngineError(f"the int8 model of {fp32.path} gives {out.shape} outputs"
-                                  f"{'' if np.isfinite(out).all() else ' with NaN or inf'}: nothing was cached; "
-                                  "use --engine onnx")
-        meta = {**sidecar_fields(_int8_key(backbone, fp32), backbone, tmp, ort),
-                "quantise_seconds": round(seconds, 2), "quantised": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            raise OnnxEngineError(
+                f"the int8 model of {fp32.path} gives {out.shape} outputs"
+                f"{'' if np.isfinite(out).all() else ' with NaN or inf'}: nothing was cached; "
+                "use --engine onnx"
+            )
+        meta = {
+            **sidecar_fields(_int8_key(backbone, fp32), backbone, tmp, ort),
+            "quantise_seconds": round(seconds, 2),
+            "quantised": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         publish_encoder(tmp, path, directory / INT8_SIDECAR_FILE, meta)
     finally:
         tmp.unlink(missing_ok=True)
-    say(f"quantised {backbone.name} image encoder to int8 in {seconds:.1f} s ({meta['bytes'] / 1e6:.1f} MB); "
-        "it is checked against fp32 on your own images before its features are used")
+    say(
+        f"quantised {backbone.name} image encoder to int8 in {seconds:.1f} s ({meta['bytes'] / 1e6:.1f} MB); "
+        "it is checked against fp32 on your own images before its features are used"
+    )
     return _int8_encoder(session, path, meta)
 
 
@@ -211,7 +267,7 @@ class Fidelity:
     crops: int
     cosine_min: float
     cosine_mean: float
-    spearman: float | None = None   # of s_final, fp32 vs int8 features; None without a scorer or enough images
+    spearman: float | None = None  # of s_final, fp32 vs int8 features; None without a scorer or enough images
 
     @property
     def passed(self) -> bool:
@@ -219,17 +275,26 @@ class Fidelity:
         return cosine_ok and (self.spearman is None or self.spearman >= MIN_SPEARMAN)
 
     def summary(self) -> str:
-        text = (f"per-crop cosine of int8 to fp32 min {self.cosine_min:.4f} (limit {MIN_COSINE}), mean "
-                f"{self.cosine_mean:.4f}, on {self.crops} crops of {self.images} images")
+        text = (
+            f"per-crop cosine of int8 to fp32 min {self.cosine_min:.4f} (limit {MIN_COSINE}), mean "
+            f"{self.cosine_mean:.4f}, on {self.crops} crops of {self.images} images"
+        )
         if self.spearman is None:
-            return text + "; Spearman of s_final not measured (needs a checkpoint and at least " \
-                          f"{MIN_RANKED_IMAGES} images)"
+            return (
+                text + "; Spearman of s_final not measured (needs a checkpoint and at least "
+                f"{MIN_RANKED_IMAGES} images)"
+            )
         shown = "undefined (the scores are constant)" if np.isnan(self.spearman) else f"{self.spearman:.4f}"
         return text + f"; Spearman of s_final {shown} (limit {MIN_SPEARMAN})"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "min_cosine": MIN_COSINE, "min_spearman": MIN_SPEARMAN, "passed": self.passed,
-                "summary": self.summary()}
+        return {
+            **asdict(self),
+            "min_cosine": MIN_COSINE,
+            "min_spearman": MIN_SPEARMAN,
+            "passed": self.passed,
+            "summary": self.summary(),
+        }
 
 
 def measure_fidelity(backbone: OnnxClipBackbone, images: list[np.ndarray], score=None) -> Fidelity:
@@ -243,19 +308,27 @@ def measure_fidelity(backbone: OnnxClipBackbone, images: list[np.ndarray], score
     spearman = None
     if score is not None and len(images) >= MIN_RANKED_IMAGES:
         from scipy.stats import spearmanr
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # constant scores: NaN (reported as undefined, and fails) is enough
             spearman = float(spearmanr(score(fp32), score(int8))[0])
-    return Fidelity(images=len(images), crops=int(cosine.size), cosine_min=float(cosine.min()),
-                    cosine_mean=float(cosine.mean()), spearman=spearman)
+    return Fidelity(
+        images=len(images),
+        crops=int(cosine.size),
+        cosine_min=float(cosine.min()),
+        cosine_mean=float(cosine.mean()),
+        spearman=spearman,
+    )
 
 
 def require_fidelity(fidelity: Fidelity, where: str, fp32_advice: str) -> None:
     """Raise ``Int8FidelityError`` (with the figures) when ``fidelity`` is below the limits;
     ``fp32_advice`` says how to run the same command in fp32."""
     if not fidelity.passed:
-        raise Int8FidelityError(f"the int8 image encoder is too far from fp32 on {where}: {fidelity.summary()}. "
-                                f"Its features cannot be trusted on these images: {fp32_advice}.")
+        raise Int8FidelityError(
+            f"the int8 image encoder is too far from fp32 on {where}: {fidelity.summary()}. "
+            f"Its features cannot be trusted on these images: {fp32_advice}."
+        )
 
 
 def image_crops(paths: list[Path], backbone: ClipBackbone) -> tuple[list[np.ndarray], list[int]]:
@@ -290,8 +363,9 @@ def write_record(path: Path, key: str, fidelity: Fidelity, images_from: str) -> 
     atomic_write_text(path, json.dumps(records, indent=2))
 
 
-def check_on_dataset(backbone: OnnxClipBackbone, cache_dir, dataset: str, root, categories=None,
-                     sample: int = FIDELITY_SAMPLE) -> Fidelity | None:
+def check_on_dataset(
+    backbone: OnnxClipBackbone, cache_dir, dataset: str, root, categories=None, sample: int = FIDELITY_SAMPLE
+) -> Fidelity | None:
     """extract's check: on first use of this int8 model with ``cache_dir``, encode ``sample`` images of
     the dataset being extracted with fp32 and int8 and stop below the limits.
 
@@ -312,8 +386,10 @@ def check_on_dataset(backbone: OnnxClipBackbone, cache_dir, dataset: str, root, 
     chosen = evenly_spaced(records, sample)
     crops, _ = image_crops([root / record.relpath for record in chosen], backbone)
     if not crops:
-        raise UserError(f"the int8 check found no readable image among {len(chosen)} of {root}: fix the images, "
-                        "or use --engine onnx")
+        raise UserError(
+            f"the int8 check found no readable image among {len(chosen)} of {root}: fix the images, "
+            "or use --engine onnx"
+        )
     fidelity = measure_fidelity(backbone, crops)
     require_fidelity(fidelity, f"{len(crops)} images of {root}", "use --engine onnx (fp32) instead")
     make_dirs(Path(cache_dir))

@@ -21,6 +21,7 @@ idle 90 % of the time behind the old loader), so each step is chosen for it:
   pinned memory on CUDA) and starts its copy to the device on a side stream, so that it overlaps
   the previous batch's forward pass; ``normalise_crops`` then runs on the device.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,8 @@ from raml.errors import UserError
 from raml.extract.datasets import ImageRecord
 from raml.extract.pyramid import BadImageError, load_rgb, pyramid_crops, token_targets
 
-STAGED_BATCHES = 1      # staged batches that may wait for the encoder (one more is being encoded)
-_POLL_SECONDS = 0.1     # how often a blocked staging thread checks whether it should stop
+STAGED_BATCHES = 1  # staged batches that may wait for the encoder (one more is being encoded)
+_POLL_SECONDS = 0.1  # how often a blocked staging thread checks whether it should stop
 _SHARED_MEMORY = Path("/dev/shm")  # where torch's shared tensors live on Linux
 
 
@@ -58,10 +59,10 @@ def slot_count(batch_size: int, workers: int, prefetch: int) -> int:
 class CroppedImage:
     """One record after decoding: the slot holding its crops and its size, or why it is bad."""
 
-    index: int                  # position in the list of records being encoded
-    slot: int | None = None     # where its crops are, in the loader's shared slots
-    size: tuple | None = None   # (height, width) of the original image
-    reason: str | None = None   # set (and slot None) when the file cannot be decoded
+    index: int  # position in the list of records being encoded
+    slot: int | None = None  # where its crops are, in the loader's shared slots
+    size: tuple | None = None  # (height, width) of the original image
+    reason: str | None = None  # set (and slot None) when the file cannot be decoded
     targets: tuple | None = None  # with patch tokens: ``extract.pyramid.token_targets`` (from its mask)
 
 
@@ -69,7 +70,7 @@ class CroppedImage:
 class CropBatch:
     """One batch of records, in order; ``crops`` holds the good ones' crops, on the device."""
 
-    images: list                # CroppedImage
+    images: list  # CroppedImage
     crops: torch.Tensor | None  # uint8 [21 x good images, 3, S, S]; None when none is good
 
     @property
@@ -85,8 +86,15 @@ class _CropDataset(Dataset):
     """Decodes one record into its 21 uint8 crops, written into a shared slot, in a DataLoader worker;
     with ``per_tile`` (patch tokens), also reads its mask into the tokens' targets."""
 
-    def __init__(self, root: Path, records: list[ImageRecord], size: int, slots: torch.Tensor,
-                 writers: torch.Tensor, per_tile: int | None):
+    def __init__(
+        self,
+        root: Path,
+        records: list[ImageRecord],
+        size: int,
+        slots: torch.Tensor,
+        writers: torch.Tensor,
+        per_tile: int | None,
+    ):
         self.root, self.records, self.size, self.slots, self.writers = root, records, size, slots, writers
         self.per_tile = per_tile
 
@@ -99,8 +107,11 @@ class _CropDataset(Dataset):
         record = self.records[index]
         try:
             image = load_rgb(self.root / record.relpath)
-            targets = None if self.per_tile is None else \
-                token_targets(self.root, record, image.height, image.width, self.per_tile)
+            targets = (
+                None
+                if self.per_tile is None
+                else token_targets(self.root, record, image.height, image.width, self.per_tile)
+            )
         except BadImageError as err:
             return CroppedImage(index, reason=err.reason)
         pyramid_crops(image, self.size, out=self.slots[slot].permute(0, 3, 1, 2))
@@ -118,8 +129,17 @@ class CropBatches:
     the slots.
     """
 
-    def __init__(self, root: Path, records: list[ImageRecord], batches: list[list[int]], size: int, *,
-                 workers: int, device: torch.device, per_tile: int | None = None):
+    def __init__(
+        self,
+        root: Path,
+        records: list[ImageRecord],
+        batches: list[list[int]],
+        size: int,
+        *,
+        workers: int,
+        device: torch.device,
+        per_tile: int | None = None,
+    ):
         if [i for batch in batches for i in batch] != list(range(len(records))):
             raise ValueError("batches must cover the records once, in order")
         self.device = torch.device(device)
@@ -130,13 +150,19 @@ class CropBatches:
         self._writers = torch.full((n_slots,), -1, dtype=torch.int64)
         if workers:
             self._writers.share_memory_()
-        loader = DataLoader(_CropDataset(Path(root), records, size, self._slots, self._writers, per_tile), batch_size=None,
-                            shuffle=False, num_workers=workers, prefetch_factor=prefetch if workers else None)
+        loader = DataLoader(
+            _CropDataset(Path(root), records, size, self._slots, self._writers, per_tile),
+            batch_size=None,
+            shuffle=False,
+            num_workers=workers,
+            prefetch_factor=prefetch if workers else None,
+        )
         images = iter(loader)  # starts the workers now, from this thread, before any other thread starts
         self._queue: queue.Queue = queue.Queue(maxsize=STAGED_BATCHES)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._stage_all, args=(images, [len(b) for b in batches]),
-                                        name="raml-crop-stager", daemon=True)
+        self._thread = threading.Thread(
+            target=self._stage_all, args=(images, [len(b) for b in batches]), name="raml-crop-stager", daemon=True
+        )
         self._thread.start()
 
     def __iter__(self):
@@ -163,7 +189,7 @@ class CropBatches:
                 pass
         self._thread.join()
 
-    def __enter__(self) -> "CropBatches":
+    def __enter__(self) -> CropBatches:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -186,11 +212,14 @@ class CropBatches:
             return CropBatch(images, None), None
         staged = torch.empty((len(slots), *self._slots.shape[1:]), dtype=torch.uint8, pin_memory=stream is not None)
         torch.index_select(self._slots, 0, torch.tensor(slots), out=staged)
-        overwritten = [image.index for image in images
-                       if image.reason is None and int(self._writers[image.slot]) != image.index]
+        overwritten = [
+            image.index for image in images if image.reason is None and int(self._writers[image.slot]) != image.index
+        ]
         if overwritten:
-            raise RuntimeError(f"loader slots of images {overwritten} were overwritten before they were read: "
-                               "DataLoader dispatched more images ahead than its prefetch bound")
+            raise RuntimeError(
+                f"loader slots of images {overwritten} were overwritten before they were read: "
+                "DataLoader dispatched more images ahead than its prefetch bound"
+            )
         size = staged.shape[-2]
         crops = staged.view(-1, size, size, 3).permute(0, 3, 1, 2)  # [N, 3, S, S], channels-last in memory
         if stream is None:
@@ -223,7 +252,9 @@ def _shared_uint8(shape: tuple, workers: int) -> torch.Tensor:
     if _SHARED_MEMORY.is_dir():
         free = shutil.disk_usage(_SHARED_MEMORY).free
         if free < need:
-            raise UserError(f"extract needs {need / 2**20:.0f} MB of shared memory for its workers' crops; "
-                            f"{_SHARED_MEMORY} has {free / 2**20:.0f} MB free. In Docker, run with --ipc=host or "
-                            "--shm-size=2g; or pass fewer --workers, a smaller --batch-size, or --workers 0.")
+            raise UserError(
+                f"extract needs {need / 2**20:.0f} MB of shared memory for its workers' crops; "
+                f"{_SHARED_MEMORY} has {free / 2**20:.0f} MB free. In Docker, run with --ipc=host or "
+                "--shm-size=2g; or pass fewer --workers, a smaller --batch-size, or --workers 0."
+            )
     return torch.empty(shape, dtype=torch.uint8).share_memory_()

@@ -25,6 +25,7 @@ Every rebuild says why on stderr.
 The int8 engine (``--engine onnx-int8``, extract/int8_engine.py) quantises the verified fp32
 export and keeps the result in the same directory, under the same lock.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,17 +41,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raml.cache.files import (
+    atomic_write_text,
+    make_dirs,
+    move_into_place,
+    reporting_write_faults,
+    user_cache_root,
+    write_fault,
+)
 from raml.errors import UserError
-from raml.cache.files import atomic_write_text, make_dirs, move_into_place, reporting_write_faults, user_cache_root, write_fault
 from raml.extract.encoder import ClipBackbone, check_patch_tokens, embeddings_and_tokens
 from raml.extract.engines import usable_cores
 from raml.extract.identity import file_sha256
 from raml.extract.pyramid import normalise_crops
 
-EXPORT_FORMAT = 2          # bump when the graph's contract changes: older exports are then rebuilt (2: patch tokens)
-PARITY_TOLERANCE = 1e-4    # max abs difference from the torch encoder, float32
-EXPORT_CHECK_CROPS = 4     # random crops compared before a new export is accepted
-LOAD_CHECK_CROPS = 2       # random crops compared each time an existing export is opened
+EXPORT_FORMAT = 2  # bump when the graph's contract changes: older exports are then rebuilt (2: patch tokens)
+PARITY_TOLERANCE = 1e-4  # max abs difference from the torch encoder, float32
+EXPORT_CHECK_CROPS = 4  # random crops compared before a new export is accepted
+LOAD_CHECK_CROPS = 2  # random crops compared each time an existing export is opened
 INPUT_NAME, OUTPUT_NAME, TOKENS_NAME = "pixels", "embedding", "patch_tokens"
 ONNX_FILE, SIDECAR_FILE, LOCK_FILE = "encoder.onnx", "encoder.json", ".lock"
 
@@ -71,10 +79,10 @@ class OnnxEngineError(UserError):
 class OnnxImageEncoder:
     """A verified ONNX Runtime session of a backbone's image tower, and the export it runs."""
 
-    session: object            # onnxruntime.InferenceSession
-    path: Path                 # the .onnx file (the deploy export copies it)
-    meta: dict                 # its sidecar: model, weights, input size, normalisation, sha256, parity
-    provider: str              # the execution provider that runs it
+    session: object  # onnxruntime.InferenceSession
+    path: Path  # the .onnx file (the deploy export copies it)
+    meta: dict  # its sidecar: model, weights, input size, normalisation, sha256, parity
+    provider: str  # the execution provider that runs it
     cpu_crops_per_run: int = CPU_CROPS_PER_RUN  # crops per session run on the CPU (int8: see int8_engine)
 
     def describe(self) -> str:
@@ -93,9 +101,14 @@ class OnnxImageEncoder:
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
         outputs = [OUTPUT_NAME, TOKENS_NAME] if with_tokens else [OUTPUT_NAME]
         step = self.cpu_crops_per_run if self.provider == "CPUExecutionProvider" else len(pixels)
-        runs = [self.session.run(outputs, {INPUT_NAME: pixels[i:i + step]}) for i in range(0, len(pixels), max(step, 1))]
-        joined = [np.concatenate([run[k] for run in runs]) for k in range(len(outputs))] if runs else \
-            [np.zeros((0, self.meta["embed_dim"]), np.float32)]
+        runs = [
+            self.session.run(outputs, {INPUT_NAME: pixels[i : i + step]}) for i in range(0, len(pixels), max(step, 1))
+        ]
+        joined = (
+            [np.concatenate([run[k] for run in runs]) for k in range(len(outputs))]
+            if runs
+            else [np.zeros((0, self.meta["embed_dim"]), np.float32)]
+        )
         return tuple(joined) if with_tokens else joined[0]
 
 
@@ -125,8 +138,9 @@ class OnnxClipBackbone(ClipBackbone):
         return self.image_encoder.encode(normalise_crops(crops.cpu(), self.mean, self.std).numpy(), with_tokens=True)
 
 
-def onnx_backbone(backbone: ClipBackbone, *, cache_root: Path | None = None,
-                  threads: int | None = None) -> OnnxClipBackbone:
+def onnx_backbone(
+    backbone: ClipBackbone, *, cache_root: Path | None = None, threads: int | None = None
+) -> OnnxClipBackbone:
     """``backbone`` with its image encoder replaced by the verified ONNX one (see ``onnx_image_encoder``)."""
     encoder = onnx_image_encoder(backbone, cache_root=cache_root, threads=threads)
     return OnnxClipBackbone(**torch_fields(backbone), image_encoder=encoder)
@@ -137,8 +151,9 @@ def torch_fields(backbone: ClipBackbone) -> dict:
     return {f.name: getattr(backbone, f.name) for f in fields(ClipBackbone) if f.name not in ("engine", "precision")}
 
 
-def onnx_image_encoder(backbone: ClipBackbone, *, cache_root: Path | None = None,
-                       threads: int | None = None) -> OnnxImageEncoder:
+def onnx_image_encoder(
+    backbone: ClipBackbone, *, cache_root: Path | None = None, threads: int | None = None
+) -> OnnxImageEncoder:
     """The ONNX Runtime session of ``backbone``'s image tower, checked against torch.
 
     Reuses the cached export when it is intact and still matches torch; otherwise (first use,
@@ -196,8 +211,11 @@ def file_problem(path: Path, sidecar: Path, expected: dict) -> str | None:
         return f"{sidecar} is unreadable ({err})"
     wrong = [name for name in expected if meta.get(name) != expected[name]]
     if wrong:
-        return f"{sidecar} describes another encoder (" + ", ".join(
-            f"{name}: {meta.get(name)!r}, expected {expected[name]!r}" for name in wrong) + ")"
+        return (
+            f"{sidecar} describes another encoder ("
+            + ", ".join(f"{name}: {meta.get(name)!r}, expected {expected[name]!r}" for name in wrong)
+            + ")"
+        )
     size = path.stat().st_size
     if size != meta.get("bytes"):
         return f"{path} has {size} bytes, {sidecar} says {meta.get('bytes')} (truncated or modified)"
@@ -214,7 +232,7 @@ def max_abs_difference(session, backbone: ClipBackbone, n_crops: int, seed: int 
     onnx_out = session.run(None, {INPUT_NAME: crops})
     torch_out = _torch_fp32_outputs(backbone, crops)
     if len(onnx_out) != len(torch_out):
-        return float("inf")   # an export of another contract (another EXPORT_FORMAT)
+        return float("inf")  # an export of another contract (another EXPORT_FORMAT)
     return float(max(np.abs(ours - reference).max() for ours, reference in zip(onnx_out, torch_out)))
 
 
@@ -265,8 +283,10 @@ def _open_cached(directory: Path, backbone: ClipBackbone, ort, options, provider
         return None, str(err)
     diff = max_abs_difference(session, backbone, LOAD_CHECK_CROPS)
     if not diff <= PARITY_TOLERANCE:
-        return None, (f"its output differs from the torch encoder by {diff:.2e} (> {PARITY_TOLERANCE:g}): "
-                      "stale (the model's config, code or weights changed under the same name)")
+        return None, (
+            f"its output differs from the torch encoder by {diff:.2e} (> {PARITY_TOLERANCE:g}): "
+            "stale (the model's config, code or weights changed under the same name)"
+        )
     return OnnxImageEncoder(session, path, read_sidecar(directory / SIDECAR_FILE), session.get_providers()[0]), None
 
 
@@ -283,15 +303,23 @@ def _export_verified(backbone: ClipBackbone, directory: Path, ort, options, prov
             raise OnnxEngineError(
                 f"ONNX export of {backbone.name} ({backbone.weights}) does not match the torch encoder: "
                 f"max abs difference {diff:.2e} on {EXPORT_CHECK_CROPS} random crops, tolerance "
-                f"{PARITY_TOLERANCE:g}. Nothing was cached in {directory}; use --engine torch.")
-        meta = {**sidecar_fields(key_fields(backbone), backbone, tmp, ort), "max_abs_diff": diff,
-                "checked_crops": EXPORT_CHECK_CROPS, "tolerance": PARITY_TOLERANCE,
-                "export_seconds": round(seconds, 2), "exported": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                f"{PARITY_TOLERANCE:g}. Nothing was cached in {directory}; use --engine torch."
+            )
+        meta = {
+            **sidecar_fields(key_fields(backbone), backbone, tmp, ort),
+            "max_abs_diff": diff,
+            "checked_crops": EXPORT_CHECK_CROPS,
+            "tolerance": PARITY_TOLERANCE,
+            "export_seconds": round(seconds, 2),
+            "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         publish_encoder(tmp, path, directory / SIDECAR_FILE, meta)
     finally:
         tmp.unlink(missing_ok=True)
-    say(f"exported {backbone.name} image encoder in {seconds:.1f} s; max |onnx - torch| = {diff:.1e} "
-        f"on {EXPORT_CHECK_CROPS} random crops (tolerance {PARITY_TOLERANCE:g})")
+    say(
+        f"exported {backbone.name} image encoder in {seconds:.1f} s; max |onnx - torch| = {diff:.1e} "
+        f"on {EXPORT_CHECK_CROPS} random crops (tolerance {PARITY_TOLERANCE:g})"
+    )
     return OnnxImageEncoder(session, path, meta, session.get_providers()[0])
 
 
@@ -301,16 +329,25 @@ def _export_graph(backbone: ClipBackbone, path: Path) -> None:
     example = torch.randn(2, 3, size, size, device=backbone.device)  # 2, not 1: size-1 dims get specialised
     graph = _NormalisedImageEncoder(backbone.model).eval()
     try:
-        torch.onnx.export(graph, (example,), str(path), input_names=[INPUT_NAME], output_names=graph.outputs,
-                          dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}},
-                          external_data=False,  # one file: hashed, copied and replaced as a unit
-                          dynamo=True, verbose=False)  # verbose=False: no progress lines on stdout
+        torch.onnx.export(
+            graph,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=graph.outputs,
+            dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}},
+            external_data=False,  # one file: hashed, copied and replaced as a unit
+            dynamo=True,
+            verbose=False,
+        )  # verbose=False: no progress lines on stdout
     except ImportError as err:
-        raise OnnxEngineError(f"exporting to ONNX needs the onnx and onnxscript packages ({err}): "
-                              "pip install onnx onnxscript") from err
+        raise OnnxEngineError(
+            f"exporting to ONNX needs the onnx and onnxscript packages ({err}): pip install onnx onnxscript"
+        ) from err
     except Exception as err:  # the exporter raises many types: a full disk, or "this model does not export"
-        raise write_fault(err, path) or OnnxEngineError(f"torch.onnx could not export the image encoder of "
-                                                        f"{backbone.name}: {first_line(err)}. Use --engine torch.") from err
+        raise write_fault(err, path) or OnnxEngineError(
+            f"torch.onnx could not export the image encoder of {backbone.name}: {first_line(err)}. Use --engine torch."
+        ) from err
 
 
 def open_session(ort, path: Path, options, providers):
@@ -329,8 +366,9 @@ def onnxruntime_module():
     try:
         import onnxruntime
     except ImportError as err:
-        raise OnnxEngineError(f"--engine onnx needs onnxruntime ({err}): pip install onnxruntime "
-                              "(or onnxruntime-gpu on a CUDA machine)") from err
+        raise OnnxEngineError(
+            f"--engine onnx needs onnxruntime ({err}): pip install onnxruntime (or onnxruntime-gpu on a CUDA machine)"
+        ) from err
     return onnxruntime
 
 
@@ -341,8 +379,10 @@ def _providers(ort, device: torch.device) -> list:
             index = device.index if device.index is not None else torch.cuda.current_device()
             # TF32 is on by default in onnxruntime's CUDA provider; it would break float32 parity.
             return [("CUDAExecutionProvider", {"device_id": index, "use_tf32": 0}), "CPUExecutionProvider"]
-        say(f"--device {device}, but this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu "
-            "instead of onnxruntime): the encoder runs on the CPU")
+        say(
+            f"--device {device}, but this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu "
+            "instead of onnxruntime): the encoder runs on the CPU"
+        )
     return ["CPUExecutionProvider"]
 
 
@@ -372,8 +412,13 @@ def export_lock(directory: Path):
 
 def key_fields(backbone: ClipBackbone) -> dict:
     """The sidecar fields that must equal the backbone's for an export to be reused."""
-    return {"format": EXPORT_FORMAT, "model": backbone.name, "weights": backbone.weights,
-            "input_size": backbone.input_size, "embed_dim": backbone.embed_dim}
+    return {
+        "format": EXPORT_FORMAT,
+        "model": backbone.name,
+        "weights": backbone.weights,
+        "input_size": backbone.input_size,
+        "embed_dim": backbone.embed_dim,
+    }
 
 
 def read_sidecar(path: Path) -> dict:
@@ -396,14 +441,26 @@ def sidecar_fields(key: dict, backbone: ClipBackbone, model_file: Path, ort) -> 
     and output, its size and hash, and the versions that built it."""
     import onnx
     import open_clip
-    return {**key, "random_weights": backbone.random_weights, "mean": list(backbone.mean),
-            "std": list(backbone.std), "input": INPUT_NAME, "output": OUTPUT_NAME,
-            "output_is": "L2-normalised float32 image embedding", "patch_tokens": TOKENS_NAME,
-            "patch_tokens_are": "the crop's patch tokens in the same space, pooled as cache/tokens.py says (ViTs)",
-            "bytes": model_file.stat().st_size,
-            "sha256": file_sha256(model_file),
-            "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "onnx": onnx.__version__,
-                         "onnxruntime": ort.__version__}}
+
+    return {
+        **key,
+        "random_weights": backbone.random_weights,
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+        "input": INPUT_NAME,
+        "output": OUTPUT_NAME,
+        "output_is": "L2-normalised float32 image embedding",
+        "patch_tokens": TOKENS_NAME,
+        "patch_tokens_are": "the crop's patch tokens in the same space, pooled as cache/tokens.py says (ViTs)",
+        "bytes": model_file.stat().st_size,
+        "sha256": file_sha256(model_file),
+        "versions": {
+            "torch": torch.__version__,
+            "open_clip": open_clip.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+        },
+    }
 
 
 def say(message: str) -> None:

@@ -4,6 +4,7 @@ Crop order (``cache.CROP_LAYOUT``): index 0 is the whole image, 1-4 the 2x2 grid
 grid, each grid row-major. Tiles are cut from the original pixels, not from a resized copy: that
 is where the extra effective resolution comes from (SPEC.md, the original code's first mistake).
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,10 +15,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from raml.cache import CROP_LAYOUT, N_CROPS
-from raml.errors import UserError
 from raml.cache.format import grid_edges
-from raml.errors import printable
 from raml.cache.tokens import EVAL_MASK_BYTES, TILES, defect_fractions, eval_mask
+from raml.errors import UserError, printable
 
 if TYPE_CHECKING:  # torch is imported where crops are made, not by every reader of this module
     import torch
@@ -56,22 +56,29 @@ def load_rgb(path: Path) -> Image.Image:
         with Image.open(path) as image:
             pixels = image.width * image.height
             if pixels > MAX_IMAGE_PIXELS:
-                raise BadImageError(path, f"{pixels:,} px ({image.width}x{image.height}), over RAML's limit of "
-                                          f"{MAX_IMAGE_PIXELS:,} px: a decompression bomb, or an image to downscale")
+                raise BadImageError(
+                    path,
+                    f"{pixels:,} px ({image.width}x{image.height}), over RAML's limit of "
+                    f"{MAX_IMAGE_PIXELS:,} px: a decompression bomb, or an image to downscale",
+                )
             image.load()  # decode now: a truncated file fails here, not later in a worker
             ImageOps.exif_transpose(image, in_place=True)
             rgb = _to_rgb(path, image)
     except BadImageError:
         raise
-    except Image.DecompressionBombError as err:   # Pillow checks first, in Image.open; same limit by default
+    except Image.DecompressionBombError as err:  # Pillow checks first, in Image.open; same limit by default
         raise BadImageError(path, f"refused by Pillow's decompression-bomb check: {err}") from None
     except UnidentifiedImageError:
         raise BadImageError(path, "not an image PIL can read") from None
-    except Exception as err:   # PIL's decoders raise many types for damaged bytes (OSError, SyntaxError, struct.error...)
+    except (
+        Exception
+    ) as err:  # PIL's decoders raise many types for damaged bytes (OSError, SyntaxError, struct.error...)
         raise BadImageError(path, f"cannot decode ({type(err).__name__}: {err})") from None
     if min(rgb.size) < MIN_IMAGE_SIDE:
-        raise BadImageError(path, f"too small ({rgb.width}x{rgb.height} px); the 4x4 grid needs at least "
-                                  f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
+        raise BadImageError(
+            path,
+            f"too small ({rgb.width}x{rgb.height} px); the 4x4 grid needs at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}",
+        )
     return rgb
 
 
@@ -81,17 +88,19 @@ def load_mask(path: Path, width: int, height: int) -> np.ndarray:
     try:
         with Image.open(path) as mask:
             if mask.width * mask.height > MAX_IMAGE_PIXELS:
-                raise BadImageError(path, f"defect mask of {mask.width}x{mask.height} px, over RAML's limit of "
-                                          f"{MAX_IMAGE_PIXELS:,} px")
+                raise BadImageError(
+                    path, f"defect mask of {mask.width}x{mask.height} px, over RAML's limit of {MAX_IMAGE_PIXELS:,} px"
+                )
             mask = ImageOps.exif_transpose(mask).convert("L")
             if mask.size != (width, height):
                 mask = mask.resize((width, height), Image.NEAREST)
             return np.asarray(mask) > 0
     except BadImageError:
         raise
-    except Exception as err:   # missing, truncated or not an image: PIL raises many types for damaged bytes
-        raise BadImageError(path, f"defect mask {Path(path).name} cannot be read ({type(err).__name__}: "
-                                  f"{err})") from None
+    except Exception as err:  # missing, truncated or not an image: PIL raises many types for damaged bytes
+        raise BadImageError(
+            path, f"defect mask {Path(path).name} cannot be read ({type(err).__name__}: {err})"
+        ) from None
 
 
 def token_targets(root: Path, record, height: int, width: int, per_tile: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +111,7 @@ def token_targets(root: Path, record, height: int, width: int, per_tile: int) ->
     if record.label and record.mask_relpath:
         try:
             mask = load_mask(Path(root) / record.mask_relpath, width, height)
-        except BadImageError as err:   # the image's problem: it cannot be stored without its targets
+        except BadImageError as err:  # the image's problem: it cannot be stored without its targets
             raise BadImageError(Path(root) / record.relpath, f"its {err.reason}") from None
         return defect_fractions(mask, per_tile), eval_mask(mask)
     count = TILES * TILES * per_tile * per_tile
@@ -119,8 +128,9 @@ def _to_rgb(path: Path, image: Image.Image) -> Image.Image:
             raise BadImageError(path, f"unsupported mode {image.mode} with values outside 0..65535")
         grey = np.round(values / 257.0).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
-    raise BadImageError(path, f"unsupported image mode {image.mode!r} (expected RGB, grey, palette, "
-                              "RGBA, CMYK or 16-bit grey)")
+    raise BadImageError(
+        path, f"unsupported image mode {image.mode!r} (expected RGB, grey, palette, RGBA, CMYK or 16-bit grey)"
+    )
 
 
 def tile_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:

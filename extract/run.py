@@ -18,6 +18,7 @@ The crops come from ``extract.loader.CropBatches`` (worker processes, shared mem
 staged on the encoder's device ahead of use); finished shards go to a ``ShardWriter`` thread, so
 the encoder waits neither for decoding nor for HDF5.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,45 +35,45 @@ import numpy as np
 from tqdm import tqdm
 
 from raml.cache import N_CROPS, ShardRows, claim_cache, fingerprint, read_cache, write_shard
-from raml.errors import CacheError, UserError
-from raml.errors import working_on
 from raml.cache.files import atomic_write_text
 from raml.cache.format import claim_token_setting, next_shard_path, shards_bytes, slot_prefix
-from raml.errors import human_bytes, printable
 from raml.cache.lock import WriterSlot
 from raml.cache.reader import LoadedShard, load_shard
 from raml.cache.tokens import TOKEN_CROPS, token_bytes_per_image, token_setting
 from raml.cache.writer import estimated_bytes
+from raml.errors import CacheError, UserError, human_bytes, printable, working_on
 from raml.extract.datasets import ImageRecord, name_problem, read_dataset
 from raml.extract.identity import BackboneIdentity, identity_of
 from raml.extract.prompts import encode_prompts, prompt_spec
 from raml.extract.pyramid import BadImageError
 
 CODE_VERSION = "0.1.0"
-DEFAULT_SHARD_SIZE = 256   # images per shard: ~5.5 MB of float16 ViT-B/16 features
-SPACE_WARNING = 0.8        # warn when a run would fill more than this share of the free space
+DEFAULT_SHARD_SIZE = 256  # images per shard: ~5.5 MB of float16 ViT-B/16 features
+SPACE_WARNING = 0.8  # warn when a run would fill more than this share of the free space
 
 
 @dataclass
 class ExtractSummary:
     cache_dir: Path
-    images: int = 0            # newly encoded
+    images: int = 0  # newly encoded
     skipped: list = field(default_factory=list)
     already_cached: int = 0
     seconds: float = 0.0
-    stale_partials: list = field(default_factory=list)   # partial shards of killed runs, removed
-    not_read: list = field(default_factory=list)         # (path, reason): entries of image folders not read
-    report: Path | None = None                           # the report written, if any
-    tokens_added: int = 0      # cached images whose shards got their patch tokens in this run
+    stale_partials: list = field(default_factory=list)  # partial shards of killed runs, removed
+    not_read: list = field(default_factory=list)  # (path, reason): entries of image folders not read
+    report: Path | None = None  # the report written, if any
+    tokens_added: int = 0  # cached images whose shards got their patch tokens in this run
     untokened_elsewhere: list = field(default_factory=list)  # shards of other writer slots still without tokens
 
     def line(self) -> str:
         rate = (self.images + self.tokens_added) / self.seconds if self.seconds else 0.0
         tokens = f", patch tokens added to {self.tokens_added} cached images" if self.tokens_added else ""
         not_read = f", {len(self.not_read)} not read: see {self.report}" if self.not_read else ""
-        return (f"extract: {self.images} images encoded, {len(self.skipped)} skipped, "
-                f"{self.already_cached} already cached{tokens}{not_read}, {self.seconds:.1f} s, {rate:.2f} images/s "
-                f"→ {self.cache_dir}")
+        return (
+            f"extract: {self.images} images encoded, {len(self.skipped)} skipped, "
+            f"{self.already_cached} already cached{tokens}{not_read}, {self.seconds:.1f} s, {rate:.2f} images/s "
+            f"→ {self.cache_dir}"
+        )
 
 
 @dataclass
@@ -80,9 +81,9 @@ class Chunk:
     """The images of one shard, in its row order: a new shard of the writer slot, or (``replaces``)
     an existing shard that is written anew with its patch tokens."""
 
-    records: list                        # ImageRecord
+    records: list  # ImageRecord
     replaces: LoadedShard | None = None  # the stored shard: its features, prompts and skipped files are kept
-    path: Path | None = None             # where ``replaces`` lies
+    path: Path | None = None  # where ``replaces`` lies
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -98,8 +99,16 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     return index, count
 
 
-def check_free_space(cache_dir: Path, images: int, cached, embed_dim: int, shard_size: int, *,
-                     token_images: int = 0, token_bytes: int = 0) -> None:
+def check_free_space(
+    cache_dir: Path,
+    images: int,
+    cached,
+    embed_dim: int,
+    shard_size: int,
+    *,
+    token_images: int = 0,
+    token_bytes: int = 0,
+) -> None:
     """Refuse, before any encoding, a run whose ``images`` new rows would not fit on the cache's
     file system, with both numbers; warn on stderr when they would fill most of it. What an image's
     features take is measured on the cache's own shards when it has some without patch tokens
@@ -116,16 +125,22 @@ def check_free_space(cache_dir: Path, images: int, cached, embed_dim: int, shard
     if token_images:
         need += token_images * token_bytes
         how += f", and {human_bytes(token_bytes)} of patch tokens for each of {token_images} images"
-    encoded = max(images, token_images)   # the images that get tokens include the new ones
+    encoded = max(images, token_images)  # the images that get tokens include the new ones
     existing = next(path for path in (Path(cache_dir).resolve(), *Path(cache_dir).resolve().parents) if path.exists())
     free = shutil.disk_usage(existing).free
     if need > free:
-        raise CacheError(f"{cache_dir}: {encoded} images to encode need about {human_bytes(need)} "
-                         f"({how}), but its file system has {human_bytes(free)} free. Free some space or choose "
-                         "another --cache-dir; nothing was encoded.")
+        raise CacheError(
+            f"{cache_dir}: {encoded} images to encode need about {human_bytes(need)} "
+            f"({how}), but its file system has {human_bytes(free)} free. Free some space or choose "
+            "another --cache-dir; nothing was encoded."
+        )
     if need > SPACE_WARNING * free:
-        print(f"extract: warning: {encoded} images to encode need about {human_bytes(need)} ({how}) of "
-              f"the {human_bytes(free)} free on the file system of {cache_dir}", file=sys.stderr, flush=True)
+        print(
+            f"extract: warning: {encoded} images to encode need about {human_bytes(need)} ({how}) of "
+            f"the {human_bytes(free)} free on the file system of {cache_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def limit_per_category(records: list[ImageRecord], limit: int | None) -> list[ImageRecord]:
@@ -145,11 +160,25 @@ def evenly_spaced(items: list, count: int) -> list:
     return [items[i] for i in picks]
 
 
-def extract_features(dataset: str, root, cache_dir, backbone_loader, *, identity: BackboneIdentity | None = None,
-                     categories=None, batch_size: int = 8, workers: int = 2, limit: int | None = None,
-                     skip_bad: bool = False, shard: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
-                     retry_skipped: bool = False, progress: bool = True,
-                     backbone_source: dict | None = None, patch_tokens: bool = False) -> ExtractSummary:
+def extract_features(
+    dataset: str,
+    root,
+    cache_dir,
+    backbone_loader,
+    *,
+    identity: BackboneIdentity | None = None,
+    categories=None,
+    batch_size: int = 8,
+    workers: int = 2,
+    limit: int | None = None,
+    skip_bad: bool = False,
+    shard: str | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    retry_skipped: bool = False,
+    progress: bool = True,
+    backbone_source: dict | None = None,
+    patch_tokens: bool = False,
+) -> ExtractSummary:
     """Encode every image of ``dataset`` not yet in ``cache_dir``; see the module docstring.
 
     ``patch_tokens``: store the images' patch tokens too (``cache.tokens``), and add them to the
@@ -182,62 +211,101 @@ def extract_features(dataset: str, root, cache_dir, backbone_loader, *, identity
     if identity is None:
         backbone = backbone_loader()
         identity = identity_of(backbone)
-    meta = fingerprint(**identity.fingerprint_fields(), code_version=CODE_VERSION,
-                       dataset={"kind": dataset, "root": str(root)}, prompts=prompt_spec())
+    meta = fingerprint(
+        **identity.fingerprint_fields(),
+        code_version=CODE_VERSION,
+        dataset={"kind": dataset, "root": str(root)},
+        prompts=prompt_spec(),
+    )
     if backbone_source is not None:
         meta["backbone_source"] = backbone_source
     with WriterSlot(cache_dir, shard_index, shard_count) as slot:
-        exists = claim_cache(cache_dir, meta, create=False)   # another backbone's cache: refused before loading
-        summary = ExtractSummary(cache_dir=cache_dir, stale_partials=slot.remove_stale_partials(),
-                                 not_read=[(printable(str(path)), reason) for path, reason in not_read])
+        exists = claim_cache(cache_dir, meta, create=False)  # another backbone's cache: refused before loading
+        summary = ExtractSummary(
+            cache_dir=cache_dir,
+            stale_partials=slot.remove_stale_partials(),
+            not_read=[(printable(str(path)), reason) for path, reason in not_read],
+        )
         cached = read_cache(cache_dir, with_features=False) if exists else None
-        done = set() if cached is None else \
-            cached.keys() | (set() if retry_skipped else {path for path, _ in cached.skipped})
+        done = (
+            set()
+            if cached is None
+            else cached.keys() | (set() if retry_skipped else {path for path, _ in cached.skipped})
+        )
         pending = [r for r in mine if printable(r.relpath) not in done]
         summary.already_cached = len(mine) - len(pending)
         pending, unstorable = _storable_names(pending, root, skip_bad, summary)
         with_tokens = patch_tokens or bool(cached is not None and cached.token_setting)
         untokened = _shards_without_tokens(cached, shard_index, shard_count, summary) if with_tokens else []
-        if not with_tokens:   # with tokens, checked once the backbone says how large they are
+        if not with_tokens:  # with tokens, checked once the backbone says how large they are
             check_free_space(cache_dir, len(pending), cached, identity.embed_dim, shard_size)
         if (pending or untokened) and backbone is None:
-            backbone = backbone_loader()   # may refuse, having checked itself (int8 fidelity): nothing written yet
+            backbone = backbone_loader()  # may refuse, having checked itself (int8 fidelity): nothing written yet
             if identity_of(backbone) != identity:
-                raise RuntimeError(f"backbone_loader loaded {identity_of(backbone)}, but the run was checked "
-                                   f"against {identity}: they must describe the same backbone")
+                raise RuntimeError(
+                    f"backbone_loader loaded {identity_of(backbone)}, but the run was checked "
+                    f"against {identity}: they must describe the same backbone"
+                )
         chunks = [_rewrite(path, meta) for path in untokened]
-        chunks += [Chunk(pending[first:first + shard_size]) for first in range(0, len(pending), shard_size)]
+        chunks += [Chunk(pending[first : first + shard_size]) for first in range(0, len(pending), shard_size)]
         setting = None
         if with_tokens and chunks:
             setting = token_setting(backbone.patch_grid, backbone.embed_dim)
-            check_free_space(cache_dir, len(pending), cached, identity.embed_dim, shard_size,
-                             token_images=sum(len(chunk.records) for chunk in chunks),
-                             token_bytes=token_bytes_per_image(setting))
+            check_free_space(
+                cache_dir,
+                len(pending),
+                cached,
+                identity.embed_dim,
+                shard_size,
+                token_images=sum(len(chunk.records) for chunk in chunks),
+                token_bytes=token_bytes_per_image(setting),
+            )
         claim_cache(cache_dir, meta)
         if setting is not None:
-            claim_token_setting(cache_dir, setting)   # refuses tokens of another setting before any is written
+            claim_token_setting(cache_dir, setting)  # refuses tokens of another setting before any is written
         if unstorable:
-            write_shard(next_shard_path(cache_dir, shard_index, shard_count), ShardRows(skipped=unstorable), meta,
-                        text={}, engine=None)
+            write_shard(
+                next_shard_path(cache_dir, shard_index, shard_count),
+                ShardRows(skipped=unstorable),
+                meta,
+                text={},
+                engine=None,
+            )
         if not chunks:
             summary.seconds = time.perf_counter() - start
             if summary.skipped or summary.not_read:
                 _write_report(cache_dir, shard_index, shard_count, summary)
             return summary
-        return _encode_chunks(root, chunks, backbone, meta, setting, cache_dir, shard_index, shard_count, summary,
-                              start, batch_size=batch_size, workers=workers, skip_bad=skip_bad, progress=progress)
+        return _encode_chunks(
+            root,
+            chunks,
+            backbone,
+            meta,
+            setting,
+            cache_dir,
+            shard_index,
+            shard_count,
+            summary,
+            start,
+            batch_size=batch_size,
+            workers=workers,
+            skip_bad=skip_bad,
+            progress=progress,
+        )
 
 
-def _storable_names(pending: list[ImageRecord], root: Path, skip_bad: bool,
-                    summary: ExtractSummary) -> tuple[list[ImageRecord], list[tuple[str, str]]]:
+def _storable_names(
+    pending: list[ImageRecord], root: Path, skip_bad: bool, summary: ExtractSummary
+) -> tuple[list[ImageRecord], list[tuple[str, str]]]:
     """The records of ``pending`` whose names a cache can hold (``name_problem``), and (relpath,
     reason) of the others. Without ``skip_bad`` any such name stops the run, named; with it, they
     are listed in ``summary`` as skipped, and the caller records them in a shard of their own."""
     refused = [(record.relpath, problem) for record in pending if (problem := name_problem(record))]
     if refused and not skip_bad:
         relpath, problem = refused[0]
-        raise BadImageError(root / relpath, problem + " (pass --skip-bad to skip such files and list them in the "
-                                                      "cache's report)")
+        raise BadImageError(
+            root / relpath, problem + " (pass --skip-bad to skip such files and list them in the cache's report)"
+        )
     summary.skipped += [(printable(str(root / relpath)), problem) for relpath, problem in refused]
     return [record for record in pending if not name_problem(record)], refused
 
@@ -258,26 +326,52 @@ def _rewrite(path: Path, meta: dict) -> Chunk:
     records they were encoded from, in its order."""
     shard = load_shard(path, meta)
     columns = shard.columns
-    records = [ImageRecord(str(columns["category"][row]), int(columns["label"][row]), str(columns["defect_type"][row]),
-                           str(columns["relpath"][row]), str(columns["split"][row]), str(columns["mask_relpath"][row]))
-               for row in range(len(columns["relpath"]))]
+    records = [
+        ImageRecord(
+            str(columns["category"][row]),
+            int(columns["label"][row]),
+            str(columns["defect_type"][row]),
+            str(columns["relpath"][row]),
+            str(columns["split"][row]),
+            str(columns["mask_relpath"][row]),
+        )
+        for row in range(len(columns["relpath"]))
+    ]
     return Chunk(records, shard, path)
 
 
-def _encode_chunks(root: Path, chunks: list[Chunk], backbone, meta: dict, setting: dict | None, cache_dir: Path,
-                   shard_index: int, shard_count: int, summary: ExtractSummary, start: float, *, batch_size: int,
-                   workers: int, skip_bad: bool, progress: bool) -> ExtractSummary:
+def _encode_chunks(
+    root: Path,
+    chunks: list[Chunk],
+    backbone,
+    meta: dict,
+    setting: dict | None,
+    cache_dir: Path,
+    shard_index: int,
+    shard_count: int,
+    summary: ExtractSummary,
+    start: float,
+    *,
+    batch_size: int,
+    workers: int,
+    skip_bad: bool,
+    progress: bool,
+) -> ExtractSummary:
     """Encode the chunks' images in batches and write them shard by shard (see the module docstring);
     with a token ``setting``, the patch tokens and mask targets of every image too."""
     from raml.extract.loader import CropBatches  # torch: imported only when there is something to encode
+
     records = [record for chunk in chunks for record in chunk.records]
-    text = {c: encode_prompts(backbone, c) for c in sorted({r.category for chunk in chunks if chunk.replaces is None
-                                                            for r in chunk.records})}
+    text = {
+        c: encode_prompts(backbone, c)
+        for c in sorted({r.category for chunk in chunks if chunk.replaces is None for r in chunk.records})
+    }
 
     def write(chunk: Chunk, rows: ShardRows) -> None:
         if chunk.replaces is None:
-            write_shard(next_shard_path(cache_dir, shard_index, shard_count), rows, meta, text, backbone.engine,
-                        setting)
+            write_shard(
+                next_shard_path(cache_dir, shard_index, shard_count), rows, meta, text, backbone.engine, setting
+            )
             return
         stored = chunk.replaces.columns
         rows.features, rows.sizes = list(stored["features"]), list(zip(stored["height"], stored["width"]))
@@ -286,21 +380,39 @@ def _encode_chunks(root: Path, chunks: list[Chunk], backbone, meta: dict, settin
 
     rows, chunk_index = ShardRows(), 0
     per_tile, dim = (setting["per_tile"] if setting else None), backbone.embed_dim
-    with (CropBatches(root, records, batch_indices([len(chunk.records) for chunk in chunks], batch_size),
-                      backbone.input_size, workers=workers, device=backbone.crops_device, per_tile=per_tile) as loader,
-          ShardWriter(write) as writer,
-          tqdm(total=len(records), unit="img", desc=f"extract {shard_index}/{shard_count}", disable=not progress,
-               dynamic_ncols=True) as bar):
+    with (
+        CropBatches(
+            root,
+            records,
+            batch_indices([len(chunk.records) for chunk in chunks], batch_size),
+            backbone.input_size,
+            workers=workers,
+            device=backbone.crops_device,
+            per_tile=per_tile,
+        ) as loader,
+        ShardWriter(write) as writer,
+        tqdm(
+            total=len(records),
+            unit="img",
+            desc=f"extract {shard_index}/{shard_count}",
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar,
+    ):
         for batch in loader:
             chunk = chunks[chunk_index]
             for image in batch.bad:
                 path = root / records[image.index].relpath
                 if chunk.replaces is not None:
-                    raise BadImageError(path, f"{image.reason}; it is cached in {chunk.path.name}, which cannot get "
-                                              "its patch tokens without it (its features stay): fix the file and re-run")
+                    raise BadImageError(
+                        path,
+                        f"{image.reason}; it is cached in {chunk.path.name}, which cannot get "
+                        "its patch tokens without it (its features stay): fix the file and re-run",
+                    )
                 if not skip_bad:
-                    raise BadImageError(path, image.reason + " (pass --skip-bad to skip such files and list them "
-                                                             "in the cache's report)")
+                    raise BadImageError(
+                        path, image.reason + " (pass --skip-bad to skip such files and list them in the cache's report)"
+                    )
                 rows.skipped.append((records[image.index].relpath, image.reason))
                 summary.skipped.append((str(path), image.reason))
             good = batch.good
@@ -310,10 +422,9 @@ def _encode_chunks(root: Path, chunks: list[Chunk], backbone, meta: dict, settin
                         features = backbone.encode_crops(batch.crops)
                     else:
                         features, tokens = backbone.encode_crops_and_tokens(batch.crops)
-                        tokens = tokens.reshape(len(good), N_CROPS, -1, dim)[:, TOKEN_CROPS].reshape(len(good), -1,
-                                                                                                     dim)
+                        tokens = tokens.reshape(len(good), N_CROPS, -1, dim)[:, TOKEN_CROPS].reshape(len(good), -1, dim)
                 for k, image in enumerate(good):
-                    rows.features.append(features[k * N_CROPS:(k + 1) * N_CROPS].astype(np.float16))
+                    rows.features.append(features[k * N_CROPS : (k + 1) * N_CROPS].astype(np.float16))
                     rows.records.append(records[image.index])
                     rows.sizes.append(image.size)
                     if setting is not None:
@@ -366,7 +477,7 @@ class ShardWriter:
             raise self._error
         self._queue.put(job)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
@@ -386,12 +497,16 @@ class ShardWriter:
 
 def _write_report(cache_dir: Path, shard_index: int, shard_count: int, summary: ExtractSummary) -> None:
     """A human-readable record of the run next to the shards (the shards stay the source of truth)."""
-    report = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "shard": f"{shard_index}/{shard_count}",
-              "images": summary.images, "already_cached": summary.already_cached,
-              "patch_tokens_added": summary.tokens_added, "seconds": round(summary.seconds, 2),
-              "skipped": [{"path": path, "reason": reason} for path, reason in summary.skipped],
-              "not_read": [{"path": path, "reason": reason} for path, reason in summary.not_read]}
+    report = {
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "shard": f"{shard_index}/{shard_count}",
+        "images": summary.images,
+        "already_cached": summary.already_cached,
+        "patch_tokens_added": summary.tokens_added,
+        "seconds": round(summary.seconds, 2),
+        "skipped": [{"path": path, "reason": reason} for path, reason in summary.skipped],
+        "not_read": [{"path": path, "reason": reason} for path, reason in summary.not_read],
+    }
     path = cache_dir / f"extract-report-{shard_index:03d}of{shard_count:03d}.json"
     atomic_write_text(path, json.dumps(report, indent=2))
     summary.report = path
-

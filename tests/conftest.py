@@ -1,4 +1,5 @@
 """Shared fixtures: the tiny CLIP (same open_clip code path, random weights) and synthetic data."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a download in tests
@@ -58,8 +59,9 @@ def mvtec_cache(tmp_path_factory, mvtec_root, tiny_backbone):
 def mvtec_token_cache(tmp_path_factory, mvtec_root, tiny_backbone):
     """The synthetic MVTec tree's cache with patch tokens and mask targets (``--patch-tokens``). Read-only."""
     cache_dir = tmp_path_factory.mktemp("cache") / "mvtec-tokens"
-    extract_features("mvtec", mvtec_root, cache_dir, lambda: tiny_backbone, workers=0, progress=False,
-                     patch_tokens=True)
+    extract_features(
+        "mvtec", mvtec_root, cache_dir, lambda: tiny_backbone, workers=0, progress=False, patch_tokens=True
+    )
     return cache_dir
 
 
@@ -68,5 +70,6 @@ def two_category_table(tmp_path_factory):
     """A separable synthetic feature cache for stage two: 2 categories × (20 training, 10 good and 10
     defective test images), 32-d features. Read-only."""
     shape = {"bottle": (20, 10, 10, 900), "screw": (20, 10, 10, 1024)}
-    return read_cache(write_synthetic_cache(tmp_path_factory.mktemp("two-categories") / "cache", shape, dim=32,
-                                            separation=3.0))
+    return read_cache(
+        write_synthetic_cache(tmp_path_factory.mktemp("two-categories") / "cache", shape, dim=32, separation=3.0)
+    )

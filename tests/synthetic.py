@@ -3,6 +3,7 @@
 Normal images are smooth stripes; anomalous ones add a bright square ("defect") in one corner, so
 a model that sees the tiles can tell them apart. Sizes are small but uneven on purpose.
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,7 +23,7 @@ def part_image(seed: int, size=(97, 83), anomalous: bool = False) -> Image.Image
     pixels += rng.normal(0, 4, pixels.shape)
     if anomalous:
         s = max(6, min(width, height) // 5)
-        pixels[height - s - 2:height - 2, width - s - 2:width - 2] = 255
+        pixels[height - s - 2 : height - 2, width - s - 2 : width - 2] = 255
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
@@ -30,18 +31,27 @@ def mask_image(size=(97, 83)) -> Image.Image:
     width, height = size
     mask = np.zeros((height, width), np.uint8)
     s = max(6, min(width, height) // 5)
-    mask[height - s - 2:height - 2, width - s - 2:width - 2] = 255
+    mask[height - s - 2 : height - 2, width - s - 2 : width - 2] = 255
     return Image.fromarray(mask)
 
 
-def make_mvtec(root: Path, categories=("bottle", "metal_nut"), n_train=4, n_test_good=2,
-               defects=("broken", "scratch"), n_defect=2, suffix=".png", size=(97, 83)) -> Path:
+def make_mvtec(
+    root: Path,
+    categories=("bottle", "metal_nut"),
+    n_train=4,
+    n_test_good=2,
+    defects=("broken", "scratch"),
+    n_defect=2,
+    suffix=".png",
+    size=(97, 83),
+) -> Path:
     """``<root>/<category>/{train/good, test/<type>, ground_truth/<type>}`` as MVTec AD has them."""
     seed = 0
     for category in categories:
         base = Path(root) / category
-        for split, folder, count, bad in [("train", "good", n_train, False), ("test", "good", n_test_good, False)] + \
-                [("test", d, n_defect, True) for d in defects]:
+        for split, folder, count, bad in [("train", "good", n_train, False), ("test", "good", n_test_good, False)] + [
+            ("test", d, n_defect, True) for d in defects
+        ]:
             (base / split / folder).mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 seed += 1
@@ -71,8 +81,15 @@ def make_visa(root: Path, categories=("candle", "pcb1"), n_normal=5, n_anomaly=3
                     mask_image(size).save(mask_dir / f"{i:04d}.png")
                     mask = f"{category}/Data/Masks/Anomaly/{i:04d}.png"
                 split = "train" if kind == "Normal" and i < n_normal - 2 else "test"
-                rows.append({"object": category, "split": split, "label": kind.lower(),
-                             "image": f"{category}/Data/Images/{kind}/{name}", "mask": mask})
+                rows.append(
+                    {
+                        "object": category,
+                        "split": split,
+                        "label": kind.lower(),
+                        "image": f"{category}/Data/Images/{kind}/{name}",
+                        "mask": mask,
+                    }
+                )
     (root / "split_csv").mkdir(parents=True, exist_ok=True)
     with open(root / "split_csv" / "1cls.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["object", "split", "label", "image", "mask"])

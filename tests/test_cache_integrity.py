@@ -1,6 +1,7 @@
 """A cache that cannot lie (issue 10): bad inputs, one writer per shard slot, the model config by
 content, checksums and validation on read, stale partial shards, EXIF orientation; and a re-run
 with nothing to encode that never loads CLIP (issue 8)."""
+
 import importlib.util
 import json
 import os
@@ -20,9 +21,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from raml.cache import ShardRows, read_cache, write_shard
-from raml.errors import CacheError
 from raml.cache.format import CACHE_JSON, mismatched_fields
 from raml.cache.lock import WriterSlot, partial_shard_status
+from raml.errors import CacheError
 from raml.extract import pyramid
 from raml.extract.encoder import load_backbone
 from raml.extract.identity import backbone_identity, config_sha256, identity_of, weights_sha256
@@ -48,13 +49,17 @@ def copy_cache(source, target) -> Path:
 
 # --- 1. decompression bombs -------------------------------------------------------------------
 
+
 def png_header(path: Path, width: int, height: int) -> Path:
     """A PNG whose header claims ``width`` x ``height`` px, with almost no pixel data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -81,11 +86,12 @@ def test_images_over_the_limit_are_refused_before_decoding(tmp_path, monkeypatch
 
 # --- 2. file names that are not valid UTF-8 ----------------------------------------------------
 
+
 @pytest.fixture
 def folder_with_latin1_name(tmp_path):
     root = make_folder(tmp_path / "data", category="widget", n_good=3, defects=("dent",), n_defect=1)
     good = os.fsencode(root / "widget" / "good")
-    part_image(7).save(os.fsdecode(good + b"/zz_\xff.png"))   # "ÿ" in Latin-1: not UTF-8
+    part_image(7).save(os.fsdecode(good + b"/zz_\xff.png"))  # "ÿ" in Latin-1: not UTF-8
     return root
 
 
@@ -106,8 +112,14 @@ def test_name_that_is_not_utf8_is_skipped_and_listed_under_skip_bad(folder_with_
     assert len(table) == 4 and [path for path, _ in table.skipped] == ["widget/good/zz_\\xff.png"]
     shards = sorted(cache_dir.glob("*.h5"))
 
-    again = run(folder_with_latin1_name, cache_dir, None, dataset="folder", skip_bad=True,
-                identity=backbone_identity(**TINY_IDENTITY))
+    again = run(
+        folder_with_latin1_name,
+        cache_dir,
+        None,
+        dataset="folder",
+        skip_bad=True,
+        identity=backbone_identity(**TINY_IDENTITY),
+    )
     assert again.images == 0 and again.skipped == [] and again.already_cached == 5
     assert sorted(cache_dir.glob("*.h5")) == shards
 
@@ -136,8 +148,13 @@ print("encoded", summary.images)
 
 
 def start_gated(root, cache_dir, shard, gate) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", GATED_EXTRACT, str(root), str(cache_dir), shard, str(gate),
-                             TINY_MODEL], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", GATED_EXTRACT, str(root), str(cache_dir), shard, str(gate), TINY_MODEL],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -158,14 +175,34 @@ def test_second_writer_of_a_shard_stops_at_once_naming_the_holder(mvtec_root, mv
     try:
         wait_for(Path(f"{gate}.waiting"), holder)
         before = listing(cache_dir)
-        second = subprocess.run([sys.executable, "pipeline.py", "extract", "--dataset", "mvtec", "--root",
-                                 str(mvtec_root), "--cache-dir", str(cache_dir), "--model", TINY_MODEL,
-                                 "--random-weights", "--workers", "0", "--shard", "0/1"],
-                                cwd=REPO, capture_output=True, text=True, timeout=300)
+        second = subprocess.run(
+            [
+                sys.executable,
+                "pipeline.py",
+                "extract",
+                "--dataset",
+                "mvtec",
+                "--root",
+                str(mvtec_root),
+                "--cache-dir",
+                str(cache_dir),
+                "--model",
+                TINY_MODEL,
+                "--random-weights",
+                "--workers",
+                "0",
+                "--shard",
+                "0/1",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert second.returncode == 1, second.stdout + second.stderr
         assert f"shard 0/1 is being written by process {holder.pid}" in second.stderr
         assert "Traceback" not in second.stderr
-        assert listing(cache_dir) == before   # the second writer wrote nothing
+        assert listing(cache_dir) == before  # the second writer wrote nothing
     finally:
         gate.write_text("")
         output = holder.communicate(timeout=300)[0]
@@ -173,14 +210,14 @@ def test_second_writer_of_a_shard_stops_at_once_naming_the_holder(mvtec_root, mv
     assert_same_table(read_cache(cache_dir), read_cache(mvtec_cache))
 
 
-@pytest.mark.slow   # two CLIP processes; test_partial_of_a_live_writer checks the same locks in-process
+@pytest.mark.slow  # two CLIP processes; test_partial_of_a_live_writer checks the same locks in-process
 def test_shards_of_one_count_are_written_side_by_side(mvtec_root, mvtec_cache, tmp_path):
     cache_dir = tmp_path / "cache"
     gates = [tmp_path / "gate0", tmp_path / "gate1"]
     writers = [start_gated(mvtec_root, cache_dir, f"{i}/2", gate) for i, gate in enumerate(gates)]
     try:
         for writer, gate in zip(writers, gates):
-            wait_for(Path(f"{gate}.waiting"), writer)   # both hold their slot at the same time
+            wait_for(Path(f"{gate}.waiting"), writer)  # both hold their slot at the same time
     finally:
         for gate in gates:
             gate.write_text("")
@@ -199,8 +236,9 @@ def test_another_shard_count_at_work_is_refused(mvtec_root, mvtec_cache, tmp_pat
 def test_writer_refuses_rows_not_encoded_from_an_image(tmp_path, mvtec_cache):
     table = read_cache(mvtec_cache)
     meta, text = table.meta, table.text
-    record = SimpleNamespace(category="bottle", label=0, defect_type="good", relpath="bottle/x.png", split="train",
-                             mask_relpath="")
+    record = SimpleNamespace(
+        category="bottle", label=0, defect_type="good", relpath="bottle/x.png", split="train", mask_relpath=""
+    )
     good = table.features[0]
     cases = {
         "all-zero features": (np.zeros_like(good), record),
@@ -219,15 +257,15 @@ def test_writer_refuses_rows_not_encoded_from_an_image(tmp_path, mvtec_cache):
 
 # --- 4. the model config by content ----------------------------------------------------------
 
+
 def test_same_config_name_with_other_content_is_refused(tmp_path):
     config = json.loads(Path(TINY_MODEL).read_text())
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "tiny.json").write_text(json.dumps(config))
-    config["vision_cfg"]["layers"] = 3   # another architecture; same name, input size and embedding size
+    config["vision_cfg"]["layers"] = 3  # another architecture; same name, input size and embedding size
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "tiny.json").write_text(json.dumps(config))
-    root = make_mvtec(tmp_path / "data", categories=("pill",), n_train=2, n_test_good=1, defects=("crack",),
-                      n_defect=1)
+    root = make_mvtec(tmp_path / "data", categories=("pill",), n_train=2, n_test_good=1, defects=("crack",), n_defect=1)
     run(root, tmp_path / "cache", load_backbone(str(tmp_path / "a" / "tiny.json"), random_weights=True, device="cpu"))
     other = load_backbone(str(tmp_path / "b" / "tiny.json"), random_weights=True, device="cpu")
     make_mvtec(tmp_path / "data", categories=("screw",), n_train=2, n_test_good=1, defects=("crack",), n_defect=1)
@@ -237,28 +275,30 @@ def test_same_config_name_with_other_content_is_refused(tmp_path):
 
 def test_identity_is_the_resolved_config_for_built_in_names_too(tmp_path):
     import open_clip
+
     plain = backbone_identity("ViT-B-16", random_weights=True)
     assert plain.model_config == config_sha256(open_clip.get_model_config("ViT-B-16"))
     copy = tmp_path / "my-vit.json"
     copy.write_text(json.dumps(open_clip.get_model_config("ViT-B-16")))
-    assert backbone_identity(str(copy), random_weights=True).model_config == plain.model_config   # content, not name
-    openai = backbone_identity("ViT-B-16", "openai")   # no download: only the tag's description
-    assert openai.model_config != plain.model_config   # OpenAI's weights need QuickGELU: another config
+    assert backbone_identity(str(copy), random_weights=True).model_config == plain.model_config  # content, not name
+    openai = backbone_identity("ViT-B-16", "openai")  # no download: only the tag's description
+    assert openai.model_config != plain.model_config  # OpenAI's weights need QuickGELU: another config
     assert openai.weights == "openai" and openai.input_size == 224 and openai.embed_dim == 512
     assert openai.mean == (0.48145466, 0.4578275, 0.40821073)
 
 
 def test_identity_is_the_one_load_backbone_builds_and_is_memoised(tmp_path, monkeypatch):
     monkeypatch.setenv("RAML_CACHE_DIR", str(tmp_path / "user-cache"))
-    resolved = backbone_identity(**TINY_IDENTITY)   # cold: resolved with open_clip, then memoised
+    resolved = backbone_identity(**TINY_IDENTITY)  # cold: resolved with open_clip, then memoised
     assert len(list((tmp_path / "user-cache" / "identity").glob("identity-*.json"))) == 1
-    assert backbone_identity(**TINY_IDENTITY) == resolved   # warm
+    assert backbone_identity(**TINY_IDENTITY) == resolved  # warm
     assert identity_of(load_backbone(TINY_MODEL, random_weights=True, device="cpu")) == resolved
     assert backbone_identity(**TINY_IDENTITY, precision="int8").precision == "int8"
 
 
 def test_weights_file_hash_is_memoised_by_path_size_and_mtime(tmp_path, monkeypatch):
     import hashlib
+
     monkeypatch.setenv("RAML_CACHE_DIR", str(tmp_path / "user-cache"))
     weights = tmp_path / "weights.bin"
     weights.write_bytes(b"a" * 1000)
@@ -274,7 +314,7 @@ def test_cache_from_before_model_config_is_read_but_not_extended(mvtec_root, mvt
     del meta["model_config"]
     (cache_dir / CACHE_JSON).write_text(json.dumps(meta))
     for shard in cache_dir.glob("*.h5"):
-        with h5py.File(shard, "r+") as h5:   # as RAML wrote shards then: format 1, attributes unchecked
+        with h5py.File(shard, "r+") as h5:  # as RAML wrote shards then: format 1, attributes unchecked
             del h5.attrs["model_config"]
             h5.attrs["format_version"] = json.dumps(1)
             checksums = json.loads(h5.attrs["xxh3_64"])
@@ -283,13 +323,16 @@ def test_cache_from_before_model_config_is_read_but_not_extended(mvtec_root, mvt
     assert len(read_cache(cache_dir)) == 20
     with pytest.raises(CacheError, match="written before RAML recorded the content of the model config"):
         run(mvtec_root, cache_dir, None, identity=backbone_identity(**TINY_IDENTITY))
-    checkpoint_before = {key: meta.get(key) for key in ("backbone", "weights", "random_weights", "input_size",
-                                                         "embed_dim", "crop_layout")}
-    assert mismatched_fields(checkpoint_before, read_cache(mvtec_cache).meta) == []   # unrecorded: matches
+    checkpoint_before = {
+        key: meta.get(key)
+        for key in ("backbone", "weights", "random_weights", "input_size", "embed_dim", "crop_layout")
+    }
+    assert mismatched_fields(checkpoint_before, read_cache(mvtec_cache).meta) == []  # unrecorded: matches
     assert mismatched_fields(meta, read_cache(mvtec_cache).meta, unrecorded_matches=False) == ["model_config"]
 
 
 # --- 5. checksums and validation on read ----------------------------------------------------
+
 
 def flip_bytes(path: Path, offset: int, count: int) -> None:
     with open(path, "r+b") as handle:
@@ -335,7 +378,7 @@ def test_flipped_feature_bytes_are_caught_and_the_shard_named(damaged, mvtec_roo
 def test_flipped_label_byte_is_caught(damaged):
     cache_dir, shard = damaged
     offset, _ = data_offset(shard, "label")
-    flip_bytes(shard, offset, 1)   # 0 → -1
+    flip_bytes(shard, offset, 1)  # 0 → -1
     with pytest.raises(CacheError, match=r"dataset label does not match its checksum"):
         read_cache(cache_dir)
 
@@ -358,9 +401,13 @@ def legacy_shard(path: Path, table, *, scale=1.0, label=None, split=None, relpat
         h5["features"] = (table.features.astype(np.float32) * scale).astype(np.float16)
         h5["label"] = table.label if label is None else label
         string = h5py.string_dtype("utf-8")
-        columns = {"category": table.category, "defect_type": table.defect_type, "mask_relpath": table.mask_relpath,
-                   "relpath": table.relpath if relpath is None else relpath,
-                   "split": table.split if split is None else split}
+        columns = {
+            "category": table.category,
+            "defect_type": table.defect_type,
+            "mask_relpath": table.mask_relpath,
+            "relpath": table.relpath if relpath is None else relpath,
+            "split": table.split if split is None else split,
+        }
         for name, values in columns.items():
             h5.create_dataset(name, data=np.array(values.tolist(), dtype=object), dtype=string)
         h5["height"], h5["width"] = table.height, table.width
@@ -371,13 +418,16 @@ def legacy_shard(path: Path, table, *, scale=1.0, label=None, split=None, relpat
         h5.create_dataset("skipped/reason", data=np.array([], dtype=object), dtype=string)
 
 
-@pytest.mark.parametrize("damage, reason", [
-    ({}, None),
-    ({"scale": 2.0}, r"crop 0 of bottle/test/broken/000.png has L2 norm 2"),
-    ({"label": np.r_[-1, np.zeros(19, np.int8)].astype(np.int8)}, r"labels \[-1\] are not 0 or 1"),
-    ({"split": np.array(["val"] * 20)}, r"splits \['val'\] are none of train, test"),
-    ({"relpath": np.array([""] * 20)}, r"20 rows with an empty relpath"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ({}, None),
+        ({"scale": 2.0}, r"crop 0 of bottle/test/broken/000.png has L2 norm 2"),
+        ({"label": np.r_[-1, np.zeros(19, np.int8)].astype(np.int8)}, r"labels \[-1\] are not 0 or 1"),
+        ({"split": np.array(["val"] * 20)}, r"splits \['val'\] are none of train, test"),
+        ({"relpath": np.array([""] * 20)}, r"20 rows with an empty relpath"),
+    ],
+)
 def test_shards_without_checksums_are_validated(mvtec_cache, tmp_path, damage, reason):
     table = read_cache(mvtec_cache)
     cache_dir = tmp_path / "legacy"
@@ -393,14 +443,15 @@ def test_shards_without_checksums_are_validated(mvtec_cache, tmp_path, damage, r
 
 # --- 6. stale partial shards -----------------------------------------------------------------
 
+
 def test_stale_partials_are_listed_by_info_and_removed_by_extract(mvtec_root, mvtec_cache, tmp_path):
     cache_dir = copy_cache(mvtec_cache, tmp_path / "cache")
-    stale = cache_dir / "features-000of002-00000.h5.partial"   # a killed --shard 0/2 run
+    stale = cache_dir / "features-000of002-00000.h5.partial"  # a killed --shard 0/2 run
     stale.write_bytes(b"half a shard")
     info = CliRunner().invoke(cli, ["info", "--cache-dir", str(cache_dir)])
     assert "partial features-000of002-00000.h5.partial: stale, left by a killed run" in info.output
 
-    summary = run(mvtec_root, cache_dir, None, identity=backbone_identity(**TINY_IDENTITY))   # --shard 0/1
+    summary = run(mvtec_root, cache_dir, None, identity=backbone_identity(**TINY_IDENTITY))  # --shard 0/1
     assert summary.stale_partials == [stale] and not stale.exists() and summary.images == 0
 
 
@@ -409,46 +460,69 @@ def test_partial_of_a_live_writer_is_kept(mvtec_cache, tmp_path):
     live = cache_dir / "features-001of003-00000.h5.partial"
     live.write_bytes(b"being written")
     with WriterSlot(cache_dir, 1, 3):
-        assert partial_shard_status(cache_dir) == [(live, f"process {os.getpid()} on {os.uname().nodename}, since "
-                                                          + json.loads((cache_dir / "extract-001of003.lock")
-                                                                       .read_text())["started"])]
-        with WriterSlot(cache_dir, 0, 3) as slot:   # same shard count: may run alongside, leaves it alone
+        assert partial_shard_status(cache_dir) == [
+            (
+                live,
+                f"process {os.getpid()} on {os.uname().nodename}, since "
+                + json.loads((cache_dir / "extract-001of003.lock").read_text())["started"],
+            )
+        ]
+        with WriterSlot(cache_dir, 0, 3) as slot:  # same shard count: may run alongside, leaves it alone
             assert slot.remove_stale_partials() == [] and live.exists()
 
 
 # --- 7. EXIF orientation -----------------------------------------------------------------------
 
+
 def test_exif_orientation_is_applied(tmp_path):
     """Decision: images are encoded upright, as viewers show them (phone photos carry the tag)."""
     raw = part_image(3, size=(97, 83), anomalous=True)
     exif = Image.Exif()
-    exif[0x0112] = 6   # Orientation: rotate 90° clockwise to display
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
     raw.save(tmp_path / "phone.png", exif=exif)
     upright = load_rgb(tmp_path / "phone.png")
     assert upright.size == (83, 97)
     np.testing.assert_array_equal(np.asarray(upright), np.asarray(raw.transpose(Image.Transpose.ROTATE_270)))
-    spec = importlib.util.spec_from_file_location("predict_onnx_template", REPO / "evaluate" / "deploy" / "predict_onnx.py")
+    spec = importlib.util.spec_from_file_location(
+        "predict_onnx_template", REPO / "evaluate" / "deploy" / "predict_onnx.py"
+    )
     deployed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(deployed)   # the deployment's own copy of load_rgb agrees
+    spec.loader.exec_module(deployed)  # the deployment's own copy of load_rgb agrees
     np.testing.assert_array_equal(np.asarray(deployed.load_rgb(tmp_path / "phone.png", 64)), np.asarray(upright))
 
 
 # --- issue 8: nothing to do, done at once ------------------------------------------------------
 
+
 def test_nothing_to_encode_never_loads_clip(mvtec_root, mvtec_cache, tmp_path):
     cache_dir = copy_cache(mvtec_cache, tmp_path / "cache")
     shards = listing(cache_dir)
-    summary = extract_features("mvtec", mvtec_root, cache_dir, must_not_load, workers=0, progress=False,
-                               identity=backbone_identity(**TINY_IDENTITY))
+    summary = extract_features(
+        "mvtec",
+        mvtec_root,
+        cache_dir,
+        must_not_load,
+        workers=0,
+        progress=False,
+        identity=backbone_identity(**TINY_IDENTITY),
+    )
     assert summary.images == 0 and summary.already_cached == 20
-    assert {name: value for name, value in listing(cache_dir).items() if name.endswith(".h5")} == \
-           {name: value for name, value in shards.items() if name.endswith(".h5")}
+    assert {name: value for name, value in listing(cache_dir).items() if name.endswith(".h5")} == {
+        name: value for name, value in shards.items() if name.endswith(".h5")
+    }
     other = json.loads(Path(TINY_MODEL).read_text())
     other["vision_cfg"]["image_size"] = 48
     (tmp_path / "tiny48.json").write_text(json.dumps(other))
-    with pytest.raises(CacheError, match="input_size: cache has 32, this run 48"):   # refused, still without CLIP
-        extract_features("mvtec", mvtec_root, cache_dir, must_not_load, workers=0, progress=False,
-                         identity=backbone_identity(str(tmp_path / "tiny48.json"), random_weights=True))
+    with pytest.raises(CacheError, match="input_size: cache has 32, this run 48"):  # refused, still without CLIP
+        extract_features(
+            "mvtec",
+            mvtec_root,
+            cache_dir,
+            must_not_load,
+            workers=0,
+            progress=False,
+            identity=backbone_identity(str(tmp_path / "tiny48.json"), random_weights=True),
+        )
 
 
 def test_nothing_to_encode_imports_neither_open_clip_nor_torch(mvtec_root, mvtec_cache, tmp_path):
@@ -456,11 +530,33 @@ def test_nothing_to_encode_imports_neither_open_clip_nor_torch(mvtec_root, mvtec
     takes seconds), once the identity memo is warm, as after any run that loaded the model."""
     cache_dir = copy_cache(mvtec_cache, tmp_path / "cache")
     backbone_identity(**TINY_IDENTITY)
-    result = subprocess.run([sys.executable, "-X", "importtime", "pipeline.py", "extract", "--dataset", "mvtec",
-                             "--root", str(mvtec_root), "--cache-dir", str(cache_dir), "--model", TINY_MODEL,
-                             "--random-weights", "--workers", "0"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "pipeline.py",
+            "extract",
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(mvtec_root),
+            "--cache-dir",
+            str(cache_dir),
+            "--model",
+            TINY_MODEL,
+            "--random-weights",
+            "--workers",
+            "0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "0 images encoded, 0 skipped, 20 already cached" in result.stdout
-    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    imported = {
+        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+    }
     assert "raml.extract.run" in imported and not {"torch", "open_clip"} & imported

@@ -1,4 +1,5 @@
 """Dataset readers on synthetic trees in the exact layouts of MVTec AD, VisA and generic folders."""
+
 import shutil
 
 import pytest
@@ -15,8 +16,17 @@ def test_mvtec_records(tmp_path):
     assert records == sorted(records, key=lambda r: (r.category, r.relpath))
     assert ImageRecord("bottle", 0, "good", "bottle/train/good/000.png", "train") in records
     assert ImageRecord("bottle", 0, "good", "bottle/test/good/001.png", "test") in records
-    assert ImageRecord("metal_nut", 1, "scratch", "metal_nut/test/scratch/001.png", "test",
-                       "metal_nut/ground_truth/scratch/001_mask.png") in records
+    assert (
+        ImageRecord(
+            "metal_nut",
+            1,
+            "scratch",
+            "metal_nut/test/scratch/001.png",
+            "test",
+            "metal_nut/ground_truth/scratch/001_mask.png",
+        )
+        in records
+    )
     _, only = read_dataset("mvtec", tmp_path, ["metal_nut"])
     assert {r.category for r in only} == {"metal_nut"}
 

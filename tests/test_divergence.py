@@ -1,5 +1,6 @@
 """A run whose loss or gradient stops being finite stops at that step, says where and what to try,
 and writes no checkpoint; in a batched sweep it is marked and the other runs go on."""
+
 import json
 
 import numpy as np
@@ -41,32 +42,35 @@ def nan_loss_at(monkeypatch, call: int, term: str = "margin"):
                 loss, stats = loss * np.nan, stats.clone()
                 stats[index] = np.nan
             return loss, stats, state
+
         return poisoned
+
     monkeypatch.setattr(fit_module, "loss_step", loss_step)
     return calls
 
 
 def test_the_first_nan_step_stops_the_run_and_names_it(table, monkeypatch):
-    steps = len(holdout_split(table, 0, 0.2).train) // 16   # steps per epoch at batch size 16
-    calls = nan_loss_at(monkeypatch, call=steps + 2, term="margin")   # epoch 2, step 2
+    steps = len(holdout_split(table, 0, 0.2).train) // 16  # steps per epoch at batch size 16
+    calls = nan_loss_at(monkeypatch, call=steps + 2, term="margin")  # epoch 2, step 2
     with pytest.raises(TrainingDiverged) as caught:
         fit(table, make_config("adaptive", seed=0, **SMALL))
     record = caught.value.record
-    assert len(calls) == steps + 2                           # stopped at once: no step after the NaN one
+    assert len(calls) == steps + 2  # stopped at once: no step after the NaN one
     assert (record["epoch"], record["step"], record["steps_per_epoch"]) == (2, 2, steps)
     assert record["term"] == "margin" and record["terms"]["margin"] == "nan"
     assert f"epoch 2, step 2 of {steps}" in str(caught.value)
-    assert "lower --lr (now 5e-05; try 5e-06)" in str(caught.value)   # the default lr
+    assert "lower --lr (now 5e-05; try 5e-06)" in str(caught.value)  # the default lr
     assert "--grad-clip-norm 1.0" in str(caught.value) and "No checkpoint was written" in str(caught.value)
 
 
 def test_a_gradient_that_is_not_finite_is_divergence_too(table, monkeypatch):
     real = fit_module.build_head
 
-    def build_head(*args, **kwargs):   # a head whose first layer's gradient is NaN from the start
+    def build_head(*args, **kwargs):  # a head whose first layer's gradient is NaN from the start
         head = real(*args, **kwargs)
         next(head.parameters()).register_hook(lambda grad: grad * np.nan)
         return head
+
     monkeypatch.setattr(fit_module, "build_head", build_head)
     with pytest.raises(TrainingDiverged, match="epoch 1, step 1 of .*: a gradient stopped being finite"):
         fit(table, make_config("adaptive", seed=0, **SMALL))
@@ -74,10 +78,13 @@ def test_a_gradient_that_is_not_finite_is_divergence_too(table, monkeypatch):
 
 def test_train_lr_1e3_stops_with_the_step_and_writes_nothing(tmp_path):
     from raml.cache.synthetic import write_synthetic_cache
-    cache = write_synthetic_cache(tmp_path / "cache", {"bottle": (40, 10, 10, 900), "screw": (40, 10, 10, 1024)},
-                                  dim=32)
-    result = CliRunner().invoke(cli, ["train", "--cache-dir", str(cache), "--out", str(tmp_path / "run"),
-                                      "--lr", "1e3", "--epochs", "3"])
+
+    cache = write_synthetic_cache(
+        tmp_path / "cache", {"bottle": (40, 10, 10, 900), "screw": (40, 10, 10, 1024)}, dim=32
+    )
+    result = CliRunner().invoke(
+        cli, ["train", "--cache-dir", str(cache), "--out", str(tmp_path / "run"), "--lr", "1e3", "--epochs", "3"]
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "Error: training diverged (seed 0) at epoch 1, step " in result.output
     assert "Try: lower --lr (now 1000; try 100)" in result.output
@@ -91,8 +98,9 @@ def test_in_a_batched_pass_the_diverged_run_is_marked_and_the_others_train_as_al
     assert together[1].diverged is not None and together[1].thresholds == {}
     assert together[0].diverged is None and together[0].thresholds
     rows = np.arange(len(table.label))
-    np.testing.assert_allclose(score_rows(together[0].model, table, rows)["final"],
-                               score_rows(alone.model, table, rows)["final"], atol=1e-4)
+    np.testing.assert_allclose(
+        score_rows(together[0].model, table, rows)["final"], score_rows(alone.model, table, rows)["final"], atol=1e-4
+    )
     with pytest.raises(ValueError, match="diverged run has no checkpoint"):
         fit_module.write_run("unused", together[1])
 
@@ -116,10 +124,13 @@ def test_a_sweep_scores_the_others_and_marks_the_diverged_in_summary_results_and
 def test_a_configuration_with_one_diverged_seed_keeps_the_other_in_results_and_report(table, tmp_path, monkeypatch):
     real = fit_module.fit_runs
 
-    def one_seed_wild(table, configs, *args, **kwargs):   # seed 1 of "mixed" at lr 1e3, seed 0 at 1e-3
-        configs = [config if config.seed == 0 else make_config("adaptive", seed=1, **{**SMALL, "lr": 1e3})
-                   for config in configs]
+    def one_seed_wild(table, configs, *args, **kwargs):  # seed 1 of "mixed" at lr 1e3, seed 0 at 1e-3
+        configs = [
+            config if config.seed == 0 else make_config("adaptive", seed=1, **{**SMALL, "lr": 1e3})
+            for config in configs
+        ]
         return real(table, configs, *args, **kwargs)
+
     monkeypatch.setattr("raml.train.sweep.fit_runs", one_seed_wild)
     monkeypatch.setattr("raml.train.sweep.finished_metrics", lambda *args: None)
     run_sweep(table, {"mixed": {**SMALL, "lr": 1e-3}}, [0, 1], tmp_path / "sweep", n_resamples=20)
@@ -130,12 +141,25 @@ def test_a_configuration_with_one_diverged_seed_keeps_the_other_in_results_and_r
 
 
 def test_evaluate_on_a_sweep_directory_names_its_diverged_runs(table, tmp_path):
-    run_sweep(table, {"steady": {**SMALL, "lr": 1e-3}, "wild": {**SMALL, "lr": 1e3}}, [0], tmp_path / "sweep",
-              n_resamples=20)
-    result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(tmp_path / "sweep"), "--cache-dir",
-                                      str(table.cache_dir), "--out", str(tmp_path / "results"), "--bootstrap", "20"])
+    run_sweep(
+        table, {"steady": {**SMALL, "lr": 1e-3}, "wild": {**SMALL, "lr": 1e3}}, [0], tmp_path / "sweep", n_resamples=20
+    )
+    result = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(tmp_path / "sweep"),
+            "--cache-dir",
+            str(table.cache_dir),
+            "--out",
+            str(tmp_path / "results"),
+            "--bootstrap",
+            "20",
+        ],
+    )
     assert result.exit_code == 0, result.output
     entries = json.loads((tmp_path / "results" / "results.json").read_text())
-    assert list(entries) == ["steady"]   # the wild configuration has no checkpoint to score
+    assert list(entries) == ["steady"]  # the wild configuration has no checkpoint to score
     assert "evaluate: wild-seed0 diverged (epoch " in result.output and "no checkpoint, not scored" in result.output
     assert diverged_runs([tmp_path / "sweep"])["wild"][0]["run"] == "wild-seed0"

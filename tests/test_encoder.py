@@ -1,5 +1,6 @@
 """The encoder's entry point ``encode_crops``: uint8 crops in, the features of the PIL path out; the
 fp16 image tower that CUDA runs, exercised on the CPU with the tiny model."""
+
 import dataclasses
 
 import numpy as np
@@ -49,6 +50,7 @@ def test_a_weights_file_is_built_like_its_pretrained_tag(tmp_path):
     """--weights FILE holds the --pretrained tag's weights (default OpenAI's): OpenAI's CLIP needs
     QuickGELU, so the file must get it too (and the identity must say so)."""
     from raml.extract.identity import resolve_backbone
+
     weights = tmp_path / "open_clip_pytorch_model.bin"
     weights.write_bytes(b"not read: the identity hashes the file, the model is not built")
     openai_file = resolve_backbone("ViT-B-16", "openai", str(weights))

@@ -1,4 +1,5 @@
 """evaluate: protocols, results files, and the same held-out images for the model and the baseline."""
+
 import csv
 import json
 
@@ -14,11 +15,11 @@ from raml.evaluate.report import write_report
 from raml.evaluate.run import config_name, evaluate_checkpoints, find_checkpoints, group_configurations
 from raml.extract.run import extract_features
 from raml.pipeline import cli
-from tests.synthetic import make_visa
 from raml.train.checkpoint import load_checkpoint
 from raml.train.config import make_config
 from raml.train.fit import fit, write_run
 from raml.train.split import image_list_hash
+from tests.synthetic import make_visa
 
 FAST = dict(epochs=2, batch_size=8)
 
@@ -81,7 +82,7 @@ def test_results_keep_the_original_schema_with_the_extra_fields(holdout_results)
     assert len(stats["auroc_per_seed"]) == 2 and len(stats["f1_max_threshold"]) == 2
     assert entry["random_weights"] is True and "NOT MEANINGFUL" in entry["warning"]
     assert entry["backbone"] == "raml-tiny-test"
-    assert "pixel" not in entry and "anomaly_maps" not in entry   # no patch tokens, no pixel head: no maps
+    assert "pixel" not in entry and "anomaly_maps" not in entry  # no patch tokens, no pixel head: no maps
     assert not (path.parent / "anomaly_maps.npz").exists()
     with open(path.parent / "scores.csv", newline="") as handle:
         row = next(csv.DictReader(handle))
@@ -89,21 +90,31 @@ def test_results_keep_the_original_schema_with_the_extra_fields(holdout_results)
 
 
 def test_baseline_is_scored_on_the_same_held_out_images(tmp_path, runs, mvtec_root, tiny_backbone, holdout_results):
-    path, entries = run_winclip("mvtec", mvtec_root, tmp_path / "winclip", lambda: tiny_backbone,
-                                split_from=runs / "adaptive-seed0", workers=0, n_resamples=20, progress=False)
+    path, entries = run_winclip(
+        "mvtec",
+        mvtec_root,
+        tmp_path / "winclip",
+        lambda: tiny_backbone,
+        split_from=runs / "adaptive-seed0",
+        workers=0,
+        n_resamples=20,
+        progress=False,
+    )
     winclip = entries["WinCLIP zero-shot"]
     raml = holdout_results[1]["adaptive"]
     assert winclip["protocol"]["name"] == "holdout"
     assert winclip["protocol"]["image_list_hash"] == raml["protocol"]["image_list_hash"]
-    assert _scored_relpaths(path.parent, "WinCLIP zero-shot", "") == _scored_relpaths(holdout_results[0].parent,
-                                                                                      "adaptive", 0)
+    assert _scored_relpaths(path.parent, "WinCLIP zero-shot", "") == _scored_relpaths(
+        holdout_results[0].parent, "adaptive", 0
+    )
     text = write_report([holdout_results[0], path], tmp_path / "report").read_text()
     assert "| category | adaptive † | fixed † | WinCLIP zero-shot † |" in text
 
 
 def test_transfer_is_the_default_on_another_dataset(tmp_path, runs, visa_cache):
-    path, entries = evaluate_checkpoints([runs / "adaptive-seed0"], visa_cache, tmp_path / "visa", n_resamples=20,
-                                         log=lambda *_: None)
+    path, entries = evaluate_checkpoints(
+        [runs / "adaptive-seed0"], visa_cache, tmp_path / "visa", n_resamples=20, log=lambda *_: None
+    )
     entry = entries["adaptive"]
     table = read_cache(visa_cache, with_features=False)
     assert entry["protocol"]["name"] == "transfer"
@@ -120,9 +131,22 @@ def test_protocols_refuse_the_wrong_cache(runs, mvtec_cache, visa_cache):
 
 
 def test_evaluate_command_prints_a_summary_marked_not_meaningful(tmp_path, runs, mvtec_cache):
-    result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(runs / "fixed-seed0"), "--cache-dir",
-                                      str(mvtec_cache), "--out", str(tmp_path / "out"), "--bootstrap", "20",
-                                      "--name", "fixed m=0.5"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(runs / "fixed-seed0"),
+            "--cache-dir",
+            str(mvtec_cache),
+            "--out",
+            str(tmp_path / "out"),
+            "--bootstrap",
+            "20",
+            "--name",
+            "fixed m=0.5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "fixed m=0.5: image AUROC" in result.output and "holdout protocol" in result.output
     assert "NOT MEANINGFUL" in result.output
@@ -130,18 +154,39 @@ def test_evaluate_command_prints_a_summary_marked_not_meaningful(tmp_path, runs,
 
 
 def test_evaluate_command_names_a_missing_checkpoint(tmp_path, mvtec_cache):
-    result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(tmp_path / "nothing"), "--cache-dir",
-                                      str(mvtec_cache), "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(tmp_path / "nothing"),
+            "--cache-dir",
+            str(mvtec_cache),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 2 and "Invalid value for '--checkpoint'" in result.output
     assert "does not exist" in result.output
     (tmp_path / "empty").mkdir()
-    result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(tmp_path / "empty"), "--cache-dir",
-                                      str(mvtec_cache), "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(tmp_path / "empty"),
+            "--cache-dir",
+            str(mvtec_cache),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 1
     assert f"{tmp_path / 'empty'}: no checkpoint.pt" in result.output
 
 
 # --- which runs are seeds of one configuration ---------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def mismatched_runs(tmp_path_factory, mvtec_cache):
@@ -181,6 +226,7 @@ def test_a_configuration_records_its_training_settings(holdout_results):
 
 def test_evaluate_carries_the_last_epochs_fraction_inside_the_margin(tmp_path, runs, mvtec_cache):
     import shutil
+
     for seed, fraction in ((0, 0.5), (1, 1.0)):
         run = tmp_path / f"adaptive-seed{seed}"
         shutil.copytree(runs / f"adaptive-seed{seed}", run)
@@ -190,11 +236,15 @@ def test_evaluate_carries_the_last_epochs_fraction_inside_the_margin(tmp_path, r
         (run / "history.json").write_text(json.dumps(history))
     _, entries = evaluate_checkpoints([tmp_path], mvtec_cache, tmp_path / "out", n_resamples=10, log=lambda *_: None)
     assert entries["adaptive"]["anomalous_inside_margin"] == 0.75
-    assert entries["adaptive"]["anomalous_inside_margin_over_seeds"] == {"mean": 0.75, "std": pytest.approx(0.5 / np.sqrt(2)),
-                                                                         "n": 2}
+    assert entries["adaptive"]["anomalous_inside_margin_over_seeds"] == {
+        "mean": 0.75,
+        "std": pytest.approx(0.5 / np.sqrt(2)),
+        "n": 2,
+    }
 
 
 # --- same dataset or not: from the fingerprint and the training list ------------------------------
+
 
 def test_a_run_that_held_out_nothing_is_not_a_transfer_to_its_own_cache(runs, mvtec_cache):
     """An older run whose split held out nothing: its cache is still its training dataset."""
@@ -209,7 +259,7 @@ def test_a_run_that_held_out_nothing_is_not_a_transfer_to_its_own_cache(runs, mv
 def test_a_cache_holding_the_training_images_but_not_the_held_out_ones_is_still_the_training_dataset(runs, mvtec_cache):
     checkpoint = load_checkpoint(runs / "adaptive-seed0")
     table = read_cache(mvtec_cache, with_features=False)
-    part = table.select(np.isin(table.relpath, checkpoint.manifest["train"]))     # e.g. extracted with --limit
+    part = table.select(np.isin(table.relpath, checkpoint.manifest["train"]))  # e.g. extracted with --limit
     with pytest.raises(UserError, match="not in this cache"):
         select_images(None, checkpoint.manifest, "run", part)
 
@@ -220,14 +270,17 @@ def test_the_fingerprints_dataset_alone_identifies_the_training_dataset(runs, mv
     others = table.select(~np.isin(table.relpath, checkpoint.manifest["train"]))  # no training image here
     assert checkpoint.fingerprint["dataset"] == table.meta["dataset"]
     with pytest.raises(UserError, match="was trained on"):
-        select_images("official", checkpoint.manifest, "run", others, training_dataset=checkpoint.fingerprint["dataset"])
-    rows, image_list = select_images("official", checkpoint.manifest, "run", others)   # without it: another dataset
+        select_images(
+            "official", checkpoint.manifest, "run", others, training_dataset=checkpoint.fingerprint["dataset"]
+        )
+    rows, image_list = select_images("official", checkpoint.manifest, "run", others)  # without it: another dataset
     assert image_list.protocol == "official"
 
 
 def test_results_say_how_the_checkpoint_thresholds_do_on_the_held_out_images(holdout_results, runs):
     from raml.evaluate.deploy.predict import threshold_for
     from raml.train.thresholds import operating_point
+
     path, entries = holdout_results
     with open(path.parent / "scores.csv", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["config"] == "adaptive" and r["category"] == "bottle"]
@@ -235,8 +288,11 @@ def test_results_say_how_the_checkpoint_thresholds_do_on_the_held_out_images(hol
     for seed in (0, 1):
         mine = [r for r in rows if r["seed"] == str(seed)]
         threshold = threshold_for(load_checkpoint(runs / f"adaptive-seed{seed}"), "bottle")
-        points.append(operating_point(np.array([int(r["label"]) for r in mine]), np.array([float(r["final"]) for r in mine]),
-                                      threshold))
+        points.append(
+            operating_point(
+                np.array([int(r["label"]) for r in mine]), np.array([float(r["final"]) for r in mine]), threshold
+            )
+        )
     recorded = entries["adaptive"]["checkpoint_thresholds"]["bottle"]
     assert recorded["recall"]["n"] == 2
     assert recorded["recall"]["mean"] == pytest.approx(100 * np.mean([p["recall"] for p in points]), abs=0.01)
@@ -245,10 +301,21 @@ def test_results_say_how_the_checkpoint_thresholds_do_on_the_held_out_images(hol
 def test_a_baseline_split_from_a_run_that_held_out_nothing_is_refused(tmp_path, mvtec_root, tiny_backbone):
     (tmp_path / "run").mkdir()
     from raml.train.split import image_list_hash
+
     train = ["bottle/train/good/000.png"]
-    (tmp_path / "run" / "split.json").write_text(json.dumps({"train": train, "heldout": [],
-                                                             "train_hash": image_list_hash(train),
-                                                             "heldout_hash": image_list_hash([])}))
+    (tmp_path / "run" / "split.json").write_text(
+        json.dumps(
+            {"train": train, "heldout": [], "train_hash": image_list_hash(train), "heldout_hash": image_list_hash([])}
+        )
+    )
     with pytest.raises(UserError, match="held out no images"):
-        run_winclip("mvtec", mvtec_root, tmp_path / "winclip", lambda: tiny_backbone, split_from=tmp_path / "run",
-                    workers=0, n_resamples=10, progress=False)
+        run_winclip(
+            "mvtec",
+            mvtec_root,
+            tmp_path / "winclip",
+            lambda: tiny_backbone,
+            split_from=tmp_path / "run",
+            workers=0,
+            n_resamples=10,
+            progress=False,
+        )

@@ -1,5 +1,6 @@
 """export: a deployment directory whose standalone script, run without torch, reproduces predict's scores and
 anomaly maps."""
+
 import csv
 import dataclasses
 import importlib.util
@@ -14,19 +15,26 @@ from PIL import Image
 
 from raml.cache import CROP_LAYOUT, read_cache
 from raml.cache.tokens import map_at, token_grid
-from raml.evaluate.deploy.export import DEPLOY_JSON, ENCODER_FILE, HEAD_FILE, SCRIPT_FILE, SCRIPT_TEMPLATE, export_deployment
+from raml.evaluate.deploy.export import (
+    DEPLOY_JSON,
+    ENCODER_FILE,
+    HEAD_FILE,
+    SCRIPT_FILE,
+    SCRIPT_TEMPLATE,
+    export_deployment,
+)
 from raml.extract.onnx_engine import OnnxEngineError
 from raml.extract.pyramid import MIN_IMAGE_SIDE, BadImageError, load_rgb, pyramid_pixels
 from raml.pipeline import cli
-from tests.conftest import TINY_MODEL
-from tests.synthetic import part_image
 from raml.train.checkpoint import load_checkpoint
 from raml.train.config import make_config
 from raml.train.fit import fit, write_run
+from tests.conftest import TINY_MODEL
+from tests.synthetic import part_image
 
 BACKBONE = ["--model", TINY_MODEL, "--random-weights", "--device", "cpu"]
 SCORE_TOLERANCE = 1e-4
-MAP_TOLERANCE = 1e-5      # issue 19: export's map within 1e-5 of predict's
+MAP_TOLERANCE = 1e-5  # issue 19: export's map within 1e-5 of predict's
 # Runs the script in a child in which importing torch, open_clip or a RAML package fails.
 WITHOUT_TORCH = """
 import runpy, sys
@@ -75,20 +83,51 @@ def parts(tmp_path_factory, mvtec_root):
 
 
 def predict_scores(files, run_dir, out, engine):
-    result = CliRunner().invoke(cli, ["predict", *map(str, files), "--checkpoint", str(run_dir), "--category",
-                                      "bottle", "--out", str(out), "--engine", engine, *BACKBONE])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            *map(str, files),
+            "--checkpoint",
+            str(run_dir),
+            "--category",
+            "bottle",
+            "--out",
+            str(out),
+            "--engine",
+            engine,
+            *BACKBONE,
+        ],
+    )
     assert "trained pixel head" in result.output
     assert result.exit_code == 1 and "1 of 5 files could not be scored" in result.output, result.output
     with open(out / "predictions.csv", newline="") as handle:
-        return {row["file"]: (float(row["final"]), row["decision"].upper()) for row in csv.DictReader(handle)
-                if not row["error"]}
+        return {
+            row["file"]: (float(row["final"]), row["decision"].upper())
+            for row in csv.DictReader(handle)
+            if not row["error"]
+        }
 
 
 def script_scores(deploy_dir, files, cwd):
     """Run deploy/predict_onnx.py in a child that cannot import torch; {file: (score, DECISION)}."""
-    child = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(deploy_dir / SCRIPT_FILE), *map(str, files),
-                            "--category", "bottle", "--maps", str(cwd / "maps")], cwd=cwd, capture_output=True,
-                           text=True, timeout=300)
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            WITHOUT_TORCH,
+            str(deploy_dir / SCRIPT_FILE),
+            *map(str, files),
+            "--category",
+            "bottle",
+            "--maps",
+            str(cwd / "maps"),
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert child.returncode == 1, child.stderr  # the corrupt file
     assert "NOT MEANINGFUL" in child.stdout and "RANDOM WEIGHTS" in child.stderr
     scores, errors = {}, []
@@ -108,7 +147,7 @@ def test_export_writes_a_self_contained_deployment(deployment, run_dir, tiny_bac
     assert deploy["categories"] == checkpoint.categories == ["bottle", "metal_nut"]
     calibrated = checkpoint.thresholds["categories"]
     assert deploy["thresholds"] == {c: pytest.approx(calibrated[c]["threshold"]) for c in checkpoint.categories}
-    assert calibrated["bottle"]["threshold"] != calibrated["metal_nut"]["threshold"]     # one per category
+    assert calibrated["bottle"]["threshold"] != calibrated["metal_nut"]["threshold"]  # one per category
     assert deploy["threshold_calibration"]["bottle"] == calibrated["bottle"]
     assert {"precision", "recall"} <= set(deploy["threshold_calibration"]["metal_nut"])
     assert "training images" in deploy["threshold_is"]
@@ -151,18 +190,23 @@ def test_standalone_pyramid_equals_the_package_pyramid(tmp_path, tiny_backbone):
     spec = importlib.util.spec_from_file_location("predict_onnx_template", SCRIPT_TEMPLATE)
     template = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(template)
-    images = {"odd.png": part_image(1, (97, 83)), "rgba.png": part_image(2, (130, 65)).convert("RGBA"),
-              "palette.png": part_image(3, (70, 90)).convert("P"), "grey.jpg": part_image(4, (64, 64)).convert("L"),
-              "grey16.png": Image.fromarray((np.arange(100 * 75, dtype=np.uint16) * 8).reshape(75, 100))}
+    images = {
+        "odd.png": part_image(1, (97, 83)),
+        "rgba.png": part_image(2, (130, 65)).convert("RGBA"),
+        "palette.png": part_image(3, (70, 90)).convert("P"),
+        "grey.jpg": part_image(4, (64, 64)).convert("L"),
+        "grey16.png": Image.fromarray((np.arange(100 * 75, dtype=np.uint16) * 8).reshape(75, 100)),
+    }
     size, mean, std = tiny_backbone.input_size, tiny_backbone.mean, tiny_backbone.std
     for name, image in images.items():
         image.save(tmp_path / name)
         ours = pyramid_pixels(load_rgb(tmp_path / name), size, mean, std)
-        theirs = template.pyramid_pixels(template.load_rgb(tmp_path / name, MIN_IMAGE_SIDE), size, mean, std,
-                                         CROP_LAYOUT)
+        theirs = template.pyramid_pixels(
+            template.load_rgb(tmp_path / name, MIN_IMAGE_SIDE), size, mean, std, CROP_LAYOUT
+        )
         assert theirs.dtype == np.float32 and np.array_equal(ours, theirs), name
     scores = np.random.default_rng(0).random(4 * 4 * 3 * 3)
-    for height, width in ((83, 97), (64, 64), (1023, 700)):   # the restated map: cache.tokens.map_at's values
+    for height, width in ((83, 97), (64, 64), (1023, 700)):  # the restated map: cache.tokens.map_at's values
         ours = map_at(token_grid(scores, 3), height, width)
         assert np.array_equal(template.anomaly_map(scores, height, width, 4, 3), ours), (height, width)
     part_image(5, (MIN_IMAGE_SIDE - 1, 100)).save(tmp_path / "narrow.png")
@@ -174,9 +218,23 @@ def test_standalone_pyramid_equals_the_package_pyramid(tmp_path, tiny_backbone):
 
 def test_export_refuses_a_backbone_other_than_the_checkpoints(run_dir, tmp_path, tiny_backbone):
     out = tmp_path / "deploy"
-    result = CliRunner().invoke(cli, ["export", "--checkpoint", str(run_dir), "--out", str(out), "--model",
-                                      TINY_MODEL, "--pretrained", "openai", "--device", "cpu"])
-    assert result.exit_code == 2   # a usage error: the options contradict the checkpoint
+    result = CliRunner().invoke(
+        cli,
+        [
+            "export",
+            "--checkpoint",
+            str(run_dir),
+            "--out",
+            str(out),
+            "--model",
+            TINY_MODEL,
+            "--pretrained",
+            "openai",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 2  # a usage error: the options contradict the checkpoint
     assert "trained on features of --model raml-tiny-test --random-weights" in result.output
     assert "differ in --pretrained" in result.output
     other_weights = dataclasses.replace(tiny_backbone, weights="sha256:" + "0" * 64)
@@ -185,8 +243,9 @@ def test_export_refuses_a_backbone_other_than_the_checkpoints(run_dir, tmp_path,
     assert not out.exists()
 
 
-def test_head_graph_that_does_not_match_torch_leaves_the_deployment_unchanged(deployment, run_dir, tiny_backbone,
-                                                                              user_cache_dir, monkeypatch):
+def test_head_graph_that_does_not_match_torch_leaves_the_deployment_unchanged(
+    deployment, run_dir, tiny_backbone, user_cache_dir, monkeypatch
+):
     deploy_dir = deployment[0]
     before = {path.name: path.read_bytes() for path in deploy_dir.iterdir()}
     monkeypatch.setattr("raml.evaluate.deploy.export.PARITY_TOLERANCE", 0.0)  # float32 rounding alone now fails

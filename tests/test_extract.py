@@ -1,4 +1,5 @@
 """Stage one end to end with the tiny CLIP: cache round-trip, resume, sharding, bad input, refusals."""
+
 import json
 import shutil
 
@@ -21,8 +22,7 @@ from tests.synthetic import make_folder, make_mvtec
 
 def run(root, cache_dir, backbone, **kwargs):
     kwargs.setdefault("workers", 0)
-    return extract_features(kwargs.pop("dataset", "mvtec"), root, cache_dir, lambda: backbone, progress=False,
-                            **kwargs)
+    return extract_features(kwargs.pop("dataset", "mvtec"), root, cache_dir, lambda: backbone, progress=False, **kwargs)
 
 
 def assert_same_table(a, b):
@@ -99,8 +99,10 @@ def test_two_shards_read_as_one_run(mvtec_root, mvtec_cache, tiny_backbone, tmp_
     first = run(mvtec_root, cache_dir, tiny_backbone, shard="0/2")
     second = run(mvtec_root, cache_dir, tiny_backbone, shard="1/2")
     assert first.images == second.images == 10
-    assert sorted(p.name for p in cache_dir.glob("*.h5")) == ["features-000of002-00000.h5",
-                                                               "features-001of002-00000.h5"]
+    assert sorted(p.name for p in cache_dir.glob("*.h5")) == [
+        "features-000of002-00000.h5",
+        "features-001of002-00000.h5",
+    ]
     assert_same_table(read_cache(cache_dir), read_cache(mvtec_cache))
 
 
@@ -128,8 +130,14 @@ def test_bad_image_stops_with_its_name_and_keeps_finished_shards(folder_with_bad
     assert str(bad) in str(info.value) and "--skip-bad" in str(info.value)
     table = read_cache(cache_dir)
     # sorted order: dent/img0..2, good/img0..5; the bad file is the 7th: three shards of 2 finished
-    assert table.relpath.tolist() == ["widget/dent/img0.png", "widget/dent/img1.png", "widget/dent/img2.png",
-                                      "widget/good/img0.png", "widget/good/img1.png", "widget/good/img2.png"]
+    assert table.relpath.tolist() == [
+        "widget/dent/img0.png",
+        "widget/dent/img1.png",
+        "widget/dent/img2.png",
+        "widget/good/img0.png",
+        "widget/good/img1.png",
+        "widget/good/img2.png",
+    ]
 
 
 def test_skip_bad_lists_skipped_files_and_never_writes_zeros(folder_with_bad_file, tiny_backbone, tmp_path):
@@ -172,11 +180,22 @@ def test_weights_unavailable_message():
 
 
 def test_cli_extract_and_info(tmp_path):
-    root = make_mvtec(tmp_path / "data", categories=("pill",), n_train=2, n_test_good=1, defects=("crack",),
-                      n_defect=1)
+    root = make_mvtec(tmp_path / "data", categories=("pill",), n_train=2, n_test_good=1, defects=("crack",), n_defect=1)
     runner = CliRunner()
-    args = ["extract", "--dataset", "mvtec", "--root", str(root), "--cache-dir", str(tmp_path / "c"),
-            "--model", TINY_MODEL, "--random-weights", "--workers", "0"]
+    args = [
+        "extract",
+        "--dataset",
+        "mvtec",
+        "--root",
+        str(root),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--model",
+        TINY_MODEL,
+        "--random-weights",
+        "--workers",
+        "0",
+    ]
     result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "extract: 4 images encoded, 0 skipped" in result.output
@@ -196,14 +215,32 @@ def test_kill_9_then_rerun_gives_the_same_cache(tmp_path):
     import sys
     import time
 
-    root = make_mvtec(tmp_path / "data", categories=("bottle", "cable", "grid"), n_train=30, n_test_good=10,
-                      n_defect=10)
-    command = [sys.executable, "pipeline.py", "extract", "--dataset", "mvtec", "--root", str(root),
-               "--model", TINY_MODEL, "--random-weights", "--workers", "0", "--batch-size", "1",
-               "--shard-size", "2", "--cache-dir"]
+    root = make_mvtec(
+        tmp_path / "data", categories=("bottle", "cable", "grid"), n_train=30, n_test_good=10, n_defect=10
+    )
+    command = [
+        sys.executable,
+        "pipeline.py",
+        "extract",
+        "--dataset",
+        "mvtec",
+        "--root",
+        str(root),
+        "--model",
+        TINY_MODEL,
+        "--random-weights",
+        "--workers",
+        "0",
+        "--batch-size",
+        "1",
+        "--shard-size",
+        "2",
+        "--cache-dir",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    victim = subprocess.Popen(command + [str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen(
+        command + [str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 60
     while len(list((tmp_path / "killed").glob("*.h5"))) < 3 and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -223,10 +260,12 @@ def test_worker_processes_give_the_same_cache(mvtec_root, mvtec_cache, tiny_back
     assert_same_table(read_cache(tmp_path / "workers"), read_cache(mvtec_cache))
 
 
-def test_failed_shard_write_stops_the_run_and_keeps_the_shards_before(mvtec_root, mvtec_cache, tiny_backbone,
-                                                                      tmp_path, monkeypatch):
+def test_failed_shard_write_stops_the_run_and_keeps_the_shards_before(
+    mvtec_root, mvtec_cache, tiny_backbone, tmp_path, monkeypatch
+):
     """Shards are written by a background thread: its error still stops the run, in the caller."""
     from raml.extract import run as extract_run
+
     real_write, calls = extract_run.write_shard, []
 
     def write_then_fail(path, *args):
@@ -256,15 +295,34 @@ def test_kill_9_with_batches_in_flight_then_rerun_gives_the_same_cache(tmp_path,
     import sys
     import time
 
-    root = make_mvtec(tmp_path / "data", categories=("bottle",), n_train=24, n_test_good=8, n_defect=4,
-                      size=(211, 157))  # 40 images
+    root = make_mvtec(
+        tmp_path / "data", categories=("bottle",), n_train=24, n_test_good=8, n_defect=4, size=(211, 157)
+    )  # 40 images
     killed = tmp_path / "killed"
-    command = [sys.executable, "pipeline.py", "extract", "--dataset", "mvtec", "--root", str(root), "--model",
-               TINY_MODEL, "--random-weights", "--workers", "2", "--batch-size", "2", "--shard-size", "4",
-               "--cache-dir", str(killed)]
+    command = [
+        sys.executable,
+        "pipeline.py",
+        "extract",
+        "--dataset",
+        "mvtec",
+        "--root",
+        str(root),
+        "--model",
+        TINY_MODEL,
+        "--random-weights",
+        "--workers",
+        "2",
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "4",
+        "--cache-dir",
+        str(killed),
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    victim = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    victim = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 60
     while len(list(killed.glob("*.h5"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -290,10 +348,34 @@ def test_torchrun_two_processes_write_the_cache_of_one(mvtec_root, mvtec_cache, 
     import sys
 
     cache_dir = tmp_path / "ranks"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "pipeline.py", "extract", "--dataset", "mvtec", "--root", str(mvtec_root), "--model", TINY_MODEL,
-                    "--random-weights", "--workers", "0", "--cache-dir", str(cache_dir)],
-                   env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), check=True, capture_output=True)
-    assert sorted(p.name for p in cache_dir.glob("*.h5")) == ["features-000of002-00000.h5",
-                                                              "features-001of002-00000.h5"]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "pipeline.py",
+            "extract",
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(mvtec_root),
+            "--model",
+            TINY_MODEL,
+            "--random-weights",
+            "--workers",
+            "0",
+            "--cache-dir",
+            str(cache_dir),
+        ],
+        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+        check=True,
+        capture_output=True,
+    )
+    assert sorted(p.name for p in cache_dir.glob("*.h5")) == [
+        "features-000of002-00000.h5",
+        "features-001of002-00000.h5",
+    ]
     assert_same_table(read_cache(cache_dir), read_cache(mvtec_cache))

@@ -1,13 +1,28 @@
 """``bench extract``: its arithmetic, and synthetic images that are quick to make."""
+
 from PIL import Image
 
 from raml.extract.bench import DISTINCT_SYNTHETIC_IMAGES, ExtractBench, run_extract_bench, synthetic_images
 
 
 def test_bench_extract_ratios_and_ceiling():
-    result = ExtractBench(model="m", engine="torch", device="cpu", images=100, size=900, batch_size=8, workers=4,
-                          cores=2, loader_seconds=4.0, decode_crop_seconds=0.05, loader_cpu_seconds=(5.5, 0.25),
-                          encoder_seconds=8.0, stage_seconds=10.0, prompt_seconds=1.0, min_cosine=0.9995)
+    result = ExtractBench(
+        model="m",
+        engine="torch",
+        device="cpu",
+        images=100,
+        size=900,
+        batch_size=8,
+        workers=4,
+        cores=2,
+        loader_seconds=4.0,
+        decode_crop_seconds=0.05,
+        loader_cpu_seconds=(5.5, 0.25),
+        encoder_seconds=8.0,
+        stage_seconds=10.0,
+        prompt_seconds=1.0,
+        min_cosine=0.9995,
+    )
     lines = result.lines()
     assert "whole stage       10.00 images/s" in lines[1]
     # ceiling: min(4 workers, 2 cores) / 0.05 s = 40 images/s; the loader ran at 100 / 4 s = 25
@@ -20,8 +35,9 @@ def test_bench_extract_ratios_and_ceiling():
 
 def test_synthetic_images_are_distinct_pngs_then_links_to_them(tmp_path):
     paths = synthetic_images(tmp_path, DISTINCT_SYNTHETIC_IMAGES + 3, 96)
-    assert [p.name for p in paths[:2]] == ["00000.png", "00001.png"] and all(p.parent == tmp_path / "bench" / "good"
-                                                                             for p in paths)
+    assert [p.name for p in paths[:2]] == ["00000.png", "00001.png"] and all(
+        p.parent == tmp_path / "bench" / "good" for p in paths
+    )
     contents = [p.read_bytes() for p in paths]
     assert len(set(contents[:DISTINCT_SYNTHETIC_IMAGES])) == DISTINCT_SYNTHETIC_IMAGES
     assert contents[DISTINCT_SYNTHETIC_IMAGES:] == contents[:3]
@@ -42,8 +58,9 @@ def test_bench_extract_runs_end_to_end_on_the_tiny_model(tiny_backbone):
 
 def test_bench_extract_times_the_patch_tokens_against_the_stage_without(tiny_backbone):
     result = run_extract_bench(tiny_backbone, images=4, size=96, batch_size=2, workers=0, patch_tokens=True, rounds=2)
-    assert len(result.token_rounds) == 2 and all(min(*without, *with_tokens) > 0
-                                                 for without, with_tokens in result.token_rounds)
+    assert len(result.token_rounds) == 2 and all(
+        min(*without, *with_tokens) > 0 for without, with_tokens in result.token_rounds
+    )
     without, with_tokens = result.cache_bytes
     # 64 tokens x 32 values x float16 per image, its defect fractions, its scoring mask (8,192 bytes), a checksum
     assert with_tokens - without >= 4 * (64 * 32 * 2 + 64 * 2 + 8192)

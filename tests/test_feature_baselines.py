@@ -1,4 +1,5 @@
 """Baselines on the cached features: linear, knn-tiles, zero-shot-text."""
+
 import dataclasses
 import json
 
@@ -7,9 +8,16 @@ import pytest
 from click.testing import CliRunner
 
 from raml.cache import read_cache
-from raml.errors import UserError
 from raml.cache.synthetic import write_synthetic_cache
-from raml.evaluate.baselines.features import baseline_split, knn_crop_distances, knn_tiles_scores, linear_scores, run_feature_baseline, zero_shot_text_scores
+from raml.errors import UserError
+from raml.evaluate.baselines.features import (
+    baseline_split,
+    knn_crop_distances,
+    knn_tiles_scores,
+    linear_scores,
+    run_feature_baseline,
+    zero_shot_text_scores,
+)
 from raml.evaluate.metrics import image_auroc
 from raml.evaluate.report import comparison_markdown, group_by_image_list, load_rows
 from raml.evaluate.run import evaluate_checkpoints
@@ -27,8 +35,9 @@ QUICK = dict(epochs=2, lr=1e-3, hidden_dim=32, attn_dim=8, feature_dim=16)
 
 @pytest.fixture(scope="module")
 def separable_table(tmp_path_factory):
-    return read_cache(write_synthetic_cache(tmp_path_factory.mktemp("sep") / "cache", SEPARABLE, dim=128,
-                                            separation=3.0))
+    return read_cache(
+        write_synthetic_cache(tmp_path_factory.mktemp("sep") / "cache", SEPARABLE, dim=128, separation=3.0)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +46,11 @@ def split(separable_table):
 
 
 def _heldout_auroc(table, test_rows, scores) -> dict:
-    return {category: image_auroc(table.label[test_rows][here], scores[here])
-            for category in table.categories for here in [table.category[test_rows] == category]}
+    return {
+        category: image_auroc(table.label[test_rows][here], scores[here])
+        for category in table.categories
+        for here in [table.category[test_rows] == category]
+    }
 
 
 def test_default_split_is_the_one_train_makes(separable_table, split):
@@ -46,7 +58,7 @@ def test_default_split_is_the_one_train_makes(separable_table, split):
     reference = holdout_split(separable_table, seed=0, fraction=0.2)
     assert sorted(test_rows.tolist()) == reference.heldout.tolist()
     assert sorted(train_rows.tolist()) == reference.train.tolist()
-    assert list(separable_table.relpath[test_rows]) == sorted(reference.heldout_relpaths)    # scored in relpath order
+    assert list(separable_table.relpath[test_rows]) == sorted(reference.heldout_relpaths)  # scored in relpath order
     assert image_list.hash == reference.manifest()["heldout_hash"] and image_list.protocol == "holdout"
 
 
@@ -72,33 +84,37 @@ def test_knn_tiles_separates_a_separable_cache_from_normals_only(separable_table
     result = knn_tiles_scores(separable_table, train_rows, test_rows)
     assert min(_heldout_auroc(separable_table, test_rows, result["scores"]["final"]).values()) >= 0.9
     normals = train_rows[separable_table.label[train_rows] == 0]
-    again = knn_tiles_scores(separable_table, normals, test_rows)           # no anomalous image: same scores
+    again = knn_tiles_scores(separable_table, normals, test_rows)  # no anomalous image: same scores
     assert np.array_equal(result["scores"]["final"], again["scores"]["final"])
     bank = result["extra"]["memory_bank"]
-    assert bank["normal_images"] == len(normals) == 2 * (60 + 16)          # train/good + 80 % of test/good
-    assert bank["crops"] == 21 * len(normals) and bank["crops_per_category"] == {"bottle": 21 * 76, "metal_nut": 21 * 76}
+    assert bank["normal_images"] == len(normals) == 2 * (60 + 16)  # train/good + 80 % of test/good
+    assert bank["crops"] == 21 * len(normals) and bank["crops_per_category"] == {
+        "bottle": 21 * 76,
+        "metal_nut": 21 * 76,
+    }
 
 
 def test_knn_distance_is_to_the_nearest_normal_crop_of_the_same_scale():
     """Two normal images in 2-d; a test crop equal to a normal crop of another scale is not near."""
     east, north, west = [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]
     normal = np.array([[east] * 21, [north] * 21])
-    normal[1, 5:] = west                                        # image 2's 4x4 tiles point west
+    normal[1, 5:] = west  # image 2's 4x4 tiles point west
     test = np.array([[north] * 21])
-    test[0, 20] = east                                          # a tile pointing east: only crops 0-4 do
-    test[0, 0] = [np.sqrt(0.5), np.sqrt(0.5)]                   # the global crop: 45° from both normals
+    test[0, 20] = east  # a tile pointing east: only crops 0-4 do
+    test[0, 0] = [np.sqrt(0.5), np.sqrt(0.5)]  # the global crop: 45° from both normals
     distances = knn_crop_distances(normal, test)[0]
-    assert distances[0] == pytest.approx(np.sqrt(2 - np.sqrt(2)))          # sqrt(2 − 2·cos 45°)
-    assert distances[1:5].tolist() == [0.0] * 4                             # north is a normal quadrant
-    assert distances[5:20] == pytest.approx(np.sqrt(2.0))                   # north vs tiles east, west: 90°
+    assert distances[0] == pytest.approx(np.sqrt(2 - np.sqrt(2)))  # sqrt(2 − 2·cos 45°)
+    assert distances[1:5].tolist() == [0.0] * 4  # north is a normal quadrant
+    assert distances[5:20] == pytest.approx(np.sqrt(2.0))  # north vs tiles east, west: 90°
     assert distances[20] == pytest.approx(0.0)
 
 
 def test_zero_shot_text_is_ramls_text_score(separable_table, split):
     _, test_rows, _ = split
     scores = zero_shot_text_scores(separable_table, test_rows)["scores"]["final"]
-    expected = text_score(separable_table.features[test_rows, 0], separable_table.text,
-                          separable_table.category[test_rows])
+    expected = text_score(
+        separable_table.features[test_rows, 0], separable_table.text, separable_table.category[test_rows]
+    )
     assert np.array_equal(scores, expected)
 
 
@@ -111,8 +127,10 @@ def test_zero_shot_text_separates_a_cache_whose_prompts_describe_the_classes(sep
     text = {}
     for category in table.categories:
         rows = train_rows[table.category[train_rows] == category]
-        text[category] = {kind: table.features[rows[table.label[rows] == label], 0].astype(np.float32).mean(0, keepdims=True)
-                          for kind, label in (("normal", 0), ("anomalous", 1))}
+        text[category] = {
+            kind: table.features[rows[table.label[rows] == label], 0].astype(np.float32).mean(0, keepdims=True)
+            for kind, label in (("normal", 0), ("anomalous", 1))
+        }
     scores = zero_shot_text_scores(dataclasses.replace(table, text=text), test_rows)["scores"]["final"]
     assert min(_heldout_auroc(table, test_rows, scores).values()) >= 0.9
 
@@ -139,39 +157,56 @@ def test_baselines_share_ramls_table_with_split_from(tmp_path, separable_table):
     hash as the run's own evaluation, one table in the report."""
     run = tmp_path / "adaptive-seed0"
     write_run(run, fit(separable_table, make_config("adaptive", split_seed=3, **QUICK)))
-    raml_path, raml = evaluate_checkpoints([run], separable_table.cache_dir, tmp_path / "raml", n_resamples=20,
-                                           log=lambda *_: None)
+    raml_path, raml = evaluate_checkpoints(
+        [run], separable_table.cache_dir, tmp_path / "raml", n_resamples=20, log=lambda *_: None
+    )
     paths = [raml_path]
     for name, per_category in (("linear", False), ("linear", True), ("knn-tiles", False), ("zero-shot-text", False)):
-        path, entries, _ = run_feature_baseline(name, separable_table, tmp_path / f"{name}-{per_category}",
-                                                split_from=run, per_category=per_category, n_resamples=20)
-        (config, entry), = entries.items()
+        path, entries, _ = run_feature_baseline(
+            name,
+            separable_table,
+            tmp_path / f"{name}-{per_category}",
+            split_from=run,
+            per_category=per_category,
+            n_resamples=20,
+        )
+        ((config, entry),) = entries.items()
         assert entry["protocol"]["image_list_hash"] == raml["adaptive"]["protocol"]["image_list_hash"]
         assert entry["protocol"]["source"] == str(run / "split.json") and entry["seeds"] == [None]
         assert json.loads(path.read_text())[config]["method"] == entry["method"]
         paths.append(path)
-    (title, rows), = group_by_image_list(load_rows(paths)).items()          # one table: the same images
+    ((title, rows),) = group_by_image_list(load_rows(paths)).items()  # one table: the same images
     assert title == "holdout · synthetic"
-    assert ("| category | adaptive † | linear † | linear-per-category † | knn-tiles † | zero-shot-text † |"
-            in comparison_markdown(title, rows, []))
+    assert (
+        "| category | adaptive † | linear † | linear-per-category † | knn-tiles † | zero-shot-text † |"
+        in comparison_markdown(title, rows, [])
+    )
 
 
-@pytest.mark.parametrize("name, options, tokens", [("linear", ["--per-category"], False), ("knn-tiles", [], False),
-                                                   ("zero-shot-text", [], False), ("zero-shot-text", [], True),
-                                                   ("knn-patches", [], True)])
+@pytest.mark.parametrize(
+    "name, options, tokens",
+    [
+        ("linear", ["--per-category"], False),
+        ("knn-tiles", [], False),
+        ("zero-shot-text", [], False),
+        ("zero-shot-text", [], True),
+        ("knn-patches", [], True),
+    ],
+)
 def test_baseline_commands_on_an_extracted_cache(tmp_path, mvtec_cache, mvtec_token_cache, name, options, tokens):
     out = tmp_path / name
     cache = mvtec_token_cache if tokens else mvtec_cache
-    result = CliRunner().invoke(cli, ["baseline", name, "--cache-dir", str(cache), "--out", str(out),
-                                      "--bootstrap", "20", *options])
+    result = CliRunner().invoke(
+        cli, ["baseline", name, "--cache-dir", str(cache), "--out", str(out), "--bootstrap", "20", *options]
+    )
     assert result.exit_code == 0, result.output
     assert "holdout protocol" in result.output and "NOT MEANINGFUL" in result.output
     assert (out / "results.json").is_file() and (out / "scores.csv").is_file()
-    assert (out / "anomaly_maps.npz").is_file() == tokens     # maps are drawn from patch tokens
+    assert (out / "anomaly_maps.npz").is_file() == tokens  # maps are drawn from patch tokens
     assert ("anomaly_maps.npz" in result.output) == tokens
     entry = json.loads((out / "results.json").read_text())[name + ("-per-category" if options else "")]
     if name == "zero-shot-text" and not tokens:
-        assert "--patch-tokens" in entry["pixel"]["not_available"]["bottle"]   # says how to add them
+        assert "--patch-tokens" in entry["pixel"]["not_available"]["bottle"]  # says how to add them
     if tokens:
         assert set(entry["pixel"]["categories"]) == {"bottle", "metal_nut"} and "pixel: AUROC" in result.output
     if name == "knn-patches":

@@ -3,6 +3,7 @@ another kind of file or by garbage, and for JSON files every value swapped for o
 or an absurd size. Reading it either works (a flip where nothing checks it, e.g. in a weight) or
 raises the error a user reads (``UserError``: the command line's one ``Error:`` line) naming the
 file — never a traceback. Derandomised with a bounded number of examples, so that CI cannot flake."""
+
 import io
 import json
 import shutil
@@ -14,40 +15,52 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from raml.cache import read_cache
-from raml.errors import UserError
 from raml.cache.format import CACHE_JSON, shard_paths
 from raml.cache.reader import read_token_rows
+from raml.errors import UserError
 from raml.evaluate.protocols import read_split_manifest
 from raml.evaluate.report import write_report
 from raml.evaluate.results import read_results
 from raml.extract.encoder import load_backbone
 from raml.extract.identity import TINY_TEST_CONFIG, backbone_identity
 from raml.extract.pyramid import load_mask, load_rgb
-from tests.synthetic import mask_image, part_image
 from raml.train.checkpoint import load_checkpoint
 from raml.train.config import make_config
 from raml.train.fit import fit, write_run
 from raml.train.split import holdout_split
 from raml.train.sweep import finished_metrics
+from tests.synthetic import mask_image, part_image
 
-FUZZ = settings(max_examples=60, derandomize=True, deadline=None, database=None,
-                suppress_health_check=list(HealthCheck))
-OTHER_FILES = [b"", b"\x00" * 64, b"not the file you are looking for\n", b'{"a": 1}', b"[]", b"null",
-               b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\xff\xff\x00\x00\xff\xff\x08\x02"]   # PNG: 65535² px
+FUZZ = settings(
+    max_examples=60, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
+OTHER_FILES = [
+    b"",
+    b"\x00" * 64,
+    b"not the file you are looking for\n",
+    b'{"a": 1}',
+    b"[]",
+    b"null",
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\xff\xff\x00\x00\xff\xff\x08\x02",
+]  # PNG: 65535² px
 ABSURD = [None, True, -1, 0, 10**12, -(10**12), 1e308, "x", "", [], {}, [1, 2], {"k": "v"}]
 
 
 def damaged(data: bytes):
     """Strategy: ``data`` truncated, with bytes flipped, or replaced by another file or garbage."""
+
     def flip(flips):
         out = bytearray(data)
         for offset, mask in flips:
             out[offset % len(out)] ^= mask
         return bytes(out)
-    return st.one_of(st.integers(0, len(data) - 1).map(lambda n: data[:n]),
-                     st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(1, 255)), min_size=1,
-                              max_size=16).map(flip),
-                     st.sampled_from(OTHER_FILES), st.binary(max_size=300))
+
+    return st.one_of(
+        st.integers(0, len(data) - 1).map(lambda n: data[:n]),
+        st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(1, 255)), min_size=1, max_size=16).map(flip),
+        st.sampled_from(OTHER_FILES),
+        st.binary(max_size=300),
+    )
 
 
 def json_leaves(value, path=()):
@@ -75,6 +88,7 @@ def json_mutated(document):
             target = target[key]
         target[path[-1]] = new
         return copy
+
     return st.tuples(st.sampled_from(paths), st.sampled_from(ABSURD)).map(replace)
 
 
@@ -105,8 +119,9 @@ def trained_run(tmp_path_factory, mvtec_cache):
 def test_model_config(tmp_path, data):
     path = tmp_path / "model.json"
     original = TINY_TEST_CONFIG.read_bytes()
-    mutated = data.draw(st.one_of(damaged(original), json_mutated(json.loads(original)).map(
-        lambda doc: json.dumps(doc).encode())))
+    mutated = data.draw(
+        st.one_of(damaged(original), json_mutated(json.loads(original)).map(lambda doc: json.dumps(doc).encode()))
+    )
     path.write_bytes(mutated)
     refused_in_words(lambda: backbone_identity(str(path), random_weights=True), str(path))
 
@@ -128,13 +143,19 @@ def test_checkpoint(tmp_path, trained_run, data):
     original = (trained_run / "checkpoint.pt").read_bytes()
     if data.draw(st.booleans()):
         path.write_bytes(data.draw(damaged(original)))
-    else:   # a checkpoint whose structure was edited: torch.load reads it, RAML must check it
+    else:  # a checkpoint whose structure was edited: torch.load reads it, RAML must check it
         payload = torch.load(trained_run / "checkpoint.pt", weights_only=True)
-        key = data.draw(st.sampled_from(["config", "fingerprint", "manifest", "thresholds", "categories",
-                                         "loss_state", "state_dict", "format"]))
+        key = data.draw(
+            st.sampled_from(
+                ["config", "fingerprint", "manifest", "thresholds", "categories", "loss_state", "state_dict", "format"]
+            )
+        )
         value = payload[key]
-        editable = json.loads(json.dumps(value, default=lambda tensor: 0)) if key != "state_dict" else \
-            {name: 0 for name in value}
+        editable = (
+            json.loads(json.dumps(value, default=lambda tensor: 0))
+            if key != "state_dict"
+            else {name: 0 for name in value}
+        )
         payload[key] = data.draw(json_mutated(editable))
         torch.save(payload, path)
     refused_in_words(lambda: load_checkpoint(path), str(path))
@@ -145,8 +166,9 @@ def test_checkpoint(tmp_path, trained_run, data):
 def test_cache_json(tmp_path, mvtec_cache, data):
     cache_dir = copy_once(mvtec_cache, tmp_path / "cache")
     original = (mvtec_cache / CACHE_JSON).read_bytes()
-    mutated = data.draw(st.one_of(damaged(original), json_mutated(json.loads(original)).map(
-        lambda doc: json.dumps(doc).encode())))
+    mutated = data.draw(
+        st.one_of(damaged(original), json_mutated(json.loads(original)).map(lambda doc: json.dumps(doc).encode()))
+    )
     (cache_dir / CACHE_JSON).write_bytes(mutated)
     refused_in_words(lambda: read_cache(cache_dir), str(cache_dir))
 
@@ -170,6 +192,7 @@ def test_shard_with_patch_tokens(tmp_path, mvtec_token_cache, data):
     def read_every_token():
         table = read_cache(cache_dir)
         read_token_rows(table, range(len(table)))
+
     refused_in_words(read_every_token, str(shard))
 
 
@@ -192,16 +215,21 @@ def test_split_manifest(tmp_path, trained_run, data):
     run = tmp_path / "run"
     run.mkdir(exist_ok=True)
     original = (trained_run / "split.json").read_bytes()
-    (run / "split.json").write_bytes(data.draw(st.one_of(
-        damaged(original), json_mutated(json.loads(original)).map(lambda doc: json.dumps(doc).encode()))))
+    (run / "split.json").write_bytes(
+        data.draw(
+            st.one_of(damaged(original), json_mutated(json.loads(original)).map(lambda doc: json.dumps(doc).encode()))
+        )
+    )
     refused_in_words(lambda: read_split_manifest(run), str(run / "split.json"))
 
 
 @pytest.fixture(scope="module")
 def results_file(tmp_path_factory, trained_run, mvtec_cache):
     from raml.evaluate.run import evaluate_checkpoints
-    path, _ = evaluate_checkpoints([trained_run], mvtec_cache, tmp_path_factory.mktemp("fuzz-results"),
-                                   n_resamples=10, log=lambda line: None)
+
+    path, _ = evaluate_checkpoints(
+        [trained_run], mvtec_cache, tmp_path_factory.mktemp("fuzz-results"), n_resamples=10, log=lambda line: None
+    )
     return path
 
 
@@ -212,8 +240,11 @@ def test_results_file_and_the_report_on_it(tmp_path, results_file, data):
     if not results.exists():
         shutil.copytree(results_file.parent, results)
     original = results_file.read_bytes()
-    (results / results_file.name).write_bytes(data.draw(st.one_of(
-        damaged(original), json_mutated(json.loads(original)).map(lambda doc: json.dumps(doc).encode()))))
+    (results / results_file.name).write_bytes(
+        data.draw(
+            st.one_of(damaged(original), json_mutated(json.loads(original)).map(lambda doc: json.dumps(doc).encode()))
+        )
+    )
     refused_in_words(lambda: read_results(results / results_file.name), str(results / results_file.name))
     refused_in_words(lambda: write_report([results / results_file.name], tmp_path / "report"), str(results))
 
@@ -234,6 +265,9 @@ def test_a_sweep_runs_config_and_metrics(tmp_path, trained_run, mvtec_cache, dat
     original = json.dumps(config.to_dict() if name == "config.json" else metrics).encode()
     (run / "metrics.json").write_text(json.dumps(metrics))
     (run / "config.json").write_text(json.dumps(config.to_dict()))
-    (run / name).write_bytes(data.draw(st.one_of(
-        damaged(original), json_mutated(json.loads(original)).map(lambda doc: json.dumps(doc).encode()))))
+    (run / name).write_bytes(
+        data.draw(
+            st.one_of(damaged(original), json_mutated(json.loads(original)).map(lambda doc: json.dumps(doc).encode()))
+        )
+    )
     refused_in_words(lambda: finished_metrics(run, config, table, heldout_hash), str(run))

@@ -1,6 +1,7 @@
 """The int8 engine (``--engine onnx-int8``, ``export --precision int8``) on the tiny CLIP: the quantised
 model's cache, features that depend on their image alone, the fidelity check (and its refusal of a
 broken model), one precision per cache, the int8 path end to end, and the engine benchmarks."""
+
 import csv
 import json
 import platform
@@ -16,21 +17,33 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from raml.cache import N_CROPS, read_cache
-from raml.errors import CacheError
 from raml.cache.format import CACHE_JSON
+from raml.errors import CacheError
 from raml.evaluate.deploy.export import DEPLOY_JSON, SCRIPT_FILE
 from raml.extract import int8_engine
 from raml.extract.engine_bench import EngineTimes, vit_macs_per_image
 from raml.extract.engines import INT8_PRECISION
-from raml.extract.int8_engine import FIDELITY_RECORD, INT8_FILE, INT8_SIDECAR_FILE, MAX_WEIGHT, MIN_COSINE, Fidelity, Int8FidelityError, check_pair_sums, int8_backbone, largest_int8_weight, measure_fidelity, require_fidelity
-from raml.extract.onnx_engine import OnnxEngineError
-from raml.extract.onnx_engine import ONNX_FILE, SIDECAR_FILE, export_dir
+from raml.extract.int8_engine import (
+    FIDELITY_RECORD,
+    INT8_FILE,
+    INT8_SIDECAR_FILE,
+    MAX_WEIGHT,
+    MIN_COSINE,
+    Fidelity,
+    Int8FidelityError,
+    check_pair_sums,
+    int8_backbone,
+    largest_int8_weight,
+    measure_fidelity,
+    require_fidelity,
+)
+from raml.extract.onnx_engine import ONNX_FILE, SIDECAR_FILE, OnnxEngineError, export_dir
 from raml.extract.pyramid import load_rgb, pyramid_pixels
 from raml.extract.run import extract_features
 from raml.pipeline import cli
-from tests.conftest import TINY_MODEL
 from raml.train.config import make_config
 from raml.train.fit import fit, write_run
+from tests.conftest import TINY_MODEL
 
 BACKBONE = ["--model", TINY_MODEL, "--random-weights", "--device", "cpu"]
 REAL_QUANTISE = int8_engine.quantise
@@ -49,8 +62,12 @@ def run_dir(tmp_path_factory, mvtec_cache):
 
 
 def image_pixels(mvtec_root, backbone, names=("good/000", "broken/000", "scratch/001")):
-    return [pyramid_pixels(load_rgb(mvtec_root / "bottle" / "test" / f"{name}.png"), backbone.input_size,
-                           backbone.mean, backbone.std) for name in names]
+    return [
+        pyramid_pixels(
+            load_rgb(mvtec_root / "bottle" / "test" / f"{name}.png"), backbone.input_size, backbone.mean, backbone.std
+        )
+        for name in names
+    ]
 
 
 def broken_quantise(source, target):
@@ -62,7 +79,11 @@ def broken_quantise(source, target):
     for tensor in model.graph.initializer:
         if tensor.data_type == onnx.TensorProto.INT8:
             values = numpy_helper.to_array(tensor)
-            tensor.CopyFrom(numpy_helper.from_array(rng.integers(-MAX_WEIGHT, MAX_WEIGHT + 1, values.shape, dtype=np.int8), tensor.name))
+            tensor.CopyFrom(
+                numpy_helper.from_array(
+                    rng.integers(-MAX_WEIGHT, MAX_WEIGHT + 1, values.shape, dtype=np.int8), tensor.name
+                )
+            )
     onnx.save(model, str(target))
 
 
@@ -83,7 +104,10 @@ def test_int8_model_is_made_once_beside_the_fp32_export_and_reused(tiny_backbone
     directory = export_dir(tiny_backbone, user_cache_dir / "onnx")
     assert tiny_int8.image_encoder.path == directory / INT8_FILE
     assert (tiny_int8.engine, tiny_int8.precision, tiny_int8.image_encoder.cpu_crops_per_run) == (
-        "onnx-int8", INT8_PRECISION, N_CROPS)
+        "onnx-int8",
+        INT8_PRECISION,
+        N_CROPS,
+    )
     meta = json.loads((directory / INT8_SIDECAR_FILE).read_text())
     assert meta["quantisation"]["precision"] == INT8_PRECISION and "7-bit" in meta["quantisation"]["weights"]
     fp32_meta = json.loads((directory / SIDECAR_FILE).read_text())
@@ -108,8 +132,9 @@ def _truncated(directory):
 
 
 @pytest.mark.parametrize("damage, why", [(_other_fp32_source, "quantised_from_sha256"), (_truncated, "truncated")])
-def test_int8_model_is_rebuilt_when_its_source_changed_or_it_is_damaged(tiny_backbone, tiny_int8, user_cache_dir,
-                                                                         tmp_path, capsys, damage, why):
+def test_int8_model_is_rebuilt_when_its_source_changed_or_it_is_damaged(
+    tiny_backbone, tiny_int8, user_cache_dir, tmp_path, capsys, damage, why
+):
     directory = export_dir(tiny_backbone, tmp_path / "onnx")
     shutil.copytree(export_dir(tiny_backbone, user_cache_dir / "onnx"), directory)
     damage(directory)
@@ -131,8 +156,9 @@ def test_int8_features_of_an_image_depend_on_that_image_alone(tiny_int8, mvtec_r
     np.testing.assert_array_equal(together, alone)
     np.testing.assert_array_equal(together, script_like)
     # what one image per run avoids: a run of 8 crops mixes images and changes their features
-    mixed = np.concatenate([session.run(None, {"pixels": chunk})[0]
-                            for chunk in np.array_split(np.concatenate(images), 8)])
+    mixed = np.concatenate(
+        [session.run(None, {"pixels": chunk})[0] for chunk in np.array_split(np.concatenate(images), 8)]
+    )
     assert not np.array_equal(mixed, together)
 
 
@@ -159,6 +185,7 @@ def test_int8_weights_cannot_saturate_a_16_bit_pair_sum(tiny_int8, tmp_path):
     assert 0 < largest_int8_weight(tiny_int8.image_encoder.path) <= MAX_WEIGHT
     # the full 8-bit range (the first scheme) is refused before it could be cached
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
     full_range = tmp_path / "full-range.onnx"
     quantize_dynamic(tiny_int8.reference_encoder.path, full_range, weight_type=QuantType.QInt8, per_channel=True)
     assert largest_int8_weight(full_range) == 127
@@ -177,22 +204,40 @@ for model, out in zip(sys.argv[2::2], sys.argv[3::2]):
 """
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64" or QEMU is None,
-                    reason="needs qemu-x86_64 (Debian package qemu-user) to emulate an AVX2-only CPU")
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or QEMU is None,
+    reason="needs qemu-x86_64 (Debian package qemu-user) to emulate an AVX2-only CPU",
+)
 def test_int8_fidelity_holds_on_an_emulated_avx2_only_cpu(tiny_int8, mvtec_root, tmp_path):
     """The scheme's claim where it matters, whatever CPU runs the test: under QEMU's Haswell model
     (AVX2, no AVX-512, no VNNI), whose uint8 × int8 pair sums saturate at 16 bits, the engine's int8
     model keeps a per-crop cosine >= MIN_COSINE to fp32. The first scheme's 8-bit weights, run
     alongside, fall below it there: the emulation does reach the saturating kernels."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
     full_range = tmp_path / "full-range.onnx"
     quantize_dynamic(tiny_int8.reference_encoder.path, full_range, weight_type=QuantType.QInt8, per_channel=True)
     crops = np.stack(image_pixels(mvtec_root, tiny_int8))
     np.save(tmp_path / "crops.npy", crops)
     outputs = {"engine": tmp_path / "engine.npy", "full_range": tmp_path / "full.npy"}
-    child = subprocess.run([QEMU, "-cpu", "Haswell", sys.executable, "-c", ENCODE_UNDER_QEMU, str(tmp_path / "crops.npy"),
-                            str(tiny_int8.image_encoder.path), str(outputs["engine"]), str(full_range),
-                            str(outputs["full_range"])], capture_output=True, text=True, timeout=600)
+    child = subprocess.run(
+        [
+            QEMU,
+            "-cpu",
+            "Haswell",
+            sys.executable,
+            "-c",
+            ENCODE_UNDER_QEMU,
+            str(tmp_path / "crops.npy"),
+            str(tiny_int8.image_encoder.path),
+            str(outputs["engine"]),
+            str(full_range),
+            str(outputs["full_range"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert child.returncode == 0, child.stderr[-2000:]
     fp32 = np.concatenate([tiny_int8.reference_encoder.encode(image) for image in crops])
     cosine = {name: (np.load(path) * fp32).sum(-1).min() for name, path in outputs.items()}  # unit vectors
@@ -213,7 +258,7 @@ class FixedEncoder:
 def test_fidelity_figures_and_refusal_on_encoders_of_known_cosine():
     """The check's arithmetic and its limits, on inputs whose result is known (independent of any
     CPU's rounding): int8 crops turned by known angles from the fp32 ones."""
-    angles = np.array([0.0, 0.05, 0.1])   # radians; cos 0.1 = 0.995004 passes, cos 0.1001 fails
+    angles = np.array([0.0, 0.05, 0.1])  # radians; cos 0.1 = 0.995004 passes, cos 0.1001 fails
     fp32 = np.eye(3, 8, dtype=np.float32)
     int8 = np.cos(angles)[:, None] * fp32 + np.sin(angles)[:, None] * np.eye(3, 8, k=3, dtype=np.float32)
     backbone = SimpleNamespace(reference_encoder=FixedEncoder(fp32), image_encoder=FixedEncoder(int8))
@@ -223,19 +268,22 @@ def test_fidelity_figures_and_refusal_on_encoders_of_known_cosine():
     assert fidelity.cosine_min == pytest.approx(np.cos(0.1), abs=1e-7)
     assert fidelity.cosine_mean == pytest.approx(np.cos(angles).mean(), abs=1e-7)
     assert fidelity.passed
-    require_fidelity(fidelity, "x", "y")   # passes: no exception
+    require_fidelity(fidelity, "x", "y")  # passes: no exception
 
     turned = np.cos(0.1001) * fp32[2] + np.sin(0.1001) * np.eye(3, 8, k=3, dtype=np.float32)[2]
     backbone.image_encoder = FixedEncoder([*int8[:2], turned])
     worse = measure_fidelity(backbone, images)
     assert worse.cosine_min == pytest.approx(np.cos(0.1001), abs=1e-7) and not worse.passed
-    with pytest.raises(Int8FidelityError, match=r"too far from fp32 on 4 of my images: per-crop cosine of int8 to fp32 "
-                                                r"min 0\.9950 \(limit 0\.995\).*use fp32 here"):
+    with pytest.raises(
+        Int8FidelityError,
+        match=r"too far from fp32 on 4 of my images: per-crop cosine of int8 to fp32 "
+        r"min 0\.9950 \(limit 0\.995\).*use fp32 here",
+    ):
         require_fidelity(worse, "4 of my images", "use fp32 here")
 
     # the rank check: identical scores pass; one swapped pair of four gives Spearman 0.8 and fails
     same = measure_fidelity(backbone, images, score=lambda features: np.arange(4.0))
-    assert same.spearman == pytest.approx(1.0) and not same.passed   # (the cosine still fails)
+    assert same.spearman == pytest.approx(1.0) and not same.passed  # (the cosine still fails)
     backbone.image_encoder = FixedEncoder(fp32)
     scores = iter([np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 2.0, 4.0])])  # fp32, then int8
     swapped = measure_fidelity(backbone, images, score=lambda features: next(scores))
@@ -244,8 +292,21 @@ def test_fidelity_figures_and_refusal_on_encoders_of_known_cosine():
 
 
 def extract_args(mvtec_root, cache_dir, engine, *extra):
-    return ["extract", "--dataset", "mvtec", "--root", str(mvtec_root), "--cache-dir", str(cache_dir), *BACKBONE,
-            "--workers", "0", "--engine", engine, *extra]
+    return [
+        "extract",
+        "--dataset",
+        "mvtec",
+        "--root",
+        str(mvtec_root),
+        "--cache-dir",
+        str(cache_dir),
+        *BACKBONE,
+        "--workers",
+        "0",
+        "--engine",
+        engine,
+        *extra,
+    ]
 
 
 def test_extract_int8_records_its_precision_and_checks_once_per_cache(tiny_int8, user_cache_dir, mvtec_root, tmp_path):
@@ -261,8 +322,9 @@ def test_extract_int8_records_its_precision_and_checks_once_per_cache(tiny_int8,
     table = read_cache(cache_dir)
     assert table.meta["precision"] == INT8_PRECISION and table.engines == ["onnx-int8"] and len(table) == 20
     bottle = table.select(table.category == "bottle")
-    crops = pyramid_pixels(load_rgb(mvtec_root / bottle.relpath[0]), tiny_int8.input_size, tiny_int8.mean,
-                           tiny_int8.std)
+    crops = pyramid_pixels(
+        load_rgb(mvtec_root / bottle.relpath[0]), tiny_int8.input_size, tiny_int8.mean, tiny_int8.std
+    )
     np.testing.assert_array_equal(bottle.features[0], tiny_int8.encode_images(crops).astype(np.float16))
 
 
@@ -277,8 +339,9 @@ def test_one_cache_never_mixes_precisions(tiny_backbone, tiny_int8, mvtec_root, 
     assert not (fp32_cache / FIDELITY_RECORD).exists()
 
     int8_cache = tmp_path / "int8"
-    extract_features("mvtec", mvtec_root, int8_cache, lambda: tiny_int8, categories=["bottle"], workers=0,
-                     progress=False)
+    extract_features(
+        "mvtec", mvtec_root, int8_cache, lambda: tiny_int8, categories=["bottle"], workers=0, progress=False
+    )
     into_int8 = CliRunner().invoke(cli, extract_args(mvtec_root, int8_cache, "onnx"))
     assert into_int8.exit_code == 1
     assert f"{int8_cache} holds {INT8_PRECISION} features; this run would add fp32" in into_int8.output
@@ -301,32 +364,80 @@ def test_fidelity_check_stops_on_a_broken_quantised_model(broken_int8_cache, run
     assert not (cache_dir / FIDELITY_RECORD).exists()
 
     out = tmp_path / "deploy"
-    exported = CliRunner().invoke(cli, ["export", "--checkpoint", str(run_dir), "--out", str(out), *BACKBONE,
-                                        "--precision", "int8", "--dataset", "mvtec", "--root", str(mvtec_root)])
+    exported = CliRunner().invoke(
+        cli,
+        [
+            "export",
+            "--checkpoint",
+            str(run_dir),
+            "--out",
+            str(out),
+            *BACKBONE,
+            "--precision",
+            "int8",
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(mvtec_root),
+        ],
+    )
     assert exported.exit_code == 1 and "export with --precision fp32 instead" in exported.output
     assert "Spearman of s_final" in exported.output and not out.exists()
 
     files = sorted((mvtec_root / "bottle" / "test").glob("*/*.png"))
-    predicted = CliRunner().invoke(cli, ["predict", *map(str, files), "--checkpoint", str(run_dir),
-                                         "--category", "bottle", "--out", str(tmp_path / "p"), *BACKBONE,
-                                         "--engine", "onnx-int8"])
+    predicted = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            *map(str, files),
+            "--checkpoint",
+            str(run_dir),
+            "--category",
+            "bottle",
+            "--out",
+            str(tmp_path / "p"),
+            *BACKBONE,
+            "--engine",
+            "onnx-int8",
+        ],
+    )
     assert predicted.exit_code == 1 and "too far from fp32 on 6 of the images given" in predicted.output
     assert not (tmp_path / "p").exists()
 
 
 def script_scores(deploy_dir, files):
     """{folder/name: s_final} printed by the deployment's standalone script."""
-    child = subprocess.run([sys.executable, str(deploy_dir / SCRIPT_FILE), *map(str, files), "--category", "bottle"],
-                           capture_output=True, text=True, timeout=300)
+    child = subprocess.run(
+        [sys.executable, str(deploy_dir / SCRIPT_FILE), *map(str, files), "--category", "bottle"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert child.returncode == 0, child.stderr
-    return {"/".join(line.split()[0].split("/")[-2:]): float(line.split()[1])
-            for line in child.stdout.splitlines()[1:-1]}
+    return {
+        "/".join(line.split()[0].split("/")[-2:]): float(line.split()[1]) for line in child.stdout.splitlines()[1:-1]
+    }
 
 
 def test_int8_path_end_to_end_export_quantise_predict(tiny_int8, user_cache_dir, run_dir, mvtec_root, tmp_path):
     out = tmp_path / "deploy"
-    exported = CliRunner().invoke(cli, ["export", "--checkpoint", str(run_dir), "--out", str(out), *BACKBONE,
-                                        "--precision", "int8", "--dataset", "mvtec", "--root", str(mvtec_root)])
+    exported = CliRunner().invoke(
+        cli,
+        [
+            "export",
+            "--checkpoint",
+            str(run_dir),
+            "--out",
+            str(out),
+            *BACKBONE,
+            "--precision",
+            "int8",
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(mvtec_root),
+        ],
+    )
     assert exported.exit_code == 0, exported.output
     assert "int8 encoder: per-crop cosine of int8 to fp32 min" in exported.output
     deploy = json.loads((out / DEPLOY_JSON).read_text())
@@ -338,8 +449,22 @@ def test_int8_path_end_to_end_export_quantise_predict(tiny_int8, user_cache_dir,
 
     files = sorted((mvtec_root / "bottle" / "test").glob("*/*.png"))
     predict_out = tmp_path / "predictions"
-    args = ["predict", *map(str, files), "--checkpoint", str(run_dir), "--category", "bottle", "--out",
-            str(predict_out), *BACKBONE, "--engine", "onnx-int8", "--no-heatmaps", "--fidelity-sample", "4"]
+    args = [
+        "predict",
+        *map(str, files),
+        "--checkpoint",
+        str(run_dir),
+        "--category",
+        "bottle",
+        "--out",
+        str(predict_out),
+        *BACKBONE,
+        "--engine",
+        "onnx-int8",
+        "--no-heatmaps",
+        "--fidelity-sample",
+        "4",
+    ]
     first = CliRunner().invoke(cli, args)
     assert first.exit_code == 0, first.output
     assert "int8 fidelity on 4 of your images" in first.output
@@ -359,37 +484,74 @@ def test_vit_macs_per_image_by_hand(tiny_backbone):
     assert vit_macs_per_image(tiny_backbone) == 21 * per_crop == 40_819_968
     # ViT-B/16's shape, without building it: issue 13's "370 GFLOP per image"
     block = SimpleNamespace(mlp=SimpleNamespace(c_fc=SimpleNamespace(out_features=3072)))
-    visual = SimpleNamespace(conv1=SimpleNamespace(in_channels=3, kernel_size=(16, 16)), grid_size=(14, 14),
-                             class_embedding=np.zeros(768), proj=np.zeros((768, 512)),
-                             transformer=SimpleNamespace(width=768, resblocks=[block] * 12))
+    visual = SimpleNamespace(
+        conv1=SimpleNamespace(in_channels=3, kernel_size=(16, 16)),
+        grid_size=(14, 14),
+        class_embedding=np.zeros(768),
+        proj=np.zeros((768, 512)),
+        transformer=SimpleNamespace(width=768, resblocks=[block] * 12),
+    )
     assert vit_macs_per_image(SimpleNamespace(model=SimpleNamespace(visual=visual), name="ViT-B-16")) == 368_832_522_240
 
 
 def test_engine_times_lines_give_medians_and_ratios():
-    times = EngineTimes(what="bench x", model="m", macs_per_image=370e9, gemm_gflops=[180.0, 200.0, 185.0],
-                        seconds={"onnx-int8": [1.0, 0.9, 1.1], "WinCLIP": [4.0, 3.0, 5.0]}, reference="WinCLIP")
+    times = EngineTimes(
+        what="bench x",
+        model="m",
+        macs_per_image=370e9,
+        gemm_gflops=[180.0, 200.0, 185.0],
+        seconds={"onnx-int8": [1.0, 0.9, 1.1], "WinCLIP": [4.0, 3.0, 5.0]},
+        reference="WinCLIP",
+    )
     assert times.floor_seconds == pytest.approx(2.0)  # 370 G / 185 GFLOP/s
     lines = times.lines()
     assert "= 2.00 s" in lines[1] and "185 GFLOP/s" in lines[1]
-    assert lines[2].split() == ["onnx-int8", "1.00", "s/image", "(0.90-1.10)", "0.50", "×", "floor", "0.25", "×",
-                                "WinCLIP"]
+    assert lines[2].split() == [
+        "onnx-int8",
+        "1.00",
+        "s/image",
+        "(0.90-1.10)",
+        "0.50",
+        "×",
+        "floor",
+        "0.25",
+        "×",
+        "WinCLIP",
+    ]
     assert lines[3].split() == ["WinCLIP", "4.00", "s/image", "(3.00-5.00)"]  # another model: no floor ratio
 
 
 def test_bench_commands_compare_the_engines(tiny_int8, user_cache_dir):
-    result = CliRunner().invoke(cli, ["bench", "extract", *BACKBONE, "--images", "1", "--size", "64", "--workers",
-                                      "0", "--rounds", "1"])
+    result = CliRunner().invoke(
+        cli, ["bench", "extract", *BACKBONE, "--images", "1", "--size", "64", "--workers", "0", "--rounds", "1"]
+    )
     assert result.exit_code == 0, result.output
     engines = [line.split()[0] for line in result.output.splitlines() if "× floor" in line]
     assert engines == ["torch", "onnx", "onnx-int8"]
-    result = CliRunner().invoke(cli, ["bench", "predict", *BACKBONE, "--images", "1", "--size", "64", "--rounds", "1",
-                                      "--engines", "onnx,onnx-int8", "--no-winclip"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "predict",
+            *BACKBONE,
+            "--images",
+            "1",
+            "--size",
+            "64",
+            "--rounds",
+            "1",
+            "--engines",
+            "onnx,onnx-int8",
+            "--no-winclip",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert [line.split()[0] for line in result.output.splitlines() if "× floor" in line] == ["onnx", "onnx-int8"]
 
 
 def test_winclip_is_timed_as_the_reference(tiny_backbone, tiny_int8):
     from raml.evaluate.deploy.bench import WINCLIP, compare_predict
+
     times = compare_predict({"onnx-int8": tiny_int8}, images=1, size=64, rounds=1, winclip_backbone=tiny_backbone)
     assert times.reference == WINCLIP and set(times.seconds) == {"onnx-int8", WINCLIP}
     # (predict's figure is a difference of two timings: on the tiny model it is noise around zero)

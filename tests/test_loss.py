@@ -1,4 +1,5 @@
 """MACCL loss, margins and difficulty weights against values worked out by hand."""
+
 import math
 
 import numpy as np
@@ -6,13 +7,27 @@ import pytest
 import torch
 
 from raml.train.config import make_config
-from raml.train.loss import category_weights, contrastive_terms, image_r_max, initial_loss_state, loss_hyperparameters, maccl_step, resolution_penalty, state_margins, updated_state
+from raml.train.loss import (
+    category_weights,
+    contrastive_terms,
+    image_r_max,
+    initial_loss_state,
+    loss_hyperparameters,
+    maccl_step,
+    resolution_penalty,
+    state_margins,
+    updated_state,
+)
 from raml.train.loss_terms import adaptive_margin, center_terms, difficulty_weights, margin_terms
 
 
 def _state(sigma=0.0, center=(0.0, 0.0), categories=1):
-    return {"center": torch.tensor(center), "sigma": torch.tensor(sigma), "difficulty": torch.zeros(categories),
-            "difficulty_seen": torch.zeros(categories, dtype=torch.bool)}
+    return {
+        "center": torch.tensor(center),
+        "sigma": torch.tensor(sigma),
+        "difficulty": torch.zeros(categories),
+        "difficulty_seen": torch.zeros(categories, dtype=torch.bool),
+    }
 
 
 def test_readme_worked_example_gives_0_905():
@@ -96,16 +111,17 @@ def test_contrastive_term_matches_the_definition_on_an_uneven_batch():
 def test_total_loss_by_hand():
     hp = loss_hyperparameters(make_config("fixed", margin_base=1.5, temperature=0.5))
     # center 0, σ 0, no category seen → weights 1
-    loss, stats, _ = maccl_step(FEATURES, torch.zeros(4), LABELS, torch.zeros(4, dtype=torch.long), torch.zeros(4),
-                                _state(), hp)
+    loss, stats, _ = maccl_step(
+        FEATURES, torch.zeros(4), LABELS, torch.zeros(4, dtype=torch.long), torch.zeros(4), _state(), hp
+    )
     terms = stats[:5]
-    center, margin = 1.0, 0.5                                     # ‖f‖² = 1; relu(1.5 − 1) = 0.5
+    center, margin = 1.0, 0.5  # ‖f‖² = 1; relu(1.5 − 1) = 0.5
     contrastive = math.log(2 + math.exp(-1 / 0.5))
-    bce = math.log(2)                                             # logit 0
+    bce = math.log(2)  # logit 0
     expected = 1.0 * center + 1.0 * margin + 0.5 * contrastive + 1.0 * bce
     assert terms.tolist() == pytest.approx([expected, center, margin, contrastive, bce])
     assert float(loss) == pytest.approx(expected)
-    assert stats[5:].tolist() == [2.0, 2.0]        # both anomalous images lie inside the margin of 1.5
+    assert stats[5:].tolist() == [2.0, 2.0]  # both anomalous images lie inside the margin of 1.5
 
 
 def test_difficulty_weight_formula_and_clip():
@@ -124,9 +140,9 @@ def test_difficulty_ema_momentum_0_7():
     hp = loss_hyperparameters(make_config("adaptive"))
     state, normal = _state(categories=2), torch.ones(4)
     state = updated_state(state, hp, FEATURES, normal, torch.tensor([0, 0, 1, 1]), torch.tensor([1.0, 3.0, 4.0, 4.0]))
-    assert state["difficulty"].tolist() == pytest.approx([2.0, 4.0])      # first sight: the batch mean
+    assert state["difficulty"].tolist() == pytest.approx([2.0, 4.0])  # first sight: the batch mean
     state = updated_state(state, hp, FEATURES, normal, torch.tensor([0, 0, 0, 0]), torch.tensor([4.0, 4.0, 4.0, 4.0]))
-    assert state["difficulty"].tolist() == pytest.approx([0.7 * 2 + 0.3 * 4, 4.0])   # category 1 absent
+    assert state["difficulty"].tolist() == pytest.approx([0.7 * 2 + 0.3 * 4, 4.0])  # category 1 absent
 
 
 def test_each_category_is_weighted_by_its_difficulty():
@@ -136,13 +152,13 @@ def test_each_category_is_weighted_by_its_difficulty():
     state = _state(categories=2)
     state["difficulty"], state["difficulty_seen"] = torch.tensor([1.0, 3.0]), torch.tensor([True, True])
     assert category_weights(state, hp).tolist() == pytest.approx([0.75, 1.25])
-    category = torch.tensor([0, 1, 0, 1])               # one normal and one anomalous image per category
+    category = torch.tensor([0, 1, 0, 1])  # one normal and one anomalous image per category
     _, stats, _ = maccl_step(FEATURES, torch.zeros(4), LABELS, category, torch.zeros(4), state, hp)
     weights = torch.tensor([0.75, 1.25, 0.75, 1.25])
     contrastive = math.log(2 + math.exp(-1 / 0.5))
     # center: (0.75·1 + 1.25·1) / 2 normals; margin: (0.75 + 1.25)·0.5 / 2; bce: Σ w·log 2 / 4
     assert stats[1:5].tolist() == pytest.approx([1.0, 0.5, float(weights.mean()) * contrastive, math.log(2)])
-    uneven = torch.tensor([0, 0, 1, 1])                 # both normals in category 0, both anomalous in 1
+    uneven = torch.tensor([0, 0, 1, 1])  # both normals in category 0, both anomalous in 1
     _, stats, _ = maccl_step(FEATURES, torch.zeros(4), LABELS, uneven, torch.zeros(4), state, hp)
     assert stats[1:3].tolist() == pytest.approx([0.75, 1.25 * 0.5])
 
@@ -154,7 +170,13 @@ def test_center_and_sigma_follow_their_definitions():
     # total std of (1,0), (0,1): sqrt((0.5 + 0.5) / (2 − 1)) = 1
     assert float(state["sigma"]) == pytest.approx(1.0)
     # a batch with one normal moves the center but not σ (σ needs two normals)
-    state = updated_state(state, loss_hyperparameters(config), FEATURES, torch.tensor([0.0, 0.0, 1.0, 0.0]),
-                          torch.zeros(4, dtype=torch.long), torch.ones(4))
+    state = updated_state(
+        state,
+        loss_hyperparameters(config),
+        FEATURES,
+        torch.tensor([0.0, 0.0, 1.0, 0.0]),
+        torch.zeros(4, dtype=torch.long),
+        torch.ones(4),
+    )
     assert state["center"].tolist() == pytest.approx([0.9 * 0.5 - 0.1, 0.9 * 0.5])
     assert float(state["sigma"]) == pytest.approx(1.0)

@@ -1,4 +1,5 @@
 """Metric functions against cases computed by hand."""
+
 import numpy as np
 import pytest
 
@@ -63,8 +64,16 @@ def test_bootstrap_ci_of_a_perfect_separation_is_a_point():
 
 def _run(scores, seed, labels=(0, 0, 1, 1, 0, 1), categories=("a", "a", "a", "a", "b", "b")):
     n = len(labels)
-    return ScoredRun("cfg", seed, f"run{seed}", np.array(categories), np.array([f"x{i}" for i in range(n)]),
-                     np.array(["good"] * n), np.array(labels), {"final": np.array(scores, float)})
+    return ScoredRun(
+        "cfg",
+        seed,
+        f"run{seed}",
+        np.array(categories),
+        np.array([f"x{i}" for i in range(n)]),
+        np.array(["good"] * n),
+        np.array(labels),
+        {"final": np.array(scores, float)},
+    )
 
 
 def test_mean_std_is_the_sample_std_over_seeds():
@@ -73,7 +82,7 @@ def test_mean_std_is_the_sample_std_over_seeds():
     assert stats["n"] == 2 and stats["mean"] == pytest.approx(61.11)
     assert stats["std"] == pytest.approx(22.22 / np.sqrt(2)) and round(stats["std"], 2) == 15.71
     assert mean_std([0.1, 0.2, 0.6])["std"] == pytest.approx(np.sqrt((0.04 + 0.01 + 0.09) / 2))
-    assert mean_std([0.8]) == {"mean": 0.8, "std": None, "n": 1}          # one seed: no spread
+    assert mean_std([0.8]) == {"mean": 0.8, "std": None, "n": 1}  # one seed: no spread
     assert mean_std([0.8, None, 0.6]) == {"mean": pytest.approx(0.7), "std": pytest.approx(0.1414, abs=1e-4), "n": 2}
     assert mean_std([]) == {"mean": None, "std": None, "n": 0}
 
@@ -83,11 +92,11 @@ def test_config_entry_keeps_the_original_schema_and_averages_seeds():
     entry = config_entry(runs, {"name": "holdout"}, {"random_weights": True}, n_resamples=20)
     # category a: seed 0 → 75 %, seed 1 → 100 %; b: 100 % both
     assert entry["details"] == {"a": 87.5, "b": 100.0}
-    assert entry["categories"]["a"]["auroc_std"] == pytest.approx(25 / np.sqrt(2), abs=0.005)   # 17.68, ddof = 1
+    assert entry["categories"]["a"]["auroc_std"] == pytest.approx(25 / np.sqrt(2), abs=0.005)  # 17.68, ddof = 1
     assert entry["categories"]["a"]["auroc_over_seeds"] == {"mean": 87.5, "std": 17.68, "n": 2}
     assert entry["categories"]["b"]["auroc_std"] == 0.0
     assert entry["mean_auroc"] == pytest.approx(93.75, abs=0.01)
-    assert entry["std_auroc"] == pytest.approx(12.5 / np.sqrt(2), abs=0.005)   # seed means 87.5 and 100: 8.84
+    assert entry["std_auroc"] == pytest.approx(12.5 / np.sqrt(2), abs=0.005)  # seed means 87.5 and 100: 8.84
     assert entry["auroc_over_seeds"] == {"mean": 93.75, "std": 8.84, "n": 2} and entry["seeds"] == [0, 1]
     assert entry["meaningful"] is False and "NOT MEANINGFUL" in entry["warning"]
 
@@ -121,25 +130,27 @@ def test_results_json_is_replaced_atomically(tmp_path, monkeypatch):
     real_write_text = type(tmp_path).write_text
 
     def half_then_full_disk(self, text, *args, **kwargs):
-        real_write_text(self, text[:len(text) // 2], *args, **kwargs)
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(type(tmp_path), "write_text", half_then_full_disk)
     entries["cfg"]["mean_auroc"] = 12.34
     with pytest.raises(WriteError, match="results.json: cannot write: no space left on the device"):
         write_results(tmp_path, entries, [run])
     monkeypatch.undo()
     assert (tmp_path / RESULTS_JSON).read_text() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "scores.csv"]   # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "scores.csv"]  # no temporary left
 
 
 def test_bootstrap_ci_equals_roc_auc_score_on_each_resample():
     """The counts-based bootstrap gives exactly what sklearn gives on the resampled images (ties
     included), for one run and for the seed-averaged statistic of several runs."""
     from sklearn.metrics import roc_auc_score
+
     rng = np.random.default_rng(1)
     labels = np.array([0] * 7 + [1] * 11)
     rng.shuffle(labels)
-    scores = np.round(rng.random((3, labels.size)) + 0.3 * labels, 1)     # rounded: many ties
+    scores = np.round(rng.random((3, labels.size)) + 0.3 * labels, 1)  # rounded: many ties
     draws = np.random.default_rng(5)
     groups = [np.flatnonzero(labels == value) for value in (0, 1)]
     statistics = []
@@ -152,13 +163,15 @@ def test_bootstrap_ci_equals_roc_auc_score_on_each_resample():
 
 # --- paired bootstrap of an AUROC difference ----------------------------------------------------------
 
+
 def test_resampled_aurocs_are_sklearns_auroc_of_each_resample():
     from sklearn.metrics import roc_auc_score
 
     from raml.evaluate.metrics import _resampled_aurocs, _stratified_resamples
+
     rng = np.random.default_rng(0)
     labels = np.r_[np.zeros(7, int), np.ones(5, int)][rng.permutation(12)]
-    scores = np.round(rng.normal(size=(2, 12)), 1)             # one decimal: plenty of ties
+    scores = np.round(rng.normal(size=(2, 12)), 1)  # one decimal: plenty of ties
     index = _stratified_resamples(labels, 50, rng)
     assert (labels[index] == np.r_[np.zeros(7), np.ones(5)]).all()
     expected = [[roc_auc_score(labels[row], run[row]) for row in index] for run in scores]
@@ -170,11 +183,11 @@ def test_paired_difference_of_a_configuration_with_itself_is_exactly_zero(runs):
     rng = np.random.default_rng(0)
     labels = np.r_[np.zeros(20), np.ones(10)]
     scores = (labels + rng.normal(size=(runs, 30))).squeeze()
-    for groups in (None, np.tile(["a", "b"], 15)):           # each category: 10 normal, 5 anomalous
+    for groups in (None, np.tile(["a", "b"], 15)):  # each category: 10 normal, 5 anomalous
         assert paired_bootstrap_auroc_difference(labels, scores, scores, groups, n_resamples=200) == (0.0, 0.0, 0.0)
     # an increasing transform ranks the images alike: 0 on every resample, because both
     # configurations are scored on the same resampled images (an unpaired bootstrap would not be 0)
-    assert paired_bootstrap_auroc_difference(labels, scores, 2 * scores ** 3 + 1, n_resamples=200) == (0.0, 0.0, 0.0)
+    assert paired_bootstrap_auroc_difference(labels, scores, 2 * scores**3 + 1, n_resamples=200) == (0.0, 0.0, 0.0)
 
 
 def test_paired_difference_by_hand():
@@ -206,6 +219,7 @@ def test_paired_difference_names_a_category_without_both_classes():
 
 def test_category_mean_auroc_ci():
     from raml.evaluate.metrics import bootstrap_mean_auroc_ci
+
     rng = np.random.default_rng(3)
     labels = np.tile([0, 0, 0, 1, 1], 4)
     groups = np.repeat(["a", "b"], 10)
@@ -214,5 +228,6 @@ def test_category_mean_auroc_ci():
     per_category = [np.mean([image_auroc(labels[groups == g], run[groups == g]) for run in scores]) for g in "ab"]
     assert statistic == pytest.approx(np.mean(per_category)) and low <= statistic <= high
     # one category: the same resamples, hence the same interval, as bootstrap_auroc_ci
-    assert bootstrap_mean_auroc_ci(labels, scores, n_resamples=300, seed=4)[1:] == \
-        pytest.approx(bootstrap_auroc_ci(labels, scores, n_resamples=300, seed=4), abs=1e-15)
+    assert bootstrap_mean_auroc_ci(labels, scores, n_resamples=300, seed=4)[1:] == pytest.approx(
+        bootstrap_auroc_ci(labels, scores, n_resamples=300, seed=4), abs=1e-15
+    )

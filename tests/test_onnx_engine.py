@@ -1,5 +1,6 @@
 """The ONNX Runtime image encoder (``--engine onnx``) on the tiny CLIP: parity with torch, the
 export cache's self-repair, and caches that mix both engines."""
+
 import copy
 import hashlib
 import json
@@ -11,7 +12,14 @@ import torch
 from click.testing import CliRunner
 
 from raml.cache import read_cache
-from raml.extract.onnx_engine import ONNX_FILE, PARITY_TOLERANCE, SIDECAR_FILE, OnnxEngineError, export_dir, onnx_backbone
+from raml.extract.onnx_engine import (
+    ONNX_FILE,
+    PARITY_TOLERANCE,
+    SIDECAR_FILE,
+    OnnxEngineError,
+    export_dir,
+    onnx_backbone,
+)
 from raml.extract.run import extract_features
 from tests.conftest import TINY_MODEL
 
@@ -42,8 +50,9 @@ def test_onnx_features_equal_torch_features_for_any_batch_size(tiny_backbone, ti
         assert np.abs(onnx_out - tiny_backbone.encode_images(crops)).max() <= PARITY_TOLERANCE
     assert tiny_onnx.image_encoder.meta["max_abs_diff"] <= PARITY_TOLERANCE
     assert tiny_onnx.image_encoder.provider == "CPUExecutionProvider"
-    np.testing.assert_array_equal(tiny_onnx.encode_texts(["a flawless bottle"]),
-                                  tiny_backbone.encode_texts(["a flawless bottle"]))
+    np.testing.assert_array_equal(
+        tiny_onnx.encode_texts(["a flawless bottle"]), tiny_backbone.encode_texts(["a flawless bottle"])
+    )
 
 
 def test_cached_export_is_reused(tiny_backbone, tiny_onnx, onnx_root, capsys):
@@ -92,12 +101,19 @@ def _garbage_with_a_matching_sidecar(directory):  # e.g. a hand-copied file: onl
     (directory / SIDECAR_FILE).write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("damage, why", [(_truncate, "truncated"), (_flip_a_byte_near_the_end, "sha256"),
-                                         (_sidecar_of_other_weights, "describes another encoder"),
-                                         (_garbled_sidecar, "unreadable"),
-                                         (_garbage_with_a_matching_sidecar, "cannot load")])
-def test_corrupt_cached_export_is_detected_and_rebuilt(tiny_backbone, tiny_onnx, onnx_root, tmp_path, capsys,
-                                                       damage, why):
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (_truncate, "truncated"),
+        (_flip_a_byte_near_the_end, "sha256"),
+        (_sidecar_of_other_weights, "describes another encoder"),
+        (_garbled_sidecar, "unreadable"),
+        (_garbage_with_a_matching_sidecar, "cannot load"),
+    ],
+)
+def test_corrupt_cached_export_is_detected_and_rebuilt(
+    tiny_backbone, tiny_onnx, onnx_root, tmp_path, capsys, damage, why
+):
     directory = copy_of_export(tiny_backbone, onnx_root, tmp_path)
     damage(directory)
     capsys.readouterr()
@@ -111,8 +127,9 @@ def test_corrupt_cached_export_is_detected_and_rebuilt(tiny_backbone, tiny_onnx,
     assert np.abs(rebuilt.encode_images(crops) - tiny_backbone.encode_images(crops)).max() <= PARITY_TOLERANCE
 
 
-def test_stale_export_of_changed_weights_under_the_same_id_is_rebuilt(tiny_backbone, tiny_onnx, onnx_root, tmp_path,
-                                                                       capsys):
+def test_stale_export_of_changed_weights_under_the_same_id_is_rebuilt(
+    tiny_backbone, tiny_onnx, onnx_root, tmp_path, capsys
+):
     """What no key can see (a config edited under the same name, new open_clip code): the load-time
     comparison with torch catches it."""
     changed = copy.deepcopy(tiny_backbone)
@@ -134,11 +151,13 @@ def test_export_that_does_not_match_torch_is_refused_and_not_cached(tiny_backbon
     assert sorted(p.name for p in export_dir(tiny_backbone, tmp_path).iterdir()) == [".lock"]
 
 
-def test_cache_written_by_one_engine_takes_images_from_the_other(tiny_backbone, tiny_onnx, mvtec_root, mvtec_cache,
-                                                                  tmp_path):
+def test_cache_written_by_one_engine_takes_images_from_the_other(
+    tiny_backbone, tiny_onnx, mvtec_root, mvtec_cache, tmp_path
+):
     cache_dir = tmp_path / "mixed"
-    extract_features("mvtec", mvtec_root, cache_dir, lambda: tiny_backbone, categories=["bottle"], workers=0,
-                     progress=False)
+    extract_features(
+        "mvtec", mvtec_root, cache_dir, lambda: tiny_backbone, categories=["bottle"], workers=0, progress=False
+    )
     assert read_cache(cache_dir).engines == ["torch"]
     summary = extract_features("mvtec", mvtec_root, cache_dir, lambda: tiny_onnx, workers=0, progress=False)
     assert summary.already_cached > 0 and summary.images > 0
@@ -151,10 +170,31 @@ def test_cache_written_by_one_engine_takes_images_from_the_other(tiny_backbone, 
 
 def test_cli_extract_with_onnx_engine(mvtec_root, tmp_path, monkeypatch):
     from raml.pipeline import cli
+
     monkeypatch.setenv("RAML_CACHE_DIR", str(tmp_path / "user-cache"))
-    result = CliRunner().invoke(cli, ["extract", "--dataset", "mvtec", "--root", str(mvtec_root), "--cache-dir",
-                                      str(tmp_path / "features"), "--model", TINY_MODEL, "--random-weights",
-                                      "--device", "cpu", "--workers", "0", "--limit", "2", "--engine", "onnx"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "extract",
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(mvtec_root),
+            "--cache-dir",
+            str(tmp_path / "features"),
+            "--model",
+            TINY_MODEL,
+            "--random-weights",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--limit",
+            "2",
+            "--engine",
+            "onnx",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert read_cache(tmp_path / "features").engines == ["onnx"]
     assert list((tmp_path / "user-cache" / "onnx").glob(f"*/{ONNX_FILE}"))

@@ -35,9 +35,9 @@ TEXT_CASES = {
     "--category": [""],
 }
 # (command, option): the values that command's option refuses, where they differ from TEXT_CASES'
-PER_COMMAND = {("export", "--categories"): [",", ""]}   # export may bake in categories it was not trained on
+PER_COMMAND = {("export", "--categories"): [",", ""]}  # export may bake in categories it was not trained on
 ANY_TEXT = set()
-ARGUMENTS_SKIPPED = {"files", "results"}   # paths checked one by one (predict reports each; report: exists=True)
+ARGUMENTS_SKIPPED = {"files", "results"}  # paths checked one by one (predict reports each; report: exists=True)
 
 
 def commands(group=cli, prefix=()):
@@ -113,6 +113,7 @@ def base_args(tmp_path_factory, mvtec_root, mvtec_cache):
     from raml.evaluate.run import evaluate_checkpoints
     from raml.train.config import make_config
     from raml.train.fit import fit, write_run
+
     work = tmp_path_factory.mktemp("options")
     run = work / "run"
     write_run(run, fit(read_cache(mvtec_cache), make_config("adaptive", epochs=1, batch_size=8)))
@@ -122,7 +123,17 @@ def base_args(tmp_path_factory, mvtec_root, mvtec_cache):
     cache, out = str(mvtec_cache), str(work / "out")
     feature_baseline = ["--cache-dir", cache, "--out", out]
     return {
-        ("extract",): ["--dataset", "mvtec", "--root", str(mvtec_root), "--cache-dir", out, *backbone, "--workers", "0"],
+        ("extract",): [
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(mvtec_root),
+            "--cache-dir",
+            out,
+            *backbone,
+            "--workers",
+            "0",
+        ],
         ("info",): ["--cache-dir", cache],
         ("status",): [],
         ("train",): ["--cache-dir", cache, "--out", out, "--epochs", "1", "--batch-size", "8"],
@@ -130,16 +141,38 @@ def base_args(tmp_path_factory, mvtec_root, mvtec_cache):
         ("ablate",): ["--cache-dir", cache, "--out", out, "--epochs", "1", "--batch-size", "8", "--seeds", "0"],
         ("evaluate",): ["--checkpoint", str(run), "--cache-dir", cache, "--out", out, "--bootstrap", "10"],
         ("report",): [str(results), "--out", out],
-        ("baseline", "winclip"): ["--dataset", "mvtec", "--root", str(mvtec_root), "--out", out, *backbone,
-                                  "--workers", "0"],
+        ("baseline", "winclip"): [
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(mvtec_root),
+            "--out",
+            out,
+            *backbone,
+            "--workers",
+            "0",
+        ],
         ("baseline", "linear"): feature_baseline,
         ("baseline", "knn-tiles"): feature_baseline,
         ("baseline", "knn-patches"): feature_baseline,
         ("baseline", "zero-shot-text"): feature_baseline,
         ("predict",): [image, "--checkpoint", str(run), "--category", "bottle", "--out", out, "--no-heatmaps"],
         ("export",): ["--checkpoint", str(run), "--out", out, *backbone],
-        ("demo",): ["--out", out, "--model", TINY_MODEL, "--winclip-model", TINY_MODEL, "--random-weights",
-                    "--limit", "24", "--epochs", "1", "--seeds", "0"],
+        ("demo",): [
+            "--out",
+            out,
+            "--model",
+            TINY_MODEL,
+            "--winclip-model",
+            TINY_MODEL,
+            "--random-weights",
+            "--limit",
+            "24",
+            "--epochs",
+            "1",
+            "--seeds",
+            "0",
+        ],
         ("bench", "extract"): [*backbone, "--images", "1", "--size", "64", "--rounds", "1", "--workers", "0"],
         ("bench", "predict"): [*backbone, "--images", "1", "--size", "64", "--rounds", "1", "--no-winclip"],
         ("bench", "train"): ["--epochs", "1", "--seeds", "1"],
@@ -152,10 +185,11 @@ def test_every_command_has_a_valid_invocation_here(base_args):
     assert {path for path, _ in commands()} == set(base_args), "add the new command to base_args"
 
 
-@pytest.mark.parametrize("path, command", list(commands()), ids=lambda value: " ".join(value)
-                         if isinstance(value, tuple) else "")
+@pytest.mark.parametrize(
+    "path, command", list(commands()), ids=lambda value: " ".join(value) if isinstance(value, tuple) else ""
+)
 def test_every_bad_option_value_is_a_usage_error_naming_the_option(path, command, base_args, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)   # a default path (./runs, ./results...) lands in this test's folder
+    monkeypatch.chdir(tmp_path)  # a default path (./runs, ./results...) lands in this test's folder
     tried = 0
     for option in command.params:
         if not isinstance(option, click.Option) or option.is_flag or option.name in ARGUMENTS_SKIPPED:
@@ -170,9 +204,17 @@ def test_every_bad_option_value_is_a_usage_error_naming_the_option(path, command
     assert tried or not [p for p in command.params if isinstance(p, click.Option) and not p.is_flag]
 
 
-@pytest.mark.parametrize("path, option, value", [
-    (("extract",), "--shard-size", "0"), (("extract",), "--workers", "-1"), (("extract",), "--device", "tpu"),
-    (("train",), "--weight-decay", "-1"), (("train",), "--lr", "nan"), (("train",), "--epochs", "inf")])
+@pytest.mark.parametrize(
+    "path, option, value",
+    [
+        (("extract",), "--shard-size", "0"),
+        (("extract",), "--workers", "-1"),
+        (("extract",), "--device", "tpu"),
+        (("train",), "--weight-decay", "-1"),
+        (("train",), "--lr", "nan"),
+        (("train",), "--epochs", "inf"),
+    ],
+)
 def test_the_cases_the_issue_found_are_usage_errors(path, option, value, base_args, tmp_path, monkeypatch):
     """Each of these ended in a traceback before (issue 22): now exit 2 and one line naming the option."""
     monkeypatch.chdir(tmp_path)

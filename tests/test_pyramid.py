@@ -1,4 +1,5 @@
 """The 21-crop pyramid cuts real tiles from the full-resolution image, and bad images fail clearly."""
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +7,15 @@ from PIL import Image
 
 from raml.extract.datasets import read_dataset
 from raml.extract.loader import CropBatches
-from raml.extract.pyramid import MIN_IMAGE_SIDE, BadImageError, load_rgb, normalise_crops, pyramid_crops, pyramid_pixels, tile_boxes
+from raml.extract.pyramid import (
+    MIN_IMAGE_SIDE,
+    BadImageError,
+    load_rgb,
+    normalise_crops,
+    pyramid_crops,
+    pyramid_pixels,
+    tile_boxes,
+)
 from tests.synthetic import make_folder
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -90,7 +99,7 @@ def grid_image(width, height):
     pixels = np.zeros((height, width, 3), np.uint8)
     for r in range(4):
         for c in range(4):
-            pixels[r * height // 4:(r + 1) * height // 4, c * width // 4:(c + 1) * width // 4] = colour_of(r, c)
+            pixels[r * height // 4 : (r + 1) * height // 4, c * width // 4 : (c + 1) * width // 4] = colour_of(r, c)
     return Image.fromarray(pixels)
 
 
@@ -165,14 +174,22 @@ def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
     assert rgb[0, 0].tolist() == [100, 100, 100] and rgb[0, -1].tolist() == [255, 255, 255]
 
 
-@pytest.mark.parametrize("make, reason", [
-    (lambda p: p.write_bytes(b""), "empty file"),
-    (lambda p: p.write_bytes(b"this is not an image"), "not an image"),
-    (lambda p: (Image.new("RGB", (200, 200), (1, 2, 3)).save(p, format="PNG"),
-                p.write_bytes(p.read_bytes()[:300])), "cannot decode"),
-    (lambda p: Image.new("RGB", (MIN_IMAGE_SIDE - 1, 200)).save(p, format="PNG"), "too small"),
-    (lambda p: Image.new("F", (80, 80)).save(p, format="TIFF"), "unsupported image mode"),
-])
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.write_bytes(b""), "empty file"),
+        (lambda p: p.write_bytes(b"this is not an image"), "not an image"),
+        (
+            lambda p: (
+                Image.new("RGB", (200, 200), (1, 2, 3)).save(p, format="PNG"),
+                p.write_bytes(p.read_bytes()[:300]),
+            ),
+            "cannot decode",
+        ),
+        (lambda p: Image.new("RGB", (MIN_IMAGE_SIDE - 1, 200)).save(p, format="PNG"), "too small"),
+        (lambda p: Image.new("F", (80, 80)).save(p, format="TIFF"), "unsupported image mode"),
+    ],
+)
 def test_bad_images_name_file_and_reason(tmp_path, make, reason):
     path = tmp_path / "bad.png"
     make(path)

@@ -1,4 +1,5 @@
 """report: side-by-side tables, plots, and refusal to mix image lists."""
+
 import json
 
 import numpy as np
@@ -14,12 +15,29 @@ def _results(out_dir, config, relpaths, protocol="holdout", random_weights=True,
     n = len(relpaths)
     labels = np.arange(n) % 2
     rng = np.random.default_rng(seed)
-    run = ScoredRun(config, seed, f"runs/{config}", np.array(["bottle"] * n), np.array(relpaths),
-                    np.where(labels == 1, "broken", "good"), labels, {"final": labels * 0.3 + rng.uniform(0, 1, n)})
-    image_list = {"name": protocol, "image_list_hash": image_list_hash(relpaths), "n_images": n,
-                  "dataset": {"kind": "mvtec", "root": str(out_dir / "nowhere")}, "source": "test"}
-    entry = config_entry([run], image_list, {"backbone": "tiny", "weights": "random(seed=0)",
-                                             "random_weights": random_weights}, n_resamples=20)
+    run = ScoredRun(
+        config,
+        seed,
+        f"runs/{config}",
+        np.array(["bottle"] * n),
+        np.array(relpaths),
+        np.where(labels == 1, "broken", "good"),
+        labels,
+        {"final": labels * 0.3 + rng.uniform(0, 1, n)},
+    )
+    image_list = {
+        "name": protocol,
+        "image_list_hash": image_list_hash(relpaths),
+        "n_images": n,
+        "dataset": {"kind": "mvtec", "root": str(out_dir / "nowhere")},
+        "source": "test",
+    }
+    entry = config_entry(
+        [run],
+        image_list,
+        {"backbone": "tiny", "weights": "random(seed=0)", "random_weights": random_weights},
+        n_resamples=20,
+    )
     return write_results(out_dir, {config: entry}, [run])
 
 
@@ -61,7 +79,9 @@ def test_report_writes_markdown_and_plots_marked_not_meaningful(tmp_path):
 def test_original_release_results_files_are_readable(tmp_path):
     legacy = tmp_path / "orig" / "results.json"
     legacy.parent.mkdir()
-    legacy.write_text(json.dumps({"RAML_Proposed": {"mean_auroc": 94.09, "details": {"bottle": 100.0, "cable": 85.09}}}))
+    legacy.write_text(
+        json.dumps({"RAML_Proposed": {"mean_auroc": 94.09, "details": {"bottle": 100.0, "cable": 85.09}}})
+    )
     text = write_report([legacy], tmp_path / "report").read_text()
     assert "original-release results" in text
     assert "| cable | 85.09 |" in text and "**94.09**" in text
@@ -78,25 +98,50 @@ def _seeded_results(out_dir, config, relpaths, seeds, extra=None):
     """Like ``_results``, with several seeds (``ScoredRun`` per seed) and extra entry fields."""
     n = len(relpaths)
     labels = np.arange(n) % 2
-    runs = [ScoredRun(config, seed, f"runs/{config}-seed{seed}", np.array(["bottle"] * n), np.array(relpaths),
-                      np.where(labels == 1, "broken", "good"), labels,
-                      {"final": labels * 0.3 + np.random.default_rng(seed).uniform(0, 1, n)}) for seed in seeds]
-    image_list = {"name": "holdout", "image_list_hash": image_list_hash(relpaths), "n_images": n,
-                  "dataset": {"kind": "mvtec", "root": str(out_dir / "nowhere")}, "source": "test"}
-    entry = config_entry(runs, image_list, {"backbone": "tiny", "weights": "random(seed=0)", "random_weights": True},
-                         n_resamples=20, extra=extra)
+    runs = [
+        ScoredRun(
+            config,
+            seed,
+            f"runs/{config}-seed{seed}",
+            np.array(["bottle"] * n),
+            np.array(relpaths),
+            np.where(labels == 1, "broken", "good"),
+            labels,
+            {"final": labels * 0.3 + np.random.default_rng(seed).uniform(0, 1, n)},
+        )
+        for seed in seeds
+    ]
+    image_list = {
+        "name": "holdout",
+        "image_list_hash": image_list_hash(relpaths),
+        "n_images": n,
+        "dataset": {"kind": "mvtec", "root": str(out_dir / "nowhere")},
+        "source": "test",
+    }
+    entry = config_entry(
+        runs,
+        image_list,
+        {"backbone": "tiny", "weights": "random(seed=0)", "random_weights": True},
+        n_resamples=20,
+        extra=extra,
+    )
     return write_results(out_dir, {config: entry}, runs), entry
 
 
 def test_every_table_shows_n_and_the_sample_std(tmp_path):
     images = [f"bottle/test/{i}.png" for i in range(12)]
-    _, three = _seeded_results(tmp_path / "raml", "RAML", images, [0, 1, 2],
-                               extra={"score_weights": {"visual_weight": 0.85, "text_weight": 0.15}})
+    _, three = _seeded_results(
+        tmp_path / "raml",
+        "RAML",
+        images,
+        [0, 1, 2],
+        extra={"score_weights": {"visual_weight": 0.85, "text_weight": 0.15}},
+    )
     _seeded_results(tmp_path / "winclip", "WinCLIP", images, [None], extra={"image_score": "global"})
     text = write_report([tmp_path], tmp_path / "report").read_text()
     assert "| n (seeds) | 3 | 1 |" in text
     stats = three["categories"]["bottle"]
-    assert stats["auroc_std"] == pytest.approx(np.std(stats["auroc_per_seed"], ddof=1), abs=0.01)   # sample std
+    assert stats["auroc_std"] == pytest.approx(np.std(stats["auroc_per_seed"], ddof=1), abs=0.01)  # sample std
     assert f"{stats['auroc']:.2f} ± {stats['auroc_std']:.2f} [" in text
     assert "| RAML | ? | 0.85·s_visual + 0.15·s_text | 3 |" in text
     assert "| WinCLIP | ? | global | 1 |" in text
@@ -118,11 +163,15 @@ def test_older_results_files_are_shown_with_the_sample_std(tmp_path):
 
 def test_report_shows_the_fraction_of_anomalous_images_inside_the_margin(tmp_path):
     images = [f"bottle/test/{i}.png" for i in range(12)]
-    _seeded_results(tmp_path / "a", "adaptive", images, [0, 1],
-                    extra={"anomalous_inside_margin": 1.0,
-                           "anomalous_inside_margin_over_seeds": {"mean": 1.0, "std": 0.0, "n": 2}})
+    _seeded_results(
+        tmp_path / "a",
+        "adaptive",
+        images,
+        [0, 1],
+        extra={"anomalous_inside_margin": 1.0, "anomalous_inside_margin_over_seeds": {"mean": 1.0, "std": 0.0, "n": 2}},
+    )
     _seeded_results(tmp_path / "b", "old-run", images, [0])
     text = write_report([tmp_path], tmp_path / "report").read_text()
-    assert "| 1.00 ± 0.00 | tiny |" in text                       # adaptive
-    assert "| old-run | ? | ? | 1 |" in text and "| n/a | tiny |" in text   # not recorded: n/a
+    assert "| 1.00 ± 0.00 | tiny |" in text  # adaptive
+    assert "| old-run | ? | ? | 1 |" in text and "| n/a | tiny |" in text  # not recorded: n/a
     assert "hinge gradient that does not depend on m" in text

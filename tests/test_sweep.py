@@ -1,5 +1,6 @@
 """Sweeps: runs trained together as one batched pass equal runs trained alone; one table, the same
 numbers as evaluate; resumable; grouped by shape."""
+
 import json
 
 import numpy as np
@@ -34,16 +35,21 @@ def _counting_passes(monkeypatch):
     def fit_runs_counted(table, configs, **kwargs):
         calls.append(sorted((config.margin, config.seed) for config in configs))
         return real(table, configs, **kwargs)
+
     monkeypatch.setattr(sweep_module, "fit_runs", fit_runs_counted)
     return calls
 
 
 # --- the batched pass -------------------------------------------------------------------------------
 
-ENSEMBLE = [make_config("adaptive", seed=0, **SMALL), make_config("fixed", seed=1, **SMALL),
-            make_config("strong", seed=2, lr=3e-3, weight_decay=0.05, temperature=0.2, **{k: v for k, v in SMALL.items()
-                                                                                         if k != "lr"}),
-            make_config("adaptive", seed=3, r_max="900", gamma=0.0, grad_clip_norm=0.5, **SMALL)]
+ENSEMBLE = [
+    make_config("adaptive", seed=0, **SMALL),
+    make_config("fixed", seed=1, **SMALL),
+    make_config(
+        "strong", seed=2, lr=3e-3, weight_decay=0.05, temperature=0.2, **{k: v for k, v in SMALL.items() if k != "lr"}
+    ),
+    make_config("adaptive", seed=3, r_max="900", gamma=0.0, grad_clip_norm=0.5, **SMALL),
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +62,10 @@ def test_runs_trained_together_score_like_runs_trained_alone(table, ensemble_and
     heldout = together[0].split.heldout
     for config, batched, single in zip(ENSEMBLE, together, alone):
         assert batched.runs_in_pass == len(ENSEMBLE) and single.runs_in_pass == 1
-        scores = [score_rows(head.model, table, heldout, config.visual_weight, config.text_weight)["final"]
-                  for head in (batched, single)]
+        scores = [
+            score_rows(head.model, table, heldout, config.visual_weight, config.text_weight)["final"]
+            for head in (batched, single)
+        ]
         assert np.abs(scores[0] - scores[1]).max() < 1e-4
     # the runs really differ from each other (seeds, margins, learning rates)
     first, second = (score_rows(head.model, table, heldout)["final"] for head in together[:2])
@@ -74,12 +82,13 @@ def test_each_run_keeps_its_own_loss_state_and_history(ensemble_and_alone):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
             assert a["anomalous_inside_margin"] == pytest.approx(b["anomalous_inside_margin"])
     margins = [head.history[-1]["mean_margin"] for head in together]
-    assert margins[2] == pytest.approx(1.0)            # strong: m = 1.0 whatever σ
+    assert margins[2] == pytest.approx(1.0)  # strong: m = 1.0 whatever σ
     assert margins[1] == pytest.approx(0.5)
 
 
 def test_a_run_of_a_pass_writes_a_normal_checkpoint(tmp_path, table, ensemble_and_alone):
     from raml.train.fit import write_run
+
     batched = ensemble_and_alone[0][1]
     write_run(tmp_path / "run", batched)
     checkpoint = load_checkpoint(tmp_path / "run")
@@ -95,11 +104,15 @@ def test_runs_that_change_shapes_cannot_share_a_pass(table):
 
 def test_sweep_groups_runs_by_shape_changing_settings():
     configurations = grid_configurations(["adaptive", "fixed"], {"hidden_dim": [16, 32], "lr": [1e-3, 1e-4]}, epochs=1)
-    runs = {f"{name}-seed{seed}": make_config(overrides["margin"], seed=seed,
-                                              **{k: v for k, v in overrides.items() if k != "margin"})
-            for name, overrides in configurations.items() for seed in (0, 1)}
+    runs = {
+        f"{name}-seed{seed}": make_config(
+            overrides["margin"], seed=seed, **{k: v for k, v in overrides.items() if k != "margin"}
+        )
+        for name, overrides in configurations.items()
+        for seed in (0, 1)
+    }
     passes = plan_passes(runs)
-    assert len(runs) == 16 and [len(group) for group in passes] == [8, 8]   # hidden_dim splits, lr and margin do not
+    assert len(runs) == 16 and [len(group) for group in passes] == [8, 8]  # hidden_dim splits, lr and margin do not
     for group in passes:
         assert len({group_key(config) for config in group.values()}) == 1
         assert {config.lr for config in group.values()} == {1e-3, 1e-4}
@@ -107,21 +120,28 @@ def test_sweep_groups_runs_by_shape_changing_settings():
 
 def test_grid_names():
     assert list(grid_configurations(["fixed"], {"lr": [1e-3, 1e-4], "loss_variant": ["raml", "original"]})) == [
-        "fixed-lr0.001-loss_variantraml", "fixed-lr0.001-loss_variantoriginal",
-        "fixed-lr0.0001-loss_variantraml", "fixed-lr0.0001-loss_variantoriginal"]
+        "fixed-lr0.001-loss_variantraml",
+        "fixed-lr0.001-loss_variantoriginal",
+        "fixed-lr0.0001-loss_variantraml",
+        "fixed-lr0.0001-loss_variantoriginal",
+    ]
 
 
 # --- the sweep command ---------------------------------------------------------------------------------
 
+
 def test_sweep_writes_runs_and_one_table_equal_to_evaluate(tmp_path, table):
-    summary = run_sweep(table, grid_configurations(["adaptive", "strong"], **TINY), [0, 1], tmp_path / "sweep",
-                        n_resamples=50)
+    summary = run_sweep(
+        table, grid_configurations(["adaptive", "strong"], **TINY), [0, 1], tmp_path / "sweep", n_resamples=50
+    )
     for name in ("adaptive-seed0", "adaptive-seed1", "strong-seed0", "strong-seed1"):
-        assert {"checkpoint.pt", "config.json", "split.json", "history.json", "metrics.json"} <= \
-               {p.name for p in (tmp_path / "sweep" / name).iterdir()}
+        assert {"checkpoint.pt", "config.json", "split.json", "history.json", "metrics.json"} <= {
+            p.name for p in (tmp_path / "sweep" / name).iterdir()
+        }
     assert summary["passes"] == [["adaptive-seed0", "adaptive-seed1", "strong-seed0", "strong-seed1"]]
-    _, entries = evaluate_checkpoints([tmp_path / "sweep"], table.cache_dir, tmp_path / "evaluated", n_resamples=50,
-                                      log=lambda line: None)
+    _, entries = evaluate_checkpoints(
+        [tmp_path / "sweep"], table.cache_dir, tmp_path / "evaluated", n_resamples=50, log=lambda line: None
+    )
     for name in ("adaptive", "strong"):
         entry, row = entries[name], summary["configurations"][name]
         assert row["mean_auroc"] == entry["auroc_over_seeds"] and row["mean_auroc"]["n"] == 2
@@ -138,7 +158,7 @@ def test_sweep_resumes_without_retraining_finished_runs(tmp_path, table, monkeyp
     first = (tmp_path / "fixed-seed0" / "checkpoint.pt").stat().st_mtime_ns
     calls = _counting_passes(monkeypatch)
     summary = run_sweep(table, grid_configurations(["fixed", "strong"], **TINY), [0, 1], tmp_path, n_resamples=10)
-    assert calls == [[("fixed", 1), ("strong", 0), ("strong", 1)]]      # one pass of the missing runs
+    assert calls == [[("fixed", 1), ("strong", 0), ("strong", 1)]]  # one pass of the missing runs
     assert (tmp_path / "fixed-seed0" / "checkpoint.pt").stat().st_mtime_ns == first
     assert summary["configurations"]["fixed"]["mean_auroc"]["n"] == 2
 
@@ -162,7 +182,7 @@ def test_sweep_refuses_runs_trained_differently(tmp_path, table):
         run_sweep(table, grid_configurations(["fixed"], **{**TINY, "epochs": 2}), [0], tmp_path)
     metrics_path = tmp_path / "fixed-seed0" / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
-    metrics["fingerprint"]["backbone"] = "ViT-L-14"          # a run of another cache, same --out
+    metrics["fingerprint"]["backbone"] = "ViT-L-14"  # a run of another cache, same --out
     metrics_path.write_text(json.dumps(metrics))
     with pytest.raises(UserError, match="cache backbone='ViT-L-14'"):
         run_sweep(table, grid_configurations(["fixed"], **TINY), [0], tmp_path)
@@ -181,18 +201,38 @@ def test_parallel_sweep_matches_sequential(tmp_path, table):
 
 
 def test_sweep_cli_on_an_extracted_cache(tmp_path, mvtec_cache):
-    args = ["sweep", "--cache-dir", str(mvtec_cache), "--margins", "fixed,strong", "--seeds", "0",
-            "--vary", "lr=1e-3,1e-4", "--out", str(tmp_path), "--epochs", "1", "--batch-size", "8",
-            "--hidden-dim", "32", "--device", "cpu"]
+    args = [
+        "sweep",
+        "--cache-dir",
+        str(mvtec_cache),
+        "--margins",
+        "fixed,strong",
+        "--seeds",
+        "0",
+        "--vary",
+        "lr=1e-3,1e-4",
+        "--out",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--hidden-dim",
+        "32",
+        "--device",
+        "cpu",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "pass 1/1: 4 runs" in result.output
     assert (tmp_path / "summary.md").exists() and "| fixed-lr0.001 | 1 |" in result.output
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0 and "4 of 4 runs already finished" in again.output
-    bad = CliRunner().invoke(cli, ["sweep", "--cache-dir", str(mvtec_cache), "--margins", "medium",
-                                   "--out", str(tmp_path / "x")])
+    bad = CliRunner().invoke(
+        cli, ["sweep", "--cache-dir", str(mvtec_cache), "--margins", "medium", "--out", str(tmp_path / "x")]
+    )
     assert bad.exit_code != 0 and "medium" in bad.output and "Traceback" not in bad.output
-    bad = CliRunner().invoke(cli, ["sweep", "--cache-dir", str(mvtec_cache), "--vary", "lr=fast",
-                                   "--out", str(tmp_path / "x")])
+    bad = CliRunner().invoke(
+        cli, ["sweep", "--cache-dir", str(mvtec_cache), "--vary", "lr=fast", "--out", str(tmp_path / "x")]
+    )
     assert bad.exit_code != 0 and "--vary 'lr=fast'" in bad.output and "Traceback" not in bad.output

@@ -1,4 +1,5 @@
 """Stage two: head, split, training, checkpoints, scoring and the train CLI."""
+
 import json
 
 import numpy as np
@@ -7,8 +8,8 @@ import torch
 from click.testing import CliRunner
 
 from raml.cache import read_cache
-from raml.errors import CacheError, UserError
 from raml.cache.synthetic import write_synthetic_cache
+from raml.errors import CacheError, UserError
 from raml.evaluate.metrics import image_auroc
 from raml.pipeline import cli
 from raml.train.checkpoint import check_cache, load_checkpoint
@@ -26,8 +27,9 @@ QUICK = dict(epochs=6, lr=1e-3, hidden_dim=64, attn_dim=16, feature_dim=32)  # a
 @pytest.fixture(scope="module")
 def separable_table(tmp_path_factory):
     """Two categories, D=32, defects strong enough to separate: a head must learn them."""
-    return read_cache(write_synthetic_cache(tmp_path_factory.mktemp("sep") / "cache", SEPARABLE, dim=32,
-                                            separation=3.0))
+    return read_cache(
+        write_synthetic_cache(tmp_path_factory.mktemp("sep") / "cache", SEPARABLE, dim=32, separation=3.0)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +39,12 @@ def trained(separable_table):
 
 # --- model -----------------------------------------------------------------------------------
 
+
 def _arrow_weights(arrows):
-    return [(q @ k.transpose(-1, -2) * k.shape[-1] ** -0.5 + (0 if mask is None else mask)).softmax(-1)
-            for q, k, _, mask in arrows]
+    return [
+        (q @ k.transpose(-1, -2) * k.shape[-1] ** -0.5 + (0 if mask is None else mask)).softmax(-1)
+        for q, k, _, mask in arrows
+    ]
 
 
 def test_no_attention_arrow_is_a_softmax_over_a_single_key():
@@ -70,7 +75,7 @@ def test_quadrants_attend_to_their_own_children_only():
     head = RAMLHead(32, hidden_dim=16, attn_dim=8)
     allowed = torch.isfinite(head.quadrant_children)
     assert allowed.sum(1).tolist() == [4, 4, 4, 4]
-    assert allowed[0].nonzero()[:, 0].tolist() == [0, 1, 4, 5]      # top-left quadrant: tiles (0,0) (0,1) (1,0) (1,1)
+    assert allowed[0].nonzero()[:, 0].tolist() == [0, 1, 4, 5]  # top-left quadrant: tiles (0,0) (0,1) (1,0) (1,1)
     assert allowed[3].nonzero()[:, 0].tolist() == [10, 11, 14, 15]
 
 
@@ -85,15 +90,16 @@ def test_head_outputs_unit_features_and_a_logit():
 def test_attend_weights_values():
     q, k = torch.zeros(1, 1, 4), torch.randn(1, 3, 4)
     values = torch.tensor([[[1.0], [2.0], [6.0]]])
-    assert attend(q, k, values).item() == pytest.approx(3.0)      # equal scores → the mean
+    assert attend(q, k, values).item() == pytest.approx(3.0)  # equal scores → the mean
 
 
 # --- split ------------------------------------------------------------------------------------
 
+
 def test_heldout_counts_rule():
-    assert heldout_counts([12, 30], 0.2) == [3, 6]      # MVTec toothbrush, as SPEC.md quotes it
-    assert heldout_counts([2, 2], 0.2) == [1, 1]        # at least one of each class with ≥ 2 images
-    assert heldout_counts([1, 5], 0.2) == [0, 2]        # a single image stays in training
+    assert heldout_counts([12, 30], 0.2) == [3, 6]  # MVTec toothbrush, as SPEC.md quotes it
+    assert heldout_counts([2, 2], 0.2) == [1, 1]  # at least one of each class with ≥ 2 images
+    assert heldout_counts([1, 5], 0.2) == [0, 2]  # a single image stays in training
     assert heldout_counts([0, 0], 0.2) == [0, 0]
 
 
@@ -105,7 +111,7 @@ def test_holdout_split_is_disjoint_stratified_and_deterministic(separable_table)
     assert set(np.flatnonzero(table.split == "train")) <= set(split.train)
     for category in table.categories:
         held = split.heldout[table.category[split.heldout] == category]
-        assert [(table.label[held] == label).sum() for label in (0, 1)] == [4, 4]   # 20 % of 20 and 20
+        assert [(table.label[held] == label).sum() for label in (0, 1)] == [4, 4]  # 20 % of 20 and 20
     again, other = holdout_split(table, seed=0), holdout_split(table, seed=1)
     assert np.array_equal(split.heldout, again.heldout) and split.manifest() == again.manifest()
     assert not np.array_equal(split.heldout, other.heldout)
@@ -115,7 +121,7 @@ def test_manifest_hashes_are_stable(separable_table):
     manifest = holdout_split(separable_table, seed=0).manifest()
     assert manifest["protocol"] == "holdout" and manifest["fraction"] == 0.2 and manifest["seed"] == 0
     assert manifest["heldout_hash"] == image_list_hash(manifest["heldout"])
-    assert manifest["heldout_hash"] == image_list_hash(reversed(manifest["heldout"]))   # order-free
+    assert manifest["heldout_hash"] == image_list_hash(reversed(manifest["heldout"]))  # order-free
     # sha256 of the sorted, newline-joined relpaths
     assert image_list_hash(["b.png", "a.png"]) == "1baca9d47fd86b4a995bb3508dea720d384b601ee539a4961303e841d4b856ac"
     assert rows_for(separable_table, manifest["heldout"]).tolist() == holdout_split(separable_table).heldout.tolist()
@@ -134,8 +140,9 @@ def test_a_split_that_holds_out_nothing_is_refused(tmp_path):
 def test_train_refuses_a_cache_too_small_to_hold_anything_out(tmp_path):
     shape = {name: (3, 1, 1, 900) for name in ("bottle", "cable", "screw")}
     cache = write_synthetic_cache(tmp_path / "cache", shape, dim=8)
-    result = CliRunner().invoke(cli, ["train", "--cache-dir", str(cache), "--out", str(tmp_path / "run"),
-                                      "--batch-size", "4", "--epochs", "1"])
+    result = CliRunner().invoke(
+        cli, ["train", "--cache-dir", str(cache), "--out", str(tmp_path / "run"), "--batch-size", "4", "--epochs", "1"]
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "would hold out no image" in result.output and "at least 2 normal and 2 anomalous" in result.output
     assert not (tmp_path / "run").exists()
@@ -147,6 +154,7 @@ def test_rows_for_names_missing_images(separable_table):
 
 
 # --- training ---------------------------------------------------------------------------------
+
 
 def test_separable_classes_train_to_high_heldout_auroc(separable_table, trained):
     heldout = trained.split.heldout
@@ -162,8 +170,9 @@ def default_table(tmp_path_factory):
     """A small separable cache of ViT-B/16's width (D = 512): 2 categories × (16 train, 20 good,
     20 defective) → 96 training images (6 steps of 16 per epoch) and 16 held-out images."""
     shape = {"bottle": (16, 20, 20, 900), "metal_nut": (16, 20, 20, 700)}
-    return read_cache(write_synthetic_cache(tmp_path_factory.mktemp("default") / "cache", shape, dim=512,
-                                            separation=2.0))
+    return read_cache(
+        write_synthetic_cache(tmp_path_factory.mktemp("default") / "cache", shape, dim=512, separation=2.0)
+    )
 
 
 def test_the_default_hyper_parameters_learn_a_separable_problem(default_table):
@@ -185,14 +194,26 @@ def test_thresholds_are_calibrated_per_category_by_hand():
     categories = ["a"] * 4 + ["b"] * 6
     calibration = calibrate_thresholds(labels, scores, categories)
     # a: at 0.35 flags 0.35, 0.4, 0.8 → P 2/3, R 1, F1 0.8 (the F1-max; see test_metrics)
-    assert calibration["categories"]["a"] == {"threshold": 0.35, "precision": pytest.approx(2 / 3), "recall": 1.0,
-                                              "f1": pytest.approx(0.8), "normal": 2, "anomalous": 2}
+    assert calibration["categories"]["a"] == {
+        "threshold": 0.35,
+        "precision": pytest.approx(2 / 3),
+        "recall": 1.0,
+        "f1": pytest.approx(0.8),
+        "normal": 2,
+        "anomalous": 2,
+    }
     # b: at 0.65 flags 0.7, 0.65, 0.9, 0.95 → P 3/4, R 1, F1 6/7; at 0.9: P 1, R 2/3, F1 0.8
     assert calibration["categories"]["b"]["threshold"] == 0.65
     assert calibration["categories"]["b"]["precision"] == 0.75 and calibration["categories"]["b"]["recall"] == 1.0
     # pooled over all ten: at 0.65 flags 0.95 0.9 0.8 0.7 0.65 → P 4/5, R 4/5, F1 0.8 (0.8: F1 0.75; 0.35: 0.71)
-    assert calibration["pooled"] == {"threshold": 0.65, "precision": 0.8, "recall": 0.8, "f1": pytest.approx(0.8),
-                                     "normal": 5, "anomalous": 5}
+    assert calibration["pooled"] == {
+        "threshold": 0.65,
+        "precision": 0.8,
+        "recall": 0.8,
+        "f1": pytest.approx(0.8),
+        "normal": 5,
+        "anomalous": 5,
+    }
     assert "training images" in calibration["set"]
 
 
@@ -205,6 +226,7 @@ def test_a_category_with_one_class_has_no_threshold_of_its_own():
 
 def test_a_format_1_checkpoint_with_one_threshold_still_loads(tmp_path, trained):
     from raml.evaluate.deploy.predict import threshold_for, threshold_note
+
     path = write_run(tmp_path / "run", trained)
     payload = torch.load(path, weights_only=True)
     payload["format"] = 1
@@ -237,10 +259,15 @@ def test_config_rejects_nonsense():
 
 # --- checkpoint and scoring ---------------------------------------------------------------------
 
+
 def test_checkpoint_round_trip(tmp_path, separable_table, trained):
     write_run(tmp_path / "run", trained)
-    assert {p.name for p in (tmp_path / "run").iterdir()} == {"checkpoint.pt", "config.json", "split.json",
-                                                                "history.json"}
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {
+        "checkpoint.pt",
+        "config.json",
+        "split.json",
+        "history.json",
+    }
     checkpoint = load_checkpoint(tmp_path / "run")
     for name, tensor in trained.model.state_dict().items():
         assert torch.equal(tensor, checkpoint.model.state_dict()[name])
@@ -262,16 +289,25 @@ def test_checkpoint_round_trip(tmp_path, separable_table, trained):
 def test_checkpoint_of_vit_b16_size_is_a_few_megabytes(tmp_path):
     from raml.train.checkpoint import save_checkpoint
     from raml.train.model import build_head
-    path = save_checkpoint(tmp_path, model=build_head(TrainConfig(), 512), config=TrainConfig().to_dict(),
-                           loss_state={}, manifest={}, fingerprint={"embed_dim": 512}, categories=[],
-                           thresholds={"pooled": {"threshold": 0.5}, "categories": {}})
+
+    path = save_checkpoint(
+        tmp_path,
+        model=build_head(TrainConfig(), 512),
+        config=TrainConfig().to_dict(),
+        loss_state={},
+        manifest={},
+        fingerprint={"embed_dim": 512},
+        categories=[],
+        thresholds={"pooled": {"threshold": 0.5}, "categories": {}},
+    )
     assert path.stat().st_size < 6e6
 
 
 def test_checkpoint_refuses_a_cache_of_another_backbone(tmp_path, trained):
     write_run(tmp_path / "run", trained)
-    other = read_cache(write_synthetic_cache(tmp_path / "other", {"bottle": (4, 2, 2, 900)}, dim=32,
-                                             backbone="ViT-L-14"))
+    other = read_cache(
+        write_synthetic_cache(tmp_path / "other", {"bottle": (4, 2, 2, 900)}, dim=32, backbone="ViT-L-14")
+    )
     with pytest.raises(CacheError, match="backbone"):
         check_cache(load_checkpoint(tmp_path / "run"), other)
     with pytest.raises(CacheError, match="backbone"):
@@ -289,7 +325,7 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
 def test_text_score_is_the_difference_of_cosines_through_clips_logit_scale():
     normal, anomalous = np.array([[1.0, 0.0, 0.0]]), np.array([[0.0, 1.0, 0.0], [0.0, 0.6, 0.8]])
     text = {"widget": {"normal": normal, "anomalous": anomalous}}
-    t_anomalous = np.array([0.0, 1.6, 0.8]) / np.linalg.norm([0.0, 1.6, 0.8])   # mean prompt, re-normalised
+    t_anomalous = np.array([0.0, 1.6, 0.8]) / np.linalg.norm([0.0, 1.6, 0.8])  # mean prompt, re-normalised
     g = np.array([[0.6, 0.8, 0.0], [1.0, 0.0, 0.0]])
     expected = [1 / (1 + np.exp(-100 * (row @ t_anomalous - row @ normal[0]))) for row in g]
     assert text_score(g, text, ["widget", "widget"]) == pytest.approx(expected)
@@ -297,10 +333,27 @@ def test_text_score_is_the_difference_of_cosines_through_clips_logit_scale():
 
 # --- CLI on a cache made by extract (tiny random-weights CLIP) ---------------------------------------
 
+
 def test_train_cli_on_an_extracted_cache(tmp_path, mvtec_cache):
     out = tmp_path / "run"
-    result = CliRunner().invoke(cli, ["train", "--cache-dir", str(mvtec_cache), "--margin", "fixed", "--out", str(out),
-                                      "--epochs", "2", "--batch-size", "8", "--hidden-dim", "32"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--cache-dir",
+            str(mvtec_cache),
+            "--margin",
+            "fixed",
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--hidden-dim",
+            "32",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "epoch 2/2" in result.output and "σ" in result.output
     checkpoint = load_checkpoint(out)
@@ -312,10 +365,14 @@ def test_train_cli_on_an_extracted_cache(tmp_path, mvtec_cache):
 
 
 def test_train_cli_rejects_bad_options_plainly(tmp_path, mvtec_cache):
-    result = CliRunner().invoke(cli, ["train", "--cache-dir", str(mvtec_cache), "--out", str(tmp_path / "r"),
-                                      "--r-max", "big"])
-    assert result.exit_code == 2 and "Invalid value for '--r-max': 'big': expected image, category or a " \
-        "positive number of pixels" in result.output
+    result = CliRunner().invoke(
+        cli, ["train", "--cache-dir", str(mvtec_cache), "--out", str(tmp_path / "r"), "--r-max", "big"]
+    )
+    assert (
+        result.exit_code == 2
+        and "Invalid value for '--r-max': 'big': expected image, category or a positive number of pixels"
+        in result.output
+    )
     assert "Traceback" not in result.output
 
 
@@ -336,13 +393,16 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback_in_a_log(tmp_pat
     assert user_error.output.count("\n") == 1
 
     def bug(*args, **kwargs):
-        raise ValueError("an internal mistake")   # a plain ValueError is a bug, not the user's error
+        raise ValueError("an internal mistake")  # a plain ValueError is a bug, not the user's error
+
     monkeypatch.setattr("raml.cache.read_cache", bug)
     monkeypatch.setenv("RAML_CACHE_DIR", str(tmp_path / "user-cache"))
     crashed = CliRunner().invoke(cli, ["info", "--cache-dir", str(not_a_cache)])
-    assert crashed.exit_code == 1 and "Error: unexpected ValueError in `cli info`: an internal mistake." in crashed.output
+    assert (
+        crashed.exit_code == 1 and "Error: unexpected ValueError in `cli info`: an internal mistake." in crashed.output
+    )
     (log,) = (tmp_path / "user-cache" / "logs").glob("error-*.log")
-    assert "raise ValueError(\"an internal mistake\")" in log.read_text()   # the traceback, kept
+    assert 'raise ValueError("an internal mistake")' in log.read_text()  # the traceback, kept
     monkeypatch.setenv("RAML_DEBUG", "1")
     debugged = CliRunner().invoke(cli, ["info", "--cache-dir", str(not_a_cache)])
     assert isinstance(debugged.exception, ValueError) and "Error: " not in debugged.output

@@ -1,11 +1,21 @@
 """WinCLIP: window masks, harmonic aggregation, window embeddings, and the baseline end to end."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from raml.evaluate.baselines.winclip import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, WinClip, compositional_prompts, harmonic_aggregation, window_embeddings, window_masks
+from raml.evaluate.baselines.winclip import (
+    ANOMALOUS_STATES,
+    NORMAL_STATES,
+    TEMPLATES,
+    WinClip,
+    compositional_prompts,
+    harmonic_aggregation,
+    window_embeddings,
+    window_masks,
+)
 from raml.evaluate.baselines.winclip_run import run_winclip
 
 
@@ -27,18 +37,20 @@ def test_window_larger_than_the_grid_is_refused():
 
 
 def test_harmonic_aggregation_by_hand():
-    scores = torch.tensor([[1.0, 0.5, 0.25, 0.2]])   # the four 2x2 windows of a 3x3 grid
+    scores = torch.tensor([[1.0, 0.5, 0.25, 0.2]])  # the four 2x2 windows of a 3x3 grid
     patch = harmonic_aggregation(scores, window_masks((3, 3), 2), (3, 3))[0]
-    expected = [[1.0, 2 / (1 + 2), 0.5],                       # corners: one window; edges: two
-                [2 / (1 + 4), 4 / (1 + 2 + 4 + 5), 2 / (2 + 5)],  # centre: all four windows
-                [0.25, 2 / (4 + 5), 0.2]]
+    expected = [
+        [1.0, 2 / (1 + 2), 0.5],  # corners: one window; edges: two
+        [2 / (1 + 4), 4 / (1 + 2 + 4 + 5), 2 / (2 + 5)],  # centre: all four windows
+        [0.25, 2 / (4 + 5), 0.2],
+    ]
     assert np.allclose(patch.numpy(), expected)
 
 
 def test_harmonic_aggregation_is_below_the_arithmetic_mean_and_batched():
     scores = torch.tensor([[0.9, 0.1, 0.9, 0.9], [0.5, 0.5, 0.5, 0.5]])
     patch = harmonic_aggregation(scores, window_masks((3, 3), 2), (3, 3))
-    assert patch[0, 1, 1] < scores[0].mean()       # a low window pulls the patch down more than a mean would
+    assert patch[0, 1, 1] < scores[0].mean()  # a low window pulls the patch down more than a mean would
     assert torch.allclose(patch[1], torch.full((3, 3), 0.5))
 
 
@@ -61,11 +73,11 @@ def test_full_grid_window_equals_the_global_embedding(tiny_backbone):
 def test_a_window_sees_only_its_own_patches(tiny_backbone):
     pixels = torch.randn(1, 3, 32, 32)
     changed = pixels.clone()
-    changed[..., 24:, 24:] += 3.0                      # the bottom-right patch (3, 3) of the 4x4 grid only
+    changed[..., 24:, 24:] += 3.0  # the bottom-right patch (3, 3) of the 4x4 grid only
     masks = [window_masks((4, 4), 2)]
     _, (before,) = window_embeddings(tiny_backbone, pixels, masks)
     _, (after,) = window_embeddings(tiny_backbone, changed, masks)
-    assert torch.allclose(before[0, 0], after[0, 0], atol=1e-6)       # top-left window: untouched
+    assert torch.allclose(before[0, 0], after[0, 0], atol=1e-6)  # top-left window: untouched
     assert not torch.allclose(before[0, -1], after[0, -1], atol=1e-3)  # bottom-right window: sees it
 
 
@@ -75,27 +87,35 @@ def test_scores_are_probabilities_with_a_patch_map(tiny_backbone):
     assert result["map"].shape == (3, 4, 4)
     for name in ("final", "global", "map_max"):
         assert result[name].shape == (3,) and ((result[name] > 0) & (result[name] < 1)).all()
-    assert np.array_equal(result["final"], result["global"])          # the paper's zero-shot image score
+    assert np.array_equal(result["final"], result["global"])  # the paper's zero-shot image score
     assert not np.allclose(result["global"], result["map_max"])
     variant = WinClip(tiny_backbone, image_score="global+map").score(pixels, "bottle")
-    assert np.allclose(variant["final"], (result["global"] + result["map_max"]) / 2)   # WinCLIP+'s rule
+    assert np.allclose(variant["final"], (result["global"] + result["map_max"]) / 2)  # WinCLIP+'s rule
     with pytest.raises(ValueError, match="global, global\\+map"):
         WinClip(tiny_backbone, image_score="max")
 
 
 def test_winclip_official_protocol_end_to_end(tmp_path, mvtec_root, tiny_backbone):
-    path, entries = run_winclip("mvtec", mvtec_root, tmp_path / "winclip", lambda: tiny_backbone,
-                                protocol="official", workers=0, n_resamples=20, progress=False)
+    path, entries = run_winclip(
+        "mvtec",
+        mvtec_root,
+        tmp_path / "winclip",
+        lambda: tiny_backbone,
+        protocol="official",
+        workers=0,
+        n_resamples=20,
+        progress=False,
+    )
     entry = json.loads(path.read_text())["WinCLIP zero-shot"]
     assert entry["image_score"] == "global" and "paper" in entry["image_score_rule"]
     assert entry["protocol"]["name"] == "official"
-    assert entry["protocol"]["n_images"] == 12          # 2 categories x (2 good + 2x2 defective) test images
+    assert entry["protocol"]["n_images"] == 12  # 2 categories x (2 good + 2x2 defective) test images
     assert set(entry["details"]) == {"bottle", "metal_nut"}
     assert entry["random_weights"] is True and entry["meaningful"] is False
     assert set(entry["pixel"]["categories"]) == {"bottle", "metal_nut"} and not entry["pixel"]["not_available"]
     assert entry["pixel"]["categories"]["bottle"]["anomalous"] == 4 and entry["pixel"]["mean"]["aupro"]["n"] == 1
     maps = np.load(tmp_path / "winclip" / "anomaly_maps.npz")
-    assert maps["WinCLIP zero-shot:grid"].shape == (12, 4, 4)   # the tiny model's patch grid over the whole image
+    assert maps["WinCLIP zero-shot:grid"].shape == (12, 4, 4)  # the tiny model's patch grid over the whole image
     assert entry["anomaly_maps"]["tiles"] == 1
     rows = (tmp_path / "winclip" / "scores.csv").read_text().splitlines()
     assert rows[0].startswith("config,seed,category,relpath,defect_type,label,final")
@@ -104,8 +124,17 @@ def test_winclip_official_protocol_end_to_end(tmp_path, mvtec_root, tiny_backbon
 
 def test_the_global_plus_map_variant_is_named_in_the_results_and_the_report(tmp_path, mvtec_root, tiny_backbone):
     from raml.evaluate.report import write_report
-    path, entries = run_winclip("mvtec", mvtec_root, tmp_path / "winclip", lambda: tiny_backbone, workers=0,
-                                n_resamples=10, progress=False, image_score="global+map")
+
+    path, entries = run_winclip(
+        "mvtec",
+        mvtec_root,
+        tmp_path / "winclip",
+        lambda: tiny_backbone,
+        workers=0,
+        n_resamples=10,
+        progress=False,
+        image_score="global+map",
+    )
     assert set(entries) == {"WinCLIP zero-shot (global+map)"}
     assert entries["WinCLIP zero-shot (global+map)"]["image_score"] == "global+map"
     text = write_report([path], tmp_path / "report").read_text()
@@ -116,10 +145,20 @@ def test_maps_only_for_the_reports_examples_leave_the_image_scores_unchanged(tmp
     """--maps examples runs the windows for the images a report shows and nothing else; the paper's
     image score (global) is the same bits, and global+map, which needs every map, is refused."""
     from raml.evaluate.results import MAP_EXAMPLES, read_scores_csv
-    full, _ = run_winclip("mvtec", mvtec_root, tmp_path / "all", lambda: tiny_backbone, workers=0, n_resamples=10,
-                          progress=False)
-    some, entries = run_winclip("mvtec", mvtec_root, tmp_path / "examples", lambda: tiny_backbone, workers=0,
-                                n_resamples=10, progress=False, maps="examples")
+
+    full, _ = run_winclip(
+        "mvtec", mvtec_root, tmp_path / "all", lambda: tiny_backbone, workers=0, n_resamples=10, progress=False
+    )
+    some, entries = run_winclip(
+        "mvtec",
+        mvtec_root,
+        tmp_path / "examples",
+        lambda: tiny_backbone,
+        workers=0,
+        n_resamples=10,
+        progress=False,
+        maps="examples",
+    )
     entry = entries["WinCLIP zero-shot"]
     assert entry["maps"].startswith("examples") and entry["pixel"]["mean"]["aupro"]["mean"] is None
     assert set(entry["pixel"]["not_available"]) == {"bottle", "metal_nut"}
@@ -129,16 +168,37 @@ def test_maps_only_for_the_reports_examples_leave_the_image_scores_unchanged(tmp
     shown = np.load(tmp_path / "examples" / "anomaly_maps.npz")
     every = np.load(tmp_path / "all" / "anomaly_maps.npz")
     # one anomalous image of each (category, defect type) while they last, then one normal image
-    assert sorted(shown[f"{key}:relpath"].tolist()) == ["bottle/test/broken/000.png", "bottle/test/good/000.png",
-                                                        "bottle/test/scratch/000.png", "metal_nut/test/broken/000.png"]
+    assert sorted(shown[f"{key}:relpath"].tolist()) == [
+        "bottle/test/broken/000.png",
+        "bottle/test/good/000.png",
+        "bottle/test/scratch/000.png",
+        "metal_nut/test/broken/000.png",
+    ]
     assert len(shown[f"{key}:relpath"]) == MAP_EXAMPLES
     for relpath, image_map in zip(shown[f"{key}:relpath"], shown[f"{key}:grid"]):
-        np.testing.assert_allclose(image_map, every[f"{key}:grid"][every[f"{key}:relpath"].tolist().index(relpath)],
-                                   atol=1e-3)   # float16 grids
+        np.testing.assert_allclose(
+            image_map, every[f"{key}:grid"][every[f"{key}:relpath"].tolist().index(relpath)], atol=1e-3
+        )  # float16 grids
     assert not (tmp_path / "none").exists()
-    run_winclip("mvtec", mvtec_root, tmp_path / "none", lambda: tiny_backbone, workers=0, n_resamples=10,
-                progress=False, maps="none")
+    run_winclip(
+        "mvtec",
+        mvtec_root,
+        tmp_path / "none",
+        lambda: tiny_backbone,
+        workers=0,
+        n_resamples=10,
+        progress=False,
+        maps="none",
+    )
     assert not (tmp_path / "none" / "anomaly_maps.npz").exists()
     with pytest.raises(ValueError, match="global\\+map uses every image's map: it needs --maps all"):
-        run_winclip("mvtec", mvtec_root, tmp_path / "x", lambda: tiny_backbone, workers=0, progress=False,
-                    image_score="global+map", maps="examples")
+        run_winclip(
+            "mvtec",
+            mvtec_root,
+            tmp_path / "x",
+            lambda: tiny_backbone,
+            workers=0,
+            progress=False,
+            image_score="global+map",
+            maps="examples",
+        )

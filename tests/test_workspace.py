@@ -1,5 +1,6 @@
 """The workspace (issue 23): the design's commands run as written in a directory that holds the
 data, defaults from raml.toml, and the messages that say what is missing or ambiguous."""
+
 import hashlib
 import json
 import os
@@ -9,15 +10,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from raml.cache.synthetic import write_synthetic_cache
 from raml.cli import workspace
 from raml.cli.config_file import load_default_map
-from raml.cache.synthetic import write_synthetic_cache
 from raml.extract.cli import dataset_root
 from raml.extract.identity import TINY_TEST_CONFIG
 from raml.pipeline import cli
 from tests.synthetic import make_mvtec, make_visa
 
-SMALL = {"bottle": (12, 4, 4, 900), "screw": (12, 4, 4, 1024)}   # a synthetic cache that trains in a second
+SMALL = {"bottle": (12, 4, 4, 900), "screw": (12, 4, 4, 1024)}  # a synthetic cache that trains in a second
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def run(*args, ok=True):
     if ok:
         assert result.exit_code == 0, result.output + repr(result.exception)
     else:
-        assert result.exit_code == 1, result.output   # a UserError: one "Error:" line, no traceback
+        assert result.exit_code == 1, result.output  # a UserError: one "Error:" line, no traceback
         assert result.output.count("Error:") == 1 and "Traceback" not in result.output, result.output
     return result.output
 
@@ -47,29 +48,32 @@ def test_the_designs_commands_run_as_written(empty_dir):
     extract, train twice, extract VisA, evaluate on VisA — all without a path."""
     make_mvtec(empty_dir / "datasets" / "mvtec")
     make_visa(empty_dir / "datasets" / "visa")
-    (empty_dir / "raml.toml").write_text(f'model = "{TINY_TEST_CONFIG}"\nrandom_weights = true\n'
-                                         "[extract]\nworkers = 0\n[train]\nepochs = 2\n")
+    (empty_dir / "raml.toml").write_text(
+        f'model = "{TINY_TEST_CONFIG}"\nrandom_weights = true\n[extract]\nworkers = 0\n[train]\nepochs = 2\n'
+    )
 
     extracted = run("extract", "--dataset", "mvtec")
     mvtec_cache = Path(next(line for line in extracted.splitlines() if line.startswith("cache: "))[7:])
     assert "dataset: datasets/mvtec" in extracted
     assert mvtec_cache.parent == Path("features/mvtec") and mvtec_cache.name.startswith("raml-tiny-test-random-fp32-")
-    assert "0 images encoded, 0 skipped, 20 already cached" in run("extract", "--dataset", "mvtec")   # resumes
+    assert "0 images encoded, 0 skipped, 20 already cached" in run("extract", "--dataset", "mvtec")  # resumes
 
     first = run("train", "--margin", "fixed")
     assert f"cache: {mvtec_cache}" in first and "run: runs/mvtec/001-fixed-seed0" in first
     first_checkpoint = Path("runs/mvtec/001-fixed-seed0/checkpoint.pt")
     before = sha256(first_checkpoint)
     assert "run: runs/mvtec/002-fixed-seed0" in run("train", "--margin", "fixed")
-    assert sha256(first_checkpoint) == before                       # the first run is kept as it was
+    assert sha256(first_checkpoint) == before  # the first run is kept as it was
     assert Path("runs/mvtec/002-fixed-seed0/checkpoint.pt").is_file()
     assert os.readlink("runs/mvtec/latest") == "002-fixed-seed0"
-    assert json.loads(Path("runs/mvtec/002-fixed-seed0/config.json").read_text())["epochs"] == 2   # [train]
+    assert json.loads(Path("runs/mvtec/002-fixed-seed0/config.json").read_text())["epochs"] == 2  # [train]
 
-    message = run("evaluate", "--dataset", "visa", ok=False)                   # VisA not extracted yet
-    assert (f"no cache of visa under features/visa/ has the backbone of runs/mvtec/002-fixed-seed0/checkpoint.pt "
-            f"(raml-tiny-test, weights random(seed=0), fp32); extract one with python pipeline.py extract --dataset "
-            f"visa --model {TINY_TEST_CONFIG} --random-weights") in message
+    message = run("evaluate", "--dataset", "visa", ok=False)  # VisA not extracted yet
+    assert (
+        f"no cache of visa under features/visa/ has the backbone of runs/mvtec/002-fixed-seed0/checkpoint.pt "
+        f"(raml-tiny-test, weights random(seed=0), fp32); extract one with python pipeline.py extract --dataset "
+        f"visa --model {TINY_TEST_CONFIG} --random-weights"
+    ) in message
     run("extract", "--dataset", "visa")
     scored = run("evaluate", "--dataset", "visa")
     assert "run: runs/mvtec/002-fixed-seed0  (the newest)" in scored
@@ -100,7 +104,7 @@ def test_no_dataset_at_the_default_place(empty_dir, monkeypatch):
     message = run("extract", "--dataset", "mvtec", ok=False)
     assert "no mvtec dataset at datasets/mvtec" in message
     assert "./datasets/<dataset> (or $RAML_DATA/<dataset> when RAML_DATA is set)" in message
-    assert "datasets/mvtec/<category>/train/good/*.png" in message                       # the layout expected
+    assert "datasets/mvtec/<category>/train/good/*.png" in message  # the layout expected
     assert "https://www.mvtec.com/company/research/datasets/mvtec-ad" in message and "CC BY-NC-SA 4.0" in message
 
     monkeypatch.setenv("RAML_DATA", str(empty_dir / "data"))
@@ -112,8 +116,8 @@ def test_no_dataset_at_the_default_place(empty_dir, monkeypatch):
 
 
 def test_raml_data_names_where_datasets_are(empty_dir, monkeypatch):
-    assert dataset_root("mvtec", "/given/root") == "/given/root"                # --root wins
-    assert dataset_root("textile") is None                                      # the package finds its images
+    assert dataset_root("mvtec", "/given/root") == "/given/root"  # --root wins
+    assert dataset_root("textile") is None  # the package finds its images
     (empty_dir / "datasets" / "mvtec").mkdir(parents=True)
     assert dataset_root("mvtec") == Path("datasets/mvtec")
     (empty_dir / "elsewhere" / "mvtec").mkdir(parents=True)
@@ -129,7 +133,7 @@ def test_two_caches_that_both_fit(empty_dir):
     assert "  features/mvtec/ViT-B-16-openai-fp32-00000000   synthetic, weights synthetic, fp32" in message
     assert "features/mvtec/ViT-B-16-openai-int8-w7-11111111" in message
     assert "Pick one with --cache-dir PATH, or name its backbone with --model" in message
-    assert not Path("runs").exists()                                             # nothing was trained
+    assert not Path("runs").exists()  # nothing was trained
 
     message = run("sweep", "--dataset", "visa", ok=False)
     assert "no cache of visa under features/visa/: run python pipeline.py extract --dataset visa first" in message
@@ -150,17 +154,28 @@ def test_an_unknown_key_in_raml_toml(empty_dir):
     assert "raml.toml: [trian] is not a command (did you mean [train]?)" in run("status", ok=False)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('[extract]\nengine = "onnx-fp16"\n',
-     "engine = 'onnx-fp16' at [extract]: Invalid value for '--engine': 'onnx-fp16' is not one of 'torch', 'onnx', "
-     "'onnx-int8'."),
-    ('epochs = "ten"\n', "epochs = 'ten' at the top level, for python pipeline.py bench train: 'ten' is not an "
-                         "integer. Accepted: an integer >= 1 and <= 100000."),
-    ("[bench.predict]\nrounds = 0\n", "rounds = 0 at [bench.predict]: Invalid value for '--rounds': 0 is not in the "
-                                      "range 1<=x<=100. Accepted: an integer >= 1 and <= 100."),
-    ("[train]\nlr = true\n", "lr = True at [train]: True is not a number. Accepted: a number > 0."),
-    ('[evaluate]\ncheckpoint = "runs/x"\n', "checkpoint = 'runs/x' at [evaluate]: this option takes a list"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            '[extract]\nengine = "onnx-fp16"\n',
+            "engine = 'onnx-fp16' at [extract]: Invalid value for '--engine': 'onnx-fp16' is not one of 'torch', 'onnx', "
+            "'onnx-int8'.",
+        ),
+        (
+            'epochs = "ten"\n',
+            "epochs = 'ten' at the top level, for python pipeline.py bench train: 'ten' is not an "
+            "integer. Accepted: an integer >= 1 and <= 100000.",
+        ),
+        (
+            "[bench.predict]\nrounds = 0\n",
+            "rounds = 0 at [bench.predict]: Invalid value for '--rounds': 0 is not in the "
+            "range 1<=x<=100. Accepted: an integer >= 1 and <= 100.",
+        ),
+        ("[train]\nlr = true\n", "lr = True at [train]: True is not a number. Accepted: a number > 0."),
+        ('[evaluate]\ncheckpoint = "runs/x"\n', "checkpoint = 'runs/x' at [evaluate]: this option takes a list"),
+    ],
+)
 def test_a_bad_value_in_raml_toml(empty_dir, text, expected):
     Path("raml.toml").write_text(text)
     assert f"raml.toml: {expected}" in run("status", ok=False)
@@ -168,7 +183,7 @@ def test_a_bad_value_in_raml_toml(empty_dir, text, expected):
 
 def test_the_command_line_wins_over_the_file(empty_dir):
     cache_dir = write_synthetic_cache(Path("features/mvtec/synthetic"), SMALL, dim=16)
-    Path("raml.toml").write_text("epochs = 1\n[train]\nepochs = 2\nhidden-dim = 32\n")   # the table wins over the top
+    Path("raml.toml").write_text("epochs = 1\n[train]\nepochs = 2\nhidden-dim = 32\n")  # the table wins over the top
     run("train", "--out", "from-file")
     run("train", "--cache-dir", cache_dir, "--out", "from-command-line", "--epochs", "1")
     from_file = json.loads(Path("from-file/config.json").read_text())
@@ -180,16 +195,17 @@ def test_raml_config_names_the_file_and_its_relative_paths(empty_dir, monkeypatc
     settings = empty_dir / "settings"
     settings.mkdir()
     shutil.copy(TINY_TEST_CONFIG, settings / "tiny.json")
-    (settings / "team.toml").write_text('model = "tiny.json"\nweights = "w.bin"\n[baseline]\nbatch_size = 3\n'
-                                        "[baseline.winclip]\nbatch-size = 4\n")
-    Path("raml.toml").write_text("epochs = 1\n")                       # not read: RAML_CONFIG names another file
+    (settings / "team.toml").write_text(
+        'model = "tiny.json"\nweights = "w.bin"\n[baseline]\nbatch_size = 3\n[baseline.winclip]\nbatch-size = 4\n'
+    )
+    Path("raml.toml").write_text("epochs = 1\n")  # not read: RAML_CONFIG names another file
     monkeypatch.setenv("RAML_CONFIG", str(settings / "team.toml"))
     defaults = load_default_map(cli)
-    assert defaults["extract"]["model"] == str(settings / "tiny.json")   # relative to the file's directory
+    assert defaults["extract"]["model"] == str(settings / "tiny.json")  # relative to the file's directory
     assert defaults["extract"]["weights"] == str(settings / "w.bin")
-    assert defaults["baseline"]["winclip"]["batch_size"] == 4            # the sub-command's table wins
+    assert defaults["baseline"]["winclip"]["batch_size"] == 4  # the sub-command's table wins
     assert "epochs" not in defaults.get("train", {})
-    assert "model" not in defaults.get("evaluate", {})                    # evaluate has no --model
+    assert "model" not in defaults.get("evaluate", {})  # evaluate has no --model
     monkeypatch.setenv("RAML_CONFIG", str(settings / "missing.toml"))
     assert f"RAML_CONFIG={settings / 'missing.toml'}: no such file" in run("status", ok=False)
 
@@ -198,13 +214,16 @@ def test_runs_are_numbered_across_the_workspace_and_never_reused(empty_dir):
     first = workspace.claim_run_dir("mvtec", "fixed-seed0")
     second = workspace.claim_run_dir("visa", "fixed-seed0")
     third = workspace.claim_run_dir("mvtec", "fixed-seed0")
-    assert [first, second, third] == [Path("runs/mvtec/001-fixed-seed0"), Path("runs/visa/002-fixed-seed0"),
-                                      Path("runs/mvtec/003-fixed-seed0")]
+    assert [first, second, third] == [
+        Path("runs/mvtec/001-fixed-seed0"),
+        Path("runs/visa/002-fixed-seed0"),
+        Path("runs/mvtec/003-fixed-seed0"),
+    ]
     workspace.point_latest(third)
     assert os.readlink("runs/mvtec/latest") == "003-fixed-seed0"
-    assert [entry.number for entry in workspace.run_entries()] == [1, 2, 3]   # the link is not a run
+    assert [entry.number for entry in workspace.run_entries()] == [1, 2, 3]  # the link is not a run
     (first / "done").touch()
-    finished = lambda path: (path / "done").is_file()   # noqa: E731
+    finished = lambda path: (path / "done").is_file()  # noqa: E731
     assert workspace.newest_run(finished).path == first
     assert workspace.unfinished_run("mvtec", "fixed-seed0", finished) == third
     assert workspace.unfinished_run("visa", "sweep-fixed", finished) is None
@@ -223,11 +242,17 @@ def test_the_newest_sweep_is_evaluated_whole(empty_dir):
 
 
 def test_backbone_tags_tell_backbones_apart():
-    fields = {"backbone": "ViT-B-16", "model_config": "sha256:aa", "weights": "openai", "random_weights": False,
-              "precision": "fp32"}
+    fields = {
+        "backbone": "ViT-B-16",
+        "model_config": "sha256:aa",
+        "weights": "openai",
+        "random_weights": False,
+        "precision": "fp32",
+    }
     tag = workspace.backbone_tag(fields)
     assert tag.startswith("ViT-B-16-openai-fp32-") and len(tag) == len("ViT-B-16-openai-fp32-") + 8
-    assert workspace.backbone_tag({**fields, "model_config": "sha256:bb"}) != tag   # same name, other architecture
+    assert workspace.backbone_tag({**fields, "model_config": "sha256:bb"}) != tag  # same name, other architecture
     assert workspace.backbone_tag({**fields, "weights": "sha256:cc"}).startswith("ViT-B-16-file-fp32-")
     assert workspace.backbone_tag({**fields, "weights": "random(seed=0)", "random_weights": True}).startswith(
-        "ViT-B-16-random-fp32-")
+        "ViT-B-16-random-fp32-"
+    )

@@ -3,6 +3,7 @@ write, a file system that is read-only. Each command stops with one ``Error:`` l
 path and the cause in words (exit status 1, never a traceback or a crash), what was finished
 before stays intact, and a re-run after the fault completes the same cache. Plus the checks
 before a long job: free space, and the entries of image folders that are not read."""
+
 import errno
 import json
 import os
@@ -29,8 +30,19 @@ BACKBONE = ["--model", TINY_MODEL, "--random-weights", "--device", "cpu"]
 
 
 def extract_args(root, cache_dir, *extra):
-    return ["extract", "--dataset", "mvtec", "--root", str(root), "--cache-dir", str(cache_dir), *BACKBONE,
-            "--workers", "0", *extra]
+    return [
+        "extract",
+        "--dataset",
+        "mvtec",
+        "--root",
+        str(root),
+        "--cache-dir",
+        str(cache_dir),
+        *BACKBONE,
+        "--workers",
+        "0",
+        *extra,
+    ]
 
 
 class FailingDisk:
@@ -56,6 +68,7 @@ class FailingDisk:
             data = Path(target).read_bytes()
             Path(target).write_bytes(data[: len(data) // 2])
             raise OSError(self.error, os.strerror(self.error), str(target))
+
         self.failed.append(Path(path))
         return self.real(path, half_then_fail, tmp=tmp)
 
@@ -71,30 +84,35 @@ def one_error_line(output: str, *expected: str) -> str:
 
 
 def test_extract_on_a_disk_that_fills_up_stops_with_one_line_and_resumes_to_the_same_cache(tmp_path, monkeypatch):
-    root = make_mvtec(tmp_path / "data", n_train=6, n_test_good=3, n_defect=3)   # 30 images, shards of 8
+    root = make_mvtec(tmp_path / "data", n_train=6, n_test_good=3, n_defect=3)  # 30 images, shards of 8
     args = extract_args(root, tmp_path / "cache", "--batch-size", "8", "--shard-size", "8")
     disk = FailingDisk(monkeypatch, allowed=2, only="features-")
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1
-    one_error_line(result.output, "features-000of001-00002.h5: cannot write: no space left on the device",
-                   "Free some space or write elsewhere, then run the same command again (extract and sweep keep what they")
+    one_error_line(
+        result.output,
+        "features-000of001-00002.h5: cannot write: no space left on the device",
+        "Free some space or write elsewhere, then run the same command again (extract and sweep keep what they",
+    )
     assert [path.name for path in disk.failed] == ["features-000of001-00002.h5"]
-    assert len(read_cache(tmp_path / "cache")) == 16          # the two shards written before are intact
+    assert len(read_cache(tmp_path / "cache")) == 16  # the two shards written before are intact
     assert not partial_shards(tmp_path / "cache") and not list((tmp_path / "cache").glob(".*.tmp"))
-    monkeypatch.undo()   # space freed
+    monkeypatch.undo()  # space freed
     resumed = CliRunner().invoke(cli, args)
     assert resumed.exit_code == 0, resumed.output
     assert "14 images encoded, 0 skipped, 16 already cached" in resumed.output
-    straight = CliRunner().invoke(cli, extract_args(root, tmp_path / "straight", "--batch-size", "8",
-                                                    "--shard-size", "8"))
+    straight = CliRunner().invoke(
+        cli, extract_args(root, tmp_path / "straight", "--batch-size", "8", "--shard-size", "8")
+    )
     assert straight.exit_code == 0, straight.output
     assert_same_table(read_cache(tmp_path / "cache"), read_cache(tmp_path / "straight"))
 
 
 def _file_size_limit(limit: int):
     def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # writing past the limit is then EFBIG, not a kill
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writing past the limit is then EFBIG, not a kill
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
@@ -105,11 +123,15 @@ def test_extract_past_a_file_size_limit_is_one_line_not_a_crash(tmp_path):
     root = make_mvtec(tmp_path / "data")
     command = [sys.executable, "pipeline.py", *extract_args(root, tmp_path / "cache", "--shard-size", "8")]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    limited = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-                             preexec_fn=_file_size_limit(12_000))
+    limited = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, preexec_fn=_file_size_limit(12_000)
+    )
     assert limited.returncode == 1, limited.stderr
-    one_error_line(limited.stderr, "features-000of001-00000.h5: cannot write: the file is larger than the file "
-                                   "system or the file-size limit (ulimit -f) allows")
+    one_error_line(
+        limited.stderr,
+        "features-000of001-00000.h5: cannot write: the file is larger than the file "
+        "system or the file-size limit (ulimit -f) allows",
+    )
     assert not partial_shards(tmp_path / "cache") and not shard_paths(tmp_path / "cache")
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
@@ -127,22 +149,42 @@ def test_train_on_a_full_disk_leaves_no_checkpoint_and_the_earlier_run_intact(mv
     one_error_line(failed.output, f"{tmp_path / 'second' / 'checkpoint.pt'}: cannot write: no space left")
     # the run directory this command created is removed again: nothing half-written is left
     assert not (tmp_path / "second").exists()
-    (tmp_path / "third").mkdir()    # a directory the user made stays, without a checkpoint or temporary file
+    (tmp_path / "third").mkdir()  # a directory the user made stays, without a checkpoint or temporary file
     failed = CliRunner().invoke(cli, [*args, str(tmp_path / "third")])
     assert failed.exit_code == 1
     assert sorted(p.name for p in (tmp_path / "third").iterdir()) == ["config.json", "history.json", "split.json"]
     assert (tmp_path / "first" / "checkpoint.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize("error, words", [(errno.EROFS, "the file system is read-only"),
-                                          (errno.EDQUOT, "the disk quota is exhausted"),
-                                          (errno.EACCES, "permission denied")])
+@pytest.mark.parametrize(
+    "error, words",
+    [
+        (errno.EROFS, "the file system is read-only"),
+        (errno.EDQUOT, "the disk quota is exhausted"),
+        (errno.EACCES, "permission denied"),
+    ],
+)
 def test_evaluate_write_fault_keeps_the_previous_results(mvtec_cache, tmp_path, monkeypatch, error, words):
     run = tmp_path / "run"
-    assert CliRunner().invoke(cli, ["train", "--cache-dir", str(mvtec_cache), "--epochs", "1", "--batch-size", "8",
-                                    "--out", str(run)]).exit_code == 0
-    args = ["evaluate", "--checkpoint", str(run), "--cache-dir", str(mvtec_cache), "--out", str(tmp_path / "res"),
-            "--bootstrap", "10"]
+    assert (
+        CliRunner()
+        .invoke(
+            cli, ["train", "--cache-dir", str(mvtec_cache), "--epochs", "1", "--batch-size", "8", "--out", str(run)]
+        )
+        .exit_code
+        == 0
+    )
+    args = [
+        "evaluate",
+        "--checkpoint",
+        str(run),
+        "--cache-dir",
+        str(mvtec_cache),
+        "--out",
+        str(tmp_path / "res"),
+        "--bootstrap",
+        "10",
+    ]
     assert CliRunner().invoke(cli, args).exit_code == 0
     before = (tmp_path / "res" / "results.json").read_text()
     FailingDisk(monkeypatch, error=error, only="results.json")
@@ -154,19 +196,39 @@ def test_evaluate_write_fault_keeps_the_previous_results(mvtec_cache, tmp_path, 
 
 def test_export_and_predict_write_faults_are_one_line(mvtec_root, mvtec_cache, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    assert CliRunner().invoke(cli, ["train", "--cache-dir", str(mvtec_cache), "--epochs", "1", "--batch-size", "8",
-                                    "--out", str(run)]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(
+            cli, ["train", "--cache-dir", str(mvtec_cache), "--epochs", "1", "--batch-size", "8", "--out", str(run)]
+        )
+        .exit_code
+        == 0
+    )
     FailingDisk(monkeypatch, only="deploy.json")
-    exported = CliRunner().invoke(cli, ["export", "--checkpoint", str(run), "--out", str(tmp_path / "deploy"),
-                                        *BACKBONE])
+    exported = CliRunner().invoke(
+        cli, ["export", "--checkpoint", str(run), "--out", str(tmp_path / "deploy"), *BACKBONE]
+    )
     assert exported.exit_code == 1
     one_error_line(exported.output, "deploy.json: cannot write: no space left on the device")
-    assert not (tmp_path / "deploy" / "deploy.json").exists()   # the deployment reads as incomplete
+    assert not (tmp_path / "deploy" / "deploy.json").exists()  # the deployment reads as incomplete
     monkeypatch.undo()
     FailingDisk(monkeypatch, only="predictions.csv")
     files = sorted((mvtec_root / "bottle" / "test").glob("*/*.png"))[:2]
-    predicted = CliRunner().invoke(cli, ["predict", *map(str, files), "--checkpoint", str(run), "--category", "bottle",
-                                         "--out", str(tmp_path / "pred"), *BACKBONE, "--no-heatmaps"])
+    predicted = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            *map(str, files),
+            "--checkpoint",
+            str(run),
+            "--category",
+            "bottle",
+            "--out",
+            str(tmp_path / "pred"),
+            *BACKBONE,
+            "--no-heatmaps",
+        ],
+    )
     assert predicted.exit_code == 1
     one_error_line(predicted.output, "predictions.csv: cannot write: no space left on the device")
     assert not (tmp_path / "pred" / "predictions.csv").exists()
@@ -204,52 +266,95 @@ def test_directories_the_user_may_not_write_are_one_line_each(mvtec_root, mvtec_
 
     run_dir = tmp_path / "run"
     assert runner.invoke(cli, [*train, str(run_dir)]).exit_code == 0
-    for command, target in ((["evaluate", "--checkpoint", str(run_dir), "--cache-dir", str(mvtec_cache),
-                              "--bootstrap", "10", "--out"], "results"),
-                            (["export", "--checkpoint", str(run_dir), *BACKBONE, "--out"], "deploy"),
-                            (["predict", str(mvtec_root / "bottle" / "test" / "good" / "000.png"), "--checkpoint",
-                              str(run_dir), "--category", "bottle", *BACKBONE, "--out"], "predictions")):
+    for command, target in (
+        (
+            ["evaluate", "--checkpoint", str(run_dir), "--cache-dir", str(mvtec_cache), "--bootstrap", "10", "--out"],
+            "results",
+        ),
+        (["export", "--checkpoint", str(run_dir), *BACKBONE, "--out"], "deploy"),
+        (
+            [
+                "predict",
+                str(mvtec_root / "bottle" / "test" / "good" / "000.png"),
+                "--checkpoint",
+                str(run_dir),
+                "--category",
+                "bottle",
+                *BACKBONE,
+                "--out",
+            ],
+            "predictions",
+        ),
+    ):
         result = runner.invoke(cli, [*command, str(closed / target)])
         assert result.exit_code == 1, (command[0], result.output)
         one_error_line(result.output, f"{closed / target}: cannot write: {words}")
-    assert runner.invoke(cli, ["evaluate", "--checkpoint", str(run_dir), "--cache-dir", str(mvtec_cache),
-                               "--bootstrap", "10", "--out", str(tmp_path / "results")]).exit_code == 0
+    assert (
+        runner.invoke(
+            cli,
+            [
+                "evaluate",
+                "--checkpoint",
+                str(run_dir),
+                "--cache-dir",
+                str(mvtec_cache),
+                "--bootstrap",
+                "10",
+                "--out",
+                str(tmp_path / "results"),
+            ],
+        ).exit_code
+        == 0
+    )
     reported = runner.invoke(cli, ["report", str(tmp_path / "results"), "--out", str(closed / "report")])
     assert reported.exit_code == 1
     one_error_line(reported.output, f"{closed / 'report'}: cannot write: {words}")
     # the ONNX export goes to the user's cache: an unwritable one is named too
-    exported = runner.invoke(cli, extract_args(mvtec_root, tmp_path / "onnx-cache", "--engine", "onnx"),
-                             env={"RAML_CACHE_DIR": str(closed / "user-cache")})
+    exported = runner.invoke(
+        cli,
+        extract_args(mvtec_root, tmp_path / "onnx-cache", "--engine", "onnx"),
+        env={"RAML_CACHE_DIR": str(closed / "user-cache")},
+    )
     assert exported.exit_code == 1
     one_error_line(exported.output, f"{closed / 'user-cache'}", f"cannot write: {words}")
     assert sorted(p.name for p in closed.iterdir()) == []
-    assert (run_dir / "checkpoint.pt").is_file()   # earlier work intact
+    assert (run_dir / "checkpoint.pt").is_file()  # earlier work intact
 
 
 def test_a_read_only_cache_directory_is_one_line(mvtec_root, mvtec_cache, tmp_path, monkeypatch):
     """A read-only file system (EROFS) on the lock file, which extract opens first."""
     import raml.cache.lock
+
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "c" / "extract-000of001.lock"))
+
     monkeypatch.setattr(raml.cache.lock.os, "open", read_only)
     result = CliRunner().invoke(cli, extract_args(mvtec_root, tmp_path / "c"))
     assert result.exit_code == 1
-    one_error_line(result.output, "extract-000of001.lock: cannot write: the file system is read-only",
-                   "Write to a directory on a writable disk")
+    one_error_line(
+        result.output,
+        "extract-000of001.lock: cannot write: the file system is read-only",
+        "Write to a directory on a writable disk",
+    )
 
 
 def test_space_check_refuses_a_job_that_does_not_fit_and_warns_when_it_nearly_does(mvtec_root, tmp_path, monkeypatch):
     from raml.extract import run as extract_run
+
     free = {"bytes": 30_000}
-    monkeypatch.setattr(extract_run.shutil, "disk_usage",
-                        lambda path: shutil._ntuple_diskusage(10**9, 10**9 - free["bytes"], free["bytes"]))
+    monkeypatch.setattr(
+        extract_run.shutil,
+        "disk_usage",
+        lambda path: shutil._ntuple_diskusage(10**9, 10**9 - free["bytes"], free["bytes"]),
+    )
     refused = CliRunner().invoke(cli, extract_args(mvtec_root, tmp_path / "c"))
     assert refused.exit_code == 1
-    line = one_error_line(refused.output, "20 images to encode need about", "but its file system has 30.0 KB free",
-                          "nothing was encoded")
+    line = one_error_line(
+        refused.output, "20 images to encode need about", "but its file system has 30.0 KB free", "nothing was encoded"
+    )
     need = float(line.split("need about ")[1].split(" KB")[0]) * 1000
-    assert 20 * 21 * 32 * 2 < need < 300_000             # features (26.9 KB) plus rows and one shard
-    assert "--random-weights" not in refused.output      # refused before the backbone was loaded
+    assert 20 * 21 * 32 * 2 < need < 300_000  # features (26.9 KB) plus rows and one shard
+    assert "--random-weights" not in refused.output  # refused before the backbone was loaded
     assert not shard_paths(tmp_path / "c")
     free["bytes"] = int(need / 0.9)
     warned = CliRunner().invoke(cli, extract_args(mvtec_root, tmp_path / "c"))
@@ -264,10 +369,23 @@ def test_entries_of_image_folders_that_are_not_read_are_listed(tmp_path):
     (good / "phone.HEIC").write_bytes(b"\0")
     (good / "gone.png").symlink_to(tmp_path / "nowhere.png")
     (good / "more").mkdir()
-    (good / ".DS_Store").write_bytes(b"\0")   # hidden: not an image, passed over
+    (good / ".DS_Store").write_bytes(b"\0")  # hidden: not an image, passed over
     cache_dir = tmp_path / "cache"
-    result = CliRunner().invoke(cli, ["extract", "--dataset", "folder", "--root", str(root), "--cache-dir",
-                                      str(cache_dir), *BACKBONE, "--workers", "0"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "extract",
+            "--dataset",
+            "folder",
+            "--root",
+            str(root),
+            "--cache-dir",
+            str(cache_dir),
+            *BACKBONE,
+            "--workers",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = cache_dir / "extract-report-000of001.json"
     assert f"5 images encoded, 0 skipped, 0 already cached, 4 not read: see {report}" in result.output
@@ -276,14 +394,29 @@ def test_entries_of_image_folders_that_are_not_read_are_listed(tmp_path):
     assert not_read["animated.gif"].startswith("suffix '.gif' is not one RAML reads (.bmp .jpeg .jpg .png")
     assert not_read["gone.png"] == f"a dangling symbolic link (its target {tmp_path / 'nowhere.png'} does not exist)"
     assert not_read["more"] == "a folder: images are read only directly inside their folder"
-    again = CliRunner().invoke(cli, ["extract", "--dataset", "folder", "--root", str(root), "--cache-dir",
-                                     str(cache_dir), *BACKBONE, "--workers", "0"])
+    again = CliRunner().invoke(
+        cli,
+        [
+            "extract",
+            "--dataset",
+            "folder",
+            "--root",
+            str(root),
+            "--cache-dir",
+            str(cache_dir),
+            *BACKBONE,
+            "--workers",
+            "0",
+        ],
+    )
     assert "0 images encoded, 0 skipped, 5 already cached, 4 not read" in again.output
 
 
 def test_limit_zero_is_refused_before_any_work(mvtec_root, tmp_path):
     result = CliRunner().invoke(cli, extract_args(mvtec_root, tmp_path / "c", "--limit", "0"))
-    assert result.exit_code == 2 and "Invalid value for '--limit': 0 is not in the range 1<=x<=10000000" in result.output
+    assert (
+        result.exit_code == 2 and "Invalid value for '--limit': 0 is not in the range 1<=x<=10000000" in result.output
+    )
     assert not (tmp_path / "c").exists()
 
 
@@ -300,7 +433,9 @@ def test_write_fault_words_for_every_errno():
     assert raml.cache.files.write_fault(OSError(errno.ENOENT, "No such file", "/x")) is None
     wrapped = RuntimeError("exporter failed")
     wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device", "/tmp/t")
-    assert "/out/model.onnx: cannot write: no space left" in str(raml.cache.files.write_fault(wrapped, "/out/model.onnx"))
+    assert "/out/model.onnx: cannot write: no space left" in str(
+        raml.cache.files.write_fault(wrapped, "/out/model.onnx")
+    )
     assert raml.cache.files.write_fault(ValueError("x")) is None
 
 
@@ -308,12 +443,17 @@ def test_space_check_counts_the_patch_tokens(mvtec_root, tmp_path, monkeypatch):
     """Room for the features alone: a run with --patch-tokens is refused, naming what the tokens take."""
     from raml.cache.writer import estimated_bytes
     from raml.extract import run as extract_run
+
     features = estimated_bytes(20, 32, 256)
-    monkeypatch.setattr(extract_run.shutil, "disk_usage",
-                        lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2 * features, 2 * features))
+    monkeypatch.setattr(
+        extract_run.shutil,
+        "disk_usage",
+        lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2 * features, 2 * features),
+    )
     refused = CliRunner().invoke(cli, extract_args(mvtec_root, tmp_path / "c", "--patch-tokens"))
     assert refused.exit_code == 1
-    line = one_error_line(refused.output, "20 images to encode need about", "of patch tokens for each of 20 images",
-                          "nothing was encoded")
+    line = one_error_line(
+        refused.output, "20 images to encode need about", "of patch tokens for each of 20 images", "nothing was encoded"
+    )
     assert not shard_paths(tmp_path / "c")
-    assert CliRunner().invoke(cli, extract_args(mvtec_root, tmp_path / "d")).exit_code == 0, line   # features fit
+    assert CliRunner().invoke(cli, extract_args(mvtec_root, tmp_path / "d")).exit_code == 0, line  # features fit

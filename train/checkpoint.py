@@ -10,6 +10,7 @@ numbers, strings, lists and dicts only).
 Format 1 (before per-category thresholds) held one ``threshold`` over all training images; such
 checkpoints still load, with that number as the pooled threshold and no per-category ones.
 """
+
 from __future__ import annotations
 
 import io
@@ -19,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from raml.cache import mismatched_fields
-from raml.errors import CacheError
 from raml.cache.files import atomic_write_bytes, make_dirs
 from raml.cache.format import FINGERPRINT_KEYS, TOKEN_SETTING_ATTRIBUTE, fingerprint_field, token_setting_problem
+from raml.errors import CacheError
 from raml.train.config import TrainConfig
 from raml.train.split import manifest_problem
 
@@ -52,18 +53,27 @@ class Checkpoint:
     do on the held-out images.
     """
 
-    model: RAMLHead          # eval mode, on the CPU
-    config: dict             # every hyper-parameter (``TrainConfig.to_dict()``)
-    loss_state: dict         # center, sigma, difficulty, difficulty_seen (tensors)
-    manifest: dict           # the split manifest (``Split.manifest()``)
-    fingerprint: dict        # the training cache's ``FINGERPRINT_KEYS`` and ``PROVENANCE_KEYS``
-    thresholds: dict         # ``calibrate_thresholds``: {"set", "rule", "pooled", "categories"}
-    categories: list         # trained categories, in the order of the loss state's difficulty
+    model: RAMLHead  # eval mode, on the CPU
+    config: dict  # every hyper-parameter (``TrainConfig.to_dict()``)
+    loss_state: dict  # center, sigma, difficulty, difficulty_seen (tensors)
+    manifest: dict  # the split manifest (``Split.manifest()``)
+    fingerprint: dict  # the training cache's ``FINGERPRINT_KEYS`` and ``PROVENANCE_KEYS``
+    thresholds: dict  # ``calibrate_thresholds``: {"set", "rule", "pooled", "categories"}
+    categories: list  # trained categories, in the order of the loss state's difficulty
     path: Path
 
 
-def save_checkpoint(run_dir, *, model: RAMLHead, config: dict, loss_state: dict, manifest: dict,
-                    fingerprint: dict, thresholds: dict, categories: list) -> Path:
+def save_checkpoint(
+    run_dir,
+    *,
+    model: RAMLHead,
+    config: dict,
+    loss_state: dict,
+    manifest: dict,
+    fingerprint: dict,
+    thresholds: dict,
+    categories: list,
+) -> Path:
     """Write ``run_dir/checkpoint.pt`` atomically; returns its path. ``fingerprint`` is the training
     cache's (extra fields beyond ``FINGERPRINT_KEYS`` and ``PROVENANCE_KEYS`` are dropped)."""
     import torch
@@ -76,12 +86,14 @@ def save_checkpoint(run_dir, *, model: RAMLHead, config: dict, loss_state: dict,
         "config": dict(config),
         "loss_state": {name: tensor.detach().cpu().clone() for name, tensor in loss_state.items()},
         "manifest": manifest,
-        "fingerprint": {**{key: fingerprint_field(fingerprint, key) for key in FINGERPRINT_KEYS},
-                        **{key: fingerprint[key] for key in PROVENANCE_KEYS if fingerprint.get(key) is not None}},
+        "fingerprint": {
+            **{key: fingerprint_field(fingerprint, key) for key in FINGERPRINT_KEYS},
+            **{key: fingerprint[key] for key in PROVENANCE_KEYS if fingerprint.get(key) is not None},
+        },
         "thresholds": thresholds,
         "categories": list(categories),
     }
-    buffer = io.BytesIO()   # serialised in memory: a failed write is then an OSError of ours (cache.files)
+    buffer = io.BytesIO()  # serialised in memory: a failed write is then an OSError of ours (cache.files)
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())
     return path
@@ -92,6 +104,7 @@ def load_checkpoint(path) -> Checkpoint:
     import torch
 
     from raml.train.model import build_head
+
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_FILE
@@ -103,17 +116,27 @@ def load_checkpoint(path) -> Checkpoint:
         raise CacheError(f"{path}: not a readable RAML checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
         raise CacheError(f"{path}: not a RAML checkpoint of format {' or '.join(map(str, READABLE_FORMATS))}")
-    try:   # a checkpoint edited or damaged in a way torch.load does not notice
-        config = TrainConfig.from_dict(payload["config"]).to_dict()   # fields added since: their defaults
+    try:  # a checkpoint edited or damaged in a way torch.load does not notice
+        config = TrainConfig.from_dict(payload["config"]).to_dict()  # fields added since: their defaults
         pixel_head = any(name.startswith("pixel.") for name in payload["state_dict"])
         model = build_head(config, payload["fingerprint"]["embed_dim"], pixel_head=pixel_head)
         model.load_state_dict(payload["state_dict"])
         model.eval()
-        checkpoint = Checkpoint(model=model, config=config, loss_state=dict(payload["loss_state"]),
-                                manifest=payload["manifest"], fingerprint=payload["fingerprint"],
-                                thresholds=_thresholds(payload), categories=list(payload["categories"]), path=path)
-        problem = (manifest_problem(checkpoint.manifest) or thresholds_problem(checkpoint.thresholds)
-                   or token_setting_problem(checkpoint.fingerprint.get(TOKEN_SETTING_ATTRIBUTE)))
+        checkpoint = Checkpoint(
+            model=model,
+            config=config,
+            loss_state=dict(payload["loss_state"]),
+            manifest=payload["manifest"],
+            fingerprint=payload["fingerprint"],
+            thresholds=_thresholds(payload),
+            categories=list(payload["categories"]),
+            path=path,
+        )
+        problem = (
+            manifest_problem(checkpoint.manifest)
+            or thresholds_problem(checkpoint.thresholds)
+            or token_setting_problem(checkpoint.fingerprint.get(TOKEN_SETTING_ATTRIBUTE))
+        )
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise CacheError(f"{path}: not a usable RAML checkpoint ({type(err).__name__}: {err})") from None
     if problem:
@@ -123,13 +146,19 @@ def load_checkpoint(path) -> Checkpoint:
 
 def thresholds_problem(thresholds) -> str | None:
     """Why ``thresholds`` is not a calibration ``train.thresholds.calibrate_thresholds`` wrote, or None."""
+
     def finite(point) -> bool:
         value = point.get("threshold") if isinstance(point, dict) else "x"
         return value is None or (isinstance(value, (int, float)) and math.isfinite(value))
-    if not (isinstance(thresholds, dict) and isinstance(thresholds.get("pooled"), dict)
-            and isinstance(thresholds["pooled"].get("threshold"), (int, float))
-            and isinstance(thresholds.get("categories"), dict) and finite(thresholds["pooled"])
-            and all(finite(point) for point in thresholds["categories"].values())):
+
+    if not (
+        isinstance(thresholds, dict)
+        and isinstance(thresholds.get("pooled"), dict)
+        and isinstance(thresholds["pooled"].get("threshold"), (int, float))
+        and isinstance(thresholds.get("categories"), dict)
+        and finite(thresholds["pooled"])
+        and all(finite(point) for point in thresholds["categories"].values())
+    ):
         return "its decision thresholds are not numbers per category and pooled"
     return None
 
@@ -138,18 +167,25 @@ def _thresholds(payload: dict) -> dict:
     """The calibration of a checkpoint; format 1's single threshold becomes the pooled one."""
     if payload["format"] >= 2:
         return payload["thresholds"]
-    return {"set": FORMAT_1_CALIBRATION, "rule": "F1-max of s_final, anomalous when s_final >= threshold",
-            "pooled": {"threshold": float(payload["threshold"])}, "categories": {}}
+    return {
+        "set": FORMAT_1_CALIBRATION,
+        "rule": "F1-max of s_final, anomalous when s_final >= threshold",
+        "pooled": {"threshold": float(payload["threshold"])},
+        "categories": {},
+    }
 
 
 def check_cache(checkpoint: Checkpoint, table) -> None:
     """Refuse to score ``table`` with a head trained on features of another backbone."""
     bad = mismatched_fields(checkpoint.fingerprint, table.meta)
     if bad:
-        details = "; ".join(f"{key}: checkpoint {checkpoint.fingerprint.get(key)!r}, cache {table.meta.get(key)!r}"
-                            for key in bad)
-        raise CacheError(f"{checkpoint.path} was trained on features of another backbone than {table.cache_dir} "
-                         f"({details}). Score this cache with a head trained on its own backbone.")
+        details = "; ".join(
+            f"{key}: checkpoint {checkpoint.fingerprint.get(key)!r}, cache {table.meta.get(key)!r}" for key in bad
+        )
+        raise CacheError(
+            f"{checkpoint.path} was trained on features of another backbone than {table.cache_dir} "
+            f"({details}). Score this cache with a head trained on its own backbone."
+        )
 
 
 def check_tokens(checkpoint: Checkpoint, setting: dict | None, where) -> None:
@@ -157,5 +193,7 @@ def check_tokens(checkpoint: Checkpoint, setting: dict | None, where) -> None:
     cache or a backbone) with a pixel head trained on tokens of another setting."""
     trained = checkpoint.fingerprint.get(TOKEN_SETTING_ATTRIBUTE)
     if trained is not None and setting is not None and trained != setting:
-        raise CacheError(f"{checkpoint.path}'s pixel head was trained on patch tokens of another setting than those "
-                         f"of {where} ({trained} vs {setting}); it cannot score them.")
+        raise CacheError(
+            f"{checkpoint.path}'s pixel head was trained on patch tokens of another setting than those "
+            f"of {where} ({trained} vs {setting}); it cannot score them."
+        )

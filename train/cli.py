@@ -2,34 +2,43 @@
 (``train_options``: one per ``TrainConfig`` field) that ``sweep`` and ``ablate`` share, and the
 options that pick a stage-two command's cache in the workspace (``training_cache_options``).
 """
+
 from __future__ import annotations
 
 import functools
 
 import click
 
-from raml.errors import UserError
 from raml.cli.failures import fail_cleanly
 from raml.cli.options import JOBS, THREADS, device_option, echo_chosen, given_on_command_line, text_list, with_options
-from raml.errors import OptionError
+from raml.errors import OptionError, UserError
 from raml.train.config import Bounds, TrainConfig, field_kind
 
 stage_two_device_option = device_option(
     "Where stage two runs: auto (the GPU if there is one), cpu, cuda or cuda:N. The cached features go to the "
-    "device once.")
+    "device once."
+)
 
 threads_option = click.option(
-    "--threads", type=THREADS, default=1, show_default=True,
+    "--threads",
+    type=THREADS,
+    default=1,
+    show_default=True,
     help="Torch threads per training run. More pay only on an idle machine (on a busy one they stall "
-         "each other); sweep --jobs fills the cores instead.")
+    "each other); sweep --jobs fills the cores instead.",
+)
 
 
 def read_training_cache(cache_dir):
     from raml.cache import read_cache
+
     table = read_cache(cache_dir)
     if table.meta.get("random_weights"):
-        click.secho(f"warning: {cache_dir} holds features from random weights: every score is meaningless.",
-                    fg="yellow", err=True)
+        click.secho(
+            f"warning: {cache_dir} holds features from random weights: every score is meaningless.",
+            fg="yellow",
+            err=True,
+        )
     return table
 
 
@@ -43,29 +52,45 @@ def training_cache_options(func):
     def with_cache_dir(*, dataset, cache_dir, model, pretrained, weights, random_weights, engine, **options):
         if cache_dir is None:
             cache_dir = choose_training_cache(dataset, model, pretrained, weights, random_weights, engine)
-        else:   # the backbone options pick a cache: with one named, they would be silently ignored
-            given = [name for name in ("model", "pretrained", "weights", "random_weights", "engine")
-                     if given_on_command_line(name)]
+        else:  # the backbone options pick a cache: with one named, they would be silently ignored
+            given = [
+                name
+                for name in ("model", "pretrained", "weights", "random_weights", "engine")
+                if given_on_command_line(name)
+            ]
             if given:
                 flag = "--" + given[0].replace("_", "-")
-                raise OptionError(flag, "picks the dataset's cache when --cache-dir is not given; with --cache-dir "
-                                        f"{cache_dir} it would be ignored: leave one of them out")
+                raise OptionError(
+                    flag,
+                    "picks the dataset's cache when --cache-dir is not given; with --cache-dir "
+                    f"{cache_dir} it would be ignored: leave one of them out",
+                )
         return func(cache_dir=cache_dir, **options)
 
     which = "With --dataset: read the cache extracted with this"
-    return with_options([
-        dataset_option("Dataset whose cache in ./features/<dataset>/ to read when --cache-dir is not given."),
-        click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), default=None,
-                     help="Feature cache written by extract. Default: the dataset's cache under ./features/<dataset>/: "
-                          "its only one, or the one of the backbone that --model, --pretrained, --weights, "
-                          "--random-weights and --engine name (on the command line or in raml.toml)."),
-        model_option(default=None, help=f"{which} model (name or config JSON)."),
-        click.option("--pretrained", default=None, help=f"{which} pretrained tag."),
-        click.option("--weights", type=click.Path(dir_okay=False), default=None, help=f"{which} weights file."),
-        click.option("--random-weights", is_flag=True, default=None, help=f"{which} backbone's random weights."),
-        click.option("--engine", type=click.Choice(ENGINES), default=None,
-                     help=f"{which} engine's precision (onnx-int8: int8 features; torch and onnx: fp32)."),
-    ])(fail_cleanly(with_cache_dir))
+    return with_options(
+        [
+            dataset_option("Dataset whose cache in ./features/<dataset>/ to read when --cache-dir is not given."),
+            click.option(
+                "--cache-dir",
+                type=click.Path(file_okay=False, exists=True),
+                default=None,
+                help="Feature cache written by extract. Default: the dataset's cache under ./features/<dataset>/: "
+                "its only one, or the one of the backbone that --model, --pretrained, --weights, "
+                "--random-weights and --engine name (on the command line or in raml.toml).",
+            ),
+            model_option(default=None, help=f"{which} model (name or config JSON)."),
+            click.option("--pretrained", default=None, help=f"{which} pretrained tag."),
+            click.option("--weights", type=click.Path(dir_okay=False), default=None, help=f"{which} weights file."),
+            click.option("--random-weights", is_flag=True, default=None, help=f"{which} backbone's random weights."),
+            click.option(
+                "--engine",
+                type=click.Choice(ENGINES),
+                default=None,
+                help=f"{which} engine's precision (onnx-int8: int8 features; torch and onnx: fp32).",
+            ),
+        ]
+    )(fail_cleanly(with_cache_dir))
 
 
 def choose_training_cache(dataset, model, pretrained, weights, random_weights, engine):
@@ -75,26 +100,38 @@ def choose_training_cache(dataset, model, pretrained, weights, random_weights, e
     from raml.cli.workspace import FEATURES, cache_dir_for, caches_of, describe_cache
     from raml.extract.engines import PRECISIONS
     from raml.extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, backbone_identity
+
     caches = caches_of(dataset)
     listed = "".join(f"\n  {path}   {describe_cache(path)}" for path in caches)
     if model is not None or pretrained is not None or weights is not None or random_weights or engine is not None:
-        identity = backbone_identity(model or DEFAULT_MODEL, DEFAULT_PRETRAINED if pretrained is None else pretrained,
-                                     weights, bool(random_weights), PRECISIONS[engine or "torch"])
+        identity = backbone_identity(
+            model or DEFAULT_MODEL,
+            DEFAULT_PRETRAINED if pretrained is None else pretrained,
+            weights,
+            bool(random_weights),
+            PRECISIONS[engine or "torch"],
+        )
         path = cache_dir_for(dataset, identity.fingerprint_fields())
         if path in caches:
             return echo_chosen("cache", path)
-        raise UserError(f"no {dataset} cache of the backbone named ({identity.name}, weights {identity.weights}, "
-                        f"{identity.precision}) at {path}; extract it with python pipeline.py extract --dataset "
-                        f"{dataset} and the same backbone options, or pass --cache-dir."
-                        + (f" The caches of {dataset}:{listed}" if caches else ""))
+        raise UserError(
+            f"no {dataset} cache of the backbone named ({identity.name}, weights {identity.weights}, "
+            f"{identity.precision}) at {path}; extract it with python pipeline.py extract --dataset "
+            f"{dataset} and the same backbone options, or pass --cache-dir."
+            + (f" The caches of {dataset}:{listed}" if caches else "")
+        )
     if len(caches) == 1:
         return echo_chosen("cache", caches[0])
     if not caches:
-        raise UserError(f"no cache of {dataset} under {FEATURES / dataset}/: run python pipeline.py extract "
-                        f"--dataset {dataset} first, or pass --cache-dir")
-    raise UserError(f"{len(caches)} caches of {dataset} fit:{listed}\nPick one with --cache-dir PATH, or name its "
-                    "backbone with --model, --pretrained, --weights, --random-weights or --engine (on the command "
-                    "line or in raml.toml).")
+        raise UserError(
+            f"no cache of {dataset} under {FEATURES / dataset}/: run python pipeline.py extract "
+            f"--dataset {dataset} first, or pass --cache-dir"
+        )
+    raise UserError(
+        f"{len(caches)} caches of {dataset} fit:{listed}\nPick one with --cache-dir PATH, or name its "
+        "backbone with --model, --pretrained, --weights, --random-weights or --engine (on the command "
+        "line or in raml.toml)."
+    )
 
 
 def number_type(kind: str, bounds: Bounds | None, check=None, accepted: str = ""):
@@ -102,6 +139,7 @@ def number_type(kind: str, bounds: Bounds | None, check=None, accepted: str = ""
     click's ranges, finite numbers only, so that a bad value is a usage error naming the option,
     before any work."""
     from raml.cli.options import CheckedText, FiniteFloat
+
     if kind == "str":
         return CheckedText(check, accepted) if check else click.STRING
     bounds = bounds or Bounds()
@@ -125,25 +163,41 @@ def train_options(exclude=()):
             flag = "--" + spec.name.replace("_", "-")
             meta = spec.metadata
             if "choices" in meta:
-                option = click.option(flag, type=click.Choice(meta["choices"]), default=spec.default,
-                                      show_default=True, help=meta["help"])
+                option = click.option(
+                    flag, type=click.Choice(meta["choices"]), default=spec.default, show_default=True, help=meta["help"]
+                )
             elif field_kind(spec) == "bool":
-                option = click.option(flag, type=ON_OFF, metavar="on|off", default=spec.default,
-                                      show_default="on" if spec.default else "off", help=meta["help"])
+                option = click.option(
+                    flag,
+                    type=ON_OFF,
+                    metavar="on|off",
+                    default=spec.default,
+                    show_default="on" if spec.default else "off",
+                    help=meta["help"],
+                )
             else:
-                option = click.option(flag, type=number_type(field_kind(spec), meta.get("bounds"), meta.get("check"),
-                                                             meta.get("accepted", "")),
-                                      default=spec.default, show_default=spec.default is not None, help=meta["help"])
+                option = click.option(
+                    flag,
+                    type=number_type(field_kind(spec), meta.get("bounds"), meta.get("check"), meta.get("accepted", "")),
+                    default=spec.default,
+                    show_default=spec.default is not None,
+                    help=meta["help"],
+                )
             func = option(func)
         return func
+
     return decorate
 
 
 @click.command()
 @training_cache_options
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Run directory: checkpoint.pt, config.json, split.json, history.json. Default: a new "
-                   "./runs/<dataset>/NNN-<margin>-seed<k>/ (never an earlier run's), linked as runs/<dataset>/latest.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run directory: checkpoint.pt, config.json, split.json, history.json. Default: a new "
+    "./runs/<dataset>/NNN-<margin>-seed<k>/ (never an earlier run's), linked as runs/<dataset>/latest.",
+)
 @click.option("--force", is_flag=True, help="Overwrite a run directory that already holds a checkpoint.")
 @threads_option
 @stage_two_device_option
@@ -163,13 +217,16 @@ def train(cache_dir, out, force, threads, device, margin, **options):
     from raml.train.config import make_config
     from raml.train.fit import fit, write_run
     from raml.train.thresholds import threshold_lines
+
     config = make_config(margin, **options)
     if out is not None and (Path(out) / CHECKPOINT_FILE).exists() and not force:
         raise UserError(f"{out} already holds a trained run; choose another --out or pass --force")
     table = read_training_cache(cache_dir)
-    click.echo(f"train: {len(table)} images in {len(table.categories)} categories from {cache_dir}; "
-               f"margin {config.margin} (m_base {config.margin_base}, λσ {config.lambda_sigma}, "
-               f"λres {config.lambda_res}, r_max {config.r_max}), seed {config.seed}")
+    click.echo(
+        f"train: {len(table)} images in {len(table.categories)} categories from {cache_dir}; "
+        f"margin {config.margin} (m_base {config.margin_base}, λσ {config.lambda_sigma}, "
+        f"λres {config.lambda_res}, r_max {config.r_max}), seed {config.seed}"
+    )
     trained = fit(table, config, progress=click.echo, threads=threads, device=device)
     click.echo(f"pixel head: {trained.pixel_head}")
     # The run's directory is claimed once training succeeded, and removed again if it cannot be
@@ -190,23 +247,48 @@ def train(cache_dir, out, force, threads, device, margin, **options):
 
 @click.command("train")
 @click.option("--epochs", type=click.IntRange(1, 100_000), default=25, show_default=True)
-@click.option("--sweep", "with_sweep", is_flag=True,
-              help="Also time the 3 margins × --seeds sweep: batched (one pass) against one run at a time.")
+@click.option(
+    "--sweep",
+    "with_sweep",
+    is_flag=True,
+    help="Also time the 3 margins × --seeds sweep: batched (one pass) against one run at a time.",
+)
 @click.option("--seeds", type=click.IntRange(1, 1000), default=5, show_default=True, help="Seeds of each margin.")
-@click.option("--lrs", default=None, callback=text_list(float, check=lambda lr: 0 < lr < float("inf"),
-                                                         accepted="comma-separated learning rates > 0"),
-              help="With --sweep: also vary the learning rate, e.g. 5e-5,1e-4,2e-4 (45 runs).")
-@click.option("--jobs", type=JOBS, default=2, show_default=True, help="Worker processes of the one-run-at-a-time sweep; the batched pass gets as many "
-              "threads (× --threads).")
-@click.option("--separate/--no-separate", default=True, show_default=True,
-              help="With --sweep: also time the old one-run-at-a-time path (slow).")
+@click.option(
+    "--lrs",
+    default=None,
+    callback=text_list(float, check=lambda lr: 0 < lr < float("inf"), accepted="comma-separated learning rates > 0"),
+    help="With --sweep: also vary the learning rate, e.g. 5e-5,1e-4,2e-4 (45 runs).",
+)
+@click.option(
+    "--jobs",
+    type=JOBS,
+    default=2,
+    show_default=True,
+    help="Worker processes of the one-run-at-a-time sweep; the batched pass gets as many threads (× --threads).",
+)
+@click.option(
+    "--separate/--no-separate",
+    default=True,
+    show_default=True,
+    help="With --sweep: also time the old one-run-at-a-time path (slow).",
+)
 @threads_option
 @stage_two_device_option
 @fail_cleanly
 def bench_train(epochs, with_sweep, seeds, lrs, jobs, separate, threads, device):
     """Time stage two on a synthetic cache of MVTec AD's shape (5,354 images × 21 × 512)."""
     from raml.train.bench import run_train_bench
-    result = run_train_bench(epochs=epochs, sweep=with_sweep, seeds=seeds, lrs=lrs,
-                             jobs=jobs, threads=threads, device=device, separate=separate)
+
+    result = run_train_bench(
+        epochs=epochs,
+        sweep=with_sweep,
+        seeds=seeds,
+        lrs=lrs,
+        jobs=jobs,
+        threads=threads,
+        device=device,
+        separate=separate,
+    )
     for line in result.lines():
         click.echo(line)

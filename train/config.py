@@ -15,6 +15,7 @@ finished run may be reused. Each field's comment gives where its default comes f
 Loss constants where the original's value differs from ours (``VARIANT_DEFAULTS``) default to
 None and are resolved by ``--loss-variant``, as the margin values are by ``--margin``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,8 @@ MARGIN_PRESETS = {
     "strong": (1.0, 0.0, 0.0),
 }
 MARGIN_FIELDS = ("margin_base", "lambda_sigma", "lambda_res")
-CUSTOM_MARGIN = "custom"              # any (m_base, λ_σ, λ_res) that is not a preset's
-R_MAX_MODES = ("image", "category")   # or a number of pixels, e.g. "900" (the original constant)
+CUSTOM_MARGIN = "custom"  # any (m_base, λ_σ, λ_res) that is not a preset's
+R_MAX_MODES = ("image", "category")  # or a number of pixels, e.g. "900" (the original constant)
 LOSS_VARIANTS = ("raml", "original")  # see train/loss.py and the README's deviations table
 SCALE_CHOICES = ("1", "1,2", "1,2,3")  # which crop scales the head sees (ablation)
 PIXEL_HEAD_CHOICES = ("auto", "on", "off")
@@ -57,19 +58,25 @@ def switch_problems(n_scales: int, cross_attention: bool, tile_pool: str) -> lis
     if tile_pool not in ("max", "mean"):
         problems.append(f"tile_pool {tile_pool!r} is not one of max, mean")
     if cross_attention and n_scales == 1:
-        problems.append("--scales 1 leaves a single scale: there is no cross-scale attention to switch on; "
-                        "pass --cross-attention off with --scales 1")
+        problems.append(
+            "--scales 1 leaves a single scale: there is no cross-scale attention to switch on; "
+            "pass --cross-attention off with --scales 1"
+        )
     if tile_pool != "max" and n_scales < len(SCALE_CHOICES):
-        problems.append(f"--tile-pool {tile_pool} pools the 4x4 tiles, which --scales {scales} leaves out; "
-                        "keep --tile-pool max or use --scales 1,2,3")
+        problems.append(
+            f"--tile-pool {tile_pool} pools the 4x4 tiles, which --scales {scales} leaves out; "
+            "keep --tile-pool max or use --scales 1,2,3"
+        )
     return problems
 
 
 # Loss constants whose default depends on ``loss_variant``: field → {variant: value}. As with the
 # margin presets, a value given explicitly is kept and one left None takes its variant's.
 VARIANT_DEFAULTS = {
-    "center_momentum": {"raml": 0.9,        # ours: a slower center (see the README's deviations table)
-                        "original": 0.8},   # orig:140
+    "center_momentum": {
+        "raml": 0.9,  # ours: a slower center (see the README's deviations table)
+        "original": 0.8,
+    },  # orig:140
 }
 
 
@@ -94,9 +101,9 @@ class Bounds:
 
 
 POSITIVE, NON_NEGATIVE = Bounds(0, low_open=True), Bounds(0)
-SEED = Bounds(0, 2**32 - 1)                 # numpy's and torch's generators take these
-MOMENTUM = Bounds(0, 1)                     # an EMA's momentum: 1 keeps the first value
-SIZE = Bounds(1, 65536)                     # widths of the head's layers
+SEED = Bounds(0, 2**32 - 1)  # numpy's and torch's generators take these
+MOMENTUM = Bounds(0, 1)  # an EMA's momentum: 1 keeps the first value
+SIZE = Bounds(1, 65536)  # widths of the head's layers
 
 
 def _option(default, help, **kwargs):
@@ -107,7 +114,7 @@ def _option(default, help, **kwargs):
 
 
 def field_kind(spec: dataclasses.Field) -> str:
-    """"int", "float", "str" or "bool": what a ``TrainConfig`` field holds (None aside)."""
+    """ "int", "float", "str" or "bool": what a ``TrainConfig`` field holds (None aside)."""
     return str(spec.type).split("|")[0].strip()
 
 
@@ -118,10 +125,12 @@ def field_problem(spec: dataclasses.Field, value) -> str | None:
     if value is None and "None" in str(spec.type):
         return None
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    expected = {"bool": ("on or off", isinstance(value, bool)),
-                "int": ("a whole number", number and isinstance(value, int)),
-                "float": ("a finite number", number and math.isfinite(value)),
-                "str": ("text", isinstance(value, str))}[kind]
+    expected = {
+        "bool": ("on or off", isinstance(value, bool)),
+        "int": ("a whole number", number and isinstance(value, int)),
+        "float": ("a finite number", number and math.isfinite(value)),
+        "str": ("text", isinstance(value, str)),
+    }[kind]
     if not expected[1]:
         return f"{spec.name} {value!r} is not {expected[0]}"
     bounds, choices = spec.metadata.get("bounds"), spec.metadata.get("choices")
@@ -147,91 +156,153 @@ class TrainConfig:
     # ours: the original seeds neither the weights nor the batch order
     seed: int = _option(0, "Training seed: weight init and batch order.", bounds=SEED)
     # ours: the original shuffles each category's test images with random.seed(42) (orig:352–354)
-    split_seed: int = _option(0, "Seed of the holdout split; kept apart from --seed so that every run of a "
-                                 "sweep is scored on the same held-out images.", bounds=SEED)
+    split_seed: int = _option(
+        0,
+        "Seed of the holdout split; kept apart from --seed so that every run of a "
+        "sweep is scored on the same held-out images.",
+        bounds=SEED,
+    )
     # orig:356–357 (train_ratio 0.8, orig:483); the per-class rounding is ours (README "Method notes")
-    holdout_fraction: float = _option(0.2, "Fraction of each category's official test set held out.", bounds=Bounds(0, 1, low_open=True, high_open=True))
+    holdout_fraction: float = _option(
+        0.2,
+        "Fraction of each category's official test set held out.",
+        bounds=Bounds(0, 1, low_open=True, high_open=True),
+    )
     # optimisation
     # README (SPEC §8); the original's code trains 20 epochs (orig:481)
     epochs: int = _option(25, "Passes over the training images (the original's code: 20).", bounds=Bounds(1, 100_000))
     # orig:485 (README, SPEC §8); dropping the last incomplete batch is ours (the original keeps it)
-    batch_size: int = _option(16, "Images per step (an epoch drops its last incomplete batch).", bounds=Bounds(2, 65536))
-    lr: float = _option(5e-5, "AdamW learning rate.", bounds=POSITIVE)                                    # orig:481 (README, SPEC §8)
+    batch_size: int = _option(
+        16, "Images per step (an epoch drops its last incomplete batch).", bounds=Bounds(2, 65536)
+    )
+    lr: float = _option(5e-5, "AdamW learning rate.", bounds=POSITIVE)  # orig:481 (README, SPEC §8)
     # README (SPEC §8); the original's code sets none: torch's AdamW default, 0.01 (orig:380)
-    weight_decay: float = _option(0.02, "AdamW weight decay (the original's code: 0.01, torch's default).", bounds=NON_NEGATIVE)
+    weight_decay: float = _option(
+        0.02, "AdamW weight decay (the original's code: 0.01, torch's default).", bounds=NON_NEGATIVE
+    )
     # model
-    hidden_dim: int = _option(256, "Width of the per-scale projections and of the fused vector.", bounds=SIZE)  # orig:225, :389
+    hidden_dim: int = _option(
+        256, "Width of the per-scale projections and of the fused vector.", bounds=SIZE
+    )  # orig:225, :389
     # ours: the original's attention has 4 heads of 256/4 = 64 dimensions each (orig:72)
     attn_dim: int = _option(64, "Width of the attention queries and keys.", bounds=SIZE)
     # ours: the original's feature is the 256-d LayerNorm output of its feature head, not normalised (orig:241)
     feature_dim: int = _option(128, "Width of the (L2-normalised) MACCL feature.", bounds=SIZE)
-    fusion_scale_init: float = _option(0.1, "Initial learnable text-visual fusion scale.")         # orig:192
+    fusion_scale_init: float = _option(0.1, "Initial learnable text-visual fusion scale.")  # orig:192
     # ablation switches: the defaults are the method
-    scales: str = _option("1,2,3", "Crop scales the head sees: 1 (the global crop), 1,2 (+ the 2x2 grid) or "
-                                   "1,2,3 (all 21 crops).", choices=SCALE_CHOICES)                 # orig:100–104
-    cross_attention: bool = _option(True, "on: the three cross-scale attention arrows; off: each scale "
-                                          "projected and pooled without attention.")                # orig:101–103
+    scales: str = _option(
+        "1,2,3",
+        "Crop scales the head sees: 1 (the global crop), 1,2 (+ the 2x2 grid) or 1,2,3 (all 21 crops).",
+        choices=SCALE_CHOICES,
+    )  # orig:100–104
+    cross_attention: bool = _option(
+        True, "on: the three cross-scale attention arrows; off: each scale projected and pooled without attention."
+    )  # orig:101–103
     text_fusion: bool = _option(True, "on: the visual vector attends to the category's text embeddings.")  # orig:298
     # ours: the original has no tile pooling (its 4x4 query is the mean of the tiles, orig:100)
     tile_pool: str = _option("max", "How the fusion pools the 4x4 tiles: max or mean.", choices=("max", "mean"))
     # pixel head: ours (issue 19); trained on the cache's patch tokens and the per-token defect fractions
-    pixel_head: str = _option("auto", "A pixel head scoring every patch token (the anomaly map), trained with the "
-                                      "image head: auto (when the training images have patch tokens and some "
-                                      "anomalous one a mask), on (required), off.", choices=PIXEL_HEAD_CHOICES)
+    pixel_head: str = _option(
+        "auto",
+        "A pixel head scoring every patch token (the anomaly map), trained with the "
+        "image head: auto (when the training images have patch tokens and some "
+        "anomalous one a mask), on (required), off.",
+        choices=PIXEL_HEAD_CHOICES,
+    )
     pixel_hidden_dim: int = _option(128, "Width of the pixel head's hidden layer.", bounds=SIZE)
     # ours: 64 of ViT-B/16's 784 tokens per image: a step of both heads takes ~1.7-1.8x the image head's alone (README)
-    pixel_tokens: int = _option(64, "Patch tokens per training image in the pixel loss: its defective tokens "
-                                    "first (up to half), the rest drawn once per image (seeded by its name).",
-                                    bounds=Bounds(2, 65536))
+    pixel_tokens: int = _option(
+        64,
+        "Patch tokens per training image in the pixel loss: its defective tokens "
+        "first (up to half), the rest drawn once per image (seeded by its name).",
+        bounds=Bounds(2, 65536),
+    )
     pixel_weight: float = _option(1.0, "Weight of the pixel loss in the total loss.", bounds=NON_NEGATIVE)
     # MACCL loss
-    alpha: float = _option(1.0, "Weight of the center loss.", bounds=NON_NEGATIVE)                                       # orig:123
-    beta: float = _option(1.0, "Weight of the margin loss.", bounds=NON_NEGATIVE)                                        # orig:123
-    gamma: float = _option(0.5, "Weight of the supervised contrastive loss.", bounds=NON_NEGATIVE)                       # orig:123
-    temperature: float = _option(0.07, "Temperature of the supervised contrastive loss.", bounds=POSITIVE)           # orig:122
-    bce_weight: float = _option(1.0, "Weight of the BCE loss on the visual logit.", bounds=NON_NEGATIVE)      # orig:413 (MACCL + BCE)
+    alpha: float = _option(1.0, "Weight of the center loss.", bounds=NON_NEGATIVE)  # orig:123
+    beta: float = _option(1.0, "Weight of the margin loss.", bounds=NON_NEGATIVE)  # orig:123
+    gamma: float = _option(0.5, "Weight of the supervised contrastive loss.", bounds=NON_NEGATIVE)  # orig:123
+    temperature: float = _option(0.07, "Temperature of the supervised contrastive loss.", bounds=POSITIVE)  # orig:122
+    bce_weight: float = _option(
+        1.0, "Weight of the BCE loss on the visual logit.", bounds=NON_NEGATIVE
+    )  # orig:413 (MACCL + BCE)
     # VARIANT_DEFAULTS: ours 0.9, the original's 0.8 (orig:140)
     center_momentum: float | None = _option(
-        None, "EMA momentum of the running center of normal features (default: 0.9; 0.8, the original's, "
-              "with --loss-variant original).", preset=True, bounds=MOMENTUM)
-    sigma_momentum: float = _option(0.9, "EMA momentum of σ, the spread of normal features.", bounds=MOMENTUM)       # orig:145
+        None,
+        "EMA momentum of the running center of normal features (default: 0.9; 0.8, the original's, "
+        "with --loss-variant original).",
+        preset=True,
+        bounds=MOMENTUM,
+    )
+    sigma_momentum: float = _option(
+        0.9, "EMA momentum of σ, the spread of normal features.", bounds=MOMENTUM
+    )  # orig:145
     # ours; "original" is the original's loss (train/original_loss.py). r_max stays its own option:
     # it is a property of the data, not a constant of the loss, and a sweep over loss_variant then
     # changes the loss alone (reproduce the original with --r-max 900 as well).
-    loss_variant: str = _option("raml", "raml (this project's MACCL) or original (the original release's "
-                                        "loss, formula for formula; sets the center momentum to the "
-                                        "original's 0.8 unless given; add --r-max 900 for the original's "
-                                        "constant resolution).", choices=LOSS_VARIANTS)
+    loss_variant: str = _option(
+        "raml",
+        "raml (this project's MACCL) or original (the original release's "
+        "loss, formula for formula; sets the center momentum to the "
+        "original's 0.8 unless given; add --r-max 900 for the original's "
+        "constant resolution).",
+        choices=LOSS_VARIANTS,
+    )
     # maccl+bce: orig:405–413; bce: the original's "Standard BCE" baseline (orig:382–383, :404)
-    loss: str = _option("maccl+bce", "Training loss: maccl+bce (the method) or bce (the plain supervised "
-                                     "head, an ablation).", choices=("maccl+bce", "bce"))
+    loss: str = _option(
+        "maccl+bce",
+        "Training loss: maccl+bce (the method) or bce (the plain supervised head, an ablation).",
+        choices=("maccl+bce", "bce"),
+    )
     # ours: the original clips every step at 1.0 (orig:416)
-    grad_clip_norm: float = _option(0.0, "Clip each run's gradient to this L2 norm before the step (0: no "
-                                         "clipping; the original's code: 1.0).", bounds=NON_NEGATIVE)
+    grad_clip_norm: float = _option(
+        0.0,
+        "Clip each run's gradient to this L2 norm before the step (0: no clipping; the original's code: 1.0).",
+        bounds=NON_NEGATIVE,
+    )
     # margin: the presets' values, see MARGIN_PRESETS
-    margin: str = _option("adaptive", "Margin preset: adaptive, fixed (m=0.5) or strong (m=1.0); 'custom' "
-                                      "when --margin-base/--lambda-sigma/--lambda-res differ from the preset.",
-                          choices=(*MARGIN_PRESETS, CUSTOM_MARGIN))                                # orig:481
-    margin_base: float | None = _option(None, "m_base (default: the --margin preset's).", preset=True, bounds=NON_NEGATIVE)  # orig:121
-    lambda_sigma: float | None = _option(None, "λ_σ (default: the --margin preset's).", preset=True, bounds=NON_NEGATIVE)    # orig:121
-    lambda_res: float | None = _option(None, "λ_res (default: the --margin preset's).", preset=True, bounds=NON_NEGATIVE)    # orig:121
+    margin: str = _option(
+        "adaptive",
+        "Margin preset: adaptive, fixed (m=0.5) or strong (m=1.0); 'custom' "
+        "when --margin-base/--lambda-sigma/--lambda-res differ from the preset.",
+        choices=(*MARGIN_PRESETS, CUSTOM_MARGIN),
+    )  # orig:481
+    margin_base: float | None = _option(
+        None, "m_base (default: the --margin preset's).", preset=True, bounds=NON_NEGATIVE
+    )  # orig:121
+    lambda_sigma: float | None = _option(
+        None, "λ_σ (default: the --margin preset's).", preset=True, bounds=NON_NEGATIVE
+    )  # orig:121
+    lambda_res: float | None = _option(
+        None, "λ_res (default: the --margin preset's).", preset=True, bounds=NON_NEGATIVE
+    )  # orig:121
     # ours: the original uses a constant 900 px for every image (orig:122, :130)
-    r_max: str = _option("image", "Original resolution in the resolution term: 'image' (each image's "
-                                  "max(height, width)), 'category' (its category's mean), or a number "
-                                  "of pixels (900 reproduces the original).",
-                       check=_valid_r_max, accepted="image, category or a positive number of pixels")
+    r_max: str = _option(
+        "image",
+        "Original resolution in the resolution term: 'image' (each image's "
+        "max(height, width)), 'category' (its category's mean), or a number "
+        "of pixels (900 reproduces the original).",
+        check=_valid_r_max,
+        accepted="image, category or a positive number of pixels",
+    )
     # auto-difficulty
-    difficulty_momentum: float = _option(0.7, "EMA momentum of the per-category loss.", bounds=MOMENTUM)            # orig:108
-    difficulty_scale: float = _option(0.5, "w = 1 + scale·(L_cat − L_global)/L_global.", bounds=NON_NEGATIVE)          # orig:108
-    difficulty_min: float = _option(0.5, "Lower clip of the category weight.", bounds=Bounds(0, 1, low_open=True))                      # orig:118
-    difficulty_max: float = _option(2.0, "Upper clip of the category weight.", bounds=Bounds(1))                      # orig:118
+    difficulty_momentum: float = _option(0.7, "EMA momentum of the per-category loss.", bounds=MOMENTUM)  # orig:108
+    difficulty_scale: float = _option(
+        0.5, "w = 1 + scale·(L_cat − L_global)/L_global.", bounds=NON_NEGATIVE
+    )  # orig:108
+    difficulty_min: float = _option(
+        0.5, "Lower clip of the category weight.", bounds=Bounds(0, 1, low_open=True)
+    )  # orig:118
+    difficulty_max: float = _option(2.0, "Upper clip of the category weight.", bounds=Bounds(1))  # orig:118
     # inference
-    visual_weight: float = _option(0.85, "Weight of s_visual in s_final.", bounds=NON_NEGATIVE)                          # orig:315
-    text_weight: float = _option(0.15, "Weight of s_text in s_final.", bounds=NON_NEGATIVE)                              # orig:315
+    visual_weight: float = _option(0.85, "Weight of s_visual in s_final.", bounds=NON_NEGATIVE)  # orig:315
+    text_weight: float = _option(0.15, "Weight of s_text in s_final.", bounds=NON_NEGATIVE)  # orig:315
 
     def __post_init__(self):
-        problems = [problem for spec in dataclasses.fields(self) if (problem := field_problem(spec, getattr(self, spec.name)))]
-        if problems:   # the checks below compare values: they need the right kinds first
+        problems = [
+            problem for spec in dataclasses.fields(self) if (problem := field_problem(spec, getattr(self, spec.name)))
+        ]
+        if problems:  # the checks below compare values: they need the right kinds first
             raise UserError("invalid training configuration: " + "; ".join(problems))
         self._resolve_margin(problems)
         self._resolve_variant_defaults()
@@ -271,7 +342,7 @@ class TrainConfig:
                 object.__setattr__(self, name, values[self.loss_variant])
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         """A config from ``to_dict()`` output; fields that an older RAML did not record take their
         defaults (which are what it trained with), unknown fields are refused."""
         names = {f.name for f in dataclasses.fields(cls)}
@@ -297,8 +368,10 @@ def make_config(margin: str = "adaptive", **overrides) -> TrainConfig:
 
 
 # The words a switch takes, as click's boolean options take them.
-SWITCH_WORDS = {**dict.fromkeys(("on", "true", "t", "yes", "y", "1"), True),
-                **dict.fromkeys(("off", "false", "f", "no", "n", "0"), False)}
+SWITCH_WORDS = {
+    **dict.fromkeys(("on", "true", "t", "yes", "y", "1"), True),
+    **dict.fromkeys(("off", "false", "f", "no", "n", "0"), False),
+}
 
 
 def switch(text: str) -> bool:
@@ -318,10 +391,15 @@ def parse_vary(specs) -> dict[str, list]:
         name, _, values = spec.partition("=")
         name = name.strip().replace("-", "_")
         if name in ("seed", "margin") or name not in fields:
-            raise UserError(f"--vary {spec!r}: expected FIELD=v1,v2 with FIELD a training option other than seed "
-                            "and margin (those have --seeds and --margins), e.g. lr=1e-4,5e-5")
-        kind = switch if isinstance(fields[name].default, bool) else (
-            float if fields[name].metadata.get("preset") else type(fields[name].default))
+            raise UserError(
+                f"--vary {spec!r}: expected FIELD=v1,v2 with FIELD a training option other than seed "
+                "and margin (those have --seeds and --margins), e.g. lr=1e-4,5e-5"
+            )
+        kind = (
+            switch
+            if isinstance(fields[name].default, bool)
+            else (float if fields[name].metadata.get("preset") else type(fields[name].default))
+        )
         try:
             grid[name] = [kind(value.strip()) for value in values.split(",") if value.strip()]
         except ValueError:

@@ -1,5 +1,6 @@
 """Divergence: a run whose loss or gradient stops being finite (``train.fit``): where it happened,
 in words, and the checks of each step."""
+
 from __future__ import annotations
 
 import math
@@ -26,22 +27,35 @@ def divergence_record(config: TrainConfig, step: int, steps: int, stats: dict) -
     that was not finite at that step (``stats``: the step's terms; "gradient" when every term was
     finite but a gradient was not), and what to try."""
     terms = {name: value for name, value in stats.items() if name in TERMS + PIXEL_TERMS}
-    term = next((name for name, value in terms.items() if name != "loss" and not math.isfinite(value)),
-                "loss" if not math.isfinite(terms.get("loss", 0.0)) else "gradient")
+    term = next(
+        (name for name, value in terms.items() if name != "loss" and not math.isfinite(value)),
+        "loss" if not math.isfinite(terms.get("loss", 0.0)) else "gradient",
+    )
     hint = f"lower --lr (now {config.lr:g}; try {config.lr / 10:g})"
     if not config.grad_clip_norm:
         hint += " or clip each step's gradient with --grad-clip-norm 1.0"
-    return {"seed": config.seed, "epoch": (step - 1) // steps + 1, "step": (step - 1) % steps + 1,
-            "steps_per_epoch": steps, "term": term, "hint": hint,
-            "terms": {name: value if math.isfinite(value) else repr(value) for name, value in terms.items()}}
+    return {
+        "seed": config.seed,
+        "epoch": (step - 1) // steps + 1,
+        "step": (step - 1) % steps + 1,
+        "steps_per_epoch": steps,
+        "term": term,
+        "hint": hint,
+        "terms": {name: value if math.isfinite(value) else repr(value) for name, value in terms.items()},
+    }
 
 
 def divergence_message(record: dict) -> str:
     value = record["terms"].get(record["term"], "not finite")
-    what = "a gradient stopped being finite" if record["term"] == "gradient" else \
-        f"the {record['term']} term became {value}"
-    return (f"training diverged (seed {record['seed']}) at epoch {record['epoch']}, step {record['step']} of "
-            f"{record['steps_per_epoch']}: {what}. No checkpoint was written. Try: {record['hint']}.")
+    what = (
+        "a gradient stopped being finite"
+        if record["term"] == "gradient"
+        else f"the {record['term']} term became {value}"
+    )
+    return (
+        f"training diverged (seed {record['seed']}) at epoch {record['epoch']}, step {record['step']} of "
+        f"{record['steps_per_epoch']}: {what}. No checkpoint was written. Try: {record['hint']}."
+    )
 
 
 def finite_gradients(model: RAMLHead) -> torch.Tensor:

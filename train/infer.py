@@ -9,6 +9,7 @@
 The text tokens come from the scored table's own cache, so a head trained on MVTec scores a VisA
 cache with VisA's category prompts (the transfer protocol).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +20,7 @@ from raml.errors import CacheError
 from raml.train.config import TrainConfig
 
 CLIP_LOGIT_SCALE = 100.0
-SCORE_BATCH = 256    # images per forward pass when scoring (bounds the float32 copy)
+SCORE_BATCH = 256  # images per forward pass when scoring (bounds the float32 copy)
 
 
 def text_tokens(table_text: dict, categories) -> np.ndarray:
@@ -28,8 +29,12 @@ def text_tokens(table_text: dict, categories) -> np.ndarray:
     missing = [c for c in categories if c not in table_text]
     if missing:
         raise CacheError(f"the cache has no text embeddings for categories {', '.join(missing)}")
-    tokens = np.stack([[np.asarray(table_text[c][kind], np.float32).mean(axis=0) for kind in ("normal", "anomalous")]
-                       for c in categories])
+    tokens = np.stack(
+        [
+            [np.asarray(table_text[c][kind], np.float32).mean(axis=0) for kind in ("normal", "anomalous")]
+            for c in categories
+        ]
+    )
     return tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
 
 
@@ -37,11 +42,11 @@ def text_score(global_features, table_text: dict, categories) -> np.ndarray:
     """s_text per image: ``global_features`` [N, D] (crop 0), ``categories`` [N] category names."""
     categories = np.asarray(categories)
     names = sorted(set(categories.tolist()))
-    tokens = text_tokens(table_text, names)                                   # [C, 2, D]
+    tokens = text_tokens(table_text, names)  # [C, 2, D]
     index = np.searchsorted(names, categories)
     g = np.asarray(global_features, np.float32)
     g = g / np.linalg.norm(g, axis=-1, keepdims=True)
-    cosines = np.einsum("nd,nkd->nk", g, tokens[index])                       # [N, 2]
+    cosines = np.einsum("nd,nkd->nk", g, tokens[index])  # [N, 2]
     return 0.5 * (1.0 + np.tanh(0.5 * CLIP_LOGIT_SCALE * (cosines[:, 1] - cosines[:, 0])))  # sigmoid, no overflow
 
 
@@ -59,15 +64,21 @@ def visual_score(model, features, text_bank, category_index, rows=None, device: 
     scores = []
     with torch.no_grad():
         for start in range(0, len(rows), SCORE_BATCH):
-            batch = torch.as_tensor(np.asarray(features[rows[start:start + SCORE_BATCH]], np.float32), device=device)
-            _, logits = model(batch, bank, category_index[start:start + SCORE_BATCH])
+            batch = torch.as_tensor(np.asarray(features[rows[start : start + SCORE_BATCH]], np.float32), device=device)
+            _, logits = model(batch, bank, category_index[start : start + SCORE_BATCH])
             scores.append(torch.sigmoid(logits).cpu().numpy())
     model.cpu()
     return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
 
-def score_rows(model, table: FeatureTable, rows=None, visual_weight=TrainConfig.visual_weight,
-               text_weight=TrainConfig.text_weight, device: str = "cpu") -> dict:
+def score_rows(
+    model,
+    table: FeatureTable,
+    rows=None,
+    visual_weight=TrainConfig.visual_weight,
+    text_weight=TrainConfig.text_weight,
+    device: str = "cpu",
+) -> dict:
     """``visual``, ``text`` and ``final`` scores of ``table``'s ``rows`` (default: all)."""
     rows = np.arange(len(table)) if rows is None else np.asarray(rows)
     categories = table.category[rows]
@@ -86,8 +97,10 @@ def pixel_scores(model, tokens, device: str = "cpu") -> np.ndarray:
     device = resolve_device(device)
     model.eval().to(device)
     with torch.no_grad():
-        logits = [model.pixel(torch.as_tensor(np.asarray(tokens[start:start + SCORE_BATCH], np.float32),
-                                              device=device))[1] for start in range(0, len(tokens), SCORE_BATCH)]
+        logits = [
+            model.pixel(torch.as_tensor(np.asarray(tokens[start : start + SCORE_BATCH], np.float32), device=device))[1]
+            for start in range(0, len(tokens), SCORE_BATCH)
+        ]
     model.cpu()
     return torch.sigmoid(torch.cat(logits)).cpu().numpy() if logits else np.zeros((0, tokens.shape[1]), np.float32)
 
@@ -101,16 +114,18 @@ def fused_score(final, map_max, map_weight: float) -> np.ndarray:
 def score_weights(checkpoint, visual_weight: float | None = None, text_weight: float | None = None) -> dict:
     """The s_final weights: those given, else the ones the checkpoint was trained with."""
     config = checkpoint.config
-    return {"visual_weight": config["visual_weight"] if visual_weight is None else visual_weight,
-            "text_weight": config["text_weight"] if text_weight is None else text_weight}
+    return {
+        "visual_weight": config["visual_weight"] if visual_weight is None else visual_weight,
+        "text_weight": config["text_weight"] if text_weight is None else text_weight,
+    }
 
 
 def score_table(checkpoint, table: FeatureTable, visual_weight=None, text_weight=None, device: str = "cpu") -> dict:
     """Score every image of ``table`` with a loaded checkpoint (weights: ``score_weights``);
     refuses a cache of another backbone."""
     from raml.train.checkpoint import check_cache
+
     check_cache(checkpoint, table)
-    return score_rows(checkpoint.model, table, None, **score_weights(checkpoint, visual_weight, text_weight),
-                      device=device)
-
-
+    return score_rows(
+        checkpoint.model, table, None, **score_weights(checkpoint, visual_weight, text_weight), device=device
+    )

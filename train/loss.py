@@ -36,6 +36,7 @@ normal weight, averaged). Why: defective tokens are a few per cent of all tokens
 plain mean BCE learns "normal everywhere", and a contrastive term over the ~1,000 tokens of a
 batch would cost a 1,000² similarity matrix per run and step for what the margin already does.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -92,7 +93,7 @@ def contrastive_terms(features, labels, temperature):
 STEP_STATS = (*TERMS, "inside_margin", "anomalous")
 
 
-PIXEL_TERMS = ("pixel", "pixel_center", "pixel_margin", "pixel_bce")   # per-step statistics of ``pixel_step``
+PIXEL_TERMS = ("pixel", "pixel_center", "pixel_margin", "pixel_bce")  # per-step statistics of ``pixel_step``
 PIXEL_STATE = ("pixel_center", "pixel_sigma")
 
 
@@ -102,10 +103,26 @@ def loss_hyperparameters(config) -> dict:
     The EMA step sizes ``1 − momentum`` are computed here in double precision, as Python computes
     them, so a run gives the same bits whether its scalars are floats or tensors.
     """
-    values = {name: getattr(config, name) for name in (
-        "alpha", "beta", "gamma", "bce_weight", "temperature", "margin_base", "lambda_sigma", "lambda_res",
-        "center_momentum", "sigma_momentum", "difficulty_momentum", "difficulty_scale", "difficulty_min",
-        "difficulty_max", "pixel_weight")}
+    values = {
+        name: getattr(config, name)
+        for name in (
+            "alpha",
+            "beta",
+            "gamma",
+            "bce_weight",
+            "temperature",
+            "margin_base",
+            "lambda_sigma",
+            "lambda_res",
+            "center_momentum",
+            "sigma_momentum",
+            "difficulty_momentum",
+            "difficulty_scale",
+            "difficulty_min",
+            "difficulty_max",
+            "pixel_weight",
+        )
+    }
     for name in ("center_momentum", "sigma_momentum", "difficulty_momentum"):
         values[name.replace("momentum", "rate")] = 1.0 - values[name]
     return {name: torch.tensor(float(value)) for name, value in values.items()}
@@ -118,15 +135,23 @@ def initial_loss_state(config, normal_features: torch.Tensor, n_categories: int)
     if config.loss_variant == "original":
         return original_initial_state(normal_features.shape[1], n_categories, normal_features.device)
     _, sigma, _ = _normal_spread(normal_features, torch.ones_like(normal_features[:, 0]))
-    return {"center": normal_features.mean(dim=0), "sigma": sigma,
-            "difficulty": normal_features.new_zeros(n_categories),
-            "difficulty_seen": torch.zeros(n_categories, dtype=torch.bool, device=normal_features.device)}
+    return {
+        "center": normal_features.mean(dim=0),
+        "sigma": sigma,
+        "difficulty": normal_features.new_zeros(n_categories),
+        "difficulty_seen": torch.zeros(n_categories, dtype=torch.bool, device=normal_features.device),
+    }
 
 
 def category_weights(state: dict, hp: dict) -> torch.Tensor:
     """[C] difficulty weight of each category under ``state``."""
-    return difficulty_weights(state["difficulty"], state["difficulty_seen"], hp["difficulty_scale"],
-                              hp["difficulty_min"], hp["difficulty_max"])
+    return difficulty_weights(
+        state["difficulty"],
+        state["difficulty_seen"],
+        hp["difficulty_scale"],
+        hp["difficulty_min"],
+        hp["difficulty_max"],
+    )
 
 
 def state_margins(state: dict, hp: dict, resolution_penalty) -> torch.Tensor:
@@ -153,14 +178,15 @@ def maccl_step(features, logits, labels, category, resolution_penalty, state: di
     margin = margin_terms(features, anomalous, state["center"], state_margins(state, hp, resolution_penalty))
     contrastive, anchors = contrastive_terms(features, labels, hp["temperature"])
     bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-    per_image = torch.stack([center, margin, contrastive, bce])                   # [4, B]
+    per_image = torch.stack([center, margin, contrastive, bce])  # [4, B]
     n_images = torch.full_like(normal.sum(), len(labels))
     counts = torch.stack([normal.sum(), anomalous.sum(), anchors.sum(), n_images]).clamp(min=1)
     means = (per_image * weights).sum(dim=1) / counts
     coefficients = torch.stack([hp["alpha"], hp["beta"], hp["gamma"], hp["bce_weight"]])
     loss = (coefficients * means).sum()
-    new_state = updated_state(state, hp, features.detach(), normal, category,
-                              (coefficients[:, None] * per_image).sum(0).detach())
+    new_state = updated_state(
+        state, hp, features.detach(), normal, category, (coefficients[:, None] * per_image).sum(0).detach()
+    )
     margin_counts = torch.stack([(margin > 0).sum().to(loss.dtype), anomalous.sum()])
     return loss, torch.cat([loss.detach()[None], means.detach(), margin_counts]), new_state
 
@@ -168,8 +194,9 @@ def maccl_step(features, logits, labels, category, resolution_penalty, state: di
 def bce_only_step(features, logits, labels, category, resolution_penalty, state: dict, hp: dict):
     """``--loss bce`` (an ablation): the plain supervised head, ``bce_weight`` × the batch's mean BCE,
     unweighted by difficulty. The MACCL terms and state are still computed, for the log only."""
-    _, stats, new_state = maccl_step(features.detach(), logits.detach(), labels, category, resolution_penalty,
-                                     state, hp)
+    _, stats, new_state = maccl_step(
+        features.detach(), logits.detach(), labels, category, resolution_penalty, state, hp
+    )
     loss = hp["bce_weight"] * F.binary_cross_entropy_with_logits(logits, labels)
     return loss, torch.cat([loss.detach()[None], stats[1:]]), new_state
 
@@ -207,12 +234,22 @@ def pixel_step(features, logits, targets, weights, resolution_penalty, state: di
     """
     flat = features.reshape(-1, features.shape[-1])
     normal, defective = (weights * (1 - targets)).reshape(-1), (weights * targets).reshape(-1)
-    margins = adaptive_margin(hp["margin_base"], hp["lambda_sigma"], state["pixel_sigma"], hp["lambda_res"],
-                              resolution_penalty[:, None].expand_as(targets).reshape(-1))
+    margins = adaptive_margin(
+        hp["margin_base"],
+        hp["lambda_sigma"],
+        state["pixel_sigma"],
+        hp["lambda_res"],
+        resolution_penalty[:, None].expand_as(targets).reshape(-1),
+    )
     z = logits.reshape(-1)
-    sums = torch.stack([center_terms(flat, normal, state["pixel_center"]).sum(),
-                        margin_terms(flat, defective, state["pixel_center"], margins).sum(),
-                        (F.softplus(-z) * defective).sum(), (F.softplus(z) * normal).sum()])   # −log σ(z), −log(1 − σ(z))
+    sums = torch.stack(
+        [
+            center_terms(flat, normal, state["pixel_center"]).sum(),
+            margin_terms(flat, defective, state["pixel_center"], margins).sum(),
+            (F.softplus(-z) * defective).sum(),
+            (F.softplus(z) * normal).sum(),
+        ]
+    )  # −log σ(z), −log(1 − σ(z))
     means = sums / torch.stack([normal.sum(), defective.sum(), defective.sum(), normal.sum()]).clamp(min=1e-6)
     bce = 0.5 * (means[2] + means[3])
     loss = hp["alpha"] * means[0] + hp["beta"] * means[1] + hp["bce_weight"] * bce
@@ -224,13 +261,27 @@ def with_pixel_loss(image_step):
     """``image_step`` (``loss_step``) plus ``pixel_weight`` × ``pixel_step``: the image head and the pixel
     head train on the same batches, in one backward pass. The state holds both steps' keys; the
     statistics are the image step's, then ``PIXEL_TERMS``."""
-    def step(features, logits, labels, category, resolution_penalty, pixel_features, pixel_logits, targets, weights,
-             state, hp):
+
+    def step(
+        features,
+        logits,
+        labels,
+        category,
+        resolution_penalty,
+        pixel_features,
+        pixel_logits,
+        targets,
+        weights,
+        state,
+        hp,
+    ):
         image_state = {name: value for name, value in state.items() if name not in PIXEL_STATE}
         loss, stats, new_state = image_step(features, logits, labels, category, resolution_penalty, image_state, hp)
-        pixel_loss, pixel_stats, pixel_state = pixel_step(pixel_features, pixel_logits, targets, weights,
-                                                          resolution_penalty, {k: state[k] for k in PIXEL_STATE}, hp)
+        pixel_loss, pixel_stats, pixel_state = pixel_step(
+            pixel_features, pixel_logits, targets, weights, resolution_penalty, {k: state[k] for k in PIXEL_STATE}, hp
+        )
         return loss + hp["pixel_weight"] * pixel_loss, torch.cat([stats, pixel_stats]), {**new_state, **pixel_state}
+
     return step
 
 
@@ -238,8 +289,10 @@ def with_pixel_loss(image_step):
 def _moved_spread(center, sigma, features, normal, hp) -> tuple:
     """A running center and σ of normal features moved by one batch's (EMA; unchanged without normals)."""
     mean, std, count = _normal_spread(features, normal)
-    return (torch.where(count > 0, hp["center_momentum"] * center + hp["center_rate"] * mean, center),
-            torch.where(count > 1, hp["sigma_momentum"] * sigma + hp["sigma_rate"] * std, sigma))
+    return (
+        torch.where(count > 0, hp["center_momentum"] * center + hp["center_rate"] * mean, center),
+        torch.where(count > 1, hp["sigma_momentum"] * sigma + hp["sigma_rate"] * std, sigma),
+    )
 
 
 @torch.no_grad()
@@ -252,10 +305,15 @@ def updated_state(state: dict, hp: dict, features, normal, category, image_loss)
     present = torch.zeros_like(state["difficulty"]).index_add_(0, category, torch.ones_like(image_loss))
     batch_loss = sums / present.clamp(min=1)
     seen = state["difficulty_seen"]
-    moved = torch.where(seen, hp["difficulty_momentum"] * state["difficulty"] + hp["difficulty_rate"] * batch_loss,
-                        batch_loss)
-    return {"center": center, "sigma": sigma,
-            "difficulty": torch.where(present > 0, moved, state["difficulty"]), "difficulty_seen": seen | (present > 0)}
+    moved = torch.where(
+        seen, hp["difficulty_momentum"] * state["difficulty"] + hp["difficulty_rate"] * batch_loss, batch_loss
+    )
+    return {
+        "center": center,
+        "sigma": sigma,
+        "difficulty": torch.where(present > 0, moved, state["difficulty"]),
+        "difficulty_seen": seen | (present > 0),
+    }
 
 
 def _normal_spread(features, normal):

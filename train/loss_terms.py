@@ -1,6 +1,7 @@
 """The formula pieces both losses are built from (``train/loss.py``, this project's MACCL, and
 ``train/original_loss.py``, the original release's): the adaptive margin, the center and margin
 terms, and the per-category difficulty weight (SPEC.md §4–6)."""
+
 from __future__ import annotations
 
 import torch

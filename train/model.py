@@ -4,6 +4,7 @@ Pure torch, no training machinery. Input: the 21 cached crop embeddings of each 
 cache's crop order (``cache.SCALE_SLICES``: global, 2×2 grid, 4×4 grid, row-major), and the
 category's text tokens (mean normal and mean anomalous prompt embedding).
 """
+
 from __future__ import annotations
 
 import torch
@@ -113,13 +114,27 @@ class RAMLHead(nn.Module):
     exactly the parameters of checkpoints written before the switches existed.
     """
 
-    def __init__(self, input_dim: int, hidden_dim: int = 256, attn_dim: int = 64, feature_dim: int = 128,
-                 fusion_scale_init: float = 0.1, n_scales: int = 3, cross_attention: bool = True,
-                 text_fusion: bool = True, tile_pool: str = "max", pixel_hidden_dim: int | None = None):
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dim: int = 256,
+        attn_dim: int = 64,
+        feature_dim: int = 128,
+        fusion_scale_init: float = 0.1,
+        n_scales: int = 3,
+        cross_attention: bool = True,
+        text_fusion: bool = True,
+        tile_pool: str = "max",
+        pixel_hidden_dim: int | None = None,
+    ):
         super().__init__()
         _check_switches(n_scales, cross_attention, tile_pool)
         self.n_scales, self.cross_attention, self.text_fusion, self.tile_pool = (
-            n_scales, cross_attention, text_fusion, tile_pool)
+            n_scales,
+            cross_attention,
+            text_fusion,
+            tile_pool,
+        )
         self.project = nn.ModuleList(TokenLinear(input_dim, hidden_dim) for _ in range(n_scales))
         if cross_attention:
             self.keys = nn.ModuleList(TokenLinear(hidden_dim, attn_dim, bias=False) for _ in range(n_scales))
@@ -129,8 +144,12 @@ class RAMLHead(nn.Module):
         # Fusion (reference: concat → MLP → 256, LayerNorm) of one summary per scale read: f1',
         # the mean of the quadrants f2', and the max over the 16 tiles f3' (a small defect lies
         # in one tile; a mean would dilute it 16-fold: ``tile_pool="mean"`` measures how much).
-        self.fuse = nn.Sequential(nn.Linear(n_scales * hidden_dim, hidden_dim), nn.GELU(),
-                                  nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim))
+        self.fuse = nn.Sequential(
+            nn.Linear(n_scales * hidden_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.LayerNorm(hidden_dim),
+        )
         if text_fusion:
             # Text-visual fusion (SPEC §3). The text tokens are projected by the global crop's
             # projection: CLIP embeds images and texts in one space, and a shared projection keeps
@@ -139,10 +158,12 @@ class RAMLHead(nn.Module):
             self.text_key = TokenLinear(hidden_dim, attn_dim, bias=False)
             self.fusion_scale = nn.Parameter(torch.tensor(float(fusion_scale_init)))
             self.text_norm = nn.LayerNorm(hidden_dim)
-        self.feature_head = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-                                          nn.Linear(hidden_dim, feature_dim))
-        self.classifier = nn.Sequential(nn.Linear(hidden_dim, hidden_dim // 4), nn.GELU(),
-                                        nn.Linear(hidden_dim // 4, 1))
+        self.feature_head = nn.Sequential(
+            nn.Linear(hidden_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, feature_dim)
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(hidden_dim, hidden_dim // 4), nn.GELU(), nn.Linear(hidden_dim // 4, 1)
+        )
         self.pixel = None if pixel_hidden_dim is None else PixelHead(input_dim, pixel_hidden_dim, feature_dim)
 
     def scales(self, crops: torch.Tensor) -> list[torch.Tensor]:
@@ -167,18 +188,22 @@ class RAMLHead(nn.Module):
         """
         keys = [key(scale) for key, scale in zip(self.keys, tokens)]
         queries = [query(scale) for query, scale in zip(self.queries, tokens)]
-        masks = (None, self.quadrant_children)   # the global token's children are all of F2: no mask
+        masks = (None, self.quadrant_children)  # the global token's children are all of F2: no mask
         finer = [(queries[i], keys[i + 1], tokens[i + 1], masks[i]) for i in range(len(tokens) - 1)]
-        return (*finer, (queries[-1], torch.cat([keys[0], keys[-1]], dim=1),
-                         torch.cat([tokens[0], tokens[-1]], dim=1), None))
+        return (
+            *finer,
+            (queries[-1], torch.cat([keys[0], keys[-1]], dim=1), torch.cat([tokens[0], tokens[-1]], dim=1), None),
+        )
 
     def cross_scale(self, *tokens):
         """f1' [B, 1, h], f2' [B, 4, h], f3' [B, 16, h]: each scale plus what it attended to,
         normalised; the scales unchanged when cross-attention is off."""
         if not self.cross_attention:
             return tuple(tokens)
-        return tuple(norm(scale + attend(*arrow)) for norm, scale, arrow
-                     in zip(self.arrow_norms, tokens, self.arrow_attention(*tokens)))
+        return tuple(
+            norm(scale + attend(*arrow))
+            for norm, scale, arrow in zip(self.arrow_norms, tokens, self.arrow_attention(*tokens))
+        )
 
     def scale_summaries(self, crops: torch.Tensor) -> torch.Tensor:
         """The fusion's input [B, n_scales·h]: f1', the mean of the quadrants f2', and the
@@ -194,7 +219,7 @@ class RAMLHead(nn.Module):
     def fuse_text(self, visual: torch.Tensor, text_bank: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
         """Residual attention of the visual vector over its category's two text tokens (normal,
         anomalous). ``text_bank`` [C, 2, D] per category; ``category`` [B] indices into it."""
-        text = self.project[0](text_bank)[category]                              # [B, 2, h]
+        text = self.project[0](text_bank)[category]  # [B, 2, h]
         attended = attend(self.text_query(visual)[:, None], self.text_key(text), text)[:, 0]
         return self.text_norm(visual + self.fusion_scale * attended)
 
@@ -222,8 +247,15 @@ def build_head(config, input_dim: int, pixel_head: bool = False) -> RAMLHead:
     ablation switches included (``scales`` "1", "1,2" or "1,2,3" → ``n_scales`` 1, 2 or 3), with a
     pixel head when ``pixel_head`` (whether there is one depends on the data: ``train.fit``)."""
     get = config.get if isinstance(config, dict) else lambda key: getattr(config, key)
-    return RAMLHead(input_dim, hidden_dim=get("hidden_dim"), attn_dim=get("attn_dim"),
-                    feature_dim=get("feature_dim"), fusion_scale_init=get("fusion_scale_init"),
-                    n_scales=len(get("scales").split(",")), cross_attention=get("cross_attention"),
-                    text_fusion=get("text_fusion"), tile_pool=get("tile_pool"),
-                    pixel_hidden_dim=get("pixel_hidden_dim") if pixel_head else None)
+    return RAMLHead(
+        input_dim,
+        hidden_dim=get("hidden_dim"),
+        attn_dim=get("attn_dim"),
+        feature_dim=get("feature_dim"),
+        fusion_scale_init=get("fusion_scale_init"),
+        n_scales=len(get("scales").split(",")),
+        cross_attention=get("cross_attention"),
+        text_fusion=get("text_fusion"),
+        tile_pool=get("tile_pool"),
+        pixel_hidden_dim=get("pixel_hidden_dim") if pixel_head else None,
+    )

@@ -31,6 +31,7 @@ What the original does in one batch, in its order (the README's deviations table
 
 The initial state is the original's (:125–126): center 0, σ = 1, no category seen.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,16 +42,19 @@ import torch.nn.functional as F
 from raml.train.loss_terms import adaptive_margin, center_terms, difficulty_weights, margin_terms
 
 # Constants of the original that are not hyper-parameters there either.
-TINY_GLOBAL_LOSS = 1e-6           # :118, below it every category weighs 1
-CONTRASTIVE_EPSILON = 1e-8        # :164, added to the contrastive denominator
-MIN_CATEGORIES_SEEN = 2           # :115, fewer seen categories: every weight is 1
+TINY_GLOBAL_LOSS = 1e-6  # :118, below it every category weighs 1
+CONTRASTIVE_EPSILON = 1e-8  # :164, added to the contrastive denominator
+MIN_CATEGORIES_SEEN = 2  # :115, fewer seen categories: every weight is 1
 
 
 def original_initial_state(feature_dim: int, n_categories: int, device) -> dict:
     """The original's starting state (:125–126): center 0, σ = 1, no category loss seen."""
-    return {"center": torch.zeros(feature_dim, device=device), "sigma": torch.tensor(1.0, device=device),
-            "difficulty": torch.zeros(n_categories, device=device),
-            "difficulty_seen": torch.zeros(n_categories, dtype=torch.bool, device=device)}
+    return {
+        "center": torch.zeros(feature_dim, device=device),
+        "sigma": torch.tensor(1.0, device=device),
+        "difficulty": torch.zeros(n_categories, device=device),
+        "difficulty_seen": torch.zeros(n_categories, dtype=torch.bool, device=device),
+    }
 
 
 def original_step(features, logits, labels, category, resolution_penalty, state: dict, hp: dict):
@@ -82,26 +86,38 @@ def original_step(features, logits, labels, category, resolution_penalty, state:
     detached = features.detach()
     n_normal, n_anomalous = normal.sum(), anomalous.sum()
 
-    center = center_terms(features, normal, state["center"])                          # :137–138
+    center = center_terms(features, normal, state["center"])  # :137–138
     normal_mean = (detached * normal[:, None]).sum(dim=0) / n_normal.clamp(min=1)
-    new_center = torch.where(n_normal > 0, hp["center_momentum"] * state["center"] + hp["center_rate"] * normal_mean,
-                             state["center"])                                           # :140
-    new_sigma = torch.where(n_normal > 0, hp["sigma_momentum"] * state["sigma"]
-                            + hp["sigma_rate"] * _elementwise_std(detached, normal), state["sigma"])   # :145
+    new_center = torch.where(
+        n_normal > 0, hp["center_momentum"] * state["center"] + hp["center_rate"] * normal_mean, state["center"]
+    )  # :140
+    new_sigma = torch.where(
+        n_normal > 0,
+        hp["sigma_momentum"] * state["sigma"] + hp["sigma_rate"] * _elementwise_std(detached, normal),
+        state["sigma"],
+    )  # :145
     margins = adaptive_margin(hp["margin_base"], hp["lambda_sigma"], new_sigma, hp["lambda_res"], resolution_penalty)
-    margin = margin_terms(features, anomalous, new_center, margins)                    # :146–151
-    contrastive = sum_inside_log_contrastive(features, labels, hp["temperature"])      # :154–165
+    margin = margin_terms(features, anomalous, new_center, margins)  # :146–151
+    contrastive = sum_inside_log_contrastive(features, labels, hp["temperature"])  # :154–165
 
-    image_loss = hp["alpha"] * center + hp["beta"] * margin + hp["gamma"] * contrastive   # :173
-    weights = original_category_weights(state, hp)[category]                           # :175
-    bce = F.binary_cross_entropy_with_logits(logits, labels)                           # :411
-    loss = (image_loss * weights).mean() + hp["bce_weight"] * bce                      # :178, :413
-    difficulty, seen = _tracked_difficulty(state, hp, category, image_loss.detach())   # :176–177
+    image_loss = hp["alpha"] * center + hp["beta"] * margin + hp["gamma"] * contrastive  # :173
+    weights = original_category_weights(state, hp)[category]  # :175
+    bce = F.binary_cross_entropy_with_logits(logits, labels)  # :411
+    loss = (image_loss * weights).mean() + hp["bce_weight"] * bce  # :178, :413
+    difficulty, seen = _tracked_difficulty(state, hp, category, image_loss.detach())  # :176–177
 
     scored_anchors = (contrastive > 0).sum()
-    stats = torch.stack([loss, center.sum() / n_normal.clamp(min=1), margin.sum() / n_anomalous.clamp(min=1),
-                         contrastive.sum() / scored_anchors.clamp(min=1).to(loss.dtype), bce,
-                         (margin > 0).sum().to(loss.dtype), n_anomalous.to(loss.dtype)]).detach()
+    stats = torch.stack(
+        [
+            loss,
+            center.sum() / n_normal.clamp(min=1),
+            margin.sum() / n_anomalous.clamp(min=1),
+            contrastive.sum() / scored_anchors.clamp(min=1).to(loss.dtype),
+            bce,
+            (margin > 0).sum().to(loss.dtype),
+            n_anomalous.to(loss.dtype),
+        ]
+    ).detach()
     new_state = {"center": new_center, "sigma": new_sigma, "difficulty": difficulty, "difficulty_seen": seen}
     return loss, stats, new_state
 
@@ -144,7 +160,7 @@ def _tracked_difficulty(state: dict, hp: dict, category, image_loss):
     """The tracker after taking each image's loss in batch order (:111–113, :176–177)."""
     difficulty, seen = state["difficulty"], state["difficulty_seen"]
     categories = torch.arange(len(difficulty), device=difficulty.device)
-    for position in range(len(image_loss)):   # the batch size is static: a fixed loop, vmap-safe
+    for position in range(len(image_loss)):  # the batch size is static: a fixed loop, vmap-safe
         this = categories == category[position]
         value = image_loss[position]
         moved = hp["difficulty_momentum"] * difficulty + hp["difficulty_rate"] * value

@@ -1,6 +1,7 @@
 """Several training runs of one head architecture as one stacked model (``train.fit.fit_runs``):
 every parameter gets a leading run axis and one vmapped forward pass, backward pass and optimizer
 step serve all of them."""
+
 from __future__ import annotations
 
 import torch
@@ -33,13 +34,19 @@ class RunStack:
         for k, config in enumerate(configs):
             groups.setdefault((config.lr, config.weight_decay), []).append(k)
         self.groups = list(groups.items())
-        self.order = [k for _, members in self.groups for k in members]      # run axis of the forward pass
+        self.order = [k for _, members in self.groups for k in members]  # run axis of the forward pass
         if self.order != list(range(len(models))):
             raise ValueError("RunStack: runs of one (lr, weight decay) must be contiguous; sort them first")
         self.transposed = {name for name, parameter in self.base.named_parameters() if parameter.dim() == 2}
-        self.leaves = [{name: torch.stack([self._layout(name, dict(models[k].named_parameters())[name].detach())
-                                           for k in members]).requires_grad_() for name in self.names}
-                       for _, members in self.groups]
+        self.leaves = [
+            {
+                name: torch.stack(
+                    [self._layout(name, dict(models[k].named_parameters())[name].detach()) for k in members]
+                ).requires_grad_()
+                for name in self.names
+            }
+            for _, members in self.groups
+        ]
         self.clipping = any(c.grad_clip_norm for c in configs)
         self.max_norm = torch.tensor([c.grad_clip_norm for c in configs], device=self.leaves[0][self.names[0]].device)
         self._forward = vmap(self._one_run, in_dims=(0, 0, None, 0))
@@ -53,14 +60,21 @@ class RunStack:
         return functional_call(self.base, (parameters, self.buffers), (crops, text_bank, category, *tokens))
 
     def param_groups(self) -> list[dict]:
-        return [{"params": list(leaves.values()), "lr": lr, "weight_decay": weight_decay}
-                for ((lr, weight_decay), _), leaves in zip(self.groups, self.leaves)]
+        return [
+            {"params": list(leaves.values()), "lr": lr, "weight_decay": weight_decay}
+            for ((lr, weight_decay), _), leaves in zip(self.groups, self.leaves)
+        ]
 
     def forward(self, crops, text_bank, category, *tokens):
         """``crops`` [K, B, 21, D], ``text_bank`` [C, 2, D] (shared), ``category`` [K, B]; for a pixel head,
         ``tokens`` [K, B, P, D]."""
-        parameters = {name: self._layout(name, self.leaves[0][name] if len(self.leaves) == 1 else
-                                         torch.cat([leaves[name] for leaves in self.leaves])) for name in self.names}
+        parameters = {
+            name: self._layout(
+                name,
+                self.leaves[0][name] if len(self.leaves) == 1 else torch.cat([leaves[name] for leaves in self.leaves]),
+            )
+            for name in self.names
+        }
         forward = self._forward_tokens if tokens else self._forward
         return forward(parameters, crops, text_bank, category, *tokens)
 
@@ -76,7 +90,7 @@ class RunStack:
         coefficient = torch.where(self.max_norm > 0, coefficient, torch.ones_like(coefficient))
         start = 0
         for group, (_, members) in zip(grads, self.groups):
-            part = coefficient[start:start + len(members)]
+            part = coefficient[start : start + len(members)]
             for g in group:
                 g.mul_(part.view(-1, *([1] * (g.dim() - 1))))
             start += len(members)
@@ -84,15 +98,25 @@ class RunStack:
     @torch.no_grad()
     def finite_gradients(self) -> torch.Tensor:
         """[K] bool: whether every gradient of each run is finite (one sum per run and parameter)."""
-        return torch.cat([torch.isfinite(torch.stack([leaves[name].grad.reshape(len(members), -1).sum(1)
-                                                      for name in self.names if leaves[name].grad is not None]
-                                                     ).sum(0))
-                          for (_, members), leaves in zip(self.groups, self.leaves)])
+        return torch.cat(
+            [
+                torch.isfinite(
+                    torch.stack(
+                        [
+                            leaves[name].grad.reshape(len(members), -1).sum(1)
+                            for name in self.names
+                            if leaves[name].grad is not None
+                        ]
+                    ).sum(0)
+                )
+                for (_, members), leaves in zip(self.groups, self.leaves)
+            ]
+        )
 
     @torch.no_grad()
     def write_back(self) -> None:
         """Copy each run's slice of the stacked parameters into its own head."""
-        for ((_, members), leaves) in zip(self.groups, self.leaves):
+        for (_, members), leaves in zip(self.groups, self.leaves):
             for index, k in enumerate(members):
                 parameters = dict(self.models[k].named_parameters())
                 for name in self.names:

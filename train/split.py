@@ -3,6 +3,7 @@
 Training and evaluation both call ``holdout_split``, and every run writes the split's manifest,
 so a table can prove (``image_list_hash``) that its rows were scored on the same images.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,10 +35,15 @@ class Split:
 
     def manifest(self) -> dict:
         """What ``split.json`` holds: the protocol, its parameters and both image lists with hashes."""
-        return {"protocol": "holdout", "seed": self.seed, "fraction": self.fraction,
-                "train": sorted(self.train_relpaths), "heldout": sorted(self.heldout_relpaths),
-                "train_hash": image_list_hash(self.train_relpaths),
-                "heldout_hash": image_list_hash(self.heldout_relpaths)}
+        return {
+            "protocol": "holdout",
+            "seed": self.seed,
+            "fraction": self.fraction,
+            "train": sorted(self.train_relpaths),
+            "heldout": sorted(self.heldout_relpaths),
+            "train_hash": image_list_hash(self.train_relpaths),
+            "heldout_hash": image_list_hash(self.heldout_relpaths),
+        }
 
 
 def manifest_problem(manifest) -> str | None:
@@ -66,7 +72,7 @@ def heldout_counts(class_sizes: list[int], fraction: float) -> list[int]:
     exact = [total * size / sum(class_sizes) if sum(class_sizes) else 0.0 for size in class_sizes]
     counts = [math.floor(x) for x in exact]
     by_remainder = sorted(range(len(class_sizes)), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in by_remainder[:total - sum(counts)]:
+    for i in by_remainder[: total - sum(counts)]:
         counts[i] += 1
     return [0 if size < 2 else min(max(count, 1), size - 1) for count, size in zip(counts, class_sizes)]
 
@@ -88,8 +94,9 @@ def holdout_split(table: FeatureTable, seed: int = 0, fraction: float = 0.2) -> 
     for category in table.categories:
         in_category = table.category == category
         train.append(np.flatnonzero(in_category & (table.split == "train")))
-        test_by_class = [np.flatnonzero(in_category & (table.split == "test") & (table.label == label))
-                         for label in (0, 1)]
+        test_by_class = [
+            np.flatnonzero(in_category & (table.split == "test") & (table.label == label)) for label in (0, 1)
+        ]
         test_sizes[category] = [len(rows) for rows in test_by_class]
         counts = heldout_counts(test_sizes[category], fraction)
         for label, (rows, count) in enumerate(zip(test_by_class, counts)):
@@ -103,20 +110,30 @@ def holdout_split(table: FeatureTable, seed: int = 0, fraction: float = 0.2) -> 
     heldout = np.sort(np.concatenate(heldout)) if heldout else np.zeros(0, np.int64)
     if heldout.size == 0:
         raise UserError(empty_holdout_message(table, test_sizes))
-    return Split(train=train, heldout=heldout, train_relpaths=table.relpath[train].tolist(),
-                 heldout_relpaths=table.relpath[heldout].tolist(), seed=int(seed), fraction=float(fraction))
+    return Split(
+        train=train,
+        heldout=heldout,
+        train_relpaths=table.relpath[train].tolist(),
+        heldout_relpaths=table.relpath[heldout].tolist(),
+        seed=int(seed),
+        fraction=float(fraction),
+    )
 
 
 def empty_holdout_message(table: FeatureTable, test_sizes: dict) -> str:
     """Why the holdout split of ``table`` is empty, and how many images it needs."""
-    listed = "; ".join(f"{category}: {normal} normal, {anomalous} anomalous"
-                       for category, (normal, anomalous) in list(test_sizes.items())[:5])
+    listed = "; ".join(
+        f"{category}: {normal} normal, {anomalous} anomalous"
+        for category, (normal, anomalous) in list(test_sizes.items())[:5]
+    )
     more = f" and {len(test_sizes) - 5} more categories" if len(test_sizes) > 5 else ""
-    return (f"{table.cache_dir}: the holdout split would hold out no image, so the run could not be evaluated. "
-            f"Official test images per category: {listed or 'none'}{more}. A class holds one image out only when "
-            "it has at least 2 test images (one stays for training); a category needs at least 2 normal and 2 "
-            "anomalous test images for its held-out part to have both classes (an AUROC). Add test images (or "
-            "extract without --limit).")
+    return (
+        f"{table.cache_dir}: the holdout split would hold out no image, so the run could not be evaluated. "
+        f"Official test images per category: {listed or 'none'}{more}. A class holds one image out only when "
+        "it has at least 2 test images (one stays for training); a category needs at least 2 normal and 2 "
+        "anomalous test images for its held-out part to have both classes (an AUROC). Add test images (or "
+        "extract without --limit)."
+    )
 
 
 def rows_for(table: FeatureTable, relpaths) -> np.ndarray:
@@ -126,6 +143,8 @@ def rows_for(table: FeatureTable, relpaths) -> np.ndarray:
     missing = [path for path in relpaths if path not in index]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CacheError(f"{table.cache_dir}: {len(missing)} of the {len(relpaths)} images of the split are not "
-                         f"in this cache: {shown}. Was it extracted from another dataset root or with --limit?")
+        raise CacheError(
+            f"{table.cache_dir}: {len(missing)} of the {len(relpaths)} images of the split are not "
+            f"in this cache: {shown}. Was it extracted from another dataset root or with --limit?"
+        )
     return np.array([index[path] for path in relpaths], dtype=np.int64)

@@ -13,6 +13,7 @@ trained with the same config, on a cache with the same fingerprint, and held out
 (anything else is refused with the difference named). A pass writes its runs when it ends: a sweep
 killed mid-pass keeps every finished run and retrains the runs of the unfinished pass.
 """
+
 from __future__ import annotations
 
 import resource
@@ -22,9 +23,8 @@ from pathlib import Path
 from joblib import Parallel, delayed
 
 from raml.cache import FeatureTable, mismatched_fields
+from raml.cache.files import make_dirs, read_json_checked
 from raml.errors import UserError
-from raml.cache.files import read_json_checked
-from raml.cache.files import make_dirs
 from raml.train.config import TrainConfig, make_config
 from raml.train.fit import GROUP_FIELDS, fit_runs, group_key, write_json, write_run, write_run_files
 from raml.train.split import holdout_split
@@ -84,33 +84,43 @@ def finished_metrics(run_dir: Path, config: TrainConfig, table: FeatureTable, he
         stored = TrainConfig.from_dict(stored).to_dict()
     except UserError as err:
         raise UserError(f"{run_dir / 'config.json'}: {err}") from None
-    problems = [f"{key}={stored.get(key)!r} (now {value!r})" for key, value in config.to_dict().items()
-                if stored.get(key) != value]
+    problems = [
+        f"{key}={stored.get(key)!r} (now {value!r})"
+        for key, value in config.to_dict().items()
+        if stored.get(key) != value
+    ]
     fingerprint = metrics.get("fingerprint")
     if not isinstance(fingerprint, dict):
         raise UserError(f"{run_dir / METRICS_FILE}: no cache fingerprint; delete the run directory to train it again")
-    problems += [f"cache {key}={fingerprint.get(key)!r} (this cache: {table.meta.get(key)!r})"
-                 for key in mismatched_fields(fingerprint, table.meta)]
+    problems += [
+        f"cache {key}={fingerprint.get(key)!r} (this cache: {table.meta.get(key)!r})"
+        for key in mismatched_fields(fingerprint, table.meta)
+    ]
     if metrics.get("heldout_hash") != heldout_hash:
         problems.append("held-out images differ (another split or another dataset)")
     if problems:
-        raise UserError(f"{run_dir} was trained differently: {'; '.join(problems)}. Use another --out, or "
-                        "delete that run to retrain it.")
+        raise UserError(
+            f"{run_dir} was trained differently: {'; '.join(problems)}. Use another --out, or "
+            "delete that run to retrain it."
+        )
     return metrics
 
 
 def _read_json_object(path: Path) -> dict:
     """The JSON object in ``path``, or a ``UserError`` naming the file (a run's metrics and config)."""
+
     def not_an_object(value) -> str | None:
         return None if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
+
     try:
         return read_json_checked(path, not_an_object, advice="; delete the run directory to train it again")
     except OSError as err:
         raise UserError(f"{path}: unreadable ({err}); delete the run directory to train it again") from None
 
 
-def train_pass(table: FeatureTable, runs: dict[str, TrainConfig], out_dir: Path, threads: int | None,
-               device: str) -> dict[str, dict]:
+def train_pass(
+    table: FeatureTable, runs: dict[str, TrainConfig], out_dir: Path, threads: int | None, device: str
+) -> dict[str, dict]:
     """Train ``runs`` (one group) in one pass, write each run directory, then its ``metrics.json``."""
     trained = fit_runs(table, list(runs.values()), threads=threads, device=device)
     metrics = {}
@@ -118,16 +128,21 @@ def train_pass(table: FeatureTable, runs: dict[str, TrainConfig], out_dir: Path,
         run_dir = out_dir / name
         if head.diverged is None:
             write_run(run_dir, head)
-        else:   # no checkpoint: what it was, where it diverged (metrics.json), so that a re-run does not retrain it
+        else:  # no checkpoint: what it was, where it diverged (metrics.json), so that a re-run does not retrain it
             write_run_files(run_dir, head)
-        metrics[name] = {"run": name, "seed": config.seed, "margin": config.margin,
-                         "heldout_hash": head.split.manifest()["heldout_hash"],
-                         "heldout_images": int(len(head.split.heldout)),
-                         "fingerprint": {key: head.fingerprint.get(key) for key in head.fingerprint},
-                         "pass_seconds": sum(record["seconds"] for record in head.history),
-                         "runs_in_pass": head.runs_in_pass, "device": head.device,
-                         "peak_memory_mb": peak_memory_mb(),  # of the process that trained the pass
-                         **({"diverged": head.diverged} if head.diverged else {})}
+        metrics[name] = {
+            "run": name,
+            "seed": config.seed,
+            "margin": config.margin,
+            "heldout_hash": head.split.manifest()["heldout_hash"],
+            "heldout_images": int(len(head.split.heldout)),
+            "fingerprint": {key: head.fingerprint.get(key) for key in head.fingerprint},
+            "pass_seconds": sum(record["seconds"] for record in head.history),
+            "runs_in_pass": head.runs_in_pass,
+            "device": head.device,
+            "peak_memory_mb": peak_memory_mb(),  # of the process that trained the pass
+            **({"diverged": head.diverged} if head.diverged else {}),
+        }
         write_json(run_dir / METRICS_FILE, metrics[name])
     return metrics
 
@@ -146,8 +161,16 @@ def describe_pass(runs: dict[str, TrainConfig]) -> str:
     return f"{len(runs)} runs ({', '.join(runs)}); shared: {shared}"
 
 
-def train_missing(table: FeatureTable, configurations: dict[str, dict], seeds, out_dir, jobs: int = 1,
-                  threads: int | None = 1, device: str = "cpu", progress=None) -> tuple[dict, list, dict]:
+def train_missing(
+    table: FeatureTable,
+    configurations: dict[str, dict],
+    seeds,
+    out_dir,
+    jobs: int = 1,
+    threads: int | None = 1,
+    device: str = "cpu",
+    progress=None,
+) -> tuple[dict, list, dict]:
     """Train the runs of ``configurations`` × ``seeds`` that are not finished in ``out_dir`` (see the
     module docstring). Returns ``(runs, passes, diverged)``: run name → (configuration,
     ``TrainConfig``), the names of the runs of each pass trained now, and run name →
@@ -180,7 +203,9 @@ def train_missing(table: FeatureTable, configurations: dict[str, dict], seeds, o
     for number, metrics in enumerate(Parallel(n_jobs=jobs, return_as="generator")(tasks), start=1):
         finished.update(metrics)
         seconds = next(iter(metrics.values()))["pass_seconds"]
-        say(f"sweep: pass {number}/{len(passes)} done: {len(metrics)} runs in {seconds:.1f} s of training "
-            f"({len(finished)}/{len(runs)} runs finished)")
+        say(
+            f"sweep: pass {number}/{len(passes)} done: {len(metrics)} runs in {seconds:.1f} s of training "
+            f"({len(finished)}/{len(runs)} runs finished)"
+        )
     diverged = {name: metrics["diverged"] for name, metrics in finished.items() if metrics.get("diverged")}
     return runs, [sorted(group) for group in passes], diverged

@@ -5,6 +5,7 @@ same function, so a threshold and the F1-max a report shows cannot disagree).
 Conventions: 1 = anomalous, higher score = more anomalous, an image is called anomalous when its
 score is >= the threshold.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,10 @@ from sklearn.metrics import precision_recall_curve
 
 from raml.errors import UserError
 
-CALIBRATION_SET = ("the run's own training images of the category (optimistic: the head was fitted on them; "
-                   "held-out images are never used, they are what evaluate scores)")
+CALIBRATION_SET = (
+    "the run's own training images of the category (optimistic: the head was fitted on them; "
+    "held-out images are never used, they are what evaluate scores)"
+)
 
 
 def labels_and_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
@@ -23,8 +26,10 @@ def labels_and_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     if labels.shape[-1] != scores.shape[-1]:
         raise ValueError(f"{labels.shape[-1]} labels but {scores.shape[-1]} scores")
     if len(np.unique(labels)) < 2:
-        raise ValueError("AUROC needs both normal and anomalous images; this set has only "
-                         f"{'anomalous' if labels.size and labels[0] else 'normal'} ones")
+        raise ValueError(
+            "AUROC needs both normal and anomalous images; this set has only "
+            f"{'anomalous' if labels.size and labels[0] else 'normal'} ones"
+        )
     if not np.isfinite(scores).all():
         raise ValueError("scores contain NaN or infinity")
     return labels, scores
@@ -37,8 +42,9 @@ def f1_max(labels, scores) -> tuple[float, float]:
     precision, recall, thresholds = precision_recall_curve(labels, scores)
     # The last (precision, recall) pair has no threshold (recall 0); drop it.
     precision, recall = precision[:-1], recall[:-1]
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision),
-                   where=(precision + recall) > 0)
+    f1 = np.divide(
+        2 * precision * recall, precision + recall, out=np.zeros_like(precision), where=(precision + recall) > 0
+    )
     best = int(np.argmax(f1))
     return float(f1[best]), float(thresholds[best])
 
@@ -50,10 +56,19 @@ def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float) ->
     true_positives = int((flagged & (labels == 1)).sum())
     precision = true_positives / int(flagged.sum()) if flagged.any() else None
     recall = true_positives / int((labels == 1).sum()) if (labels == 1).any() else None
-    f1 = None if precision is None or recall is None else (
-        2 * precision * recall / (precision + recall) if precision + recall else 0.0)
-    return {"threshold": float(threshold), "precision": precision, "recall": recall, "f1": f1,
-            "normal": int((labels == 0).sum()), "anomalous": int((labels == 1).sum())}
+    f1 = (
+        None
+        if precision is None or recall is None
+        else (2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    )
+    return {
+        "threshold": float(threshold),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "normal": int((labels == 0).sum()),
+        "anomalous": int((labels == 1).sum()),
+    }
 
 
 def calibrate_thresholds(labels, scores, categories) -> dict:
@@ -76,14 +91,20 @@ def calibrate_thresholds(labels, scores, categories) -> dict:
         here = categories == category
         if len(np.unique(labels[here])) < 2:
             only = "anomalous" if labels[here][0] else "normal"
-            per_category[category] = {"threshold": None, "normal": int((labels[here] == 0).sum()),
-                                      "anomalous": int((labels[here] == 1).sum()),
-                                      "reason": f"only {only} calibration images: no F1-max; the pooled threshold "
-                                                "applies"}
+            per_category[category] = {
+                "threshold": None,
+                "normal": int((labels[here] == 0).sum()),
+                "anomalous": int((labels[here] == 1).sum()),
+                "reason": f"only {only} calibration images: no F1-max; the pooled threshold applies",
+            }
             continue
         per_category[category] = operating_point(labels[here], scores[here], f1_max(labels[here], scores[here])[1])
-    return {"set": CALIBRATION_SET, "rule": "F1-max of s_final, anomalous when s_final >= threshold",
-            "pooled": operating_point(labels, scores, f1_max(labels, scores)[1]), "categories": per_category}
+    return {
+        "set": CALIBRATION_SET,
+        "rule": "F1-max of s_final, anomalous when s_final >= threshold",
+        "pooled": operating_point(labels, scores, f1_max(labels, scores)[1]),
+        "categories": per_category,
+    }
 
 
 def threshold_lines(calibration: dict) -> list[str]:
@@ -95,8 +116,10 @@ def threshold_lines(calibration: dict) -> list[str]:
         if point.get("threshold") is None:
             lines.append(f"  {name:<14} –       ({counts}): {point['reason']}")
         elif "precision" in point:
-            lines.append(f"  {name:<14} {point['threshold']:.4f}  precision {point['precision']:.3f}  "
-                         f"recall {point['recall']:.3f}  ({counts})")
+            lines.append(
+                f"  {name:<14} {point['threshold']:.4f}  precision {point['precision']:.3f}  "
+                f"recall {point['recall']:.3f}  ({counts})"
+            )
         else:
             lines.append(f"  {name:<14} {point['threshold']:.4f}")
     return lines

@@ -22,6 +22,7 @@ protocol and image-list hash, so that ``report`` puts it in RAML's table.
 Embeddings are compared on the unit sphere (L2-normalised, as CLIP compares them and as s_text
 does): the kNN distance is Euclidean between unit vectors, sqrt(2 − 2·cosine).
 """
+
 from __future__ import annotations
 
 import time
@@ -34,10 +35,17 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from raml.cache import SCALE_SLICES, FeatureTable
-from raml.errors import UserError
 from raml.cache.reader import require_tokens, token_chunks
 from raml.cache.tokens import EVAL_MASK_BYTES, TILES, add_tokens_command, token_grid
-from raml.evaluate.localisation import ZERO_SHOT_MAP, map_images, not_scored_block, pixel_block, score_tokens, zero_shot_token_scores
+from raml.errors import UserError
+from raml.evaluate.localisation import (
+    ZERO_SHOT_MAP,
+    map_images,
+    not_scored_block,
+    pixel_block,
+    score_tokens,
+    zero_shot_token_scores,
+)
 from raml.evaluate.metrics import DEFAULT_BOOTSTRAP
 from raml.evaluate.protocols import ImageList, held_out_relpaths, read_split_manifest
 from raml.evaluate.results import MapSet, ScoredRun, config_entry, write_results
@@ -47,7 +55,7 @@ from raml.train.infer import text_score, text_tokens
 from raml.train.split import holdout_split, rows_for
 
 BASELINES = ("linear", "knn-tiles", "knn-patches", "zero-shot-text")
-TOKEN_BASELINES = ("knn-patches",)   # need a cache with patch tokens
+TOKEN_BASELINES = ("knn-patches",)  # need a cache with patch tokens
 # Logistic regression: scikit-learn's default C; classes weighted by their inverse frequency
 # (the holdout training set has ~3 normal images per anomalous one in MVTec AD); lbfgs needs more
 # than its default 100 iterations to converge on 512 standardised dimensions.
@@ -57,11 +65,13 @@ LINEAR_MAX_ITER = 1000
 # PatchCore's coreset (Roth et al., CVPR 2022, §3.2): greedy k-center selection in a random projection
 # to 128 dimensions; 1 %, the smallest share the paper reports, keeps MVTec AD's category banks
 # (~180,000 tokens) to seconds of selection each on a CPU.
-CORESET_FROM = 20_000       # bank tokens above which the coreset is taken
+CORESET_FROM = 20_000  # bank tokens above which the coreset is taken
 CORESET_FRACTION = 0.01
 CORESET_PROJECTION = 128
-KNN_MAP = ("kNN over RAML's patch tokens: each token's distance to the nearest training-normal token of its "
-           "category (PatchCore)")
+KNN_MAP = (
+    "kNN over RAML's patch tokens: each token's distance to the nearest training-normal token of its "
+    "category (PatchCore)"
+)
 
 
 def _unit(features) -> np.ndarray:
@@ -85,8 +95,9 @@ def linear_probe(train_features, train_labels, test_features) -> np.ndarray:
     -------
     array of shape [n_test]
     """
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=LINEAR_C, class_weight=LINEAR_CLASS_WEIGHT,
-                                                               max_iter=LINEAR_MAX_ITER))
+    model = make_pipeline(
+        StandardScaler(), LogisticRegression(C=LINEAR_C, class_weight=LINEAR_CLASS_WEIGHT, max_iter=LINEAR_MAX_ITER)
+    )
     model.fit(_unit(train_features), np.asarray(train_labels))
     return model.predict_proba(_unit(test_features))[:, 1]
 
@@ -115,8 +126,9 @@ def knn_crop_distances(normal_crops, test_crops) -> np.ndarray:
     return distances
 
 
-def baseline_split(table: FeatureTable, split_from=None, split_seed: int | None = None,
-                   holdout_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray, ImageList]:
+def baseline_split(
+    table: FeatureTable, split_from=None, split_seed: int | None = None, holdout_fraction: float | None = None
+) -> tuple[np.ndarray, np.ndarray, ImageList]:
     """Training rows, held-out rows (sorted by relpath, as ``evaluate`` scores them) and the
     held-out image list.
 
@@ -126,8 +138,9 @@ def baseline_split(table: FeatureTable, split_from=None, split_seed: int | None 
     """
     if split_from is not None:
         if split_seed is not None or holdout_fraction is not None:
-            raise UserError("--split-from takes the split of that run; do not also pass --split-seed or "
-                            "--holdout-fraction")
+            raise UserError(
+                "--split-from takes the split of that run; do not also pass --split-seed or --holdout-fraction"
+            )
         manifest, source = read_split_manifest(split_from)
         heldout = held_out_relpaths(manifest, source)
         train = sorted(manifest["train"])
@@ -150,21 +163,34 @@ def _by_category(table: FeatureTable, train_rows, test_rows):
 def linear_scores(table: FeatureTable, train_rows, test_rows, per_category: bool = False) -> dict:
     """``linear_probe`` on the global crops: one model for all categories, or one per category."""
     global_crop = SCALE_SLICES[0].start
-    groups = (_by_category(table, train_rows, test_rows) if per_category
-              else [("all categories", train_rows, np.ones(len(test_rows), bool))])
+    groups = (
+        _by_category(table, train_rows, test_rows)
+        if per_category
+        else [("all categories", train_rows, np.ones(len(test_rows), bool))]
+    )
     scores = np.empty(len(test_rows))
     for name, train, test in groups:
         labels = table.label[train]
         if len(np.unique(labels)) < 2:
             found = f"are all {'anomalous' if labels[0] else 'normal'}" if labels.size else "are none"
-            raise UserError(f"linear baseline: the training images of {name} {found}; a classifier needs both "
-                            "classes" + (" (drop --per-category)" if per_category else ""))
-        scores[test] = linear_probe(table.features[train, global_crop], labels,
-                                    table.features[test_rows[test], global_crop])
-    return {"scores": {"final": scores}, "maps": None,
-            "extra": {"method": "logistic regression on the global crop's CLIP embedding (scikit-learn)",
-                      "per_category": per_category, "C": LINEAR_C, "class_weight": LINEAR_CLASS_WEIGHT,
-                      "training_images": int(len(train_rows))}}
+            raise UserError(
+                f"linear baseline: the training images of {name} {found}; a classifier needs both "
+                "classes" + (" (drop --per-category)" if per_category else "")
+            )
+        scores[test] = linear_probe(
+            table.features[train, global_crop], labels, table.features[test_rows[test], global_crop]
+        )
+    return {
+        "scores": {"final": scores},
+        "maps": None,
+        "extra": {
+            "method": "logistic regression on the global crop's CLIP embedding (scikit-learn)",
+            "per_category": per_category,
+            "C": LINEAR_C,
+            "class_weight": LINEAR_CLASS_WEIGHT,
+            "training_images": int(len(train_rows)),
+        },
+    }
 
 
 def greedy_coreset(points: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
@@ -173,8 +199,9 @@ def greedy_coreset(points: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
     taken in a seeded Gaussian projection to ``CORESET_PROJECTION`` dimensions."""
     rng = np.random.default_rng(seed)
     dims = min(CORESET_PROJECTION, points.shape[1])
-    projected = np.asarray(points, np.float32) @ (rng.standard_normal((points.shape[1], dims)).astype(np.float32)
-                                                  / np.sqrt(dims))
+    projected = np.asarray(points, np.float32) @ (
+        rng.standard_normal((points.shape[1], dims)).astype(np.float32) / np.sqrt(dims)
+    )
     squared = np.einsum("nd,nd->n", projected, projected)
     chosen = [int(rng.integers(len(points)))]
     nearest = np.full(len(points), np.inf, np.float32)
@@ -195,14 +222,18 @@ def knn_patch_scores(table: FeatureTable, train_rows, test_rows) -> dict:
 
     def nearest_distances(index):
         """A ``score_tokens`` scorer: each token's distance to the nearest of ``index``'s bank."""
+
         def score(tokens, _):
             return index.kneighbors(_unit(tokens.reshape(-1, tokens.shape[-1])))[0].reshape(len(tokens), -1)
+
         return score
+
     for category, train, test in _by_category(table, train_rows, test_rows):
         normal = train[table.label[train] == 0]
         if normal.size == 0:
-            raise UserError(f"knn-patches baseline: category {category} has no normal training image for its memory "
-                            "bank")
+            raise UserError(
+                f"knn-patches baseline: category {category} has no normal training image for its memory bank"
+            )
         start = time.perf_counter()
         bank = np.concatenate([tokens.reshape(-1, tokens.shape[-1]) for _, tokens, _ in token_chunks(table, normal)])
         size = max(1, int(CORESET_FRACTION * len(bank))) if len(bank) > CORESET_FROM else len(bank)
@@ -211,17 +242,26 @@ def knn_patch_scores(table: FeatureTable, train_rows, test_rows) -> dict:
         index = NearestNeighbors(n_neighbors=1, algorithm="brute").fit(_unit(bank))
         (distances[test],), masks[test] = score_tokens(table, test_rows[test], [nearest_distances(index)])
         seconds += time.perf_counter() - start
-        banks[category] = {"normal_images": int(len(normal)), "tokens": int(len(normal) * distances.shape[1]),
-                           "bank": int(size)}
-    return {"scores": {"final": distances.max(axis=1).astype(float)}, "token_scores": distances, "masks": masks,
-            "map": KNN_MAP,
-            "seconds": seconds,
-            "extra": {"method": "kNN memory bank of normal patch tokens, per category (PatchCore)",
-                      "image_score": "the map's maximum: the largest token distance",
-                      "distance": "Euclidean between L2-normalised tokens",
-                      "coreset": f"greedy k-center, {CORESET_FRACTION:.0%} of banks over {CORESET_FROM:,} tokens, "
-                                 f"chosen in a {CORESET_PROJECTION}-d random projection",
-                      "memory_bank": banks}}
+        banks[category] = {
+            "normal_images": int(len(normal)),
+            "tokens": int(len(normal) * distances.shape[1]),
+            "bank": int(size),
+        }
+    return {
+        "scores": {"final": distances.max(axis=1).astype(float)},
+        "token_scores": distances,
+        "masks": masks,
+        "map": KNN_MAP,
+        "seconds": seconds,
+        "extra": {
+            "method": "kNN memory bank of normal patch tokens, per category (PatchCore)",
+            "image_score": "the map's maximum: the largest token distance",
+            "distance": "Euclidean between L2-normalised tokens",
+            "coreset": f"greedy k-center, {CORESET_FRACTION:.0%} of banks over {CORESET_FROM:,} tokens, "
+            f"chosen in a {CORESET_PROJECTION}-d random projection",
+            "memory_bank": banks,
+        },
+    }
 
 
 def knn_tiles_scores(table: FeatureTable, train_rows, test_rows) -> dict:
@@ -238,32 +278,56 @@ def knn_tiles_scores(table: FeatureTable, train_rows, test_rows) -> dict:
         seconds += time.perf_counter() - start
         bank_images += len(normal)
         bank_crops[category] = int(bank.shape[0] * bank.shape[1])
-    return {"scores": {"final": distances.max(axis=1).astype(float)}, "seconds": seconds,
-            "extra": {"method": "kNN memory bank of normal crops, per category and scale (PatchCore at crop level)",
-                      "distance": "Euclidean between L2-normalised embeddings",
-                      "memory_bank": {"normal_images": bank_images,
-                                      "crops": int(sum(bank_crops.values())), "crops_per_category": bank_crops}}}
+    return {
+        "scores": {"final": distances.max(axis=1).astype(float)},
+        "seconds": seconds,
+        "extra": {
+            "method": "kNN memory bank of normal crops, per category and scale (PatchCore at crop level)",
+            "distance": "Euclidean between L2-normalised embeddings",
+            "memory_bank": {
+                "normal_images": bank_images,
+                "crops": int(sum(bank_crops.values())),
+                "crops_per_category": bank_crops,
+            },
+        },
+    }
 
 
 def zero_shot_text_scores(table: FeatureTable, test_rows) -> dict:
     """RAML's s_text of the test images (zero-shot: nothing is fitted); where they have patch tokens,
     each token's zero-shot score as the map."""
     subset = table.select(test_rows)
-    result = {"scores": {"final": np.asarray(text_score(subset.features[:, 0], subset.text, subset.category), float)},
-              "map": ZERO_SHOT_MAP,
-              "extra": {"method": "zero-shot CLIP: s_text of the global crop (RAML's text score alone)",
-                        "image_score": "s_text"}}
+    result = {
+        "scores": {"final": np.asarray(text_score(subset.features[:, 0], subset.text, subset.category), float)},
+        "map": ZERO_SHOT_MAP,
+        "extra": {
+            "method": "zero-shot CLIP: s_text of the global crop (RAML's text score alone)",
+            "image_score": "s_text",
+        },
+    }
     if subset.has_tokens.all() and len(subset):
         names = sorted(set(subset.category.tolist()))
         bank = text_tokens(table.text, names)
-        (result["token_scores"],), result["masks"] = score_tokens(table, test_rows, [
-            lambda tokens, rows: zero_shot_token_scores(tokens, bank, np.searchsorted(names, table.category[rows]))])
+        (result["token_scores"],), result["masks"] = score_tokens(
+            table,
+            test_rows,
+            [lambda tokens, rows: zero_shot_token_scores(tokens, bank, np.searchsorted(names, table.category[rows]))],
+        )
     return result
 
 
-def run_feature_baseline(name: str, table: FeatureTable, out_dir, *, split_from=None, split_seed: int | None = None,
-                         holdout_fraction: float | None = None, per_category: bool = False,
-                         n_resamples: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0) -> tuple[Path, dict, dict]:
+def run_feature_baseline(
+    name: str,
+    table: FeatureTable,
+    out_dir,
+    *,
+    split_from=None,
+    split_seed: int | None = None,
+    holdout_fraction: float | None = None,
+    per_category: bool = False,
+    n_resamples: int = DEFAULT_BOOTSTRAP,
+    bootstrap_seed: int = 0,
+) -> tuple[Path, dict, dict]:
     """Score the held-out images with baseline ``name``; write results.json, scores.csv and (the
     map kinds, on a cache with patch tokens) anomaly_maps.npz into ``out_dir``.
 
@@ -285,19 +349,35 @@ def run_feature_baseline(name: str, table: FeatureTable, out_dir, *, split_from=
         result = zero_shot_text_scores(table, test_rows)
     config = "linear-per-category" if per_category else name
     subset = table.select(test_rows)
-    run = ScoredRun(config, None, name, subset.category, subset.relpath, subset.defect_type, subset.label,
-                    result["scores"])
+    run = ScoredRun(
+        config, None, name, subset.category, subset.relpath, subset.defect_type, subset.label, result["scores"]
+    )
     pixel, maps = None, None
     if "token_scores" in result:
         grids = token_grid(result["token_scores"], table.token_setting["per_tile"])
-        pixel = pixel_block([grids], map_images(subset, result["masks"]), result["map"], n_resamples=n_resamples,
-                            bootstrap_seed=bootstrap_seed)
+        pixel = pixel_block(
+            [grids],
+            map_images(subset, result["masks"]),
+            result["map"],
+            n_resamples=n_resamples,
+            bootstrap_seed=bootstrap_seed,
+        )
         maps = {config: MapSet(subset.relpath, subset.mask_relpath, grids, TILES, result["map"])}
     elif "map" in result:
-        pixel = not_scored_block(result["map"], "the cache has no patch tokens for these images (add them: "
-                                 f"{add_tokens_command(table.meta, table.cache_dir)})", subset.category)
-    entry = config_entry([run], image_list.describe(), backbone_fields(table.meta), n_resamples=n_resamples,
-                         bootstrap_seed=bootstrap_seed, pixel=pixel,
-                         extra={**result["extra"], "cache_dir": str(table.cache_dir)})
+        pixel = not_scored_block(
+            result["map"],
+            "the cache has no patch tokens for these images (add them: "
+            f"{add_tokens_command(table.meta, table.cache_dir)})",
+            subset.category,
+        )
+    entry = config_entry(
+        [run],
+        image_list.describe(),
+        backbone_fields(table.meta),
+        n_resamples=n_resamples,
+        bootstrap_seed=bootstrap_seed,
+        pixel=pixel,
+        extra={**result["extra"], "cache_dir": str(table.cache_dir)},
+    )
     path = write_results(out_dir, {config: entry}, [run], maps=maps)
     return path, {config: entry}, result

@@ -21,6 +21,7 @@ The original RAML release's "WinCLIP" was plain global zero-shot CLIP scored on 
 Defaults: ViT-B-16-plus-240 with laion400m_e31 weights (the paper's backbone). No training, no
 cache: it reads the images directly, batched, with a progress bar.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,12 +30,11 @@ import torch
 from raml.errors import UserError
 from raml.extract.prompts import category_words
 
-
 WINCLIP_MODEL = "ViT-B-16-plus-240"
 WINCLIP_PRETRAINED = "laion400m_e31"
-TEMPERATURE = 0.07           # CLIP's temperature, as in the paper's Eq. (1)
-WINDOW_SIZES = (2, 3)        # small and mid windows, in patches; stride 1
-WINDOW_BATCH = 1024          # window sequences per transformer call (memory bound)
+TEMPERATURE = 0.07  # CLIP's temperature, as in the paper's Eq. (1)
+WINDOW_SIZES = (2, 3)  # small and mid windows, in patches; stride 1
+WINDOW_BATCH = 1024  # window sequences per transformer call (memory bound)
 IMAGE_SCORES = {
     "global": "the global CLIP score alone (the paper's zero-shot rule)",
     "global+map": "mean of the global score and the multi-scale map's maximum (WinCLIP+'s few-shot rule)",
@@ -42,24 +42,49 @@ IMAGE_SCORES = {
 DEFAULT_IMAGE_SCORE = "global"
 
 # The paper's compositional prompt ensemble (its appendix): state words × templates.
-NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
-                 "{} without damage")
+NORMAL_STATES = (
+    "{}",
+    "flawless {}",
+    "perfect {}",
+    "unblemished {}",
+    "{} without flaw",
+    "{} without defect",
+    "{} without damage",
+)
 ANOMALOUS_STATES = ("damaged {}", "{} with flaw", "{} with defect", "{} with damage")
-TEMPLATES = ("a cropped photo of the {}.", "a cropped photo of a {}.", "a close-up photo of a {}.",
-             "a close-up photo of the {}.", "a bright photo of a {}.", "a bright photo of the {}.",
-             "a dark photo of the {}.", "a dark photo of a {}.", "a jpeg corrupted photo of a {}.",
-             "a jpeg corrupted photo of the {}.", "a blurry photo of the {}.", "a blurry photo of a {}.",
-             "a photo of a {}.", "a photo of the {}.", "a photo of a small {}.", "a photo of the small {}.",
-             "a photo of a large {}.", "a photo of the large {}.", "a photo of the {} for visual inspection.",
-             "a photo of a {} for visual inspection.", "a photo of the {} for anomaly detection.",
-             "a photo of a {} for anomaly detection.")
+TEMPLATES = (
+    "a cropped photo of the {}.",
+    "a cropped photo of a {}.",
+    "a close-up photo of a {}.",
+    "a close-up photo of the {}.",
+    "a bright photo of a {}.",
+    "a bright photo of the {}.",
+    "a dark photo of the {}.",
+    "a dark photo of a {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a blurry photo of the {}.",
+    "a blurry photo of a {}.",
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a photo of a small {}.",
+    "a photo of the small {}.",
+    "a photo of a large {}.",
+    "a photo of the large {}.",
+    "a photo of the {} for visual inspection.",
+    "a photo of a {} for visual inspection.",
+    "a photo of the {} for anomaly detection.",
+    "a photo of a {} for anomaly detection.",
+)
 
 
 def compositional_prompts(category: str) -> dict[str, list[str]]:
     """Every (state, template) prompt of both classes for ``category``."""
     words = category_words(category)
-    return {kind: [template.format(state.format(words)) for state in states for template in TEMPLATES]
-            for kind, states in (("normal", NORMAL_STATES), ("anomalous", ANOMALOUS_STATES))}
+    return {
+        kind: [template.format(state.format(words)) for state in states for template in TEMPLATES]
+        for kind, states in (("normal", NORMAL_STATES), ("anomalous", ANOMALOUS_STATES))
+    }
 
 
 def text_prototypes(backbone, category: str) -> torch.Tensor:
@@ -79,7 +104,7 @@ def window_masks(grid: tuple[int, int], size: int, stride: int = 1) -> torch.Ten
     if size > rows or size > cols:
         raise UserError(f"a {size}x{size} window does not fit a {rows}x{cols} patch grid")
     index = torch.arange(rows * cols).reshape(rows, cols)
-    windows = index.unfold(0, size, stride).unfold(1, size, stride)   # [n_r, n_c, size, size]
+    windows = index.unfold(0, size, stride).unfold(1, size, stride)  # [n_r, n_c, size, size]
     return windows.reshape(-1, size * size)
 
 
@@ -88,9 +113,9 @@ def harmonic_aggregation(window_scores: torch.Tensor, masks: torch.Tensor, grid:
     mean of the scores of the windows that contain it (a patch no window covers gets 0)."""
     rows, cols = grid
     covers = torch.zeros(masks.shape[0], rows * cols, dtype=window_scores.dtype)
-    covers.scatter_(1, masks, 1.0)                                     # [n_windows, n_patches]
+    covers.scatter_(1, masks, 1.0)  # [n_windows, n_patches]
     count = covers.sum(dim=0)
-    inverse_sum = (1.0 / window_scores) @ covers                       # [B, n_patches]
+    inverse_sum = (1.0 / window_scores) @ covers  # [B, n_patches]
     patch = torch.where(count > 0, count / inverse_sum, torch.zeros_like(inverse_sum))
     return patch.reshape(-1, rows, cols)
 
@@ -104,8 +129,7 @@ def anomaly_probability(embeddings: torch.Tensor, prototypes: torch.Tensor) -> t
 def _vision_transformer(backbone):
     visual = backbone.model.visual
     if not all(hasattr(visual, name) for name in ("_embeds", "transformer", "_pool", "grid_size")):
-        raise UserError(f"WinCLIP needs a ViT backbone with patch tokens; {backbone.name} has "
-                         f"{type(visual).__name__}")
+        raise UserError(f"WinCLIP needs a ViT backbone with patch tokens; {backbone.name} has {type(visual).__name__}")
     return visual
 
 
@@ -116,8 +140,9 @@ def _pooled_embeddings(visual, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def window_embeddings(backbone, pixels: torch.Tensor, masks: list[torch.Tensor],
-                      with_windows: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def window_embeddings(
+    backbone, pixels: torch.Tensor, masks: list[torch.Tensor], with_windows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Global embedding [B, D] and, per mask set, window embeddings [B', n_windows, D] of the
     images where ``with_windows`` (bool [B]; default all) holds.
 
@@ -126,7 +151,7 @@ def window_embeddings(backbone, pixels: torch.Tensor, masks: list[torch.Tensor],
     Windows cost ~12 times the global pass (ViT-B-16-plus-240: 2,670 window tokens against 226).
     """
     visual = _vision_transformer(backbone)
-    tokens = visual._embeds(pixels)                                    # [B, 1 + P, W]
+    tokens = visual._embeds(pixels)  # [B, 1 + P, W]
     global_embedding = _pooled_embeddings(visual, tokens)
     if with_windows is not None:
         tokens = tokens[with_windows.to(tokens.device)]
@@ -172,11 +197,15 @@ class WinClip:
         if self.image_score != "global" and not with_map.all():
             raise ValueError(f"image score {self.image_score!r} needs the map of every image")
         prototypes = self.prototypes(category).to(self.backbone.device)
-        with torch.autocast(self.backbone.device.type, dtype=torch.float16,
-                            enabled=self.backbone.device.type == "cuda"):
+        with torch.autocast(
+            self.backbone.device.type, dtype=torch.float16, enabled=self.backbone.device.type == "cuda"
+        ):
             global_embedding, windows = window_embeddings(
-                self.backbone, torch.from_numpy(pixels).to(self.backbone.device),
-                self.masks if with_map.any() else [], torch.from_numpy(with_map))
+                self.backbone,
+                torch.from_numpy(pixels).to(self.backbone.device),
+                self.masks if with_map.any() else [],
+                torch.from_numpy(with_map),
+            )
         global_score = anomaly_probability(global_embedding, prototypes).cpu()
         scale_maps = [global_score[with_map][:, None, None].expand(-1, *self.grid)]
         for embeddings, mask in zip(windows, self.masks):
@@ -185,5 +214,9 @@ class WinClip:
         multiscale[with_map] = len(scale_maps) / sum(1.0 / m for m in scale_maps)  # harmonic mean over scales
         map_max = multiscale.flatten(1).max(dim=1).values
         final = global_score if self.image_score == "global" else (global_score + map_max) / 2
-        return {"final": final.numpy(), "global": global_score.numpy(),
-                "map_max": map_max.numpy(), "map": multiscale.numpy()}
+        return {
+            "final": final.numpy(),
+            "global": global_score.numpy(),
+            "map_max": map_max.numpy(),
+            "map": multiscale.numpy(),
+        }

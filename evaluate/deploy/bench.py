@@ -8,6 +8,7 @@ image by image (decode, resize, score) once its text prototypes exist, which is 
 image in ``baseline winclip``. The head is untrained (its weights do not change its speed) and
 the int8 fidelity check, a one-off, is not part of what is timed.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -18,8 +19,8 @@ from raml.evaluate.deploy.predict import backbone_fingerprint, predict_files
 from raml.extract.bench import synthetic_images
 from raml.extract.engine_bench import EngineTimes, model_label, time_rounds, vit_macs_per_image
 
-CATEGORY = "bench"         # the synthetic images' category (extract.bench.synthetic_images)
-WINCLIP = "WinCLIP"        # the reference's name in the table
+CATEGORY = "bench"  # the synthetic images' category (extract.bench.synthetic_images)
+WINCLIP = "WinCLIP"  # the reference's name in the table
 
 
 def untrained_checkpoint(backbone, category: str = CATEGORY):
@@ -27,12 +28,23 @@ def untrained_checkpoint(backbone, category: str = CATEGORY):
     from raml.train.checkpoint import Checkpoint
     from raml.train.config import TrainConfig
     from raml.train.model import build_head
+
     config = TrainConfig().to_dict()
-    return Checkpoint(model=build_head(config, backbone.embed_dim).eval(), config=config, loss_state={}, manifest={},
-                      fingerprint=backbone_fingerprint(backbone), categories=[category],
-                      thresholds={"set": "none: an untrained head, for timing", "rule": "fixed",
-                                  "pooled": {"threshold": 0.5}, "categories": {}},
-                      path=Path("untrained-head"))
+    return Checkpoint(
+        model=build_head(config, backbone.embed_dim).eval(),
+        config=config,
+        loss_state={},
+        manifest={},
+        fingerprint=backbone_fingerprint(backbone),
+        categories=[category],
+        thresholds={
+            "set": "none: an untrained head, for timing",
+            "rule": "fixed",
+            "pooled": {"threshold": 0.5},
+            "categories": {},
+        },
+        path=Path("untrained-head"),
+    )
 
 
 def compare_predict(backbones: dict, *, images: int, size: int, rounds: int, winclip_backbone=None) -> EngineTimes:
@@ -57,16 +69,19 @@ def compare_predict(backbones: dict, *, images: int, size: int, rounds: int, win
             predict_seconds(backbone, paths[:1])  # warm-up
         if winclip_backbone is not None:
             per_image_of[WINCLIP] = _winclip_per_image(winclip_backbone, paths)
-        times = EngineTimes(what=f"bench predict, whole prediction per image ({size} px, no heatmaps)",
-                            model=model_label(first), macs_per_image=vit_macs_per_image(first),
-                            reference=WINCLIP if winclip_backbone is not None else None)
+        times = EngineTimes(
+            what=f"bench predict, whole prediction per image ({size} px, no heatmaps)",
+            model=model_label(first),
+            macs_per_image=vit_macs_per_image(first),
+            reference=WINCLIP if winclip_backbone is not None else None,
+        )
         return time_rounds(times, per_image_of, rounds)
 
 
 def _winclip_per_image(backbone, paths: list[Path]):
     """A function timing WinCLIP's per-image work on ``paths``, as ``baseline winclip`` does it."""
-    from raml.evaluate.baselines.winclip_run import whole_image_pixels
     from raml.evaluate.baselines.winclip import WinClip
+    from raml.evaluate.baselines.winclip_run import whole_image_pixels
     from raml.extract.pyramid import load_rgb
 
     winclip = WinClip(backbone)
@@ -83,4 +98,5 @@ def _winclip_per_image(backbone, paths: list[Path]):
         for path in paths:
             score(path)
         return (time.perf_counter() - start) / len(paths)
+
     return per_image

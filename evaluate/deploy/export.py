@@ -21,6 +21,7 @@ weights, so that the weights live in one place. Like the encoder, the head graph
 the torch head (``train.infer``) before anything is written, and refused beyond
 ``PARITY_TOLERANCE``. deploy.json is written last: a directory without it is an incomplete export.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,9 +36,16 @@ import torch
 import torch.nn.functional as F
 
 from raml.cache import CROP_LAYOUT, N_CROPS
-from raml.errors import UserError
-from raml.cache.files import atomic_write, atomic_write_text, make_dirs, move_into_place, reporting_write_faults, write_fault
+from raml.cache.files import (
+    atomic_write,
+    atomic_write_text,
+    make_dirs,
+    move_into_place,
+    reporting_write_faults,
+    write_fault,
+)
 from raml.cache.tokens import TILES, TOKEN_CROPS, token_setting
+from raml.errors import UserError
 from raml.evaluate.deploy.predict import check_backbone, map_kind, threshold_for, threshold_note, token_map_scores
 from raml.evaluate.localisation import ZERO_SHOT_TEMPERATURE
 from raml.extract.identity import file_sha256
@@ -48,13 +56,15 @@ from raml.extract.pyramid import MIN_IMAGE_SIDE
 from raml.train.checkpoint import check_tokens
 from raml.train.infer import CLIP_LOGIT_SCALE, score_weights, text_score, text_tokens, visual_score
 
-DEPLOY_FORMAT = 2          # 2: patch tokens in, anomaly map out
+DEPLOY_FORMAT = 2  # 2: patch tokens in, anomaly map out
 DEPLOY_JSON, ENCODER_FILE, HEAD_FILE, SCRIPT_FILE = "deploy.json", "encoder.onnx", "head.onnx", "predict_onnx.py"
 SCRIPT_TEMPLATE = Path(__file__).with_name("predict_onnx.py")
 HEAD_INPUTS, HEAD_OUTPUTS = ("crops", "category", "tokens"), ("visual", "text", "pixel")
-HEAD_CHECK_IMAGES = 8      # random feature sets compared with the torch head before head.onnx is accepted
-RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: this deployment was exported from a CLIP with random weights; "
-                          "every score it gives is meaningless. It exercises the deployment, nothing more.")
+HEAD_CHECK_IMAGES = 8  # random feature sets compared with the torch head before head.onnx is accepted
+RANDOM_WEIGHTS_WARNING = (
+    "RANDOM WEIGHTS: this deployment was exported from a CLIP with random weights; "
+    "every score it gives is meaningless. It exercises the deployment, nothing more."
+)
 
 
 class DeployedHead(torch.nn.Module):
@@ -85,9 +95,18 @@ class DeployedHead(torch.nn.Module):
         return torch.sigmoid(logits), torch.sigmoid(CLIP_LOGIT_SCALE * (cosines[:, 1] - cosines[:, 0])), pixel
 
 
-def export_deployment(checkpoint, out_dir, backbone, *, categories=None, onnx_cache_root=None,
-                      log=print, precision: str = "fp32", sample_dataset=None,
-                      fidelity_sample: int = FIDELITY_SAMPLE) -> dict:
+def export_deployment(
+    checkpoint,
+    out_dir,
+    backbone,
+    *,
+    categories=None,
+    onnx_cache_root=None,
+    log=print,
+    precision: str = "fp32",
+    sample_dataset=None,
+    fidelity_sample: int = FIDELITY_SAMPLE,
+) -> dict:
     """Write ``out_dir``'s deployment for ``backbone`` (that of the checkpoint); returns deploy.json's content.
 
     ``checkpoint`` is a loaded ``train.checkpoint.Checkpoint``. ``categories`` (default: its own) are
@@ -104,14 +123,17 @@ def export_deployment(checkpoint, out_dir, backbone, *, categories=None, onnx_ca
     thresholds = {category: threshold_for(checkpoint, category) for category in categories}
     untrained = [c for c in categories if c not in checkpoint.categories]
     if untrained:
-        log(f"note: the checkpoint was trained on {', '.join(checkpoint.categories)}, not on {', '.join(untrained)}: "
-            "scoring those is a transfer.")
+        log(
+            f"note: the checkpoint was trained on {', '.join(checkpoint.categories)}, not on {', '.join(untrained)}: "
+            "scoring those is a transfer."
+        )
     pooled = {category: note for category in categories if (note := threshold_note(checkpoint, category))}
     for note in pooled.values():
         log(f"note: {note}")
     text = {category: encode_prompts(backbone, category) for category in categories}
-    encoder, encoder_facts = _verified_encoder(checkpoint, backbone, precision, categories, text, onnx_cache_root,
-                                               sample_dataset, fidelity_sample)
+    encoder, encoder_facts = _verified_encoder(
+        checkpoint, backbone, precision, categories, text, onnx_cache_root, sample_dataset, fidelity_sample
+    )
     bank = text_tokens(text, categories)
     weights = score_weights(checkpoint, None, None)
 
@@ -119,9 +141,9 @@ def export_deployment(checkpoint, out_dir, backbone, *, categories=None, onnx_ca
     make_dirs(out)
     head_tmp = out / f".{HEAD_FILE}.{os.getpid()}.tmp"
     try:
-        head_diff = _export_verified_head(DeployedHead(checkpoint.model, bank).eval(), checkpoint, text, categories,
-                                          setting["tokens"],
-                                          head_tmp)
+        head_diff = _export_verified_head(
+            DeployedHead(checkpoint.model, bank).eval(), checkpoint, text, categories, setting["tokens"], head_tmp
+        )
         (out / DEPLOY_JSON).unlink(missing_ok=True)  # until the new one is written, the directory reads as incomplete
         _replace_with_copy(encoder.path, out / ENCODER_FILE)
         with reporting_write_faults(out / HEAD_FILE):
@@ -134,40 +156,69 @@ def export_deployment(checkpoint, out_dir, backbone, *, categories=None, onnx_ca
         "precision": precision,
         "random_weights": bool(backbone.random_weights),
         **({"warning": RANDOM_WEIGHTS_WARNING} if backbone.random_weights else {}),
-        "backbone": backbone.name, "weights": backbone.weights,
-        "input_size": backbone.input_size, "embed_dim": backbone.embed_dim,
-        "mean": list(backbone.mean), "std": list(backbone.std), "resize": "bicubic",
+        "backbone": backbone.name,
+        "weights": backbone.weights,
+        "input_size": backbone.input_size,
+        "embed_dim": backbone.embed_dim,
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+        "resize": "bicubic",
         "crop_layout": [list(grid) for grid in CROP_LAYOUT],
         "min_image_side": MIN_IMAGE_SIDE,
         "crop_order": "whole image, then each grid row-major; tile edges at floor(k*side/n), cut from the "
-                      "original image; every tile resized to input_size x input_size",
+        "original image; every tile resized to input_size x input_size",
         "categories": categories,
         "thresholds": thresholds,
         "threshold_is": f"{checkpoint.thresholds['rule']}, per category, calibrated on {checkpoint.thresholds['set']}",
-        "threshold_calibration": {category: pooled.get(category) or checkpoint.thresholds["categories"][category]
-                                  for category in categories},
+        "threshold_calibration": {
+            category: pooled.get(category) or checkpoint.thresholds["categories"][category] for category in categories
+        },
         "score_weights": {"visual": float(weights["visual_weight"]), "text": float(weights["text_weight"])},
-        "encoder": {"file": ENCODER_FILE, "input": "pixels", "output": "embedding",
-                    **_file_facts(out / ENCODER_FILE), **encoder_facts},
-        "head": {"file": HEAD_FILE, "inputs": list(HEAD_INPUTS), "outputs": list(HEAD_OUTPUTS),
-                 **_file_facts(out / HEAD_FILE), "max_abs_diff_vs_torch": head_diff},
-        "map": {"kind": map_kind(checkpoint), "token_crops": [TOKEN_CROPS.start, TOKEN_CROPS.stop], "tiles": TILES,
-                "per_tile": setting["per_tile"],
-                "geometry": "the tiles' tokens (tile-major, row-major within a tile) form a grid of tiles x per_tile "
-                            "cells a side; each tile of w px holds per_tile cells of w/per_tile px; the map at a pixel "
-                            "centre interpolates linearly between the two nearest cell centres along each axis "
-                            "(the outermost cell beyond the outermost centres)"},
+        "encoder": {
+            "file": ENCODER_FILE,
+            "input": "pixels",
+            "output": "embedding",
+            **_file_facts(out / ENCODER_FILE),
+            **encoder_facts,
+        },
+        "head": {
+            "file": HEAD_FILE,
+            "inputs": list(HEAD_INPUTS),
+            "outputs": list(HEAD_OUTPUTS),
+            **_file_facts(out / HEAD_FILE),
+            "max_abs_diff_vs_torch": head_diff,
+        },
+        "map": {
+            "kind": map_kind(checkpoint),
+            "token_crops": [TOKEN_CROPS.start, TOKEN_CROPS.stop],
+            "tiles": TILES,
+            "per_tile": setting["per_tile"],
+            "geometry": "the tiles' tokens (tile-major, row-major within a tile) form a grid of tiles x per_tile "
+            "cells a side; each tile of w px holds per_tile cells of w/per_tile px; the map at a pixel "
+            "centre interpolates linearly between the two nearest cell centres along each axis "
+            "(the outermost cell beyond the outermost centres)",
+        },
         "trained_categories": list(checkpoint.categories),
-        "checkpoint": str(checkpoint.path.resolve()), "checkpoint_sha256": file_sha256(checkpoint.path),
-        "exported": time.strftime("%Y-%m-%dT%H:%M:%S"), "export_seconds": round(time.perf_counter() - start, 1),
+        "checkpoint": str(checkpoint.path.resolve()),
+        "checkpoint_sha256": file_sha256(checkpoint.path),
+        "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "export_seconds": round(time.perf_counter() - start, 1),
         "versions": encoder.meta.get("versions", {}),
     }
     atomic_write_text(out / DEPLOY_JSON, json.dumps(deploy, indent=2))
     return deploy
 
 
-def _verified_encoder(checkpoint, backbone, precision: str, categories: list, text: dict, onnx_cache_root,
-                      sample_dataset, fidelity_sample: int):
+def _verified_encoder(
+    checkpoint,
+    backbone,
+    precision: str,
+    categories: list,
+    text: dict,
+    onnx_cache_root,
+    sample_dataset,
+    fidelity_sample: int,
+):
     """The encoder to deploy and what deploy.json says about it: the fp32 export and its difference to
     torch, or the int8 model, its settings and its fidelity on the user's images."""
     if precision == "fp32":
@@ -176,42 +227,64 @@ def _verified_encoder(checkpoint, backbone, precision: str, categories: list, te
     if precision != "int8":
         raise ValueError(f"precision {precision!r}: expected fp32 or int8")
     if sample_dataset is None:
-        raise UserError("export --precision int8 first checks the int8 encoder against fp32 on your own images: "
-                        "pass --dataset (and --root) with images of the exported categories")
+        raise UserError(
+            "export --precision int8 first checks the int8 encoder against fp32 on your own images: "
+            "pass --dataset (and --root) with images of the exported categories"
+        )
     from raml.evaluate.deploy.int8_check import check_for_export
+
     int8 = int8_backbone(backbone, cache_root=onnx_cache_root)
     fidelity = check_for_export(int8, *sample_dataset, checkpoint, categories, text, fidelity_sample)
     encoder = int8.image_encoder
-    return encoder, {"precision": "int8", "quantisation": QUANTISATION,
-                     "quantised_from_sha256": encoder.meta["quantised_from_sha256"], "fidelity": fidelity.to_dict()}
+    return encoder, {
+        "precision": "int8",
+        "quantisation": QUANTISATION,
+        "quantised_from_sha256": encoder.meta["quantised_from_sha256"],
+        "fidelity": fidelity.to_dict(),
+    }
 
 
-def _export_verified_head(module: DeployedHead, checkpoint, text: dict, categories: list, token_count: int,
-                          path: Path) -> float:
+def _export_verified_head(
+    module: DeployedHead, checkpoint, text: dict, categories: list, token_count: int, path: Path
+) -> float:
     """Export ``module`` to ``path``, then check that ONNX Runtime's scores match the torch head's
     (``train.infer``) on random features; returns the max abs difference."""
     import onnxruntime
 
     batch = torch.export.Dim("batch")
     dim = module.text_bank.shape[-1]
-    example = (torch.randn(2, N_CROPS, dim), torch.zeros(2, dtype=torch.long),   # 2: size-1 dims get specialised
-               torch.randn(2, token_count, dim))
+    example = (
+        torch.randn(2, N_CROPS, dim),
+        torch.zeros(2, dtype=torch.long),  # 2: size-1 dims get specialised
+        torch.randn(2, token_count, dim),
+    )
     try:
         with warnings.catch_warnings():
             # The inputs share the batch axis; torch then warns that it keeps one of its names.
             warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")
-            torch.onnx.export(module, example, str(path), input_names=list(HEAD_INPUTS),
-                              output_names=list(HEAD_OUTPUTS), external_data=False, dynamo=True, verbose=False,
-                              dynamic_shapes={"crops": {0: batch}, "category": {0: batch}, "tokens": {0: batch}})
+            torch.onnx.export(
+                module,
+                example,
+                str(path),
+                input_names=list(HEAD_INPUTS),
+                output_names=list(HEAD_OUTPUTS),
+                external_data=False,
+                dynamo=True,
+                verbose=False,
+                dynamic_shapes={"crops": {0: batch}, "category": {0: batch}, "tokens": {0: batch}},
+            )
     except Exception as err:  # the exporter raises many types: a full disk, or "this head does not export"
-        raise write_fault(err, path) or OnnxEngineError(f"torch.onnx could not export the head of {checkpoint.path}: "
-                                                        f"{err}") from err
+        raise write_fault(err, path) or OnnxEngineError(
+            f"torch.onnx could not export the head of {checkpoint.path}: {err}"
+        ) from err
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     diff = _head_difference(session, checkpoint, module.text_bank.numpy(), text, categories, token_count)
     if not diff <= PARITY_TOLERANCE:  # written so that NaN fails too
-        raise OnnxEngineError(f"the ONNX head of {checkpoint.path} does not match the torch head: max abs "
-                              f"difference {diff:.2e} on {HEAD_CHECK_IMAGES} random images, tolerance "
-                              f"{PARITY_TOLERANCE:g}. Nothing in {path.parent} was changed.")
+        raise OnnxEngineError(
+            f"the ONNX head of {checkpoint.path} does not match the torch head: max abs "
+            f"difference {diff:.2e} on {HEAD_CHECK_IMAGES} random images, tolerance "
+            f"{PARITY_TOLERANCE:g}. Nothing in {path.parent} was changed."
+        )
     return diff
 
 
@@ -225,15 +298,21 @@ def _head_difference(session, checkpoint, bank: np.ndarray, text: dict, categori
     features /= np.linalg.norm(features, axis=-1, keepdims=True)
     tokens /= np.linalg.norm(tokens, axis=-1, keepdims=True)
     index = np.arange(HEAD_CHECK_IMAGES) % len(categories)
-    visual, text_scores, pixel = session.run(list(HEAD_OUTPUTS), {"crops": features, "category": index.astype(np.int64),
-                                                                  "tokens": tokens})
+    visual, text_scores, pixel = session.run(
+        list(HEAD_OUTPUTS), {"crops": features, "category": index.astype(np.int64), "tokens": tokens}
+    )
     stored = features.astype(np.float16)
     want_visual = visual_score(checkpoint.model, stored, bank, index)
     want_text = text_score(stored[:, 0], text, np.asarray(categories)[index])
-    want_pixel = np.concatenate([token_map_scores(checkpoint, tokens[i:i + 1], text[categories[k]], categories[k])
-                                 for i, k in enumerate(index)])
-    return float(max(np.abs(visual - want_visual).max(), np.abs(text_scores - want_text).max(),
-                     np.abs(pixel - want_pixel).max()))
+    want_pixel = np.concatenate(
+        [
+            token_map_scores(checkpoint, tokens[i : i + 1], text[categories[k]], categories[k])
+            for i, k in enumerate(index)
+        ]
+    )
+    return float(
+        max(np.abs(visual - want_visual).max(), np.abs(text_scores - want_text).max(), np.abs(pixel - want_pixel).max())
+    )
 
 
 def _replace_with_copy(source: Path, target: Path) -> None:

@@ -11,6 +11,7 @@ anomaly map (``token_map_scores``: the checkpoint's pixel head, or zero-shot tex
 written at the image's resolution as ``<name>_map.npy`` (float32, in [0, 1]) and blended over the
 image as ``<name>_overlay.png``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,13 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from raml.errors import UserError
-from raml.errors import OptionError, working_on
 from raml.cache.files import atomic_write, make_dirs
+from raml.errors import OptionError, UserError, working_on
 from raml.extract.datasets import is_image
 from raml.extract.prompts import encode_prompts
 from raml.extract.pyramid import BadImageError, load_rgb, pyramid_crops
-
 
 PREDICTIONS_CSV = "predictions.csv"
 
@@ -36,10 +35,10 @@ class Prediction:
     final: float | None = None
     visual: float | None = None
     text: float | None = None
-    map_max: float | None = None      # the anomaly map's maximum (its largest token score)
+    map_max: float | None = None  # the anomaly map's maximum (its largest token score)
     anomalous: bool | None = None
-    map: Path | None = None           # <name>_map.npy
-    overlay: Path | None = None       # <name>_overlay.png
+    map: Path | None = None  # <name>_map.npy
+    overlay: Path | None = None  # <name>_overlay.png
     error: str | None = None
 
 
@@ -63,6 +62,7 @@ def _recorded_model(fingerprint: dict, source: dict) -> str:
     import open_clip
 
     from raml.extract.identity import TINY_TEST_CONFIG
+
     name, recorded = fingerprint.get("backbone"), source.get("model")
     if recorded and (Path(recorded).is_file() or recorded in open_clip.list_models()):
         return recorded
@@ -72,12 +72,19 @@ def _recorded_model(fingerprint: dict, source: dict) -> str:
     if shipped.is_file():
         return str(shipped)
     where = f" (recorded at {recorded}, which is not there any more)" if recorded else ""
-    raise UserError(f"the checkpoint's backbone {name!r} is a model config JSON{where}, not an open_clip model "
-                    f"name; pass --model PATH to {name}.json")
+    raise UserError(
+        f"the checkpoint's backbone {name!r} is a model config JSON{where}, not an open_clip model "
+        f"name; pass --model PATH to {name}.json"
+    )
 
 
-def backbone_options_for(fingerprint: dict, model: str | None = None, pretrained: str | None = None,
-                         weights: str | None = None, random_weights: bool | None = None) -> dict:
+def backbone_options_for(
+    fingerprint: dict,
+    model: str | None = None,
+    pretrained: str | None = None,
+    weights: str | None = None,
+    random_weights: bool | None = None,
+) -> dict:
     """The backbone options (``model``, ``pretrained``, ``weights``, ``random_weights``) that
     encode images for a checkpoint whose cache fingerprint is ``fingerprint``.
 
@@ -89,6 +96,7 @@ def backbone_options_for(fingerprint: dict, model: str | None = None, pretrained
     when the recorded one has moved.
     """
     from raml.extract.identity import model_name
+
     source = fingerprint.get("backbone_source") or {}
     recorded_weights, recorded_random = fingerprint.get("weights"), bool(fingerprint.get("random_weights"))
     is_file = str(recorded_weights).startswith("sha256:")
@@ -103,13 +111,24 @@ def backbone_options_for(fingerprint: dict, model: str | None = None, pretrained
         differ.append("--weights")
     if differ:
         trained = f"--model {fingerprint.get('backbone')}" + (
-            " --random-weights" if recorded_random else
-            f" --weights FILE (sha256 {recorded_weights[7:]})" if is_file else f" --pretrained {recorded_weights}")
-        raise OptionError(differ[0], f"the checkpoint was trained on features of {trained}; the options given "
-                                     f"differ in {', '.join(differ)}. Leave them out to use the checkpoint's backbone, "
-                                     "or pass the ones it was trained with.")
-    options = {"model": model or _recorded_model(fingerprint, source), "pretrained": None, "weights": None,
-               "random_weights": recorded_random}
+            " --random-weights"
+            if recorded_random
+            else f" --weights FILE (sha256 {recorded_weights[7:]})"
+            if is_file
+            else f" --pretrained {recorded_weights}"
+        )
+        raise OptionError(
+            differ[0],
+            f"the checkpoint was trained on features of {trained}; the options given "
+            f"differ in {', '.join(differ)}. Leave them out to use the checkpoint's backbone, "
+            "or pass the ones it was trained with.",
+        )
+    options = {
+        "model": model or _recorded_model(fingerprint, source),
+        "pretrained": None,
+        "weights": None,
+        "random_weights": recorded_random,
+    }
     if recorded_random:
         return options
     if not is_file:
@@ -118,8 +137,10 @@ def backbone_options_for(fingerprint: dict, model: str | None = None, pretrained
     if weights is None and not (recorded_file and Path(recorded_file).is_file()):
         name = f"{Path(recorded_file).name} " if recorded_file else ""
         where = f"; it was at {recorded_file}, which is not there any more" if recorded_file else ""
-        raise UserError(f"the checkpoint's CLIP weights are the file {name}with sha256 {recorded_weights[7:]}{where}. "
-                        "Pass --weights PATH to that file (its sha256 is checked).")
+        raise UserError(
+            f"the checkpoint's CLIP weights are the file {name}with sha256 {recorded_weights[7:]}{where}. "
+            "Pass --weights PATH to that file (its sha256 is checked)."
+        )
     return {**options, "weights": weights or recorded_file}
 
 
@@ -127,6 +148,7 @@ def backbone_fingerprint(backbone) -> dict:
     """The fingerprint (``cache.fingerprint``) of features encoded now by ``backbone``."""
     from raml.cache import fingerprint
     from raml.extract.identity import identity_of
+
     return fingerprint(**identity_of(backbone).fingerprint_fields(), code_version=None, dataset=None, prompts=None)
 
 
@@ -138,13 +160,16 @@ def check_backbone(checkpoint, backbone) -> None:
     (extract/int8_engine.py) before its scores are trusted.
     """
     from raml.cache import mismatched_fields
+
     mine = backbone_fingerprint(backbone)
     bad = [key for key in mismatched_fields(checkpoint.fingerprint, mine) if key != "precision"]
     if bad:
         details = "; ".join(f"{k}: checkpoint {checkpoint.fingerprint.get(k)!r}, given {mine.get(k)!r}" for k in bad)
-        raise UserError(f"the backbone options do not match the checkpoint ({details}); leave --model/--pretrained/"
-                        "--weights/--random-weights out to use the checkpoint's, or pass the ones it was trained with "
-                        "(for --weights: the file with the checkpoint's sha256)")
+        raise UserError(
+            f"the backbone options do not match the checkpoint ({details}); leave --model/--pretrained/"
+            "--weights/--random-weights out to use the checkpoint's, or pass the ones it was trained with "
+            "(for --weights: the file with the checkpoint's sha256)"
+        )
 
 
 def threshold_for(checkpoint, category: str) -> float:
@@ -170,8 +195,11 @@ def pooled_reason(checkpoint, category: str) -> str | None:
 def threshold_note(checkpoint, category: str) -> str | None:
     """Why ``category`` gets the pooled threshold rather than its own, or None when it has its own."""
     reason = pooled_reason(checkpoint, category)
-    return None if reason is None else \
-        f"{category}: the pooled threshold {threshold_for(checkpoint, category):.4f} applies: {reason}"
+    return (
+        None
+        if reason is None
+        else f"{category}: the pooled threshold {threshold_for(checkpoint, category):.4f} applies: {reason}"
+    )
 
 
 def threshold_source(checkpoint, category: str) -> str:
@@ -184,20 +212,36 @@ def feature_table(features: np.ndarray, categories, text: dict, backbone, sizes)
     """An in-memory ``FeatureTable`` of freshly encoded features [N, 21, D] of N images (their
     ``categories`` and (height, width) ``sizes``), stored in float16 like a cache, for ``score_rows``."""
     from raml.cache import FeatureTable
+
     n = len(features)
     sizes = np.asarray(sizes, np.int32).reshape(n, 2)
-    return FeatureTable(features=features.astype(np.float16), label=np.zeros(n, np.int8),
-                        category=np.asarray(categories, dtype=str), defect_type=np.full(n, ""),
-                        relpath=np.array([f"image{i}" for i in range(n)]), split=np.full(n, "test"),
-                        mask_relpath=np.full(n, ""), height=sizes[:, 0], width=sizes[:, 1], text=text,
-                        meta=backbone_fingerprint(backbone), engines=[], skipped=[], cache_dir=Path("."),
-                        has_tokens=np.zeros(n, bool), token_defect=np.zeros((n, 0), np.float16),
-                        shard_file=np.full(n, -1), shard_row=np.full(n, -1), shards=[])
+    return FeatureTable(
+        features=features.astype(np.float16),
+        label=np.zeros(n, np.int8),
+        category=np.asarray(categories, dtype=str),
+        defect_type=np.full(n, ""),
+        relpath=np.array([f"image{i}" for i in range(n)]),
+        split=np.full(n, "test"),
+        mask_relpath=np.full(n, ""),
+        height=sizes[:, 0],
+        width=sizes[:, 1],
+        text=text,
+        meta=backbone_fingerprint(backbone),
+        engines=[],
+        skipped=[],
+        cache_dir=Path("."),
+        has_tokens=np.zeros(n, bool),
+        token_defect=np.zeros((n, 0), np.float16),
+        shard_file=np.full(n, -1),
+        shard_row=np.full(n, -1),
+        shards=[],
+    )
 
 
 def map_kind(checkpoint) -> str:
     """What ``token_map_scores`` scores the tokens with, in words."""
     from raml.evaluate.localisation import PIXEL_HEAD_MAP, ZERO_SHOT_MAP
+
     return PIXEL_HEAD_MAP if checkpoint.model.pixel is not None else ZERO_SHOT_MAP + " (the run has no pixel head)"
 
 
@@ -207,14 +251,25 @@ def token_map_scores(checkpoint, tokens: np.ndarray, text: dict, category: str) 
     tokens are rounded to float16 first, as the cache stores them (the head was trained on those)."""
     from raml.evaluate.localisation import zero_shot_token_scores
     from raml.train.infer import pixel_scores, text_tokens
+
     stored = np.asarray(tokens).astype(np.float16)
     if checkpoint.model.pixel is not None:
         return pixel_scores(checkpoint.model, stored)
     return zero_shot_token_scores(stored, text_tokens({category: text}, [category]), np.zeros(len(stored), int))
 
 
-def predict_files(inputs, checkpoint, category: str, out_dir, backbone, *, visual_weight=None,
-                  text_weight=None, heatmaps: bool = True, progress: bool = True) -> list[Prediction]:
+def predict_files(
+    inputs,
+    checkpoint,
+    category: str,
+    out_dir,
+    backbone,
+    *,
+    visual_weight=None,
+    text_weight=None,
+    heatmaps: bool = True,
+    progress: bool = True,
+) -> list[Prediction]:
     """Score every file with ``checkpoint`` (a loaded ``train.checkpoint.Checkpoint``); write
     predictions.csv and (``heatmaps``) each scored image's anomaly map and overlay."""
     from tqdm import tqdm
@@ -246,10 +301,17 @@ def predict_files(inputs, checkpoint, category: str, out_dir, backbone, *, visua
             continue
         with working_on(f"image {path}"):
             features, tokens = backbone.encode_crops_and_tokens(pyramid_crops(image, backbone.input_size))
-        table = feature_table(features.reshape(1, -1, backbone.embed_dim), [category], {category: text}, backbone,
-                              [(image.height, image.width)])
+        table = feature_table(
+            features.reshape(1, -1, backbone.embed_dim),
+            [category],
+            {category: text},
+            backbone,
+            [(image.height, image.width)],
+        )
         scores = score_rows(checkpoint.model, table, **weights)  # check_backbone above stands for check_cache
-        prediction.final, prediction.visual, prediction.text = (float(scores[k][0]) for k in ("final", "visual", "text"))
+        prediction.final, prediction.visual, prediction.text = (
+            float(scores[k][0]) for k in ("final", "visual", "text")
+        )
         prediction.anomalous = prediction.final >= threshold
         tile_tokens = tokens.reshape(N_CROPS, -1, backbone.embed_dim)[TOKEN_CROPS].reshape(1, -1, backbone.embed_dim)
         token_scores = token_map_scores(checkpoint, tile_tokens, text, category)[0]
@@ -258,7 +320,7 @@ def predict_files(inputs, checkpoint, category: str, out_dir, backbone, *, visua
             continue
         anomaly_map = map_at(token_grid(token_scores, tokens.shape[1]), image.height, image.width)
         prediction.map = _unused(out_dir / f"{path.stem}_map.npy", {p.map for p in predictions})
-        prediction.overlay = prediction.map.with_name(prediction.map.name[:-len("_map.npy")] + "_overlay.png")
+        prediction.overlay = prediction.map.with_name(prediction.map.name[: -len("_map.npy")] + "_overlay.png")
         atomic_write(prediction.map, lambda tmp, grid=anomaly_map: _save_array(tmp, grid.astype(np.float32)))
         overlay = overlay_image(image, anomaly_map)
         atomic_write(prediction.overlay, lambda tmp, picture=overlay: picture.save(tmp, format="PNG"))
@@ -267,7 +329,7 @@ def predict_files(inputs, checkpoint, category: str, out_dir, backbone, *, visua
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:   # a handle: np.save would add ".npy" to the temporary file's name
+    with open(path, "wb") as handle:  # a handle: np.save would add ".npy" to the temporary file's name
         np.save(handle, array)
 
 
@@ -284,17 +346,47 @@ def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
 
 
-def _write_csv(path: Path, predictions: list[Prediction], category: str, threshold: float, random_weights: bool) -> None:
+def _write_csv(
+    path: Path, predictions: list[Prediction], category: str, threshold: float, random_weights: bool
+) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["file", "category", "final", "visual", "text", "map_max", "threshold", "decision", "map",
-                             "overlay", "error", "random_weights"])
+            writer.writerow(
+                [
+                    "file",
+                    "category",
+                    "final",
+                    "visual",
+                    "text",
+                    "map_max",
+                    "threshold",
+                    "decision",
+                    "map",
+                    "overlay",
+                    "error",
+                    "random_weights",
+                ]
+            )
             for p in predictions:
                 decision = "" if p.anomalous is None else ("anomalous" if p.anomalous else "normal")
-                writer.writerow([p.path, category, _number(p.final), _number(p.visual), _number(p.text),
-                                 _number(p.map_max), f"{threshold:.6f}", decision, p.map or "", p.overlay or "",
-                                 p.error or "", int(random_weights)])
+                writer.writerow(
+                    [
+                        p.path,
+                        category,
+                        _number(p.final),
+                        _number(p.visual),
+                        _number(p.text),
+                        _number(p.map_max),
+                        f"{threshold:.6f}",
+                        decision,
+                        p.map or "",
+                        p.overlay or "",
+                        p.error or "",
+                        int(random_weights),
+                    ]
+                )
+
     atomic_write(path, write)
 
 

@@ -14,6 +14,7 @@ cannot import the package. tests/test_export.py checks that they give identical 
 and that this script reproduces ``predict``'s scores and maps.
 (``export`` copies this file unchanged from evaluate/deploy/predict_onnx.py in the RAML repository.)
 """
+
 import argparse
 import json
 import sys
@@ -72,13 +73,15 @@ def anomaly_map(scores, height, width, tiles, per_tile):
         centres = np.arange(size) + 0.5
         tile = np.clip(np.searchsorted(edges, centres, side="right") - 1, 0, tiles - 1)
         cells = tiles * per_tile
-        cell = np.clip(tile * per_tile + (centres - edges[tile]) * per_tile / (edges[tile + 1] - edges[tile]) - 0.5,
-                       0, cells - 1)
+        cell = np.clip(
+            tile * per_tile + (centres - edges[tile]) * per_tile / (edges[tile + 1] - edges[tile]) - 0.5, 0, cells - 1
+        )
         low = np.minimum(np.floor(cell).astype(int), cells - 2)
         matrix = np.zeros((size, cells))
         matrix[np.arange(size), low] = 1 - (cell - low)
         matrix[np.arange(size), low + 1] = cell - low
         return matrix
+
     return (weights(height) @ grid.astype(np.float64) @ weights(width).T).astype(np.float32)
 
 
@@ -98,8 +101,11 @@ def main(argv=None):
     categories = deploy["categories"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", help="image files to score")
-    parser.add_argument("--category", default=categories[0] if len(categories) == 1 else None,
-                        help=f"what the images show: one of {', '.join(categories)}")
+    parser.add_argument(
+        "--category",
+        default=categories[0] if len(categories) == 1 else None,
+        help=f"what the images show: one of {', '.join(categories)}",
+    )
     parser.add_argument("--maps", default=None, help="directory for each image's anomaly map (NAME_map.npy)")
     args = parser.parse_args(argv)
     if args.category not in categories:
@@ -122,10 +128,14 @@ def main(argv=None):
             embeddings, tokens = encoder.run(None, {"pixels": crops})
             first, last = geometry["token_crops"]
             tile_tokens = tokens[first:last].reshape(1, -1, tokens.shape[-1])
-            visual, text, pixel = head.run(None, {"crops": embeddings[None], "category": category, "tokens": tile_tokens})
+            visual, text, pixel = head.run(
+                None, {"crops": embeddings[None], "category": category, "tokens": tile_tokens}
+            )
             if args.maps:
-                np.save(Path(args.maps) / f"{Path(name).stem}_map.npy",
-                        anomaly_map(pixel[0], image.height, image.width, geometry["tiles"], geometry["per_tile"]))
+                np.save(
+                    Path(args.maps) / f"{Path(name).stem}_map.npy",
+                    anomaly_map(pixel[0], image.height, image.width, geometry["tiles"], geometry["per_tile"]),
+                )
         except Exception as err:  # PIL and onnxruntime raise many types; each is one file's failure
             failed += 1
             print(f"{name:<{width}}  {'-':>8}  ERROR: {name}: {err}")
