@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 # --no-compile: byte-compiling all of torch at install time took ~20 s of the demo's first minute;
 # Python compiles the modules it imports on first use instead.
@@ -13,6 +13,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# ruff's rules and format (pyproject.toml), checked before the tests in CI.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
