@@ -80,7 +80,7 @@ def cli(ctx):
 
     Defaults for any option come from raml.toml in the working directory (or the file named by
     RAML_CONFIG); the command line wins. Without paths, commands use the workspace: datasets/,
-    features/, runs/, results/ (python pipeline.py status shows it).
+    features/, runs/, results/ (raml status shows it).
     """
     # Read at each invocation, not at import: the file is the working directory's (tests and the
     # demo run several command lines in one process). Sub-command contexts take their table from it.

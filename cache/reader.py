@@ -125,7 +125,7 @@ def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
     if meta is None:
         raise CacheError(
             f"{cache_dir} is not a RAML feature cache (no {CACHE_JSON}). "
-            "Create one with: python pipeline.py extract --dataset ... --cache-dir "
+            "Create one with: raml extract --dataset ... --cache-dir "
             f"{cache_dir}"
         )
     parts = {

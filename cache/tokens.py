@@ -173,7 +173,7 @@ def add_tokens_command(meta: dict, cache_dir) -> str:
     its backbone (as recorded in ``cache.json``) and engine precision, and ``--patch-tokens``."""
     dataset, source = meta.get("dataset") or {}, meta.get("backbone_source") or {}
     kind = dataset.get("kind", "KIND")
-    words = ["python pipeline.py extract", f"--dataset {kind}"]
+    words = ["raml extract", f"--dataset {kind}"]
     if dataset.get("root") and kind != "textile":
         words.append(f"--root {dataset['root']}")
     words.append(f"--cache-dir {cache_dir}")

@@ -99,7 +99,7 @@ def _group_defaults(group: click.Group, table: dict, inherited: dict, where: lis
                 hint = f"{_place(where)} takes the long options of its commands: {', '.join(sorted(known))}"
             else:
                 hint = (
-                    "top-level keys are the long options of any command (python pipeline.py COMMAND --help "
+                    "top-level keys are the long options of any command (raml COMMAND --help "
                     "lists them); tables are named after commands: "
                     + ", ".join(f"[{name}]" for name in sorted(group.commands))
                 )
@@ -127,8 +127,7 @@ def _command_defaults(command: click.Command, table: dict, inherited: dict, wher
                 options,
                 where,
                 path,
-                f"{_place(where)} takes the long options of python pipeline.py "
-                f"{' '.join(where)}: {', '.join(sorted(options))}",
+                f"{_place(where)} takes the long options of raml {' '.join(where)}: {', '.join(sorted(options))}",
             )
     chosen = {key: found for key, found in inherited.items() if key in options}
     chosen.update({key: (value, where) for key, value in scalars.items()})
@@ -183,7 +182,7 @@ def _unknown_key(key: str, known, where: list, path: Path, hint: str):
 def _checked(command: click.Command, param: click.Option, key: str, value, source: list, where: list, path: Path):
     """``value`` for ``param`` of ``command``, with a relative path made relative to the file's
     directory; raises ``UserError`` naming the file and the key when click would refuse it."""
-    given_at = _place(source) + ("" if source == where else f", for python pipeline.py {' '.join(where)}")
+    given_at = _place(source) + ("" if source == where else f", for raml {' '.join(where)}")
     problem = _toml_type_problem(param, value)
     if problem is None:
         value = _relative_to(path.parent, param, value)

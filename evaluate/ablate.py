@@ -278,7 +278,7 @@ def ablation_markdown(ablation: dict, plot_name: str) -> str:
         "",
         f"![differences from {ablation['reference']}]({plot_name})",
         "",
-        "Per-category tables and plots: `python pipeline.py report OUT/runs/results OUT/rescored OUT/baselines --out REPORT`.",
+        "Per-category tables and plots: `raml report OUT/runs/results OUT/rescored OUT/baselines --out REPORT`.",
         "",
     ]
     return "\n".join(lines)

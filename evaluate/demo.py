@@ -76,7 +76,7 @@ def random_weights_notice(what: str, model: str, pretrained: str, reason: str, o
         "the download failed"
         if online
         else "this demo runs offline and found them in no local cache (run `make demo ONLINE=1`, or "
-        "`python pipeline.py demo --online`, to download them once)"
+        "`raml demo --online`, to download them once)"
     )
     return (
         f"\n*** CLIP weights {model}/{pretrained} for {what} are not available: {how}.\n"
@@ -244,7 +244,7 @@ def run_demo(
     ]
     timings = []
     for number, args in enumerate(steps, start=1):
-        log(f"\ndemo step {number}/{len(steps)}: python pipeline.py {' '.join(args)}")
+        log(f"\ndemo step {number}/{len(steps)}: raml {' '.join(args)}")
         step_start = time.perf_counter()
         if args[0] == "extract":
             engine = _extract(run_command, args, log)

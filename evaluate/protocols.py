@@ -76,8 +76,7 @@ def read_split_manifest(run: str | Path) -> tuple[dict, str]:
     if path.suffix == ".json":
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path}: no split manifest; is {run} a training run directory "
-                "(written by python pipeline.py train --out ...)?"
+                f"{path}: no split manifest; is {run} a training run directory (written by raml train --out ...)?"
             )
         return read_json_checked(path, manifest_problem), str(path)
     return load_checkpoint(run).manifest, str(run)

@@ -302,8 +302,7 @@ def find_results(paths) -> list[Path]:
             raise FileNotFoundError(f"{path}: no such results file or directory")
     if not found:
         raise FileNotFoundError(
-            f"no {RESULTS_JSON} under {', '.join(map(str, paths))}; write one with "
-            "python pipeline.py evaluate ... --out DIR"
+            f"no {RESULTS_JSON} under {', '.join(map(str, paths))}; write one with raml evaluate ... --out DIR"
         )
     return found
 

@@ -51,7 +51,7 @@ def find_checkpoints(paths) -> list[Path]:
         else:
             raise FileNotFoundError(
                 f"{path}: no {CHECKPOINT_FILE} here nor in its sub-directories; train one with "
-                "python pipeline.py train --cache-dir ... --out RUN_DIR"
+                "raml train --cache-dir ... --out RUN_DIR"
             )
     return found
 

@@ -53,8 +53,7 @@ def newest_run_dir(*, sweeps: bool) -> Path:
     entry = newest_run(run_finished, sweeps=sweeps)
     if entry is None:
         raise UserError(
-            "no finished training run under ./runs/: train one with python pipeline.py train, or pass "
-            "--checkpoint RUN_DIR"
+            "no finished training run under ./runs/: train one with raml train, or pass --checkpoint RUN_DIR"
         )
     return echo_chosen("run", entry.path, "the newest" + (" (a sweep: all its runs)" if entry.is_sweep else ""))
 
@@ -101,7 +100,7 @@ def extract_command(fingerprint: dict, dataset: str) -> str:
     """The ``extract`` command line that gives ``dataset`` a cache of the backbone ``fingerprint`` names."""
     source = fingerprint.get("backbone_source") or {}
     words = [
-        "python pipeline.py extract --dataset",
+        "raml extract --dataset",
         dataset,
         "--model",
         str(source.get("model") or fingerprint.get("backbone")),
@@ -204,17 +203,17 @@ def _next_steps(datasets, caches, entries, results) -> list[str]:
             f"put a dataset under {datasets_home()}/<dataset> (mvtec, visa or folder; README: Datasets), "
             "or set RAML_DATA"
         ]
-    steps = [f"python pipeline.py extract --dataset {kind}" for kind in datasets if not caches.get(kind)]
+    steps = [f"raml extract --dataset {kind}" for kind in datasets if not caches.get(kind)]
     cached = [kind for kind, paths in caches.items() if paths and kind in READERS]  # --dataset takes these
     finished = [entry for entry in entries if run_finished(entry.path)]
     if not finished:
-        return steps + [f"python pipeline.py train --dataset {(cached or datasets)[0]}"]
+        return steps + [f"raml train --dataset {(cached or datasets)[0]}"]
     newest = finished[-1]
     scored = {(path.parent.parent.name, path.parent.name) for path in results}
     for kind in [newest.dataset] + [kind for kind in cached if kind != newest.dataset]:
         if (kind, newest.path.name) not in scored:
-            steps.append("python pipeline.py evaluate" + ("" if kind == newest.dataset else f" --dataset {kind}"))
+            steps.append("raml evaluate" + ("" if kind == newest.dataset else f" --dataset {kind}"))
     report = REPORT_DIR / "report.md"
     if results and (not report.is_file() or report.stat().st_mtime < max(p.stat().st_mtime for p in results)):
-        steps.append("python pipeline.py report")
-    return steps or ["nothing missing: train another configuration (python pipeline.py sweep) or predict new images"]
+        steps.append("raml report")
+    return steps or ["nothing missing: train another configuration (raml sweep) or predict new images"]

@@ -71,7 +71,7 @@ def test_the_designs_commands_run_as_written(empty_dir):
     message = run("evaluate", "--dataset", "visa", ok=False)  # VisA not extracted yet
     assert (
         f"no cache of visa under features/visa/ has the backbone of runs/mvtec/002-fixed-seed0/checkpoint.pt "
-        f"(raml-tiny-test, weights random(seed=0), fp32); extract one with python pipeline.py extract --dataset "
+        f"(raml-tiny-test, weights random(seed=0), fp32); extract one with raml extract --dataset "
         f"visa --model {TINY_TEST_CONFIG} --random-weights"
     ) in message
     run("extract", "--dataset", "visa")
@@ -86,7 +86,7 @@ def test_the_designs_commands_run_as_written(empty_dir):
     assert f"{mvtec_cache}   20 images, 2 categories; raml-tiny-test" in status
     assert "runs/mvtec/002-fixed-seed0   margin fixed, seed 0, 2 epochs;" in status and "<- latest" in status
     assert "results/visa/002-fixed-seed0   002-fixed: transfer on visa" in status
-    assert status.rstrip().endswith("python pipeline.py evaluate\n  python pipeline.py report")
+    assert status.rstrip().endswith("raml evaluate\n  raml report")
 
     predicted = run("predict", "datasets/mvtec/bottle/test/broken/000.png", "--category", "bottle", "--no-heatmaps")
     assert Path("results/predictions/002-fixed-seed0/predictions.csv").is_file(), predicted
@@ -136,14 +136,14 @@ def test_two_caches_that_both_fit(empty_dir):
     assert not Path("runs").exists()  # nothing was trained
 
     message = run("sweep", "--dataset", "visa", ok=False)
-    assert "no cache of visa under features/visa/: run python pipeline.py extract --dataset visa first" in message
+    assert "no cache of visa under features/visa/: run raml extract --dataset visa first" in message
 
 
 def test_an_unknown_key_in_raml_toml(empty_dir):
     Path("raml.toml").write_text("[train]\nepoch = 3\n")
     message = run("status", ok=False)
     assert "raml.toml: unknown key 'epoch' at [train]. Did you mean 'epochs'?" in message
-    assert "[train] takes the long options of python pipeline.py train: alpha, attn_dim," in message
+    assert "[train] takes the long options of raml train: alpha, attn_dim," in message
 
     Path("raml.toml").write_text('modle = "ViT-B-16"\n')
     message = run("status", ok=False)
@@ -164,7 +164,7 @@ def test_an_unknown_key_in_raml_toml(empty_dir):
         ),
         (
             'epochs = "ten"\n',
-            "epochs = 'ten' at the top level, for python pipeline.py bench train: 'ten' is not an "
+            "epochs = 'ten' at the top level, for raml bench train: 'ten' is not an "
             "integer. Accepted: an integer >= 1 and <= 100000.",
         ),
         (

@@ -15,6 +15,6 @@ checkpoint   save_checkpoint, load_checkpoint, check_cache
 infer        score_table, text_score: s_final = 0.85·s_visual + 0.15·s_text; pixel_scores, fused_score
 thresholds   F1-max decision thresholds per category, calibrated on the training images
 sweep        train_missing: configurations × seeds in batched passes, resumable
-bench        run_train_bench: ``python pipeline.py bench train``
+bench        run_train_bench: ``raml bench train``
 cli          the ``train`` and ``bench train`` commands, and the options of a training run
 """

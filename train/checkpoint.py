@@ -109,7 +109,7 @@ def load_checkpoint(path) -> Checkpoint:
     if path.is_dir():
         path = path / CHECKPOINT_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint (train one with: python pipeline.py train ...)")
+        raise FileNotFoundError(f"{path}: no such checkpoint (train one with: raml train ...)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a truncated or foreign file

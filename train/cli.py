@@ -116,7 +116,7 @@ def choose_training_cache(dataset, model, pretrained, weights, random_weights, e
             return echo_chosen("cache", path)
         raise UserError(
             f"no {dataset} cache of the backbone named ({identity.name}, weights {identity.weights}, "
-            f"{identity.precision}) at {path}; extract it with python pipeline.py extract --dataset "
+            f"{identity.precision}) at {path}; extract it with raml extract --dataset "
             f"{dataset} and the same backbone options, or pass --cache-dir."
             + (f" The caches of {dataset}:{listed}" if caches else "")
         )
@@ -124,7 +124,7 @@ def choose_training_cache(dataset, model, pretrained, weights, random_weights, e
         return echo_chosen("cache", caches[0])
     if not caches:
         raise UserError(
-            f"no cache of {dataset} under {FEATURES / dataset}/: run python pipeline.py extract "
+            f"no cache of {dataset} under {FEATURES / dataset}/: run raml extract "
             f"--dataset {dataset} first, or pass --cache-dir"
         )
     raise UserError(

@@ -1,4 +1,4 @@
-"""Score images with a RAML deployment (``python pipeline.py export``), using only onnxruntime,
+"""Score images with a RAML deployment (``raml export``), using only onnxruntime,
 numpy and pillow — no torch, no RAML package.
 
     python predict_onnx.py part.png [more.png ...] [--category bottle] [--maps DIR]
@@ -96,7 +96,7 @@ def open_graph(deploy, part):
 
 def main(argv=None):
     if not (HERE / "deploy.json").is_file():
-        sys.exit(f"{HERE / 'deploy.json'} is missing: an incomplete export; run python pipeline.py export again")
+        sys.exit(f"{HERE / 'deploy.json'} is missing: an incomplete export; run raml export again")
     deploy = json.loads((HERE / "deploy.json").read_text())
     categories = deploy["categories"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
