@@ -34,7 +34,8 @@ from raml.cache.files import atomic_write_text
 from raml.cache.tokens import add_tokens_command
 from raml.errors import UserError
 from raml.evaluate.baselines.features import BASELINES, TOKEN_BASELINES, run_feature_baseline
-from raml.evaluate.metrics import DEFAULT_BOOTSTRAP, bootstrap_mean_auroc_ci, paired_bootstrap_auroc_difference
+from raml.evaluate.bootstrap_settings import CI_LEVEL, DEFAULT_BOOTSTRAP
+from raml.evaluate.metrics import bootstrap_mean_auroc_ci, paired_bootstrap_auroc_difference
 from raml.evaluate.plots import difference_forest
 from raml.evaluate.results import NOT_MEANINGFUL, RESULTS_JSON, SCORES_CSV, diverged_cell, read_results, read_scores_csv
 from raml.evaluate.run import evaluate_checkpoints
@@ -161,7 +162,7 @@ def run_ablation(
         "bootstrap": {
             "resamples": n_resamples,
             "seed": bootstrap_seed,
-            "level": 0.95,
+            "level": CI_LEVEL,
             "statistic": "mean over categories of the per-category image AUROC, %",
         },
         "rows": table_rows,

@@ -24,6 +24,7 @@ from raml.cli.options import (
 )
 from raml.cli.workspace import REPORT_DIR, RESULTS, SWEEP_PREFIX, dataset_of, results_dir
 from raml.errors import OptionError, UserError
+from raml.evaluate.bootstrap_settings import CI_LEVEL, DEFAULT_BOOTSTRAP
 from raml.evaluate.workspace import newest_run_dir, run_label, scoring_cache, sweep_dir
 from raml.extract.cli import dataset_option, model_option, refusing_contradictory_weights
 from raml.train.cli import (
@@ -33,11 +34,10 @@ from raml.train.cli import (
     train_options,
     training_cache_options,
 )
+from raml.train.config import MARGIN_PRESETS
 
 
 def margin_list(ctx, param, text):
-    from raml.train.config import MARGIN_PRESETS
-
     return text_list(
         choices=MARGIN_PRESETS, accepted=f"comma-separated margin presets among {', '.join(MARGIN_PRESETS)}"
     )(ctx, param, text)
@@ -79,9 +79,9 @@ bootstrap_options = [
         "--bootstrap",
         "n_resamples",
         type=click.IntRange(1, 1_000_000),
-        default=1000,
+        default=DEFAULT_BOOTSTRAP,
         show_default=True,
-        help="Bootstrap resamples for the AUROC 95 % CI.",
+        help=f"Bootstrap resamples for the AUROC {CI_LEVEL:.0%} CI.",
     ),
     click.option("--bootstrap-seed", type=SEED, default=0, show_default=True, help="Seed of the bootstrap resampling."),
 ]
@@ -247,7 +247,7 @@ def report(results, out):
 @training_cache_options
 @click.option(
     "--margins",
-    default="adaptive,fixed,strong",
+    default=",".join(MARGIN_PRESETS),
     show_default=True,
     callback=margin_list,
     help="Margin presets to compare.",

@@ -26,7 +26,8 @@ import numpy as np
 from raml.cache.reader import token_chunks
 from raml.cache.tokens import EVAL_MASK_BYTES, EVAL_MASK_SIDE, TILES, eval_maps, unpack_eval_masks
 from raml.evaluate.baselines.winclip import TEMPERATURE as ZERO_SHOT_TEMPERATURE
-from raml.evaluate.metrics import AUPRO_FPR_LIMIT, DEFAULT_BOOTSTRAP, bootstrap_pixel_ci, pixel_counts, pixel_metrics
+from raml.evaluate.bootstrap_settings import DEFAULT_BOOTSTRAP
+from raml.evaluate.metrics import AUPRO_FPR_LIMIT, bootstrap_pixel_ci, pixel_counts, pixel_metrics
 from raml.evaluate.results import PIXEL_METRICS, in_percent, mean_std
 
 RESOLUTION_NOTE = (

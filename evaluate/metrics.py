@@ -17,10 +17,8 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from raml.evaluate.bootstrap_settings import CI_LEVEL, DEFAULT_BOOTSTRAP
 from raml.train.thresholds import labels_and_scores
-
-DEFAULT_BOOTSTRAP = 1000
-CI_LEVEL = 0.95
 
 
 def image_auroc(labels, scores) -> float:

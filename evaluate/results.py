@@ -26,8 +26,9 @@ import numpy as np
 
 from raml.cache.files import atomic_write, atomic_write_text, make_dirs, read_json_checked
 from raml.errors import UserError
+from raml.evaluate.bootstrap_settings import CI_LEVEL, DEFAULT_BOOTSTRAP
 from raml.evaluate.file_names import MAPS_NPZ, RESULTS_JSON, SCORES_CSV
-from raml.evaluate.metrics import DEFAULT_BOOTSTRAP, average_precision, bootstrap_auroc_ci, image_auroc
+from raml.evaluate.metrics import average_precision, bootstrap_auroc_ci, image_auroc
 from raml.train.thresholds import f1_max
 
 MAP_EXAMPLES = 4  # test images a report shows with their anomaly maps, per table (``pick_examples``)
@@ -159,7 +160,7 @@ def config_entry(
         "seeds": [run.seed for run in runs],
         "sources": [run.source for run in runs],
         "protocol": image_list,
-        "bootstrap": {"resamples": n_resamples, "seed": bootstrap_seed, "stratified": True, "level": 0.95},
+        "bootstrap": {"resamples": n_resamples, "seed": bootstrap_seed, "stratified": True, "level": CI_LEVEL},
         **backbone,
         "meaningful": not backbone.get("random_weights", False),
         "units": "AUROC, AP and F1 in %; mean ± sample std (ddof = 1) over seeds; auroc_over_seeds gives n",

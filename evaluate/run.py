@@ -25,8 +25,8 @@ from raml.cache import read_cache
 from raml.cache.reader import require_tokens
 from raml.cache.tokens import TILES, add_tokens_command, token_grid
 from raml.errors import CacheError, UserError
+from raml.evaluate.bootstrap_settings import DEFAULT_BOOTSTRAP
 from raml.evaluate.localisation import PIXEL_HEAD_MAP, map_images, not_scored_block, pixel_block, score_tokens
-from raml.evaluate.metrics import DEFAULT_BOOTSTRAP
 from raml.evaluate.protocols import select_images
 from raml.evaluate.results import MapSet, ScoredRun, config_entry, in_percent, mean_std, write_results
 from raml.train.checkpoint import CHECKPOINT_FILE, Checkpoint, check_cache, check_tokens, load_checkpoint

@@ -38,6 +38,7 @@ from raml.cache import SCALE_SLICES, FeatureTable
 from raml.cache.reader import require_tokens, token_chunks
 from raml.cache.tokens import EVAL_MASK_BYTES, TILES, add_tokens_command, token_grid
 from raml.errors import UserError
+from raml.evaluate.bootstrap_settings import DEFAULT_BOOTSTRAP
 from raml.evaluate.localisation import (
     ZERO_SHOT_MAP,
     map_images,
@@ -46,7 +47,6 @@ from raml.evaluate.localisation import (
     score_tokens,
     zero_shot_token_scores,
 )
-from raml.evaluate.metrics import DEFAULT_BOOTSTRAP
 from raml.evaluate.protocols import ImageList, held_out_relpaths, read_split_manifest
 from raml.evaluate.results import MapSet, ScoredRun, config_entry, write_results
 from raml.evaluate.run import backbone_fields

@@ -12,8 +12,8 @@ from tqdm import tqdm
 
 from raml.cache.tokens import EVAL_MASK_BYTES, eval_mask
 from raml.errors import UserError
+from raml.evaluate.bootstrap_settings import DEFAULT_BOOTSTRAP
 from raml.evaluate.localisation import MapImages, not_scored_block, pixel_block
-from raml.evaluate.metrics import DEFAULT_BOOTSTRAP
 from raml.evaluate.protocols import dataset_images
 from raml.evaluate.results import MAP_EXAMPLES, MapSet, ScoredRun, config_entry, pick_examples, write_results
 from raml.evaluate.run import backbone_fields
