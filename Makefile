@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint docs install clean
 
 # --no-compile: byte-compiling all of torch at install time took ~20 s of the demo's first minute;
 # Python compiles the modules it imports on first use instead.
@@ -27,5 +27,10 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) pipeline.py demo $(if $(ONLINE),--online,)
 
+# The documentation site into site/, offline; --strict turns a broken link, anchor or page into an error.
+docs: $(VENV)/.installed
+	$(PY) -m pip install -q --no-compile -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo_out site

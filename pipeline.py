@@ -89,7 +89,7 @@ def cli(ctx):
 
 @cli.group()
 def bench():
-    """Measure speed on this machine (not tests: figures go to notes and the README)."""
+    """Measure speed on this machine (not tests: figures go to docs/benchmarks.md)."""
 
 
 for command in (extract, info, train, sweep, ablate, evaluate, report, baseline, predict, export, demo, status):

@@ -1,4 +1,5 @@
-"""``bench cache``: what checking a cache costs when it is read (issue 10 asks for < 10 %).
+"""``bench cache``: what checking a cache costs when it is read (the target: under 10 %
+of a read).
 
 The same shards are read with ``read_cache`` as written (checksums verified, rows validated) and
 as a copy without checksums in which validation is switched off, i.e. as RAML read caches before

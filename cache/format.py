@@ -1,38 +1,9 @@
 """What a cache is: the directory's files, a shard's datasets, the fingerprint, the shard names.
 
-A cache is a directory::
-
-    cache.json                  fingerprint of the backbone that wrote it (see ``fingerprint``)
-    features-000of001-00000.h5  finalised shards (any number, from any number of processes)
-    features-*.h5.partial       a shard being written; never read
-    extract-000of001.lock       the lock of one writer slot, (cache, shard i/n): see ``cache.lock``
-
-Each shard holds, for its images (one row each):
-
-    features     [N, 21, D] float16  L2-normalised CLIP image embeddings of the 21 crops
-                                     (crop order: ``CROP_LAYOUT`` — global, 2x2, 4x4, row-major)
-    label        [N] int8            0 normal, 1 anomalous
-    category, defect_type, relpath, split   [N] utf-8 strings (relpath relative to the dataset root)
-    mask_relpath [N] utf-8           "" when there is no mask
-    height, width [N] int32          original image size in pixels
-    text/<category>/normal, text/<category>/anomalous   [P, D] float32, L2-normalised prompt embeddings
-    skipped/relpath, skipped/reason  files that ``--skip-bad`` left out
-
-and, as attributes, the cache fingerprint, ``engine`` (which image encoder wrote it) and
-``xxh3_64``, the checksum of every dataset (``cache.checks``). ``cache.writer`` writes shards,
-``cache.reader`` reads a cache back as one table.
-
-A shard extracted with ``--patch-tokens`` also holds, for every row (``cache.tokens`` says which
-tokens, where they lie and how the targets are made; its setting is the attribute ``patch_tokens``
-and the ``patch_tokens`` field of ``cache.json``):
-
-    patch_tokens   [N, T, D] float16  the 4x4 tiles' pooled patch tokens (ViT-B/16: T = 784), one chunk per row
-    eval_mask      [N, 8192] uint8    the defect mask at 256 x 256 scoring points, packed bits, one chunk per row
-    token_defect   [N, T] float16     each token's defect fraction (NaN: an anomalous image without a mask)
-    token_row_xxh3 [N] uint64         XXH3-64 of each row's patch_tokens and eval_mask bytes
-
-The two large datasets are read row by row when needed (``cache.reader.read_token_rows``), each row
-checked against its checksum; the two small ones are read and checked with the table.
+The format is specified once, in docs/cache-format.md (the directory, a shard's datasets and
+attributes, the patch-token datasets, ``cache.json``, what a reader can rely on); this module holds
+its names and the fingerprint's rules. ``cache.writer`` writes shards, ``cache.reader`` reads a
+cache back as one table, ``cache.checks`` holds the checksums, ``cache.tokens`` the patch tokens.
 """
 
 from __future__ import annotations

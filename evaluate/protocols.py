@@ -1,7 +1,7 @@
 """Which images a model is scored on: the three evaluation protocols.
 
 - ``holdout``: exactly the images the training run held out, read from its split manifest
-  (SPEC.md: all train/good + 80 % of the official test set train; the other 20 % is scored).
+  (docs/method.md#the-holdout-split: all train/good + 80 % of the official test set train; the other 20 % is scored).
 - ``transfer``: every official test image of another dataset's cache, no fine-tuning
   (a model trained on MVTec AD scored on VisA, and the reverse).
 - ``official``: every official test image of the dataset (zero-shot methods such as WinCLIP, or a

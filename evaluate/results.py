@@ -267,7 +267,8 @@ def _write_maps(path: Path, maps: dict) -> None:
 
 def read_maps(results_path: Path, entry: dict) -> dict | None:
     """An entry's maps from its ``anomaly_maps.npz``: {relpath: grid}, {relpath: mask_relpath}, tiles,
-    description; None when it saved none (or saved them in the format of RAML before issue 19)."""
+    description; None when it saved none (or saved them as RAML did before the
+    patch-token maps)."""
     where = entry.get("anomaly_maps")
     path = Path(results_path).parent / where["file"] if isinstance(where, dict) else None
     if path is None or not path.is_file():
@@ -350,7 +351,7 @@ _ENTRY_SHAPE = {
     "anomalous_inside_margin_over_seeds": {"mean": "number?", "std": "number?"},
     "score_weights": {"visual_weight!": NUMBER, "text_weight!": NUMBER},
     "scores_csv": str,
-    "anomaly_maps": (str, {"file!": str, "key!": str, "tiles!": int, "description!": str}),  # str: before issue 19
+    "anomaly_maps": (str, {"file!": str, "key!": str, "tiles!": int, "description!": str}),  # str: before token maps
 }
 
 

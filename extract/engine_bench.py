@@ -5,10 +5,10 @@
 its ratio to the machine's floor, so that figures from different machines can be compared::
 
     floor = multiply-accumulates of one image's 21 crops (``vit_macs_per_image``; ViT-B/16: 369 G,
-            issue 13's "370 GFLOP per image")
+            the speed target's "370 GFLOP per image")
             ÷ the FLOP/s of a 2048² fp32 matrix product in torch, on the same threads
 
-The floor keeps issue 13's definition, in which one multiply-accumulate is set against one
+The floor keeps the speed target's definition, in which one multiply-accumulate is set against one
 floating-point operation of the GEMM although it costs two: an fp32 engine running every product
 at the GEMM's speed would take 2× the floor, and only integer kernels (int8 dot-product
 instructions such as AVX-512 VNNI) can go below it.

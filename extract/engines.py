@@ -26,7 +26,7 @@ RETIRED_PRECISIONS = {
     "int8": "int8 features of RAML's first quantisation (8-bit weights, whose 16-bit pair sums saturate on CPUs "
     "without VNNI, so that its features depended on the CPU)",
 }
-FIDELITY_SAMPLE = 32  # images of the user's own data the int8 check encodes both ways (issue 13's default)
+FIDELITY_SAMPLE = 32  # images of the user's own data the int8 check encodes both ways
 
 
 def usable_cores() -> int:

@@ -95,7 +95,7 @@ QUANTISATION = {
 PAIR_SUM_LIMIT = 32767
 MAX_WEIGHT = PAIR_SUM_LIMIT // (2 * 255)  # 64
 BUILD_CHECK_CROPS = 2  # random crops run once through a new model: it must load and give finite output
-# Issue 13's limits: below either, the int8 features are not trusted and the user is told to use fp32.
+# The int8 engine's acceptance limits: below either, the int8 features are not trusted and the user is told to use fp32.
 MIN_COSINE = 0.995  # per-crop cosine between the int8 and the fp32 embedding, smallest of the sample
 MIN_SPEARMAN = 0.99  # Spearman rank correlation of s_final over the sample's images
 MIN_RANKED_IMAGES = 3  # fewer images give no meaningful rank correlation

@@ -1,7 +1,7 @@
 """Stage one's loader: decode and crop images in worker processes, hand the crops to the encoder.
 
-The hand-over is what sets stage one's speed once the encoder is fast (issue 8 measured a GPU
-idle 90 % of the time behind the old loader), so each step is chosen for it:
+The hand-over is what sets stage one's speed once the encoder is fast (a GPU was measured
+idle 90 % of the time behind the first loader), so each step is chosen for it:
 
 - **Image by image.** ``DataLoader`` workers each take one image at a time (``batch_size=None``),
   so ``W`` workers decode ``W`` images at once whatever the batch size; batches are put together

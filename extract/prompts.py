@@ -1,4 +1,4 @@
-"""Text prompts for the normal and anomalous state of a category (SPEC.md §3).
+"""Text prompts for the normal and anomalous state of a category (docs/method.md#text-visual-fusion).
 
 The first state of each list is the original RAML prompt ("flawless {category}" / "damaged
 {category} with defects"); the others and the templates form a small ensemble in the style of

@@ -2,7 +2,7 @@
 
 Crop order (``cache.CROP_LAYOUT``): index 0 is the whole image, 1-4 the 2x2 grid, 5-20 the 4x4
 grid, each grid row-major. Tiles are cut from the original pixels, not from a resized copy: that
-is where the extra effective resolution comes from (SPEC.md, the original code's first mistake).
+is where the extra effective resolution comes from (docs/method.md#the-21-crop-pyramid; the original code's first mistake).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""A cache that cannot lie (issue 10): bad inputs, one writer per shard slot, the model config by
+"""A cache that cannot lie: bad inputs, one writer per shard slot, the model config by
 content, checksums and validation on read, stale partial shards, EXIF orientation; and a re-run
-with nothing to encode that never loads CLIP (issue 8)."""
+with nothing to encode that never loads CLIP."""
 
 import importlib.util
 import json
@@ -491,7 +491,7 @@ def test_exif_orientation_is_applied(tmp_path):
     np.testing.assert_array_equal(np.asarray(deployed.load_rgb(tmp_path / "phone.png", 64)), np.asarray(upright))
 
 
-# --- issue 8: nothing to do, done at once ------------------------------------------------------
+# --- nothing to do, done at once ---------------------------------------------------------------
 
 
 def test_nothing_to_encode_never_loads_clip(mvtec_root, mvtec_cache, tmp_path):

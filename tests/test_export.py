@@ -34,7 +34,7 @@ from tests.synthetic import part_image
 
 BACKBONE = ["--model", TINY_MODEL, "--random-weights", "--device", "cpu"]
 SCORE_TOLERANCE = 1e-4
-MAP_TOLERANCE = 1e-5  # issue 19: export's map within 1e-5 of predict's
+MAP_TOLERANCE = 1e-5  # export's map within 1e-5 of predict's
 # Runs the script in a child in which importing torch, open_clip or a RAML package fails.
 WITHOUT_TORCH = """
 import runpy, sys

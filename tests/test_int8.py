@@ -482,7 +482,7 @@ def test_vit_macs_per_image_by_hand(tiny_backbone):
     # tiny: 16 patches + class token, width 64, MLP 256, 2 blocks, 8 px patches, projection 64 → 32
     per_crop = 16 * 64 * 3 * 8 * 8 + 2 * (17 * (4 * 64 * 64 + 2 * 64 * 256) + 2 * 17 * 17 * 64) + 64 * 32
     assert vit_macs_per_image(tiny_backbone) == 21 * per_crop == 40_819_968
-    # ViT-B/16's shape, without building it: issue 13's "370 GFLOP per image"
+    # ViT-B/16's shape, without building it: the speed target's "370 GFLOP per image"
     block = SimpleNamespace(mlp=SimpleNamespace(c_fc=SimpleNamespace(out_features=3072)))
     visual = SimpleNamespace(
         conv1=SimpleNamespace(in_channels=3, kernel_size=(16, 16)),

@@ -216,7 +216,7 @@ def test_every_bad_option_value_is_a_usage_error_naming_the_option(path, command
     ],
 )
 def test_the_cases_the_issue_found_are_usage_errors(path, option, value, base_args, tmp_path, monkeypatch):
-    """Each of these ended in a traceback before (issue 22): now exit 2 and one line naming the option."""
+    """Each of these ended in a traceback before options were checked up front: now exit 2 and one line naming the option."""
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(cli, [*path, *base_args[path], option, value])
     assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output

@@ -1,4 +1,4 @@
-"""Issue 19: patch tokens in the cache, three map kinds drawn from them, and pixel metrics.
+"""Patch tokens in the cache, three map kinds drawn from them, and pixel metrics.
 
 Token geometry and mask targets by hand; the tokens are the encoder's own; adding them re-encodes
 only what lacks them and survives kill -9 bit-identical; AUPRO equals a brute-force computation;

@@ -97,7 +97,7 @@ def test_attend_weights_values():
 
 
 def test_heldout_counts_rule():
-    assert heldout_counts([12, 30], 0.2) == [3, 6]  # MVTec toothbrush, as SPEC.md quotes it
+    assert heldout_counts([12, 30], 0.2) == [3, 6]  # MVTec toothbrush (docs/method.md#the-holdout-split)
     assert heldout_counts([2, 2], 0.2) == [1, 1]  # at least one of each class with ≥ 2 images
     assert heldout_counts([1, 5], 0.2) == [0, 2]  # a single image stays in training
     assert heldout_counts([0, 0], 0.2) == [0, 0]

@@ -1,4 +1,4 @@
-"""The workspace (issue 23): the design's commands run as written in a directory that holds the
+"""The workspace: the design's commands run as written in a directory that holds the
 data, defaults from raml.toml, and the messages that say what is missing or ambiguous."""
 
 import hashlib

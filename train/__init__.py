@@ -1,4 +1,4 @@
-"""Stage two: the RAML head trained on cached features (SPEC.md §2–8). Never loads CLIP.
+"""Stage two: the RAML head trained on cached features (docs/method.md). Never loads CLIP.
 
 May import cache/ and extract/ (the device, never a model); nothing here imports evaluate/.
 

@@ -6,11 +6,11 @@ finished run may be reused. Each field's comment gives where its default comes f
 
 - "orig:N" — line N of the original release's training code, ``train_raml_model.py`` of
   voveed/RAML_INDUSTRIAL_ANOMALY_DETECTION (read at commit 6ee7c979): the original's value;
-- "README, SPEC §n" — the original release's README (restated in /work/shared/SPEC.md), where
+- "README" — the original release's README (restated in docs/method.md), where
   it gives a value; where README and code disagree the comment names both, and the README wins
   (it is this project's spec);
 - "ours" — a choice of this project, the original's value named beside it where it has one
-  (the README's "Method notes" table of deviations says why, and how to restore it).
+  (docs/method.md#deviations-from-the-original-release says why, and how to restore it).
 
 Loss constants where the original's value differs from ours (``VARIANT_DEFAULTS``) default to
 None and are resolved by ``--loss-variant``, as the margin values are by ``--margin``.
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 from raml.errors import UserError
 
-# name → (m_base, λ_σ, λ_res). adaptive: orig:121 and orig:481 (README, SPEC §5); fixed and strong:
-# the README's two ablation baselines (SPEC §5).
+# name → (m_base, λ_σ, λ_res). adaptive: orig:121 and orig:481 (README, docs/method.md#the-margin); fixed and
+# strong: the README's two ablation baselines (docs/method.md#the-margin).
 MARGIN_PRESETS = {
     "adaptive": (0.5, 0.3, 0.3),
     "fixed": (0.5, 0.0, 0.0),
@@ -169,14 +169,14 @@ class TrainConfig:
         bounds=Bounds(0, 1, low_open=True, high_open=True),
     )
     # optimisation
-    # README (SPEC §8); the original's code trains 20 epochs (orig:481)
+    # README (docs/method.md#training-defaults); the original's code trains 20 epochs (orig:481)
     epochs: int = _option(25, "Passes over the training images (the original's code: 20).", bounds=Bounds(1, 100_000))
-    # orig:485 (README, SPEC §8); dropping the last incomplete batch is ours (the original keeps it)
+    # orig:485 (README, docs/method.md#training-defaults); dropping the last incomplete batch is ours (the original keeps it)
     batch_size: int = _option(
         16, "Images per step (an epoch drops its last incomplete batch).", bounds=Bounds(2, 65536)
     )
-    lr: float = _option(5e-5, "AdamW learning rate.", bounds=POSITIVE)  # orig:481 (README, SPEC §8)
-    # README (SPEC §8); the original's code sets none: torch's AdamW default, 0.01 (orig:380)
+    lr: float = _option(5e-5, "AdamW learning rate.", bounds=POSITIVE)  # orig:481 (README)
+    # README (docs/method.md#training-defaults); the original's code sets none: torch's AdamW default, 0.01 (orig:380)
     weight_decay: float = _option(
         0.02, "AdamW weight decay (the original's code: 0.01, torch's default).", bounds=NON_NEGATIVE
     )
@@ -201,7 +201,7 @@ class TrainConfig:
     text_fusion: bool = _option(True, "on: the visual vector attends to the category's text embeddings.")  # orig:298
     # ours: the original has no tile pooling (its 4x4 query is the mean of the tiles, orig:100)
     tile_pool: str = _option("max", "How the fusion pools the 4x4 tiles: max or mean.", choices=("max", "mean"))
-    # pixel head: ours (issue 19); trained on the cache's patch tokens and the per-token defect fractions
+    # pixel head: ours (docs/method.md#the-pixel-head); trained on the cache's patch tokens and the per-token defect fractions
     pixel_head: str = _option(
         "auto",
         "A pixel head scoring every patch token (the anomaly map), trained with the "

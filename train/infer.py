@@ -1,4 +1,4 @@
-"""Anomaly scores of a trained head (SPEC.md §7): ``s_final = 0.85·s_visual + 0.15·s_text``.
+"""Anomaly scores of a trained head (docs/method.md#the-heads-and-the-scores): ``s_final = 0.85·s_visual + 0.15·s_text``.
 
 - s_visual = sigmoid(visual logit of the head).
 - s_text = sigmoid(100 · (cos(g, t_anomalous) − cos(g, t_normal))): g is the cached global crop

@@ -1,4 +1,4 @@
-"""MACCL, the Margin-Aware Center-Contrastive loss (SPEC.md §4–6), plus BCE on the visual logit.
+"""MACCL, the Margin-Aware Center-Contrastive loss (docs/method.md#maccl-the-loss), plus BCE on the visual logit.
 
 Feature scale: the head's MACCL feature is L2-normalised, so every distance lies in [0, 2] and a
 margin of 0.905 (the README's worked example) is a real distance, about 54° apart on the sphere.
@@ -11,7 +11,7 @@ State (saved in checkpoints; never trained by gradient):
   total standard deviation sqrt(Σ_i ‖f_i − f̄‖² / (n − 1)) over its n ≥ 2 normal features (the
   root of the covariance trace: the typical distance of a normal feature from its mean, on the
   same scale as the margin).
-- ``difficulty``: per-category EMA (``difficulty_momentum``) of the loss (SPEC §6).
+- ``difficulty``: per-category EMA (``difficulty_momentum``) of the loss (docs/method.md#auto-difficulty).
 
 Both ``center`` and ``sigma`` are initialised from all training normals under the initial
 weights (``initial_loss_state``), so the first batch already has a meaningful center.

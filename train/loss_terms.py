@@ -1,6 +1,7 @@
 """The formula pieces both losses are built from (``train/loss.py``, this project's MACCL, and
 ``train/original_loss.py``, the original release's): the adaptive margin, the center and margin
-terms, and the per-category difficulty weight (SPEC.md §4–6)."""
+terms, and the per-category difficulty weight (docs/method.md#maccl-the-loss,
+docs/method.md#the-margin, docs/method.md#auto-difficulty)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def adaptive_margin(margin_base, lambda_sigma, sigma, lambda_res, resolution_pen
 
 
 def difficulty_weights(category_loss: torch.Tensor, seen: torch.Tensor, scale=0.5, low=0.5, high=2.0):
-    """w_cat = 1 + scale·(L_cat − L_global)/L_global, clipped to [low, high] (SPEC §6).
+    """w_cat = 1 + scale·(L_cat − L_global)/L_global, clipped to [low, high] (docs/method.md#auto-difficulty).
 
     ``category_loss`` [C] holds the per-category loss EMAs; L_global is their mean over the
     categories ``seen`` so far. Unseen categories get weight 1.

@@ -1,4 +1,5 @@
-"""The RAML head (SPEC.md §2–3, §7): cross-scale attention, fusion, text-visual fusion, two heads.
+"""The RAML head: cross-scale attention, fusion, text-visual fusion, two heads (docs/method.md#cross-scale-attention
+and the sections after it).
 
 Pure torch, no training machinery. Input: the 21 cached crop embeddings of each image, in the
 cache's crop order (``cache.SCALE_SLICES``: global, 2×2 grid, 4×4 grid, row-major), and the
@@ -151,7 +152,7 @@ class RAMLHead(nn.Module):
             nn.LayerNorm(hidden_dim),
         )
         if text_fusion:
-            # Text-visual fusion (SPEC §3). The text tokens are projected by the global crop's
+            # Text-visual fusion (docs/method.md#text-visual-fusion). The text tokens are projected by the global crop's
             # projection: CLIP embeds images and texts in one space, and a shared projection keeps
             # them in one space after it (and costs no extra layer).
             self.text_query = nn.Linear(hidden_dim, attn_dim, bias=False)

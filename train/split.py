@@ -1,4 +1,4 @@
-"""The holdout protocol (SPEC.md, "Data and protocols"): which images train and which are held out.
+"""The holdout protocol (docs/method.md#the-holdout-split): which images train and which are held out.
 
 Training and evaluation both call ``holdout_split``, and every run writes the split's manifest,
 so a table can prove (``image_list_hash``) that its rows were scored on the same images.

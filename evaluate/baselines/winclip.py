@@ -1,7 +1,7 @@
 """WinCLIP zero-shot (Jeong et al., CVPR 2023), the baseline RAML is compared with.
 
 The original RAML release's "WinCLIP" was plain global zero-shot CLIP scored on other images
-(SPEC.md). This one follows the paper:
+(docs/method.md#what-the-original-code-got-wrong). This one follows the paper:
 
 - **Compositional prompt ensemble**: every state word × every template, embedded, averaged per
   class (normal, anomalous) into two text prototypes.
