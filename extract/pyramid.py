@@ -89,38 +89,30 @@ def load_mask(path: Path, width: int, height: int, image: Path | None = None) ->
     A mask of another size is refused, not resized: MVTec AD's and VisA's masks always have their
     image's size, so a mismatch means the wrong file (another image's mask, an export at another
     resolution), and stretching it would give pixel targets that look valid and are not. No
-    tolerance of a pixel or two: no dataset we know of rounds its masks' sizes. ``image``, the
-    image the mask belongs to: the error is then about that image (``--skip-bad`` skips it) and
-    names both files; without it, about the mask.
+    tolerance of a pixel or two: we know of no dataset whose masks' sizes are rounded. ``image``:
+    the image the mask belongs to; the error is then the image's (``--skip-bad`` skips it) and
+    names both files, else the mask's.
     """
+    what = f"its defect mask {printable(str(path))}" if image else "defect mask"
     try:
         with Image.open(path) as mask:
             if mask.width * mask.height > MAX_IMAGE_PIXELS:
                 raise BadImageError(
                     image or path,
-                    f"defect mask {printable(str(path))} of {mask.width}x{mask.height} px, over RAML's limit of "
-                    f"{MAX_IMAGE_PIXELS:,} px",
+                    f"{what} is {mask.width}x{mask.height} px, over RAML's limit of {MAX_IMAGE_PIXELS:,} px",
                 )
             mask = ImageOps.exif_transpose(mask).convert("L")
             if mask.size != (width, height):
-                raise BadImageError(image or path, mask_size_problem(path, mask.size, image, (width, height)))
+                raise BadImageError(
+                    image or path,
+                    f"{what} is {mask.width}x{mask.height} px but the image is {width}x{height} px: a mask must "
+                    "have its image's size (another image's mask, or an export at another resolution?)",
+                )
             return np.asarray(mask) > 0
     except BadImageError:
         raise
     except Exception as err:  # missing, truncated or not an image: PIL raises many types for damaged bytes
-        raise BadImageError(
-            image or path, f"defect mask {printable(str(path))} cannot be read ({type(err).__name__}: {err})"
-        ) from None
-
-
-def mask_size_problem(mask: Path, mask_size: tuple, image: Path | None, image_size: tuple) -> str:
-    """The words for a defect mask of (width, height) ``mask_size`` whose image is ``image_size``."""
-    whose = f"its image {printable(str(image))}" if image else "its image"
-    return (
-        f"defect mask {printable(str(mask))} is {mask_size[0]}x{mask_size[1]} px but {whose} is "
-        f"{image_size[0]}x{image_size[1]} px: a mask must have its image's size (another image's mask, "
-        "or an export at another resolution?)"
-    )
+        raise BadImageError(image or path, f"{what} cannot be read ({type(err).__name__}: {err})") from None
 
 
 def token_targets(root: Path, record, height: int, width: int, per_tile: int) -> tuple[np.ndarray, np.ndarray]:
