@@ -17,6 +17,11 @@ REPAIR_COMMAND = "raml info --repair --cache-dir {cache_dir}"  # rebuilds cache.
 SHARDS_NAMED = 4  # a message about shards names this many, then says how many more
 
 
+def shard_count(count: int) -> str:
+    """``1 shard``, ``3 shards``."""
+    return f"{count} shard{'' if count == 1 else 's'}"
+
+
 def named_shards(names: list[str]) -> str:
     """``a.h5, b.h5, c.h5, d.h5 and 3 more``."""
     more = len(names) - SHARDS_NAMED

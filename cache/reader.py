@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from raml.cache.checks import checksum_problem, shard_problem, token_row_checksum, token_rows_problem
-from raml.cache.duplicates import REPAIR_COMMAND, first_copies
+from raml.cache.duplicates import REPAIR_COMMAND, first_copies, shard_count
 from raml.cache.format import (
     CACHE_JSON,
     CHECKSUM_ATTRIBUTE,
@@ -132,7 +132,7 @@ def read_cache(cache_dir: Path, *, with_features: bool = True, report_duplicates
     meta = read_fingerprint(cache_dir)
     if meta is None and shard_paths(cache_dir):
         raise CacheError(
-            f"{cache_dir} holds {len(shard_paths(cache_dir))} shards but no {CACHE_JSON} (deleted, or not copied "
+            f"{cache_dir} holds {shard_count(len(shard_paths(cache_dir)))} but no {CACHE_JSON} (deleted, or not copied "
             "with them). Rebuild it from the backbone identity every shard records: "
             + REPAIR_COMMAND.format(cache_dir=cache_dir)
         )

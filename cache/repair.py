@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 
 from raml.cache.checks import ATTRIBUTES, attributes_checksum, shard_problem
-from raml.cache.duplicates import REPAIR_COMMAND, named_shards
+from raml.cache.duplicates import REPAIR_COMMAND, named_shards, shard_count
 from raml.cache.files import create_exclusively, remove_durably
 from raml.cache.format import (
     CACHE_JSON,
@@ -160,15 +160,15 @@ def restore_fingerprint(cache_dir: Path, expected: dict | None = None) -> str | 
     if bad:
         details = "; ".join(f"{key}: shards {meta.get(key)!r}, this run {expected.get(key)!r}" for key in bad)
         raise CacheError(
-            f"{cache_dir} has no {CACHE_JSON}, and its {len(shards)} shards hold features of another backbone than "
-            f"this run's ({details}). Extract into another --cache-dir; to use this cache as it is, rebuild its "
-            f"{CACHE_JSON}: {REPAIR_COMMAND.format(cache_dir=cache_dir)}"
+            f"{cache_dir} has no {CACHE_JSON}, and the features in its {shard_count(len(shards))} are of another "
+            f"backbone than this run's ({details}). Extract into another --cache-dir; to use this cache as it is, "
+            f"rebuild its {CACHE_JSON}: {REPAIR_COMMAND.format(cache_dir=cache_dir)}"
         )
     if not create_exclusively(cache_dir / CACHE_JSON, json.dumps(meta, indent=2)):
         return None  # another process rebuilt it at the same moment, from the same shards
     return (
-        f"{cache_dir} had no {CACHE_JSON}: rebuilt it from the backbone identity its {len(shards)} "
-        f"shard{'s' if len(shards) > 1 else ''} record ({describe_backbone(meta)})"
+        f"{cache_dir} had no {CACHE_JSON}: rebuilt it from the backbone identity recorded in its "
+        f"{shard_count(len(shards))} ({describe_backbone(meta)})"
     )
 
 

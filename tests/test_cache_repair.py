@@ -53,7 +53,7 @@ def test_extract_rebuilds_a_lost_cache_json_and_encodes_nothing(mvtec_root, mvte
     assert restored == json.loads((mvtec_token_cache / CACHE_JSON).read_text())  # patch_tokens included
     said = capsys.readouterr().err.strip().splitlines()
     assert said == [
-        f"extract: {cache_dir} had no cache.json: rebuilt it from the backbone identity its 1 shard record "
+        f"extract: {cache_dir} had no cache.json: rebuilt it from the backbone identity recorded in its 1 shard "
         f"(raml-tiny-test ({restored['model_config'][:19]}; random(seed=0), random weights), fp32); resuming"
     ]
     assert sorted(p.name for p in cache_dir.glob("*.h5")) == ["features-000of001-00000.h5"]  # no second set
@@ -68,7 +68,7 @@ def test_extract_stops_on_shards_of_another_backbone_writing_nothing(mvtec_root,
     with pytest.raises(CacheError) as refused:
         run(mvtec_root, cache_dir, None, identity=other)  # a None backbone: loading it fails
     message = str(refused.value)
-    assert message.startswith(f"{cache_dir} has no cache.json, and its 1 shards hold features of another backbone")
+    assert message.startswith(f"{cache_dir} has no cache.json, and the features in its 1 shard are of another backbone")
     assert "precision: shards 'fp32', this run 'int8'" in message
     assert message.endswith(f"rebuild its cache.json: raml info --repair --cache-dir {cache_dir}")
     assert sorted(p.name for p in cache_dir.iterdir() if p.name != lock) == before  # no cache.json, no shard
@@ -104,7 +104,7 @@ def test_reading_shards_without_cache_json_names_the_repair(mvtec_cache, tmp_pat
     cache_dir = without_cache_json(mvtec_cache, tmp_path / "cache")
     result = CliRunner().invoke(cli, ["info", "--cache-dir", str(cache_dir)])
     assert result.exit_code == 1 and result.output.count("Error:") == 1
-    assert f"{cache_dir} holds 1 shards but no cache.json" in result.output
+    assert f"{cache_dir} holds 1 shard but no cache.json" in result.output
     assert f"raml info --repair --cache-dir {cache_dir}" in result.output
 
     repaired = CliRunner().invoke(cli, ["info", "--repair", "--cache-dir", str(cache_dir)])

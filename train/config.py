@@ -311,7 +311,8 @@ class TrainConfig:
         self._resolve_margin(problems)
         self._resolve_variant_defaults()
         problems += switch_problems(len(self.scales.split(",")), self.cross_attention, self.tile_pool)
-        if self.margin_base is not None and self.largest_margin() > MAX_FEATURE_DISTANCE:
+        margins_known = all(getattr(self, name) is not None for name in MARGIN_FIELDS)  # else: a problem above
+        if margins_known and self.largest_margin() > MAX_FEATURE_DISTANCE:
             problems.append(self._unreachable_margin())
         if self.visual_weight + self.text_weight <= 0:
             problems.append("visual_weight and text_weight cannot both be 0 (s_final would be 0 for every image)")
@@ -352,10 +353,8 @@ class TrainConfig:
         return self.margin_base + self.lambda_sigma * self.sigma_bound() + self.lambda_res
 
     def _unreachable_margin(self) -> str:
-        sigma, room = (
-            self.sigma_bound(),
-            MAX_FEATURE_DISTANCE - self.lambda_sigma * self.sigma_bound() - self.lambda_res,
-        )
+        sigma = self.sigma_bound()
+        room = MAX_FEATURE_DISTANCE - self.lambda_sigma * sigma - self.lambda_res  # what m_base may be
         return (
             f"--margin-base {self.margin_base:g} --lambda-sigma {self.lambda_sigma:g} --lambda-res {self.lambda_res:g} "
             f"can reach a margin of {self.largest_margin():.3f} (m_base + λ_σ·σ + λ_res·(1 − r/r_max), with σ ≤ "
