@@ -1,4 +1,5 @@
-"""The cache's own commands: ``info`` (what a cache holds) and ``bench cache`` (what checking costs).
+"""The cache's own commands: ``info`` (what a cache holds; ``--repair``: ``cache.repair``) and ``bench cache``
+(what checking costs).
 Each stage defines its commands beside its code; pipeline.py assembles them into one command line."""
 
 from __future__ import annotations
@@ -13,16 +14,28 @@ from raml.cli.failures import fail_cleanly
 
 @click.command()
 @click.option("--cache-dir", type=click.Path(file_okay=False, exists=True), required=True)
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="First repair what the shards alone can repair: rebuild a lost cache.json from the backbone identity "
+    "every shard records (when they all agree), and remove the extra copies of images stored more than once "
+    "(the first copy of each is kept; each shard is rewritten atomically). Nothing is encoded.",
+)
 @fail_cleanly
-def info(cache_dir):
+def info(cache_dir, repair):
     """Summarise a feature cache: backbone, images per category and label, skipped files, partial
-    shards (being written, or left by a killed run)."""
+    shards (being written, or left by a killed run). With --repair, repair it first."""
     from raml.cache import read_cache
     from raml.cache.format import shards_bytes
     from raml.cache.lock import partial_shard_status
     from raml.cache.tokens import token_bytes_per_image
     from raml.errors import human_bytes
 
+    if repair:
+        from raml.cache.repair import repair_cache
+
+        for line in repair_cache(cache_dir).lines():
+            click.echo(line)
     table = read_cache(cache_dir, with_features=False)
     meta = table.meta
     config = (meta.get("model_config") or "config not recorded")[:19]  # "sha256:" and 12 hex digits

@@ -117,9 +117,10 @@ def make_dirs(path) -> Path:
     return path
 
 
-def create_exclusively(path: Path, text: str) -> None:
+def create_exclusively(path: Path, text: str) -> bool:
     """Create ``path`` holding ``text`` unless it exists (then leave it as it is), atomically: a
-    complete temporary file is hard-linked into place, which fails if ``path`` exists."""
+    complete temporary file is hard-linked into place, which fails if ``path`` exists. Returns
+    whether this call created it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with reporting_write_faults(path):
@@ -129,11 +130,19 @@ def create_exclusively(path: Path, text: str) -> None:
             try:
                 os.link(tmp, path)
             except FileExistsError:
-                return
+                return False
             fsync_dir(path.parent)
+            return True
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def remove_durably(path: Path) -> None:
+    """Delete ``path`` and fsync its directory, so that the deletion survives a crash."""
+    with reporting_write_faults(path):
+        Path(path).unlink()
+        fsync_dir(Path(path).parent)
 
 
 def fsync_dir(directory: Path) -> None:

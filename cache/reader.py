@@ -8,7 +8,6 @@ written before checksums existed are validated only.
 from __future__ import annotations
 
 import json
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import h5py
 import numpy as np
 
 from raml.cache.checks import checksum_problem, shard_problem, token_row_checksum, token_rows_problem
+from raml.cache.duplicates import REPAIR_COMMAND, first_copies, shard_count
 from raml.cache.format import (
     CACHE_JSON,
     CHECKSUM_ATTRIBUTE,
@@ -36,7 +36,7 @@ from raml.cache.format import (
 from raml.cache.tokens import EVAL_MASK_BYTES, add_tokens_command
 from raml.errors import CacheError, working_on
 
-_FIX = "Delete it and re-run extract to recompute its images."  # for a shard that cannot be used
+SHARD_FIX = "Delete it and re-run extract to recompute its images."  # for a shard that cannot be used
 # Per-row columns of a FeatureTable (what ``select`` keeps of each row).
 ROW_COLUMNS = (
     "features",
@@ -82,6 +82,8 @@ class FeatureTable:
     shard_file: np.ndarray
     shard_row: np.ndarray
     shards: list
+    # (shard number, row) of every row left out as a second copy of an image: what ``cache.repair`` removes
+    duplicate_rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
 
     @property
     def token_setting(self) -> dict | None:
@@ -109,19 +111,31 @@ class FeatureTable:
             skipped=self.skipped,
             cache_dir=self.cache_dir,
             shards=self.shards,
+            duplicate_rows=self.duplicate_rows,
         )
 
 
-def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
+def read_cache(cache_dir: Path, *, with_features: bool = True, report_duplicates: bool = True) -> FeatureTable:
     """Read every finalised shard of ``cache_dir`` as one ``FeatureTable``.
 
     Each shard's checksums are verified and its rows validated (``rows_problem``,
     ``text_problem``); a shard that fails raises ``CacheError`` naming it. ``with_features=False``
     returns the index columns only (``features`` is empty), holding one shard's features at a
     time: resuming extraction and ``info`` check every shard without the memory of the whole table.
+
+    An image stored more than once (two extract runs that did not see each other's work) is read
+    from its first copy, in shard-name order, then row order; ``report_duplicates`` says so on
+    stderr, once per process and set of shards, naming the shards and the command that removes the
+    other copies (``cache.repair``). A shard removed after the listing (by that command) is left out.
     """
     cache_dir = Path(cache_dir)
     meta = read_fingerprint(cache_dir)
+    if meta is None and shard_paths(cache_dir):
+        raise CacheError(
+            f"{cache_dir} holds {shard_count(len(shard_paths(cache_dir)))} but no {CACHE_JSON} (deleted, or not copied "
+            "with them). Rebuild it from the backbone identity every shard records: "
+            + REPAIR_COMMAND.format(cache_dir=cache_dir)
+        )
     if meta is None:
         raise CacheError(
             f"{cache_dir} is not a RAML feature cache (no {CACHE_JSON}). "
@@ -139,13 +153,20 @@ def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
     checks = []
     setting = meta.get(TOKEN_SETTING_ATTRIBUTE)
     token_count = setting["tokens"] if setting else 0
-    shards = shard_paths(cache_dir)
+    shards = []
     # Each shard is checked in a second thread while the next one is read: the checks (XXH3,
     # float16 norms) run in xxhash and numpy, which release the GIL, so they overlap the reading.
     with ThreadPoolExecutor(max_workers=1) as checker:
-        for number, path in enumerate(shards):
+        for path in shard_paths(cache_dir):
             with working_on(f"shard {path}"):
-                shard = load_shard(path, meta)
+                try:
+                    shard = load_shard(path, meta)
+                except CacheError:
+                    if not path.exists():  # removed since the listing: its rows are copies kept elsewhere
+                        continue
+                    raise
+            number = len(shards)
+            shards.append(path)
             checks.append((path, checker.submit(shard_problem, shard, meta["embed_dim"])))
             rows = len(shard.columns["relpath"])
             if shard.token_setting is not None and shard.token_setting != setting:
@@ -169,7 +190,7 @@ def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
     for path, check in checks:
         problem = check.result()
         if problem:
-            raise CacheError(f"{path}: {problem}. {_FIX}")
+            raise CacheError(f"{path}: {problem}. {SHARD_FIX}")
     dim = meta["embed_dim"]
     columns = {}
     for name, chunks in parts.items():
@@ -183,17 +204,9 @@ def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
             columns[name] = np.concatenate(chunks) if chunks else np.array([], dtype=np.int32)
     if not with_features:
         columns["features"] = np.zeros((len(columns["relpath"]), 0, 0), np.float16)
+    columns, duplicate_rows = first_copies(columns, shards, cache_dir, report_duplicates)
     order = np.lexsort((columns["relpath"], columns["category"]))
     columns = {name: values[order] for name, values in columns.items()}
-    unique, first = np.unique(columns["relpath"], return_index=True)
-    if len(unique) < len(columns["relpath"]):
-        warnings.warn(
-            f"{cache_dir}: {len(columns['relpath']) - len(unique)} images appear in more than "
-            "one shard (two extract runs on the same share?); keeping one copy of each.",
-            stacklevel=2,
-        )
-        keep = np.sort(first)
-        columns = {name: values[keep] for name, values in columns.items()}
     have = set(columns["relpath"].tolist())
     still_skipped = sorted((p, r) for p, r in skipped.items() if p not in have)
     return FeatureTable(
@@ -204,6 +217,7 @@ def read_cache(cache_dir: Path, *, with_features: bool = True) -> FeatureTable:
         skipped=still_skipped,
         cache_dir=cache_dir,
         shards=shards,
+        duplicate_rows=duplicate_rows,
     )
 
 
@@ -223,22 +237,37 @@ def read_token_rows(table: FeatureTable, rows) -> tuple[np.ndarray, np.ndarray]:
         try:
             with h5py.File(path, "r") as h5:
                 stored_tokens, stored_masks, checksums = h5[TOKENS], h5[EVAL_MASK], h5[TOKEN_ROW_CHECKSUM][...]
+                names = h5["relpath"][...]
                 for position in here:
                     row = int(table.shard_row[rows[position]])
+                    _same_image(path, row, names, table.relpath[rows[position]])
                     tokens[position], masks[position] = stored_tokens[row], stored_masks[row]
                     if token_row_checksum(tokens[position], masks[position]) != checksums[row]:
                         raise CacheError(
                             f"{path}: the patch tokens of row {row} ({table.relpath[rows[position]]}) "
-                            f"do not match their checksum (corrupted). {_FIX}"
+                            f"do not match their checksum (corrupted). {SHARD_FIX}"
                         )
         except CacheError:
             raise
         except Exception as err:  # h5py raises many types for a damaged file (OSError, KeyError, ValueError, ...)
-            raise CacheError(f"{path}: unreadable patch tokens ({type(err).__name__}: {err}). {_FIX}") from None
+            raise CacheError(f"{path}: unreadable patch tokens ({type(err).__name__}: {err}). {SHARD_FIX}") from None
         problem = token_rows_problem(tokens[here], masks[here], setting, table.meta["embed_dim"])
         if problem:
-            raise CacheError(f"{path}: {problem}. {_FIX}")
+            raise CacheError(f"{path}: {problem}. {SHARD_FIX}")
     return tokens, masks
+
+
+def _same_image(path: Path, row: int, names, relpath: str) -> None:
+    """A ``CacheError`` unless row ``row`` of the shard (whose relpath dataset is ``names``) is still
+    ``relpath``'s: a shard rewritten since the table was read (``cache.repair`` removes rows) has
+    moved its rows, and its row checksums cannot tell."""
+    stored = names[row] if row < len(names) else b""
+    stored = stored.decode("utf-8", "surrogateescape") if isinstance(stored, bytes) else str(stored)
+    if stored != relpath:
+        raise CacheError(
+            f"{path}: row {row} no longer holds {relpath}: the shard was rewritten since this command read the "
+            "cache (a repair or an extract meanwhile). Run the command again."
+        )
 
 
 def token_chunks(table: FeatureTable, rows, size: int = TOKEN_READ_ROWS):
@@ -314,7 +343,7 @@ def load_shard(path: Path, meta: dict) -> LoadedShard:
             if token_setting is not None:
                 columns.update({name: h5[name][...] for name in (TOKEN_DEFECT, TOKEN_ROW_CHECKSUM)})
     except Exception as err:  # h5py raises many types for a damaged file (OSError, RuntimeError, KeyError, ...)
-        raise CacheError(f"{path}: unreadable shard ({type(err).__name__}: {err}). {_FIX}") from None
+        raise CacheError(f"{path}: unreadable shard ({type(err).__name__}: {err}). {SHARD_FIX}") from None
     bad = mismatched_fields(meta, shard_meta, unrecorded_matches=False)
     if bad:
         raise CacheError(
@@ -338,7 +367,7 @@ def load_shard(path: Path, meta: dict) -> LoadedShard:
             strings[name] = np.array([value.decode("utf-8") for value in values], dtype=str)
         except UnicodeDecodeError as err:
             problem = checksum_problem(shard) or f"dataset {name} holds bytes that are not UTF-8 ({err})"
-            raise CacheError(f"{path}: {problem}. {_FIX}") from None
+            raise CacheError(f"{path}: {problem}. {SHARD_FIX}") from None
     columns.update({name: strings[name] for name in STRING_COLUMNS})
     shard.skipped = dict(zip(strings["skipped/relpath"].tolist(), strings["skipped/reason"].tolist()))
     return shard

@@ -10,6 +10,8 @@ import sys
 
 import click
 
+from raml.train.config import SCORE_WEIGHT as TRAIN_SCORE_WEIGHT
+
 
 def show_progress() -> bool:
     """Progress bars on a terminal (or with RAML_PROGRESS=1), not in logs and pipes."""
@@ -125,7 +127,8 @@ def text_list(kind=str, *, choices=None, check=None, accepted: str = "", allow_e
 SEED = click.IntRange(0, 2**32 - 1)  # what numpy's and torch's generators take
 JOBS = click.IntRange(1, 256)  # worker processes
 THREADS = click.IntRange(1, 1024)
-SCORE_WEIGHT = FiniteFloat(0)  # a weight of s_visual or s_text in s_final
+# a weight of s_visual or s_text in s_final: train/config.py's bounds, [0, 1]
+SCORE_WEIGHT = FiniteFloat(TRAIN_SCORE_WEIGHT.low, TRAIN_SCORE_WEIGHT.high)
 seed_list = text_list(
     int, check=lambda seed: 0 <= seed < 2**32, accepted="comma-separated seeds (whole numbers from 0 to 4294967295)"
 )

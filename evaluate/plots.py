@@ -174,11 +174,17 @@ def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int)
         for r, (row, maps) in enumerate(mapped):
             ax = axes[r, c]
             mask_relpath = maps["masks"].get(record["relpath"]) or ""
-            mask = (
-                load_mask(Path(root) / mask_relpath, image.width, image.height)
-                if mask_relpath and (Path(root) / mask_relpath).is_file()
-                else None
-            )
+            try:
+                mask = (
+                    load_mask(
+                        Path(root) / mask_relpath, image.width, image.height, image=Path(root) / record["relpath"]
+                    )
+                    if mask_relpath and (Path(root) / mask_relpath).is_file()
+                    else None
+                )
+            except BadImageError as err:  # a mask replaced since it was scored: no figure rather than a wrong one
+                plt.close(fig)
+                return None, f"skipped: {err}"
             if record["relpath"] in maps["grids"]:
                 full = map_at(maps["grids"][record["relpath"]], image.height, image.width, tiles=maps["tiles"])
                 overlay(ax, image, full, *row_ranges[r], mask)

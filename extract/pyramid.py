@@ -82,25 +82,37 @@ def load_rgb(path: Path) -> Image.Image:
     return rgb
 
 
-def load_mask(path: Path, width: int, height: int) -> np.ndarray:
+def load_mask(path: Path, width: int, height: int, image: Path | None = None) -> np.ndarray:
     """The defect mask at ``path`` as bool [height, width] (non-zero = defect), upright like
-    ``load_rgb``, resized (nearest) to the image's size where it differs; ``BadImageError`` if unreadable."""
+    ``load_rgb``; ``BadImageError`` if it is unreadable or, upright, not ``width`` x ``height`` px.
+
+    A mask of another size is refused, not resized: MVTec AD's and VisA's masks always have their
+    image's size, so a mismatch means the wrong file (another image's mask, an export at another
+    resolution), and stretching it would give pixel targets that look valid and are not. No
+    tolerance of a pixel or two: we know of no dataset whose masks' sizes are rounded. ``image``:
+    the image the mask belongs to; the error is then the image's (``--skip-bad`` skips it) and
+    names both files, else the mask's.
+    """
+    what = f"its defect mask {printable(str(path))}" if image else "defect mask"
     try:
         with Image.open(path) as mask:
             if mask.width * mask.height > MAX_IMAGE_PIXELS:
                 raise BadImageError(
-                    path, f"defect mask of {mask.width}x{mask.height} px, over RAML's limit of {MAX_IMAGE_PIXELS:,} px"
+                    image or path,
+                    f"{what} is {mask.width}x{mask.height} px, over RAML's limit of {MAX_IMAGE_PIXELS:,} px",
                 )
             mask = ImageOps.exif_transpose(mask).convert("L")
             if mask.size != (width, height):
-                mask = mask.resize((width, height), Image.NEAREST)
+                raise BadImageError(
+                    image or path,
+                    f"{what} is {mask.width}x{mask.height} px but the image is {width}x{height} px: a mask must "
+                    "have its image's size (another image's mask, or an export at another resolution?)",
+                )
             return np.asarray(mask) > 0
     except BadImageError:
         raise
     except Exception as err:  # missing, truncated or not an image: PIL raises many types for damaged bytes
-        raise BadImageError(
-            path, f"defect mask {Path(path).name} cannot be read ({type(err).__name__}: {err})"
-        ) from None
+        raise BadImageError(image or path, f"{what} cannot be read ({type(err).__name__}: {err})") from None
 
 
 def token_targets(root: Path, record, height: int, width: int, per_tile: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,10 +121,8 @@ def token_targets(root: Path, record, height: int, width: int, per_tile: int) ->
     defect; an anomalous image without a mask has unknown fractions (NaN) and an empty scoring mask
     (it is left out of the pixel metrics)."""
     if record.label and record.mask_relpath:
-        try:
-            mask = load_mask(Path(root) / record.mask_relpath, width, height)
-        except BadImageError as err:  # the image's problem: it cannot be stored without its targets
-            raise BadImageError(Path(root) / record.relpath, f"its {err.reason}") from None
+        # a bad mask is the image's problem: it cannot be stored without its targets
+        mask = load_mask(Path(root) / record.mask_relpath, width, height, image=Path(root) / record.relpath)
         return defect_fractions(mask, per_tile), eval_mask(mask)
     count = TILES * TILES * per_tile * per_tile
     return np.full(count, np.nan if record.label else 0.0, np.float32), np.zeros(EVAL_MASK_BYTES, np.uint8)

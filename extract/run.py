@@ -39,6 +39,7 @@ from raml.cache.files import atomic_write_text
 from raml.cache.format import claim_token_setting, next_shard_path, shards_bytes, slot_prefix
 from raml.cache.lock import WriterSlot
 from raml.cache.reader import LoadedShard, load_shard
+from raml.cache.repair import restore_fingerprint
 from raml.cache.tokens import TOKEN_CROPS, token_bytes_per_image, token_setting
 from raml.cache.writer import estimated_bytes
 from raml.errors import CacheError, UserError, human_bytes, printable, working_on
@@ -220,6 +221,9 @@ def extract_features(
     if backbone_source is not None:
         meta["backbone_source"] = backbone_source
     with WriterSlot(cache_dir, shard_index, shard_count) as slot:
+        restored = restore_fingerprint(cache_dir, meta)  # shards without cache.json: never encoded a second time
+        if restored:
+            print(f"extract: {restored}; resuming", file=sys.stderr, flush=True)
         exists = claim_cache(cache_dir, meta, create=False)  # another backbone's cache: refused before loading
         summary = ExtractSummary(
             cache_dir=cache_dir,

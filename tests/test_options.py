@@ -25,7 +25,7 @@ TEXT_CASES = {
     "--shard": ["x", "1/1", "2/1", "0/0", "-1/2", "0/2/3"],
     "--seeds": ["", "a,b", "-1", "1.5", ",,", "99999999999"],
     "--margins": ["", "nosuch", "fixed,nosuch"],
-    "--vary": ["lr", "lr=", "nosuch=1", "seed=1,2", "lr=abc", "epochs=0", "lr=nan"],
+    "--vary": ["lr", "lr=", "nosuch=1", "seed=1,2", "lr=abc", "epochs=0", "lr=nan", "margin_base=5", "text_weight=2"],
     "--r-max": ["", "-5", "nan", "inf", "pixels"],
     "--engines": ["nosuch", "onnx,nosuch"],
     "--lrs": ["", "abc", "-1", "nan"],
@@ -213,11 +213,21 @@ def test_every_bad_option_value_is_a_usage_error_naming_the_option(path, command
         (("train",), "--weight-decay", "-1"),
         (("train",), "--lr", "nan"),
         (("train",), "--epochs", "inf"),
+        # a score weight outside [0, 1] was taken: s_final is a convex combination of s_visual and s_text
+        (("evaluate",), "--text-weight", "2"),
+        (("evaluate",), "--visual-weight", "-0.5"),
+        (("predict",), "--text-weight", "1.01"),
+        (("train",), "--text-weight", "2"),
+        (("sweep",), "--visual-weight", "1.5"),
+        (("sweep",), "--vary", "margin_base=5"),  # a margin beyond the unit sphere's 2
     ],
 )
 def test_the_cases_the_issue_found_are_usage_errors(path, option, value, base_args, tmp_path, monkeypatch):
-    """Each of these ended in a traceback before options were checked up front: now exit 2 and one line naming the option."""
+    """Each of these ended in a traceback or was taken silently before: now exit 2 and one line naming the
+    option (and, for a range, the range)."""
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(cli, [*path, *base_args[path], option, value])
     assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
     assert "Traceback" not in result.output and result.output.count("Error:") == 1
+    if option.endswith("-weight"):
+        assert "is not in the range 0<=x<=1" in result.output

@@ -104,6 +104,10 @@ POSITIVE, NON_NEGATIVE = Bounds(0, low_open=True), Bounds(0)
 SEED = Bounds(0, 2**32 - 1)  # numpy's and torch's generators take these
 MOMENTUM = Bounds(0, 1)  # an EMA's momentum: 1 keeps the first value
 SIZE = Bounds(1, 65536)  # widths of the head's layers
+SCORE_WEIGHT = Bounds(0, 1)  # s_final = w_v·s_visual + w_t·s_text is a convex combination (orig:315)
+# The MACCL features are L2-normalised and the center is a mean of them (norm ≤ 1): no anomalous
+# feature lies further than 2 from it, so a larger margin is never met (``largest_margin``).
+MAX_FEATURE_DISTANCE = 2.0
 
 
 def _option(default, help, **kwargs):
@@ -295,8 +299,8 @@ class TrainConfig:
     )  # orig:118
     difficulty_max: float = _option(2.0, "Upper clip of the category weight.", bounds=Bounds(1))  # orig:118
     # inference
-    visual_weight: float = _option(0.85, "Weight of s_visual in s_final.", bounds=NON_NEGATIVE)  # orig:315
-    text_weight: float = _option(0.15, "Weight of s_text in s_final.", bounds=NON_NEGATIVE)  # orig:315
+    visual_weight: float = _option(0.85, "Weight of s_visual in s_final.", bounds=SCORE_WEIGHT)  # orig:315
+    text_weight: float = _option(0.15, "Weight of s_text in s_final.", bounds=SCORE_WEIGHT)  # orig:315
 
     def __post_init__(self):
         problems = [
@@ -307,6 +311,9 @@ class TrainConfig:
         self._resolve_margin(problems)
         self._resolve_variant_defaults()
         problems += switch_problems(len(self.scales.split(",")), self.cross_attention, self.tile_pool)
+        margins_known = all(getattr(self, name) is not None for name in MARGIN_FIELDS)  # else: a problem above
+        if margins_known and self.largest_margin() > MAX_FEATURE_DISTANCE:
+            problems.append(self._unreachable_margin())
         if self.visual_weight + self.text_weight <= 0:
             problems.append("visual_weight and text_weight cannot both be 0 (s_final would be 0 for every image)")
         if not _valid_r_max(self.r_max):
@@ -333,6 +340,33 @@ class TrainConfig:
             object.__setattr__(self, name, value)
         if resolved != preset:
             object.__setattr__(self, "margin", CUSTOM_MARGIN)
+
+    def sigma_bound(self) -> float:
+        """The largest σ of the margin. Ours (and the pixel loss's in either variant), sqrt(Σ‖f_i − f̄‖² / (n − 1))
+        over n ≥ 2 unit vectors, is sqrt(n/(n − 1)·(1 − ‖f̄‖²)) ≤ √2 (two opposite normals), as is an EMA of it;
+        the original's starts at 1 and moves toward the elementwise std, ≤ sqrt(n/(n·D − 1)) ≤ 1 for D ≥ 2."""
+        original = self.loss_variant == "original" and self.pixel_head == "off" and self.feature_dim >= 2
+        return 1.0 if original else math.sqrt(2)
+
+    def largest_margin(self) -> float:
+        """The largest margin m_base + λ_σ·σ + λ_res·(1 − r/r_max) an image can get (σ ≤ ``sigma_bound``)."""
+        return self.margin_base + self.lambda_sigma * self.sigma_bound() + self.lambda_res
+
+    def _unreachable_margin(self) -> str:
+        sigma = self.sigma_bound()
+        room = MAX_FEATURE_DISTANCE - self.lambda_sigma * sigma - self.lambda_res  # what m_base may be
+        return (
+            f"--margin-base {self.margin_base:g} --lambda-sigma {self.lambda_sigma:g} --lambda-res {self.lambda_res:g} "
+            f"can reach a margin of {self.largest_margin():.3f} (m_base + λ_σ·σ + λ_res·(1 − r/r_max), with σ ≤ "
+            f"{sigma:.3f} and 1 − r/r_max < 1), but the MACCL features are L2-normalised: no anomalous image is ever "
+            f"more than {MAX_FEATURE_DISTANCE:g} from the center, so a larger margin is never met and stops mattering. "
+            f"Keep m_base + {sigma:.3f}·λ_σ + λ_res ≤ {MAX_FEATURE_DISTANCE:g}"
+            + (
+                f" (with these λ: --margin-base ≤ {room:.3f})"
+                if room >= 0
+                else " (lower --lambda-sigma or --lambda-res)"
+            )
+        )
 
     def _resolve_variant_defaults(self) -> None:
         """Fill the ``VARIANT_DEFAULTS`` fields left None with the loss variant's value; a value

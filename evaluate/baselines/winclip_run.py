@@ -199,5 +199,8 @@ def scoring_masks(root: Path, records, sizes: np.ndarray) -> np.ndarray:
     masks = np.zeros((len(records), EVAL_MASK_BYTES), np.uint8)
     for i, (record, (height, width)) in enumerate(zip(records, sizes)):
         if record.label and record.mask_relpath:
-            masks[i] = eval_mask(load_mask(Path(root) / record.mask_relpath, int(width), int(height)))
+            mask = load_mask(
+                Path(root) / record.mask_relpath, int(width), int(height), image=Path(root) / record.relpath
+            )
+            masks[i] = eval_mask(mask)
     return masks
