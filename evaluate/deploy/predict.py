@@ -276,7 +276,7 @@ def predict_files(
 
     from raml.cache import N_CROPS
     from raml.cache.tokens import TOKEN_CROPS, map_at, token_grid, token_setting
-    from raml.evaluate.plots import overlay_image
+    from raml.evaluate.overlay import overlay_image
     from raml.train.checkpoint import check_tokens
     from raml.train.infer import score_rows, score_weights
 
