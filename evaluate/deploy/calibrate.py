@@ -214,3 +214,26 @@ def _write_records(deploy_dir: Path, scored: dict, records: dict) -> None:
             current["thresholds"][name] = record["threshold"]
             current.setdefault(CALIBRATION_KEY, {})[name] = record
         atomic_write_text(path, json.dumps(current, indent=2))
+
+
+def deployment_threshold(deploy_dir, checkpoint, category: str) -> tuple[float, str]:
+    """The decision threshold of ``category`` in the deployment ``deploy_dir`` (exported from
+    ``checkpoint``, perhaps calibrated since by ``raml calibrate``) and where it comes from.
+    ``UserError`` when the deployment was exported from another checkpoint (sha256) or lacks the category."""
+    from raml.extract.identity import file_sha256
+
+    try:
+        deploy = predict_onnx.read_deployment(deploy_dir)
+    except ValueError as err:
+        raise UserError(f"--deployment: {err}") from None
+    if deploy.get("checkpoint_sha256") != file_sha256(checkpoint.path):
+        raise UserError(
+            f"--deployment {deploy_dir} was exported from another checkpoint ({deploy.get('checkpoint')}), "
+            f"not {checkpoint.path}: its thresholds belong to that one"
+        )
+    if category not in deploy["thresholds"]:
+        raise UserError(
+            f"--deployment {deploy_dir} has no threshold for {category!r}; it has {', '.join(deploy['thresholds'])}"
+        )
+    threshold, source = predict_onnx.threshold_for(deploy, category)
+    return threshold, f"{source}; from {Path(deploy_dir) / 'deploy.json'}"

@@ -269,9 +269,11 @@ def predict_files(
     text_weight=None,
     heatmaps: bool = True,
     progress: bool = True,
+    threshold: float | None = None,
 ) -> list[Prediction]:
     """Score every file with ``checkpoint`` (a loaded ``train.checkpoint.Checkpoint``); write
-    predictions.csv and (``heatmaps``) each scored image's anomaly map and overlay."""
+    predictions.csv and (``heatmaps``) each scored image's anomaly map and overlay. The decision
+    is at ``threshold``, by default the checkpoint's (``threshold_for``)."""
     from tqdm import tqdm
 
     from raml.cache import N_CROPS
@@ -282,7 +284,7 @@ def predict_files(
 
     check_backbone(checkpoint, backbone)
     check_tokens(checkpoint, token_setting(backbone.patch_grid, backbone.embed_dim), f"{backbone.name}")
-    threshold = threshold_for(checkpoint, category)
+    threshold = threshold_for(checkpoint, category) if threshold is None else threshold
     out_dir = Path(out_dir)
     make_dirs(out_dir)
     text = encode_prompts(backbone, category)

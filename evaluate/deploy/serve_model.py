@@ -99,7 +99,7 @@ class DeployedModel:
         except predict_onnx.TooManyPixelsError as err:
             raise ImageRefused(413, "too_many_pixels", f"{name}: {err}") from None
         except Exception as err:  # PIL raises many types for a bad file: each means this upload is bad
-            raise ImageRefused(400, *_decoding_problem(name, err)) from None
+            raise ImageRefused(*_decoding_problem(name, err)) from None
         decoded = time.perf_counter()
         crops = predict_onnx.pyramid_pixels(
             image, deploy["input_size"], deploy["mean"], deploy["std"], deploy["crop_layout"]
@@ -131,19 +131,20 @@ class DeployedModel:
         return buffer.getvalue()
 
 
-def _decoding_problem(name: str, err: Exception) -> tuple[str, str]:
+def _decoding_problem(name: str, err: Exception) -> tuple[int, str, str]:
+    """(HTTP status, code, message) of an upload that PIL or ``load_rgb`` could not decode."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(err, UnidentifiedImageError):
         accepted = ", ".join(UPLOAD_FORMATS)
-        return "not_an_image", f"{name}: not an image in an accepted format ({accepted})"
+        return 400, "not_an_image", f"{name}: not an image in an accepted format ({accepted})"
     if isinstance(err, Image.DecompressionBombError):
-        return "too_many_pixels", f"{name}: {err}"
+        return 413, "too_many_pixels", f"{name}: {err}"
     if "truncated" in str(err) or isinstance(err, EOFError):
-        return "truncated_image", f"{name}: the image file is truncated ({err})"
+        return 400, "truncated_image", f"{name}: the image file is truncated ({type(err).__name__}: {err})"
     if "too small" in str(err):
-        return "image_too_small", f"{name}: {err}"
-    return "undecodable_image", f"{name}: cannot be decoded ({type(err).__name__}: {err})"
+        return 400, "image_too_small", f"{name}: {err}"
+    return 400, "undecodable_image", f"{name}: cannot be decoded ({type(err).__name__}: {err})"
 
 
 def _ms(seconds: float) -> float:
