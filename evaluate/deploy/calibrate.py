@@ -14,7 +14,8 @@ themselves, (n - k) / n or less with ties, is recorded beside the bound.
 deploy.json keeps the exported threshold in ``threshold_calibration``; ``calibrate`` writes the new
 one into ``thresholds`` and a record into ``good_image_calibration`` (rule, rate, images, rank,
 rate reached, previous threshold and its source, folder, time), atomically, holding a lock against
-a second ``calibrate``. ``predict_onnx.threshold_for`` reads both and says which threshold is used.
+a second ``calibrate``. ``predict_onnx.threshold_for`` reads both and says which threshold is used
+(serve and predict_onnx.py through it; ``predict --deployment`` through ``deployment_threshold``).
 """
 
 from __future__ import annotations

@@ -86,6 +86,8 @@ class Service:
         return JSONResponse(self.stamp(payload), status, headers={"Cache-Control": "no-store", **(headers or {})})
 
     def refuse(self, err: RequestError, headers=None) -> JSONResponse:
+        if err.code == "upload_too_large":  # the rest of the body is never read: the connection cannot go on
+            headers = {**(headers or {}), "Connection": "close"}
         return self.answer({"error": {"code": err.code, "message": err.message}}, err.status, headers)
 
     async def load(self) -> None:

@@ -22,7 +22,6 @@ class Guard:
 
     def __init__(self, app, service: Service):
         self.app, self.service = app, service
-        self.state = app.state  # as the app's: tests and the runner reach the service through it
         random = b"true" if service.deploy["random_weights"] else b"false"
         self.headers = [
             (b"raml-random-weights", random),
