@@ -10,7 +10,10 @@ whichever comes first. The service's resident memory (VmRSS, Linux) is read afte
 ``WARM_REQUESTS`` requests and again after ``memory_requests``. The in-process scorer
 (``serve_model.DeployedModel``: decode, crops, one encoder and head call per image, as
 ``predict_onnx.py`` does) is timed on the same images before the service starts and after it
-stops, so that a shared machine's drift shows; the ratio uses their mean.
+stops, so that a shared machine's drift shows; the ratio uses their mean. CPU time per image (the
+service's, from /proc, and this process's while it scores) is printed beside the rates: on shared
+cores, wall-clock rates follow the other jobs' load and favour the side with more threads, CPU time
+per image much less.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Level:
     latencies: list = field(default_factory=list)  # s, of the answered requests
     errors: list = field(default_factory=list)
     wall_s: float = 0.0
+    cpu_s: float | None = None  # the service's CPU time during the level
 
     @property
     def rate(self) -> float:
@@ -53,8 +57,12 @@ class Level:
         return (
             f"{self.clients:>7}  {self.rate:8.2f}  {self.rate / reference:12.2f}  {self.percentile(50):8.1f}  "
             f"{self.percentile(95):8.1f}  {self.percentile(99):8.1f}  {len(self.errors):>6}  "
-            f"{len(self.latencies)} in {self.wall_s:.1f} s"
+            f"{self.cpu_ms_per_image:11.1f}  {len(self.latencies)} in {self.wall_s:.1f} s"
         )
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        return 1000 * self.cpu_s / len(self.latencies) if self.cpu_s is not None and self.latencies else float("nan")
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies, q) * 1000) if self.latencies else float("nan")
@@ -66,17 +74,21 @@ class ServeBench:
     size: int
     levels: list = field(default_factory=list)
     in_process: list = field(default_factory=list)  # images/s, before and after the service ran
+    in_process_cpu_ms: list = field(default_factory=list)  # CPU ms per image, likewise
     rss_warm: int | None = None  # bytes, after WARM_REQUESTS
     rss_end: int | None = None  # bytes, after memory_requests
     requests_at_end: int = 0
+    other_errors: list = field(default_factory=list)  # of the warm-up and top-up requests
     exit_status: int | None = None
 
     def lines(self) -> list[str]:
         reference = statistics.mean(self.in_process)
         out = [
             f"bench serve: {self.deploy_dir}, {self.size} px PNGs, one image per request, raw bytes",
-            f"in-process scorer: {' then '.join(f'{r:.2f}' for r in self.in_process)} images/s (before, after the service)",
-            f"{'clients':>7}  {'images/s':>8}  {'x in-process':>12}  {'p50 ms':>8}  {'p95 ms':>8}  {'p99 ms':>8}  {'errors':>6}  answered",
+            f"in-process scorer: {' then '.join(f'{r:.2f}' for r in self.in_process)} images/s, "
+            f"{' then '.join(f'{c:.1f}' for c in self.in_process_cpu_ms)} CPU ms/image (before, after the service)",
+            f"{'clients':>7}  {'images/s':>8}  {'x in-process':>12}  {'p50 ms':>8}  {'p95 ms':>8}  {'p99 ms':>8}  "
+            f"{'errors':>6}  {'CPU ms/img':>11}  answered",
         ]
         out += [level.line(reference) for level in self.levels]
         for level in self.levels:
@@ -88,6 +100,8 @@ class ServeBench:
                 f"service memory: {self.rss_warm / 2**20:.1f} MiB after {WARM_REQUESTS} requests, "
                 f"{self.rss_end / 2**20:.1f} MiB after {self.requests_at_end} ({growth:+.1%})"
             )
+        out.append(f"errors outside the levels (warm-up, top-up to the memory reading): {len(self.other_errors)}")
+        out += [f"  {error}" for error in sorted(set(self.other_errors))[:3]]
         out.append(f"service stopped by SIGTERM with exit status {self.exit_status}")
         return out
 
@@ -102,18 +116,28 @@ def rss_bytes(pid: int) -> int | None:
     return int(match.group(1)) * 1024 if match else None
 
 
-def in_process_rate(deploy_dir, images: list[bytes], category: int) -> float:
-    """Images/s of decode, crops and one model call per image, in this process."""
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` (Linux: /proc/PID/stat), None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15
+
+
+def in_process_rate(deploy_dir, images: list[bytes], category: int) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of decode, crops and one model call per image, in this process."""
     from raml.evaluate.deploy.serve_model import DeployedModel
     from raml.evaluate.deploy.serve_settings import ServeSettings
 
     model = DeployedModel(deploy_dir, ServeSettings().max_pixels)
     model.load()
     model.score([model.prepare("warm-up", images[0], category, False)])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(IN_PROCESS_IMAGES):
         model.score([model.prepare(f"image {i}", images[i % len(images)], category, False)])
-    return IN_PROCESS_IMAGES / (time.perf_counter() - start)
+    cpu_ms = 1000 * (time.process_time() - cpu) / IN_PROCESS_IMAGES
+    return IN_PROCESS_IMAGES / (time.perf_counter() - start), cpu_ms
 
 
 def _start_service(deploy_dir) -> tuple[subprocess.Popen, str, int]:
@@ -210,22 +234,27 @@ def bench_serve(
         images = [path.read_bytes() for path in synthetic_images(Path(tmp), distinct, size)]
     result = ServeBench(Path(deploy_dir), size)
     index = deploy["categories"].index(category)
-    result.in_process.append(in_process_rate(deploy_dir, images, index))
+    _record(result, in_process_rate(deploy_dir, images, index))
     echo(f"in-process scorer: {result.in_process[0]:.2f} images/s")
     child, started, port = _start_service(deploy_dir)
     echo(started)
     try:
         warm = _load(port, images, category, 4, WARM_REQUESTS, time_limit)
         sent = len(warm.latencies) + len(warm.errors)
+        result.other_errors += warm.errors
         result.rss_warm = rss_bytes(child.pid)
         for count in clients:
+            cpu = cpu_seconds(child.pid)
             level = _load(port, images, category, count, requests, time_limit)
+            after = cpu_seconds(child.pid)
+            level.cpu_s = None if cpu is None or after is None else after - cpu
             result.levels.append(level)
             sent += len(level.latencies) + len(level.errors)
             echo(level.line(result.in_process[0]))
         if sent < memory_requests:
-            _load(port, images, category, 4, memory_requests - sent, time_limit)
-            sent = memory_requests
+            top_up = _load(port, images, category, 4, memory_requests - sent, time_limit)
+            sent += len(top_up.latencies) + len(top_up.errors)
+            result.other_errors += top_up.errors
         result.rss_end, result.requests_at_end = rss_bytes(child.pid), sent
     finally:
         child.send_signal(signal.SIGTERM)
@@ -234,8 +263,13 @@ def bench_serve(
         except subprocess.TimeoutExpired:
             child.kill()
             result.exit_status = child.wait()
-    result.in_process.append(in_process_rate(deploy_dir, images, index))
+    _record(result, in_process_rate(deploy_dir, images, index))
     return result
+
+
+def _record(result: ServeBench, timed: tuple[float, float]) -> None:
+    result.in_process.append(timed[0])
+    result.in_process_cpu_ms.append(timed[1])
 
 
 def machine_line() -> str:
