@@ -7,7 +7,8 @@ own keep-alive connection sending its next request when the last one is answered
 concurrent clients: images/s (answers ÷ wall time), latency p50/p95/p99 and errors (any answer
 but 200, or none), each level stopping after ``requests`` requests or ``time_limit`` seconds,
 whichever comes first. The service's resident memory (VmRSS, Linux) is read after the first
-``WARM_REQUESTS`` requests and again after ``memory_requests``. The in-process scorer
+``WARM_REQUESTS`` requests and again after ``memory_requests``, both sent by as many clients as the
+busiest level (so that the first reading already holds the peak of images in flight). The in-process scorer
 (``serve_model.DeployedModel``: decode, crops, one encoder and head call per image, as
 ``predict_onnx.py`` does) is timed on the same images before the service starts and after it
 stops, so that a shared machine's drift shows; the ratio uses their mean. CPU time per image (the
@@ -239,7 +240,9 @@ def bench_serve(
     child, started, port = _start_service(deploy_dir)
     echo(started)
     try:
-        warm = _load(port, images, category, 4, WARM_REQUESTS, time_limit)
+        busiest = max(clients)  # warm-up and top-up at the highest concurrency: both memory readings
+        # then follow the same high-water mark of images in flight, and the difference is growth alone
+        warm = _load(port, images, category, busiest, WARM_REQUESTS, time_limit)
         sent = len(warm.latencies) + len(warm.errors)
         result.other_errors += warm.errors
         result.rss_warm = rss_bytes(child.pid)
@@ -252,7 +255,7 @@ def bench_serve(
             sent += len(level.latencies) + len(level.errors)
             echo(level.line(result.in_process[0]))
         if sent < memory_requests:
-            top_up = _load(port, images, category, 4, memory_requests - sent, time_limit)
+            top_up = _load(port, images, category, busiest, memory_requests - sent, time_limit)
             sent += len(top_up.latencies) + len(top_up.errors)
             result.other_errors += top_up.errors
         result.rss_end, result.requests_at_end = rss_bytes(child.pid), sent
