@@ -4,12 +4,12 @@ checkout) for each command.
 Stage one:  extract                       images → HDF5 feature shards (runs CLIP once per image)
 Stage two:  train                         cached features → RAML head
 Evaluate:   evaluate, report, sweep, ablate, baseline, demo
-Deploy:     predict, export
-Tools:      status, info, bench extract, bench train, bench predict, bench cache, bench maps
+Deploy:     predict, export, calibrate, serve
+Tools:      status, info, bench extract, bench train, bench predict, bench serve, bench cache, bench maps
 
 This file only assembles the command line: each command is defined beside the code it runs
-(extract/cli.py, train/cli.py, evaluate/cli.py, evaluate/baselines/cli.py, evaluate/deploy/cli.py,
-cache/cli.py), and the root group reads raml.toml into click's default_map (cli/config_file.py).
+(extract/cli.py, train/cli.py, evaluate/cli.py, evaluate/baselines/cli.py, evaluate/deploy/cli.py and
+serve_cli.py, cache/cli.py), and the root group reads raml.toml into click's default_map (cli/config_file.py).
 Without paths, commands use the workspace under the working directory (cli/workspace.py).
 """
 
@@ -46,6 +46,7 @@ from raml.cli.failures import fail_cleanly
 from raml.evaluate.baselines.cli import baseline
 from raml.evaluate.cli import ablate, bench_maps, demo, evaluate, report, status, sweep
 from raml.evaluate.deploy.cli import bench_predict, export, predict
+from raml.evaluate.deploy.serve_cli import bench_serve, calibrate, serve
 from raml.extract.cli import bench_extract, extract
 from raml.train.cli import bench_train, train
 
@@ -92,9 +93,24 @@ def bench():
     """Measure speed on this machine (not tests: figures go to docs/benchmarks.md)."""
 
 
-for command in (extract, info, train, sweep, ablate, evaluate, report, baseline, predict, export, demo, status):
+for command in (
+    extract,
+    info,
+    train,
+    sweep,
+    ablate,
+    evaluate,
+    report,
+    baseline,
+    predict,
+    export,
+    calibrate,
+    serve,
+    demo,
+    status,
+):
     cli.add_command(command)
-for command in (bench_extract, bench_train, bench_predict, bench_cache, bench_maps):
+for command in (bench_extract, bench_train, bench_predict, bench_serve, bench_cache, bench_maps):
     bench.add_command(command)
 
 

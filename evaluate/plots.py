@@ -13,9 +13,9 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from raml.cache.files import atomic_write_bytes  # noqa: E402
+from raml.evaluate.overlay import MAP_CMAP  # noqa: E402
 
 RANDOM_TITLE = "RANDOM WEIGHTS — NOT MEANINGFUL"
-MAP_CMAP = "inferno"
 
 
 def _title(fig, title: str, rows) -> None:
@@ -124,17 +124,6 @@ def overlay(ax, image, anomaly_map: np.ndarray, vmin: float, vmax: float, mask=N
         ax.contour(mask, levels=[0.5], colors="cyan", linewidths=0.8)
     ax.set_xticks([])
     ax.set_yticks([])
-
-
-def overlay_image(image, anomaly_map: np.ndarray, vmin: float = 0.0, vmax: float = 1.0, alpha: float = 0.45):
-    """``image`` (PIL RGB) with ``anomaly_map`` ([H, W], the image's size) blended over it in the report's
-    colour map, as a PIL image of the same size: what ``predict`` writes beside each map."""
-    from PIL import Image
-
-    scaled = np.clip((np.asarray(anomaly_map, np.float32) - vmin) / max(vmax - vmin, 1e-12), 0, 1)
-    colours = matplotlib.colormaps[MAP_CMAP](scaled)[..., :3]
-    blended = (1 - alpha) * np.asarray(image, np.float32) / 255 + alpha * colours
-    return Image.fromarray(np.round(255 * blended).astype(np.uint8))
 
 
 def anomaly_map_examples(rows, scores: dict, path: Path, title: str, count: int) -> tuple[Path | None, str | None]:

@@ -73,3 +73,26 @@ def two_category_table(tmp_path_factory):
     return read_cache(
         write_synthetic_cache(tmp_path_factory.mktemp("two-categories") / "cache", shape, dim=32, separation=3.0)
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, mvtec_token_cache):
+    """A training run with a pixel head (2 epochs on the token cache). Read-only."""
+    from raml.train.config import make_config
+    from raml.train.fit import fit, write_run
+
+    out = tmp_path_factory.mktemp("tiny-run") / "raml"
+    write_run(out, fit(read_cache(mvtec_token_cache), make_config("adaptive", epochs=2, batch_size=8)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_deployment(tmp_path_factory, tiny_run, tiny_backbone, user_cache_dir):
+    """``raml export`` of ``tiny_run`` (categories bottle and metal_nut, random weights). Read-only:
+    copy it to change it (``calibrate`` writes deploy.json)."""
+    from raml.evaluate.deploy.export import export_deployment
+    from raml.train.checkpoint import load_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny-deployment") / "deploy"
+    export_deployment(load_checkpoint(tiny_run), out, tiny_backbone, log=lambda line: None)
+    return out

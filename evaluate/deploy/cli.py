@@ -70,6 +70,13 @@ from raml.extract.cli import (
     help="Refuse a category that has no decision threshold of its own in the checkpoint (instead of "
     "deciding at the pooled threshold, as said in the output).",
 )
+@click.option(
+    "--deployment",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Decide at the category's threshold in this deployment's deploy.json (exported from this "
+    "checkpoint, e.g. set by raml calibrate from your good images) instead of the checkpoint's.",
+)
 @engine_options
 @fail_cleanly
 def predict(
@@ -86,6 +93,7 @@ def predict(
     text_weight,
     heatmaps,
     strict,
+    deployment,
     engine,
     fidelity_sample,
 ):
@@ -119,7 +127,13 @@ def predict(
             fg="yellow",
             err=True,
         )
-    note = threshold_note(trained, category)
+    if deployment:
+        from raml.evaluate.deploy.calibrate import deployment_threshold
+
+        threshold, source = deployment_threshold(deployment, trained, category)
+    else:
+        threshold, source = threshold_for(trained, category), threshold_source(trained, category)
+    note = None if deployment else threshold_note(trained, category)
     if note and strict:
         raise UserError(
             f"--strict: {checkpoint} has no decision threshold of its own for {category!r} "
@@ -144,8 +158,9 @@ def predict(
         text_weight=text_weight,
         heatmaps=heatmaps,
         progress=show_progress(),
+        threshold=threshold,
     )
-    click.echo(prediction_table(predictions, threshold_for(trained, category), threshold_source(trained, category)))
+    click.echo(prediction_table(predictions, threshold, source))
     if backbone.random_weights:
         click.secho("RANDOM WEIGHTS: these scores are NOT MEANINGFUL.", fg="yellow")
     click.echo(

@@ -269,20 +269,22 @@ def predict_files(
     text_weight=None,
     heatmaps: bool = True,
     progress: bool = True,
+    threshold: float | None = None,
 ) -> list[Prediction]:
     """Score every file with ``checkpoint`` (a loaded ``train.checkpoint.Checkpoint``); write
-    predictions.csv and (``heatmaps``) each scored image's anomaly map and overlay."""
+    predictions.csv and (``heatmaps``) each scored image's anomaly map and overlay. The decision
+    is at ``threshold``, by default the checkpoint's (``threshold_for``)."""
     from tqdm import tqdm
 
     from raml.cache import N_CROPS
     from raml.cache.tokens import TOKEN_CROPS, map_at, token_grid, token_setting
-    from raml.evaluate.plots import overlay_image
+    from raml.evaluate.overlay import overlay_image
     from raml.train.checkpoint import check_tokens
     from raml.train.infer import score_rows, score_weights
 
     check_backbone(checkpoint, backbone)
     check_tokens(checkpoint, token_setting(backbone.patch_grid, backbone.embed_dim), f"{backbone.name}")
-    threshold = threshold_for(checkpoint, category)
+    threshold = threshold_for(checkpoint, category) if threshold is None else threshold
     out_dir = Path(out_dir)
     make_dirs(out_dir)
     text = encode_prompts(backbone, category)

@@ -3,16 +3,19 @@ numpy and pillow — no torch, no RAML package.
 
     python predict_onnx.py part.png [more.png ...] [--category bottle] [--maps DIR]
 
-Prints file, score (s_final) and the decision at the exported threshold, one line per file; a
+Prints file, score (s_final) and the decision at the category's threshold (the exported one, or
+the one ``raml calibrate`` set from good images; the header says which), one line per file; a
 file that cannot be scored gets an ERROR line and the exit status is 1. With ``--maps DIR``, each
 image's anomaly map at its resolution goes to ``DIR/<name>_map.npy`` (float32). The deployment
 (deploy.json, encoder.onnx, head.onnx) is read from this script's directory.
 
 The one deliberate copy of RAML code: ``load_rgb`` and ``pyramid_pixels`` restate
-extract/pyramid.py, ``anomaly_map`` restates cache/tokens.py's ``map_at``, because a deployment
+extract/pyramid.py, ``token_grid`` and ``anomaly_map`` restate cache/tokens.py's ``token_grid`` and ``map_at``, because a deployment
 cannot import the package. tests/test_export.py checks that they give identical pixels and maps
 and that this script reproduces ``predict``'s scores and maps.
-(``export`` copies this file unchanged from evaluate/deploy/predict_onnx.py in the RAML repository.)
+(``export`` copies this file unchanged from evaluate/deploy/predict_onnx.py in the RAML repository;
+``raml serve`` and ``raml calibrate`` import its functions from there, so that a deployment is
+scored by one piece of code wherever it runs.)
 """
 
 import argparse
@@ -25,13 +28,25 @@ import onnxruntime
 from PIL import Image, ImageOps
 
 HERE = Path(__file__).resolve().parent
+DEPLOY_FORMAT = 2  # the deploy.json this script reads (export.DEPLOY_FORMAT)
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
-def load_rgb(path, min_side):
+class TooManyPixelsError(ValueError):
+    """An image larger than the caller allows, found from its header before it is decoded."""
+
+
+def load_rgb(source, min_side, *, max_pixels=None, formats=None):
     """Decode as 8-bit RGB, upright (EXIF orientation applied); 16-bit grey is scaled to 8 bits
-    (PIL's own conversion clips at 255)."""
-    with Image.open(path) as image:
+    (PIL's own conversion clips at 255). ``source`` is a path or a binary file object; ``formats``
+    (PIL's names, e.g. ("PNG", "JPEG")) limits the decoders tried; an image of more than
+    ``max_pixels`` pixels is refused from its header, before any pixel is decoded."""
+    with Image.open(source, formats=formats) as image:
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise TooManyPixelsError(
+                f"{image.width}x{image.height} px = {image.width * image.height:,} pixels, more than the "
+                f"{max_pixels:,} allowed"
+            )
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
         if image.mode in SIXTEEN_BIT_MODES:
@@ -62,11 +77,17 @@ def pyramid_pixels(image, size, mean, std, layout):
     return np.stack(crops)
 
 
+def token_grid(scores, tiles, per_tile):
+    """One image's token scores [tiles² · per_tile²] (tile-major, row-major within a tile) as the
+    grid [tiles · per_tile, tiles · per_tile] they cover, row-major over the image."""
+    return np.moveaxis(np.asarray(scores).reshape(tiles, tiles, per_tile, per_tile), 2, 1).reshape(tiles * per_tile, -1)
+
+
 def anomaly_map(scores, height, width, tiles, per_tile):
     """The map [height, width] of one image's token scores [tiles² · per_tile²] (tile-major, row-major within a
     tile), at its pixel centres: along each axis, linear between the two nearest cell centres of a tile row
     (tile edges at floor(k·side/tiles), per_tile cells a tile), the outermost cell beyond the outermost centres."""
-    grid = np.moveaxis(scores.reshape(tiles, tiles, per_tile, per_tile), 2, 1).reshape(tiles * per_tile, -1)
+    grid = token_grid(scores, tiles, per_tile)
 
     def weights(size):
         edges = (np.arange(tiles + 1) * size // tiles).astype(np.float64)
@@ -85,19 +106,74 @@ def anomaly_map(scores, height, width, tiles, per_tile):
     return (weights(height) @ grid.astype(np.float64) @ weights(width).T).astype(np.float32)
 
 
-def open_graph(deploy, part):
-    path = HERE / deploy[part]["file"]
-    if path.stat().st_size != deploy[part]["bytes"]:
-        sys.exit(f"{path}: not the file {HERE / 'deploy.json'} describes (size differs); export again")
+def read_deployment(directory=HERE):
+    """deploy.json of the deployment in ``directory``; raises ``ValueError`` saying what is wrong."""
+    path = Path(directory) / "deploy.json"
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: not a deployment, or an incomplete export; run raml export again")
+    try:
+        deploy = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable ({err}); run raml export again") from err
+    if not isinstance(deploy, dict) or deploy.get("format") != DEPLOY_FORMAT:
+        found = deploy.get("format") if isinstance(deploy, dict) else None
+        raise ValueError(
+            f"{path}: deployment format {found!r}, this scorer reads {DEPLOY_FORMAT}; run raml export again"
+        )
+    return deploy
+
+
+def open_graph(deploy, part, directory=HERE):
+    """An ONNX Runtime session of ``part`` ("encoder" or "head"); ``ValueError`` when its file is not
+    the one deploy.json describes."""
+    path = Path(directory) / deploy[part]["file"]
+    if not path.is_file() or path.stat().st_size != deploy[part]["bytes"]:
+        raise ValueError(
+            f"{path}: not the file {Path(directory) / 'deploy.json'} describes (missing or size differs); export again"
+        )
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only: the optimiser's notes about the graph are harmless
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def threshold_for(deploy, category):
+    """(threshold, where it comes from in words) for ``category``: the one ``raml calibrate`` set from
+    good images when deploy.json records it, else the exported one."""
+    threshold = float(deploy["thresholds"][category])
+    calibrated = deploy.get("good_image_calibration", {}).get(category)
+    if calibrated is not None and calibrated["threshold"] == threshold:
+        return threshold, (
+            f"calibrated on {calibrated['images']} good images for false alarms <= {calibrated['false_alarm_rate']:g} "
+            f"({calibrated['false_alarms_on_them']:.2%} on them)"
+        )
+    if calibrated is not None:
+        return threshold, "set by hand in deploy.json (not the one raml calibrate wrote)"
+    note = deploy.get("threshold_calibration", {}).get(category)
+    pooled = f"; {note}" if isinstance(note, str) else ""
+    return threshold, f"exported: {deploy['threshold_is']}{pooled}"
+
+
+def score_crops(encoder, head, deploy, crops, categories):
+    """Score a batch: ``crops`` [B · 21, 3, S, S] (the images' ``pyramid_pixels``, one after the other),
+    ``categories`` [B] (indices into deploy.json's categories) → (s_final [B] float64, each image's
+    token map values [B, T]) from one encoder call and one head call."""
+    embeddings, tokens = encoder.run(None, {"pixels": crops})
+    count, first, last = len(categories), *deploy["map"]["token_crops"]
+    embeddings = embeddings.reshape(count, -1, embeddings.shape[-1])
+    tile_tokens = tokens.reshape(count, -1, *tokens.shape[1:])[:, first:last].reshape(count, -1, tokens.shape[-1])
+    visual, text, pixel = head.run(
+        None, {"crops": embeddings, "category": np.asarray(categories, np.int64), "tokens": tile_tokens}
+    )
+    weights = deploy["score_weights"]
+    final = weights["visual"] * visual.astype(np.float64) + weights["text"] * text.astype(np.float64)
+    return final, pixel
+
+
 def main(argv=None):
-    if not (HERE / "deploy.json").is_file():
-        sys.exit(f"{HERE / 'deploy.json'} is missing: an incomplete export; run raml export again")
-    deploy = json.loads((HERE / "deploy.json").read_text())
+    try:
+        deploy = read_deployment()
+    except ValueError as err:
+        sys.exit(str(err))
     categories = deploy["categories"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", help="image files to score")
@@ -113,11 +189,14 @@ def main(argv=None):
         parser.error(f"--category {given} one of {', '.join(categories)}")
     if deploy["random_weights"]:
         print(f"warning: {deploy['warning']}", file=sys.stderr)
-    encoder, head = open_graph(deploy, "encoder"), open_graph(deploy, "head")
-    category = np.array([categories.index(args.category)], np.int64)
-    threshold, weights = deploy["thresholds"][args.category], deploy["score_weights"]
+    try:
+        encoder, head = open_graph(deploy, "encoder"), open_graph(deploy, "head")
+    except ValueError as err:
+        sys.exit(str(err))
+    category = [categories.index(args.category)]
+    threshold, source = threshold_for(deploy, args.category)
     width = max(len(name) for name in args.images)
-    print(f"{'file':<{width}}  {'score':>8}  decision (threshold {threshold:.6f})")
+    print(f"{'file':<{width}}  {'score':>8}  decision (threshold {threshold:.6f}: {source})")
     failed, geometry = 0, deploy["map"]
     if args.maps:
         Path(args.maps).mkdir(parents=True, exist_ok=True)
@@ -125,12 +204,7 @@ def main(argv=None):
         try:
             image = load_rgb(name, deploy["min_image_side"])
             crops = pyramid_pixels(image, deploy["input_size"], deploy["mean"], deploy["std"], deploy["crop_layout"])
-            embeddings, tokens = encoder.run(None, {"pixels": crops})
-            first, last = geometry["token_crops"]
-            tile_tokens = tokens[first:last].reshape(1, -1, tokens.shape[-1])
-            visual, text, pixel = head.run(
-                None, {"crops": embeddings[None], "category": category, "tokens": tile_tokens}
-            )
+            final, pixel = score_crops(encoder, head, deploy, crops, category)
             if args.maps:
                 np.save(
                     Path(args.maps) / f"{Path(name).stem}_map.npy",
@@ -140,7 +214,7 @@ def main(argv=None):
             failed += 1
             print(f"{name:<{width}}  {'-':>8}  ERROR: {name}: {err}")
             continue
-        score = float(weights["visual"] * visual[0] + weights["text"] * text[0])
+        score = float(final[0])
         print(f"{name:<{width}}  {score:8.6f}  {'ANOMALOUS' if score >= threshold else 'normal'}")
     if deploy["random_weights"]:
         print("RANDOM WEIGHTS: these scores are NOT MEANINGFUL.")
