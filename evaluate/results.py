@@ -91,9 +91,7 @@ def in_percent(stats: dict) -> dict:
     }
 
 
-def category_summary(
-    labels: np.ndarray, final_by_run: np.ndarray, n_resamples: int, seed: int
-) -> tuple[dict, dict]:
+def category_summary(labels: np.ndarray, final_by_run: np.ndarray, n_resamples: int, seed: int) -> tuple[dict, dict]:
     """Metrics of one category for one configuration, and each run's AUROC, AP and F1-max (fractions:
     ``{"auroc": [...], "average_precision": [...], "f1_max": [...]}``); ``final_by_run`` is [runs, n].
 
