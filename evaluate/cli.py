@@ -237,7 +237,8 @@ def evaluate(
 )
 @fail_cleanly
 def report(results, out):
-    """Compare results files side by side: Markdown tables and PNG plots.
+    """Compare results files side by side: Markdown tables and PNG plots (report.md), and the same in one
+    self-contained page for a browser (report.html: images embedded, tables sortable by column).
 
     RESULTS are results.json files or directories searched for them (default: ./results/). Rows are
     grouped by protocol and dataset; rows scored on different image lists are never put in one
@@ -248,7 +249,7 @@ def report(results, out):
     results = results or (echo_chosen("results", RESULTS),)
     out = out or echo_chosen("report", REPORT_DIR)
     path = write_report(results, out)
-    click.echo(f"report → {path}")
+    click.echo(f"report → {path} and {path.with_suffix('.html')}")
 
 
 @click.command()
