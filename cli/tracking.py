@@ -29,7 +29,7 @@ from pathlib import Path
 
 import click
 
-from raml.cli.options import given_on_command_line, with_options
+from raml.cli.options import CheckedText, given_on_command_line, with_options
 from raml.errors import UserError
 
 TRACKING_FILE = "tracking.json"  # in a tracked directory: {store URI: {"run_id", "identity", "complete"}}
@@ -99,13 +99,20 @@ class Tracking:
 
 TRACKING_URI_OPTION = click.option(
     "--tracking-uri",
+    type=CheckedText(
+        lambda text: re.match(r"[A-Za-z][A-Za-z0-9+.-]*:\S", text) is not None,
+        "an MLflow tracking URI with its scheme (sqlite:///path/mlflow.db, http://host:port, ...)",
+    ),
     default=None,
     metavar="URI",
     help="MLflow store or server, e.g. http://127.0.0.1:5000 (on a command that trains or scores: implies "
     f"--track). Default: sqlite:///./{DEFAULT_STORE} in the workspace (mlflow ui there shows it).",
 )
 EXPERIMENT_OPTION = click.option(
-    "--experiment", default=None, help="MLflow experiment of new runs. Default: raml-<dataset>."
+    "--experiment",
+    type=CheckedText(lambda text: bool(text.strip()), "an experiment name"),
+    default=None,
+    help="MLflow experiment of new runs. Default: raml-<dataset>.",
 )
 
 

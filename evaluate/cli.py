@@ -66,7 +66,7 @@ def _names(text, module: str, table: str):
     names = tuple(
         getattr(
             importlib.import_module(
-                f"evaluate.{module}" if module != "baselines" else "raml.evaluate.baselines.features"
+                f"raml.evaluate.{module}" if module != "baselines" else "raml.evaluate.baselines.features"
             ),
             table,
         )
