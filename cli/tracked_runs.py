@@ -105,6 +105,11 @@ def common_tags(kind: str, directory: Path, random_weights: bool) -> dict:
     return tags
 
 
+def written_at(path: Path) -> int:
+    """When ``path`` was last written, in ms since the epoch (MLflow's time)."""
+    return int(path.stat().st_mtime * 1000)
+
+
 def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -150,6 +155,8 @@ def training_run(run_dir: Path, fingerprint: dict | None = None) -> TrackedRun:
         for category, weight in (record.get("difficulty_weights") or {}).items():
             series.setdefault(f"train/difficulty_weight/{category}", []).append((record["epoch"], weight))
     tags = common_tags("training run", run_dir, bool(fingerprint.get("random_weights")))
+    ended = written_at(run_dir / "history.json")
+    seconds = sum(record.get("seconds", 0.0) for record in history if isinstance(record.get("seconds"), (int, float)))
     diverged = metrics.get("diverged")
     if diverged:
         tags["raml.diverged"] = (
@@ -173,6 +180,8 @@ def training_run(run_dir: Path, fingerprint: dict | None = None) -> TrackedRun:
         tags=tags,
         artifacts=[run_dir / name for name in RUN_FILES if (run_dir / name).is_file()],
         failed=bool(diverged),
+        started=ended - int(1000 * seconds),
+        ended=ended,
     )
 
 
@@ -327,6 +336,8 @@ def baseline_run(results_dir: Path, config: str, entry: dict, files: list) -> Tr
         metrics=results_metrics(entry, protocol_prefix(entry)),
         tags=common_tags("baseline", results_dir, bool(entry.get("random_weights"))),
         artifacts=list(files),
+        started=written_at(files[0]),
+        ended=written_at(files[0]),
     )
 
 
@@ -350,6 +361,11 @@ def sweep_run(sweep_dir: Path, kind: str = "sweep") -> TrackedRun:
         },
         artifacts=[sweep_dir / name for name in (SUMMARY_JSON, "summary.md") if (sweep_dir / name).is_file()],
         children=children,
+        started=min(child.started for child in children),
+        ended=max(
+            [child.ended for child in children]
+            + [written_at(sweep_dir / SUMMARY_JSON)] * (sweep_dir / SUMMARY_JSON).is_file()
+        ),
     )
     diverged = [child.name for child in children if child.failed]
     if diverged:
@@ -386,6 +402,7 @@ def ablation_run(out_dir: Path) -> TrackedRun:
     parent.artifacts += [
         out_dir / name for name in (ABLATION_JSON, "ablation.md", "ablation.png") if (out_dir / name).is_file()
     ]
+    parent.ended = max(parent.ended, written_at(out_dir / ABLATION_JSON))
     return parent
 
 
@@ -406,6 +423,8 @@ def rescored_run(results_dir: Path, entries: dict, parent: TrackedRun) -> Tracke
         metrics=results_metrics(entry, protocol_prefix(entry)),
         tags=common_tags("rescored configuration", results_dir, bool(entry.get("random_weights"))),
         artifacts=[results_dir / RESULTS_JSON],
+        started=written_at(results_dir / RESULTS_JSON),
+        ended=written_at(results_dir / RESULTS_JSON),
     )
 
 

@@ -35,6 +35,7 @@ from raml.errors import UserError
 TRACKING_FILE = "tracking.json"  # in a tracked directory: {store URI: {"run_id", "identity", "complete"}}
 DEFAULT_STORE = "mlflow.db"  # in the working directory (the workspace): MLflow's own default name
 ARTIFACTS_DIR = "mlruns"  # beside the SQLite store: MLflow's default artifact root
+EXPERIMENT_KIND = "mlflow.experimentKind"  # "custom_model_development": mlflow ui opens on the runs table, not GenAI's
 INSTALL_HINT = "pip install 'raml[track]' (MLflow; 'raml[track-ui]' adds mlflow ui)"
 _BAD_KEY_CHARACTERS = re.compile(r"[^\w.\- /:]")  # what MLflow refuses in metric and param names
 # A server that is down must not hold a finished command for minutes (MLflow retries 7 times by default).
@@ -66,6 +67,8 @@ class TrackedRun:
     artifacts: list = field(default_factory=list)  # files
     failed: bool = False  # MLflow status FAILED (a diverged run)
     children: list = field(default_factory=list)
+    started: int | None = None  # when the work began and ended (ms since the epoch; None: now), from the files
+    ended: int | None = None
 
 
 @dataclass
@@ -84,10 +87,10 @@ class Tracking:
 
         paths = [Path(path) for path in paths]
         try:
+            runs = [run for path in paths for run in describe(path, **describe_options)]  # the files first
             writer = Writer(self.uri, self.experiment)
-            for path in paths:
-                for run in describe(path, **describe_options):
-                    writer.log(run)
+            for run in runs:
+                writer.log(run)
         except Exception as err:  # noqa: BLE001  (whatever MLflow, SQLite or the network raise: the result is safe)
             reason = " ".join(str(err).split())[:300] or type(err).__name__
             later = " ".join(str(path) for path in paths) + (f" --tracking-uri {self.uri}" if self.uri else "")
@@ -170,7 +173,9 @@ class Writer:
         run_id, complete = self._existing(run)
         if run_id is None:
             tags = {"mlflow.runName": run.name, **({"mlflow.parentRunId": parent_id} if parent_id else {})}
-            run_id = self.client.create_run(self._experiment_id(run.experiment), tags=tags).info.run_id
+            run_id = self.client.create_run(
+                self._experiment_id(run.experiment), start_time=run.started, tags=tags
+            ).info.run_id
             self._remember(run, run_id, complete=False)
         elif parent_id:
             self.client.set_tag(run_id, "mlflow.parentRunId", parent_id)
@@ -189,7 +194,7 @@ class Writer:
             self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
         for path in run.artifacts:
             self.client.log_artifact(run_id, str(path))
-        self.client.set_terminated(run_id, "FAILED" if run.failed else "FINISHED")
+        self.client.set_terminated(run_id, "FAILED" if run.failed else "FINISHED", end_time=run.ended)
         self._remember(run, run_id, complete=True)
         for child in run.children:
             self.log(child, parent_id=run_id)
@@ -230,7 +235,9 @@ class Writer:
                     f"--experiment-id {found.experiment_id}) or name another with --experiment"
                 )
             if found is None:
-                self.experiment_ids[name] = self.client.create_experiment(name, **self._artifact_location(name))
+                self.experiment_ids[name] = self.client.create_experiment(
+                    name, **self._artifact_location(name), tags={EXPERIMENT_KIND: "custom_model_development"}
+                )
             else:
                 self.experiment_ids[name] = found.experiment_id
         return self.experiment_ids[name]

@@ -170,7 +170,8 @@ def test_a_tracking_server_that_is_down_costs_no_result(two_category_table, tmp_
     assert "tracking: not tracked (" in result.output and f"raml track {run_dir}" in result.output
 
 
-def test_raml_track_refuses_a_folder_raml_did_not_write(tmp_path):
+def test_raml_track_refuses_a_folder_raml_did_not_write(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default store: ./mlflow.db
     result = CliRunner().invoke(cli, ["track", str(tmp_path)])
     assert result.exit_code != 0 and "not a directory RAML wrote" in result.output
 
@@ -178,3 +179,27 @@ def test_raml_track_refuses_a_folder_raml_did_not_write(tmp_path):
 def test_mlflow_is_imported_only_when_tracking_is_on():
     code = "import sys; import raml.pipeline, raml.cli.tracked_runs; print('mlflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_an_ablation_is_a_parent_with_its_runs_rescored_rows_and_baselines(two_category_table, store, client, tmp_path):
+    out = tmp_path / "ablate"
+    raml(
+        "ablate", "--cache-dir", two_category_table.cache_dir, "--ablations", "full,visual-score-only",
+        "--baselines", "linear", "--seeds", "0,1", "--out", out, "--bootstrap", 30, *TINY,
+        "--track", "--tracking-uri", store, "--experiment", "t4",
+    )  # fmt: skip
+    runs = runs_of(client, "t4")
+    parent = runs.pop("ablate")
+    assert sorted(runs) == ["full-seed0", "full-seed1", "linear", "visual-score-only"]
+    assert {run.data.tags["mlflow.parentRunId"] for run in runs.values()} == {parent.info.run_id}
+    ablation = json.loads((out / "ablation.json").read_text())
+    for row in ablation["rows"]:
+        name = row["configuration"]
+        assert parent.data.metrics[f"{name}.image_auroc"] == row["auroc"]["mean"]
+        assert [parent.data.metrics[f"{name}.image_auroc_ci95_{end}"] for end in ("low", "high")] == row["auroc_ci95"]
+        assert parent.data.metrics[f"{name}.delta_image_auroc"] == row["difference"]["value"]
+        assert parent.data.metrics[f"{name}.delta_image_auroc_ci95_low"] == row["difference"]["ci95"][0]
+    (linear,) = json.loads((out / "baselines" / "linear" / "results.json").read_text()).values()
+    assert runs["linear"].data.metrics["image_auroc"] == linear["mean_auroc"]
+    assert runs["linear"].data.params["method"] == linear["method"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"ablation.json", "ablation.png"}
