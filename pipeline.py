@@ -5,6 +5,7 @@ Stage one:  extract                       images → HDF5 feature shards (runs C
 Stage two:  train                         cached features → RAML head
 Evaluate:   evaluate, report, sweep, ablate, baseline, demo
 Deploy:     predict, export, calibrate, serve
+Tracking:   track                         send run, sweep, ablation and results directories to MLflow
 Tools:      status, info, bench extract, bench train, bench predict, bench serve, bench cache, bench maps
 
 This file only assembles the command line: each command is defined beside the code it runs
@@ -43,6 +44,7 @@ import click  # noqa: E402  (after the checkout is the package raml)
 from raml.cache.cli import bench_cache, info
 from raml.cli.config_file import load_default_map
 from raml.cli.failures import fail_cleanly
+from raml.cli.tracked_runs import track
 from raml.evaluate.baselines.cli import baseline
 from raml.evaluate.cli import ablate, bench_maps, demo, evaluate, report, status, sweep
 from raml.evaluate.deploy.cli import bench_predict, export, predict
@@ -108,6 +110,7 @@ for command in (
     serve,
     demo,
     status,
+    track,
 ):
     cli.add_command(command)
 for command in (bench_extract, bench_train, bench_predict, bench_serve, bench_cache, bench_maps):

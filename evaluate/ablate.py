@@ -76,11 +76,13 @@ def run_ablation(
     n_resamples: int = DEFAULT_BOOTSTRAP,
     bootstrap_seed: int = 0,
     progress=None,
+    steps=None,
     **common,
 ) -> dict:
     """Train every ablation over ``seeds``, score every baseline on the same held-out images, and
     write the table; returns it. ``common``: ``TrainConfig`` overrides applied to every
-    configuration (e.g. ``epochs``)."""
+    configuration (e.g. ``epochs``). ``steps`` (``cli.progress.Progress`` or None) shows each
+    phase's progress: training, scoring, the baselines."""
     unknown = [name for name in ablations if name not in ABLATIONS]
     if unknown:
         raise UserError(f"unknown ablation {', '.join(unknown)}; choose from {', '.join(ABLATIONS)}")
@@ -106,6 +108,7 @@ def run_ablation(
         device=device,
         progress=say,
         n_resamples=n_resamples,
+        steps=steps,
     )
     results = [runs_dir / RESULTS_DIR / RESULTS_JSON]
     diverged = {name: entry["diverged"] for name, entry in summary["configurations"].items() if entry["diverged"]}
@@ -137,8 +140,11 @@ def run_ablation(
             log=say,
             table=table,
             device=device,
+            steps=steps,
         )
         results.append(path)
+    if steps:
+        steps.begin("ablate baselines", len(baselines), "baselines")
     for name in baselines:
         say(f"ablate: baseline {name}")
         path, _, _ = run_feature_baseline(
@@ -150,6 +156,10 @@ def run_ablation(
             bootstrap_seed=bootstrap_seed,
         )
         results.append(path)
+        if steps:
+            steps.advance()
+    if steps:
+        steps.end()
     table_rows = ablation_rows(results, n_resamples, bootstrap_seed)
     ablation = {
         "reference": REFERENCE,

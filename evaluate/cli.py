@@ -22,6 +22,8 @@ from raml.cli.options import (
     text_list,
     with_options,
 )
+from raml.cli.progress import Progress
+from raml.cli.tracking import tracking_options
 from raml.cli.workspace import REPORT_DIR, RESULTS, SWEEP_PREFIX, dataset_of, results_dir
 from raml.errors import OptionError, UserError
 from raml.evaluate.bootstrap_settings import CI_LEVEL, DEFAULT_BOOTSTRAP
@@ -64,7 +66,7 @@ def _names(text, module: str, table: str):
     names = tuple(
         getattr(
             importlib.import_module(
-                f"evaluate.{module}" if module != "baselines" else "raml.evaluate.baselines.features"
+                f"raml.evaluate.{module}" if module != "baselines" else "raml.evaluate.baselines.features"
             ),
             table,
         )
@@ -174,6 +176,7 @@ def echo_entries(path, entries) -> None:
 )
 @with_options(bootstrap_options)
 @stage_two_device_option
+@tracking_options
 @fail_cleanly
 def evaluate(
     checkpoints,
@@ -188,6 +191,7 @@ def evaluate(
     n_resamples,
     bootstrap_seed,
     device,
+    tracking,
 ):
     """Score trained checkpoints on a cache: image metrics per category, per-image scores, and for runs with a
     pixel head their anomaly maps' pixel metrics (pixel AUROC, AUPRO, pixel F1-max).
@@ -202,21 +206,25 @@ def evaluate(
     checkpoints = checkpoints or (newest_run_dir(sweeps=True),)
     cache_dir = cache_dir or scoring_cache(checkpoints, dataset)
     out = out or echo_chosen("results", results_dir(dataset_of(cache_dir), run_label(checkpoints)))
-    path, entries = evaluate_checkpoints(
-        checkpoints,
-        cache_dir,
-        out,
-        protocol=protocol,
-        visual_weight=visual_weight,
-        text_weight=text_weight,
-        map_weight=map_weight,
-        n_resamples=n_resamples,
-        bootstrap_seed=bootstrap_seed,
-        name=name,
-        log=click.echo,
-        device=device,
-    )
+    with Progress() as steps:
+        path, entries = evaluate_checkpoints(
+            checkpoints,
+            cache_dir,
+            out,
+            protocol=protocol,
+            visual_weight=visual_weight,
+            text_weight=text_weight,
+            map_weight=map_weight,
+            n_resamples=n_resamples,
+            bootstrap_seed=bootstrap_seed,
+            name=name,
+            log=steps.echo,
+            device=device,
+            steps=steps,
+        )
     echo_entries(path, entries)
+    if tracking:
+        tracking.send([out])
 
 
 @click.command()
@@ -229,7 +237,8 @@ def evaluate(
 )
 @fail_cleanly
 def report(results, out):
-    """Compare results files side by side: Markdown tables and PNG plots.
+    """Compare results files side by side: Markdown tables and PNG plots (report.md), and the same in one
+    self-contained page for a browser (report.html: images embedded, tables sortable by column).
 
     RESULTS are results.json files or directories searched for them (default: ./results/). Rows are
     grouped by protocol and dataset; rows scored on different image lists are never put in one
@@ -240,7 +249,7 @@ def report(results, out):
     results = results or (echo_chosen("results", RESULTS),)
     out = out or echo_chosen("report", REPORT_DIR)
     path = write_report(results, out)
-    click.echo(f"report → {path}")
+    click.echo(f"report → {path} and {path.with_suffix('.html')}")
 
 
 @click.command()
@@ -281,8 +290,9 @@ def report(results, out):
 @threads_option
 @stage_two_device_option
 @train_options(exclude=("seed", "margin", "margin_base", "lambda_sigma", "lambda_res"))
+@tracking_options
 @fail_cleanly
-def sweep(cache_dir, margins, seeds, vary, out, jobs, threads, device, **options):
+def sweep(cache_dir, margins, seeds, vary, out, jobs, threads, device, tracking, **options):
     """Train every (configuration × seed) on one cache and tabulate held-out image AUROC (mean ± std).
 
     Runs that differ only in per-run scalars (seed, margin, loss weights, temperature, lr, weight decay,
@@ -297,9 +307,18 @@ def sweep(cache_dir, margins, seeds, vary, out, jobs, threads, device, **options
     in_workspace = out is None
     if in_workspace:
         out = sweep_dir(dataset_of(cache_dir), SWEEP_PREFIX + "-".join([*margins, *axes]))
-    summary = run_sweep(
-        table, configurations, seeds, out, jobs=jobs, threads=threads, device=device, progress=click.echo
-    )
+    with Progress() as steps:
+        summary = run_sweep(
+            table,
+            configurations,
+            seeds,
+            out,
+            jobs=jobs,
+            threads=threads,
+            device=device,
+            progress=steps.echo,
+            steps=steps,
+        )
     click.echo((Path(out) / "summary.md").read_text().rstrip())
     click.echo(
         f"sweep: {len(configurations) * len(seeds)} runs → {out}/summary.json, {out}/summary.md"
@@ -309,6 +328,8 @@ def sweep(cache_dir, margins, seeds, vary, out, jobs, threads, device, **options
         from raml.cli.workspace import point_latest
 
         click.echo(f"run: {out}  ({point_latest(out)} → {Path(out).name})")
+    if tracking:
+        tracking.send([out])
 
 
 @click.command()
@@ -358,8 +379,11 @@ def sweep(cache_dir, margins, seeds, vary, out, jobs, threads, device, **options
         "text_weight",
     )
 )
+@tracking_options
 @fail_cleanly
-def ablate(cache_dir, out, seeds, ablations, baselines, jobs, threads, device, n_resamples, bootstrap_seed, **options):
+def ablate(
+    cache_dir, out, seeds, ablations, baselines, jobs, threads, device, n_resamples, bootstrap_seed, tracking, **options
+):
     """Train the method, each ablation of it and each baseline on one cache; one table.
 
     Configurations: full (the method), scales-1, scales-1,2, no-cross-attention, no-text-fusion,
@@ -376,22 +400,26 @@ def ablate(cache_dir, out, seeds, ablations, baselines, jobs, threads, device, n
     chosen_baselines = tuple(BASELINES if baselines is None else baselines)
     table = read_training_cache(cache_dir)
     out = out or echo_chosen("results", results_dir(dataset_of(cache_dir), "ablate"))
-    ablation = run_ablation(
-        table,
-        out,
-        seeds,
-        ablations=tuple(ablations or ABLATIONS),
-        baselines=chosen_baselines,
-        jobs=jobs,
-        threads=threads,
-        device=device,
-        n_resamples=n_resamples,
-        bootstrap_seed=bootstrap_seed,
-        progress=click.echo,
-        **options,
-    )
+    with Progress() as steps:
+        ablation = run_ablation(
+            table,
+            out,
+            seeds,
+            ablations=tuple(ablations or ABLATIONS),
+            baselines=chosen_baselines,
+            jobs=jobs,
+            threads=threads,
+            device=device,
+            n_resamples=n_resamples,
+            bootstrap_seed=bootstrap_seed,
+            progress=steps.echo,
+            steps=steps,
+            **options,
+        )
     click.echo((Path(out) / "ablation.md").read_text().rstrip())
     click.echo(f"ablate: {len(ablation['rows'])} rows → {out}/ablation.md, ablation.json, ablation.png")
+    if tracking:
+        tracking.send([out])
 
 
 @click.command("maps")

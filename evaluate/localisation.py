@@ -130,7 +130,12 @@ def pixel_block(
         for name in PIXEL_METRICS:
             means[name].append([float(v[name]) for v in values])
     mean = {
-        name: in_percent(mean_std(np.mean(runs, axis=0))) if runs else in_percent(mean_std([]))
+        name: {
+            **in_percent(mean_std(np.mean(runs, axis=0))),
+            "per_seed": [round(100 * float(v), 2) for v in np.mean(runs, axis=0)],  # each seed's category mean
+        }
+        if runs
+        else in_percent(mean_std([]))
         for name, runs in means.items()
     }
     return {

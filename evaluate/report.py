@@ -1,4 +1,5 @@
-"""``report``: one Markdown comparison per image list, and PNG plots, from results files.
+"""``report``: one Markdown comparison per image list, and PNG plots, from results files; the same
+report as one self-contained HTML page (evaluate/report_html.py).
 
 Rows are grouped by (protocol, dataset): the MVTec hold-out comparison and the VisA transfer
 results become two tables. Inside one table every row must have been scored on the same images
@@ -272,8 +273,10 @@ def _slug(text: str) -> str:
 
 
 def write_report(paths, out_dir) -> Path:
-    """Write ``out_dir``/report.md and its PNG plots; returns the Markdown path."""
+    """Write ``out_dir``/report.md, its PNG plots and report.html (the same, images embedded); returns
+    the Markdown path."""
     from raml.evaluate import plots
+    from raml.evaluate.report_html import report_html
 
     out_dir = Path(out_dir)
     make_dirs(out_dir)
@@ -298,7 +301,9 @@ def write_report(paths, out_dir) -> Path:
             section += f"\nAnomaly maps: {maps_note}\n"
         sections.append(section)
     path = out_dir / "report.md"
-    atomic_write_text(path, "\n".join(sections))
+    markdown = "\n".join(sections)
+    atomic_write_text(path, markdown)
+    atomic_write_text(out_dir / "report.html", report_html(markdown, out_dir, banner_text=NOT_MEANINGFUL))
     return path
 
 

@@ -4,7 +4,8 @@ The JSON keeps the original RAML release's schema readable —
 ``{"<config>": {"mean_auroc": 94.09, "details": {"bottle": 100.0, ...}}}`` with AUROC in % — and
 puts everything else beside it: the sample standard deviation over seeds and their number n
 (``mean_std``, the project's one aggregation over seeds), AP, F1-max and its threshold, the
-bootstrap 95 % CI, the pixel metrics of the configuration's anomaly maps (``pixel``:
+bootstrap 95 % CI (per category, and of the category mean: ``mean_auroc_ci95``), each seed's own
+AUROC, AP and F1-max (``per_seed``), the pixel metrics of the configuration's anomaly maps (``pixel``:
 evaluate/localisation.py), the seeds, the protocol and the hash of the exact image list, and the
 backbone (with ``random_weights``: such results are marked not meaningful).
 
@@ -28,7 +29,7 @@ from raml.cache.files import atomic_write, atomic_write_text, make_dirs, read_js
 from raml.errors import UserError
 from raml.evaluate.bootstrap_settings import CI_LEVEL, DEFAULT_BOOTSTRAP
 from raml.evaluate.file_names import MAPS_NPZ, RESULTS_JSON, SCORES_CSV
-from raml.evaluate.metrics import average_precision, bootstrap_auroc_ci, image_auroc
+from raml.evaluate.metrics import average_precision, bootstrap_auroc_ci, bootstrap_mean_auroc_ci, image_auroc
 from raml.train.thresholds import f1_max
 
 MAP_EXAMPLES = 4  # test images a report shows with their anomaly maps, per table (``pick_examples``)
@@ -85,17 +86,16 @@ def in_percent(stats: dict) -> dict:
     }
 
 
-def category_summary(
-    labels: np.ndarray, final_by_run: np.ndarray, n_resamples: int, seed: int
-) -> tuple[dict, list[float]]:
-    """Metrics of one category for one configuration, and each run's AUROC (a fraction);
-    ``final_by_run`` is [runs, n].
+def category_summary(labels: np.ndarray, final_by_run: np.ndarray, n_resamples: int, seed: int) -> tuple[dict, dict]:
+    """Metrics of one category for one configuration, and each run's AUROC, AP and F1-max (fractions:
+    ``{"auroc": [...], "average_precision": [...], "f1_max": [...]}``); ``final_by_run`` is [runs, n].
 
     Means and standard deviations are over runs (seeds), through ``mean_std``. Raises
     ``ValueError`` (from the metric functions) when the category has one class only.
     """
     aurocs = [image_auroc(labels, run) for run in final_by_run]
-    aps = mean_std([average_precision(labels, run) for run in final_by_run])
+    ap_per_run = [average_precision(labels, run) for run in final_by_run]
+    aps = mean_std(ap_per_run)
     f1s = [f1_max(labels, run) for run in final_by_run]
     f1 = mean_std([f for f, _ in f1s])
     auroc = mean_std(aurocs)
@@ -113,7 +113,7 @@ def category_summary(
         "f1_max_threshold": [round(t, 6) for _, t in f1s],
         "normal": int((labels == 0).sum()),
         "anomalous": int((labels == 1).sum()),
-    }, aurocs
+    }, {"auroc": aurocs, "average_precision": ap_per_run, "f1_max": [f for f, _ in f1s]}
 
 
 def config_entry(
@@ -130,29 +130,40 @@ def config_entry(
     _check_same_images(runs)
     first = runs[0]
     final = np.stack([run.scores["final"] for run in runs])
-    per_category, not_available, aurocs = {}, {}, []
+    per_category, not_available, per_run = {}, {}, {"auroc": [], "average_precision": [], "f1_max": []}
     for category in sorted(set(first.category.tolist())):
         rows = first.category == category
         try:
-            per_category[category], category_aurocs = category_summary(
+            per_category[category], category_per_run = category_summary(
                 first.label[rows], final[:, rows], n_resamples, bootstrap_seed
             )
         except ValueError as err:
             not_available[category] = str(err)
             continue
-        aurocs.append(category_aurocs)
+        for name, values in category_per_run.items():
+            per_run[name].append(values)
     if not per_category:
         raise UserError(
             f"{first.config}: no category has both normal and anomalous images "
             f"({'; '.join(f'{c}: {r}' for c, r in not_available.items())})"
         )
     # the original release's number: per run, the mean AUROC over categories; then over runs
-    over_seeds = mean_std(np.mean(aurocs, axis=0))
+    over_seeds = mean_std(np.mean(per_run["auroc"], axis=0))
+    scored = np.isin(first.category, list(per_category))
+    _, low, high = bootstrap_mean_auroc_ci(
+        first.label[scored], final[:, scored], first.category[scored], n_resamples, bootstrap_seed
+    )
     entry = {
         "mean_auroc": _percent(over_seeds["mean"]),
         "details": {category: s["auroc"] for category, s in per_category.items()},
         "std_auroc": _percent_std(over_seeds),
         "auroc_over_seeds": in_percent(over_seeds),
+        "mean_auroc_ci95": [_percent(low), _percent(high)],
+        # each seed's own numbers: the mean over categories of that run's AUROC, AP and F1-max
+        "per_seed": {
+            "seed": [run.seed for run in runs],
+            **{name: [_percent(v) for v in np.mean(values, axis=0)] for name, values in per_run.items()},
+        },
         "mean_average_precision": round(float(np.mean([s["average_precision"] for s in per_category.values()])), 2),
         "mean_f1_max": round(float(np.mean([s["f1_max"] for s in per_category.values()])), 2),
         "categories": per_category,
@@ -324,6 +335,8 @@ _ENTRY_SHAPE = {
     "mean_f1_max": "percent?",
     "details": {"*": "percent"},
     "auroc_over_seeds": {"mean": "number?", "std!": "number?", "n!": int},
+    "mean_auroc_ci95": "pair?",
+    "per_seed": {"seed!": ["int?"], "auroc!": ["number?"], "average_precision!": ["number?"], "f1_max!": ["number?"]},
     "categories": {
         "*": {
             "auroc": "percent",

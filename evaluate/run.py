@@ -173,13 +173,15 @@ def evaluate_checkpoints(
     table=None,
     device: str = "cpu",
     diverged: dict | None = None,
+    steps=None,
 ) -> tuple[Path, dict]:
     """Score every checkpoint on ``cache_dir`` and write ``out_dir``/{results.json, scores.csv,
     anomaly_maps.npz}. Returns the results path and the entries. ``table``: the cache already read
     (a sweep passes its own), else it is read from ``cache_dir``. ``map_weight``: the image score is
     ``fused_score`` of s_final and the pixel head's map (0: s_final). ``diverged``: configuration →
     its runs that diverged (they have no checkpoint), recorded in its entry; default: those of the
-    sweep directories among ``checkpoints`` (``diverged_runs``)."""
+    sweep directories among ``checkpoints`` (``diverged_runs``). ``steps`` (``cli.progress.Progress``
+    or None) counts the runs scored."""
     table = read_cache(cache_dir) if table is None else table
     groups = group_configurations(find_checkpoints(checkpoints), name)
     diverged = diverged_runs(checkpoints) if diverged is None else diverged
@@ -189,6 +191,8 @@ def evaluate_checkpoints(
             "no checkpoint, not scored"
         )
     runs, image_lists, settings, config_rows = defaultdict(list), {}, {}, {}
+    if steps:
+        steps.begin("evaluate", sum(len(group) for group in groups.values()), "runs")
     for config, group in groups.items():
         for checkpoint in group:
             path = checkpoint.path
@@ -214,6 +218,8 @@ def evaluate_checkpoints(
             )
             image_lists[config] = image_list.describe()
             config_rows[config] = rows
+            if steps:
+                steps.advance()
         training = TrainConfig.from_dict(group[0].config).without_seed()
         settings[config] = {
             "margin": training["margin"],
@@ -224,6 +230,8 @@ def evaluate_checkpoints(
         inside = last_epoch_inside_margin(group)
         if inside is not None:
             settings[config].update(inside)
+    if steps:
+        steps.end()
 
     pixel, maps = _pixel_head_maps(table, groups, runs, config_rows, map_weight, n_resamples, bootstrap_seed, log)
     entries = {}

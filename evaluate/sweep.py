@@ -31,15 +31,17 @@ def run_sweep(
     device: str = "cpu",
     progress=None,
     n_resamples: int = 1000,
+    steps=None,
 ) -> dict:
     """Train the missing runs of ``configurations`` × ``seeds`` (``train.sweep.train_missing``), score
-    them all with ``evaluate``'s code, write and return the summary."""
+    them all with ``evaluate``'s code, write and return the summary. ``steps``
+    (``cli.progress.Progress`` or None) shows both halves' progress."""
     out_dir = Path(out_dir)
     say = progress or (lambda line: None)
     runs, passes, diverged = train_missing(
-        table, configurations, seeds, out_dir, jobs=jobs, threads=threads, device=device, progress=say
+        table, configurations, seeds, out_dir, jobs=jobs, threads=threads, device=device, progress=say, steps=steps
     )
-    summary = summarise_runs(table, configurations, runs, diverged, out_dir, n_resamples, say)
+    summary = summarise_runs(table, configurations, runs, diverged, out_dir, n_resamples, say, steps)
     summary["passes"] = passes
     write_json(out_dir / SUMMARY_JSON, summary)
     atomic_write_text(out_dir / "summary.md", summary_markdown(summary))
@@ -47,7 +49,14 @@ def run_sweep(
 
 
 def summarise_runs(
-    table: FeatureTable, configurations: dict, runs: dict, diverged: dict, out_dir: Path, n_resamples: int, say
+    table: FeatureTable,
+    configurations: dict,
+    runs: dict,
+    diverged: dict,
+    out_dir: Path,
+    n_resamples: int,
+    say,
+    steps=None,
 ) -> dict:
     """Score every run that did not diverge with ``evaluate`` (holdout protocol) and condense its
     entries; a configuration lists its diverged runs (``train.fit.divergence_record``)."""
@@ -71,6 +80,7 @@ def summarise_runs(
         log=say,
         table=table,
         diverged=by_configuration,
+        steps=steps,
     )
     first = next(iter(entries.values()))
     configurations_summary = {}

@@ -33,6 +33,8 @@ TEXT_CASES = {
     "--baselines": ["", "nosuch", "linear,nosuch"],
     "--name": [""],
     "--category": [""],
+    "--tracking-uri": ["", "mlflow.db", "sqlite:"],
+    "--experiment": ["", " "],
 }
 # (command, option): the values that command's option refuses, where they differ from TEXT_CASES'
 PER_COMMAND = {("export", "--categories"): [",", ""]}  # export may bake in categories it was not trained on
@@ -178,6 +180,7 @@ def base_args(tmp_path_factory, mvtec_root, mvtec_cache):
         ("bench", "train"): ["--epochs", "1", "--seeds", "1"],
         ("bench", "cache"): ["--cache-dir", cache],
         ("bench", "maps"): ["--images", "1", "--normals", "1", "--size", "64"],
+        ("track",): [str(run)],
     }
 
 

@@ -11,6 +11,7 @@ import click
 
 from raml.cli.failures import fail_cleanly
 from raml.cli.options import JOBS, THREADS, device_option, echo_chosen, given_on_command_line, text_list, with_options
+from raml.cli.tracking import tracking_options
 from raml.errors import OptionError, UserError
 from raml.train.config import Bounds, TrainConfig, field_kind
 
@@ -202,8 +203,9 @@ def train_options(exclude=()):
 @threads_option
 @stage_two_device_option
 @train_options()
+@tracking_options
 @fail_cleanly
-def train(cache_dir, out, force, threads, device, margin, **options):
+def train(cache_dir, out, force, threads, device, margin, tracking, **options):
     """Stage two: train the RAML head on cached features (holdout protocol; never loads CLIP).
 
     --margin picks the preset (adaptive: m = 0.5 + 0.3·σ + 0.3·(1 − r/r_max); fixed: 0.5;
@@ -212,6 +214,7 @@ def train(cache_dir, out, force, threads, device, margin, **options):
     import shutil
     from pathlib import Path
 
+    from raml.cli.progress import Progress
     from raml.cli.workspace import claim_run_dir, dataset_of, point_latest
     from raml.train.checkpoint import CHECKPOINT_FILE
     from raml.train.config import make_config
@@ -227,7 +230,11 @@ def train(cache_dir, out, force, threads, device, margin, **options):
         f"margin {config.margin} (m_base {config.margin_base}, λσ {config.lambda_sigma}, "
         f"λres {config.lambda_res}, r_max {config.r_max}), seed {config.seed}"
     )
-    trained = fit(table, config, progress=click.echo, threads=threads, device=device)
+    with Progress() as steps:
+        steps.begin("train", config.epochs, "epochs")
+        trained = fit(
+            table, config, progress=steps.echo, threads=threads, device=device, on_epoch=lambda _: steps.advance()
+        )
     click.echo(f"pixel head: {trained.pixel_head}")
     # The run's directory is claimed once training succeeded, and removed again if it cannot be
     # written in full (a full disk): a failed run leaves nothing behind.
@@ -243,6 +250,8 @@ def train(cache_dir, out, force, threads, device, margin, **options):
     click.echo(f"train: {len(trained.split.train)} training / {len(trained.split.heldout)} held-out images → {path}")
     if out is None:
         click.echo(f"run: {run_dir}  ({point_latest(run_dir)} → {run_dir.name})")
+    if tracking:
+        tracking.send([run_dir], fingerprint=trained.fingerprint)
 
 
 @click.command("train")

@@ -255,6 +255,7 @@ def fit(
     progress=None,
     threads: int | None = 1,
     device: str = "cpu",
+    on_epoch=None,
 ) -> TrainedHead:
     """Train one head on ``split.train`` (default: ``holdout_split`` with the config's split seed).
 
@@ -262,8 +263,9 @@ def fit(
     ``threads``: torch threads while training (see the module docstring); ``device``: "cpu",
     "cuda", "cuda:N" or "auto". Raises ``TrainingDiverged`` at the first step whose loss or gradient
     is not finite (on a GPU, at the end of that epoch: the step is still the first one).
+    ``on_epoch``, if given, is called after each epoch with ``[its history entry]``.
     """
-    return fit_runs(table, [config], split, progress, threads, device, stop_on_divergence=True)[0]
+    return fit_runs(table, [config], split, progress, threads, device, stop_on_divergence=True, on_epoch=on_epoch)[0]
 
 
 def fit_runs(
@@ -274,13 +276,15 @@ def fit_runs(
     threads: int | None = 1,
     device: str = "cpu",
     stop_on_divergence: bool = False,
+    on_epoch=None,
 ) -> list[TrainedHead]:
     """Train every config at once (see the module docstring); they must share ``group_key``.
 
     A run whose loss or gradient stops being finite is diverged: with ``stop_on_divergence`` the
     pass stops (``TrainingDiverged``); otherwise it is returned with ``diverged`` set (no thresholds,
     nothing to write) and the other runs go on (runs share no parameter), the pass stopping early
-    once every run has diverged."""
+    once every run has diverged. ``on_epoch``, if given, is called after each epoch with the list of
+    that epoch's history entries, one per run (progress bars use it)."""
     if len({group_key(config) for config in configs}) != 1:
         raise ValueError(
             "fit_runs: the configs differ in settings that change shapes or the loss "
@@ -289,12 +293,12 @@ def fit_runs(
     order = sorted(range(len(configs)), key=lambda k: (configs[k].lr, configs[k].weight_decay))  # stable
     with torch_threads(threads):
         trained = _fit_runs(
-            table, [configs[k] for k in order], split, progress, resolve_device(device), stop_on_divergence
+            table, [configs[k] for k in order], split, progress, resolve_device(device), stop_on_divergence, on_epoch
         )
     return [trained[order.index(k)] for k in range(len(configs))]
 
 
-def _fit_runs(table, configs, split, progress, device, stop_on_divergence) -> list[TrainedHead]:
+def _fit_runs(table, configs, split, progress, device, stop_on_divergence, on_epoch=None) -> list[TrainedHead]:
     first = configs[0]
     split = split or holdout_split(table, first.split_seed, first.holdout_fraction)
     data = training_data(table, split.train, device)
@@ -423,6 +427,8 @@ def _fit_runs(table, configs, split, progress, device, stop_on_divergence) -> li
             progress(
                 epoch_line(records[0], epochs) if runs == 1 else pass_line(records, epochs, int((failed > 0).sum()))
             )
+        if on_epoch:
+            on_epoch(records)
     if stack is not None:
         stack.write_back()
     final_states = [state] if runs == 1 else unstack_dict(state, runs)

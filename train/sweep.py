@@ -119,10 +119,11 @@ def _read_json_object(path: Path) -> dict:
 
 
 def train_pass(
-    table: FeatureTable, runs: dict[str, TrainConfig], out_dir: Path, threads: int | None, device: str
+    table: FeatureTable, runs: dict[str, TrainConfig], out_dir: Path, threads: int | None, device: str, on_epoch=None
 ) -> dict[str, dict]:
-    """Train ``runs`` (one group) in one pass, write each run directory, then its ``metrics.json``."""
-    trained = fit_runs(table, list(runs.values()), threads=threads, device=device)
+    """Train ``runs`` (one group) in one pass, write each run directory, then its ``metrics.json``.
+    ``on_epoch``: ``fit_runs``'s per-epoch hook."""
+    trained = fit_runs(table, list(runs.values()), threads=threads, device=device, on_epoch=on_epoch)
     metrics = {}
     for (name, config), head in zip(runs.items(), trained):
         run_dir = out_dir / name
@@ -170,6 +171,7 @@ def train_missing(
     threads: int | None = 1,
     device: str = "cpu",
     progress=None,
+    steps=None,
 ) -> tuple[dict, list, dict]:
     """Train the runs of ``configurations`` × ``seeds`` that are not finished in ``out_dir`` (see the
     module docstring). Returns ``(runs, passes, diverged)``: run name → (configuration,
@@ -177,7 +179,9 @@ def train_missing(
     ``train.fit.divergence_record`` of the runs (now or before) that diverged: they have no checkpoint.
 
     ``configurations``: name → ``TrainConfig`` overrides (``grid_configurations`` builds them).
-    ``jobs`` passes run in parallel worker processes of ``threads`` torch threads each.
+    ``jobs`` passes run in parallel worker processes of ``threads`` torch threads each. ``steps``
+    (``cli.progress.Progress`` or None) counts the passes' epochs: each epoch as it ends with one job,
+    each pass's epochs when it ends with several (worker processes report nothing before).
     """
     out_dir = Path(out_dir)
     make_dirs(out_dir)
@@ -199,13 +203,28 @@ def train_missing(
     passes = plan_passes(pending)
     for number, group in enumerate(passes, start=1):
         say(f"sweep: pass {number}/{len(passes)}: {describe_pass(group)}")
-    tasks = (delayed(train_pass)(table, group, out_dir, threads, device) for group in passes)
+    epochs = [next(iter(group.values())).epochs for group in passes]
+    counted = []  # epochs counted as they ended, in this process (one job)
+    if steps:
+        steps.begin("sweep training", sum(epochs), "epochs")
+
+    def epoch_ended(records):
+        counted.append(1)
+        steps.advance()
+
+    on_epoch = epoch_ended if steps and jobs == 1 else None
+    tasks = (delayed(train_pass)(table, group, out_dir, threads, device, on_epoch) for group in passes)
     for number, metrics in enumerate(Parallel(n_jobs=jobs, return_as="generator")(tasks), start=1):
+        if steps:  # the epochs not counted yet: all of them from a worker, those a divergence skipped
+            steps.advance(epochs[number - 1] - len(counted))
+            counted.clear()
         finished.update(metrics)
         seconds = next(iter(metrics.values()))["pass_seconds"]
         say(
             f"sweep: pass {number}/{len(passes)} done: {len(metrics)} runs in {seconds:.1f} s of training "
             f"({len(finished)}/{len(runs)} runs finished)"
         )
+    if steps:
+        steps.end()
     diverged = {name: metrics["diverged"] for name, metrics in finished.items() if metrics.get("diverged")}
     return runs, [sorted(group) for group in passes], diverged

@@ -6,6 +6,7 @@ import click
 
 from raml.cli.failures import fail_cleanly
 from raml.cli.options import SEED, FiniteFloat, device_option, echo_chosen, show_progress, text_list, with_options
+from raml.cli.tracking import tracking_options
 from raml.cli.workspace import dataset_of, results_dir
 from raml.evaluate.cli import bootstrap_options, echo_entries
 from raml.extract.cli import (
@@ -80,6 +81,7 @@ def baseline():
 )
 @with_options(bootstrap_options)
 @refusing_contradictory_weights
+@tracking_options
 @fail_cleanly
 def baseline_winclip(
     dataset,
@@ -99,6 +101,7 @@ def baseline_winclip(
     maps,
     n_resamples,
     bootstrap_seed,
+    tracking,
 ):
     """Zero-shot WinCLIP (Jeong et al., CVPR 2023): prompt ensemble, 2x2/3x3 windows, harmonic aggregation."""
     from raml.evaluate.baselines.winclip_run import run_winclip
@@ -124,6 +127,8 @@ def baseline_winclip(
         maps=maps,
     )
     echo_entries(path, entries)
+    if tracking:
+        tracking.send([out])
 
 
 feature_baseline_options = [
@@ -154,11 +159,13 @@ feature_baseline_options = [
         help="Without --split-from: fraction of each category's test set held out (default: train's).",
     ),
     *bootstrap_options,
+    tracking_options,
 ]
 
 
-def feature_baseline(name, cache_dir, out, **options) -> dict:
-    """Run ``evaluate.baselines.features.run_feature_baseline`` and print its summary."""
+def feature_baseline(name, cache_dir, out, tracking=None, **options) -> dict:
+    """Run ``evaluate.baselines.features.run_feature_baseline``, print its summary and track it (``tracking``:
+    a ``cli.tracking.Tracking``, or None)."""
     from raml.evaluate.baselines.features import run_feature_baseline
 
     table = read_training_cache(cache_dir)
@@ -167,6 +174,8 @@ def feature_baseline(name, cache_dir, out, **options) -> dict:
     )
     path, entries, result = run_feature_baseline(name, table, out, **options)
     echo_entries(path, entries)
+    if tracking:
+        tracking.send([out])
     return result
 
 
