@@ -45,29 +45,13 @@ from raml.cache.cli import bench_cache, info
 from raml.cli.config_file import load_default_map
 from raml.cli.failures import fail_cleanly
 from raml.cli.tracked_runs import track
+from raml.cli.version import version
 from raml.evaluate.baselines.cli import baseline
 from raml.evaluate.cli import ablate, bench_maps, demo, evaluate, report, status, sweep
 from raml.evaluate.deploy.cli import bench_predict, export, predict
 from raml.evaluate.deploy.serve_cli import bench_serve, calibrate, serve
 from raml.extract.cli import bench_extract, extract
 from raml.train.cli import bench_train, train
-
-
-def version() -> str:
-    """RAML's version: setup.cfg's, as installed (or read from the checkout's setup.cfg when run
-    from a checkout that was never installed)."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed_version
-
-    try:
-        return installed_version("raml")
-    except PackageNotFoundError:
-        import configparser
-
-        setup = configparser.ConfigParser()
-        setup.read(Path(__file__).resolve().parent / "setup.cfg")
-        return setup.get("metadata", "version", fallback="unknown")
-
 
 # open_clip retries a failing download for ~45 s; RAML_OFFLINE=1 (or HF_HUB_OFFLINE=1) fails at once.
 if os.environ.get("RAML_OFFLINE") == "1":

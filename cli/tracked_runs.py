@@ -71,7 +71,7 @@ def _read(path: Path):
 @lru_cache(maxsize=1)
 def code_version() -> str:
     """``raml 0.1.0``, with the commit of a git checkout (``+modified`` with uncommitted changes)."""
-    from raml.pipeline import version
+    from raml.cli.version import version
 
     root = Path(__file__).resolve().parent.parent
     try:

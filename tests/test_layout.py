@@ -50,7 +50,7 @@ def imports(path: Path, top_level_only: bool = False) -> set[str]:
 
 def is_command_line(module: str) -> bool:
     parts = module.split(".")
-    return module in COMMAND_MODULES or parts[1] == "cli" or parts[-1] == "cli"
+    return module in COMMAND_MODULES or parts[1] == "cli" or parts[-1].endswith("cli")
 
 
 def room(module: str) -> str:
