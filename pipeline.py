@@ -9,7 +9,7 @@ Tracking:   track                         send run, sweep, ablation and results 
 Tools:      status, info, bench extract, bench train, bench predict, bench serve, bench cache, bench maps
 
 This file only assembles the command line: each command is defined beside the code it runs
-(extract/cli.py, train/cli.py, evaluate/cli.py, evaluate/baselines/cli.py, evaluate/deploy/cli.py and
+(extract/cli.py, train/cli.py, evaluate/cli.py and sweep_cli.py, evaluate/baselines/cli.py, evaluate/deploy/cli.py and
 serve_cli.py, cache/cli.py), and the root group reads raml.toml into click's default_map (cli/config_file.py).
 Without paths, commands use the workspace under the working directory (cli/workspace.py).
 """
@@ -47,9 +47,10 @@ from raml.cli.failures import fail_cleanly
 from raml.cli.tracked_runs import track
 from raml.cli.version import version
 from raml.evaluate.baselines.cli import baseline
-from raml.evaluate.cli import ablate, bench_maps, demo, evaluate, report, status, sweep
+from raml.evaluate.cli import bench_maps, evaluate, report, status
 from raml.evaluate.deploy.cli import bench_predict, export, predict
 from raml.evaluate.deploy.serve_cli import bench_serve, calibrate, serve
+from raml.evaluate.sweep_cli import ablate, demo, sweep
 from raml.extract.cli import bench_extract, extract
 from raml.train.cli import bench_train, train
 

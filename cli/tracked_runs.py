@@ -278,7 +278,7 @@ def results_runs(results_dir: Path) -> list[TrackedRun]:
 def attach_results(results_dir: Path, sweeps: dict, runs: dict, base: Path | None = None) -> None:
     """Add the numbers of ``results_dir``'s entries to the runs they belong to: ``sweeps`` (sweep
     directory → parent run) and ``runs`` (directory → run) gain the runs not there yet."""
-    from raml.evaluate.results import read_results
+    from raml.evaluate.results_file import read_results
 
     path = results_dir / RESULTS_JSON
     entries = read_results(path)

@@ -37,7 +37,8 @@ from raml.evaluate.baselines.features import BASELINES, TOKEN_BASELINES, run_fea
 from raml.evaluate.bootstrap_settings import CI_LEVEL, DEFAULT_BOOTSTRAP
 from raml.evaluate.metrics import bootstrap_mean_auroc_ci, paired_bootstrap_auroc_difference
 from raml.evaluate.plots import difference_forest
-from raml.evaluate.results import NOT_MEANINGFUL, RESULTS_JSON, SCORES_CSV, diverged_cell, read_results, read_scores_csv
+from raml.evaluate.results import NOT_MEANINGFUL, RESULTS_JSON, SCORES_CSV, read_scores_csv
+from raml.evaluate.results_file import diverged_cell, read_results
 from raml.evaluate.run import evaluate_checkpoints
 from raml.evaluate.sweep import RESULTS_DIR, run_sweep
 from raml.train.checkpoint import load_checkpoint

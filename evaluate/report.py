@@ -16,16 +16,8 @@ from pathlib import Path
 
 from raml.cache.files import atomic_write_text, make_dirs
 from raml.errors import UserError
-from raml.evaluate.results import (
-    MAP_EXAMPLES,
-    NOT_MEANINGFUL,
-    PIXEL_METRICS,
-    diverged_cell,
-    find_results,
-    mean_std,
-    read_results,
-    read_scores_csv,
-)
+from raml.evaluate.results import MAP_EXAMPLES, NOT_MEANINGFUL, PIXEL_METRICS, find_results, mean_std, read_scores_csv
+from raml.evaluate.results_file import diverged_cell, read_results
 
 
 class MixedImageListsError(UserError):

@@ -130,9 +130,9 @@ def last_epoch_inside_margin(checkpoints: list[Checkpoint]) -> dict | None:
 
 def thresholds_on_scored_images(runs: list[ScoredRun], checkpoints: list[Checkpoint]) -> dict:
     """Per category, precision and recall (in %) of each checkpoint's decision threshold
-    (``evaluate.deploy.predict.threshold_for``) on the images it was scored on, mean ± std over seeds:
+    (``train.thresholds.threshold_for``) on the images it was scored on, mean ± std over seeds:
     how the thresholds calibrated on training images hold up on held-out ones."""
-    from raml.evaluate.deploy.predict import threshold_for
+    from raml.train.thresholds import threshold_for
 
     summary = {}
     for category in sorted(set(runs[0].category.tolist())):

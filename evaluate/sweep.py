@@ -13,7 +13,7 @@ from raml.cache import FeatureTable
 from raml.cache.files import atomic_write_text
 from raml.errors import UserError
 from raml.evaluate.file_names import SUMMARY_JSON
-from raml.evaluate.results import diverged_cell
+from raml.evaluate.results_file import diverged_cell
 from raml.evaluate.run import evaluate_checkpoints
 from raml.train.fit import write_json
 from raml.train.sweep import train_missing

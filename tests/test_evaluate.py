@@ -278,8 +278,7 @@ def test_the_fingerprints_dataset_alone_identifies_the_training_dataset(runs, mv
 
 
 def test_results_say_how_the_checkpoint_thresholds_do_on_the_held_out_images(holdout_results, runs):
-    from raml.evaluate.deploy.predict import threshold_for
-    from raml.train.thresholds import operating_point
+    from raml.train.thresholds import operating_point, threshold_for
 
     path, entries = holdout_results
     with open(path.parent / "scores.csv", newline="") as handle:

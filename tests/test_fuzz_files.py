@@ -20,7 +20,7 @@ from raml.cache.reader import read_token_rows
 from raml.errors import UserError
 from raml.evaluate.protocols import read_split_manifest
 from raml.evaluate.report import write_report
-from raml.evaluate.results import read_results
+from raml.evaluate.results_file import read_results
 from raml.extract.encoder import load_backbone
 from raml.extract.identity import TINY_TEST_CONFIG, backbone_identity
 from raml.extract.pyramid import load_mask, load_rgb

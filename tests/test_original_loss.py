@@ -11,8 +11,9 @@ from click.testing import CliRunner
 
 from raml.evaluate.sweep import run_sweep
 from raml.pipeline import cli
-from raml.train.config import TrainConfig, make_config, parse_vary
+from raml.train.config import TrainConfig, make_config
 from raml.train.fit import fit, fit_runs
+from raml.train.grid import parse_vary
 from raml.train.infer import score_rows
 from raml.train.loss import initial_loss_state, loss_hyperparameters, loss_step, maccl_step, resolution_penalty
 from raml.train.original_loss import original_category_weights, original_initial_state, original_step

@@ -225,7 +225,7 @@ def test_a_category_with_one_class_has_no_threshold_of_its_own():
 
 
 def test_a_format_1_checkpoint_with_one_threshold_still_loads(tmp_path, trained):
-    from raml.evaluate.deploy.predict import threshold_for, threshold_note
+    from raml.train.thresholds import threshold_for, threshold_note
 
     path = write_run(tmp_path / "run", trained)
     payload = torch.load(path, weights_only=True)

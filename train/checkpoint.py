@@ -48,7 +48,7 @@ class Checkpoint:
 
     ``thresholds`` is ``train.infer.calibrate_thresholds``'s output: per category, the F1-max
     threshold of s_final (with the config's visual/text weights) on the calibration images with
-    its precision and recall there, and a pooled threshold; ``evaluate.deploy.predict.threshold_for``
+    its precision and recall there, and a pooled threshold; ``train.thresholds.threshold_for``
     picks one. Calibrated on training images, they are optimistic; ``evaluate`` reports how they
     do on the held-out images.
     """

@@ -1,14 +1,13 @@
 """Every hyper-parameter of stage two, in one place.
 
-``TrainConfig`` is the single source of the defaults: the CLI builds one option per field from
-it (``train.cli.train_options``), checkpoints store it whole, and a sweep compares it to decide whether a
-finished run may be reused. Each field's comment gives where its default comes from:
+``TrainConfig`` is the single source of the defaults: the CLI builds one option per field from it
+(``train.cli.train_options``), checkpoints store it whole, and a sweep compares it to decide
+whether a finished run may be reused. Each field's comment gives where its default comes from:
 
 - "orig:N" — line N of the original release's training code, ``train_raml_model.py`` of
   voveed/RAML_INDUSTRIAL_ANOMALY_DETECTION (read at commit 6ee7c979): the original's value;
-- "README" — the original release's README (restated in docs/method.md), where
-  it gives a value; where README and code disagree the comment names both, and the README wins
-  (it is this project's spec);
+- "README" — the original release's README (restated in docs/method.md), where it gives a value;
+  where README and code disagree the comment names both, and the README wins (it is our spec);
 - "ours" — a choice of this project, the original's value named beside it where it has one
   (docs/method.md#deviations-from-the-original-release says why, and how to restore it).
 
@@ -399,46 +398,3 @@ def make_config(margin: str = "adaptive", **overrides) -> TrainConfig:
     ``make_config("fixed", margin_base=0.7)`` is a custom margin of 0.7 (λ_σ = λ_res = 0).
     """
     return TrainConfig.from_dict({"margin": margin, **{k: v for k, v in overrides.items() if v is not None}})
-
-
-# The words a switch takes, as click's boolean options take them.
-SWITCH_WORDS = {
-    **dict.fromkeys(("on", "true", "t", "yes", "y", "1"), True),
-    **dict.fromkeys(("off", "false", "f", "no", "n", "0"), False),
-}
-
-
-def switch(text: str) -> bool:
-    """``"on"`` → True, ``"off"`` → False (and the other words of ``SWITCH_WORDS``); else ValueError."""
-    try:
-        return SWITCH_WORDS[text.strip().lower()]
-    except KeyError:
-        raise ValueError(f"{text!r} is not a switch: on or off") from None
-
-
-def parse_vary(specs) -> dict[str, list]:
-    """``["lr=1e-4,5e-5", "cross_attention=on,off"]`` → ``{"lr": [1e-4, 5e-5], "cross_attention": [True, False]}``:
-    a sweep's grid axes, each value parsed as its ``TrainConfig`` field's type."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    grid = {}
-    for spec in specs:
-        name, _, values = spec.partition("=")
-        name = name.strip().replace("-", "_")
-        if name in ("seed", "margin") or name not in fields:
-            raise UserError(
-                f"--vary {spec!r}: expected FIELD=v1,v2 with FIELD a training option other than seed "
-                "and margin (those have --seeds and --margins), e.g. lr=1e-4,5e-5"
-            )
-        kind = (
-            switch
-            if isinstance(fields[name].default, bool)
-            else (float if fields[name].metadata.get("preset") else type(fields[name].default))
-        )
-        try:
-            grid[name] = [kind(value.strip()) for value in values.split(",") if value.strip()]
-        except ValueError:
-            expected = "on or off" if kind is switch else kind.__name__
-            raise UserError(f"--vary {spec!r}: each value must be {expected}") from None
-        if not grid[name]:
-            raise UserError(f"--vary {spec!r}: no values")
-    return grid

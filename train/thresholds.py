@@ -123,3 +123,39 @@ def threshold_lines(calibration: dict) -> list[str]:
         else:
             lines.append(f"  {name:<14} {point['threshold']:.4f}")
     return lines
+
+
+def threshold_for(checkpoint, category: str) -> float:
+    """The decision threshold for ``category``: its own calibrated threshold when the checkpoint has
+    one (``train.infer.calibrate_thresholds``), else the pooled one (``threshold_note`` says why)."""
+    own = checkpoint.thresholds["categories"].get(category, {}).get("threshold")
+    return float(checkpoint.thresholds["pooled"]["threshold"] if own is None else own)
+
+
+def pooled_reason(checkpoint, category: str) -> str | None:
+    """Why ``category`` has no decision threshold of its own in ``checkpoint``, or None when it has."""
+    calibration = checkpoint.thresholds
+    own = calibration["categories"].get(category)
+    if own is not None and own.get("threshold") is not None:
+        return None
+    if own is not None:
+        return own["reason"]
+    if not calibration["categories"]:
+        return f"this checkpoint has one threshold ({calibration['set']})"
+    return f"the run was not trained on {category!r}"
+
+
+def threshold_note(checkpoint, category: str) -> str | None:
+    """Why ``category`` gets the pooled threshold rather than its own, or None when it has its own."""
+    reason = pooled_reason(checkpoint, category)
+    return (
+        None
+        if reason is None
+        else f"{category}: the pooled threshold {threshold_for(checkpoint, category):.4f} applies: {reason}"
+    )
+
+
+def threshold_source(checkpoint, category: str) -> str:
+    """Where ``threshold_for(checkpoint, category)`` comes from, in a few words (``predict`` prints it)."""
+    reason = pooled_reason(checkpoint, category)
+    return f"{category}'s own, F1-max on its training images" if reason is None else f"pooled, as {reason}"

@@ -104,17 +104,9 @@ def predict(
     backbone is the checkpoint's unless options say otherwise (they must agree with it). Unreadable
     files get an error line; the exit status is then 1.
     """
-    from raml.evaluate.deploy.predict import (
-        backbone_options_for,
-        map_kind,
-        pooled_reason,
-        predict_files,
-        prediction_table,
-        threshold_for,
-        threshold_note,
-        threshold_source,
-    )
+    from raml.evaluate.deploy.predict import backbone_options_for, map_kind, predict_files, prediction_table
     from raml.train.checkpoint import load_checkpoint
+    from raml.train.thresholds import pooled_reason, threshold_for, threshold_note, threshold_source
 
     checkpoint = checkpoint or newest_run_dir(sweeps=False)
     out = out or echo_chosen("results", results_dir("predictions", run_label([checkpoint])))

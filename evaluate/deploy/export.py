@@ -46,7 +46,7 @@ from raml.cache.files import (
 )
 from raml.cache.tokens import TILES, TOKEN_CROPS, token_setting
 from raml.errors import UserError
-from raml.evaluate.deploy.predict import check_backbone, map_kind, threshold_for, threshold_note, token_map_scores
+from raml.evaluate.deploy.predict import check_backbone, map_kind, token_map_scores
 from raml.evaluate.localisation import ZERO_SHOT_TEMPERATURE
 from raml.extract.identity import file_sha256
 from raml.extract.int8_engine import FIDELITY_SAMPLE, QUANTISATION, int8_backbone
@@ -55,6 +55,7 @@ from raml.extract.prompts import encode_prompts
 from raml.extract.pyramid import MIN_IMAGE_SIDE
 from raml.train.checkpoint import check_tokens
 from raml.train.infer import CLIP_LOGIT_SCALE, score_weights, text_score, text_tokens, visual_score
+from raml.train.thresholds import threshold_for, threshold_note
 
 DEPLOY_FORMAT = 2  # 2: patch tokens in, anomaly map out
 DEPLOY_JSON, ENCODER_FILE, HEAD_FILE, SCRIPT_FILE = "deploy.json", "encoder.onnx", "head.onnx", "predict_onnx.py"
