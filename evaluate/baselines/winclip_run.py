@@ -195,7 +195,8 @@ def run_winclip(
 
 def scoring_masks(root: Path, records, sizes: np.ndarray) -> np.ndarray:
     """[n, EVAL_MASK_BYTES] each image's defect mask at the scoring points, as stage one stores it
-    beside the patch tokens (``cache.tokens.eval_mask``): empty for normal images and missing masks."""
+    beside the patch tokens (``cache.tokens.eval_mask``): empty for normal images and missing masks. A mask
+    of another size than its image is a ``BadImageError`` naming both (``extract.pyramid.load_mask``)."""
     masks = np.zeros((len(records), EVAL_MASK_BYTES), np.uint8)
     for i, (record, (height, width)) in enumerate(zip(records, sizes)):
         if record.label and record.mask_relpath:
