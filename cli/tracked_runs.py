@@ -33,6 +33,7 @@ import click
 
 from raml.cache.files import read_json_checked
 from raml.cli.failures import fail_cleanly
+from raml.cli.tracked_metrics import protocol_prefix, results_metrics, seed_metrics
 from raml.cli.tracking import EXPERIMENT_OPTION, TRACKING_URI_OPTION, TrackedRun, Tracking, metric_key
 from raml.errors import UserError
 from raml.evaluate.file_names import RESULTS_JSON, SCORES_CSV, SUMMARY_JSON
@@ -130,6 +131,14 @@ def backbone_params(fingerprint: dict) -> dict:
     }
 
 
+def bootstrap_tag(record: dict) -> dict:
+    """How the CIs were resampled, as a tag (settings of a scoring, which may change from one to the next)."""
+    bootstrap = record.get("bootstrap") or {}
+    if not bootstrap:
+        return {}
+    return {"raml.bootstrap": f"{bootstrap.get('resamples')} resamples, seed {bootstrap.get('seed')}"}
+
+
 def experiment_of(dataset: str | None) -> str:
     return f"raml-{dataset or 'other'}"
 
@@ -185,79 +194,6 @@ def training_run(run_dir: Path, fingerprint: dict | None = None) -> TrackedRun:
     )
 
 
-def results_metrics(entry: dict, prefix: str = "") -> dict:
-    """Every number of a results entry, as MLflow metrics named ``<prefix><metric>[/<category>]``."""
-    metrics = {}
-
-    def put(key, value, category=None):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics[prefix + key + ("" if category is None else f"/{category}")] = value
-
-    def put_ci(key, interval, category=None):
-        if interval:
-            put(f"{key}_ci95_low", interval[0], category)
-            put(f"{key}_ci95_high", interval[1], category)
-
-    put("image_auroc", entry.get("mean_auroc"))
-    put("image_auroc_std", entry.get("std_auroc"))
-    put_ci("image_auroc", entry.get("mean_auroc_ci95"))
-    put("image_ap", entry.get("mean_average_precision"))
-    put("image_f1_max", entry.get("mean_f1_max"))
-    put("n_seeds", (entry.get("auroc_over_seeds") or {}).get("n"))
-    put("anomalous_inside_margin", entry.get("anomalous_inside_margin"))
-    for category, stats in (entry.get("categories") or {}).items():
-        put("image_auroc", stats.get("auroc"), category)
-        put("image_auroc_std", stats.get("auroc_std"), category)
-        put_ci("image_auroc", stats.get("auroc_ci95"), category)
-        put("image_ap", stats.get("average_precision"), category)
-        put("image_f1_max", stats.get("f1_max"), category)
-    from raml.evaluate.results import PIXEL_METRICS
-
-    pixel = entry.get("pixel") or {}
-    for name in PIXEL_METRICS:
-        put(name, (pixel.get("mean") or {}).get(name, {}).get("mean"))
-        put(f"{name}_std", (pixel.get("mean") or {}).get(name, {}).get("std"))
-        for category, stats in (pixel.get("categories") or {}).items():
-            put(name, stats[name].get("mean"), category)
-            put(f"{name}_std", stats[name].get("std"), category)
-            put_ci(name, stats[name].get("ci95"), category)
-    return metrics
-
-
-def seed_metrics(entry: dict, seed: int, prefix: str = "") -> dict:
-    """The numbers of one seed of a results entry: its own AUROC, AP and F1-max (mean over
-    categories), per category AUROC and pixel metrics (results written before ``per_seed`` existed
-    give the per-category ones only)."""
-    if seed not in entry.get("seeds", []):
-        return {}
-    index = entry["seeds"].index(seed)
-    metrics = {}
-    per_seed = entry.get("per_seed") or {}
-    for key, name in (("image_auroc", "auroc"), ("image_ap", "average_precision"), ("image_f1_max", "f1_max")):
-        if name in per_seed:
-            metrics[prefix + key] = per_seed[name][index]
-    for category, stats in (entry.get("categories") or {}).items():
-        metrics[f"{prefix}image_auroc/{category}"] = stats["auroc_per_seed"][index]
-    from raml.evaluate.results import PIXEL_METRICS
-
-    pixel = entry.get("pixel") or {}
-    for name in PIXEL_METRICS:
-        values = (pixel.get("mean") or {}).get(name, {}).get("per_seed")
-        if values:
-            metrics[prefix + name] = values[index]
-        for category, stats in (pixel.get("categories") or {}).items():
-            metrics[f"{prefix}{name}/{category}"] = stats[name]["per_seed"][index]
-    return {key: value for key, value in metrics.items() if value is not None}
-
-
-def protocol_prefix(entry: dict) -> str:
-    """``""`` for the run's own held-out images, else ``<protocol>-<dataset>.`` (kept apart)."""
-    protocol = entry.get("protocol") or {}
-    if protocol.get("name", "holdout") == "holdout":
-        return ""
-    return f"{protocol.get('name')}-{(protocol.get('dataset') or {}).get('kind', 'other')}."
-
-
 def run_dir_of(source: str, base: Path | None = None) -> Path | None:
     """The run directory of a results entry's source (a checkpoint path), if it is there."""
     path = Path(source)
@@ -285,6 +221,7 @@ def attach_results(results_dir: Path, sweeps: dict, runs: dict, base: Path | Non
     files = [path] + ([results_dir / SCORES_CSV] if (results_dir / SCORES_CSV).is_file() else [])
     for config, entry in entries.items():
         prefix = protocol_prefix(entry)
+        scoring = {"raml.results": str(results_dir.resolve()), **bootstrap_tag(entry)}  # where the numbers are from
         run_dirs = [run_dir_of(source, base) for source in entry.get("sources", [])]
         if not run_dirs or None in run_dirs:  # a baseline: no training run behind it
             if results_dir in runs:
@@ -297,6 +234,7 @@ def attach_results(results_dir: Path, sweeps: dict, runs: dict, base: Path | Non
             parent = sweeps.get(sweep_dir.resolve()) or sweep_run(sweep_dir)
             sweeps[sweep_dir.resolve()] = parent
             parent.metrics.update(results_metrics(entry, f"{prefix}{metric_key(config)}."))
+            parent.tags.update(scoring)
             parent.artifacts += [file for file in files if file not in parent.artifacts]
             scored = {run_dir.resolve() for run_dir in run_dirs}
             for child in parent.children:
@@ -307,6 +245,7 @@ def attach_results(results_dir: Path, sweeps: dict, runs: dict, base: Path | Non
             run = runs.setdefault(run_dir.resolve(), training_run(run_dir))
             numbers = results_metrics(entry, prefix) if len(run_dirs) == 1 else {}
             run.metrics.update(numbers or seed_metrics(entry, run.params["seed"], prefix))
+            run.tags.update(scoring)
             run.artifacts += [file for file in files if file not in run.artifacts]
 
 
@@ -323,8 +262,6 @@ def baseline_run(results_dir: Path, config: str, entry: dict, files: list) -> Tr
         "backbone.name": entry.get("backbone"),
         "backbone.weights": entry.get("weights"),
         "backbone.random_weights": bool(entry.get("random_weights")),
-        "bootstrap.resamples": (entry.get("bootstrap") or {}).get("resamples"),
-        "bootstrap.seed": (entry.get("bootstrap") or {}).get("seed"),
     }
     params = {key: value for key, value in params.items() if value is not None}
     return TrackedRun(
@@ -334,7 +271,7 @@ def baseline_run(results_dir: Path, config: str, entry: dict, files: list) -> Tr
         identity=digest(params),
         params=params,
         metrics=results_metrics(entry, protocol_prefix(entry)),
-        tags=common_tags("baseline", results_dir, bool(entry.get("random_weights"))),
+        tags={**common_tags("baseline", results_dir, bool(entry.get("random_weights"))), **bootstrap_tag(entry)},
         artifacts=list(files),
         started=written_at(files[0]),
         ended=written_at(files[0]),
@@ -383,8 +320,7 @@ def ablation_run(out_dir: Path) -> TrackedRun:
     parent = sweep_run(out_dir / "runs", kind="ablation")
     parent.directory, parent.name = out_dir, out_dir.name
     parent.tags["raml.directory"] = str(out_dir.resolve())
-    parent.params.update({"bootstrap.resamples": ablation["bootstrap"]["resamples"]})
-    parent.params["bootstrap.seed"] = ablation["bootstrap"]["seed"]
+    parent.tags.update(bootstrap_tag(ablation))
     for row in ablation["rows"]:
         key = metric_key(row["configuration"]) + "."
         parent.metrics[key + "delta_image_auroc"] = row["difference"]["value"]

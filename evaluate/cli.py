@@ -184,7 +184,7 @@ def evaluate(
     "--out",
     type=click.Path(file_okay=False),
     default=None,
-    help="Directory for report.md and the plots. Default: ./results/report/.",
+    help="Directory for report.md, report.html and the plots. Default: ./results/report/.",
 )
 @fail_cleanly
 def report(results, out):

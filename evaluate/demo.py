@@ -261,7 +261,9 @@ def run_demo(
         + ", ".join(f"{name} {step:.0f} s" for name, step in timings)
         + f", weights look-up and start {seconds - sum(step for _, step in timings):.0f} s"
     )
-    log(f"Report: {report / 'report.md'} (plots beside it).")
+    log(
+        f"Report: {report / 'report.md'} (plots beside it); {report / 'report.html'}: the same in one page for a browser."
+    )
     if "--random-weights" in raml or "--random-weights" in winclip:
         which = " and ".join(
             what for what, options in (("RAML", raml), ("WinCLIP", winclip)) if "--random-weights" in options

@@ -98,10 +98,12 @@ def test_train_then_evaluate_logs_every_number_of_the_files_on_one_run(two_categ
 
 def test_a_sweep_is_a_parent_with_a_child_per_configuration_and_seed(two_category_table, store, client, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    raml(
+    output = raml(
         "sweep", "--cache-dir", two_category_table.cache_dir, "--margins", "fixed", "--vary", "lr=0.001,1000",
         "--seeds", "0,1", "--out", sweep_dir, *TINY, "--track", "--tracking-uri", store, "--experiment", "t2",
     )  # fmt: skip
+    # progress in plain lines (not a terminal): one pass of 2 epochs for the 4 runs, 2 runs scored
+    assert "sweep training: 2/2 epochs (100 %)" in output and "evaluate: 2/2 runs (100 %)" in output
     runs = runs_of(client, "t2")
     parent = runs.pop("sweep")
     assert sorted(runs) == [
