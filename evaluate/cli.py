@@ -26,6 +26,7 @@ from raml.cli.workspace import REPORT_DIR, RESULTS, SWEEP_PREFIX, dataset_of, re
 from raml.errors import OptionError, UserError
 from raml.evaluate.workspace import newest_run_dir, run_label, scoring_cache, sweep_dir
 from raml.extract.cli import dataset_option, model_option, refusing_contradictory_weights
+from raml.extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, WINCLIP_MODEL, WINCLIP_PRETRAINED
 from raml.train.cli import (
     read_training_cache,
     stage_two_device_option,
@@ -437,10 +438,10 @@ def bench_maps(images, normals, size):
     help="Training epochs per run (default 25, the original's).",
 )
 @click.option("--seeds", default="0,1,2", show_default=True, callback=seed_list, help="Training seeds of each margin.")
-@model_option(default="ViT-B-16", show_default=True, help="RAML's CLIP.")
-@click.option("--pretrained", default="openai", show_default=True)
-@model_option("--winclip-model", default="ViT-B-16-plus-240", show_default=True, help="WinCLIP's CLIP (the paper's).")
-@click.option("--winclip-pretrained", default="laion400m_e31", show_default=True)
+@model_option(default=DEFAULT_MODEL, show_default=True, help="RAML's CLIP.")
+@click.option("--pretrained", default=DEFAULT_PRETRAINED, show_default=True)
+@model_option("--winclip-model", default=WINCLIP_MODEL, show_default=True, help="WinCLIP's CLIP (the paper's).")
+@click.option("--winclip-pretrained", default=WINCLIP_PRETRAINED, show_default=True)
 @click.option("--online", is_flag=True, help="Allow downloading the CLIP weights (default: local cache only).")
 @click.option("--random-weights", is_flag=True, help="Skip looking for weights; run with random ones (not meaningful).")
 @refusing_contradictory_weights

@@ -44,14 +44,14 @@ from pathlib import Path
 
 import click
 
+from raml.extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, WINCLIP_MODEL, WINCLIP_PRETRAINED
+
 MARGINS = ("adaptive", "fixed", "strong")
 MAP_BASELINES = ("knn-patches", "zero-shot-text")  # the untrained map kinds: the textile images have no masks
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_LIMIT = 146  # the smallest --limit with ≥ 15 held-out images of each class (module docstring)
 DEFAULT_EPOCHS = 25  # the original release's
 FIDELITY_SAMPLE = 8  # demo images the int8 engine is checked on (extract's default, 32, would add ~2 min)
-RAML_MODEL = ("ViT-B-16", "openai")
-WINCLIP_MODEL = ("ViT-B-16-plus-240", "laion400m_e31")
 # The demo's own steps (not the venv), measured with the defaults and an empty user cache (the ONNX
 # export and its quantisation included), and the fp32 GEMM rate of the machine they ran on.
 REFERENCE = {"seconds": 384.0, "gemm_gflops": 136.0, "cpu": "2-core AMD EPYC (AVX-512, VNNI)"}
@@ -152,10 +152,10 @@ def run_demo(
     run_command,
     out_dir,
     *,
-    model: str = RAML_MODEL[0],
-    pretrained: str = RAML_MODEL[1],
-    winclip_model: str = WINCLIP_MODEL[0],
-    winclip_pretrained: str = WINCLIP_MODEL[1],
+    model: str = DEFAULT_MODEL,
+    pretrained: str = DEFAULT_PRETRAINED,
+    winclip_model: str = WINCLIP_MODEL,
+    winclip_pretrained: str = WINCLIP_PRETRAINED,
     limit: int = DEFAULT_LIMIT,
     epochs: int = DEFAULT_EPOCHS,
     seeds=DEFAULT_SEEDS,

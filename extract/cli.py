@@ -11,6 +11,7 @@ import click
 
 from raml.cli.failures import fail_cleanly
 from raml.cli.options import device_option, echo_chosen, given_on_command_line, show_progress, text_list, with_options
+from raml.extract.config import ExtractConfig
 
 BATCH_SIZE = click.IntRange(1, 4096)  # images per forward pass (× 21 crops)
 WORKERS = click.IntRange(0, 1024)  # decoding processes; 0 decodes in the main process
@@ -138,11 +139,9 @@ def load_backbone_from(model, pretrained, weights, random_weights, device):
 
 def fidelity_sample_option(when):
     """--fidelity-sample: how many of the user's images the int8 fidelity check encodes both ways."""
-    from raml.extract.engines import FIDELITY_SAMPLE
-
     return click.option(
         "--fidelity-sample",
-        default=FIDELITY_SAMPLE,
+        default=ExtractConfig.default("fidelity_sample"),
         show_default=True,
         type=click.IntRange(1, 10_000),
         help=f"With {when}: images of your own that the check encodes with fp32 and int8.",
@@ -156,7 +155,7 @@ def engine_option(func):
     return click.option(
         "--engine",
         type=click.Choice(ENGINES),
-        default="torch",
+        default=ExtractConfig.default("engine"),
         show_default=True,
         help="Runtime of the CLIP image encoder: torch (eager); onnx (ONNX Runtime fp32, faster on CPUs; exported "
         "once into $RAML_CACHE_DIR/onnx or ~/.cache/raml/onnx and checked against torch); onnx-int8 (that "
@@ -257,12 +256,16 @@ def chosen_dataset_root(dataset, root):
     help="Comma-separated subset, e.g. bottle,screw.",
 )
 @click.option(
-    "--batch-size", type=BATCH_SIZE, default=8, show_default=True, help="Images per forward pass (×21 crops)."
+    "--batch-size",
+    type=BATCH_SIZE,
+    default=ExtractConfig.default("batch_size"),
+    show_default=True,
+    help="Images per forward pass (×21 crops).",
 )
 @click.option(
     "--workers",
     type=WORKERS,
-    default=None,
+    default=ExtractConfig.default("workers"),
     help="Image-decoding processes (0: decode in the main process). Default: one per usable core.",
 )
 @click.option(
@@ -280,7 +283,11 @@ def chosen_dataset_root(dataset, root):
     help="i/n: this process takes every n-th image from i (default: torchrun's RANK/WORLD_SIZE, else 0/1).",
 )
 @click.option(
-    "--shard-size", type=click.IntRange(1, 1_000_000), default=256, show_default=True, help="Images per HDF5 shard."
+    "--shard-size",
+    type=click.IntRange(1, 1_000_000),
+    default=ExtractConfig.default("shard_size"),
+    show_default=True,
+    help="Images per HDF5 shard.",
 )
 @click.option(
     "--patch-tokens",
@@ -319,22 +326,35 @@ def extract(
     --cache-dir: ./datasets/<dataset> into ./features/<dataset>/<backbone tag>.
     """
     from raml.cli.workspace import cache_dir_for
-    from raml.extract.engines import PRECISIONS, check_cache_precision, usable_cores
+    from raml.extract.engines import PRECISIONS, check_cache_precision
     from raml.extract.identity import backbone_identity
     from raml.extract.run import extract_features
 
+    config = ExtractConfig(
+        categories=categories,
+        batch_size=batch_size,
+        workers=workers,
+        limit=limit,
+        skip_bad=skip_bad,
+        retry_skipped=retry_skipped,
+        shard=shard,
+        shard_size=shard_size,
+        patch_tokens=patch_tokens,
+        engine=engine,
+        fidelity_sample=fidelity_sample,
+    )
     root = chosen_dataset_root(dataset, root)
-    identity = backbone_identity(model, pretrained, weights, random_weights, PRECISIONS[engine])
+    identity = backbone_identity(model, pretrained, weights, random_weights, PRECISIONS[config.engine])
     if cache_dir is None:
         cache_dir = echo_chosen("cache", cache_dir_for(dataset, identity.fingerprint_fields()))
-    check_cache_precision(cache_dir, PRECISIONS[engine])  # before any model is loaded
+    check_cache_precision(cache_dir, PRECISIONS[config.engine])  # before any model is loaded
 
     def load_checked_backbone():
-        backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, engine)
+        backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, config.engine)
         if backbone.engine == "onnx-int8":
             from raml.extract.int8_engine import check_on_dataset
 
-            check_on_dataset(backbone, cache_dir, dataset, root, categories, sample=fidelity_sample)
+            check_on_dataset(backbone, cache_dir, dataset, root, config.categories, sample=config.fidelity_sample)
         return backbone
 
     summary = extract_features(
@@ -342,18 +362,10 @@ def extract(
         root,
         cache_dir,
         load_checked_backbone,
+        config,
         identity=identity,
-        categories=categories,
-        batch_size=batch_size,
-        workers=usable_cores() if workers is None else workers,
-        limit=limit,
-        skip_bad=skip_bad,
-        shard=shard,
-        shard_size=shard_size,
-        retry_skipped=retry_skipped,
-        progress=show_progress(),
         backbone_source=backbone_source(model, weights, random_weights),
-        patch_tokens=patch_tokens,
+        progress=show_progress(),
     )
     click.echo(summary.line())
     if summary.untokened_elsewhere:
@@ -425,9 +437,18 @@ def engine_backbones(backbone, engines):
 )
 @click.option("--size", type=IMAGE_SIDE, default=900, show_default=True, help="Side of the synthetic images (px).")
 @click.option(
-    "--batch-size", type=BATCH_SIZE, default=8, show_default=True, help="Images per forward pass (x21 crops)."
+    "--batch-size",
+    type=BATCH_SIZE,
+    default=ExtractConfig.default("batch_size"),
+    show_default=True,
+    help="Images per forward pass (x21 crops).",
 )
-@click.option("--workers", type=WORKERS, default=None, help="Image-decoding processes. Default: one per usable core.")
+@click.option(
+    "--workers",
+    type=WORKERS,
+    default=ExtractConfig.default("workers"),
+    help="Image-decoding processes. Default: one per usable core.",
+)
 @click.option(
     "--loader-only",
     is_flag=True,

@@ -21,6 +21,7 @@ from raml.cache.format import CACHE_JSON
 from raml.errors import CacheError
 from raml.evaluate.deploy.export import DEPLOY_JSON, SCRIPT_FILE
 from raml.extract import int8_engine
+from raml.extract.config import ExtractConfig
 from raml.extract.engine_bench import EngineTimes, vit_macs_per_image
 from raml.extract.engines import INT8_PRECISION
 from raml.extract.int8_engine import (
@@ -340,7 +341,12 @@ def test_one_cache_never_mixes_precisions(tiny_backbone, tiny_int8, mvtec_root, 
 
     int8_cache = tmp_path / "int8"
     extract_features(
-        "mvtec", mvtec_root, int8_cache, lambda: tiny_int8, categories=["bottle"], workers=0, progress=False
+        "mvtec",
+        mvtec_root,
+        int8_cache,
+        lambda: tiny_int8,
+        ExtractConfig(categories=["bottle"], workers=0),
+        progress=False,
     )
     into_int8 = CliRunner().invoke(cli, extract_args(mvtec_root, int8_cache, "onnx"))
     assert into_int8.exit_code == 1
@@ -348,9 +354,11 @@ def test_one_cache_never_mixes_precisions(tiny_backbone, tiny_int8, mvtec_root, 
     assert "Use --engine onnx-int8 with this cache" in into_int8.output
     # the store refuses too, for code that writes without the command's early check
     with pytest.raises(CacheError, match=f"precision: cache has 'fp32', this run '{INT8_PRECISION}'"):
-        extract_features("mvtec", mvtec_root, fp32_cache, lambda: tiny_int8, workers=0, progress=False)
+        extract_features("mvtec", mvtec_root, fp32_cache, lambda: tiny_int8, ExtractConfig(workers=0), progress=False)
     with pytest.raises(CacheError, match=f"precision: cache has '{INT8_PRECISION}', this run 'fp32'"):
-        extract_features("mvtec", mvtec_root, int8_cache, lambda: tiny_backbone, workers=0, progress=False)
+        extract_features(
+            "mvtec", mvtec_root, int8_cache, lambda: tiny_backbone, ExtractConfig(workers=0), progress=False
+        )
     assert read_cache(fp32_cache).engines == ["torch"] and read_cache(int8_cache).engines == ["onnx-int8"]
 
 

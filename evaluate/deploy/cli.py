@@ -280,8 +280,8 @@ def export(
 def bench_predict(model, pretrained, weights, random_weights, device, images, size, winclip, engines, rounds):
     """Seconds per image of a whole predict with each of --engines, against the machine's fp32 GEMM
     floor and against WinCLIP zero-shot. The head is untrained: speed only."""
-    from raml.evaluate.baselines.winclip import WINCLIP_MODEL, WINCLIP_PRETRAINED
     from raml.evaluate.deploy.bench import compare_predict
+    from raml.extract.identity import WINCLIP_MODEL, WINCLIP_PRETRAINED
 
     if not engines:
         raise UserError("--engines: name at least one engine to time")
