@@ -6,7 +6,7 @@ numpy and pillow — no torch, no RAML package.
 Prints file, score (s_final) and the decision at the exported threshold, one line per file; a
 file that cannot be scored gets an ERROR line and the exit status is 1. With ``--maps DIR``, each
 image's anomaly map at its resolution goes to ``DIR/<name>_map.npy`` (float32). The deployment
-(deploy.json, encoder.onnx, head.onnx) is read from this script's directory.
+(deploy.json, encoder.onnx or OpenVINO's encoder.xml/.bin, head.onnx) is read from this script's directory.
 
 The one deliberate copy of RAML code: ``load_rgb`` and ``pyramid_pixels`` restate
 extract/pyramid.py, ``anomaly_map`` restates cache/tokens.py's ``map_at``, because a deployment
@@ -94,6 +94,24 @@ def open_graph(deploy, part):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def open_encoder(deploy):
+    """The encoder's run function: ONNX Runtime's, or OpenVINO's for a deployment exported with
+    ``--format openvino`` (encoder.xml and .bin, at the inference precision deploy.json names)."""
+    if deploy["encoder"].get("format") != "openvino":
+        return open_graph(deploy, "encoder").run
+    import openvino
+
+    path, facts = HERE / deploy["encoder"]["file"], deploy["encoder"]
+    for file, size in ((path, facts["bytes"]), (HERE / facts["weights_file"], facts["weights_bytes"])):
+        if not file.is_file() or file.stat().st_size != size:
+            sys.exit(
+                f"{file}: not the file {HERE / 'deploy.json'} describes (missing, or its size differs); export again"
+            )
+    hint = {"INFERENCE_PRECISION_HINT": facts["inference_precision"]}
+    compiled = openvino.Core().compile_model(str(path), "CPU", hint)
+    return lambda names, feeds: [np.asarray(output) for output in compiled(feeds).values()]
+
+
 def main(argv=None):
     if not (HERE / "deploy.json").is_file():
         sys.exit(f"{HERE / 'deploy.json'} is missing: an incomplete export; run raml export again")
@@ -113,7 +131,7 @@ def main(argv=None):
         parser.error(f"--category {given} one of {', '.join(categories)}")
     if deploy["random_weights"]:
         print(f"warning: {deploy['warning']}", file=sys.stderr)
-    encoder, head = open_graph(deploy, "encoder"), open_graph(deploy, "head")
+    encode, head = open_encoder(deploy), open_graph(deploy, "head")
     category = np.array([categories.index(args.category)], np.int64)
     threshold, weights = deploy["thresholds"][args.category], deploy["score_weights"]
     width = max(len(name) for name in args.images)
@@ -125,7 +143,7 @@ def main(argv=None):
         try:
             image = load_rgb(name, deploy["min_image_side"])
             crops = pyramid_pixels(image, deploy["input_size"], deploy["mean"], deploy["std"], deploy["crop_layout"])
-            embeddings, tokens = encoder.run(None, {"pixels": crops})
+            embeddings, tokens = encode(None, {"pixels": crops})
             first, last = geometry["token_crops"]
             tile_tokens = tokens[first:last].reshape(1, -1, tokens.shape[-1])
             visual, text, pixel = head.run(
