@@ -412,8 +412,8 @@ def bench_extract(
 ):
     """Where stage one's time goes: images/s of the whole stage, of the loader alone and of the bare
     encoder, their ratios, and the loader against its ceiling; with --patch-tokens the tokens'
-    overhead; then the encoder's seconds per image with each of --engines, against the machine's
-    fp32 GEMM floor."""
+    overhead; then the encoder's seconds per image with each of --engines, against the floor of its
+    own precision and the lowest floor of this CPU (fp32, bf16 and int8 products measured in the same run)."""
     from raml.extract.bench import run_extract_bench
     from raml.extract.engine_bench import compare_encoders
     from raml.extract.engines import usable_cores

@@ -103,7 +103,7 @@ def engine_list(ctx, param, text):
 compare_options = [
     click.option(
         "--engines",
-        default="torch,onnx,onnx-int8",
+        default=",".join(ENGINES),
         show_default=True,
         callback=engine_list,
         help='Engines compared side by side, comma-separated ("" for none; an engine this machine cannot '

@@ -20,8 +20,11 @@ from raml.extract.engines import BF16_PRECISION, INT8_PRECISION, cpu_model, engi
 from raml.extract.fidelity import FidelityError, measure_fidelity
 from raml.extract.onnx_engine import PARITY_TOLERANCE
 from raml.pipeline import cli
+from tests import test_export
 from tests.conftest import TINY_MODEL
+from tests.test_export import SCORE_TOLERANCE, predict_scores, script_scores
 
+run_dir, parts = test_export.run_dir, test_export.parts  # its fixtures: a trained tiny run, and images to score
 AMX_XEON = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}
 AVX2_ONLY = {"avx2", "fma"}
 
@@ -227,3 +230,25 @@ def test_floors_of_every_precision_on_this_cpu():
     )
     emulated = "emulated" in hardware_of("bf16")
     assert times.is_floor("bf16") != emulated and times.best_precision in rates
+
+
+def test_openvino_deployment_scores_as_predict_does(run_dir, parts, user_cache_dir, tmp_path):
+    """export --format openvino: encoder.xml/.bin beside head.onnx, and the torch-free script runs it
+    with OpenVINO and gives predict's scores."""
+    problem = engine_problem("openvino")
+    if problem:
+        pytest.skip(f"this machine: {problem}")
+    out = tmp_path / "deploy"
+    args = ["export", "--checkpoint", str(run_dir), "--out", str(out), "--device", "cpu", "--format", "openvino"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    deploy = json.loads((out / "deploy.json").read_text())
+    encoder = deploy["encoder"]
+    assert (encoder["format"], encoder["file"], encoder["weights_file"]) == ("openvino", "encoder.xml", "encoder.bin")
+    assert encoder["inference_precision"] == "f32" and not (out / "encoder.onnx").exists()
+    assert encoder["bytes"] == (out / "encoder.xml").stat().st_size
+    standalone, errors = script_scores(out, parts, tmp_path)
+    predicted = predict_scores(parts, run_dir, tmp_path / "predict", "onnx")
+    assert len(errors) == 1 and set(standalone) == set(predicted) and len(standalone) == 4
+    for name, (score, _) in predicted.items():
+        assert abs(standalone[name][0] - score) <= SCORE_TOLERANCE, name

@@ -298,8 +298,8 @@ def export(
 @with_options(compare_options)
 @fail_cleanly
 def bench_predict(model, pretrained, weights, random_weights, device, images, size, winclip, engines, rounds):
-    """Seconds per image of a whole predict with each of --engines, against the machine's fp32 GEMM
-    floor and against WinCLIP zero-shot. The head is untrained: speed only."""
+    """Seconds per image of a whole predict with each of --engines, against the floors of this CPU's
+    precisions and against WinCLIP zero-shot. The head is untrained: speed only."""
     from raml.evaluate.deploy.bench import compare_predict
     from raml.extract.identity import WINCLIP_MODEL, WINCLIP_PRETRAINED
 

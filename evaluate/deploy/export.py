@@ -48,8 +48,9 @@ from raml.cache.tokens import TILES, TOKEN_CROPS, token_setting
 from raml.errors import UserError
 from raml.evaluate.deploy.predict import check_backbone, map_kind, threshold_for, threshold_note, token_map_scores
 from raml.evaluate.localisation import ZERO_SHOT_TEMPERATURE
+from raml.extract.engines import FIDELITY_SAMPLE
 from raml.extract.identity import file_sha256
-from raml.extract.int8_engine import FIDELITY_SAMPLE, QUANTISATION, int8_backbone
+from raml.extract.int8_engine import QUANTISATION, int8_backbone
 from raml.extract.onnx_engine import PARITY_TOLERANCE, OnnxEngineError, onnx_image_encoder
 from raml.extract.prompts import encode_prompts
 from raml.extract.pyramid import MIN_IMAGE_SIDE
