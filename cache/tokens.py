@@ -170,7 +170,8 @@ def eval_maps(grids: np.ndarray, heights, widths, tiles: int = TILES) -> np.ndar
 
 def add_tokens_command(meta: dict, cache_dir) -> str:
     """The ``extract`` command that adds patch tokens to the cache of fingerprint ``meta``: its dataset,
-    its backbone (as recorded in ``cache.json``) and engine precision, and ``--patch-tokens``."""
+    its backbone (as recorded in ``cache.json``, named in full: the command holds whatever extract's
+    defaults are), an engine of its precision, and ``--patch-tokens``."""
     dataset, source = meta.get("dataset") or {}, meta.get("backbone_source") or {}
     kind = dataset.get("kind", "KIND")
     words = ["raml extract", f"--dataset {kind}"]
@@ -178,14 +179,14 @@ def add_tokens_command(meta: dict, cache_dir) -> str:
         words.append(f"--root {dataset['root']}")
     words.append(f"--cache-dir {cache_dir}")
     model = source.get("model") or meta.get("backbone")
-    if model and model != "ViT-B-16":
+    if model:
         words.append(f"--model {model}")
     if meta.get("random_weights"):
         words.append("--random-weights")
     elif source.get("weights_file"):
         words.append(f"--weights {source['weights_file']}")
-    elif meta.get("weights") not in (None, "openai"):
+    elif meta.get("weights"):
         words.append(f"--pretrained {meta['weights']}")
-    if str(meta.get("precision", "fp32")).startswith("int8"):
-        words.append("--engine onnx-int8")
+    if meta.get("precision", "fp32") != "fp32":  # auto keeps to the cache's precision (int8, bf16)
+        words.append("--engine auto")
     return " ".join(words + ["--patch-tokens"])

@@ -15,10 +15,10 @@ can be computed; the report's overlay grid shows the maps of the two untrained k
 RAML's cached patch tokens (kNN over the training normals' tokens, zero-shot text) beside
 WinCLIP's, on the same held-out images.
 
-Engine: the image encoder runs where it is fastest — CUDA when there is a GPU, else the int8 ONNX
-Runtime engine (``--engine onnx-int8``) on the CPU, after its fidelity check on ``FIDELITY_SAMPLE``
-of the demo's images; where the check refuses, the demo says so and extracts with ``--engine onnx``
-(fp32) instead. WinCLIP's window embeddings need torch internals, so it runs torch (on the GPU when
+Engine: the image encoder runs where it is fastest — CUDA when there is a GPU, else ``--engine
+auto`` on the CPU: the fastest engine this CPU runs (timed once per machine and model) whose
+fidelity gate passes on ``FIDELITY_SAMPLE`` of the demo's images; auto says what it picked, and
+why it passed over faster ones. WinCLIP's window embeddings need torch internals, so it runs torch (on the GPU when
 there is one), in fp32. Its image score (the paper's zero-shot rule) is the global score alone, so
 its windows run only for the few images the report shows with maps (``--maps examples``): the
 textile images have no defect masks, so there is no pixel metric that all of them would serve.
@@ -42,16 +42,14 @@ import os
 import time
 from pathlib import Path
 
-import click
+from raml.extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, WINCLIP_MODEL, WINCLIP_PRETRAINED
 
 MARGINS = ("adaptive", "fixed", "strong")
 MAP_BASELINES = ("knn-patches", "zero-shot-text")  # the untrained map kinds: the textile images have no masks
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_LIMIT = 146  # the smallest --limit with ≥ 15 held-out images of each class (module docstring)
 DEFAULT_EPOCHS = 25  # the original release's
-FIDELITY_SAMPLE = 8  # demo images the int8 engine is checked on (extract's default, 32, would add ~2 min)
-RAML_MODEL = ("ViT-B-16", "openai")
-WINCLIP_MODEL = ("ViT-B-16-plus-240", "laion400m_e31")
+FIDELITY_SAMPLE = 8  # demo images an engine below fp32 is checked on (extract's default, 32, would add ~2 min)
 # The demo's own steps (not the venv), measured with the defaults and an empty user cache (the ONNX
 # export and its quantisation included), and the fp32 GEMM rate of the machine they ran on.
 REFERENCE = {"seconds": 384.0, "gemm_gflops": 136.0, "cpu": "2-core AMD EPYC (AVX-512, VNNI)"}
@@ -87,10 +85,10 @@ def random_weights_notice(what: str, model: str, pretrained: str, reason: str, o
 
 
 def fastest_engine() -> tuple[str, str]:
-    """(``--engine``, ``--device``) of the fastest image encoder here: torch on CUDA, else ONNX Runtime's int8."""
+    """(``--engine``, ``--device``) of the fastest image encoder here: torch on CUDA, else auto's pick on the CPU."""
     import torch
 
-    return ("torch", "cuda") if torch.cuda.is_available() else ("onnx-int8", "cpu")
+    return ("torch", "cuda") if torch.cuda.is_available() else ("auto", "cpu")
 
 
 def expected_seconds(device: str, limit: int, epochs: int, seeds) -> tuple[float | None, str]:
@@ -98,7 +96,8 @@ def expected_seconds(device: str, limit: int, epochs: int, seeds) -> tuple[float
     little of the time is arithmetic there for the CPU reference to say anything)."""
     if device != "cpu":
         return None, "on the GPU the encoding takes seconds; most of the time is loading the models"
-    from raml.extract.engine_bench import cpu_model, gemm_gflops
+    from raml.extract.engine_bench import gemm_gflops
+    from raml.extract.engines import cpu_model
 
     rate = gemm_gflops()
     seconds = REFERENCE["seconds"] * REFERENCE["gemm_gflops"] / rate
@@ -112,26 +111,6 @@ def expected_seconds(device: str, limit: int, epochs: int, seeds) -> tuple[float
         f"GFLOP/s (fp32 matrix product), scaled to this CPU's {rate:.0f} GFLOP/s ({cpu_model()})"
         f"{sizes}"
     )
-
-
-def _extract(run_command, args: list[str], log) -> str:
-    """Run extract (``args`` end with ``--engine E``); when the int8 engine's fidelity check refuses,
-    say so and run it with the fp32 ONNX engine instead (a refused int8 run has written nothing).
-    Returns the engine used."""
-    try:
-        run_command(args)
-        return args[-1]
-    except click.ClickException as err:
-        from raml.extract.int8_engine import Int8FidelityError
-
-        if not isinstance(err.__cause__, Int8FidelityError):
-            raise
-        log(
-            f"\ndemo: the int8 engine is not used: {err.message}\n"
-            "demo: extracting with --engine onnx (fp32) instead; this takes about twice as long."
-        )
-        run_command([*args[:-1], "onnx"])
-        return "onnx"
 
 
 def _weights_options(what: str, model: str, pretrained: str, random_weights: bool, online: bool, log) -> list[str]:
@@ -152,10 +131,10 @@ def run_demo(
     run_command,
     out_dir,
     *,
-    model: str = RAML_MODEL[0],
-    pretrained: str = RAML_MODEL[1],
-    winclip_model: str = WINCLIP_MODEL[0],
-    winclip_pretrained: str = WINCLIP_MODEL[1],
+    model: str = DEFAULT_MODEL,
+    pretrained: str = DEFAULT_PRETRAINED,
+    winclip_model: str = WINCLIP_MODEL,
+    winclip_pretrained: str = WINCLIP_PRETRAINED,
     limit: int = DEFAULT_LIMIT,
     epochs: int = DEFAULT_EPOCHS,
     seeds=DEFAULT_SEEDS,
@@ -200,7 +179,7 @@ def run_demo(
             "0",
             "--device",
             device,
-            *(["--fidelity-sample", str(FIDELITY_SAMPLE)] if engine == "onnx-int8" else []),
+            *(["--fidelity-sample", str(FIDELITY_SAMPLE)] if engine == "auto" else []),
             "--patch-tokens",
             "--engine",
             engine,
@@ -246,10 +225,7 @@ def run_demo(
     for number, args in enumerate(steps, start=1):
         log(f"\ndemo step {number}/{len(steps)}: raml {' '.join(args)}")
         step_start = time.perf_counter()
-        if args[0] == "extract":
-            engine = _extract(run_command, args, log)
-        else:
-            run_command(args)
+        run_command(args)
         timings.append((" ".join(args[:2]) if args[0] == "baseline" else args[0], time.perf_counter() - step_start))
     seconds = time.perf_counter() - start
     log(

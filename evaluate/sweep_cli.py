@@ -18,6 +18,7 @@ from raml.errors import OptionError, UserError
 from raml.evaluate.cli import bootstrap_options
 from raml.evaluate.workspace import sweep_dir
 from raml.extract.cli import model_option, refusing_contradictory_weights
+from raml.extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, WINCLIP_MODEL, WINCLIP_PRETRAINED
 from raml.train.cli import (
     read_training_cache,
     stage_two_device_option,
@@ -251,10 +252,10 @@ def ablate(
     help="Training epochs per run (default 25, the original's).",
 )
 @click.option("--seeds", default="0,1,2", show_default=True, callback=seed_list, help="Training seeds of each margin.")
-@model_option(default="ViT-B-16", show_default=True, help="RAML's CLIP.")
-@click.option("--pretrained", default="openai", show_default=True)
-@model_option("--winclip-model", default="ViT-B-16-plus-240", show_default=True, help="WinCLIP's CLIP (the paper's).")
-@click.option("--winclip-pretrained", default="laion400m_e31", show_default=True)
+@model_option(default=DEFAULT_MODEL, show_default=True, help="RAML's CLIP.")
+@click.option("--pretrained", default=DEFAULT_PRETRAINED, show_default=True)
+@model_option("--winclip-model", default=WINCLIP_MODEL, show_default=True, help="WinCLIP's CLIP (the paper's).")
+@click.option("--winclip-pretrained", default=WINCLIP_PRETRAINED, show_default=True)
 @click.option("--online", is_flag=True, help="Allow downloading the CLIP weights (default: local cache only).")
 @click.option("--random-weights", is_flag=True, help="Skip looking for weights; run with random ones (not meaningful).")
 @refusing_contradictory_weights

@@ -44,6 +44,7 @@ from PIL import Image
 
 from raml.cache import N_CROPS
 from raml.cache.format import shards_bytes
+from raml.extract.config import ExtractConfig
 from raml.extract.datasets import read_dataset
 from raml.extract.encoder import FP16_MIN_COSINE, ClipBackbone
 from raml.extract.engines import usable_cores
@@ -274,16 +275,8 @@ def run_extract_bench(
         def stage(cache: Path, tokens: bool = False, encoder=backbone, prompts: float = result.prompt_seconds):
             """(wall, CPU) seconds of the whole stage into ``cache``, less ``prompts`` of wall time."""
             cpu, start = sum(_cpu_seconds()), time.perf_counter()
-            extract_features(
-                "folder",
-                data,
-                cache,
-                lambda: encoder,
-                batch_size=batch_size,
-                workers=workers,
-                progress=False,
-                patch_tokens=tokens,
-            )
+            config = ExtractConfig(batch_size=batch_size, workers=workers, patch_tokens=tokens)
+            extract_features("folder", data, cache, lambda: encoder, config, progress=False)
             _sync(backbone.device)
             return time.perf_counter() - start - prompts, sum(_cpu_seconds()) - cpu
 

@@ -11,6 +11,16 @@ import click
 
 from raml.cli.failures import fail_cleanly
 from raml.cli.options import device_option, echo_chosen, given_on_command_line, show_progress, text_list, with_options
+from raml.extract.config import ExtractConfig
+from raml.extract.engine_options import (
+    compare_options,
+    engine_backbone,
+    engine_backbones,
+    engine_option,
+    engine_options,
+    gated_backbone,
+)
+from raml.extract.engines import ENGINES
 
 BATCH_SIZE = click.IntRange(1, 4096)  # images per forward pass (× 21 crops)
 WORKERS = click.IntRange(0, 1024)  # decoding processes; 0 decodes in the main process
@@ -136,63 +146,6 @@ def load_backbone_from(model, pretrained, weights, random_weights, device):
     return load_backbone(model, pretrained, weights, random_weights, device)
 
 
-def fidelity_sample_option(when):
-    """--fidelity-sample: how many of the user's images the int8 fidelity check encodes both ways."""
-    from raml.extract.engines import FIDELITY_SAMPLE
-
-    return click.option(
-        "--fidelity-sample",
-        default=FIDELITY_SAMPLE,
-        show_default=True,
-        type=click.IntRange(1, 10_000),
-        help=f"With {when}: images of your own that the check encodes with fp32 and int8.",
-    )
-
-
-def engine_option(func):
-    """--engine: which runtime encodes the crops."""
-    from raml.extract.engines import ENGINES
-
-    return click.option(
-        "--engine",
-        type=click.Choice(ENGINES),
-        default="torch",
-        show_default=True,
-        help="Runtime of the CLIP image encoder: torch (eager); onnx (ONNX Runtime fp32, faster on CPUs; exported "
-        "once into $RAML_CACHE_DIR/onnx or ~/.cache/raml/onnx and checked against torch); onnx-int8 (that "
-        "export quantised to int8, CPU only, fastest there; checked against fp32 on your own images on first "
-        "use, and refused below its limits).",
-    )(func)
-
-
-def engine_options(func):
-    """--engine, and the size of the int8 engine's fidelity check."""
-    return with_options([engine_option, fidelity_sample_option("--engine onnx-int8")])(func)
-
-
-def engine_backbone(backbone, engine: str, *, cache_root=None, threads: int | None = None):
-    """``backbone`` (a torch ``ClipBackbone``) with its image encoder run by ``engine``, one of
-    ``extract.engines.ENGINES``. The engines' modules are imported only when one is asked for."""
-    if engine == "torch":
-        return backbone
-    if engine == "onnx":
-        from raml.extract.onnx_engine import onnx_backbone
-
-        return onnx_backbone(backbone, cache_root=cache_root, threads=threads)
-    if engine == "onnx-int8":
-        from raml.extract.int8_engine import int8_backbone
-
-        return int8_backbone(backbone, cache_root=cache_root, threads=threads)
-    from raml.extract.engines import ENGINES
-
-    raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
-
-
-def load_engine_backbone(model, pretrained, weights, random_weights, device, engine):
-    """``load_backbone_from``, with the image encoder run by ``engine`` (``extract.engines.ENGINES``)."""
-    return engine_backbone(load_backbone_from(model, pretrained, weights, random_weights, device), engine)
-
-
 def dataset_option(help_text: str = "Which dataset (its reader, and its place in the workspace).", default="mvtec"):
     """--dataset: names the reader and the dataset's directories in the workspace."""
     from raml.extract.datasets import READERS
@@ -257,12 +210,16 @@ def chosen_dataset_root(dataset, root):
     help="Comma-separated subset, e.g. bottle,screw.",
 )
 @click.option(
-    "--batch-size", type=BATCH_SIZE, default=8, show_default=True, help="Images per forward pass (×21 crops)."
+    "--batch-size",
+    type=BATCH_SIZE,
+    default=ExtractConfig.default("batch_size"),
+    show_default=True,
+    help="Images per forward pass (×21 crops).",
 )
 @click.option(
     "--workers",
     type=WORKERS,
-    default=None,
+    default=ExtractConfig.default("workers"),
     help="Image-decoding processes (0: decode in the main process). Default: one per usable core.",
 )
 @click.option(
@@ -280,7 +237,11 @@ def chosen_dataset_root(dataset, root):
     help="i/n: this process takes every n-th image from i (default: torchrun's RANK/WORLD_SIZE, else 0/1).",
 )
 @click.option(
-    "--shard-size", type=click.IntRange(1, 1_000_000), default=256, show_default=True, help="Images per HDF5 shard."
+    "--shard-size",
+    type=click.IntRange(1, 1_000_000),
+    default=ExtractConfig.default("shard_size"),
+    show_default=True,
+    help="Images per HDF5 shard.",
 )
 @click.option(
     "--patch-tokens",
@@ -289,7 +250,7 @@ def chosen_dataset_root(dataset, root):
     "per image) and its mask targets, for anomaly maps; added to cached images that lack them (only "
     "those are encoded again). A cache that has them keeps getting them.",
 )
-@engine_options
+@engine_options()
 @fail_cleanly
 def extract(
     dataset,
@@ -315,45 +276,61 @@ def extract(
     """Stage one: encode each image's 21 crops with CLIP, once, into HDF5 shards.
 
     Re-running resumes: images already in the cache are skipped. A cache holds features of one
-    precision: fp32 (--engine torch or onnx) or int8 (--engine onnx-int8). Without --root and
-    --cache-dir: ./datasets/<dataset> into ./features/<dataset>/<backbone tag>.
+    precision: fp32 (--engine torch, onnx or openvino), int8 (onnx-int8; openvino-int8 is another
+    int8) or bf16 (torch-bf16, openvino-bf16); --engine auto keeps to an existing cache's. Without
+    --root and --cache-dir: ./datasets/<dataset> into ./features/<dataset>/<backbone tag>.
     """
     from raml.cli.workspace import cache_dir_for
-    from raml.extract.engines import PRECISIONS, check_cache_precision, usable_cores
-    from raml.extract.identity import backbone_identity
+    from raml.extract.engines import AUTO, PRECISIONS, cache_precision, check_cache_precision
+    from raml.extract.fidelity import check_on_dataset
+    from raml.extract.identity import backbone_identity, identity_of
     from raml.extract.run import extract_features
 
+    config = ExtractConfig(
+        categories=categories,
+        batch_size=batch_size,
+        workers=workers,
+        limit=limit,
+        skip_bad=skip_bad,
+        retry_skipped=retry_skipped,
+        shard=shard,
+        shard_size=shard_size,
+        patch_tokens=patch_tokens,
+        engine=engine,
+        fidelity_sample=fidelity_sample,
+    )
     root = chosen_dataset_root(dataset, root)
-    identity = backbone_identity(model, pretrained, weights, random_weights, PRECISIONS[engine])
+
+    def gate(backbone):  # the fidelity gate of an engine below fp32, on this dataset's images
+        target = cache_dir or cache_dir_for(dataset, identity_of(backbone).fingerprint_fields())
+        check_on_dataset(backbone, target, dataset, root, config.categories, sample=config.fidelity_sample)
+
+    if config.engine == AUTO:  # the engine is known once timed and gated; of the cache's precision if it has one
+        precision = cache_precision(cache_dir) if cache_dir else None
+        chosen = gated_backbone(
+            load_backbone_from(model, pretrained, weights, random_weights, device), AUTO, gate, precision=precision
+        )
+        identity, load_checked_backbone = identity_of(chosen), lambda: chosen
+    else:
+        identity = backbone_identity(model, pretrained, weights, random_weights, PRECISIONS[config.engine])
+
+        def load_checked_backbone():
+            torch_backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
+            return gated_backbone(torch_backbone, config.engine, gate)
+
     if cache_dir is None:
         cache_dir = echo_chosen("cache", cache_dir_for(dataset, identity.fingerprint_fields()))
-    check_cache_precision(cache_dir, PRECISIONS[engine])  # before any model is loaded
-
-    def load_checked_backbone():
-        backbone = load_engine_backbone(model, pretrained, weights, random_weights, device, engine)
-        if backbone.engine == "onnx-int8":
-            from raml.extract.int8_engine import check_on_dataset
-
-            check_on_dataset(backbone, cache_dir, dataset, root, categories, sample=fidelity_sample)
-        return backbone
+    check_cache_precision(cache_dir, identity.precision)  # before any model is loaded (but auto's)
 
     summary = extract_features(
         dataset,
         root,
         cache_dir,
         load_checked_backbone,
+        config,
         identity=identity,
-        categories=categories,
-        batch_size=batch_size,
-        workers=usable_cores() if workers is None else workers,
-        limit=limit,
-        skip_bad=skip_bad,
-        shard=shard,
-        shard_size=shard_size,
-        retry_skipped=retry_skipped,
-        progress=show_progress(),
         backbone_source=backbone_source(model, weights, random_weights),
-        patch_tokens=patch_tokens,
+        progress=show_progress(),
     )
     click.echo(summary.line())
     if summary.untokened_elsewhere:
@@ -380,40 +357,6 @@ def check_shard(value):
     return value
 
 
-def engine_list(ctx, param, text):
-    from raml.extract.engines import ENGINES
-
-    return text_list(choices=ENGINES, accepted=f"engines among {', '.join(ENGINES)}", allow_empty=True)(
-        ctx, param, text
-    )
-
-
-compare_options = [
-    click.option(
-        "--engines",
-        default="torch,onnx,onnx-int8",
-        show_default=True,
-        callback=engine_list,
-        help='Engines compared side by side, comma-separated ("" for none).',
-    ),
-    click.option(
-        "--rounds",
-        default=3,
-        show_default=True,
-        type=click.IntRange(1, 100),
-        help="Rounds of the comparison; each times every engine once (interleaved); medians are shown.",
-    ),
-]
-
-
-def engine_backbones(backbone, engines):
-    """One backbone per engine, sharing ``backbone``'s torch model, all on torch's thread count (the
-    GEMM floor's), so that the engines are compared on the same cores."""
-    import torch
-
-    return {engine: engine_backbone(backbone, engine, threads=torch.get_num_threads()) for engine in engines}
-
-
 @click.command("extract")
 @backbone_options
 @click.option(
@@ -425,9 +368,18 @@ def engine_backbones(backbone, engines):
 )
 @click.option("--size", type=IMAGE_SIDE, default=900, show_default=True, help="Side of the synthetic images (px).")
 @click.option(
-    "--batch-size", type=BATCH_SIZE, default=8, show_default=True, help="Images per forward pass (x21 crops)."
+    "--batch-size",
+    type=BATCH_SIZE,
+    default=ExtractConfig.default("batch_size"),
+    show_default=True,
+    help="Images per forward pass (x21 crops).",
 )
-@click.option("--workers", type=WORKERS, default=None, help="Image-decoding processes. Default: one per usable core.")
+@click.option(
+    "--workers",
+    type=WORKERS,
+    default=ExtractConfig.default("workers"),
+    help="Image-decoding processes. Default: one per usable core.",
+)
 @click.option(
     "--loader-only",
     is_flag=True,
@@ -439,7 +391,7 @@ def engine_backbones(backbone, engines):
     help="Also time the whole stage with patch tokens and mask targets against the stage without, --rounds "
     "times interleaved (half of the images then have masks), and the cache's bytes per image.",
 )
-@engine_option
+@engine_option(choices=ENGINES)  # no auto: timing needs no fidelity gate
 @with_options(compare_options)
 @fail_cleanly
 def bench_extract(
@@ -460,8 +412,8 @@ def bench_extract(
 ):
     """Where stage one's time goes: images/s of the whole stage, of the loader alone and of the bare
     encoder, their ratios, and the loader against its ceiling; with --patch-tokens the tokens'
-    overhead; then the encoder's seconds per image with each of --engines, against the machine's
-    fp32 GEMM floor."""
+    overhead; then the encoder's seconds per image with each of --engines, against the floor of its
+    own precision and the lowest floor of this CPU (fp32, bf16 and int8 products measured in the same run)."""
     from raml.extract.bench import run_extract_bench
     from raml.extract.engine_bench import compare_encoders
     from raml.extract.engines import usable_cores

@@ -33,8 +33,10 @@ from pathlib import Path
 from raml.cache.files import atomic_write_text, user_cache_root
 from raml.errors import OptionError, UserError
 
-DEFAULT_MODEL = "ViT-B-16"
+DEFAULT_MODEL = "ViT-B-16"  # RAML's CLIP (README, SPEC §1)
 DEFAULT_PRETRAINED = "openai"
+WINCLIP_MODEL = "ViT-B-16-plus-240"  # the WinCLIP baseline's CLIP: the WinCLIP paper's backbone
+WINCLIP_PRETRAINED = "laion400m_e31"
 RANDOM_WEIGHTS_SEED = 0  # random weights are seeded so that a resumed run encodes like the first
 TINY_TEST_CONFIG = Path(__file__).with_name("model_configs") / "raml-tiny-test.json"
 # Bump when ``resolve_backbone`` changes what it computes: older memo entries are then not used.

@@ -33,33 +33,25 @@ runs of 1 and of 8 crops). The engine runs the 21 crops of one image together (t
 passes whole images): an image's features then depend on that image alone, and extract, predict
 and a deployment's predict_onnx.py (which runs an image's 21 crops at once) agree.
 
-**Fidelity on the user's images.** Quantisation error depends on the weights and on the images
-(real CLIP weights have activation outliers that random weights lack), so no check on random
-inputs says whether int8 is good enough. ``measure_fidelity`` encodes a sample of the user's own
-images with fp32 and int8 and reports the per-crop cosine (min, mean) and, given a scorer (from a
-checkpoint), the Spearman rank agreement of s_final; ``require_fidelity`` stops below
-``MIN_COSINE`` or ``MIN_SPEARMAN``. extract checks on first use with a feature cache
-(``check_on_dataset``); predict and export check in evaluate/deploy/int8_check.py.
+**Fidelity on the user's images.** Its features are checked against fp32 on a sample of the
+user's own images before they are used, and refused below the limits (extract/fidelity.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
-import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from raml.cache import N_CROPS
-from raml.cache.files import atomic_write_text, make_dirs, write_fault
-from raml.errors import CacheError, UserError
+from raml.cache.files import make_dirs, write_fault
+from raml.errors import UserError
 from raml.extract.encoder import ClipBackbone
-from raml.extract.engines import FIDELITY_SAMPLE, INT8_PRECISION
+from raml.extract.engines import INT8_PRECISION
 from raml.extract.onnx_engine import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -81,7 +73,6 @@ from raml.extract.onnx_engine import (
     sidecar_fields,
     torch_fields,
 )
-from raml.extract.pyramid import BadImageError, load_rgb, pyramid_pixels
 
 INT8_FORMAT = 2  # bump when the quantised graph's contract changes: older ones are then rebuilt
 INT8_FILE, INT8_SIDECAR_FILE = "encoder-int8.onnx", "encoder-int8.json"
@@ -95,15 +86,6 @@ QUANTISATION = {
 PAIR_SUM_LIMIT = 32767
 MAX_WEIGHT = PAIR_SUM_LIMIT // (2 * 255)  # 64
 BUILD_CHECK_CROPS = 2  # random crops run once through a new model: it must load and give finite output
-# The int8 engine's acceptance limits: below either, the int8 features are not trusted and the user is told to use fp32.
-MIN_COSINE = 0.995  # per-crop cosine between the int8 and the fp32 embedding, smallest of the sample
-MIN_SPEARMAN = 0.99  # Spearman rank correlation of s_final over the sample's images
-MIN_RANKED_IMAGES = 3  # fewer images give no meaningful rank correlation
-FIDELITY_RECORD = "int8-fidelity.json"  # checks that passed, kept where they were needed (see check_on_dataset)
-
-
-class Int8FidelityError(UserError):
-    """The int8 encoder's features are too far from fp32 on the user's images."""
 
 
 def int8_backbone(
@@ -111,7 +93,7 @@ def int8_backbone(
 ) -> OnnxClipBackbone:
     """``backbone`` with its image encoder replaced by the int8 one (made once, then reused).
 
-    The verified fp32 encoder is kept as ``reference_encoder`` for the fidelity checks. CPU only:
+    The verified fp32 encoder is kept as ``reference_encoder`` for the fidelity gate. CPU only:
     ONNX Runtime's integer kernels are CPU kernels, and a GPU is better served by ``--engine torch``.
     """
     if backbone.device.type != "cpu":
@@ -254,145 +236,3 @@ def _quiet_quantiser():
         yield
     finally:
         logging.disable(logging.NOTSET)
-
-
-# --- fidelity on the user's images ---
-
-
-@dataclass
-class Fidelity:
-    """How close the int8 encoder is to fp32 on a sample of the user's images."""
-
-    images: int
-    crops: int
-    cosine_min: float
-    cosine_mean: float
-    spearman: float | None = None  # of s_final, fp32 vs int8 features; None without a scorer or enough images
-
-    @property
-    def passed(self) -> bool:
-        cosine_ok = self.cosine_min >= MIN_COSINE  # written so that NaN fails
-        return cosine_ok and (self.spearman is None or self.spearman >= MIN_SPEARMAN)
-
-    def summary(self) -> str:
-        text = (
-            f"per-crop cosine of int8 to fp32 min {self.cosine_min:.4f} (limit {MIN_COSINE}), mean "
-            f"{self.cosine_mean:.4f}, on {self.crops} crops of {self.images} images"
-        )
-        if self.spearman is None:
-            return (
-                text + "; Spearman of s_final not measured (needs a checkpoint and at least "
-                f"{MIN_RANKED_IMAGES} images)"
-            )
-        shown = "undefined (the scores are constant)" if np.isnan(self.spearman) else f"{self.spearman:.4f}"
-        return text + f"; Spearman of s_final {shown} (limit {MIN_SPEARMAN})"
-
-    def to_dict(self) -> dict:
-        return {
-            **asdict(self),
-            "min_cosine": MIN_COSINE,
-            "min_spearman": MIN_SPEARMAN,
-            "passed": self.passed,
-            "summary": self.summary(),
-        }
-
-
-def measure_fidelity(backbone: OnnxClipBackbone, images: list[np.ndarray], score=None) -> Fidelity:
-    """Encode each image's crops (``images``: [21, 3, S, S] normalised pixels each) with the int8 encoder
-    and its fp32 reference. ``score`` (optional) maps features [N, 21, D] to s_final [N]."""
-    if backbone.reference_encoder is None:
-        raise ValueError("measure_fidelity needs an int8 backbone (see int8_backbone)")
-    fp32 = np.stack([backbone.reference_encoder.encode(crops) for crops in images])
-    int8 = np.stack([backbone.image_encoder.encode(crops) for crops in images])
-    cosine = (fp32 * int8).sum(-1) / (np.linalg.norm(fp32, axis=-1) * np.linalg.norm(int8, axis=-1))
-    spearman = None
-    if score is not None and len(images) >= MIN_RANKED_IMAGES:
-        from scipy.stats import spearmanr
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # constant scores: NaN (reported as undefined, and fails) is enough
-            spearman = float(spearmanr(score(fp32), score(int8))[0])
-    return Fidelity(
-        images=len(images),
-        crops=int(cosine.size),
-        cosine_min=float(cosine.min()),
-        cosine_mean=float(cosine.mean()),
-        spearman=spearman,
-    )
-
-
-def require_fidelity(fidelity: Fidelity, where: str, fp32_advice: str) -> None:
-    """Raise ``Int8FidelityError`` (with the figures) when ``fidelity`` is below the limits;
-    ``fp32_advice`` says how to run the same command in fp32."""
-    if not fidelity.passed:
-        raise Int8FidelityError(
-            f"the int8 image encoder is too far from fp32 on {where}: {fidelity.summary()}. "
-            f"Its features cannot be trusted on these images: {fp32_advice}."
-        )
-
-
-def image_crops(paths: list[Path], backbone: ClipBackbone) -> tuple[list[np.ndarray], list[int]]:
-    """The 21 normalised crops of each readable image of ``paths``, and the positions of those images
-    (an unreadable one is left out of a fidelity sample: the command reports it where it scores it)."""
-    crops, kept = [], []
-    for position, path in enumerate(paths):
-        try:
-            image = load_rgb(path)
-        except BadImageError:
-            continue
-        crops.append(pyramid_pixels(image, backbone.input_size, backbone.mean, backbone.std))
-        kept.append(position)
-    return crops, kept
-
-
-def read_records(path: Path) -> dict:
-    """The fidelity checks recorded in ``path`` (``{}`` when there are none)."""
-    try:
-        records = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return {}
-    except ValueError as err:
-        raise CacheError(f"{path}: not valid JSON ({err}); delete it and the int8 check runs again") from err
-    return records if isinstance(records, dict) else {}
-
-
-def write_record(path: Path, key: str, fidelity: Fidelity, images_from: str) -> None:
-    """Add a passed check to ``path`` under ``key`` (other keys are kept)."""
-    records = read_records(path)
-    records[key] = {**fidelity.to_dict(), "images_from": images_from, "checked": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    atomic_write_text(path, json.dumps(records, indent=2))
-
-
-def check_on_dataset(
-    backbone: OnnxClipBackbone, cache_dir, dataset: str, root, categories=None, sample: int = FIDELITY_SAMPLE
-) -> Fidelity | None:
-    """extract's check: on first use of this int8 model with ``cache_dir``, encode ``sample`` images of
-    the dataset being extracted with fp32 and int8 and stop below the limits.
-
-    A passed check is recorded in ``cache_dir/int8-fidelity.json`` under the int8 model's sha256,
-    so resuming the extraction does not repeat it; a rebuilt int8 model is checked again. Returns
-    the figures, or ``None`` when this model was already checked on this cache.
-    """
-    from raml.extract.datasets import read_dataset
-    from raml.extract.run import evenly_spaced
-
-    record_path = Path(cache_dir) / FIDELITY_RECORD
-    key = backbone.image_encoder.meta["sha256"]
-    recorded = read_records(record_path).get(key)
-    if recorded is not None:
-        say(f"int8 fidelity on this cache's images: checked on {recorded['checked']} ({record_path})")
-        return None
-    root, records = read_dataset(dataset, root, categories)
-    chosen = evenly_spaced(records, sample)
-    crops, _ = image_crops([root / record.relpath for record in chosen], backbone)
-    if not crops:
-        raise UserError(
-            f"the int8 check found no readable image among {len(chosen)} of {root}: fix the images, "
-            "or use --engine onnx"
-        )
-    fidelity = measure_fidelity(backbone, crops)
-    require_fidelity(fidelity, f"{len(crops)} images of {root}", "use --engine onnx (fp32) instead")
-    make_dirs(Path(cache_dir))
-    write_record(record_path, key, fidelity, str(root))
-    say(f"int8 fidelity on {len(crops)} of your images: {fidelity.summary()}")
-    return fidelity

@@ -116,13 +116,24 @@ class OnnxImageEncoder:
 class OnnxClipBackbone(ClipBackbone):
     """A ``ClipBackbone`` whose image tower runs in ONNX Runtime; prompts still go through torch."""
 
-    image_encoder: OnnxImageEncoder
+    image_encoder: OnnxImageEncoder  # or extract.openvino_engine's encoder, which runs the same export
     engine: str = "onnx"
-    # int8 only: the verified fp32 encoder it was quantised from, which the fidelity checks compare it with
+    # below fp32 only: the verified fp32 encoder, which the fidelity gate (extract/fidelity.py) compares it with
     reference_encoder: OnnxImageEncoder | None = None
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         return self.image_encoder.encode(pixels)
+
+    def reference_encode(self, pixels: np.ndarray) -> np.ndarray:
+        """The fp32 embeddings of ``pixels`` that the fidelity gate compares ``encode_images``' with."""
+        if self.reference_encoder is None:
+            raise ValueError(f"--engine {self.engine} is fp32: it has no reference to be compared with")
+        return self.reference_encoder.encode(pixels)
+
+    @property
+    def fidelity_key(self) -> str:
+        """What a fidelity check of this encoder is recorded under: the engine and its file's sha256."""
+        return f"{self.engine}:{self.image_encoder.meta['sha256']}"
 
     @property
     def crops_device(self) -> torch.device:

@@ -43,13 +43,14 @@ from raml.cache.repair import restore_fingerprint
 from raml.cache.tokens import TOKEN_CROPS, token_bytes_per_image, token_setting
 from raml.cache.writer import estimated_bytes
 from raml.errors import CacheError, UserError, human_bytes, printable, working_on
+from raml.extract.config import ExtractConfig
 from raml.extract.datasets import ImageRecord, name_problem, read_dataset
+from raml.extract.engines import usable_cores
 from raml.extract.identity import BackboneIdentity, identity_of
 from raml.extract.prompts import encode_prompts, prompt_spec
 from raml.extract.pyramid import BadImageError
 
 CODE_VERSION = "0.1.0"
-DEFAULT_SHARD_SIZE = 256  # images per shard: ~5.5 MB of float16 ViT-B/16 features
 SPACE_WARNING = 0.8  # warn when a run would fill more than this share of the free space
 
 
@@ -166,23 +167,17 @@ def extract_features(
     root,
     cache_dir,
     backbone_loader,
+    config: ExtractConfig | None = None,
     *,
     identity: BackboneIdentity | None = None,
-    categories=None,
-    batch_size: int = 8,
-    workers: int = 2,
-    limit: int | None = None,
-    skip_bad: bool = False,
-    shard: str | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    retry_skipped: bool = False,
-    progress: bool = True,
     backbone_source: dict | None = None,
-    patch_tokens: bool = False,
+    progress: bool = True,
 ) -> ExtractSummary:
-    """Encode every image of ``dataset`` not yet in ``cache_dir``; see the module docstring.
+    """Encode every image of ``dataset`` not yet in ``cache_dir``, as ``config`` says (default:
+    ``ExtractConfig()``; its ``engine`` and ``fidelity_sample`` are the loader's business); see the
+    module docstring.
 
-    ``patch_tokens``: store the images' patch tokens too (``cache.tokens``), and add them to the
+    ``config.patch_tokens``: store the images' patch tokens too (``cache.tokens``), and add them to the
     shards of this writer slot that have none; a cache that records tokens gets them whether or not
     this is given.
 
@@ -199,14 +194,16 @@ def extract_features(
     The run holds its writer slot (``cache.lock.WriterSlot``) from start to end: another process on
     the same cache and shard stops at once, having written nothing.
     """
+    config = config or ExtractConfig()
     cache_dir = Path(cache_dir)
-    if shard_size % batch_size:
-        shard_size = max(batch_size, shard_size - shard_size % batch_size)  # batches must tile a shard
+    shard_size = config.shard_size
+    if shard_size % config.batch_size:
+        shard_size = max(config.batch_size, shard_size - shard_size % config.batch_size)  # batches must tile a shard
     start = time.perf_counter()
     not_read = []
-    root, records = read_dataset(dataset, root, categories, not_read=not_read)
-    records = limit_per_category(records, limit)
-    shard_index, shard_count = parse_shard(shard)
+    root, records = read_dataset(dataset, root, config.categories, not_read=not_read)
+    records = limit_per_category(records, config.limit)
+    shard_index, shard_count = parse_shard(config.shard)
     mine = records[shard_index::shard_count]
     backbone = None
     if identity is None:
@@ -234,12 +231,12 @@ def extract_features(
         done = (
             set()
             if cached is None
-            else cached.keys() | (set() if retry_skipped else {path for path, _ in cached.skipped})
+            else cached.keys() | (set() if config.retry_skipped else {path for path, _ in cached.skipped})
         )
         pending = [r for r in mine if printable(r.relpath) not in done]
         summary.already_cached = len(mine) - len(pending)
-        pending, unstorable = _storable_names(pending, root, skip_bad, summary)
-        with_tokens = patch_tokens or bool(cached is not None and cached.token_setting)
+        pending, unstorable = _storable_names(pending, root, config.skip_bad, summary)
+        with_tokens = config.patch_tokens or bool(cached is not None and cached.token_setting)
         untokened = _shards_without_tokens(cached, shard_index, shard_count, summary) if with_tokens else []
         if not with_tokens:  # with tokens, checked once the backbone says how large they are
             check_free_space(cache_dir, len(pending), cached, identity.embed_dim, shard_size)
@@ -275,27 +272,13 @@ def extract_features(
                 text={},
                 engine=None,
             )
+        destination = _Destination(cache_dir, shard_index, shard_count, meta)
         if not chunks:
             summary.seconds = time.perf_counter() - start
             if summary.skipped or summary.not_read:
-                _write_report(cache_dir, shard_index, shard_count, summary)
+                _write_report(destination, summary)
             return summary
-        return _encode_chunks(
-            root,
-            chunks,
-            backbone,
-            meta,
-            setting,
-            cache_dir,
-            shard_index,
-            shard_count,
-            summary,
-            start,
-            batch_size=batch_size,
-            workers=workers,
-            skip_bad=skip_bad,
-            progress=progress,
-        )
+        return _encode_chunks(root, chunks, backbone, setting, destination, summary, start, config, progress)
 
 
 def _storable_names(
@@ -344,21 +327,26 @@ def _rewrite(path: Path, meta: dict) -> Chunk:
     return Chunk(records, shard, path)
 
 
+@dataclass(frozen=True)
+class _Destination:
+    """Where a run writes: its cache, its writer slot (``shard_index`` of ``shard_count``) and the
+    fingerprint its shards carry."""
+
+    cache_dir: Path
+    shard_index: int
+    shard_count: int
+    meta: dict
+
+
 def _encode_chunks(
     root: Path,
     chunks: list[Chunk],
     backbone,
-    meta: dict,
     setting: dict | None,
-    cache_dir: Path,
-    shard_index: int,
-    shard_count: int,
+    destination: _Destination,
     summary: ExtractSummary,
     start: float,
-    *,
-    batch_size: int,
-    workers: int,
-    skip_bad: bool,
+    config: ExtractConfig,
     progress: bool,
 ) -> ExtractSummary:
     """Encode the chunks' images in batches and write them shard by shard (see the module docstring);
@@ -373,14 +361,13 @@ def _encode_chunks(
 
     def write(chunk: Chunk, rows: ShardRows) -> None:
         if chunk.replaces is None:
-            write_shard(
-                next_shard_path(cache_dir, shard_index, shard_count), rows, meta, text, backbone.engine, setting
-            )
+            path = next_shard_path(destination.cache_dir, destination.shard_index, destination.shard_count)
+            write_shard(path, rows, destination.meta, text, backbone.engine, setting)
             return
         stored = chunk.replaces.columns
         rows.features, rows.sizes = list(stored["features"]), list(zip(stored["height"], stored["width"]))
         rows.skipped = list(chunk.replaces.skipped.items())
-        write_shard(chunk.path, rows, meta, chunk.replaces.text, chunk.replaces.engine, setting)
+        write_shard(chunk.path, rows, destination.meta, chunk.replaces.text, chunk.replaces.engine, setting)
 
     rows, chunk_index = ShardRows(), 0
     per_tile, dim = (setting["per_tile"] if setting else None), backbone.embed_dim
@@ -388,9 +375,9 @@ def _encode_chunks(
         CropBatches(
             root,
             records,
-            batch_indices([len(chunk.records) for chunk in chunks], batch_size),
+            batch_indices([len(chunk.records) for chunk in chunks], config.batch_size),
             backbone.input_size,
-            workers=workers,
+            workers=usable_cores() if config.workers is None else config.workers,
             device=backbone.crops_device,
             per_tile=per_tile,
         ) as loader,
@@ -398,7 +385,7 @@ def _encode_chunks(
         tqdm(
             total=len(records),
             unit="img",
-            desc=f"extract {shard_index}/{shard_count}",
+            desc=f"extract {destination.shard_index}/{destination.shard_count}",
             disable=not progress,
             dynamic_ncols=True,
         ) as bar,
@@ -413,7 +400,7 @@ def _encode_chunks(
                         f"{image.reason}; it is cached in {chunk.path.name}, which cannot get "
                         "its patch tokens without it (its features stay): fix the file and re-run",
                     )
-                if not skip_bad:
+                if not config.skip_bad:
                     raise BadImageError(
                         path, image.reason + " (pass --skip-bad to skip such files and list them in the cache's report)"
                     )
@@ -444,7 +431,7 @@ def _encode_chunks(
                 writer.submit(chunk, rows)
                 rows, chunk_index = ShardRows(), chunk_index + 1
     summary.seconds = time.perf_counter() - start
-    _write_report(cache_dir, shard_index, shard_count, summary)
+    _write_report(destination, summary)
     return summary
 
 
@@ -499,11 +486,11 @@ class ShardWriter:
                     self._error = err
 
 
-def _write_report(cache_dir: Path, shard_index: int, shard_count: int, summary: ExtractSummary) -> None:
+def _write_report(destination: _Destination, summary: ExtractSummary) -> None:
     """A human-readable record of the run next to the shards (the shards stay the source of truth)."""
     report = {
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "shard": f"{shard_index}/{shard_count}",
+        "shard": f"{destination.shard_index}/{destination.shard_count}",
         "images": summary.images,
         "already_cached": summary.already_cached,
         "patch_tokens_added": summary.tokens_added,
@@ -511,6 +498,6 @@ def _write_report(cache_dir: Path, shard_index: int, shard_count: int, summary: 
         "skipped": [{"path": path, "reason": reason} for path, reason in summary.skipped],
         "not_read": [{"path": path, "reason": reason} for path, reason in summary.not_read],
     }
-    path = cache_dir / f"extract-report-{shard_index:03d}of{shard_count:03d}.json"
+    path = destination.cache_dir / f"extract-report-{destination.shard_index:03d}of{destination.shard_count:03d}.json"
     atomic_write_text(path, json.dumps(report, indent=2))
     summary.report = path

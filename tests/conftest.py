@@ -8,6 +8,7 @@ import pytest
 
 from raml.cache import read_cache
 from raml.cache.synthetic import write_synthetic_cache
+from raml.extract.config import ExtractConfig
 from raml.extract.encoder import load_backbone
 from raml.extract.identity import TINY_TEST_CONFIG
 from raml.extract.run import extract_features
@@ -51,7 +52,7 @@ def mvtec_root(tmp_path_factory):
 def mvtec_cache(tmp_path_factory, mvtec_root, tiny_backbone):
     """A cache extracted from the synthetic MVTec tree (2 categories, 20 images). Read-only."""
     cache_dir = tmp_path_factory.mktemp("cache") / "mvtec"
-    extract_features("mvtec", mvtec_root, cache_dir, lambda: tiny_backbone, workers=0, progress=False)
+    extract_features("mvtec", mvtec_root, cache_dir, lambda: tiny_backbone, ExtractConfig(workers=0), progress=False)
     return cache_dir
 
 
@@ -60,7 +61,12 @@ def mvtec_token_cache(tmp_path_factory, mvtec_root, tiny_backbone):
     """The synthetic MVTec tree's cache with patch tokens and mask targets (``--patch-tokens``). Read-only."""
     cache_dir = tmp_path_factory.mktemp("cache") / "mvtec-tokens"
     extract_features(
-        "mvtec", mvtec_root, cache_dir, lambda: tiny_backbone, workers=0, progress=False, patch_tokens=True
+        "mvtec",
+        mvtec_root,
+        cache_dir,
+        lambda: tiny_backbone,
+        ExtractConfig(workers=0, patch_tokens=True),
+        progress=False,
     )
     return cache_dir
 

@@ -25,6 +25,7 @@ from raml.cache.format import CACHE_JSON, mismatched_fields
 from raml.cache.lock import WriterSlot, partial_shard_status
 from raml.errors import CacheError
 from raml.extract import pyramid
+from raml.extract.config import ExtractConfig
 from raml.extract.encoder import load_backbone
 from raml.extract.identity import backbone_identity, config_sha256, identity_of, weights_sha256
 from raml.extract.pyramid import BadImageError, load_rgb
@@ -130,6 +131,7 @@ GATED_EXTRACT = """
 import sys, time
 from raml.extract.encoder import load_backbone
 from raml.extract.identity import backbone_identity
+from raml.extract.config import ExtractConfig
 from raml.extract.run import extract_features
 from pathlib import Path
 
@@ -141,7 +143,7 @@ def load():   # called with the slot held: wait until the test opens the gate
         time.sleep(0.01)
     return load_backbone(sys.argv[5], random_weights=True, device="cpu")
 
-summary = extract_features("mvtec", root, cache_dir, load, shard=shard, workers=0, progress=False,
+summary = extract_features("mvtec", root, cache_dir, load, ExtractConfig(shard=shard, workers=0), progress=False,
                            identity=backbone_identity(sys.argv[5], random_weights=True))
 print("encoded", summary.images)
 """
@@ -502,7 +504,7 @@ def test_nothing_to_encode_never_loads_clip(mvtec_root, mvtec_cache, tmp_path):
         mvtec_root,
         cache_dir,
         must_not_load,
-        workers=0,
+        ExtractConfig(workers=0),
         progress=False,
         identity=backbone_identity(**TINY_IDENTITY),
     )
@@ -519,7 +521,7 @@ def test_nothing_to_encode_never_loads_clip(mvtec_root, mvtec_cache, tmp_path):
             mvtec_root,
             cache_dir,
             must_not_load,
-            workers=0,
+            ExtractConfig(workers=0),
             progress=False,
             identity=backbone_identity(str(tmp_path / "tiny48.json"), random_weights=True),
         )

@@ -52,8 +52,8 @@ def test_demo_compares_raml_seeds_with_winclip_and_says_the_weights_are_random(t
             f"for {what} are not available" in result.output and f"{what} now runs with RANDOM weights" in result.output
         )
     assert "demo: expected to take about" in result.output and "GFLOP/s (fp32 matrix product)" in result.output
-    assert "--engine onnx-int8" in result.output and "image encoder: onnx-int8 on cpu" in result.output
-    assert "int8 fidelity on 8 of your images" in result.output and "--maps examples" in result.output
+    assert "--engine auto" in result.output and "auto: picked --engine" in result.output
+    assert "--maps examples" in result.output
     assert "NOT MEANINGFUL" in result.output
     raml = json.loads((tmp_path / "results-random" / "raml" / "results.json").read_text())
     winclip = json.loads((tmp_path / "results-random" / "winclip" / "results.json").read_text())
@@ -80,11 +80,11 @@ def test_demo_compares_raml_seeds_with_winclip_and_says_the_weights_are_random(t
     assert (tmp_path / "report-random" / "holdout_textile_maps.png").is_file()  # textile images are reachable
 
 
-def test_demo_extracts_in_fp32_when_the_int8_check_refuses(tmp_path, monkeypatch):
-    from raml.extract import int8_engine
+def test_demo_extracts_in_fp32_when_every_reduced_precision_is_refused(tmp_path, monkeypatch):
+    from raml.extract import fidelity
 
     monkeypatch.setenv("RAML_CACHE_DIR", str(tmp_path / "user-cache"))
-    monkeypatch.setattr(int8_engine, "MIN_COSINE", 1.5)  # no encoder can pass
+    monkeypatch.setattr(fidelity, "MIN_COSINE", 1.5)  # no encoder below fp32 can pass
     result = CliRunner().invoke(
         cli,
         [
@@ -104,9 +104,10 @@ def test_demo_extracts_in_fp32_when_the_int8_check_refuses(tmp_path, monkeypatch
         ],
     )
     assert result.exit_code == 0, result.output
-    assert "demo: the int8 engine is not used: the int8 image encoder is too far from fp32" in result.output
-    assert "demo: extracting with --engine onnx (fp32) instead" in result.output
-    assert "image encoder: onnx on cpu" in result.output
+    assert "auto: --engine onnx-int8 is not used: the int8-w7 image encoder (--engine onnx-int8) is too far" in (
+        result.output
+    )
     from raml.cache import read_cache
 
-    assert read_cache(tmp_path / "cache-random").engines == ["onnx"]
+    table = read_cache(tmp_path / "cache-random")
+    assert table.meta["precision"] == "fp32" and f"auto: picked --engine {table.engines[0]} (fp32)" in result.output

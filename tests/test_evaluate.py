@@ -13,6 +13,7 @@ from raml.evaluate.baselines.winclip_run import run_winclip
 from raml.evaluate.protocols import select_images
 from raml.evaluate.report import write_report
 from raml.evaluate.run import config_name, evaluate_checkpoints, find_checkpoints, group_configurations
+from raml.extract.config import ExtractConfig
 from raml.extract.run import extract_features
 from raml.pipeline import cli
 from raml.train.checkpoint import load_checkpoint
@@ -38,7 +39,7 @@ def runs(tmp_path_factory, mvtec_cache):
 def visa_cache(tmp_path_factory, tiny_backbone):
     root = make_visa(tmp_path_factory.mktemp("visa"))
     cache_dir = tmp_path_factory.mktemp("cache") / "visa"
-    extract_features("visa", root, cache_dir, lambda: tiny_backbone, workers=0, progress=False)
+    extract_features("visa", root, cache_dir, lambda: tiny_backbone, ExtractConfig(workers=0), progress=False)
     return cache_dir
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 from raml.cache import read_cache
 from raml.errors import CacheError
+from raml.extract.config import ExtractConfig
 from raml.extract.datasets import read_dataset
 from raml.extract.encoder import WeightsUnavailableError, load_backbone
 from raml.extract.prompts import prompts_for
@@ -20,9 +21,11 @@ from tests.conftest import TINY_MODEL
 from tests.synthetic import make_folder, make_mvtec
 
 
-def run(root, cache_dir, backbone, **kwargs):
-    kwargs.setdefault("workers", 0)
-    return extract_features(kwargs.pop("dataset", "mvtec"), root, cache_dir, lambda: backbone, progress=False, **kwargs)
+def run(root, cache_dir, backbone, dataset="mvtec", identity=None, **settings):
+    """extract_features with ``settings`` (``ExtractConfig``'s fields; no decoding workers unless given)."""
+    settings.setdefault("workers", 0)
+    config = ExtractConfig(**settings)
+    return extract_features(dataset, root, cache_dir, lambda: backbone, config, identity=identity, progress=False)
 
 
 def assert_same_table(a, b):

@@ -21,21 +21,24 @@ from raml.cache.format import CACHE_JSON
 from raml.errors import CacheError
 from raml.evaluate.deploy.export import DEPLOY_JSON, SCRIPT_FILE
 from raml.extract import int8_engine
+from raml.extract.config import ExtractConfig
 from raml.extract.engine_bench import EngineTimes, vit_macs_per_image
-from raml.extract.engines import INT8_PRECISION
-from raml.extract.int8_engine import (
+from raml.extract.engines import ENGINES, INT8_PRECISION, engine_problem
+from raml.extract.fidelity import (
     FIDELITY_RECORD,
+    MIN_COSINE,
+    Fidelity,
+    FidelityError,
+    measure_fidelity,
+    require_fidelity,
+)
+from raml.extract.int8_engine import (
     INT8_FILE,
     INT8_SIDECAR_FILE,
     MAX_WEIGHT,
-    MIN_COSINE,
-    Fidelity,
-    Int8FidelityError,
     check_pair_sums,
     int8_backbone,
     largest_int8_weight,
-    measure_fidelity,
-    require_fidelity,
 )
 from raml.extract.onnx_engine import ONNX_FILE, SIDECAR_FILE, OnnxEngineError, export_dir
 from raml.extract.pyramid import load_rgb, pyramid_pixels
@@ -173,9 +176,9 @@ def test_fidelity_figures_and_limits(tiny_int8, mvtec_root):
     assert fidelity.cosine_min == pytest.approx(cosine.min(), abs=1e-6) and fidelity.cosine_min >= MIN_COSINE
     assert fidelity.spearman == pytest.approx(1 - 6 * 2 / (4 * (16 - 1)))  # one swapped pair: 0.8
     assert not fidelity.passed and "Spearman of s_final 0.8000 (limit 0.99)" in fidelity.summary()
-    assert Fidelity(32, 672, 0.9951, 0.999, 0.991).passed
-    assert not Fidelity(32, 672, 0.9949, 0.999, None).passed
-    assert not Fidelity(32, 672, float("nan"), float("nan"), None).passed
+    assert Fidelity("int8", 32, 672, 0.9951, 0.999, 0.991).passed
+    assert not Fidelity("int8", 32, 672, 0.9949, 0.999, None).passed
+    assert not Fidelity("int8", 32, 672, float("nan"), float("nan"), None).passed
 
 
 def test_int8_weights_cannot_saturate_a_16_bit_pair_sum(tiny_int8, tmp_path):
@@ -255,31 +258,46 @@ class FixedEncoder:
         return self.vectors[: len(crops)]
 
 
+class FixedBackbone:
+    """A backbone below fp32 whose encoder and fp32 reference are known."""
+
+    precision, engine = "int8", "onnx-int8"
+
+    def __init__(self, reference_encoder, image_encoder):
+        self.reference_encoder, self.image_encoder = reference_encoder, image_encoder
+
+    def reference_encode(self, crops):
+        return self.reference_encoder.encode(crops)
+
+    def encode_images(self, crops):
+        return self.image_encoder.encode(crops)
+
+
 def test_fidelity_figures_and_refusal_on_encoders_of_known_cosine():
     """The check's arithmetic and its limits, on inputs whose result is known (independent of any
     CPU's rounding): int8 crops turned by known angles from the fp32 ones."""
     angles = np.array([0.0, 0.05, 0.1])  # radians; cos 0.1 = 0.995004 passes, cos 0.1001 fails
     fp32 = np.eye(3, 8, dtype=np.float32)
     int8 = np.cos(angles)[:, None] * fp32 + np.sin(angles)[:, None] * np.eye(3, 8, k=3, dtype=np.float32)
-    backbone = SimpleNamespace(reference_encoder=FixedEncoder(fp32), image_encoder=FixedEncoder(int8))
+    backbone = FixedBackbone(FixedEncoder(fp32), FixedEncoder(int8))
     images = [np.zeros((3, 1))] * 4
     fidelity = measure_fidelity(backbone, images)
     assert (fidelity.images, fidelity.crops, fidelity.spearman) == (4, 12, None)
     assert fidelity.cosine_min == pytest.approx(np.cos(0.1), abs=1e-7)
     assert fidelity.cosine_mean == pytest.approx(np.cos(angles).mean(), abs=1e-7)
     assert fidelity.passed
-    require_fidelity(fidelity, "x", "y")  # passes: no exception
+    require_fidelity(fidelity, "onnx-int8", "x", "y")  # passes: no exception
 
     turned = np.cos(0.1001) * fp32[2] + np.sin(0.1001) * np.eye(3, 8, k=3, dtype=np.float32)[2]
     backbone.image_encoder = FixedEncoder([*int8[:2], turned])
     worse = measure_fidelity(backbone, images)
     assert worse.cosine_min == pytest.approx(np.cos(0.1001), abs=1e-7) and not worse.passed
     with pytest.raises(
-        Int8FidelityError,
-        match=r"too far from fp32 on 4 of my images: per-crop cosine of int8 to fp32 "
-        r"min 0\.9950 \(limit 0\.995\).*use fp32 here",
+        FidelityError,
+        match=r"int8 image encoder \(--engine onnx-int8\) is too far from fp32 on 4 of my images: per-crop cosine "
+        r"of int8 to fp32 min 0\.9950 \(limit 0\.995\).*use fp32 here",
     ):
-        require_fidelity(worse, "4 of my images", "use fp32 here")
+        require_fidelity(worse, "onnx-int8", "4 of my images", "use fp32 here")
 
     # the rank check: identical scores pass; one swapped pair of four gives Spearman 0.8 and fails
     same = measure_fidelity(backbone, images, score=lambda features: np.arange(4.0))
@@ -313,12 +331,13 @@ def test_extract_int8_records_its_precision_and_checks_once_per_cache(tiny_int8,
     cache_dir = tmp_path / "int8"
     first = CliRunner().invoke(cli, extract_args(mvtec_root, cache_dir, "onnx-int8", "--categories", "bottle"))
     assert first.exit_code == 0, first.output
-    assert "int8 fidelity on 10 of your images: per-crop cosine of int8 to fp32 min" in first.output
+    assert f"onnx-int8 fidelity on 10 of your images: per-crop cosine of {INT8_PRECISION} to fp32 min" in first.output
     record = json.loads((cache_dir / FIDELITY_RECORD).read_text())
-    assert list(record) == [tiny_int8.image_encoder.meta["sha256"]] and record[list(record)[0]]["passed"] is True
+    assert list(record) == [tiny_int8.fidelity_key] and record[list(record)[0]]["passed"] is True
+    assert tiny_int8.fidelity_key == f"onnx-int8:{tiny_int8.image_encoder.meta['sha256']}"
     resumed = CliRunner().invoke(cli, extract_args(mvtec_root, cache_dir, "onnx-int8"))  # adds metal_nut
     assert resumed.exit_code == 0, resumed.output
-    assert "int8 fidelity on this cache's images: checked on" in resumed.output
+    assert "onnx-int8 fidelity on this cache's images: checked on" in resumed.output
     table = read_cache(cache_dir)
     assert table.meta["precision"] == INT8_PRECISION and table.engines == ["onnx-int8"] and len(table) == 20
     bottle = table.select(table.category == "bottle")
@@ -340,7 +359,12 @@ def test_one_cache_never_mixes_precisions(tiny_backbone, tiny_int8, mvtec_root, 
 
     int8_cache = tmp_path / "int8"
     extract_features(
-        "mvtec", mvtec_root, int8_cache, lambda: tiny_int8, categories=["bottle"], workers=0, progress=False
+        "mvtec",
+        mvtec_root,
+        int8_cache,
+        lambda: tiny_int8,
+        ExtractConfig(categories=["bottle"], workers=0),
+        progress=False,
     )
     into_int8 = CliRunner().invoke(cli, extract_args(mvtec_root, int8_cache, "onnx"))
     assert into_int8.exit_code == 1
@@ -348,9 +372,11 @@ def test_one_cache_never_mixes_precisions(tiny_backbone, tiny_int8, mvtec_root, 
     assert "Use --engine onnx-int8 with this cache" in into_int8.output
     # the store refuses too, for code that writes without the command's early check
     with pytest.raises(CacheError, match=f"precision: cache has 'fp32', this run '{INT8_PRECISION}'"):
-        extract_features("mvtec", mvtec_root, fp32_cache, lambda: tiny_int8, workers=0, progress=False)
+        extract_features("mvtec", mvtec_root, fp32_cache, lambda: tiny_int8, ExtractConfig(workers=0), progress=False)
     with pytest.raises(CacheError, match=f"precision: cache has '{INT8_PRECISION}', this run 'fp32'"):
-        extract_features("mvtec", mvtec_root, int8_cache, lambda: tiny_backbone, workers=0, progress=False)
+        extract_features(
+            "mvtec", mvtec_root, int8_cache, lambda: tiny_backbone, ExtractConfig(workers=0), progress=False
+        )
     assert read_cache(fp32_cache).engines == ["torch"] and read_cache(int8_cache).engines == ["onnx-int8"]
 
 
@@ -467,9 +493,9 @@ def test_int8_path_end_to_end_export_quantise_predict(tiny_int8, user_cache_dir,
     ]
     first = CliRunner().invoke(cli, args)
     assert first.exit_code == 0, first.output
-    assert "int8 fidelity on 4 of your images" in first.output
+    assert "onnx-int8 fidelity on 4 of your images" in first.output
     second = CliRunner().invoke(cli, args)
-    assert "int8 fidelity for this checkpoint and 'bottle': checked on" in second.output
+    assert "onnx-int8 fidelity for this checkpoint and 'bottle': checked on" in second.output
     with open(predict_out / "predictions.csv", newline="") as handle:
         predicted = {"/".join(row["file"].split("/")[-2:]): float(row["final"]) for row in csv.DictReader(handle)}
     scripted = script_scores(out, files)
@@ -494,31 +520,39 @@ def test_vit_macs_per_image_by_hand(tiny_backbone):
     assert vit_macs_per_image(SimpleNamespace(model=SimpleNamespace(visual=visual), name="ViT-B-16")) == 368_832_522_240
 
 
-def test_engine_times_lines_give_medians_and_ratios():
+def test_engine_times_lines_give_each_engine_against_its_own_floor_and_the_best():
     times = EngineTimes(
         what="bench x",
         model="m",
         macs_per_image=370e9,
-        gemm_gflops=[180.0, 200.0, 185.0],
-        seconds={"onnx-int8": [1.0, 0.9, 1.1], "WinCLIP": [4.0, 3.0, 5.0]},
+        rates={"fp32": [180.0, 200.0, 185.0], "bf16": [5.0, 6.0, 4.0], "int8": [700.0, 760.0, 740.0]},
+        hardware={"fp32": "AVX2", "bf16": "emulated: no AVX512_BF16 or AMX", "int8": "AVX2 16-bit pair sums, no VNNI"},
+        seconds={"onnx": [3.0, 2.9, 3.1], "onnx-int8": [1.0, 0.9, 1.1], "WinCLIP": [4.0, 3.0, 5.0]},
         reference="WinCLIP",
     )
-    assert times.floor_seconds == pytest.approx(2.0)  # 370 G / 185 GFLOP/s
+    assert times.floor_seconds("fp32") == pytest.approx(2.0)  # 370 G / 185 GFLOP/s
+    assert times.floor_seconds("int8") == pytest.approx(0.5)  # 370 G / 740 GOP/s
+    assert times.best_precision == "int8"  # emulated bf16 (370 / 5 = 74 s) is no floor
     lines = times.lines()
-    assert "= 2.00 s" in lines[1] and "185 GFLOP/s" in lines[1]
-    assert lines[2].split() == [
-        "onnx-int8",
-        "1.00",
+    assert lines[1].endswith("= 2.00 s") and "185 GFLOP/s (AVX2, 180-200)" in lines[1]
+    assert lines[2].endswith(": no floor") and "emulated" in lines[2]
+    assert lines[3].endswith("= 0.50 s") and "740 GOP/s" in lines[3]
+    assert lines[4].split() == [
+        "onnx",
+        "3.00",
         "s/image",
-        "(0.90-1.10)",
-        "0.50",
+        "(2.90-3.10)",
+    ] + "1.50 × fp32 floor 6.00 × int8 floor".split() + [
+        "0.75",
         "×",
-        "floor",
+        "WinCLIP",
+    ]
+    assert lines[5].split() == ["onnx-int8", "1.00", "s/image", "(0.90-1.10)", "2.00", "×", "int8", "floor"] + [
         "0.25",
         "×",
         "WinCLIP",
     ]
-    assert lines[3].split() == ["WinCLIP", "4.00", "s/image", "(3.00-5.00)"]  # another model: no floor ratio
+    assert lines[6].split() == ["WinCLIP", "4.00", "s/image", "(3.00-5.00)"]  # another model: no floor ratio
 
 
 def test_bench_commands_compare_the_engines(tiny_int8, user_cache_dir):
@@ -526,8 +560,11 @@ def test_bench_commands_compare_the_engines(tiny_int8, user_cache_dir):
         cli, ["bench", "extract", *BACKBONE, "--images", "1", "--size", "64", "--workers", "0", "--rounds", "1"]
     )
     assert result.exit_code == 0, result.output
-    engines = [line.split()[0] for line in result.output.splitlines() if "× floor" in line]
-    assert engines == ["torch", "onnx", "onnx-int8"]
+    engines = [line.split()[0] for line in result.output.splitlines() if " s/image (" in line and "floor" in line]
+    assert engines == [engine for engine in ENGINES if engine_problem(engine) is None]  # every engine that runs here
+    for engine in set(ENGINES) - set(engines):
+        assert f"bench: {engine} left out: {engine_problem(engine)}" in result.output
+    assert "fp32 floor:" in result.output and "int8 floor:" in result.output and "bf16 floor:" in result.output
     result = CliRunner().invoke(
         cli,
         [
@@ -546,7 +583,8 @@ def test_bench_commands_compare_the_engines(tiny_int8, user_cache_dir):
         ],
     )
     assert result.exit_code == 0, result.output
-    assert [line.split()[0] for line in result.output.splitlines() if "× floor" in line] == ["onnx", "onnx-int8"]
+    timed = [line.split()[0] for line in result.output.splitlines() if " s/image " in line]
+    assert timed == ["onnx", "onnx-int8"]
 
 
 def test_winclip_is_timed_as_the_reference(tiny_backbone, tiny_int8):

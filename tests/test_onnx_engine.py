@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from raml.cache import read_cache
+from raml.extract.config import ExtractConfig
 from raml.extract.onnx_engine import (
     ONNX_FILE,
     PARITY_TOLERANCE,
@@ -156,10 +157,17 @@ def test_cache_written_by_one_engine_takes_images_from_the_other(
 ):
     cache_dir = tmp_path / "mixed"
     extract_features(
-        "mvtec", mvtec_root, cache_dir, lambda: tiny_backbone, categories=["bottle"], workers=0, progress=False
+        "mvtec",
+        mvtec_root,
+        cache_dir,
+        lambda: tiny_backbone,
+        ExtractConfig(categories=["bottle"], workers=0),
+        progress=False,
     )
     assert read_cache(cache_dir).engines == ["torch"]
-    summary = extract_features("mvtec", mvtec_root, cache_dir, lambda: tiny_onnx, workers=0, progress=False)
+    summary = extract_features(
+        "mvtec", mvtec_root, cache_dir, lambda: tiny_onnx, ExtractConfig(workers=0), progress=False
+    )
     assert summary.already_cached > 0 and summary.images > 0
     mixed, torch_only = read_cache(cache_dir), read_cache(mvtec_cache)
     assert mixed.engines == ["onnx", "torch"]

@@ -38,6 +38,7 @@ from raml.evaluate.baselines.features import greedy_coreset, run_feature_baselin
 from raml.evaluate.metrics import pixel_counts, pixel_metrics
 from raml.evaluate.report import write_report
 from raml.evaluate.run import evaluate_checkpoints
+from raml.extract.config import ExtractConfig
 from raml.extract.pyramid import load_mask, load_rgb, normalise_crops, pyramid_crops
 from raml.extract.run import extract_features
 from raml.train.config import make_config
@@ -154,15 +155,19 @@ def test_adding_tokens_re_encodes_only_what_lacks_them(
             calls.append(len(crops) // 21)
             return tiny_backbone.encode_crops_and_tokens(crops)
 
-    summary = extract_features("mvtec", mvtec_root, cache_dir, Counting, workers=0, progress=False, patch_tokens=True)
+    summary = extract_features(
+        "mvtec", mvtec_root, cache_dir, Counting, ExtractConfig(workers=0, patch_tokens=True), progress=False
+    )
     assert (summary.images, summary.tokens_added, sum(calls)) == (0, 20, 20)
     added, direct = read_cache(cache_dir), read_cache(mvtec_token_cache)
     assert_same_table(added, direct)
     assert np.array_equal(read_token_rows(added, range(20))[0], read_token_rows(direct, range(20))[0])
-    again = extract_features("mvtec", mvtec_root, cache_dir, Counting, workers=0, progress=False)
+    again = extract_features("mvtec", mvtec_root, cache_dir, Counting, ExtractConfig(workers=0), progress=False)
     assert (again.images, again.tokens_added, sum(calls)) == (0, 0, 20)  # nothing left: nothing encoded
     more = make_mvtec(tmp_path / "more", categories=("bottle", "metal_nut", "pill"))
-    grown = extract_features("mvtec", more, cache_dir, Counting, workers=0, progress=False)  # no --patch-tokens
+    grown = extract_features(
+        "mvtec", more, cache_dir, Counting, ExtractConfig(workers=0), progress=False
+    )  # no --patch-tokens
     assert grown.images == 10 and read_cache(cache_dir).has_tokens.all()  # the cache keeps its tokens
 
 
@@ -179,7 +184,9 @@ def test_tokens_of_another_setting_are_refused(mvtec_root, mvtec_token_cache, ti
     with pytest.raises(CacheError, match="holds patch tokens of another setting than .*cache.json records"):
         read_cache(tmp_path / "shards")
     with pytest.raises(CacheError, match="patch tokens of another setting \\(per_tile, tokens differ"):
-        extract_features("mvtec", mvtec_root, tmp_path / "cache", lambda: tiny_backbone, workers=0, progress=False)
+        extract_features(
+            "mvtec", mvtec_root, tmp_path / "cache", lambda: tiny_backbone, ExtractConfig(workers=0), progress=False
+        )
     assert not list((tmp_path / "cache").glob("*.h5"))
 
 
@@ -201,7 +208,14 @@ def test_kill_9_while_adding_tokens_then_rerun_gives_the_same_cache(tmp_path, ti
         tmp_path / "data", categories=("bottle",), n_train=24, n_test_good=8, n_defect=4, size=(211, 157)
     )  # 40 images
     plain = tmp_path / "plain"
-    extract_features("mvtec", root, plain, lambda: tiny_backbone, workers=0, progress=False, batch_size=2, shard_size=4)
+    extract_features(
+        "mvtec",
+        root,
+        plain,
+        lambda: tiny_backbone,
+        ExtractConfig(workers=0, batch_size=2, shard_size=4),
+        progress=False,
+    )
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     shutil.copytree(plain, killed)
     shutil.copytree(plain, straight)
@@ -249,7 +263,12 @@ def test_kill_9_while_adding_tokens_then_rerun_gives_the_same_cache(tmp_path, ti
     done = int(table.has_tokens.sum())
     assert 8 <= done < 40 and done % 4 == 0  # whole shards only
     rerun = extract_features(
-        "mvtec", root, killed, lambda: tiny_backbone, workers=2, progress=False, batch_size=2, shard_size=4
+        "mvtec",
+        root,
+        killed,
+        lambda: tiny_backbone,
+        ExtractConfig(workers=2, batch_size=2, shard_size=4),
+        progress=False,
     )  # the cache records its tokens: no flag needed
     assert (rerun.images, rerun.tokens_added) == (0, 40 - done) and not list(killed.glob("*.partial"))
     extract_features(
@@ -257,11 +276,8 @@ def test_kill_9_while_adding_tokens_then_rerun_gives_the_same_cache(tmp_path, ti
         root,
         straight,
         lambda: tiny_backbone,
-        workers=2,
+        ExtractConfig(workers=2, batch_size=2, shard_size=4, patch_tokens=True),
         progress=False,
-        batch_size=2,
-        shard_size=4,
-        patch_tokens=True,
     )
     a, b = read_cache(killed), read_cache(straight)
     assert_same_table(a, b)

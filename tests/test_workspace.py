@@ -159,8 +159,8 @@ def test_an_unknown_key_in_raml_toml(empty_dir):
     [
         (
             '[extract]\nengine = "onnx-fp16"\n',
-            "engine = 'onnx-fp16' at [extract]: Invalid value for '--engine': 'onnx-fp16' is not one of 'torch', 'onnx', "
-            "'onnx-int8'.",
+            "engine = 'onnx-fp16' at [extract]: Invalid value for '--engine': 'onnx-fp16' is not one of 'auto', 'torch', "
+            "'onnx', 'onnx-int8', 'torch-bf16', 'openvino', 'openvino-int8', 'openvino-bf16'.",
         ),
         (
             'epochs = "ten"\n',

@@ -19,6 +19,7 @@ from raml.extract.cli import (
     refusing_contradictory_weights,
     root_option,
 )
+from raml.extract.identity import WINCLIP_MODEL, WINCLIP_PRETRAINED
 from raml.train.cli import read_training_cache, training_cache_options
 
 
@@ -50,8 +51,8 @@ def baseline():
     show_default=True,
     help="Without --split-from: the full official test split.",
 )
-@model_option(default="ViT-B-16-plus-240", show_default=True, help="open_clip ViT (name or config JSON).")
-@click.option("--pretrained", default="laion400m_e31", show_default=True, help="open_clip pretrained tag.")
+@model_option(default=WINCLIP_MODEL, show_default=True, help="open_clip ViT (name or config JSON).")
+@click.option("--pretrained", default=WINCLIP_PRETRAINED, show_default=True, help="open_clip pretrained tag.")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local checkpoint file (offline).")
 @click.option("--random-weights", is_flag=True, help="Seeded random weights: exercises the code; meaningless.")
 @device_option("cpu, cuda, cuda:1, ... or auto.")

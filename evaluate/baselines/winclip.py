@@ -30,8 +30,6 @@ import torch
 from raml.errors import UserError
 from raml.extract.prompts import category_words
 
-WINCLIP_MODEL = "ViT-B-16-plus-240"
-WINCLIP_PRETRAINED = "laion400m_e31"
 TEMPERATURE = 0.07  # CLIP's temperature, as in the paper's Eq. (1)
 WINDOW_SIZES = (2, 3)  # small and mid windows, in patches; stride 1
 WINDOW_BATCH = 1024  # window sequences per transformer call (memory bound)

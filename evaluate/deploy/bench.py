@@ -1,5 +1,5 @@
 """``bench predict``: seconds per image of a whole ``predict`` (decode, 21 crops, encoder, head) for
-each engine, against the machine's fp32 GEMM floor (extract/engine_bench.py) and against zero-shot
+each engine, against the floors of this CPU's precisions (extract/engine_bench.py) and against zero-shot
 WinCLIP (our ``baseline winclip``) on the same images.
 
 Per image means the cost of one more image: (time of ``predict_files`` on n + 1 images − time on

@@ -155,7 +155,7 @@ def score_images(deploy_dir, deploy: dict, paths, category: str, progress: bool 
     threshold."""
     from tqdm import tqdm
 
-    encoder, head = (predict_onnx.open_graph(deploy, part, deploy_dir) for part in ("encoder", "head"))
+    encoder, head = predict_onnx.open_encoder(deploy, deploy_dir), predict_onnx.open_graph(deploy, "head", deploy_dir)
     index = [deploy["categories"].index(category)]
     scores, failed = [], []
     for path in tqdm(paths, unit="img", desc=f"calibrate {category}", disable=not progress):

@@ -25,12 +25,14 @@ from raml.extract.cli import (
     backbone_options,
     checkpoint_backbone_options,
     chosen_dataset_root,
+    load_backbone_from,
+)
+from raml.extract.engine_options import (
     compare_options,
     engine_backbones,
     engine_options,
     fidelity_sample_option,
-    load_backbone_from,
-    load_engine_backbone,
+    gated_backbone,
 )
 
 
@@ -77,7 +79,7 @@ from raml.extract.cli import (
     help="Decide at the category's threshold in this deployment's deploy.json (exported from this "
     "checkpoint, e.g. set by raml calibrate from your good images) instead of the checkpoint's.",
 )
-@engine_options
+@engine_options(default="auto")
 @fail_cleanly
 def predict(
     files,
@@ -134,12 +136,14 @@ def predict(
         )
     if note:
         click.secho(f"note: {note}", fg="yellow", err=True)
-    backbone = load_engine_backbone(**options, device=device, engine=engine)
-    if backbone.engine == "onnx-int8":
-        from raml.evaluate.deploy.int8_check import check_for_predict
-        from raml.evaluate.deploy.predict import collect_files
+    from raml.evaluate.deploy.int8_check import check_for_predict
+    from raml.evaluate.deploy.predict import collect_files
 
-        check_for_predict(backbone, collect_files(files), trained, category, sample=fidelity_sample)
+    backbone = gated_backbone(
+        load_backbone_from(**options, device=device),
+        engine,
+        lambda reduced: check_for_predict(reduced, collect_files(files), trained, category, sample=fidelity_sample),
+    )
     predictions = predict_files(
         files,
         trained,
@@ -183,12 +187,22 @@ def predict(
 )
 @checkpoint_backbone_options
 @click.option(
+    "--format",
+    "runtime",
+    type=click.Choice(["onnx", "openvino"]),
+    default="onnx",
+    show_default=True,
+    help="The encoder's file: ONNX (run by onnxruntime), or OpenVINO IR (encoder.xml/.bin, run by OpenVINO; "
+    "pip install 'raml[openvino]' here and openvino where it runs).",
+)
+@click.option(
     "--precision",
-    type=click.Choice(["fp32", "int8"]),
+    type=click.Choice(["fp32", "int8", "bf16"]),
     default="fp32",
     show_default=True,
-    help="Encoder to deploy: fp32, or int8 (faster on CPUs; checked against fp32 on your own images "
-    "from --dataset/--root first, and refused below its limits).",
+    help="Encoder to deploy: fp32, int8 (faster on CPUs) or bf16 (--format openvino, CPUs with bf16 arithmetic); "
+    "below fp32 it is checked against fp32 on your own images from --dataset/--root first, and refused below "
+    "its limits.",
 )
 @click.option(
     "--dataset",
@@ -202,7 +216,7 @@ def predict(
     default=None,
     help="Its root. Default: ./datasets/<dataset> or $RAML_DATA/<dataset> (textile needs none).",
 )
-@fidelity_sample_option("--precision int8")
+@fidelity_sample_option("--precision int8 or bf16")
 @fail_cleanly
 def export(
     checkpoint,
@@ -213,12 +227,14 @@ def export(
     weights,
     random_weights,
     device,
+    runtime,
     precision,
     dataset,
     root,
     fidelity_sample,
 ):
-    """Write a deployment that needs no torch: encoder.onnx, head.onnx, deploy.json, predict_onnx.py.
+    """Write a deployment that needs no torch: encoder.onnx (or encoder.xml/.bin with --format
+    openvino), head.onnx, deploy.json, predict_onnx.py.
 
     The backbone is the checkpoint's unless options say otherwise (they must agree with it). Then,
     with only onnxruntime, numpy and pillow: python OUT/predict_onnx.py part.png [--category bottle].
@@ -229,7 +245,9 @@ def export(
 
     if precision == "fp32" and (dataset or root):
         if given_on_command_line("dataset") or given_on_command_line("root"):
-            raise UserError("--dataset/--root give the images of the int8 check: pass --precision int8 with them")
+            raise UserError(
+                "--dataset/--root give the images of the fidelity check: pass --precision int8 or bf16 with them"
+            )
         dataset = root = None  # raml.toml's, meant for the other commands
     checkpoint = checkpoint or newest_run_dir(sweeps=False)
     out = out or echo_chosen("deployment", results_dir("export", run_label([checkpoint])))
@@ -246,6 +264,7 @@ def export(
         precision=precision,
         sample_dataset=(dataset, root) if dataset else None,
         fidelity_sample=fidelity_sample,
+        runtime=runtime,
     )
     thresholds = ", ".join(f"{c} {t:.4f}" for c, t in deploy["thresholds"].items())
     encoder = deploy["encoder"]
@@ -260,7 +279,8 @@ def export(
         f"{deploy['head']['max_abs_diff_vs_torch']:.1e}; {deploy['export_seconds']} s → {out}"
     )
     click.echo(
-        f"  run it with: python {os.path.join(out, 'predict_onnx.py')} IMAGE... (needs only onnxruntime, numpy, pillow)"
+        f"  run it with: python {os.path.join(out, 'predict_onnx.py')} IMAGE... (needs only onnxruntime, "
+        f"{'openvino, ' if runtime == 'openvino' else ''}numpy, pillow)"
     )
     if deploy["random_weights"]:
         click.secho(deploy["warning"], fg="yellow")
@@ -285,10 +305,10 @@ def export(
 @with_options(compare_options)
 @fail_cleanly
 def bench_predict(model, pretrained, weights, random_weights, device, images, size, winclip, engines, rounds):
-    """Seconds per image of a whole predict with each of --engines, against the machine's fp32 GEMM
-    floor and against WinCLIP zero-shot. The head is untrained: speed only."""
-    from raml.evaluate.baselines.winclip import WINCLIP_MODEL, WINCLIP_PRETRAINED
+    """Seconds per image of a whole predict with each of --engines, against the floors of this CPU's
+    precisions and against WinCLIP zero-shot. The head is untrained: speed only."""
     from raml.evaluate.deploy.bench import compare_predict
+    from raml.extract.identity import WINCLIP_MODEL, WINCLIP_PRETRAINED
 
     if not engines:
         raise UserError("--engines: name at least one engine to time")

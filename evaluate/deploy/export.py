@@ -48,8 +48,9 @@ from raml.cache.tokens import TILES, TOKEN_CROPS, token_setting
 from raml.errors import UserError
 from raml.evaluate.deploy.predict import check_backbone, map_kind, token_map_scores
 from raml.evaluate.localisation import ZERO_SHOT_TEMPERATURE
+from raml.extract.engines import FIDELITY_SAMPLE
 from raml.extract.identity import file_sha256
-from raml.extract.int8_engine import FIDELITY_SAMPLE, QUANTISATION, int8_backbone
+from raml.extract.int8_engine import QUANTISATION, int8_backbone
 from raml.extract.onnx_engine import PARITY_TOLERANCE, OnnxEngineError, onnx_image_encoder
 from raml.extract.prompts import encode_prompts
 from raml.extract.pyramid import MIN_IMAGE_SIDE
@@ -59,6 +60,8 @@ from raml.train.thresholds import threshold_for, threshold_note
 
 DEPLOY_FORMAT = 2  # 2: patch tokens in, anomaly map out
 DEPLOY_JSON, ENCODER_FILE, HEAD_FILE, SCRIPT_FILE = "deploy.json", "encoder.onnx", "head.onnx", "predict_onnx.py"
+OPENVINO_ENCODER_FILE, OPENVINO_WEIGHTS_FILE = "encoder.xml", "encoder.bin"  # --format openvino
+OPENVINO_ENGINES = {"fp32": "openvino", "int8": "openvino-int8", "bf16": "openvino-bf16"}  # by --precision
 SCRIPT_TEMPLATE = Path(__file__).with_name("predict_onnx.py")
 HEAD_INPUTS, HEAD_OUTPUTS = ("crops", "category", "tokens"), ("visual", "text", "pixel")
 HEAD_CHECK_IMAGES = 8  # random feature sets compared with the torch head before head.onnx is accepted
@@ -107,12 +110,15 @@ def export_deployment(
     precision: str = "fp32",
     sample_dataset=None,
     fidelity_sample: int = FIDELITY_SAMPLE,
+    runtime: str = "onnx",
 ) -> dict:
     """Write ``out_dir``'s deployment for ``backbone`` (that of the checkpoint); returns deploy.json's content.
 
     ``checkpoint`` is a loaded ``train.checkpoint.Checkpoint``. ``categories`` (default: its own) are
     baked into head.onnx in this order. ``precision="int8"`` deploys the int8 encoder, checked first
     on ``fidelity_sample`` images of ``sample_dataset`` = (dataset kind, root), the user's own.
+    ``runtime="openvino"`` deploys the encoder as OpenVINO IR (encoder.xml and .bin; ``precision``
+    fp32, int8 or, on a CPU with bf16 arithmetic, bf16), run by OpenVINO in predict_onnx.py.
     Raises ``ValueError`` when the backbone is not the checkpoint's, ``OnnxEngineError`` when a
     graph does not match torch, ``Int8FidelityError`` when int8 is too far from fp32.
     """
@@ -133,7 +139,7 @@ def export_deployment(
         log(f"note: {note}")
     text = {category: encode_prompts(backbone, category) for category in categories}
     encoder, encoder_facts = _verified_encoder(
-        checkpoint, backbone, precision, categories, text, onnx_cache_root, sample_dataset, fidelity_sample
+        checkpoint, backbone, precision, runtime, categories, text, onnx_cache_root, sample_dataset, fidelity_sample
     )
     bank = text_tokens(text, categories)
     weights = score_weights(checkpoint, None, None)
@@ -146,7 +152,15 @@ def export_deployment(
             DeployedHead(checkpoint.model, bank).eval(), checkpoint, text, categories, setting["tokens"], head_tmp
         )
         (out / DEPLOY_JSON).unlink(missing_ok=True)  # until the new one is written, the directory reads as incomplete
-        _replace_with_copy(encoder.path, out / ENCODER_FILE)
+        encoder_file = OPENVINO_ENCODER_FILE if runtime == "openvino" else ENCODER_FILE
+        for stale in {ENCODER_FILE, OPENVINO_ENCODER_FILE, OPENVINO_WEIGHTS_FILE} - {encoder_file}:
+            (out / stale).unlink(missing_ok=True)  # another runtime's encoder of an earlier export
+        if runtime == "openvino":
+            from raml.extract.openvino_engine import save_deployment_encoder
+
+            encoder_facts.update(save_deployment_encoder(encoder, out / encoder_file))
+        else:
+            _replace_with_copy(encoder.path, out / encoder_file)
         with reporting_write_faults(out / HEAD_FILE):
             move_into_place(head_tmp, out / HEAD_FILE)
     finally:
@@ -176,10 +190,10 @@ def export_deployment(
         },
         "score_weights": {"visual": float(weights["visual_weight"]), "text": float(weights["text_weight"])},
         "encoder": {
-            "file": ENCODER_FILE,
+            "file": encoder_file,
             "input": "pixels",
             "output": "embedding",
-            **_file_facts(out / ENCODER_FILE),
+            **_file_facts(out / encoder_file),
             **encoder_facts,
         },
         "head": {
@@ -214,28 +228,36 @@ def _verified_encoder(
     checkpoint,
     backbone,
     precision: str,
+    runtime: str,
     categories: list,
     text: dict,
     onnx_cache_root,
     sample_dataset,
     fidelity_sample: int,
 ):
-    """The encoder to deploy and what deploy.json says about it: the fp32 export and its difference to
-    torch, or the int8 model, its settings and its fidelity on the user's images."""
+    """The encoder to deploy (ONNX Runtime's, or with ``runtime="openvino"`` the OpenVINO backbone)
+    and what deploy.json says about it: the fp32 export and its difference to torch, or a reduced
+    precision's settings and its fidelity on the user's images."""
+    if runtime == "openvino":
+        from raml.extract.openvino_engine import WEIGHT_COMPRESSION, openvino_backbone
+
+        if precision not in OPENVINO_ENGINES:
+            raise ValueError(f"precision {precision!r}: expected one of {', '.join(OPENVINO_ENGINES)}")
+        engine = OPENVINO_ENGINES[precision]
+        ov_backbone = openvino_backbone(backbone, engine, cache_root=onnx_cache_root)
+        encoder = ov_backbone.image_encoder
+        if precision == "fp32":
+            return encoder, {"precision": "fp32", "max_abs_diff_vs_torch": encoder.meta["max_abs_diff"]}
+        fidelity = _checked(ov_backbone, precision, checkpoint, categories, text, sample_dataset, fidelity_sample)
+        settings = {"compression": WEIGHT_COMPRESSION} if precision == "int8" else {}
+        return encoder, {"precision": ov_backbone.precision, **settings, "fidelity": fidelity.to_dict()}
     if precision == "fp32":
         encoder = onnx_image_encoder(backbone, cache_root=onnx_cache_root)
         return encoder, {"precision": "fp32", "max_abs_diff_vs_torch": encoder.meta["max_abs_diff"]}
     if precision != "int8":
-        raise ValueError(f"precision {precision!r}: expected fp32 or int8")
-    if sample_dataset is None:
-        raise UserError(
-            "export --precision int8 first checks the int8 encoder against fp32 on your own images: "
-            "pass --dataset (and --root) with images of the exported categories"
-        )
-    from raml.evaluate.deploy.int8_check import check_for_export
-
+        raise UserError(f"--precision {precision}: the ONNX encoder is fp32 or int8 (bf16 with --format openvino)")
     int8 = int8_backbone(backbone, cache_root=onnx_cache_root)
-    fidelity = check_for_export(int8, *sample_dataset, checkpoint, categories, text, fidelity_sample)
+    fidelity = _checked(int8, precision, checkpoint, categories, text, sample_dataset, fidelity_sample)
     encoder = int8.image_encoder
     return encoder, {
         "precision": "int8",
@@ -243,6 +265,18 @@ def _verified_encoder(
         "quantised_from_sha256": encoder.meta["quantised_from_sha256"],
         "fidelity": fidelity.to_dict(),
     }
+
+
+def _checked(reduced, precision: str, checkpoint, categories, text, sample_dataset, fidelity_sample: int):
+    """The fidelity of the ``reduced`` backbone on ``sample_dataset``'s images; refused below the limits."""
+    if sample_dataset is None:
+        raise UserError(
+            f"export --precision {precision} first checks the {precision} encoder against fp32 on your own images: "
+            "pass --dataset (and --root) with images of the exported categories"
+        )
+    from raml.evaluate.deploy.int8_check import check_for_export
+
+    return check_for_export(reduced, *sample_dataset, checkpoint, categories, text, fidelity_sample)
 
 
 def _export_verified_head(

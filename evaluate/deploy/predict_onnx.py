@@ -7,7 +7,7 @@ Prints file, score (s_final) and the decision at the category's threshold (the e
 the one ``raml calibrate`` set from good images; the header says which), one line per file; a
 file that cannot be scored gets an ERROR line and the exit status is 1. With ``--maps DIR``, each
 image's anomaly map at its resolution goes to ``DIR/<name>_map.npy`` (float32). The deployment
-(deploy.json, encoder.onnx, head.onnx) is read from this script's directory.
+(deploy.json, encoder.onnx or OpenVINO's encoder.xml/.bin, head.onnx) is read from this script's directory.
 
 The one deliberate copy of RAML code: ``load_rgb`` and ``pyramid_pixels`` restate
 extract/pyramid.py, ``token_grid`` and ``anomaly_map`` restate cache/tokens.py's ``token_grid`` and ``map_at``, because a deployment
@@ -169,6 +169,35 @@ def score_crops(encoder, head, deploy, crops, categories):
     return final, pixel
 
 
+def open_encoder(deploy, directory=HERE):
+    """The encoder, with ONNX Runtime's ``run(None, feeds)``: an ONNX Runtime session, or OpenVINO's
+    compiled model for a deployment exported with ``--format openvino`` (encoder.xml and .bin, at the
+    inference precision deploy.json names)."""
+    if deploy["encoder"].get("format") != "openvino":
+        return open_graph(deploy, "encoder", directory)
+    import openvino
+
+    path, facts = Path(directory) / deploy["encoder"]["file"], deploy["encoder"]
+    for file, size in ((path, facts["bytes"]), (Path(directory) / facts["weights_file"], facts["weights_bytes"])):
+        if not file.is_file() or file.stat().st_size != size:
+            raise ValueError(
+                f"{file}: not the file {Path(directory) / 'deploy.json'} describes (missing, or its size differs); "
+                "export again"
+            )
+    hint = {"INFERENCE_PRECISION_HINT": facts["inference_precision"]}
+    return OpenVinoEncoder(openvino.Core().compile_model(str(path), "CPU", hint))
+
+
+class OpenVinoEncoder:
+    """OpenVINO's compiled encoder behind ONNX Runtime's ``run(None, feeds)``."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def run(self, names, feeds):
+        return [np.asarray(output) for output in self.compiled(feeds).values()]
+
+
 def main(argv=None):
     try:
         deploy = read_deployment()
@@ -190,7 +219,7 @@ def main(argv=None):
     if deploy["random_weights"]:
         print(f"warning: {deploy['warning']}", file=sys.stderr)
     try:
-        encoder, head = open_graph(deploy, "encoder"), open_graph(deploy, "head")
+        encoder, head = open_encoder(deploy), open_graph(deploy, "head")
     except ValueError as err:
         sys.exit(str(err))
     category = [categories.index(args.category)]

@@ -79,7 +79,7 @@ class DeployedModel:
 
         from raml.evaluate.overlay import overlay_image
 
-        self.encoder = predict_onnx.open_graph(self.deploy, "encoder", self.directory)
+        self.encoder = predict_onnx.open_encoder(self.deploy, self.directory)
         self.head = predict_onnx.open_graph(self.deploy, "head", self.directory)
         self._overlay = overlay_image
 
