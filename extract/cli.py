@@ -12,7 +12,7 @@ import click
 from raml.cli.failures import fail_cleanly
 from raml.cli.options import device_option, echo_chosen, given_on_command_line, show_progress, text_list, with_options
 from raml.extract.config import ExtractConfig
-from raml.extract.engine_options import (
+from raml.extract.engine_cli import (
     compare_options,
     engine_backbone,
     engine_backbones,

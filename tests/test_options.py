@@ -35,6 +35,9 @@ TEXT_CASES = {
     "--category": [""],
     "--tracking-uri": ["", "mlflow.db", "sqlite:"],
     "--experiment": ["", " "],
+    "--host": ["", "two words", "http://127.0.0.1", "[::1]"],
+    "--token": ["", "short"],
+    "--clients": ["", "0", "a", "1,,4", "300"],
 }
 # (command, option): the values that command's option refuses, where they differ from TEXT_CASES'
 PER_COMMAND = {("export", "--categories"): [",", ""]}  # export may bake in categories it was not trained on
@@ -181,6 +184,10 @@ def base_args(tmp_path_factory, mvtec_root, mvtec_cache):
         ("bench", "cache"): ["--cache-dir", cache],
         ("bench", "maps"): ["--images", "1", "--normals", "1", "--size", "64"],
         ("track",): [str(run)],
+        # a bad option stops these before the folder is read: it need not be a deployment
+        ("serve",): [str(work)],
+        ("calibrate",): [str(work), "--good", str(work)],
+        ("bench", "serve"): [str(work)],
     }
 
 

@@ -353,7 +353,7 @@ def test_listening_beyond_the_loopback_needs_a_token(tiny_deployment):
         result.exit_code == 1 and "listens beyond this machine" in result.output and "RAML_SERVE_TOKEN" in result.output
     )
     result = CliRunner().invoke(cli, ["serve", str(tiny_deployment), "--host", "0.0.0.0", "--token", "short"])
-    assert result.exit_code == 1 and "at least 16" in result.output
+    assert result.exit_code == 2 and "at least 16 characters" in result.output
 
 
 def test_the_token_is_enforced(tiny_deployment, parts):

@@ -27,7 +27,7 @@ from raml.extract.cli import (
     chosen_dataset_root,
     load_backbone_from,
 )
-from raml.extract.engine_options import (
+from raml.extract.engine_cli import (
     compare_options,
     engine_backbones,
     engine_options,

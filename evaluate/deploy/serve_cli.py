@@ -7,14 +7,16 @@ from __future__ import annotations
 import click
 
 from raml.cli.failures import fail_cleanly
-from raml.cli.options import FiniteFloat, show_progress, text_list
+from raml.cli.options import CheckedText, FiniteFloat, non_empty, show_progress, text_list
 from raml.errors import UserError
-from raml.evaluate.deploy.serve_settings import ServeSettings, is_loopback
+from raml.evaluate.deploy.serve_settings import MIN_TOKEN_LENGTH, ServeSettings, is_listen_address, is_loopback
 
 DEPLOY_DIR = click.Path(exists=True, file_okay=False)
 RATE = FiniteFloat(0, 1, min_open=True, max_open=True)
 
 DEFAULTS = ServeSettings()
+HOST = CheckedText(is_listen_address, "an IP address or a host name, e.g. 127.0.0.1 or 0.0.0.0")
+TOKEN = CheckedText(lambda text: len(text) >= MIN_TOKEN_LENGTH, f"a secret of at least {MIN_TOKEN_LENGTH} characters")
 
 
 def _need_web_stack() -> None:
@@ -31,6 +33,7 @@ def _need_web_stack() -> None:
 @click.argument("deploy_dir", type=DEPLOY_DIR)
 @click.option(
     "--host",
+    type=HOST,
     default="127.0.0.1",
     show_default=True,
     help="Address to listen on (beyond the loopback: a token is required).",
@@ -40,6 +43,7 @@ def _need_web_stack() -> None:
 )
 @click.option(
     "--token",
+    type=TOKEN,
     envvar="RAML_SERVE_TOKEN",
     show_envvar=True,
     default=None,
@@ -48,14 +52,14 @@ def _need_web_stack() -> None:
 )
 @click.option(
     "--max-upload-mb",
-    type=click.FloatRange(0.01, 4096),
+    type=FiniteFloat(0.01, 4096),
     default=DEFAULTS.max_upload_bytes / 2**20,
     show_default=True,
     help="Largest request body, MiB.",
 )
 @click.option(
     "--max-pixels",
-    type=click.IntRange(1),
+    type=click.IntRange(1, 10**10),
     default=DEFAULTS.max_pixels,
     show_default=True,
     help="Largest image, pixels (refused from its header, before decoding).",
@@ -144,7 +148,7 @@ def serve(
     show_default=True,
     help="False-alarm rate to allow on good parts (0.01 = 1 %); needs ceil((1-rate)/rate) good images: 99 for 0.01.",
 )
-@click.option("--category", default=None, help="The category of the images in --good (one folder).")
+@click.option("--category", default=None, callback=non_empty, help="The category of the images in --good (one folder).")
 @fail_cleanly
 def calibrate(deploy_dir, good_dir, false_alarms, category):
     """Set each category's decision threshold from your own good images, at a false-alarm rate you choose.
@@ -176,10 +180,10 @@ def calibrate(deploy_dir, good_dir, false_alarms, category):
     callback=text_list(int, check=lambda n: 1 <= n <= 256, accepted="comma-separated client counts (1 to 256)"),
     help="Concurrent clients, one level each.",
 )
-@click.option("--requests", type=click.IntRange(1), default=300, show_default=True, help="Requests per level.")
+@click.option("--requests", type=click.IntRange(1, 10**6), default=300, show_default=True, help="Requests per level.")
 @click.option(
     "--memory-requests",
-    type=click.IntRange(101),
+    type=click.IntRange(101, 10**7),
     default=1000,
     show_default=True,
     help="Requests after which the service's memory is compared with that after the first 100.",
@@ -190,7 +194,12 @@ def calibrate(deploy_dir, good_dir, false_alarms, category):
 @click.option(
     "--size", type=click.IntRange(64, 8000), default=900, show_default=True, help="Side of the synthetic images (px)."
 )
-@click.option("--category", default=None, help="Category the images are sent as (default: the deployment's first).")
+@click.option(
+    "--category",
+    default=None,
+    callback=non_empty,
+    help="Category the images are sent as (default: the deployment's first).",
+)
 @fail_cleanly
 def bench_serve(deploy_dir, clients, requests, memory_requests, time_limit, size, category):
     """Load-test raml serve on 127.0.0.1 against the in-process scorer on the same images: images/s,

@@ -17,10 +17,9 @@ import sys
 
 from raml.errors import UserError
 from raml.evaluate.deploy.serve import create_app
-from raml.evaluate.deploy.serve_settings import ServeSettings, is_loopback
+from raml.evaluate.deploy.serve_settings import MIN_TOKEN_LENGTH, ServeSettings, is_loopback
 
 SHUTDOWN_GRACE_S = 60  # a request still running this long after SIGTERM is cancelled
-MIN_TOKEN_LENGTH = 16  # a shorter bearer token can be guessed
 MAX_CONNECTIONS = 64  # beyond, uvicorn answers 503 at once (each connection may hold an upload in memory)
 TOKEN_ENV = "RAML_SERVE_TOKEN"
 

@@ -4,9 +4,14 @@ that the command line reads their defaults without importing it (it is an option
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 LOOPBACK_NAMES = {"localhost"}
+MIN_TOKEN_LENGTH = 16  # a shorter bearer token can be guessed
+HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
 
 
 @dataclass(frozen=True)
@@ -36,3 +41,12 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False  # a host name: it may resolve anywhere
+
+
+def is_listen_address(text: str) -> bool:
+    """An IP address or a host name (RFC 1123 labels) that ``--host`` may name."""
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return bool(HOST_NAME.fullmatch(text))
