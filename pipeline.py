@@ -51,7 +51,8 @@ from raml.evaluate.cli import bench_maps, evaluate, report, status
 from raml.evaluate.deploy.cli import bench_predict, export, predict
 from raml.evaluate.deploy.serve_cli import bench_serve, calibrate, serve
 from raml.evaluate.sweep_cli import ablate, demo, sweep
-from raml.extract.cli import bench_extract, extract
+from raml.extract.bench_cli import bench_extract
+from raml.extract.cli import extract
 from raml.train.cli import bench_train, train
 
 # open_clip retries a failing download for ~45 s; RAML_OFFLINE=1 (or HF_HUB_OFFLINE=1) fails at once.

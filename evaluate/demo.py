@@ -42,7 +42,7 @@ import os
 import time
 from pathlib import Path
 
-from raml.extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, WINCLIP_MODEL, WINCLIP_PRETRAINED
+from raml.extract.model_config import DEFAULT_MODEL, DEFAULT_PRETRAINED, WINCLIP_MODEL, WINCLIP_PRETRAINED
 
 MARGINS = ("adaptive", "fixed", "strong")
 MAP_BASELINES = ("knn-patches", "zero-shot-text")  # the untrained map kinds: the textile images have no masks

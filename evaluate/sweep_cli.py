@@ -18,7 +18,7 @@ from raml.errors import OptionError, UserError
 from raml.evaluate.cli import bootstrap_options
 from raml.evaluate.workspace import sweep_dir
 from raml.extract.cli import model_option, refusing_contradictory_weights
-from raml.extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, WINCLIP_MODEL, WINCLIP_PRETRAINED
+from raml.extract.model_config import DEFAULT_MODEL, DEFAULT_PRETRAINED, WINCLIP_MODEL, WINCLIP_PRETRAINED
 from raml.train.cli import (
     read_training_cache,
     stage_two_device_option,

@@ -49,9 +49,10 @@ from raml.extract.datasets import read_dataset
 from raml.extract.encoder import FP16_MIN_COSINE, ClipBackbone
 from raml.extract.engines import usable_cores
 from raml.extract.loader import CropBatches
+from raml.extract.plan import batch_indices
 from raml.extract.prompts import prompts_for
 from raml.extract.pyramid import load_rgb, pyramid_crops
-from raml.extract.run import batch_indices, extract_features
+from raml.extract.run import extract_features
 
 DISTINCT_SYNTHETIC_IMAGES = 32  # drawn and saved; the other synthetic images are links to these
 DECODE_TIMING_IMAGES = 5  # images decoded and cropped one by one for the loader's ceiling

@@ -13,14 +13,9 @@ from raml.cli.failures import fail_cleanly
 from raml.cli.options import device_option, echo_chosen, given_on_command_line, show_progress, text_list, with_options
 from raml.extract.config import ExtractConfig
 from raml.extract.engine_cli import (
-    compare_options,
-    engine_backbone,
-    engine_backbones,
-    engine_option,
     engine_options,
     gated_backbone,
 )
-from raml.extract.engines import ENGINES
 
 BATCH_SIZE = click.IntRange(1, 4096)  # images per forward pass (× 21 crops)
 WORKERS = click.IntRange(0, 1024)  # decoding processes; 0 decodes in the main process
@@ -29,10 +24,10 @@ IMAGE_SIDE = click.IntRange(64, 13_376)  # px: the pyramid's minimum, and Pillow
 
 def model_option(flag: str = "--model", **kwargs):
     """--model (or ``flag``): an open_clip model name or model-config JSON, checked before any work
-    (``extract.identity.model_problem``: without importing open_clip)."""
+    (``extract.model_config.model_problem``: without importing open_clip)."""
 
     def check(ctx, param, value):
-        from raml.extract.identity import model_problem
+        from raml.extract.model_config import model_problem
 
         problem = None if value is None else model_problem(value)
         if problem:
@@ -65,7 +60,7 @@ def refusing_contradictory_weights(func):
 
 def backbone_options(func):
     """Options naming the CLIP backbone; shared by every command that runs the image encoder."""
-    from raml.extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED  # not extract.encoder: no torch import here
+    from raml.extract.model_config import DEFAULT_MODEL, DEFAULT_PRETRAINED  # not extract.encoder: no torch import here
 
     func = refusing_contradictory_weights(func)
     return with_options(
@@ -346,8 +341,8 @@ def extract(
 
 
 def check_shard(value):
-    """--shard i/n, checked before any work (``extract.run.parse_shard``)."""
-    from raml.extract.run import parse_shard
+    """--shard i/n, checked before any work (``extract.plan.parse_shard``)."""
+    from raml.extract.plan import parse_shard
 
     if value is not None:
         try:
@@ -355,82 +350,3 @@ def check_shard(value):
         except ValueError as err:
             raise click.BadParameter(str(err).split(": ", 1)[-1]) from None
     return value
-
-
-@click.command("extract")
-@backbone_options
-@click.option(
-    "--images",
-    type=click.IntRange(1, 100_000),
-    default=8,
-    show_default=True,
-    help="Synthetic images of MVTec size to encode.",
-)
-@click.option("--size", type=IMAGE_SIDE, default=900, show_default=True, help="Side of the synthetic images (px).")
-@click.option(
-    "--batch-size",
-    type=BATCH_SIZE,
-    default=ExtractConfig.default("batch_size"),
-    show_default=True,
-    help="Images per forward pass (x21 crops).",
-)
-@click.option(
-    "--workers",
-    type=WORKERS,
-    default=ExtractConfig.default("workers"),
-    help="Image-decoding processes. Default: one per usable core.",
-)
-@click.option(
-    "--loader-only",
-    is_flag=True,
-    help="Only the loader and its ceiling (quick on a CPU, where ViT-B/16 takes ~2 s per image).",
-)
-@click.option(
-    "--patch-tokens",
-    is_flag=True,
-    help="Also time the whole stage with patch tokens and mask targets against the stage without, --rounds "
-    "times interleaved (half of the images then have masks), and the cache's bytes per image.",
-)
-@engine_option(choices=ENGINES)  # no auto: timing needs no fidelity gate
-@with_options(compare_options)
-@fail_cleanly
-def bench_extract(
-    model,
-    pretrained,
-    weights,
-    random_weights,
-    device,
-    images,
-    size,
-    batch_size,
-    workers,
-    loader_only,
-    patch_tokens,
-    engine,
-    engines,
-    rounds,
-):
-    """Where stage one's time goes: images/s of the whole stage, of the loader alone and of the bare
-    encoder, their ratios, and the loader against its ceiling; with --patch-tokens the tokens'
-    overhead; then the encoder's seconds per image with each of --engines, against the floor of its
-    own precision and the lowest floor of this CPU (fp32, bf16 and int8 products measured in the same run)."""
-    from raml.extract.bench import run_extract_bench
-    from raml.extract.engine_bench import compare_encoders
-    from raml.extract.engines import usable_cores
-
-    torch_backbone = load_backbone_from(model, pretrained, weights, random_weights, device)
-    result = run_extract_bench(
-        engine_backbone(torch_backbone, engine),
-        images=images,
-        size=size,
-        batch_size=batch_size,
-        workers=usable_cores() if workers is None else workers,
-        loader_only=loader_only,
-        patch_tokens=patch_tokens,
-        rounds=rounds,
-    )
-    for line in result.lines():
-        click.echo(line)
-    if engines and not loader_only:
-        for line in compare_encoders(engine_backbones(torch_backbone, engines), size=size, rounds=rounds).lines():
-            click.echo(line)

@@ -164,7 +164,7 @@ def check_on_dataset(
     figures, or ``None`` when this encoder was already checked on this cache.
     """
     from raml.extract.datasets import read_dataset
-    from raml.extract.run import evenly_spaced
+    from raml.extract.plan import evenly_spaced
 
     record_path = Path(cache_dir) / FIDELITY_RECORD
     recorded = read_records(record_path).get(backbone.fidelity_key)

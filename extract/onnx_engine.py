@@ -28,11 +28,7 @@ export and keeps the result in the same directory, under the same lock.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -42,31 +38,31 @@ import numpy as np
 import torch
 
 from raml.cache.files import (
-    atomic_write_text,
     make_dirs,
-    move_into_place,
-    reporting_write_faults,
-    user_cache_root,
     write_fault,
 )
 from raml.errors import UserError
 from raml.extract.encoder import ClipBackbone, check_patch_tokens, embeddings_and_tokens
 from raml.extract.engines import usable_cores
 from raml.extract.identity import file_sha256
+from raml.extract.onnx_files import (
+    INPUT_NAME,
+    ONNX_FILE,
+    OUTPUT_NAME,
+    SIDECAR_FILE,
+    TOKENS_NAME,
+    export_dir,
+    export_lock,
+    key_fields,
+    publish_encoder,
+    read_sidecar,
+    sidecar_fields,
+)
 from raml.extract.pyramid import normalise_crops
 
-EXPORT_FORMAT = 2  # bump when the graph's contract changes: older exports are then rebuilt (2: patch tokens)
 PARITY_TOLERANCE = 1e-4  # max abs difference from the torch encoder, float32
 EXPORT_CHECK_CROPS = 4  # random crops compared before a new export is accepted
 LOAD_CHECK_CROPS = 2  # random crops compared each time an existing export is opened
-INPUT_NAME, OUTPUT_NAME, TOKENS_NAME = "pixels", "embedding", "patch_tokens"
-ONNX_FILE, SIDECAR_FILE, LOCK_FILE = "encoder.onnx", "encoder.json", ".lock"
-
-try:  # POSIX: several extract processes (--shard i/n, torchrun) must not export at the same time
-    import fcntl
-except ImportError:  # Windows: no lock; each file is still replaced atomically and checked on load
-    fcntl = None
-
 
 CPU_CROPS_PER_RUN = 8  # see OnnxImageEncoder.encode
 
@@ -190,19 +186,6 @@ def locked_fp32_encoder(backbone: ClipBackbone, directory: Path, threads: int | 
             say(f"rebuilding {directory / ONNX_FILE}: {problem}")
         encoder = _export_verified(backbone, directory, ort, options, providers)
     return encoder
-
-
-def onnx_cache_root() -> Path:
-    """``onnx`` in RAML's user cache directory (``cache.files.user_cache_root``)."""
-    return user_cache_root() / "onnx"
-
-
-def export_dir(backbone: ClipBackbone, cache_root: Path | None = None) -> Path:
-    """Where ``backbone``'s export lives: readable model name and size, plus a hash of the whole key."""
-    key = json.dumps(key_fields(backbone), sort_keys=True)
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", backbone.name)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return Path(cache_root or onnx_cache_root()) / f"{readable}-{backbone.input_size}px-{digest}"
 
 
 def export_problem(directory: Path, backbone: ClipBackbone) -> str | None:
@@ -405,73 +388,6 @@ def session_options(ort, threads: int | None):
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: the exported graph triggers harmless optimiser warnings
     return options
-
-
-@contextlib.contextmanager
-def export_lock(directory: Path):
-    """Hold ``directory``'s lock: one process at a time exports or quantises into it."""
-    if fcntl is None:
-        yield
-        return
-    with open(directory / LOCK_FILE, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def key_fields(backbone: ClipBackbone) -> dict:
-    """The sidecar fields that must equal the backbone's for an export to be reused."""
-    return {
-        "format": EXPORT_FORMAT,
-        "model": backbone.name,
-        "weights": backbone.weights,
-        "input_size": backbone.input_size,
-        "embed_dim": backbone.embed_dim,
-    }
-
-
-def read_sidecar(path: Path) -> dict:
-    meta = json.loads(path.read_text())
-    if not isinstance(meta, dict):
-        raise ValueError("not a JSON object")
-    return meta
-
-
-def publish_encoder(model_tmp: Path, model_path: Path, sidecar_path: Path, meta: dict) -> None:
-    """Put a checked encoder file in place. The sidecar goes last: until it is written, a reader
-    finds a file/sidecar mismatch and rebuilds."""
-    with reporting_write_faults(model_path):
-        move_into_place(model_tmp, model_path)
-    atomic_write_text(sidecar_path, json.dumps(meta, indent=2))
-
-
-def sidecar_fields(key: dict, backbone: ClipBackbone, model_file: Path, ort) -> dict:
-    """What the sidecar of every cached encoder file records: its key, the pixels it expects, its input
-    and output, its size and hash, and the versions that built it."""
-    import onnx
-    import open_clip
-
-    return {
-        **key,
-        "random_weights": backbone.random_weights,
-        "mean": list(backbone.mean),
-        "std": list(backbone.std),
-        "input": INPUT_NAME,
-        "output": OUTPUT_NAME,
-        "output_is": "L2-normalised float32 image embedding",
-        "patch_tokens": TOKENS_NAME,
-        "patch_tokens_are": "the crop's patch tokens in the same space, pooled as cache/tokens.py says (ViTs)",
-        "bytes": model_file.stat().st_size,
-        "sha256": file_sha256(model_file),
-        "versions": {
-            "torch": torch.__version__,
-            "open_clip": open_clip.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__,
-        },
-    }
 
 
 def say(message: str) -> None:

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from raml.evaluate.demo import DEFAULT_LIMIT
 from raml.extract.datasets import read_dataset
-from raml.extract.run import limit_per_category
+from raml.extract.plan import limit_per_category
 from raml.pipeline import cli
 from raml.train.split import heldout_counts
 

@@ -100,7 +100,8 @@ def choose_training_cache(dataset, model, pretrained, weights, random_weights, e
     that lists what there is and how to choose."""
     from raml.cli.workspace import FEATURES, cache_dir_for, caches_of, describe_cache
     from raml.extract.engines import PRECISIONS
-    from raml.extract.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, backbone_identity
+    from raml.extract.identity import backbone_identity
+    from raml.extract.model_config import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
     caches = caches_of(dataset)
     listed = "".join(f"\n  {path}   {describe_cache(path)}" for path in caches)

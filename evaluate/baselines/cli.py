@@ -19,7 +19,7 @@ from raml.extract.cli import (
     refusing_contradictory_weights,
     root_option,
 )
-from raml.extract.identity import WINCLIP_MODEL, WINCLIP_PRETRAINED
+from raml.extract.model_config import WINCLIP_MODEL, WINCLIP_PRETRAINED
 from raml.train.cli import read_training_cache, training_cache_options
 
 

@@ -308,7 +308,7 @@ def bench_predict(model, pretrained, weights, random_weights, device, images, si
     """Seconds per image of a whole predict with each of --engines, against the floors of this CPU's
     precisions and against WinCLIP zero-shot. The head is untrained: speed only."""
     from raml.evaluate.deploy.bench import compare_predict
-    from raml.extract.identity import WINCLIP_MODEL, WINCLIP_PRETRAINED
+    from raml.extract.model_config import WINCLIP_MODEL, WINCLIP_PRETRAINED
 
     if not engines:
         raise UserError("--engines: name at least one engine to time")

@@ -27,8 +27,8 @@ from raml.extract.fidelity import (
     write_record,
 )
 from raml.extract.identity import file_sha256
+from raml.extract.plan import evenly_spaced
 from raml.extract.prompts import encode_prompts
-from raml.extract.run import evenly_spaced
 from raml.train.infer import score_rows, score_weights
 
 

@@ -96,7 +96,7 @@ def backbone_options_for(
     ``UserError`` naming what differs, or which file (name and sha256) to pass with ``--weights``
     when the recorded one has moved.
     """
-    from raml.extract.identity import model_name
+    from raml.extract.model_config import model_name
 
     source = fingerprint.get("backbone_source") or {}
     recorded_weights, recorded_random = fingerprint.get("weights"), bool(fingerprint.get("random_weights"))
