@@ -27,7 +27,7 @@ from tests.synthetic import part_image
 pytest.importorskip("starlette", reason="raml serve needs its extra: pip install 'raml[serve]'")
 pytest.importorskip("uvicorn", reason="raml serve needs its extra: pip install 'raml[serve]'")
 
-SCORE_TOLERANCE = 1e-5  # issue 32: the service answers like predict_onnx.py within 1e-5
+SCORE_TOLERANCE = 1e-5  # the service answers like the torch-free predict_onnx.py, within this
 TOKEN = "a-test-token-of-sufficient-length"
 LIMITS = ["--max-pixels", "1000000", "--max-upload-mb", "1", "--max-images", "4", "--batch-wait-ms", "50"]
 
