@@ -64,14 +64,14 @@ def test_the_first_nan_step_stops_the_run_and_names_it(table, monkeypatch):
 
 
 def test_a_gradient_that_is_not_finite_is_divergence_too(table, monkeypatch):
-    real = fit_module.build_head
+    real = fit_module.RunStack
 
-    def build_head(*args, **kwargs):  # a head whose first layer's gradient is NaN from the start
-        head = real(*args, **kwargs)
-        next(head.parameters()).register_hook(lambda grad: grad * np.nan)
-        return head
+    def run_stack(*args, **kwargs):  # heads whose first layer's gradient is NaN from the start
+        stack = real(*args, **kwargs)
+        stack.leaves[0][stack.names[0]].register_hook(lambda grad: grad * np.nan)
+        return stack
 
-    monkeypatch.setattr(fit_module, "build_head", build_head)
+    monkeypatch.setattr(fit_module, "RunStack", run_stack)
     with pytest.raises(TrainingDiverged, match="epoch 1, step 1 of .*: a gradient stopped being finite"):
         fit(table, make_config("adaptive", seed=0, **SMALL))
 

@@ -1,16 +1,20 @@
-"""``bench train``: time stage two on a synthetic cache of MVTec AD's real shape.
+"""``bench train``: stage two's training step against its arithmetic floor (``train.floor``), on a
+synthetic cache of MVTec AD's real shape.
 
 5,354 images × 21 crops × 512 float16 features in 15 categories with MVTec's train/test and
 normal/defective counts (``synthetic.MVTEC_SHAPE``), written as real shards and read back. The
 features are made up: the bench times the training, its accuracy means nothing.
 
-With ``--sweep`` it also times the margins × seeds (× ``--lrs``) sweep two ways on the same cache:
-the batched pass (``fit_runs``: every run in one stacked model, as ``sweep`` trains them) and the
-old path, one ``fit`` per run in ``jobs`` worker processes of ``threads`` threads, and prints their
-ratio; then the training part of the ``sweep`` command (``train.sweep.train_missing``: batched
-training and writing the runs; scoring them is evaluate's and is not timed here). The batched pass
-and the sweep get the same cores as the old path: one process of ``jobs × threads`` threads.
-Targets (2-core CPU): 25 epochs ≤ 30 s; the 3 × 5 sweep ≤ 120 s; 45 runs ≤ 6 min; memory ≤ 2 GB.
+It trains one run, then with ``--sweep`` the margins × seeds (× ``--lrs``) sweep as one batched pass
+(``fit_runs``, as ``sweep`` trains it) and an ablation pass (``ABLATION_PASS`` over the same seeds,
+as ``ablate`` trains it); for each: its FLOPs per step, the GEMM rate, its floor and its ratio to it
+(wall and CPU time), and a step timed phase by phase. Then, as before, the old one-run-at-a-time
+path (one ``fit`` per run in ``jobs`` worker processes of ``threads`` threads, ``--separate``) and
+the training part of the ``sweep`` command (``train.sweep.train_missing``: batched training and
+writing the runs). The batched passes get the cores the old path uses: ``jobs × threads`` threads.
+
+Targets, as ratios to the floor on a 2-core CPU: one run ≤ 1.5 ×, the 15-run sweep ≤ 1.3 ×;
+memory ≤ 2 GB. Compare ratios, not seconds: the floor moves with the machine and its load.
 """
 
 from __future__ import annotations
@@ -20,60 +24,90 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from joblib import Parallel, delayed
 
 from raml.cache import read_cache
 from raml.cache.synthetic import MVTEC_SHAPE, write_synthetic_cache
 from raml.extract.encoder import resolve_device
+from raml.extract.engine_bench import GEMM_SIZE, cpu_model
 from raml.train.config import MARGIN_PRESETS, make_config
-from raml.train.fit import fit, fit_runs
+from raml.train.fit import batch_order, fit, fit_runs, prepare_pass, torch_threads
+from raml.train.floor import BREAKDOWN_PHASES, FloorProbe, step_breakdown, step_flops
 from raml.train.sweep import build_configs, grid_configurations, peak_memory_mb, train_missing
 
-TARGETS = {"train_seconds": 30.0, "sweep_seconds": 120.0, "memory_mb": 2048.0}
+RATIO_TARGETS = {"one run": 1.5, "sweep": 1.3}  # step ÷ floor, 2-core CPU
+MEMORY_TARGET_MB = 2048.0
+BREAKDOWN_STEPS = 30  # steps timed phase by phase per pass
+# The ablation pass: ``ablate``'s "original-loss" row (evaluate/ablate.py), the ablation whose step
+# does the most besides the head's products (its difficulty tracker takes the batch image by image).
+ABLATION_PASS = ("original-loss", {"loss_variant": "original"})
+
+
+@dataclass
+class PassBench:
+    """One timed pass: ``train.floor.FloorProbe.summary``'s figures, its whole time and a phase breakdown."""
+
+    name: str
+    runs: int
+    threads: int
+    training_images: int
+    steps_per_epoch: int
+    seconds: float  # all of fit_runs: tensors, init, epochs, thresholds
+    floor: dict
+    breakdown: dict
+    memory_mb: float  # peak resident memory of this process so far
+    target: float | None = None
+
+    def lines(self, compiled: bool) -> list[str]:
+        f = self.floor
+        target = f"; target ≤ {self.target} ×" if self.target else ""
+        lines = [
+            f"  {self.name}: {self.runs} run{'s' * (self.runs > 1)}, {f['epochs']} epochs × {self.steps_per_epoch} "
+            f"steps, {self.threads} thread{'s' * (self.threads > 1)}",
+            f"    {f['flops'] / 1e9:.3f} GFLOP/step; GEMM {f['gemm_gflops']:.1f} GFLOP/s → floor "
+            f"{1000 * f['floor_seconds']:.2f} ms; step {1000 * f['step_seconds']:.2f} ms = **{f['ratio']:.2f} × floor** "
+            f"(CPU time: {f['cpu_ratio']:.2f} ×){target}",
+            f"    whole pass {self.seconds:.1f} s; peak memory {self.memory_mb:.0f} MB (target ≤ {MEMORY_TARGET_MB:.0f} MB)"
+            + (f"; compiling ≈ {f['first_epoch_excess']:.1f} s (the first epoch's excess)" if compiled else ""),
+            f"    a step phase by phase (eager, median of {BREAKDOWN_STEPS}, ms): "
+            + " · ".join(f"{phase} {1000 * self.breakdown[phase]:.2f}" for phase in BREAKDOWN_PHASES)
+            + f" (sum {1000 * sum(v for k, v in self.breakdown.items() if k != 'state update'):.2f}; "
+            "state update is part of loss)",
+        ]
+        return lines
 
 
 @dataclass
 class TrainBench:
     images: int
     training_images: int
-    epochs: int
-    steps_per_epoch: int
     read_seconds: float
-    train_seconds: float  # the epochs alone
-    fit_seconds: float  # all of ``fit``: tensors, init, epochs, threshold
-    memory_mb: float  # peak resident memory of this process
-    threads: int
+    cpu: str
     device: str
-    sweep: dict = field(default_factory=dict)
+    compiled: bool
+    passes: list = field(default_factory=list)
+    old_path: dict = field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        steps = self.epochs * self.steps_per_epoch
         lines = [
-            f"bench train: {self.images} images × 21 × 512 float16, 15 categories; "
-            f"{self.training_images} training images, torch threads {self.threads}, device {self.device}",
-            f"  read cache            {self.read_seconds:7.1f} s",
-            f"  {self.epochs} epochs × {self.steps_per_epoch} steps  {self.train_seconds:7.1f} s  "
-            f"({1000 * self.train_seconds / steps:.2f} ms/step; target ≤ {TARGETS['train_seconds']:.0f} s)",
-            f"  whole fit             {self.fit_seconds:7.1f} s",
-            f"  peak memory           {self.memory_mb:7.0f} MB (target ≤ {TARGETS['memory_mb']:.0f} MB)",
+            f"bench train: {self.images} images × 21 × 512 float16, 15 categories; {self.training_images} training "
+            f"images; {self.cpu}; device {self.device}; step {'compiled' if self.compiled else 'eager'}",
+            f"  read cache {self.read_seconds:.1f} s",
+            f"  floor = FLOPs of a step's matrix products (forward + backward, every run; FlopCounterMode) ÷ fp32 "
+            f"GEMM rate ({GEMM_SIZE}², same threads, sampled after every epoch); medians over epochs",
         ]
-        if self.sweep:
-            s = self.sweep
-            lines += [
-                f"  sweep of {s['runs']} runs ({s['grid']}), {self.epochs} epochs each:",
-                f"    batched, one pass      {s['batched_seconds']:7.1f} s of training, {s['pass_threads']} threads "
-                f"({1000 * s['batched_seconds'] / steps:.1f} ms/step for all runs); "
-                f"peak memory {s['batched_memory_mb']:.0f} MB",
-            ]
-            if s.get("separate_seconds") is not None:
-                lines.append(
-                    f"    one run at a time      {s['separate_seconds']:7.1f} s ({s['jobs']} worker processes × {self.threads} threads); "
-                    f"batched is ×{s['separate_seconds'] / s['batched_seconds']:.2f} faster"
-                )
+        for bench in self.passes:
+            lines += bench.lines(self.compiled)
+        old = self.old_path
+        if old.get("separate_seconds") is not None:
+            batched = next(p for p in self.passes if p.name.startswith("sweep"))
             lines.append(
-                f"    sweep's training       {s['sweep_seconds']:7.1f} s (batched training + writing the runs, "
-                f"as sweep does them; target for 15 runs ≤ {TARGETS['sweep_seconds']:.0f} s)"
+                f"  one run at a time: {old['separate_seconds']:.1f} s ({old['jobs']} worker processes × "
+                f"{old['threads']} threads); the batched pass is ×{old['separate_seconds'] / batched.seconds:.2f} faster"
             )
+        if old.get("sweep_seconds") is not None:
+            lines.append(f"  sweep's training: {old['sweep_seconds']:.1f} s (batched training + writing the runs)")
         return lines
 
 
@@ -86,59 +120,85 @@ def run_train_bench(
     threads: int = 1,
     device: str = "cpu",
     separate: bool = True,
+    compile: bool = False,
 ) -> TrainBench:
-    """Build the synthetic cache in a temporary folder, time ``fit`` (and optionally the sweep)."""
+    """Build the synthetic cache in a temporary folder and time the passes (see the module docstring)."""
+    device = resolve_device(device)
     with tempfile.TemporaryDirectory(prefix="raml-bench-train-") as tmp:
         cache_dir = write_synthetic_cache(Path(tmp) / "cache", MVTEC_SHAPE)
         start = time.perf_counter()
         table = read_cache(cache_dir)
         read_seconds = time.perf_counter() - start
-        config = make_config("adaptive", epochs=epochs)
-        start = time.perf_counter()
-        trained = fit(table, config, threads=threads, device=device)
-        fit_seconds = time.perf_counter() - start
+        one = _time_pass("one run", table, [make_config("adaptive", epochs=epochs)], threads, device, compile)
         result = TrainBench(
             images=len(table),
-            training_images=len(trained.split.train),
-            epochs=epochs,
-            steps_per_epoch=len(trained.split.train) // config.batch_size,
+            training_images=one.training_images,
             read_seconds=read_seconds,
-            train_seconds=sum(record["seconds"] for record in trained.history),
-            fit_seconds=fit_seconds,
-            memory_mb=peak_memory_mb(),
-            threads=threads,
-            device=str(resolve_device(device)),
+            cpu=cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device),
+            device=str(device),
+            compiled=compile,
+            passes=[one],
         )
-        del trained
         if sweep:
-            result.sweep = _sweep_bench(table, Path(tmp), epochs, seeds, lrs, jobs, threads, device, separate)
+            vary = {"lr": list(lrs)} if lrs else None
+            configurations = grid_configurations(list(MARGIN_PRESETS), vary, epochs=epochs)
+            configs = [config for _, config in build_configs(configurations, range(seeds)).values()]
+            grid = f"{len(MARGIN_PRESETS)} margins × {seeds} seeds" + (f" × {len(lrs)} learning rates" if lrs else "")
+            pass_threads = jobs * threads  # the cores that the old path's worker processes use
+            result.passes.append(
+                _time_pass(f"sweep ({grid}), one batched pass", table, configs, pass_threads, device, compile)
+            )
+            name, overrides = ABLATION_PASS
+            ablation = [make_config("adaptive", epochs=epochs, seed=seed, **overrides) for seed in range(seeds)]
+            result.passes.append(
+                _time_pass(f"ablation pass ({name} × {seeds} seeds)", table, ablation, pass_threads, device, compile)
+            )
+            result.old_path = {"jobs": jobs, "threads": threads}
+            if separate:
+                start = time.perf_counter()
+                Parallel(n_jobs=jobs)(delayed(_train_alone)(table, config, threads, str(device)) for config in configs)
+                result.old_path["separate_seconds"] = time.perf_counter() - start
+            start = time.perf_counter()
+            train_missing(
+                table, configurations, list(range(seeds)), Path(tmp) / "sweep", threads=pass_threads, device=str(device)
+            )
+            result.old_path["sweep_seconds"] = time.perf_counter() - start
     return result
 
 
-def _sweep_bench(table, tmp: Path, epochs, seeds, lrs, jobs, threads, device, separate) -> dict:
-    vary = {"lr": list(lrs)} if lrs else None
-    configurations = grid_configurations(list(MARGIN_PRESETS), vary, epochs=epochs)
-    configs = [config for _, config in build_configs(configurations, range(seeds)).values()]
-    grid = f"{len(MARGIN_PRESETS)} margins × {seeds} seeds" + (f" × {len(lrs)} learning rates" if lrs else "")
-    pass_threads = jobs * threads  # the cores that the old path's worker processes use
+def _time_pass(name, table, configs, threads: int, device: torch.device, compile: bool) -> PassBench:
+    """Train ``configs`` as one pass with a ``FloorProbe``, then count a step's FLOPs and time a step
+    phase by phase on the same pass prepared afresh."""
+    probe = FloorProbe(device)
     start = time.perf_counter()
-    fit_runs(table, configs, threads=pass_threads, device=device)
-    result = {
-        "runs": len(configs),
-        "grid": grid,
-        "jobs": jobs,
-        "pass_threads": pass_threads,
-        "batched_seconds": time.perf_counter() - start,
-        "batched_memory_mb": peak_memory_mb(),
-    }
-    if separate:
-        start = time.perf_counter()
-        Parallel(n_jobs=jobs)(delayed(_train_alone)(table, config, threads, device) for config in configs)
-        result["separate_seconds"] = time.perf_counter() - start
-    start = time.perf_counter()
-    train_missing(table, configurations, list(range(seeds)), tmp / "sweep", threads=pass_threads, device=device)
-    result["sweep_seconds"] = time.perf_counter() - start
-    return result
+    trained = fit_runs(table, configs, threads=threads, device=str(device), compile=compile, on_epoch=probe)
+    seconds = time.perf_counter() - start
+    memory = peak_memory_mb()
+    split, batch_size = trained[0].split, configs[0].batch_size
+    steps = len(split.train) // batch_size
+    del trained
+    with torch_threads(threads):
+        step, state, _ = prepare_pass(table, configs, split, device)
+        generators = [torch.Generator().manual_seed(config.seed) for config in configs]
+        order = batch_order(generators, len(split.train), steps, batch_size, device)
+        flops = step_flops(step, order[0], state)
+        breakdown = step_breakdown(step, state, order[:BREAKDOWN_STEPS])
+    return PassBench(
+        name=name,
+        runs=len(configs),
+        threads=threads,
+        training_images=len(split.train),
+        steps_per_epoch=steps,
+        seconds=seconds,
+        floor=probe.summary(flops, steps, skip_first=compile),
+        breakdown=breakdown,
+        memory_mb=memory,
+        target=RATIO_TARGETS["one run"]
+        if len(configs) == 1
+        else RATIO_TARGETS["sweep"]
+        if name.startswith("sweep")
+        else None,
+    )
 
 
 def _train_alone(table, config, threads, device) -> None:

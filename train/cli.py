@@ -261,7 +261,8 @@ def train(cache_dir, out, force, threads, device, margin, tracking, **options):
     "--sweep",
     "with_sweep",
     is_flag=True,
-    help="Also time the 3 margins × --seeds sweep: batched (one pass) against one run at a time.",
+    help="Also time the 3 margins × --seeds sweep as one batched pass and an ablation pass (original-loss × "
+    "--seeds) against their floors, and the sweep one run at a time.",
 )
 @click.option("--seeds", type=click.IntRange(1, 1000), default=5, show_default=True, help="Seeds of each margin.")
 @click.option(
@@ -283,11 +284,18 @@ def train(cache_dir, out, force, threads, device, margin, tracking, **options):
     show_default=True,
     help="With --sweep: also time the old one-run-at-a-time path (slow).",
 )
+@click.option(
+    "--compile/--no-compile",
+    default=False,
+    show_default=True,
+    help="Compile the training step (torch.compile; CUDA graphs on a GPU); the first epoch pays for compiling.",
+)
 @threads_option
 @stage_two_device_option
 @fail_cleanly
-def bench_train(epochs, with_sweep, seeds, lrs, jobs, separate, threads, device):
-    """Time stage two on a synthetic cache of MVTec AD's shape (5,354 images × 21 × 512)."""
+def bench_train(epochs, with_sweep, seeds, lrs, jobs, separate, compile, threads, device):
+    """Time stage two's training step against its arithmetic floor (its matrix products' FLOPs at the
+    machine's fp32 GEMM rate) on a synthetic cache of MVTec AD's shape (5,354 images × 21 × 512)."""
     from raml.train.bench import run_train_bench
 
     result = run_train_bench(
@@ -299,6 +307,7 @@ def bench_train(epochs, with_sweep, seeds, lrs, jobs, separate, threads, device)
         threads=threads,
         device=device,
         separate=separate,
+        compile=compile,
     )
     for line in result.lines():
         click.echo(line)

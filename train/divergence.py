@@ -1,5 +1,5 @@
 """Divergence: a run whose loss or gradient stops being finite (``train.fit``): where it happened,
-in words, and the checks of each step."""
+in words, and when training stops. The check of each step is ``train.step.PassStep.step``'s."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 from raml.errors import UserError
 from raml.train.config import TrainConfig
 from raml.train.loss import PIXEL_TERMS, TERMS
-from raml.train.model import RAMLHead
 
 
 class TrainingDiverged(UserError):
@@ -56,13 +55,6 @@ def divergence_message(record: dict) -> str:
         f"training diverged (seed {record['seed']}) at epoch {record['epoch']}, step {record['step']} of "
         f"{record['steps_per_epoch']}: {what}. No checkpoint was written. Try: {record['hint']}."
     )
-
-
-def finite_gradients(model: RAMLHead) -> torch.Tensor:
-    """[1] bool: whether every gradient of ``model`` is finite (one sum per parameter: NaN and ±inf
-    reach it)."""
-    sums = torch.stack([p.grad.sum() for p in model.parameters() if p.grad is not None])
-    return torch.isfinite(sums.sum())[None]
 
 
 def should_stop(failed_at: torch.Tensor, stop_on_divergence: bool) -> bool:
