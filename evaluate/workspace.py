@@ -111,8 +111,11 @@ def extract_command(fingerprint: dict, dataset: str) -> str:
         words += ["--weights", source["weights_file"]]
     else:
         words += ["--pretrained", str(fingerprint.get("weights"))]
-    if fingerprint.get("precision") not in (None, "fp32"):
-        words += ["--engine", "onnx-int8"]
+    precision = fingerprint.get("precision")
+    if precision not in (None, "fp32"):  # the first engine that writes that precision
+        from raml.extract.engines import PRECISIONS
+
+        words += ["--engine", next((e for e, p in PRECISIONS.items() if p == precision), "auto")]
     return " ".join(words)
 
 

@@ -86,7 +86,7 @@ class EngineTimes:
             how = self.hardware.get(precision, "")
             text = (
                 f"  {precision} floor: {self.macs_per_image / 1e9:.1f} G multiply-accumulates per image / "
-                f"{rate:.0f} G{'FL' if precision != 'int8' else ''}OP/s ({how}, {min(rates):.0f}-{max(rates):.0f})"
+                f"{_rate(rate)} G{'FL' if precision != 'int8' else ''}OP/s ({how}, {_rate(min(rates))}-{_rate(max(rates))})"
             )
             lines.append(
                 text + (f" = {self.floor_seconds(precision):.2f} s" if self.is_floor(precision) else ": no floor")
@@ -106,6 +106,11 @@ class EngineTimes:
                     line += f"  {self.median(engine) / self.median(self.reference):5.2f} × {self.reference}"
             lines.append(line)
         return lines
+
+
+def _rate(value: float) -> str:
+    """A product rate, whole above 10 (AMX: thousands), two digits below (emulated bf16: fractions)."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
 
 
 def hardware_of(precision: str) -> str:

@@ -23,7 +23,7 @@ from raml.evaluate.deploy.export import DEPLOY_JSON, SCRIPT_FILE
 from raml.extract import int8_engine
 from raml.extract.config import ExtractConfig
 from raml.extract.engine_bench import EngineTimes, vit_macs_per_image
-from raml.extract.engines import ENGINES, INT8_PRECISION, engine_problem
+from raml.extract.engines import ENGINES, INT8_PRECISION, PRECISIONS, engine_problem
 from raml.extract.fidelity import (
     FIDELITY_RECORD,
     MIN_COSINE,
@@ -353,7 +353,8 @@ def test_one_cache_never_mixes_precisions(tiny_backbone, tiny_int8, mvtec_root, 
     into_fp32 = CliRunner().invoke(cli, extract_args(mvtec_root, fp32_cache, "onnx-int8"))
     assert into_fp32.exit_code == 1
     assert f"{fp32_cache} holds fp32 features; this run would add {INT8_PRECISION} features" in into_fp32.output
-    assert "Use --engine torch or --engine onnx with this cache, or another --cache-dir" in into_fp32.output
+    fp32_engines = " or ".join(f"--engine {engine}" for engine, precision in PRECISIONS.items() if precision == "fp32")
+    assert f"Use {fp32_engines} (or auto) with this cache, or another --cache-dir" in into_fp32.output
     assert "--random-weights" not in into_fp32.output  # refused before any model was loaded (it warns)
     assert not (fp32_cache / FIDELITY_RECORD).exists()
 
@@ -369,7 +370,7 @@ def test_one_cache_never_mixes_precisions(tiny_backbone, tiny_int8, mvtec_root, 
     into_int8 = CliRunner().invoke(cli, extract_args(mvtec_root, int8_cache, "onnx"))
     assert into_int8.exit_code == 1
     assert f"{int8_cache} holds {INT8_PRECISION} features; this run would add fp32" in into_int8.output
-    assert "Use --engine onnx-int8 with this cache" in into_int8.output
+    assert "Use --engine onnx-int8 (or auto) with this cache" in into_int8.output
     # the store refuses too, for code that writes without the command's early check
     with pytest.raises(CacheError, match=f"precision: cache has 'fp32', this run '{INT8_PRECISION}'"):
         extract_features("mvtec", mvtec_root, fp32_cache, lambda: tiny_int8, ExtractConfig(workers=0), progress=False)
@@ -384,8 +385,10 @@ def test_fidelity_check_stops_on_a_broken_quantised_model(broken_int8_cache, run
     cache_dir = tmp_path / "features"
     result = CliRunner().invoke(cli, extract_args(mvtec_root, cache_dir, "onnx-int8"))
     assert result.exit_code == 1, result.output
-    assert "the int8 image encoder is too far from fp32 on 20 images of" in result.output
-    assert f"(limit {MIN_COSINE})" in result.output and "use --engine onnx (fp32) instead" in result.output
+    assert (
+        f"the {INT8_PRECISION} image encoder (--engine onnx-int8) is too far from fp32 on 20 images of" in result.output
+    )
+    assert f"(limit {MIN_COSINE})" in result.output and "use an fp32 engine (--engine torch or onnx)" in result.output
     assert not (cache_dir / CACHE_JSON).exists() and not list(cache_dir.glob("features-*"))
     assert not (cache_dir / FIDELITY_RECORD).exists()
 
@@ -465,7 +468,7 @@ def test_int8_path_end_to_end_export_quantise_predict(tiny_int8, user_cache_dir,
         ],
     )
     assert exported.exit_code == 0, exported.output
-    assert "int8 encoder: per-crop cosine of int8 to fp32 min" in exported.output
+    assert f"int8 encoder: per-crop cosine of {INT8_PRECISION} to fp32 min" in exported.output
     deploy = json.loads((out / DEPLOY_JSON).read_text())
     assert deploy["precision"] == deploy["encoder"]["precision"] == "int8"
     assert deploy["encoder"]["sha256"] == tiny_int8.image_encoder.meta["sha256"]  # the cached int8 model
