@@ -39,7 +39,9 @@ def model_option(flag: str = "--model", **kwargs):
 
 def refusing_contradictory_weights(func):
     """Refuse, before any work, weights options given together on the command line that name
-    different weights: --pretrained or --weights with --random-weights."""
+    different weights: --pretrained or --weights with --random-weights. Weights named on the
+    command line outrank ``random_weights`` set in raml.toml, as every option given outranks the
+    file."""
 
     @functools.wraps(func)
     def checked(*args, **kwargs):
@@ -53,6 +55,8 @@ def refusing_contradictory_weights(func):
             raise click.BadParameter(
                 "names weights to load, and --random-weights asks for random ones: give one", param_hint=f"'{flag}'"
             )
+        if given - {"random_weights"} and kwargs.get("random_weights"):
+            kwargs["random_weights"] = False
         return func(*args, **kwargs)
 
     return checked

@@ -256,3 +256,16 @@ def test_backbone_tags_tell_backbones_apart():
     assert workspace.backbone_tag({**fields, "weights": "random(seed=0)", "random_weights": True}).startswith(
         "ViT-B-16-random-fp32-"
     )
+
+
+def test_weights_on_the_command_line_outrank_random_weights_in_raml_toml(empty_dir):
+    """raml.toml's ``random_weights = true`` is a default: ``--weights FILE`` on the command line
+    loads that file (here a file that is no checkpoint, refused by name) instead of random weights."""
+    make_mvtec(empty_dir / "datasets" / "mvtec")
+    (empty_dir / "raml.toml").write_text(f'model = "{TINY_TEST_CONFIG}"\nrandom_weights = true\n[extract]\nworkers = 0\n')
+    Path("not-weights.pt").write_bytes(b"not a checkpoint")
+    result = CliRunner().invoke(cli, ["extract", "--dataset", "mvtec", "--weights", "not-weights.pt"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "cache: features/mvtec/raml-tiny-test-file-fp32-" in result.output
+    assert "Error: --weights not-weights.pt: not a checkpoint" in result.output
+    assert not any(Path("features").rglob("*.h5"))
