@@ -36,7 +36,9 @@ def _checkout_as_package() -> None:
     sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
 
 
-if __name__ == "__main__":
+# "__mp_main__": the same script imported again in a worker process started fresh (forkserver,
+# spawn), which must find the package as its parent did.
+if __name__ in ("__main__", "__mp_main__"):
     _checkout_as_package()
 
 import click  # noqa: E402  (after the checkout is the package raml)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import queue
 import shutil
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,14 @@ from raml.extract.pyramid import BadImageError, load_rgb, pyramid_crops, token_t
 STAGED_BATCHES = 1  # staged batches that may wait for the encoder (one more is being encoded)
 _POLL_SECONDS = 0.1  # how often a blocked staging thread checks whether it should stop
 _SHARED_MEMORY = Path("/dev/shm")  # where torch's shared tensors live on Linux
+
+
+def worker_start_method() -> str | None:
+    """How decoding workers start: the platform's default (forked on Linux: fast), unless OpenVINO
+    is loaded in this process. Its runtime keeps threads and state that a forked child inherits
+    half-way (a worker forked after an OpenVINO engine ran crashed with SIGSEGV), so the workers then
+    start from a fresh server process ("forkserver"), which costs each an import of torch."""
+    return "forkserver" if "openvino" in sys.modules else None
 
 
 def prefetch_per_worker(batch_size: int, workers: int) -> int:
@@ -156,6 +165,7 @@ class CropBatches:
             shuffle=False,
             num_workers=workers,
             prefetch_factor=prefetch if workers else None,
+            multiprocessing_context=worker_start_method() if workers else None,
         )
         images = iter(loader)  # starts the workers now, from this thread, before any other thread starts
         self._queue: queue.Queue = queue.Queue(maxsize=STAGED_BATCHES)

@@ -3,6 +3,9 @@ engines, ``--engine auto``'s choice (on faked timings) and the floors of each pr
 holds on every CPU type: an engine this CPU cannot run is skipped, saying why."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -252,3 +255,28 @@ def test_openvino_deployment_scores_as_predict_does(run_dir, parts, user_cache_d
     assert len(errors) == 1 and set(standalone) == set(predicted) and len(standalone) == 4
     for name, (score, _) in predicted.items():
         assert abs(standalone[name][0] - score) <= SCORE_TOLERANCE, name
+
+
+def test_openvino_extract_with_worker_processes_from_the_script(user_cache_dir, mvtec_root, tmp_path):
+    """``python pipeline.py extract --engine openvino --workers 2``: OpenVINO is loaded before the
+    decoding workers start, which then start from a fresh process (a forked one crashed), find the
+    checkout's package, and give the cache one worker-less run gives."""
+    problem = engine_problem("openvino")
+    if problem:
+        pytest.skip(problem)
+    script = Path(__file__).resolve().parent.parent / "pipeline.py"
+    caches = {}
+    for workers in ("0", "2"):
+        caches[workers] = tmp_path / f"workers-{workers}"
+        args = ["extract", "--dataset", "mvtec", "--root", str(mvtec_root), "--cache-dir", str(caches[workers])]
+        args += ["--model", TINY_MODEL, "--random-weights", "--device", "cpu", "--engine", "openvino"]
+        done = subprocess.run(
+            [sys.executable, str(script), *args, "--categories", "bottle", "--workers", workers],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+    alone, with_workers = read_cache(caches["0"]), read_cache(caches["2"])
+    assert len(alone) == len(with_workers) == 10 and alone.engines == with_workers.engines == ["openvino"]
+    np.testing.assert_array_equal(alone.features, with_workers.features)

@@ -262,7 +262,9 @@ def test_weights_on_the_command_line_outrank_random_weights_in_raml_toml(empty_d
     """raml.toml's ``random_weights = true`` is a default: ``--weights FILE`` on the command line
     loads that file (here a file that is no checkpoint, refused by name) instead of random weights."""
     make_mvtec(empty_dir / "datasets" / "mvtec")
-    (empty_dir / "raml.toml").write_text(f'model = "{TINY_TEST_CONFIG}"\nrandom_weights = true\n[extract]\nworkers = 0\n')
+    (empty_dir / "raml.toml").write_text(
+        f'model = "{TINY_TEST_CONFIG}"\nrandom_weights = true\n[extract]\nworkers = 0\n'
+    )
     Path("not-weights.pt").write_bytes(b"not a checkpoint")
     result = CliRunner().invoke(cli, ["extract", "--dataset", "mvtec", "--weights", "not-weights.pt"])
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
