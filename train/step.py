@@ -54,6 +54,11 @@ class PassStep:
         self.optimizer = torch.optim.AdamW(stack.param_groups(), lr=lr, fused=True)
         device = penalty.device
         self.cuda_graphs = compile and compile_mode(device) == "reduce-overhead"
+        if self.cuda_graphs:  # read in place by every replay: not copied into the graph's own inputs each step
+            resident = [data.crops, data.labels, data.category, data.text_bank, penalty, *hp.values()]
+            resident += [*vars(pixels).values()] if pixels is not None else []
+            for tensor in resident + [leaf for leaves in stack.leaves for leaf in leaves.values()]:
+                torch._dynamo.mark_static_address(tensor)
         self.losses = (
             torch.compile(self.forward_loss, mode=compile_mode(device), dynamic=False) if compile else self.forward_loss
         )

@@ -119,10 +119,15 @@ def _read_json_object(path: Path) -> dict:
 
 
 def train_pass(
-    table: FeatureTable, runs: dict[str, TrainConfig], out_dir: Path, threads: int | None, device: str
+    table: FeatureTable,
+    runs: dict[str, TrainConfig],
+    out_dir: Path,
+    threads: int | None,
+    device: str,
+    compile: bool = False,
 ) -> dict[str, dict]:
     """Train ``runs`` (one group) in one pass, write each run directory, then its ``metrics.json``."""
-    trained = fit_runs(table, list(runs.values()), threads=threads, device=device)
+    trained = fit_runs(table, list(runs.values()), threads=threads, device=device, compile=compile)
     metrics = {}
     for (name, config), head in zip(runs.items(), trained):
         run_dir = out_dir / name
@@ -170,6 +175,7 @@ def train_missing(
     threads: int | None = 1,
     device: str = "cpu",
     progress=None,
+    compile: bool = False,
 ) -> tuple[dict, list, dict]:
     """Train the runs of ``configurations`` × ``seeds`` that are not finished in ``out_dir`` (see the
     module docstring). Returns ``(runs, passes, diverged)``: run name → (configuration,
@@ -177,7 +183,8 @@ def train_missing(
     ``train.fit.divergence_record`` of the runs (now or before) that diverged: they have no checkpoint.
 
     ``configurations``: name → ``TrainConfig`` overrides (``grid_configurations`` builds them).
-    ``jobs`` passes run in parallel worker processes of ``threads`` torch threads each.
+    ``jobs`` passes run in parallel worker processes of ``threads`` torch threads each; ``compile``
+    compiles each pass's step (``train.step``).
     """
     out_dir = Path(out_dir)
     make_dirs(out_dir)
@@ -199,7 +206,7 @@ def train_missing(
     passes = plan_passes(pending)
     for number, group in enumerate(passes, start=1):
         say(f"sweep: pass {number}/{len(passes)}: {describe_pass(group)}")
-    tasks = (delayed(train_pass)(table, group, out_dir, threads, device) for group in passes)
+    tasks = (delayed(train_pass)(table, group, out_dir, threads, device, compile) for group in passes)
     for number, metrics in enumerate(Parallel(n_jobs=jobs, return_as="generator")(tasks), start=1):
         finished.update(metrics)
         seconds = next(iter(metrics.values()))["pass_seconds"]
