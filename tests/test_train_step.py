@@ -100,12 +100,16 @@ def test_floor_ratios_by_hand():
     # (wall s, CPU s, GEMM wall GFLOP/s, GEMM CPU GFLOP/s) of three epochs of 10 steps; 1 GFLOP a step
     probe.epochs = [(9.0, 8.0, 100.0, 100.0), (2.0, 1.0, 50.0, 100.0), (1.0, 1.0, 100.0, 100.0)]
     summary = probe.summary(flops=10**9, steps=10)
-    # wall ratios: 0.9 s ÷ 10 ms = 90, 0.2 s ÷ 20 ms = 10, 0.1 s ÷ 10 ms = 10; CPU: 80, 10, 10
+    # wall ratios: 0.9 s ÷ 10 ms = 90, 0.2 s ÷ 20 ms = 10, 0.1 s ÷ 10 ms = 10; CPU, without the first
+    # epoch (the pass's preparation is in its CPU time): 0.1 s ÷ 10 ms = 10 twice
     assert summary["ratio"] == pytest.approx(10.0) and summary["cpu_ratio"] == pytest.approx(10.0)
     assert summary["step_seconds"] == pytest.approx(0.2) and summary["gemm_gflops"] == pytest.approx(100.0)
+    assert summary["floor_seconds"] == pytest.approx(0.01)
     assert summary["first_epoch_excess"] == pytest.approx(7.0)  # 9 s against the median epoch's 2 s
     compiled = probe.summary(flops=10**9, steps=10, skip_first=True)  # the epoch that compiled is left out
     assert compiled["step_seconds"] == pytest.approx(0.15) and compiled["ratio"] == pytest.approx(10.0)
+    probe.epochs = probe.epochs[:1]
+    assert probe.summary(flops=10**9, steps=10)["cpu_ratio"] is None
 
 
 def test_the_breakdown_times_every_phase_and_trains(table):

@@ -69,7 +69,8 @@ class PassBench:
             f"steps, {self.threads} thread{'s' * (self.threads > 1)}",
             f"    {f['flops'] / 1e9:.3f} GFLOP/step; GEMM {f['gemm_gflops']:.1f} GFLOP/s → floor "
             f"{1000 * f['floor_seconds']:.2f} ms; step {1000 * f['step_seconds']:.2f} ms = **{f['ratio']:.2f} × floor** "
-            f"(CPU time: {f['cpu_ratio']:.2f} ×){target}",
+            + (f"(CPU time: {f['cpu_ratio']:.2f} ×)" if f["cpu_ratio"] is not None else "(CPU time: needs 2 epochs)")
+            + target,
             f"    whole pass {self.seconds:.1f} s; peak memory {self.memory_mb:.0f} MB (target ≤ {MEMORY_TARGET_MB:.0f} MB)"
             + (f"; compiling ≈ {f['first_epoch_excess']:.1f} s (the first epoch's excess)" if compiled else ""),
             f"    a step phase by phase (eager, median of {BREAKDOWN_STEPS}, ms): "

@@ -131,18 +131,20 @@ class FloorProbe:
 
     def summary(self, flops: int, steps: int, skip_first: bool = False) -> dict:
         """Medians over the epochs (without the first when it compiled the step): seconds per step,
-        GEMM rates, floor and ratios; and the first epoch's excess over the median (compiling)."""
+        GEMM rate, floor and ratios; and the first epoch's excess over the median (compiling). The CPU
+        time of the first epoch includes the pass's preparation, so its CPU ratio leaves it out
+        (None with a single epoch)."""
         epochs = self.epochs[1:] if skip_first and len(self.epochs) > 1 else self.epochs
-        wall = [e[0] / steps for e in epochs]
-        cpu = [e[1] / steps for e in epochs]
+        gemm = statistics.median(e[2] for e in epochs)
         return {
             "flops": flops,
-            "step_seconds": statistics.median(wall),
-            "step_cpu_seconds": statistics.median(cpu),
-            "gemm_gflops": statistics.median(e[2] for e in epochs),
-            "floor_seconds": flops / (statistics.median(e[2] for e in epochs) * 1e9),
+            "step_seconds": statistics.median(e[0] / steps for e in epochs),
+            "gemm_gflops": gemm,
+            "floor_seconds": flops / (gemm * 1e9),
             "ratio": statistics.median(e[0] / steps / (flops / (e[2] * 1e9)) for e in epochs),
-            "cpu_ratio": statistics.median(e[1] / steps / (flops / (e[3] * 1e9)) for e in epochs),
+            "cpu_ratio": statistics.median(e[1] / steps / (flops / (e[3] * 1e9)) for e in self.epochs[1:])
+            if len(self.epochs) > 1
+            else None,
             "first_epoch_excess": self.epochs[0][0] - statistics.median(e[0] for e in epochs),
             "epochs": len(self.epochs),
         }
