@@ -99,7 +99,7 @@ class PassStep:
         """Phases 1–5 on ``rows`` [K, B]: ``(finite [K] bool, stats [K, S], new_state)``; the gradients
         wait in the leaves for ``update``."""
         if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are read: keep them
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the last replay's outputs have been read
         losses, stats, state = self.losses(rows, state)
         if self.cuda_graphs:  # the next replay overwrites its outputs; the state lives on, so it is copied
             state = {name: value.clone() for name, value in state.items()}
