@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from raml.evaluate.report import write_report
@@ -14,7 +15,7 @@ from raml.pipeline import cli
 from raml.train import fit as fit_module
 from raml.train.config import make_config
 from raml.train.divergence import TrainingDiverged
-from raml.train.fit import fit, fit_runs
+from raml.train.fit import batch_order, fit, fit_runs
 from raml.train.infer import score_rows
 from raml.train.split import holdout_split
 
@@ -74,6 +75,34 @@ def test_a_gradient_that_is_not_finite_is_divergence_too(table, monkeypatch):
     monkeypatch.setattr(fit_module, "RunStack", run_stack)
     with pytest.raises(TrainingDiverged, match="epoch 1, step 1 of .*: a gradient stopped being finite"):
         fit(table, make_config("adaptive", seed=0, **SMALL))
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_an_image_whose_features_are_nan_stops_the_run_at_its_first_batch(table, monkeypatch, compile):
+    """The step is checked where it happens, compiled or not: the first batch holding the poisoned
+    image (its place in the seeded batch order, worked out here) is the step named."""
+    real, poisoned = fit_module.training_data, []
+
+    def training_data(*args):
+        data = real(*args)
+        poisoned.append(int(torch.nonzero(data.labels == 1)[0]))  # an anomalous image: the initial center stays finite
+        data.crops[poisoned[-1]] = float("nan")
+        return data
+
+    monkeypatch.setattr(fit_module, "training_data", training_data)
+    with pytest.raises(TrainingDiverged) as caught:
+        fit(table, make_config("adaptive", seed=3, **SMALL), compile=compile)
+    images = len(holdout_split(table, 0, 0.2).train)
+    generator = torch.Generator().manual_seed(3)
+    epochs = (batch_order([generator], images, images // 16, 16, "cpu")[:, 0] for _ in range(3))  # drawn in turn
+    first = next(
+        (epoch, int(holding[0]) + 1)
+        for epoch, batches in enumerate(epochs, start=1)
+        if len(holding := torch.nonzero((batches == poisoned[0]).any(dim=1)))
+    )
+    record = caught.value.record
+    assert (record["epoch"], record["step"]) == first
+    assert record["term"] != "gradient"  # the loss itself is NaN
 
 
 def test_train_lr_1e3_stops_with_the_step_and_writes_nothing(tmp_path):

@@ -376,14 +376,6 @@ def test_train_cli_rejects_bad_options_plainly(tmp_path, mvtec_cache):
     assert "Traceback" not in result.output
 
 
-@pytest.mark.slow
-def test_bench_train_runs_on_mvtec_shape():
-    result = CliRunner().invoke(cli, ["bench", "train", "--epochs", "1"])
-    assert result.exit_code == 0, result.output
-    assert "5354 images" in result.output and "1 epochs × 312 steps" in result.output
-    assert "peak memory" in result.output
-
-
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback_in_a_log(tmp_path, monkeypatch):
     not_a_cache = tmp_path / "empty"
     not_a_cache.mkdir()

@@ -33,7 +33,7 @@ from raml.extract.encoder import resolve_device
 from raml.extract.engine_bench import GEMM_SIZE, cpu_model
 from raml.train.config import MARGIN_PRESETS, make_config
 from raml.train.fit import batch_order, fit, fit_runs, prepare_pass, torch_threads
-from raml.train.floor import BREAKDOWN_PHASES, FloorProbe, step_breakdown, step_flops
+from raml.train.floor import BREAKDOWN_PHASES, FloorProbe, gemm_rates, products_alone, step_breakdown, step_flops
 from raml.train.sweep import build_configs, grid_configurations, peak_memory_mb, train_missing
 
 RATIO_TARGETS = {"one run": 1.5, "sweep": 1.3}  # step ÷ floor, 2-core CPU
@@ -56,6 +56,8 @@ class PassBench:
     seconds: float  # all of fit_runs: tensors, init, epochs, thresholds
     floor: dict
     breakdown: dict
+    products_seconds: float  # ``products_alone``
+    products_ratio: float  # against the floor at a GEMM rate sampled right after them
     memory_mb: float  # peak resident memory of this process so far
     target: float | None = None
 
@@ -67,13 +69,16 @@ class PassBench:
             f"steps, {self.threads} thread{'s' * (self.threads > 1)}",
             f"    {f['flops'] / 1e9:.3f} GFLOP/step; GEMM {f['gemm_gflops']:.1f} GFLOP/s → floor "
             f"{1000 * f['floor_seconds']:.2f} ms; step {1000 * f['step_seconds']:.2f} ms = **{f['ratio']:.2f} × floor** "
-            f"(CPU time: {f['cpu_ratio']:.2f} ×){target}",
+            + (f"(CPU time: {f['cpu_ratio']:.2f} ×)" if f["cpu_ratio"] is not None else "(CPU time: needs 2 epochs)")
+            + target,
             f"    whole pass {self.seconds:.1f} s; peak memory {self.memory_mb:.0f} MB (target ≤ {MEMORY_TARGET_MB:.0f} MB)"
             + (f"; compiling ≈ {f['first_epoch_excess']:.1f} s (the first epoch's excess)" if compiled else ""),
             f"    a step phase by phase (eager, median of {BREAKDOWN_STEPS}, ms): "
             + " · ".join(f"{phase} {1000 * self.breakdown[phase]:.2f}" for phase in BREAKDOWN_PHASES)
             + f" (sum {1000 * sum(v for k, v in self.breakdown.items() if k != 'state update'):.2f}; "
             "state update is part of loss)",
+            f"    its matrix products alone, each at its own shapes: {1000 * self.products_seconds:.2f} ms = "
+            f"{self.products_ratio:.2f} × floor (at a GEMM rate sampled with them)",
         ]
         return lines
 
@@ -156,11 +161,20 @@ def run_train_bench(
             result.old_path = {"jobs": jobs, "threads": threads}
             if separate:
                 start = time.perf_counter()
-                Parallel(n_jobs=jobs)(delayed(_train_alone)(table, config, threads, str(device)) for config in configs)
+                Parallel(n_jobs=jobs)(
+                    delayed(fit)(table, config, threads=threads, device=str(device), compile=compile)
+                    for config in configs
+                )
                 result.old_path["separate_seconds"] = time.perf_counter() - start
             start = time.perf_counter()
             train_missing(
-                table, configurations, list(range(seeds)), Path(tmp) / "sweep", threads=pass_threads, device=str(device)
+                table,
+                configurations,
+                list(range(seeds)),
+                Path(tmp) / "sweep",
+                threads=pass_threads,
+                device=str(device),
+                compile=compile,
             )
             result.old_path["sweep_seconds"] = time.perf_counter() - start
     return result
@@ -183,6 +197,8 @@ def _time_pass(name, table, configs, threads: int, device: torch.device, compile
         order = batch_order(generators, len(split.train), steps, batch_size, device)
         flops = step_flops(step, order[0], state)
         breakdown = step_breakdown(step, state, order[:BREAKDOWN_STEPS])
+        products = products_alone(step, order[0], state)
+        products_floor = flops / (gemm_rates(device)[0] * 1e9)
     return PassBench(
         name=name,
         runs=len(configs),
@@ -192,6 +208,8 @@ def _time_pass(name, table, configs, threads: int, device: torch.device, compile
         seconds=seconds,
         floor=probe.summary(flops, steps, skip_first=compile),
         breakdown=breakdown,
+        products_seconds=products,
+        products_ratio=products / products_floor,
         memory_mb=memory,
         target=RATIO_TARGETS["one run"]
         if len(configs) == 1
@@ -199,7 +217,3 @@ def _time_pass(name, table, configs, threads: int, device: torch.device, compile
         if name.startswith("sweep")
         else None,
     )
-
-
-def _train_alone(table, config, threads, device) -> None:
-    fit(table, config, threads=threads, device=device)

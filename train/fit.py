@@ -263,7 +263,7 @@ def _fit_runs(table, configs, split, progress, device, stop_on_divergence, compi
     first = configs[0]
     runs, batch_size, epochs = len(configs), first.batch_size, first.epochs
     step, state, pixel_words = prepare_pass(table, configs, split, device, compile)
-    data, run_hp = step.data, unstack_dict(step.hp, runs)
+    data, hps = step.data, unstack_dict(step.hp, runs)
     stat_names = STEP_STATS + (PIXEL_TERMS if step.pixels is not None else ())
     n_images = len(data.labels)
     steps = n_images // batch_size
@@ -311,7 +311,7 @@ def _fit_runs(table, configs, split, progress, device, stop_on_divergence, compi
                 weights_of(first),
             )
             for run_totals, run_state, run_hp, penalty in zip(
-                totals.cpu(), unstack_dict(state, runs), run_hp, step.penalty
+                totals.cpu(), unstack_dict(state, runs), hps, step.penalty
             )
         ]
         for history, record in zip(histories, records):

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from raml.extract.engine_bench import GEMM_SIZE, gemm_gflops
@@ -43,6 +44,52 @@ def step_flops(step: PassStep, rows: torch.Tensor, state: dict) -> int:
         losses.sum().backward()
     step.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops()
+
+
+PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+PRODUCT_REPEATS = 5  # each product of a step timed this many times (the fastest counts)
+
+
+class _RecordProducts(TorchDispatchMode):
+    """Records the matrix products that run under it: each one's op and its arguments' shapes and strides."""
+
+    def __init__(self):
+        super().__init__()
+        self.products = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in PRODUCTS:
+            self.products.append((func, [(a.shape, a.stride(), a.dtype) for a in args if isinstance(a, torch.Tensor)]))
+        return func(*args, **(kwargs or {}))
+
+
+def products_alone(step: PassStep, rows: torch.Tensor, state: dict) -> float:
+    """Seconds that the matrix products of one step (forward and backward) take when each runs alone
+    at its own shapes and strides, on fresh operands (the fastest of ``PRODUCT_REPEATS``): what the
+    step would cost if nothing but its products took time. Small products run far below the large
+    GEMM's rate, so this is above the floor; with its operands hot in cache it is still optimistic."""
+    with _RecordProducts() as recorder:
+        losses, _, _ = step.forward_loss(rows, state)
+        losses.sum().backward()
+    step.optimizer.zero_grad(set_to_none=True)
+    device, total = step.penalty.device, 0.0
+    for func, operands in recorder.products:
+        tensors = [
+            torch.randn(sum((n - 1) * s for n, s in zip(shape, stride)) + 1, dtype=dtype, device=device).as_strided(
+                shape, stride
+            )
+            for shape, stride, dtype in operands
+        ]
+        func(*tensors)
+        fastest = float("inf")
+        for _ in range(PRODUCT_REPEATS):
+            synchronize(device)
+            start = time.perf_counter()
+            func(*tensors)
+            synchronize(device)
+            fastest = min(fastest, time.perf_counter() - start)
+        total += fastest
+    return total
 
 
 def synchronize(device: torch.device) -> None:
@@ -84,18 +131,20 @@ class FloorProbe:
 
     def summary(self, flops: int, steps: int, skip_first: bool = False) -> dict:
         """Medians over the epochs (without the first when it compiled the step): seconds per step,
-        GEMM rates, floor and ratios; and the first epoch's excess over the median (compiling)."""
+        GEMM rate, floor and ratios; and the first epoch's excess over the median (compiling). The CPU
+        time of the first epoch includes the pass's preparation, so its CPU ratio leaves it out
+        (None with a single epoch)."""
         epochs = self.epochs[1:] if skip_first and len(self.epochs) > 1 else self.epochs
-        wall = [e[0] / steps for e in epochs]
-        cpu = [e[1] / steps for e in epochs]
+        gemm = statistics.median(e[2] for e in epochs)
         return {
             "flops": flops,
-            "step_seconds": statistics.median(wall),
-            "step_cpu_seconds": statistics.median(cpu),
-            "gemm_gflops": statistics.median(e[2] for e in epochs),
-            "floor_seconds": flops / (statistics.median(e[2] for e in epochs) * 1e9),
+            "step_seconds": statistics.median(e[0] / steps for e in epochs),
+            "gemm_gflops": gemm,
+            "floor_seconds": flops / (gemm * 1e9),
             "ratio": statistics.median(e[0] / steps / (flops / (e[2] * 1e9)) for e in epochs),
-            "cpu_ratio": statistics.median(e[1] / steps / (flops / (e[3] * 1e9)) for e in epochs),
+            "cpu_ratio": statistics.median(e[1] / steps / (flops / (e[3] * 1e9)) for e in self.epochs[1:])
+            if len(self.epochs) > 1
+            else None,
             "first_epoch_excess": self.epochs[0][0] - statistics.median(e[0] for e in epochs),
             "epochs": len(self.epochs),
         }

@@ -54,6 +54,11 @@ class PassStep:
         self.optimizer = torch.optim.AdamW(stack.param_groups(), lr=lr, fused=True)
         device = penalty.device
         self.cuda_graphs = compile and compile_mode(device) == "reduce-overhead"
+        if self.cuda_graphs:  # read in place by every replay: not copied into the graph's own inputs each step
+            resident = [data.crops, data.labels, data.category, data.text_bank, penalty, *hp.values()]
+            resident += [*vars(pixels).values()] if pixels is not None else []
+            for tensor in resident + [leaf for leaves in stack.leaves for leaf in leaves.values()]:
+                torch._dynamo.mark_static_address(tensor)
         self.losses = (
             torch.compile(self.forward_loss, mode=compile_mode(device), dynamic=False) if compile else self.forward_loss
         )
@@ -94,7 +99,7 @@ class PassStep:
         """Phases 1–5 on ``rows`` [K, B]: ``(finite [K] bool, stats [K, S], new_state)``; the gradients
         wait in the leaves for ``update``."""
         if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are read: keep them
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the last replay's outputs have been read
         losses, stats, state = self.losses(rows, state)
         if self.cuda_graphs:  # the next replay overwrites its outputs; the state lives on, so it is copied
             state = {name: value.clone() for name, value in state.items()}

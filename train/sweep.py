@@ -119,11 +119,17 @@ def _read_json_object(path: Path) -> dict:
 
 
 def train_pass(
-    table: FeatureTable, runs: dict[str, TrainConfig], out_dir: Path, threads: int | None, device: str, on_epoch=None
+    table: FeatureTable,
+    runs: dict[str, TrainConfig],
+    out_dir: Path,
+    threads: int | None,
+    device: str,
+    on_epoch=None,
+    compile: bool = False,
 ) -> dict[str, dict]:
     """Train ``runs`` (one group) in one pass, write each run directory, then its ``metrics.json``.
-    ``on_epoch``: ``fit_runs``'s per-epoch hook."""
-    trained = fit_runs(table, list(runs.values()), threads=threads, device=device, on_epoch=on_epoch)
+    ``on_epoch``: ``fit_runs``'s per-epoch hook; ``compile`` compiles the pass's step."""
+    trained = fit_runs(table, list(runs.values()), threads=threads, device=device, on_epoch=on_epoch, compile=compile)
     metrics = {}
     for (name, config), head in zip(runs.items(), trained):
         run_dir = out_dir / name
@@ -172,6 +178,7 @@ def train_missing(
     device: str = "cpu",
     progress=None,
     steps=None,
+    compile: bool = False,
 ) -> tuple[dict, list, dict]:
     """Train the runs of ``configurations`` × ``seeds`` that are not finished in ``out_dir`` (see the
     module docstring). Returns ``(runs, passes, diverged)``: run name → (configuration,
@@ -182,6 +189,7 @@ def train_missing(
     ``jobs`` passes run in parallel worker processes of ``threads`` torch threads each. ``steps``
     (``cli.progress.Progress`` or None) counts the passes' epochs: each epoch as it ends with one job,
     each pass's epochs when it ends with several (worker processes report nothing before).
+    ``compile`` compiles each pass's step (``train.step``).
     """
     out_dir = Path(out_dir)
     make_dirs(out_dir)
@@ -213,7 +221,7 @@ def train_missing(
         steps.advance()
 
     on_epoch = epoch_ended if steps and jobs == 1 else None
-    tasks = (delayed(train_pass)(table, group, out_dir, threads, device, on_epoch) for group in passes)
+    tasks = (delayed(train_pass)(table, group, out_dir, threads, device, on_epoch, compile) for group in passes)
     for number, metrics in enumerate(Parallel(n_jobs=jobs, return_as="generator")(tasks), start=1):
         if steps:  # the epochs not counted yet: all of them from a worker, those a divergence skipped
             steps.advance(epochs[number - 1] - len(counted))
