@@ -267,27 +267,28 @@ def run_extract_bench(
         if loader_only:
             return result
         result.encoder_seconds = _time_encoder(backbone, first, batches)
+        # The prompts are encoded once, here, and timed apart: the stages below reuse them (a time
+        # measured apart and subtracted could come out negative on a busy machine).
+        once = PromptsOnce(backbone)
         start = time.perf_counter()
         for prompts in prompts_for("bench").values():
-            backbone.encode_texts(prompts)
+            once.encode_texts(prompts)
         _sync(backbone.device)
         result.prompt_seconds = time.perf_counter() - start
 
-        def stage(cache: Path, tokens: bool = False, encoder=backbone, prompts: float = result.prompt_seconds):
-            """(wall, CPU) seconds of the whole stage into ``cache``, less ``prompts`` of wall time."""
+        def stage(cache: Path, tokens: bool = False):
+            """(wall, CPU) seconds of the whole stage into ``cache``, the prompts already encoded."""
             cpu, start = sum(_cpu_seconds()), time.perf_counter()
             config = ExtractConfig(batch_size=batch_size, workers=workers, patch_tokens=tokens)
-            extract_features("folder", data, cache, lambda: encoder, config, progress=False)
+            extract_features("folder", data, cache, lambda: once, config, progress=False)
             _sync(backbone.device)
-            return time.perf_counter() - start - prompts, sum(_cpu_seconds()) - cpu
+            return time.perf_counter() - start, sum(_cpu_seconds()) - cpu
 
         result.stage_seconds = stage(Path(tmp) / "cache")[0]
         if patch_tokens:
-            once = PromptsOnce(backbone)
-            stage(Path(tmp) / "warm-up", True, once, 0.0)  # the prompts, and the tokens' first-call allocations
+            stage(Path(tmp) / "warm-up", True)  # the tokens' first-call allocations
             result.token_rounds = [
-                (stage(Path(tmp) / f"plain-{r}", False, once, 0.0), stage(Path(tmp) / f"tokens-{r}", True, once, 0.0))
-                for r in range(rounds)
+                (stage(Path(tmp) / f"plain-{r}"), stage(Path(tmp) / f"tokens-{r}", True)) for r in range(rounds)
             ]
             result.cache_bytes = tuple(shards_bytes(Path(tmp) / f"{kind}-0") for kind in ("plain", "tokens"))
         if backbone.device.type == "cuda":
