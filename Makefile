@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # Python compiles the modules it imports on first use instead.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile -e ".[test,serve,track,openvino]"
+	$(PY) -m pip install -q --no-compile -e ".[test,serve,track]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -81,10 +81,22 @@ def test_demo_compares_raml_seeds_with_winclip_and_says_the_weights_are_random(t
 
 
 def test_demo_extracts_in_fp32_when_every_reduced_precision_is_refused(tmp_path, monkeypatch):
-    from raml.extract import fidelity
+    from raml.extract import auto_engine, fidelity
+    from raml.extract.engines import PRECISIONS
 
     monkeypatch.setenv("RAML_CACHE_DIR", str(tmp_path / "user-cache"))
     monkeypatch.setattr(fidelity, "MIN_COSINE", 1.5)  # no encoder below fp32 can pass
+    # int8 the fastest, whatever the tiny model's real timings (a few ms each, in any order)
+    monkeypatch.setattr(
+        auto_engine,
+        "candidates",
+        lambda device, precision=None: [
+            e for e in ("torch", "onnx", "onnx-int8") if precision in (None, PRECISIONS[e])
+        ],
+    )
+    monkeypatch.setattr(
+        auto_engine, "time_engine", lambda backbone: {"torch": 3.0, "onnx": 2.0}.get(backbone.engine, 1.0)
+    )
     result = CliRunner().invoke(
         cli,
         [

@@ -91,6 +91,7 @@ def tiny_openvino(tiny_backbone, user_cache_dir):
     return openvino_backbone(tiny_backbone, "openvino")
 
 
+@pytest.mark.openvino
 def test_openvino_fp32_matches_the_fp32_export(tiny_openvino, tiny_backbone):
     crops = crops_of(tiny_backbone, 2 * N_CROPS)
     ours, reference = tiny_openvino.encode_images(crops), tiny_backbone.encode_images(crops)
@@ -101,6 +102,7 @@ def test_openvino_fp32_matches_the_fp32_export(tiny_openvino, tiny_backbone):
     assert tokens.shape == torch_tokens.shape and np.abs(tokens - torch_tokens).max() <= 10 * PARITY_TOLERANCE
 
 
+@pytest.mark.openvino
 def test_openvino_int8_is_made_once_checked_and_rebuilt_when_corrupt(tiny_backbone, user_cache_dir):
     problem = engine_problem("openvino-int8")
     if problem:
@@ -235,6 +237,7 @@ def test_floors_of_every_precision_on_this_cpu():
     assert times.is_floor("bf16") != emulated and times.best_precision in rates
 
 
+@pytest.mark.openvino
 def test_openvino_deployment_scores_as_predict_does(run_dir, parts, user_cache_dir, tmp_path):
     """export --format openvino: encoder.xml/.bin beside head.onnx, and the torch-free script runs it
     with OpenVINO and gives predict's scores."""
@@ -257,6 +260,7 @@ def test_openvino_deployment_scores_as_predict_does(run_dir, parts, user_cache_d
         assert abs(standalone[name][0] - score) <= SCORE_TOLERANCE, name
 
 
+@pytest.mark.openvino
 def test_openvino_extract_with_worker_processes_from_the_script(user_cache_dir, mvtec_root, tmp_path):
     """``python pipeline.py extract --engine openvino --workers 2``: OpenVINO is loaded before the
     decoding workers start, which then start from a fresh process (a forked one crashed), find the
